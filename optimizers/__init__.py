@@ -1,0 +1,1 @@
+"""ONNX to ONNX transforms (optimize, prune, quantize). Never imports torch at module level."""

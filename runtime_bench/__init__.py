@@ -1,0 +1,1 @@
+"""Measures ONNX files with ONNX Runtime. Never imports the exporter."""
