@@ -1,6 +1,6 @@
 """PyTorch to ONNX, checked against PyTorch: ``exporter.export(model, example_inputs, path)``."""
 
-from exporter.export import ExportResult, ShapeCheck, export
+from exporter.convert import ExportResult, ShapeCheck, export
 from exporter.sources import LoadedModel, load_factory, load_hf_model, load_model_source, load_saved_module
 
 __all__ = [

@@ -53,7 +53,8 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool |
 
     ``external_data=None`` stores weights in ``<name>.data`` beside the model only when they
     approach the 2 GB protobuf limit; ``True``/``False`` force the choice. On failure nothing
-    is left at ``path`` and an existing file there is untouched.
+    is left at ``path`` and an existing file there is untouched. ``model`` is not modified
+    (onnx's external-data writer empties the tensors it moves, so it gets a copy).
     """
     path = Path(path)
     if external_data is None:
@@ -62,8 +63,10 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool |
     with staging_dir(path) as tmp:
         staged = tmp / path.name
         if external_data:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
             onnx.save_model(
-                model,
+                copy,
                 str(staged),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,

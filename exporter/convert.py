@@ -263,6 +263,16 @@ def _first_line(exc: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])[:300]
 
 
+def _ort_reason(exc: BaseException) -> str:
+    """The informative part of an ONNX Runtime error: the node and its status message."""
+    text = re.sub(r"\s+", " ", str(exc))
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    status = re.search(r"Status Message: (?:\S+:\d+ \S+ )?(.*)", text)
+    if node and status:
+        return f"{node.group(1)} node '{node.group(2)}': {status.group(1)[:400]}"
+    return text[:500]
+
+
 def _failing_op(exc: BaseException) -> str | None:
     """The operator an exporter error names, if it names one (``aten::foo``, ``aten.foo``)."""
     text = "".join(str(e) for e in (exc, exc.__cause__) if e is not None)
@@ -357,7 +367,7 @@ def _ort_session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures are raised and reported by us, not logged twice
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -368,7 +378,8 @@ def _check_shape(session, wrapper, names, output_names, tensors, tolerance) -> t
     try:
         candidate = session.run(list(output_names), feeds)
     except Exception as exc:
-        raise _ExporterFailed(f"ONNX Runtime could not run the exported model: {_first_line(exc)}") from exc
+        shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in feeds.items())
+        raise _ExporterFailed(f"ONNX Runtime could not run the exported model at input shapes {shapes}: {_ort_reason(exc)}") from exc
     comparison = compare_outputs(reference, candidate, tolerance, names=output_names)
     shapes = {name: tuple(t.shape) for name, t in zip(names, tensors)}
     return ShapeCheck(shapes, comparison), candidate
@@ -462,7 +473,9 @@ def export(
         raise UserError("a TorchScript module can only be exported with exporter='torchscript' (or 'auto')")
 
     with eval_mode_restored(model):
-        wrapper = flat_model(model, names, keyword)
+        # Created in eval mode: the TorchScript exporter restores the wrapper's own mode after
+        # export, recursively, which would otherwise switch the user's model to training.
+        wrapper = flat_model(model, names, keyword).eval()
         with torch.no_grad():
             try:
                 flat = flatten_outputs(model(**dict(zip(names, tensors))) if keyword else model(*tensors))
@@ -529,6 +542,7 @@ def _export_and_check(
             proto = _run_dynamo(wrapper, export_args, names, out_names, axes, opset)
         else:
             proto = _run_torchscript(wrapper, export_args, names, out_names, axes, opset, workdir)
+    wrapper.eval()
     _name_input_axes(proto, axes)
     if not validate:
         return proto, []
