@@ -65,6 +65,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool |
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
+            _to_raw_data(copy)
             onnx.save_model(
                 copy,
                 str(staged),
@@ -80,6 +81,16 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool |
     written = [path] + [path.parent / c.name for c in companions]
     logger.debug("wrote %s", ", ".join(str(p) for p in written))
     return written
+
+
+def _to_raw_data(model: onnx.ModelProto) -> None:
+    """Move initializers kept in typed fields (float_data...) to raw_data: onnx only
+    externalizes raw_data tensors."""
+    from onnx import numpy_helper
+
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
 
 
 def files_of(path: str | Path) -> list[Path]:

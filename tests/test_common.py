@@ -1,0 +1,230 @@
+"""The shared pieces: numeric comparison, input specs, atomic files, model summaries."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxforge.common.compare import Tolerance, compare_arrays, compare_outputs
+from onnxforge.common.errors import UserError
+from onnxforge.common.fileio import atomic_path, write_text_atomic
+from onnxforge.common.onnxio import load_onnx, save_onnx
+from onnxforge.common.specs import (
+    InputSpec,
+    check_inputs_match,
+    make_inputs,
+    parse_dim_sizes,
+    parse_input_spec,
+    specs_from_onnx,
+)
+from onnxforge.common.summary import summarize
+
+
+# ---------------------------------------------------------------- compare
+
+
+def test_compare_known_errors():
+    reference = np.array([1.0, 2.0, -4.0, 0.0], dtype=np.float32)
+    candidate = np.array([1.0, 2.5, -4.0, 0.001], dtype=np.float32)
+    result = compare_arrays("y", reference, candidate, Tolerance(rtol=0.0, atol=0.01))
+    assert result.max_abs_error == pytest.approx(0.5)
+    assert result.max_rel_error == pytest.approx(0.25)  # 0.5 / 2.0; the zero reference is excluded
+    assert result.mean_abs_error == pytest.approx(0.501 / 4, rel=1e-5)
+    assert result.mismatch_fraction == pytest.approx(0.25)
+    r64, c64 = reference.astype(np.float64), candidate.astype(np.float64)
+    expected_cos = float(np.dot(r64, c64) / (np.linalg.norm(r64) * np.linalg.norm(c64)))
+    assert result.cosine == pytest.approx(expected_cos, rel=1e-9)
+    assert not result.passed
+
+
+def test_compare_uses_atol_plus_rtol_times_reference():
+    reference = np.array([100.0, 1.0])
+    candidate = np.array([100.09, 1.0])
+    assert compare_arrays("y", reference, candidate, Tolerance(rtol=1e-3, atol=0.0)).passed  # 0.09 <= 0.1
+    assert not compare_arrays("y", reference, candidate, Tolerance(rtol=5e-4, atol=0.0)).passed  # 0.09 > 0.05
+
+
+def test_compare_nan_inf_shape_and_integers():
+    nan = np.array([np.nan, 1.0])
+    assert compare_arrays("y", nan, nan.copy(), Tolerance()).passed
+    one_nan = compare_arrays("y", np.array([1.0, 1.0]), np.array([np.nan, 1.0]), Tolerance())
+    assert not one_nan.passed and math.isinf(one_nan.max_abs_error)
+    assert compare_arrays("y", np.array([np.inf]), np.array([np.inf]), Tolerance()).passed
+    shape = compare_arrays("y", np.zeros((2, 3)), np.zeros((3, 2)), Tolerance())
+    assert not shape.passed and "shape [3, 2]" in shape.describe()
+    ints = compare_arrays("y", np.array([1, 2, 3]), np.array([1, 2, 4]), Tolerance(rtol=1.0, atol=10))
+    assert not ints.passed  # integers must be equal whatever the tolerance
+
+
+def test_compare_outputs_by_name_and_position():
+    by_name = compare_outputs({"a": np.ones(3), "b": np.zeros(2)}, {"b": np.zeros(2), "a": np.ones(3) * 2})
+    assert [o.name for o in by_name.outputs] == ["a", "b"]
+    assert [o.name for o in by_name.failures()] == ["a"] and by_name.max_abs_error == 1.0
+    by_position = compare_outputs([np.ones(2)], [np.ones(2)], names=["z"])
+    assert by_position.passed and by_position.outputs[0].name == "z"
+    with pytest.raises(ValueError, match="lacks outputs"):
+        compare_outputs({"a": np.ones(1)}, {"b": np.ones(1)})
+
+
+# ---------------------------------------------------------------- specs
+
+
+def test_parse_input_spec_forms():
+    assert parse_input_spec("x:batch,3,32,32:float32") == InputSpec("x", ("batch", 3, 32, 32), "float32")
+    assert parse_input_spec("ids:batch,seq:long:0..30522") == InputSpec("ids", ("batch", "seq"), "int64", 0, 30522)
+    assert parse_input_spec("s::float").dims == ()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("x:batch,3", "malformed --input"),
+        ("x:batch,3:float33", "unknown dtype 'float33'; did you mean 'float32'"),
+        ("x:ba-tch:float32", "malformed dim 'ba-tch'"),
+        ("x:4:int64:9..2", "LOW < HIGH"),
+    ],
+)
+def test_parse_input_spec_errors(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_input_spec(text)
+
+
+def test_parse_dim_sizes():
+    assert parse_dim_sizes(["seq=128", "batch=8"]) == {"seq": 128, "batch": 8}
+    for bad in ("seq", "seq=0", "seq=x", "=3"):
+        with pytest.raises(UserError, match="malformed --dim"):
+            parse_dim_sizes([bad])
+
+
+def test_make_inputs_respects_dims_dtypes_and_ranges():
+    specs = [
+        InputSpec("x", ("batch", 3), "float16"),
+        InputSpec("ids", ("batch", "seq"), "int64", 5, 9),
+        InputSpec("mask", ("batch", "seq"), "int64", fill=1),
+        InputSpec("flag", (2,), "bool"),
+    ]
+    inputs = make_inputs(specs, {"batch": 4, "seq": 7})
+    assert inputs["x"].shape == (4, 3) and inputs["x"].dtype == np.float16
+    assert inputs["ids"].shape == (4, 7) and inputs["ids"].min() >= 5 and inputs["ids"].max() < 9
+    assert (inputs["mask"] == 1).all() and inputs["flag"].dtype == np.bool_
+    again = make_inputs(specs, {"batch": 4, "seq": 7})
+    assert all(np.array_equal(inputs[k], again[k]) for k in inputs)  # seeded: same inputs every call
+    with pytest.raises(UserError, match="symbolic dim 'seq' with no size; give one with --dim seq=N"):
+        make_inputs(specs, {"batch": 4})
+
+
+def _embedding_model():
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["emb"]),
+            helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["maskf", "axis"], ["mask3"]),
+            helper.make_node("Mul", ["emb", "mask3"], ["y"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", None]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])],
+        [
+            helper.make_tensor("table", TensorProto.FLOAT, [30, 16], np.arange(480, dtype=np.float32)),
+            helper.make_tensor("axis", TensorProto.INT64, [1], [2]),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_specs_from_onnx_reads_vocab_and_masks():
+    ids, mask = specs_from_onnx(_embedding_model())
+    assert ids == InputSpec("ids", ("batch", "seq"), "int64", 0, 30)
+    assert mask.fill == 1 and mask.dims == ("batch", "mask_dim1")
+
+
+def test_check_inputs_match_names_every_problem():
+    specs = [InputSpec("ids", ("batch", "seq"), "int64"), InputSpec("x", ("batch", 3), "float32")]
+    with pytest.raises(UserError) as info:
+        check_inputs_match(specs, {"ids": np.zeros((2, 4), np.int32), "x": np.zeros((2, 5), np.float32), "z": np.zeros(1)}, "inputs.npz")
+    message = str(info.value)
+    assert "unexpected inputs ['z']" in message
+    assert "'ids' has dtype int32, the model wants int64" in message
+    assert "'x' has size 5 on axis 1, the model wants 3" in message
+    check_inputs_match(specs, {"ids": np.zeros((2, 4), np.int64), "x": np.zeros((7, 3), np.float32)}, "ok")
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_atomic_path_leaves_nothing_on_failure_and_keeps_old_file(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(target) as staged:
+            staged.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+
+
+def test_load_onnx_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_onnx(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\xffthis is not protobuf" * 10)
+    with pytest.raises(UserError, match="is not a readable ONNX model"):
+        load_onnx(junk)
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello")
+    with pytest.raises(UserError, match="ONNX"):
+        load_onnx(text)
+    with pytest.raises(UserError, match="is a folder"):
+        load_onnx(tmp_path)
+
+
+def test_save_onnx_external_data_round_trip(tmp_path):
+    model = _embedding_model()
+    written = save_onnx(model, tmp_path / "m.onnx", external_data=True)
+    assert [p.name for p in written] == ["m.onnx", "m.onnx.data"]
+    assert model.graph.initializer[0].raw_data or model.graph.initializer[0].float_data  # input untouched
+    loaded = onnx.load(str(tmp_path / "m.onnx"))
+    assert np.array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]), np.arange(480, dtype=np.float32).reshape(30, 16))
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _qdq_model():
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "scale", "zero"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        [
+            helper.make_tensor("wq", TensorProto.INT8, [4, 4], np.ones(16, dtype=np.int8)),
+            helper.make_tensor("scale", TensorProto.FLOAT, [], [0.1]),
+            helper.make_tensor("zero", TensorProto.INT8, [], [0]),
+            helper.make_tensor("w2", TensorProto.FLOAT, [4, 2], np.ones(8, dtype=np.float32)),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_summary_counts(tmp_path):
+    save_onnx(_qdq_model(), tmp_path / "q.onnx")
+    summary = summarize(tmp_path / "q.onnx")
+    assert summary.parameters == 16 + 1 + 1 + 8
+    assert summary.op_counts == {"MatMul": 2, "DequantizeLinear": 1}
+    assert summary.compute_ops == 2 and summary.quantized_compute_ops == 1 and summary.quantized_fraction == 0.5
+    assert summary.inputs[0].describe() == "x: float[batch, 4]"
+    assert summary.opsets == {"ai.onnx": 18} and summary.file_bytes == (tmp_path / "q.onnx").stat().st_size
