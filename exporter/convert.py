@@ -471,6 +471,8 @@ def export(
     order = ["torchscript"] if exporter == "auto" and is_script else (["dynamo", "torchscript"] if exporter == "auto" else [exporter])
     if is_script and "dynamo" in order:
         raise UserError("a TorchScript module can only be exported with exporter='torchscript' (or 'auto')")
+    if is_script and keyword:
+        raise UserError("a TorchScript module takes positional inputs; give a tuple of tensors, not a dict")
 
     with eval_mode_restored(model):
         # Created in eval mode: the TorchScript exporter restores the wrapper's own mode after
@@ -541,7 +543,11 @@ def _export_and_check(
         if attempt == "dynamo":
             proto = _run_dynamo(wrapper, export_args, names, out_names, axes, opset)
         else:
-            proto = _run_torchscript(wrapper, export_args, names, out_names, axes, opset, workdir)
+            # A TorchScript module cannot be called from inside a trace of another module;
+            # it is exported as it is (its outputs are already tensors or tuples of them).
+            scripted = isinstance(wrapper.model, torch.jit.ScriptModule)
+            target = wrapper.model if scripted else wrapper
+            proto = _run_torchscript(target, export_args, names, out_names, axes, opset, workdir)
     wrapper.eval()
     _name_input_axes(proto, axes)
     if not validate:

