@@ -1,0 +1,577 @@
+"""The benchmark: variants measured side by side, runs interleaved, figures with their spread."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxforge.common.compare import Tolerance, compare_outputs
+from onnxforge.common.errors import UserError
+from onnxforge.common.onnxio import files_of, load_onnx
+from onnxforge.common.specs import DTYPES, InputSpec, check_inputs_match, make_inputs, specs_from_onnx
+from runtime_bench import memory
+from runtime_bench.machine import MachineInfo, machine_info
+from runtime_bench.providers import ProviderConfig, resolve_provider
+from runtime_bench.stats import LatencyStats, Speedup, latency_stats, paired_speedup
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+EXECUTION_MODES = ("sequential", "parallel")
+# Node types whose placement on the CPU under a GPU provider means real work left the GPU;
+# ONNX Runtime puts shape arithmetic (Shape, Gather on shapes...) on the CPU on purpose.
+HEAVY_OPS = frozenset({
+    "Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "MultiHeadAttention", "FusedMatMul", "FusedConv",
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QAttention", "DynamicQuantizeMatMul",
+    "MatMulNBits", "SkipLayerNormalization", "LayerNormalization", "Softmax", "BiasGelu", "FastGelu", "Gelu",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSettings:
+    """ONNX Runtime session options. ``None`` threads let ONNX Runtime choose (all cores)."""
+
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    execution_mode: str = "sequential"
+    graph_optimization: str = "all"
+
+    def __post_init__(self):
+        if self.execution_mode not in EXECUTION_MODES:
+            raise UserError(f"unknown execution mode {self.execution_mode!r}; choose {', '.join(EXECUTION_MODES)}")
+        if self.graph_optimization not in GRAPH_LEVELS:
+            raise UserError(f"unknown graph optimization level {self.graph_optimization!r}; choose {', '.join(GRAPH_LEVELS)}")
+        for label, value in (("intra-op", self.intra_op_threads), ("inter-op", self.inter_op_threads)):
+            if value is not None and value < 1:
+                raise UserError(f"{label} threads must be at least 1, got {value}")
+
+    def describe(self) -> str:
+        threads = "auto" if self.intra_op_threads is None else str(self.intra_op_threads)
+        return f"threads={threads} mode={self.execution_mode} opt={self.graph_optimization}"
+
+    def to_ort(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = self.intra_op_threads
+        if self.inter_op_threads is not None:
+            options.inter_op_num_threads = self.inter_op_threads
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL if self.execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.graph_optimization]
+        options.log_severity_level = 3
+        return options
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxVariant:
+    """An ONNX file to measure; ``session`` overrides the benchmark's session settings."""
+
+    name: str
+    path: Path
+    session: SessionSettings | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchVariant:
+    """A PyTorch module run eagerly as a baseline. It receives the ONNX inputs in the ONNX
+    models' input order, positionally, or as keywords when ``keyword`` is set."""
+
+    name: str
+    module: Any
+    keyword: bool = False
+
+
+Variant = OnnxVariant | TorchVariant
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """How to measure. Each (provider, batch size) cell runs ``warmup`` discarded runs per
+    variant, then interleaved rounds (A B C A B C ...) until every variant has ``min_runs``
+    runs and ``min_seconds`` have passed, or ``max_runs`` / ``max_seconds`` is reached."""
+
+    providers: tuple[str, ...] = ("cpu",)
+    batch_sizes: tuple[int, ...] = (1,)
+    dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    warmup: int = 5
+    min_runs: int = 30
+    min_seconds: float = 2.0
+    max_runs: int = 100_000
+    max_seconds: float = 120.0
+    session: SessionSettings = SessionSettings()
+    io_binding: str = "auto"
+    baseline: str | None = None
+    fidelity: bool = True
+    fidelity_tolerance: Tolerance = Tolerance(rtol=1e-3, atol=1e-4)
+    placement: str = "auto"
+    device_id: int = 0
+    trt_fp16: bool = False
+    trt_int8: bool = False
+    trt_cache_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.warmup < 0:
+            raise UserError(f"warm-up runs cannot be negative, got {self.warmup}")
+        if self.min_runs < 1 or self.max_runs < self.min_runs:
+            raise UserError(f"run counts must satisfy 1 <= min_runs <= max_runs, got min_runs={self.min_runs}, max_runs={self.max_runs}")
+        if self.min_seconds < 0 or self.max_seconds <= 0:
+            raise UserError(f"durations must be positive, got min_seconds={self.min_seconds}, max_seconds={self.max_seconds}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise UserError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if not self.providers:
+            raise UserError("give at least one execution provider")
+        for label, value, allowed in (("io_binding", self.io_binding, ("auto", "on", "off")), ("placement", self.placement, ("auto", "on", "off"))):
+            if value not in allowed:
+                raise UserError(f"{label} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """Figures of one variant on one provider at one batch size."""
+
+    variant: str
+    provider: str
+    batch_size: int
+    input_shapes: dict[str, list[int]]
+    session: str
+    latency: LatencyStats
+    throughput_per_s: float
+    session_create_ms: float
+    memory_peak_mb: float | None
+    file_mb: float | None
+    speedup: Speedup | None
+    fidelity: dict | None
+    placement: dict[str, int] | None
+    cpu_fallback_nodes: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchReport:
+    schema_version: int
+    created_utc: str
+    machine: MachineInfo
+    config: dict
+    baseline: str
+    measurements: tuple[Measurement, ...]
+    seconds: float
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{m.variant} / {m.provider} / batch {m.batch_size}: {w}" for m in self.measurements for w in m.warnings]
+
+    def find(self, variant: str, provider: str | None = None, batch_size: int | None = None) -> Measurement:
+        for m in self.measurements:
+            if m.variant == variant and provider in (None, m.provider) and batch_size in (None, m.batch_size):
+                return m
+        raise KeyError(variant)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "created_utc": self.created_utc,
+            "machine": dataclasses.asdict(self.machine),
+            "config": self.config,
+            "baseline": self.baseline,
+            "measurements": [m.to_dict() for m in self.measurements],
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchReport:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"benchmark report has schema version {data.get('schema_version')}, this onnxforge reads {SCHEMA_VERSION}")
+        machine = dict(data["machine"])
+        for key in ("cpu_flags", "gpus", "providers"):
+            machine[key] = tuple(machine[key])
+        measurements = []
+        for m in data["measurements"]:
+            m = dict(m)
+            m["latency"] = LatencyStats(**m["latency"])
+            m["speedup"] = Speedup(**m["speedup"]) if m["speedup"] else None
+            m["cpu_fallback_nodes"] = tuple(m["cpu_fallback_nodes"])
+            m["warnings"] = tuple(m["warnings"])
+            measurements.append(Measurement(**m))
+        return cls(data["schema_version"], data["created_utc"], MachineInfo(**machine), data["config"],
+                   data["baseline"], tuple(measurements), data["seconds"])
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _batch_symbols(specs: Sequence[InputSpec]) -> set[str]:
+    return {spec.dims[0] for spec in specs if spec.dims and isinstance(spec.dims[0], str)}
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"input file '{path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except Exception as exc:
+        raise UserError(f"'{path}' is not a readable .npz file ({exc}); save inputs with numpy.savez(path, name=array)") from None
+    if not arrays:
+        raise UserError(f"'{path}' holds no arrays")
+    return arrays
+
+
+def bench_inputs(specs: Sequence[InputSpec], batch_size: int, dims: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
+    """Inputs generated from ``specs``: leading symbolic dims take ``batch_size``, other symbols
+    come from ``dims`` (a missing one is a UserError that names it)."""
+    sizes = {symbol: batch_size for symbol in _batch_symbols(specs)}
+    sizes.update({k: v for k, v in dims.items() if k not in sizes})
+    return make_inputs(specs, sizes, seed=seed)
+
+
+def _feeds_for(specs: Sequence[InputSpec], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The shared inputs cast to one variant's dtypes (an fp16 model with fp16 inputs)."""
+    return {spec.name: np.ascontiguousarray(inputs[spec.name].astype(DTYPES[spec.dtype], copy=False)) for spec in specs}
+
+
+# ---------------------------------------------------------------- runners
+
+
+class _Runner:
+    """One variant ready to run: ``run()`` is what gets timed; ``outputs()`` is for fidelity."""
+
+    name: str
+    create_ms: float = 0.0
+    memory_mb: float | None = None
+    session_label: str = ""
+    placement: dict[str, int] | None = None
+    fallback: tuple[str, ...] = ()
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class _OrtRunner(_Runner):
+    def __init__(self, variant: OnnxVariant, provider: ProviderConfig, settings: SessionSettings,
+                 specs, inputs, io_binding: bool):
+        import onnxruntime as ort
+
+        self.name = variant.name
+        self.session_label = settings.describe()
+        started = time.perf_counter()
+        try:
+            self.session = ort.InferenceSession(str(variant.path), settings.to_ort(), providers=provider.session_providers())
+        except Exception as exc:
+            raise UserError(f"ONNX Runtime cannot load '{variant.path}' with {provider.name}: {str(exc).strip()[:400]}") from None
+        self.create_ms = (time.perf_counter() - started) * 1e3
+        self.feeds = _feeds_for(specs, inputs)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.binding = None
+        if io_binding:
+            self.binding = self.session.io_binding()
+            device = "cuda" if provider.on_gpu else "cpu"
+            self._device_inputs = {}
+            for name, array in self.feeds.items():
+                value = ort.OrtValue.ortvalue_from_numpy(array, device, provider.device_id)
+                self._device_inputs[name] = value  # keep alive: the binding refers to it
+                self.binding.bind_ortvalue_input(name, value)
+            for name in self.output_names:
+                self.binding.bind_output(name, device, provider.device_id)
+            self.run = self._run_bound
+        else:
+            session, feeds = self.session, self.feeds
+            self.run = lambda: session.run(None, feeds)
+
+    def _run_bound(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, self.feeds)))
+
+
+class _TorchRunner(_Runner):
+    def __init__(self, variant: TorchVariant, provider: ProviderConfig, specs, inputs, threads: int | None):
+        import torch
+
+        if provider.name not in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+            raise UserError(f"the PyTorch baseline runs on cpu or cuda, not {provider.name}")
+        self.name = variant.name
+        device = "cuda" if provider.name == "CUDAExecutionProvider" else "cpu"
+        self.session_label = f"torch eager on {device}" + (f", threads={threads}" if threads else "")
+        if threads:
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
+        module = variant.module.to(device).eval()
+        self.create_ms = (time.perf_counter() - started) * 1e3
+        tensors = {spec.name: torch.from_numpy(inputs[spec.name]).to(device) for spec in specs}
+        names = [spec.name for spec in specs]
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def call():
+            with torch.inference_mode():
+                out = module(**tensors) if variant.keyword else module(*(tensors[n] for n in names))
+            sync()
+            return out
+
+        self._call = call
+        self.run = call
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        import torch
+
+        out = self._call()
+        if isinstance(out, torch.Tensor):
+            out = (out,)
+        elif isinstance(out, Mapping):
+            out = tuple(v for v in out.values() if isinstance(v, torch.Tensor))
+        return {f"#{i}": t.detach().float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy() for i, t in enumerate(out)}
+
+
+# ---------------------------------------------------------------- placement
+
+
+def placement_of(path: Path, provider: ProviderConfig, settings: SessionSettings, feeds) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Which provider ran each node, read from an ONNX Runtime profile of one run.
+
+    Returns node counts per provider and the heavy nodes (MatMul, Conv, Attention...) that ran
+    on the CPU while another provider was asked for: the silent fallback that makes a GPU
+    benchmark measure the CPU.
+    """
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="onnxforge-profile-") as tmp:
+        options = settings.to_ort()
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(str(path), options, providers=provider.session_providers())
+        session.run(None, feeds)
+        profile_path = session.end_profiling()
+        with open(profile_path, encoding="utf-8") as handle:
+            events = json.load(handle)
+    providers_by_node: dict[str, tuple[str, str]] = {}
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("cat") == "Node" and "provider" in args:
+            node = event["name"].rsplit("_kernel_time", 1)[0]
+            providers_by_node[node] = (args["provider"], args.get("op_name", ""))
+    counts: dict[str, int] = {}
+    for provider_name, _ in providers_by_node.values():
+        counts[provider_name] = counts.get(provider_name, 0) + 1
+    fallback = ()
+    if provider.name != "CPUExecutionProvider":
+        fallback = tuple(sorted(
+            f"{node} ({op})" for node, (where, op) in providers_by_node.items()
+            if where == "CPUExecutionProvider" and op in HEAVY_OPS
+        ))
+    return counts, fallback
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _measure_cell(runners: list[_Runner], config: BenchConfig, progress) -> dict[str, list[float]]:
+    """Interleaved timed rounds; returns milliseconds per runner name, one entry per round.
+
+    The loop does nothing per run but read the clock and append: its overhead is measured
+    against a bare ``session.run`` loop by ``benchmarks/harness_overhead.py``."""
+    samples: dict[str, list[float]] = {r.name: [] for r in runners}
+    pairs = [(r.run, samples[r.name]) for r in runners]
+    # Round r starts at variant r mod n (A B C, B C A, C A B, ...): no variant always runs
+    # right after the same neighbour, whose cache and clock state it would inherit.
+    orders = [pairs[k:] + pairs[:k] for k in range(len(pairs))]
+    clock = time.perf_counter_ns
+    started = time.perf_counter()
+    rounds = 0
+    while True:
+        for run, bucket in orders[rounds % len(orders)]:
+            t0 = clock()
+            run()
+            bucket.append((clock() - t0) / 1e6)
+        rounds += 1
+        elapsed = time.perf_counter() - started
+        if (rounds >= config.min_runs and elapsed >= config.min_seconds) or rounds >= config.max_runs or (elapsed >= config.max_seconds and rounds >= 2):
+            break
+        if progress and rounds % 10 == 0:
+            progress(min(1.0, max(rounds / config.min_runs, elapsed / max(config.min_seconds, 1e-9))))
+    return samples
+
+
+def _fidelity(baseline_out: dict[str, np.ndarray], out: dict[str, np.ndarray], tolerance: Tolerance) -> dict | None:
+    """Outputs compared by name; with the PyTorch baseline (unnamed outputs ``#0``...) by position."""
+    if any(k.startswith("#") for k in (*baseline_out, *out)):
+        reference, candidate = list(baseline_out.values()), list(out.values())
+        if len(reference) != len(candidate):
+            return None
+        names = [k for k in (out if not next(iter(out)).startswith("#") else baseline_out)]
+        comparison = compare_outputs(reference, candidate, tolerance, names=names)
+    else:
+        shared = [k for k in baseline_out if k in out]
+        if not shared:
+            return None
+        comparison = compare_outputs({k: baseline_out[k] for k in shared}, {k: out[k] for k in shared}, tolerance)
+    return {
+        "passed": comparison.passed,
+        "min_cosine": comparison.min_cosine,
+        "max_abs_error": comparison.max_abs_error,
+        "outputs": {o.name: {"cosine": o.cosine, "max_abs_error": o.max_abs_error, "mismatch_fraction": o.mismatch_fraction} for o in comparison.outputs},
+    }
+
+
+def benchmark(
+    variants: Sequence[Variant | str | Path],
+    config: BenchConfig = BenchConfig(),
+    *,
+    inputs: str | Path | Mapping[str, np.ndarray] | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> BenchReport:
+    """Measure ``variants`` side by side on each provider and batch size in ``config``.
+
+    ``variants`` are ONNX paths (named by file stem), ``OnnxVariant``s or a ``TorchVariant``
+    (the eager baseline). Inputs are generated once per batch size from the first ONNX
+    variant's input specs (token ids stay inside the embedding table) or given as a mapping
+    or ``.npz`` file, and every variant gets the same values. Speedups are relative to
+    ``config.baseline`` (default: the first variant). ``progress(label, fraction)`` is called
+    as cells advance.
+    """
+    started = time.perf_counter()
+    variants = [OnnxVariant(Path(v).stem, Path(v)) if isinstance(v, (str, Path)) else v for v in variants]
+    if not variants:
+        raise UserError("give at least one model to benchmark")
+    names = [v.name for v in variants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"variant names must be unique, {duplicates} repeat; rename them (e.g. --name)")
+    baseline = config.baseline or names[0]
+    if baseline not in names:
+        raise UserError(f"baseline {baseline!r} is not one of the variants {names}")
+    onnx_variants = [v for v in variants if isinstance(v, OnnxVariant)]
+    if not onnx_variants:
+        raise UserError("give at least one ONNX model; a PyTorch module alone has no input specs")
+    specs_by_variant = {v.name: specs_from_onnx(load_onnx(v.path, load_external_data=False)) for v in onnx_variants}
+    reference_specs = specs_by_variant[onnx_variants[0].name]
+    for name, specs in specs_by_variant.items():
+        if [s.name for s in specs] != [s.name for s in reference_specs]:
+            raise UserError(
+                f"variant '{name}' has inputs {[s.name for s in specs]} but '{onnx_variants[0].name}' has "
+                f"{[s.name for s in reference_specs]}; variants must take the same inputs"
+            )
+    providers = [
+        resolve_provider(p, device_id=config.device_id, trt_fp16=config.trt_fp16, trt_int8=config.trt_int8, trt_cache_dir=config.trt_cache_dir)
+        for p in config.providers
+    ]
+    given = None
+    if inputs is not None:
+        given = load_npz(inputs) if isinstance(inputs, (str, Path)) else {k: np.asarray(v) for k, v in inputs.items()}
+        for name, specs in specs_by_variant.items():
+            check_inputs_match([dataclasses.replace(s, dtype=reference_specs[i].dtype) for i, s in enumerate(specs)], given, f"the given inputs (for '{name}')")
+    batch_sizes = config.batch_sizes if given is None else (int(next(iter(given.values())).shape[0]) if next(iter(given.values())).ndim else 1,)
+
+    measurements: list[Measurement] = []
+    cells = [(p, b) for p in providers for b in batch_sizes]
+    for cell_index, (provider, batch) in enumerate(cells):
+        label = f"{provider.short} batch {batch}"
+        cell_inputs = given if given is not None else bench_inputs(reference_specs, batch, config.dims, config.seed)
+        shapes = {k: list(v.shape) for k, v in cell_inputs.items()}
+        logger.info("measuring %s: %s", label, ", ".join(f"{k} {v}" for k, v in shapes.items()))
+        use_binding = config.io_binding == "on" or (config.io_binding == "auto" and provider.on_gpu)
+        runners: list[_Runner] = []
+        for variant in variants:
+            can_reset = memory.reset_peak()
+            before = memory.rss_mb()
+            if isinstance(variant, OnnxVariant):
+                settings = variant.session or config.session
+                runner = _OrtRunner(variant, provider, settings, specs_by_variant[variant.name], cell_inputs, use_binding)
+            else:
+                runner = _TorchRunner(variant, provider, reference_specs, cell_inputs, config.session.intra_op_threads)
+            for _ in range(config.warmup):
+                runner.run()
+            peak = memory.peak_rss_mb()
+            runner.memory_mb = (peak - before) if can_reset and peak is not None and before is not None else None
+            if isinstance(variant, OnnxVariant) and (config.placement == "on" or (config.placement == "auto" and provider.on_gpu)):
+                runner.placement, runner.fallback = placement_of(variant.path, provider, variant.session or config.session, runner.feeds)
+            runners.append(runner)
+
+        def cell_progress(fraction, _i=cell_index, _label=label):
+            if progress:
+                progress(_label, (_i + fraction) / len(cells))
+
+        samples = _measure_cell(runners, config, cell_progress)
+        base_out = None
+        by_name = {r.name: r for r in runners}
+        if config.fidelity:
+            base_out = by_name[baseline].outputs()
+        for variant, runner in zip(variants, runners):
+            stats = latency_stats(samples[runner.name])
+            speedup = None if runner.name == baseline else paired_speedup(samples[baseline], samples[runner.name])
+            fidelity = None
+            if base_out is not None and runner.name != baseline:
+                fidelity = _fidelity(base_out, runner.outputs(), config.fidelity_tolerance)
+            warnings = []
+            if stats.noisy:
+                warnings.append(f"noisy: interquartile range is {stats.iqr_ms / stats.p50_ms:.0%} of the median; close other programs or raise --min-seconds")
+            if runner.fallback:
+                warnings.append(f"{len(runner.fallback)} heavy nodes ran on the CPU, not {provider.name}: {', '.join(runner.fallback[:5])}")
+            file_mb = None
+            if isinstance(variant, OnnxVariant):
+                file_mb = sum(f.stat().st_size for f in files_of(variant.path) if f.exists()) / 1e6
+            measurements.append(Measurement(
+                variant=runner.name,
+                provider=provider.name,
+                batch_size=batch,
+                input_shapes=shapes,
+                session=runner.session_label,
+                latency=stats,
+                throughput_per_s=batch * 1000.0 / stats.p50_ms if stats.p50_ms > 0 else 0.0,
+                session_create_ms=runner.create_ms,
+                memory_peak_mb=runner.memory_mb,
+                file_mb=file_mb,
+                speedup=speedup,
+                fidelity=fidelity,
+                placement=runner.placement,
+                cpu_fallback_nodes=runner.fallback,
+                warnings=tuple(warnings),
+            ))
+        del runners
+        if progress:
+            progress(label, (cell_index + 1) / len(cells))
+    config_dict = dataclasses.asdict(config)
+    config_dict["fidelity_tolerance"] = dataclasses.asdict(config.fidelity_tolerance)
+    config_dict["dims"] = dict(config.dims)
+    config_dict["variants"] = [
+        {"name": v.name, "path": str(v.path)} if isinstance(v, OnnxVariant) else {"name": v.name, "torch": type(v.module).__name__}
+        for v in variants
+    ]
+    return BenchReport(
+        schema_version=SCHEMA_VERSION,
+        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine_info(),
+        config=json.loads(json.dumps(config_dict)),  # plain JSON types, as a re-read report has
+        baseline=baseline,
+        measurements=tuple(measurements),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,285 @@
+"""runtime_bench: statistics, interleaving, inputs, placement, reports, tuning and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import runtime_bench.harness as harness
+from onnxforge.cli import main
+from onnxforge.common.errors import UserError
+from runtime_bench import (
+    BenchConfig,
+    OnnxVariant,
+    SessionSettings,
+    TorchVariant,
+    benchmark,
+    latency_stats,
+    paired_speedup,
+    read_report,
+    resolve_provider,
+    to_csv,
+    to_markdown,
+    tune,
+    write_report,
+)
+
+FAST = dict(warmup=1, min_runs=5, min_seconds=0.0)
+
+
+def _matmul_model(path, width=16, seed=0, extra_add=0.0):
+    """y = x @ W (+ extra_add); x: float[batch, width]."""
+    weights = np.random.default_rng(seed).standard_normal((width, width)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [onnx.numpy_helper.from_array(weights, "W"), onnx.numpy_helper.from_array(np.full(width, extra_add, np.float32), "b")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path, weights
+
+
+def _token_model(path, vocab=37):
+    """An embedding lookup: ids: int64[batch, seq] -> float[batch, seq, 4]."""
+    table = np.arange(vocab * 4, dtype=np.float32).reshape(vocab, 4)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [onnx.numpy_helper.from_array(table, "table")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_latency_stats_on_known_samples():
+    stats = latency_stats([float(v) for v in range(1, 101)])  # 1..100 ms
+    assert stats.runs == 100 and stats.min_ms == 1 and stats.max_ms == 100
+    assert stats.mean_ms == pytest.approx(50.5)
+    assert stats.p50_ms == pytest.approx(50.5) and stats.p90_ms == pytest.approx(90.1) and stats.p99_ms == pytest.approx(99.01)
+    assert stats.std_ms == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert stats.iqr_ms == pytest.approx(49.5) and stats.noisy
+    assert not latency_stats([10.0, 10.1, 10.0, 9.9, 10.0]).noisy
+
+
+def test_paired_speedup_interval_contains_truth_and_excludes_one():
+    rng = np.random.default_rng(1)
+    drift = np.linspace(0, 5, 200)  # the machine slows down over the run; pairs cancel it
+    base = 10 + drift + rng.normal(0, 0.2, 200)
+    cand = 5 + drift / 2 + rng.normal(0, 0.1, 200)
+    speedup = paired_speedup(base, cand)
+    assert speedup.low < speedup.ratio < speedup.high
+    assert speedup.low > 1.5 and speedup.high < 2.5
+    same = paired_speedup(base, base)
+    assert same.ratio == 1.0 and same.low == 1.0 == same.high
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_runs_are_interleaved_and_rotated(monkeypatch):
+    order = []
+
+    class Fake(harness._Runner):
+        def __init__(self, name):
+            self.name = name
+            self.run = lambda: order.append(name)
+
+    config = BenchConfig(min_runs=3, min_seconds=0.0)
+    samples = harness._measure_cell([Fake("A"), Fake("B"), Fake("C")], config, None)
+    assert order == list("ABC" "BCA" "CAB")
+    assert {k: len(v) for k, v in samples.items()} == {"A": 3, "B": 3, "C": 3}
+
+
+def test_benchmark_two_variants_same_inputs_and_fidelity(tmp_path):
+    a, weights = _matmul_model(tmp_path / "a.onnx")
+    b, _ = _matmul_model(tmp_path / "b.onnx", extra_add=0.5)
+    report = benchmark([a, b], BenchConfig(batch_sizes=(1, 4), **FAST))
+    assert [(m.variant, m.batch_size) for m in report.measurements] == [("a", 1), ("b", 1), ("a", 4), ("b", 4)]
+    first = report.find("a", batch_size=4)
+    assert first.input_shapes == {"x": [4, 16]} and first.speedup is None
+    second = report.find("b", batch_size=4)
+    assert second.latency.runs >= 5 and second.speedup.ratio > 0
+    assert second.fidelity["max_abs_error"] == pytest.approx(0.5, abs=1e-6)  # b adds 0.5 to the same outputs
+    assert second.fidelity["passed"] is False
+    assert second.throughput_per_s == pytest.approx(4 * 1000 / second.latency.p50_ms)
+    assert first.file_mb == pytest.approx(a.stat().st_size / 1e6)
+    assert report.machine.logical_cores >= 1 and "onnxruntime" in report.machine.versions
+
+
+def test_generated_inputs_respect_dims_dtypes_and_vocab(tmp_path):
+    path = _token_model(tmp_path / "tok.onnx", vocab=37)
+    from onnxforge.common.onnxio import load_onnx
+    from onnxforge.common.specs import specs_from_onnx
+
+    specs = specs_from_onnx(load_onnx(path))
+    inputs = harness.bench_inputs(specs, 8, {"seq": 128}, seed=0)
+    ids = inputs["ids"]
+    assert ids.shape == (8, 128) and ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 37
+    with pytest.raises(UserError, match="symbolic dim 'seq' with no size; give one with --dim seq=N"):
+        benchmark([path], BenchConfig(**FAST))
+
+
+def test_torch_eager_baseline_and_npz_inputs(tmp_path):
+    path, weights = _matmul_model(tmp_path / "m.onnx")
+
+    class Eager(torch.nn.Module):
+        def forward(self, x):
+            return x @ torch.from_numpy(weights)
+
+    data = tmp_path / "inputs.npz"
+    np.savez(data, x=np.random.default_rng(3).standard_normal((6, 16)).astype(np.float32))
+    report = benchmark([TorchVariant("torch", Eager()), OnnxVariant("onnx", path)], BenchConfig(**FAST), inputs=data)
+    assert report.baseline == "torch"
+    onnx_row = report.find("onnx")
+    assert onnx_row.batch_size == 6 and onnx_row.input_shapes == {"x": [6, 16]}
+    assert onnx_row.fidelity["passed"] and onnx_row.fidelity["max_abs_error"] < 1e-4
+
+
+def test_placement_on_cpu_lists_every_node(tmp_path):
+    path, _ = _matmul_model(tmp_path / "m.onnx")
+    report = benchmark([path], BenchConfig(placement="on", session=SessionSettings(graph_optimization="disable"), **FAST))
+    row = report.measurements[0]
+    assert row.placement == {"CPUExecutionProvider": 2} and row.cpu_fallback_nodes == ()
+
+
+def test_reports_written_and_read_back(tmp_path):
+    a, _ = _matmul_model(tmp_path / "a.onnx")
+    b, _ = _matmul_model(tmp_path / "b.onnx", seed=1)
+    report = benchmark([a, b], BenchConfig(batch_sizes=(1, 2), **FAST))
+    written = write_report(report, tmp_path / "rep")
+    assert {"report.csv", "report.json", "report.md"} <= {p.name for p in written}
+    again = read_report(tmp_path / "rep")
+    assert again == report
+    csv_text = to_csv(report)
+    assert csv_text.splitlines()[0].startswith("variant,provider,batch_size") and len(csv_text.splitlines()) == 5
+    markdown = to_markdown(report)
+    assert "| b | CPU | 2 |" in markdown and report.machine.cpu in markdown
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "rep" / "latency.png").stat().st_size > 1000 and (tmp_path / "rep" / "speedup.png").exists()
+
+
+def test_tune_picks_the_fastest_candidate(tmp_path):
+    path, _ = _matmul_model(tmp_path / "m.onnx", width=64)
+    candidates = [SessionSettings(intra_op_threads=1, graph_optimization=level) for level in ("basic", "all")]
+    result = tune(path, BenchConfig(batch_sizes=(4,), **FAST), candidates=candidates)
+    ranking = result.ranking()
+    assert [s for s, _ in ranking][0] == result.best
+    assert ranking[0][1] <= ranking[1][1] and len(result.report.measurements) == 2
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_provider_lists_available_and_hint():
+    with pytest.raises(UserError) as info:
+        resolve_provider("cuda", available=["CPUExecutionProvider"])
+    message = str(info.value)
+    assert "'CUDAExecutionProvider' is not available" in message and "CPUExecutionProvider" in message
+    assert "onnxforge[gpu]" in message
+    with pytest.raises(UserError, match="unknown execution provider 'cdua'; did you mean 'cuda'"):
+        resolve_provider("cdua")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"min_runs": 0}, "run counts must satisfy"),
+        ({"warmup": -1}, "warm-up runs cannot be negative"),
+        ({"batch_sizes": (0,)}, "batch sizes must be positive"),
+        ({"max_seconds": 0}, "durations must be positive"),
+        ({"io_binding": "maybe"}, "io_binding must be one of"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        BenchConfig(**kwargs)
+
+
+def test_npz_that_does_not_match(tmp_path):
+    path, _ = _matmul_model(tmp_path / "m.onnx")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((2, 15), np.float32), extra=np.zeros(1))
+    with pytest.raises(UserError) as info:
+        benchmark([path], BenchConfig(**FAST), inputs=bad)
+    assert "unexpected inputs ['extra']" in str(info.value) and "size 15 on axis 1, the model wants 16" in str(info.value)
+    wrong_dtype = tmp_path / "dtype.npz"
+    np.savez(wrong_dtype, x=np.zeros((2, 16), np.float64))
+    with pytest.raises(UserError, match="dtype float64, the model wants float32"):
+        benchmark([path], BenchConfig(**FAST), inputs=wrong_dtype)
+
+
+def test_model_ort_cannot_load(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["x"], ["y"], domain="made.up")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("made.up", 1)]), str(path))
+    with pytest.raises(UserError, match="ONNX Runtime cannot load"):
+        benchmark([path], BenchConfig(**FAST))
+
+
+def test_variants_with_different_inputs(tmp_path):
+    a, _ = _matmul_model(tmp_path / "a.onnx")
+    t = _token_model(tmp_path / "t.onnx")
+    with pytest.raises(UserError, match="variants must take the same inputs"):
+        benchmark([a, t], BenchConfig(**FAST))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_bench_writes_report(tmp_path, capsys):
+    a, _ = _matmul_model(tmp_path / "a.onnx")
+    b, _ = _matmul_model(tmp_path / "b.onnx", seed=2)
+    code = main(["-q", "bench", str(a), str(b), "--name", "fp32", "--name", "other", "--batch", "1,3",
+                 "--min-runs", "5", "--min-seconds", "0", "--warmup", "1", "--out", str(tmp_path / "rep"), "--no-plots"])
+    out = capsys.readouterr().out
+    assert code == 0 and "speedup vs fp32" in out and "machine:" in out
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["schema_version"] == 1 and len(data["measurements"]) == 4
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--provider", "cuda"], "is not available"),
+        (["--min-runs", "0"], "run counts must satisfy"),
+        (["--batch", "1,x"], "--batch must be comma-separated integers"),
+        (["--inputs", "{tmp}/missing.npz"], "does not exist"),
+    ],
+)
+def test_cli_bench_bad_input(tmp_path, capsys, extra, message):
+    a, _ = _matmul_model(tmp_path / "a.onnx")
+    out_dir = tmp_path / "rep"
+    code = main(["bench", str(a), "--out", str(out_dir), *[e.format(tmp=tmp_path) for e in extra]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert not (out_dir / "report.json").exists()
+
+
+def test_cli_bench_unwritable_report_folder_fails_before_measuring(tmp_path, capsys):
+    a, _ = _matmul_model(tmp_path / "a.onnx")
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    assert main(["bench", str(a), "--out", str(blocker / "rep")]) == 2
+    assert "cannot create report folder" in capsys.readouterr().err
+
+
+def test_cli_tune(tmp_path, capsys):
+    a, _ = _matmul_model(tmp_path / "a.onnx")
+    code = main(["-q", "tune", str(a), "--batch", "2", "--min-runs", "3", "--min-seconds", "0", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "fastest: threads=" in out and out.count(" ms ") >= 3
