@@ -283,3 +283,19 @@ def test_cli_tune(tmp_path, capsys):
     code = main(["-q", "tune", str(a), "--batch", "2", "--min-runs", "3", "--min-seconds", "0", "--warmup", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "fastest: threads=" in out and out.count(" ms ") >= 3
+
+
+def test_io_binding_path_on_cpu_gives_the_same_outputs(tmp_path):
+    """The GPU providers' IO-binding runner, exercised with CPU-resident OrtValues."""
+    path, weights = _matmul_model(tmp_path / "m.onnx")
+    report = benchmark([OnnxVariant("plain", path), OnnxVariant("bound", path)], BenchConfig(io_binding="on", **FAST))
+    assert report.find("bound").fidelity["max_abs_error"] == 0.0
+    provider = resolve_provider("cpu")
+    from onnxforge.common.specs import specs_from_onnx
+
+    specs = specs_from_onnx(onnx.load(str(path)))
+    inputs = harness.bench_inputs(specs, 3, {}, seed=0)
+    runner = harness._OrtRunner(OnnxVariant("m", path), provider, SessionSettings(), specs, inputs, io_binding=True)
+    runner.run()
+    bound = np.asarray(runner.binding.copy_outputs_to_cpu()[0])
+    np.testing.assert_allclose(bound, inputs["x"] @ weights, rtol=1e-5, atol=1e-5)
