@@ -43,7 +43,7 @@ def minilm_folder():
 class SentenceEmbedder(torch.nn.Module):
     """A BERT-style encoder followed by attention-masked mean pooling and L2 normalization,
     as sentence-transformers computes all-MiniLM-L6-v2 embeddings:
-    ``e = normalize(sum_t(h_t * m_t) / max(sum_t m_t, 1e-9))``."""
+    ``p = sum_t(h_t * m_t) / max(sum_t m_t, 1e-9)``, ``e = p / max(||p||, 1e-12)``."""
 
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
@@ -52,8 +52,12 @@ class SentenceEmbedder(torch.nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+        # max() and a sum of squares rather than clamp() and normalize(): those export as Clip
+        # and ReduceL2, whose shapes ONNX Runtime's symbolic shape inference cannot infer, and
+        # without shapes its transformer optimizer skips the SkipLayerNormalization fusions.
+        pooled = (hidden * mask).sum(1) / torch.maximum(mask.sum(1), torch.tensor(1e-9, dtype=hidden.dtype))
+        norm = torch.sqrt(torch.maximum((pooled * pooled).sum(1, keepdim=True), torch.tensor(1e-24, dtype=hidden.dtype)))
+        return pooled / norm
 
 
 def minilm_tokenizer():
@@ -75,7 +79,9 @@ def minilm(batch: int = 2, seq: int | None = None):
     _quiet_transformers()
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(str(minilm_folder()))
+    # Eager attention exports as the MatMul/Softmax pattern that ONNX Runtime's transformer
+    # optimizer fuses into Attention; the default SDPA path does not fuse.
+    encoder = AutoModel.from_pretrained(str(minilm_folder()), attn_implementation="eager")
     sentences = (SAMPLE_SENTENCES * batch)[:batch]
     return SentenceEmbedder(encoder).eval(), tokenize(minilm_tokenizer(), sentences, seq)
 

@@ -1,0 +1,149 @@
+"""Graph clean-up on top of onnx-ir and onnxscript: constant folding, dead code, identities,
+duplicate initializers, unused inputs, outputs the user drops.
+
+Each function takes a ModelProto and returns a ``PassResult`` with a new model; the input is
+not modified (the IR is deserialized from it and serialized back).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_passes
+
+from onnxforge.common.errors import UserError
+from optimizers.result import PassResult
+
+logger = logging.getLogger(__name__)
+
+
+def _counts(model: onnx.ModelProto) -> tuple[int, int, int]:
+    graph = model.graph
+    initializer_names = {init.name for init in graph.initializer}
+    real_inputs = sum(1 for value in graph.input if value.name not in initializer_names)
+    return len(graph.node), len(graph.initializer), real_inputs
+
+
+def _with_ir(model: onnx.ModelProto, transform: Callable[[ir.Model], object]) -> PassResult:
+    before = _counts(model)
+    ir_model = ir.serde.deserialize_model(model)
+    transform(ir_model)
+    out = ir.serde.serialize_model(ir_model)
+    after = _counts(out)
+    stats = {
+        "nodes_removed": before[0] - after[0],
+        "initializers_removed": before[1] - after[1],
+        "inputs_removed": before[2] - after[2],
+    }
+    # Changed means fewer (or more) nodes, initializers or inputs; a round trip through the IR
+    # alone may reorder fields, which is not a change worth another round.
+    return PassResult(out, before != after, stats)
+
+
+def fold_constants(model: onnx.ModelProto) -> PassResult:
+    """Evaluate nodes whose inputs are all constants and store their outputs as initializers
+    (onnxscript's constant folder, with ONNX shape inference so shape arithmetic folds too)."""
+    import onnxscript.optimizer
+
+    def run(ir_model):
+        onnxscript.optimizer.fold_constants(ir_model, onnx_shape_inference=True)
+        # Folded values come back as Constant nodes, some with value_ints/value_float
+        # attributes that other tools (ONNX Runtime's symbolic shape inference) cannot read;
+        # as initializers every tool reads them.
+        ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
+        ir_passes.RemoveUnusedNodesPass()(ir_model)
+
+    return _with_ir(model, run)
+
+
+def remove_dead_code(model: onnx.ModelProto) -> PassResult:
+    """Remove nodes whose outputs reach no graph output and initializers nobody reads."""
+    return _with_ir(model, lambda m: ir_passes.RemoveUnusedNodesPass()(m))
+
+
+def eliminate_identities(model: onnx.ModelProto) -> PassResult:
+    """Replace ``y = Identity(x)`` by ``x`` wherever the graph signature allows."""
+    return _with_ir(model, lambda m: (ir_passes.IdentityEliminationPass()(m), ir_passes.RemoveUnusedNodesPass()(m)))
+
+
+def deduplicate_initializers(model: onnx.ModelProto) -> PassResult:
+    """Make initializers with identical dtype, shape and contents one initializer."""
+    def run(ir_model):
+        ir_passes.DeduplicateInitializersPass(size_limit=2**40)(ir_model)
+        ir_passes.RemoveUnusedNodesPass()(ir_model)
+
+    return _with_ir(model, run)
+
+
+def drop_trailing_empty_inputs(model: onnx.ModelProto) -> PassResult:
+    """``Clip(x, lo, "")`` -> ``Clip(x, lo)``: a trailing empty optional input means "absent"
+    either way, but some tools (ONNX Runtime's symbolic shape inference) trip over it."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dropped = 0
+    for node in out.graph.node:
+        while node.input and node.input[-1] == "":
+            node.input.pop()
+            dropped += 1
+    return PassResult(out, dropped > 0, {"empty_inputs_dropped": dropped})
+
+
+def prune_graph(model: onnx.ModelProto, drop_outputs: Iterable[str] = ()) -> PassResult:
+    """Drop the named graph outputs, then every node, initializer and graph input that no
+    remaining output depends on. This changes the model's signature, on purpose."""
+    drop = list(drop_outputs)
+    names = [o.name for o in model.graph.output]
+    unknown = [d for d in drop if d not in names]
+    if unknown:
+        raise UserError(f"cannot drop outputs {unknown}: the model's outputs are {names}")
+    if drop and len(set(drop)) == len(names):
+        raise UserError(f"dropping all outputs {names} would leave an empty model; keep at least one")
+
+    def run(ir_model):
+        graph = ir_model.graph
+        for value in [v for v in graph.outputs if v.name in drop]:
+            graph.outputs.remove(value)
+        ir_passes.RemoveUnusedNodesPass()(ir_model)
+        used = {value.name for node in graph.all_nodes() for value in node.inputs if value is not None}
+        used |= {value.name for value in graph.outputs}
+        for value in [v for v in graph.inputs if v.name not in used]:
+            graph.inputs.remove(value)
+
+    result = _with_ir(model, run)
+    result.stats["outputs_dropped"] = drop
+    return result
+
+
+CLEANUP_PASSES: tuple[tuple[str, Callable[[onnx.ModelProto], PassResult]], ...] = (
+    ("drop_trailing_empty_inputs", drop_trailing_empty_inputs),
+    ("eliminate_identities", eliminate_identities),
+    ("fold_constants", fold_constants),
+    ("deduplicate_initializers", deduplicate_initializers),
+    ("remove_dead_code", remove_dead_code),
+)
+
+
+def cleanup(model: onnx.ModelProto, *, max_rounds: int = 3) -> PassResult:
+    """The clean-up passes in order, repeated while they change something, at most
+    ``max_rounds`` times (a bounded chain: folding can expose dead code and vice versa)."""
+    current = model
+    totals: dict[str, int] = {}
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        changed = False
+        for name, transform in CLEANUP_PASSES:
+            result = transform(current)
+            if result.modified:
+                changed = True
+                current = result.model
+                for key, value in result.stats.items():
+                    if isinstance(value, int):
+                        totals[key] = totals.get(key, 0) + value
+        if not changed:
+            break
+    nodes_before, nodes_after = len(model.graph.node), len(current.graph.node)
+    logger.info("clean-up: %d -> %d nodes in %d round(s)", nodes_before, nodes_after, rounds)
+    return PassResult(current, current is not model, {**totals, "rounds": rounds})

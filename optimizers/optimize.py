@@ -1,0 +1,221 @@
+"""``optimize``: clean-up, transformer fusions, ONNX Runtime offline optimization, fp16 and
+magnitude sparsity, each step verified against the input model and reported."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxforge.common.compare import Tolerance
+from onnxforge.common.errors import UserError
+from onnxforge.common.onnxio import load_onnx, save_onnx
+from onnxforge.common.summary import ModelSummary, summarize_model
+from optimizers.cleanup import cleanup, prune_graph
+from optimizers.fusions import fuse_transformer
+from optimizers.ort_offline import TARGET_PROVIDERS, ort_optimize
+from optimizers.precision import to_fp16
+from optimizers.result import PassResult
+from optimizers.sparsity import magnitude_sparsity
+from optimizers.verify import compare_models, run_model, verification_inputs
+
+logger = logging.getLogger(__name__)
+
+LEVELS = ("auto", "none", "basic", "extended", "all")
+TARGETS = tuple(TARGET_PROVIDERS)
+# What "auto" means per target. TensorRT builds its own fused engines from standard ONNX ops,
+# so it gets no contrib-op fusions; CUDA and CPU get ONNX Runtime's transformer fusions.
+AUTO_LEVEL = {"cpu": "extended", "cuda": "basic", "tensorrt": "basic"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeSettings:
+    """What ``optimize`` does.
+
+    level: ONNX Runtime offline optimization, ``none``/``basic``/``extended``/``all``; ``auto``
+        is ``extended`` for cpu and ``basic`` for cuda/tensorrt. ``all`` output is tied to the
+        machine and provider it was made for.
+    target: ``cpu``, ``cuda`` or ``tensorrt``.
+    fusions: ``auto`` (transformer fusions when the graph is a transformer and the target is not
+        TensorRT), ``on``, ``off``; ``model_type``, ``num_heads``, ``hidden_size`` override detection.
+    fp16: convert to float16 (for GPUs), graph inputs/outputs stay float32 with ``keep_io_types``;
+        judged by ``fp16_min_cosine``, not by rtol/atol.
+    drop_outputs: graph outputs to remove, with everything only they needed.
+    sparsity: magnitude pruning to this zero fraction (``sparsity_scope`` global or layer), a
+        lossy size/compressibility step reported with its fidelity, not held to rtol/atol.
+    verify: run every step's model in ONNX Runtime and compare it with the input model
+        (``|new - old| <= atol + rtol * |old|``); a step beyond tolerance is an error.
+    dims: sizes of symbolic dims for verification inputs (default: leading 2, others 8).
+    """
+
+    level: str = "auto"
+    target: str = "cpu"
+    fusions: str = "auto"
+    model_type: str = "auto"
+    num_heads: int | None = None
+    hidden_size: int | None = None
+    fp16: bool = False
+    keep_io_types: bool = True
+    drop_outputs: tuple[str, ...] = ()
+    sparsity: float | None = None
+    sparsity_scope: str = "global"
+    verify: bool = True
+    rtol: float = 1e-3
+    atol: float = 1e-4
+    fp16_min_cosine: float = 0.999
+    dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    cleanup_rounds: int = 3
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise UserError(f"unknown optimization level {self.level!r}; choose one of {', '.join(LEVELS)}")
+        if self.target not in TARGETS:
+            raise UserError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.fusions not in ("auto", "on", "off"):
+            raise UserError(f"fusions must be auto, on or off, got {self.fusions!r}")
+        Tolerance(self.rtol, self.atol)
+
+    @property
+    def resolved_level(self) -> str:
+        return AUTO_LEVEL[self.target] if self.level == "auto" else self.level
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    name: str
+    modified: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    stats: dict[str, Any]
+    check: dict[str, Any] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeResult:
+    model: onnx.ModelProto
+    steps: tuple[StepReport, ...]
+    before: ModelSummary
+    after: ModelSummary
+    seconds: float
+
+    @property
+    def modified(self) -> bool:
+        return any(step.modified for step in self.steps)
+
+    @property
+    def fusions(self) -> dict[str, int]:
+        for step in self.steps:
+            if step.name == "fusions":
+                return dict(step.stats.get("fusions", {}))
+        return {}
+
+    def to_dict(self) -> dict:
+        return {
+            "modified": self.modified,
+            "seconds": self.seconds,
+            "fusions": self.fusions,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "steps": [dataclasses.asdict(step) for step in self.steps],
+        }
+
+
+def _summary(model: onnx.ModelProto, path: str = "") -> ModelSummary:
+    return summarize_model(model, path, model.ByteSize())
+
+
+def _check_dict(comparison) -> dict[str, Any]:
+    return {
+        "passed": comparison.passed,
+        "max_abs_error": comparison.max_abs_error,
+        "min_cosine": comparison.min_cosine,
+        "outputs": {o.name: {"max_abs_error": o.max_abs_error, "max_rel_error": o.max_rel_error, "cosine": o.cosine} for o in comparison.outputs},
+    }
+
+
+def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = OptimizeSettings()) -> OptimizeResult:
+    """Optimize ``model`` (a ModelProto, not modified, or a path) as ``settings`` say.
+
+    Steps, each optional: prune outputs -> clean-up (identity elimination, constant folding,
+    duplicate initializers, dead code; bounded rounds) -> transformer fusions -> ONNX Runtime
+    offline optimization -> fp16 -> magnitude sparsity. After each step that changed the
+    model, its outputs are compared with the input model's on the same inputs; exact steps must
+    stay within rtol/atol (else ``UserError`` naming the step and the numbers), fp16 within
+    ``fp16_min_cosine``; sparsity is reported. The final model passes ``onnx.checker``.
+    """
+    started = time.perf_counter()
+    source = load_onnx(model) if isinstance(model, (str, Path)) else model
+    tolerance = Tolerance(settings.rtol, settings.atol)
+    level = settings.resolved_level
+    if settings.fp16 and settings.target == "cpu":
+        logger.warning("fp16 on the CPU is usually slower than float32 in ONNX Runtime; it is meant for GPU targets")
+
+    reference_inputs = reference_outputs = None
+    if settings.verify:
+        reference_inputs = verification_inputs(source, settings.dims)
+        reference_outputs = run_model(source, reference_inputs)
+        for name in settings.drop_outputs:
+            reference_outputs.pop(name, None)
+
+    steps: list[tuple[str, callable, str]] = []
+    if settings.drop_outputs:
+        steps.append(("prune_outputs", lambda m: prune_graph(m, settings.drop_outputs), "exact"))
+    steps.append(("cleanup", lambda m: cleanup(m, max_rounds=settings.cleanup_rounds), "exact"))
+    wants_fusions = settings.fusions == "on" or (settings.fusions == "auto" and settings.target != "tensorrt")
+    if wants_fusions:
+        steps.append(("fusions", lambda m: fuse_transformer(
+            m, model_type="bert" if settings.fusions == "on" and settings.model_type == "auto" else settings.model_type,
+            num_heads=settings.num_heads, hidden_size=settings.hidden_size, use_gpu=settings.target != "cpu"), "exact"))
+    if level != "none":
+        steps.append((f"onnxruntime_{level}", lambda m: ort_optimize(m, level, settings.target), "exact"))
+    if settings.fp16:
+        steps.append(("fp16", lambda m: to_fp16(m, keep_io_types=settings.keep_io_types), "fp16"))
+    if settings.sparsity:
+        steps.append(("magnitude_sparsity", lambda m: magnitude_sparsity(m, settings.sparsity, scope=settings.sparsity_scope), "lossy"))
+
+    current = source
+    reports = []
+    for name, transform, kind in steps:
+        step_started = time.perf_counter()
+        result: PassResult = transform(current)
+        check = None
+        if settings.verify and result.modified:
+            comparison = compare_models(reference_outputs, result.model, reference_inputs, tolerance)
+            check = _check_dict(comparison)
+            if kind == "exact" and not comparison.passed:
+                raise UserError(
+                    f"step '{name}' changed the model's outputs beyond rtol={tolerance.rtol:g}, atol={tolerance.atol:g}: "
+                    + "; ".join(f.describe() for f in comparison.failures())
+                    + f". Disable it (e.g. --no-fusions or --level basic) or loosen --rtol/--atol"
+                )
+            if kind == "fp16" and comparison.min_cosine < settings.fp16_min_cosine:
+                raise UserError(
+                    f"fp16 conversion drops output cosine to {comparison.min_cosine:.5f}, below {settings.fp16_min_cosine}; "
+                    "keep this model in float32 or lower --fp16-min-cosine"
+                )
+        reports.append(StepReport(name, result.modified, time.perf_counter() - step_started,
+                                  len(current.graph.node), len(result.model.graph.node), result.stats, check))
+        logger.info("%s: %d -> %d nodes (%.2f s)%s", name, len(current.graph.node), len(result.model.graph.node),
+                    reports[-1].seconds, f", max abs error {check['max_abs_error']:.2e}" if check else "")
+        current = result.model
+    try:
+        contrib = any(op.domain not in ("", "ai.onnx") for op in current.opset_import)
+        onnx.checker.check_model(current, full_check=not contrib)
+    except onnx.checker.ValidationError as exc:
+        raise UserError(f"the optimized model fails onnx.checker: {str(exc)[:400]}") from None
+    return OptimizeResult(current, tuple(reports), _summary(source), _summary(current), time.perf_counter() - started)
+
+
+def optimize_file(input_path: str | Path, output_path: str | Path, settings: OptimizeSettings = OptimizeSettings()) -> OptimizeResult:
+    """``optimize`` from a file to a file, written atomically (nothing at ``output_path`` on failure)."""
+    result = optimize(load_onnx(input_path), settings)
+    written = save_onnx(result.model, output_path)
+    after = dataclasses.replace(result.after, path=str(output_path), file_bytes=written[0].stat().st_size)
+    before = dataclasses.replace(result.before, path=str(input_path), file_bytes=Path(input_path).stat().st_size)
+    return dataclasses.replace(result, before=before, after=after)
