@@ -9,7 +9,7 @@ from optimizers.cleanup import (
     remove_dead_code,
 )
 from optimizers.fusions import detect_hidden_size, detect_num_heads, fuse_transformer
-from optimizers.optimize import OptimizeResult, OptimizeSettings, StepReport, optimize, optimize_file
+from optimizers.optimizer import OptimizeResult, OptimizeSettings, StepReport, optimize, optimize_file
 from optimizers.ort_offline import ort_optimize
 from optimizers.precision import to_fp16
 from optimizers.result import PassResult

@@ -33,11 +33,7 @@ def _with_ir(model: onnx.ModelProto, transform: Callable[[ir.Model], object]) ->
     transform(ir_model)
     out = ir.serde.serialize_model(ir_model)
     after = _counts(out)
-    stats = {
-        "nodes_removed": before[0] - after[0],
-        "initializers_removed": before[1] - after[1],
-        "inputs_removed": before[2] - after[2],
-    }
+    stats = {"nodes": [before[0], after[0]], "initializers": [before[1], after[1]], "inputs": [before[2], after[2]]}
     # Changed means fewer (or more) nodes, initializers or inputs; a round trip through the IR
     # alone may reorder fields, which is not a change worth another round.
     return PassResult(out, before != after, stats)
@@ -130,7 +126,7 @@ def cleanup(model: onnx.ModelProto, *, max_rounds: int = 3) -> PassResult:
     """The clean-up passes in order, repeated while they change something, at most
     ``max_rounds`` times (a bounded chain: folding can expose dead code and vice versa)."""
     current = model
-    totals: dict[str, int] = {}
+    applied: dict[str, int] = {}
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         changed = False
@@ -139,11 +135,10 @@ def cleanup(model: onnx.ModelProto, *, max_rounds: int = 3) -> PassResult:
             if result.modified:
                 changed = True
                 current = result.model
-                for key, value in result.stats.items():
-                    if isinstance(value, int):
-                        totals[key] = totals.get(key, 0) + value
+                applied[name] = applied.get(name, 0) + 1
         if not changed:
             break
-    nodes_before, nodes_after = len(model.graph.node), len(current.graph.node)
-    logger.info("clean-up: %d -> %d nodes in %d round(s)", nodes_before, nodes_after, rounds)
-    return PassResult(current, current is not model, {**totals, "rounds": rounds})
+    before, after = _counts(model), _counts(current)
+    logger.info("clean-up: %d -> %d nodes in %d round(s)", before[0], after[0], rounds)
+    stats = {"nodes": [before[0], after[0]], "initializers": [before[1], after[1]], "passes_applied": applied, "rounds": rounds}
+    return PassResult(current, current is not model, stats)

@@ -21,6 +21,19 @@ ORT_LEVELS = ("basic", "extended", "all")
 TARGET_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
+def require_provider(target: str, level: str) -> None:
+    """Levels above basic fuse for the provider they run with: it must be installed."""
+    import onnxruntime as ort
+
+    provider = TARGET_PROVIDERS[target]
+    if provider not in ort.get_available_providers():
+        raise UserError(
+            f"level {level!r} fuses for the provider it runs with, and {provider} is not available here "
+            f"(available: {ort.get_available_providers()}); use level 'basic' for target {target!r} on this machine "
+            "or run on one with onnxruntime-gpu"
+        )
+
+
 def ort_optimize(model: onnx.ModelProto, level: str, target: str = "cpu") -> PassResult:
     """The model as ONNX Runtime optimizes it at ``level`` for ``target``'s provider."""
     import onnxruntime as ort
@@ -28,12 +41,8 @@ def ort_optimize(model: onnx.ModelProto, level: str, target: str = "cpu") -> Pas
     if level not in ORT_LEVELS:
         raise UserError(f"unknown ONNX Runtime optimization level {level!r}; choose {', '.join(ORT_LEVELS)}")
     provider = TARGET_PROVIDERS[target]
-    if level != "basic" and provider not in ort.get_available_providers():
-        raise UserError(
-            f"level {level!r} fuses for the provider it runs with, and {provider} is not available here "
-            f"(available: {ort.get_available_providers()}); use level 'basic' for target {target!r} on this machine "
-            "or run on one with onnxruntime-gpu"
-        )
+    if level != "basic":
+        require_provider(target, level)
     providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" and level != "basic" else ["CPUExecutionProvider"]
     with tempfile.TemporaryDirectory(prefix="onnxforge-ort-") as tmp:
         source = Path(tmp) / "in.onnx"

@@ -58,3 +58,34 @@ def test_cli_exports_hugging_face_folder(tmp_path, capsys):
     assert code == 0, stdout
     assert "validation at input_ids [2, 24]" in stdout and "input_ids [5, 12]" in stdout
     assert "last_hidden_state" in stdout and stdout.count("PASS") == 2
+
+
+def test_minilm_optimized_with_fusions_agrees_with_unfused(minilm_export, tmp_path):
+    """Dynamo export: the feed-forward and layer-norm fusions apply, attention does not."""
+    from optimizers import optimize_file
+
+    _, result = minilm_export
+    optimized = optimize_file(result.path, tmp_path / "fused.onnx")
+    fusions = optimized.fusions
+    assert fusions.get("SkipLayerNormalization") == 12 and fusions.get("BiasGelu") == 6
+    for step in optimized.steps:
+        if step.check:
+            assert step.check["passed"] and step.check["max_abs_error"] < 1e-4
+
+
+def test_minilm_torchscript_export_fuses_attention(tmp_path):
+    """TorchScript export of eager attention: every fusion, Attention included, and the
+    fused model's embeddings agree with PyTorch on real sentences."""
+    from optimizers import optimize_file
+
+    module, example = models.minilm(batch=2, seq=16)
+    exported = export(module, example, tmp_path / "ts.onnx", exporter="torchscript")
+    optimized = optimize_file(exported.path, tmp_path / "fused.onnx")
+    assert optimized.fusions == {"EmbedLayerNormalization": 1, "Attention": 6, "BiasGelu": 6, "SkipLayerNormalization": 12}
+    assert optimized.after.node_count < 80
+    tokens = models.tokenize(models.minilm_tokenizer(), SENTENCES)
+    with torch.no_grad():
+        expected = module(**tokens).numpy()
+    session = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {k: v.numpy() for k, v in tokens.items()})
+    assert np.abs(actual - expected).max() <= 1e-4

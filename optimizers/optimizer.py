@@ -18,7 +18,7 @@ from onnxforge.common.onnxio import load_onnx, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.cleanup import cleanup, prune_graph
 from optimizers.fusions import fuse_transformer
-from optimizers.ort_offline import TARGET_PROVIDERS, ort_optimize
+from optimizers.ort_offline import TARGET_PROVIDERS, ort_optimize, require_provider
 from optimizers.precision import to_fp16
 from optimizers.result import PassResult
 from optimizers.sparsity import magnitude_sparsity
@@ -153,6 +153,8 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     source = load_onnx(model) if isinstance(model, (str, Path)) else model
     tolerance = Tolerance(settings.rtol, settings.atol)
     level = settings.resolved_level
+    if level in ("extended", "all"):
+        require_provider(settings.target, level)  # before any work, not after minutes of it
     if settings.fp16 and settings.target == "cpu":
         logger.warning("fp16 on the CPU is usually slower than float32 in ONNX Runtime; it is meant for GPU targets")
 
