@@ -1,0 +1,216 @@
+"""Calibration data for quantization and activation-aware pruning, from wherever users keep it.
+
+Sources: an ``.npz`` file (arrays keyed by input name; the leading axis is split into batches)
+or a folder of them (one batch per file); a Python callable ``pkg.module:function`` (or
+``file.py:function``) yielding input dicts; a text file of lines plus a tokenizer (text
+models); random data from the input specs, only when asked for explicitly. Every batch is
+checked against the model's inputs (names, dtypes, ranks, fixed sizes) as it is read, the
+first one before any work starts. Batches are produced one at a time, never all held at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxforge.common.errors import UserError
+from onnxforge.common.specs import InputSpec, check_inputs_match, make_inputs, specs_from_onnx
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CalibrationData:
+    """A re-iterable source of input batches for one model, checked as they are read."""
+
+    specs: list[InputSpec]
+    description: str
+    _factory: Callable[[], Iterable[Mapping[str, np.ndarray]]]
+    max_batches: int | None = None
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        count = 0
+        for index, batch in enumerate(self._factory()):
+            if self.max_batches is not None and count >= self.max_batches:
+                return
+            arrays = {name: np.asarray(value) for name, value in dict(batch).items()}
+            check_inputs_match(self.specs, arrays, f"calibration batch {index} of {self.description}")
+            count += 1
+            yield arrays
+        if count == 0:
+            raise UserError(f"{self.description} holds no calibration samples")
+
+    def check(self) -> None:
+        """Read the first batch now, so a mismatch is reported before any work starts."""
+        for _ in self:
+            return
+
+    def count(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _split_rows(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    rows = min((a.shape[0] for a in arrays.values() if a.ndim), default=1)
+    for start in range(0, rows, batch_size):
+        yield {name: a[start:start + batch_size] if a.ndim else a for name, a in arrays.items()}
+
+
+def _npz_batches(paths: list[Path], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    for path in paths:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except Exception as exc:
+            raise UserError(f"cannot read calibration file '{path}': {exc}") from None
+        yield from _split_rows(arrays, batch_size)
+
+
+def _callable_source(spec: str) -> Callable[[], Iterable]:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise UserError(f"calibration source file '{path}' does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"_onnxforge_calib_{abs(hash(str(path.resolve())))}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise UserError(f"importing calibration source '{path}' failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UserError(f"cannot import calibration module '{target}': {exc}") from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise UserError(f"'{spec}' does not name a function in '{target}'")
+
+    def produce():
+        try:
+            produced = function()
+        except Exception as exc:
+            raise UserError(f"calibration function '{spec}' raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(produced, Mapping):
+            return [produced]
+        return produced
+
+    return produce
+
+
+def _text_batches(path: Path, tokenizer, specs: list[InputSpec], batch_size: int, seq: int) -> Iterator[dict[str, np.ndarray]]:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = {spec.name: spec for spec in specs}
+    for start in range(0, len(lines), batch_size):
+        encoded = tokenizer(lines[start:start + batch_size], padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+        batch = {}
+        for name, spec in names.items():
+            if name not in encoded:
+                raise UserError(f"the tokenizer gives {sorted(encoded)} but the model wants input '{name}'")
+            batch[name] = encoded[name].astype(spec.dtype)
+        yield batch
+
+
+def _load_tokenizer(tokenizer):
+    if tokenizer is None:
+        raise UserError("a text calibration file needs a tokenizer: give the Hugging Face model folder with --tokenizer DIR")
+    if not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UserError("text calibration needs transformers: pip install 'onnxforge[hf]'") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    except Exception as exc:
+        raise UserError(f"cannot load a tokenizer from '{tokenizer}': {exc}") from None
+
+
+def calibration_data(
+    source,
+    model: onnx.ModelProto,
+    *,
+    batch_size: int = 1,
+    max_batches: int | None = None,
+    tokenizer=None,
+    seq: int = 128,
+    dims: Mapping[str, int] | None = None,
+    allow_random: bool = False,
+    seed: int = 0,
+) -> CalibrationData:
+    """Calibration batches for ``model`` from ``source`` (see the module doc); ``"random"``
+    needs ``allow_random=True`` and logs that it is not representative."""
+    specs = specs_from_onnx(model)
+    if isinstance(source, CalibrationData):
+        return source
+    if isinstance(source, Mapping):
+        arrays = {k: np.asarray(v) for k, v in source.items()}
+        data = CalibrationData(specs, "the given arrays", lambda: _split_rows(arrays, batch_size), max_batches)
+    elif callable(source) and not isinstance(source, (str, Path)):
+        data = CalibrationData(specs, f"calibration function {getattr(source, '__name__', source)!r}", source, max_batches)
+    elif str(source) == "random":
+        if not allow_random:
+            raise UserError("random calibration data is not representative of real inputs; pass real data, "
+                            "or allow it explicitly (--calibration random --allow-random-calibration)")
+        logger.warning("calibrating on random inputs: the ranges will not match real data; quantized accuracy may suffer")
+        count = max_batches or 16
+        sizes = {symbol: size for symbol, size in (dims or {}).items()}
+
+        def random_batches():
+            for index in range(count):
+                filled = dict(sizes)
+                for spec in specs:
+                    for axis, dim in enumerate(spec.dims):
+                        if isinstance(dim, str):
+                            filled.setdefault(dim, batch_size if axis == 0 else seq)
+                yield make_inputs(specs, filled, seed=seed + index)
+
+        data = CalibrationData(specs, "random inputs", random_batches, count)
+    else:
+        path = Path(str(source))
+        if ":" in str(source) and not path.exists():
+            data = CalibrationData(specs, f"calibration function '{source}'", _callable_source(str(source)), max_batches)
+        elif path.is_dir():
+            files = sorted(path.glob("*.npz"))
+            if not files:
+                raise UserError(f"calibration folder '{path}' has no .npz files")
+            data = CalibrationData(specs, f"folder '{path}'", lambda: _npz_batches(files, batch_size), max_batches)
+        elif not path.exists():
+            raise UserError(f"calibration data '{path}' does not exist; give an .npz file, a folder of them, "
+                            "a text file with --tokenizer, or pkg.module:function")
+        elif path.suffix == ".npz":
+            data = CalibrationData(specs, f"'{path}'", lambda: _npz_batches([path], batch_size), max_batches)
+        elif path.suffix in (".txt", ".text"):
+            loaded = _load_tokenizer(tokenizer)
+            data = CalibrationData(specs, f"text file '{path}'", lambda: _text_batches(path, loaded, specs, batch_size, seq), max_batches)
+        else:
+            raise UserError(f"cannot tell what calibration file '{path}' holds: use .npz, a folder of .npz, or .txt with a tokenizer")
+    data.check()
+    return data
+
+
+def ort_reader(data: CalibrationData):
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over ``data`` (streams batches)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.iterator = iter(data)
+
+        def get_next(self):
+            return next(self.iterator, None)
+
+        def rewind(self):
+            self.iterator = iter(data)
+
+    return Reader()
+
+
+__all__ = ["CalibrationData", "calibration_data", "ort_reader"]

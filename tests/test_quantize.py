@@ -1,0 +1,294 @@
+"""optimizers.quantize: dynamic and static (both formats, per-channel) on tiny models, calibration
+readers, the accuracy-aware mode, bad inputs, and real data (digits CNN)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter import export
+from onnxforge import models
+from onnxforge.cli import main
+from onnxforge.common.errors import UserError
+from onnxforge.common.summary import summarize_model
+from optimizers.calibration import calibration_data
+from optimizers.quantize import QuantizeSettings, _Chunk, quantize, quantize_file
+from tests.tiny_models import build
+
+
+def _mlp(tmp_path):
+    model, example = build("mlp")
+    return export(model, example, tmp_path / "mlp.onnx").path
+
+
+def _cnn(tmp_path):
+    model, example = build("cnn")
+    return export(model, example, tmp_path / "cnn.onnx").path
+
+
+def _calibration_file(path, shape, n=32, seed=0, name="image"):
+    np.savez(path, **{name: np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)})
+    return path
+
+
+def _run(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+# ---------------------------------------------------------------- modes and formats
+
+
+def test_dynamic_per_channel_on_an_mlp(tmp_path):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 32))
+    path = export(mlp, torch.randn(4, 64), tmp_path / "wide.onnx").path
+    result = quantize(path, QuantizeSettings(mode="dynamic"))
+    assert result.mode == "dynamic" and result.resolved["per_channel"] is True
+    assert result.after.op_counts.get("MatMulInteger") == 2 and result.after.quantized_compute_ops == result.after.compute_ops == 2
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    reference = _run(onnx.load(str(path)), {"input": x})
+    quantized = _run(result.model, {"input": x})
+    # documented metrics for a lossy transform: cosine and relative max error. (On AVX2 CPUs
+    # without VNNI, int8 weights with uint8 activations saturate in 16 bits: ~0.99, not 0.9999.)
+    assert np.abs(quantized - reference).max() <= 0.25 * np.abs(reference).max()
+    assert result.fidelity.min_mean_cosine > 0.98
+    better = quantize(path, QuantizeSettings(mode="dynamic", weight_type="uint8"))
+    assert better.fidelity.min_mean_cosine > result.fidelity.min_mean_cosine
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_static_both_formats_per_channel_on_a_cnn(tmp_path, fmt):
+    path = _cnn(tmp_path)
+    calib = _calibration_file(tmp_path / "calib.npz", (3, 12, 12))
+    result = quantize(path, QuantizeSettings(mode="static", format=fmt), calibration=calib)
+    ops = result.after.op_counts
+    assert ("QLinearConv" in ops) if fmt == "qoperator" else ("QuantizeLinear" in ops and "DequantizeLinear" in ops)
+    assert result.after.quantized_compute_ops == result.after.compute_ops
+    assert result.fidelity.min_mean_cosine > 0.99 and result.fidelity.samples == 16
+    x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    reference = _run(onnx.load(str(path)), {"image": x})
+    np.testing.assert_allclose(_run(result.model, {"image": x}), reference, atol=0.1 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile", "distribution"])
+def test_calibration_methods(tmp_path, method):
+    path = _cnn(tmp_path)
+    calib = _calibration_file(tmp_path / "calib.npz", (3, 12, 12), n=40)
+    result = quantize(path, QuantizeSettings(mode="static", calibration_method=method), calibration=calib)
+    assert result.resolved["calibration_method"] == method and result.fidelity.min_mean_cosine > 0.9
+
+
+def test_auto_chooses_per_model_and_target(tmp_path):
+    mlp = _mlp(tmp_path)
+    assert quantize(mlp).mode == "dynamic"
+    cnn = _cnn(tmp_path)
+    calib = _calibration_file(tmp_path / "calib.npz", (3, 12, 12))
+    auto_cnn = quantize(cnn, calibration=calib)
+    assert auto_cnn.mode == "static" and any("ConvInteger" in r for r in auto_cnn.reasons)
+    trt = quantize(cnn, QuantizeSettings(target="tensorrt"), calibration=calib)
+    assert trt.resolved["activation_type"] == "int8" and trt.resolved["symmetric_activations"] is True
+    zero_points = [numpy_helper.to_array(t) for t in trt.model.graph.initializer if "zero_point" in t.name]
+    assert zero_points and all(not np.any(z) for z in zero_points)  # symmetric: zero points are 0
+
+
+def test_int4_weight_only(tmp_path):
+    weights = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+                              [numpy_helper.from_array(weights, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    result = quantize(model, QuantizeSettings(mode="int4"))
+    assert result.after.op_counts == {"MatMulNBits": 1} and result.fidelity.min_mean_cosine > 0.98
+
+
+# ---------------------------------------------------------------- calibration readers
+
+
+def test_calibration_sources_npz_folder_callable_and_random(tmp_path):
+    model = onnx.load(str(_cnn(tmp_path)))
+    single = calibration_data(_calibration_file(tmp_path / "c.npz", (3, 12, 12), n=10), model, batch_size=4)
+    assert [b["image"].shape[0] for b in single] == [4, 4, 2]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(3):
+        _calibration_file(folder / f"{i}.npz", (3, 12, 12), n=2, seed=i)
+    assert calibration_data(folder, model).count() == 6
+    module = tmp_path / "calib_source.py"
+    module.write_text("import numpy as np\n\ndef batches():\n    for i in range(5):\n"
+                      "        yield {'image': np.full((1, 3, 12, 12), i, np.float32)}\n")
+    from_function = calibration_data(f"{module}:batches", model)
+    assert [float(b["image"][0, 0, 0, 0]) for b in from_function] == [0, 1, 2, 3, 4]
+    with pytest.raises(UserError, match="not representative"):
+        calibration_data("random", model)
+    assert calibration_data("random", model, allow_random=True, max_batches=3).count() == 3
+
+
+def test_calibration_text_file_with_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["e"]), helper.make_node("ReduceMean", ["e"], ["y"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.zeros((30522, 2), np.float32), "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    text = tmp_path / "lines.txt"
+    text.write_text("first sentence here\n\nsecond one\nthird\n")
+    data = calibration_data(text, model, tokenizer=str(models.minilm_folder()), seq=12, batch_size=2)
+    batches = list(data)
+    assert [b["input_ids"].shape for b in batches] == [(2, 12), (1, 12)] and batches[0]["input_ids"].dtype == np.int64
+    with pytest.raises(UserError, match="needs a tokenizer"):
+        calibration_data(text, model)
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"image": np.zeros((2, 3, 12, 12), np.float64)}, "dtype float64, the model wants float32"),
+        ({"image": np.zeros((2, 3, 12), np.float32)}, "has rank 3"),
+        ({"image": np.zeros((2, 3, 12, 12), np.float32), "extra": np.zeros(2)}, "unexpected inputs ['extra']"),
+        ({"pixels": np.zeros((2, 3, 12, 12), np.float32)}, "missing inputs ['image']"),
+    ],
+)
+def test_calibration_mismatch_is_reported_before_work(tmp_path, arrays, message):
+    path = _cnn(tmp_path)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(UserError) as info:
+        quantize(path, QuantizeSettings(mode="static"), calibration=tmp_path / "bad.npz")
+    assert message in str(info.value) and "calibration batch 0" in str(info.value)
+
+
+def test_empty_calibration(tmp_path):
+    path = _cnn(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no .npz files"):
+        quantize(path, calibration=tmp_path / "empty")
+    np.savez(tmp_path / "none.npz", image=np.zeros((0, 3, 12, 12), np.float32))
+    with pytest.raises(UserError, match="holds no calibration samples"):
+        quantize(path, calibration=tmp_path / "none.npz")
+
+
+def test_chunked_reader_feeds_every_batch_once():
+    class Reader:
+        def __init__(self, n):
+            self.items = iter(range(n))
+
+        def get_next(self):
+            return next(self.items, None)
+
+    for total, size in ((10, 4), (8, 4), (3, 16)):
+        reader, seen = Reader(total), []
+        while True:
+            part = _Chunk(reader, size)
+            if part.pending is None:
+                break
+            while (item := part.get_next()) is not None:
+                seen.append(item)
+            assert len(seen) % size == 0 or part.exhausted
+            if part.exhausted:
+                break
+        assert seen == list(range(total))
+
+
+# ---------------------------------------------------------------- accuracy-aware
+
+
+def _outlier_model():
+    """x -> MatMul "first" -> Mul by a per-channel scale (channel 0 x 1000) -> h -> MatMul "second"
+    (ignores channel 0) -> MatMul "third" -> y. Static int8 gives h one scale, so the small
+    channels that the output is made of collapse; only "second" reads h."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((16, 32)).astype(np.float32) / 4
+    scale = np.ones(32, np.float32)
+    scale[0] = 1000.0
+    w2 = rng.standard_normal((32, 16)).astype(np.float32)
+    w2[0] = 0.0
+    w3 = rng.standard_normal((16, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["a"], name="first"),
+             helper.make_node("Mul", ["a", "S"], ["h"], name="outliers"),
+             helper.make_node("MatMul", ["h", "W2"], ["m"], name="second"),
+             helper.make_node("MatMul", ["m", "W3"], ["y"], name="third")]
+    graph = helper.make_graph(nodes, "outliers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+                              [numpy_helper.from_array(w0, "W0"), numpy_helper.from_array(scale, "S"),
+                               numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(w3, "W3")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_accuracy_aware_mode_keeps_few_nodes_float(tmp_path):
+    model = _outlier_model()
+    calib = {"x": np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)}
+    matmuls = QuantizeSettings(mode="static", op_types=("MatMul",))
+    plain = quantize(model, matmuls, calibration=calib)
+    assert plain.fidelity.min_mean_cosine < 0.9  # plain static int8 breaks the tolerance
+    aware = quantize(model, dataclasses.replace(matmuls, accuracy_target=0.99), calibration=calib)
+    assert aware.fidelity.min_mean_cosine >= 0.99
+    assert aware.float_nodes == ("second",)
+    assert aware.sensitivity[0][0] == "second" and aware.sensitivity[0][1] > 10 * aware.sensitivity[1][1]
+    assert aware.after.quantized_compute_ops == 2 and aware.after.compute_ops == 3
+
+
+def test_accuracy_target_that_cannot_be_met(tmp_path):
+    model = _outlier_model()
+    calib = {"x": np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)}
+    with pytest.raises(UserError, match=r"accuracy target 0.99 not met: the best lowest mean cosine reached was 0\.\d+ with 0 node"):
+        quantize(model, QuantizeSettings(mode="static", op_types=("MatMul",), accuracy_target=0.99, max_float_nodes=0), calibration=calib)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(tmp_path):
+    path = _mlp(tmp_path)
+    quantize_file(path, tmp_path / "q.onnx", QuantizeSettings(mode="dynamic"))
+    with pytest.raises(UserError, match="already quantized"):
+        quantize(tmp_path / "q.onnx")
+    names = [n.name for n in onnx.load(str(path)).graph.node]
+    with pytest.raises(UserError, match="exclude-node names not in the model"):
+        quantize(path, QuantizeSettings(exclude_nodes=(names[0] + "x",)))
+    with pytest.raises(UserError, match="unknown mode 'fast'"):
+        QuantizeSettings(mode="fast")
+    with pytest.raises(UserError, match="accuracy target is a cosine"):
+        QuantizeSettings(accuracy_target=2.0)
+
+
+def test_cli_quantize(tmp_path, capsys):
+    path = _cnn(tmp_path)
+    calib = _calibration_file(tmp_path / "calib.npz", (3, 12, 12))
+    code = main(["-q", "quantize", str(path), str(tmp_path / "q.onnx"), "--calibration", str(calib)])
+    out = capsys.readouterr().out
+    assert code == 0 and "mode static qdq" in out and "why: convolutional model" in out and "mean cosine" in out
+    code = main(["-q", "quantize", str(path), str(tmp_path / "q2.onnx"), "--calibration", str(calib), "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["after"]["quantized_fraction"] == 1.0
+    code = main(["quantize", str(path), str(tmp_path / "q3.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "static quantization needs calibration data" in err and not (tmp_path / "q3.onnx").exists()
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_digits_cnn_static_int8_loses_at_most_one_point(tmp_path):
+    model, float_accuracy = models.train_digits_cnn()
+    train_x, _, test_x, test_y = models.digits_split()
+    path = export(model, train_x[:4], tmp_path / "digits.onnx").path
+    np.savez(tmp_path / "calib.npz", pixels=train_x[:256].numpy())
+    result = quantize_file(path, tmp_path / "digits_int8.onnx", calibration=tmp_path / "calib.npz")
+    assert result.mode == "static"
+    session = ort.InferenceSession(str(tmp_path / "digits_int8.onnx"), providers=["CPUExecutionProvider"])
+    predictions = session.run(None, {"pixels": test_x.numpy()})[0].argmax(1)
+    int8_accuracy = float((predictions == test_y.numpy()).mean())
+    assert float_accuracy > 0.95
+    assert float_accuracy - int8_accuracy <= 0.01, (float_accuracy, int8_accuracy)
+    assert summarize_model(result.model).quantized_fraction == 1.0
