@@ -89,3 +89,32 @@ def test_minilm_torchscript_export_fuses_attention(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
     (actual,) = session.run(None, {k: v.numpy() for k, v in tokens.items()})
     assert np.abs(actual - expected).max() <= 1e-4
+
+
+REAL_SENTENCES = SENTENCES + [
+    "I love reading books on rainy afternoons.",
+    "The stock market fell sharply today after the announcement.",
+    "Machine learning models can be compressed with quantization.",
+    "She plays the violin in the city orchestra.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The museum opens at nine in the morning on weekdays.",
+    "Our team shipped the new release two days early.",
+    "Heavy rain is expected across the region tomorrow.",
+    "He forgot his umbrella and got soaked on the way home.",
+    "The recipe calls for two cups of flour and an egg.",
+    "Electric cars are becoming cheaper every year.",
+]
+
+
+def test_minilm_quantized_with_defaults_keeps_cosine_099(minilm_export, tmp_path):
+    from optimizers.quantize import quantize_file
+
+    _, result = minilm_export
+    lines = tmp_path / "sentences.txt"
+    lines.write_text("\n".join(REAL_SENTENCES))
+    quantized = quantize_file(result.path, tmp_path / "int8.onnx", evaluation=lines,
+                              tokenizer=str(models.minilm_folder()), dims={"seq": 32})
+    assert quantized.mode == "dynamic" and quantized.resolved["per_channel"] is True
+    assert quantized.fidelity.samples == len(REAL_SENTENCES)
+    assert quantized.fidelity.min_mean_cosine >= 0.99
+    assert quantized.after.file_bytes < 0.7 * quantized.before.file_bytes
