@@ -78,7 +78,7 @@ class Analysis:
     params: list[_Param]
     producers: dict[str, list[int]]  # producer node name -> its output slots
     producer_weights: dict[str, tuple[str, int]]  # producer -> (weight initializer, output axis)
-    consumers: list[tuple[str, str, list[int]]]  # (node name, input tensor, slots along its input channels)
+    consumers: list[tuple[str, str, list[int], str, int]]  # (node, input tensor, its slots, weight, weight's input axis)
     frozen: dict[int, str]  # slot root -> why it cannot be removed
     first_layers: set[str]
 
@@ -105,7 +105,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
     params: list[_Param] = []
     producers: dict[str, list[int]] = {}
     producer_weights: dict[str, tuple[str, int]] = {}
-    consumers: list[tuple[str, str, list[int]]] = []
+    consumers: list[tuple[str, str, list[int], str, int]] = []
     frozen: dict[int, str] = {}
     first_layers: set[str] = set()
     param_uses = collections.Counter(name for node in graph.node for name in node.input if name in inits)
@@ -136,7 +136,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
                 if ins[0] in tracked:
                     axis, in_slots = tracked[ins[0]]
                     if axis == 1 and len(in_slots) == w.dims[1]:
-                        consumers.append((node.name, ins[0], in_slots))
+                        consumers.append((node.name, ins[0], in_slots, weight, 1))
                         params.append(_Param(weight, 1, in_slots))
                     else:
                         freeze(ins[0], f"Conv '{node.name}' reads it on another axis")
@@ -166,7 +166,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
                 axis, in_slots = tracked[ins[0]]
                 rank = rank_of(ins[0])
                 if rank is not None and axis in (rank - 1, -1) and len(in_slots) == w.dims[in_axis]:
-                    consumers.append((node.name, ins[0], in_slots))
+                    consumers.append((node.name, ins[0], in_slots, weight, in_axis))
                     params.append(_Param(weight, in_axis, in_slots))
                 else:
                     freeze(ins[0], f"{op} '{node.name}' reads it on another axis")
@@ -274,3 +274,380 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
         if t.HasField("shape"):
             shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
     return shapes
+
+
+# ---------------------------------------------------------------- deciding and applying
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSettings:
+    """Structured pruning settings.
+
+    ratio: fraction of channels to remove from each prunable unit (a producer, or producers
+        coupled by residual adds), in [0, 1). ``scope="global"`` instead removes the least
+        important channels across units (scores normalized by each unit's mean).
+    importance: ``l1``/``l2`` norm of each output filter (data-free) or ``activation``:
+        mean |activation| of the channel times the norm of the consumer weights reading it.
+    bias_compensation: fold the mean contribution of each removed channel into its consumers'
+        biases (needs calibration data): ``b' = b + sum_{c removed} W[:, c] * E[x_c]``.
+    round_to: channels kept per unit are a multiple of this (kernels stay efficient).
+    protect_first: keep the layers that read graph inputs whole. ``protect``: producer node
+        names kept whole. ``ratios``: per-producer ratio overrides.
+    """
+
+    ratio: float = 0.5
+    importance: str = "l1"
+    scope: str = "layer"
+    bias_compensation: bool = True
+    round_to: int = 8
+    protect_first: bool = True
+    protect: tuple[str, ...] = ()
+    ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    max_batches: int = 32
+
+    def __post_init__(self):
+        for value in (self.ratio, *self.ratios.values()):
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"pruning ratio must be in [0, 1), got {value}")
+        if self.importance not in ("l1", "l2", "activation"):
+            raise UserError(f"unknown importance {self.importance!r}; choose l1, l2 or activation")
+        if self.scope not in ("layer", "global"):
+            raise UserError(f"unknown scope {self.scope!r}; choose layer or global")
+        if self.round_to < 1:
+            raise UserError(f"round_to must be at least 1, got {self.round_to}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    producers: tuple[str, ...]
+    channels: int
+    kept: int
+    reason: str | None  # why it was left whole, if it was
+
+
+def _units(analysis: Analysis) -> list[tuple[tuple[str, ...], list[int]]]:
+    """Producers grouped by shared channel roots, with the unit's ordered root list."""
+    by_roots: dict[tuple[int, ...], list[str]] = {}
+    for name, out in analysis.producers.items():
+        key = tuple(analysis.slots.find(s) for s in out)
+        by_roots.setdefault(key, []).append(name)
+    return [(tuple(names), list(key)) for key, names in by_roots.items()]
+
+
+def _importance(model, analysis: Analysis, roots_of_units, settings: PruneSettings, means_abs) -> dict[int, float]:
+    inits = {t.name: t for t in model.graph.initializer}
+    score: dict[int, float] = collections.defaultdict(float)
+    find = analysis.slots.find
+    if settings.importance in ("l1", "l2"):
+        for name, out in analysis.producers.items():
+            weight, axis = analysis.producer_weights[name]
+            w = numpy_helper.to_array(inits[weight]).astype(np.float64)
+            w = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+            norms = np.abs(w).sum(1) if settings.importance == "l1" else np.sqrt((w * w).sum(1))
+            for s, value in zip(out, norms):
+                score[find(s)] += float(value)
+        return score
+    for node_name, tensor, in_slots, weight, axis in analysis.consumers:
+        w = numpy_helper.to_array(inits[weight]).astype(np.float64)
+        w = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        column_norms = np.sqrt((w * w).sum(1))
+        for position, s in enumerate(in_slots):
+            score[find(s)] += float(means_abs[tensor][position] * column_norms[position])
+    return score
+
+
+def _channel_stats(model, analysis: Analysis, batches) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Mean and mean |x| per channel of every tensor a consumer reads, over ``batches``."""
+    from optimizers.quantize import _session, _with_outputs
+
+    tensors = sorted({consumer[1] for consumer in analysis.consumers})
+    session = _session(_with_outputs(model, tensors))
+    sums = {t: None for t in tensors}
+    abs_sums = {t: None for t in tensors}
+    counts = {t: 0 for t in tensors}
+    channel_axis = _consumer_axes(model, analysis)
+    for batch in batches:
+        values = dict(zip(tensors, session.run(tensors, dict(batch))))
+        for t in tensors:
+            v = np.moveaxis(values[t].astype(np.float64), channel_axis[t], 0).reshape(values[t].shape[channel_axis[t]], -1)
+            sums[t] = v.sum(1) if sums[t] is None else sums[t] + v.sum(1)
+            abs_sums[t] = np.abs(v).sum(1) if abs_sums[t] is None else abs_sums[t] + np.abs(v).sum(1)
+            counts[t] += v.shape[1]
+    return {t: sums[t] / counts[t] for t in tensors}, {t: abs_sums[t] / counts[t] for t in tensors}
+
+
+def _consumer_axes(model, analysis: Analysis) -> dict[str, int]:
+    nodes = {n.name: n for n in model.graph.node}
+    axes = {}
+    for node_name, tensor, *_ in analysis.consumers:
+        axes[tensor] = 1 if nodes[node_name].op_type == "Conv" else -1
+    return axes
+
+
+def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]) -> tuple[set[int], list[Unit]]:
+    removed: set[int] = set()
+    units = []
+    plans = []
+    for producers, roots in _units(analysis):
+        reason = None
+        if any(p in settings.protect for p in producers):
+            reason = "protected"
+        elif settings.protect_first and analysis.first_layers & set(producers):
+            reason = "first layer (protected by default)"
+        frozen = [r for r in roots if r in analysis.frozen]
+        if reason is None and frozen:
+            reason = f"its channels reach {analysis.frozen[frozen[0]]}, which cannot be pruned safely"
+        ratio = max((settings.ratios.get(p, settings.ratio) for p in producers), default=settings.ratio)
+        plans.append((producers, roots, reason, ratio))
+    if settings.scope == "global":
+        pool = []
+        for producers, roots, reason, _ in plans:
+            if reason is None:
+                mean = np.mean([score[r] for r in roots]) or 1.0
+                pool.extend(score[r] / mean for r in roots)
+        threshold = np.quantile(pool, settings.ratio) if pool else 0.0
+    for producers, roots, reason, ratio in plans:
+        channels = len(roots)
+        if reason is not None or ratio == 0:
+            units.append(Unit(producers, channels, channels, reason or "ratio 0"))
+            continue
+        if settings.scope == "global":
+            mean = np.mean([score[r] for r in roots]) or 1.0
+            drop = sum(1 for r in roots if score[r] / mean < threshold)
+        else:
+            drop = int(channels * ratio)
+        keep = channels - drop
+        keep = min(channels, -(-keep // settings.round_to) * settings.round_to) if channels > settings.round_to else channels
+        keep = max(keep, 1)
+        order = sorted(roots, key=lambda r: score[r])
+        removed.update(order[: channels - keep])
+        units.append(Unit(producers, channels, keep, None if keep < channels else "rounding kept every channel"))
+    return removed, units
+
+
+def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int]) -> onnx.ModelProto:
+    """A copy of ``model`` with the positions of ``removed`` slot roots cut from every tensor."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    constants = {n.output[0]: n for n in out.graph.node if n.op_type == "Constant"}
+    find = analysis.slots.find
+    for param in analysis.params:
+        keep = [i for i, s in enumerate(param.slots) if find(s) not in removed]
+        if len(keep) == len(param.slots):
+            continue
+        if param.name in inits:
+            tensor = inits[param.name]
+            tensor.CopyFrom(numpy_helper.from_array(np.take(numpy_helper.to_array(tensor), keep, axis=param.axis), param.name))
+        else:
+            node = constants[param.name]
+            value = numpy_helper.to_array(_attr(node, "value"))
+            node.ClearField("attribute")
+            node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.take(value, keep, axis=param.axis))))
+    del out.graph.value_info[:]  # shapes inside changed; shape inference recomputes them
+    return out
+
+
+def compensate_biases(model: onnx.ModelProto, original: onnx.ModelProto, analysis: Analysis, removed: set[int],
+                      means: Mapping[str, np.ndarray]) -> int:
+    """Fold each removed channel's mean contribution into its consumer's bias, in place on
+    ``model`` (the pruned copy); weights are read from ``original``. Returns consumers changed."""
+    original_inits = {t.name: t for t in original.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    find = analysis.slots.find
+    changed = 0
+    for node_name, tensor, in_slots, weight, axis in analysis.consumers:
+        gone = [i for i, s in enumerate(in_slots) if find(s) in removed]
+        if not gone:
+            continue
+        node = nodes[node_name]
+        w = numpy_helper.to_array(original_inits[weight]).astype(np.float64)
+        mean = means[tensor][gone]
+        if node.op_type == "Conv":
+            delta = w[:, gone].sum(axis=tuple(range(2, w.ndim))) @ mean  # kernel taps all see the mean
+            bias_axis_len = w.shape[0]
+        else:
+            rows = np.take(w, gone, axis=axis)  # [removed, out] or [out, removed]
+            delta = mean @ rows if axis == 0 else rows @ mean
+            bias_axis_len = delta.shape[0]
+        _add_bias(model, node, delta.astype(np.float32), bias_axis_len, inits)
+        changed += 1
+    return changed
+
+
+def _add_bias(model, node, delta, size, inits) -> None:
+    if node.op_type in ("Conv", "Gemm"):
+        index = 2
+        if len(node.input) > index and node.input[index] in inits:
+            tensor = inits[node.input[index]]
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) + delta.reshape(numpy_helper.to_array(tensor).shape), tensor.name))
+            return
+        name = f"{node.name}_compensation_bias"
+        model.graph.initializer.append(numpy_helper.from_array(delta, name))
+        while len(node.input) < index:
+            node.input.append("")
+        node.input.append(name)
+        return
+    # MatMul: a following Add with a per-channel constant takes it; else insert an Add
+    consumers = [n for n in model.graph.node if node.output[0] in n.input]
+    if len(consumers) == 1 and consumers[0].op_type == "Add":
+        other = [i for i in consumers[0].input if i != node.output[0]]
+        if other and other[0] in inits and list(inits[other[0]].dims) == [size]:
+            tensor = inits[other[0]]
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) + delta, tensor.name))
+            return
+    name = f"{node.name}_compensation_bias"
+    model.graph.initializer.append(numpy_helper.from_array(delta, name))
+    original_output = node.output[0]
+    node.output[0] = f"{original_output}_before_compensation"
+    add = onnx.helper.make_node("Add", [node.output[0], name], [original_output], name=f"{node.name}_compensation")
+    nodes = list(model.graph.node)
+    position = nodes.index(node)
+    model.graph.node.insert(position + 1, add)
+
+
+def macs(model: onnx.ModelProto, dims: Mapping[str, int]) -> int:
+    """Multiply-accumulates of Conv, Gemm and MatMul for one sample, measured by running the
+    model once (batch 1, other symbolic dims from ``dims`` or 8) and reading the real shapes
+    of those nodes' inputs and outputs (static shape inference cannot follow every Reshape)."""
+    from optimizers.quantize import _session, _with_outputs
+    from optimizers.verify import verification_inputs
+
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    if not nodes:
+        return 0
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    wanted = sorted({name for n in nodes for name in (n.input[0], n.input[1], n.output[0]) if name not in inits})
+    sizes = dict(dims)
+    for value in model.graph.input:
+        first = value.type.tensor_type.shape.dim
+        if first and first[0].dim_param:
+            sizes[first[0].dim_param] = 1
+    inputs = verification_inputs(model, sizes)
+    values = dict(zip(wanted, _session(_with_outputs(model, wanted)).run(wanted, inputs)))
+    shape = lambda name: inits[name] if name in inits else values[name].shape  # noqa: E731
+    total = 0
+    for node in nodes:
+        out = shape(node.output[0])
+        if node.op_type == "Conv":
+            total += int(np.prod(out)) * int(np.prod(shape(node.input[1])[1:]))
+        else:
+            a = shape(node.input[0])
+            inner = a[0] if node.op_type == "Gemm" and _attr(node, "transA", 0) else a[-1]
+            total += int(np.prod(out)) * int(inner)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult:
+    model: onnx.ModelProto
+    units: tuple[Unit, ...]
+    parameters: tuple[int, int]
+    macs: tuple[int, int]
+    size_bytes: tuple[int, int]
+    fidelity: dict[str, Any] | None
+    fidelity_without_compensation: dict[str, Any] | None
+    compensated_consumers: int
+    notes: tuple[str, ...]
+
+    @property
+    def modified(self) -> bool:
+        return any(u.kept < u.channels for u in self.units)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("model")
+        return data
+
+
+def _fidelity_dict(reference, candidate, batches) -> dict[str, Any]:
+    from optimizers.quantize import fidelity
+
+    measured = fidelity(reference, candidate, batches)
+    return {"min_mean_cosine": measured.min_mean_cosine, "max_abs_error": max(measured.max_abs_error.values(), default=0.0),
+            "samples": measured.samples}
+
+
+def _resolve_conflicts(analysis: Analysis) -> None:
+    """An initializer cut along one axis for two different slot lists cannot honour both."""
+    seen: dict[tuple[str, int], list[int]] = {}
+    find = analysis.slots.find
+    for param in analysis.params:
+        key = (param.name, param.axis)
+        roots = [find(s) for s in param.slots]
+        if key in seen and seen[key] != roots:
+            for r in roots + seen[key]:
+                analysis.frozen.setdefault(r, f"initializer '{param.name}' shared by differently pruned tensors")
+        seen.setdefault(key, roots)
+
+
+def prune_structured(
+    model: onnx.ModelProto,
+    settings: PruneSettings = PruneSettings(),
+    *,
+    calibration=None,
+    evaluation=None,
+    tokenizer=None,
+    dims: Mapping[str, int] | None = None,
+) -> PruneResult:
+    """Remove channels and neurons as ``settings`` say; ``model`` is not modified.
+
+    Calibration data (any source ``optimizers.calibration`` reads) feeds activation importance
+    and bias compensation; fidelity (lowest per-output mean cosine, max abs error) is measured
+    against the unpruned model on the evaluation data, else the calibration data, else
+    generated inputs. Raises ``UserError`` when nothing can be pruned at a ratio above 0.
+    """
+    from optimizers.calibration import calibration_data
+    from optimizers.verify import verification_inputs
+
+    analysis = analyze(model)
+    _resolve_conflicts(analysis)
+    notes = []
+    calib_batches = None
+    if calibration is not None:
+        calib_batches = list(calibration_data(calibration, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
+    elif settings.importance == "activation":
+        raise UserError("activation importance needs calibration data (--calibration DATA)")
+    if evaluation is not None:
+        eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
+    else:
+        eval_batches = calib_batches or [verification_inputs(model, dims, seed=seed) for seed in range(4)]
+    means = means_abs = None
+    if calib_batches and analysis.consumers:
+        means, means_abs = _channel_stats(model, analysis, calib_batches)
+    score = _importance(model, analysis, None, settings, means_abs)
+    removed, units = _decide(analysis, settings, score)
+    if settings.ratio > 0 and not removed:
+        reasons = "; ".join(f"{'+'.join(u.producers)}: {u.reason}" for u in units[:8]) or "no Conv/Gemm/MatMul layer with weights"
+        raise UserError(f"nothing could be pruned at ratio {settings.ratio}: {reasons}")
+    pruned = apply(model, analysis, removed)
+    without = None
+    compensated = 0
+    if settings.bias_compensation and removed:
+        if means is None:
+            notes.append("bias compensation skipped: it needs calibration data")
+        else:
+            without = _fidelity_dict(model, pruned, eval_batches)
+            compensated = compensate_biases(pruned, model, analysis, removed, means)
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise RuntimeError(f"structured pruning produced an invalid model (a bug): {exc}") from exc
+    from onnxforge.common.summary import count_parameters
+
+    macs_dims = {**(dims or {})}
+    result = PruneResult(
+        model=pruned,
+        units=tuple(units),
+        parameters=(count_parameters(model), count_parameters(pruned)),
+        macs=(macs(model, macs_dims), macs(pruned, macs_dims)),
+        size_bytes=(model.ByteSize(), pruned.ByteSize()),
+        fidelity=_fidelity_dict(model, pruned, eval_batches) if removed else None,
+        fidelity_without_compensation=without,
+        compensated_consumers=compensated,
+        notes=tuple(notes),
+    )
+    logger.info("pruned %d of %d units; parameters %d -> %d; MACs %d -> %d", sum(1 for u in units if u.kept < u.channels),
+                len(units), *result.parameters, *result.macs)
+    return result
