@@ -81,6 +81,8 @@ class Analysis:
     consumers: list[tuple[str, str, list[int], str, int]]  # (node, input tensor, its slots, weight, weight's input axis)
     frozen: dict[int, str]  # slot root -> why it cannot be removed
     first_layers: set[str]
+    flatten_reshapes: list[tuple[str, list[int]]] = dataclasses.field(default_factory=list)  # (target shape, slots)
+    depthwise: list[tuple[str, list[int]]] = dataclasses.field(default_factory=list)  # (Conv node, slots): group follows
 
 
 def _attr(node, name, default=None):
@@ -108,6 +110,8 @@ def analyze(model: onnx.ModelProto) -> Analysis:
     consumers: list[tuple[str, str, list[int], str, int]] = []
     frozen: dict[int, str] = {}
     first_layers: set[str] = set()
+    flatten_reshapes: list[tuple[str, list[int]]] = []
+    depthwise: list[tuple[str, list[int]]] = []
     param_uses = collections.Counter(name for node in graph.node for name in node.input if name in inits)
 
     def freeze(tensor: str, why: str) -> None:
@@ -152,6 +156,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
                 handled = True
             elif ins[0] in tracked and group == w.dims[0] == len(tracked[ins[0]][1]) and w.dims[1] == 1:
                 axis, in_slots = tracked[ins[0]]  # depthwise: channel c in, channel c out
+                depthwise.append((node.name, in_slots))
                 params.append(_Param(weight, 0, in_slots))
                 if len(ins) > 2 and ins[2] in inits:
                     params.append(_Param(ins[2], 0, in_slots))
@@ -214,6 +219,18 @@ def analyze(model: onnx.ModelProto) -> Analysis:
             if shape is not None and all(isinstance(d, int) and d == 1 for d in shape[2:]):
                 tracked[node.output[0]] = (1, tracked[ins[0]][1])
                 handled = True
+        elif live and op == "Reshape" and ins[0] in tracked and tracked[ins[0]][0] == 1 and ins[1] in inits \
+                and param_uses[ins[1]] == 1:
+            # [N, C, 1, 1] -> [N, C] (how global pooling is flattened): channel-preserving, and the
+            # target shape becomes [-1, channels kept] when channels are removed.
+            shape = shape_of(ins[0])
+            target = [int(v) for v in numpy_helper.to_array(inits[ins[1]]).reshape(-1)]
+            channels = len(tracked[ins[0]][1])
+            if (shape is not None and len(target) == 2 and target[0] in (0, -1) and target[1] in (channels, -1)
+                    and all(isinstance(d, int) and d == 1 for d in shape[2:])):
+                flatten_reshapes.append((ins[1], tracked[ins[0]][1]))
+                tracked[node.output[0]] = (1, tracked[ins[0]][1])
+                handled = True
         elif live and op == "Concat" and all(i in tracked for i in ins):
             axes = {tracked[i][0] for i in ins}
             rank = rank_of(ins[0])
@@ -228,7 +245,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
     roots_frozen = {}
     for s, why in frozen.items():
         roots_frozen.setdefault(slots.find(s), why)
-    return Analysis(slots, params, producers, producer_weights, consumers, roots_frozen, first_layers)
+    return Analysis(slots, params, producers, producer_weights, consumers, roots_frozen, first_layers, flatten_reshapes, depthwise)
 
 
 def _binary(node, ins, tracked, inits, params, slots, rank_of) -> bool:
@@ -444,6 +461,15 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int]) -> onnx
             value = numpy_helper.to_array(_attr(node, "value"))
             node.ClearField("attribute")
             node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.take(value, keep, axis=param.axis))))
+    if removed:
+        nodes = {n.name: n for n in out.graph.node}
+        for name, slot_list in analysis.depthwise:  # a depthwise Conv's group is its channel count
+            for attribute in nodes[name].attribute:
+                if attribute.name == "group":
+                    attribute.i = sum(1 for s in slot_list if find(s) not in removed)
+        for name, slot_list in analysis.flatten_reshapes:  # [N, C] -> [-1, C kept]
+            kept = sum(1 for s in slot_list if find(s) not in removed)
+            inits[name].CopyFrom(numpy_helper.from_array(np.array([-1, kept], dtype=np.int64), name))
     del out.graph.value_info[:]  # shapes inside changed; shape inference recomputes them
     return out
 
@@ -471,6 +497,9 @@ def compensate_biases(model: onnx.ModelProto, original: onnx.ModelProto, analysi
             rows = np.take(w, gone, axis=axis)  # [removed, out] or [out, removed]
             delta = mean @ rows if axis == 0 else rows @ mean
             bias_axis_len = delta.shape[0]
+        if node_name in analysis.producers:  # its own output channels may be pruned too
+            kept = [i for i, s in enumerate(analysis.producers[node_name]) if find(s) not in removed]
+            delta, bias_axis_len = delta[kept], len(kept)
         _add_bias(model, node, delta.astype(np.float32), bias_axis_len, inits)
         changed += 1
     return changed
