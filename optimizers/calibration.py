@@ -108,8 +108,12 @@ def _callable_source(spec: str) -> Callable[[], Iterable]:
 def _text_batches(path: Path, tokenizer, specs: list[InputSpec], batch_size: int, seq: int) -> Iterator[dict[str, np.ndarray]]:
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     names = {spec.name: spec for spec in specs}
+    # Pad to the longest line of each batch when the model takes any length, so padding tokens,
+    # whose activations differ from real ones, do not dominate channel statistics.
+    fixed = any(isinstance(spec.dims[1], int) for spec in specs if len(spec.dims) > 1)
+    padding = "max_length" if fixed else "longest"
     for start in range(0, len(lines), batch_size):
-        encoded = tokenizer(lines[start:start + batch_size], padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+        encoded = tokenizer(lines[start:start + batch_size], padding=padding, truncation=True, max_length=seq, return_tensors="np")
         batch = {}
         for name, spec in names.items():
             if name not in encoded:

@@ -658,7 +658,16 @@ def prune_structured(
             notes.append("bias compensation skipped: it needs calibration data")
         else:
             without = _fidelity_dict(model, pruned, eval_batches)
+            uncompensated = onnx.ModelProto()
+            uncompensated.CopyFrom(pruned)
             compensated = compensate_biases(pruned, model, analysis, removed, means)
+            with_it = _fidelity_dict(model, pruned, eval_batches)
+            if with_it["min_mean_cosine"] < without["min_mean_cosine"]:
+                # Mean compensation is optimal for squared error on average, not for every model:
+                # where it lowers the measured fidelity, the uncompensated model is kept.
+                notes.append(f"bias compensation lowered fidelity ({with_it['min_mean_cosine']:.4f} vs "
+                             f"{without['min_mean_cosine']:.4f} without) and was not applied")
+                pruned, compensated = uncompensated, 0
     try:
         onnx.checker.check_model(pruned, full_check=True)
     except onnx.checker.ValidationError as exc:
