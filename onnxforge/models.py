@@ -151,3 +151,34 @@ def train_digits_cnn(width: int = 32, epochs: int = 12, seed: int = 0, lr: float
     with torch.no_grad():
         accuracy = float((model(test_x).argmax(1) == test_y).float().mean())
     return model, accuracy
+
+
+_TRAINED: dict = {}
+
+
+def trained_digits_cnn():
+    """A DigitsCNN trained on the digits training split (cached per process), with 4 example images."""
+    if "cnn" not in _TRAINED:
+        _TRAINED["cnn"] = train_digits_cnn()[0]
+    train_x = digits_split()[0]
+    return _TRAINED["cnn"], train_x[:4]
+
+
+def digits_calibration():
+    """256 training images in batches of 32, as calibration input dicts."""
+    train_x = digits_split()[0][:256].numpy()
+    for start in range(0, len(train_x), 32):
+        yield {"pixels": train_x[start:start + 32]}
+
+
+def digits_evaluation():
+    """The held-out images in batches of 60 (labels not needed for output fidelity)."""
+    test_x = digits_split()[2].numpy()
+    for start in range(0, len(test_x), 60):
+        yield {"pixels": test_x[start:start + 60]}
+
+
+def digits_test_set():
+    """(inputs, labels) of the held-out split, for top-1 accuracy."""
+    _, _, test_x, test_y = digits_split()
+    return {"pixels": test_x.numpy()}, test_y.numpy()

@@ -1,0 +1,183 @@
+"""Deployment packages: the model, a manifest with checksums and measured figures, a model card,
+and reference inputs/outputs that ``verify_package`` replays."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxforge.common.errors import UserError
+from onnxforge.common.fileio import ensure_writable_dir
+from onnxforge.common.onnxio import files_of, load_onnx
+from onnxforge.common.summary import summarize
+
+MANIFEST_VERSION = 1
+# A packaged model replayed on its reference inputs must reproduce its reference outputs within
+# this (scaled to each output's magnitude): tight for the same build, loose enough for another CPU.
+SMOKE_RTOL = 1e-3
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _min_ort_version(opsets: dict[str, int]) -> str:
+    """Smallest ONNX Runtime release that runs the default-domain opset (its compatibility table)."""
+    table = {17: "1.13", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
+    opset = opsets.get("ai.onnx", 17)
+    return table.get(opset, "1.13" if opset < 17 else "1.22")
+
+
+def write_package(
+    folder: str | Path,
+    model_path: str | Path,
+    *,
+    reference_inputs: dict[str, np.ndarray],
+    transforms: list[dict[str, Any]],
+    measurements: dict[str, Any],
+    source: dict[str, Any],
+    recommended: dict[str, Any],
+    name: str,
+    make_zip: bool = False,
+) -> Path:
+    """Write the package folder atomically: it appears complete, or the old one stays."""
+    import onnxruntime as ort
+
+    folder = Path(folder)
+    ensure_writable_dir(folder.parent, "package")
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model_files = files_of(model_path)
+        for f in model_files:
+            shutil.copy2(f, staging / ("model.onnx" if f == model_files[0] else f.name))
+        session = ort.InferenceSession(str(staging / "model.onnx"), providers=["CPUExecutionProvider"])
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, reference_inputs)))
+        np.savez(staging / "reference.npz", **{f"input:{k}": v for k, v in reference_inputs.items()},
+                 **{f"output:{k}": v for k, v in outputs.items()})
+        summary = summarize(staging / "model.onnx")
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "name": name,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": "model.onnx",
+            "inputs": [dataclasses.asdict(t) for t in summary.inputs],
+            "outputs": [dataclasses.asdict(t) for t in summary.outputs],
+            "opsets": summary.opsets,
+            "min_onnxruntime_version": _min_ort_version(summary.opsets),
+            "recommended": recommended,
+            "transforms": transforms,
+            "source": source,
+            "measured": measurements,
+            "tool_versions": _versions(),
+            "smoke_test": {"file": "reference.npz", "rtol": SMOKE_RTOL},
+        }
+        (staging / "README.md").write_text(_model_card(manifest, summary), encoding="utf-8")
+        files = sorted(p.name for p in staging.iterdir())
+        manifest["files"] = {f: {"sha256": sha256(staging / f), "bytes": (staging / f).stat().st_size} for f in files}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if make_zip:
+        archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
+        return Path(archive)
+    return folder
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    versions = {}
+    for package in ("onnxforge", "onnxruntime", "onnx", "torch", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _model_card(manifest: dict, summary) -> str:
+    measured = manifest["measured"]
+    lines = [
+        f"# {manifest['name']}",
+        "",
+        f"ONNX model packaged by onnxforge on {manifest['created_utc']}.",
+        "",
+        "## Interface",
+        *(f"- input `{t.name}`: {t.dtype} {list(t.shape)}" for t in summary.inputs),
+        *(f"- output `{t.name}`: {t.dtype} {list(t.shape)}" for t in summary.outputs),
+        "",
+        f"Opsets {manifest['opsets']}; needs ONNX Runtime >= {manifest['min_onnxruntime_version']}. "
+        f"Recommended: {manifest['recommended']}.",
+        "",
+        "## How it was made",
+        f"Source: {manifest['source']}.",
+        *(f"- {t['step']}: {json.dumps(t.get('settings', {}), default=str)}" for t in manifest["transforms"]),
+        "",
+        "## Measured",
+        f"{json.dumps(measured, indent=2, default=str)}",
+        "",
+        "Check this package: `onnxforge verify-package .` (checksums, then a smoke inference against reference.npz).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class PackageCheck:
+    files_checked: int
+    max_error: float
+
+
+def verify_package(folder: str | Path) -> PackageCheck:
+    """Checksums of every file, then the model replayed on the reference inputs."""
+    import onnxruntime as ort
+
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(f"'{folder}' is not an onnxforge package (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"manifest.json in '{folder}' is not valid JSON: {exc}") from None
+    for name, info in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"package file '{name}' is missing")
+        if sha256(path) != info["sha256"]:
+            raise UserError(f"package file '{name}' was changed: its sha256 does not match the manifest")
+    load_onnx(folder / manifest["model"])
+    with np.load(folder / manifest["smoke_test"]["file"]) as data:
+        inputs = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
+        expected = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("output:")}
+    session = ort.InferenceSession(str(folder / manifest["model"]), providers=["CPUExecutionProvider"])
+    actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
+    worst = 0.0
+    for name, reference in expected.items():
+        scale = float(np.max(np.abs(reference))) or 1.0
+        error = float(np.max(np.abs(actual[name].astype(np.float64) - reference))) / scale
+        worst = max(worst, error)
+        if error > manifest["smoke_test"]["rtol"]:
+            raise UserError(f"smoke inference of output '{name}' differs from the reference by {error:.3g} "
+                            f"of its range (allowed {manifest['smoke_test']['rtol']})")
+    return PackageCheck(len(manifest.get("files", {})), worst)

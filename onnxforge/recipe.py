@@ -1,0 +1,150 @@
+"""Recipes: the TOML file that says what ``onnxforge run`` does, validated before any work.
+
+Every key is checked: an unknown one is named with the closest known key, a value of the wrong
+type is named with the type expected. ``--set section.key=value`` overrides go through the same
+checks. See README "Recipes" for the format.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from onnxforge.common.errors import UserError, closest
+
+# section -> key -> accepted Python types (a list type means "list of these")
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "model": {"source": (str,), "hf": (str,), "task": (str,), "onnx": (str,), "exporter": (str,), "opset": (int,),
+              "inputs": (list,), "dims": (dict,), "rtol": (float, int), "atol": (float, int)},
+    "data": {"calibration": (str,), "evaluation": (str,), "tokenizer": (str,), "dims": (dict,)},
+    "optimize": {"enabled": (bool,), "level": (str,), "target": (str,), "fusions": (str,)},
+    "select": {"min_cosine": (float, int), "metric": (str,), "min_accuracy": (float, int)},
+    "benchmark": {"enabled": (bool,), "batch": (list, int), "dims": (dict,), "threads": (int,), "min_seconds": (float, int),
+                  "min_runs": (int,), "provider": (str,)},
+    "package": {"enabled": (bool,), "zip": (bool,), "name": (str,)},
+}
+CANDIDATE_KEYS = {"name": (str,), "prune": (dict,), "quantize": (dict,)}
+PRUNE_KEYS = {"ratio": (float, int), "importance": (str,), "scope": (str,), "bias_compensation": (bool,), "round_to": (int,),
+              "protect_first": (bool,)}
+QUANTIZE_KEYS = {"mode": (str,), "format": (str,), "per_channel": (bool,), "reduce_range": (bool,), "weight_type": (str,),
+                 "activation_type": (str,), "calibration_method": (str,), "accuracy_target": (float, int),
+                 "max_float_nodes": (int,), "op_types": (list,)}
+TOP_LEVEL = set(SCHEMA) | {"candidates", "name"}
+
+
+def _check_table(table: dict, schema: dict, where: str) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            raise UserError(f"unknown key '{key}' in {where}{closest(key, schema)}; known keys: {', '.join(sorted(schema))}")
+        types = schema[key]
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise UserError(f"'{where}.{key}' must be {names}, got {type(value).__name__} {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A validated recipe; ``data`` is the plain dict, ``base`` the folder relative paths are in."""
+
+    data: dict[str, Any]
+    base: Path
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.data.get(name, {}))
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("name", "model"))
+
+    @property
+    def candidates(self) -> list[dict[str, Any]]:
+        return [dict(c) for c in self.data.get("candidates", [{"name": "fp32"}])]
+
+    def path(self, value: str | None) -> str | None:
+        """A data path relative to the recipe's folder (module specs and 'random' pass through)."""
+        if value is None or value == "random" or (":" in value and not Path(value).suffix == ".py" and not (self.base / value).exists()):
+            return value
+        candidate = Path(value)
+        return str(candidate if candidate.is_absolute() else self.base / candidate)
+
+    def fingerprint(self, *sections: str) -> str:
+        return json.dumps({s: self.data.get(s) for s in sections}, sort_keys=True, default=str)
+
+
+def validate(data: dict[str, Any]) -> None:
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise UserError(f"unknown recipe section '{key}'{closest(key, TOP_LEVEL)}; known: {', '.join(sorted(TOP_LEVEL))}")
+    for section, schema in SCHEMA.items():
+        if section in data:
+            if not isinstance(data[section], dict):
+                raise UserError(f"recipe section '{section}' must be a table ([{section}])")
+            _check_table(data[section], schema, section)
+    model = data.get("model", {})
+    sources = [k for k in ("source", "hf", "onnx") if k in model]
+    if len(sources) != 1:
+        raise UserError("the [model] section needs exactly one of source = 'pkg.module:factory' (or file.py:factory, "
+                        f"file.pt), hf = 'HF_FOLDER', onnx = 'model.onnx'; it has {sources or 'none'}")
+    candidates = data.get("candidates", [{"name": "fp32"}])
+    if not isinstance(candidates, list) or not candidates:
+        raise UserError("'candidates' must be a non-empty array of tables ([[candidates]])")
+    names = []
+    for index, candidate in enumerate(candidates):
+        where = f"candidates[{index}]"
+        if not isinstance(candidate, dict) or "name" not in candidate:
+            raise UserError(f"{where} needs a name")
+        _check_table(candidate, CANDIDATE_KEYS, where)
+        _check_table(candidate.get("prune", {}), PRUNE_KEYS, f"{where}.prune")
+        _check_table(candidate.get("quantize", {}), QUANTIZE_KEYS, f"{where}.quantize")
+        names.append(candidate["name"])
+    if len(set(names)) != len(names):
+        raise UserError(f"candidate names must be unique: {names}")
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``section.key=value`` (TOML values; bare words are strings) replace recipe values."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2:
+            raise UserError(f"malformed --set {item!r}: expected SECTION.KEY=VALUE, e.g. select.min_cosine=0.995")
+        section, name = parts
+        if section not in SCHEMA:
+            raise UserError(f"unknown recipe section '{section}' in --set {item!r}{closest(section, SCHEMA)}")
+        data.setdefault(section, {})[name] = _parse_value(value.strip())
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe '{path}' does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"recipe '{path}' is not valid TOML: {exc}") from None
+    data = apply_overrides(data, overrides or [])
+    validate(data)
+    return Recipe(data, path.parent.resolve())
+
+
+def recipe_from_dict(data: dict[str, Any], base: str | Path = ".", overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(data, overrides or [])
+    validate(data)
+    return Recipe(data, Path(base).resolve())
