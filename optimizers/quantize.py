@@ -391,7 +391,9 @@ def node_sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, c
     float model, same inputs) minus the largest ``1 - cos`` among its float inputs, so a node
     downstream of a bad one is not blamed for the error it received."""
     float_names = {o for node in float_model.graph.node for o in node.output}
-    probes = sorted({name for node in candidates for name in [node.output[0], *node.input] if name in float_names})
+    # The data path only: each node's first input and first output (other inputs are weights,
+    # biases or integer masks, e.g. the mask index of EmbedLayerNormalization).
+    probes = sorted({name for node in candidates for name in (node.output[0], node.input[0]) if name in float_names})
     quantized_values = {o for node in quantized.graph.node for o in node.output} | {i.name for i in quantized.graph.input}
     probes = [p for p in probes if p in quantized_values]
     reference = _session(_with_outputs(float_model, probes))
@@ -406,7 +408,7 @@ def node_sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, c
     mean = {name: float(np.mean(values)) for name, values in distance.items()}
     scores = []
     for node in candidates:
-        added = mean.get(node.output[0], 0.0) - max((mean.get(i, 0.0) for i in node.input), default=0.0)
+        added = mean.get(node.output[0], 0.0) - mean.get(node.input[0], 0.0)
         scores.append((node.name, max(added, 0.0)))
     return sorted(scores, key=lambda pair: -pair[1])
 
