@@ -360,7 +360,6 @@ def run_pipeline(recipe: Recipe | str | Path, out: str | Path, *, overrides: lis
     eligible = [r for r in rows if r.meets_budget]
     selected = min(eligible, key=lambda r: r.p50_ms if bench else -r.cosine).name if eligible else None
     _pareto_plot(rows, selected, out / "pareto.png")
-    (out / "candidates.txt").write_text("", encoding="utf-8")
     package = None
     package_settings = recipe.section("package")
     if selected is None:
