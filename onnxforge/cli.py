@@ -403,6 +403,57 @@ def _demo_command(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- distill
+
+
+def _distill_command(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from exporter import export, load_model_source
+    from exporter.sources import _import_callable
+    from onnxforge.common.fileio import atomic_path
+    from onnxforge.progress import ProgressBar
+    from optimizers.distill import DistillSettings, distill
+
+    features = {}
+    for item in args.feature or []:
+        student_layer, sep, teacher_layer = item.partition("=")
+        if not sep or not student_layer or not teacher_layer:
+            raise UserError(f"malformed --feature {item!r}: expected STUDENT_LAYER=TEACHER_LAYER")
+        features[student_layer] = teacher_layer
+    settings = DistillSettings(epochs=args.epochs, temperature=args.temperature, alpha=args.alpha, lr=args.lr, loss=args.loss,
+                               features=features, patience=args.patience, seed=args.seed)
+    teacher = load_model_source(args.teacher).module
+    student_source = load_model_source(args.student)
+    data = _import_callable(args.data)
+    eval_data = _import_callable(args.eval_data) if args.eval_data else None
+    bar = ProgressBar("distill") if not args.quiet else None
+    try:
+        result = distill(teacher, student_source.module, data, settings, eval_data=eval_data, progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    with atomic_path(Path(args.out)) as staged:
+        torch.save(result.student, staged)
+    print(f"student written to {args.out} (best epoch {result.best_epoch} of {len(result.history)})")
+    for h in result.history:
+        print(f"  epoch {h.epoch:>3}: loss {h.train_loss:.4f}"
+              + (f", eval accuracy {h.eval_accuracy:.4f}" if h.eval_accuracy is not None else "")
+              + (f", agreement with teacher {h.eval_agreement:.4f}" if h.eval_agreement is not None else ""))
+    if result.student_accuracy is not None:
+        print(f"teacher accuracy {result.teacher_accuracy:.4f}, student accuracy {result.student_accuracy:.4f}")
+    if args.export:
+        example = student_source.example_inputs
+        if example is None:
+            first = next(iter(data() if callable(data) else data))
+            example = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else first
+        exported = export(result.student, example, args.export)
+        print(f"student exported to {exported.path} with the {exported.exporter} exporter, validated at two shapes")
+    return 0
+
+
 # ---------------------------------------------------------------- run and verify-package
 
 
@@ -549,6 +600,23 @@ def build_parser() -> argparse.ArgumentParser:
     tune_parser.add_argument("model", help="the ONNX file")
     _add_measure_flags(tune_parser)
     tune_parser.set_defaults(func=_tune_command)
+
+    dist = sub.add_parser("distill", help="train a small student from a large teacher (PyTorch), then export it")
+    dist.add_argument("--teacher", required=True, help="pkg.module:factory, file.py:factory or file.pt")
+    dist.add_argument("--student", required=True, help="pkg.module:factory, file.py:factory or file.pt (trained in place)")
+    dist.add_argument("--data", required=True, help="pkg.module:function returning (inputs, labels) batches, or inputs alone")
+    dist.add_argument("--eval-data", help="pkg.module:function for per-epoch evaluation and early stopping")
+    dist.add_argument("--epochs", type=int, default=10)
+    dist.add_argument("--temperature", type=float, default=4.0)
+    dist.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target loss (the rest: labels)")
+    dist.add_argument("--lr", type=float, default=3e-3)
+    dist.add_argument("--loss", choices=("kl", "mse"), default="kl")
+    dist.add_argument("--feature", action="append", metavar="STUDENT_LAYER=TEACHER_LAYER", help="also match these layers' outputs")
+    dist.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping (with --eval-data)")
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--out", default="student.pt", help="where to torch.save the trained student (default student.pt)")
+    dist.add_argument("--export", metavar="ONNX", help="also export the student to this ONNX file")
+    dist.set_defaults(func=_distill_command)
 
     run = sub.add_parser("run", help="run a recipe: export, optimize, candidates, benchmark, select, package")
     run.add_argument("recipe", help="the recipe TOML file")

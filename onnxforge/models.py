@@ -182,3 +182,30 @@ def digits_test_set():
     """(inputs, labels) of the held-out split, for top-1 accuracy."""
     _, _, test_x, test_y = digits_split()
     return {"pixels": test_x.numpy()}, test_y.numpy()
+
+
+def digits_teacher():
+    """A wide DigitsCNN (width 64) trained on the digits training split: a distillation teacher."""
+    if "teacher" not in _TRAINED:
+        _TRAINED["teacher"] = train_digits_cnn(width=64, epochs=12)[0]
+    return _TRAINED["teacher"], digits_split()[0][:4]
+
+
+def digits_student():
+    """An untrained narrow DigitsCNN (width 8), seeded: a distillation student."""
+    torch.manual_seed(0)
+    return DigitsCNN(width=8), digits_split()[0][:4]
+
+
+def digits_train_batches():
+    """The digits training split in shuffled (seeded) batches of 64: (images, labels)."""
+    train_x, train_y, _, _ = digits_split()
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
+    for index in order.split(64):
+        yield train_x[index], train_y[index]
+
+
+def digits_test_batches():
+    """The held-out digits as one (images, labels) batch."""
+    _, _, test_x, test_y = digits_split()
+    yield test_x, test_y

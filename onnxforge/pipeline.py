@@ -123,9 +123,34 @@ def _source_hash(model: dict[str, Any], recipe: Recipe) -> str:
     return sha256(Path(spec.origin)) if spec and spec.origin and os.path.isfile(spec.origin) else target
 
 
-def _export_step(recipe: Recipe, steps: _Steps) -> StepRecord:
+def _distill_step(recipe: Recipe, steps: _Steps) -> StepRecord:
+    """Train the [model] source (the student) from [distill] teacher; writes student.pt."""
+    settings = recipe.section("distill")
     model = recipe.section("model")
-    key = _hash("export", recipe.fingerprint("model"), _source_hash(model, recipe))
+    key = _hash("distill", settings, recipe.fingerprint("model"), _source_hash(model, recipe),
+                _source_hash({"source": settings["teacher"]}, recipe))
+
+    def produce(folder: Path):
+        import torch
+
+        from exporter import load_model_source
+        from exporter.sources import _import_callable
+        from optimizers.distill import DistillSettings, distill
+
+        options = {k: settings[k] for k in ("epochs", "temperature", "alpha", "lr", "loss", "patience", "seed") if k in settings}
+        teacher = load_model_source(settings["teacher"]).module
+        student = load_model_source(model["source"]).module
+        eval_data = _import_callable(settings["eval_data"]) if "eval_data" in settings else None
+        result = distill(teacher, student, _import_callable(settings["data"]), DistillSettings(**options), eval_data=eval_data)
+        torch.save(result.student, folder / "student.pt")
+        return "student.pt", result.to_dict()
+
+    return steps.run("distill", key, produce)
+
+
+def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = None) -> StepRecord:
+    model = recipe.section("model")
+    key = _hash("export", recipe.fingerprint("model"), _source_hash(model, recipe), sha256(student.artifact) if student else None)
 
     def produce(folder: Path):
         if "onnx" in model:
@@ -146,6 +171,10 @@ def _export_step(recipe: Recipe, steps: _Steps) -> StepRecord:
             loaded = load_model_source(recipe.path(source.rpartition(":")[0]) + ":" + source.rpartition(":")[2]
                                        if source.rpartition(":")[0].endswith(".py") else
                                        (recipe.path(source) if source.endswith((".pt", ".pth", ".ts")) else source))
+        if student is not None:  # the distilled weights, the factory's example inputs
+            import torch
+
+            loaded.module = torch.load(str(student.artifact), map_location="cpu", weights_only=False)
         names = None
         axes = "auto"
         example = loaded.example_inputs
@@ -352,7 +381,8 @@ def run_pipeline(recipe: Recipe | str | Path, out: str | Path, *, overrides: lis
         recipe = load_recipe(recipe, overrides)
     out = ensure_writable_dir(Path(out))
     steps = _Steps(out, force)
-    exported = _export_step(recipe, steps)
+    student = _distill_step(recipe, steps) if "distill" in recipe.data else None
+    exported = _export_step(recipe, steps, student)
     base = _optimize_step(recipe, steps, exported)
     candidates = {c["name"]: _candidate_step(recipe, steps, c, base, exported) for c in recipe.candidates}
     bench = _benchmark_step(recipe, steps, candidates) if recipe.section("benchmark").get("enabled", True) else None
@@ -373,7 +403,8 @@ def run_pipeline(recipe: Recipe | str | Path, out: str | Path, *, overrides: lis
         package = write_package(
             out / package_settings.get("name", "package"), chosen.artifact,
             reference_inputs=reference_inputs,
-            transforms=[{"step": "export", "settings": recipe.section("model")}]
+            transforms=([{"step": "distill", "settings": recipe.section("distill"), "result": student.report}] if student else [])
+            + [{"step": "export", "settings": recipe.section("model")}]
             + ([{"step": "optimize", "settings": recipe.section("optimize")}] if base is not exported else [])
             + chosen.report.get("transforms", []),
             measurements={"latency_p50_ms": row.p50_ms, "speedup_vs_first_candidate": row.speedup,

@@ -26,6 +26,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "benchmark": {"enabled": (bool,), "batch": (list, int), "dims": (dict,), "threads": (int,), "min_seconds": (float, int),
                   "min_runs": (int,), "provider": (str,)},
     "package": {"enabled": (bool,), "zip": (bool,), "name": (str,)},
+    "distill": {"teacher": (str,), "data": (str,), "eval_data": (str,), "epochs": (int,), "temperature": (float, int),
+                "alpha": (float, int), "lr": (float,), "loss": (str,), "patience": (int,), "seed": (int,)},
 }
 CANDIDATE_KEYS = {"name": (str,), "prune": (dict,), "quantize": (dict,)}
 PRUNE_KEYS = {"ratio": (float, int), "importance": (str,), "scope": (str,), "bias_compensation": (bool,), "round_to": (int,),
@@ -88,6 +90,11 @@ def validate(data: dict[str, Any]) -> None:
             if not isinstance(data[section], dict):
                 raise UserError(f"recipe section '{section}' must be a table ([{section}])")
             _check_table(data[section], schema, section)
+    if "distill" in data and not {"teacher", "data"} <= set(data["distill"]):
+        raise UserError("the [distill] section needs teacher = 'pkg.module:factory' and data = 'pkg.module:function'; "
+                        "[model] source is the student")
+    if "distill" in data and "source" not in data.get("model", {}):
+        raise UserError("with [distill], [model] source must name the student factory")
     model = data.get("model", {})
     sources = [k for k in ("source", "hf", "onnx") if k in model]
     if len(sources) != 1:

@@ -169,6 +169,6 @@ def test_missing_model_and_bad_override(recipe_dir, capsys):
 def test_examples_parse():
     from onnxforge.demo import DEMO_RECIPES, EXAMPLES
 
-    for name in DEMO_RECIPES:
+    for name in (*DEMO_RECIPES, "digits_distill.toml"):
         recipe = load_recipe(EXAMPLES / name)
         assert recipe.candidates and recipe.section("model")
