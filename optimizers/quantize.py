@@ -36,7 +36,7 @@ from onnxforge.common.errors import UserError, closest
 from onnxforge.common.onnxio import load_onnx, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData, calibration_data, ort_reader
-from optimizers.verify import verification_inputs
+from optimizers.verify import ort_session, verification_inputs, with_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -335,17 +335,6 @@ def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Seque
 # ---------------------------------------------------------------- fidelity and sensitivity
 
 
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise UserError(f"ONNX Runtime cannot load the model: {str(exc).strip()[:300]}") from None
-
-
 def _row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     r = reference.reshape(reference.shape[0], -1).astype(np.float64) if reference.ndim else reference.reshape(1, -1).astype(np.float64)
     c = candidate.reshape(r.shape).astype(np.float64)
@@ -359,7 +348,7 @@ def _row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
 
 def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> Fidelity:
     """Mean per-sample cosine and max abs error of every output, over ``batches``."""
-    reference, candidate = _session(float_model), _session(quantized)
+    reference, candidate = ort_session(float_model), ort_session(quantized)
     names = [o.name for o in reference.get_outputs()]
     cosines = {n: [] for n in names}
     errors = {n: 0.0 for n in names}
@@ -375,16 +364,6 @@ def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: 
     return Fidelity({n: float(np.mean(v)) for n, v in cosines.items() if v}, {n: errors[n] for n in names if cosines[n]}, samples)
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    existing = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in existing:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return out
-
-
 def node_sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: Sequence[onnx.NodeProto],
                      batches: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[str, float]]:
     """Error each quantized node adds, most first: ``1 - cos`` of its output (quantized vs
@@ -396,8 +375,8 @@ def node_sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, c
     probes = sorted({name for node in candidates for name in (node.output[0], node.input[0]) if name in float_names})
     quantized_values = {o for node in quantized.graph.node for o in node.output} | {i.name for i in quantized.graph.input}
     probes = [p for p in probes if p in quantized_values]
-    reference = _session(_with_outputs(float_model, probes))
-    candidate = _session(_with_outputs(quantized, probes))
+    reference = ort_session(with_outputs(float_model, probes))
+    candidate = ort_session(with_outputs(quantized, probes))
     distance = collections.defaultdict(list)
     for batch in batches:
         ref = dict(zip(probes, reference.run(probes, dict(batch))))

@@ -375,10 +375,10 @@ def _importance(model, analysis: Analysis, roots_of_units, settings: PruneSettin
 
 def _channel_stats(model, analysis: Analysis, batches) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Mean and mean |x| per channel of every tensor a consumer reads, over ``batches``."""
-    from optimizers.quantize import _session, _with_outputs
+    from optimizers.verify import ort_session, with_outputs
 
     tensors = sorted({consumer[1] for consumer in analysis.consumers})
-    session = _session(_with_outputs(model, tensors))
+    session = ort_session(with_outputs(model, tensors))
     sums = {t: None for t in tensors}
     abs_sums = {t: None for t in tensors}
     counts = {t: 0 for t in tensors}
@@ -540,7 +540,7 @@ def macs(model: onnx.ModelProto, dims: Mapping[str, int]) -> int:
     """Multiply-accumulates of Conv, Gemm and MatMul for one sample, measured by running the
     model once (batch 1, other symbolic dims from ``dims`` or 8) and reading the real shapes
     of those nodes' inputs and outputs (static shape inference cannot follow every Reshape)."""
-    from optimizers.quantize import _session, _with_outputs
+    from optimizers.verify import ort_session, with_outputs
     from optimizers.verify import verification_inputs
 
     nodes = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
@@ -554,7 +554,7 @@ def macs(model: onnx.ModelProto, dims: Mapping[str, int]) -> int:
         if first and first[0].dim_param:
             sizes[first[0].dim_param] = 1
     inputs = verification_inputs(model, sizes)
-    values = dict(zip(wanted, _session(_with_outputs(model, wanted)).run(wanted, inputs)))
+    values = dict(zip(wanted, ort_session(with_outputs(model, wanted)).run(wanted, inputs)))
     shape = lambda name: inits[name] if name in inits else values[name].shape  # noqa: E731
     total = 0
     for node in nodes:

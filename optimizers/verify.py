@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -56,4 +56,27 @@ def compare_models(reference_outputs: Mapping[str, np.ndarray], candidate: onnx.
     return compare_outputs({n: reference_outputs[n] for n in shared}, {n: to_float(outputs[n]) for n in shared}, tolerance)
 
 
-__all__ = ["DTYPES", "compare_models", "run_model", "verification_inputs"]
+def ort_session(model: onnx.ModelProto):
+    """An ONNX Runtime CPU session with default optimizations (what a deployment runs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise UserError(f"ONNX Runtime cannot load the model: {str(exc).strip()[:300]}") from None
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the named float tensors (to read activations)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in existing:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+__all__ = ["DTYPES", "compare_models", "ort_session", "run_model", "verification_inputs", "with_outputs"]
