@@ -651,7 +651,7 @@ def prune_structured(
         reasons = "; ".join(f"{'+'.join(u.producers)}: {u.reason}" for u in units[:8]) or "no Conv/Gemm/MatMul layer with weights"
         raise UserError(f"nothing could be pruned at ratio {settings.ratio}: {reasons}")
     pruned = apply(model, analysis, removed)
-    without = None
+    without = measured = None
     compensated = 0
     if settings.bias_compensation and removed:
         if means is None:
@@ -661,13 +661,13 @@ def prune_structured(
             uncompensated = onnx.ModelProto()
             uncompensated.CopyFrom(pruned)
             compensated = compensate_biases(pruned, model, analysis, removed, means)
-            with_it = _fidelity_dict(model, pruned, eval_batches)
+            with_it = measured = _fidelity_dict(model, pruned, eval_batches)
             if with_it["min_mean_cosine"] < without["min_mean_cosine"]:
                 # Mean compensation is optimal for squared error on average, not for every model:
                 # where it lowers the measured fidelity, the uncompensated model is kept.
                 notes.append(f"bias compensation lowered fidelity ({with_it['min_mean_cosine']:.4f} vs "
                              f"{without['min_mean_cosine']:.4f} without) and was not applied")
-                pruned, compensated = uncompensated, 0
+                pruned, compensated, measured = uncompensated, 0, without
     try:
         onnx.checker.check_model(pruned, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -681,7 +681,7 @@ def prune_structured(
         parameters=(count_parameters(model), count_parameters(pruned)),
         macs=(macs(model, macs_dims), macs(pruned, macs_dims)),
         size_bytes=(model.ByteSize(), pruned.ByteSize()),
-        fidelity=_fidelity_dict(model, pruned, eval_batches) if removed else None,
+        fidelity=(measured or _fidelity_dict(model, pruned, eval_batches)) if removed else None,
         fidelity_without_compensation=without,
         compensated_consumers=compensated,
         notes=tuple(notes),

@@ -90,6 +90,16 @@ def test_full_recipe_end_to_end(recipe_dir):
     assert verify_package(result.package).files_checked == 3
 
 
+def test_package_zip(recipe_dir):
+    result = pipeline.run_pipeline(recipe_dir / "recipe.toml", recipe_dir / "out", overrides=["package.zip=true"])
+    import zipfile
+
+    assert result.package.suffix == ".zip"
+    with zipfile.ZipFile(result.package) as archive:
+        assert {"model.onnx", "manifest.json", "README.md", "reference.npz"} <= set(archive.namelist())
+    assert verify_package(recipe_dir / "out" / "package").files_checked == 3
+
+
 def test_rerun_hits_cache_and_changes_miss(recipe_dir):
     pipeline.run_pipeline(recipe_dir / "recipe.toml", recipe_dir / "out")
     again = pipeline.run_pipeline(recipe_dir / "recipe.toml", recipe_dir / "out")
