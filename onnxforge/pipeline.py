@@ -138,8 +138,8 @@ def _distill_step(recipe: Recipe, steps: _Steps) -> StepRecord:
         from optimizers.distill import DistillSettings, distill
 
         options = {k: settings[k] for k in ("epochs", "temperature", "alpha", "lr", "loss", "patience", "seed") if k in settings}
-        teacher = load_model_source(settings["teacher"]).module
-        student = load_model_source(model["source"]).module
+        teacher = load_model_source(recipe.source(settings["teacher"])).module
+        student = load_model_source(recipe.source(model["source"])).module
         eval_data = _import_callable(settings["eval_data"]) if "eval_data" in settings else None
         result = distill(teacher, student, _import_callable(settings["data"]), DistillSettings(**options), eval_data=eval_data)
         torch.save(result.student, folder / "student.pt")
@@ -168,9 +168,7 @@ def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = Non
                                    batch=dims.get("batch", 2), seq=dims.get("seq", 16))
         else:
             source = model["source"]
-            loaded = load_model_source(recipe.path(source.rpartition(":")[0]) + ":" + source.rpartition(":")[2]
-                                       if source.rpartition(":")[0].endswith(".py") else
-                                       (recipe.path(source) if source.endswith((".pt", ".pth", ".ts")) else source))
+            loaded = load_model_source(recipe.source(source))
         if student is not None:  # the distilled weights, the factory's example inputs
             import torch
 

@@ -77,6 +77,16 @@ class Recipe:
         candidate = Path(value)
         return str(candidate if candidate.is_absolute() else self.base / candidate)
 
+    def source(self, spec: str) -> str:
+        """A model source with its file part (``file.py:factory``, ``model.pt``) made relative
+        to the recipe's folder; ``pkg.module:factory`` passes through."""
+        target, sep, attr = spec.rpartition(":")
+        if sep and target.endswith(".py"):
+            return f"{self.path(target)}:{attr}"
+        if spec.endswith((".pt", ".pth", ".ts", ".jit")):
+            return self.path(spec)
+        return spec
+
     def fingerprint(self, *sections: str) -> str:
         return json.dumps({s: self.data.get(s) for s in sections}, sort_keys=True, default=str)
 

@@ -194,7 +194,7 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
                 raise UserError(
                     f"step '{name}' changed the model's outputs beyond rtol={tolerance.rtol:g}, atol={tolerance.atol:g}: "
                     + "; ".join(f.describe() for f in comparison.failures())
-                    + f". Disable it (e.g. --no-fusions or --level basic) or loosen --rtol/--atol"
+                    + ". Disable it (e.g. --no-fusions or --level basic) or loosen --rtol/--atol"
                 )
             if kind == "fp16" and comparison.min_cosine < settings.fp16_min_cosine:
                 raise UserError(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,6 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
-from optimizers.result import PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +350,7 @@ def _units(analysis: Analysis) -> list[tuple[tuple[str, ...], list[int]]]:
     return [(tuple(names), list(key)) for key, names in by_roots.items()]
 
 
-def _importance(model, analysis: Analysis, roots_of_units, settings: PruneSettings, means_abs) -> dict[int, float]:
+def _importance(model, analysis: Analysis, settings: PruneSettings, means_abs) -> dict[int, float]:
     inits = {t.name: t for t in model.graph.initializer}
     score: dict[int, float] = collections.defaultdict(float)
     find = analysis.slots.find
@@ -364,7 +363,7 @@ def _importance(model, analysis: Analysis, roots_of_units, settings: PruneSettin
             for s, value in zip(out, norms):
                 score[find(s)] += float(value)
         return score
-    for node_name, tensor, in_slots, weight, axis in analysis.consumers:
+    for _, tensor, in_slots, weight, axis in analysis.consumers:
         w = numpy_helper.to_array(inits[weight]).astype(np.float64)
         w = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
         column_norms = np.sqrt((w * w).sum(1))
@@ -418,7 +417,7 @@ def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]
         plans.append((producers, roots, reason, ratio))
     if settings.scope == "global":
         pool = []
-        for producers, roots, reason, _ in plans:
+        for _, roots, reason, _ in plans:
             if reason is None:
                 mean = np.mean([score[r] for r in roots]) or 1.0
                 pool.extend(score[r] / mean for r in roots)
@@ -645,7 +644,7 @@ def prune_structured(
     means = means_abs = None
     if calib_batches and analysis.consumers:
         means, means_abs = _channel_stats(model, analysis, calib_batches)
-    score = _importance(model, analysis, None, settings, means_abs)
+    score = _importance(model, analysis, settings, means_abs)
     removed, units = _decide(analysis, settings, score)
     if settings.ratio > 0 and not removed:
         reasons = "; ".join(f"{'+'.join(u.producers)}: {u.reason}" for u in units[:8]) or "no Conv/Gemm/MatMul layer with weights"

@@ -247,7 +247,7 @@ def test_optimize_reports_every_step_and_verifies(tiny_bert):
 
 
 def test_a_step_beyond_tolerance_is_an_error_naming_it(tmp_path, monkeypatch):
-    cnn = _conv_bn_relu(tmp_path)
+    _conv_bn_relu(tmp_path)  # writes cnn.onnx
 
     def corrupting(model, level, target="cpu"):
         out = onnx.ModelProto()

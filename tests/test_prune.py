@@ -13,7 +13,7 @@ import torch
 from exporter import export
 from onnxforge.cli import main
 from onnxforge.common.errors import UserError
-from optimizers import PruneSettings, prune, prune_file
+from optimizers import PruneSettings, prune
 
 
 def _export(module, example, tmp_path, name="m.onnx"):
