@@ -71,19 +71,25 @@ class Recipe:
         return [dict(c) for c in self.data.get("candidates", [{"name": "fp32"}])]
 
     def path(self, value: str | None) -> str | None:
-        """A data path relative to the recipe's folder (module specs and 'random' pass through)."""
-        if value is None or value == "random" or (":" in value and not Path(value).suffix == ".py" and not (self.base / value).exists()):
+        """A data reference with its file part made relative to the recipe's folder: a file or
+        folder, or ``file.py:function``; ``pkg.module:function`` and ``"random"`` pass through."""
+        if value is None or value == "random":
             return value
-        candidate = Path(value)
+        target, sep, attr = value.rpartition(":")
+        if sep and target.endswith(".py"):
+            return f"{self._relative(target)}:{attr}"
+        if sep and not (self.base / value).exists() and not Path(value).exists():
+            return value  # pkg.module:function
+        return self._relative(value)
+
+    def _relative(self, value: str) -> str:
+        candidate = Path(value).expanduser()
         return str(candidate if candidate.is_absolute() else self.base / candidate)
 
     def source(self, spec: str) -> str:
         """A model source with its file part (``file.py:factory``, ``model.pt``) made relative
         to the recipe's folder; ``pkg.module:factory`` passes through."""
-        target, sep, attr = spec.rpartition(":")
-        if sep and target.endswith(".py"):
-            return f"{self.path(target)}:{attr}"
-        if spec.endswith((".pt", ".pth", ".ts", ".jit")):
+        if spec.rpartition(":")[0].endswith(".py") or spec.endswith((".pt", ".pth", ".ts", ".jit")):
             return self.path(spec)
         return spec
 
