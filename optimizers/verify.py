@@ -2,50 +2,40 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
-from onnxforge.common.errors import UserError
-from onnxforge.common.specs import DTYPES, make_inputs, specs_from_onnx
+from onnxforge.common.ortrun import open_session, run_onnx
+from onnxforge.common.specs import DTYPES, choose_dim_sizes, make_inputs, specs_from_onnx
 
-DEFAULT_BATCH = 2
-DEFAULT_DIM = 8
+logger = logging.getLogger(__name__)
 
 
-def verification_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs from the model's specs: a leading symbolic dim is 2, other symbolic dims are
-    ``dims[name]`` or 8; token ids stay within the embedding table they index."""
+def verification_inputs(
+    model: onnx.ModelProto,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+    data: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Inputs from the model's specs, open dims sized by ``choose_dim_sizes`` (``dims`` the
+    user gave, sizes in ``data``, then batch 1, image sides of 224 rounded to the graph's
+    strides, sequences of 128); token ids stay within the embedding table they index.
+    The guessed sizes are logged (once, for seed 0) so a user can correct them with --dim."""
     specs = specs_from_onnx(model)
-    sizes: dict[str, int] = {}
-    for spec in specs:
-        for axis, dim in enumerate(spec.dims):
-            if isinstance(dim, str):
-                sizes.setdefault(dim, (dims or {}).get(dim, DEFAULT_BATCH if axis == 0 else DEFAULT_DIM))
-    return make_inputs(specs, sizes, seed=seed)
+    chosen = choose_dim_sizes(model, specs, dims, data)
+    if chosen.guessed and seed == 0:
+        logger.info("generated inputs use %s; give other sizes with --dim NAME=SIZE", chosen.describe())
+    return make_inputs(specs, chosen.sizes, seed=seed)
 
 
 def run_model(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs with ONNX Runtime's graph optimizations off, so what runs is the graph as written."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise UserError(f"ONNX Runtime cannot load the model: {str(exc).strip()[:400]}") from None
-    wanted = {i.name: i for i in session.get_inputs()}
-    feeds = {}
-    for name, array in inputs.items():
-        if name in wanted:
-            dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(wanted[name].type)
-            feeds[name] = array.astype(dtype) if dtype is not None and array.dtype.kind == "f" else array
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    """Outputs with ONNX Runtime's graph optimizations off, so what runs is the graph as
+    written; a refused run is a one-line ``UserError`` naming the inputs and open dims."""
+    return run_onnx(model, inputs)
 
 
 def compare_models(reference_outputs: Mapping[str, np.ndarray], candidate: onnx.ModelProto, inputs, tolerance: Tolerance) -> Comparison:
@@ -58,14 +48,7 @@ def compare_models(reference_outputs: Mapping[str, np.ndarray], candidate: onnx.
 
 def ort_session(model: onnx.ModelProto):
     """An ONNX Runtime CPU session with default optimizations (what a deployment runs)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise UserError(f"ONNX Runtime cannot load the model: {str(exc).strip()[:300]}") from None
+    return open_session(model, optimized=True)
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

@@ -152,7 +152,8 @@ def specs_from_onnx(model) -> list[InputSpec]:
     Integer inputs that index an embedding table (``Gather`` on an initializer, possibly
     after Cast/Reshape/Unsqueeze) get the table's row count as their upper bound, so
     generated token ids are valid; integer inputs named like ``*mask*`` are all ones.
-    Unnamed dynamic dims are called ``<input>_dim<axis>``.
+    Unnamed dynamic dims, and the ``-1`` or ``0`` that old exporters write for them, are
+    called ``<input>_dim<axis>``.
     """
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -184,7 +185,7 @@ def specs_from_onnx(model) -> list[InputSpec]:
             )
         dims: list[Dim] = []
         for axis, dim in enumerate(tensor_type.shape.dim):
-            if dim.HasField("dim_value"):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
                 dims.append(int(dim.dim_value))
             elif dim.dim_param:
                 dims.append(dim.dim_param)
@@ -202,7 +203,8 @@ def specs_from_onnx(model) -> list[InputSpec]:
 
 
 def check_inputs_match(specs: Iterable[InputSpec], inputs: Mapping[str, np.ndarray], source: str) -> None:
-    """Check that ``inputs`` has exactly the spec names, with matching dtypes, ranks and fixed dims."""
+    """Check that ``inputs`` has exactly the spec names, with matching dtypes, ranks and fixed
+    (positive) dims."""
     specs = list(specs)
     expected = {spec.name for spec in specs}
     missing = sorted(expected - set(inputs))
@@ -222,8 +224,187 @@ def check_inputs_match(specs: Iterable[InputSpec], inputs: Mapping[str, np.ndarr
             problems.append(f"'{spec.name}' has rank {array.ndim} (shape {list(array.shape)}), the model wants rank {len(spec.dims)} {list(spec.dims)}")
             continue
         for axis, (size, dim) in enumerate(zip(array.shape, spec.dims)):
-            if isinstance(dim, int) and size != dim:
+            if isinstance(dim, int) and dim > 0 and size != dim:  # -1 and 0 are how old exporters say "any"
                 problems.append(f"'{spec.name}' has size {size} on axis {axis}, the model wants {dim}")
     if problems:
         wanted = ", ".join(spec.describe() for spec in specs)
         raise UserError(f"{source} does not match the model: {'; '.join(problems)}; the model's inputs are {wanted}")
+
+
+# ---------------------------------------------------------------- sizes for open dims
+
+BATCH_SIZE = 1
+IMAGE_SIDE = 224
+DETECTOR_IMAGE_SIDE = 640
+SEQUENCE_LENGTH = 128
+IMAGE_CHANNELS = 3
+MAX_STRIDE = 128
+_BATCH_NAMES = {"n", "b", "bs", "batch", "batch_size", "batchsize", "nbatch", "num_batch"}
+_SPATIAL_NAMES = {"h", "w", "height", "width", "img_h", "img_w", "image_height", "image_width"}
+_SEQUENCE_NAMES = {"seq", "seq_len", "seqlen", "sequence", "sequence_length", "length", "len", "tokens", "num_tokens", "time", "t"}
+_STRIDING_OPS = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"}
+_DETECTOR_TASKS = {"detect", "segment", "pose", "obb"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DimSizes:
+    """Sizes for a model's open dims, and where each one came from: ``given`` (``--dim``),
+    ``data`` (arrays the user gave), ``metadata`` (sizes the exporter recorded) or a guess
+    (``batch``, ``image side``, ``sequence``, ``channels``)."""
+
+    sizes: dict[str, int]
+    sources: dict[str, str]
+
+    @property
+    def guessed(self) -> dict[str, int]:
+        return {name: size for name, size in self.sizes.items() if self.sources[name] not in ("given", "data")}
+
+    def describe(self) -> str:
+        return ", ".join(f"{name}={size} ({self.sources[name]})" for name, size in self.sizes.items())
+
+
+def sizes_from_data(specs: Iterable[InputSpec], arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Sizes of the specs' open dims as the given arrays have them (calibration or input data)."""
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        shape = np.shape(arrays[spec.name]) if spec.name in arrays else None
+        if shape is None or len(shape) != len(spec.dims):
+            continue
+        for axis, name in spec.symbolic_dims.items():
+            sizes.setdefault(name, int(shape[axis]))
+    return sizes
+
+
+def _constant_arrays(model) -> dict[str, np.ndarray]:
+    """Small constants of the main graph (initializers and Constant nodes), by tensor name."""
+    from onnx import numpy_helper
+
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if int(np.prod(t.dims)) <= 16}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            arrays[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return arrays
+
+
+def spatial_multiple(model) -> int:
+    """The largest total stride along any path of the graph, so inputs whose sides are a
+    multiple of it keep every feature map whole (detectors and segmenters add upsampled maps
+    to earlier ones, which fails when a stride-2 step rounded a side down).
+
+    Striding ops multiply the stride by their largest ``strides``; Resize/Upsample with
+    constant scales and ConvTranspose divide it. At most ``MAX_STRIDE``.
+    """
+    constants = _constant_arrays(model)
+    stride: dict[str, float] = {}
+    largest = 1.0
+    for node in model.graph.node:
+        current = max((stride.get(name, 1.0) for name in node.input if name), default=1.0)
+        attributes = {a.name: a for a in node.attribute}
+        if node.op_type in _STRIDING_OPS and "strides" in attributes:
+            current *= max(attributes["strides"].ints, default=1)
+        elif node.op_type == "ConvTranspose" and "strides" in attributes:
+            current /= max(attributes["strides"].ints, default=1)
+        elif node.op_type in ("Resize", "Upsample"):
+            scales = None
+            if node.op_type == "Upsample" and "scales" in attributes:
+                scales = np.asarray(attributes["scales"].floats)
+            for index in (2, 1):  # Resize-11+: (X, roi, scales, sizes); Resize-10 / Upsample-9: (X, scales)
+                if scales is None and len(node.input) > index and node.input[index] in constants:
+                    candidate = constants[node.input[index]]
+                    scales = candidate if candidate.dtype.kind == "f" and candidate.size else None
+            if scales is not None and scales.size > 2 and float(scales[2:].max()) > 0:
+                current /= float(scales[2:].max())
+        elif node.op_type in ("SpaceToDepth", "DepthToSpace") and "blocksize" in attributes:
+            block = attributes["blocksize"].i
+            current = current * block if node.op_type == "SpaceToDepth" else current / block
+        for name in node.output:
+            stride[name] = current
+        largest = max(largest, current)
+    multiple = 1
+    while multiple < min(largest, MAX_STRIDE):
+        multiple *= 2
+    return multiple
+
+
+def _metadata(model) -> dict[str, str]:
+    return {entry.key: entry.value for entry in model.metadata_props}
+
+
+def _recorded_image_size(model) -> tuple[int, int] | None:
+    """The ``imgsz`` Ultralytics records in its exports, e.g. ``[640, 640]``."""
+    numbers = [int(n) for n in re.findall(r"\d+", _metadata(model).get("imgsz", ""))]
+    if len(numbers) == 1:
+        return numbers[0], numbers[0]
+    return (numbers[0], numbers[1]) if len(numbers) == 2 else None
+
+
+def _sequence_cap(model) -> int | None:
+    """Rows of the smallest float embedding table (16 rows or more) read by a Gather: a
+    sequence longer than the position table would index past it."""
+    tables = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) == 2 and t.data_type in (1, 10, 11, 16)}
+    rows = [tables[n.input[0]] for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in tables]
+    rows = [r for r in rows if r >= 16]
+    return min(rows) if rows else None
+
+
+def _image_axes(spec: InputSpec) -> tuple[int, tuple[int, int]] | None:
+    """(channel axis, spatial axes) of a 4-D float input that looks like an image batch."""
+    if len(spec.dims) != 4 or not spec.dtype.startswith("float"):
+        return None
+    small = lambda d: isinstance(d, int) and d in (1, 2, 3, 4)  # noqa: E731
+    if small(spec.dims[3]) and not small(spec.dims[1]):
+        return 3, (1, 2)
+    return 1, (2, 3)
+
+
+def choose_dim_sizes(
+    model,
+    specs: Iterable[InputSpec] | None = None,
+    given: Mapping[str, int] | None = None,
+    data: Mapping[str, np.ndarray] | None = None,
+) -> DimSizes:
+    """A size for every open dim of the model's inputs, from what is known first.
+
+    Order: ``given`` (the user's ``--dim``), ``data`` (arrays the user gave), the image size
+    the exporter recorded in the metadata, then by role: the leading dim is a batch of
+    ``BATCH_SIZE``; the sides of a 4-D float input are ``IMAGE_SIDE`` (``DETECTOR_IMAGE_SIDE``
+    for models recorded as detectors) rounded up to the graph's ``spatial_multiple``; an open
+    channel count is 3; every other dim is ``SEQUENCE_LENGTH``, no longer than the smallest
+    embedding table. Dim names like ``batch``, ``height``, ``seq`` override the position.
+    """
+    specs = list(specs) if specs is not None else specs_from_onnx(model)
+    sizes: dict[str, int] = {}
+    sources: dict[str, str] = {}
+
+    def choose(name: str, size: int, source: str) -> None:
+        if name not in sizes:
+            sizes[name], sources[name] = int(size), source
+
+    for name, size in (given or {}).items():
+        choose(name, size, "given")
+    for name, size in sizes_from_data(specs, data or {}).items():
+        choose(name, size, "data")
+    recorded = _recorded_image_size(model)
+    metadata = _metadata(model)
+    detector = metadata.get("task", "").lower() in _DETECTOR_TASKS
+    multiple = spatial_multiple(model)
+    side = DETECTOR_IMAGE_SIDE if detector else IMAGE_SIDE
+    side = -(-side // multiple) * multiple
+    side_source = f"image side, {'detector, ' if detector else ''}multiple of {multiple} from the graph's strides"
+    sequence = min(SEQUENCE_LENGTH, _sequence_cap(model) or SEQUENCE_LENGTH)
+    sequence_source = "sequence" if sequence == SEQUENCE_LENGTH else "sequence, within the embedding table"
+    for spec in specs:
+        image = _image_axes(spec)
+        for axis, name in spec.symbolic_dims.items():
+            lowered = name.lower()
+            if lowered in _BATCH_NAMES or "batch" in lowered or (axis == 0 and len(spec.dims) > 1 and lowered not in _SEQUENCE_NAMES):
+                choose(name, BATCH_SIZE, "batch")
+            elif image and axis in image[1] and recorded:
+                choose(name, recorded[image[1].index(axis)], "image size in the model's metadata")
+            elif (image and axis in image[1]) or lowered in _SPATIAL_NAMES:
+                choose(name, side, side_source)
+            elif image and axis == image[0]:
+                choose(name, IMAGE_CHANNELS, "channels")
+            else:
+                choose(name, sequence, sequence_source)
+    return DimSizes(sizes, sources)
