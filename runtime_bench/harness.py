@@ -26,7 +26,7 @@ from runtime_bench.stats import LatencyStats, Speedup, latency_stats, paired_spe
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
 # Node types whose placement on the CPU under a GPU provider means real work left the GPU;
@@ -106,8 +106,17 @@ Variant = OnnxVariant | TorchVariant
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """How to measure. Each (provider, batch size) cell runs ``warmup`` discarded runs per
-    variant, then interleaved rounds (A B C A B C ...) until every variant has ``min_runs``
-    runs and ``min_seconds`` have passed, or ``max_runs`` / ``max_seconds`` is reached."""
+    variant, then rounds of blocks: in each round every variant runs one block, in an order
+    that rotates from round to round (A B C, B C A, C A B, ...). A block waits until the other
+    sessions' thread pools have parked (at most ``settle_max_ms``), makes one untimed call to
+    wake its own pool, then times ``block_seconds`` worth of back-to-back calls (at least
+    ``MIN_BLOCK_RUNS``). This is how a model runs in deployment: alone, with its threads hot.
+    Alternating call by call instead lets one session's spinning threads take the cores while
+    the next one runs, which inflated latencies up to 2x (``benchmarks/harness_truth.py``).
+    Rounds go on until every variant has ``min_runs`` runs, ``min_rounds`` rounds and
+    ``min_seconds`` have passed, or a variant reaches ``max_runs`` or ``max_seconds`` pass.
+    ``keep_sessions=False`` opens each variant's session for its block only, so at most one
+    session is alive at a time (``tune`` uses it: many settings of one big model)."""
 
     providers: tuple[str, ...] = ("cpu",)
     batch_sizes: tuple[int, ...] = (1,)
@@ -117,6 +126,10 @@ class BenchConfig:
     min_seconds: float = 2.0
     max_runs: int = 100_000
     max_seconds: float = 120.0
+    min_rounds: int = 5
+    block_seconds: float = 0.2
+    settle_max_ms: float = 250.0
+    keep_sessions: bool = True
     session: SessionSettings = SessionSettings()
     io_binding: str = "auto"
     baseline: str | None = None
@@ -134,6 +147,10 @@ class BenchConfig:
             raise UserError(f"warm-up runs cannot be negative, got {self.warmup}")
         if self.min_runs < 1 or self.max_runs < self.min_runs:
             raise UserError(f"run counts must satisfy 1 <= min_runs <= max_runs, got min_runs={self.min_runs}, max_runs={self.max_runs}")
+        if self.min_rounds < 1:
+            raise UserError(f"min_rounds must be at least 1, got {self.min_rounds}")
+        if self.block_seconds <= 0 or self.settle_max_ms < 0:
+            raise UserError(f"block_seconds must be positive and settle_max_ms not negative, got {self.block_seconds}, {self.settle_max_ms}")
         if self.min_seconds < 0 or self.max_seconds <= 0:
             raise UserError(f"durations must be positive, got min_seconds={self.min_seconds}, max_seconds={self.max_seconds}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -147,7 +164,9 @@ class BenchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """Figures of one variant on one provider at one batch size."""
+    """Figures of one variant on one provider at one batch size: ``latency`` over every timed
+    run; ``blocks`` rounds of ``block_runs`` timed calls each, after a median ``pause_ms`` that
+    let the other sessions' threads park; ``speedup`` over the rounds' block medians."""
 
     variant: str
     provider: str
@@ -164,6 +183,9 @@ class Measurement:
     placement: dict[str, int] | None
     cpu_fallback_nodes: tuple[str, ...]
     warnings: tuple[str, ...]
+    blocks: int = 0
+    block_runs: int = 0
+    pause_ms: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -260,7 +282,9 @@ def _feeds_for(specs: Sequence[InputSpec], inputs: Mapping[str, np.ndarray]) -> 
 
 
 class _Runner:
-    """One variant ready to run: ``run()`` is what gets timed; ``outputs()`` is for fidelity."""
+    """One variant ready to run. ``open()`` makes it runnable (a session, its inputs, the
+    warm-up runs), ``run()`` is what gets timed, ``close()`` frees the session; ``outputs()``
+    is for fidelity. ``estimate_ms`` is the median warm-up latency, which sizes the blocks."""
 
     name: str
     create_ms: float = 0.0
@@ -268,6 +292,13 @@ class _Runner:
     session_label: str = ""
     placement: dict[str, int] | None = None
     fallback: tuple[str, ...] = ()
+    estimate_ms: float | None = None
+
+    def open(self, warmup: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
     def run(self) -> None:
         raise NotImplementedError
@@ -275,40 +306,60 @@ class _Runner:
     def outputs(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def _warm_up(self, runs: int) -> None:
+        """``runs`` untimed calls (at least one, to estimate the latency for block sizing)."""
+        clock = time.perf_counter_ns
+        times = []
+        for _ in range(max(1, runs)):
+            t0 = clock()
+            self.run()
+            times.append((clock() - t0) / 1e6)
+        if self.estimate_ms is None:
+            self.estimate_ms = float(np.median(times))
+
 
 class _OrtRunner(_Runner):
     def __init__(self, variant: OnnxVariant, provider: ProviderConfig, settings: SessionSettings,
                  specs, inputs, io_binding: bool):
+        self.name = variant.name
+        self.variant, self.provider, self.settings, self.io_binding = variant, provider, settings, io_binding
+        self.session_label = settings.describe()
+        self.feeds = _feeds_for(specs, inputs)
+        self.session = None
+
+    def open(self, warmup: int) -> None:
         import onnxruntime as ort
 
-        self.name = variant.name
-        self.session_label = settings.describe()
         started = time.perf_counter()
         try:
-            self.session = ort.InferenceSession(str(variant.path), settings.to_ort(), providers=provider.session_providers())
+            self.session = ort.InferenceSession(str(self.variant.path), self.settings.to_ort(),
+                                                providers=self.provider.session_providers())
         except Exception as exc:
-            raise UserError(f"ONNX Runtime cannot load '{variant.path}' with {provider.name}: {str(exc).strip()[:400]}") from None
-        self.create_ms = (time.perf_counter() - started) * 1e3
-        self.feeds = _feeds_for(specs, inputs)
+            raise UserError(f"ONNX Runtime cannot load '{self.variant.path}' with {self.provider.name}: {str(exc).strip()[:400]}") from None
+        if not self.create_ms:
+            self.create_ms = (time.perf_counter() - started) * 1e3
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.binding = None
-        if io_binding:
+        if self.io_binding:
             self.binding = self.session.io_binding()
-            device = "cuda" if provider.on_gpu else "cpu"
+            device = "cuda" if self.provider.on_gpu else "cpu"
             self._device_inputs = {}
             for name, array in self.feeds.items():
-                value = ort.OrtValue.ortvalue_from_numpy(array, device, provider.device_id)
+                value = ort.OrtValue.ortvalue_from_numpy(array, device, self.provider.device_id)
                 self._device_inputs[name] = value  # keep alive: the binding refers to it
                 self.binding.bind_ortvalue_input(name, value)
             for name in self.output_names:
-                self.binding.bind_output(name, device, provider.device_id)
-            self.run = self._run_bound
+                self.binding.bind_output(name, device, self.provider.device_id)
+            session, binding = self.session, self.binding
+            self.run = lambda: session.run_with_iobinding(binding)
         else:
             session, feeds = self.session, self.feeds
             self.run = lambda: session.run(None, feeds)
+        self._warm_up(warmup)
 
-    def _run_bound(self) -> None:
-        self.session.run_with_iobinding(self.binding)
+    def close(self) -> None:
+        for attribute in ("run", "binding", "_device_inputs"):
+            self.__dict__.pop(attribute, None)
+        self.session = None
 
     def outputs(self) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(None, self.feeds)))
@@ -316,30 +367,40 @@ class _OrtRunner(_Runner):
 
 class _TorchRunner(_Runner):
     def __init__(self, variant: TorchVariant, provider: ProviderConfig, specs, inputs, threads: int | None):
-        import torch
-
         if provider.name not in ("CPUExecutionProvider", "CUDAExecutionProvider"):
             raise UserError(f"the PyTorch baseline runs on cpu or cuda, not {provider.name}")
         self.name = variant.name
-        device = "cuda" if provider.name == "CUDAExecutionProvider" else "cpu"
-        self.session_label = f"torch eager on {device}" + (f", threads={threads}" if threads else "")
-        if threads:
-            torch.set_num_threads(threads)
+        self.variant, self.specs, self.inputs, self.threads = variant, specs, inputs, threads
+        self.device = "cuda" if provider.name == "CUDAExecutionProvider" else "cpu"
+        self.session_label = f"torch eager on {self.device}" + (f", threads={threads}" if threads else "")
+
+    def open(self, warmup: int) -> None:
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
         started = time.perf_counter()
-        module = variant.module.to(device).eval()
-        self.create_ms = (time.perf_counter() - started) * 1e3
-        tensors = {spec.name: torch.from_numpy(inputs[spec.name]).to(device) for spec in specs}
-        names = [spec.name for spec in specs]
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        module = self.variant.module.to(self.device).eval()
+        if not self.create_ms:
+            self.create_ms = (time.perf_counter() - started) * 1e3
+        tensors = {spec.name: torch.from_numpy(self.inputs[spec.name]).to(self.device) for spec in self.specs}
+        names = [spec.name for spec in self.specs]
+        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        keyword = self.variant.keyword
 
         def call():
             with torch.inference_mode():
-                out = module(**tensors) if variant.keyword else module(*(tensors[n] for n in names))
+                out = module(**tensors) if keyword else module(*(tensors[n] for n in names))
             sync()
             return out
 
         self._call = call
         self.run = call
+        self._warm_up(warmup)
+
+    def close(self) -> None:
+        self.__dict__.pop("run", None)
+        self.__dict__.pop("_call", None)
 
     def outputs(self) -> dict[str, np.ndarray]:
         import torch
@@ -393,32 +454,112 @@ def placement_of(path: Path, provider: ProviderConfig, settings: SessionSettings
 
 # ---------------------------------------------------------------- the loop
 
+# Fewest timed calls in a block: with fewer, the first calls after the wake-up dominate.
+MIN_BLOCK_RUNS = 3
+# Most timed calls in a block: a 10 us model reaches block_seconds long before this.
+MAX_BLOCK_RUNS = 5000
+# A sleeping process whose threads have parked uses well under this share of one core.
+IDLE_CPU_FRACTION = 0.05
+SETTLE_STEP_S = 0.002
 
-def _measure_cell(runners: list[_Runner], config: BenchConfig, progress) -> dict[str, list[float]]:
-    """Interleaved timed rounds; returns milliseconds per runner name, one entry per round.
 
-    The loop does nothing per run but read the clock and append: its overhead is measured
-    against a bare ``session.run`` loop by ``benchmarks/harness_overhead.py``."""
-    samples: dict[str, list[float]] = {r.name: [] for r in runners}
-    pairs = [(r.run, samples[r.name]) for r in runners]
-    # Round r starts at variant r mod n (A B C, B C A, C A B, ...): no variant always runs
-    # right after the same neighbour, whose cache and clock state it would inherit.
-    orders = [pairs[k:] + pairs[:k] for k in range(len(pairs))]
-    clock = time.perf_counter_ns
+def wait_for_idle_threads(max_ms: float) -> float:
+    """Sleep until this process's threads stop using the CPU, at most ``max_ms``; returns the
+    milliseconds waited.
+
+    ONNX Runtime's intra-op workers (and PyTorch's OpenMP workers) spin on a core after a run
+    before they park; while they spin, another session's run competes with them for the cores.
+    The main thread only sleeps here, so the process's CPU time grows only while some worker
+    spins: the wait ends after two consecutive ``SETTLE_STEP_S`` steps in which it grew by less
+    than ``IDLE_CPU_FRACTION`` of the step. Measured on ONNX Runtime 1.32 with 2 threads: about
+    30-40 ms (``benchmarks/harness_truth.py`` prints the median per cell).
+    """
     started = time.perf_counter()
-    rounds = 0
-    while True:
-        for run, bucket in orders[rounds % len(orders)]:
-            t0 = clock()
-            run()
-            bucket.append((clock() - t0) / 1e6)
-        rounds += 1
-        elapsed = time.perf_counter() - started
-        if (rounds >= config.min_runs and elapsed >= config.min_seconds) or rounds >= config.max_runs or (elapsed >= config.max_seconds and rounds >= 2):
+    deadline = started + max_ms / 1e3
+    wall, cpu = started, time.process_time()
+    quiet = 0
+    while quiet < 2:
+        now = time.perf_counter()
+        if now >= deadline:
             break
-        if progress and rounds % 10 == 0:
-            progress(min(1.0, max(rounds / config.min_runs, elapsed / max(config.min_seconds, 1e-9))))
-    return samples
+        time.sleep(min(SETTLE_STEP_S, deadline - now))
+        now, now_cpu = time.perf_counter(), time.process_time()
+        busy = (now_cpu - cpu) / max(now - wall, 1e-9)
+        wall, cpu = now, now_cpu
+        quiet = quiet + 1 if busy < IDLE_CPU_FRACTION else 0
+    return (time.perf_counter() - started) * 1e3
+
+
+@dataclasses.dataclass
+class CellSamples:
+    """What one cell measured: every timed run (ms), and per round the median of each
+    variant's block (rounds are aligned across variants, which pairs them for the bootstrap)."""
+
+    runs: dict[str, list[float]]
+    block_medians: dict[str, list[float]]
+    block_runs: dict[str, int]
+    pauses_ms: list[float]
+    rounds: int = 0
+    stopped_early: str | None = None
+
+
+def _block_runs(estimate_ms: float | None, config: BenchConfig) -> int:
+    """Timed calls per block: ``block_seconds`` worth at the warm-up latency, within
+    [MIN_BLOCK_RUNS, MAX_BLOCK_RUNS] and never more than ``max_runs``."""
+    wanted = config.block_seconds * 1e3 / max(estimate_ms or 0.0, 1e-3)
+    return int(min(max(MIN_BLOCK_RUNS, round(wanted)), MAX_BLOCK_RUNS, config.max_runs))
+
+
+def _time_block(runner: _Runner, runs: int, bucket: list[float]) -> float:
+    """One untimed call that wakes the runner's own pool, then ``runs`` timed calls appended to
+    ``bucket``; returns their median. Nothing but the clock and an append runs between calls."""
+    run = runner.run
+    run()
+    clock = time.perf_counter_ns
+    start = len(bucket)
+    for _ in range(runs):
+        t0 = clock()
+        run()
+        bucket.append((clock() - t0) / 1e6)
+    return float(np.median(bucket[start:]))
+
+
+def _measure_cell(runners: list[_Runner], config: BenchConfig, progress, settle: Callable[[float], float] | None = None) -> CellSamples:
+    """Rounds of blocks, rotated: round r starts at variant r mod n (A B C, B C A, C A B, ...),
+    so no variant always runs right after the same neighbour, and slow drift of the machine
+    falls evenly on all. Runners are open on entry unless ``config.keep_sessions`` is off, in
+    which case each block opens its runner (warm-up included) and closes it afterwards.
+    ``settle(max_ms)`` is the pause before each block (default ``wait_for_idle_threads``)."""
+    settle = settle or wait_for_idle_threads
+    names = [r.name for r in runners]
+    cell = CellSamples({n: [] for n in names}, {n: [] for n in names}, {}, [])
+    for runner in runners:
+        cell.block_runs[runner.name] = _block_runs(runner.estimate_ms, config)
+    started = time.perf_counter()
+    while True:
+        shift = cell.rounds % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            if not config.keep_sessions:
+                runner.open(config.warmup)
+            cell.pauses_ms.append(settle(config.settle_max_ms))
+            median = _time_block(runner, cell.block_runs[runner.name], cell.runs[runner.name])
+            cell.block_medians[runner.name].append(median)
+            if not config.keep_sessions:
+                runner.close()
+        cell.rounds += 1
+        elapsed = time.perf_counter() - started
+        fewest = min(len(v) for v in cell.runs.values())
+        if fewest >= config.min_runs and cell.rounds >= config.min_rounds and elapsed >= config.min_seconds:
+            break
+        if max(len(v) for v in cell.runs.values()) >= config.max_runs:
+            cell.stopped_early = f"max_runs={config.max_runs}"
+            break
+        if elapsed >= config.max_seconds and cell.rounds >= 2:
+            cell.stopped_early = f"max_seconds={config.max_seconds:g}"
+            break
+        if progress:
+            progress(min(1.0, max(fewest / config.min_runs, elapsed / max(config.min_seconds, 1e-9))))
+    return cell
 
 
 def _fidelity(baseline_out: dict[str, np.ndarray], out: dict[str, np.ndarray], tolerance: Tolerance) -> dict | None:
@@ -440,6 +581,87 @@ def _fidelity(baseline_out: dict[str, np.ndarray], out: dict[str, np.ndarray], t
         "max_abs_error": comparison.max_abs_error,
         "outputs": {o.name: {"cosine": o.cosine, "max_abs_error": o.max_abs_error, "mismatch_fraction": o.mismatch_fraction} for o in comparison.outputs},
     }
+
+
+def _open_runner(variant: Variant, provider: ProviderConfig, config: BenchConfig, specs_by_variant, reference_specs,
+                 cell_inputs, use_binding: bool) -> _Runner:
+    """A runner for ``variant``, opened and warmed up (its peak memory, latency estimate and,
+    where asked, node placement recorded); closed again at once unless ``keep_sessions``."""
+    can_reset = memory.reset_peak()
+    before = memory.rss_mb()
+    if isinstance(variant, OnnxVariant):
+        settings = variant.session or config.session
+        runner: _Runner = _OrtRunner(variant, provider, settings, specs_by_variant[variant.name], cell_inputs, use_binding)
+    else:
+        runner = _TorchRunner(variant, provider, reference_specs, cell_inputs, config.session.intra_op_threads)
+    runner.open(config.warmup)
+    peak = memory.peak_rss_mb()
+    runner.memory_mb = (peak - before) if can_reset and peak is not None and before is not None else None
+    if isinstance(variant, OnnxVariant) and (config.placement == "on" or (config.placement == "auto" and provider.on_gpu)):
+        runner.placement, runner.fallback = placement_of(variant.path, provider, variant.session or config.session, runner.feeds)
+    if not config.keep_sessions:
+        runner.close()
+    return runner
+
+
+def _outputs_of(runner: _Runner, config: BenchConfig) -> dict[str, np.ndarray]:
+    if config.keep_sessions:
+        return runner.outputs()
+    runner.open(0)
+    try:
+        return runner.outputs()
+    finally:
+        runner.close()
+
+
+def _cell_measurements(variants, runners: list[_Runner], cell: CellSamples, provider: ProviderConfig, batch: int,
+                       shapes: dict[str, list[int]], baseline: str, config: BenchConfig) -> list[Measurement]:
+    """Figures of one cell: latency over every timed run, speedup over the rounds' block
+    medians (paired by round), fidelity against the baseline's outputs, and the warnings."""
+    by_name = {r.name: r for r in runners}
+    base_out = _outputs_of(by_name[baseline], config) if config.fidelity else None
+    pause_ms = float(np.median(cell.pauses_ms)) if cell.pauses_ms else 0.0
+    result = []
+    for variant, runner in zip(variants, runners):
+        stats = latency_stats(cell.runs[runner.name])
+        speedup = None
+        if runner.name != baseline:
+            speedup = paired_speedup(cell.block_medians[baseline], cell.block_medians[runner.name])
+        fidelity = None
+        if base_out is not None and runner.name != baseline:
+            fidelity = _fidelity(base_out, _outputs_of(runner, config), config.fidelity_tolerance)
+        warnings = []
+        if stats.runs < config.min_runs:
+            warnings.append(f"only {stats.runs} timed runs (fewer than min_runs={config.min_runs}): the cell stopped at "
+                            f"{cell.stopped_early}; raise --max-seconds / --max-runs for steadier figures")
+        if stats.noisy:
+            warnings.append(f"noisy: interquartile range is {stats.iqr_ms / stats.p50_ms:.0%} of the median; close other programs or raise --min-seconds")
+        if runner.fallback:
+            warnings.append(f"{len(runner.fallback)} heavy nodes ran on the CPU, not {provider.name}: {', '.join(runner.fallback[:5])}")
+        file_mb = None
+        if isinstance(variant, OnnxVariant):
+            file_mb = sum(f.stat().st_size for f in files_of(variant.path) if f.exists()) / 1e6
+        result.append(Measurement(
+            variant=runner.name,
+            provider=provider.name,
+            batch_size=batch,
+            input_shapes=shapes,
+            session=runner.session_label,
+            latency=stats,
+            throughput_per_s=batch * 1000.0 / stats.p50_ms if stats.p50_ms > 0 else 0.0,
+            session_create_ms=runner.create_ms,
+            memory_peak_mb=runner.memory_mb,
+            file_mb=file_mb,
+            speedup=speedup,
+            fidelity=fidelity,
+            placement=runner.placement,
+            cpu_fallback_nodes=runner.fallback,
+            warnings=tuple(warnings),
+            blocks=cell.rounds,
+            block_runs=cell.block_runs[runner.name],
+            pause_ms=pause_ms,
+        ))
+    return result
 
 
 def benchmark(
@@ -499,64 +721,19 @@ def benchmark(
         shapes = {k: list(v.shape) for k, v in cell_inputs.items()}
         logger.info("measuring %s: %s", label, ", ".join(f"{k} {v}" for k, v in shapes.items()))
         use_binding = config.io_binding == "on" or (config.io_binding == "auto" and provider.on_gpu)
-        runners: list[_Runner] = []
-        for variant in variants:
-            can_reset = memory.reset_peak()
-            before = memory.rss_mb()
-            if isinstance(variant, OnnxVariant):
-                settings = variant.session or config.session
-                runner = _OrtRunner(variant, provider, settings, specs_by_variant[variant.name], cell_inputs, use_binding)
-            else:
-                runner = _TorchRunner(variant, provider, reference_specs, cell_inputs, config.session.intra_op_threads)
-            for _ in range(config.warmup):
-                runner.run()
-            peak = memory.peak_rss_mb()
-            runner.memory_mb = (peak - before) if can_reset and peak is not None and before is not None else None
-            if isinstance(variant, OnnxVariant) and (config.placement == "on" or (config.placement == "auto" and provider.on_gpu)):
-                runner.placement, runner.fallback = placement_of(variant.path, provider, variant.session or config.session, runner.feeds)
-            runners.append(runner)
+        runners = [_open_runner(variant, provider, config, specs_by_variant, reference_specs, cell_inputs, use_binding)
+                   for variant in variants]
 
         def cell_progress(fraction, _i=cell_index, _label=label):
             if progress:
                 progress(_label, (_i + fraction) / len(cells))
 
-        samples = _measure_cell(runners, config, cell_progress)
-        base_out = None
-        by_name = {r.name: r for r in runners}
-        if config.fidelity:
-            base_out = by_name[baseline].outputs()
-        for variant, runner in zip(variants, runners):
-            stats = latency_stats(samples[runner.name])
-            speedup = None if runner.name == baseline else paired_speedup(samples[baseline], samples[runner.name])
-            fidelity = None
-            if base_out is not None and runner.name != baseline:
-                fidelity = _fidelity(base_out, runner.outputs(), config.fidelity_tolerance)
-            warnings = []
-            if stats.noisy:
-                warnings.append(f"noisy: interquartile range is {stats.iqr_ms / stats.p50_ms:.0%} of the median; close other programs or raise --min-seconds")
-            if runner.fallback:
-                warnings.append(f"{len(runner.fallback)} heavy nodes ran on the CPU, not {provider.name}: {', '.join(runner.fallback[:5])}")
-            file_mb = None
-            if isinstance(variant, OnnxVariant):
-                file_mb = sum(f.stat().st_size for f in files_of(variant.path) if f.exists()) / 1e6
-            measurements.append(Measurement(
-                variant=runner.name,
-                provider=provider.name,
-                batch_size=batch,
-                input_shapes=shapes,
-                session=runner.session_label,
-                latency=stats,
-                throughput_per_s=batch * 1000.0 / stats.p50_ms if stats.p50_ms > 0 else 0.0,
-                session_create_ms=runner.create_ms,
-                memory_peak_mb=runner.memory_mb,
-                file_mb=file_mb,
-                speedup=speedup,
-                fidelity=fidelity,
-                placement=runner.placement,
-                cpu_fallback_nodes=runner.fallback,
-                warnings=tuple(warnings),
-            ))
-        del runners
+        try:
+            cell = _measure_cell(runners, config, cell_progress)
+            measurements += _cell_measurements(variants, runners, cell, provider, batch, shapes, baseline, config)
+        finally:
+            for runner in runners:
+                runner.close()
         if progress:
             progress(label, (cell_index + 1) / len(cells))
     config_dict = dataclasses.asdict(config)

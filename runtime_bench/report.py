@@ -11,6 +11,7 @@ from pathlib import Path
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_path, ensure_writable_dir, write_text_atomic
 from runtime_bench.harness import BenchReport
+from runtime_bench.stats import format_ms
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,11 @@ CSV_COLUMNS = (
     "p90_ms", "p95_ms", "p99_ms", "throughput_per_s", "speedup", "speedup_low", "speedup_high", "session_create_ms",
     "memory_peak_mb", "file_mb", "min_cosine", "max_abs_error", "placement", "warnings",
 )
+
+
+def _round(value: float | None) -> float | str:
+    """A percentile for CSV: ``n/a`` where there were too few samples for it."""
+    return "n/a" if value is None else round(value, 4)
 
 
 def _rows(report: BenchReport) -> list[dict]:
@@ -33,8 +39,8 @@ def _rows(report: BenchReport) -> list[dict]:
             "session": m.session,
             "runs": lat.runs,
             "mean_ms": round(lat.mean_ms, 4), "std_ms": round(lat.std_ms, 4), "min_ms": round(lat.min_ms, 4),
-            "p50_ms": round(lat.p50_ms, 4), "p90_ms": round(lat.p90_ms, 4), "p95_ms": round(lat.p95_ms, 4),
-            "p99_ms": round(lat.p99_ms, 4),
+            "p50_ms": round(lat.p50_ms, 4), "p90_ms": _round(lat.p90_ms), "p95_ms": _round(lat.p95_ms),
+            "p99_ms": _round(lat.p99_ms),
             "throughput_per_s": round(m.throughput_per_s, 2),
             "speedup": round(m.speedup.ratio, 4) if m.speedup else "",
             "speedup_low": round(m.speedup.low, 4) if m.speedup else "",
@@ -67,7 +73,7 @@ def _table(report: BenchReport) -> tuple[list[str], list[list[str]]]:
         speed = f"{m.speedup.ratio:.2f}x ({m.speedup.low:.2f}-{m.speedup.high:.2f})" if m.speedup else "baseline"
         body.append([
             m.variant, m.provider.removesuffix("ExecutionProvider"), str(m.batch_size),
-            f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}", f"{lat.mean_ms:.3f}±{lat.std_ms:.3f}",
+            format_ms(lat.p50_ms), format_ms(lat.p90_ms), format_ms(lat.p99_ms), f"{lat.mean_ms:.3f}±{lat.std_ms:.3f}",
             str(lat.runs), f"{m.throughput_per_s:,.1f}", speed,
             f"{m.fidelity['min_cosine']:.5f}" if m.fidelity else "-",
             f"{m.file_mb:.2f}" if m.file_mb is not None else "-",
@@ -116,11 +122,12 @@ def plot(report: BenchReport, folder: Path) -> list[Path]:
                 continue
             xs = [m.batch_size for m in cell]
             ys = [m.latency.p50_ms for m in cell]
-            errors = [[m.latency.p50_ms - m.latency.min_ms for m in cell], [m.latency.p90_ms - m.latency.p50_ms for m in cell]]
+            errors = [[m.latency.p50_ms - m.latency.min_ms for m in cell],
+                      [(m.latency.p90_ms if m.latency.p90_ms is not None else m.latency.max_ms) - m.latency.p50_ms for m in cell]]
             ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=variant)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
-        ax.set_ylabel("latency p50 ms (bars: min to p90)")
+        ax.set_ylabel("latency p50 ms (bars: min to p90, or max under 10 runs)")
         ax.set_title(provider.removesuffix("ExecutionProvider"))
         ax.legend()
     fig.tight_layout()

@@ -50,11 +50,14 @@ def tune(
     inputs: str | Path | Mapping[str, np.ndarray] | None = None,
     progress=None,
 ) -> TuneResult:
-    """Measure ``model`` under each candidate setting, interleaved like any benchmark, on the
-    first provider and batch size of ``config``; the best is the lowest median latency."""
+    """Measure ``model`` under each candidate setting, in rotated blocks like any benchmark, on
+    the first provider and batch size of ``config``; the best is the lowest median latency.
+    At most one session is alive at a time (``keep_sessions=False``): each block opens its
+    setting's session and closes it, so twenty settings of a large model never hold twenty
+    copies of its weights, nor twenty idle thread pools."""
     candidates = list(candidates or default_candidates())
     variants = [OnnxVariant(_label(c), Path(model), session=c) for c in candidates]
-    single = dataclasses.replace(config, providers=config.providers[:1], batch_sizes=config.batch_sizes[:1], baseline=None)
+    single = dataclasses.replace(config, providers=config.providers[:1], batch_sizes=config.batch_sizes[:1], baseline=None, keep_sessions=False)
     report = benchmark(variants, single, inputs=inputs, progress=progress)
     best_label = min(report.measurements, key=lambda m: m.latency.p50_ms).variant
     best = next(c for c in candidates if _label(c) == best_label)

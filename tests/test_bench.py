@@ -73,6 +73,27 @@ def test_latency_stats_on_known_samples():
     assert not latency_stats([10.0, 10.1, 10.0, 9.9, 10.0]).noisy
 
 
+def test_percentiles_need_enough_samples():
+    few = latency_stats([float(v) for v in range(1, 20)])  # 19 samples
+    assert few.p90_ms == pytest.approx(np.percentile(np.arange(1, 20), 90))
+    assert few.p95_ms is None and few.p99_ms is None
+    assert latency_stats([1.0] * 9).p90_ms is None and latency_stats([1.0] * 99).p99_ms is None
+    assert latency_stats([1.0] * 100).p99_ms == 1.0
+
+
+def test_bootstrap_memory_is_bounded_by_chunks(monkeypatch):
+    """Drawing the resamples in small chunks gives the same kind of interval as one big draw."""
+    import runtime_bench.stats as stats
+
+    rng = np.random.default_rng(3)
+    base, cand = 10 + rng.normal(0, 0.3, 400), 5 + rng.normal(0, 0.2, 400)
+    whole = paired_speedup(base, cand)
+    monkeypatch.setattr(stats, "_BOOTSTRAP_CHUNK_ELEMENTS", 1000)  # 2 resamples per chunk
+    chunked = paired_speedup(base, cand)
+    assert chunked.ratio == whole.ratio
+    assert chunked.low == pytest.approx(whole.low, rel=0.01) and chunked.high == pytest.approx(whole.high, rel=0.01)
+
+
 def test_paired_speedup_interval_contains_truth_and_excludes_one():
     rng = np.random.default_rng(1)
     drift = np.linspace(0, 5, 200)  # the machine slows down over the run; pairs cancel it
@@ -88,18 +109,89 @@ def test_paired_speedup_interval_contains_truth_and_excludes_one():
 # ---------------------------------------------------------------- the loop
 
 
-def test_runs_are_interleaved_and_rotated(monkeypatch):
-    order = []
+def _record_calls(monkeypatch, events):
+    """Every timed or wake-up call of an ONNX runner appends its variant name to ``events``
+    (warm-up calls inside ``open`` are not recorded); pauses append "pause", and opening and
+    closing a session append ("open", name) / ("close", name)."""
+    original_open, original_close = harness._OrtRunner.open, harness._OrtRunner.close
 
-    class Fake(harness._Runner):
-        def __init__(self, name):
-            self.name = name
-            self.run = lambda: order.append(name)
+    def open_(self, warmup):
+        events.append(("open", self.name))
+        original_open(self, warmup)
+        inner = self.run
 
-    config = BenchConfig(min_runs=3, min_seconds=0.0)
-    samples = harness._measure_cell([Fake("A"), Fake("B"), Fake("C")], config, None)
-    assert order == list("ABC" "BCA" "CAB")
-    assert {k: len(v) for k, v in samples.items()} == {"A": 3, "B": 3, "C": 3}
+        def run():
+            events.append(self.name)
+            inner()
+
+        self.run = run
+
+    def close(self):
+        if self.session is not None:
+            events.append(("close", self.name))
+        original_close(self)
+
+    monkeypatch.setattr(harness._OrtRunner, "open", open_)
+    monkeypatch.setattr(harness._OrtRunner, "close", close)
+    monkeypatch.setattr(harness, "wait_for_idle_threads", lambda max_ms: events.append("pause") or 0.0)
+
+
+def test_blocks_rotate_each_after_a_pause_and_a_wake_up_call(tmp_path, monkeypatch):
+    """The structure of a cell, read off the calls (not the clock): each block is a pause,
+    one untimed wake-up call, then block_runs timed calls; the order rotates by round."""
+    a, _ = _matmul_model(tmp_path / "a.onnx")
+    b, _ = _matmul_model(tmp_path / "b.onnx", seed=1)
+    events = []
+    _record_calls(monkeypatch, events)
+    config = BenchConfig(warmup=2, min_runs=6, min_rounds=4, min_seconds=0.0, block_seconds=1e-9, fidelity=False)
+    report = benchmark([OnnxVariant("A", a), OnnxVariant("B", b)], config)
+    calls = [e for e in events if not isinstance(e, tuple)]
+    k = harness.MIN_BLOCK_RUNS
+    block = lambda name: ["pause"] + [name] * (1 + k)  # noqa: E731
+    assert calls == block("A") + block("B") + block("B") + block("A") + block("A") + block("B") + block("B") + block("A")
+    for m in report.measurements:
+        assert (m.latency.runs, m.blocks, m.block_runs) == (4 * k, 4, k)  # the wake-up call is not timed
+
+
+def test_block_size_follows_the_warm_up_latency():
+    config = BenchConfig(block_seconds=0.2, max_runs=1000)
+    assert harness._block_runs(1.0, config) == 200
+    assert harness._block_runs(500.0, config) == harness.MIN_BLOCK_RUNS
+    assert harness._block_runs(1e-6, config) == 1000  # capped by max_runs
+    assert harness._block_runs(1e-6, BenchConfig()) == harness.MAX_BLOCK_RUNS
+
+
+def test_one_live_session_at_a_time_without_keep_sessions(tmp_path, monkeypatch):
+    a, _ = _matmul_model(tmp_path / "a.onnx")
+    b, _ = _matmul_model(tmp_path / "b.onnx", seed=1)
+    events = []
+    _record_calls(monkeypatch, events)
+    config = BenchConfig(warmup=1, min_runs=3, min_rounds=3, min_seconds=0.0, block_seconds=1e-9, keep_sessions=False)
+    report = benchmark([OnnxVariant("A", a), OnnxVariant("B", b)], config)
+    live, most = set(), 0
+    for event in events:
+        if isinstance(event, tuple):
+            (live.add if event[0] == "open" else live.discard)(event[1])
+            most = max(most, len(live))
+    assert most == 1 and not live
+    assert sum(1 for e in events if e == ("open", "A")) >= 3 + 1  # one per block, one to measure memory
+    assert report.find("B").fidelity["passed"] is False  # fidelity still compares the two
+
+
+def test_pause_waits_for_spinning_threads_to_park():
+    """After a run with spinning on, the pool's workers keep a core busy for a while; the wait
+    ends once the process has been idle for two steps, and never exceeds its cap."""
+    assert harness.wait_for_idle_threads(0.0) < 5.0
+    waited = harness.wait_for_idle_threads(200.0)
+    assert 2 * harness.SETTLE_STEP_S * 1e3 * 0.9 <= waited < 200.0
+
+
+def test_cell_below_min_runs_warns(tmp_path):
+    a, _ = _matmul_model(tmp_path / "a.onnx")
+    config = BenchConfig(warmup=1, min_runs=10_000, max_seconds=0.01, min_seconds=0.0, block_seconds=1e-9, fidelity=False)
+    m = benchmark([a], config).measurements[0]
+    assert m.latency.runs == 2 * harness.MIN_BLOCK_RUNS and m.blocks == 2
+    assert any("fewer than min_runs=10000" in w and "max_seconds=0.01" in w for w in m.warnings)
 
 
 def test_benchmark_two_variants_same_inputs_and_fidelity(tmp_path):
@@ -249,7 +341,7 @@ def test_cli_bench_writes_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "speedup vs fp32" in out and "machine:" in out
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert data["schema_version"] == 1 and len(data["measurements"]) == 4
+    assert data["schema_version"] == 2 and len(data["measurements"]) == 4
 
 
 @pytest.mark.parametrize(
@@ -296,6 +388,7 @@ def test_io_binding_path_on_cpu_gives_the_same_outputs(tmp_path):
     specs = specs_from_onnx(onnx.load(str(path)))
     inputs = harness.bench_inputs(specs, 3, {}, seed=0)
     runner = harness._OrtRunner(OnnxVariant("m", path), provider, SessionSettings(), specs, inputs, io_binding=True)
+    runner.open(warmup=0)
     runner.run()
     bound = np.asarray(runner.binding.copy_outputs_to_cpu()[0])
     np.testing.assert_allclose(bound, inputs["x"] @ weights, rtol=1e-5, atol=1e-5)
