@@ -1,31 +1,63 @@
 """``onnxforge run``: export -> optimize -> candidates (prune, quantize) -> verify -> benchmark ->
-select -> package, as a recipe says. Each step writes its artifact and report under
-``OUT/steps/NAME/``; a step whose inputs and settings hash to what its folder records is
-skipped, and a step folder appears only when its step finished, so an interrupted run resumes."""
+select -> package, as a recipe says.
+
+Cache. Each step writes its artifact and report under ``OUT/steps/NAME/`` with a ``step.json``
+stamp: a key over everything the step reads, and the sha256 of every file it wrote. A step is
+reused when its key matches and its files are intact, otherwise it runs again (a stamp that
+cannot be read counts as "run again"). The key hashes by content (see ``onnxforge.fingerprints``):
+the artifacts of the steps before it, the data files and folders, the sources of the modules
+behind ``pkg.module:function`` / ``file.py:function`` references, Hugging Face folders, the
+recipe sections the step uses, and the versions of the tools it runs. A step is built in a
+hidden staging folder and renamed into place when complete, so a run that is killed leaves
+no half-written step; the next run removes the leftovers and resumes. ``OUT/.lock`` keeps two
+runs from writing one folder.
+
+Failures. A candidate that cannot be made (nothing to prune at its ratio, a quantization that
+fails) is marked failed with its reason in ``candidates.txt`` / ``candidates.json``, and the
+run goes on with the others; a failed optimize step is skipped the same way, the candidates
+then start from the export. Only a failed export (or distillation, or benchmark) or the
+failure of every candidate stops the run. A failure that is not a ``UserError`` is a bug in
+onnxforge: it is reported as one, its traceback is logged at debug level (``-v``) and kept in
+``candidates.json``, and if no candidate is left it is raised with its traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.fileio import ensure_writable_dir
-from onnxforge.package import sha256, write_package
+from onnxforge.common.fileio import atomic_path, ensure_writable_dir, write_text_atomic
+from onnxforge.fingerprints import digest, file_sha256, reference_hash, tool_versions
+from onnxforge.package import write_package
 from onnxforge.recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
+
+# The installed packages whose code each step runs; their versions are part of its key.
+STEP_TOOLS = {
+    "distill": ("onnxforge", "torch"),
+    "export": ("onnxforge", "onnx", "torch"),
+    "export-hf": ("onnxforge", "onnx", "torch", "transformers"),
+    "export-onnx": ("onnxforge", "onnx", "onnx-ir"),
+    "optimize": ("onnxforge", "onnx", "onnxruntime", "onnxscript", "onnx-ir"),
+    "candidate": ("onnxforge", "onnx", "onnxruntime", "onnx-ir"),
+    "accuracy": ("onnxforge", "onnxruntime"),
+    "benchmark": ("onnxforge", "onnxruntime"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +67,7 @@ class StepRecord:
     seconds: float
     artifact: Path
     report: dict[str, Any]
+    digest: str  # hash of every file the step wrote: what later steps' keys include
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +79,11 @@ class CandidateRow:
     accuracy: float | None
     size_mb: float
     meets_budget: bool
+    error: str | None = None  # why the candidate could not be made; None when it was
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,75 +98,136 @@ class PipelineResult:
         header = f"{'candidate':<20} {'p50 ms':>9} {'speedup':>8} {'cosine':>8} {'accuracy':>9} {'MB':>7}  "
         lines = [header, "-" * len(header)]
         for row in self.rows:
+            if row.failed:
+                lines.append(f"{row.name:<20} failed: {row.error}")
+                continue
             mark = "<- selected" if row.name == self.selected else ("" if row.meets_budget else "below budget")
             accuracy = f"{row.accuracy:.4f}" if row.accuracy is not None else "-"
             lines.append(f"{row.name:<20} {row.p50_ms:>9.2f} {row.speedup:>7.2f}x {row.cosine:>8.5f} {accuracy:>9} {row.size_mb:>7.2f}  {mark}")
         return "\n".join(lines)
 
 
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold a lock on ``OUT/.lock`` for the run (the OS drops it when the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another onnxforge run is writing to '{out}'; wait for it to finish or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class _Steps:
-    """Step folders with a ``step.json`` stamp: the step's key, artifact name, sha256, report."""
+    """Step folders with a ``step.json`` stamp: the step's key and the hash of each input part,
+    the artifact's name, the sha256 of every file written, the report."""
 
     def __init__(self, out: Path, force: bool):
         self.root = ensure_writable_dir(out / "steps", "output")
         self.force = force
         self.records: list[StepRecord] = []
+        for leftover in sorted(self.root.glob(".*")):  # staging folders of a run that was killed
+            if leftover.is_dir():
+                logger.info("removing %s, left by an interrupted run", leftover.name)
+                shutil.rmtree(leftover, ignore_errors=True)
 
-    def run(self, name: str, key: str, produce: Callable[[Path], tuple[str, dict]]) -> StepRecord:
+    def run(self, name: str, inputs: dict[str, Any], produce: Callable[[Path], tuple[str, dict]]) -> StepRecord:
+        """Reuse step ``name`` when its ``inputs`` (named parts of its key) are unchanged and its
+        files intact; otherwise ``produce(folder)`` writes the artifact into a staging folder and
+        returns (artifact name, report), and the folder is renamed into place."""
+        parts = {part: digest(value) for part, value in inputs.items()}
+        key = digest(parts)
+        record = None if self.force else self._reusable(name, key, parts)
+        if record is None:
+            record = self._produce(name, key, parts, produce)
+        self.records.append(record)
+        return record
+
+    def _reusable(self, name: str, key: str, parts: dict[str, str]) -> StepRecord | None:
         folder = self.root / name
         stamp = folder / "step.json"
-        if not self.force and stamp.is_file():
-            recorded = json.loads(stamp.read_text())
-            artifact = folder / recorded["artifact"]
-            if recorded["key"] == key and artifact.is_file() and sha256(artifact) == recorded["sha256"]:
-                record = StepRecord(name, True, 0.0, artifact, recorded["report"])
-                logger.info("%s: unchanged, reused", name)
-                self.records.append(record)
-                return record
+        if not stamp.is_file():
+            return None
+        try:
+            recorded = json.loads(stamp.read_text(encoding="utf-8"))
+            recorded_key, artifact_name, files = recorded["key"], recorded["artifact"], recorded["files"]
+            report, recorded_parts = recorded["report"], recorded.get("inputs", {})
+            if not isinstance(files, dict) or artifact_name not in files:
+                raise ValueError("no file list")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s: its record %s cannot be read (%s); running the step again", name, stamp, exc)
+            return None
+        if recorded_key != key:
+            changed = sorted(p for p in parts if recorded_parts.get(p) != parts[p]) or ["key"]
+            logger.info("%s: %s changed; running the step again", name, ", ".join(changed))
+            return None
+        for relative, sha in files.items():
+            path = folder / relative
+            if not path.is_file() or file_sha256(path) != sha:
+                logger.warning("%s: %s was changed or removed since the step wrote it; running the step again", name, path)
+                return None
+        logger.info("%s: unchanged, reused", name)
+        return StepRecord(name, True, 0.0, folder / artifact_name, report, digest(files))
+
+    def _produce(self, name: str, key: str, parts: dict[str, str], produce) -> StepRecord:
+        folder = self.root / name
         started = time.perf_counter()
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
         try:
             artifact_name, report = produce(staging)
-            artifact = staging / artifact_name
-            stamp_data = {"key": key, "artifact": artifact_name, "sha256": sha256(artifact), "report": report}
-            (staging / "step.json").write_text(json.dumps(stamp_data, indent=2, default=str))
-            if folder.exists():
-                shutil.rmtree(folder)
+            files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+            if artifact_name not in files:
+                raise RuntimeError(f"step {name} did not write its artifact {artifact_name}")
+            stamp = {"key": key, "inputs": parts, "artifact": artifact_name, "files": files, "report": report}
+            (staging / "step.json").write_text(json.dumps(stamp, indent=2, default=str), encoding="utf-8")
+            old = None
+            if folder.exists():  # moved aside first, so the step's folder is always whole or absent
+                old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=self.root))
+                os.replace(folder, old / name)
             os.replace(staging, folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        record = StepRecord(name, False, time.perf_counter() - started, folder / artifact_name, report)
+        record = StepRecord(name, False, time.perf_counter() - started, folder / artifact_name,
+                            json.loads(json.dumps(report, default=str)), digest(files))
         logger.info("%s: done in %.1f s", name, record.seconds)
-        self.records.append(record)
         return record
 
 
-def _source_hash(model: dict[str, Any], recipe: Recipe) -> str:
-    """Content hash of what the model comes from (factory module file, .pt, ONNX, HF folder)."""
+def _model_source_hash(model: dict[str, Any], recipe: Recipe) -> str | None:
+    """Content hash of what the model comes from: the ONNX file and its external data, the
+    Hugging Face folder, the .pt file, or the factory's module sources."""
     if "onnx" in model:
-        return sha256(Path(recipe.path(model["onnx"])))
+        path = Path(recipe.path(model["onnx"]))
+        try:
+            from onnxforge.common.onnxio import files_of
+
+            files = files_of(path)
+        except Exception:  # not readable as ONNX: the export step reports it
+            files = [path]
+        return digest([reference_hash(str(f)) for f in files])
     if "hf" in model:
-        folder = Path(recipe.path(model["hf"]))
-        return _hash(sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()))
-    source = model["source"]
-    target = source.rpartition(":")[0] if ":" in Path(source).name else source
-    if target.endswith((".py", ".pt", ".pth", ".ts")):
-        path = Path(recipe.path(target))
-        return sha256(path) if path.is_file() else "missing"
-    spec = importlib.util.find_spec(target.split(":")[0]) if target else None
-    return sha256(Path(spec.origin)) if spec and spec.origin and os.path.isfile(spec.origin) else target
+        return reference_hash(recipe.path(model["hf"]))
+    return reference_hash(recipe.source(model["source"]))
 
 
 def _distill_step(recipe: Recipe, steps: _Steps) -> StepRecord:
     """Train the [model] source (the student) from [distill] teacher; writes student.pt."""
     settings = recipe.section("distill")
     model = recipe.section("model")
-    key = _hash("distill", settings, recipe.fingerprint("model"), _source_hash(model, recipe),
-                _source_hash({"source": settings["teacher"]}, recipe))
+    data_specs = {k: recipe.source(settings[k]) for k in ("data", "val_data", "test_data") if k in settings}
+    inputs = {"settings": settings, "model": recipe.section("model"), "student": _model_source_hash(model, recipe),
+              "teacher": reference_hash(recipe.source(settings["teacher"])),
+              "data": {k: reference_hash(spec) for k, spec in data_specs.items()}, "tools": tool_versions(*STEP_TOOLS["distill"])}
 
     def produce(folder: Path):
         import torch
@@ -140,17 +239,20 @@ def _distill_step(recipe: Recipe, steps: _Steps) -> StepRecord:
         options = {k: settings[k] for k in ("epochs", "temperature", "alpha", "lr", "loss", "patience", "seed") if k in settings}
         teacher = load_model_source(recipe.source(settings["teacher"])).module
         student = load_model_source(recipe.source(model["source"])).module
-        eval_data = _import_callable(settings["eval_data"]) if "eval_data" in settings else None
-        result = distill(teacher, student, _import_callable(settings["data"]), DistillSettings(**options), eval_data=eval_data)
+        data = {k: _import_callable(spec) for k, spec in data_specs.items()}
+        result = distill(teacher, student, data["data"], DistillSettings(**options), val_data=data.get("val_data"),
+                         test_data=data.get("test_data"))
         torch.save(result.student, folder / "student.pt")
         return "student.pt", result.to_dict()
 
-    return steps.run("distill", key, produce)
+    return steps.run("distill", inputs, produce)
 
 
 def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = None) -> StepRecord:
     model = recipe.section("model")
-    key = _hash("export", recipe.fingerprint("model"), _source_hash(model, recipe), sha256(student.artifact) if student else None)
+    kind = "export-onnx" if "onnx" in model else "export-hf" if "hf" in model else "export"
+    inputs = {"model": model, "source": _model_source_hash(model, recipe), "student": student.digest if student else None,
+              "tools": tool_versions(*STEP_TOOLS[kind])}
 
     def produce(folder: Path):
         if "onnx" in model:
@@ -167,8 +269,7 @@ def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = Non
             loaded = load_hf_model(recipe.path(model["hf"]), model.get("task", "feature-extraction"),
                                    batch=dims.get("batch", 2), seq=dims.get("seq", 16))
         else:
-            source = model["source"]
-            loaded = load_model_source(recipe.source(source))
+            loaded = load_model_source(recipe.source(model["source"]))
         if student is not None:  # the distilled weights, the factory's example inputs
             import torch
 
@@ -188,27 +289,34 @@ def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = Non
         return "model.onnx", {"exporter": result.exporter, "max_abs_error": [c.comparison.max_abs_error for c in result.checks],
                               "input_shapes": [c.input_shapes for c in result.checks], "seconds": result.seconds}
 
-    return steps.run("export", key, produce)
+    return steps.run("export", inputs, produce)
 
 
 def _optimize_step(recipe: Recipe, steps: _Steps, source: StepRecord) -> StepRecord:
+    """The optimized export; the export itself when [optimize] is disabled or optimizing fails
+    (the candidates then start from the export, and the run says why)."""
     settings_data = recipe.section("optimize")
     if not settings_data.pop("enabled", True):
         return source
     # "basic" by default here: the extended level's contrib ops (FusedConv, FusedGemm...) cannot be
     # pruned or quantized, and ONNX Runtime applies them itself when a session starts.
     settings_data.setdefault("level", "basic")
-    key = _hash("optimize", sha256(source.artifact), settings_data)
+    dims = recipe.section("data").get("dims", {})
+    inputs = {"model": source.digest, "settings": settings_data, "dims": dims, "tools": tool_versions(*STEP_TOOLS["optimize"])}
 
     def produce(folder: Path):
         from optimizers import OptimizeSettings, optimize_file
 
-        dims = recipe.section("data").get("dims", {})
         result = optimize_file(source.artifact, folder / "model.onnx", OptimizeSettings(dims=dims, **settings_data))
         return "model.onnx", {"settings": settings_data, "fusions": result.fusions,
                               "nodes": [result.before.node_count, result.after.node_count]}
 
-    return steps.run("optimize", key, produce)
+    try:
+        return steps.run("optimize", inputs, produce)
+    except Exception as exc:
+        reason, _ = _failure_reason(exc)
+        logger.warning("optimize failed: %s; the candidates start from the unoptimized export", reason)
+        return source
 
 
 def _data_args(recipe: Recipe) -> dict[str, Any]:
@@ -225,13 +333,10 @@ def _tokenizer(value: str | None, recipe: Recipe) -> str | None:
     return recipe.path(value)
 
 
-def _data_hash(args: dict[str, Any]) -> list:
-    hashes = []
-    for key in ("calibration", "evaluation"):
-        value = args.get(key)
-        path = Path(value) if value else None
-        hashes.append(sha256(path) if path and path.is_file() else value)
-    return hashes
+def _data_inputs(recipe: Recipe, args: dict[str, Any]) -> dict[str, Any]:
+    """The [data] section and the content of what it refers to (files, folders, callables' sources)."""
+    return {"section": recipe.section("data"),
+            **{name: reference_hash(args[name]) for name in ("calibration", "evaluation", "tokenizer")}}
 
 
 def _evaluation_batches(reference_model, args: dict[str, Any]) -> list[dict[str, np.ndarray]]:
@@ -246,8 +351,10 @@ def _evaluation_batches(reference_model, args: dict[str, Any]) -> list[dict[str,
 
 
 def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRecord, reference: StepRecord) -> StepRecord:
+    """Prune and/or quantize ``base`` as ``candidate`` says; fidelity against ``reference``."""
     args = _data_args(recipe)
-    key = _hash("candidate", sha256(base.artifact), sha256(reference.artifact), candidate, _data_hash(args), recipe.fingerprint("data"))
+    inputs = {"base": base.digest, "reference": reference.digest, "candidate": candidate, "data": _data_inputs(recipe, args),
+              "tools": tool_versions(*STEP_TOOLS["candidate"])}
 
     def produce(folder: Path):
         from onnxforge.common.onnxio import load_onnx, save_onnx
@@ -273,55 +380,109 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
         reference_model = load_onnx(reference.artifact)
         batches = _evaluation_batches(reference_model, args)
         measured = fidelity(reference_model, model, batches)
-        accuracy = _accuracy(model, recipe)
         return "model.onnx", {"transforms": transforms, "cosine": measured.min_mean_cosine,
-                              "max_abs_error": max(measured.max_abs_error.values(), default=0.0), "samples": measured.samples,
-                              "accuracy": accuracy}
+                              "max_abs_error": max(measured.max_abs_error.values(), default=0.0), "samples": measured.samples}
 
-    return steps.run(f"candidate-{candidate['name']}", key, produce)
+    return steps.run(f"candidate-{candidate['name']}", inputs, produce)
 
 
-def _accuracy(model, recipe: Recipe) -> float | None:
-    """Top-1 accuracy when the recipe's select.metric names a labelled data function."""
+def _accuracy_step(recipe: Recipe, steps: _Steps, name: str, candidate: StepRecord) -> StepRecord | None:
+    """Top-1 accuracy of a candidate when [select] metric names a function returning
+    (inputs, labels); its own step, so that adding or editing the metric reruns only this."""
     metric = recipe.section("select").get("metric")
     if not metric:
         return None
-    from exporter.sources import _import_callable
+    spec = recipe.source(metric)
+    inputs = {"model": candidate.digest, "metric": metric, "source": reference_hash(spec), "tools": tool_versions(*STEP_TOOLS["accuracy"])}
 
-    inputs, labels = _import_callable(metric)()
-    import onnxruntime as ort
+    def produce(folder: Path):
+        from exporter.sources import _import_callable
+        from onnxforge.common.onnxio import load_onnx
+        from optimizers.verify import ort_session
 
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    predictions = session.run(None, {k: np.asarray(v) for k, v in inputs.items()})[0].argmax(-1)
-    return float((predictions == np.asarray(labels)).mean())
+        produced = _import_callable(spec)()
+        if not (isinstance(produced, tuple) and len(produced) == 2):
+            raise UserError(f"metric '{metric}' must return (inputs, labels): a dict of input arrays and an array of "
+                            f"class indices; it returned {type(produced).__name__}")
+        data, labels = produced
+        session = ort_session(load_onnx(candidate.artifact))
+        predictions = session.run(None, {k: np.asarray(v) for k, v in dict(data).items()})[0].argmax(-1)
+        labels = np.asarray(labels)
+        if predictions.shape != labels.shape:
+            raise UserError(f"metric '{metric}': the model predicts {predictions.shape} classes, the labels have shape {labels.shape}")
+        accuracy = float((predictions == labels).mean())
+        write_text_atomic(folder / "accuracy.json", json.dumps({"metric": metric, "accuracy": accuracy, "samples": int(labels.size)}))
+        return "accuracy.json", {"metric": metric, "accuracy": accuracy, "samples": int(labels.size)}
+
+    return steps.run(f"accuracy-{name}", inputs, produce)
 
 
 def _benchmark_step(recipe: Recipe, steps: _Steps, candidates: dict[str, StepRecord]) -> StepRecord:
+    from runtime_bench import BenchConfig, SessionSettings
+
     bench = recipe.section("benchmark")
-    key = _hash("benchmark", {n: sha256(r.artifact) for n, r in candidates.items()}, bench)
+    batch = bench.get("batch", [8])
+    config = BenchConfig(
+        providers=(bench.get("provider", "cpu"),),
+        batch_sizes=tuple(batch if isinstance(batch, list) else [batch]),
+        dims=bench.get("dims", recipe.section("data").get("dims", {})),
+        min_seconds=float(bench.get("min_seconds", 2.0)),
+        min_runs=int(bench.get("min_runs", 20)),
+        warmup=3,
+        fidelity=False,
+        session=SessionSettings(intra_op_threads=bench.get("threads")),
+    )
+    inputs = {"models": {n: r.digest for n, r in candidates.items()}, "config": repr(config), "cpus": os.cpu_count(),
+              "tools": tool_versions(*STEP_TOOLS["benchmark"])}
 
     def produce(folder: Path):
-        from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark, write_report
+        from runtime_bench import OnnxVariant, benchmark, write_report
 
-        batch = bench.get("batch", [8])
-        config = BenchConfig(
-            providers=(bench.get("provider", "cpu"),),
-            batch_sizes=tuple(batch if isinstance(batch, list) else [batch]),
-            dims=bench.get("dims", recipe.section("data").get("dims", {})),
-            min_seconds=float(bench.get("min_seconds", 2.0)),
-            min_runs=int(bench.get("min_runs", 20)),
-            warmup=3,
-            fidelity=False,
-            session=SessionSettings(intra_op_threads=bench.get("threads")),
-        )
         report = benchmark([OnnxVariant(n, r.artifact) for n, r in candidates.items()], config)
         write_report(report, folder)
         return "report.json", {"machine": report.machine.describe(), "baseline": report.baseline}
 
-    return steps.run("benchmark", key, produce)
+    return steps.run("benchmark", inputs, produce)
 
 
-def _rows(recipe: Recipe, candidates: dict[str, StepRecord], bench: StepRecord | None) -> list[CandidateRow]:
+def _failure_reason(exc: Exception) -> tuple[str, str | None]:
+    """(one-line reason, traceback or None): a ``UserError`` is the user's to fix; anything
+    else is a bug in onnxforge, said so, with its traceback logged at debug level (-v)."""
+    if isinstance(exc, UserError):
+        return str(exc), None
+    logger.debug("traceback of the failure:", exc_info=exc)
+    reason = f"unexpected {type(exc).__name__}: {exc} (a bug in onnxforge; -v shows its traceback; please report it)"
+    return reason, "".join(traceback.format_exception(exc))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Made:
+    """What became of one candidate: its model and accuracy steps, or why it failed."""
+
+    name: str
+    record: StepRecord | None = None
+    accuracy: StepRecord | None = None
+    error: str | None = None
+    bug: BaseException | None = None
+    traceback: str | None = None
+
+
+def _make_candidates(recipe: Recipe, steps: _Steps, base: StepRecord, reference: StepRecord) -> list[_Made]:
+    """Each candidate in recipe order; one that fails is recorded as failed and the run goes on."""
+    made = []
+    for candidate in recipe.candidates:
+        name = candidate["name"]
+        try:
+            record = _candidate_step(recipe, steps, candidate, base, reference)
+            made.append(_Made(name, record, _accuracy_step(recipe, steps, name, record)))
+        except Exception as exc:
+            reason, trace = _failure_reason(exc)
+            logger.warning("candidate %s failed: %s; going on without it", name, reason)
+            made.append(_Made(name, error=reason, bug=None if trace is None else exc, traceback=trace))
+    return made
+
+
+def _rows(recipe: Recipe, made: list[_Made], bench: StepRecord | None) -> list[CandidateRow]:
     select = recipe.section("select")
     budget = float(select.get("min_cosine", 0.99))
     min_accuracy = select.get("min_accuracy")
@@ -333,17 +494,21 @@ def _rows(recipe: Recipe, candidates: dict[str, StepRecord], bench: StepRecord |
         first_batch = report.measurements[0].batch_size
         measured = {m.variant: m for m in report.measurements if m.batch_size == first_batch}
     rows = []
-    for name, record in candidates.items():
-        m = measured.get(name)
+    for item in made:
+        if item.record is None:
+            rows.append(CandidateRow(item.name, math.nan, math.nan, math.nan, None, 0.0, False, error=item.error))
+            continue
+        m = measured.get(item.name)
+        cosine = item.record.report["cosine"]
+        accuracy = item.accuracy.report["accuracy"] if item.accuracy else None
         rows.append(CandidateRow(
-            name=name,
-            p50_ms=m.latency.p50_ms if m else float("nan"),
+            name=item.name,
+            p50_ms=m.latency.p50_ms if m else math.nan,
             speedup=m.speedup.ratio if m and m.speedup else 1.0,
-            cosine=record.report["cosine"],
-            accuracy=record.report.get("accuracy"),
-            size_mb=sum(f.stat().st_size for f in record.artifact.parent.glob("model.onnx*")) / 1e6,
-            meets_budget=record.report["cosine"] >= budget
-            and (min_accuracy is None or (record.report.get("accuracy") or 0.0) >= float(min_accuracy)),
+            cosine=cosine,
+            accuracy=accuracy,
+            size_mb=sum(f.stat().st_size for f in item.record.artifact.parent.glob("model.onnx*")) / 1e6,
+            meets_budget=cosine >= budget and (min_accuracy is None or (accuracy or 0.0) >= float(min_accuracy)),
         ))
     return rows
 
@@ -356,6 +521,7 @@ def _pareto_plot(rows: list[CandidateRow], selected: str | None, path: Path) -> 
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    rows = [r for r in rows if not r.failed]
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         ax.scatter(row.p50_ms, row.cosine, color="#c44e52" if row.name == selected else "#4c72b0")
@@ -369,8 +535,46 @@ def _pareto_plot(rows: list[CandidateRow], selected: str | None, path: Path) -> 
     ax.set_ylabel("fidelity (mean cosine to the export)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as staged:
+        fig.savefig(staged, dpi=110, format="png")
     plt.close(fig)
+
+
+def _write_summary(result: PipelineResult, made: list[_Made]) -> None:
+    """candidates.txt (the table) and candidates.json (rows, failures with reasons, steps)."""
+    write_text_atomic(result.out / "candidates.txt", result.table() + "\n")
+    tracebacks = {item.name: item.traceback for item in made if item.traceback}
+    summary = {
+        "selected": result.selected,
+        "package": str(result.package) if result.package else None,
+        "candidates": [{**dataclasses.asdict(row), "status": "failed" if row.failed else "made",
+                        **({"traceback": tracebacks[row.name]} if row.name in tracebacks else {})} for row in result.rows],
+        "steps": [{"name": s.name, "cached": s.cached, "seconds": s.seconds} for s in result.steps],
+    }
+    write_text_atomic(result.out / "candidates.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _package(recipe: Recipe, out: Path, chosen: StepRecord, row: CandidateRow, exported: StepRecord, base: StepRecord,
+             student: StepRecord | None, bench: StepRecord | None) -> Path:
+    from onnxforge.common.onnxio import load_onnx
+
+    package_settings = recipe.section("package")
+    reference_inputs = _evaluation_batches(load_onnx(exported.artifact), _data_args(recipe))[0]
+    return write_package(
+        out / package_settings.get("name", "package"), chosen.artifact,
+        reference_inputs=reference_inputs,
+        transforms=([{"step": "distill", "settings": recipe.section("distill"), "result": student.report}] if student else [])
+        + [{"step": "export", "settings": recipe.section("model")}]
+        + ([{"step": "optimize", "settings": recipe.section("optimize")}] if base is not exported else [])
+        + chosen.report.get("transforms", []),
+        measurements={"latency_p50_ms": row.p50_ms, "speedup_vs_first_candidate": row.speedup,
+                      "fidelity_min_mean_cosine": row.cosine, "accuracy": row.accuracy,
+                      "benchmark": recipe.section("benchmark"), "machine": bench.report["machine"] if bench else None},
+        source={"recipe": recipe.name, "model": recipe.section("model"), "sha256_of_export": file_sha256(exported.artifact)},
+        recommended={"provider": "CPUExecutionProvider", "intra_op_threads": recipe.section("benchmark").get("threads")},
+        name=recipe.name,
+        make_zip=bool(package_settings.get("zip", False)),
+    )
 
 
 def run_pipeline(recipe: Recipe | str | Path, out: str | Path, *, overrides: list[str] | None = None, force: bool = False) -> PipelineResult:
@@ -378,41 +582,36 @@ def run_pipeline(recipe: Recipe | str | Path, out: str | Path, *, overrides: lis
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     out = ensure_writable_dir(Path(out))
+    with _exclusive(out):
+        return _run(recipe, out, force)
+
+
+def _run(recipe: Recipe, out: Path, force: bool) -> PipelineResult:
     steps = _Steps(out, force)
     student = _distill_step(recipe, steps) if "distill" in recipe.data else None
     exported = _export_step(recipe, steps, student)
     base = _optimize_step(recipe, steps, exported)
-    candidates = {c["name"]: _candidate_step(recipe, steps, c, base, exported) for c in recipe.candidates}
-    bench = _benchmark_step(recipe, steps, candidates) if recipe.section("benchmark").get("enabled", True) else None
-    rows = _rows(recipe, candidates, bench)
+    made = _make_candidates(recipe, steps, base, exported)
+    succeeded = {item.name: item.record for item in made if item.record is not None}
+    if not succeeded:
+        rows = _rows(recipe, made, None)
+        _write_summary(PipelineResult(tuple(steps.records), tuple(rows), None, None, out), made)
+        bug = next((item.bug for item in made if item.bug is not None), None)
+        if bug is not None:
+            raise bug
+        reasons = "; ".join(f"{item.name}: {item.error}" for item in made)
+        raise UserError(f"every candidate failed, nothing to package ({reasons}); see {out / 'candidates.txt'}")
+    bench = _benchmark_step(recipe, steps, succeeded) if recipe.section("benchmark").get("enabled", True) else None
+    rows = _rows(recipe, made, bench)
     eligible = [r for r in rows if r.meets_budget]
     selected = min(eligible, key=lambda r: r.p50_ms if bench else -r.cosine).name if eligible else None
     _pareto_plot(rows, selected, out / "pareto.png")
     package = None
-    package_settings = recipe.section("package")
     if selected is None:
         logger.warning("no candidate meets the fidelity budget (select.min_cosine); no package written")
-    elif package_settings.get("enabled", True):
-        chosen = candidates[selected]
-        from onnxforge.common.onnxio import load_onnx
-
-        reference_inputs = _evaluation_batches(load_onnx(exported.artifact), _data_args(recipe))[0]
+    elif recipe.section("package").get("enabled", True):
         row = next(r for r in rows if r.name == selected)
-        package = write_package(
-            out / package_settings.get("name", "package"), chosen.artifact,
-            reference_inputs=reference_inputs,
-            transforms=([{"step": "distill", "settings": recipe.section("distill"), "result": student.report}] if student else [])
-            + [{"step": "export", "settings": recipe.section("model")}]
-            + ([{"step": "optimize", "settings": recipe.section("optimize")}] if base is not exported else [])
-            + chosen.report.get("transforms", []),
-            measurements={"latency_p50_ms": row.p50_ms, "speedup_vs_first_candidate": row.speedup,
-                          "fidelity_min_mean_cosine": row.cosine, "accuracy": row.accuracy,
-                          "benchmark": recipe.section("benchmark"), "machine": bench.report["machine"] if bench else None},
-            source={"recipe": recipe.name, "model": recipe.section("model"), "sha256_of_export": sha256(exported.artifact)},
-            recommended={"provider": "CPUExecutionProvider", "intra_op_threads": recipe.section("benchmark").get("threads")},
-            name=recipe.name,
-            make_zip=bool(package_settings.get("zip", False)),
-        )
+        package = _package(recipe, out, succeeded[selected], row, exported, base, student, bench)
     result = PipelineResult(tuple(steps.records), tuple(rows), selected, package, out)
-    (out / "candidates.txt").write_text(result.table() + "\n", encoding="utf-8")
+    _write_summary(result, made)
     return result
