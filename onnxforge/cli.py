@@ -163,6 +163,8 @@ def _optimize_command(args) -> int:
         return 0
     before, after = result.before, result.after
     print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
+    if result.normalization is not None and result.normalization.modified:
+        print(result.normalization.describe())
     print(f"{'step':<22} {'nodes':>13} {'seconds':>8}  {'max abs error vs input':>22}  details")
     for step in result.steps:
         error = f"{step.check['max_abs_error']:.2e}" if step.check else ("unchanged" if not step.modified else "not verified")

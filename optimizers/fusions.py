@@ -149,6 +149,10 @@ def fuse_transformer(
         ort_logger.setLevel(logging.ERROR)
         try:
             fused = optimizer.optimize_model(copy, model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0, use_gpu=use_gpu)
+        except Exception as exc:  # a graph from an exporter the tool never saw; the fusions are optional
+            reason = f"ONNX Runtime's transformer optimizer failed on this graph ({type(exc).__name__}: {str(exc)[:200]})"
+            logger.warning("fusions skipped: %s", reason)
+            return PassResult(model, False, {"skipped": reason})
         finally:
             ort_logger.setLevel(level)
     counts = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}

@@ -14,6 +14,7 @@ import onnx
 
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
+from onnxforge.common.normalize import NormalizeResult, ensure_opset, normalize, ops_needing_newer_opset
 from onnxforge.common.onnxio import load_onnx, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.cleanup import cleanup, prune_graph
@@ -50,7 +51,8 @@ class OptimizeSettings:
         lossy size/compressibility step reported with its fidelity, not held to rtol/atol.
     verify: run every step's model in ONNX Runtime and compare it with the input model
         (``|new - old| <= atol + rtol * |old|``); a step beyond tolerance is an error.
-    dims: sizes of symbolic dims for verification inputs (default: leading 2, others 8).
+    dims: sizes of symbolic dims for verification inputs (default: ``choose_dim_sizes``, batch 1,
+        image sides 224 rounded to the graph's strides, sequences 128).
     """
 
     level: str = "auto"
@@ -103,6 +105,7 @@ class OptimizeResult:
     before: ModelSummary
     after: ModelSummary
     seconds: float
+    normalization: NormalizeResult | None = None
 
     @property
     def modified(self) -> bool:
@@ -123,6 +126,7 @@ class OptimizeResult:
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "steps": [dataclasses.asdict(step) for step in self.steps],
+            "normalization": self.normalization.to_dict() if self.normalization else None,
         }
 
 
@@ -150,7 +154,10 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     ``fp16_min_cosine``; sparsity is reported. The final model passes ``onnx.checker``.
     """
     started = time.perf_counter()
-    source = load_onnx(model) if isinstance(model, (str, Path)) else model
+    normalization = normalize(load_onnx(model, normalize=False) if isinstance(model, (str, Path)) else model, dims=settings.dims)
+    if normalization.modified:
+        logger.debug("%s", normalization.describe())  # in the result; the CLI prints it
+    source = normalization.model
     tolerance = Tolerance(settings.rtol, settings.atol)
     level = settings.resolved_level
     if level in ("extended", "all"):
@@ -185,7 +192,7 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     reports = []
     for name, transform, kind in steps:
         step_started = time.perf_counter()
-        result: PassResult = transform(current)
+        result: PassResult = _within_opset(name, transform, current, settings.dims)
         check = None
         if settings.verify and result.modified:
             comparison = compare_models(reference_outputs, result.model, reference_inputs, tolerance)
@@ -211,12 +218,40 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
         onnx.checker.check_model(current, full_check=not contrib)
     except onnx.checker.ValidationError as exc:
         raise UserError(f"the optimized model fails onnx.checker: {str(exc)[:400]}") from None
-    return OptimizeResult(current, tuple(reports), _summary(source), _summary(current), time.perf_counter() - started)
+    return OptimizeResult(current, tuple(reports), _summary(source), _summary(current), time.perf_counter() - started, normalization)
+
+
+def _within_opset(name: str, transform, model: onnx.ModelProto, dims: Mapping[str, int]) -> PassResult:
+    """``transform(model)``, kept valid for the model's opset.
+
+    Fusions write ops that newer opsets define (LayerNormalization is opset 17). When the
+    result has such an op, the input is upgraded with ``ensure_opset`` (verified in ONNX
+    Runtime) and the step runs again; when the upgrade fails, or the ops still do not fit,
+    the step is skipped and its stats say why.
+    """
+    result = transform(model)
+    needed = ops_needing_newer_opset(result.model) if result.modified else {}
+    if not needed:
+        return result
+    version = max(needed.values())
+    wanted = ", ".join(f"{op} (opset {v})" for op, v in sorted(needed.items()))
+    upgrade = ensure_opset(model, version, dims=dims)
+    if upgrade.ok:
+        retried = transform(upgrade.model)
+        still = ops_needing_newer_opset(retried.model) if retried.modified else {}
+        if not still:
+            logger.info("%s: wrote %s, so the model went to %s", name, wanted, upgrade.describe())
+            return PassResult(retried.model, True, {**retried.stats, "opset": f"{upgrade.version_before} -> {upgrade.version_after}"})
+        reason = f"it writes {', '.join(sorted(still))}, which opset {upgrade.version_after} does not define"
+    else:
+        reason = f"it writes {wanted} and the model cannot be upgraded: {upgrade.reason}"
+    logger.warning("step '%s' skipped: %s", name, reason)
+    return PassResult(model, False, {"skipped": reason})
 
 
 def optimize_file(input_path: str | Path, output_path: str | Path, settings: OptimizeSettings = OptimizeSettings()) -> OptimizeResult:
     """``optimize`` from a file to a file, written atomically (nothing at ``output_path`` on failure)."""
-    result = optimize(load_onnx(input_path), settings)
+    result = optimize(load_onnx(input_path, normalize=False), settings)
     written = save_onnx(result.model, output_path)
     after = dataclasses.replace(result.after, path=str(output_path), file_bytes=written[0].stat().st_size)
     before = dataclasses.replace(result.before, path=str(input_path), file_bytes=Path(input_path).stat().st_size)

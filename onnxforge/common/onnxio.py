@@ -17,8 +17,14 @@ PROTOBUF_LIMIT_BYTES = 2**31
 EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8 * 2**30)
 
 
-def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file, turning every way it can be wrong into a ``UserError``."""
+def load_onnx(path: str | Path, *, load_external_data: bool = True, normalize: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file, turning every way it can be wrong into a ``UserError``.
+
+    With ``normalize`` (the default, what every command gets) the model comes back as
+    ``onnxforge.common.normalize.normalize`` makes it: Constant weights as initializers,
+    ``-1``/``0`` dims symbolic, every node named; what changed is logged in one line. The
+    result is checked in ONNX Runtime when the weights are loaded.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"ONNX file '{path}' does not exist; check the path")
@@ -33,7 +39,14 @@ def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.Mode
         ) from None
     if not model.graph.node and not model.graph.output:
         raise UserError(f"'{path}' does not contain an ONNX graph; give a file written by an ONNX exporter")
-    return model
+    if not normalize:
+        return model
+    from onnxforge.common.normalize import normalize as normalize_model
+
+    result = normalize_model(model, check=load_external_data)
+    if result.modified:
+        logger.info("%s: %s", path.name, result.describe())
+    return result.model
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
