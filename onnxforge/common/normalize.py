@@ -231,7 +231,8 @@ def normalize(model: onnx.ModelProto, *, check: bool = True, dims: Mapping[str, 
     named = _name_nodes(work)
     lifted = 0
     check_text = "not needed (declarations only)" if symbolic or named else "not needed"
-    if _liftable_constants(work) and model.ir_version >= 4:  # before IR 4, initializers must also be inputs
+    # Before IR 4 initializers must also be graph inputs; weights not loaded stay where they are.
+    if _liftable_constants(work) and model.ir_version >= 4 and _weights_loaded(work):
         candidate, lifted = _lift_constants(work)
         if lifted and check:
             passed, how = _compare_in_ort(work, candidate, dims)
