@@ -14,11 +14,11 @@ import onnx
 
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
-from onnxforge.common.normalize import NormalizeResult, ensure_opset, normalize, ops_needing_newer_opset
+from onnxforge.common.normalize import NormalizeResult, default_opset, ensure_opset, normalize, ops_needing_newer_opset
 from onnxforge.common.onnxio import load_onnx, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.cleanup import cleanup, prune_graph
-from optimizers.fusions import fuse_transformer
+from optimizers.fusions import fuse_transformer, looks_like_transformer
 from optimizers.ort_offline import TARGET_PROVIDERS, ort_optimize, require_provider
 from optimizers.precision import to_fp16
 from optimizers.result import PassResult
@@ -32,6 +32,7 @@ TARGETS = tuple(TARGET_PROVIDERS)
 # What "auto" means per target. TensorRT builds its own fused engines from standard ONNX ops,
 # so it gets no contrib-op fusions; CUDA and CPU get ONNX Runtime's transformer fusions.
 AUTO_LEVEL = {"cpu": "extended", "cuda": "basic", "tensorrt": "basic"}
+LAYER_NORMALIZATION_OPSET = 17
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +179,8 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     steps.append(("cleanup", lambda m: cleanup(m, max_rounds=settings.cleanup_rounds), "exact"))
     wants_fusions = settings.fusions == "on" or (settings.fusions == "auto" and settings.target != "tensorrt")
     if wants_fusions:
-        steps.append(("fusions", lambda m: fuse_transformer(
-            m, model_type="bert" if settings.fusions == "on" and settings.model_type == "auto" else settings.model_type,
+        steps.append(("fusions", lambda m: _fuse_at_opset_17(
+            m, settings.dims, model_type="bert" if settings.fusions == "on" and settings.model_type == "auto" else settings.model_type,
             num_heads=settings.num_heads, hidden_size=settings.hidden_size, use_gpu=settings.target != "cpu"), "exact"))
     if level != "none":
         steps.append((f"onnxruntime_{level}", lambda m: ort_optimize(m, level, settings.target), "exact"))
@@ -219,6 +220,22 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     except onnx.checker.ValidationError as exc:
         raise UserError(f"the optimized model fails onnx.checker: {str(exc)[:400]}") from None
     return OptimizeResult(current, tuple(reports), _summary(source), _summary(current), time.perf_counter() - started, normalization)
+
+
+def _fuse_at_opset_17(model: onnx.ModelProto, dims: Mapping[str, int], **fusion_settings) -> PassResult:
+    """Transformer fusions write LayerNormalization (opset 17): a transformer graph below
+    opset 17 is upgraded first (verified), or the fusions are skipped with the reason."""
+    if not looks_like_transformer(model) or default_opset(model) >= LAYER_NORMALIZATION_OPSET:
+        return fuse_transformer(model, **fusion_settings)
+    upgrade = ensure_opset(model, LAYER_NORMALIZATION_OPSET, dims=dims)
+    if not upgrade.ok:
+        reason = f"the fusions write LayerNormalization, which needs opset {LAYER_NORMALIZATION_OPSET}: {upgrade.reason}"
+        logger.warning("fusions skipped: %s", reason)
+        return PassResult(model, False, {"skipped": reason})
+    result = fuse_transformer(upgrade.model, **fusion_settings)
+    if not result.modified:
+        return PassResult(model, False, result.stats)  # keep the user's opset when nothing was fused
+    return PassResult(result.model, True, {**result.stats, "opset": f"{upgrade.version_before} -> {upgrade.version_after}"})
 
 
 def _within_opset(name: str, transform, model: onnx.ModelProto, dims: Mapping[str, int]) -> PassResult:

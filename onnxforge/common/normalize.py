@@ -126,9 +126,15 @@ def _symbolic_name(tensor: str, axis: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_]', '_', tensor)}_dim{axis}"
 
 
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def _fix_dims(model: onnx.ModelProto) -> list[str]:
-    """Give every dim of value ``<= 0`` on the graph's inputs, outputs and value_info a
-    symbolic name; in place on ``model`` (a private copy). Returns what was changed."""
+    """On the graph's inputs, outputs and value_info: every dim of value ``<= 0`` gets a
+    symbolic name, and symbolic names that ``--dim NAME=SIZE`` cannot spell become
+    identifiers (``p2o.DynamicDimension.0`` -> ``p2o_DynamicDimension_0``, the same name
+    everywhere; a bare ``?`` means "unknown", so each one gets its own name). In place on
+    ``model`` (a private copy). Returns what was changed."""
     changed = []
     graph = model.graph
     for value in [*graph.input, *graph.output, *graph.value_info]:
@@ -138,6 +144,12 @@ def _fix_dims(model: onnx.ModelProto) -> list[str]:
             if dim.HasField("dim_value") and dim.dim_value <= 0:
                 changed.append(f"{value.name} axis {axis} ({dim.dim_value})")
                 dim.dim_param = _symbolic_name(value.name, axis)  # a oneof: clears dim_value
+            elif dim.HasField("dim_param") and not _IDENTIFIER.match(dim.dim_param):
+                changed.append(f"{value.name} axis {axis} ('{dim.dim_param}')")
+                if re.search(r"[A-Za-z0-9]", dim.dim_param):
+                    dim.dim_param = re.sub(r"[^A-Za-z0-9_]", "_", dim.dim_param).lstrip("0123456789") or _symbolic_name(value.name, axis)
+                else:
+                    dim.dim_param = _symbolic_name(value.name, axis)
     return changed
 
 

@@ -19,8 +19,11 @@ _FLOAT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "ten
 
 
 def one_line(text: str, limit: int = 300) -> str:
-    """ONNX Runtime's multi-line messages as one line of at most ``limit`` characters."""
+    """ONNX Runtime's multi-line messages as one line of at most ``limit`` characters,
+    without its error-code prefix and the C++ source locations and signatures."""
     flat = re.sub(r"\s+", " ", str(text)).strip()
+    flat = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", flat)
+    flat = re.sub(r"/onnxruntime_src/\S+:\d+ [^()]*\([^()]*\) ", "", flat)
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
@@ -32,7 +35,7 @@ def open_session(model: onnx.ModelProto, *, optimized: bool = False):
     options = ort.SessionOptions()
     if not optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures come back as exceptions, in our words; no second copy on stderr
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -59,8 +62,12 @@ def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, optimi
             dtype = _FLOAT_TYPES.get(wanted[name].type)
             feeds[name] = array.astype(dtype) if dtype is not None and array.dtype.kind == "f" else array
     names = [o.name for o in session.get_outputs()]
+    import onnxruntime as ort
+
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
     try:
-        return dict(zip(names, session.run(names, feeds)))
+        return dict(zip(names, session.run(names, feeds, run_options)))
     except Exception as exc:
         open_dims = sorted({d for i in wanted.values() for d in i.shape if not isinstance(d, int)} - {None})
         hint = f"give the sizes with --dim NAME=SIZE (the model's open dims: {', '.join(open_dims)})" if open_dims else "give the sizes with --dim NAME=SIZE"

@@ -286,24 +286,35 @@ def _constant_arrays(model) -> dict[str, np.ndarray]:
     return arrays
 
 
-def spatial_multiple(model) -> int:
-    """The largest total stride along any path of the graph, so inputs whose sides are a
-    multiple of it keep every feature map whole (detectors and segmenters add upsampled maps
-    to earlier ones, which fails when a stride-2 step rounded a side down).
+def spatial_multiples(model) -> tuple[int, int]:
+    """For height and width: the largest total stride along any path of the graph, as a power
+    of two, so inputs whose sides are multiples of it keep every feature map whole (detectors
+    and segmenters add upsampled maps to earlier ones, which fails when a stride-2 step
+    rounded a side down).
 
-    Striding ops multiply the stride by their largest ``strides``; Resize/Upsample with
-    constant scales and ConvTranspose divide it. At most ``MAX_STRIDE``.
+    Striding ops multiply the stride by their ``strides`` (the last two axes; a 1-D op strides
+    the width), Resize/Upsample with constant scales and ConvTranspose divide it, a tensor
+    takes the largest stride of its node's inputs. At most ``MAX_STRIDE``.
     """
     constants = _constant_arrays(model)
-    stride: dict[str, float] = {}
-    largest = 1.0
+    stride: dict[str, tuple[float, float]] = {}
+    largest = [1.0, 1.0]
+
+    def scaled(current, factors, divide=False):
+        factors = [float(f) for f in factors][-2:]
+        factors = [1.0] * (2 - len(factors)) + factors
+        if any(f <= 0 for f in factors):
+            return current
+        return tuple(c / f if divide else c * f for c, f in zip(current, factors))
+
     for node in model.graph.node:
-        current = max((stride.get(name, 1.0) for name in node.input if name), default=1.0)
+        inputs = [stride[name] for name in node.input if name in stride]
+        current = (max((s[0] for s in inputs), default=1.0), max((s[1] for s in inputs), default=1.0))
         attributes = {a.name: a for a in node.attribute}
         if node.op_type in _STRIDING_OPS and "strides" in attributes:
-            current *= max(attributes["strides"].ints, default=1)
+            current = scaled(current, attributes["strides"].ints)
         elif node.op_type == "ConvTranspose" and "strides" in attributes:
-            current /= max(attributes["strides"].ints, default=1)
+            current = scaled(current, attributes["strides"].ints, divide=True)
         elif node.op_type in ("Resize", "Upsample"):
             scales = None
             if node.op_type == "Upsample" and "scales" in attributes:
@@ -311,19 +322,22 @@ def spatial_multiple(model) -> int:
             for index in (2, 1):  # Resize-11+: (X, roi, scales, sizes); Resize-10 / Upsample-9: (X, scales)
                 if scales is None and len(node.input) > index and node.input[index] in constants:
                     candidate = constants[node.input[index]]
-                    scales = candidate if candidate.dtype.kind == "f" and candidate.size else None
-            if scales is not None and scales.size > 2 and float(scales[2:].max()) > 0:
-                current /= float(scales[2:].max())
+                    scales = candidate if candidate.dtype.kind == "f" and candidate.size > 2 else None
+            if scales is not None:
+                current = scaled(current, scales[2:], divide=True)
         elif node.op_type in ("SpaceToDepth", "DepthToSpace") and "blocksize" in attributes:
             block = attributes["blocksize"].i
-            current = current * block if node.op_type == "SpaceToDepth" else current / block
+            current = scaled(current, (block, block), divide=node.op_type == "DepthToSpace")
         for name in node.output:
             stride[name] = current
-        largest = max(largest, current)
-    multiple = 1
-    while multiple < min(largest, MAX_STRIDE):
-        multiple *= 2
-    return multiple
+        largest = [max(largest[0], current[0]), max(largest[1], current[1])]
+    multiples = []
+    for value in largest:
+        multiple = 1
+        while multiple < min(value, MAX_STRIDE):
+            multiple *= 2
+        multiples.append(multiple)
+    return multiples[0], multiples[1]
 
 
 def _metadata(model) -> dict[str, str]:
@@ -368,7 +382,7 @@ def choose_dim_sizes(
     Order: ``given`` (the user's ``--dim``), ``data`` (arrays the user gave), the image size
     the exporter recorded in the metadata, then by role: the leading dim is a batch of
     ``BATCH_SIZE``; the sides of a 4-D float input are ``IMAGE_SIDE`` (``DETECTOR_IMAGE_SIDE``
-    for models recorded as detectors) rounded up to the graph's ``spatial_multiple``; an open
+    for models recorded as detectors) rounded up to the graph's ``spatial_multiples``; an open
     channel count is 3; every other dim is ``SEQUENCE_LENGTH``, no longer than the smallest
     embedding table. Dim names like ``batch``, ``height``, ``seq`` override the position.
     """
@@ -387,10 +401,11 @@ def choose_dim_sizes(
     recorded = _recorded_image_size(model)
     metadata = _metadata(model)
     detector = metadata.get("task", "").lower() in _DETECTOR_TASKS
-    multiple = spatial_multiple(model)
-    side = DETECTOR_IMAGE_SIDE if detector else IMAGE_SIDE
-    side = -(-side // multiple) * multiple
-    side_source = f"image side, {'detector, ' if detector else ''}multiple of {multiple} from the graph's strides"
+    base = DETECTOR_IMAGE_SIDE if detector else IMAGE_SIDE
+    multiples = spatial_multiples(model)
+    sides = [-(-base // multiple) * multiple for multiple in multiples]
+    side_sources = [f"image {which}, {'detector, ' if detector else ''}multiple of {multiple} from the graph's strides"
+                    for which, multiple in zip(("height", "width"), multiples)]
     sequence = min(SEQUENCE_LENGTH, _sequence_cap(model) or SEQUENCE_LENGTH)
     sequence_source = "sequence" if sequence == SEQUENCE_LENGTH else "sequence, within the embedding table"
     for spec in specs:
@@ -401,8 +416,12 @@ def choose_dim_sizes(
                 choose(name, BATCH_SIZE, "batch")
             elif image and axis in image[1] and recorded:
                 choose(name, recorded[image[1].index(axis)], "image size in the model's metadata")
-            elif (image and axis in image[1]) or lowered in _SPATIAL_NAMES:
-                choose(name, side, side_source)
+            elif image and axis in image[1]:
+                which = image[1].index(axis)
+                choose(name, sides[which], side_sources[which])
+            elif lowered in _SPATIAL_NAMES:
+                which = 0 if lowered in ("h", "height", "img_h", "image_height") else 1
+                choose(name, sides[which], side_sources[which])
             elif image and axis == image[0]:
                 choose(name, IMAGE_CHANNELS, "channels")
             else:
