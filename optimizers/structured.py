@@ -237,6 +237,9 @@ class _Tracer:
         self.param(node, weight, out_axis, out)
         if bias_index is not None and len(node.input) > bias_index and node.input[bias_index] in self.inits:
             self.param(node, node.input[bias_index], 0, out)
+        elif bias_index is not None and len(node.input) > bias_index and node.input[bias_index]:
+            for s in out:
+                self.frozen.setdefault(s, f"{node.op_type} '{node.name}' has a computed bias")
         self.analysis.producers[node.name] = out
         self.analysis.producer_weights[node.name] = (weight, out_axis)
         if node.input[0] in self.graph_inputs:
@@ -927,39 +930,68 @@ def _resolve_conflicts(analysis: Analysis) -> None:
 MAX_TRIALS = 40  # ONNX Runtime runs spent finding the units whose rewrite breaks the graph
 
 
-def prepared_for_pruning(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` in the form pruning reads, and what was changed: weights kept in
-    Constant nodes (Paddle2ONNX, tf2onnx) lifted to initializers with onnx-ir's pass,
-    non-positive input and output dims (old exporters' -1 or 0 for "dynamic") made symbolic,
-    and missing or repeated node names made unique (the rewrite finds nodes by name)."""
-    notes = []
-    constants = sum(1 for n in model.graph.node if n.op_type == "Constant")
-    if constants:
-        import onnx_ir as ir
-        from onnx_ir.passes.common import LiftConstantsToInitializersPass
+def prepared_for_pruning(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` in the form pruning reads, and what was changed: the shared load-time
+    normalization (weights kept in Constant nodes by Paddle2ONNX and tf2onnx lifted to
+    initializers, ``-1``/``0`` dims made symbolic, nodes named; a no-op on a model
+    ``load_onnx`` already normalized), node names made unique (the rewrite finds nodes by
+    name), and small shared initializers given one copy per reader."""
+    from onnxforge.common.normalize import normalize
 
-        lifted = LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(ir.from_proto(model))
-        out = ir.to_proto(lifted.model)
-        moved = constants - sum(1 for n in out.graph.node if n.op_type == "Constant")
-        if moved:
-            notes.append(f"lifted {moved} Constant node(s) to initializers")
-    else:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-    symbolic = 0
-    for value in (*out.graph.input, *out.graph.output):
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value <= 0:
-                dim.dim_param = f"{value.name}_dim{axis}"
-                symbolic += 1
-    if symbolic:
-        notes.append(f"{symbolic} input/output dim(s) written as -1 or 0 were made symbolic")
+    normalized = normalize(model, dims=dims)
+    notes = [normalized.describe()] if normalized.modified else []
+    out = onnx.ModelProto()
+    out.CopyFrom(normalized.model)
     seen: set[str] = set()
     for index, node in enumerate(out.graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.name or node.op_type}_{index}"
+        if node.name in seen:
+            node.name = f"{node.name}_{index}"
         seen.add(node.name)
+    unshared = _unshare_small_initializers(out)
+    if unshared:
+        notes.append(f"{unshared} small initializer(s) shared by several nodes were given one copy per node while pruning")
     return out, notes
+
+
+SHARED_COPY_LIMIT = 1 << 16  # elements: shared initializers up to this size get a copy per reader
+
+
+def _unshare_small_initializers(model: onnx.ModelProto) -> int:
+    """In place: an Identity of an initializer becomes an initializer, and a small initializer
+    read by several nodes (exporters share identical biases and batch-norm statistics between
+    layers) gets one copy per node, so each layer's copy can lose its own channels. Large shared
+    weights (tied embeddings) stay shared, and tracing leaves their channels whole.
+    Returns the copies made; ``deduplicate_initializers`` shares identical ones again."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {v.name for v in graph.output}
+    copies = 0
+    for node in list(graph.node):
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[node.input[0]])
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            inits[tensor.name] = graph.initializer[-1]
+            graph.node.remove(node)
+            copies += 1
+    readers = collections.defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in inits:
+                readers[name].append((node, index))
+    for name, uses in readers.items():
+        if len(uses) < 2 or int(np.prod(inits[name].dims)) > SHARED_COPY_LIMIT:
+            continue
+        for node, index in uses[1:]:
+            copy_name = f"{name}_for_{node.name}_{index}"
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[name])
+            tensor.name = copy_name
+            graph.initializer.append(tensor)
+            node.input[index] = copy_name
+            copies += 1
+    return copies
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -1114,7 +1146,8 @@ def prune_structured(
     from optimizers.calibration import calibration_data
     from optimizers.verify import verification_inputs
 
-    model, notes = prepared_for_pruning(model)
+    given = model
+    model, notes = prepared_for_pruning(model, dims)
     analysis = analyze(model)
     _resolve_conflicts(analysis)
     calib_batches = None
@@ -1161,6 +1194,9 @@ def prune_structured(
                              f"{without['min_mean_cosine']:.4f} without) and was not applied")
                 pruned, compensated, measured = uncompensated, 0, without
     if removed:
+        from optimizers.cleanup import deduplicate_initializers
+
+        pruned = deduplicate_initializers(pruned).model  # the copies made for tracing, shared again
         error = check(pruned)
         if error is not None:
             raise RuntimeError(f"structured pruning produced a model that fails its run check (a bug): {error}")
@@ -1170,9 +1206,9 @@ def prune_structured(
     result = PruneResult(
         model=pruned,
         units=tuple(units),
-        parameters=(count_parameters(model), count_parameters(pruned)),
+        parameters=(count_parameters(given), count_parameters(pruned)),
         macs=(macs(model, macs_dims), macs(pruned, macs_dims)),
-        size_bytes=(model.ByteSize(), pruned.ByteSize()),
+        size_bytes=(given.ByteSize(), pruned.ByteSize()),
         fidelity=(measured or _fidelity_dict(model, pruned, eval_batches)) if removed else None,
         fidelity_without_compensation=without,
         compensated_consumers=compensated,
