@@ -930,18 +930,29 @@ def _resolve_conflicts(analysis: Analysis) -> None:
 MAX_TRIALS = 40  # ONNX Runtime runs spent finding the units whose rewrite breaks the graph
 
 
-def prepared_for_pruning(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` in the form pruning reads, and what was changed: the shared load-time
-    normalization (weights kept in Constant nodes by Paddle2ONNX and tf2onnx lifted to
-    initializers, ``-1``/``0`` dims made symbolic, nodes named; a no-op on a model
-    ``load_onnx`` already normalized), node names made unique (the rewrite finds nodes by
-    name), and small shared initializers given one copy per reader."""
+def prepared_for_pruning(model: onnx.ModelProto, dims: Mapping[str, int] | None = None
+                         ) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
+    """``(normalized, prepared, notes)``: ``model`` after the shared load-time normalization
+    (weights kept in Constant nodes by Paddle2ONNX and tf2onnx lifted to initializers,
+    ``-1``/``0`` dims made symbolic, nodes named; a no-op on a model ``load_onnx`` already
+    normalized), and a copy in the form pruning reads: constants folded (Paddle2ONNX adds a
+    conv's bias as ``Reshape(bias, [1, C, 1, 1])``), node names unique (the rewrite finds
+    nodes by name), small shared initializers given one copy per reader."""
     from onnxforge.common.normalize import normalize
+    from optimizers.cleanup import fold_constants
 
     normalized = normalize(model, dims=dims)
     notes = [normalized.describe()] if normalized.modified else []
     out = onnx.ModelProto()
-    out.CopyFrom(normalized.model)
+    constants = {t.name for t in normalized.model.graph.initializer}
+    if any(node.input and all(i in constants or not i for i in node.input)
+           for node in normalized.model.graph.node if node.op_type != "Constant"):
+        folded = fold_constants(normalized.model)
+        out.CopyFrom(folded.model)
+        if folded.modified:
+            notes.append(f"constants folded while pruning (nodes {folded.stats['nodes'][0]} -> {folded.stats['nodes'][1]})")
+    else:
+        out.CopyFrom(normalized.model)
     seen: set[str] = set()
     for index, node in enumerate(out.graph.node):
         if node.name in seen:
@@ -950,7 +961,7 @@ def prepared_for_pruning(model: onnx.ModelProto, dims: Mapping[str, int] | None 
     unshared = _unshare_small_initializers(out)
     if unshared:
         notes.append(f"{unshared} small initializer(s) shared by several nodes were given one copy per node while pruning")
-    return out, notes
+    return normalized.model, out, notes
 
 
 SHARED_COPY_LIMIT = 1 << 16  # elements: shared initializers up to this size get a copy per reader
@@ -1147,7 +1158,7 @@ def prune_structured(
     from optimizers.verify import verification_inputs
 
     given = model
-    model, notes = prepared_for_pruning(model, dims)
+    reference, model, notes = prepared_for_pruning(model, dims)
     analysis = analyze(model)
     _resolve_conflicts(analysis)
     calib_batches = None
@@ -1182,11 +1193,11 @@ def prune_structured(
         if means is None:
             notes.append("bias compensation skipped: it needs calibration data")
         else:
-            without = _fidelity_dict(model, pruned, eval_batches)
+            without = _fidelity_dict(reference, pruned, eval_batches)
             uncompensated = onnx.ModelProto()
             uncompensated.CopyFrom(pruned)
             compensated = compensate_biases(pruned, model, analysis, removed, means)
-            with_it = measured = _fidelity_dict(model, pruned, eval_batches)
+            with_it = measured = _fidelity_dict(reference, pruned, eval_batches)
             if with_it["min_mean_cosine"] < without["min_mean_cosine"]:
                 # Mean compensation is optimal for squared error on average, not for every model:
                 # where it lowers the measured fidelity, the uncompensated model is kept.
@@ -1209,7 +1220,7 @@ def prune_structured(
         parameters=(count_parameters(given), count_parameters(pruned)),
         macs=(macs(model, macs_dims), macs(pruned, macs_dims)),
         size_bytes=(given.ByteSize(), pruned.ByteSize()),
-        fidelity=(measured or _fidelity_dict(model, pruned, eval_batches)) if removed else None,
+        fidelity=(measured or _fidelity_dict(reference, pruned, eval_batches)) if removed else None,
         fidelity_without_compensation=without,
         compensated_consumers=compensated,
         notes=tuple(notes),
