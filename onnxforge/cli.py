@@ -199,8 +199,10 @@ def _quantize_command(args) -> int:
         max_calibration_batches=args.max_calibration_batches,
         target=args.target,
         preprocess=not args.no_preprocess,
+        min_cosine=args.min_cosine,
         accuracy_target=args.accuracy_target,
         max_float_nodes=args.max_float_nodes,
+        check_speed=not args.no_speed_check,
     )
     result = quantize_file(
         args.input, args.output, settings,
@@ -217,6 +219,17 @@ def _quantize_command(args) -> int:
           + f", weights {r['weight_type']} {'per-channel' if r['per_channel'] else 'per-tensor'}; pre-processing: {result.preprocess}")
     for reason in result.reasons:
         print(f"  why: {reason}")
+    if result.candidates:
+        timed = result.float_timing is not None
+        print("candidates" + (" (timed against fp32 on this machine, p50; speedup with its 95% interval):" if timed else " (not timed):"))
+        for line in result.table():
+            print(line)
+    if result.faster_than_float is not None:
+        chosen = next(c for c in result.candidates if c.chosen)
+        fastest = max((c for c in result.candidates if c.timing), key=lambda c: c.timing.speedup)
+        print(f"speed: {chosen.timing.speedup:.2f}x fp32 on this machine" if result.faster_than_float
+              else f"speed: NOT faster than fp32 on this machine: the written model runs at {chosen.timing.speedup:.2f}x fp32; "
+                   f"the fastest int8 variant here was {fastest.name} ({fastest.timing.speedup:.2f}x)")
     print(f"quantized {result.after.quantized_compute_ops}/{result.after.compute_ops} compute ops "
           f"({result.after.quantized_fraction:.0%}); size {result.before.file_bytes / 1e6:.2f} -> {result.after.file_bytes / 1e6:.2f} MB")
     if result.fidelity:
@@ -546,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("input", help="the float ONNX file")
     quant.add_argument("output", help="the quantized ONNX file to write")
     quant.add_argument("--mode", choices=("auto", "dynamic", "static", "int4"), default="auto",
-                       help="auto: dynamic per-channel for MatMul models on CPU, static QDQ for convolutions and TensorRT")
+                       help="auto: candidates chosen per op pattern (static QDQ for convolutions, dynamic for MatMul/Gemm "
+                       "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins")
     quant.add_argument("--format", choices=("qdq", "qoperator"), default="qdq", help="static format (default qdq)")
     quant.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu")
     quant.add_argument("--calibration", metavar="DATA", help=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'")
@@ -561,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--activation-type", choices=("int8", "uint8"))
     quant.add_argument("--op-types", help="comma-separated op types to quantize")
     quant.add_argument("--exclude-node", action="append", metavar="NAME", help="keep this node in float (repeatable)")
+    quant.add_argument("--min-cosine", type=float, default=0.99,
+                       help="auto mode: the fastest candidate whose lowest mean output cosine reaches this (default 0.99)")
+    quant.add_argument("--no-speed-check", action="store_true", help="do not time the int8 candidates against fp32 here")
     quant.add_argument("--accuracy-target", type=float, help="lowest mean output cosine to accept; sensitive nodes stay float until met")
     quant.add_argument("--max-float-nodes", type=int, help="with --accuracy-target, keep at most this many nodes in float")
     quant.add_argument("--no-preprocess", action="store_true", help="skip ONNX Runtime's quantization pre-processing")

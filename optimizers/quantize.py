@@ -1,19 +1,30 @@
-"""int8 quantization on top of ``onnxruntime.quantization``, with defaults chosen per model and
-target, verified fidelity, and an accuracy-aware mode that keeps sensitive nodes in float.
+"""int8 quantization on top of ``onnxruntime.quantization``: candidates chosen per op pattern,
+each loaded, run and scored against the float model, timed against fp32 on this machine, and
+an accuracy-aware mode that keeps sensitive nodes in float.
 
-Why the defaults (measured on this project's 2-core AMD EPYC CPU, ONNX Runtime 1.32):
+How auto mode chooses (CPU). The op pattern decides which candidates are worth building; a
+short interleaved A/B against fp32 through ``runtime_bench`` decides between them, because
+whether int8 pays depends on the CPU (VNNI or not, cache sizes) and the model:
 
-- Transformers on CPU: **dynamic, per-channel** int8 of MatMul (and fused Attention). Default
-  per-tensor ``quantize_dynamic`` was as fast but less faithful: mean cosine to the fp32
-  all-MiniLM-L6-v2 embeddings of real sentences 0.965 per-tensor vs 0.993 per-channel (0.993
-  with ``reduce_range``, 0.994 with uint8 weights); static QDQ was slower and less faithful on
-  this transformer. On AVX2 CPUs without VNNI, int8 weights times uint8 activations can saturate
-  16-bit sums: where that hurts, ``weight_type="uint8"`` or ``reduce_range`` recover fidelity.
-- Convolutional models on CPU: **static QDQ, per-channel**, uint8 activations / int8 weights,
-  calibrated on real data: dynamic int8 (ConvInteger) ran ~14x slower than fp32 on a small CNN.
-- TensorRT: static QDQ with **symmetric** int8 activations and weights (what TensorRT consumes).
-- CUDA: fp16 (``onnxforge optimize --fp16``) is usually the better trade; int8 is done as for
-  TensorRT, with a warning.
+- Convolutional nets (Conv weights dominate): **static QDQ, per-channel**, calibrated on real
+  data, quantizing the compute ops (Conv, MatMul, Gemm), and a second candidate that also keeps
+  pooling / Concat / Relu in int8. ONNX Runtime's CPU kernels fuse DQ -> Conv -> Q into
+  QLinearConv; elementwise ops (Add, Mul), Resize and activations without an int8 kernel run as
+  DQ -> float op -> Q, which is what made plain ``quantize_static`` defaults (every op type)
+  slower than fp32. Dynamic int8 of Conv (ConvInteger) has no fused kernel and is not built.
+  Per-channel QDQ needs opset 13 (the ``axis`` of DequantizeLinear): older models are upgraded
+  and checked, or quantized per-tensor when the upgrade does not verify.
+- MatMul/Gemm nets (dense layers, byte-feature classifiers) and transformers: **dynamic int8**
+  (weights quantized ahead, activations at run time), per-channel and per-tensor, plus static
+  QDQ of MatMul/Gemm only when calibration data is given (quantizing the attention-mask
+  arithmetic of transformers destroys the mask, so static never goes beyond MatMul/Gemm there).
+  ``quantize_dynamic`` ignores Gemm, so Gemm layers are rewritten as MatMul + Add first.
+- The pick: the fastest candidate whose fidelity (lowest per-output mean cosine to the float
+  model) reaches ``min_cosine``; if none does, the most faithful one, with a warning. When no
+  int8 candidate is faster than fp32 here, the result says so (and names the fastest).
+- TensorRT: static QDQ with **symmetric** int8 activations and weights (what TensorRT consumes);
+  not timed here, since this machine cannot run it. CUDA: fp16 (``onnxforge optimize --fp16``)
+  is usually the better trade; int8 is done as for TensorRT, with a warning.
 """
 
 from __future__ import annotations
@@ -25,12 +36,13 @@ import io
 import logging
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.onnxio import load_onnx, save_onnx
@@ -45,16 +57,32 @@ FORMATS = ("qdq", "qoperator")
 TARGETS = ("cpu", "cuda", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 INT_TYPES = ("int8", "uint8")
+FLOAT_VARIANT = "fp32"
+PER_CHANNEL_QDQ_OPSET = 13
+
+# Compute ops whose int8 form has a fused CPU kernel (QLinearConv, QLinearMatMul / QGemm,
+# MatMulInteger, DynamicQuantizeMatMul).
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+# Ops that pass int8 tensors from one quantized compute op to the next without going back to
+# float on the CPU (int8 kernels, or Q/DQ the optimizer drops around them). Add, Mul, Resize,
+# Sigmoid and friends are left out: their QDQ form runs as DQ -> float op -> Q.
+INT8_CHAIN_OPS = ("MaxPool", "GlobalAveragePool", "AveragePool", "Concat", "Relu", "Clip",
+                  "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeSettings:
     """How to quantize; ``None`` fields are chosen per model and target (see the module doc).
 
+    min_cosine: auto mode picks the fastest candidate whose lowest per-output mean cosine to
+        the float model reaches this.
     accuracy_target: with it, the mode is accuracy-aware: if the quantized model's fidelity
         metric (lowest per-output mean cosine to the float model, on the evaluation data) is
         below it, the nodes whose quantization adds the most error are kept in float, as few
         as possible, until it holds (at most ``max_float_nodes``).
+    check_speed: on the CPU target, time the candidates against fp32 on this machine
+        (interleaved, through ``runtime_bench``) for ``speed_seconds`` at least.
     """
 
     mode: str = "auto"
@@ -71,8 +99,11 @@ class QuantizeSettings:
     target: str = "cpu"
     preprocess: bool = True
     block_size: int = 32
+    min_cosine: float = 0.99
     accuracy_target: float | None = None
     max_float_nodes: int | None = None
+    check_speed: bool = True
+    speed_seconds: float = 2.0
 
     def __post_init__(self):
         for label, value, allowed in (("mode", self.mode, MODES), ("format", self.format, FORMATS), ("target", self.target, TARGETS),
@@ -84,6 +115,10 @@ class QuantizeSettings:
                 raise UserError(f"unknown {label} {value!r}; choose int8 or uint8")
         if self.accuracy_target is not None and not 0 < self.accuracy_target <= 1:
             raise UserError(f"the accuracy target is a cosine in (0, 1], got {self.accuracy_target}")
+        if not 0 < self.min_cosine <= 1:
+            raise UserError(f"the minimum cosine is in (0, 1], got {self.min_cosine}")
+        if self.speed_seconds <= 0:
+            raise UserError(f"the speed check needs a positive duration, got {self.speed_seconds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +136,41 @@ class Fidelity:
 
 
 @dataclasses.dataclass(frozen=True)
+class Timing:
+    """One variant timed beside fp32: median latency and the speedup over fp32 (fp32 ms / this
+    ms, > 1 is faster) with its 95% interval."""
+
+    p50_ms: float
+    speedup: float
+    speedup_low: float
+    speedup_high: float
+
+
+# ``measure(paths, inputs, seconds)``: variant name -> ONNX file (``FLOAT_VARIANT`` among
+# them, the baseline), the inputs to run them on, the least time to spend -> Timing per name.
+Measure = Callable[[Mapping[str, Path], Mapping[str, np.ndarray], float], Mapping[str, Timing]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to quantize the model, built, run and scored: ``error`` says why it could not be
+    built; ``timing`` is None when nothing was timed."""
+
+    name: str
+    description: str
+    resolved: dict[str, Any]
+    fidelity: Fidelity | None = None
+    timing: Timing | None = None
+    error: str | None = None
+    chosen: bool = False
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "settings": self.resolved,
+                "min_mean_cosine": self.fidelity.min_mean_cosine if self.fidelity else None,
+                "timing": dataclasses.asdict(self.timing) if self.timing else None, "error": self.error, "chosen": self.chosen}
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizeResult:
     model: onnx.ModelProto
     mode: str
@@ -113,58 +183,117 @@ class QuantizeResult:
     sensitivity: tuple[tuple[str, float], ...]
     preprocess: str
     seconds: float
+    pattern: str = ""
+    candidates: tuple[Candidate, ...] = ()
+    float_timing: Timing | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def faster_than_float(self) -> bool | None:
+        """Whether the returned model ran faster than fp32 here (None: not timed)."""
+        chosen = next((c for c in self.candidates if c.chosen), None)
+        return None if chosen is None or chosen.timing is None else chosen.timing.speedup > 1.0
+
+    def table(self) -> list[str]:
+        """The candidates as measured here, one line each (the chosen one marked ``*``)."""
+        if not self.candidates:
+            return []
+        lines = [f"  {'':2}{'variant':<34} {'p50 ms':>8}  {'vs fp32 (95% interval)':<24} {'cosine':>8}"]
+        if self.float_timing is not None:
+            lines.append(f"  {'':2}{FLOAT_VARIANT:<34} {self.float_timing.p50_ms:8.3f}  {'1.00x':<24} {1.0:8.5f}")
+        for c in self.candidates:
+            mark = "* " if c.chosen else "  "
+            if c.error:
+                lines.append(f"  {mark}{c.name:<34} failed: {c.error}")
+                continue
+            speed = (f"{c.timing.speedup:.2f}x [{c.timing.speedup_low:.2f}, {c.timing.speedup_high:.2f}]"
+                     if c.timing else "not timed")
+            ms = f"{c.timing.p50_ms:8.3f}" if c.timing else f"{'-':>8}"
+            cosine = f"{c.fidelity.min_mean_cosine:8.5f}" if c.fidelity else f"{'-':>8}"
+            lines.append(f"  {mark}{c.name:<34} {ms}  {speed:<24} {cosine}")
+        return lines
 
     def to_dict(self) -> dict:
         return {
             "mode": self.mode,
             "settings": self.resolved,
+            "pattern": self.pattern,
             "reasons": list(self.reasons),
+            "warnings": list(self.warnings),
             "preprocess": self.preprocess,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "fidelity": dataclasses.asdict(self.fidelity) if self.fidelity else None,
+            "float_timing": dataclasses.asdict(self.float_timing) if self.float_timing else None,
+            "faster_than_float": self.faster_than_float,
+            "candidates": [c.to_dict() for c in self.candidates],
             "float_nodes": list(self.float_nodes),
             "sensitivity": [list(pair) for pair in self.sensitivity],
             "seconds": self.seconds,
         }
 
 
-# ---------------------------------------------------------------- choosing
+# ---------------------------------------------------------------- the op pattern
 
 
-def _kind(model: onnx.ModelProto) -> str:
-    ops = collections.Counter(node.op_type for node in model.graph.node)
-    if ops["Conv"] or ops["ConvTranspose"]:
-        return "conv"
-    return "transformer" if ops["MatMul"] or ops["Attention"] or ops["Gemm"] else "other"
+@dataclasses.dataclass(frozen=True)
+class OpPattern:
+    """What the model computes, as far as quantization cares: the weights held by Conv and by
+    MatMul/Gemm (elements), whether it has attention (a fused attention op, or a MatMul of two
+    activations beside a Softmax), and which graph inputs are integers (token ids, bytes)."""
+
+    kind: str
+    conv_weights: int
+    matmul_weights: int
+    attention: bool
+    integer_inputs: tuple[str, ...]
+
+    def describe(self) -> str:
+        what = {"conv": "convolutional (Conv weights dominate)", "matmul": "MatMul/Gemm layers, no attention",
+                "attention": "transformer (attention with MatMul/Gemm layers)", "none": "no Conv, MatMul or Gemm with constant weights"}[self.kind]
+        weights = f"{self.conv_weights:,} Conv and {self.matmul_weights:,} MatMul/Gemm weights"
+        inputs = f"; integer inputs {', '.join(self.integer_inputs)}" if self.integer_inputs else ""
+        return f"{what}: {weights}{inputs}"
 
 
-def resolve(settings: QuantizeSettings, model: onnx.ModelProto, has_calibration: bool) -> tuple[dict[str, Any], list[str]]:
-    """Concrete settings for this model and target, with the reason for each choice."""
-    kind = _kind(model)
-    reasons = []
-    mode = settings.mode
-    if mode == "auto":
-        if settings.target in ("tensorrt", "cuda"):
-            mode = "static"
-            reasons.append(f"{settings.target}: static QDQ, symmetric int8 (what TensorRT consumes)")
-        elif kind == "conv":
-            mode = "static"
-            reasons.append("convolutional model on CPU: static QDQ (dynamic ConvInteger was ~14x slower than fp32)")
-        else:
-            mode = "dynamic"
-            reasons.append("MatMul/transformer model on CPU: dynamic per-channel int8 (fastest at cosine ~0.99 on MiniLM)")
-    if settings.target == "cuda":
-        reasons.append("for CUDA, fp16 (onnxforge optimize --fp16) is usually the better trade than int8")
-        logger.warning("int8 for CUDA: fp16 (onnxforge optimize --fp16) is usually faster and more faithful")
-    if mode == "static" and not has_calibration:
-        raise UserError(
-            "static quantization needs calibration data (--calibration DATA: .npz, a folder of .npz, "
-            "a text file with --tokenizer, or pkg.module:function)"
-            + ("; for this convolutional model dynamic int8 was measured ~14x slower than fp32, so it is not the fallback" if kind == "conv" else "")
-        )
+def op_pattern(model: onnx.ModelProto) -> OpPattern:
+    """Classify ``model`` by the weights its compute ops hold (Constant weights must have been
+    lifted to initializers, as ``normalize`` does)."""
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    conv = matmul = activation_matmuls = 0
+    fused_attention = False
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
+            conv += sizes.get(node.input[1], 0)
+        elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            if node.input[1] in sizes:
+                matmul += sizes[node.input[1]]
+            elif node.input[0] not in sizes:
+                activation_matmuls += 1
+        elif node.op_type in ATTENTION_OPS:
+            fused_attention = True
+            matmul += sum(sizes.get(name, 0) for name in node.input[1:2])
+    ops = {node.op_type for node in model.graph.node}
+    attention = fused_attention or (activation_matmuls > 0 and "Softmax" in ops)
+    initializers = set(sizes)
+    integer_inputs = tuple(value.name for value in model.graph.input if value.name not in initializers
+                           and value.type.tensor_type.elem_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                                                                     onnx.TensorProto.UINT8, onnx.TensorProto.INT8))
+    if attention:
+        kind = "attention"
+    elif conv == 0 and matmul == 0:
+        kind = "none"
+    else:
+        kind = "conv" if conv >= matmul else "matmul"
+    return OpPattern(kind, conv, matmul, attention, integer_inputs)
+
+
+# ---------------------------------------------------------------- the candidates
+
+
+def _base_settings(settings: QuantizeSettings, pattern: OpPattern, mode: str) -> dict[str, Any]:
     gpu = settings.target in ("tensorrt", "cuda")
-    resolved = {
+    return {
         "mode": mode,
         "format": settings.format,
         "per_channel": True if settings.per_channel is None else settings.per_channel,
@@ -175,21 +304,110 @@ def resolve(settings: QuantizeSettings, model: onnx.ModelProto, has_calibration:
         "op_types": list(settings.op_types) if settings.op_types else None,
         "calibration_method": settings.calibration_method if mode == "static" else None,
         "target": settings.target,
-        "model_kind": kind,
+        "model_kind": pattern.kind,
     }
-    if mode == "static" and kind == "transformer" and resolved["op_types"] is None:
-        resolved["op_types"] = ["Gemm", "MatMul"]
-        reasons.append("static on a transformer: MatMul/Gemm only; quantizing the attention-mask arithmetic "
-                       "(float-minimum fill values) destroyed the mask (MiniLM cosine 0.38 vs 0.94)")
-    if mode == "dynamic" and resolved["op_types"] is None:
-        ops = {node.op_type for node in model.graph.node}
-        resolved["op_types"] = sorted({"MatMul", "Attention", "Gather"} & ops - {"Gather"}) or ["MatMul"]
-    if settings.per_channel is None:
-        reasons.append("per-channel weights: per-tensor int8 lost fidelity on MiniLM (cosine 0.965 vs 0.993)")
-    return resolved, reasons
 
 
-# ---------------------------------------------------------------- running ORT quantization
+def _candidate(name: str, description: str, base: dict[str, Any], **changes) -> Candidate:
+    resolved = {**base, **changes}
+    if resolved["mode"] != "static":
+        resolved["calibration_method"] = None
+    return Candidate(name, description, resolved)
+
+
+def _dynamic_op_types(model: onnx.ModelProto) -> list[str]:
+    # Gemm layers are rewritten as MatMul + Add before quantize_dynamic, which ignores Gemm.
+    ops = {node.op_type for node in model.graph.node}
+    return sorted({"MatMul", "Attention"} & (ops | {"MatMul"}))
+
+
+def plan_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern: OpPattern,
+                    has_calibration: bool) -> tuple[list[Candidate], list[str]]:
+    """The candidates worth building for this model and target, with the reason for the list."""
+    reasons: list[str] = []
+    mode = settings.mode
+    if mode == "int4":
+        return [_candidate("int4-matmulnbits", f"4-bit MatMul weights, blocks of {settings.block_size}",
+                           _base_settings(settings, pattern, "int4"))], reasons
+    if settings.target in ("tensorrt", "cuda"):
+        if mode == "auto":
+            mode = "static"
+            reasons.append(f"{settings.target}: static QDQ, symmetric int8 (what TensorRT consumes); not timed on this CPU")
+        if settings.target == "cuda":
+            reasons.append("for CUDA, fp16 (onnxforge optimize --fp16) is usually the better trade than int8")
+            logger.warning("int8 for CUDA: fp16 (onnxforge optimize --fp16) is usually faster and more faithful")
+    if mode == "static" and not has_calibration:
+        raise UserError(
+            "static quantization needs calibration data (--calibration DATA: .npz, a folder of .npz, "
+            "a text file with --tokenizer, or pkg.module:function)"
+            + ("; dynamic int8 of Conv (ConvInteger) has no fused CPU kernel, so it is not the fallback" if pattern.kind == "conv" else "")
+        )
+    if mode in ("static", "dynamic"):
+        return [_explicit_candidate(settings, model, pattern, mode)], reasons
+    return _auto_candidates(settings, model, pattern, has_calibration, reasons), reasons
+
+
+def _explicit_candidate(settings: QuantizeSettings, model: onnx.ModelProto, pattern: OpPattern, mode: str) -> Candidate:
+    base = _base_settings(settings, pattern, mode)
+    if base["op_types"] is None:
+        if mode == "dynamic":
+            base["op_types"] = _dynamic_op_types(model)
+        elif settings.target == "cpu" and pattern.kind == "conv":
+            base["op_types"] = list(COMPUTE_OPS + INT8_CHAIN_OPS)
+        elif settings.target == "cpu":
+            base["op_types"] = ["Gemm", "MatMul"]
+    name = f"{mode}-{base['format']}" if mode == "static" else mode
+    return _candidate(name, f"{mode} int8 as asked", base)
+
+
+def _auto_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern: OpPattern, has_calibration: bool,
+                     reasons: list[str]) -> list[Candidate]:
+    """CPU auto mode: the candidates for this op pattern (see the module doc for why)."""
+    if pattern.kind == "none":
+        raise UserError("nothing to quantize: the model has no Conv, MatMul or Gemm with constant weights "
+                        "(int8 only pays on those); keep the float model")
+    static = _base_settings(settings, pattern, "static")
+    dynamic = _base_settings(settings, pattern, "dynamic")
+    given_ops = settings.op_types is not None
+    candidates: list[Candidate] = []
+    reasons.append(f"op pattern: {pattern.describe()}")
+    if pattern.kind == "conv":
+        if not has_calibration:
+            raise UserError(
+                "this convolutional model needs calibration data for int8 (--calibration DATA: .npz, a folder of .npz "
+                "or pkg.module:function; --calibration random --allow-random-calibration to try without): static QDQ is "
+                "the int8 form with fused CPU kernels for Conv, and dynamic int8 of Conv (ConvInteger) has none"
+            )
+        candidates.append(_candidate("static-qdq-compute", "static QDQ of Conv/MatMul/Gemm only", static,
+                                     op_types=static["op_types"] or list(COMPUTE_OPS)))
+        if not given_ops:
+            candidates.append(_candidate("static-qdq-compute+pool/concat", "static QDQ of Conv/MatMul/Gemm, pooling, Concat, Relu/Clip",
+                                         static, op_types=list(COMPUTE_OPS + INT8_CHAIN_OPS)))
+        if pattern.matmul_weights >= 0.1 * (pattern.conv_weights + pattern.matmul_weights):
+            candidates.append(_candidate("dynamic-matmul", "dynamic int8 of MatMul/Gemm only, Conv left in float", dynamic,
+                                         op_types=dynamic["op_types"] or _dynamic_op_types(model)))
+        reasons.append("convolutions: static QDQ of the ops with fused int8 CPU kernels; Add/Mul/Resize and other "
+                       "elementwise ops stay float (their QDQ form runs DQ -> float op -> Q)")
+    else:
+        op_types = dynamic["op_types"] or _dynamic_op_types(model)
+        per_channel = dynamic["per_channel"]
+        candidates.append(_candidate(f"dynamic-{'per-channel' if per_channel else 'per-tensor'}",
+                                     f"dynamic int8 of {'/'.join(op_types)}, weights {'per-channel' if per_channel else 'per-tensor'}",
+                                     dynamic, op_types=op_types))
+        if settings.per_channel is None:
+            candidates.append(_candidate("dynamic-per-tensor", f"dynamic int8 of {'/'.join(op_types)}, weights per-tensor",
+                                         dynamic, op_types=op_types, per_channel=False))
+        if has_calibration:
+            candidates.append(_candidate("static-qdq-matmul", "static QDQ of MatMul/Gemm only", static,
+                                         op_types=static["op_types"] or ["Gemm", "MatMul"]))
+        reasons.append("MatMul/Gemm layers" + (" with attention" if pattern.attention else "")
+                       + ": dynamic int8 (activations quantized at run time, no calibration needed)"
+                       + ("; static QDQ of MatMul/Gemm only from the calibration data, never the attention-mask arithmetic"
+                          if has_calibration else ""))
+    return candidates
+
+
+# ---------------------------------------------------------------- preparing the float model for ORT's quantizers
 
 
 def _quant_type(name: str):
@@ -214,6 +432,72 @@ def preprocess_model(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelP
         except Exception as exc:  # the tool raises whatever its steps raise
             logger.warning("quantization pre-processing (%s) failed: %s", label, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
     return model, "skipped (failed)"
+
+
+def flatten_gemm_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Gemm biases of shape ``[1, N]`` stored as ``[N]`` (a copy of ``model``; exact, since a
+    Gemm output is ``[M, N]`` and both broadcast the same way).
+
+    ONNX Runtime's QDQ quantizer checks the int32 bias scale of per-channel weights channel by
+    channel, indexing the bias as a vector; a ``[1, N]`` bias (tf2onnx writes them, and the
+    MatMul + Add fusion of the pre-processing keeps them) makes that check compare an array
+    and fail with "The truth value of an array with more than one element is ambiguous".
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    initializers = {init.name: init for init in out.graph.initializer}
+    flattened: dict[str, str] = {}
+    for node in out.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        bias = initializers[node.input[2]]
+        if len(bias.dims) != 2 or bias.dims[0] != 1:
+            continue
+        if bias.name not in flattened:
+            name = f"{bias.name}_vector"
+            out.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(bias).reshape(-1), name))
+            flattened[bias.name] = name
+        node.input[2] = flattened[bias.name]
+    return out, len(flattened)
+
+
+def gemm_as_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``Gemm(A, B, C)`` with a constant ``B``, no transposed ``A`` and alpha = beta = 1 as
+    ``MatMul(A, B)`` (+ ``Add C``), ``B`` transposed ahead when ``transB`` (a copy of ``model``).
+
+    ``quantize_dynamic`` quantizes MatMul but not Gemm, and ONNX Runtime's pre-processing
+    fuses MatMul + Add into Gemm; the MatMul keeps the Gemm's name so node exclusions hold.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    initializers = {init.name: init for init in out.graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    rewritten = 0
+    for node in out.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in initializers or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            transposed = numpy_helper.to_array(initializers[weight]).T.copy()
+            weight = f"{weight}_transposed"
+            if weight not in initializers:
+                initializers[weight] = numpy_helper.from_array(transposed, weight)
+                out.graph.initializer.append(initializers[weight])
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
+        if has_bias:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+        rewritten += 1
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out, rewritten
+
+
+# ---------------------------------------------------------------- running ORT quantization
 
 
 CALIBRATION_CHUNK = 16
@@ -276,27 +560,42 @@ def chunked_calibration(chunk: int):
         ort_quantize.create_calibrator = original
 
 
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:limit - 3] + "...") if len(text) > limit else (text or type(exc).__name__)
+
+
 @contextlib.contextmanager
-def _calibration_errors():
-    """ONNX Runtime's calibrators fail with numpy errors on tensors of extreme values."""
+def _quantizer_errors(resolved: dict):
+    """A failure inside ONNX Runtime's quantizer as one line with what to try next; the hint
+    depends on what was in use (no advice to switch to the method already used)."""
     try:
         yield
-    except (ValueError, FloatingPointError, OverflowError) as exc:
-        if isinstance(exc, UserError):
-            raise
-        raise UserError(
-            f"calibration failed in ONNX Runtime ({exc}); tensors with extreme values (e.g. attention masks "
-            "filled with the float minimum) break the histogram methods: use --calibration-method minmax, "
-            "limit --op-types (e.g. MatMul), or --exclude-node the nodes that produce them"
-        ) from exc
+    except UserError:
+        raise
+    except Exception as exc:  # the quantizer raises whatever numpy / onnx / its own checks raise
+        logger.debug("ONNX Runtime's quantizer failed", exc_info=True)
+        if resolved["mode"] == "static":
+            method = resolved["calibration_method"]
+            numeric = isinstance(exc, (ValueError, FloatingPointError, OverflowError))
+            if method != "minmax" and numeric:
+                hint = (f"the {method} method breaks on tensors of extreme values (e.g. attention masks filled with the float "
+                        "minimum): use --calibration-method minmax, limit --op-types (e.g. Conv,MatMul), or --exclude-node the nodes that produce them")
+            else:
+                hint = "limit --op-types (e.g. Conv,MatMul), --exclude-node the node it names, or try --per-tensor or --mode dynamic"
+        else:
+            hint = "limit --op-types, --exclude-node the node it names, or try --mode static with calibration data"
+        raise UserError(f"ONNX Runtime's {resolved['mode']} quantizer failed ({type(exc).__name__}: {_one_line(exc)}); {hint}") from exc
 
 
 def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Sequence[str], data: CalibrationData | None,
-                          settings: QuantizeSettings, workdir: Path) -> onnx.ModelProto:
+                          settings: QuantizeSettings, workdir: Path, name: str = "quantized") -> onnx.ModelProto:
+    """One ORT quantizer run. Static runs share the ranges in ``workdir/ranges.json``: the first
+    calibrates (it must quantize the widest op-type set), later ones read them."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
 
-    source = workdir / "to_quantize.onnx"
-    target = workdir / "quantized.onnx"
+    source = workdir / f"{name}.float.onnx"
+    target = workdir / f"{name}.onnx"
     save_onnx(model, source)
     extra = {
         # Fused graphs carry contrib ops onnx shape inference knows nothing about; without a
@@ -304,31 +603,30 @@ def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Seque
         "DefaultTensorType": onnx.TensorProto.FLOAT,
         "MatMulConstBOnly": True,
     }
-    if resolved["mode"] == "dynamic":
-        quantize_dynamic(str(source), str(target), op_types_to_quantize=resolved["op_types"], per_channel=resolved["per_channel"],
-                         reduce_range=resolved["reduce_range"], weight_type=_quant_type(resolved["weight_type"]),
-                         nodes_to_exclude=list(exclude), extra_options=extra)
-    elif resolved["mode"] == "static":
-        extra.update({
-            "ActivationSymmetric": resolved["symmetric_activations"],
-            "WeightSymmetric": True,
-        })
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[resolved["calibration_method"]]
-        with chunked_calibration(CALIBRATION_CHUNK), contextlib.redirect_stdout(io.StringIO()), _calibration_errors():
-            quantize_static(str(source), str(target), ort_reader(data),
-                            quant_format=QuantFormat.QDQ if resolved["format"] == "qdq" else QuantFormat.QOperator,
-                            op_types_to_quantize=resolved["op_types"], per_channel=resolved["per_channel"],
-                            reduce_range=resolved["reduce_range"], activation_type=_quant_type(resolved["activation_type"]),
-                            weight_type=_quant_type(resolved["weight_type"]), nodes_to_exclude=list(exclude),
-                            calibrate_method=method, extra_options=extra)
-    else:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    with _quantizer_errors(resolved):
+        if resolved["mode"] == "dynamic":
+            quantize_dynamic(str(source), str(target), op_types_to_quantize=resolved["op_types"], per_channel=resolved["per_channel"],
+                             reduce_range=resolved["reduce_range"], weight_type=_quant_type(resolved["weight_type"]),
+                             nodes_to_exclude=list(exclude), extra_options=extra)
+        elif resolved["mode"] == "static":
+            extra.update({"ActivationSymmetric": resolved["symmetric_activations"], "WeightSymmetric": True})
+            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                      "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[resolved["calibration_method"]]
+            with chunked_calibration(CALIBRATION_CHUNK), contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(str(source), str(target), ort_reader(data),
+                                quant_format=QuantFormat.QDQ if resolved["format"] == "qdq" else QuantFormat.QOperator,
+                                op_types_to_quantize=resolved["op_types"], per_channel=resolved["per_channel"],
+                                reduce_range=resolved["reduce_range"], activation_type=_quant_type(resolved["activation_type"]),
+                                weight_type=_quant_type(resolved["weight_type"]), nodes_to_exclude=list(exclude),
+                                calibrate_method=method, extra_options=extra,
+                                calibration_cache_path=workdir / f"ranges-{resolved['calibration_method']}.json")
+        else:
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=settings.block_size, is_symmetric=True,
-                                         nodes_to_exclude=list(exclude))
-        quantizer.process()
-        return quantizer.model.model
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=settings.block_size, is_symmetric=True,
+                                             nodes_to_exclude=list(exclude))
+            quantizer.process()
+            return quantizer.model.model
     return onnx.load(str(target))
 
 
@@ -347,7 +645,8 @@ def _row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
 
 
 def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> Fidelity:
-    """Mean per-sample cosine and max abs error of every output, over ``batches``."""
+    """Mean per-sample cosine and max abs error of every output, over ``batches``; both models
+    are loaded and run in ONNX Runtime, and an output of another shape is a ``UserError``."""
     reference, candidate = ort_session(float_model), ort_session(quantized)
     names = [o.name for o in reference.get_outputs()]
     cosines = {n: [] for n in names}
@@ -357,6 +656,9 @@ def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: 
         ref = dict(zip(names, reference.run(names, dict(batch))))
         out = dict(zip(names, candidate.run(names, dict(batch))))
         for name in names:
+            if ref[name].shape != out[name].shape:
+                raise UserError(f"the quantized model gives output '{name}' the shape {list(out[name].shape)}, "
+                                f"the float model {list(ref[name].shape)}")
             if np.issubdtype(ref[name].dtype, np.floating):
                 cosines[name].extend(_row_cosines(ref[name], out[name]).tolist())
                 errors[name] = max(errors[name], float(np.max(np.abs(ref[name].astype(np.float64) - out[name]))))
@@ -392,11 +694,115 @@ def node_sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, c
     return sorted(scores, key=lambda pair: -pair[1])
 
 
+
+
 def _quantizable(model: onnx.ModelProto, resolved: dict) -> list[onnx.NodeProto]:
     op_types = set(resolved["op_types"] or ["MatMul", "Gemm", "Conv", "Attention"])
     initializers = {init.name for init in model.graph.initializer}
     return [node for node in model.graph.node if node.op_type in op_types and node.name
             and (resolved["mode"] == "static" or any(i in initializers for i in node.input[1:2]))]
+
+
+# ---------------------------------------------------------------- timing against fp32
+
+
+def measure_with_runtime_bench(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray], seconds: float) -> dict[str, Timing]:
+    """The default ``measure``: ``runtime_bench.benchmark`` with ``FLOAT_VARIANT`` as the
+    baseline, every variant on the same inputs, alternating as that harness does.
+
+    optimizers uses runtime_bench (the dependency arrow exporter -> optimizers -> runtime_bench
+    of the codebase; runtime_bench imports nothing of optimizers), imported here so that
+    quantizing without a speed check does not load it. Tests inject their own ``measure``.
+    """
+    from runtime_bench import BenchConfig, OnnxVariant, benchmark
+
+    config = BenchConfig(warmup=3, min_runs=20, min_seconds=seconds, max_seconds=max(30.0, 10 * seconds),
+                         fidelity=False, baseline=FLOAT_VARIANT)
+    report = benchmark([OnnxVariant(name, Path(path)) for name, path in paths.items()], config, inputs=dict(inputs))
+    for warning in report.warnings:
+        logger.info("speed check: %s", warning)
+    timings = {}
+    for m in report.measurements:
+        s = m.speedup
+        timings[m.variant] = Timing(m.latency.p50_ms, s.ratio, s.low, s.high) if s else Timing(m.latency.p50_ms, 1.0, 1.0, 1.0)
+    return timings
+
+
+def _time_against_float(reference: onnx.ModelProto, models: Mapping[str, onnx.ModelProto], inputs: Mapping[str, np.ndarray],
+                        settings: QuantizeSettings, measure: Measure, workdir: Path) -> tuple[Timing | None, dict[str, Timing], str | None]:
+    """fp32 and each model timed together; (fp32 timing, timings by name, why not timed)."""
+    paths = {FLOAT_VARIANT: workdir / "timing-fp32.onnx"}
+    save_onnx(reference, paths[FLOAT_VARIANT])
+    for index, (name, model) in enumerate(models.items()):
+        paths[name] = workdir / f"timing-{index}.onnx"
+        save_onnx(model, paths[name])
+    logger.info("speed check: %s against %s on this machine, inputs %s", ", ".join(models), FLOAT_VARIANT,
+                ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items()))
+    try:
+        timings = dict(measure(paths, inputs, settings.speed_seconds))
+    except UserError as exc:
+        logger.warning("speed check not done: %s", exc)
+        return None, {}, str(exc)
+    return timings.get(FLOAT_VARIANT), {n: t for n, t in timings.items() if n != FLOAT_VARIANT}, None
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def _choose(candidates: Sequence[Candidate], min_cosine: float) -> tuple[int, list[str], list[str]]:
+    """Index of the candidate to return, with reasons and warnings, from what was measured."""
+    built = [i for i, c in enumerate(candidates) if c.error is None]
+    faithful = [i for i in built if candidates[i].fidelity.min_mean_cosine >= min_cosine]
+    reasons, warnings = [], []
+    if faithful:
+        pool = faithful
+    else:
+        best = max(built, key=lambda i: candidates[i].fidelity.min_mean_cosine)
+        pool = [best]
+        warnings.append(f"no int8 candidate reached a mean cosine of {min_cosine} to the float outputs; the most faithful, "
+                        f"{candidates[best].name} ({candidates[best].fidelity.min_mean_cosine:.5f}), is returned: give better "
+                        "calibration data, or --accuracy-target to keep the most sensitive nodes in float")
+    timed = [i for i in pool if candidates[i].timing is not None]
+    if timed:
+        chosen = max(timed, key=lambda i: candidates[i].timing.speedup)
+        c = candidates[chosen]
+        reasons.append(f"chose {c.name} ({c.description}): "
+                       + (f"the fastest of {len(pool)} candidates at mean cosine >= {min_cosine}" if len(pool) > 1
+                          else f"the only candidate {'at' if faithful else 'closest to'} mean cosine >= {min_cosine}")
+                       + f"; {c.timing.speedup:.2f}x fp32 [{c.timing.speedup_low:.2f}, {c.timing.speedup_high:.2f}] "
+                       f"measured on this machine, cosine {c.fidelity.min_mean_cosine:.5f}")
+        timed_all = [candidates[i] for i in built if candidates[i].timing is not None]
+        fastest = max(timed_all, key=lambda x: x.timing.speedup)
+        if fastest.timing.speedup <= 1.0:
+            warnings.append(f"no int8 variant is faster than fp32 on this machine: the fastest, {fastest.name}, ran at "
+                            f"{fastest.timing.speedup:.2f}x fp32 ({fastest.timing.p50_ms:.3f} ms per run); the int8 model is "
+                            "written as asked, but for speed keep the fp32 model here")
+    else:
+        chosen = pool[0]
+        c = candidates[chosen]
+        reasons.append(f"chose {c.name} ({c.description}), cosine {c.fidelity.min_mean_cosine:.5f}; speed not measured here")
+    return chosen, reasons, warnings
+
+
+def _opset_for_per_channel_qdq(candidates: list[Candidate], model: onnx.ModelProto,
+                               dims: Mapping[str, int] | None) -> tuple[list[Candidate], onnx.ModelProto, str | None]:
+    """Per-channel QDQ needs opset 13 (the ``axis`` of DequantizeLinear); older models are
+    upgraded and checked, or those candidates go per-tensor. Returns the reason either way."""
+    from onnxforge.common.normalize import default_opset, ensure_opset
+
+    needs = [i for i, c in enumerate(candidates) if c.resolved["mode"] == "static" and c.resolved["format"] == "qdq"
+             and c.resolved["per_channel"]]
+    if not needs or default_opset(model) >= PER_CHANNEL_QDQ_OPSET:
+        return candidates, model, None
+    upgrade = ensure_opset(model, PER_CHANNEL_QDQ_OPSET, dims=dims)
+    if upgrade.ok:
+        return candidates, upgrade.model, f"per-channel QDQ needs opset {PER_CHANNEL_QDQ_OPSET}: {upgrade.describe()}"
+    changed = list(candidates)
+    for i in needs:
+        changed[i] = dataclasses.replace(changed[i], resolved={**changed[i].resolved, "per_channel": False},
+                                         description=changed[i].description + ", per-tensor weights")
+    return changed, model, (f"per-channel QDQ needs opset {PER_CHANNEL_QDQ_OPSET} and the upgrade failed "
+                            f"({upgrade.reason}): per-tensor weights instead")
 
 
 # ---------------------------------------------------------------- the public function
@@ -411,22 +817,32 @@ def quantize(
     tokenizer=None,
     dims: Mapping[str, int] | None = None,
     allow_random_calibration: bool = False,
+    measure: Measure | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` (ModelProto, not modified, or a path) as ``settings`` say.
 
-    ``calibration`` (static mode) and ``evaluation`` (fidelity, accuracy-aware mode) take any
-    source ``calibration_data`` accepts; without evaluation data, fidelity is measured on the
-    calibration data, else on generated inputs. Raises ``UserError`` for an already quantized
-    model, exclude-node names that do not exist, data that does not match the model, and an
+    The model is normalized first (``onnxforge.common.normalize``: Constant weights lifted, open
+    dims named). Every candidate is loaded and run in ONNX Runtime and scored against the float
+    model; on the CPU target the candidates are timed against fp32 with ``measure`` (default
+    ``measure_with_runtime_bench``) unless ``settings.check_speed`` is off. ``calibration``
+    (static) and ``evaluation`` (fidelity) take any source ``calibration_data`` accepts; without
+    evaluation data, fidelity is measured on the calibration data, else on generated inputs.
+    Raises ``UserError`` for an already quantized model, exclude-node names that do not exist,
+    data that does not match the model, a model ONNX Runtime's quantizers fail on, and an
     accuracy target that cannot be met (naming the best cosine reached and the float nodes).
     """
+    from onnxforge.common.normalize import normalize
+
     started = time.perf_counter()
-    source = load_onnx(model) if isinstance(model, (str, Path)) else model
-    before = summarize_model(source, str(model) if isinstance(model, (str, Path)) else "", source.ByteSize())
+    loaded = load_onnx(model) if isinstance(model, (str, Path)) else model
+    before = summarize_model(loaded, str(model) if isinstance(model, (str, Path)) else "", loaded.ByteSize())
     if before.quantized_compute_ops:
         raise UserError(f"the model is already quantized ({before.quantized_compute_ops} of {before.compute_ops} compute ops); "
                         "quantize the float model instead")
-    names = [node.name for node in source.graph.node]
+    normalized = normalize(loaded, dims=dims)
+    reference = normalized.model
+    reasons = [normalized.describe()] if normalized.modified else []
+    names = [node.name for node in reference.graph.node]
     missing = [n for n in settings.exclude_nodes if n not in names]
     if missing:
         hints = "; ".join(f"{n!r}{closest(n, names) or ' (no close match)'}" for n in missing)
@@ -434,39 +850,126 @@ def quantize(
 
     calib = None
     if calibration is not None:
-        calib = calibration_data(calibration, source, tokenizer=tokenizer, dims=dims, allow_random=allow_random_calibration,
+        calib = calibration_data(calibration, reference, tokenizer=tokenizer, dims=dims, allow_random=allow_random_calibration,
                                  max_batches=settings.max_calibration_batches)
-    resolved, reasons = resolve(settings, source, calib is not None)
+    pattern = op_pattern(reference)
+    candidates, plan_reasons = plan_candidates(settings, reference, pattern, calib is not None)
+    reasons += plan_reasons
+    candidates, float_model, opset_reason = _opset_for_per_channel_qdq(candidates, reference, dims)
+    if opset_reason:
+        reasons.append(opset_reason)
     if evaluation is not None:
-        evaluation_batches = list(calibration_data(evaluation, source, tokenizer=tokenizer, dims=dims, max_batches=32))
+        evaluation_batches = list(calibration_data(evaluation, reference, tokenizer=tokenizer, dims=dims, max_batches=32))
     elif calib is not None:
         evaluation_batches = [batch for _, batch in zip(range(16), calib)]
     else:
-        evaluation_batches = [verification_inputs(source, dims, seed=seed) for seed in range(4)]
+        evaluation_batches = [verification_inputs(reference, dims, seed=seed) for seed in range(4)]
         reasons.append("fidelity measured on generated inputs (no evaluation or calibration data given)")
 
+    warnings: list[str] = []
+    float_timing = None
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp:
         workdir = Path(tmp)
-        prepared, pre_label = preprocess_model(source, workdir) if settings.preprocess and resolved["mode"] != "int4" else (source, "off")
-        logger.info("quantizing: %s %s, per-channel %s, weights %s%s", resolved["mode"],
-                    resolved["format"] if resolved["mode"] == "static" else "", resolved["per_channel"], resolved["weight_type"],
-                    f", activations {resolved['activation_type']} ({resolved['calibration_method']})" if resolved["mode"] == "static" else "")
+        int4 = candidates[0].resolved["mode"] == "int4"
+        prepared, pre_label = preprocess_model(float_model, workdir) if settings.preprocess and not int4 else (float_model, "off")
+        inputs_for = _ort_inputs(prepared, candidates)
         exclude = list(settings.exclude_nodes)
-        quantized = _run_ort_quantization(prepared, resolved, exclude, calib, settings, workdir)
-        measured = fidelity(source, quantized, evaluation_batches)
-        sensitivity: list[tuple[str, float]] = []
+        candidates, models = _build_candidates(candidates, inputs_for, exclude, calib, settings, workdir, reference, evaluation_batches)
+
+        timed = settings.target == "cpu" and settings.check_speed
+        if timed:
+            float_timing, timings, why_not = _time_against_float(
+                reference, {c.name: models[c.name] for c in candidates if c.error is None}, evaluation_batches[0], settings,
+                measure or measure_with_runtime_bench, workdir)
+            candidates = [dataclasses.replace(c, timing=timings.get(c.name)) for c in candidates]
+            if why_not:
+                warnings.append(f"speed not checked against fp32: {why_not}")
+        chosen_index, choice_reasons, choice_warnings = _choose(candidates, settings.min_cosine)
+        reasons += choice_reasons
+        warnings += choice_warnings
+        chosen = candidates[chosen_index]
+        quantized, measured, sensitivity, exclude_final = models[chosen.name], chosen.fidelity, [], exclude
         if settings.accuracy_target is not None and measured.min_mean_cosine < settings.accuracy_target:
-            quantized, measured, exclude, sensitivity = _keep_sensitive_in_float(
-                source, prepared, quantized, measured, resolved, exclude, calib, settings, workdir, evaluation_batches)
+            quantized, measured, exclude_final, sensitivity = _keep_sensitive_in_float(
+                reference, inputs_for[chosen.name], quantized, measured, chosen.resolved, exclude, calib, settings, workdir,
+                evaluation_batches)
+            chosen = dataclasses.replace(chosen, fidelity=measured)
+            if timed and chosen.timing is not None:
+                float_timing, timings, _ = _time_against_float(reference, {chosen.name: quantized}, evaluation_batches[0], settings,
+                                                               measure or measure_with_runtime_bench, workdir)
+                chosen = dataclasses.replace(chosen, timing=timings.get(chosen.name))
+                reasons.append(f"with {len(exclude_final) - len(exclude)} node(s) kept in float for the accuracy target: "
+                               + (f"{chosen.timing.speedup:.2f}x fp32 measured here" if chosen.timing else "not timed"))
+                if chosen.timing is not None and chosen.timing.speedup <= 1.0:
+                    warnings.append(f"with the nodes kept in float, {chosen.name} runs at {chosen.timing.speedup:.2f}x fp32 here: "
+                                    "not faster than the float model")
+        candidates[chosen_index] = dataclasses.replace(chosen, chosen=True)
+    for warning in warnings:
+        logger.warning("%s", warning)
     after = summarize_model(quantized, "", quantized.ByteSize())
     logger.info("quantized %d/%d compute ops; size %.2f -> %.2f MB; lowest mean cosine %.5f", after.quantized_compute_ops,
                 after.compute_ops, before.file_bytes / 1e6, after.file_bytes / 1e6, measured.min_mean_cosine)
-    return QuantizeResult(quantized, resolved["mode"], resolved, tuple(reasons), before, after, measured,
-                          tuple(n for n in exclude if n not in settings.exclude_nodes), tuple(sensitivity), pre_label,
-                          time.perf_counter() - started)
+    return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
+                          tuple(n for n in exclude_final if n not in settings.exclude_nodes), tuple(sensitivity), pre_label,
+                          time.perf_counter() - started, pattern.describe(), tuple(candidates), float_timing, tuple(warnings))
 
 
-def _keep_sensitive_in_float(source, prepared, quantized, measured, resolved, exclude, calib, settings, workdir, batches):
+def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[str, onnx.ModelProto]:
+    """The model each candidate's quantizer gets: Gemm biases as vectors for static runs, Gemm as
+    MatMul + Add for dynamic ones (see ``flatten_gemm_biases`` and ``gemm_as_matmul``)."""
+    by_mode: dict[str, onnx.ModelProto] = {}
+    out = {}
+    for c in candidates:
+        mode = c.resolved["mode"]
+        if mode not in by_mode:
+            if mode == "static":
+                by_mode[mode], count = flatten_gemm_biases(prepared)
+                if count:
+                    logger.info("%d Gemm bias(es) of shape [1, N] stored as vectors for the static quantizer", count)
+            elif mode == "dynamic":
+                by_mode[mode], count = gemm_as_matmul(prepared)
+                if count:
+                    logger.info("%d Gemm node(s) written as MatMul + Add for the dynamic quantizer", count)
+            else:
+                by_mode[mode] = prepared
+        out[c.name] = by_mode[mode]
+    return out
+
+
+def _build_candidates(candidates: Sequence[Candidate], inputs_for: Mapping[str, onnx.ModelProto], exclude: Sequence[str],
+                      calib: CalibrationData | None, settings: QuantizeSettings, workdir: Path, reference: onnx.ModelProto,
+                      batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[list[Candidate], dict[str, onnx.ModelProto]]:
+    """Each candidate quantized, loaded and run against the float model; a failure is recorded
+    on its candidate. Static candidates run widest op-type set first: the first calibrates and
+    the others reuse its ranges. Raises ``UserError`` when none could be built."""
+    def width(index: int) -> int:
+        c = candidates[index]
+        return -(len(c.resolved["op_types"]) if c.resolved["op_types"] else 10**6) if c.resolved["mode"] == "static" else 0
+
+    built = list(candidates)
+    models: dict[str, onnx.ModelProto] = {}
+    for index in sorted(range(len(candidates)), key=width):
+        c = candidates[index]
+        logger.info("quantizing: %s (%s)%s", c.name, c.description,
+                    f", {c.resolved['calibration_method']} calibration" if c.resolved["mode"] == "static" else "")
+        try:
+            model = _run_ort_quantization(inputs_for[c.name], c.resolved, exclude, calib, settings, workdir, name=f"candidate-{index}")
+            score = fidelity(reference, model, batches)
+        except UserError as exc:
+            built[index] = dataclasses.replace(c, error=str(exc))
+            logger.warning("candidate %s failed: %s", c.name, exc)
+            continue
+        built[index] = dataclasses.replace(c, fidelity=score)
+        models[c.name] = model
+        logger.info("  %s: lowest mean cosine %.5f", c.name, score.min_mean_cosine)
+    if not models:
+        if len(built) == 1:
+            raise UserError(built[0].error)
+        raise UserError("no int8 candidate could be built: " + "; ".join(f"{c.name}: {c.error}" for c in built))
+    return built, models
+
+
+def _keep_sensitive_in_float(reference, prepared, quantized, measured, resolved, exclude, calib, settings, workdir, batches):
     """Exclude the most sensitive nodes, the fewest that meet the target: doubling, then bisecting."""
     candidates = [n for n in _quantizable(prepared, resolved) if n.name not in exclude]
     ranking = node_sensitivity(prepared, quantized, candidates, batches)
@@ -479,7 +982,7 @@ def _keep_sensitive_in_float(source, prepared, quantized, measured, resolved, ex
         if k not in tried:
             keep = [name for name, _ in ranking[:k]]
             model_k = _run_ort_quantization(prepared, resolved, exclude + keep, calib, settings, workdir)
-            tried[k] = (model_k, fidelity(source, model_k, batches), exclude + keep)
+            tried[k] = (model_k, fidelity(reference, model_k, batches), exclude + keep)
             logger.info("  %d node(s) in float: cosine %.5f", k, tried[k][1].min_mean_cosine)
         return tried[k][1].min_mean_cosine >= settings.accuracy_target
 
@@ -507,8 +1010,9 @@ def _keep_sensitive_in_float(source, prepared, quantized, measured, resolved, ex
 
 
 def quantize_file(input_path: str | Path, output_path: str | Path, settings: QuantizeSettings = QuantizeSettings(), **data) -> QuantizeResult:
-    """``quantize`` from a file to a file, written atomically; ``data`` are quantize's keyword
-    arguments (calibration, evaluation, tokenizer, dims, allow_random_calibration)."""
+    """``quantize`` from a file to a file, written atomically, and only after the quantized model
+    was loaded and run; ``data`` are quantize's keyword arguments (calibration, evaluation,
+    tokenizer, dims, allow_random_calibration, measure)."""
     result = quantize(load_onnx(input_path), settings, **data)
     written = save_onnx(result.model, output_path)
     before = dataclasses.replace(result.before, path=str(input_path), file_bytes=Path(input_path).stat().st_size)
@@ -516,4 +1020,5 @@ def quantize_file(input_path: str | Path, output_path: str | Path, settings: Qua
     return dataclasses.replace(result, before=before, after=after)
 
 
-__all__ = ["Fidelity", "QuantizeResult", "QuantizeSettings", "quantize", "quantize_file"]
+__all__ = ["Candidate", "Fidelity", "OpPattern", "QuantizeResult", "QuantizeSettings", "Timing", "measure_with_runtime_bench",
+           "op_pattern", "quantize", "quantize_file"]

@@ -4,6 +4,7 @@ readers, the accuracy-aware mode, bad inputs, and real data (digits CNN)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 
 import numpy as np
@@ -19,8 +20,48 @@ from onnxforge.cli import main
 from onnxforge.common.errors import UserError
 from onnxforge.common.summary import summarize_model
 from optimizers.calibration import calibration_data
-from optimizers.quantize import QuantizeSettings, _Chunk, quantize, quantize_file
+from optimizers.quantize import (
+    FLOAT_VARIANT,
+    QuantizeSettings,
+    Timing,
+    _Chunk,
+    _quantizer_errors,
+    flatten_gemm_biases,
+    gemm_as_matmul,
+    measure_with_runtime_bench,
+    op_pattern,
+    quantize,
+    quantize_file,
+)
 from tests.tiny_models import build
+
+# importlib: the package re-exports a function named like the module, which "import as" picks up
+quantize_module = importlib.import_module("optimizers.quantize")
+
+
+class FixedSpeeds:
+    """A ``measure`` that times nothing: each variant gets the speedup over fp32 it is given
+    (``default`` for the others), so tests pin the choice and the messages, never a CPU's speed.
+    It loads every file it is handed in ONNX Runtime, as a real measurement would."""
+
+    def __init__(self, default: float = 1.0, **speedups: float):
+        self.default, self.speedups, self.calls = default, speedups, []
+
+    def __call__(self, paths, inputs, seconds):
+        self.calls.append({name: str(path) for name, path in paths.items()})
+        for path in paths.values():
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        timings = {}
+        for name in paths:
+            speedup = 1.0 if name == FLOAT_VARIANT else self.speedups.get(name.replace("-", "_").replace("+", "_").replace("/", "_"), self.default)
+            timings[name] = Timing(10.0 / speedup, speedup, speedup * 0.95, speedup * 1.05)
+        return timings
+
+
+@pytest.fixture(autouse=True)
+def no_real_timing(monkeypatch):
+    """Unit tests never time: the default measurement is replaced by one that says 1.5x."""
+    monkeypatch.setattr(quantize_module, "measure_with_runtime_bench", FixedSpeeds(default=1.5))
 
 
 def _mlp(tmp_path):
@@ -92,7 +133,8 @@ def test_auto_chooses_per_model_and_target(tmp_path):
     cnn = _cnn(tmp_path)
     calib = _calibration_file(tmp_path / "calib.npz", (3, 12, 12))
     auto_cnn = quantize(cnn, calibration=calib)
-    assert auto_cnn.mode == "static" and any("ConvInteger" in r for r in auto_cnn.reasons)
+    assert auto_cnn.mode == "static" and auto_cnn.pattern.startswith("convolutional")
+    assert any("fused int8 CPU kernels" in r for r in auto_cnn.reasons)
     trt = quantize(cnn, QuantizeSettings(target="tensorrt"), calibration=calib)
     assert trt.resolved["activation_type"] == "int8" and trt.resolved["symmetric_activations"] is True
     zero_points = [numpy_helper.to_array(t) for t in trt.model.graph.initializer if "zero_point" in t.name]
@@ -268,12 +310,13 @@ def test_cli_quantize(tmp_path, capsys):
     calib = _calibration_file(tmp_path / "calib.npz", (3, 12, 12))
     code = main(["-q", "quantize", str(path), str(tmp_path / "q.onnx"), "--calibration", str(calib)])
     out = capsys.readouterr().out
-    assert code == 0 and "mode static qdq" in out and "why: convolutional model" in out and "mean cosine" in out
+    assert code == 0 and "mode static qdq" in out and "why: op pattern: convolutional" in out and "mean cosine" in out
+    assert "candidates (timed against fp32 on this machine" in out and "speed: 1.50x fp32 on this machine" in out
     code = main(["-q", "quantize", str(path), str(tmp_path / "q2.onnx"), "--calibration", str(calib), "--json"])
     assert code == 0 and json.loads(capsys.readouterr().out)["after"]["quantized_fraction"] == 1.0
     code = main(["quantize", str(path), str(tmp_path / "q3.onnx")])
     err = capsys.readouterr().err
-    assert code == 2 and "static quantization needs calibration data" in err and not (tmp_path / "q3.onnx").exists()
+    assert code == 2 and "convolutional model needs calibration data for int8" in err and not (tmp_path / "q3.onnx").exists()
 
 
 # ---------------------------------------------------------------- real data
