@@ -443,22 +443,29 @@ def _distill_command(args) -> int:
     teacher = load_model_source(args.teacher).module
     student_source = load_model_source(args.student)
     data = _import_callable(args.data)
-    eval_data = _import_callable(args.eval_data) if args.eval_data else None
+    val_data = _import_callable(args.val_data) if args.val_data else None
+    test_data = _import_callable(args.test_data) if args.test_data else None
     bar = ProgressBar("distill") if not args.quiet else None
     try:
-        result = distill(teacher, student_source.module, data, settings, eval_data=eval_data, progress=bar)
+        result = distill(teacher, student_source.module, data, settings, val_data=val_data, test_data=test_data, progress=bar)
     finally:
         if bar:
             bar.close()
     with atomic_path(Path(args.out)) as staged:
         torch.save(result.student, staged)
-    print(f"student written to {args.out} (best epoch {result.best_epoch} of {len(result.history)})")
+    print(f"student written to {args.out} (epoch {result.best_epoch} of {len(result.history)}, chosen by {result.selected_by})")
     for h in result.history:
         print(f"  epoch {h.epoch:>3}: loss {h.train_loss:.4f}"
-              + (f", eval accuracy {h.eval_accuracy:.4f}" if h.eval_accuracy is not None else "")
-              + (f", agreement with teacher {h.eval_agreement:.4f}" if h.eval_agreement is not None else ""))
-    if result.student_accuracy is not None:
-        print(f"teacher accuracy {result.teacher_accuracy:.4f}, student accuracy {result.student_accuracy:.4f}")
+              + (f", validation accuracy {h.val_accuracy:.4f}" if h.val_accuracy is not None else "")
+              + (f", validation agreement with teacher {h.val_agreement:.4f}" if h.val_agreement is not None else ""))
+    if result.test_accuracy is not None:
+        print(f"test accuracy (held out from training and selection): teacher {result.teacher_test_accuracy:.4f}, "
+              f"student {result.test_accuracy:.4f}")
+    elif result.test_agreement is not None:
+        print(f"test agreement with the teacher (held out from training and selection): {result.test_agreement:.4f}")
+    elif result.val_accuracy is not None:
+        print(f"validation accuracy {result.val_accuracy:.4f} chose the epoch, so it is not a held-out figure; "
+              "pass --test-data for one")
     if args.export:
         example = student_source.example_inputs
         if example is None:
@@ -622,16 +629,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     dist = sub.add_parser("distill", help="train a small student from a large teacher (PyTorch), then export it")
     dist.add_argument("--teacher", required=True, help="pkg.module:factory, file.py:factory or file.pt")
-    dist.add_argument("--student", required=True, help="pkg.module:factory, file.py:factory or file.pt (trained in place)")
+    dist.add_argument("--student", required=True, help="pkg.module:factory, file.py:factory or file.pt (left as is: a trained copy goes to --out)")
     dist.add_argument("--data", required=True, help="pkg.module:function returning (inputs, labels) batches, or inputs alone")
-    dist.add_argument("--eval-data", help="pkg.module:function for per-epoch evaluation and early stopping")
+    dist.add_argument("--val-data", help="pkg.module:function scoring each epoch: chooses the epoch kept and stops early")
+    dist.add_argument("--test-data", help="pkg.module:function scored once at the end, for the report: never used to "
+                      "train or choose (must differ from --val-data)")
     dist.add_argument("--epochs", type=int, default=10)
     dist.add_argument("--temperature", type=float, default=4.0)
     dist.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target loss (the rest: labels)")
     dist.add_argument("--lr", type=float, default=3e-3)
     dist.add_argument("--loss", choices=("kl", "mse"), default="kl")
     dist.add_argument("--feature", action="append", metavar="STUDENT_LAYER=TEACHER_LAYER", help="also match these layers' outputs")
-    dist.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping (with --eval-data)")
+    dist.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping (with --val-data)")
     dist.add_argument("--seed", type=int, default=0)
     dist.add_argument("--out", default="student.pt", help="where to torch.save the trained student (default student.pt)")
     dist.add_argument("--export", metavar="ONNX", help="also export the student to this ONNX file")

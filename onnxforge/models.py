@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -132,22 +133,47 @@ def digits_split(seed: int = 0):
     return images[train], labels[train], images[test], labels[test]
 
 
-def train_digits_cnn(width: int = 32, epochs: int = 12, seed: int = 0, lr: float = 3e-3):
-    """A DigitsCNN trained on the digits training split (a few seconds on a CPU); returns
-    ``(model in eval mode, test accuracy)``."""
+class DigitsSplits(NamedTuple):
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def digits_splits(seed: int = 0, validation: float = 0.2) -> DigitsSplits:
+    """Three disjoint splits of scikit-learn's digits from one seeded permutation: test is
+    ``digits_split``'s held-out 20% (the images every digits figure is measured on), validation
+    the last ``validation`` share of its training part, train the rest (64 / 16 / 20 by default).
+    Fit on train, choose on validation, report test."""
     train_x, train_y, test_x, test_y = digits_split(seed)
+    cut = len(train_y) - int(validation * len(train_y))
+    return DigitsSplits(train_x[:cut], train_y[:cut], train_x[cut:], train_y[cut:], test_x, test_y)
+
+
+def fit_digits_cnn(images: torch.Tensor, labels: torch.Tensor, width: int = 32, epochs: int = 12, seed: int = 0,
+                   lr: float = 3e-3) -> DigitsCNN:
+    """A DigitsCNN trained with Adam for a fixed number of epochs (no selection), in eval mode."""
     torch.manual_seed(seed)
     model = DigitsCNN(width)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
-        for batch in torch.randperm(len(train_y), generator=generator).split(64):
+        for batch in torch.randperm(len(labels), generator=generator).split(64):
             optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
+            loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
             loss.backward()
             optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+def train_digits_cnn(width: int = 32, epochs: int = 12, seed: int = 0, lr: float = 3e-3):
+    """A DigitsCNN trained on the digits training split (a few seconds on a CPU); returns
+    ``(model in eval mode, test accuracy)``."""
+    train_x, train_y, test_x, test_y = digits_split(seed)
+    model = fit_digits_cnn(train_x, train_y, width, epochs, seed, lr)
     with torch.no_grad():
         accuracy = float((model(test_x).argmax(1) == test_y).float().mean())
     return model, accuracy
@@ -185,9 +211,11 @@ def digits_test_set():
 
 
 def digits_teacher():
-    """A wide DigitsCNN (width 64) trained on the digits training split: a distillation teacher."""
+    """A wide DigitsCNN (width 64) trained on the distillation training split of ``digits_splits``
+    only, so that neither the validation nor the test images have been fitted: a distillation teacher."""
     if "teacher" not in _TRAINED:
-        _TRAINED["teacher"] = train_digits_cnn(width=64, epochs=12)[0]
+        splits = digits_splits()
+        _TRAINED["teacher"] = fit_digits_cnn(splits.train_x, splits.train_y, width=64, epochs=12)
     return _TRAINED["teacher"], digits_split()[0][:4]
 
 
@@ -198,14 +226,20 @@ def digits_student():
 
 
 def digits_train_batches():
-    """The digits training split in shuffled (seeded) batches of 64: (images, labels)."""
-    train_x, train_y, _, _ = digits_split()
-    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
+    """The training split of ``digits_splits`` in shuffled (seeded) batches of 64: (images, labels)."""
+    splits = digits_splits()
+    order = torch.randperm(len(splits.train_y), generator=torch.Generator().manual_seed(0))
     for index in order.split(64):
-        yield train_x[index], train_y[index]
+        yield splits.train_x[index], splits.train_y[index]
+
+
+def digits_validation_batches():
+    """The validation split of ``digits_splits`` as one (images, labels) batch: for choosing the epoch."""
+    splits = digits_splits()
+    yield splits.val_x, splits.val_y
 
 
 def digits_test_batches():
-    """The held-out digits as one (images, labels) batch."""
-    _, _, test_x, test_y = digits_split()
-    yield test_x, test_y
+    """The held-out test split as one (images, labels) batch: for the final report only."""
+    splits = digits_splits()
+    yield splits.test_x, splits.test_y

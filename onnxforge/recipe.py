@@ -26,8 +26,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "benchmark": {"enabled": (bool,), "batch": (list, int), "dims": (dict,), "threads": (int,), "min_seconds": (float, int),
                   "min_runs": (int,), "provider": (str,)},
     "package": {"enabled": (bool,), "zip": (bool,), "name": (str,)},
-    "distill": {"teacher": (str,), "data": (str,), "eval_data": (str,), "epochs": (int,), "temperature": (float, int),
-                "alpha": (float, int), "lr": (float,), "loss": (str,), "patience": (int,), "seed": (int,)},
+    "distill": {"teacher": (str,), "data": (str,), "val_data": (str,), "test_data": (str,), "epochs": (int,),
+                "temperature": (float, int), "alpha": (float, int), "lr": (float,), "loss": (str,), "patience": (int,), "seed": (int,)},
 }
 CANDIDATE_KEYS = {"name": (str,), "prune": (dict,), "quantize": (dict,)}
 PRUNE_KEYS = {"ratio": (float, int), "importance": (str,), "scope": (str,), "bias_compensation": (bool,), "round_to": (int,),

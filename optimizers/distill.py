@@ -10,10 +10,15 @@ Loss per batch, with teacher logits ``t``, student logits ``s``, labels ``y``, t
 ``T^2`` keeps the soft term's gradients on the scale of the hard term (Hinton et al., 2015).
 A feature pair whose widths differ gets a learned projection ``P_k`` (a 1x1 convolution or a
 linear layer, on the channel axis), trained with the student. torch is imported only here.
+
+Three data sets with three roles: training data fits the weights, validation data chooses the
+epoch (and stops early), test data is scored once at the end for the report. A validation score
+chose what it scores, so it is reported as a selection score, never as a held-out one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -56,21 +61,32 @@ class DistillSettings:
 class EpochMetrics:
     epoch: int
     train_loss: float
-    eval_accuracy: float | None
-    eval_agreement: float | None
+    val_accuracy: float | None  # on the validation data, which chooses the epoch
+    val_agreement: float | None  # top-1 agreement with the teacher on the validation data
 
 
 @dataclasses.dataclass
 class DistillResult:
+    """The trained student and what chose and judged it.
+
+    ``val_accuracy`` is the best epoch's validation accuracy: it chose that epoch, so it is a
+    selection score and overstates accuracy on new data. ``test_accuracy`` (and the teacher's)
+    come from ``test_data``, which neither training nor selection saw; they are ``None``
+    without test data."""
+
     student: Any
     history: list[EpochMetrics]
     best_epoch: int
-    teacher_accuracy: float | None
-    student_accuracy: float | None
+    selected_by: str
+    val_accuracy: float | None
+    test_accuracy: float | None
+    test_agreement: float | None
+    teacher_test_accuracy: float | None
 
     def to_dict(self) -> dict:
         return {"history": [dataclasses.asdict(h) for h in self.history], "best_epoch": self.best_epoch,
-                "teacher_accuracy": self.teacher_accuracy, "student_accuracy": self.student_accuracy}
+                "selected_by": self.selected_by, "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
+                "test_agreement": self.test_agreement, "teacher_test_accuracy": self.teacher_test_accuracy}
 
 
 def _batches(data) -> Iterable:
@@ -118,14 +134,27 @@ def _module(model, name: str, role: str):
     return modules[name]
 
 
+@contextlib.contextmanager
+def _eval_mode(*models):
+    """The models in eval mode for the duration; each one's training flag is restored after."""
+    modes = [(model, model.training) for model in models if model is not None]
+    for model, _ in modes:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, training in modes:
+            model.train(training)
+
+
 def evaluate(model, data, teacher=None, device: str = "cpu") -> tuple[float | None, float | None]:
-    """(top-1 accuracy when labels are given, top-1 agreement with ``teacher`` when given)."""
+    """(top-1 accuracy when labels are given, top-1 agreement with ``teacher`` when given).
+    Runs in eval mode; the models' training flags are left as they came."""
     import torch
 
     correct = agree = total = 0
     has_labels = False
-    model.eval()
-    with torch.no_grad():
+    with _eval_mode(model, teacher), torch.no_grad():
         for batch in _batches(data):
             inputs, labels = _split(batch)
             inputs = _to(inputs, device)
@@ -141,126 +170,260 @@ def evaluate(model, data, teacher=None, device: str = "cpu") -> tuple[float | No
     return (correct / total if has_labels else None, agree / total if teacher is not None else None)
 
 
-def distill(teacher, student, train_data, settings: DistillSettings = DistillSettings(), *, eval_data=None,
+def distill(teacher, student, train_data, settings: DistillSettings = DistillSettings(), *, val_data=None, test_data=None,
             progress: Callable[[str, float], None] | None = None) -> DistillResult:
-    """Train ``student`` to imitate ``teacher`` on ``train_data`` (an iterable of batches, or a
-    callable returning one per epoch; a batch is ``(inputs, labels)`` or ``inputs`` alone).
+    """Train a copy of ``student`` to imitate ``teacher`` on ``train_data`` (an iterable of
+    batches, or a callable returning one per epoch; a batch is ``(inputs, labels)`` or ``inputs``
+    alone) and return it as ``result.student``.
 
-    The teacher is frozen in eval mode and left in the mode it came in. With ``eval_data``, each
-    epoch is scored (accuracy with labels, else agreement with the teacher), the best epoch's
-    weights are kept and training stops after ``patience`` epochs without improvement.
-    ``student`` is trained in place and returned in eval mode with the best weights.
+    Three roles, three data sets, never mixed: ``train_data`` fits the weights; ``val_data``
+    scores each epoch (accuracy with labels, else agreement with the teacher), the best epoch's
+    weights are kept and training stops after ``patience`` epochs without improvement (without
+    it, the last epoch is kept); ``test_data`` is scored once, at the end, for the report. Passing
+    the same data for two roles is an error.
+
+    Neither input is modified: the student is copied, and the teacher runs frozen in eval mode
+    and is handed back in the mode and on the device it came in.
     """
+    return _fit(teacher, student, train_data, settings, val_data, test_data, progress)
+
+
+def train_on_labels(student, train_data, settings: DistillSettings = DistillSettings(), *, val_data=None, test_data=None,
+                    progress: Callable[[str, float], None] | None = None) -> DistillResult:
+    """The same student, budget, selection on ``val_data`` and report on ``test_data``, trained on
+    labels alone (the baseline that distillation has to beat): cross-entropy only, no teacher."""
+    return _fit(None, student, train_data, dataclasses.replace(settings, alpha=0.0, features={}), val_data, test_data, progress)
+
+
+def _fit(teacher, student, train_data, settings: DistillSettings, val_data, test_data, progress) -> DistillResult:
+    """The steps shared by ``distill`` and ``train_on_labels`` (``teacher`` is None there)."""
     import torch
-    import torch.nn.functional as F
 
+    _check_roles(train_data, val_data, test_data)
     torch.manual_seed(settings.seed)
-    device = settings.device
-    teacher_mode = teacher.training
-    teacher.to(device).eval()
-    student.to(device)
+    student = copy.deepcopy(student).to(settings.device)
+    first_inputs = _first_inputs(train_data)
+    with _frozen(teacher, settings.device):
+        if teacher is not None:
+            _check_outputs_match(teacher, student, first_inputs, settings.device)
+        with _FeatureMatch(student, teacher, settings.features, first_inputs, settings.device) as features:
+            history, best_epoch, selected_by = _train_and_select(teacher, student, train_data, val_data, settings, features,
+                                                                 progress)
+        student.eval()
+        test_accuracy = test_agreement = teacher_test_accuracy = None
+        if test_data is not None:
+            test_accuracy, test_agreement = evaluate(student, test_data, teacher, settings.device)
+            if teacher is not None:
+                teacher_test_accuracy = evaluate(teacher, test_data, device=settings.device)[0]
+    val_accuracy = history[best_epoch - 1].val_accuracy
+    if test_data is None and val_data is not None:
+        logger.warning("no test data: the validation accuracy %s chose the epoch, so it is not a held-out estimate; "
+                       "give test data that neither training nor selection sees for one",
+                       f"{val_accuracy:.4f}" if val_accuracy is not None else "(none)")
+    return DistillResult(student, history, best_epoch, selected_by, val_accuracy, test_accuracy, test_agreement,
+                         teacher_test_accuracy)
 
+
+def _check_roles(train_data, val_data, test_data) -> None:
+    """A score on the data that was fitted or selected on is not a held-out score."""
+    roles = [("training", train_data), ("validation", val_data), ("test", test_data)]
+    for i, (first, a) in enumerate(roles):
+        for second, b in roles[i + 1:]:
+            if a is not None and a is b:
+                raise UserError(f"the {first} and {second} data are the same object; give three disjoint sets: "
+                                "training fits the weights, validation chooses the epoch, test is reported")
+
+
+def _first_inputs(train_data):
     first = next(iter(_batches(train_data)), None)
     if first is None:
         raise UserError("the training data holds no batches")
-    inputs, _ = _split(first)
-    with torch.no_grad():
-        t_out, s_out = _logits(_call(teacher, _to(inputs, device))), _logits(_call(student.eval(), _to(inputs, device)))
+    return _split(first)[0]
+
+
+@contextlib.contextmanager
+def _frozen(teacher, device: str):
+    """The teacher in eval mode on ``device`` for the duration; its mode and device are restored."""
+    if teacher is None:
+        yield
+        return
+    home = next((p.device for p in teacher.parameters()), None)
+    with _eval_mode(teacher):
+        teacher.to(device)
+        try:
+            yield
+        finally:
+            if home is not None:
+                teacher.to(home)
+
+
+def _check_outputs_match(teacher, student, inputs, device: str) -> None:
+    import torch
+
+    with _eval_mode(student), torch.no_grad():
+        t_out, s_out = _logits(_call(teacher, _to(inputs, device))), _logits(_call(student, _to(inputs, device)))
     if t_out.shape != s_out.shape:
         raise UserError(f"teacher and student outputs differ in shape: teacher {list(t_out.shape)}, student {list(s_out.shape)}; "
                         "their outputs must match to be compared")
 
-    captured: dict[str, Any] = {}
-    hooks = []
-    projections = torch.nn.ModuleDict()
-    for s_name, t_name in settings.features.items():
-        s_layer, t_layer = _module(student, s_name, "the student"), _module(teacher, t_name, "the teacher")
-        hooks.append(s_layer.register_forward_hook(lambda m, i, o, key=f"s:{s_name}": captured.__setitem__(key, o)))
-        hooks.append(t_layer.register_forward_hook(lambda m, i, o, key=f"t:{t_name}": captured.__setitem__(key, o)))
-    try:
-        if settings.features:
-            with torch.no_grad():
-                _call(teacher, _to(inputs, device))
-                _call(student, _to(inputs, device))
-            for s_name, t_name in settings.features.items():
-                s_feat, t_feat = captured[f"s:{s_name}"], captured[f"t:{t_name}"]
-                axis = 1 if s_feat.dim() == 4 else -1
-                s_width, t_width = s_feat.shape[axis], t_feat.shape[axis]
-                key = s_name.replace(".", "_")
-                if s_width == t_width:
-                    projections[key] = torch.nn.Identity()
-                elif s_feat.dim() == 4:
-                    projections[key] = torch.nn.Conv2d(s_width, t_width, 1)
-                else:
-                    projections[key] = torch.nn.Linear(s_width, t_width)
-            projections.to(device)
-        optimizer = torch.optim.Adam(list(student.parameters()) + list(projections.parameters()), lr=settings.lr)
-        temperature = settings.temperature
-        history: list[EpochMetrics] = []
-        best_score, best_state, best_epoch, stale = -math.inf, None, 0, 0
-        for epoch in range(1, settings.epochs + 1):
-            student.train()
-            total_loss, batches = 0.0, 0
-            for batch in _batches(train_data):
-                inputs, labels = _split(batch)
-                inputs = _to(inputs, device)
-                with torch.no_grad():
-                    teacher_logits = _logits(_call(teacher, inputs))
-                student_logits = _logits(_call(student, inputs))
-                if settings.loss == "kl":
-                    soft = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.softmax(teacher_logits / temperature, -1),
-                                    reduction="batchmean") * temperature ** 2
-                else:
-                    soft = F.mse_loss(student_logits, teacher_logits)
-                loss = soft if labels is None else settings.alpha * soft + (1 - settings.alpha) * F.cross_entropy(student_logits, labels.to(device))
-                for s_name, t_name in settings.features.items():
-                    projected = projections[s_name.replace(".", "_")](captured[f"s:{s_name}"])
-                    loss = loss + settings.beta * F.mse_loss(projected, captured[f"t:{t_name}"].detach())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach())
-                batches += 1
-            if batches == 0:
-                raise UserError("the training data holds no batches")
-            accuracy = agreement = None
-            if eval_data is not None:
-                accuracy, agreement = evaluate(student, eval_data, teacher, device)
-            history.append(EpochMetrics(epoch, total_loss / batches, accuracy, agreement))
-            score = accuracy if accuracy is not None else (agreement if agreement is not None else -total_loss / batches)
-            logger.info("epoch %d: loss %.4f%s", epoch, total_loss / batches,
-                        f", eval accuracy {accuracy:.4f}" if accuracy is not None else "")
-            if progress:
-                progress(f"epoch {epoch}", epoch / settings.epochs)
-            if score > best_score:
-                best_score, best_state, best_epoch, stale = score, copy.deepcopy(student.state_dict()), epoch, 0
+
+class _FeatureMatch:
+    """The feature term ``beta * sum_k MSE(P_k(student feature k), teacher feature k)``: forward
+    hooks capture each paired layer's output on every call, and ``P_k`` is a learned projection
+    where the widths differ (a 1x1 convolution for NCHW maps, else a linear layer on the last
+    axis). Used as a context manager, which removes the hooks on exit."""
+
+    def __init__(self, student, teacher, pairs: Mapping[str, str], first_inputs, device: str):
+        import torch
+
+        self.pairs = dict(pairs)
+        self.captured: dict[str, Any] = {}
+        self.hooks = []
+        self.projections = torch.nn.ModuleDict()
+        if not self.pairs:
+            return
+        for s_name, t_name in self.pairs.items():
+            s_layer, t_layer = _module(student, s_name, "the student"), _module(teacher, t_name, "the teacher")
+            self.hooks.append(s_layer.register_forward_hook(lambda m, i, o, key=f"s:{s_name}": self.captured.__setitem__(key, o)))
+            self.hooks.append(t_layer.register_forward_hook(lambda m, i, o, key=f"t:{t_name}": self.captured.__setitem__(key, o)))
+        try:
+            self._build_projections(student, teacher, first_inputs, device)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build_projections(self, student, teacher, first_inputs, device: str) -> None:
+        import torch
+
+        with _eval_mode(student), torch.no_grad():
+            _call(teacher, _to(first_inputs, device))
+            _call(student, _to(first_inputs, device))
+        for s_name, t_name in self.pairs.items():
+            s_feat, t_feat = self.captured[f"s:{s_name}"], self.captured[f"t:{t_name}"]
+            axis = 1 if s_feat.dim() == 4 else -1
+            s_width, t_width = s_feat.shape[axis], t_feat.shape[axis]
+            if s_width == t_width:
+                projection = torch.nn.Identity()
+            elif s_feat.dim() == 4:
+                projection = torch.nn.Conv2d(s_width, t_width, 1)
             else:
-                stale += 1
-                if settings.patience is not None and eval_data is not None and stale >= settings.patience:
-                    logger.info("early stop: no improvement for %d epochs", stale)
-                    break
-    finally:
-        for hook in hooks:
+                projection = torch.nn.Linear(s_width, t_width)
+            self.projections[s_name.replace(".", "_")] = projection
+        self.projections.to(device)
+
+    def parameters(self):
+        return list(self.projections.parameters())
+
+    def add_loss(self, loss, beta: float):
+        """``loss`` plus the feature term of the last forward pass."""
+        import torch.nn.functional as F
+
+        for s_name, t_name in self.pairs.items():
+            projected = self.projections[s_name.replace(".", "_")](self.captured[f"s:{s_name}"])
+            loss = loss + beta * F.mse_loss(projected, self.captured[f"t:{t_name}"].detach())
+        return loss
+
+    def close(self) -> None:
+        for hook in self.hooks:
             hook.remove()
-        teacher.train(teacher_mode)
-    if best_state is not None:
-        student.load_state_dict(best_state)
-    student.eval()
-    teacher_accuracy = student_accuracy = None
-    if eval_data is not None:
-        teacher_accuracy = evaluate(teacher.eval(), eval_data, device=device)[0]
-        teacher.train(teacher_mode)
-        student_accuracy = evaluate(student, eval_data, device=device)[0]
-    return DistillResult(student, history, best_epoch, teacher_accuracy, student_accuracy)
+        self.hooks = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def train_on_labels(student, train_data, settings: DistillSettings = DistillSettings(), *, eval_data=None) -> DistillResult:
-    """The same student, budget and early stopping, trained on labels alone (the baseline that
-    distillation has to beat): cross-entropy only, no teacher."""
+def _batch_loss(student_logits, teacher_logits, labels, settings: DistillSettings):
+    """The loss of the module docstring; cross-entropy alone without a teacher."""
+    import torch.nn.functional as F
+
+    hard = None if labels is None else F.cross_entropy(student_logits, labels.to(student_logits.device))
+    if teacher_logits is None:
+        if hard is None:
+            raise UserError("training on labels alone needs (inputs, labels) batches; a batch came without labels")
+        return hard
+    temperature = settings.temperature
+    if settings.loss == "kl":
+        soft = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.softmax(teacher_logits / temperature, -1),
+                        reduction="batchmean") * temperature ** 2
+    else:
+        soft = F.mse_loss(student_logits, teacher_logits)
+    return soft if hard is None else settings.alpha * soft + (1 - settings.alpha) * hard
+
+
+def _train_epoch(teacher, student, train_data, settings: DistillSettings, features: _FeatureMatch, optimizer) -> float:
+    """One pass over the training data; the mean loss per batch."""
     import torch
 
-    class _LabelsOnly(torch.nn.Module):  # a "teacher" whose soft targets carry no weight
-        def forward(self, *args, **kwargs):
-            return _logits(_call(student, args[0] if len(args) == 1 else args))
+    student.train()
+    total_loss, batches = 0.0, 0
+    for batch in _batches(train_data):
+        inputs, labels = _split(batch)
+        inputs = _to(inputs, settings.device)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = _logits(_call(teacher, inputs))
+        student_logits = _logits(_call(student, inputs))
+        loss = features.add_loss(_batch_loss(student_logits, teacher_logits, labels, settings), settings.beta)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach())
+        batches += 1
+    if batches == 0:
+        raise UserError("the training data holds no batches")
+    return total_loss / batches
 
-    return distill(_LabelsOnly(), student, train_data, dataclasses.replace(settings, alpha=0.0, features={}), eval_data=eval_data)
+
+class _BestEpoch:
+    """The best-scoring epoch's weights so far, and early stopping after ``patience`` epochs
+    without improvement."""
+
+    def __init__(self, patience: int | None):
+        self.patience = patience
+        self.score, self.epoch, self.state, self.stale = -math.inf, 0, None, 0
+
+    def offer(self, epoch: int, score: float, student) -> bool:
+        """Record this epoch; True when training should stop."""
+        if score > self.score:
+            self.score, self.epoch, self.state, self.stale = score, epoch, copy.deepcopy(student.state_dict()), 0
+            return False
+        self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
+
+
+def _train_and_select(teacher, student, train_data, val_data, settings: DistillSettings, features: _FeatureMatch,
+                      progress) -> tuple[list[EpochMetrics], int, str]:
+    """Train epoch by epoch, scoring each on ``val_data``; load the best epoch's weights into
+    ``student``. Returns (history, best epoch, what chose it)."""
+    import torch
+
+    optimizer = torch.optim.Adam(list(student.parameters()) + features.parameters(), lr=settings.lr)
+    history: list[EpochMetrics] = []
+    best = _BestEpoch(settings.patience)
+    selected_by = "last epoch (no validation data)"
+    for epoch in range(1, settings.epochs + 1):
+        train_loss = _train_epoch(teacher, student, train_data, settings, features, optimizer)
+        accuracy = agreement = None
+        if val_data is not None:
+            accuracy, agreement = evaluate(student, val_data, teacher, settings.device)
+        history.append(EpochMetrics(epoch, train_loss, accuracy, agreement))
+        logger.info("epoch %d: loss %.4f%s", epoch, train_loss, f", validation accuracy {accuracy:.4f}" if accuracy is not None else "")
+        if progress:
+            progress(f"epoch {epoch}", epoch / settings.epochs)
+        if val_data is None:
+            continue
+        if accuracy is None and agreement is None:
+            raise UserError("the validation data has no labels and there is no teacher to agree with; "
+                            "give (inputs, labels) batches to train on labels alone")
+        selected_by = "validation accuracy" if accuracy is not None else "validation agreement with the teacher"
+        if best.offer(epoch, accuracy if accuracy is not None else agreement, student):
+            logger.info("early stop: no improvement on the validation data for %d epochs", best.stale)
+            break
+    if val_data is None:
+        return history, history[-1].epoch, selected_by
+    student.load_state_dict(best.state)
+    return history, best.epoch, selected_by
