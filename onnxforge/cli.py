@@ -311,6 +311,8 @@ def _bench_config(args):
         min_seconds=args.min_seconds,
         max_runs=max(args.max_runs, args.min_runs) if args.max_runs else 100_000,
         max_seconds=args.max_seconds,
+        block_seconds=args.block_seconds,
+        keep_sessions=args.keep_sessions,
         session=SessionSettings(
             intra_op_threads=args.threads, inter_op_threads=args.inter_threads,
             execution_mode=args.execution_mode, graph_optimization=args.opt_level,
@@ -395,6 +397,11 @@ def _add_measure_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-seconds", type=float, default=2.0, help="seconds per cell at least (default 2)")
     parser.add_argument("--max-runs", type=int, default=0, help="stop a cell after this many rounds (default: no cap)")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop a cell after this many seconds (default 120)")
+    parser.add_argument("--block-seconds", type=float, default=0.2,
+                        help="timed seconds per block of back-to-back runs of one variant (default 0.2)")
+    parser.add_argument("--keep-sessions", action="store_true",
+                        help="keep one session per variant open for the whole cell instead of a fresh one per block "
+                             "(faster for models that take long to load; memory placement luck then shows as a difference)")
     parser.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto", help="auto: on for GPU providers")
     parser.add_argument("--placement", choices=("auto", "on", "off"), default="auto",
                         help="profile which provider ran each node (auto: for GPU providers)")

@@ -107,16 +107,23 @@ Variant = OnnxVariant | TorchVariant
 class BenchConfig:
     """How to measure. Each (provider, batch size) cell runs ``warmup`` discarded runs per
     variant, then rounds of blocks: in each round every variant runs one block, in an order
-    that rotates from round to round (A B C, B C A, C A B, ...). A block waits until the other
-    sessions' thread pools have parked (at most ``settle_max_ms``), makes one untimed call to
+    that changes from round to round (``block_orders``: each variant runs first, and after
+    each other variant, equally often). A block waits until the other sessions' thread pools
+    have parked (at most ``settle_max_ms``), makes one untimed call to
     wake its own pool, then times ``block_seconds`` worth of back-to-back calls (at least
     ``MIN_BLOCK_RUNS``). This is how a model runs in deployment: alone, with its threads hot.
     Alternating call by call instead lets one session's spinning threads take the cores while
     the next one runs, which inflated latencies up to 2x (``benchmarks/harness_truth.py``).
     Rounds go on until every variant has ``min_runs`` runs, ``min_rounds`` rounds and
     ``min_seconds`` have passed, or a variant reaches ``max_runs`` or ``max_seconds`` pass.
-    ``keep_sessions=False`` opens each variant's session for its block only, so at most one
-    session is alive at a time (``tune`` uses it: many settings of one big model)."""
+    By default each block opens a fresh session for its variant (``REOPEN_WARMUP`` untimed
+    runs, then the wake-up call) and closes it afterwards, so at most one session is alive and
+    no parked pool waits beside the running one. Fresh sessions also average out memory
+    placement: one session of MiniLM can run 7 % faster or slower than another of the same
+    file, for its whole life, in the same process (``benchmarks/harness_truth.py``), which a
+    single long-lived session would report as a difference between variants.
+    ``keep_sessions=True`` keeps one session per variant open for the whole cell, for models
+    whose sessions take too long to create."""
 
     providers: tuple[str, ...] = ("cpu",)
     batch_sizes: tuple[int, ...] = (1,)
@@ -129,7 +136,7 @@ class BenchConfig:
     min_rounds: int = 5
     block_seconds: float = 0.2
     settle_max_ms: float = 250.0
-    keep_sessions: bool = True
+    keep_sessions: bool = False
     session: SessionSettings = SessionSettings()
     io_binding: str = "auto"
     baseline: str | None = None
@@ -454,6 +461,8 @@ def placement_of(path: Path, provider: ProviderConfig, settings: SessionSettings
 
 # ---------------------------------------------------------------- the loop
 
+# Untimed runs after a block opens a fresh session: the first run allocates, the second is steady.
+REOPEN_WARMUP = 2
 # Fewest timed calls in a block: with fewer, the first calls after the wake-up dominate.
 MIN_BLOCK_RUNS = 3
 # Most timed calls in a block: a 10 us model reaches block_seconds long before this.
@@ -510,6 +519,25 @@ def _block_runs(estimate_ms: float | None, config: BenchConfig) -> int:
     return int(min(max(MIN_BLOCK_RUNS, round(wanted)), MAX_BLOCK_RUNS, config.max_runs))
 
 
+def block_orders(n: int) -> list[list[int]]:
+    """The order of the variants in each round: a Williams design, the rows of a Latin square in
+    which every variant runs first equally often and follows every other variant equally often
+    (for odd ``n`` the square and its mirror, 2n rows). A plain rotation (A B C, B C A, ...)
+    would leave each variant after the same neighbour in every round, so whatever that
+    neighbour leaves behind (caches, clocks) would bias one ratio."""
+    base, low, high = [0], 1, n - 1
+    while len(base) < n:
+        base.append(low)
+        low += 1
+        if len(base) < n:
+            base.append(high)
+            high -= 1
+    rows = [[(v + shift) % n for v in base] for shift in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 def _time_block(runner: _Runner, runs: int, bucket: list[float]) -> float:
     """One untimed call that wakes the runner's own pool, then ``runs`` timed calls appended to
     ``bucket``; returns their median. Nothing but the clock and an append runs between calls."""
@@ -525,9 +553,9 @@ def _time_block(runner: _Runner, runs: int, bucket: list[float]) -> float:
 
 
 def _measure_cell(runners: list[_Runner], config: BenchConfig, progress, settle: Callable[[float], float] | None = None) -> CellSamples:
-    """Rounds of blocks, rotated: round r starts at variant r mod n (A B C, B C A, C A B, ...),
-    so no variant always runs right after the same neighbour, and slow drift of the machine
-    falls evenly on all. Runners are open on entry unless ``config.keep_sessions`` is off, in
+    """Rounds of blocks, in the orders of ``block_orders`` taken in turn, so every variant runs
+    equally often first and after each other variant, and slow drift of the machine falls
+    evenly on all. Runners are open on entry unless ``config.keep_sessions`` is off, in
     which case each block opens its runner (warm-up included) and closes it afterwards.
     ``settle(max_ms)`` is the pause before each block (default ``wait_for_idle_threads``)."""
     settle = settle or wait_for_idle_threads
@@ -535,12 +563,12 @@ def _measure_cell(runners: list[_Runner], config: BenchConfig, progress, settle:
     cell = CellSamples({n: [] for n in names}, {n: [] for n in names}, {}, [])
     for runner in runners:
         cell.block_runs[runner.name] = _block_runs(runner.estimate_ms, config)
+    orders = block_orders(len(runners))
     started = time.perf_counter()
     while True:
-        shift = cell.rounds % len(runners)
-        for runner in runners[shift:] + runners[:shift]:
+        for runner in (runners[i] for i in orders[cell.rounds % len(orders)]):
             if not config.keep_sessions:
-                runner.open(config.warmup)
+                runner.open(REOPEN_WARMUP)
             cell.pauses_ms.append(settle(config.settle_max_ms))
             median = _time_block(runner, cell.block_runs[runner.name], cell.runs[runner.name])
             cell.block_medians[runner.name].append(median)

@@ -52,9 +52,9 @@ def tune(
 ) -> TuneResult:
     """Measure ``model`` under each candidate setting, in rotated blocks like any benchmark, on
     the first provider and batch size of ``config``; the best is the lowest median latency.
-    At most one session is alive at a time (``keep_sessions=False``): each block opens its
-    setting's session and closes it, so twenty settings of a large model never hold twenty
-    copies of its weights, nor twenty idle thread pools."""
+    At most one session is alive at a time (``keep_sessions=False``, whatever ``config``
+    says): each block opens its setting's session and closes it, so twenty settings of a large
+    model never hold twenty copies of its weights, nor twenty idle thread pools."""
     candidates = list(candidates or default_candidates())
     variants = [OnnxVariant(_label(c), Path(model), session=c) for c in candidates]
     single = dataclasses.replace(config, providers=config.providers[:1], batch_sizes=config.batch_sizes[:1], baseline=None, keep_sessions=False)

@@ -143,7 +143,8 @@ def test_blocks_rotate_each_after_a_pause_and_a_wake_up_call(tmp_path, monkeypat
     b, _ = _matmul_model(tmp_path / "b.onnx", seed=1)
     events = []
     _record_calls(monkeypatch, events)
-    config = BenchConfig(warmup=2, min_runs=6, min_rounds=4, min_seconds=0.0, block_seconds=1e-9, fidelity=False)
+    config = BenchConfig(warmup=2, min_runs=6, min_rounds=4, min_seconds=0.0, block_seconds=1e-9, fidelity=False,
+                         keep_sessions=True)
     report = benchmark([OnnxVariant("A", a), OnnxVariant("B", b)], config)
     calls = [e for e in events if not isinstance(e, tuple)]
     k = harness.MIN_BLOCK_RUNS
@@ -151,6 +152,16 @@ def test_blocks_rotate_each_after_a_pause_and_a_wake_up_call(tmp_path, monkeypat
     assert calls == block("A") + block("B") + block("B") + block("A") + block("A") + block("B") + block("B") + block("A")
     for m in report.measurements:
         assert (m.latency.runs, m.blocks, m.block_runs) == (4 * k, 4, k)  # the wake-up call is not timed
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_block_orders_balance_first_place_and_predecessors(n):
+    rows = harness.block_orders(n)
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    firsts = [row[0] for row in rows]
+    assert all(firsts.count(v) == len(rows) // n for v in range(n))
+    pairs = [(row[i], row[i + 1]) for row in rows for i in range(n - 1)]
+    assert all(pairs.count((a, b)) == pairs.count(pairs[0]) for a in range(n) for b in range(n) if a != b)
 
 
 def test_block_size_follows_the_warm_up_latency():
@@ -161,12 +172,12 @@ def test_block_size_follows_the_warm_up_latency():
     assert harness._block_runs(1e-6, BenchConfig()) == harness.MAX_BLOCK_RUNS
 
 
-def test_one_live_session_at_a_time_without_keep_sessions(tmp_path, monkeypatch):
+def test_default_opens_a_fresh_session_per_block_one_alive_at_a_time(tmp_path, monkeypatch):
     a, _ = _matmul_model(tmp_path / "a.onnx")
     b, _ = _matmul_model(tmp_path / "b.onnx", seed=1)
     events = []
     _record_calls(monkeypatch, events)
-    config = BenchConfig(warmup=1, min_runs=3, min_rounds=3, min_seconds=0.0, block_seconds=1e-9, keep_sessions=False)
+    config = BenchConfig(warmup=1, min_runs=3, min_rounds=3, min_seconds=0.0, block_seconds=1e-9)
     report = benchmark([OnnxVariant("A", a), OnnxVariant("B", b)], config)
     live, most = set(), 0
     for event in events:
@@ -174,7 +185,11 @@ def test_one_live_session_at_a_time_without_keep_sessions(tmp_path, monkeypatch)
             (live.add if event[0] == "open" else live.discard)(event[1])
             most = max(most, len(live))
     assert most == 1 and not live
-    assert sum(1 for e in events if e == ("open", "A")) >= 3 + 1  # one per block, one to measure memory
+    assert sum(1 for e in events if e == ("open", "A")) == 3 + 1 + 1  # a block each, memory, fidelity
+    # every block: open, pause, wake-up call, timed calls, close
+    k = harness.MIN_BLOCK_RUNS
+    first_block = events[events.index(("open", "A"), 2):][: k + 4]
+    assert first_block == [("open", "A"), "pause", *["A"] * (1 + k), ("close", "A")]
     assert report.find("B").fidelity["passed"] is False  # fidelity still compares the two
 
 
