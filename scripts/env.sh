@@ -87,7 +87,17 @@ _onnxforge_install_torch() {
             _onnxforge_say "torch: installed torch $(_onnxforge_torch_version) from PyTorch's CPU wheel index"
             return
         fi
-        _onnxforge_say "torch: PyTorch's CPU wheel index could not be reached (or has no torch==$ONNXFORGE_TORCH_VERSION for this machine); falling back to: pip install torch==$ONNXFORGE_TORCH_VERSION"
+        local why
+        # pip does not say why it found nothing; ask the index once more, directly
+        why="$(python -c '
+import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=10).close()
+    print("answered, but pip found no matching wheel for this machine")
+except Exception as exc:
+    print("could not be reached: %s" % (getattr(exc, "reason", None) or exc))
+' "$ONNXFORGE_TORCH_CPU_INDEX" 2>&1 | tail -n 1)"
+        _onnxforge_say "torch: PyTorch's CPU wheel index $why; falling back to: pip install torch==$ONNXFORGE_TORCH_VERSION"
     else
         _onnxforge_say "torch: on $(uname -s) the default build is the CPU build: pip install torch==$ONNXFORGE_TORCH_VERSION"
     fi
