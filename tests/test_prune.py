@@ -244,3 +244,293 @@ def test_cli_prune(tmp_path, capsys):
     assert code == 2 and "not a readable ONNX model" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
     code = main(["prune", str(tmp_path / "chain.onnx"), str(tmp_path / "x.onnx"), "--ratio", "1.5"])
     assert code == 2 and "pruning ratio must be in [0, 1)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- constructs of real-world models (issue 12)
+
+
+class ConvBNSiLU(torch.nn.Module):
+    def __init__(self, c1, c2, k=1, s=1):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
+        self.bn = torch.nn.BatchNorm2d(c2)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * torch.sigmoid(y)
+
+
+class C2f(torch.nn.Module):
+    """YOLOv8's block: a 1x1 conv split in halves, a bottleneck on the second half (with or
+    without its residual add), all three concatenated into a 1x1 conv."""
+
+    def __init__(self, c1, c2, shortcut):
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = ConvBNSiLU(c1, 2 * self.c)
+        self.m1, self.m2 = ConvBNSiLU(self.c, self.c, 3), ConvBNSiLU(self.c, self.c, 3)
+        self.cv2 = ConvBNSiLU(3 * self.c, c2)
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        y = list(self.cv1(x).split((self.c, self.c), 1))
+        m = self.m2(self.m1(y[-1]))
+        y.append(y[-1] + m if self.shortcut else m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class YoloLike(torch.nn.Module):
+    """YOLOv8 in miniature: C2f blocks (Split + Concat), SPPF (MaxPool chain + Concat), an
+    Upsample + Concat neck, a DFL box head (Reshape to 4 x 16 bins, Softmax, fixed Conv) and a
+    class head whose outputs are concatenated and reshaped."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.stem = ConvBNSiLU(3, 16, 3, 2)
+        self.c2f1 = C2f(16, 32, True)
+        self.down = ConvBNSiLU(32, 32, 3, 2)
+        self.c2f2 = C2f(32, 32, True)
+        self.sppf_cv1, self.pool, self.sppf_cv2 = ConvBNSiLU(32, 16), torch.nn.MaxPool2d(5, 1, 2), ConvBNSiLU(64, 32)
+        self.up = torch.nn.Upsample(scale_factor=2, mode="nearest")
+        self.neck = C2f(64, 32, False)
+        self.box = torch.nn.Sequential(ConvBNSiLU(32, 32, 3), torch.nn.Conv2d(32, 64, 1))
+        self.cls = torch.nn.Sequential(ConvBNSiLU(32, 32, 3), torch.nn.Conv2d(32, classes, 1))
+        self.dfl = torch.nn.Conv2d(16, 1, 1, bias=False).requires_grad_(False)
+        self.dfl.weight.data[:] = torch.arange(16, dtype=torch.float).view(1, 16, 1, 1)
+        self.classes = classes
+
+    def forward(self, image):
+        p3 = self.c2f1(self.stem(image))
+        x = self.c2f2(self.down(p3))
+        a = self.sppf_cv1(x)
+        b = self.pool(a)
+        c = self.pool(b)
+        p4 = self.sppf_cv2(torch.cat([a, b, c, self.pool(c)], 1))
+        f = self.neck(torch.cat([self.up(p4), p3], 1))
+        n = f.shape[0]
+        out = torch.cat([self.box(f), self.cls(f)], 1).view(n, 64 + self.classes, -1)
+        box, cls = out.split((64, self.classes), 1)
+        dist = self.dfl(box.view(n, 4, 16, -1).transpose(2, 1).softmax(1)).view(n, 4, -1)
+        return torch.cat([dist, cls.sigmoid()], 1)
+
+
+def _ort_outputs(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _runs_like(original, pruned, feeds_list):
+    """ONNX Runtime runs ``pruned`` on every feed and each output has the original's shape."""
+    for feeds in feeds_list:
+        assert [o.shape for o in _ort_outputs(pruned, feeds)] == [o.shape for o in _ort_outputs(original, feeds)]
+
+
+def _split_sizes(model):
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    inits.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"})
+    return [list(inits[n.input[1]]) for n in model.graph.node if n.op_type == "Split" and len(n.input) > 1 and n.input[1] in inits]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_yolo_like_split_concat_head(tmp_path, exporter):
+    torch.manual_seed(0)
+    path = export(YoloLike().eval(), torch.randn(1, 3, 32, 32), tmp_path / "yolo.onnx", exporter=exporter,
+                  dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}}).path
+    model = onnx.load(str(path))
+    result = prune(model, PruneSettings(ratio=0.5))
+    units = {u.producers: u for u in result.units}
+    c2f = next(u for names, u in units.items() if len(names) == 2)  # cv1 coupled to the bottleneck by the residual add
+    assert (c2f.channels, c2f.kept) == (32, 16)
+    left_whole = [u for u in result.units if u.reason and "Reshape" in u.reason]
+    assert {u.channels for u in left_whole} >= {64, 3}  # the DFL box conv and the class conv reach Reshapes
+    assert not any("breaks the graph" in (u.reason or "") for u in result.units)
+    assert [16, 16] in _split_sizes(model) and any(sizes != [16, 16] and sum(sizes) < 32 for sizes in _split_sizes(result.model))
+    rng = np.random.default_rng(3)
+    feeds = [{"image": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)},
+             {"image": rng.standard_normal((2, 3, 64, 96)).astype(np.float32)}]
+    _runs_like(model, result.model, feeds)
+    onnx.checker.check_model(result.model, full_check=True)
+    same = prune(model, PruneSettings(ratio=0.0))  # ratio 0: the same function
+    for feed in feeds:
+        np.testing.assert_allclose(_ort_outputs(same.model, feed)[0], _ort_outputs(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def _helper_cnn(tmp_path=None, *, constant_weights=False, batch_dim=None, prelu=False, dead=()):
+    """Conv(3->16) -> act -> Conv(16->16) -> act -> Conv(16->4) -> GlobalAveragePool -> Flatten,
+    written with onnx.helper as other exporters write it: weights in Constant nodes
+    (Paddle2ONNX, tf2onnx), a batch dim of -1, per-channel PRelu (MTCNN). Channels ``dead`` of
+    the middle conv output exactly zero, so pruning them is exact."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "b1": rng.standard_normal(16).astype(np.float32),
+        "w2": rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.3, "b2": rng.standard_normal(16).astype(np.float32),
+        "w3": rng.standard_normal((4, 16, 1, 1)).astype(np.float32), "b3": rng.standard_normal(4).astype(np.float32),
+        "s1": np.full((16, 1, 1), 0.25, np.float32), "s2": rng.uniform(0.05, 0.5, (16, 1, 1)).astype(np.float32),
+    }
+    weights["w2"][list(dead)] = 0
+    weights["b2"][list(dead)] = 0
+    act = (lambda x, y, slope: helper.make_node("PRelu", [x, slope], [y])) if prelu else \
+        (lambda x, y, slope: helper.make_node("Relu", [x], [y]))
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), act("c1", "a1", "s1"),
+        helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]), act("c2", "a2", "s2"),
+        helper.make_node("Conv", ["a2", "w3", "b3"], ["c3"]),
+        helper.make_node("GlobalAveragePool", ["c3"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["logits"]),
+    ]
+    used = [name for name in weights if prelu or not name.startswith("s")]
+    tensors = [numpy_helper.from_array(weights[name], name) for name in used]
+    if constant_weights:
+        nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in tensors] + nodes
+        tensors = []
+    batch = batch_dim if batch_dim is not None else "batch"
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 4])], tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_conv_weights_in_constant_nodes_and_minus_one_batch(tmp_path):
+    model = _helper_cnn(constant_weights=True, batch_dim=-1)  # Paddle2ONNX-style: Constant weights, batch -1
+    result = prune(model, PruneSettings(ratio=0.5))
+    assert any("lifted" in note and "Constant" in note for note in result.notes)
+    assert any(note.count("symbolic") for note in result.notes)
+    shapes = _weights(result.model)
+    assert shapes["w2"] == (8, 16, 3, 3) and shapes["w3"] == (4, 8, 1, 1) and shapes["b2"] == (8,)
+    assert not any(n.op_type == "Constant" for n in result.model.graph.node)
+    batch = result.model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.HasField("dim_value")  # -1 became a named dynamic dim
+    feeds = [{"image": np.random.default_rng(s).standard_normal((b, 3, 8, 8)).astype(np.float32)} for s, b in ((1, 1), (2, 3))]
+    _runs_like(model, result.model, feeds)
+    onnx.save(model, str(tmp_path / "paddle_like.onnx"))  # the CLI path: written model verified, exit 0
+    assert main(["-q", "prune", str(tmp_path / "paddle_like.onnx"), str(tmp_path / "p.onnx"), "--ratio", "0.5"]) == 0
+    _runs_like(model, onnx.load(str(tmp_path / "p.onnx")), feeds)
+
+
+def test_prelu_per_channel_slope_is_sliced_exactly():
+    dead = (1, 4, 6, 9, 10, 12, 13, 15)
+    model = _helper_cnn(prelu=True, dead=dead)  # PRelu(0) = 0: the dead channels carry nothing
+    result = prune(model, PruneSettings(ratio=0.5, bias_compensation=False))
+    shapes = _weights(result.model)
+    assert shapes["s2"] == (8, 1, 1) and shapes["w2"] == (8, 16, 3, 3) and shapes["s1"] == (16, 1, 1)
+    kept_slopes = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "s2")).reshape(-1)
+    original_slopes = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "s2")).reshape(-1)
+    np.testing.assert_array_equal(kept_slopes, np.delete(original_slopes, dead))  # the live channels' slopes, in order
+    np.testing.assert_allclose(_run(result.model, IMAGE), _run(model, IMAGE), rtol=1e-5, atol=1e-5)
+
+
+def test_group_that_breaks_at_run_time_is_left_whole(monkeypatch):
+    """Static shape information can be wrong (stale value_info, exporter bugs). Here it claims
+    that a gate computed from the image has one channel; it has 16, so the unit whose channels
+    it multiplies cannot lose any. The run check (ONNX checker, then ONNX Runtime) finds that
+    unit, leaves it whole with the error as the reason, and prunes the others."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import optimizers.structured as structured
+
+    rng = np.random.default_rng(0)
+    tensors = [numpy_helper.from_array(a, n) for n, a in (
+        ("wa", rng.standard_normal((16, 3, 3, 3)).astype(np.float32)), ("wb", rng.standard_normal((16, 16, 3, 3)).astype(np.float32)),
+        ("wc", rng.standard_normal((16, 16, 3, 3)).astype(np.float32)), ("wd", rng.standard_normal((4, 16, 1, 1)).astype(np.float32)),
+        ("axes", np.array([1], np.int64)), ("repeats", np.array([1, 16, 1, 1], np.int64)))]
+    nodes = [
+        helper.make_node("Conv", ["image", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["image", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Tile", ["mean", "repeats"], ["gate"]),
+        helper.make_node("Mul", ["b", "gate"], ["gated"]),
+        helper.make_node("Conv", ["gated", "wc"], ["c"], name="conv_c", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c", "wd"], ["d"], name="conv_d"),
+        helper.make_node("GlobalAveragePool", ["d"], ["out"]),
+    ]
+    graph = helper.make_graph(nodes, "gate", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 1, 1])], tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    real = structured._static_shapes
+    monkeypatch.setattr(structured, "_static_shapes", lambda m: {**real(m), "gate": (2, 1, 8, 8)})
+    result = prune(model, PruneSettings(ratio=0.5, protect_first=False))
+    units = {u.producers[0]: u for u in result.units}
+    broken = units["conv_b"]
+    assert broken.kept == broken.channels == 16
+    assert broken.reason.startswith("pruning it breaks the graph: ") and "Mul" in broken.reason  # the checker or ORT says why
+    assert (units["conv_a"].kept, units["conv_c"].kept, units["conv_d"].kept) == (8, 8, 4)  # conv_d makes the graph output
+    assert any("left whole because pruning them breaks the graph" in note for note in result.notes)
+    _runs_like(model, result.model, [IMAGE])
+    monkeypatch.setattr(structured, "MAX_TRIALS", 1)  # bounded: one failed run, nothing left to try
+    with pytest.raises(UserError, match="nothing could be pruned at ratio 0.5: .*not run within the budget of 1 ONNX Runtime"):
+        prune(model, PruneSettings(ratio=0.5, protect_first=False))
+
+
+class SliceResizeTranspose(torch.nn.Module):
+    """Channel ranges cut by Slice, one half upsampled by Resize (scales), the other by a
+    ConvTranspose, concatenated into a 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.merge = torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, image):
+        x = torch.relu(self.mid(torch.relu(self.stem(image))))
+        left = torch.nn.functional.interpolate(torch.relu(self.a(x[:, :8])), scale_factor=2.0, mode="nearest")
+        right = torch.relu(self.up(x[:, 8:]))
+        return self.merge(torch.cat([left, right], 1)).mean(dim=(2, 3))
+
+
+def test_slice_resize_conv_transpose(tmp_path):
+    module = SliceResizeTranspose()
+    dead = [1, 2, 5, 6, 8, 11, 12, 15]
+    with torch.no_grad():  # mid's dead channels: ReLU(0 * x - 1) = 0, so pruning them is exact
+        module.mid.weight[dead] = 0
+        module.mid.bias[dead] = -1
+    model = _export(module, torch.randn(2, 3, 8, 8), tmp_path)
+    mid = next(n.name for n in model.graph.node if n.op_type == "Conv" and _weights(model)[n.input[1]] == (16, 8, 3, 3))
+    exact = prune(model, PruneSettings(ratio=0.0, ratios={mid: 0.5}, bias_compensation=False))
+    shapes = _weights(exact.model)
+    assert shapes["model.mid.weight"] == (8, 8, 3, 3) and shapes["model.a.weight"] == (8, 4, 3, 3)  # each Slice keeps 4
+    assert shapes["model.up.weight"] == (4, 8, 2, 2)  # ConvTranspose reads its input channels on axis 0
+    np.testing.assert_allclose(_run(exact.model, IMAGE), _run(model, IMAGE), rtol=1e-5, atol=1e-5)
+    result = prune(model, PruneSettings(ratio=0.5, round_to=4))
+    transpose = next(n for n in result.model.graph.node if n.op_type == "ConvTranspose")
+    assert _weights(result.model)[transpose.input[1]][1] == 4  # its output channels are pruned too
+    _check_pruned(model, result, IMAGE, 0.0)
+
+
+class MobileNetV3Block(torch.nn.Module):
+    """HardSwish expand, depthwise, squeeze-excite gate (HardSigmoid, Mul), project: PaddleOCR's backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.expand = torch.nn.Conv2d(8, 32, 1)
+        self.depthwise = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.reduce, self.restore = torch.nn.Conv2d(32, 8, 1), torch.nn.Conv2d(8, 32, 1)
+        self.project = torch.nn.Conv2d(32, 8, 1)
+
+    def forward(self, image):
+        x = torch.nn.functional.hardswish(self.depthwise(torch.nn.functional.hardswish(self.expand(self.stem(image)))))
+        gate = torch.nn.functional.hardsigmoid(self.restore(torch.relu(self.reduce(x.mean(dim=(2, 3), keepdim=True)))))
+        return self.project(x * gate).mean(dim=(2, 3))
+
+
+def test_hardswish_squeeze_excite_couples_gate_and_expand(tmp_path):
+    model = _export(MobileNetV3Block(), torch.randn(2, 3, 8, 8), tmp_path)
+    result = prune(model, PruneSettings(ratio=0.5))
+    coupled = next(u for u in result.units if len(u.producers) == 2)  # expand and the SE restore conv lose the same channels
+    assert (coupled.channels, coupled.kept) == (32, 16)
+    shapes = _weights(result.model)
+    assert (16, 8, 1, 1) in shapes.values() and (16, 1, 3, 3) in shapes.values() and (8, 16, 1, 1) in shapes.values()
+    _check_pruned(model, result, IMAGE, 0.0)
+
+
+def test_cli_unsupported_ends_in_one_line_and_writes_nothing(tmp_path, capsys):
+    _export(ReshapeTrap(), torch.randn(2, 3, 4, 4), tmp_path, "trap.onnx")
+    code = main(["-q", "prune", str(tmp_path / "trap.onnx"), str(tmp_path / "out.onnx"), "--ratio", "0.5", "--no-protect-first"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing could be pruned at ratio 0.5" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out.onnx").exists()
