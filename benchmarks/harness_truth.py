@@ -7,7 +7,8 @@ name (``bench a a``) and fp32 with graph optimizations at "basic".
 
 - **alone**: one session, nothing else alive in the process, a bare ``session.run`` loop timed
   with ``perf_counter_ns`` (warm-up, then the same number of seconds the harness spends on it).
-  It is measured twice, before and after the harness runs, and the median of both is the truth.
+  It is measured three times, before, between and after the two harness runs, and the median
+  of the three is the truth.
 - **beside 1**: ``runtime_bench.benchmark([fp32, int8])``.
 - **beside 3**: ``runtime_bench.benchmark([fp32, int8, fp32 copy, fp32 basic])``.
 - ``--schemes``: MiniLM fp32 and int8 at batch 8 measured by each candidate loop (call by call
@@ -130,15 +131,17 @@ def measure(model: str, paths: dict[str, Path], dims: dict[str, int], batch: int
     config = BenchConfig(batch_sizes=(batch,), dims=dims, session=session, min_seconds=min_seconds, fidelity=False)
     inputs = bench_inputs(specs_from_onnx(onnx.load(str(paths["fp32"]), load_external_data=False)), batch, dims, seed=0)
 
-    first = {k: alone_p50(v, settings[k], inputs, min_seconds / 2) for k, v in variants.items()}
+    lone = lambda: {k: alone_p50(v, settings[k], inputs, min_seconds / 2) for k, v in variants.items()}  # noqa: E731
+    passes = [lone()]
     beside1 = benchmark([variants["fp32"], variants["int8"]], config, inputs=inputs)
+    passes.append(lone())
     beside3 = benchmark(list(variants.values()), config, inputs=inputs)
-    second = {k: alone_p50(v, settings[k], inputs, min_seconds / 2) for k, v in variants.items()}
-    alone = {k: statistics.median([first[k], second[k]]) for k in variants}
+    passes.append(lone())
+    alone = {k: statistics.median(p[k] for p in passes) for k in variants}
     rows = []
     for key in variants:
         row = {"model": model, "batch": batch, "variant": key, "alone": alone[key],
-               "alone_spread": abs(first[key] - second[key]) / alone[key]}
+               "alone_spread": (max(p[key] for p in passes) - min(p[key] for p in passes)) / alone[key]}
         for label, report in (("beside 1", beside1), ("beside 3", beside3)):
             try:
                 m = report.find(key)
@@ -216,6 +219,10 @@ def schemes(paths: dict[str, Path], dims: dict[str, int], batch: int, threads: i
               f"{fp32 / int8:>12.2f}x")
 
 
+def _ms(value: float) -> str:
+    return f"{value * 1e3:.1f}us" if value < 1 else f"{value:.2f}ms"
+
+
 def print_table(rows: list[dict]) -> bool:
     ok = True
     print(f"{'model':<7} {'b':>2} {'variant':<11} {'alone p50':>10} {'beside 1':>16} {'beside 3':>16} "
@@ -226,12 +233,12 @@ def print_table(rows: list[dict]) -> bool:
     for (model, batch), cell in by_cell.items():
         base = cell["fp32"]["alone"]
         for key, row in cell.items():
-            parts = [f"{model:<7} {batch:>2} {key:<11} {row['alone']:>8.2f}ms"]
+            parts = [f"{model:<7} {batch:>2} {key:<11} {_ms(row['alone']):>10}"]
             for label in ("beside 1", "beside 3"):
                 if label in row:
                     ratio = row[label] / row["alone"]
                     ok &= abs(ratio - 1) <= TARGET
-                    parts.append(f"{row[label]:>8.2f} ({ratio:4.2f}x)")
+                    parts.append(f"{_ms(row[label]):>9} ({ratio:4.2f}x)")
                 else:
                     parts.append(f"{'-':>16}")
             truth = base / row["alone"]
@@ -250,7 +257,7 @@ def print_table(rows: list[dict]) -> bool:
             ok &= inside
             print(f"{'':<10} bench a a: {copy.ratio:.3f}x, 95% interval {copy.low:.3f}-{copy.high:.3f} "
                   f"({'inside' if inside else 'OUTSIDE'} [0.95, 1.05]); median pause before a block "
-                  f"{cell['fp32'].get('beside 3 pause', 0):.0f} ms; alone measured twice, spread up to "
+                  f"{cell['fp32'].get('beside 3 pause', 0):.0f} ms; alone measured three times, spread up to "
                   f"{max(r['alone_spread'] for r in cell.values()):.1%}")
     return ok
 
