@@ -2,7 +2,8 @@
 
 Each (model, command) pair either succeeds with an output that is checked (it loads, runs on the
 model's real inputs, gives the original output shapes; its task metric is recorded), or is
-refused cleanly: exit status 2, one line on stderr, no traceback, nothing at the output path.
+refused cleanly: exit status 2, one error line last on stderr (after any warnings the command
+logged), no traceback, nothing at the output path.
 Anything else fails its test. At least 90% of the pairs must succeed.
 
 Set ONNXFORGE_REALWORLD_REPORT=FILE.md to write the outcome table (with every error line), updated after each pair.
@@ -33,6 +34,9 @@ COMMAND_TIMEOUT_S = 600
 OPTIMIZE_METRIC_SLACK = 0.02
 # ONNX Runtime's own C++ log lines go to stderr whatever Python's logging says; they are not ours.
 ORT_NATIVE_LOG = re.compile(r"\[[WEI]:onnxruntime:")
+# A refusal is one error line, last; before it, with -q, only the warnings the command logged on the way.
+ERROR_LINE = re.compile(r"^onnxforge [\w-]+: error: ")
+WARNING_LINE = re.compile(r"^\[\s*[\d.]+s\] warning: ")
 
 
 def pairs() -> list[tuple[str, str]]:
@@ -175,9 +179,10 @@ def outcome(name: str, command: str, root: Path) -> Outcome:
             result = Outcome(name, command, "ok", seconds, metric=metric if isinstance(metric, float) else None)
         except Exception as exc:  # the command said it succeeded; its output says otherwise
             result = Outcome(name, command, "FAILED", seconds, f"exit 0 but the output is wrong: {type(exc).__name__}: {exc}")
-    elif done.returncode == 2 and "Traceback" not in done.stderr and len(ours) == 1 \
-            and (out is None or not out.exists()):
-        result = Outcome(name, command, "refused", seconds, ours[0])
+    elif done.returncode == 2 and "Traceback" not in done.stderr and ours and ERROR_LINE.match(ours[-1]) \
+            and all(WARNING_LINE.match(line) for line in ours[:-1]) and (out is None or not out.exists()):
+        warned = f" (after {len(ours) - 1} warning lines)" if len(ours) > 1 else ""
+        result = Outcome(name, command, "refused", seconds, ours[-1] + warned)
     else:
         written = f"; left {out} behind" if out is not None and out.exists() else ""
         result = Outcome(name, command, "FAILED", seconds, f"exit {done.returncode}{written}: {_tail(done.stderr)}")
