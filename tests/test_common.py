@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxforge.common.compare import Tolerance, compare_arrays, compare_outputs
+from onnxforge.common.compare import Tolerance, compare_arrays, compare_batches, compare_outputs, sample_cosines
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_path, write_text_atomic
 from onnxforge.common.onnxio import load_onnx, save_onnx
@@ -68,6 +68,59 @@ def test_compare_outputs_by_name_and_position():
     assert by_position.passed and by_position.outputs[0].name == "z"
     with pytest.raises(ValueError, match="lacks outputs"):
         compare_outputs({"a": np.ones(1)}, {"b": np.ones(1)})
+
+
+def test_cosine_is_the_mean_of_per_sample_cosines():
+    reference = np.array([[1.0, 0.0], [0.0, 1.0]])
+    candidate = np.array([[1.0, 0.0], [1.0, 0.0]])  # row 0 equal, row 1 orthogonal
+    result = compare_arrays("y", reference, candidate, Tolerance())
+    assert result.cosine == pytest.approx(0.5) and result.min_sample_cosine == 0.0 and result.samples == 2
+    # a flattened cosine would have said 0.5 here too, but not when rows differ in scale:
+    scaled = compare_arrays("y", np.array([[100.0, 0.0], [0.0, 1.0]]), np.array([[100.0, 0.0], [1.0, 0.0]]), Tolerance())
+    assert scaled.cosine == pytest.approx(0.5)  # flattened: 0.99995, hiding the broken sample
+    np.testing.assert_allclose(sample_cosines(np.ones((3, 2, 2)), -np.ones((3, 2, 2))), [-1.0, -1.0, -1.0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_candidate_fails_whatever_the_cosine(bad):
+    reference = np.ones((4, 8))
+    candidate = reference.copy()
+    candidate[2, 3] = bad
+    result = compare_arrays("y", reference, candidate, Tolerance(rtol=1.0, atol=1.0))
+    assert not result.passed and result.nonfinite == 1
+    assert result.min_sample_cosine == 0.0 and result.cosine == pytest.approx(0.75)  # the broken sample scores 0
+    all_nan = compare_arrays("y", reference, np.full_like(reference, np.nan), Tolerance())
+    assert all_nan.cosine == 0.0 and all_nan.nonfinite == reference.size and "NaN/Inf" in all_nan.describe()
+    comparison = compare_outputs({"y": reference}, {"y": candidate})
+    assert comparison.nonfinite == 1 and comparison.min_cosine < 0.99  # a "cosine below target" check sees it
+
+
+def test_non_finite_reference_is_left_out_of_the_cosine():
+    reference = np.array([[np.inf, 1.0, 2.0]])
+    result = compare_arrays("y", reference, np.array([[np.inf, 1.0, 2.0]]), Tolerance())
+    assert result.passed and result.cosine == pytest.approx(1.0) and result.nonfinite == 0
+    other = compare_arrays("y", reference, np.array([[5.0, 1.0, 2.0]]), Tolerance())
+    assert not other.passed and other.cosine == pytest.approx(1.0) and other.nonfinite == 0
+
+
+def test_zero_and_constant_outputs():
+    zeros = np.zeros((2, 5))
+    assert compare_arrays("y", zeros, zeros.copy(), Tolerance()).cosine == 1.0
+    assert compare_arrays("y", zeros, np.ones((2, 5)), Tolerance()).cosine == 0.0
+    assert compare_arrays("y", np.ones((2, 5)), zeros, Tolerance()).cosine == 0.0
+    constant = np.full((3, 4), 7.0)
+    assert compare_arrays("y", constant, constant * 2, Tolerance()).cosine == pytest.approx(1.0)  # same direction
+    assert compare_arrays("y", np.float32(3.0), np.float32(3.0), Tolerance()).samples == 1  # rank 0
+
+
+def test_compare_batches_merges_per_output():
+    r1, c1 = {"y": np.ones((2, 3))}, {"y": np.ones((2, 3))}
+    r2, c2 = {"y": np.array([[1.0, 0.0, 0.0]])}, {"y": np.array([[0.0, 1.0, 0.0]])}
+    merged = compare_batches([(r1, c1), (r2, c2)])
+    (y,) = merged.outputs
+    assert y.samples == 3 and y.cosine == pytest.approx(2 / 3) and y.min_sample_cosine == 0.0
+    assert y.max_abs_error == 1.0 and not y.passed
+    assert merged.min_cosine == pytest.approx(2 / 3)
 
 
 # ---------------------------------------------------------------- specs

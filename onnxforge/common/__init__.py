@@ -1,6 +1,6 @@
 """What exporter, optimizers and runtime_bench all need; imports none of them and no CLI code."""
 
-from onnxforge.common.compare import Comparison, OutputComparison, Tolerance, compare_outputs
+from onnxforge.common.compare import Comparison, OutputComparison, Tolerance, compare_batches, compare_outputs, sample_cosines
 from onnxforge.common.errors import UserError
 from onnxforge.common.specs import InputSpec, make_inputs, parse_dim_sizes, parse_input_spec, specs_from_onnx
 
@@ -10,9 +10,11 @@ __all__ = [
     "OutputComparison",
     "Tolerance",
     "UserError",
+    "compare_batches",
     "compare_outputs",
     "make_inputs",
     "parse_dim_sizes",
     "parse_input_spec",
+    "sample_cosines",
     "specs_from_onnx",
 ]

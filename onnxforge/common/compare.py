@@ -1,10 +1,23 @@
 """Numerical comparison of model outputs: reference versus candidate, output by output.
 
+This is the one comparison of the project: export validation, every optimizer pass, the fp16
+gate, quantization fidelity and accuracy-aware mode, pruning, the pipeline and the benchmark all
+call it, and "cosine" means one number everywhere.
+
 An element matches when ``|candidate - reference| <= atol + rtol * |reference|`` (the rule of
 ``numpy.isclose``); NaN matches NaN and infinities must agree exactly. Integer and boolean
 outputs must be equal. For each output the report gives the largest absolute error, the
 largest relative error ``|c - r| / |r|`` over elements with ``r != 0``, the mean absolute
-error, the cosine similarity of the flattened outputs, and the fraction of mismatching elements.
+error, the fraction of mismatching elements, the number of non-finite candidate values where
+the reference is finite, and the **cosine**: the cosine similarity of each sample (row along
+axis 0, flattened; the whole output when its rank is below 2) between reference and candidate,
+averaged over samples (``cosine``), with the lowest one (``min_sample_cosine``).
+
+Non-finite values are never dropped silently. A candidate that is NaN or infinite where the
+reference is finite fails the comparison whatever its cosine, and the sample it belongs to scores
+cosine 0, so every "cosine below target" check sees it too (an fp16 model that overflows, a
+quantized model that produces NaN). Positions where the reference itself is not finite are left
+out of the cosine. Two all-zero samples have cosine 1; a zero sample against a non-zero one, 0.
 """
 
 from __future__ import annotations
@@ -39,14 +52,20 @@ class OutputComparison:
     cosine: float
     mismatch_fraction: float
     passed: bool
+    min_sample_cosine: float = 1.0
+    nonfinite: int = 0
+    samples: int = 1
 
     def describe(self) -> str:
         if self.shape != self.reference_shape:
             return f"'{self.name}': shape {list(self.shape)} but reference has {list(self.reference_shape)}"
-        return (
+        text = (
             f"'{self.name}': max abs error {self.max_abs_error:.3g}, max rel error {self.max_rel_error:.3g}, "
             f"mismatched {self.mismatch_fraction:.2%} of {int(np.prod(self.shape))} elements, cosine {self.cosine:.6f}"
         )
+        if self.nonfinite:
+            text += f", {self.nonfinite} NaN/Inf values where the reference is finite"
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +83,17 @@ class Comparison:
 
     @property
     def min_cosine(self) -> float:
+        """The lowest per-output mean sample cosine: the figure fidelity targets compare with."""
         return min((o.cosine for o in self.outputs), default=1.0)
+
+    @property
+    def min_sample_cosine(self) -> float:
+        return min((o.min_sample_cosine for o in self.outputs), default=1.0)
+
+    @property
+    def nonfinite(self) -> int:
+        """NaN/Inf values of the candidate where the reference is finite, over all outputs."""
+        return sum(o.nonfinite for o in self.outputs)
 
     def failures(self) -> list[OutputComparison]:
         return [output for output in self.outputs if not output.passed]
@@ -78,15 +107,24 @@ class Comparison:
         }
 
 
-def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    r = reference.astype(np.float64).ravel()
-    c = candidate.astype(np.float64).ravel()
-    finite = np.isfinite(r) & np.isfinite(c)
-    r, c = r[finite], c[finite]
-    norm = float(np.linalg.norm(r) * np.linalg.norm(c))
-    if norm == 0.0:
-        return 1.0 if not np.any(r) and not np.any(c) else 0.0
-    return float(np.dot(r, c) / norm)
+def sample_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine of each sample (row along axis 0, flattened) of two same-shaped arrays; one value
+    for rank < 2. A sample where the candidate is not finite but the reference is scores 0;
+    positions where the reference is not finite are left out."""
+    r = np.asarray(reference, dtype=np.float64)
+    c = np.asarray(candidate, dtype=np.float64)
+    rows = r.shape[0] if r.ndim >= 2 else 1
+    r, c = r.reshape(rows, -1), c.reshape(rows, -1)
+    keep = np.isfinite(r)
+    broken = np.any(keep & ~np.isfinite(c), axis=1)
+    r = np.where(keep, r, 0.0)
+    c = np.where(keep & np.isfinite(c), c, 0.0)
+    dot = np.einsum("ij,ij->i", r, c)
+    norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
+    both_zero = ~np.any(r, axis=1) & ~np.any(c, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosines = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+    return np.where(broken, 0.0, np.clip(cosines, -1.0, 1.0))
 
 
 def compare_arrays(name: str, reference, candidate, tolerance: Tolerance) -> OutputComparison:
@@ -94,10 +132,10 @@ def compare_arrays(name: str, reference, candidate, tolerance: Tolerance) -> Out
     candidate = np.asarray(candidate)
     if reference.shape != candidate.shape:
         return OutputComparison(
-            name, tuple(candidate.shape), tuple(reference.shape), math.inf, math.inf, math.inf, 0.0, 1.0, False
+            name, tuple(candidate.shape), tuple(reference.shape), math.inf, math.inf, math.inf, 0.0, 1.0, False, 0.0
         )
     if reference.size == 0:
-        return OutputComparison(name, reference.shape, reference.shape, 0.0, 0.0, 0.0, 1.0, 0.0, True)
+        return OutputComparison(name, reference.shape, reference.shape, 0.0, 0.0, 0.0, 1.0, 0.0, True, samples=0)
     exact = not (np.issubdtype(reference.dtype, np.inexact) or np.issubdtype(candidate.dtype, np.inexact))
     r = reference.astype(np.float64)
     c = candidate.astype(np.float64)
@@ -105,12 +143,16 @@ def compare_arrays(name: str, reference, candidate, tolerance: Tolerance) -> Out
         close = r == c
     else:
         close = np.isclose(c, r, rtol=tolerance.rtol, atol=tolerance.atol, equal_nan=True)
+    nonfinite = int(np.count_nonzero(np.isfinite(r) & ~np.isfinite(c)))
     both_nan = np.isnan(r) & np.isnan(c)
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.where(both_nan | (r == c), 0.0, np.abs(c - r))
     diff = np.where(np.isnan(diff), np.inf, diff)
     nonzero = r != 0
-    rel = diff[nonzero] / np.abs(r[nonzero]) if np.any(nonzero) else np.zeros(1)
+    with np.errstate(invalid="ignore"):
+        rel = diff[nonzero] / np.abs(r[nonzero]) if np.any(nonzero) else np.zeros(1)
+    rel = np.where(np.isnan(rel), np.inf, rel)
+    cosines = sample_cosines(r, c)
     return OutputComparison(
         name=name,
         shape=tuple(candidate.shape),
@@ -118,9 +160,37 @@ def compare_arrays(name: str, reference, candidate, tolerance: Tolerance) -> Out
         max_abs_error=float(diff.max()),
         max_rel_error=float(rel.max()) if rel.size else 0.0,
         mean_abs_error=float(diff.mean()),
-        cosine=_cosine(reference, candidate),
+        cosine=float(cosines.mean()),
         mismatch_fraction=float(1.0 - close.mean()),
-        passed=bool(close.all()),
+        passed=bool(close.all()) and nonfinite == 0,
+        min_sample_cosine=float(cosines.min()),
+        nonfinite=nonfinite,
+        samples=int(cosines.size),
+    )
+
+
+def merge(parts: Sequence[OutputComparison]) -> OutputComparison:
+    """One output compared over several batches: worst errors, element-weighted mismatch, and
+    the mean of all samples' cosines (each batch's mean weighted by its sample count)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    sizes = [max(1, int(np.prod(p.shape))) for p in parts]
+    samples = sum(p.samples for p in parts)
+    return OutputComparison(
+        name=first.name,
+        shape=first.shape,
+        reference_shape=first.reference_shape if all(p.shape == p.reference_shape for p in parts) else
+        next(p.reference_shape for p in parts if p.shape != p.reference_shape),
+        max_abs_error=max(p.max_abs_error for p in parts),
+        max_rel_error=max(p.max_rel_error for p in parts),
+        mean_abs_error=float(np.average([p.mean_abs_error for p in parts], weights=sizes)),
+        cosine=float(sum(p.cosine * p.samples for p in parts) / samples) if samples else 1.0,
+        mismatch_fraction=float(np.average([p.mismatch_fraction for p in parts], weights=sizes)),
+        passed=all(p.passed for p in parts),
+        min_sample_cosine=min(p.min_sample_cosine for p in parts),
+        nonfinite=sum(p.nonfinite for p in parts),
+        samples=samples,
     )
 
 
@@ -145,3 +215,15 @@ def compare_outputs(
         labels = list(names) if names is not None else [f"output_{i}" for i in range(len(reference))]
         pairs = list(zip(labels, reference, candidate))
     return Comparison(tuple(compare_arrays(n, r, c, tolerance) for n, r, c in pairs), tolerance)
+
+
+def compare_batches(
+    pairs: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+    tolerance: Tolerance = Tolerance(),
+) -> Comparison:
+    """Reference and candidate outputs over several batches (``[(reference, candidate), ...]``,
+    mappings by output name), merged per output: the fidelity of a model on a data set."""
+    if not pairs:
+        raise ValueError("no batches to compare")
+    per_batch = [compare_outputs(reference, candidate, tolerance).outputs for reference, candidate in pairs]
+    return Comparison(tuple(merge([batch[i] for batch in per_batch]) for i in range(len(per_batch[0]))), tolerance)
