@@ -25,10 +25,12 @@ def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSe
     source = load_onnx(model) if isinstance(model, (str, Path)) else model
     if method == "structured":
         return prune_structured(source, settings, **data)
+    from onnxforge.common.normalize import normalize
     from onnxforge.common.summary import count_parameters
     from optimizers.structured import _fidelity_dict, macs
     from optimizers.verify import verification_inputs
 
+    source = normalize(source, dims=data.get("dims")).model  # Constant weights lifted, -1 dims named
     result = magnitude_sparsity(source, settings.ratio)
     batches = [verification_inputs(source, data.get("dims"), seed=seed) for seed in range(4)]
     nonzero_before = count_parameters(source)

@@ -1020,6 +1020,9 @@ class RunCheck:
     expected: tuple[Mapping[str, tuple], ...]
     full_check: bool
 
+    def describe(self) -> str:
+        return " and ".join(", ".join(f"{name} {list(np.shape(v))}" for name, v in inputs.items()) for inputs in self.input_sets)
+
     def __call__(self, candidate: onnx.ModelProto) -> str | None:
         """None when ``candidate`` passes, else why it does not, in one line."""
         from optimizers.verify import run_model
@@ -1211,6 +1214,7 @@ def prune_structured(
         error = check(pruned)
         if error is not None:
             raise RuntimeError(f"structured pruning produced a model that fails its run check (a bug): {error}")
+        notes.append(f"the pruned model ran in ONNX Runtime with the original's output shapes on {check.describe()}")
     from onnxforge.common.summary import count_parameters
 
     macs_dims = {**(dims or {})}

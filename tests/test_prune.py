@@ -237,6 +237,7 @@ def test_cli_prune(tmp_path, capsys):
                  "--calibration", str(_calib(tmp_path / "c.npz", (3, 8, 8), "image"))])
     out = capsys.readouterr().out
     assert code == 0 and "16 -> 8" in out and "without bias compensation" in out
+    assert "the pruned model ran in ONNX Runtime with the original's output shapes on image [1, 3, 8, 8] and image [2, 3, 8, 8]" in out
     code = main(["-q", "prune", str(tmp_path / "chain.onnx"), str(tmp_path / "m.onnx"), "--ratio", "0.5", "--method", "magnitude", "--json"])
     assert code == 0 and "magnitude pruning" in json.loads(capsys.readouterr().out)["notes"][0]
     (tmp_path / "junk.onnx").write_bytes(b"junk" * 20)
@@ -324,6 +325,34 @@ def _runs_like(original, pruned, feeds_list):
         assert [o.shape for o in _ort_outputs(pruned, feeds)] == [o.shape for o in _ort_outputs(original, feeds)]
 
 
+def _assert_exact_twin(model, settings, feeds):
+    """Pruning channels computes exactly what the original computes with those channels' input
+    columns zeroed in every consumer: everything between producer and consumer is channel-wise
+    or routes whole channels (Split, Slice, Concat, Resize, pooling, gates), so a wrongly
+    followed op shows up as a difference here."""
+    from onnx import numpy_helper
+
+    from optimizers import structured
+
+    _, prepared, _ = structured.prepared_for_pruning(model)
+    analysis = structured.analyze(prepared)
+    structured._resolve_conflicts(analysis)
+    decided = structured._decide(analysis, settings, structured._importance(prepared, analysis, settings, None))
+    removed = frozenset().union(*(roots for _, roots in decided))
+    assert removed
+    twin = onnx.ModelProto()
+    twin.CopyFrom(prepared)
+    inits = {t.name: t for t in twin.graph.initializer}
+    for _, _, slots, weight, axis in analysis.consumers:
+        gone = [i for i, s in enumerate(slots) if analysis.slots.find(s) in removed]
+        w = numpy_helper.to_array(inits[weight]).copy()
+        w[(slice(None),) * axis + (gone,)] = 0
+        inits[weight].CopyFrom(numpy_helper.from_array(w, weight))
+    pruned = structured.apply(prepared, analysis, removed)
+    for got, want in zip(_ort_outputs(pruned, feeds), _ort_outputs(twin, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def _split_sizes(model):
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     inits.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"})
@@ -349,6 +378,7 @@ def test_yolo_like_split_concat_head(tmp_path, exporter):
              {"image": rng.standard_normal((2, 3, 64, 96)).astype(np.float32)}]
     _runs_like(model, result.model, feeds)
     onnx.checker.check_model(result.model, full_check=True)
+    _assert_exact_twin(model, PruneSettings(ratio=0.5), feeds[1])
     same = prune(model, PruneSettings(ratio=0.0))  # ratio 0: the same function
     for feed in feeds:
         np.testing.assert_allclose(_ort_outputs(same.model, feed)[0], _ort_outputs(model, feed)[0], rtol=1e-5, atol=1e-5)
@@ -526,6 +556,7 @@ def test_hardswish_squeeze_excite_couples_gate_and_expand(tmp_path):
     shapes = _weights(result.model)
     assert (16, 8, 1, 1) in shapes.values() and (16, 1, 3, 3) in shapes.values() and (8, 16, 1, 1) in shapes.values()
     _check_pruned(model, result, IMAGE, 0.0)
+    _assert_exact_twin(model, PruneSettings(ratio=0.5), IMAGE)
 
 
 def test_cli_unsupported_ends_in_one_line_and_writes_nothing(tmp_path, capsys):
