@@ -606,8 +606,11 @@ def _fidelity(baseline_out: dict[str, np.ndarray], out: dict[str, np.ndarray], t
     return {
         "passed": comparison.passed,
         "min_cosine": comparison.min_cosine,
+        "min_sample_cosine": comparison.min_sample_cosine,
         "max_abs_error": comparison.max_abs_error,
-        "outputs": {o.name: {"cosine": o.cosine, "max_abs_error": o.max_abs_error, "mismatch_fraction": o.mismatch_fraction} for o in comparison.outputs},
+        "nonfinite": comparison.nonfinite,
+        "outputs": {o.name: {"cosine": o.cosine, "min_sample_cosine": o.min_sample_cosine, "max_abs_error": o.max_abs_error,
+                             "mismatch_fraction": o.mismatch_fraction, "nonfinite": o.nonfinite} for o in comparison.outputs},
     }
 
 
@@ -664,6 +667,8 @@ def _cell_measurements(variants, runners: list[_Runner], cell: CellSamples, prov
                             f"{cell.stopped_early}; raise --max-seconds / --max-runs for steadier figures")
         if stats.noisy:
             warnings.append(f"noisy: interquartile range is {stats.iqr_ms / stats.p50_ms:.0%} of the median; close other programs or raise --min-seconds")
+        if fidelity and fidelity["nonfinite"]:
+            warnings.append(f"{fidelity['nonfinite']} NaN/Inf output values where {baseline} gives finite ones")
         if runner.fallback:
             warnings.append(f"{len(runner.fallback)} heavy nodes ran on the CPU, not {provider.name}: {', '.join(runner.fallback[:5])}")
         file_mb = None
