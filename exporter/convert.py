@@ -22,6 +22,7 @@ from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import staging_dir
 from onnxforge.common.onnxio import save_onnx
+from onnxforge.common.sessions import SessionSettings, open_session
 
 logger = logging.getLogger(__name__)
 
@@ -364,11 +365,8 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _ort_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures are raised and reported by us, not logged twice
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # failures are raised and reported by us, not logged twice
+    return open_session(path, SessionSettings(log_severity=4), what="the exported model")
 
 
 def _check_shape(session, wrapper, names, output_names, tensors, tolerance) -> tuple[ShapeCheck, list[np.ndarray]]:
@@ -556,8 +554,8 @@ def _export_and_check(
     save_onnx(proto, staged, external_data=external_data)
     try:
         session = _ort_session(staged)
-    except Exception as exc:
-        raise _ExporterFailed(f"ONNX Runtime cannot load the exported model: {_first_line(exc)}") from exc
+    except UserError as exc:
+        raise _ExporterFailed(str(exc)) from exc
     logger.info("validating against PyTorch at input shapes %s", {n: list(t.shape) for n, t in zip(names, tensors)})
     first, first_out = _check_shape(session, wrapper, names, out_names, tensors, tolerance)
     checks = [first]

@@ -18,6 +18,7 @@ import numpy as np
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.onnxio import files_of, load_onnx
+from onnxforge.common.sessions import SessionSettings, open_session
 from onnxforge.common.specs import DTYPES, InputSpec, check_inputs_match, make_inputs, specs_from_onnx
 from runtime_bench import memory
 from runtime_bench.machine import MachineInfo, machine_info
@@ -27,8 +28,6 @@ from runtime_bench.stats import LatencyStats, Speedup, latency_stats, paired_spe
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-GRAPH_LEVELS = ("disable", "basic", "extended", "all")
-EXECUTION_MODES = ("sequential", "parallel")
 # Node types whose placement on the CPU under a GPU provider means real work left the GPU;
 # ONNX Runtime puts shape arithmetic (Shape, Gather on shapes...) on the CPU on purpose.
 HEAVY_OPS = frozenset({
@@ -36,49 +35,6 @@ HEAVY_OPS = frozenset({
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QAttention", "DynamicQuantizeMatMul",
     "MatMulNBits", "SkipLayerNormalization", "LayerNormalization", "Softmax", "BiasGelu", "FastGelu", "Gelu",
 })
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionSettings:
-    """ONNX Runtime session options. ``None`` threads let ONNX Runtime choose (all cores)."""
-
-    intra_op_threads: int | None = None
-    inter_op_threads: int | None = None
-    execution_mode: str = "sequential"
-    graph_optimization: str = "all"
-
-    def __post_init__(self):
-        if self.execution_mode not in EXECUTION_MODES:
-            raise UserError(f"unknown execution mode {self.execution_mode!r}; choose {', '.join(EXECUTION_MODES)}")
-        if self.graph_optimization not in GRAPH_LEVELS:
-            raise UserError(f"unknown graph optimization level {self.graph_optimization!r}; choose {', '.join(GRAPH_LEVELS)}")
-        for label, value in (("intra-op", self.intra_op_threads), ("inter-op", self.inter_op_threads)):
-            if value is not None and value < 1:
-                raise UserError(f"{label} threads must be at least 1, got {value}")
-
-    def describe(self) -> str:
-        threads = "auto" if self.intra_op_threads is None else str(self.intra_op_threads)
-        return f"threads={threads} mode={self.execution_mode} opt={self.graph_optimization}"
-
-    def to_ort(self):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if self.intra_op_threads is not None:
-            options.intra_op_num_threads = self.intra_op_threads
-        if self.inter_op_threads is not None:
-            options.inter_op_num_threads = self.inter_op_threads
-        options.execution_mode = (
-            ort.ExecutionMode.ORT_PARALLEL if self.execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
-        )
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[self.graph_optimization]
-        options.log_severity_level = 3
-        return options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,11 +294,8 @@ class _OrtRunner(_Runner):
         import onnxruntime as ort
 
         started = time.perf_counter()
-        try:
-            self.session = ort.InferenceSession(str(self.variant.path), self.settings.to_ort(),
-                                                providers=self.provider.session_providers())
-        except Exception as exc:
-            raise UserError(f"ONNX Runtime cannot load '{self.variant.path}' with {self.provider.name}: {str(exc).strip()[:400]}") from None
+        self.session = open_session(self.variant.path, self.settings, providers=self.provider.session_providers(),
+                                    what=f"'{self.variant.path}' with {self.provider.name}")
         if not self.create_ms:
             self.create_ms = (time.perf_counter() - started) * 1e3
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -430,13 +383,13 @@ def placement_of(path: Path, provider: ProviderConfig, settings: SessionSettings
     on the CPU while another provider was asked for: the silent fallback that makes a GPU
     benchmark measure the CPU.
     """
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="onnxforge-profile-") as tmp:
-        options = settings.to_ort()
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(str(path), options, providers=provider.session_providers())
+
+        def profile(options):
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(tmp, "profile")
+
+        session = open_session(path, settings, providers=provider.session_providers(), configure=profile)
         session.run(None, feeds)
         profile_path = session.end_profiling()
         with open(profile_path, encoding="utf-8") as handle:

@@ -281,3 +281,30 @@ def test_summary_counts(tmp_path):
     assert summary.compute_ops == 2 and summary.quantized_compute_ops == 1 and summary.quantized_fraction == 0.5
     assert summary.inputs[0].describe() == "x: float[batch, 4]"
     assert summary.opsets == {"ai.onnx": 18} and summary.file_bytes == (tmp_path / "q.onnx").stat().st_size
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_open_session_settings_and_one_line_errors(tmp_path):
+    from onnxforge.common.sessions import SessionSettings, open_session
+
+    path = tmp_path / "m.onnx"
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(path))
+    settings = SessionSettings(intra_op_threads=1, graph_optimization="basic", spinning=False)
+    options = settings.to_ort()
+    assert options.intra_op_num_threads == 1 and options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for source in (path, model):
+        session = open_session(source, settings)
+        np.testing.assert_array_equal(session.run(None, {"x": np.array([-1.0, 2.0], np.float32)})[0], [0.0, 2.0])
+    broken = helper.make_model(helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g", graph.input, graph.output),
+                               opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(UserError, match=r"ONNX Runtime cannot load the model: .*NoSuchOp") as info:
+        open_session(broken)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="unknown graph optimization level 'fast'"):
+        SessionSettings(graph_optimization="fast")
