@@ -303,6 +303,25 @@ def test_a_step_whose_opset_upgrade_fails_is_skipped_with_the_reason(monkeypatch
     onnx.checker.check_model(result.model, full_check=True)
 
 
+def test_a_step_that_writes_a_model_ort_cannot_run_is_skipped_not_a_crash(monkeypatch):
+    import optimizers.optimizer as optimizer_module
+    from optimizers.result import PassResult
+
+    def broken_cleanup(model, max_rounds):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        out.graph.initializer.append(numpy_helper.from_array(np.zeros(5, np.float32), "bad"))
+        out.graph.node.append(helper.make_node("Add", ["y", "bad"], ["y2"], name="bad_add"))
+        out.graph.output[0].name = "y2"  # a trailing dim of 16 does not broadcast with 5
+        return PassResult(out, True, {})
+
+    monkeypatch.setattr(optimizer_module, "cleanup", broken_cleanup)
+    result = optimize(_layer_norm_model(opset=17), OptimizeSettings(level="none", fusions="off"))
+    step = result.steps[0]
+    assert step.name == "cleanup" and not step.modified and "ONNX Runtime cannot run what it wrote" in step.stats["skipped"]
+    assert [n.name for n in result.model.graph.node if n.name == "bad_add"] == []
+
+
 def test_ensure_opset_upgrades_with_a_check_and_reports_why_it_cannot():
     # Softmax changed meaning at opset 13 (one axis instead of the flattened tail): the
     # converter must rewrite it, and the check in ONNX Runtime shows it did.
