@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
-from onnxforge.common.ortrun import open_session, run_onnx
+from onnxforge.common.ortrun import run_onnx
+from onnxforge.common.sessions import open_session
 from onnxforge.common.specs import DTYPES, choose_dim_sizes, make_inputs, specs_from_onnx
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def compare_models(reference_outputs: Mapping[str, np.ndarray], candidate: onnx.
 
 def ort_session(model: onnx.ModelProto):
     """An ONNX Runtime CPU session with default optimizations (what a deployment runs)."""
-    return open_session(model, optimized=True)
+    return open_session(model)
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
