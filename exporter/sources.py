@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import logging
 import os
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
 
+from onnxforge.common.callables import import_callable
 from onnxforge.common.errors import UserError
 from onnxforge.common.specs import DTYPES, InputSpec, make_inputs
 
@@ -37,50 +35,9 @@ class LoadedModel:
     source: str
 
 
-def _import_callable(spec: str):
-    """``pkg.module:name`` or ``path/to/file.py:name`` to the object it names."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise UserError(f"model source {spec!r} must be 'package.module:factory' or 'path/to/file.py:factory'")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise UserError(f"Python file '{path}' in model source {spec!r} does not exist")
-        module_name = f"_onnxforge_user_{abs(hash(str(path.resolve())))}"
-        loader_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[module_name] = module
-        sys.path.insert(0, str(path.parent.resolve()))
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(module_name, None)
-            raise UserError(f"importing '{path}' failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            sys.path.remove(str(path.parent.resolve()))
-    else:
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise UserError(
-                f"cannot import module '{target}' named in {spec!r}: {exc}; check the name and that its "
-                "package is installed or in the current folder"
-            ) from None
-        except Exception as exc:
-            raise UserError(f"importing module '{target}' failed: {type(exc).__name__}: {exc}") from exc
-    if not hasattr(module, attr):
-        public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
-        from onnxforge.common.errors import closest
-
-        raise UserError(f"'{target}' has no attribute '{attr}'{closest(attr, public)}; callables there: {public[:20]}")
-    return getattr(module, attr)
-
-
 def load_factory(spec: str) -> LoadedModel:
     """Call the factory named by ``spec``; it returns a module or ``(module, example_inputs)``."""
-    factory = _import_callable(spec)
+    factory = import_callable(spec, "model source")
     if isinstance(factory, torch.nn.Module):
         produced = factory
     else:

@@ -434,7 +434,7 @@ def _distill_command(args) -> int:
     import torch
 
     from exporter import export, load_model_source
-    from exporter.sources import _import_callable
+    from onnxforge.common.callables import import_callable
     from onnxforge.common.fileio import atomic_path
     from onnxforge.progress import ProgressBar
     from optimizers.distill import DistillSettings, distill
@@ -449,9 +449,9 @@ def _distill_command(args) -> int:
                                features=features, patience=args.patience, seed=args.seed)
     teacher = load_model_source(args.teacher).module
     student_source = load_model_source(args.student)
-    data = _import_callable(args.data)
-    val_data = _import_callable(args.val_data) if args.val_data else None
-    test_data = _import_callable(args.test_data) if args.test_data else None
+    data = import_callable(args.data)
+    val_data = import_callable(args.val_data) if args.val_data else None
+    test_data = import_callable(args.test_data) if args.test_data else None
     bar = ProgressBar("distill") if not args.quiet else None
     try:
         result = distill(teacher, student_source.module, data, settings, val_data=val_data, test_data=test_data, progress=bar)

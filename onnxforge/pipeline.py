@@ -233,13 +233,13 @@ def _distill_step(recipe: Recipe, steps: _Steps) -> StepRecord:
         import torch
 
         from exporter import load_model_source
-        from exporter.sources import _import_callable
+        from onnxforge.common.callables import import_callable
         from optimizers.distill import DistillSettings, distill
 
         options = {k: settings[k] for k in ("epochs", "temperature", "alpha", "lr", "loss", "patience", "seed") if k in settings}
         teacher = load_model_source(recipe.source(settings["teacher"])).module
         student = load_model_source(recipe.source(model["source"])).module
-        data = {k: _import_callable(spec) for k, spec in data_specs.items()}
+        data = {k: import_callable(spec) for k, spec in data_specs.items()}
         result = distill(teacher, student, data["data"], DistillSettings(**options), val_data=data.get("val_data"),
                          test_data=data.get("test_data"))
         torch.save(result.student, folder / "student.pt")
@@ -396,11 +396,11 @@ def _accuracy_step(recipe: Recipe, steps: _Steps, name: str, candidate: StepReco
     inputs = {"model": candidate.digest, "metric": metric, "source": reference_hash(spec), "tools": tool_versions(*STEP_TOOLS["accuracy"])}
 
     def produce(folder: Path):
-        from exporter.sources import _import_callable
+        from onnxforge.common.callables import import_callable
         from onnxforge.common.onnxio import load_onnx
         from optimizers.verify import ort_session
 
-        produced = _import_callable(spec)()
+        produced = import_callable(spec)()
         if not (isinstance(produced, tuple) and len(produced) == 2):
             raise UserError(f"metric '{metric}' must return (inputs, labels): a dict of input arrays and an array of "
                             f"class indices; it returned {type(produced).__name__}")

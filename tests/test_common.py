@@ -308,3 +308,31 @@ def test_open_session_settings_and_one_line_errors(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="unknown graph optimization level 'fast'"):
         SessionSettings(graph_optimization="fast")
+
+
+# ---------------------------------------------------------------- callables
+
+
+def test_import_callable_file_module_and_package_relative(tmp_path, monkeypatch):
+    from onnxforge.common.callables import import_callable
+
+    (tmp_path / "helper.py").write_text("VALUE = 3\n")
+    (tmp_path / "plain.py").write_text("import helper\n\ndef batches():\n    return helper.VALUE\n")
+    assert import_callable(f"{tmp_path / 'plain.py'}:batches")() == 3
+    package = tmp_path / "mydata"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "shared.py").write_text("SIZE = 7\n")
+    (package / "calib.py").write_text("from .shared import SIZE\n\ndef batches():\n    return SIZE\n")
+    assert import_callable(f"{package / 'calib.py'}:batches", "calibration source")() == 7  # relative import works
+    monkeypatch.chdir(tmp_path)
+    assert import_callable("plain:batches")() == 3
+    with pytest.raises(UserError, match=r"calibration source 'nocolon' must be"):
+        import_callable("nocolon", "calibration source")
+    with pytest.raises(UserError, match="has no attribute 'batchez'.*did you mean 'batches'"):
+        import_callable(f"{tmp_path / 'plain.py'}:batchez")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(UserError, match="importing .*broken.py' failed: RuntimeError: boom"):
+        import_callable(f"{tmp_path / 'broken.py'}:f")
+    with pytest.raises(UserError, match="cannot import module 'no_such_module_xyz'"):
+        import_callable("no_such_module_xyz:f")
