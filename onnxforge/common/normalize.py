@@ -230,20 +230,22 @@ def _compare_in_ort(reference: onnx.ModelProto, candidate: onnx.ModelProto, dims
 
 
 def normalize(model: onnx.ModelProto, *, check: bool = True, dims: Mapping[str, int] | None = None) -> NormalizeResult:
-    """``model`` with Constant weights lifted, non-positive dims symbolic and every node named.
+    """``model`` with non-positive dims symbolic, Constant weights lifted and every node named.
 
-    ``model`` is not modified. When constants were lifted and ``check`` is set, both models
-    run in ONNX Runtime on the same generated inputs (``dims`` sizes open dims) and must agree
-    within ``CHECK_TOLERANCE``; if they do not, the constants stay where they were and the
-    check says why. A model that cannot run here on generated inputs is reported as unchecked.
+    ``model`` is not modified. When constants were lifted and ``check`` is set, the model
+    before and after lifting runs in ONNX Runtime on the same generated inputs (``dims``
+    sizes open dims) and must agree within ``CHECK_TOLERANCE``; if not, the constants stay
+    where they were and the check says why. The reference is the input with its dims fixed,
+    since ONNX Runtime reads a declared ``0`` as a size of zero and would run the input as
+    written on nothing else. A model that cannot run here on generated inputs is reported
+    as unchecked. Weights in external data that was not loaded stay where they are, and so
+    do Constant nodes before IR version 4 (there, initializers must also be graph inputs).
     """
     work = onnx.ModelProto()
     work.CopyFrom(model)
     symbolic = _fix_dims(work)
-    named = _name_nodes(work)
     lifted = 0
-    check_text = "not needed (declarations only)" if symbolic or named else "not needed"
-    # Before IR 4 initializers must also be graph inputs; weights not loaded stay where they are.
+    check_text = "not needed (declarations only)"
     if _liftable_constants(work) and model.ir_version >= 4 and _weights_loaded(work):
         candidate, lifted = _lift_constants(work)
         if lifted and check:
@@ -255,6 +257,7 @@ def normalize(model: onnx.ModelProto, *, check: bool = True, dims: Mapping[str, 
                 work, check_text = candidate, how
         elif lifted:
             work, check_text = candidate, "not run (check off)"
+    named = _name_nodes(work)
     if not (lifted or symbolic or named):
         return NormalizeResult(model)
     return NormalizeResult(work, lifted, tuple(symbolic), named, check_text)
