@@ -336,3 +336,22 @@ def test_import_callable_file_module_and_package_relative(tmp_path, monkeypatch)
         import_callable(f"{tmp_path / 'broken.py'}:f")
     with pytest.raises(UserError, match="cannot import module 'no_such_module_xyz'"):
         import_callable("no_such_module_xyz:f")
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    from onnxforge.common.fileio import atomic_dir
+
+    target = tmp_path / "package"
+    with atomic_dir(target) as staged:
+        (staged / "a.txt").write_text("one")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as staged:
+            (staged / "b.txt").write_text("two")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]  # the old folder, whole
+    with atomic_dir(target) as staged:
+        (staged / "c.txt").write_text("three")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["package"]  # no staging or old folders left

@@ -70,6 +70,25 @@ def atomic_path(final_path: Path) -> Iterator[Path]:
         publish(staged, final_path)
 
 
+@contextlib.contextmanager
+def atomic_dir(final_dir: Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``final_dir``; on success it replaces ``final_dir``.
+
+    A folder that exists at ``final_dir`` is first moved aside (into a hidden folder that is
+    removed afterwards), so ``final_dir`` is always either the old whole folder or the new whole
+    folder, never a mix. On any exception ``final_dir`` is untouched and the staging folder is
+    removed. Leftover hidden folders of a process that was killed start with ``.NAME.``.
+    """
+    final_dir = Path(final_dir)
+    with staging_dir(final_dir) as tmp:
+        staged = tmp / final_dir.name
+        staged.mkdir()
+        yield staged
+        if final_dir.exists():
+            os.replace(final_dir, tmp / ".old")
+        os.replace(staged, final_dir)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(Path(path)) as staged:
         staged.write_text(text, encoding="utf-8")
