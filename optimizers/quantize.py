@@ -18,7 +18,9 @@ whether int8 pays depends on the CPU (VNNI or not, cache sizes) and the model:
   (weights quantized ahead, activations at run time), per-channel and per-tensor, plus static
   QDQ of MatMul/Gemm only when calibration data is given (quantizing the attention-mask
   arithmetic of transformers destroys the mask, so static never goes beyond MatMul/Gemm there).
-  ``quantize_dynamic`` ignores Gemm, so Gemm layers are rewritten as MatMul + Add first.
+  ``quantize_dynamic`` ignores Gemm, so Gemm layers are rewritten as MatMul + Add first. Where
+  convolutions hold a good share of the weights too (a conv stem under a transformer, as in
+  OCR recognizers), static QDQ of Conv/MatMul/Gemm is one more candidate.
 - The pick: the fastest candidate whose fidelity (lowest per-output mean cosine to the float
   model) reaches ``min_cosine``; if none does, the most faithful one, with a warning. When no
   int8 candidate is faster than fp32 here, the result says so (and names the fastest).
@@ -400,6 +402,9 @@ def _auto_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern
         if has_calibration:
             candidates.append(_candidate("static-qdq-matmul", "static QDQ of MatMul/Gemm only", static,
                                          op_types=static["op_types"] or ["Gemm", "MatMul"]))
+            if not given_ops and pattern.conv_weights >= 0.1 * (pattern.conv_weights + pattern.matmul_weights):
+                candidates.append(_candidate("static-qdq-compute", "static QDQ of Conv/MatMul/Gemm only", static,
+                                             op_types=list(COMPUTE_OPS)))
         reasons.append("MatMul/Gemm layers" + (" with attention" if pattern.attention else "")
                        + ": dynamic int8 (activations quantized at run time, no calibration needed)"
                        + ("; static QDQ of MatMul/Gemm only from the calibration data, never the attention-mask arithmetic"
