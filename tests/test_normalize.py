@@ -132,6 +132,16 @@ def test_a_model_with_nothing_to_normalize_comes_back_as_is():
     assert result.model is model and not result.modified and result.describe() == "normalized on load: nothing to change"
 
 
+def test_constants_stay_when_onnx_ir_cannot_read_the_graph():
+    # Two nodes write 'y': not a valid graph, but loading it must not end in a traceback.
+    nodes = [_constant("w", np.ones((2, 2))), helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["x"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    result = normalize(model)
+    assert result.lifted_constants == 0 and result.model.graph.node[0].op_type == "Constant"
+    assert result.check.startswith("constants left in place, onnx-ir cannot read the graph")
+
+
 def test_nameless_nodes_get_unique_names_that_do_not_collide():
     nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"], name="Relu_0"),
              helper.make_node("Relu", ["b"], ["y"])]
