@@ -773,7 +773,8 @@ def _choose(candidates: Sequence[Candidate], min_cosine: float) -> tuple[int, li
         c = candidates[chosen]
         reasons.append(f"chose {c.name} ({c.description}): "
                        + (f"the fastest of {len(pool)} candidates at mean cosine >= {min_cosine}" if len(pool) > 1
-                          else f"the only candidate {'at' if faithful else 'closest to'} mean cosine >= {min_cosine}")
+                          else f"the only candidate at mean cosine >= {min_cosine}" if faithful
+                          else f"the most faithful candidate (none reached mean cosine {min_cosine})")
                        + f"; {c.timing.speedup:.2f}x fp32 [{c.timing.speedup_low:.2f}, {c.timing.speedup_high:.2f}] "
                        f"measured on this machine, cosine {c.fidelity.min_mean_cosine:.5f}")
         timed_all = [candidates[i] for i in built if candidates[i].timing is not None]
@@ -836,23 +837,8 @@ def quantize(
     data that does not match the model, a model ONNX Runtime's quantizers fail on, and an
     accuracy target that cannot be met (naming the best cosine reached and the float nodes).
     """
-    from onnxforge.common.normalize import normalize
-
     started = time.perf_counter()
-    loaded = load_onnx(model) if isinstance(model, (str, Path)) else model
-    before = summarize_model(loaded, str(model) if isinstance(model, (str, Path)) else "", loaded.ByteSize())
-    if before.quantized_compute_ops:
-        raise UserError(f"the model is already quantized ({before.quantized_compute_ops} of {before.compute_ops} compute ops); "
-                        "quantize the float model instead")
-    normalized = normalize(loaded, dims=dims)
-    reference = normalized.model
-    reasons = [normalized.describe()] if normalized.modified else []
-    names = [node.name for node in reference.graph.node]
-    missing = [n for n in settings.exclude_nodes if n not in names]
-    if missing:
-        hints = "; ".join(f"{n!r}{closest(n, names) or ' (no close match)'}" for n in missing)
-        raise UserError(f"exclude-node names not in the model: {hints}")
-
+    before, reference, reasons = _float_model(model, settings, dims)
     calib = None
     if calibration is not None:
         calib = calibration_data(calibration, reference, tokenizer=tokenizer, dims=dims, allow_random=allow_random_calibration,
@@ -917,6 +903,26 @@ def quantize(
     return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
                           tuple(n for n in exclude_final if n not in settings.exclude_nodes), tuple(sensitivity), pre_label,
                           time.perf_counter() - started, pattern.describe(), tuple(candidates), float_timing, tuple(warnings))
+
+
+def _float_model(model: onnx.ModelProto | str | Path, settings: QuantizeSettings,
+                 dims: Mapping[str, int] | None) -> tuple[ModelSummary, onnx.ModelProto, list[str]]:
+    """The float model as every candidate starts from it: loaded, refused if already quantized,
+    normalized (``onnxforge.common.normalize``), with the exclude-node names checked."""
+    from onnxforge.common.normalize import normalize
+
+    loaded = load_onnx(model) if isinstance(model, (str, Path)) else model
+    before = summarize_model(loaded, str(model) if isinstance(model, (str, Path)) else "", loaded.ByteSize())
+    if before.quantized_compute_ops:
+        raise UserError(f"the model is already quantized ({before.quantized_compute_ops} of {before.compute_ops} compute ops); "
+                        "quantize the float model instead")
+    normalized = normalize(loaded, dims=dims)
+    names = [node.name for node in normalized.model.graph.node]
+    missing = [n for n in settings.exclude_nodes if n not in names]
+    if missing:
+        hints = "; ".join(f"{n!r}{closest(n, names) or ' (no close match)'}" for n in missing)
+        raise UserError(f"exclude-node names not in the model: {hints}")
+    return before, normalized.model, [normalized.describe()] if normalized.modified else []
 
 
 def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[str, onnx.ModelProto]:
