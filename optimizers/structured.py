@@ -848,24 +848,29 @@ def _add_bias(model, node, delta, size, inits) -> None:
     model.graph.node.insert(position + 1, add)
 
 
-def macs(model: onnx.ModelProto, dims: Mapping[str, int]) -> int:
-    """Multiply-accumulates of Conv, Gemm and MatMul for one sample, measured by running the
-    model once (batch 1, other symbolic dims from ``dims`` or 8) and reading the real shapes
-    of those nodes' inputs and outputs (static shape inference cannot follow every Reshape)."""
-    from optimizers.verify import ort_session, with_outputs
-    from optimizers.verify import verification_inputs
+def macs(model: onnx.ModelProto, dims: Mapping[str, int], inputs: Mapping[str, np.ndarray] | None = None) -> int:
+    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul for one sample, measured by
+    running the model once and reading the real shapes of those nodes' inputs and outputs
+    (static shape inference cannot follow every Reshape). It runs on the first sample of
+    ``inputs`` when given (sizes the model is known to accept), else on generated inputs with
+    batch 1 and other symbolic dims from ``dims``."""
+    from optimizers.verify import ort_session, verification_inputs, with_outputs
 
     nodes = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
     if not nodes:
         return 0
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     wanted = sorted({name for n in nodes for name in (n.input[0], n.input[1], n.output[0]) if name not in inits})
-    sizes = dict(dims)
-    for value in model.graph.input:
-        first = value.type.tensor_type.shape.dim
-        if first and first[0].dim_param:
-            sizes[first[0].dim_param] = 1
-    inputs = verification_inputs(model, sizes)
+    batched = {value.name for value in model.graph.input
+               if value.type.tensor_type.shape.dim and value.type.tensor_type.shape.dim[0].dim_param}
+    if inputs is not None:
+        inputs = {name: (value[:1] if name in batched else value) for name, value in inputs.items()}
+    else:
+        sizes = dict(dims)
+        for value in model.graph.input:
+            if value.name in batched:
+                sizes[value.type.tensor_type.shape.dim[0].dim_param] = 1
+        inputs = verification_inputs(model, sizes)
     values = dict(zip(wanted, ort_session(with_outputs(model, wanted)).run(wanted, inputs)))
     shape = lambda name: inits[name] if name in inits else values[name].shape  # noqa: E731
     total = 0
@@ -1222,7 +1227,7 @@ def prune_structured(
         model=pruned,
         units=tuple(units),
         parameters=(count_parameters(given), count_parameters(pruned)),
-        macs=(macs(model, macs_dims), macs(pruned, macs_dims)),
+        macs=(macs(model, macs_dims, check.input_sets[0]), macs(pruned, macs_dims, check.input_sets[0])),
         size_bytes=(given.ByteSize(), pruned.ByteSize()),
         fidelity=(measured or _fidelity_dict(reference, pruned, eval_batches)) if removed else None,
         fidelity_without_compensation=without,
