@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -31,8 +32,8 @@ SIZE_VARIABLE, HIDDEN_VARIABLE = "LARGE_MODEL_GB", "LARGE_MODEL_HIDDEN"
 
 
 def layer_count(size_gb: float, hidden: int) -> int:
-    """Layers of hidden x hidden fp32 weights (plus bias) that make ``size_gb`` (10^9 bytes)."""
-    return max(1, round(size_gb * 1e9 / (4 * hidden * (hidden + 1))))
+    """Layers of hidden x hidden fp32 weights (plus bias) that make at least ``size_gb`` (10^9 bytes)."""
+    return max(1, math.ceil(size_gb * 1e9 / (4 * hidden * (hidden + 1))))
 
 
 def build():
