@@ -102,22 +102,39 @@ def _residual_sum_rules():
     from onnxscript.rewriter import pattern
 
     class UnfuseSkipLayerNorm(pattern.RewriteRuleClassBase):
-        def __init__(self, name: str, has_bias: bool):
+        """``keep_sum``: the node's fourth output (input + skip + bias) is used and becomes the Sum."""
+
+        def __init__(self, name: str, has_bias: bool, keep_sum: bool):
             super().__init__(name=name)
             self._has_bias = has_bias
+            self._keep_sum = keep_sum
 
         def pattern(self, op, x, skip, gamma, beta, bias):
             inputs = [x, skip, gamma, beta] + ([bias] if self._has_bias else [])
+            if not self._keep_sum:
+                return op.SkipLayerNormalization(*inputs, _domain="com.microsoft", _allow_other_attributes=True,
+                                                 _outputs=["normalized"])
             normalized, _mean, _inv_std, skip_sum = op.SkipLayerNormalization(
                 *inputs, _domain="com.microsoft", _allow_other_attributes=True,
                 _outputs=["normalized", "mean", "inv_std_var", "skip_sum"],
             )
             return normalized, skip_sum
 
+        def check(self, context, **_):
+            result = pattern.MatchResult()
+            outputs = context.root.outputs
+            if self._keep_sum and (len(outputs) != 4 or not outputs[3].uses()):
+                return result.fail("the input+skip sum output is not used")
+            unused = outputs[1:3] if self._keep_sum else outputs[1:]
+            if any(value.uses() for value in unused):
+                return result.fail("the mean / inverse-variance outputs are used")
+            return result
+
         def rewrite(self, op, x, skip, gamma, beta, bias, normalized, **_):
             epsilon = normalized.producer().attributes.get_float("epsilon", 1e-12)
             total = op.Sum(*([x, skip] + ([bias] if self._has_bias else [])))
-            return op.LayerNormalization(total, gamma, beta, axis=-1, epsilon=epsilon), total
+            layer_norm = op.LayerNormalization(total, gamma, beta, axis=-1, epsilon=epsilon)
+            return (layer_norm, total) if self._keep_sum else layer_norm
 
     class ResidualAddAsSum(pattern.RewriteRuleClassBase):
         def pattern(self, op, a, b):
@@ -139,8 +156,10 @@ def _residual_sum_rules():
             return op.Sum(a, b)
 
     return pattern.RewriteRuleSet([
-        UnfuseSkipLayerNorm.rule("UnfuseSkipLayerNormBias", has_bias=True),
-        UnfuseSkipLayerNorm.rule("UnfuseSkipLayerNorm", has_bias=False),
+        UnfuseSkipLayerNorm.rule("UnfuseSkipLayerNormBiasSum", has_bias=True, keep_sum=True),
+        UnfuseSkipLayerNorm.rule("UnfuseSkipLayerNormSum", has_bias=False, keep_sum=True),
+        UnfuseSkipLayerNorm.rule("UnfuseSkipLayerNormBias", has_bias=True, keep_sum=False),
+        UnfuseSkipLayerNorm.rule("UnfuseSkipLayerNorm", has_bias=False, keep_sum=False),
         ResidualAddAsSum.rule("ResidualAddAsSum"),
     ])
 

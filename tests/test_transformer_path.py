@@ -1,0 +1,181 @@
+"""The transformer path: onnxscript's ORT fusions on dynamo graphs (optimizers.ort_fusions),
+the exporter's measured ``auto`` choice, and the SmoothQuant fold (optimizers.smoothquant).
+
+Tiny BERT-like encoders are built here from ``transformers`` configs with random weights; the
+tests pin what the graphs contain and that outputs agree, never which variant is faster.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxforge.common.errors import UserError
+from onnxforge.common.ortrun import run_onnx
+from optimizers.ort_fusions import OrtFusionSettings, exporter_of, fuse_for_ort, is_dynamo_graph
+
+LAYERS, HIDDEN, HEADS = 2, 32, 4
+
+
+class TinyBert(torch.nn.Module):
+    """A BertModel with a tiny config; returns the last hidden state."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                            intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+        self.bert = BertModel(config, add_pooling_layer=False).eval()
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+
+def _bert_inputs(batch=2, seq=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    mask[0, seq - 3:] = 0  # padding in one row, so the mask path matters
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros(batch, seq, dtype=torch.int64)}
+
+
+@pytest.fixture(scope="module")
+def dynamo_bert(tmp_path_factory):
+    from exporter import export
+
+    folder = tmp_path_factory.mktemp("bert")
+    result = export(TinyBert(), _bert_inputs(), folder / "bert.onnx", exporter="dynamo")
+    return onnx.load(str(result.path))
+
+
+def _ops(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def _feeds(batch=3, seq=11, seed=1):
+    return {k: v.numpy() for k, v in _bert_inputs(batch, seq, seed).items()}
+
+
+def _assert_same_outputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds, atol=1e-4, rtol=1e-3):
+    want = run_onnx(reference, feeds)
+    got = run_onnx(candidate, feeds)
+    assert set(want) == set(got)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=atol)
+
+
+def _ort_optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    """The op counts of the graph ONNX Runtime runs after its own (level "all") fusions."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return _ops(onnx.load(str(tmp_path / "ort_optimized.onnx")))
+
+
+# ---------------------------------------------------------------- ORT fusions on the dynamo graph
+
+
+def test_dynamo_graph_is_recognized(dynamo_bert):
+    assert exporter_of(dynamo_bert) == "dynamo" and is_dynamo_graph(dynamo_bert)
+    unmarked = onnx.ModelProto()
+    unmarked.CopyFrom(dynamo_bert)
+    del unmarked.metadata_props[:]
+    assert is_dynamo_graph(unmarked)  # torch's own mark: full version and IR >= 10
+    unmarked.producer_version = "2.13.0"
+    assert not is_dynamo_graph(unmarked)
+
+
+def test_fusions_happen_on_the_dynamo_graph_for_gpu(dynamo_bert):
+    before = _ops(dynamo_bert)
+    assert before["Attention"] == 0 and before["SkipLayerNormalization"] == 0 and before["Softmax"] == LAYERS
+    result = fuse_for_ort(dynamo_bert, OrtFusionSettings(target="cuda"))
+    ops = _ops(result.model)
+    assert result.modified
+    assert ops["Attention"] == LAYERS and ops["Softmax"] == 0
+    assert ops["SkipLayerNormalization"] == 2 * LAYERS
+    assert ops["BiasGelu"] == LAYERS and ops["Erf"] == 0
+    assert result.stats["fusions"]["attention"] == LAYERS and result.stats["residual_sums"] == 0
+    assert result.stats["max_abs_error"] <= 1e-4
+    _assert_same_outputs(dynamo_bert, result.model, _feeds())
+
+
+def test_cpu_target_keeps_skip_layernorm_out_of_what_ort_runs(dynamo_bert, tmp_path):
+    # ONNX Runtime fuses Add+LayerNormalization itself whenever it knows the shapes (it does on
+    # the dynamo graph); the CPU target writes Sum so that its slow kernel is not used.
+    assert _ort_optimized_ops(dynamo_bert, tmp_path)["SkipLayerNormalization"] == 2 * LAYERS
+    result = fuse_for_ort(dynamo_bert, OrtFusionSettings(target="cpu"))
+    ops = _ops(result.model)
+    assert ops["SkipLayerNormalization"] == 0 and ops["Attention"] == LAYERS and ops["BiasGelu"] == LAYERS
+    assert ops["Sum"] == 2 * LAYERS + 1  # the residual sums and the embeddings' sum
+    assert ops["LayerNormalization"] == 2 * LAYERS + 1
+    assert _ort_optimized_ops(result.model, tmp_path)["SkipLayerNormalization"] == 0
+    _assert_same_outputs(dynamo_bert, result.model, _feeds())
+
+
+def test_without_attention_the_projections_stay_matmuls(dynamo_bert):
+    result = fuse_for_ort(dynamo_bert, OrtFusionSettings(attention=False))
+    ops = _ops(result.model)
+    assert ops["Attention"] == 0 and ops["MultiHeadAttention"] == 0 and ops["Softmax"] == LAYERS
+    assert ops["MatMul"] == _ops(dynamo_bert)["MatMul"]  # every projection is still there to quantize
+    assert ops["BiasGelu"] == LAYERS and ops["SkipLayerNormalization"] == 0
+    assert "attention" not in result.stats["fusions"]
+    _assert_same_outputs(dynamo_bert, result.model, _feeds(batch=1, seq=5))
+
+
+def test_input_model_is_not_modified_and_result_checks(dynamo_bert):
+    copy = dynamo_bert.SerializeToString()
+    result = fuse_for_ort(dynamo_bert)
+    assert dynamo_bert.SerializeToString() == copy
+    assert exporter_of(result.model) == "dynamo"  # the record survives the rewrite
+    onnx.checker.check_model(result.model)  # contrib ops: no full_check (their schemas are ORT's)
+
+
+def _skip_layernorm_model(with_bias: bool) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    hidden = 16
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", hidden]) for n in ("x", "r")]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", hidden])
+    weights = [numpy_helper.from_array(rng.normal(size=hidden).astype(np.float32), n) for n in ("gamma", "beta", "bias")]
+    node = helper.make_node("SkipLayerNormalization", ["x", "r", "gamma", "beta"] + (["bias"] if with_bias else []), ["y"],
+                            domain="com.microsoft", epsilon=1e-5)
+    graph = helper.make_graph([node], "sln", inputs, [output], weights[:3] if with_bias else weights[:2])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_skip_layernorm_is_unfused_exactly_on_cpu(with_bias):
+    model = _skip_layernorm_model(with_bias)
+    result = fuse_for_ort(model, OrtFusionSettings(target="cpu", dims={"b": 2, "s": 5}))
+    ops = _ops(result.model)
+    assert result.modified and ops == collections.Counter({"Sum": 1, "LayerNormalization": 1})
+    assert len(result.model.graph.node[0].input) == (3 if with_bias else 2)
+    rng = np.random.default_rng(1)
+    feeds = {n: rng.normal(size=(2, 5, 16)).astype(np.float32) for n in ("x", "r")}
+    _assert_same_outputs(model, result.model, feeds, atol=1e-5, rtol=1e-5)
+
+
+def test_near_miss_stays_unchanged():
+    # An Add that feeds a Relu, not a LayerNormalization, and no attention or Gelu: nothing to do.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])
+    w = numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "x"], ["a"]),
+                               helper.make_node("Relu", ["a"], ["y"])], "mlp", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    result = fuse_for_ort(model)
+    assert not result.modified and result.model is model
+    assert result.stats["residual_sums"] == 0 and not result.stats["fusions"]
+
+
+def test_unknown_target_is_a_user_error():
+    with pytest.raises(UserError, match="unknown fusion target 'tpu'; choose one of cpu, cuda"):
+        OrtFusionSettings(target="tpu")
