@@ -23,7 +23,7 @@ from optimizers.ort_offline import TARGET_PROVIDERS, ort_optimize, require_provi
 from optimizers.precision import to_fp16
 from optimizers.result import PassResult
 from optimizers.sparsity import magnitude_sparsity
-from optimizers.verify import compare_models, run_model, verification_inputs
+from optimizers.verify import compare_models, run_model, verification_dims, verification_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
 
     reference_inputs = reference_outputs = None
     if settings.verify:
-        reference_inputs = verification_inputs(source, settings.dims)
+        reference_inputs = verification_inputs(source, verification_dims(source, settings.dims))
         reference_outputs = run_model(source, reference_inputs)
         for name in settings.drop_outputs:
             reference_outputs.pop(name, None)

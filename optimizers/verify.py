@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
-from onnxforge.common.ortrun import run_onnx
+from onnxforge.common.ortrun import run_onnx, runnable_dim_sizes
 from onnxforge.common.sessions import open_session
 from onnxforge.common.specs import DTYPES, choose_dim_sizes, make_inputs, specs_from_onnx
 
@@ -31,6 +31,16 @@ def verification_inputs(
     if chosen.guessed and seed == 0:
         logger.info("generated inputs use %s; give other sizes with --dim NAME=SIZE", chosen.describe())
     return make_inputs(specs, chosen.sizes, seed=seed)
+
+
+def verification_dims(model: onnx.ModelProto, dims: Mapping[str, int] | None = None, data: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
+    """Sizes for every open dim that ONNX Runtime accepts (``runnable_dim_sizes``: ``dims``,
+    sizes in ``data``, guesses, and other image sides when the guess is refused), logged
+    when guessed. Compute them once and pass them as ``dims`` to ``verification_inputs``."""
+    chosen = runnable_dim_sizes(model, dims, data)
+    if chosen.guessed:
+        logger.info("generated inputs use %s; give other sizes with --dim NAME=SIZE", chosen.describe())
+    return chosen.sizes
 
 
 def run_model(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -63,4 +73,4 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return out
 
 
-__all__ = ["DTYPES", "compare_models", "ort_session", "run_model", "verification_inputs", "with_outputs"]
+__all__ = ["DTYPES", "compare_models", "ort_session", "run_model", "verification_dims", "verification_inputs", "with_outputs"]

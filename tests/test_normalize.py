@@ -220,6 +220,19 @@ def test_detector_sides_are_multiples_of_the_graph_stride():
         run_onnx(model, make_inputs(specs_from_onnx(model), {"height": 8, "width": 8}))
 
 
+def test_a_refused_image_side_is_probed_until_one_runs(caplog):
+    # A text recognizer in miniature: its height must be 32 (the bias is per row), the width is free.
+    bias = numpy_helper.from_array(np.arange(32, dtype=np.float32).reshape(1, 1, 32, 1), "row_bias")
+    model = _model([helper.make_node("Add", ["x", "row_bias"], ["y"], name="add")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 1, "?", "?"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 1, "?", "?"])], [bias])
+    with caplog.at_level(logging.INFO, logger="optimizers"):
+        result = optimize(model)
+    assert result.steps and any("x_dim2=32 (the first side ONNX Runtime accepted; 224 was refused)" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match=r"inputs 'x' \[1, 1, 40, 224\].*--dim NAME=SIZE"):
+        optimize(model, OptimizeSettings(dims={"x_dim2": 40}))  # a size the user gave is never changed
+
+
 def test_sizes_come_from_dim_flags_data_and_metadata_before_guesses():
     model = _detector()
     given = choose_dim_sizes(model, given={"height": 64})

@@ -204,14 +204,13 @@ def _weights_loaded(model: onnx.ModelProto) -> bool:
 def _compare_in_ort(reference: onnx.ModelProto, candidate: onnx.ModelProto, dims: Mapping[str, int] | None) -> tuple[bool | None, str]:
     """(True, how) when both models give the same outputs on generated inputs, (False, what
     differs) when they do not, (None, why) when the reference itself cannot be run here."""
-    from onnxforge.common.ortrun import run_onnx
-    from onnxforge.common.specs import choose_dim_sizes, make_inputs, specs_from_onnx
+    from onnxforge.common.ortrun import run_onnx, runnable_dim_sizes
+    from onnxforge.common.specs import make_inputs, specs_from_onnx
 
     if not (_weights_loaded(reference) and _weights_loaded(candidate)):
         return None, "not run (weights in external data not loaded)"
     try:
-        specs = specs_from_onnx(reference)
-        inputs = make_inputs(specs, choose_dim_sizes(reference, specs, dims).sizes)
+        inputs = make_inputs(specs_from_onnx(reference), runnable_dim_sizes(reference, dims).sizes)
         expected = run_onnx(reference, inputs)
     except UserError as exc:
         return None, f"not run (the model does not run on generated inputs here: {str(exc)[:160]})"

@@ -50,3 +50,43 @@ def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, optimi
             f"ONNX Runtime cannot run the model on inputs {describe_feeds(feeds)} ({one_line(exc, 240)}); "
             f"if these sizes are not what the model takes, {hint} or give real input data"
         ) from None
+
+
+# Sides tried, one open image dim at a time, when ONNX Runtime refuses the first guess: the
+# heights text recognizers are trained at (32, 48), then common input sizes.
+PROBE_SIDES = (32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640)
+
+
+def runnable_dim_sizes(model: onnx.ModelProto, given: Mapping[str, int] | None = None, data: Mapping[str, np.ndarray] | None = None):
+    """``choose_dim_sizes`` checked in ONNX Runtime: when the model refuses the first choice
+    and some image sides were guessed, each guessed side in turn tries ``PROBE_SIDES`` (the
+    others kept) and the first size that runs is taken, with its source saying so. Sizes the
+    user gave or the data has are never changed. When nothing runs, the first refusal is
+    raised (a one-line ``UserError`` asking for ``--dim`` or data).
+
+    Any size that runs serves to compare two models on the same inputs; it need not be the
+    size the model was trained at.
+    """
+    import dataclasses
+
+    from onnxforge.common.specs import choose_dim_sizes, make_inputs, specs_from_onnx
+
+    specs = specs_from_onnx(model)
+    chosen = choose_dim_sizes(model, specs, given, data)
+    try:
+        run_onnx(model, make_inputs(specs, chosen.sizes))
+        return chosen
+    except UserError as refusal:
+        first = refusal
+    for name in [n for n, source in chosen.sources.items() if source.startswith("image")]:
+        for size in PROBE_SIDES:
+            if size == chosen.sizes[name]:
+                continue
+            trial = {**chosen.sizes, name: size}
+            try:
+                run_onnx(model, make_inputs(specs, trial))
+            except UserError:
+                continue
+            sources = {**chosen.sources, name: f"the first side ONNX Runtime accepted; {chosen.sizes[name]} was refused"}
+            return dataclasses.replace(chosen, sizes=trial, sources=sources)
+    raise first
