@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,6 @@ UNARY = frozenset({
 BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
 POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"})
 REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin"})
-INT64_MAX = 2**63 - 1
 
 
 class _Slots:
@@ -1143,6 +1142,29 @@ def _verified(model, analysis: Analysis, decided: list[tuple[Unit, frozenset[int
     return decided, trials
 
 
+def _compensated(reference, model, analysis: Analysis, removed: frozenset[int], means, eval_batches, notes: list[str]):
+    """``(pruned, consumers compensated, fidelity, fidelity without compensation)``: ``model``
+    with ``removed`` cut and, given channel ``means``, bias compensation where it raises the
+    measured fidelity against ``reference``; the tracing copies are shared again."""
+    from optimizers.cleanup import deduplicate_initializers
+
+    pruned = apply(model, analysis, removed)
+    compensated, measured, without = 0, None, None
+    if means is not None:
+        without = _fidelity_dict(reference, pruned, eval_batches)
+        uncompensated = onnx.ModelProto()
+        uncompensated.CopyFrom(pruned)
+        compensated = compensate_biases(pruned, model, analysis, removed, means)
+        measured = _fidelity_dict(reference, pruned, eval_batches)
+        if measured["min_mean_cosine"] < without["min_mean_cosine"]:
+            # Mean compensation is optimal for squared error on average, not for every model:
+            # where it lowers the measured fidelity, the uncompensated model is kept.
+            notes.append(f"bias compensation lowered fidelity ({measured['min_mean_cosine']:.4f} vs "
+                         f"{without['min_mean_cosine']:.4f} without) and was not applied")
+            pruned, compensated, measured = uncompensated, 0, without
+    return deduplicate_initializers(pruned).model, compensated, measured, without
+
+
 def prune_structured(
     model: onnx.ModelProto,
     settings: PruneSettings = PruneSettings(),
@@ -1191,42 +1213,28 @@ def prune_structured(
     if settings.ratio > 0 and not removed:
         reasons = "; ".join(f"{'+'.join(u.producers)}: {u.reason}" for u in units[:8]) or "no Conv/Gemm/MatMul layer with weights"
         raise UserError(f"nothing could be pruned at ratio {settings.ratio}: {reasons}")
+    if settings.bias_compensation and removed and means is None:
+        notes.append("bias compensation skipped: it needs calibration data")
     if trials > 1:
         notes.append(f"{sum(1 for u in units if (u.reason or '').startswith('pruning it breaks'))} unit(s) left whole "
                      f"because pruning them breaks the graph ({trials} ONNX Runtime checks)")
-    pruned = apply(model, analysis, removed)
-    without = measured = None
-    compensated = 0
-    if settings.bias_compensation and removed:
-        if means is None:
-            notes.append("bias compensation skipped: it needs calibration data")
-        else:
-            without = _fidelity_dict(reference, pruned, eval_batches)
-            uncompensated = onnx.ModelProto()
-            uncompensated.CopyFrom(pruned)
-            compensated = compensate_biases(pruned, model, analysis, removed, means)
-            with_it = measured = _fidelity_dict(reference, pruned, eval_batches)
-            if with_it["min_mean_cosine"] < without["min_mean_cosine"]:
-                # Mean compensation is optimal for squared error on average, not for every model:
-                # where it lowers the measured fidelity, the uncompensated model is kept.
-                notes.append(f"bias compensation lowered fidelity ({with_it['min_mean_cosine']:.4f} vs "
-                             f"{without['min_mean_cosine']:.4f} without) and was not applied")
-                pruned, compensated, measured = uncompensated, 0, without
     if removed:
-        from optimizers.cleanup import deduplicate_initializers
-
-        pruned = deduplicate_initializers(pruned).model  # the copies made for tracing, shared again
+        pruned, compensated, measured, without = _compensated(
+            reference, model, analysis, removed, means if settings.bias_compensation else None, eval_batches, notes)
         error = check(pruned)
         if error is not None:
             raise RuntimeError(f"structured pruning produced a model that fails its run check (a bug): {error}")
         notes.append(f"the pruned model ran in ONNX Runtime with the original's output shapes on {check.describe()}")
+    else:  # nothing removed: the model as normalized, not the form tracing needed
+        pruned, compensated, measured, without = onnx.ModelProto(), 0, None, None
+        pruned.CopyFrom(reference)
     from onnxforge.common.summary import count_parameters
 
     macs_dims = {**(dims or {})}
     result = PruneResult(
         model=pruned,
         units=tuple(units),
-        parameters=(count_parameters(given), count_parameters(pruned)),
+        parameters=(count_parameters(reference), count_parameters(pruned)),
         macs=(macs(model, macs_dims, check.input_sets[0]), macs(pruned, macs_dims, check.input_sets[0])),
         size_bytes=(given.ByteSize(), pruned.ByteSize()),
         fidelity=(measured or _fidelity_dict(reference, pruned, eval_batches)) if removed else None,
