@@ -167,8 +167,10 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
         logger.warning("fp16 on the CPU is usually slower than float32 in ONNX Runtime; it is meant for GPU targets")
 
     reference_inputs = reference_outputs = None
+    dims = dict(settings.dims)  # the sizes every check in ONNX Runtime uses, opset upgrades too
     if settings.verify:
-        reference_inputs = verification_inputs(source, verification_dims(source, settings.dims))
+        dims = verification_dims(source, settings.dims)
+        reference_inputs = verification_inputs(source, dims)
         reference_outputs = run_model(source, reference_inputs)
         for name in settings.drop_outputs:
             reference_outputs.pop(name, None)
@@ -180,7 +182,7 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     wants_fusions = settings.fusions == "on" or (settings.fusions == "auto" and settings.target != "tensorrt")
     if wants_fusions:
         steps.append(("fusions", lambda m: _fuse_at_opset_17(
-            m, settings.dims, model_type="bert" if settings.fusions == "on" and settings.model_type == "auto" else settings.model_type,
+            m, dims, model_type="bert" if settings.fusions == "on" and settings.model_type == "auto" else settings.model_type,
             num_heads=settings.num_heads, hidden_size=settings.hidden_size, use_gpu=settings.target != "cpu"), "exact"))
     if level != "none":
         steps.append((f"onnxruntime_{level}", lambda m: ort_optimize(m, level, settings.target), "exact"))
@@ -193,7 +195,7 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     reports = []
     for name, transform, kind in steps:
         step_started = time.perf_counter()
-        result: PassResult = _within_opset(name, transform, current, settings.dims)
+        result: PassResult = _within_opset(name, transform, current, dims)
         check = None
         if settings.verify and result.modified:
             try:
