@@ -421,14 +421,20 @@ def _quant_type(name: str):
     return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
 
 
-def preprocess_model(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelProto, str]:
-    """ONNX Runtime's quantization pre-processing (symbolic shape inference, optimization);
-    when shape inference fails it is retried without it, then skipped, with a warning."""
+def preprocess_model(model: onnx.ModelProto, workdir: Path, *, symbolic: bool = True) -> tuple[onnx.ModelProto, str]:
+    """ONNX Runtime's quantization pre-processing (symbolic shape inference, optimization such
+    as BatchNormalization folded into Conv, ONNX shape inference); when symbolic shape inference
+    fails it is retried without it, then skipped, with a warning.
+
+    ``symbolic=False`` skips symbolic shape inference from the start: convolutional nets need
+    only the weights' shapes, and on a large CNN it was most of the time quantize took.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     source = workdir / "float.onnx"
     save_onnx(model, source)
-    attempts = (("symbolic shape inference + optimization", {}), ("optimization only", {"skip_symbolic_shape": True}))
+    attempts = ((("symbolic shape inference + optimization", {}),) if symbolic else ()) + (
+        ("optimization only", {"skip_symbolic_shape": True}),)
     for label, options in attempts:
         target = workdir / "pre.onnx"
         try:
@@ -862,7 +868,8 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp:
         workdir = Path(tmp)
         int4 = candidates[0].resolved["mode"] == "int4"
-        prepared, pre_label = preprocess_model(float_model, workdir) if settings.preprocess and not int4 else (float_model, "off")
+        prepared, pre_label = (preprocess_model(float_model, workdir, symbolic=pattern.kind != "conv")
+                               if settings.preprocess and not int4 else (float_model, "off"))
         inputs_for = _ort_inputs(prepared, candidates)
         exclude = list(settings.exclude_nodes)
         candidates, models = _build_candidates(candidates, inputs_for, exclude, calib, settings, workdir, reference, evaluation_batches)
