@@ -236,6 +236,44 @@ def bench_inputs(specs: Sequence[InputSpec], batch_size: int, dims: Mapping[str,
     return make_inputs(specs, sizes, seed=seed)
 
 
+def _runnable_variant(variant: OnnxVariant, folder: Path, notes: dict[str, str]) -> OnnxVariant:
+    """``variant``, or a copy with its inputs' declared sizes of 0 / -1 made symbolic: old
+    exporters write a dynamic dim that way, and ONNX Runtime then runs the file only at size 0.
+    The copy is what every onnxforge command works on (``load_onnx`` normalizes the same way);
+    ``notes`` records it for the report."""
+    raw = load_onnx(variant.path, load_external_data=False, normalize=False)
+    declared = [(i.name, axis) for i in raw.graph.input for axis, d in enumerate(i.type.tensor_type.shape.dim)
+                if d.HasField("dim_value") and d.dim_value <= 0]
+    if not declared:
+        return variant
+    from onnxforge.common.normalize import normalize
+    from onnxforge.common.onnxio import save_onnx
+
+    path = folder / f"{len(notes)}_{variant.path.name}"
+    save_onnx(normalize(load_onnx(variant.path, normalize=False), check=False).model, path)
+    notes[variant.name] = (f"measured a copy with the input dims declared 0/-1 ({', '.join(f'{n}[{a}]' for n, a in declared)}) "
+                           "made symbolic: ONNX Runtime runs the file as written only at size 0; "
+                           "`onnxforge optimize` writes such a copy")
+    logger.warning("%s: %s", variant.name, notes[variant.name])
+    return dataclasses.replace(variant, path=path)
+
+
+def _sizes_for_open_dims(variant: OnnxVariant, specs: Sequence[InputSpec], dims: Mapping[str, int]) -> dict[str, int]:
+    """``dims`` plus a size for every other open non-batch dim, chosen as the other commands
+    choose them (``ortrun.runnable_dim_sizes``: what the graph tells, then image sides and
+    sequence lengths that ONNX Runtime accepts), logged so the user knows what was measured."""
+    open_dims = {d for spec in specs for d in spec.dims[1:] if isinstance(d, str)} - _batch_symbols(specs) - set(dims)
+    if not open_dims:
+        return dict(dims)
+    from onnxforge.common.ortrun import runnable_dim_sizes
+
+    chosen = runnable_dim_sizes(load_onnx(variant.path), given=dims)
+    sizes = {**dims, **{name: chosen.sizes[name] for name in open_dims if name in chosen.sizes}}
+    logger.warning("no size given for %s; measuring at %s (give --dim NAME=SIZE to choose)", ", ".join(sorted(open_dims)),
+                   ", ".join(f"{name}={sizes[name]} ({chosen.sources[name]})" for name in sorted(open_dims) if name in sizes))
+    return sizes
+
+
 def _feeds_for(specs: Sequence[InputSpec], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The shared inputs cast to one variant's dtypes (an fp16 model with fp16 inputs)."""
     return {spec.name: np.ascontiguousarray(inputs[spec.name].astype(DTYPES[spec.dtype], copy=False)) for spec in specs}
@@ -680,6 +718,11 @@ def benchmark(
     onnx_variants = [v for v in variants if isinstance(v, OnnxVariant)]
     if not onnx_variants:
         raise UserError("give at least one ONNX model; a PyTorch module alone has no input specs")
+    workdir = tempfile.TemporaryDirectory(prefix="onnxforge-bench-")
+    notes: dict[str, str] = {}
+    runnable = {v.name: _runnable_variant(v, Path(workdir.name), notes) for v in onnx_variants}
+    as_given, variants = variants, [runnable.get(v.name, v) for v in variants]
+    onnx_variants = [runnable[v.name] for v in onnx_variants]
     specs_by_variant = {v.name: specs_from_onnx(load_onnx(v.path, load_external_data=False)) for v in onnx_variants}
     reference_specs = specs_by_variant[onnx_variants[0].name]
     for name, specs in specs_by_variant.items():
@@ -699,11 +742,14 @@ def benchmark(
             check_inputs_match([dataclasses.replace(s, dtype=reference_specs[i].dtype) for i, s in enumerate(specs)], given, f"the given inputs (for '{name}')")
     batch_sizes = config.batch_sizes if given is None else (int(next(iter(given.values())).shape[0]) if next(iter(given.values())).ndim else 1,)
 
+    dims = dict(config.dims)
+    if given is None:
+        dims = _sizes_for_open_dims(onnx_variants[0], reference_specs, dims)
     measurements: list[Measurement] = []
     cells = [(p, b) for p in providers for b in batch_sizes]
     for cell_index, (provider, batch) in enumerate(cells):
         label = f"{provider.short} batch {batch}"
-        cell_inputs = given if given is not None else bench_inputs(reference_specs, batch, config.dims, config.seed)
+        cell_inputs = given if given is not None else bench_inputs(reference_specs, batch, dims, config.seed)
         shapes = {k: list(v.shape) for k, v in cell_inputs.items()}
         logger.info("measuring %s: %s", label, ", ".join(f"{k} {v}" for k, v in shapes.items()))
         use_binding = config.io_binding == "on" or (config.io_binding == "auto" and provider.on_gpu)
@@ -722,12 +768,16 @@ def benchmark(
                 runner.close()
         if progress:
             progress(label, (cell_index + 1) / len(cells))
+    workdir.cleanup()
+    if notes:
+        measurements = [dataclasses.replace(m, warnings=m.warnings + ((notes[m.variant],) if m.variant in notes else ()))
+                        for m in measurements]
     config_dict = dataclasses.asdict(config)
     config_dict["fidelity_tolerance"] = dataclasses.asdict(config.fidelity_tolerance)
-    config_dict["dims"] = dict(config.dims)
+    config_dict["dims"] = dict(dims)
     config_dict["variants"] = [
         {"name": v.name, "path": str(v.path)} if isinstance(v, OnnxVariant) else {"name": v.name, "torch": type(v.module).__name__}
-        for v in variants
+        for v in as_given
     ]
     return BenchReport(
         schema_version=SCHEMA_VERSION,

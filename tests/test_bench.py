@@ -234,8 +234,9 @@ def test_generated_inputs_respect_dims_dtypes_and_vocab(tmp_path):
     inputs = harness.bench_inputs(specs, 8, {"seq": 128}, seed=0)
     ids = inputs["ids"]
     assert ids.shape == (8, 128) and ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 37
-    with pytest.raises(UserError, match="symbolic dim 'seq' with no size; give one with --dim seq=N"):
-        benchmark([path], BenchConfig(**FAST))
+    # without --dim seq, bench measures at a sequence length the model takes, and says so
+    report = benchmark([path], BenchConfig(**FAST))
+    assert report.measurements[0].input_shapes["ids"] == [1, 37] and report.config["dims"]["seq"] == 37
 
 
 def test_torch_eager_baseline_and_npz_inputs(tmp_path):
@@ -407,3 +408,27 @@ def test_io_binding_path_on_cpu_gives_the_same_outputs(tmp_path):
     runner.run()
     bound = np.asarray(runner.binding.copy_outputs_to_cpu()[0])
     np.testing.assert_allclose(bound, inputs["x"] @ weights, rtol=1e-5, atol=1e-5)
+
+
+def test_open_dims_get_sizes_and_declared_zero_dims_run(tmp_path):
+    """A detector-like input [batch, 3, ?, ?] with no --dim is measured at sizes the other
+    commands would choose, and an input dim declared 0 (old exporters) does not stop bench."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+    )
+    open_path = tmp_path / "open.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(open_path))
+    report = benchmark([open_path], BenchConfig(**FAST))
+    (m,) = report.measurements
+    assert m.input_shapes["x"][:2] == [1, 3] and m.input_shapes["x"][2] > 8 and report.config["dims"]["h"] == m.input_shapes["x"][2]
+    zero = onnx.load(str(open_path))
+    zero.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 0
+    zero.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 0
+    zero_path = tmp_path / "zero.onnx"
+    onnx.save(zero, str(zero_path))
+    report = benchmark([zero_path], BenchConfig(**FAST), inputs={"x": np.ones((2, 3, 8, 8), np.float32)})
+    (m,) = report.measurements
+    assert m.latency.runs >= 5 and any("declared 0/-1 (x[0])" in w for w in m.warnings)
+    assert report.config["variants"][0]["path"] == str(zero_path)
