@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -19,19 +18,18 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import ensure_writable_dir
 from onnxforge.common.onnxio import files_of, load_onnx
 from onnxforge.common.summary import summarize
+from onnxforge.fingerprints import sha256_file, tool_versions
 
 MANIFEST_VERSION = 1
 # A packaged model replayed on its reference inputs must reproduce its reference outputs within
 # this (scaled to each output's magnitude): tight for the same build, loose enough for another CPU.
 SMOKE_RTOL = 1e-3
+# Versions recorded in the manifest: what made the model and what it was measured with.
+PACKAGED_TOOLS = ("onnxforge", "onnxruntime", "onnx", "torch", "numpy")
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def _min_ort_version(opsets: dict[str, int]) -> str:
@@ -81,7 +79,7 @@ def write_package(
             "transforms": transforms,
             "source": source,
             "measured": measurements,
-            "tool_versions": _versions(),
+            "tool_versions": {k: v for k, v in tool_versions(*PACKAGED_TOOLS).items() if v is not None},
             "smoke_test": {"file": "reference.npz", "rtol": SMOKE_RTOL},
         }
         (staging / "README.md").write_text(_model_card(manifest, summary), encoding="utf-8")
@@ -102,18 +100,6 @@ def write_package(
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
         return Path(archive)
     return folder
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    versions = {}
-    for package in ("onnxforge", "onnxruntime", "onnx", "torch", "numpy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def _model_card(manifest: dict, summary) -> str:
