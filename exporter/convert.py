@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import torch
 
+from exporter.choice import ExporterChoice, Measure, choose, timing_graph
 from exporter.wrapping import eval_mode_restored, flat_model, flatten_outputs
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
@@ -55,6 +56,7 @@ class ExportResult:
     dynamic_axes: dict[str, dict[int, str]]
     checks: tuple[ShapeCheck, ...]
     seconds: float
+    choice: ExporterChoice | None = None
 
     @property
     def validated(self) -> bool:
@@ -73,6 +75,7 @@ class ExportResult:
             "validated": self.validated,
             "checks": [check.to_dict() for check in self.checks],
             "seconds": self.seconds,
+            "choice": self.choice.to_dict() if self.choice else None,
         }
 
 
@@ -433,6 +436,8 @@ def export(
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
     external_data: bool | None = None,
+    measure: Measure | None = None,
+    measure_seconds: float = 3.0,
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``output_path`` and check it against PyTorch.
 
@@ -446,6 +451,11 @@ def export(
     there are dynamic axes, on a second input with other sizes; otherwise a ``UserError``
     names the output and the errors and no file is written. ``external_data=None`` stores
     weights beside the model only near the 2 GB protobuf limit.
+
+    With ``exporter="auto"`` and a ``measure`` (``exporter.choice.measure_with_runtime_bench``
+    is the one the CLI passes), both exporters run; when both verify, the two graphs are timed
+    on the example inputs for about ``measure_seconds`` and the faster is kept (a tie goes to
+    dynamo; see ``exporter.choice``). ``result.choice`` records the timings and the reason.
 
     The model is exported in eval mode; each of its submodules is left in the mode it
     came in. Nothing appears at ``output_path`` unless the whole export succeeds.
@@ -489,48 +499,77 @@ def export(
         out_names = _output_names([n for n, _ in flat], output_names, names)
         export_args = _expanded_for_export(names, tensors, axes)
 
+        timed = exporter == "auto" and measure is not None and len(order) > 1 and validate
         with staging_dir(output_path) as workdir:
             failures: list[str] = []
+            exported: dict[str, tuple[onnx.ModelProto, list[ShapeCheck]]] = {}
             for attempt in order:
                 logger.info("exporting with the %s exporter (opset %d)", attempt, opset)
                 try:
-                    proto, checks = _export_and_check(
+                    exported[attempt] = _export_and_check(
                         attempt, wrapper, export_args, names, out_names, axes, opset, workdir,
                         validate, tensors, sizes, tolerance, external_data,
                     )
-                    used = attempt
-                    break
+                    if not timed:
+                        break
+                    continue
                 except _ExporterFailed as exc:
                     failures.append(f"{attempt}: {exc}")
-                except UserError:
-                    raise
+                except UserError as exc:
+                    if not (timed and exported):
+                        raise
+                    failures.append(f"{attempt}: {exc}")  # the other exporter's graph verified
                 except Exception as exc:  # the exporters raise many types; each is a failure of that exporter
                     op = _failing_op(exc)
                     failures.append(f"{attempt}: {_first_line(exc)}" + (f" (operator {op})" if op else ""))
                     logger.debug("%s exporter traceback", attempt, exc_info=True)
                 if len(order) > 1:
                     logger.warning("the %s exporter failed, %s", attempt, failures[-1].split(": ", 1)[1])
-            else:
+            if not exported:
                 raise UserError(
                     "could not export the model: " + "; ".join(failures)
                     + ". Fix or replace the named operation in the model, or try another exporter/opset"
                 )
+            choice = _choose_exporter(exported, measure, measure_seconds, names, tensors, workdir, external_data) if timed else None
+            used = choice.exporter if choice else next(iter(exported))
+            proto, checks = exported[used]
     proto.metadata_props.add(key="onnxforge.exporter", value=used)
     written = save_onnx(proto, output_path, external_data=external_data)
     result = ExportResult(
         path=output_path,
         files=tuple(written),
         exporter=used,
-        fallback_reason="; ".join(failures) or None,
+        fallback_reason="; ".join(f for f in failures if order.index(f.split(":", 1)[0]) < order.index(used)) or None,
         opset=opset,
         input_names=tuple(names),
         output_names=tuple(out_names),
         dynamic_axes=axes,
         checks=tuple(checks),
         seconds=time.perf_counter() - started,
+        choice=choice,
     )
     logger.info("exported %s with the %s exporter in %.1f s", output_path, used, result.seconds)
     return result
+
+
+def _choose_exporter(exported, measure: Measure, seconds: float, names, tensors, workdir: Path, external_data) -> ExporterChoice:
+    """Both graphs timed on the example inputs (see ``exporter.choice``), or the one that verified."""
+    if len(exported) == 1:
+        only = next(iter(exported))
+        return ExporterChoice(only, f"only the {only} exporter gave a verified graph; nothing to compare")
+    shapes = {name: tuple(t.shape) for name, t in zip(names, tensors)}
+    inputs = {name: _to_numpy(t) for name, t in zip(names, tensors)}
+    save = lambda proto, path: save_onnx(proto, path, external_data=external_data)  # noqa: E731
+    paths = {name: timing_graph(name, proto, workdir, save) for name, (proto, _) in exported.items()}
+    logger.info("timing both exporters' graphs on %s", ", ".join(f"{n} {list(s)}" for n, s in shapes.items()))
+    try:
+        timings = measure(paths, inputs, seconds)
+    except UserError as exc:
+        logger.warning("exporter speed check not done: %s", exc)
+        return ExporterChoice("dynamo", f"speed check not done ({exc}); the maintained dynamo exporter")
+    choice = choose(timings, shapes)
+    logger.info("exporter: %s (%s)", choice.exporter, choice.reason)
+    return choice
 
 
 def _export_and_check(

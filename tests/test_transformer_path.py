@@ -179,3 +179,49 @@ def test_near_miss_stays_unchanged():
 def test_unknown_target_is_a_user_error():
     with pytest.raises(UserError, match="unknown fusion target 'tpu'; choose one of cpu, cuda"):
         OrtFusionSettings(target="tpu")
+
+
+# ---------------------------------------------------------------- the exporter's measured auto choice
+
+
+def _fake_measure(dynamo_ratio: float, low: float, high: float, calls: list):
+    from exporter.choice import ExporterTiming
+
+    def measure(paths, inputs, seconds):
+        timed_ops = {name: _ops(onnx.load(str(path))) for name, path in paths.items()}  # files live in the staging folder
+        calls.append((timed_ops, {k: v.shape for k, v in inputs.items()}, seconds))
+        return {"torchscript": ExporterTiming(10.0, 1.0, 1.0, 1.0),
+                "dynamo": ExporterTiming(10.0 / dynamo_ratio, dynamo_ratio, low, high)}
+
+    return measure
+
+
+@pytest.mark.parametrize("ratio, low, high, expected, words", [
+    (1.30, 1.20, 1.40, "dynamo", "dynamo is faster"),
+    (0.80, 0.75, 0.85, "torchscript", "torchscript is faster"),
+    (1.01, 0.97, 1.05, "dynamo", "within the measured spread"),
+])
+def test_auto_export_keeps_the_faster_verified_graph_and_says_why(tmp_path, ratio, low, high, expected, words):
+    from exporter import export
+
+    calls = []
+    result = export(TinyBert(), _bert_inputs(), tmp_path / "m.onnx", measure=_fake_measure(ratio, low, high, calls),
+                    measure_seconds=0.5)
+    assert result.exporter == expected and result.validated and result.fallback_reason is None
+    assert result.choice.exporter == expected and words in result.choice.reason
+    assert f"{ratio:.2f}x [{low:.2f}, {high:.2f}]" in result.choice.reason
+    assert result.to_dict()["choice"]["timings"]["dynamo"]["speedup"] == ratio
+    assert exporter_of(onnx.load(str(result.path))) == expected
+    (timed_ops, shapes, seconds), = calls
+    assert set(timed_ops) == {"dynamo", "torchscript"} and seconds == 0.5
+    assert shapes == {"input_ids": (2, 8), "attention_mask": (2, 8), "token_type_ids": (2, 8)}
+    # the dynamo graph is timed as optimize leaves it: fused, residual sums as Sum
+    assert timed_ops["dynamo"]["Attention"] == LAYERS and timed_ops["dynamo"]["SkipLayerNormalization"] == 0
+    assert timed_ops["torchscript"]["Attention"] == 0  # the TorchScript graph as exported
+
+
+def test_auto_export_without_measure_is_dynamo_first_and_untimed(tmp_path):
+    from exporter import export
+
+    result = export(TinyBert(), _bert_inputs(), tmp_path / "m.onnx")
+    assert result.exporter == "dynamo" and result.choice is None and result.to_dict()["choice"] is None
