@@ -559,9 +559,12 @@ def _package(recipe: Recipe, out: Path, chosen: StepRecord, row: CandidateRow, e
     from onnxforge.common.onnxio import load_onnx
 
     package_settings = recipe.section("package")
+    name = package_settings.get("name", "package")
+    for leftover in out.glob(f".{name}.*"):  # write_package's staging folder of a run that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     reference_inputs = _evaluation_batches(load_onnx(exported.artifact), _data_args(recipe))[0]
     return write_package(
-        out / package_settings.get("name", "package"), chosen.artifact,
+        out / name, chosen.artifact,
         reference_inputs=reference_inputs,
         transforms=([{"step": "distill", "settings": recipe.section("distill"), "result": student.report}] if student else [])
         + [{"step": "export", "settings": recipe.section("model")}]

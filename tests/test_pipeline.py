@@ -493,3 +493,20 @@ def test_module_sources_follow_local_imports(tmp_path, monkeypatch):
     for index in range(1, MAX_SOURCE_FILES + 10):
         (tmp_path / f"chain{index}.py").write_text(f"import chain{index + 1}\n")
     assert len(module_sources(f"{tmp_path}/chain0.py:f")) == MAX_SOURCE_FILES
+
+
+def test_a_failed_optimize_step_is_skipped(keyed_dir, monkeypatch, caplog):
+    import optimizers
+
+    def refuse(*args, **kwargs):
+        raise UserError("optimize: the graph holds an op this level cannot handle")
+
+    monkeypatch.setattr(optimizers, "optimize_file", refuse)
+    with caplog.at_level("WARNING", logger="onnxforge.pipeline"):
+        result = pipeline.run_pipeline(keyed_dir / "recipe.toml", keyed_dir / "out")
+    assert "optimize failed: optimize: the graph holds an op" in caplog.text and "start from the unoptimized export" in caplog.text
+    assert [s.name for s in result.steps] == ["export", "candidate-fp32", "candidate-int8"]
+    manifest = json.loads((result.package / "manifest.json").read_text())
+    transforms = [t["step"] for t in manifest["transforms"]]
+    assert transforms[0] == "export" and "optimize" not in transforms
+    assert not (keyed_dir / "out" / "steps" / "optimize").exists()
