@@ -12,6 +12,7 @@ import collections
 import contextlib
 import io
 import logging
+import tempfile
 import math
 
 import numpy as np
@@ -107,7 +108,10 @@ def shape_inference_problem(model: onnx.ModelProto) -> str | None:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        # the tool saves a temporary model (with uuid-named external data) into the working
+        # directory when it cannot finish: give it a folder of its own
+        with tempfile.TemporaryDirectory(prefix="onnxforge-shapes-") as tmp, contextlib.chdir(tmp), \
+                contextlib.redirect_stdout(io.StringIO()):
             SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
     except Exception as exc:  # the tool raises bare TypeErrors and Exceptions
         return f"{type(exc).__name__}: {exc}"
@@ -144,7 +148,9 @@ def fuse_transformer(
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     ort_logger = logging.getLogger("onnxruntime.transformers")
-    with contextlib.redirect_stdout(io.StringIO()):
+    # optimize_model may save _topo_sort_failed.onnx and shape-inference leftovers into the cwd
+    with tempfile.TemporaryDirectory(prefix="onnxforge-fusions-") as tmp, contextlib.chdir(tmp), \
+            contextlib.redirect_stdout(io.StringIO()):
         level = ort_logger.level
         ort_logger.setLevel(logging.ERROR)
         try:

@@ -140,6 +140,7 @@ def _check_dict(comparison) -> dict[str, Any]:
         "passed": comparison.passed,
         "max_abs_error": comparison.max_abs_error,
         "min_cosine": comparison.min_cosine,
+        "nonfinite": comparison.nonfinite,
         "outputs": {o.name: {"max_abs_error": o.max_abs_error, "max_rel_error": o.max_rel_error, "cosine": o.cosine} for o in comparison.outputs},
     }
 
@@ -212,6 +213,11 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
                     f"step '{name}' changed the model's outputs beyond rtol={tolerance.rtol:g}, atol={tolerance.atol:g}: "
                     + "; ".join(f.describe() for f in comparison.failures())
                     + ". Disable it (e.g. --no-fusions or --level basic) or loosen --rtol/--atol"
+                )
+            if kind == "fp16" and comparison.nonfinite:
+                raise UserError(
+                    f"fp16 conversion makes {comparison.nonfinite} output values NaN or infinite where float32 gives finite "
+                    "ones (float16 overflows past 65504); keep this model in float32"
                 )
             if kind == "fp16" and comparison.min_cosine < settings.fp16_min_cosine:
                 raise UserError(

@@ -15,6 +15,7 @@ import onnx
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.onnxio import EXTERNAL_DATA_THRESHOLD_BYTES, initializer_bytes, save_onnx
+from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.result import PassResult
 
 ORT_LEVELS = ("basic", "extended", "all")
@@ -36,8 +37,6 @@ def require_provider(target: str, level: str) -> None:
 
 def ort_optimize(model: onnx.ModelProto, level: str, target: str = "cpu") -> PassResult:
     """The model as ONNX Runtime optimizes it at ``level`` for ``target``'s provider."""
-    import onnxruntime as ort
-
     if level not in ORT_LEVELS:
         raise UserError(f"unknown ONNX Runtime optimization level {level!r}; choose {', '.join(ORT_LEVELS)}")
     provider = TARGET_PROVIDERS[target]
@@ -47,22 +46,17 @@ def ort_optimize(model: onnx.ModelProto, level: str, target: str = "cpu") -> Pas
     with tempfile.TemporaryDirectory(prefix="onnxforge-ort-") as tmp:
         source = Path(tmp) / "in.onnx"
         save_onnx(model, source)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = {
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[level]
         target_path = Path(tmp) / "out.onnx"
-        options.optimized_model_filepath = str(target_path)
-        if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES:
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "out.onnx.data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        options.log_severity_level = 3
-        try:
-            ort.InferenceSession(str(source), options, providers=providers)
-        except Exception as exc:
-            raise UserError(f"ONNX Runtime cannot load the model to optimize it: {str(exc).strip()[:400]}") from None
+        large = initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES
+
+        def write_optimized(options):
+            options.optimized_model_filepath = str(target_path)
+            if large:
+                options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "out.onnx.data")
+                options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+
+        open_session(source, SessionSettings(graph_optimization=level), providers=providers, configure=write_optimized,
+                     what="the model to optimize it")
         out = onnx.load(str(target_path))
     before = len(model.graph.node)
     return PassResult(out, True, {"level": level, "provider": providers[0], "nodes_before": before, "nodes_after": len(out.graph.node)})

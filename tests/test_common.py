@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -355,3 +356,33 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
         (staged / "c.txt").write_text("three")
     assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["package"]  # no staging or old folders left
+
+
+def test_open_session_hands_large_models_over_as_files(tmp_path, monkeypatch):
+    """Past the protobuf limit a ModelProto cannot be serialized: the session is opened from a
+    file with external data instead (threshold patched down to prove the branch)."""
+    import onnxforge.common.onnxio as onnxio
+    from onnxforge.common.sessions import open_session
+
+    import onnxruntime as ort
+
+    weights = np.arange(1024, dtype=np.float32).reshape(32, 32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              [onnx.numpy_helper.from_array(weights, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_THRESHOLD_BYTES", 16)
+    sources = []
+    real = ort.InferenceSession
+
+    def spy(source, *args, **kwargs):
+        sources.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    session = open_session(model)
+    x = np.ones((1, 32), np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weights)
+    assert isinstance(sources[0], str) and sources[0].endswith("model.onnx")  # a path, not serialized bytes
+    assert (Path(sources[0]).parent / "model.onnx.data").stat().st_size == weights.nbytes

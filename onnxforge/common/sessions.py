@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -100,9 +101,23 @@ def open_session(
     options = settings.to_ort()
     if configure is not None:
         configure(options)
+    label = what or (f"'{source}'" if not isinstance(source, onnx.ModelProto) else "the model")
+    staged = None
+    if isinstance(source, onnx.ModelProto):
+        from onnxforge.common.onnxio import EXTERNAL_DATA_THRESHOLD_BYTES, initializer_bytes, save_onnx
+
+        if initializer_bytes(source) >= EXTERNAL_DATA_THRESHOLD_BYTES:
+            # past 2 GB a model cannot be serialized in one piece: ONNX Runtime gets a file with
+            # external data, kept as long as the session lives
+            staged = tempfile.TemporaryDirectory(prefix="onnxforge-session-")
+            path = Path(staged.name) / "model.onnx"
+            save_onnx(source, path, external_data=True)
+            source = path
     data = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
     try:
-        return ort.InferenceSession(data, options, providers=list(providers))
+        session = ort.InferenceSession(data, options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        label = what or (f"'{source}'" if not isinstance(source, onnx.ModelProto) else "the model")
         raise UserError(f"ONNX Runtime cannot load {label}: {one_line(exc, 400)}") from None
+    if staged is not None:
+        session._onnxforge_staged = staged
+    return session
