@@ -540,6 +540,11 @@ def _pareto_plot(rows: list[CandidateRow], selected: str | None, path: Path) -> 
     plt.close(fig)
 
 
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN (not measured) as null: strict JSON has no NaN."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
 def _write_summary(result: PipelineResult, made: list[_Made]) -> None:
     """candidates.txt (the table) and candidates.json (rows, failures with reasons, steps)."""
     write_text_atomic(result.out / "candidates.txt", result.table() + "\n")
@@ -547,7 +552,7 @@ def _write_summary(result: PipelineResult, made: list[_Made]) -> None:
     summary = {
         "selected": result.selected,
         "package": str(result.package) if result.package else None,
-        "candidates": [{**dataclasses.asdict(row), "status": "failed" if row.failed else "made",
+        "candidates": [{**_json_safe(dataclasses.asdict(row)), "status": "failed" if row.failed else "made",
                         **({"traceback": tracebacks[row.name]} if row.name in tracebacks else {})} for row in result.rows],
         "steps": [{"name": s.name, "cached": s.cached, "seconds": s.seconds} for s in result.steps],
     }

@@ -369,6 +369,7 @@ def test_failed_candidate_is_marked_and_the_survivor_is_packaged(keyed_dir):
     summary = json.loads((keyed_dir / "out" / "candidates.json").read_text())
     failed = [c for c in summary["candidates"] if c["status"] == "failed"]
     assert [c["name"] for c in failed] == ["pruned-tiny"] and "traceback" not in failed[0]
+    assert failed[0]["cosine"] is None and "NaN" not in (keyed_dir / "out" / "candidates.json").read_text()
     manifest = json.loads((result.package / "manifest.json").read_text())
     assert manifest["measured"]["fidelity_min_mean_cosine"] == rows[result.selected].cosine
     assert verify_package(result.package).files_checked == 3
