@@ -225,3 +225,85 @@ def test_auto_export_without_measure_is_dynamo_first_and_untimed(tmp_path):
 
     result = export(TinyBert(), _bert_inputs(), tmp_path / "m.onnx")
     assert result.exporter == "dynamo" and result.choice is None and result.to_dict()["choice"] is None
+
+
+# ---------------------------------------------------------------- SmoothQuant
+
+
+def _norm_matmul_model() -> onnx.ModelProto:
+    """x -> LayerNorm -> (MatMul W1, MatMul W2, and a residual Add); x -> Relu -> MatMul W3."""
+    rng = np.random.default_rng(0)
+    k, n = 8, 6
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["b", width])
+               for name, width in (("y1", n), ("y2", n), ("res", k), ("y3", n))]
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+             for name, shape in (("gamma", [k]), ("beta", [k]), ("w1", [k, n]), ("w2", [k, n]), ("w3", [k, n]))]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["h", "w1"], ["y1"]),
+        helper.make_node("MatMul", ["h", "w2"], ["y2"]),
+        helper.make_node("Add", ["h", "x"], ["res"]),
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("MatMul", ["r", "w3"], ["y3"]),
+    ]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], outputs, inits), opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_smoothing_fold_is_exact_and_goes_into_the_layernorm():
+    from optimizers.smoothquant import apply_smoothing, smoothable_groups
+
+    model = _norm_matmul_model()
+    groups = {g.activation: g for g in smoothable_groups(model)}
+    assert set(groups) == {"h", "r"} and len(groups["h"].matmuls) == 2
+    scales = {"h": np.linspace(0.1, 9.0, 8).astype(np.float32), "r": np.linspace(3.0, 0.2, 8).astype(np.float32)}
+    smoothed, counts = apply_smoothing(model, scales)
+    assert counts == {"folded_into_layernorm": 1, "muls_restoring_other_readers": 1, "muls_inserted": 1}
+    ops = _ops(smoothed)
+    assert ops["Mul"] == 2 and ops["LayerNormalization"] == 1 and ops["MatMul"] == 3
+    onnx.checker.check_model(smoothed, full_check=True)
+    feeds = {"x": np.random.default_rng(2).normal(size=(5, 8)).astype(np.float32) * 3}
+    _assert_same_outputs(model, smoothed, feeds, atol=1e-5, rtol=1e-5)
+    # the weights really changed (the fold is not a no-op)
+    weights = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
+    assert "w1" not in weights and np.allclose(weights["w1_smoothed"], numpy_helper.to_array(model.graph.initializer[2]) * scales["h"][:, None])
+
+
+def test_smoothquant_on_dynamo_bert_is_exact_in_float(dynamo_bert):
+    from optimizers.smoothquant import SmoothQuantSettings, smooth
+
+    fused = fuse_for_ort(dynamo_bert, OrtFusionSettings(attention=False)).model
+    calibration = [_feeds(batch=4, seq=12, seed=s) for s in range(3)]
+    result = smooth(fused, calibration, SmoothQuantSettings(min_gain=0.0))
+    assert result.modified and result.stats["smoothed"] >= 2 * LAYERS
+    chosen = [g["alpha"] for g in result.stats["groups"].values() if g["alpha"] is not None]
+    assert chosen and all(g["error"] <= g["error_unsmoothed"] for g in result.stats["groups"].values())
+    assert _ops(result.model)["MatMul"] == _ops(fused)["MatMul"]
+    _assert_same_outputs(fused, result.model, _feeds(batch=2, seq=9, seed=7), atol=1e-4, rtol=1e-4)
+
+
+def test_alpha_search_lowers_the_int8_error_of_an_outlier_channel():
+    from optimizers.smoothquant import SmoothQuantSettings, quantization_error, search_alpha
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 16)).astype(np.float32)
+    x[:, 3] *= 60.0  # one outlier channel sets the per-tensor activation scale
+    w = rng.normal(size=(16, 12)).astype(np.float32)
+    alpha, error, baseline = search_alpha([x], np.abs(x).max(axis=0), [w], SmoothQuantSettings())
+    assert alpha is not None and error < 0.5 * baseline
+    assert baseline == pytest.approx(quantization_error([x], [w], None, per_channel=False))
+    # without outliers there is little to gain, and smoothing is skipped below min_gain
+    plain = rng.normal(size=(512, 16)).astype(np.float32)
+    alpha, error, baseline = search_alpha([plain], np.abs(plain).max(axis=0), [w], SmoothQuantSettings(min_gain=0.5))
+    assert alpha is None and error == baseline
+
+
+def test_smoothquant_refuses_bad_settings_and_unknown_activations():
+    from optimizers.smoothquant import SmoothQuantSettings, apply_smoothing, smooth
+
+    with pytest.raises(UserError, match=r"alphas must lie in \[0, 1\]"):
+        SmoothQuantSettings(alphas=(0.5, 1.5))
+    with pytest.raises(UserError, match="'x' is not an activation read by MatMuls"):
+        apply_smoothing(_norm_matmul_model(), {"x": np.ones(8, np.float32)})
+    with pytest.raises(UserError, match="needs calibration data"):
+        smooth(_norm_matmul_model(), [])
