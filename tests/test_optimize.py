@@ -328,3 +328,27 @@ def test_cli_optimize_bad_input(tmp_path, capsys, setup, args, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_fp16_gate_fails_on_overflow_whatever_the_cosine(tmp_path, monkeypatch):
+    """An fp16 model that overflows in one column (inf where float32 is finite, the usual fp16
+    failure; ONNX Runtime's CPU provider computes fp16 Mul in float32, so the overflow is staged
+    here by the conversion step) fails the gate by its NaN/Inf count even at --fp16-min-cosine 0."""
+    from optimizers.result import PassResult
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.array([2.0, 1.0, 1.0, 1.0], np.float32), "k")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    overflowed = onnx.ModelProto()
+    overflowed.CopyFrom(model)
+    overflowed.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([np.inf, 1.0, 1.0, 1.0], np.float32), "k"))
+    monkeypatch.setattr(optimize_module, "to_fp16", lambda m, keep_io_types=True: PassResult(overflowed, True, {}))
+    from onnxforge.common.errors import UserError
+
+    with pytest.raises(UserError, match=r"fp16 conversion makes \d+ output values NaN or infinite"):
+        optimize(tmp_path / "m.onnx", OptimizeSettings(fp16=True, target="cuda", level="basic", fp16_min_cosine=0.0))
