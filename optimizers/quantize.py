@@ -7,8 +7,9 @@ short interleaved A/B against fp32 through ``runtime_bench`` decides between the
 whether int8 pays depends on the CPU (VNNI or not, cache sizes) and the model:
 
 - Convolutional nets (Conv weights dominate): **static QDQ, per-channel**, calibrated on real
-  data, quantizing the compute ops (Conv, MatMul, Gemm), and a second candidate that also keeps
-  pooling / Concat / Relu in int8. ONNX Runtime's CPU kernels fuse DQ -> Conv -> Q into
+  data, quantizing the compute ops (Conv, MatMul, Gemm), a second candidate that also keeps
+  pooling / Concat / Relu in int8, and, where there are depthwise convolutions, one that leaves
+  them in float (their int8 kernels do little work per Quantize/Dequantize pair). ONNX Runtime's CPU kernels fuse DQ -> Conv -> Q into
   QLinearConv; elementwise ops (Add, Mul), Resize and activations without an int8 kernel run as
   DQ -> float op -> Q, which is what made plain ``quantize_static`` defaults (every op type)
   slower than fp32. Dynamic int8 of Conv (ConvInteger) has no fused kernel and is not built.
@@ -307,6 +308,7 @@ def _base_settings(settings: QuantizeSettings, pattern: OpPattern, mode: str) ->
         "calibration_method": settings.calibration_method if mode == "static" else None,
         "target": settings.target,
         "model_kind": pattern.kind,
+        "keep_float": [],
     }
 
 
@@ -321,6 +323,20 @@ def _dynamic_op_types(model: onnx.ModelProto) -> list[str]:
     # Gemm layers are rewritten as MatMul + Add before quantize_dynamic, which ignores Gemm.
     ops = {node.op_type for node in model.graph.node}
     return sorted({"MatMul", "Attention"} & (ops | {"MatMul"}))
+
+
+def depthwise_convs(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Names of the depthwise Conv nodes (``group`` > 1 and one input channel per group): their
+    int8 kernels do little work per Quantize/Dequantize pair, so small CNNs (MobileNet-style
+    classifiers) may run faster with them in float."""
+    sizes = {init.name: list(init.dims) for init in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        weight = sizes.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if group > 1 and weight and len(weight) > 1 and weight[1] == 1:
+            found.append(node.name)
+    return tuple(found)
 
 
 def plan_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern: OpPattern,
@@ -385,6 +401,11 @@ def _auto_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern
         if not given_ops:
             candidates.append(_candidate("static-qdq-compute+pool/concat", "static QDQ of Conv/MatMul/Gemm, pooling, Concat, Relu/Clip",
                                          static, op_types=list(COMPUTE_OPS + INT8_CHAIN_OPS)))
+        depthwise = depthwise_convs(model)
+        if depthwise:
+            candidates.append(_candidate("static-qdq-compute-no-depthwise", f"static QDQ of Conv/MatMul/Gemm, the {len(depthwise)} "
+                                         "depthwise Conv in float", static, op_types=static["op_types"] or list(COMPUTE_OPS),
+                                         keep_float=list(depthwise)))
         if pattern.matmul_weights >= 0.1 * (pattern.conv_weights + pattern.matmul_weights):
             candidates.append(_candidate("dynamic-matmul", "dynamic int8 of MatMul/Gemm only, Conv left in float", dynamic,
                                          op_types=dynamic["op_types"] or _dynamic_op_types(model)))
@@ -886,6 +907,7 @@ def quantize(
         reasons += choice_reasons
         warnings += choice_warnings
         chosen = candidates[chosen_index]
+        exclude = [*exclude, *chosen.resolved["keep_float"]]
         quantized, measured, sensitivity, exclude_final = models[chosen.name], chosen.fidelity, [], exclude
         if settings.accuracy_target is not None and measured.min_mean_cosine < settings.accuracy_target:
             quantized, measured, exclude_final, sensitivity = _keep_sensitive_in_float(
@@ -908,7 +930,7 @@ def quantize(
     logger.info("quantized %d/%d compute ops; size %.2f -> %.2f MB; lowest mean cosine %.5f", after.quantized_compute_ops,
                 after.compute_ops, before.file_bytes / 1e6, after.file_bytes / 1e6, measured.min_mean_cosine)
     return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
-                          tuple(n for n in exclude_final if n not in settings.exclude_nodes), tuple(sensitivity), pre_label,
+                          tuple(n for n in exclude_final if n not in exclude), tuple(sensitivity), pre_label,
                           time.perf_counter() - started, pattern.describe(), tuple(candidates), float_timing, tuple(warnings))
 
 
@@ -971,7 +993,8 @@ def _build_candidates(candidates: Sequence[Candidate], inputs_for: Mapping[str, 
         logger.info("quantizing: %s (%s)%s", c.name, c.description,
                     f", {c.resolved['calibration_method']} calibration" if c.resolved["mode"] == "static" else "")
         try:
-            model = _run_ort_quantization(inputs_for[c.name], c.resolved, exclude, calib, settings, workdir, name=f"candidate-{index}")
+            model = _run_ort_quantization(inputs_for[c.name], c.resolved, [*exclude, *c.resolved["keep_float"]], calib, settings,
+                                          workdir, name=f"candidate-{index}")
             score = fidelity(reference, model, batches)
         except UserError as exc:
             built[index] = dataclasses.replace(c, error=str(exc))

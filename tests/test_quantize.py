@@ -26,6 +26,7 @@ from optimizers.quantize import (
     Timing,
     _Chunk,
     _quantizer_errors,
+    depthwise_convs,
     flatten_gemm_biases,
     gemm_as_matmul,
     measure_with_runtime_bench,
@@ -478,6 +479,29 @@ def test_op_patterns():
     assert op_pattern(plain).kind == "none"
     with pytest.raises(UserError, match="nothing to quantize: the model has no Conv, MatMul or Gemm"):
         quantize(plain)
+
+
+def _depthwise_net():
+    """Conv 3->8, depthwise Conv (group 8), pointwise Conv 8->8: a MobileNet-style block."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "Wd"], ["d"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["d", "Wp"], ["y"], name="pointwise")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 12, 12])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 12, 12])],
+                  {"W1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) / 3, "Wd": rng.standard_normal((8, 1, 3, 3)).astype(np.float32) / 3,
+                   "Wp": rng.standard_normal((8, 8, 1, 1)).astype(np.float32) / 3})
+
+
+def test_depthwise_convs_can_stay_float_when_that_is_faster():
+    assert depthwise_convs(_depthwise_net()) == ("depthwise",) and depthwise_convs(_opset12_conv_net()) == ()
+    calib = {"x": np.random.default_rng(1).standard_normal((16, 3, 12, 12)).astype(np.float32)}
+    result = quantize(_depthwise_net(), calibration=calib, measure=FixedSpeeds(default=1.1, static_qdq_compute_no_depthwise=1.3))
+    chosen = next(c for c in result.candidates if c.chosen)
+    assert chosen.name == "static-qdq-compute-no-depthwise" and chosen.resolved["keep_float"] == ["depthwise"]
+    assert result.float_nodes == ()  # the accuracy-aware list stays for the accuracy target
+    assert result.after.compute_ops - result.after.quantized_compute_ops == 1, result.after.op_counts  # the depthwise Conv
 
 
 # ---------------------------------------------------------------- auto mode: the choice, measured here
