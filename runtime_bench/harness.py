@@ -597,10 +597,10 @@ def _fidelity(baseline_out: dict[str, np.ndarray], out: dict[str, np.ndarray], t
     return {
         "passed": comparison.passed,
         "min_cosine": comparison.min_cosine,
-        "min_sample_cosine": comparison.min_sample_cosine,
+        "min_slice_cosine": comparison.min_slice_cosine,
         "max_abs_error": comparison.max_abs_error,
         "nonfinite": comparison.nonfinite,
-        "outputs": {o.name: {"cosine": o.cosine, "min_sample_cosine": o.min_sample_cosine, "max_abs_error": o.max_abs_error,
+        "outputs": {o.name: {"cosine": o.cosine, "min_slice_cosine": o.min_slice_cosine, "max_abs_error": o.max_abs_error,
                              "mismatch_fraction": o.mismatch_fraction, "nonfinite": o.nonfinite} for o in comparison.outputs},
     }
 

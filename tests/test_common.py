@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxforge.common.compare import Tolerance, compare_arrays, compare_batches, compare_outputs, sample_cosines
+from onnxforge.common.compare import Tolerance, compare_arrays, compare_batches, compare_outputs, slice_cosines
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_path, write_text_atomic
 from onnxforge.common.onnxio import load_onnx, save_onnx
@@ -71,15 +71,29 @@ def test_compare_outputs_by_name_and_position():
         compare_outputs({"a": np.ones(1)}, {"b": np.ones(1)})
 
 
-def test_cosine_is_the_mean_of_per_sample_cosines():
+def test_cosine_is_the_mean_of_per_slice_cosines():
     reference = np.array([[1.0, 0.0], [0.0, 1.0]])
     candidate = np.array([[1.0, 0.0], [1.0, 0.0]])  # row 0 equal, row 1 orthogonal
     result = compare_arrays("y", reference, candidate, Tolerance())
-    assert result.cosine == pytest.approx(0.5) and result.min_sample_cosine == 0.0 and result.samples == 2
+    assert result.cosine == pytest.approx(0.5) and result.min_slice_cosine == 0.0 and result.slices == 2
     # a flattened cosine would have said 0.5 here too, but not when rows differ in scale:
     scaled = compare_arrays("y", np.array([[100.0, 0.0], [0.0, 1.0]]), np.array([[100.0, 0.0], [1.0, 0.0]]), Tolerance())
     assert scaled.cosine == pytest.approx(0.5)  # flattened: 0.99995, hiding the broken sample
-    np.testing.assert_allclose(sample_cosines(np.ones((3, 2, 2)), -np.ones((3, 2, 2))), [-1.0, -1.0, -1.0])
+    np.testing.assert_allclose(slice_cosines(np.ones((3, 2, 2)), -np.ones((3, 2, 2))), [-1.0] * 6)  # (sample, channel)
+
+
+def test_channel_slices_keep_small_valued_rows_visible():
+    """A YOLO-style output [batch, 4 boxes + 2 class scores, anchors]: boxes in the hundreds,
+    scores in 0..1. Zeroing every score keeps a whole-sample cosine of 0.9999, but the score
+    rows' slices score 0, so the output's cosine drops to 4/6."""
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([rng.uniform(0, 640, (1, 4, 100)), rng.uniform(0, 1, (1, 2, 100))], axis=1)
+    broken = reference.copy()
+    broken[:, 4:] = 0.0
+    flat = float(np.dot(reference.ravel(), broken.ravel()) / (np.linalg.norm(reference) * np.linalg.norm(broken)))
+    assert flat > 0.9999
+    result = compare_arrays("output0", reference, broken, Tolerance())
+    assert result.cosine == pytest.approx(4 / 6) and result.min_slice_cosine == 0.0 and result.slices == 6
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -89,7 +103,7 @@ def test_non_finite_candidate_fails_whatever_the_cosine(bad):
     candidate[2, 3] = bad
     result = compare_arrays("y", reference, candidate, Tolerance(rtol=1.0, atol=1.0))
     assert not result.passed and result.nonfinite == 1
-    assert result.min_sample_cosine == 0.0 and result.cosine == pytest.approx(0.75)  # the broken sample scores 0
+    assert result.min_slice_cosine == 0.0 and result.cosine == pytest.approx(0.75)  # the broken sample scores 0
     all_nan = compare_arrays("y", reference, np.full_like(reference, np.nan), Tolerance())
     assert all_nan.cosine == 0.0 and all_nan.nonfinite == reference.size and "NaN/Inf" in all_nan.describe()
     comparison = compare_outputs({"y": reference}, {"y": candidate})
@@ -111,7 +125,7 @@ def test_zero_and_constant_outputs():
     assert compare_arrays("y", np.ones((2, 5)), zeros, Tolerance()).cosine == 0.0
     constant = np.full((3, 4), 7.0)
     assert compare_arrays("y", constant, constant * 2, Tolerance()).cosine == pytest.approx(1.0)  # same direction
-    assert compare_arrays("y", np.float32(3.0), np.float32(3.0), Tolerance()).samples == 1  # rank 0
+    assert compare_arrays("y", np.float32(3.0), np.float32(3.0), Tolerance()).slices == 1  # rank 0
 
 
 def test_compare_batches_merges_per_output():
@@ -119,7 +133,7 @@ def test_compare_batches_merges_per_output():
     r2, c2 = {"y": np.array([[1.0, 0.0, 0.0]])}, {"y": np.array([[0.0, 1.0, 0.0]])}
     merged = compare_batches([(r1, c1), (r2, c2)])
     (y,) = merged.outputs
-    assert y.samples == 3 and y.cosine == pytest.approx(2 / 3) and y.min_sample_cosine == 0.0
+    assert y.slices == 3 and y.cosine == pytest.approx(2 / 3) and y.min_slice_cosine == 0.0
     assert y.max_abs_error == 1.0 and not y.passed
     assert merged.min_cosine == pytest.approx(2 / 3)
 

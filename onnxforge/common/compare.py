@@ -9,15 +9,20 @@ An element matches when ``|candidate - reference| <= atol + rtol * |reference|``
 outputs must be equal. For each output the report gives the largest absolute error, the
 largest relative error ``|c - r| / |r|`` over elements with ``r != 0``, the mean absolute
 error, the fraction of mismatching elements, the number of non-finite candidate values where
-the reference is finite, and the **cosine**: the cosine similarity of each sample (row along
-axis 0, flattened; the whole output when its rank is below 2) between reference and candidate,
-averaged over samples (``cosine``), with the lowest one (``min_sample_cosine``).
+the reference is finite, and the **cosine**: the cosine similarity between reference and
+candidate of each slice, averaged over slices (``cosine``), with the lowest one
+(``min_slice_cosine``). A slice is one (sample, channel) pair for outputs of rank 3 or more (a
+channel of an image map, a token of a sequence, a row of a detector's output such as YOLO's
+[batch, 4 + classes, anchors]), one sample for rank 2, the whole output below that. Slicing by
+channel keeps a small-valued part of an output visible: YOLO's class scores (0..1) share one
+tensor with its box coordinates (0..1000); a quantized model that zeroes every score keeps a
+whole-sample cosine of 0.998, but its score rows score 0.
 
 Non-finite values are never dropped silently. A candidate that is NaN or infinite where the
 reference is finite fails the comparison whatever its cosine, and the sample it belongs to scores
 cosine 0, so every "cosine below target" check sees it too (an fp16 model that overflows, a
 quantized model that produces NaN). Positions where the reference itself is not finite are left
-out of the cosine. Two all-zero samples have cosine 1; a zero sample against a non-zero one, 0.
+out of the cosine. Two all-zero slices have cosine 1; a zero slice against a non-zero one, 0.
 """
 
 from __future__ import annotations
@@ -52,9 +57,9 @@ class OutputComparison:
     cosine: float
     mismatch_fraction: float
     passed: bool
-    min_sample_cosine: float = 1.0
+    min_slice_cosine: float = 1.0
     nonfinite: int = 0
-    samples: int = 1
+    slices: int = 1
 
     def describe(self) -> str:
         if self.shape != self.reference_shape:
@@ -87,8 +92,8 @@ class Comparison:
         return min((o.cosine for o in self.outputs), default=1.0)
 
     @property
-    def min_sample_cosine(self) -> float:
-        return min((o.min_sample_cosine for o in self.outputs), default=1.0)
+    def min_slice_cosine(self) -> float:
+        return min((o.min_slice_cosine for o in self.outputs), default=1.0)
 
     @property
     def nonfinite(self) -> int:
@@ -107,13 +112,13 @@ class Comparison:
         }
 
 
-def sample_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Cosine of each sample (row along axis 0, flattened) of two same-shaped arrays; one value
-    for rank < 2. A sample where the candidate is not finite but the reference is scores 0;
-    positions where the reference is not finite are left out."""
+def slice_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine of each slice of two same-shaped arrays: (sample, channel) for rank >= 3, sample
+    for rank 2, the whole array below. A slice where the candidate is not finite but the
+    reference is scores 0; positions where the reference is not finite are left out."""
     r = np.asarray(reference, dtype=np.float64)
     c = np.asarray(candidate, dtype=np.float64)
-    rows = r.shape[0] if r.ndim >= 2 else 1
+    rows = int(np.prod(r.shape[:2])) if r.ndim >= 3 else (r.shape[0] if r.ndim == 2 else 1)
     r, c = r.reshape(rows, -1), c.reshape(rows, -1)
     keep = np.isfinite(r)
     broken = np.any(keep & ~np.isfinite(c), axis=1)
@@ -135,7 +140,7 @@ def compare_arrays(name: str, reference, candidate, tolerance: Tolerance) -> Out
             name, tuple(candidate.shape), tuple(reference.shape), math.inf, math.inf, math.inf, 0.0, 1.0, False, 0.0
         )
     if reference.size == 0:
-        return OutputComparison(name, reference.shape, reference.shape, 0.0, 0.0, 0.0, 1.0, 0.0, True, samples=0)
+        return OutputComparison(name, reference.shape, reference.shape, 0.0, 0.0, 0.0, 1.0, 0.0, True, slices=0)
     exact = not (np.issubdtype(reference.dtype, np.inexact) or np.issubdtype(candidate.dtype, np.inexact))
     r = reference.astype(np.float64)
     c = candidate.astype(np.float64)
@@ -152,7 +157,7 @@ def compare_arrays(name: str, reference, candidate, tolerance: Tolerance) -> Out
     with np.errstate(invalid="ignore"):
         rel = diff[nonzero] / np.abs(r[nonzero]) if np.any(nonzero) else np.zeros(1)
     rel = np.where(np.isnan(rel), np.inf, rel)
-    cosines = sample_cosines(r, c)
+    cosines = slice_cosines(r, c)
     return OutputComparison(
         name=name,
         shape=tuple(candidate.shape),
@@ -163,20 +168,20 @@ def compare_arrays(name: str, reference, candidate, tolerance: Tolerance) -> Out
         cosine=float(cosines.mean()),
         mismatch_fraction=float(1.0 - close.mean()),
         passed=bool(close.all()) and nonfinite == 0,
-        min_sample_cosine=float(cosines.min()),
+        min_slice_cosine=float(cosines.min()),
         nonfinite=nonfinite,
-        samples=int(cosines.size),
+        slices=int(cosines.size),
     )
 
 
 def merge(parts: Sequence[OutputComparison]) -> OutputComparison:
     """One output compared over several batches: worst errors, element-weighted mismatch, and
-    the mean of all samples' cosines (each batch's mean weighted by its sample count)."""
+    the mean of all slices' cosines (each batch's mean weighted by its slice count)."""
     first = parts[0]
     if len(parts) == 1:
         return first
     sizes = [max(1, int(np.prod(p.shape))) for p in parts]
-    samples = sum(p.samples for p in parts)
+    slices = sum(p.slices for p in parts)
     return OutputComparison(
         name=first.name,
         shape=first.shape,
@@ -185,12 +190,12 @@ def merge(parts: Sequence[OutputComparison]) -> OutputComparison:
         max_abs_error=max(p.max_abs_error for p in parts),
         max_rel_error=max(p.max_rel_error for p in parts),
         mean_abs_error=float(np.average([p.mean_abs_error for p in parts], weights=sizes)),
-        cosine=float(sum(p.cosine * p.samples for p in parts) / samples) if samples else 1.0,
+        cosine=float(sum(p.cosine * p.slices for p in parts) / slices) if slices else 1.0,
         mismatch_fraction=float(np.average([p.mismatch_fraction for p in parts], weights=sizes)),
         passed=all(p.passed for p in parts),
-        min_sample_cosine=min(p.min_sample_cosine for p in parts),
+        min_slice_cosine=min(p.min_slice_cosine for p in parts),
         nonfinite=sum(p.nonfinite for p in parts),
-        samples=samples,
+        slices=slices,
     )
 
 
