@@ -19,7 +19,7 @@ tensor with its box coordinates (0..1000); a quantized model that zeroes every s
 whole-sample cosine of 0.998, but its score rows score 0.
 
 Non-finite values are never dropped silently. A candidate that is NaN or infinite where the
-reference is finite fails the comparison whatever its cosine, and the sample it belongs to scores
+reference is finite fails the comparison whatever its cosine, and the slice it belongs to scores
 cosine 0, so every "cosine below target" check sees it too (an fp16 model that overflows, a
 quantized model that produces NaN). Positions where the reference itself is not finite are left
 out of the cosine. Two all-zero slices have cosine 1; a zero slice against a non-zero one, 0.
