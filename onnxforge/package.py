@@ -6,17 +6,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.fileio import ensure_writable_dir
+from onnxforge.common.fileio import atomic_dir, ensure_writable_dir
 from onnxforge.common.onnxio import files_of, load_onnx
+from onnxforge.common.sessions import SessionSettings, open_session
 from onnxforge.common.summary import summarize
 from onnxforge.fingerprints import sha256_file, tool_versions
 
@@ -52,16 +51,13 @@ def write_package(
     make_zip: bool = False,
 ) -> Path:
     """Write the package folder atomically: it appears complete, or the old one stays."""
-    import onnxruntime as ort
-
     folder = Path(folder)
     ensure_writable_dir(folder.parent, "package")
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as staging:
         model_files = files_of(model_path)
         for f in model_files:
             shutil.copy2(f, staging / ("model.onnx" if f == model_files[0] else f.name))
-        session = ort.InferenceSession(str(staging / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = open_session(staging / "model.onnx", SessionSettings(log_severity=4), what="the packaged model")
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, reference_inputs)))
         np.savez(staging / "reference.npz", **{f"input:{k}": v for k, v in reference_inputs.items()},
                  **{f"output:{k}": v for k, v in outputs.items()})
@@ -86,16 +82,6 @@ def write_package(
         files = sorted(p.name for p in staging.iterdir())
         manifest["files"] = {f: {"sha256": sha256(staging / f), "bytes": (staging / f).stat().st_size} for f in files}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if make_zip:
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
         return Path(archive)
@@ -136,8 +122,6 @@ class PackageCheck:
 
 def verify_package(folder: str | Path) -> PackageCheck:
     """Checksums of every file, then the model replayed on the reference inputs."""
-    import onnxruntime as ort
-
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
@@ -156,7 +140,7 @@ def verify_package(folder: str | Path) -> PackageCheck:
     with np.load(folder / manifest["smoke_test"]["file"]) as data:
         inputs = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
         expected = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("output:")}
-    session = ort.InferenceSession(str(folder / manifest["model"]), providers=["CPUExecutionProvider"])
+    session = open_session(folder / manifest["model"], SessionSettings(log_severity=4), what="the packaged model")
     actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
     worst = 0.0
     for name, reference in expected.items():

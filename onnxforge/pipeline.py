@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.fileio import atomic_path, ensure_writable_dir, write_text_atomic
+from onnxforge.common.fileio import atomic_dir, atomic_path, ensure_writable_dir, write_text_atomic
 from onnxforge.fingerprints import digest, file_sha256, reference_hash, tool_versions
 from onnxforge.package import write_package
 from onnxforge.recipe import Recipe, load_recipe
@@ -180,23 +179,13 @@ class _Steps:
     def _produce(self, name: str, key: str, parts: dict[str, str], produce) -> StepRecord:
         folder = self.root / name
         started = time.perf_counter()
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
-        try:
+        with atomic_dir(folder) as staging:  # the step's folder is always whole or absent
             artifact_name, report = produce(staging)
             files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
             if artifact_name not in files:
                 raise RuntimeError(f"step {name} did not write its artifact {artifact_name}")
             stamp = {"key": key, "inputs": parts, "artifact": artifact_name, "files": files, "report": report}
             (staging / "step.json").write_text(json.dumps(stamp, indent=2, default=str), encoding="utf-8")
-            old = None
-            if folder.exists():  # moved aside first, so the step's folder is always whole or absent
-                old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=self.root))
-                os.replace(folder, old / name)
-            os.replace(staging, folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         record = StepRecord(name, False, time.perf_counter() - started, folder / artifact_name,
                             json.loads(json.dumps(report, default=str)), digest(files))
         logger.info("%s: done in %.1f s", name, record.seconds)
