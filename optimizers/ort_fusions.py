@@ -164,6 +164,27 @@ def _residual_sum_rules():
     ])
 
 
+def _key_transpose_rules():
+    """``MatMul(q, Transpose(k, perm=[0, 2, 3, 1]))`` -> ``FusedMatMul(q, Transpose(k, perm=[0, 2, 1, 3]), transB=1)``.
+
+    The dynamo exporter writes attention scores with the key transposed in one step from
+    ``[B, S, H, D]`` to ``[B, H, D, S]``; that transpose moves the sequence axis innermost and is
+    slower than ``[0, 2, 1, 3]``, after which the last-two-axes swap is free inside the GEMM
+    (``transB``). The TorchScript exporter's graph already has this form, and ONNX Runtime's
+    own MatMul+Transpose fusion produces the same ``FusedMatMul`` from it. Exact.
+    """
+    from onnxscript.rewriter import pattern
+
+    class KeyTransposeAsTransB(pattern.RewriteRuleClassBase):
+        def pattern(self, op, q, k):
+            return op.MatMul(q, op.Transpose(k, perm=[0, 2, 3, 1]))
+
+        def rewrite(self, op, q, k, **_):
+            return op.FusedMatMul(q, op.Transpose(k, perm=[0, 2, 1, 3]), transB=1, alpha=1.0, _domain="com.microsoft")
+
+    return pattern.RewriteRuleSet([KeyTransposeAsTransB.rule("KeyTransposeAsTransB")])
+
+
 def _float32():
     import onnx_ir as ir
 
@@ -174,14 +195,16 @@ def _float32():
 
 
 def _fuse_without_attention(model) -> dict[str, int]:
-    """``optimize_for_ort`` less the attention fusions: pre-optimization as onnxscript does it
-    (shape inference, constant folding, shape-arithmetic rules), then the norm, Gelu and ORT
-    pattern rules, from onnxscript's public modules."""
+    """``optimize_for_ort`` less the attention and BiasGelu fusions, for a graph headed for
+    dynamic int8: pre-optimization as onnxscript does it (shape inference, constant folding,
+    shape-arithmetic rules), then the norm, Gelu and ORT pattern rules, from onnxscript's public
+    modules. The bias stays an Add after the MatMul, where ONNX Runtime folds it into the
+    ``DynamicQuantizeMatMul`` kernel, leaving a plain ``Gelu`` (measured on MiniLM int8:
+    ``BiasGelu`` 3.5 ms against ``Gelu`` 1.8 ms per b8 s128 run)."""
     import onnx_ir.passes.common as common_passes
     from onnxscript.optimizer import optimize as onnxscript_optimize
     from onnxscript.rewriter import rewrite
     from onnxscript.rewriter.ort_fusions import ORT_PATTERN_REWRITE_RULES, shape_optimization
-    from onnxscript.rewriter.ort_fusions.bias_gelu import fuse_bias_gelu
     from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
     from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
     from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
@@ -197,7 +220,6 @@ def _fuse_without_attention(model) -> dict[str, int]:
         "skip_layer_normalization": fuse_skip_layer_normalization(model),
         "skip_rms_normalization": fuse_skip_rms_normalization(model),
         "gelu": fuse_gelu(model),
-        "bias_gelu": fuse_bias_gelu(model),
     }
     onnxscript_optimize(model)
     rewrite(model, ORT_PATTERN_REWRITE_RULES)
@@ -231,6 +253,7 @@ def fuse_for_ort(model: onnx.ModelProto, settings: OrtFusionSettings = OrtFusion
         working, fusions = optimize_for_ort(working)
     else:
         fusions = _fuse_without_attention(working)
+        fusions["key_transpose_as_trans_b"] = _key_transpose_rules().apply_to_model(working)
     fusions = {name: int(count) for name, count in fusions.items() if count}
     residual_sums = 0
     if settings.target == "cpu":

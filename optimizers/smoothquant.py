@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SCALE_LIMITS = (1e-4, 1e4)
+SCOPES = ("all", "layernorm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +54,22 @@ class SmoothQuantSettings:
     1 moves all of it into the weights). per_channel: simulate per-output-channel weight scales
     in the search (as ``quantize_dynamic(per_channel=True)``). max_rows: activation rows per
     calibration batch used in the search (a random subset beyond it, seeded). min_gain: the
-    least relative error reduction for smoothing to be applied to an activation."""
+    least relative error reduction for smoothing to be applied to an activation. scope: ``all``
+    activations, or only ``layernorm`` outputs (the scales fold into the LayerNorm, and a
+    ``Mul`` is added only where its output has other readers): each added ``Mul`` is one more
+    pass over the activation, about 0.04 ms on [8, 128, 384] with 2 threads, so on MiniLM the
+    24 Muls of ``all`` cost ~3 % of the int8 latency."""
 
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     per_channel: bool = False
     max_rows: int = 2048
     min_gain: float = 0.02
     seed: int = 0
+    scope: str = "all"
 
     def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise UserError(f"unknown SmoothQuant scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise UserError(f"SmoothQuant alphas must lie in [0, 1], got {list(self.alphas)}")
         if self.max_rows < 1 or not 0.0 <= self.min_gain < 1.0:
@@ -280,6 +288,9 @@ def smooth(model: onnx.ModelProto, calibration: Sequence[Mapping[str, np.ndarray
     unchanged (see ``apply_smoothing``); quantize the result afterwards.
     """
     groups = smoothable_groups(model)
+    if settings.scope == "layernorm":
+        initializers = {init.name: init for init in model.graph.initializer}
+        groups = [g for g in groups if _layer_norm_producer(model, g.activation, initializers) is not None]
     if not groups:
         return PassResult(model, False, {"groups": {}, "reason": "no MatMul with initializer weights"})
     initializers = {init.name: init for init in model.graph.initializer}

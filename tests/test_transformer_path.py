@@ -307,3 +307,19 @@ def test_smoothquant_refuses_bad_settings_and_unknown_activations():
         apply_smoothing(_norm_matmul_model(), {"x": np.ones(8, np.float32)})
     with pytest.raises(UserError, match="needs calibration data"):
         smooth(_norm_matmul_model(), [])
+
+
+def test_layernorm_scope_smooths_only_layernorm_outputs():
+    from optimizers.smoothquant import SmoothQuantSettings, smooth
+
+    model = _norm_matmul_model()
+    rng = np.random.default_rng(3)
+    calibration = [{"x": (rng.normal(size=(64, 8)) * np.array([1, 1, 40, 1, 1, 1, 1, 1])).astype(np.float32)}]
+    result = smooth(model, calibration, SmoothQuantSettings(scope="layernorm", min_gain=0.0))
+    assert set(result.stats["groups"]) == {"h"}  # the Relu output is not considered
+    assert result.modified and result.stats["groups"]["h"]["alpha"] is not None
+    assert result.stats.get("muls_inserted", 0) == 0 and result.stats["folded_into_layernorm"] == 1
+    assert result.stats["muls_restoring_other_readers"] == 1  # the residual Add reads h too
+    _assert_same_outputs(model, result.model, calibration[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="unknown SmoothQuant scope 'mlp'; choose one of all, layernorm"):
+        SmoothQuantSettings(scope="mlp")
