@@ -125,8 +125,12 @@ def test_without_attention_the_projections_stay_matmuls(dynamo_bert):
     result = fuse_for_ort(dynamo_bert, OrtFusionSettings(attention=False))
     ops = _ops(result.model)
     assert ops["Attention"] == 0 and ops["MultiHeadAttention"] == 0 and ops["Softmax"] == LAYERS
-    assert ops["MatMul"] == _ops(dynamo_bert)["MatMul"]  # every projection is still there to quantize
-    assert ops["BiasGelu"] == LAYERS and ops["SkipLayerNormalization"] == 0
+    # every projection is still a MatMul to quantize; the scores MatMul takes the key as transB
+    assert ops["MatMul"] == _ops(dynamo_bert)["MatMul"] - LAYERS and ops["FusedMatMul"] == LAYERS
+    assert result.stats["fusions"]["key_transpose_as_trans_b"] == LAYERS
+    assert [list(a.ints) for n in result.model.graph.node if n.op_type == "Transpose" for a in n.attribute].count([0, 2, 3, 1]) == 0
+    # the bias stays an Add (ORT folds it into DynamicQuantizeMatMul), Gelu is not BiasGelu
+    assert ops["Gelu"] == LAYERS and ops["BiasGelu"] == 0 and ops["SkipLayerNormalization"] == 0
     assert "attention" not in result.stats["fusions"]
     _assert_same_outputs(dynamo_bert, result.model, _feeds(batch=1, seq=5))
 
