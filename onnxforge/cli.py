@@ -59,12 +59,14 @@ def _add_io_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_command(args) -> int:
-    from exporter import export, load_hf_model, load_model_source
+    from exporter import export, load_hf_model, load_model_source, measure_with_runtime_bench
     from exporter.sources import dynamic_axes_from_specs, inputs_from_specs
     from onnxforge.common.specs import parse_dim_sizes, parse_input_spec
 
     if bool(args.model) == bool(args.hf_model):
         raise UserError("give exactly one model source: --model pkg.module:factory | file.py:factory | file.pt, or --hf-model DIR")
+    if args.pick_faster and args.exporter != "auto":
+        raise UserError(f"--pick-faster compares both exporters; use it with --exporter auto, not {args.exporter}")
     dim_sizes = parse_dim_sizes(args.dim or [])
     specs = [parse_input_spec(text) for text in args.input or []]
     if args.hf_model:
@@ -97,10 +99,13 @@ def _export_command(args) -> int:
         validate=not args.no_validate,
         rtol=args.rtol,
         atol=args.atol,
+        measure=measure_with_runtime_bench if args.pick_faster else None,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
+    if result.choice:
+        print(f"exporter chosen by speed: {result.choice.reason}")
     print(f"wrote {result.path} ({', '.join(str(f) for f in result.files[1:]) or 'weights inside'}) "
           f"with the {result.exporter} exporter, opset {result.opset}, in {result.seconds:.1f} s")
     if result.fallback_reason:
@@ -532,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a named dim in the example, e.g. seq=128")
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     exp.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    exp.add_argument("--pick-faster", action="store_true",
+                     help="with --exporter auto: export with both exporters and keep the faster verified graph, "
+                          "timed here on the example inputs (give real sizes with --dim, e.g. --dim batch=8 --dim seq=128)")
     exp.add_argument("--static", action="store_true", help="export with fixed shapes (no dynamic axes)")
     exp.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the validation (default 1e-3)")
     exp.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the validation (default 1e-4)")

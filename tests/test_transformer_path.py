@@ -327,3 +327,20 @@ def test_layernorm_scope_smooths_only_layernorm_outputs():
     _assert_same_outputs(model, result.model, calibration[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="unknown SmoothQuant scope 'mlp'; choose one of all, layernorm"):
         SmoothQuantSettings(scope="mlp")
+
+
+def test_cli_pick_faster_prints_the_choice_and_refuses_a_fixed_exporter(tmp_path, capsys, monkeypatch):
+    import exporter
+    from onnxforge.cli import main
+
+    calls = []
+    monkeypatch.setattr(exporter, "measure_with_runtime_bench", _fake_measure(0.8, 0.75, 0.85, calls))
+    code = main(["-q", "export", "--model", "onnxforge.models:digits_cnn", "-o", str(tmp_path / "d.onnx"), "--pick-faster"])
+    out = capsys.readouterr().out
+    assert code == 0 and len(calls) == 1
+    assert "with the torchscript exporter" in out and "exporter chosen by speed:" in out and "torchscript is faster" in out
+    code = main(["-q", "export", "--model", "onnxforge.models:digits_cnn", "-o", str(tmp_path / "e.onnx"),
+                 "--exporter", "dynamo", "--pick-faster"])
+    captured = capsys.readouterr()
+    assert code == 2 and "--pick-faster compares both exporters; use it with --exporter auto, not dynamo" in captured.err
+    assert not (tmp_path / "e.onnx").exists()
