@@ -125,11 +125,17 @@ def cell(name: str, row: dict) -> str:
     return " / ".join(p for p in parts if p)
 
 
-def print_table(rows: list[dict]) -> None:
+def print_header() -> None:
     print("| model | producer | metric | " + " | ".join(VARIANTS) + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in VARIANTS) + " |")
-    for row in rows:
-        print(f"| {row['model']} | {row['producer']} | {row['metric']} | " + " | ".join(cell(v, row) for v in VARIANTS) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in VARIANTS) + " |", flush=True)
+
+
+def print_row(row: dict) -> None:
+    print(f"| {row['model']} | {row['producer']} | {row['metric']} | " + " | ".join(cell(v, row) for v in VARIANTS) + " |",
+          flush=True)
+
+
+def print_failures(rows: list[dict]) -> None:
     print("\nfp32: median latency / metric; others: speedup over fp32 / metric (1.0 best).")
     for row in rows:
         for name, reason in row["failed"].items():
@@ -152,6 +158,7 @@ def main(argv=None) -> int:
     print(f"machine: {machine_info().describe()}")
     print(f"settings: {args.threads} intra-op threads, batch 1, >= {args.min_runs} runs and {args.min_seconds} s per variant\n")
     rows = []
+    print_header()
     entries = [e for e in corpus.CORPUS if not args.only or e.name in args.only]
     with tempfile.TemporaryDirectory() as tmp:
         for entry in entries:
@@ -162,8 +169,8 @@ def main(argv=None) -> int:
             latency = measure(entry, made, args)
             rows.append({"model": entry.name, "producer": entry.producer, "package": entry.package, "metric": entry.metric,
                          "metrics": metrics, "latency": latency, "failed": failed})
-            logging.info("%s: %s", entry.name, {k: round(v, 3) for k, v in metrics.items()})
-    print_table(rows)
+            print_row(rows[-1])
+    print_failures(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
