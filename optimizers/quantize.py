@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxforge.common.compare import slice_cosines
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.onnxio import load_onnx, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
@@ -126,8 +127,10 @@ class QuantizeSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Fidelity:
-    """Quantized versus float outputs on the evaluation data: per output the mean over samples
-    of the cosine (each sample row flattened) and the largest absolute error."""
+    """Quantized versus float outputs on the evaluation data: per output the mean cosine over
+    slices (``onnxforge.common.compare.slice_cosines``: one (sample, channel) pair for outputs of
+    rank 3+, so YOLO's small class scores count beside its large box coordinates) and the
+    largest absolute error."""
 
     mean_cosine: dict[str, float]
     max_abs_error: dict[str, float]
@@ -665,19 +668,8 @@ def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Seque
 # ---------------------------------------------------------------- fidelity and sensitivity
 
 
-def _row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    r = reference.reshape(reference.shape[0], -1).astype(np.float64) if reference.ndim else reference.reshape(1, -1).astype(np.float64)
-    c = candidate.reshape(r.shape).astype(np.float64)
-    r_norm, c_norm = np.linalg.norm(r, axis=1), np.linalg.norm(c, axis=1)
-    norms = r_norm * c_norm
-    dots = np.sum(r * c, axis=1)
-    # a zero row matches only a zero row: cosine 1 when both are zero, 0 when one is
-    both_zero = (r_norm == 0) & (c_norm == 0)
-    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), np.where(both_zero, 1.0, 0.0))
-
-
 def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> Fidelity:
-    """Mean per-sample cosine and max abs error of every output, over ``batches``; both models
+    """Mean slice cosine and max abs error of every output, over ``batches``; both models
     are loaded and run in ONNX Runtime, and an output of another shape is a ``UserError``."""
     reference, candidate = ort_session(float_model), ort_session(quantized)
     names = [o.name for o in reference.get_outputs()]
@@ -692,7 +684,7 @@ def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: 
                 raise UserError(f"the quantized model gives output '{name}' the shape {list(out[name].shape)}, "
                                 f"the float model {list(ref[name].shape)}")
             if np.issubdtype(ref[name].dtype, np.floating):
-                cosines[name].extend(_row_cosines(ref[name], out[name]).tolist())
+                cosines[name].extend(slice_cosines(ref[name], out[name]).tolist())
                 errors[name] = max(errors[name], float(np.max(np.abs(ref[name].astype(np.float64) - out[name]))))
         samples += next(iter(batch.values())).shape[0] if next(iter(batch.values())).ndim else 1
     return Fidelity({n: float(np.mean(v)) for n, v in cosines.items() if v}, {n: errors[n] for n in names if cosines[n]}, samples)
@@ -717,7 +709,7 @@ def node_sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, c
         out = dict(zip(probes, candidate.run(probes, dict(batch))))
         for name in probes:
             if ref[name].dtype.kind == "f" and ref[name].size:
-                distance[name].append(1.0 - float(np.mean(_row_cosines(ref[name], out[name]))))
+                distance[name].append(1.0 - float(np.mean(slice_cosines(ref[name], out[name]))))
     mean = {name: float(np.mean(values)) for name, values in distance.items()}
     scores = []
     for node in candidates:
