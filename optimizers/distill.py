@@ -40,7 +40,7 @@ class DistillSettings:
     loss: str = "kl"
     features: Mapping[str, str] = dataclasses.field(default_factory=dict)  # student layer -> teacher layer
     beta: float = 1.0
-    patience: int | None = 3
+    patience: int | None = 3  # epochs without improvement on the validation data before stopping; None: never stop early
     seed: int = 0
     device: str = "cpu"
 
@@ -215,11 +215,13 @@ def _fit(teacher, student, train_data, settings: DistillSettings, val_data, test
             test_accuracy, test_agreement = evaluate(student, test_data, teacher, settings.device)
             if teacher is not None:
                 teacher_test_accuracy = evaluate(teacher, test_data, device=settings.device)[0]
-    val_accuracy = history[best_epoch - 1].val_accuracy
+    chosen = history[best_epoch - 1]
     if test_data is None and val_data is not None:
-        logger.warning("no test data: the validation accuracy %s chose the epoch, so it is not a held-out estimate; "
-                       "give test data that neither training nor selection sees for one",
-                       f"{val_accuracy:.4f}" if val_accuracy is not None else "(none)")
+        what, score = (("accuracy", chosen.val_accuracy) if chosen.val_accuracy is not None
+                       else ("agreement with the teacher", chosen.val_agreement))
+        logger.warning("no test data: the validation %s %.4f chose the epoch, so it is not a held-out estimate; "
+                       "give test data that neither training nor selection sees for one", what, score)
+    val_accuracy = chosen.val_accuracy
     return DistillResult(student, history, best_epoch, selected_by, val_accuracy, test_accuracy, test_agreement,
                          teacher_test_accuracy)
 

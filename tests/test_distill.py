@@ -210,7 +210,8 @@ def test_bad_inputs(teacher):
 def test_distillation_is_not_worse_than_labels_only_over_seeds():
     """The issue's bar, on real data: a width-64 teacher, a width-8 student, 30 epochs, 3 seeds,
     each epoch chosen on the validation split; the distilled student's mean TEST accuracy must be
-    at least the labels-only student's. (Measured here: see benchmarks/distill_digits.py.)"""
+    at least the labels-only student's. (Measured here, as benchmarks/distill_digits.py prints it:
+    0.9593 vs 0.9426 on test; per seed -0.006, +0.031, +0.025.)"""
     import numpy as np
 
     teacher = models.digits_teacher()[0]
