@@ -462,7 +462,10 @@ def preprocess_model(model: onnx.ModelProto, workdir: Path, *, symbolic: bool = 
     for label, options in attempts:
         target = workdir / "pre.onnx"
         try:
-            quant_pre_process(str(source), str(target), auto_merge=True, **options)
+            # its symbolic shape inference saves a temporary model (uuid-named .data) into the
+            # working directory when it cannot finish: it works in ours
+            with contextlib.chdir(workdir):
+                quant_pre_process(str(source), str(target), auto_merge=True, **options)
             return onnx.load(str(target)), label
         except Exception as exc:  # the tool raises whatever its steps raise
             logger.warning("quantization pre-processing (%s) failed: %s", label, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)

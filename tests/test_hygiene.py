@@ -141,12 +141,6 @@ def test_outputs_are_where_they_were_asked_for(run):
     assert (run.out / "run" / "candidates.txt").exists() and any((run.out / "report").iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ONNX Runtime's symbolic shape inference, when it cannot finish, saves sym_shape_infer_temp.onnx and a "
-    "<uuid>.data into the current directory (onnxruntime/tools/symbolic_shape_infer.py, infer_shapes); "
-    "optimizers/quantize.py preprocess_model must call quant_pre_process inside contextlib.chdir(workdir), and "
-    "optimizers/fusions.py shape_inference_problem must call SymbolicShapeInference.infer_shapes (and "
-    "fuse_transformer optimizer.optimize_model, which dumps _topo_sort_failed.onnx) inside a temporary directory (strict: this mark goes once they do)"))
 def test_nothing_is_written_into_the_working_directory(run):
     assert listing(run.cwd) == set()
 
