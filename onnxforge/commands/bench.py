@@ -1,0 +1,158 @@
+"""``onnxforge bench / tune``: measure ONNX models side by side, and tune session options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from onnxforge.commands._args import add_io_flags
+from onnxforge.common.errors import UserError
+
+import logging
+
+logger = logging.getLogger("onnxforge.cli")
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="measure ONNX models side by side with ONNX Runtime")
+    bench.add_argument("models", nargs="+", help="ONNX files (the first is the baseline unless --baseline)")
+    bench.add_argument("--name", action="append", help="display name of each model, in order")
+    bench.add_argument("--torch", metavar="SRC", help="a PyTorch eager baseline: pkg.module:factory, file.py:factory or file.pt")
+    bench.add_argument("--baseline", help="variant name the speedups are relative to")
+    bench.add_argument("--no-fidelity", action="store_true", help="skip comparing outputs with the baseline")
+    bench.add_argument("--out", metavar="DIR", help="write report.json, report.csv, report.md and plots here")
+    bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    _add_measure_flags(bench)
+    bench.set_defaults(func=_bench_command)
+
+    tune_parser = sub.add_parser("tune", help="find the fastest ONNX Runtime session options for a model")
+    tune_parser.add_argument("model", help="the ONNX file")
+    _add_measure_flags(tune_parser)
+    tune_parser.set_defaults(func=_tune_command)
+
+
+def _bench_command(args) -> int:
+    from pathlib import Path
+
+    from onnxforge.common.fileio import ensure_writable_dir
+    from onnxforge.progress import ProgressBar
+    from runtime_bench import OnnxVariant, TorchVariant, benchmark, to_console, write_report
+
+    config = _bench_config(args)
+    if args.out:
+        ensure_writable_dir(Path(args.out), "report")  # fail before measuring, not after
+    names = args.name or []
+    if len(names) > len(args.models):
+        raise UserError(f"{len(names)} --name values for {len(args.models)} models")
+    variants = [OnnxVariant(names[i] if i < len(names) else Path(m).stem, Path(m)) for i, m in enumerate(args.models)]
+    if args.torch:
+        from exporter.sources import load_model_source
+
+        loaded = load_model_source(args.torch)
+        keyword = isinstance(loaded.example_inputs, dict)
+        variants.insert(0, TorchVariant("torch", loaded.module, keyword=keyword))
+    bar = ProgressBar("bench") if not args.quiet else None
+    try:
+        report = benchmark(variants, config, inputs=args.inputs, progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    if args.out:
+        written = write_report(report, args.out, plots=not args.no_plots)
+        logger.info("wrote %s", ", ".join(str(p) for p in written))
+    print(report.to_json() if args.json else to_console(report))
+    return 0
+
+
+def _tune_command(args) -> int:
+    from onnxforge.progress import ProgressBar
+    from runtime_bench import tune
+
+    bar = ProgressBar("tune") if not args.quiet else None
+    try:
+        result = tune(args.model, _bench_config(args), inputs=args.inputs, progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    if args.json:
+        print(json.dumps({"best": result.best.__dict__, "ranking": [[s.__dict__, ms] for s, ms in result.ranking()]}, indent=2))
+        return 0
+    fastest = result.ranking()[0][1]
+    for settings, ms in result.ranking():
+        print(f"{ms:9.3f} ms  {ms / fastest:5.2f}x  {settings.describe()}"
+              + (f" inter={settings.inter_op_threads}" if settings.inter_op_threads else ""))
+    print(f"fastest: {result.best.describe()}   on {result.report.machine.describe()}")
+    return 0
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UserError(f"{what} is empty")
+    return values
+
+
+def _bench_config(args):
+    from onnxforge.common.compare import Tolerance
+    from onnxforge.common.specs import parse_dim_sizes
+    from runtime_bench import BenchConfig, SessionSettings
+
+    return BenchConfig(
+        providers=tuple(p.strip() for p in args.provider.split(",") if p.strip()),
+        batch_sizes=_int_list(args.batch, "--batch"),
+        dims=parse_dim_sizes(args.dim or []),
+        warmup=args.warmup,
+        min_runs=args.min_runs,
+        min_seconds=args.min_seconds,
+        max_runs=max(args.max_runs, args.min_runs) if args.max_runs else 100_000,
+        max_seconds=args.max_seconds,
+        block_seconds=args.block_seconds,
+        keep_sessions=args.keep_sessions,
+        session=SessionSettings(
+            intra_op_threads=args.threads, inter_op_threads=args.inter_threads,
+            execution_mode=args.execution_mode, graph_optimization=args.opt_level,
+        ),
+        io_binding=args.io_binding,
+        baseline=getattr(args, "baseline", None),
+        fidelity=not getattr(args, "no_fidelity", False),
+        fidelity_tolerance=Tolerance(rtol=args.rtol, atol=args.atol),
+        placement=args.placement,
+        device_id=args.device_id,
+        trt_fp16=args.trt_fp16,
+        trt_int8=args.trt_int8,
+        trt_cache_dir=args.trt_cache,
+    )
+
+
+def _add_measure_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", default="cpu", help="comma-separated providers: cpu, cuda, tensorrt, or full ORT names (default cpu)")
+    parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    parser.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of another symbolic dim, e.g. seq=128")
+    parser.add_argument("--inputs", metavar="NPZ", help="inputs as an .npz file (arrays keyed by input name) instead of generated ones")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
+    parser.add_argument("--inter-threads", type=int, default=None, help="inter-op threads (parallel execution mode)")
+    parser.add_argument("--execution-mode", choices=("sequential", "parallel"), default="sequential")
+    parser.add_argument("--opt-level", choices=("disable", "basic", "extended", "all"), default="all", help="graph optimization level")
+    parser.add_argument("--warmup", type=int, default=5, help="discarded warm-up runs per variant (default 5)")
+    parser.add_argument("--min-runs", type=int, default=30, help="timed runs per variant at least (default 30)")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="seconds per cell at least (default 2)")
+    parser.add_argument("--max-runs", type=int, default=0, help="stop a cell after this many rounds (default: no cap)")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="stop a cell after this many seconds (default 120)")
+    parser.add_argument("--block-seconds", type=float, default=0.2,
+                        help="timed seconds per block of back-to-back runs of one variant (default 0.2)")
+    parser.add_argument("--keep-sessions", action="store_true",
+                        help="keep one session per variant open for the whole cell instead of a fresh one per block "
+                             "(faster for models that take long to load; memory placement luck then shows as a difference)")
+    parser.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto", help="auto: on for GPU providers")
+    parser.add_argument("--placement", choices=("auto", "on", "off"), default="auto",
+                        help="profile which provider ran each node (auto: for GPU providers)")
+    parser.add_argument("--device-id", type=int, default=0)
+    parser.add_argument("--trt-fp16", action="store_true", help="TensorRT: allow fp16 engines")
+    parser.add_argument("--trt-int8", action="store_true", help="TensorRT: allow int8 engines")
+    parser.add_argument("--trt-cache", metavar="DIR", help="TensorRT: engine cache folder")
+    parser.add_argument("--rtol", type=float, default=1e-3, help="fidelity tolerance (default 1e-3)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="fidelity tolerance (default 1e-4)")
+    add_io_flags(parser)

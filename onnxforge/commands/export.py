@@ -1,0 +1,96 @@
+"""``onnxforge export``: export a PyTorch model to ONNX and validate it against PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+from onnxforge.commands._args import add_io_flags
+from onnxforge.common.errors import UserError
+
+
+def register(sub) -> None:
+    exp = sub.add_parser("export", help="export a PyTorch model to ONNX and validate it against PyTorch")
+    exp.add_argument("--model", help="pkg.module:factory, path/to/file.py:factory, or a torch.save / TorchScript .pt file")
+    exp.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face model folder")
+    exp.add_argument("--task", default="feature-extraction", help="Hugging Face task (default: feature-extraction)")
+    exp.add_argument("--output", "-o", required=True, help="the ONNX file to write")
+    exp.add_argument("--input", action="append", metavar="NAME:DIMS:DTYPE",
+                     help="an input, e.g. x:batch,3,32,32:float32 or ids:batch,seq:int64:0..30522 (repeatable); "
+                          "named dims become dynamic axes")
+    exp.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a named dim in the example, e.g. seq=128")
+    exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    exp.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    exp.add_argument("--pick-faster", action="store_true",
+                     help="with --exporter auto: export with both exporters and keep the faster verified graph, "
+                          "timed here on the example inputs (give real sizes with --dim, e.g. --dim batch=8 --dim seq=128)")
+    exp.add_argument("--static", action="store_true", help="export with fixed shapes (no dynamic axes)")
+    exp.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the validation (default 1e-3)")
+    exp.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the validation (default 1e-4)")
+    exp.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    add_io_flags(exp)
+    exp.set_defaults(func=_export_command)
+
+
+def _export_command(args) -> int:
+    from exporter import export, load_hf_model, load_model_source, measure_with_runtime_bench
+    from exporter.sources import dynamic_axes_from_specs, inputs_from_specs
+    from onnxforge.common.specs import parse_dim_sizes, parse_input_spec
+
+    if bool(args.model) == bool(args.hf_model):
+        raise UserError("give exactly one model source: --model pkg.module:factory | file.py:factory | file.pt, or --hf-model DIR")
+    if args.pick_faster and args.exporter != "auto":
+        raise UserError(f"--pick-faster compares both exporters; use it with --exporter auto, not {args.exporter}")
+    dim_sizes = parse_dim_sizes(args.dim or [])
+    specs = [parse_input_spec(text) for text in args.input or []]
+    if args.hf_model:
+        loaded = load_hf_model(args.hf_model, args.task, batch=dim_sizes.get("batch", 2), seq=dim_sizes.get("seq", 16))
+    else:
+        loaded = load_model_source(args.model)
+    if specs:
+        sizes = {"batch": 2, "seq": 16, **dim_sizes}
+        # --input names the ONNX inputs; the tensors go to forward() positionally, in order.
+        tensors = inputs_from_specs(specs, sizes)
+        example, input_names = tuple(tensors.values()), list(tensors)
+        dynamic_axes = dynamic_axes_from_specs(specs)
+    elif loaded.example_inputs is not None:
+        example, input_names, dynamic_axes = loaded.example_inputs, None, "auto"
+    else:
+        raise UserError(
+            f"model source {loaded.source!r} gives no example inputs; describe them with "
+            "--input NAME:DIMS:DTYPE, e.g. --input x:batch,3,32,32:float32"
+        )
+    if args.static:
+        dynamic_axes = None
+    result = export(
+        loaded.module,
+        example,
+        args.output,
+        input_names=input_names,
+        dynamic_axes=dynamic_axes,
+        opset=args.opset,
+        exporter=args.exporter,
+        validate=not args.no_validate,
+        rtol=args.rtol,
+        atol=args.atol,
+        measure=measure_with_runtime_bench if args.pick_faster else None,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    if result.choice:
+        print(f"exporter chosen by speed: {result.choice.reason}")
+    print(f"wrote {result.path} ({', '.join(str(f) for f in result.files[1:]) or 'weights inside'}) "
+          f"with the {result.exporter} exporter, opset {result.opset}, in {result.seconds:.1f} s")
+    if result.fallback_reason:
+        print(f"fell back after: {result.fallback_reason}")
+    axes = "; ".join(f"{name}: {dict(pairs)}" for name, pairs in result.dynamic_axes.items()) or "none (static shapes)"
+    print(f"dynamic axes: {axes}")
+    for check in result.checks:
+        shapes = ", ".join(f"{n} {list(s)}" for n, s in check.input_shapes.items())
+        print(f"validation at {shapes}: {'PASS' if check.comparison.passed else 'FAIL'} "
+              f"(rtol={check.comparison.tolerance.rtol:g}, atol={check.comparison.tolerance.atol:g})")
+        for output in check.comparison.outputs:
+            print(f"  {output.describe()}")
+    if not result.checks:
+        print("validation skipped (--no-validate)")
+    return 0

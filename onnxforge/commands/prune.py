@@ -1,0 +1,69 @@
+"""``onnxforge prune``: structured or magnitude pruning."""
+
+from __future__ import annotations
+
+import json
+
+from onnxforge.commands._args import add_io_flags
+from onnxforge.common.errors import UserError
+
+
+def register(sub) -> None:
+    prn = sub.add_parser("prune", help="structured (channels removed) or magnitude pruning of an ONNX model")
+    prn.add_argument("input", help="the ONNX file to prune")
+    prn.add_argument("output", help="the ONNX file to write")
+    prn.add_argument("--method", choices=("structured", "magnitude"), default="structured")
+    prn.add_argument("--ratio", type=float, required=True, help="fraction of channels (or weights, for magnitude) to remove, in [0, 1)")
+    prn.add_argument("--importance", choices=("l1", "l2", "activation"), default="l1")
+    prn.add_argument("--scope", choices=("layer", "global"), default="layer")
+    prn.add_argument("--calibration", metavar="DATA", help="data for activation importance and bias compensation")
+    prn.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
+    prn.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text data files")
+    prn.add_argument("--no-bias-compensation", action="store_true")
+    prn.add_argument("--round-to", type=int, default=8, help="kept channels are a multiple of this (default 8)")
+    prn.add_argument("--no-protect-first", action="store_true", help="allow pruning the layers that read graph inputs")
+    prn.add_argument("--protect", action="append", metavar="NODE", help="keep this producer node whole (repeatable)")
+    prn.add_argument("--layer-ratio", action="append", metavar="NODE=RATIO", help="per-layer ratio override (repeatable)")
+    prn.add_argument("--dim", action="append", metavar="NAME=SIZE", help="symbolic dim size for generated inputs and MACs")
+    add_io_flags(prn)
+    prn.set_defaults(func=_prune_command)
+
+
+def _prune_command(args) -> int:
+    from onnxforge.common.specs import parse_dim_sizes
+    from optimizers import PruneSettings, prune_file
+
+    ratios = {}
+    for item in args.layer_ratio or []:
+        name, sep, value = item.rpartition("=")
+        try:
+            ratios[name] = float(value)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise UserError(f"malformed --layer-ratio {item!r}: expected NODE=RATIO")
+    settings = PruneSettings(
+        ratio=args.ratio, importance=args.importance, scope=args.scope, bias_compensation=not args.no_bias_compensation,
+        round_to=args.round_to, protect_first=not args.no_protect_first, protect=tuple(args.protect or ()), ratios=ratios,
+    )
+    result = prune_file(args.input, args.output, settings, method=args.method, calibration=args.calibration,
+                        evaluation=args.evaluation, tokenizer=args.tokenizer, dims=parse_dim_sizes(args.dim or []))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    print(f"{args.input} -> {args.output}  ({args.method})")
+    for unit in result.units:
+        status = f"{unit.channels} -> {unit.kept}" + (f"   left whole: {unit.reason}" if unit.reason else "")
+        print(f"  {' + '.join(unit.producers):<48} {status}")
+    (p0, p1), (m0, m1), (s0, s1) = result.parameters, result.macs, result.size_bytes
+    print(f"parameters {p0:,} -> {p1:,} ({p1 / p0:.0%}); MACs {m0:,} -> {m1:,} ({m1 / max(m0, 1):.0%}); "
+          f"size {s0 / 1e6:.2f} -> {s1 / 1e6:.2f} MB")
+    if result.fidelity:
+        line = f"fidelity vs unpruned: mean cosine {result.fidelity['min_mean_cosine']:.5f}, max abs error {result.fidelity['max_abs_error']:.3g}"
+        if result.fidelity_without_compensation:
+            line += (f" (without bias compensation: {result.fidelity_without_compensation['min_mean_cosine']:.5f}, "
+                     f"{result.fidelity_without_compensation['max_abs_error']:.3g})")
+        print(line)
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0

@@ -1,0 +1,98 @@
+"""``onnxforge quantize``: int8 quantization."""
+
+from __future__ import annotations
+
+import json
+
+from onnxforge.commands._args import add_io_flags
+
+
+def register(sub) -> None:
+    quant = sub.add_parser("quantize", help="int8 quantization with per-model defaults and measured fidelity")
+    quant.add_argument("input", help="the float ONNX file")
+    quant.add_argument("output", help="the quantized ONNX file to write")
+    quant.add_argument("--mode", choices=("auto", "dynamic", "static", "int4"), default="auto",
+                       help="auto: candidates chosen per op pattern (static QDQ for convolutions, dynamic for MatMul/Gemm "
+                       "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins")
+    quant.add_argument("--format", choices=("qdq", "qoperator"), default="qdq", help="static format (default qdq)")
+    quant.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    quant.add_argument("--calibration", metavar="DATA", help=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'")
+    quant.add_argument("--allow-random-calibration", action="store_true", help="accept --calibration random (not representative)")
+    quant.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
+    quant.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text calibration files")
+    quant.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile", "distribution"), default="minmax")
+    quant.add_argument("--max-calibration-batches", type=int, default=64)
+    quant.add_argument("--per-tensor", action="store_true", help="per-tensor weights instead of per-channel")
+    quant.add_argument("--reduce-range", action="store_true", help="7-bit weights (for CPUs without VNNI; costs fidelity)")
+    quant.add_argument("--weight-type", choices=("int8", "uint8"))
+    quant.add_argument("--activation-type", choices=("int8", "uint8"))
+    quant.add_argument("--op-types", help="comma-separated op types to quantize")
+    quant.add_argument("--exclude-node", action="append", metavar="NAME", help="keep this node in float (repeatable)")
+    quant.add_argument("--min-cosine", type=float, default=0.99,
+                       help="auto mode: the fastest candidate whose lowest mean output cosine reaches this (default 0.99)")
+    quant.add_argument("--no-speed-check", action="store_true", help="do not time the int8 candidates against fp32 here")
+    quant.add_argument("--accuracy-target", type=float, help="lowest mean output cosine to accept; sensitive nodes stay float until met")
+    quant.add_argument("--max-float-nodes", type=int, help="with --accuracy-target, keep at most this many nodes in float")
+    quant.add_argument("--no-preprocess", action="store_true", help="skip ONNX Runtime's quantization pre-processing")
+    quant.add_argument("--dim", action="append", metavar="NAME=SIZE", help="symbolic dim size for generated inputs")
+    add_io_flags(quant)
+    quant.set_defaults(func=_quantize_command)
+
+
+def _quantize_command(args) -> int:
+    from onnxforge.common.specs import parse_dim_sizes
+    from optimizers.quantize import QuantizeSettings, quantize_file
+
+    settings = QuantizeSettings(
+        mode=args.mode,
+        format=args.format,
+        per_channel=False if args.per_tensor else None,
+        reduce_range=args.reduce_range,
+        weight_type=args.weight_type,
+        activation_type=args.activation_type,
+        op_types=tuple(args.op_types.split(",")) if args.op_types else None,
+        exclude_nodes=tuple(args.exclude_node or ()),
+        calibration_method=args.calibration_method,
+        max_calibration_batches=args.max_calibration_batches,
+        target=args.target,
+        preprocess=not args.no_preprocess,
+        min_cosine=args.min_cosine,
+        accuracy_target=args.accuracy_target,
+        max_float_nodes=args.max_float_nodes,
+        check_speed=not args.no_speed_check,
+    )
+    result = quantize_file(
+        args.input, args.output, settings,
+        calibration=args.calibration, evaluation=args.evaluation, tokenizer=args.tokenizer,
+        dims=parse_dim_sizes(args.dim or []), allow_random_calibration=args.allow_random_calibration,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    r = result.resolved
+    print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
+    print(f"mode {r['mode']}" + (f" {r['format']}, {r['calibration_method']} calibration, activations {r['activation_type']}"
+                                 f"{' symmetric' if r['symmetric_activations'] else ''}" if r["mode"] == "static" else "")
+          + f", weights {r['weight_type']} {'per-channel' if r['per_channel'] else 'per-tensor'}; pre-processing: {result.preprocess}")
+    for reason in result.reasons:
+        print(f"  why: {reason}")
+    if result.candidates:
+        timed = result.float_timing is not None
+        print("candidates" + (" (timed against fp32 on this machine, p50; speedup with its 95% interval):" if timed else " (not timed):"))
+        for line in result.table():
+            print(line)
+    if result.faster_than_float is not None:
+        chosen = next(c for c in result.candidates if c.chosen)
+        fastest = max((c for c in result.candidates if c.timing), key=lambda c: c.timing.speedup)
+        print(f"speed: {chosen.timing.speedup:.2f}x fp32 on this machine" if result.faster_than_float
+              else f"speed: NOT faster than fp32 on this machine: the written model runs at {chosen.timing.speedup:.2f}x fp32; "
+                   f"the fastest int8 variant here was {fastest.name} ({fastest.timing.speedup:.2f}x)")
+    print(f"quantized {result.after.quantized_compute_ops}/{result.after.compute_ops} compute ops "
+          f"({result.after.quantized_fraction:.0%}); size {result.before.file_bytes / 1e6:.2f} -> {result.after.file_bytes / 1e6:.2f} MB")
+    if result.fidelity:
+        for name, cosine in result.fidelity.mean_cosine.items():
+            print(f"fidelity '{name}': mean cosine {cosine:.5f}, max abs error {result.fidelity.max_abs_error[name]:.3g} "
+                  f"over {result.fidelity.samples} samples")
+    if result.float_nodes:
+        print(f"kept in float for the accuracy target: {', '.join(result.float_nodes)}")
+    return 0

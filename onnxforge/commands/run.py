@@ -1,0 +1,61 @@
+"""``onnxforge run / verify-package / demo``: run a recipe, verify a package, run the demo."""
+
+from __future__ import annotations
+
+import json
+
+from onnxforge.commands._args import add_io_flags
+
+
+def register(sub) -> None:
+    run = sub.add_parser("run", help="run a recipe: export, optimize, candidates, benchmark, select, package")
+    run.add_argument("recipe", help="the recipe TOML file")
+    run.add_argument("--out", default="out", help="output folder (default out)")
+    run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
+    run.add_argument("--force", action="store_true", help="rerun every step even if unchanged")
+    add_io_flags(run)
+    run.set_defaults(func=_run_command)
+
+    verify = sub.add_parser("verify-package", help="check a deployment package's checksums and run a smoke inference")
+    verify.add_argument("package", help="the package folder")
+    verify.set_defaults(func=_verify_package_command)
+
+    demo = sub.add_parser("demo", help="run the built-in demo (the pipeline on the digits CNN and all-MiniLM-L6-v2)")
+    demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    demo.add_argument("--no-minilm", action="store_true", help="skip the all-MiniLM-L6-v2 part")
+    demo.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
+    demo.set_defaults(func=_demo_command)
+
+
+def _run_command(args) -> int:
+    from onnxforge.pipeline import run_pipeline
+
+    result = run_pipeline(args.recipe, args.out, overrides=args.set, force=args.force)
+    if args.json:
+        print(json.dumps({"selected": result.selected, "package": str(result.package) if result.package else None,
+                          "candidates": [r.__dict__ for r in result.rows],
+                          "steps": [{"name": s.name, "cached": s.cached, "seconds": s.seconds} for s in result.steps]},
+                         indent=2, default=str))
+        return 0
+    for step in result.steps:
+        print(f"  {step.name:<28} {'reused (unchanged)' if step.cached else f'ran in {step.seconds:.1f} s'}")
+    print(result.table())
+    print(f"package: {result.package}" if result.package else "no candidate met the fidelity budget: nothing packaged")
+    return 0 if result.package or result.selected else 1
+
+
+def _verify_package_command(args) -> int:
+    from onnxforge.package import verify_package
+
+    check = verify_package(args.package)
+    print(f"{args.package}: {check.files_checked} files match their checksums; smoke inference within "
+          f"{check.max_error:.2g} of the reference outputs")
+    return 0
+
+
+def _demo_command(args) -> int:
+    from onnxforge.demo import format_demo, run_demo
+
+    results = run_demo(args.out, include_minilm=not args.no_minilm, overrides=args.set)
+    print(format_demo(results))
+    return 0
