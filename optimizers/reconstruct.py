@@ -1,0 +1,674 @@
+"""Least-squares reconstruction of what pruned channels fed (He et al. 2017, ThiNet 2017, FLAP 2024).
+
+After structured pruning has chosen the kept channels, each consumer of a pruned channel group
+(a MatMul, Gemm or group-1 Conv reading them) is re-fitted on its kept inputs. With ``x`` the
+consumer's input in the unpruned model, ``x̂_K`` its kept input in the pruned model (upstream
+layers already pruned and re-fitted, so errors do not pile up), ``z = [x̂_K; 1]`` and
+``W`` the original weights restricted to the consumer's kept output rows:
+
+    [W' | d] = argmin  sum ||W x − W' x̂_K − d||²  +  λ ||W' − W_K||²
+             = (W X Zᵀ + [λ W_K | 0]) (Z Zᵀ + Λ)⁻¹,    Λ = diag(λ, ..., λ, 0)
+
+``λ = ridge · trace(x̂_K x̂_Kᵀ) / k`` (relative to the Gram's mean diagonal), and the ridge pulls
+towards the plain pruned weights ``W_K`` rather than towards zero: with little data (a few hundred
+tokens for 1536 FFN neurons) the directions the data does not see keep their original weights.
+The intercept ``d`` is the mean shift, folded into the consumer's bias as bias compensation does
+(``d_comp = W_R E[x_R]`` is the special case ``W' = W_K``). ``Z Zᵀ`` and ``W X Zᵀ`` are summed
+batch by batch (:class:`Moments`), so memory is bounded by channel counts, not by samples.
+
+Conv consumers are solved through their im2col Gram: features are the kept channels' kernel
+patches (``k · kh · kw`` columns), exact for 1x1 and k×k kernels with any stride, padding and
+dilation, as long as ``k · kh · kw <= max_features`` (larger ones keep bias compensation, and the
+report says so). Only group-1 Convs consume channels here: a depthwise Conv passes channels
+through (``optimizers.structured``), so it needs no re-fit. ConvTranspose keeps compensation.
+
+Consumers are re-fitted in *waves*: a wave holds the consumers none of whose inputs depend on a
+consumer not yet re-fitted, and each wave reads the pruned model as re-fitted so far.
+
+What is kept is decided on data the fit never saw: the calibration batches are split by a seeded
+permutation into fit and held-out batches. Per consumer, the re-fit is kept only where its
+held-out output error is below bias compensation's; then the whole model's held-out fidelity
+with reconstruction is compared to compensation alone, and reconstruction is dropped (with a
+note) where it is lower.
+
+``greedy_scores`` is a ThiNet-style channel choice for the same objective: backward elimination
+that removes, each step, the channels whose loss is least explained by the channels still kept
+(exact least-squares loss through the inverse Gram, updated by Schur complements).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxforge.common.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+ROW_CHUNK = 8192  # feature rows multiplied at once while summing moments
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructSettings:
+    """ridges: λ relative to the mean diagonal of the kept inputs' Gram; each consumer uses the
+        one whose held-out output error is least.
+    holdout: share of calibration batches (seeded split) kept out of the fit to judge it.
+    max_features: largest im2col width (kept channels × kernel taps) a Conv is solved for.
+    seed: the split's seed."""
+
+    ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    holdout: float = 0.25
+    max_features: int = 6144
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.ridges or min(self.ridges) <= 0:
+            raise UserError(f"reconstruction ridges must be positive, got {self.ridges}")
+        if not 0.0 < self.holdout < 1.0:
+            raise UserError(f"reconstruction holdout share must be in (0, 1), got {self.holdout}")
+
+
+# ---------------------------------------------------------------- streaming least squares
+
+
+class Moments:
+    """Running sums for ``min ||T − A Z||²`` with features ``z = [f; 1]``: ``ZZᵀ``, ``T Zᵀ``,
+    ``||T||²`` and the count. ``add`` takes rows (samples) of features and targets."""
+
+    def __init__(self, features: int, outputs: int):
+        self.zz = np.zeros((features + 1, features + 1))
+        self.tz = np.zeros((outputs, features + 1))
+        self.tt = 0.0
+        self.count = 0
+
+    def add(self, features: np.ndarray, targets: np.ndarray) -> None:
+        # products in float32 per chunk of rows, sums in float64: twice as fast, and the
+        # ridge is far above float32's rounding of a chunk's sum
+        for start in range(0, features.shape[0], ROW_CHUNK):
+            f = features[start:start + ROW_CHUNK].astype(np.float32)
+            t = targets[start:start + ROW_CHUNK].astype(np.float32)
+            z = np.concatenate([f, np.ones((f.shape[0], 1), np.float32)], axis=1)
+            self.zz += z.T @ z
+            self.tz += t.T @ z
+            self.tt += float(np.einsum("ij,ij->", t, t, dtype=np.float64))
+            self.count += f.shape[0]
+
+    def residual(self, solution: np.ndarray) -> float:
+        """``sum ||t − A z||²`` for ``A = solution`` ([outputs, features + 1])."""
+        return float(self.tt - 2.0 * np.einsum("ij,ij->", solution, self.tz) + np.einsum("ij,ij->", solution @ self.zz, solution))
+
+    def mean_features(self) -> np.ndarray:
+        return self.zz[-1, :-1] / max(self.count, 1)
+
+
+def solve(moments: Moments, prior: np.ndarray, ridge: float) -> np.ndarray:
+    """``[W' | d]`` minimizing ``||T − W' F − d||² + λ ||W' − prior||²`` (see the module doc)."""
+    size = moments.zz.shape[0] - 1
+    lam = ridge * max(float(np.trace(moments.zz[:size, :size])) / max(size, 1), 1e-12)
+    gram = moments.zz.copy()
+    gram[np.arange(size), np.arange(size)] += lam
+    rhs = moments.tz.copy()
+    rhs[:, :size] += lam * prior
+    try:
+        return np.linalg.solve(gram, rhs.T).T
+    except np.linalg.LinAlgError:  # singular only when the intercept column is degenerate (no samples)
+        return np.linalg.lstsq(gram, rhs.T, rcond=None)[0].T
+
+
+# ---------------------------------------------------------------- consumers as linear maps of features
+
+
+@dataclasses.dataclass
+class _Consumer:
+    """A consumer in canonical form: ``weight`` [out, C, taps] over the full input channels
+    (taps = 1 for MatMul/Gemm), ``rows`` its output rows kept, ``kept`` its input positions kept."""
+
+    node: onnx.NodeProto
+    tensor: str
+    weight_name: str
+    weight: np.ndarray  # [out, C, taps], float64, original
+    layout: str  # "in_out" (MatMul, Gemm transB=0), "out_in" (Gemm transB=1), "conv"
+    rows: list[int]
+    kept: list[int]
+    removed: list[int]
+    conv: dict | None = None  # kernel, strides, pads, dilations
+
+    @property
+    def taps(self) -> int:
+        return self.weight.shape[2]
+
+    def features(self, x: np.ndarray, channels: list[int] | None = None) -> np.ndarray:
+        """Rows of features ([samples, len(channels) · taps]) from the input tensor ``x``."""
+        if self.conv is None:
+            f = x.reshape(-1, x.shape[-1])
+            return f if channels is None else f[:, channels]
+        if channels is not None:
+            x = x[:, channels]
+        return _im2col(x, **self.conv)
+
+    def prior(self) -> np.ndarray:
+        return self.weight[self.rows][:, self.kept].reshape(len(self.rows), -1)
+
+    def compensation(self, mean_full: np.ndarray) -> np.ndarray:
+        """``[W_K | W_R E[f_R]]``: the pruned weights with the mean shift folded in."""
+        w = self.weight[self.rows]
+        mean = mean_full.reshape(self.weight.shape[1], self.taps)
+        shift = np.einsum("ocj,cj->o", w[:, self.removed], mean[self.removed])
+        return np.concatenate([self.prior(), shift[:, None]], axis=1)
+
+    def native(self, flat: np.ndarray) -> np.ndarray:
+        """Weights [out, k · taps] back in the initializer's layout and dtype."""
+        if self.layout == "in_out":
+            return flat.T.astype(np.float32)
+        if self.layout == "out_in":
+            return flat.astype(np.float32)
+        return flat.reshape(len(self.rows), len(self.kept), *self.conv["kernel"]).astype(np.float32)
+
+
+def _im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """[N, C, H, W] -> [N · OH · OW, C · kh · kw], columns ordered as ``W.reshape(out, -1)``."""
+    n, c = x.shape[:2]
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, OH, OW, kh, kw]
+    return np.ascontiguousarray(windows.transpose(0, 2, 3, 1, 4, 5)).reshape(-1, c * kh * kw)
+
+
+def _attr(node, name, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _conv_geometry(node, weight_shape) -> tuple[dict | None, str | None]:
+    """The im2col parameters of a 2-D Conv, or None and why it is not handled."""
+    if len(weight_shape) != 4:
+        return None, f"{len(weight_shape) - 2}-D Conv (only 2-D is re-fitted)"
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        return None, f"auto_pad {auto_pad}"
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    return {
+        "kernel": kernel,
+        "strides": tuple(_attr(node, "strides", [1, 1])),
+        "pads": tuple(_attr(node, "pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else (0, 0, 0, 0),
+        "dilations": tuple(_attr(node, "dilations", [1, 1])),
+    }, None
+
+
+def _consumers(model, analysis, removed, settings: ReconstructSettings, every: bool = False
+               ) -> tuple[list[_Consumer], dict[str, str]]:
+    """The consumers with at least one removed input channel (``every``: all of them),
+    canonical; and those that are left to bias compensation, with why."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    find = analysis.slots.find
+    found, skipped = [], {}
+    for node_name, tensor, in_slots, weight_name, axis in analysis.consumers:
+        gone = [i for i, s in enumerate(in_slots) if find(s) in removed]
+        if not gone and not every:
+            continue
+        node = nodes[node_name]
+        w = numpy_helper.to_array(inits[weight_name]).astype(np.float64)
+        conv = None
+        if node.op_type == "Conv":
+            conv, why = _conv_geometry(node, w.shape)
+            if conv is None:
+                skipped[node_name] = why
+                continue
+            canonical, layout = w.reshape(w.shape[0], w.shape[1], -1), "conv"
+        elif node.op_type in ("MatMul", "Gemm"):
+            canonical = (w.T if axis == 0 else w)[:, :, None]
+            layout = "in_out" if axis == 0 else "out_in"
+        else:
+            skipped[node_name] = f"{node.op_type} is left to bias compensation"
+            continue
+        rows = list(range(canonical.shape[0]))
+        if node_name in analysis.producers:
+            rows = [i for i, s in enumerate(analysis.producers[node_name]) if find(s) not in removed]
+        kept = [i for i in range(len(in_slots)) if i not in set(gone)]
+        if conv is not None and len(kept) * canonical.shape[2] > settings.max_features:
+            skipped[node_name] = (f"im2col width {len(kept)}x{canonical.shape[2]} = {len(kept) * canonical.shape[2]} "
+                                  f"is over max_features {settings.max_features}")
+            continue
+        found.append(_Consumer(node, tensor, weight_name, canonical, layout, rows, kept, gone, conv))
+    return found, skipped
+
+
+def _waves(model, consumers: list[_Consumer]) -> list[list[_Consumer]]:
+    """Consumers grouped so that each one's input depends only on consumers of earlier waves."""
+    index = {c.node.name: i for i, c in enumerate(consumers)}
+    upstream: dict[str, frozenset[int]] = collections.defaultdict(frozenset)  # tensor -> consumers feeding it
+    wave_of: dict[int, int] = {}
+    for node in model.graph.node:
+        feeding = frozenset().union(*(upstream[name] for name in node.input))
+        if node.name in index:
+            i = index[node.name]
+            wave_of[i] = 1 + max((wave_of[j] for j in upstream[consumers[i].tensor]), default=-1)
+            feeding = feeding | {i}
+        for name in node.output:
+            upstream[name] = feeding
+    waves: dict[int, list[_Consumer]] = collections.defaultdict(list)
+    for i, consumer in enumerate(consumers):
+        waves[wave_of.get(i, 0)].append(consumer)
+    return [waves[k] for k in sorted(waves)]
+
+
+# ---------------------------------------------------------------- writing weights
+
+
+def _write(model: onnx.ModelProto, consumer: _Consumer, solution: np.ndarray, original_bias_delta_done: set[str]) -> None:
+    """In place on the pruned ``model``: the consumer's weight becomes ``solution[:, :-1]`` and
+    ``solution[:, -1]`` is added to its bias (created when it has none)."""
+    from optimizers.structured import _add_bias
+
+    inits = {t.name: t for t in model.graph.initializer}
+    weight = consumer.native(solution[:, :-1])
+    tensor = inits[consumer.weight_name]
+    if tuple(tensor.dims) != weight.shape:
+        raise RuntimeError(f"re-fitted weight of '{consumer.node.name}' has shape {weight.shape}, the pruned one {list(tensor.dims)} (a bug)")
+    tensor.CopyFrom(numpy_helper.from_array(weight, consumer.weight_name))
+    node = next(n for n in model.graph.node if n.name == consumer.node.name)
+    if consumer.node.name not in original_bias_delta_done:
+        _add_bias(model, node, solution[:, -1].astype(np.float32), len(consumer.rows), inits)
+        original_bias_delta_done.add(consumer.node.name)
+
+
+# ---------------------------------------------------------------- the reconstruction
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerReport:
+    """Held-out output error of one consumer, relative to its output energy
+    (``sum ||W x − ŷ||² / sum ||W x||²``): plain pruning, bias compensation, reconstruction."""
+
+    node: str
+    kind: str
+    channels: tuple[int, int]  # input channels kept, of
+    error_pruned: float | None
+    error_compensated: float | None
+    error_reconstructed: float | None
+    ridge: float | None
+    reconstructed: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructResult:
+    """``model``: the pruned model with the kept re-fits (bias compensation elsewhere).
+    ``fidelity``: held-out lowest mean cosine to the unpruned model for ``none``,
+    ``compensation`` and ``reconstruction`` (None where there was no held-out data).
+    ``applied``: whether any re-fit was kept."""
+
+    model: onnx.ModelProto
+    consumers: tuple[ConsumerReport, ...]
+    fidelity: Mapping[str, float | None]
+    applied: bool
+    fit_batches: int
+    heldout_batches: int
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"consumers": [c.to_dict() for c in self.consumers], "fidelity": dict(self.fidelity), "applied": self.applied,
+                "fit_batches": self.fit_batches, "heldout_batches": self.heldout_batches, "notes": list(self.notes)}
+
+
+def split_batches(batches: Sequence[Mapping[str, np.ndarray]], share: float, seed: int
+                  ) -> tuple[list[dict], list[dict]]:
+    """``(fit, heldout)``: a seeded split of whole batches (at least one each); a single batch
+    is split by rows when every input has the same leading size of at least 2; else no
+    held-out part."""
+    batches = [dict(b) for b in batches]
+    if len(batches) >= 2:
+        order = np.random.default_rng(seed).permutation(len(batches))
+        held = max(1, min(len(batches) - 1, round(share * len(batches))))
+        held_ids = set(order[:held].tolist())
+        return [b for i, b in enumerate(batches) if i not in held_ids], [b for i, b in enumerate(batches) if i in held_ids]
+    if len(batches) == 1:
+        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in batches[0].values()}
+        if len(sizes) == 1 and (rows := next(iter(sizes))) is not None and rows >= 2:
+            order = np.random.default_rng(seed).permutation(rows)
+            held = max(1, min(rows - 1, round(share * rows)))
+            pick = lambda ids: {k: np.asarray(v)[np.sort(ids)] for k, v in batches[0].items()}  # noqa: E731
+            return [pick(order[held:])], [pick(order[:held])]
+    return batches, []
+
+
+def _kind(consumer: _Consumer) -> str:
+    if consumer.conv is None:
+        return consumer.node.op_type
+    kh, kw = consumer.conv["kernel"]
+    return f"Conv {kh}x{kw} (im2col {len(consumer.kept)}x{kh * kw})" if kh * kw > 1 else "Conv 1x1"
+
+
+def _activations(model, names: Sequence[str], batches):
+    """Yield, per batch, ``{name: array}`` of the named tensors, from one session of ``model``
+    cut down to the nodes those tensors need."""
+    from optimizers.verify import ort_session
+
+    session = ort_session(_truncated(model, names))
+    for batch in batches:
+        yield dict(zip(names, session.run(list(names), dict(batch))))
+
+
+def _truncated(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are ``names`` (float tensors), without the nodes they
+    do not need: reading early activations does not pay for the rest of the network."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    needed = set(names)
+    kept = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            for attribute in node.attribute:  # subgraphs read outer names too
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    needed.update(i for n in attribute.g.node for i in n.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    del graph.output[:]
+    graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    inputs = [v for v in graph.input if v.name in needed]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return out
+
+
+def _token_rows(batch: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray | None:
+    """For a [batch, tokens, channels] activation of a model fed an ``attention_mask`` of
+    shape [batch, tokens]: the flat row indices of real tokens (padding rows are left out of
+    the fit: their outputs are masked away). None when there is no such mask."""
+    if x.ndim != 3:
+        return None
+    for name, value in batch.items():
+        if "attention_mask" in name and np.ndim(value) == 2 and np.shape(value) == x.shape[:2]:
+            return np.flatnonzero(np.asarray(value).reshape(-1) != 0)
+    return None
+
+
+def _rows(batch, x: np.ndarray, features: np.ndarray) -> np.ndarray:
+    rows = _token_rows(batch, x)
+    return features if rows is None else features[rows]
+
+
+def _moments_for_wave(reference, current, wave: list[_Consumer], fit, heldout):
+    """Per consumer, moments of (kept input in ``current``, original target from ``reference``)
+    over the fit batches and over the held-out ones, and each consumer's original full-feature
+    means over the fit batches (for compensation). One session per model for the wave."""
+    names = sorted({c.tensor for c in wave})
+    batches = [(b, True) for b in fit] + [(b, False) for b in heldout]
+    weights = {c.node.name: c.weight[c.rows].reshape(len(c.rows), -1).T.astype(np.float32) for c in wave}
+    moments = {True: {}, False: {}}
+    sums, counts = {}, collections.Counter()
+    originals = _activations(reference, names, [b for b, _ in batches])
+    pruned = _activations(current, names, [b for b, _ in batches])
+    for (original, x_hat_all), (batch, is_fit) in zip(zip(originals, pruned), batches):
+        for c in wave:
+            name = c.node.name
+            full = _rows(batch, original[c.tensor], c.features(original[c.tensor]))
+            targets = full @ weights[name]
+            # the pruned model's tensor holds the kept channels only
+            features = _rows(batch, x_hat_all[c.tensor], c.features(x_hat_all[c.tensor]))
+            part = moments[is_fit]
+            if name not in part:
+                part[name] = Moments(features.shape[1], targets.shape[1])
+            part[name].add(features, targets)
+            if is_fit:
+                column_sums = full.sum(0, dtype=np.float64)
+                sums[name] = column_sums if name not in sums else sums[name] + column_sums
+                counts[name] += full.shape[0]
+    means = {name: sums[name] / max(counts[name], 1) for name in sums}
+    return moments[True], moments[False], means
+
+
+def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batches: Sequence[Mapping[str, np.ndarray]],
+                settings: ReconstructSettings = ReconstructSettings()) -> ReconstructResult:
+    """Prune ``removed`` from ``model`` (in the form ``optimizers.structured`` traced; not
+    modified) and re-fit the consumers of the removed channels as the module doc says, fitting
+    on a seeded share of ``batches`` and judging on the rest. Consumers that are not re-fitted
+    (rejected on held-out data, too wide, ConvTranspose) get bias compensation."""
+    from optimizers.quantize import fidelity as measure
+    from optimizers.structured import apply
+
+    fit, heldout = split_batches(batches, settings.holdout, settings.seed)
+    notes: list[str] = []
+    consumers, skipped = _consumers(model, analysis, removed, settings)
+    for name, why in skipped.items():
+        notes.append(f"'{name}' keeps bias compensation only: {why}")
+    pruned = apply(model, analysis, removed)
+    current = onnx.ModelProto()
+    current.CopyFrom(pruned)
+    compensated = onnx.ModelProto()
+    compensated.CopyFrom(pruned)
+    if not heldout:
+        notes.append("reconstruction needs held-out calibration data (2 batches or a batch of 2 samples at least); not applied")
+    reports: list[ConsumerReport] = []
+    done_current, done_comp = set(), set()
+    for wave in _waves(model, consumers):
+        fit_moments, held_moments, means = _moments_for_wave(model, current, wave, fit, heldout)
+        for c in wave:
+            compensation = c.compensation(means[c.node.name])
+            _write(compensated, c, compensation, done_comp)
+            report, solution, keep = _judge(c, compensation, fit_moments[c.node.name], held_moments.get(c.node.name), settings)
+            reports.append(report)
+            _write(current, c, solution if keep else compensation, done_current)
+    if skipped:  # not re-fitted: the same bias compensation in both models
+        for target in (compensated, current):
+            _compensate_skipped(target, model, analysis, removed, skipped, fit)
+    chosen, fidelity, applied = _final_choice(model, pruned, compensated, current, reports, heldout, measure, notes)
+    return ReconstructResult(chosen, tuple(reports), fidelity, applied, len(fit), len(heldout), tuple(notes))
+
+
+def _judge(c: _Consumer, compensation, fit: Moments, held: Moments | None, settings: ReconstructSettings
+           ) -> tuple[ConsumerReport, np.ndarray, bool]:
+    """The re-fit with the ridge (of ``settings.ridges``) whose held-out error is least, kept
+    only where that error is below bias compensation's."""
+    prior = c.prior()
+    channels = (len(c.kept), len(c.kept) + len(c.removed))
+    if held is None or held.count == 0 or held.tt <= 0:
+        solution = solve(fit, prior, settings.ridges[0])
+        return ConsumerReport(c.node.name, _kind(c), channels, None, None, None, None, False, "no held-out data"), solution, False
+    pruned = np.concatenate([prior, np.zeros((len(c.rows), 1))], axis=1)
+    error = lambda a: max(held.residual(a), 0.0) / held.tt  # noqa: E731
+    fits = [(error(a), ridge, a) for ridge in settings.ridges for a in [solve(fit, prior, ridge)]]
+    best_error, ridge, solution = min(fits, key=lambda item: item[0])
+    errors = (error(pruned), error(compensation), best_error)
+    keep = errors[2] < errors[1]
+    reason = "lower held-out error" if keep else "held-out error not lower than bias compensation's"
+    return ConsumerReport(c.node.name, _kind(c), channels, *errors, ridge, keep, reason), solution, keep
+
+
+def _final_choice(model, pruned, compensated, current, reports, heldout, measure, notes):
+    """The re-fitted model where its held-out fidelity is at least compensation's, else the
+    compensated one; with the held-out fidelities of the three."""
+    from optimizers.cleanup import deduplicate_initializers
+
+    fidelity = {"none": None, "compensation": None, "reconstruction": None}
+    applied = any(r.reconstructed for r in reports)
+    if heldout:
+        fidelity = {label: measure(model, m, heldout).min_mean_cosine
+                    for label, m in (("none", pruned), ("compensation", compensated), ("reconstruction", current))}
+    if applied and fidelity["reconstruction"] is not None and fidelity["reconstruction"] < fidelity["compensation"]:
+        notes.append(f"reconstruction lowered held-out fidelity ({fidelity['reconstruction']:.4f} vs "
+                     f"{fidelity['compensation']:.4f} with bias compensation) and was dropped")
+        applied = False
+    if not applied and reports:
+        notes.append("no consumer was re-fitted; the model has bias compensation only")
+    chosen = current if applied else compensated
+    kept = sum(1 for r in reports if r.reconstructed)
+    if applied:
+        notes.append(f"{kept} of {len(reports)} consumers re-fitted by least squares (held-out cosine "
+                     f"{fidelity['reconstruction']:.4f}, {fidelity['compensation']:.4f} with bias compensation, "
+                     f"{fidelity['none']:.4f} without)")
+    return deduplicate_initializers(chosen).model, fidelity, applied
+
+
+def _compensate_skipped(target, model, analysis, removed, skipped, batches) -> None:
+    """In place: bias compensation, as ``optimizers.structured`` does it, for the consumers
+    not re-fitted."""
+    from optimizers.structured import _channel_stats, compensate_biases
+
+    if not batches:
+        return
+    subset = dataclasses.replace(analysis, consumers=[c for c in analysis.consumers if c[0] in skipped])
+    means, _ = _channel_stats(model, subset, batches)
+    compensate_biases(target, model, subset, removed, means)
+
+
+# ---------------------------------------------------------------- choosing channels for the reconstruction
+
+GREEDY_STEPS = 48  # removal rounds per unit; each round removes the channels that cost least
+GREEDY_WORK = 2e10  # most multiply-adds of Schur updates for one consumer; wider ones use the diagonal
+
+
+class _Elimination:
+    """Backward elimination state for one consumer: ``P = (G_KK + Λ)⁻¹`` over the active
+    feature columns (the constant column always active, never penalized), ``M = B P`` with
+    ``B = W G_{·K}``. Removing the column block J loses ``tr(M_J P_JJ⁻¹ M_Jᵀ)`` of explained
+    output energy, exactly, for the least-squares re-fit on what is left."""
+
+    def __init__(self, gram: np.ndarray, weight: np.ndarray, taps: int, ridge: float, exact: bool):
+        size = gram.shape[0] - 1
+        self.taps = taps
+        self.exact = exact
+        self.energy = max(float(np.einsum("ij,ij->", weight @ gram[:size, :size], weight)), 1e-30)
+        self.active = np.arange(size + 1)
+        if exact:
+            lam = ridge * max(float(np.trace(gram[:size, :size])) / max(size, 1), 1e-12)
+            regular = gram.copy()
+            regular[np.arange(size), np.arange(size)] += lam
+            self.p = np.linalg.inv(regular)
+            self.m = (weight @ gram[:size, :]) @ self.p
+        else:  # each channel's own output energy, correlations ignored (what ThiNet measures)
+            channels = size // taps
+            index = np.arange(channels)[:, None] * taps + np.arange(taps)
+            blocks = gram[index[:, :, None], index[:, None, :]]  # [C, taps, taps]
+            w = weight.reshape(weight.shape[0], channels, taps)
+            self.own = np.einsum("ocj,cjk,ock->c", w, blocks, w)
+
+    def columns(self, position: int) -> np.ndarray:
+        start = position * self.taps
+        return np.flatnonzero((self.active >= start) & (self.active < start + self.taps))
+
+    def costs(self, positions: Sequence[int]) -> np.ndarray:
+        if not self.exact:
+            return self.own[list(positions)] / self.energy
+        index = np.stack([self.columns(p) for p in positions])  # [n, taps]
+        blocks = self.p[index[:, :, None], index[:, None, :]]  # [n, taps, taps]
+        m = self.m[:, index]  # [out, n, taps]
+        solved = np.linalg.solve(blocks, np.transpose(m, (1, 2, 0)))  # [n, taps, out]
+        return np.einsum("onj,njo->n", m, solved) / self.energy
+
+    def remove(self, positions: Sequence[int]) -> None:
+        if not self.exact:
+            return
+        drop = np.concatenate([self.columns(p) for p in positions])
+        keep = np.setdiff1d(np.arange(len(self.active)), drop)
+        pjj_inv = np.linalg.inv(self.p[np.ix_(drop, drop)])
+        coupling = self.p[np.ix_(drop, keep)]  # P_J,-J
+        self.m = self.m[:, keep] - (self.m[:, drop] @ pjj_inv) @ coupling
+        self.p = self.p[np.ix_(keep, keep)] - coupling.T @ pjj_inv @ coupling
+        self.active = self.active[keep]
+
+
+def greedy_scores(model: onnx.ModelProto, analysis, batches: Sequence[Mapping[str, np.ndarray]], share: float,
+                  ridge: float = 1e-2) -> dict[int, float]:
+    """ThiNet-style importance: per unit, channels are removed greedily, ``share`` of them, in
+    ``GREEDY_STEPS`` rounds; each round removes the channels whose removal loses least of the
+    consumers' output energy after the least-squares re-fit (summed over the unit's consumers,
+    each relative to its own output energy). A channel's score is the round it was removed in
+    (lower goes first); channels never removed score above all removed ones, by their cost.
+    Gram matrices of every consumer's full input are summed over ``batches`` of ``model``."""
+    from optimizers.structured import _units
+
+    find = analysis.slots.find
+    consumers, _ = _consumers(model, analysis, frozenset(), ReconstructSettings(max_features=1 << 30), every=True)
+    grams = _full_grams(model, consumers, batches)
+    score: dict[int, float] = {}
+    for _, roots in _units(analysis):
+        if any(r in analysis.frozen for r in roots):
+            continue
+        members = set(roots)
+        states = []
+        for c in consumers:
+            positions = {p: find(s) for p, s in enumerate(_in_slots(analysis, c)) if find(s) in members}
+            if not positions:
+                continue
+            size = grams[c.node.name].shape[0] - 1
+            drop_columns = int(len(positions) * share) * c.taps
+            exact = float(size) * size * drop_columns <= GREEDY_WORK
+            weight = c.weight.reshape(c.weight.shape[0], -1)
+            states.append((_Elimination(grams[c.node.name], weight, c.taps, ridge, exact), positions))
+        _eliminate(roots, states, share, score)
+    return score
+
+
+def _eliminate(roots: list[int], states, share: float, score: dict[int, float]) -> None:
+    alive = list(roots)
+    target = int(len(roots) * share)
+    chunk = max(1, math.ceil(target / GREEDY_STEPS))
+    removed = 0
+
+    def costs() -> dict[int, float]:
+        total = collections.defaultdict(float)
+        for state, positions in states:
+            live = [p for p, r in positions.items() if r in alive_set]
+            for p, value in zip(live, state.costs(live) if live else []):
+                total[positions[p]] += float(value)
+        return total
+
+    step = 0
+    while removed < target and states:
+        alive_set = set(alive)
+        total = costs()
+        order = sorted(alive, key=lambda r: total[r])
+        taken = order[: min(chunk, target - removed)]
+        for rank, r in enumerate(taken):
+            score[r] = step + rank / (len(taken) + 1)
+        taken_set = set(taken)
+        for state, positions in states:
+            gone = [p for p, r in positions.items() if r in taken_set]
+            if gone:
+                state.remove(gone)
+        alive = [r for r in alive if r not in taken_set]
+        removed += len(taken)
+        step += 1
+    alive_set = set(alive)
+    total = costs() if states else {}
+    for r in alive:
+        score[r] = GREEDY_STEPS + 1 + float(total.get(r, 0.0))
+
+
+def _in_slots(analysis, consumer: _Consumer) -> list[int]:
+    return next(slots for node, _, slots, _, _ in analysis.consumers if node == consumer.node.name)
+
+
+def _full_grams(model, consumers: list[_Consumer], batches) -> dict[str, np.ndarray]:
+    """``[f; 1][f; 1]ᵀ`` summed over ``batches`` for every consumer's full input features."""
+    names = sorted({c.tensor for c in consumers})
+    grams: dict[str, Moments] = {}
+    for batch, values in zip(batches, _activations(model, names, batches)):
+        for c in consumers:
+            features = _rows(batch, values[c.tensor], c.features(values[c.tensor]))
+            if c.node.name not in grams:
+                grams[c.node.name] = Moments(features.shape[1], 0)
+            grams[c.node.name].add(features, np.zeros((features.shape[0], 0), np.float32))
+    return {name: m.zz for name, m in grams.items()}
