@@ -1,0 +1,194 @@
+"""Least-squares reconstruction after structured pruning (optimizers.reconstruct): exact where the
+pruned channels are linear combinations of the kept ones, streaming equals one shot, never kept
+where held-out data says it hurts, and the greedy choice finds redundant channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxforge.common.errors import UserError
+from optimizers.reconstruct import Moments, ReconstructSettings, greedy_scores, reconstruct, solve, split_batches
+from optimizers.structured import analyze
+
+
+def _run(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _mlp(w1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
+    """x [N, in] -> MatMul w1 -> h -> MatMul w2 -> + b2 -> y (no activation: h is linear in x)."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+         helper.make_node("MatMul", ["h", "w2"], ["hw"], name="down"),
+         helper.make_node("Add", ["hw", "b2"], ["y"], name="bias")],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w2.shape[1]])],
+        [numpy_helper.from_array(w1.astype(np.float32), "w1"), numpy_helper.from_array(w2.astype(np.float32), "w2"),
+         numpy_helper.from_array(b2.astype(np.float32), "b2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _convs(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
+    """x [N, 2, 7, 7] -> Conv 1x1 w1 -> h -> Conv 3x3 (pad 1, stride 2) w2 + bias -> y."""
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["h"], name="c1"),
+         helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="c2", pads=[1, 1, 1, 1], strides=[2, 2])],
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w2.shape[0], 4, 4])],
+        [numpy_helper.from_array(w1.astype(np.float32), "w1"), numpy_helper.from_array(w2.astype(np.float32), "w2"),
+         numpy_helper.from_array(np.full(w2.shape[0], 0.5, np.float32), "b2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _roots(analysis, producer: str, channels) -> frozenset[int]:
+    slots = analysis.producers[producer]
+    return frozenset(analysis.slots.find(slots[c]) for c in channels)
+
+
+def _batches(name: str, shape, count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]
+
+
+EXACT = ReconstructSettings(ridges=(1e-9,))
+
+
+@pytest.mark.parametrize("kind", ["matmul", "conv"])
+def test_exact_when_pruned_channels_are_combinations_of_kept_ones(kind):
+    rng = np.random.default_rng(1)
+    if kind == "matmul":
+        kept = rng.standard_normal((6, 4))
+        w1 = np.concatenate([kept, kept @ rng.standard_normal((4, 4))], axis=1)  # h[:, 4:] = h[:, :4] @ A
+        model, producer, feed = _mlp(w1, rng.standard_normal((8, 3)), rng.standard_normal(3)), "up", ("x", (16, 6))
+    else:
+        kept = rng.standard_normal((4, 2, 1, 1))
+        mix = rng.standard_normal((4, 4))
+        w1 = np.concatenate([kept, np.einsum("ji,jcxy->icxy", mix, kept)], axis=0)  # channels 4..7 mix 0..3
+        model, producer, feed = _convs(w1, rng.standard_normal((3, 8, 3, 3))), "c1", ("x", (4, 2, 7, 7))
+    analysis = analyze(model)
+    removed = _roots(analysis, producer, range(4, 8))
+    batches = _batches(*feed, count=6)
+    result = reconstruct(model, analysis, removed, batches, EXACT)
+    test = _batches(*feed, count=1, seed=7)[0]
+    expected, got = _run(model, test), _run(result.model, test)
+    assert result.applied and all(c.reconstructed for c in result.consumers)
+    assert result.consumers[0].error_reconstructed < 1e-8 < result.consumers[0].error_compensated
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    weights = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert weights["w1"] == ((6, 4) if kind == "matmul" else (4, 2, 1, 1))
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_plain_pruning_is_not_exact_on_the_same_model():
+    """Near-miss for the test above: without the re-fit the removed channels' output is lost."""
+    rng = np.random.default_rng(1)
+    kept = rng.standard_normal((6, 4))
+    w1 = np.concatenate([kept, kept @ rng.standard_normal((4, 4))], axis=1)
+    model = _mlp(w1, rng.standard_normal((8, 3)), rng.standard_normal(3))
+    analysis = analyze(model)
+    result = reconstruct(model, analysis, _roots(analysis, "up", range(4, 8)), _batches("x", (16, 6), 6), EXACT)
+    assert result.fidelity["none"] < 0.99 and result.fidelity["compensation"] < 0.99
+    assert result.fidelity["reconstruction"] > 0.99999
+
+
+def test_streaming_moments_equal_one_shot():
+    rng = np.random.default_rng(2)
+    features, targets = rng.standard_normal((300, 7)), rng.standard_normal((300, 3))
+    whole, streamed = Moments(7, 3), Moments(7, 3)
+    whole.add(features, targets)
+    for start in (0, 50, 51, 200):
+        stop = {0: 50, 50: 51, 51: 200, 200: 300}[start]
+        streamed.add(features[start:stop], targets[start:stop])
+    np.testing.assert_allclose(streamed.zz, whole.zz, rtol=1e-5)
+    np.testing.assert_allclose(streamed.tz, whole.tz, rtol=1e-5)
+    assert streamed.count == whole.count == 300
+    prior = rng.standard_normal((3, 7))
+    np.testing.assert_allclose(solve(streamed, prior, 0.1), solve(whole, prior, 0.1), rtol=1e-5, atol=1e-7)
+    # the normal equations against an explicit stacked least-squares problem:
+    # rows [f, 1] -> t, plus sqrt(λ) I rows pulling the weights (not the intercept) to the prior
+    lam = 0.1 * np.trace(whole.zz[:7, :7]) / 7
+    z = np.concatenate([features, np.ones((300, 1))], axis=1)
+    stacked_z = np.concatenate([z, np.sqrt(lam) * np.eye(8)[:7]], axis=0)
+    stacked_t = np.concatenate([targets, np.sqrt(lam) * prior.T], axis=0)
+    direct = np.linalg.lstsq(stacked_z, stacked_t, rcond=None)[0].T
+    np.testing.assert_allclose(solve(whole, prior, 0.1), direct, rtol=1e-4, atol=1e-6)
+    # the residual the moments give equals the residual on the samples
+    np.testing.assert_allclose(whole.residual(direct), np.sum((targets - z @ direct.T) ** 2), rtol=1e-5)
+
+
+def test_dropped_where_held_out_data_says_it_hurts():
+    """Fit batches hold x2 = x0, x3 = x1, held-out ones x2 = -x0, x3 = -x1: the re-fit learns
+    to rebuild the removed channels from the kept ones with the wrong sign for held-out data,
+    so it must be rejected there, and the model returned is the bias-compensated one."""
+    rng = np.random.default_rng(3)
+    model = _mlp(np.eye(4), rng.standard_normal((4, 2)), np.zeros(2))
+    analysis = analyze(model)
+    settings = ReconstructSettings(holdout=0.25, seed=0)
+    raw = _batches("x", (32, 4), 8)
+    labels = [{"index": np.array([k])} for k in range(len(raw))]
+    fit_ids = {int(b["index"][0]) for b in split_batches(labels, settings.holdout, settings.seed)[0]}
+    batches = []
+    for k, batch in enumerate(raw):
+        x = batch["x"].copy()
+        sign = 1.0 if k in fit_ids else -1.0
+        x[:, 2:] = sign * x[:, :2]
+        batches.append({"x": x})
+    result = reconstruct(model, analysis, _roots(analysis, "up", [2, 3]), batches, settings)
+    assert not result.applied
+    assert not result.consumers[0].reconstructed
+    assert result.consumers[0].error_reconstructed >= result.consumers[0].error_compensated
+    assert any("no consumer was re-fitted" in note for note in result.notes)
+    heldout = split_batches(batches, settings.holdout, settings.seed)[1]
+    from optimizers.quantize import fidelity
+
+    assert fidelity(model, result.model, heldout).min_mean_cosine == pytest.approx(result.fidelity["compensation"], abs=1e-9)
+
+
+def test_never_lowers_held_out_fidelity_on_random_data():
+    """Random weights and few samples: whatever is kept, held-out fidelity is at least bias
+    compensation's."""
+    rng = np.random.default_rng(4)
+    model = _mlp(rng.standard_normal((12, 24)), rng.standard_normal((24, 5)), rng.standard_normal(5))
+    analysis = analyze(model)
+    batches = _batches("x", (6, 12), 4, seed=5)
+    result = reconstruct(model, analysis, _roots(analysis, "up", range(12)), batches, ReconstructSettings())
+    from optimizers.quantize import fidelity
+
+    heldout = split_batches(batches, 0.25, 0)[1]
+    assert fidelity(model, result.model, heldout).min_mean_cosine >= result.fidelity["compensation"] - 1e-9
+
+
+def test_no_held_out_data_means_no_reconstruction():
+    model = _mlp(np.eye(4), np.ones((4, 2)), np.zeros(2))
+    analysis = analyze(model)
+    result = reconstruct(model, analysis, _roots(analysis, "up", [3]), [{"x": np.ones((1, 4), np.float32)}])
+    assert not result.applied and result.heldout_batches == 0
+    assert any("needs held-out calibration data" in note for note in result.notes)
+
+
+def test_greedy_removes_the_redundant_channel_first():
+    """Channel 5 duplicates channel 0 (with the largest norm of all): the least-squares cost of
+    removing either is ~0, so the greedy choice removes one of them; l1 would keep both."""
+    rng = np.random.default_rng(6)
+    w1 = rng.standard_normal((8, 6))
+    w1[:, 5] = 3.0 * w1[:, 0]
+    model = _mlp(w1, rng.standard_normal((6, 3)), np.zeros(3))
+    analysis = analyze(model)
+    score = greedy_scores(model, analysis, _batches("x", (64, 8), 4), share=1 / 6)
+    roots = [analysis.slots.find(s) for s in analysis.producers["up"]]
+    first = min(roots, key=lambda r: score[r])
+    assert roots.index(first) in (0, 5)
+    assert sorted(score[r] for r in roots)[1] > score[first]
+
+
+def test_settings_are_checked():
+    with pytest.raises(UserError, match="ridges must be positive"):
+        ReconstructSettings(ridges=(0.0,))
+    with pytest.raises(UserError, match="holdout share must be in"):
+        ReconstructSettings(holdout=1.0)
