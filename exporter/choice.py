@@ -88,7 +88,7 @@ def timing_graph(name: str, proto, workdir: Path, save) -> Path:
         from optimizers.ort_fusions import OrtFusionSettings, fuse_for_ort
 
         try:
-            proto = fuse_for_ort(proto, OrtFusionSettings(target="cpu", verify=False)).model
+            proto = fuse_for_ort(proto, OrtFusionSettings(target="cpu")).model
         except (UserError, ImportError, ValueError, RuntimeError) as exc:
             logger.warning("timing the raw dynamo graph: the ORT fusions failed (%s)", str(exc)[:200])
     save(proto, path)

@@ -240,7 +240,26 @@ def fuse_for_ort(model: onnx.ModelProto, settings: OrtFusionSettings = OrtFusion
     applied (``fusions``: name -> count), ``residual_sums`` rewritten, the fused-op counts
     before and after, and, with ``settings.verify``, the output comparison with the input
     model in ONNX Runtime. Outputs beyond ``settings.tolerance`` are a ``UserError`` naming them.
+
+    When the full set (with attention) gives a graph that ONNX Runtime cannot run or that
+    does not verify, the fusions run again without the attention fusions and
+    ``stats["attention_fallback"]`` says why. (onnxscript 0.7's ``optimize_for_ort`` leaves a
+    ``Gemm`` on a 3-D input in GPT-2's dynamo graph, whose Conv1D layers export as
+    Reshape -> Gemm -> Reshape; ONNX Runtime refuses it.) Without ``verify`` nothing is run and
+    no fallback can happen.
     """
+    try:
+        return _fuse_and_check(model, settings)
+    except UserError as exc:
+        if not settings.attention:
+            raise
+        reason = str(exc)
+        logger.warning("ORT fusions with attention failed (%s); fusing without the attention fusions", reason[:300])
+        result = _fuse_and_check(model, dataclasses.replace(settings, attention=False))
+        return PassResult(result.model, result.modified, {**result.stats, "attention_fallback": reason})
+
+
+def _fuse_and_check(model: onnx.ModelProto, settings: OrtFusionSettings) -> PassResult:
     try:
         import onnx_ir as ir
         from onnxscript.rewriter.ort_fusions import optimize_for_ort

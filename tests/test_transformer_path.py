@@ -344,3 +344,32 @@ def test_cli_pick_faster_prints_the_choice_and_refuses_a_fixed_exporter(tmp_path
     captured = capsys.readouterr()
     assert code == 2 and "--pick-faster compares both exporters; use it with --exporter auto, not dynamo" in captured.err
     assert not (tmp_path / "e.onnx").exists()
+
+
+class TinyGpt2(torch.nn.Module):
+    """GPT-2 blocks (Conv1D layers, which export as Reshape -> Gemm -> Reshape), no cache."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        torch.manual_seed(0)
+        config = GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=100, n_positions=64, use_cache=False,
+                            attn_implementation="eager")
+        self.gpt2 = GPT2Model(config).eval()
+
+    def forward(self, input_ids, attention_mask):
+        return self.gpt2(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+
+def test_attention_fusions_that_ort_cannot_run_fall_back_without_them(tmp_path):
+    from exporter import export
+
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.int64)}
+    model = onnx.load(str(export(TinyGpt2(), inputs, tmp_path / "gpt2.onnx", exporter="dynamo").path))
+    result = fuse_for_ort(model)
+    assert "Gemm node" in result.stats["attention_fallback"]  # onnxscript 0.7 leaves a Gemm on a 3-D input
+    assert result.stats["attention"] is False and _ops(result.model)["Attention"] == 0
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 8), np.int64)}
+    _assert_same_outputs(model, result.model, feeds)
