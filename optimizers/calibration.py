@@ -11,8 +11,6 @@ first one before any work starts. Batches are produced one at a time, never all 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -20,10 +18,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxforge.common.callables import import_callable
 from onnxforge.common.errors import UserError
 from onnxforge.common.specs import InputSpec, check_inputs_match, make_inputs, specs_from_onnx
 
 logger = logging.getLogger(__name__)
+
+
+# Share of calibration batches held out for evaluation when no evaluation data is given.
+HOLDOUT_SHARE = 0.2
 
 
 @dataclasses.dataclass
@@ -55,6 +58,21 @@ class CalibrationData:
     def count(self) -> int:
         return sum(1 for _ in self)
 
+    def holdout(self, share: float = HOLDOUT_SHARE, seed: int = 0) -> tuple[CalibrationData, CalibrationData | None]:
+        """(fit, held out): a fixed, seeded ``share`` of the batches (at least one) set aside for
+        evaluation, so nothing is scored on the data it was fitted on. With a single batch
+        there is nothing to hold out: ``(self, None)``."""
+        total = self.count()
+        if total < 2:
+            return self, None
+        held = frozenset(np.random.default_rng(seed).choice(total, size=max(1, round(total * share)), replace=False).tolist())
+
+        def view(keep_held: bool):
+            return lambda: (batch for index, batch in enumerate(self) if (index in held) == keep_held)
+
+        fit = CalibrationData(self.specs, f"{self.description} less {len(held)} held-out batch(es)", view(False))
+        return fit, CalibrationData(self.specs, f"{len(held)} of {total} batches of {self.description}, held out", view(True))
+
 
 def _split_rows(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     rows = min((a.shape[0] for a in arrays.values() if a.ndim), default=1)
@@ -73,25 +91,9 @@ def _npz_batches(paths: list[Path], batch_size: int) -> Iterator[dict[str, np.nd
 
 
 def _callable_source(spec: str) -> Callable[[], Iterable]:
-    target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise UserError(f"calibration source file '{path}' does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"_onnxforge_calib_{abs(hash(str(path.resolve())))}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise UserError(f"importing calibration source '{path}' failed: {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise UserError(f"cannot import calibration module '{target}': {exc}") from None
-    function = getattr(module, attr, None)
+    function = import_callable(spec, "calibration source")
     if not callable(function):
-        raise UserError(f"'{spec}' does not name a function in '{target}'")
+        raise UserError(f"'{spec}' does not name a function")
 
     def produce():
         try:

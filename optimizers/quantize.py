@@ -854,7 +854,8 @@ def quantize(
     model; on the CPU target the candidates are timed against fp32 with ``measure`` (default
     ``measure_with_runtime_bench``) unless ``settings.check_speed`` is off. ``calibration``
     (static) and ``evaluation`` (fidelity) take any source ``calibration_data`` accepts; without
-    evaluation data, fidelity is measured on the calibration data, else on generated inputs.
+    evaluation data, fidelity is measured on a seeded fifth of the calibration batches held out
+    from calibration (``CalibrationData.holdout``), else on generated inputs.
     Raises ``UserError`` for an already quantized model, exclude-node names that do not exist,
     data that does not match the model, a model ONNX Runtime's quantizers fail on, and an
     accuracy target that cannot be met (naming the best cosine reached and the float nodes).
@@ -874,7 +875,16 @@ def quantize(
     if evaluation is not None:
         evaluation_batches = list(calibration_data(evaluation, reference, tokenizer=tokenizer, dims=dims, max_batches=32))
     elif calib is not None:
-        evaluation_batches = [batch for _, batch in zip(range(16), calib)]
+        calib, held_out = calib.holdout()
+        if held_out is not None:
+            evaluation_batches = [batch for _, batch in zip(range(16), held_out)]
+            reasons.append(f"fidelity measured on {held_out.description} (no evaluation data given; "
+                           "calibration uses the rest)")
+        else:
+            evaluation_batches = [batch for _, batch in zip(range(16), calib)]
+            single = "only one calibration batch: fidelity is measured on the data calibrated on; give --evaluation"
+            reasons.append(single)
+            logger.warning(single)
     else:
         evaluation_batches = [verification_inputs(reference, dims, seed=seed) for seed in range(4)]
         reasons.append("fidelity measured on generated inputs (no evaluation or calibration data given)")

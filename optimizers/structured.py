@@ -1191,14 +1191,22 @@ def prune_structured(
     reference, model, notes = prepared_for_pruning(model, dims)
     analysis = analyze(model)
     _resolve_conflicts(analysis)
-    calib_batches = None
+    calib_batches = eval_batches = None
     if calibration is not None:
-        calib_batches = list(calibration_data(calibration, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
+        calib = calibration_data(calibration, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
+        if evaluation is None:  # nothing is judged on the batches it was fitted on
+            calib, held_out = calib.holdout()
+            if held_out is not None:
+                eval_batches = list(held_out)
+                notes.append(f"fidelity and the bias-compensation choice measured on {held_out.description}")
+            else:
+                notes.append("only one calibration batch: fidelity is measured on the data compensation was fitted on")
+        calib_batches = list(calib)
     elif settings.importance == "activation":
         raise UserError("activation importance needs calibration data (--calibration DATA)")
     if evaluation is not None:
         eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
-    else:
+    elif eval_batches is None:
         eval_batches = calib_batches or [verification_inputs(model, dims, seed=seed) for seed in range(4)]
     check, check_notes = run_check(model, eval_batches[0], dims)
     notes.extend(check_notes)

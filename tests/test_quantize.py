@@ -114,7 +114,9 @@ def test_static_both_formats_per_channel_on_a_cnn(tmp_path, fmt):
     ops = result.after.op_counts
     assert ("QLinearConv" in ops) if fmt == "qoperator" else ("QuantizeLinear" in ops and "DequantizeLinear" in ops)
     assert result.after.quantized_compute_ops == result.after.compute_ops
-    assert result.fidelity.min_mean_cosine > 0.99 and result.fidelity.samples == 16
+    # no evaluation data: a seeded fifth of the 32 calibration batches is held out and scored
+    assert result.fidelity.min_mean_cosine > 0.99 and result.fidelity.samples == round(32 * 0.2)
+    assert any("6 of 32 batches" in r and "held out" in r for r in result.reasons)
     x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32)
     reference = _run(onnx.load(str(path)), {"image": x})
     np.testing.assert_allclose(_run(result.model, {"image": x}), reference, atol=0.1 * np.abs(reference).max())
@@ -600,3 +602,21 @@ def test_digits_cnn_static_int8_loses_at_most_one_point(tmp_path):
     assert float_accuracy > 0.95
     assert float_accuracy - int8_accuracy <= 0.01, (float_accuracy, int8_accuracy)
     assert summarize_model(result.model).quantized_fraction == 1.0
+
+
+def test_calibration_holdout_is_seeded_disjoint_and_complete():
+    from optimizers.calibration import calibration_data
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    data = calibration_data({"x": np.arange(20, dtype=np.float32).reshape(10, 2)}, model)
+    fit, held = data.holdout()
+    fit_rows = [int(b["x"][0, 0]) for b in fit]
+    held_rows = [int(b["x"][0, 0]) for b in held]
+    assert len(held_rows) == 2 and not set(fit_rows) & set(held_rows) and sorted(fit_rows + held_rows) == list(range(0, 20, 2))
+    assert [int(b["x"][0, 0]) for b in data.holdout()[1]] == held_rows  # seeded: the same split every time
+    assert "held out" in held.description
+    single = calibration_data({"x": np.ones((1, 2), np.float32)}, model)
+    assert single.holdout() == (single, None)
