@@ -15,7 +15,7 @@ import onnx
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
 from onnxforge.common.normalize import NormalizeResult, default_opset, ensure_opset, normalize, ops_needing_newer_opset
-from onnxforge.common.onnxio import load_onnx, save_onnx
+from onnxforge.common.onnxio import load_onnx, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.cleanup import cleanup, prune_graph
 from optimizers.fusions import fuse_transformer, looks_like_transformer
@@ -132,7 +132,7 @@ class OptimizeResult:
 
 
 def _summary(model: onnx.ModelProto, path: str = "") -> ModelSummary:
-    return summarize_model(model, path, model.ByteSize())
+    return summarize_model(model, path, model_bytes(model))
 
 
 def _check_dict(comparison) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from onnx import numpy_helper
 
 from onnxforge.common.compare import slice_cosines
 from onnxforge.common.errors import UserError, closest
-from onnxforge.common.onnxio import load_onnx, save_onnx
+from onnxforge.common.onnxio import load_onnx, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData, calibration_data, ort_reader
 from optimizers.verify import ort_session, verification_inputs, with_outputs
@@ -931,7 +931,7 @@ def quantize(
         candidates[chosen_index] = dataclasses.replace(chosen, chosen=True)
     for warning in warnings:
         logger.warning("%s", warning)
-    after = summarize_model(quantized, "", quantized.ByteSize())
+    after = summarize_model(quantized, "", model_bytes(quantized))
     logger.info("quantized %d/%d compute ops; size %.2f -> %.2f MB; lowest mean cosine %.5f", after.quantized_compute_ops,
                 after.compute_ops, before.file_bytes / 1e6, after.file_bytes / 1e6, measured.min_mean_cosine)
     return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
@@ -946,7 +946,7 @@ def _float_model(model: onnx.ModelProto | str | Path, settings: QuantizeSettings
     from onnxforge.common.normalize import normalize
 
     loaded = load_onnx(model) if isinstance(model, (str, Path)) else model
-    before = summarize_model(loaded, str(model) if isinstance(model, (str, Path)) else "", loaded.ByteSize())
+    before = summarize_model(loaded, str(model) if isinstance(model, (str, Path)) else "", model_bytes(loaded))
     if before.quantized_compute_ops:
         raise UserError(f"the model is already quantized ({before.quantized_compute_ops} of {before.compute_ops} compute ops); "
                         "quantize the float model instead")

@@ -33,6 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.onnxio import model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -1244,7 +1245,7 @@ def prune_structured(
         units=tuple(units),
         parameters=(count_parameters(reference), count_parameters(pruned)),
         macs=(macs(model, macs_dims, check.input_sets[0]), macs(pruned, macs_dims, check.input_sets[0])),
-        size_bytes=(given.ByteSize(), pruned.ByteSize()),
+        size_bytes=(model_bytes(given), model_bytes(pruned)),
         fidelity=(measured or _fidelity_dict(reference, pruned, eval_batches)) if removed else None,
         fidelity_without_compensation=without,
         compensated_consumers=compensated,

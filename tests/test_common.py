@@ -400,3 +400,19 @@ def test_open_session_hands_large_models_over_as_files(tmp_path, monkeypatch):
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weights)
     assert isinstance(sources[0], str) and sources[0].endswith("model.onnx")  # a path, not serialized bytes
     assert (Path(sources[0]).parent / "model.onnx.data").stat().st_size == weights.nbytes
+
+
+def test_model_bytes_matches_protobuf_and_works_part_by_part(monkeypatch):
+    import onnxforge.common.onnxio as onnxio
+
+    weights = np.ones((64, 64), np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [onnx.numpy_helper.from_array(weights, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    exact = model.ByteSize()
+    assert onnxio.model_bytes(model) == exact
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_THRESHOLD_BYTES", 16)  # take the part-by-part branch
+    monkeypatch.setattr(onnx.ModelProto, "ByteSize", lambda self: (_ for _ in ()).throw(AssertionError("whole")))
+    assert abs(onnxio.model_bytes(model) - exact) < 200

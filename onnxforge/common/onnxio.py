@@ -61,6 +61,16 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialized size of ``model`` (external weights by their declared length), computed
+    part by part: protobuf cannot size a whole message past 2 GB."""
+    if initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
+        return model.ByteSize()
+    graph = model.graph
+    parts = [*graph.node, *graph.input, *graph.output, *graph.value_info, *graph.sparse_initializer]
+    return initializer_bytes(model) + sum(part.ByteSize() for part in parts) + sum(o.ByteSize() for o in model.opset_import)
+
+
 def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> list[Path]:
     """Write ``model`` to ``path`` atomically; returns the files written (model first).
 
