@@ -26,11 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import corpus  # noqa: E402  (tests/corpus.py: the models, their real inputs and metrics)
-from onnxforge.common.errors import UserError  # noqa: E402
-from optimizers import PruneSettings, QuantizeSettings, prune_file, quantize_file  # noqa: E402
-from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark  # noqa: E402
-from runtime_bench.machine import machine_info  # noqa: E402
+import corpus  # tests/corpus.py: the models, their real inputs and task metrics
+
+from onnxforge.common.errors import UserError
+from optimizers import PruneSettings, QuantizeSettings, prune_file, quantize_file
+from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark
+from runtime_bench.machine import machine_info
+
+logger = logging.getLogger("realworld")
 
 VARIANTS = ("fp32", "onnxforge int8", "quantize_static defaults", "quantize_dynamic defaults", "onnxforge pruned 0.3 + int8")
 
@@ -65,10 +68,10 @@ def make_variants(entry, folder: Path) -> tuple[dict[str, Path], dict[str, str]]
         try:
             build(target)
             made[name] = target
-            logging.info("%s %s made in %.1f s", entry.name, name, time.perf_counter() - started)
+            logger.info("%s %s made in %.1f s", entry.name, name, time.perf_counter() - started)
         except UserError as exc:
             failed[name] = f"refused: {exc}"
-        except Exception as exc:  # a peer's quantizer, or a bug: report it, measure the rest
+        except Exception as exc:  # noqa: BLE001  (a peer's quantizer, or a bug: report it, measure the rest)
             failed[name] = _one_line(exc)
 
     attempt("onnxforge int8", lambda t: quantize_file(fp32, t, QuantizeSettings(), calibration=calibration))
@@ -91,7 +94,7 @@ def score(entry, made: dict[str, Path], failed: dict[str, str]) -> dict[str, flo
     for name, path in list(made.items()):
         try:
             metrics[name] = corpus.evaluate(entry, path)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (ONNX Runtime's refusal of a peer's file is a result)
             failed[name] = f"does not run in ONNX Runtime: {_one_line(exc)}"
             del made[name]
     return metrics
