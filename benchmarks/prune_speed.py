@@ -72,14 +72,15 @@ def _rows(report, results):
 def run(name, source, ratios, config, folder, **data):
     from onnxforge.common.onnxio import load_onnx
     from onnxforge.common.summary import count_parameters
-    from optimizers.structured import macs
 
     base = load_onnx(source)
-    results = {"unpruned": (count_parameters(base), macs(base, config.dims), "1", "1")}
+    results = {"unpruned": None}
     variants = [OnnxVariant("unpruned", Path(source))]
     for ratio in ratios:
         target = folder / f"{name}_{ratio}.onnx"
         result = prune_file(source, target, PruneSettings(ratio=ratio), **data)
+        # MACs of both models on the same input: the one prune measured them on
+        results["unpruned"] = results["unpruned"] or (count_parameters(base), result.macs[0], "1", "1")
         label = f"ratio {ratio}"
         raw = result.fidelity_without_compensation
         results[label] = (result.parameters[1], result.macs[1], f"{result.fidelity['min_mean_cosine']:.4f}",
