@@ -185,6 +185,39 @@ def _key_transpose_rules():
     return pattern.RewriteRuleSet([KeyTransposeAsTransB.rule("KeyTransposeAsTransB")])
 
 
+def _gemm_as_matmul_rules():
+    """``Gemm(a, b[, c])`` with ``transA = transB = 0`` and ``alpha = beta = 1`` ->
+    ``MatMul(a, b)`` (``+ c``). Exact. ``quantize_dynamic`` and SmoothQuant take MatMul with
+    initializer weights, not Gemm; ONNX Runtime folds the bias Add into its int8 kernel."""
+    from onnxscript.rewriter import pattern
+
+    class GemmAsMatMul(pattern.RewriteRuleClassBase):
+        def __init__(self, name: str, has_bias: bool):
+            super().__init__(name=name)
+            self._has_bias = has_bias
+
+        def pattern(self, op, a, b, c):
+            if self._has_bias:
+                return op.Gemm(a, b, c, _allow_other_attributes=True, _outputs=["gemm"])
+            return op.Gemm(a, b, _allow_other_attributes=True, _outputs=["gemm"])
+
+        def check(self, context, gemm, **_):
+            result = pattern.MatchResult()
+            attributes = gemm.producer().attributes
+            if attributes.get_int("transA", 0) or attributes.get_int("transB", 0):
+                return result.fail("transposed Gemm operand")
+            if attributes.get_float("alpha", 1.0) != 1.0 or (self._has_bias and attributes.get_float("beta", 1.0) != 1.0):
+                return result.fail("alpha or beta is not 1")
+            return result
+
+        def rewrite(self, op, a, b, c, **_):
+            product = op.MatMul(a, b)
+            return op.Add(product, c) if self._has_bias else product
+
+    return pattern.RewriteRuleSet([GemmAsMatMul.rule("GemmAsMatMulAdd", has_bias=True),
+                                   GemmAsMatMul.rule("GemmAsMatMul", has_bias=False)])
+
+
 def _float32():
     import onnx_ir as ir
 
@@ -209,7 +242,9 @@ def _fuse_without_attention(model) -> dict[str, int]:
     from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
     from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
     from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_layer_normalization, fuse_skip_rms_normalization
+    from onnxscript.rewriter.rules.common import gemm_to_matmul_add_rule
 
+    rewrite(model, [gemm_to_matmul_add_rule])  # as optimize_for_ort starts: Reshape-Gemm-Reshape as MatMul + Add
     common_passes.ShapeInferencePass()(model)
     onnxscript_optimize(model)
     shape_optimization.rules.apply_to_model(model)
@@ -223,6 +258,9 @@ def _fuse_without_attention(model) -> dict[str, int]:
     }
     onnxscript_optimize(model)
     rewrite(model, ORT_PATTERN_REWRITE_RULES)
+    # onnxscript's optimizer turns 2-D MatMul + Add back into Gemm, which quantize_dynamic and
+    # SmoothQuant do not take; as MatMul + Add ONNX Runtime folds the bias into its int8 kernel.
+    counts["gemm_as_matmul"] = _gemm_as_matmul_rules().apply_to_model(model)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
     common_passes.RemoveInitializersFromInputsPass()(model)
     common_passes.ShapeInferencePass()(model)

@@ -371,5 +371,8 @@ def test_attention_fusions_that_ort_cannot_run_fall_back_without_them(tmp_path):
     result = fuse_for_ort(model)
     assert "Gemm node" in result.stats["attention_fallback"]  # onnxscript 0.7 leaves a Gemm on a 3-D input
     assert result.stats["attention"] is False and _ops(result.model)["Attention"] == 0
+    # GPT-2's Conv1D layers are Gemm in the dynamo graph; they come out as MatMul (+ Add) to quantize
+    assert _ops(model)["Gemm"] == 4 * 2 and _ops(result.model)["Gemm"] == 0
+    assert result.stats["fusions"]["gemm_as_matmul"] == 4 * 2
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 8), np.int64)}
     _assert_same_outputs(model, result.model, feeds)
