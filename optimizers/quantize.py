@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxforge.common.compare import slice_cosines
+from onnxforge.common.compare import compare_batches, slice_cosines
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.onnxio import load_onnx, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
@@ -135,6 +135,7 @@ class Fidelity:
     mean_cosine: dict[str, float]
     max_abs_error: dict[str, float]
     samples: int
+    nonfinite: int = 0
 
     @property
     def min_mean_cosine(self) -> float:
@@ -672,13 +673,14 @@ def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Seque
 
 
 def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> Fidelity:
-    """Mean slice cosine and max abs error of every output, over ``batches``; both models
-    are loaded and run in ONNX Runtime, and an output of another shape is a ``UserError``."""
+    """The shared comparison (``onnxforge.common.compare.compare_batches``) of every float
+    output over ``batches``: mean slice cosine and max abs error per output, and the NaN/Inf
+    values the quantized model gives where the float one is finite (their slices score 0).
+    Both models are loaded and run in ONNX Runtime; an output of another shape is a
+    ``UserError``."""
     reference, candidate = ort_session(float_model), ort_session(quantized)
     names = [o.name for o in reference.get_outputs()]
-    cosines = {n: [] for n in names}
-    errors = {n: 0.0 for n in names}
-    samples = 0
+    pairs, samples = [], 0
     for batch in batches:
         ref = dict(zip(names, reference.run(names, dict(batch))))
         out = dict(zip(names, candidate.run(names, dict(batch))))
@@ -686,11 +688,14 @@ def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: 
             if ref[name].shape != out[name].shape:
                 raise UserError(f"the quantized model gives output '{name}' the shape {list(out[name].shape)}, "
                                 f"the float model {list(ref[name].shape)}")
-            if np.issubdtype(ref[name].dtype, np.floating):
-                cosines[name].extend(slice_cosines(ref[name], out[name]).tolist())
-                errors[name] = max(errors[name], float(np.max(np.abs(ref[name].astype(np.float64) - out[name]))))
+        floats = [n for n in names if np.issubdtype(ref[n].dtype, np.floating)]
+        pairs.append(({n: ref[n] for n in floats}, {n: out[n] for n in floats}))
         samples += next(iter(batch.values())).shape[0] if next(iter(batch.values())).ndim else 1
-    return Fidelity({n: float(np.mean(v)) for n, v in cosines.items() if v}, {n: errors[n] for n in names if cosines[n]}, samples)
+    if not pairs or not pairs[0][0]:
+        return Fidelity({}, {}, samples)
+    comparison = compare_batches(pairs)
+    return Fidelity({o.name: o.cosine for o in comparison.outputs}, {o.name: o.max_abs_error for o in comparison.outputs},
+                    samples, comparison.nonfinite)
 
 
 def node_sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: Sequence[onnx.NodeProto],

@@ -237,13 +237,14 @@ def bench_inputs(specs: Sequence[InputSpec], batch_size: int, dims: Mapping[str,
 
 
 def _runnable_variant(variant: OnnxVariant, folder: Path, notes: dict[str, str]) -> OnnxVariant:
-    """``variant``, or a copy with its inputs' declared sizes of 0 / -1 made symbolic: old
-    exporters write a dynamic dim that way, and ONNX Runtime then runs the file only at size 0.
+    """``variant``, or a copy with its inputs' declared sizes of 0 made symbolic: old exporters
+    write a dynamic dim that way, and ONNX Runtime then runs the file only at size 0 (a declared
+    -1 it runs at any size, so such files are measured as they are).
     The copy is what every onnxforge command works on (``load_onnx`` normalizes the same way);
     ``notes`` records it for the report."""
     raw = load_onnx(variant.path, load_external_data=False, normalize=False)
     declared = [(i.name, axis) for i in raw.graph.input for axis, d in enumerate(i.type.tensor_type.shape.dim)
-                if d.HasField("dim_value") and d.dim_value <= 0]
+                if d.HasField("dim_value") and d.dim_value == 0]
     if not declared:
         return variant
     from onnxforge.common.normalize import normalize
@@ -251,7 +252,7 @@ def _runnable_variant(variant: OnnxVariant, folder: Path, notes: dict[str, str])
 
     path = folder / f"{len(notes)}_{variant.path.name}"
     save_onnx(normalize(load_onnx(variant.path, normalize=False), check=False).model, path)
-    notes[variant.name] = (f"measured a copy with the input dims declared 0/-1 ({', '.join(f'{n}[{a}]' for n, a in declared)}) "
+    notes[variant.name] = (f"measured a copy with the input dims declared 0 ({', '.join(f'{n}[{a}]' for n, a in declared)}) "
                            "made symbolic: ONNX Runtime runs the file as written only at size 0; "
                            "`onnxforge optimize` writes such a copy")
     logger.warning("%s: %s", variant.name, notes[variant.name])
