@@ -354,7 +354,8 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
         transforms = []
         if "prune" in candidate:
             settings = PruneSettings(**candidate["prune"])
-            result = prune(model, settings, calibration=args["calibration"], tokenizer=args["tokenizer"], dims=args["dims"])
+            result = prune(model, settings, calibration=args["calibration"], tokenizer=args["tokenizer"], dims=args["dims"],
+                           evaluation=args["evaluation"])
             model = result.model
             transforms.append({"step": "prune", "settings": candidate["prune"], "parameters": list(result.parameters)})
         if "quantize" in candidate:

@@ -662,7 +662,11 @@ def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Seque
         else:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=settings.block_size, is_symmetric=True,
+            # the quantizer rewrites the ModelProto it is given in place: it gets a copy, so the
+            # caller's model (the fidelity reference) stays the float model
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            quantizer = MatMulNBitsQuantizer(copy, bits=4, block_size=settings.block_size, is_symmetric=True,
                                              nodes_to_exclude=list(exclude))
             quantizer.process()
             return quantizer.model.model
