@@ -95,7 +95,7 @@ def is_dynamo_graph(model: onnx.ModelProto) -> bool:
 def _residual_sum_rules():
     """Rules that keep ONNX Runtime's CPU SkipLayerNormalization kernel out of the graph.
 
-    ``SkipLayerNormalization(x, skip, gamma, beta[, bias])`` -> ``LayerNormalization(Sum(x, skip[, bias]), gamma, beta)``
+    ``SkipLayerNormalization(x, skip, gamma, beta[, bias])`` -> ``LayerNormalization(Sum(x [+ bias], skip), gamma, beta)``
     and ``Add(a, b)`` feeding a LayerNormalization -> ``Sum(a, b)``. ``Sum`` of two or three
     tensors is the same addition (with the same broadcasting) as ``Add``; exact in float.
     """
@@ -132,7 +132,10 @@ def _residual_sum_rules():
 
         def rewrite(self, op, x, skip, gamma, beta, bias, normalized, **_):
             epsilon = normalized.producer().attributes.get_float("epsilon", 1e-12)
-            total = op.Sum(*([x, skip] + ([bias] if self._has_bias else [])))
+            # The broadcast bias goes through Add (ORT's Add kernel has a fast broadcast path;
+            # a three-input Sum with a broadcast input measured ~2x slower); the residual Sum
+            # keeps ORT from fusing the pair back into SkipLayerNormalization.
+            total = op.Sum(op.Add(x, bias) if self._has_bias else x, skip)
             layer_norm = op.LayerNormalization(total, gamma, beta, axis=-1, epsilon=epsilon)
             return (layer_norm, total) if self._keep_sum else layer_norm
 
