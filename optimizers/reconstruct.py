@@ -174,7 +174,7 @@ class _Consumer:
 
 def _im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     """[N, C, H, W] -> [N · OH · OW, C · kh · kw], columns ordered as ``W.reshape(out, -1)``."""
-    n, c = x.shape[:2]
+    c = x.shape[1]
     (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     windows = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
@@ -342,7 +342,7 @@ def split_batches(batches: Sequence[Mapping[str, np.ndarray]], share: float, see
         if len(sizes) == 1 and (rows := next(iter(sizes))) is not None and rows >= 2:
             order = np.random.default_rng(seed).permutation(rows)
             held = max(1, min(rows - 1, round(share * rows)))
-            pick = lambda ids: {k: np.asarray(v)[np.sort(ids)] for k, v in batches[0].items()}  # noqa: E731
+            pick = lambda ids: {k: np.asarray(v)[np.sort(ids)] for k, v in batches[0].items()}
             return [pick(order[held:])], [pick(order[:held])]
     return batches, []
 
@@ -487,7 +487,7 @@ def _judge(c: _Consumer, compensation, fit: Moments, held: Moments | None, setti
         solution = solve(fit, prior, settings.ridges[0])
         return ConsumerReport(c.node.name, _kind(c), channels, None, None, None, None, False, "no held-out data"), solution, False
     pruned = np.concatenate([prior, np.zeros((len(c.rows), 1))], axis=1)
-    error = lambda a: max(held.residual(a), 0.0) / held.tt  # noqa: E731
+    error = lambda a: max(held.residual(a), 0.0) / held.tt
     fits = [(error(a), ridge, a) for ridge in settings.ridges for a in [solve(fit, prior, ridge)]]
     best_error, ridge, solution = min(fits, key=lambda item: item[0])
     errors = (error(pruned), error(compensation), best_error)
@@ -594,8 +594,10 @@ def greedy_scores(model: onnx.ModelProto, analysis, batches: Sequence[Mapping[st
     """ThiNet-style importance: per unit, channels are removed greedily, ``share`` of them, in
     ``GREEDY_STEPS`` rounds; each round removes the channels whose removal loses least of the
     consumers' output energy after the least-squares re-fit (summed over the unit's consumers,
-    each relative to its own output energy). A channel's score is the round it was removed in
-    (lower goes first); channels never removed score above all removed ones, by their cost.
+    each relative to its own output energy). A channel's score is the unit's relative loss once it
+    is gone (the costs of the channels removed so far, summed), so scores order channels within a
+    unit and compare units by what reconstruction cannot recover; channels never removed score
+    above all removed ones, by their cost.
     Gram matrices of every consumer's full input are summed over ``batches`` of ``model``."""
     from optimizers.structured import _units
 
@@ -635,14 +637,15 @@ def _eliminate(roots: list[int], states, share: float, score: dict[int, float]) 
                 total[positions[p]] += float(value)
         return total
 
-    step = 0
+    loss = 0.0
     while removed < target and states:
         alive_set = set(alive)
         total = costs()
         order = sorted(alive, key=lambda r: total[r])
         taken = order[: min(chunk, target - removed)]
-        for rank, r in enumerate(taken):
-            score[r] = step + rank / (len(taken) + 1)
+        for r in taken:  # the loss left after its removal: costs add up along the elimination
+            loss += max(total[r], 0.0)
+            score[r] = loss
         taken_set = set(taken)
         for state, positions in states:
             gone = [p for p, r in positions.items() if r in taken_set]
@@ -650,11 +653,10 @@ def _eliminate(roots: list[int], states, share: float, score: dict[int, float]) 
                 state.remove(gone)
         alive = [r for r in alive if r not in taken_set]
         removed += len(taken)
-        step += 1
     alive_set = set(alive)
     total = costs() if states else {}
     for r in alive:
-        score[r] = GREEDY_STEPS + 1 + float(total.get(r, 0.0))
+        score[r] = loss + max(float(total.get(r, 0.0)), 0.0) + 1e-12
 
 
 def _in_slots(analysis, consumer: _Consumer) -> list[int]:
