@@ -346,6 +346,13 @@ def test_import_callable_file_module_and_package_relative(tmp_path, monkeypatch)
         import_callable("nocolon", "calibration source")
     with pytest.raises(UserError, match="has no attribute 'batchez'.*did you mean 'batches'"):
         import_callable(f"{tmp_path / 'plain.py'}:batchez")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "helper.py").write_text("VALUE = 5\n")  # a neighbour of the same name in another folder
+    (other / "plain2.py").write_text("import helper\n\ndef batches():\n    return helper.VALUE\n")
+    assert import_callable(f"{other / 'plain2.py'}:batches")() == 5
+    (tmp_path / "helper.py").write_text("VALUE = 4\n")  # an edited neighbour is read again
+    assert import_callable(f"{tmp_path / 'plain.py'}:batches")() == 4
     (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
     with pytest.raises(UserError, match="importing .*broken.py' failed: RuntimeError: boom"):
         import_callable(f"{tmp_path / 'broken.py'}:f")

@@ -209,7 +209,6 @@ CALIB = textwrap.dedent(
 
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).parent))  # the calibration loader does not add the file's folder
     from helper import SCALE
 
     def batches():
@@ -311,7 +310,6 @@ def test_cache_keys_follow_every_input_by_content(keyed_dir, monkeypatch, caplog
     run()
     # a local module the factory imports: the export reruns
     (keyed_dir / "layers.py").write_text("WIDTH = 24\n")
-    monkeypatch.delitem(sys.modules, "layers")  # the factory loader re-runs tiny.py, not what it imported
     assert _ran(run()) == {"export", "optimize", "candidate-fp32", "candidate-int8", "accuracy-fp32", "accuracy-int8"}
     # a corrupt stamp reruns its step, with a warning and no traceback
     (out / "steps" / "candidate-int8" / "step.json").write_text('{"key": ')

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 from onnxforge.common.errors import UserError, closest
@@ -37,6 +38,7 @@ def _import_file(path: Path, spec: str, what: str):
         root, module_name = package_dir.parent, f"{package_dir.name}.{path.stem}"
     else:
         root, module_name = path.parent, f"_onnxforge_user_{path.stem}_{abs(hash(str(path)))}"
+    _forget_stale_neighbours(path.parent)
     sys.path.insert(0, str(root))
     try:
         if package_dir is not None:
@@ -56,6 +58,23 @@ def _import_file(path: Path, spec: str, what: str):
         raise UserError(f"importing '{path}' failed: {type(exc).__name__}: {exc}") from exc
     finally:
         sys.path.remove(str(root))
+
+
+def _forget_stale_neighbours(folder: Path) -> None:
+    """Drop cached modules that a file in ``folder`` would import by a neighbour's name, so
+    ``import helper`` reads this folder's helper.py as it is now: not a helper.py cached from
+    another folder earlier in the same process, nor an older copy of this one. Installed
+    packages and the standard library are never dropped."""
+    installed = {Path(p).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                 if (p := sysconfig.get_paths().get(key))}
+    for neighbour in list(folder.glob("*.py"))[:256]:
+        cached = sys.modules.get(neighbour.stem)
+        where = getattr(cached, "__file__", None)
+        if cached is None or where is None:
+            continue
+        where = Path(where).resolve()
+        if not any(base in where.parents for base in installed):
+            del sys.modules[neighbour.stem]
 
 
 def _import_module(target: str, spec: str):
