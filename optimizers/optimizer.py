@@ -19,6 +19,7 @@ from onnxforge.common.onnxio import load_onnx, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.cleanup import cleanup, prune_graph
 from optimizers.fusions import fuse_transformer, looks_like_transformer
+from optimizers.ort_fusions import OrtFusionSettings, fuse_for_ort, is_dynamo_graph
 from optimizers.ort_offline import TARGET_PROVIDERS, ort_optimize, require_provider
 from optimizers.precision import to_fp16
 from optimizers.result import PassResult
@@ -45,6 +46,12 @@ class OptimizeSettings:
     target: ``cpu``, ``cuda`` or ``tensorrt``.
     fusions: ``auto`` (transformer fusions when the graph is a transformer and the target is not
         TensorRT), ``on``, ``off``; ``model_type``, ``num_heads``, ``hidden_size`` override detection.
+        Graphs from the dynamo exporter get onnxscript's ORT fusions (``optimizers.ort_fusions``,
+        whose attention patterns match them) unless ``model_type`` is given; other graphs get
+        ``onnxruntime.transformers.optimizer``.
+    attention_fusion: on dynamo graphs, fuse attention into ``Attention`` (the fastest fp32);
+        turn off for a model that will be dynamically quantized (``quantize_dynamic`` leaves the
+        fused op in float, so its projections would stay fp32).
     fp16: convert to float16 (for GPUs), graph inputs/outputs stay float32 with ``keep_io_types``;
         judged by ``fp16_min_cosine``, not by rtol/atol.
     drop_outputs: graph outputs to remove, with everything only they needed.
@@ -73,6 +80,7 @@ class OptimizeSettings:
     fp16_min_cosine: float = 0.999
     dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
     cleanup_rounds: int = 3
+    attention_fusion: bool = True
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -181,7 +189,11 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
         steps.append(("prune_outputs", lambda m: prune_graph(m, settings.drop_outputs), "exact"))
     steps.append(("cleanup", lambda m: cleanup(m, max_rounds=settings.cleanup_rounds), "exact"))
     wants_fusions = settings.fusions == "on" or (settings.fusions == "auto" and settings.target != "tensorrt")
-    if wants_fusions:
+    if wants_fusions and settings.model_type == "auto" and settings.target in ("cpu", "cuda") and is_dynamo_graph(source):
+        ort_fusion_settings = OrtFusionSettings(attention=settings.attention_fusion, target=settings.target,
+                                                verify=settings.verify, tolerance=tolerance, dims=dims)
+        steps.append(("fusions", lambda m: fuse_for_ort(m, ort_fusion_settings), "exact"))
+    elif wants_fusions:
         steps.append(("fusions", lambda m: _fuse_at_opset_17(
             m, dims, model_type="bert" if settings.fusions == "on" and settings.model_type == "auto" else settings.model_type,
             num_heads=settings.num_heads, hidden_size=settings.hidden_size, use_gpu=settings.target != "cpu"), "exact"))

@@ -377,3 +377,31 @@ def test_attention_fusions_that_ort_cannot_run_fall_back_without_them(tmp_path):
     assert result.stats["fusions"]["gemm_as_matmul"] == 4 * 2
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 8), np.int64)}
     _assert_same_outputs(model, result.model, feeds)
+
+
+# ---------------------------------------------------------------- wired into optimize
+
+
+@pytest.mark.parametrize("attention_fusion", [True, False])
+def test_optimize_uses_the_ort_fusions_on_dynamo_graphs(dynamo_bert, attention_fusion, tmp_path):
+    from optimizers import OptimizeSettings, optimize
+
+    result = optimize(dynamo_bert, OptimizeSettings(attention_fusion=attention_fusion))
+    step = next(s for s in result.steps if s.name == "fusions")
+    assert step.modified and step.check["passed"] and "residual_sums" in step.stats
+    assert result.fusions.get("attention", 0) == (LAYERS if attention_fusion else 0)
+    ops = _ops(result.model)
+    assert ops["Attention"] == (LAYERS if attention_fusion else 0) and ops["SkipLayerNormalization"] == 0
+    assert _ort_optimized_ops(result.model, tmp_path)["SkipLayerNormalization"] == 0
+    _assert_same_outputs(dynamo_bert, result.model, _feeds())
+
+
+def test_optimize_keeps_the_onnxruntime_fusions_for_torchscript_graphs(tmp_path):
+    from exporter import export
+    from optimizers import OptimizeSettings, optimize
+
+    model = onnx.load(str(export(TinyBert(), _bert_inputs(), tmp_path / "ts.onnx", exporter="torchscript").path))
+    assert not is_dynamo_graph(model)
+    result = optimize(model, OptimizeSettings())
+    step = next(s for s in result.steps if s.name == "fusions")
+    assert "residual_sums" not in step.stats  # onnxruntime.transformers.optimizer's step
