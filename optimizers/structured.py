@@ -546,6 +546,9 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
 # ---------------------------------------------------------------- deciding and applying
 
 
+IMPORTANCES = ("l1", "l2", "activation", "reconstruction")
+
+
 @dataclasses.dataclass(frozen=True)
 class PruneSettings:
     """Structured pruning settings.
@@ -554,9 +557,16 @@ class PruneSettings:
         coupled by residual adds), in [0, 1). ``scope="global"`` instead removes the least
         important channels across units (scores normalized by each unit's mean).
     importance: ``l1``/``l2`` norm of each output filter (data-free) or ``activation``:
-        mean |activation| of the channel times the norm of the consumer weights reading it.
+        mean |activation| of the channel times the norm of the consumer weights reading it, or
+        ``reconstruction``: the channels whose loss least-squares reconstruction recovers best go
+        first (greedy, ThiNet-style: ``optimizers.reconstruct.greedy_scores``); with
+        ``scope="global"`` units are compared by the relative loss the reconstruction leaves.
     bias_compensation: fold the mean contribution of each removed channel into its consumers'
         biases (needs calibration data): ``b' = b + sum_{c removed} W[:, c] * E[x_c]``.
+    reconstruct: re-fit each consumer of removed channels by ridge least squares on the kept
+        ones (``optimizers.reconstruct``), kept only where held-out calibration data shows it
+        helps (bias compensation elsewhere, whatever ``bias_compensation`` says). None: on when
+        calibration data is given and ``bias_compensation`` is on.
     round_to: channels kept per unit are a multiple of this (kernels stay efficient).
     protect_first: keep the layers that read graph inputs whole. ``protect``: producer node
         names kept whole. ``ratios``: per-producer ratio overrides.
@@ -571,13 +581,14 @@ class PruneSettings:
     protect: tuple[str, ...] = ()
     ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
     max_batches: int = 32
+    reconstruct: bool | None = None
 
     def __post_init__(self):
         for value in (self.ratio, *self.ratios.values()):
             if not 0.0 <= value < 1.0:
                 raise UserError(f"pruning ratio must be in [0, 1), got {value}")
-        if self.importance not in ("l1", "l2", "activation"):
-            raise UserError(f"unknown importance {self.importance!r}; choose l1, l2 or activation")
+        if self.importance not in IMPORTANCES:
+            raise UserError(f"unknown importance {self.importance!r}; choose {', '.join(IMPORTANCES)}")
         if self.scope not in ("layer", "global"):
             raise UserError(f"unknown scope {self.scope!r}; choose layer or global")
         if self.round_to < 1:
@@ -669,6 +680,14 @@ def _consumer_axes(model, analysis: Analysis) -> dict[str, int]:
     return axes
 
 
+def _unit_scale(settings: PruneSettings, score: dict[int, float], roots: list[int]) -> float:
+    """What a unit's scores are divided by before units are compared (global scope): their mean,
+    except for ``reconstruction`` scores, which are already relative losses."""
+    if settings.importance == "reconstruction":
+        return 1.0
+    return float(np.mean([score[r] for r in roots])) or 1.0
+
+
 def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]) -> list[tuple[Unit, frozenset[int]]]:
     """Each unit with the slot roots chosen for removal (empty when it is left whole)."""
     plans = []
@@ -687,7 +706,7 @@ def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]
         pool = []
         for _, roots, reason, _ in plans:
             if reason is None:
-                mean = np.mean([score[r] for r in roots]) or 1.0
+                mean = _unit_scale(settings, score, roots)
                 pool.extend(score[r] / mean for r in roots)
         threshold = np.quantile(pool, settings.ratio) if pool else 0.0
     decided = []
@@ -697,7 +716,7 @@ def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]
             decided.append((Unit(producers, channels, channels, reason or "ratio 0"), frozenset()))
             continue
         if settings.scope == "global":
-            mean = np.mean([score[r] for r in roots]) or 1.0
+            mean = _unit_scale(settings, score, roots)
             drop = sum(1 for r in roots if score[r] / mean < threshold)
         else:
             drop = int(channels * ratio)
@@ -898,6 +917,7 @@ class PruneResult:
     fidelity_without_compensation: dict[str, Any] | None
     compensated_consumers: int
     notes: tuple[str, ...]
+    reconstruction: dict[str, Any] | None = None  # ReconstructResult.to_dict(): per consumer, held-out figures
 
     @property
     def modified(self) -> bool:
@@ -1166,6 +1186,19 @@ def _compensated(reference, model, analysis: Analysis, removed: frozenset[int], 
     return deduplicate_initializers(pruned).model, compensated, measured, without
 
 
+def _reconstructed(reference, model, analysis: Analysis, removed: frozenset[int], calib_batches, eval_batches, notes: list[str]):
+    """``(pruned, consumers changed, fidelity, fidelity of the plain cut, report)`` with
+    least-squares reconstruction (``optimizers.reconstruct``): it splits ``calib_batches`` into
+    fit and held-out batches itself and keeps re-fits only where the held-out data says so."""
+    from optimizers.reconstruct import reconstruct
+
+    refit = reconstruct(model, analysis, removed, calib_batches)
+    notes.extend(refit.notes)
+    measured = _fidelity_dict(reference, refit.model, eval_batches)
+    without = _fidelity_dict(reference, apply(model, analysis, removed), eval_batches)
+    return refit.model, len(refit.consumers), measured, without, refit.to_dict()
+
+
 def prune_structured(
     model: onnx.ModelProto,
     settings: PruneSettings = PruneSettings(),
@@ -1180,8 +1213,9 @@ def prune_structured(
     Every pruned graph is run in ONNX Runtime before it is returned: it must load, run on the
     evaluation inputs (and, for symbolic dims, at a second size) and give the original output
     shapes. Units whose rewrite fails that are left whole, with the error as their reason.
-    Calibration data (any source ``optimizers.calibration`` reads) feeds activation importance
-    and bias compensation; fidelity (lowest per-output mean cosine, max abs error) is measured
+    Calibration data (any source ``optimizers.calibration`` reads) feeds activation importance,
+    bias compensation and least-squares reconstruction (``optimizers.reconstruct``, which holds
+    out a seeded share of the calibration batches to judge its re-fits); fidelity (lowest per-output mean cosine, max abs error) is measured
     against the unpruned model on the evaluation data, else the calibration data, else
     generated inputs. Raises ``UserError`` when nothing can be pruned at a ratio above 0.
     """
@@ -1203,8 +1237,10 @@ def prune_structured(
             else:
                 notes.append("only one calibration batch: fidelity is measured on the data compensation was fitted on")
         calib_batches = list(calib)
-    elif settings.importance == "activation":
-        raise UserError("activation importance needs calibration data (--calibration DATA)")
+    elif settings.importance in ("activation", "reconstruction"):
+        raise UserError(f"{settings.importance} importance needs calibration data (--calibration DATA)")
+    elif settings.reconstruct:
+        raise UserError("reconstruction needs calibration data (--calibration DATA)")
     if evaluation is not None:
         eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
     elif eval_batches is None:
@@ -1214,7 +1250,13 @@ def prune_structured(
     means = means_abs = None
     if calib_batches and analysis.consumers:
         means, means_abs = _channel_stats(model, analysis, calib_batches)
-    score = _importance(model, analysis, settings, means_abs)
+    if settings.importance == "reconstruction":
+        from optimizers.reconstruct import greedy_scores
+
+        deepest = max((settings.ratio, *settings.ratios.values()))
+        score = greedy_scores(model, analysis, calib_batches, min(0.9, 2 * deepest) if settings.scope == "global" else deepest)
+    else:
+        score = _importance(model, analysis, settings, means_abs)
     decided = _decide(analysis, settings, score)
     decided, trials = _verified(model, analysis, decided, check)
     units = [unit for unit, _ in decided]
@@ -1227,9 +1269,14 @@ def prune_structured(
     if trials > 1:
         notes.append(f"{sum(1 for u in units if (u.reason or '').startswith('pruning it breaks'))} unit(s) left whole "
                      f"because pruning them breaks the graph ({trials} ONNX Runtime checks)")
-    if removed:
+    reconstruction = None
+    if removed and calib_batches and (settings.reconstruct or (settings.reconstruct is None and settings.bias_compensation)):
+        pruned, compensated, measured, without, reconstruction = _reconstructed(
+            reference, model, analysis, removed, calib_batches, eval_batches, notes)
+    elif removed:
         pruned, compensated, measured, without = _compensated(
             reference, model, analysis, removed, means if settings.bias_compensation else None, eval_batches, notes)
+    if removed:
         error = check(pruned)
         if error is not None:
             raise RuntimeError(f"structured pruning produced a model that fails its run check (a bug): {error}")
@@ -1250,6 +1297,7 @@ def prune_structured(
         fidelity_without_compensation=without,
         compensated_consumers=compensated,
         notes=tuple(notes),
+        reconstruction=reconstruction,
     )
     logger.info("pruned %d of %d units; parameters %d -> %d; MACs %d -> %d", sum(1 for u in units if u.kept < u.channels),
                 len(units), *result.parameters, *result.macs)

@@ -11,7 +11,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.common.errors import UserError
-from optimizers.reconstruct import Moments, ReconstructSettings, greedy_scores, reconstruct, solve, split_batches
+from optimizers.reconstruct import (
+    Moments,
+    ReconstructSettings,
+    greedy_scores,
+    reconstruct,
+    solve,
+    split_batches,
+)
 from optimizers.structured import analyze
 
 
@@ -192,3 +199,59 @@ def test_settings_are_checked():
         ReconstructSettings(ridges=(0.0,))
     with pytest.raises(UserError, match="holdout share must be in"):
         ReconstructSettings(holdout=1.0)
+
+
+def _chain(rng) -> onnx.ModelProto:
+    """x -> MatMul (first layer, protected) -> Relu -> MatMul "mid" -> Relu -> MatMul "out" -> y."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["a"], name="first"), helper.make_node("Relu", ["a"], ["ar"], name="r0"),
+         helper.make_node("MatMul", ["ar", "w1"], ["h"], name="mid"), helper.make_node("Relu", ["h"], ["hr"], name="r1"),
+         helper.make_node("MatMul", ["hr", "w2"], ["y"], name="out")],
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+         for name, shape in (("w0", (6, 16)), ("w1", (16, 16)), ("w2", (16, 3)))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_prune_reconstructs_by_default_with_calibration_data(tmp_path):
+    from optimizers import PruneSettings, prune
+
+    model = _chain(np.random.default_rng(8))
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(9).standard_normal((64, 6)).astype(np.float32))
+    result = prune(model, PruneSettings(ratio=0.5, round_to=1), calibration=str(data))
+    assert result.reconstruction is not None
+    assert [c["node"] for c in result.reconstruction["consumers"]] == ["out"]
+    assert result.reconstruction["fit_batches"] + result.reconstruction["heldout_batches"] < 32  # prune held some out too
+    off = prune(model, PruneSettings(ratio=0.5, round_to=1, reconstruct=False), calibration=str(data))
+    assert off.reconstruction is None
+    greedy = prune(model, PruneSettings(ratio=0.5, round_to=1, importance="reconstruction"), calibration=str(data))
+    assert [u.kept for u in greedy.units if u.producers == ("mid",)] == [8]
+
+
+def test_reconstruction_without_calibration_is_refused():
+    from optimizers import PruneSettings, prune
+
+    model = _chain(np.random.default_rng(8))
+    with pytest.raises(UserError, match="reconstruction needs calibration data"):
+        prune(model, PruneSettings(ratio=0.5, reconstruct=True))
+    with pytest.raises(UserError, match="reconstruction importance needs calibration data"):
+        prune(model, PruneSettings(ratio=0.5, importance="reconstruction"))
+
+
+def test_cli_prune_reports_the_reconstruction(tmp_path, capsys):
+    from onnxforge.cli import main
+
+    source = tmp_path / "chain.onnx"
+    onnx.save(_chain(np.random.default_rng(8)), str(source))
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(9).standard_normal((64, 6)).astype(np.float32))
+    code = main(["prune", str(source), str(tmp_path / "out.onnx"), "--ratio", "0.5", "--round-to", "1",
+                 "--calibration", str(data), "--importance", "reconstruction"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "reconstruction, held-out output error" in out and "out" in out
+    assert main(["prune", str(source), str(tmp_path / "o2.onnx"), "--ratio", "0.5", "--reconstruct"]) == 2
+    assert "reconstruction needs calibration data" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from onnxforge.commands._args import add_io_flags
@@ -14,12 +15,16 @@ def register(sub) -> None:
     prn.add_argument("output", help="the ONNX file to write")
     prn.add_argument("--method", choices=("structured", "magnitude"), default="structured")
     prn.add_argument("--ratio", type=float, required=True, help="fraction of channels (or weights, for magnitude) to remove, in [0, 1)")
-    prn.add_argument("--importance", choices=("l1", "l2", "activation"), default="l1")
+    prn.add_argument("--importance", choices=("l1", "l2", "activation", "reconstruction"), default="l1",
+                     help="reconstruction: greedy choice of the channels least-squares re-fitting recovers best (needs --calibration)")
     prn.add_argument("--scope", choices=("layer", "global"), default="layer")
     prn.add_argument("--calibration", metavar="DATA", help="data for activation importance and bias compensation")
     prn.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
     prn.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text data files")
     prn.add_argument("--no-bias-compensation", action="store_true")
+    prn.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                     help="re-fit the consumers of removed channels by least squares, kept where held-out calibration data "
+                          "shows it helps (default: on when --calibration is given)")
     prn.add_argument("--round-to", type=int, default=8, help="kept channels are a multiple of this (default 8)")
     prn.add_argument("--no-protect-first", action="store_true", help="allow pruning the layers that read graph inputs")
     prn.add_argument("--protect", action="append", metavar="NODE", help="keep this producer node whole (repeatable)")
@@ -45,6 +50,7 @@ def _prune_command(args) -> int:
     settings = PruneSettings(
         ratio=args.ratio, importance=args.importance, scope=args.scope, bias_compensation=not args.no_bias_compensation,
         round_to=args.round_to, protect_first=not args.no_protect_first, protect=tuple(args.protect or ()), ratios=ratios,
+        reconstruct=args.reconstruct,
     )
     result = prune_file(args.input, args.output, settings, method=args.method, calibration=args.calibration,
                         evaluation=args.evaluation, tokenizer=args.tokenizer, dims=parse_dim_sizes(args.dim or []))
@@ -64,6 +70,12 @@ def _prune_command(args) -> int:
             line += (f" (without bias compensation: {result.fidelity_without_compensation['min_mean_cosine']:.5f}, "
                      f"{result.fidelity_without_compensation['max_abs_error']:.3g})")
         print(line)
+    if result.reconstruction:
+        print("reconstruction, held-out output error relative to the output (compensation -> re-fit):")
+        for consumer in result.reconstruction["consumers"]:
+            if consumer["error_compensated"] is not None:
+                print(f"  {consumer['node']:<48} {consumer['kind']:<26} {consumer['error_compensated']:.4f} -> "
+                      f"{consumer['error_reconstructed']:.4f}  {'kept' if consumer['reconstructed'] else 'not kept'}")
     for note in result.notes:
         print(f"note: {note}")
     return 0
