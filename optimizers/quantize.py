@@ -52,6 +52,7 @@ from onnxforge.common.errors import UserError, closest
 from onnxforge.common.onnxio import load_onnx, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData, calibration_data, ort_reader
+from optimizers.ort_fusions import is_dynamo_graph
 from optimizers.verify import ort_session, verification_inputs, with_outputs
 
 logger = logging.getLogger(__name__)
@@ -313,6 +314,7 @@ def _base_settings(settings: QuantizeSettings, pattern: OpPattern, mode: str) ->
         "target": settings.target,
         "model_kind": pattern.kind,
         "keep_float": [],
+        "smoothquant": None,
     }
 
 
@@ -424,6 +426,11 @@ def _auto_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern
         if settings.per_channel is None:
             candidates.append(_candidate("dynamic-per-tensor", f"dynamic int8 of {'/'.join(op_types)}, weights per-tensor",
                                          dynamic, op_types=op_types, per_channel=False))
+        if has_calibration and pattern.attention:
+            candidates.append(_candidate("dynamic-per-channel-smoothquant",
+                                         f"SmoothQuant (scales folded into LayerNorms, alpha searched per layer on the calibration "
+                                         f"data), then dynamic int8 of {'/'.join(op_types)}, weights per-channel",
+                                         dynamic, op_types=op_types, per_channel=True, smoothquant="layernorm"))
         if has_calibration:
             candidates.append(_candidate("static-qdq-matmul", "static QDQ of MatMul/Gemm only", static,
                                          op_types=static["op_types"] or ["Gemm", "MatMul"]))
@@ -905,7 +912,7 @@ def quantize(
         int4 = candidates[0].resolved["mode"] == "int4"
         prepared, pre_label = (preprocess_model(float_model, workdir, symbolic=pattern.kind != "conv")
                                if settings.preprocess and not int4 else (float_model, "off"))
-        inputs_for = _ort_inputs(prepared, candidates)
+        inputs_for = _ort_inputs(prepared, candidates, dynamo=is_dynamo_graph(reference), calib=calib, dims=dims)
         exclude = list(settings.exclude_nodes)
         candidates, models = _build_candidates(candidates, inputs_for, exclude, calib, settings, workdir, reference, evaluation_batches)
 
@@ -968,9 +975,14 @@ def _float_model(model: onnx.ModelProto | str | Path, settings: QuantizeSettings
     return before, normalized.model, [normalized.describe()] if normalized.modified else []
 
 
-def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[str, onnx.ModelProto]:
+def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, dynamo: bool = False,
+                calib: CalibrationData | None = None, dims: Mapping[str, int] | None = None) -> dict[str, onnx.ModelProto]:
     """The model each candidate's quantizer gets: Gemm biases as vectors for static runs, Gemm as
-    MatMul + Add for dynamic ones (see ``flatten_gemm_biases`` and ``gemm_as_matmul``)."""
+    MatMul + Add for dynamic ones (see ``flatten_gemm_biases`` and ``gemm_as_matmul``). A graph
+    from the dynamo exporter gets, for dynamic runs, the ORT fusions that keep attention as
+    MatMuls (``optimizers.ort_fusions``, ``attention=False``): without them ONNX Runtime fuses its
+    residual sums into the slow CPU SkipLayerNormalization kernel. A candidate with
+    ``smoothquant`` gets ``optimizers.smoothquant.smooth`` on the calibration data first."""
     by_mode: dict[str, onnx.ModelProto] = {}
     out = {}
     for c in candidates:
@@ -984,10 +996,37 @@ def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate]) -> d
                 by_mode[mode], count = gemm_as_matmul(prepared)
                 if count:
                     logger.info("%d Gemm node(s) written as MatMul + Add for the dynamic quantizer", count)
+                if dynamo:
+                    by_mode[mode] = _int8_fusions(by_mode[mode], dims)
             else:
                 by_mode[mode] = prepared
-        out[c.name] = by_mode[mode]
+        out[c.name] = _smoothed(by_mode[mode], c.resolved, calib) if c.resolved.get("smoothquant") else by_mode[mode]
     return out
+
+
+def _int8_fusions(model: onnx.ModelProto, dims: Mapping[str, int] | None) -> onnx.ModelProto:
+    """The dynamo graph with the fusions that suit dynamic int8, or as it was when they fail."""
+    from optimizers.ort_fusions import OrtFusionSettings, fuse_for_ort
+
+    try:
+        result = fuse_for_ort(model, OrtFusionSettings(attention=False, dims=dict(dims or {})))
+    except UserError as exc:
+        logger.warning("ORT fusions for int8 skipped: %s", exc)
+        return model
+    logger.info("ORT fusions for int8: %s", result.stats.get("fusions"))
+    return result.model
+
+
+def _smoothed(model: onnx.ModelProto, resolved: dict, calib: CalibrationData | None) -> onnx.ModelProto:
+    """``model`` after SmoothQuant on up to 8 calibration batches (exact in float)."""
+    from optimizers.smoothquant import SmoothQuantSettings, smooth
+
+    if calib is None:
+        raise UserError("SmoothQuant needs calibration data (--calibration)")
+    batches = [batch for _, batch in zip(range(8), calib)]
+    result = smooth(model, batches, SmoothQuantSettings(per_channel=bool(resolved["per_channel"]), scope=resolved["smoothquant"]))
+    logger.info("SmoothQuant: %s", {k: v for k, v in result.stats.items() if k != "groups"})
+    return result.model
 
 
 def _build_candidates(candidates: Sequence[Candidate], inputs_for: Mapping[str, onnx.ModelProto], exclude: Sequence[str],

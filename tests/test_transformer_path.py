@@ -405,3 +405,33 @@ def test_optimize_keeps_the_onnxruntime_fusions_for_torchscript_graphs(tmp_path)
     result = optimize(model, OptimizeSettings())
     step = next(s for s in result.steps if s.name == "fusions")
     assert "residual_sums" not in step.stats  # onnxruntime.transformers.optimizer's step
+
+
+# ---------------------------------------------------------------- wired into quantize's auto mode
+
+
+def test_quantize_auto_has_a_smoothquant_candidate_on_dynamo_transformers(dynamo_bert):
+    from optimizers.quantize import FLOAT_VARIANT, QuantizeSettings, Timing, quantize
+
+    ops_by_candidate = {}
+
+    def measure(paths, inputs, seconds):  # times nothing: the smoothquant candidate is made the fastest
+        for name, path in paths.items():
+            ops_by_candidate[name] = _ops(onnx.load(str(path)))
+        speed = {FLOAT_VARIANT: 1.0, "dynamic-per-channel-smoothquant": 2.0}
+        return {name: Timing(10.0 / speed.get(name, 1.5), speed.get(name, 1.5), speed.get(name, 1.5) * 0.95,
+                             speed.get(name, 1.5) * 1.05) for name in paths}
+
+    calibration = {k: np.concatenate([_feeds(batch=4, seq=12, seed=s)[k] for s in range(4)]) for k in _feeds()}
+    result = quantize(dynamo_bert, QuantizeSettings(min_cosine=0.9), calibration=calibration, measure=measure)
+    names = [c.name for c in result.candidates]
+    assert "dynamic-per-channel-smoothquant" in names and "dynamic-per-channel" in names
+    chosen = next(c for c in result.candidates if c.chosen)
+    assert chosen.name == "dynamic-per-channel-smoothquant" and chosen.resolved["smoothquant"] == "layernorm"
+    assert "SmoothQuant" in chosen.description
+    assert any(line.strip().startswith("* dynamic-per-channel-smoothquant") and "2.00x" in line for line in result.table())
+    # every MatMul with weights is int8; the dynamo graph went through the int8 fusions (no SkipLayerNorm, no Attention)
+    smoothed = ops_by_candidate["dynamic-per-channel-smoothquant"]
+    assert smoothed["MatMulInteger"] == 6 * LAYERS and smoothed["MatMul"] == LAYERS  # left in float: probabilities x values
+    assert smoothed["Attention"] == 0 and smoothed["SkipLayerNormalization"] == 0 and smoothed["Sum"] >= 2 * LAYERS
+    assert ops_by_candidate["dynamic-per-channel"]["Gelu"] == LAYERS
