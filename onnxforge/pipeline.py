@@ -357,7 +357,10 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
             result = prune(model, settings, calibration=args["calibration"], tokenizer=args["tokenizer"], dims=args["dims"],
                            evaluation=args["evaluation"])
             model = result.model
-            transforms.append({"step": "prune", "settings": candidate["prune"], "parameters": list(result.parameters)})
+            refit = result.reconstruction  # least-squares reconstruction, on by default with calibration data
+            transforms.append({"step": "prune", "settings": candidate["prune"], "parameters": list(result.parameters),
+                               "reconstructed": bool(refit and refit["applied"]),
+                               "reconstruction_fidelity": refit["fidelity"] if refit else None})
         if "quantize" in candidate:
             options = dict(candidate["quantize"])
             if "op_types" in options:
