@@ -1,0 +1,241 @@
+"""What pruning keeps without retraining: fidelity with no recovery, bias compensation and
+least-squares reconstruction (``optimizers.reconstruct``), and the speedup, for a ResNet-18-style
+CNN, the digits CNN and all-MiniLM-L6-v2's feed-forward neurons, at ratios 0.3 and 0.5.
+
+Every fidelity is measured on data held out from the calibration (reconstruction also splits its
+calibration data into fit and held-out batches of its own to decide what to keep):
+- ResNet-18-style net (random weights, seed 0): calibration 16 random images (seed 0), evaluation
+  16 other random images (seed 1); lowest per-output mean cosine to the unpruned model.
+- digits CNN (trained): calibration 256 training images, evaluation the held-out test split;
+  top-1 accuracy (and cosine).
+- MiniLM: calibration the 30 lines of examples/sentences.txt plus English sentences from the
+  Python standard library's docstrings (no download; 30 sentences are too few tokens to fit 1536
+  neurons), 1024 in all by default; evaluation examples/sentences_eval.txt plus 128 other
+  docstring sentences.
+Columns: ``none`` (channels cut), ``comp`` (bias compensation), ``recon`` (reconstruction, on
+the same channels; always for the digits, with ``--same-channels`` for the others), ``greedy+recon`` (channels chosen by ``--importance reconstruction``, then
+reconstruction). ``base`` is the importance the first three use.
+
+Latency: runtime_bench (variants alternate in blocks with fresh sessions), medians and paired
+95 % intervals against the unpruned model; 2 intra-op threads.
+
+    python benchmarks/prune_recovery.py [--only resnet,digits,minilm] [--ratios 0.3,0.5] [--min-seconds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import random
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter import export
+from onnxforge import models
+from onnxforge.common.onnxio import load_onnx, save_onnx
+from optimizers import PruneSettings, QuantizeSettings, prune, quantize
+from optimizers.quantize import fidelity
+from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark
+from runtime_bench.machine import machine_info
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DOC_MODULES = (
+    "collections", "json", "pathlib", "argparse", "logging", "functools", "itertools", "subprocess", "threading", "asyncio",
+    "email", "http.client", "urllib.request", "unittest", "dataclasses", "typing", "random", "statistics", "datetime",
+    "decimal", "fractions", "csv", "sqlite3", "zipfile", "tarfile", "shutil", "os", "io", "string", "textwrap", "difflib",
+    "heapq", "bisect", "enum", "inspect", "ast", "socket", "ssl", "hashlib", "hmac", "secrets", "uuid", "pickle", "copy",
+    "pprint", "calendar", "locale", "gettext", "tempfile", "glob", "fnmatch", "configparser", "contextlib", "abc",
+    "numbers", "math", "operator", "weakref", "traceback", "warnings", "timeit", "doctest", "xml.etree.ElementTree",
+    "html.parser", "mimetypes", "base64", "struct", "codecs", "queue", "sched", "signal", "select", "selectors",
+    "ipaddress", "smtplib", "imaplib", "ftplib", "wave", "colorsys", "cmd", "shlex",
+)
+
+
+def docstring_sentences() -> list[str]:
+    """English sentences (40-200 characters, no code) from standard-library docstrings, shuffled (seed 0)."""
+    found = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in DOC_MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            for obj in [module, *(getattr(module, a, None) for a in dir(module) if not a.startswith("_"))]:
+                doc = getattr(obj, "__doc__", None)
+                if not isinstance(doc, str):
+                    continue
+                for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                    if 40 <= len(sentence) <= 200 and re.match(r"^[A-Z][a-z]", sentence) and not re.search(r"[>{}\[\]=_]|\(\)|::", sentence):
+                        found.add(sentence)
+    ordered = sorted(found)
+    random.Random(0).shuffle(ordered)
+    return ordered
+
+
+def _text_batches(tokenizer, lines, size):
+    batches = []
+    for start in range(0, len(lines), size):
+        encoded = tokenizer(lines[start:start + size], padding="longest", truncation=True, max_length=128, return_tensors="np")
+        batches.append({name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")})
+    return batches
+
+
+def _source(batches):
+    """A list of input dicts as a calibration source (``optimizers.calibration`` reads callables)."""
+    return lambda: batches
+
+
+def _accuracy(model, inputs, labels) -> float:
+    from optimizers.verify import ort_session
+
+    logits = ort_session(model).run(None, inputs)[0]
+    return float((logits.argmax(1) == labels).mean())
+
+
+def _cell(value, digits=4):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def recovery(name, source: Path, ratios, base: str, calibration, evaluation, folder: Path, config: BenchConfig, accuracy=None,
+             same_channels: bool = False):
+    """Prune ``source`` at each ratio three ways; print the fidelity table and time the pruned models."""
+    reference = load_onnx(source)
+    rows, variants = [], [OnnxVariant("unpruned", source)]
+    pruned_paths = {}
+    for ratio in ratios:
+        data = {"calibration": _source(calibration), "evaluation": _source(evaluation)}
+        plain = prune(reference, PruneSettings(ratio=ratio, importance=base, reconstruct=False), **data)
+        refit = prune(reference, PruneSettings(ratio=ratio, importance=base, reconstruct=True), **data) if same_channels else None
+        greedy = prune(reference, PruneSettings(ratio=ratio, importance="reconstruction", reconstruct=True), **data)
+        row = {"ratio": ratio, "none": plain.fidelity_without_compensation["min_mean_cosine"],
+               "comp": plain.fidelity["min_mean_cosine"], "recon": refit.fidelity["min_mean_cosine"] if refit else None,
+               "greedy": greedy.fidelity["min_mean_cosine"], "macs": greedy.macs, "notes": greedy.notes}
+        if accuracy is not None:
+            uncompensated = prune(reference, PruneSettings(ratio=ratio, importance=base, reconstruct=False, bias_compensation=False),
+                                  **data)
+            row["accuracy"] = [accuracy(m) if m is not None else None
+                               for m in (reference, uncompensated.model, plain.model, refit.model if refit else None, greedy.model)]
+        rows.append(row)
+        path = folder / f"{name}_{ratio}.onnx"
+        save_onnx(greedy.model, path)
+        pruned_paths[ratio] = path
+        variants.append(OnnxVariant(f"pruned {ratio}", path))
+    report = benchmark(variants, config)
+    speed = {m.variant: m for m in report.measurements}
+    print(f"\n== {name}: fidelity on held-out data (base importance: {base}) ==")
+    print(f"{'ratio':>5} {'MACs kept':>9} {'none':>8} {'comp':>8} {'recon':>8} {'greedy+recon':>13} {'p50 ms':>8} {'speedup (95% CI)':>20}")
+    base_ms = speed["unpruned"].latency.p50_ms
+    print(f"{'0':>5} {'100%':>9} {'1':>8} {'1':>8} {'1':>8} {'1':>13} {base_ms:>8.2f} {'1.00x':>20}")
+    for row in rows:
+        m = speed[f"pruned {row['ratio']}"]
+        ci = f"{m.speedup.ratio:.2f}x ({m.speedup.low:.2f}-{m.speedup.high:.2f})" if m.speedup else "-"
+        kept = f"{row['macs'][1] / row['macs'][0]:.0%}"
+        print(f"{row['ratio']:>5} {kept:>9} {_cell(row['none']):>8} {_cell(row['comp']):>8} {_cell(row['recon']):>8} "
+              f"{_cell(row['greedy']):>13} {m.latency.p50_ms:>8.2f} {ci:>20}")
+    if accuracy is not None:
+        print(f"top-1 accuracy on the held-out split: fp32 {rows[0]['accuracy'][0]:.4f}")
+        for row in rows:
+            a = row["accuracy"]
+            print(f"  ratio {row['ratio']}: none {a[1]:.4f}  comp {a[2]:.4f}  recon {_cell(a[3])}  greedy+recon {a[4]:.4f}")
+    for row in rows:
+        for note in row["notes"]:
+            if "re-fitted" in note or "reconstruction" in note:
+                print(f"  ratio {row['ratio']} (greedy+recon): {note}")
+    return pruned_paths
+
+
+def int8_stack(name, source: Path, pruned: Path, settings: QuantizeSettings, calibration, evaluation, folder, config,
+               accuracy=None, **data):
+    """int8 of the unpruned model and of the pruned one (quantization calibrated on the pruned
+    model itself), timed side by side; fidelity against the fp32 unpruned model on held-out data."""
+    reference = load_onnx(source)
+    paths, rows = {"fp32": source, "pruned fp32": pruned}, {}
+    for label, path in (("int8", source), ("pruned + int8", pruned)):
+        result = quantize(load_onnx(path), dataclasses.replace(settings, check_speed=False),
+                          calibration=_source(calibration) if calibration else None, evaluation=_source(evaluation), **data)
+        paths[label] = folder / f"{name}_{label.replace(' ', '_').replace('+', 'plus')}.onnx"
+        save_onnx(result.model, paths[label])
+    for label, path in paths.items():
+        model = load_onnx(path)
+        rows[label] = (fidelity(reference, model, evaluation).min_mean_cosine, accuracy(model) if accuracy else None)
+    report = benchmark([OnnxVariant(label, path) for label, path in paths.items()], config)
+    print(f"\n== {name}: pruning stacked with int8 ({settings.mode}), fidelity to fp32 on held-out data ==")
+    print(f"{'variant':<16} {'cosine':>8} {'top-1':>8} {'p50 ms':>8} {'vs fp32 (95% CI)':>20}")
+    int8_ms = next(m.latency.p50_ms for m in report.measurements if m.variant == "int8")
+    for m in report.measurements:
+        cosine, top1 = rows[m.variant]
+        ci = f"{m.speedup.ratio:.2f}x ({m.speedup.low:.2f}-{m.speedup.high:.2f})" if m.speedup else "1.00x"
+        print(f"{m.variant:<16} {cosine:>8.4f} {_cell(top1):>8} {m.latency.p50_ms:>8.2f} {ci:>20}")
+    pruned_int8 = next(m.latency.p50_ms for m in report.measurements if m.variant == "pruned + int8")
+    print(f"pruned + int8 against int8 alone: {int8_ms / pruned_int8:.2f}x (p50 ratio)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="resnet,digits,minilm")
+    parser.add_argument("--ratios", default="0.3,0.5")
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--sentences", type=int, default=1024, help="MiniLM calibration sentences (batches of 32)")
+    parser.add_argument("--save", metavar="DIR", help="keep the models here (to time them again, e.g. with onnxforge bench)")
+    parser.add_argument("--images", type=int, default=16, help="ResNet calibration images (batches of 4)")
+    parser.add_argument("--same-channels", action="store_true",
+                        help="also reconstruct on the base importance's channels (the recon column; one more pruning per ratio)")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    ratios = [float(r) for r in args.ratios.split(",")]
+    common = {"warmup": 3, "min_runs": 15, "min_seconds": args.min_seconds, "session": SessionSettings(intra_op_threads=2),
+              "fidelity": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.save or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        if "resnet" in only:
+            import sys
+
+            sys.path.insert(0, str(Path(__file__).parent))
+            from prune_speed import ResNet18
+
+            torch.manual_seed(0)
+            path = export(ResNet18().eval(), torch.randn(2, 3, 128, 128), folder / "resnet18.onnx").path
+            images = lambda seed, n: [{"image": np.random.default_rng(seed).standard_normal((n, 3, 128, 128)).astype(np.float32)[i:i + 4]}
+                                      for i in range(0, n, 4)]
+            recovery("ResNet-18-style CNN, batch 8, 3x128x128", path, ratios, "l1", images(0, args.images), images(1, 16), folder,
+                     BenchConfig(batch_sizes=(8,), **common), same_channels=args.same_channels)
+        if "digits" in only:
+            module, example = models.trained_digits_cnn()
+            path = export(module, example, folder / "digits.onnx").path
+            test_inputs, test_labels = models.digits_test_set()
+            calibration, evaluation = list(models.digits_calibration()), list(models.digits_evaluation())
+            top1 = lambda model: _accuracy(model, test_inputs, test_labels)
+            pruned = recovery("digits CNN, batch 64", path, ratios, "l1", calibration, evaluation, folder,
+                              BenchConfig(batch_sizes=(64,), **common), accuracy=top1, same_channels=True)
+            int8_stack("digits CNN, batch 64", path, pruned[max(ratios)], QuantizeSettings(mode="static"), calibration,
+                       evaluation, folder, BenchConfig(batch_sizes=(64,), **common), accuracy=top1)
+        if "minilm" in only:
+            module, example = models.minilm(batch=2, seq=16)
+            path = export(module, example, folder / "minilm.onnx", exporter="torchscript").path
+            tokenizer = models.minilm_tokenizer()
+            sentences = docstring_sentences()
+            examples = [line.strip() for line in (ROOT / "examples" / "sentences_eval.txt").read_text().splitlines() if line.strip()]
+            own = [line.strip() for line in (ROOT / "examples" / "sentences.txt").read_text().splitlines() if line.strip()]
+            calibration = _text_batches(tokenizer, own + sentences[: args.sentences - len(own)], 32)
+            evaluation = _text_batches(tokenizer, examples, 4) + _text_batches(tokenizer, sentences[-128:], 16)
+            print(f"\nMiniLM: calibration {len(own)} example sentences + {args.sentences - len(own)} docstring sentences, "
+                  f"evaluation {len(examples)} other example sentences + 128 other docstring sentences")
+            config = BenchConfig(batch_sizes=(8,), dims={"seq": 128}, **common)
+            pruned = recovery("all-MiniLM-L6-v2 feed-forward neurons, batch 8, seq 128", path, [r for r in ratios if r <= 0.5],
+                              "activation", calibration, evaluation, folder, config, same_channels=args.same_channels)
+            int8_stack("all-MiniLM-L6-v2, batch 8, seq 128", path, pruned[min(ratios)], QuantizeSettings(mode="dynamic"),
+                       None, evaluation, folder, config)
+    print(f"\nmachine: {machine_info().describe()}")
+
+
+if __name__ == "__main__":
+    main()
