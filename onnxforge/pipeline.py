@@ -290,6 +290,9 @@ def _optimize_step(recipe: Recipe, steps: _Steps, source: StepRecord) -> StepRec
     # "basic" by default here: the extended level's contrib ops (FusedConv, FusedGemm...) cannot be
     # pruned or quantized, and ONNX Runtime applies them itself when a session starts.
     settings_data.setdefault("level", "basic")
+    # candidates are quantized and pruned after this step: a fused Attention op would stay in
+    # float there, so the recipe keeps attention as MatMuls unless it asks otherwise
+    settings_data.setdefault("attention_fusion", False)
     dims = recipe.section("data").get("dims", {})
     inputs = {"model": source.digest, "settings": settings_data, "dims": dims, "tools": tool_versions(*STEP_TOOLS["optimize"])}
 

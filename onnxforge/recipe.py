@@ -21,7 +21,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "model": {"source": (str,), "hf": (str,), "task": (str,), "onnx": (str,), "exporter": (str,), "opset": (int,),
               "inputs": (list,), "dims": (dict,), "rtol": (float, int), "atol": (float, int)},
     "data": {"calibration": (str,), "evaluation": (str,), "tokenizer": (str,), "dims": (dict,)},
-    "optimize": {"enabled": (bool,), "level": (str,), "target": (str,), "fusions": (str,)},
+    "optimize": {"enabled": (bool,), "level": (str,), "target": (str,), "fusions": (str,), "attention_fusion": (bool,)},
     "select": {"min_cosine": (float, int), "metric": (str,), "min_accuracy": (float, int)},
     "benchmark": {"enabled": (bool,), "batch": (list, int), "dims": (dict,), "threads": (int,), "min_seconds": (float, int),
                   "min_runs": (int,), "provider": (str,)},

@@ -16,6 +16,8 @@ def register(sub) -> None:
                           "'all' output is tied to this machine and provider")
     opt.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu")
     opt.add_argument("--no-fusions", action="store_true", help="skip the transformer fusions")
+    opt.add_argument("--no-attention-fusion", action="store_true",
+                     help="dynamo graphs: keep attention as MatMuls (for a model that will be quantized or pruned)")
     opt.add_argument("--model-type", help="transformer type for the fusions (default: bert when the graph looks like a transformer)")
     opt.add_argument("--num-heads", type=int, help="attention heads (default: detected from the graph)")
     opt.add_argument("--hidden-size", type=int, help="hidden size (default: detected from the graph)")
@@ -41,6 +43,7 @@ def _optimize_command(args) -> int:
         level=args.level,
         target=args.target,
         fusions="off" if args.no_fusions else ("on" if args.model_type else "auto"),
+        attention_fusion=not args.no_attention_fusion,
         model_type=args.model_type or "auto",
         num_heads=args.num_heads,
         hidden_size=args.hidden_size,
