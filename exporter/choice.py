@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from runtime_bench.timing import VariantTiming, time_against
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +34,9 @@ BASELINE = "torchscript"
 PREFERRED = "dynamo"  # the maintained exporter wins ties
 
 
-@dataclasses.dataclass(frozen=True)
-class ExporterTiming:
-    """Median latency and the speedup over the TorchScript graph with its 95% interval."""
-
-    p50_ms: float
-    speedup: float
-    speedup_low: float
-    speedup_high: float
-
-
-Measure = Callable[[Mapping[str, Path], Mapping[str, np.ndarray], float], Mapping[str, ExporterTiming]]
+# An exporter's graph timed beside the TorchScript graph (``BASELINE``): runtime_bench's shared
+# timing, also used by quantize's auto mode.
+ExporterTiming = VariantTiming
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,18 +58,9 @@ class ExporterChoice:
 
 
 def measure_with_runtime_bench(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray], seconds: float) -> dict[str, ExporterTiming]:
-    """The default ``measure``: ``runtime_bench.benchmark`` on the given inputs, blocks alternating
-    between the variants, the TorchScript graph as the baseline."""
-    from runtime_bench import BenchConfig, OnnxVariant, benchmark
-
-    config = BenchConfig(warmup=3, min_runs=20, min_seconds=seconds, max_seconds=max(30.0, 10 * seconds),
-                         fidelity=False, baseline=BASELINE)
-    report = benchmark([OnnxVariant(name, Path(path)) for name, path in paths.items()], config, inputs=dict(inputs))
-    timings = {}
-    for m in report.measurements:
-        s = m.speedup
-        timings[m.variant] = ExporterTiming(m.latency.p50_ms, s.ratio, s.low, s.high) if s else ExporterTiming(m.latency.p50_ms, 1.0, 1.0, 1.0)
-    return timings
+    """The default ``measure``: ``runtime_bench.timing.time_against`` on the given inputs, the
+    TorchScript graph as the baseline."""
+    return time_against(paths, inputs, seconds, BASELINE)
 
 
 def timing_graph(name: str, proto, workdir: Path, save) -> Path:

@@ -17,13 +17,14 @@ import numpy as np
 import onnx
 import torch
 
-from exporter.choice import ExporterChoice, Measure, choose, timing_graph
+from exporter.choice import ExporterChoice, choose, timing_graph
 from exporter.wrapping import eval_mode_restored, flat_model, flatten_outputs
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import staging_dir
 from onnxforge.common.onnxio import save_onnx
 from onnxforge.common.sessions import SessionSettings, open_session
+from runtime_bench.timing import Measure
 
 logger = logging.getLogger(__name__)
 

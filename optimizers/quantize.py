@@ -39,7 +39,7 @@ import io
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from onnx import numpy_helper
 from onnxforge.common.compare import compare_batches, slice_cosines
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.onnxio import load_onnx, model_bytes, save_onnx
+from runtime_bench.timing import Measure, VariantTiming, time_against
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData, calibration_data, ort_reader
 from optimizers.ort_fusions import is_dynamo_graph
@@ -143,20 +144,10 @@ class Fidelity:
         return min(self.mean_cosine.values()) if self.mean_cosine else 1.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    """One variant timed beside fp32: median latency and the speedup over fp32 (fp32 ms / this
-    ms, > 1 is faster) with its 95% interval."""
+# One variant timed beside fp32 (``FLOAT_VARIANT``), and the callable that times them: the
+# shared ones of runtime_bench, also used by the exporter's --pick-faster.
+Timing = VariantTiming
 
-    p50_ms: float
-    speedup: float
-    speedup_low: float
-    speedup_high: float
-
-
-# ``measure(paths, inputs, seconds)``: variant name -> ONNX file (``FLOAT_VARIANT`` among
-# them, the baseline), the inputs to run them on, the least time to spend -> Timing per name.
-Measure = Callable[[Mapping[str, Path], Mapping[str, np.ndarray], float], Mapping[str, Timing]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -750,25 +741,10 @@ def _quantizable(model: onnx.ModelProto, resolved: dict) -> list[onnx.NodeProto]
 
 
 def measure_with_runtime_bench(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray], seconds: float) -> dict[str, Timing]:
-    """The default ``measure``: ``runtime_bench.benchmark`` with ``FLOAT_VARIANT`` as the
-    baseline, every variant on the same inputs, alternating as that harness does.
-
-    optimizers uses runtime_bench (the dependency arrow exporter -> optimizers -> runtime_bench
-    of the codebase; runtime_bench imports nothing of optimizers), imported here so that
-    quantizing without a speed check does not load it. Tests inject their own ``measure``.
-    """
-    from runtime_bench import BenchConfig, OnnxVariant, benchmark
-
-    config = BenchConfig(warmup=3, min_runs=20, min_seconds=seconds, max_seconds=max(30.0, 10 * seconds),
-                         fidelity=False, baseline=FLOAT_VARIANT)
-    report = benchmark([OnnxVariant(name, Path(path)) for name, path in paths.items()], config, inputs=dict(inputs))
-    for warning in report.warnings:
-        logger.info("speed check: %s", warning)
-    timings = {}
-    for m in report.measurements:
-        s = m.speedup
-        timings[m.variant] = Timing(m.latency.p50_ms, s.ratio, s.low, s.high) if s else Timing(m.latency.p50_ms, 1.0, 1.0, 1.0)
-    return timings
+    """The default ``measure``: ``runtime_bench.timing.time_against`` with ``FLOAT_VARIANT`` as
+    the baseline (the dependency arrow exporter -> optimizers -> runtime_bench; runtime_bench
+    imports nothing of optimizers). Tests inject their own ``measure``."""
+    return time_against(paths, inputs, seconds, FLOAT_VARIANT)
 
 
 def _time_against_float(reference: onnx.ModelProto, models: Mapping[str, onnx.ModelProto], inputs: Mapping[str, np.ndarray],
