@@ -423,6 +423,51 @@ def _name_output_axes(model, first: Mapping[str, np.ndarray], second: Mapping[st
 # ---------------------------------------------------------------- the public function
 
 
+def _exporter_order(model: torch.nn.Module, exporter: str, keyword: bool) -> list[str]:
+    """The exporters to try, in order: ``auto`` is dynamo then TorchScript (TorchScript alone
+    for a ScriptModule, which dynamo cannot take)."""
+    is_script = isinstance(model, torch.jit.ScriptModule)
+    order = ["torchscript"] if exporter == "auto" and is_script else (["dynamo", "torchscript"] if exporter == "auto" else [exporter])
+    if is_script and "dynamo" in order:
+        raise UserError("a TorchScript module can only be exported with exporter='torchscript' (or 'auto')")
+    if is_script and keyword:
+        raise UserError("a TorchScript module takes positional inputs; give a tuple of tensors, not a dict")
+    return order
+
+
+def _attempt_exports(order: Sequence[str], timed: bool, export_one, opset: int):
+    """Each exporter of ``order`` in turn until one gives a verified graph (all of them when the
+    graphs are to be timed); returns ({exporter: (proto, checks)}, ["exporter: why it failed"]).
+    A validation failure is the user's answer unless another exporter's graph already verified."""
+    failures: list[str] = []
+    exported: dict[str, tuple[onnx.ModelProto, list[ShapeCheck]]] = {}
+    for attempt in order:
+        logger.info("exporting with the %s exporter (opset %d)", attempt, opset)
+        try:
+            exported[attempt] = export_one(attempt)
+            if not timed:
+                break
+            continue
+        except _ExporterFailed as exc:
+            failures.append(f"{attempt}: {exc}")
+        except UserError as exc:
+            if not (timed and exported):
+                raise
+            failures.append(f"{attempt}: {exc}")  # the other exporter's graph verified
+        except Exception as exc:  # the exporters raise many types; each is a failure of that exporter
+            op = _failing_op(exc)
+            failures.append(f"{attempt}: {_first_line(exc)}" + (f" (operator {op})" if op else ""))
+            logger.debug("%s exporter traceback", attempt, exc_info=True)
+        if len(order) > 1:
+            logger.warning("the %s exporter failed, %s", attempt, failures[-1].split(": ", 1)[1])
+    if not exported:
+        raise UserError(
+            "could not export the model: " + "; ".join(failures)
+            + ". Fix or replace the named operation in the model, or try another exporter/opset"
+        )
+    return exported, failures
+
+
 def export(
     model: torch.nn.Module,
     example_inputs,
@@ -476,12 +521,7 @@ def export(
     axes = _normalize_axes(dynamic_axes, names, tensors)
     sizes = _symbol_sizes(axes, names, tensors)
 
-    is_script = isinstance(model, torch.jit.ScriptModule)
-    order = ["torchscript"] if exporter == "auto" and is_script else (["dynamo", "torchscript"] if exporter == "auto" else [exporter])
-    if is_script and "dynamo" in order:
-        raise UserError("a TorchScript module can only be exported with exporter='torchscript' (or 'auto')")
-    if is_script and keyword:
-        raise UserError("a TorchScript module takes positional inputs; give a tuple of tensors, not a dict")
+    order = _exporter_order(model, exporter, keyword)
 
     with eval_mode_restored(model):
         # Created in eval mode: the TorchScript exporter restores the wrapper's own mode after
@@ -502,35 +542,11 @@ def export(
 
         timed = exporter == "auto" and measure is not None and len(order) > 1 and validate
         with staging_dir(output_path) as workdir:
-            failures: list[str] = []
-            exported: dict[str, tuple[onnx.ModelProto, list[ShapeCheck]]] = {}
-            for attempt in order:
-                logger.info("exporting with the %s exporter (opset %d)", attempt, opset)
-                try:
-                    exported[attempt] = _export_and_check(
-                        attempt, wrapper, export_args, names, out_names, axes, opset, workdir,
-                        validate, tensors, sizes, tolerance, external_data,
-                    )
-                    if not timed:
-                        break
-                    continue
-                except _ExporterFailed as exc:
-                    failures.append(f"{attempt}: {exc}")
-                except UserError as exc:
-                    if not (timed and exported):
-                        raise
-                    failures.append(f"{attempt}: {exc}")  # the other exporter's graph verified
-                except Exception as exc:  # the exporters raise many types; each is a failure of that exporter
-                    op = _failing_op(exc)
-                    failures.append(f"{attempt}: {_first_line(exc)}" + (f" (operator {op})" if op else ""))
-                    logger.debug("%s exporter traceback", attempt, exc_info=True)
-                if len(order) > 1:
-                    logger.warning("the %s exporter failed, %s", attempt, failures[-1].split(": ", 1)[1])
-            if not exported:
-                raise UserError(
-                    "could not export the model: " + "; ".join(failures)
-                    + ". Fix or replace the named operation in the model, or try another exporter/opset"
-                )
+            exported, failures = _attempt_exports(
+                order, timed, lambda attempt: _export_and_check(
+                    attempt, wrapper, export_args, names, out_names, axes, opset, workdir,
+                    validate, tensors, sizes, tolerance, external_data,
+                ), opset)
             choice = _choose_exporter(exported, measure, measure_seconds, names, tensors, workdir, external_data) if timed else None
             used = choice.exporter if choice else next(iter(exported))
             proto, checks = exported[used]
