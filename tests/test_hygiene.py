@@ -21,20 +21,10 @@ import numpy as np
 import pytest
 
 from onnxforge.cli import main
+from tests.tiny_models import MLP_FACTORY_SOURCE as FACTORY
 
 REPO = Path(__file__).resolve().parents[1]
 
-FACTORY = textwrap.dedent(
-    """
-    import torch
-
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-                                    torch.nn.Linear(64, 8))
-        return model.eval(), torch.randn(4, 32)
-    """
-)
 
 RECIPE = textwrap.dedent(
     """

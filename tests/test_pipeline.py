@@ -11,21 +11,11 @@ import pytest
 
 import onnxforge.pipeline as pipeline
 from onnxforge.cli import main
+from tests.tiny_models import MLP_FACTORY_SOURCE as FACTORY
 from onnxforge.common.errors import UserError
 from onnxforge.package import sha256, verify_package
 from onnxforge.recipe import load_recipe
 
-FACTORY = textwrap.dedent(
-    """
-    import torch
-
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-                                    torch.nn.Linear(64, 8))
-        return model.eval(), torch.randn(4, 32)
-    """
-)
 
 RECIPE = textwrap.dedent(
     """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import torch
 
 
@@ -90,3 +92,17 @@ def build(name: str):
     if name == "two_dtypes":
         return TwoDtypes(), (torch.randn(3, 4), torch.tensor([0, 3, 6]))
     raise KeyError(name)
+
+
+# A factory file for recipes and CLI tests (``tiny.py:build``): a 3-layer MLP with its example input.
+MLP_FACTORY_SOURCE = textwrap.dedent(
+    """
+    import torch
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 8))
+        return model.eval(), torch.randn(4, 32)
+    """
+)
