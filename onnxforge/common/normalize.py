@@ -110,16 +110,16 @@ def default_opset(model: onnx.ModelProto) -> int:
 # ---------------------------------------------------------------- the normalization
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
     yield graph
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attribute.g)
+                yield from subgraphs(attribute.g)
             elif attribute.type == onnx.AttributeProto.GRAPHS:
                 for subgraph in attribute.graphs:
-                    yield from _graphs(subgraph)
+                    yield from subgraphs(subgraph)
 
 
 def _symbolic_name(tensor: str, axis: int) -> str:
@@ -156,7 +156,7 @@ def _fix_dims(model: onnx.ModelProto) -> list[str]:
 def _name_nodes(model: onnx.ModelProto) -> int:
     """Name the nameless nodes of every graph ``<op_type>_<n>``, unique across the model; in
     place on ``model`` (a private copy). Returns how many were named."""
-    graphs = list(_graphs(model.graph))
+    graphs = list(subgraphs(model.graph))
     taken = {node.name for graph in graphs for node in graph.node if node.name}
     counter = 0
     named = 0
@@ -176,7 +176,7 @@ def _liftable_constants(model: onnx.ModelProto) -> int:
     outputs = {o.name for o in model.graph.output}
     return sum(
         1
-        for graph in _graphs(model.graph)
+        for graph in subgraphs(model.graph)
         for node in graph.node
         if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS
         and [a.name for a in node.attribute] == ["value"] and node.output[0] not in outputs
@@ -189,7 +189,7 @@ def _lift_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     import onnx_ir
     from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
-    count = lambda m: sum(1 for g in _graphs(m.graph) for n in g.node if n.op_type == "Constant")  # noqa: E731
+    count = lambda m: sum(1 for g in subgraphs(m.graph) for n in g.node if n.op_type == "Constant")  # noqa: E731
     before = count(model)
     ir_model = onnx_ir.from_proto(model)
     LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(ir_model)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxforge.common.normalize import subgraphs
 from onnxforge.common.onnxio import files_of, load_onnx
 
 # Ops that do the heavy arithmetic of a model; the quantized fraction is taken over these.
@@ -75,14 +76,9 @@ def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
 
 
 def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    yield from _all_nodes(subgraph)
+    """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
+    for each in subgraphs(graph):
+        yield from each.node
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
