@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,19 +59,46 @@ class CalibrationData:
         return sum(1 for _ in self)
 
     def holdout(self, share: float = HOLDOUT_SHARE, seed: int = 0) -> tuple[CalibrationData, CalibrationData | None]:
-        """(fit, held out): a fixed, seeded ``share`` of the batches (at least one) set aside for
-        evaluation, so nothing is scored on the data it was fitted on. With a single batch
-        there is nothing to hold out: ``(self, None)``."""
+        """(fit, held out): the batches :func:`holdout_indices` picks set aside for evaluation,
+        so nothing is scored on the data it was fitted on. With a single batch there is nothing
+        to hold out: ``(self, None)``."""
         total = self.count()
-        if total < 2:
+        held = holdout_indices(total, share, seed)
+        if not held:
             return self, None
-        held = frozenset(np.random.default_rng(seed).choice(total, size=max(1, round(total * share)), replace=False).tolist())
 
         def view(keep_held: bool):
             return lambda: (batch for index, batch in enumerate(self) if (index in held) == keep_held)
 
         fit = CalibrationData(self.specs, f"{self.description} less {len(held)} held-out batch(es)", view(False))
         return fit, CalibrationData(self.specs, f"{len(held)} of {total} batches of {self.description}, held out", view(True))
+
+
+def holdout_indices(total: int, share: float = HOLDOUT_SHARE, seed: int = 0) -> frozenset[int]:
+    """The one hold-out rule: of ``total`` batches, a seeded random ``round(total * share)``
+    (at least one, never all) are held out; none when ``total < 2``."""
+    if total < 2:
+        return frozenset()
+    size = max(1, min(total - 1, round(total * share)))
+    return frozenset(np.random.default_rng(seed).choice(total, size=size, replace=False).tolist())
+
+
+def split_holdout(batches: Sequence[Mapping[str, np.ndarray]], share: float = HOLDOUT_SHARE, seed: int = 0
+                  ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """``(fit, held out)`` of a list of batches by :func:`holdout_indices`. A single batch whose
+    inputs all have the same leading size of at least 2 is split by rows with the same rule;
+    otherwise there is no held-out part."""
+    batches = [dict(b) for b in batches]
+    if len(batches) == 1:
+        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in batches[0].values()}
+        rows = next(iter(sizes)) if len(sizes) == 1 else None
+        if rows is not None and rows >= 2:
+            held = np.array(sorted(holdout_indices(rows, share, seed)))
+            fit = np.setdiff1d(np.arange(rows), held)
+            return ([{k: np.asarray(v)[fit] for k, v in batches[0].items()}],
+                    [{k: np.asarray(v)[held] for k, v in batches[0].items()}])
+    held = holdout_indices(len(batches), share, seed)
+    return [b for i, b in enumerate(batches) if i not in held], [b for i, b in enumerate(batches) if i in held]
 
 
 def _split_rows(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -219,4 +246,4 @@ def ort_reader(data: CalibrationData):
     return Reader()
 
 
-__all__ = ["CalibrationData", "calibration_data", "ort_reader"]
+__all__ = ["HOLDOUT_SHARE", "CalibrationData", "calibration_data", "holdout_indices", "ort_reader", "split_holdout"]

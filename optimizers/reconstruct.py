@@ -49,6 +49,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
+from optimizers.calibration import HOLDOUT_SHARE, split_holdout
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,13 @@ ROW_CHUNK = 8192  # feature rows multiplied at once while summing moments
 class ReconstructSettings:
     """ridges: λ relative to the mean diagonal of the kept inputs' Gram; each consumer uses the
         one whose held-out output error is least.
-    holdout: share of calibration batches (seeded split) kept out of the fit to judge it.
+    holdout: share of calibration batches kept out of the fit to judge it, by the one hold-out
+        rule (``optimizers.calibration.split_holdout``).
     max_features: largest im2col width (kept channels × kernel taps) a Conv is solved for.
     seed: the split's seed."""
 
     ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
-    holdout: float = 0.25
+    holdout: float = HOLDOUT_SHARE
     max_features: int = 6144
     seed: int = 0
 
@@ -270,7 +272,7 @@ def _waves(model, consumers: list[_Consumer]) -> list[list[_Consumer]]:
 def _write(model: onnx.ModelProto, consumer: _Consumer, solution: np.ndarray, original_bias_delta_done: set[str]) -> None:
     """In place on the pruned ``model``: the consumer's weight becomes ``solution[:, :-1]`` and
     ``solution[:, -1]`` is added to its bias (created when it has none)."""
-    from optimizers.structured import _add_bias
+    from optimizers.structured import add_bias
 
     inits = {t.name: t for t in model.graph.initializer}
     weight = consumer.native(solution[:, :-1])
@@ -280,7 +282,7 @@ def _write(model: onnx.ModelProto, consumer: _Consumer, solution: np.ndarray, or
     tensor.CopyFrom(numpy_helper.from_array(weight, consumer.weight_name))
     node = next(n for n in model.graph.node if n.name == consumer.node.name)
     if consumer.node.name not in original_bias_delta_done:
-        _add_bias(model, node, solution[:, -1].astype(np.float32), len(consumer.rows), inits)
+        add_bias(model, node, solution[:, -1].astype(np.float32), len(consumer.rows), inits)
         original_bias_delta_done.add(consumer.node.name)
 
 
@@ -324,27 +326,6 @@ class ReconstructResult:
     def to_dict(self) -> dict:
         return {"consumers": [c.to_dict() for c in self.consumers], "fidelity": dict(self.fidelity), "applied": self.applied,
                 "fit_batches": self.fit_batches, "heldout_batches": self.heldout_batches, "notes": list(self.notes)}
-
-
-def split_batches(batches: Sequence[Mapping[str, np.ndarray]], share: float, seed: int
-                  ) -> tuple[list[dict], list[dict]]:
-    """``(fit, heldout)``: a seeded split of whole batches (at least one each); a single batch
-    is split by rows when every input has the same leading size of at least 2; else no
-    held-out part."""
-    batches = [dict(b) for b in batches]
-    if len(batches) >= 2:
-        order = np.random.default_rng(seed).permutation(len(batches))
-        held = max(1, min(len(batches) - 1, round(share * len(batches))))
-        held_ids = set(order[:held].tolist())
-        return [b for i, b in enumerate(batches) if i not in held_ids], [b for i, b in enumerate(batches) if i in held_ids]
-    if len(batches) == 1:
-        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in batches[0].values()}
-        if len(sizes) == 1 and (rows := next(iter(sizes))) is not None and rows >= 2:
-            order = np.random.default_rng(seed).permutation(rows)
-            held = max(1, min(rows - 1, round(share * rows)))
-            pick = lambda ids: {k: np.asarray(v)[np.sort(ids)] for k, v in batches[0].items()}
-            return [pick(order[held:])], [pick(order[:held])]
-    return batches, []
 
 
 def _kind(consumer: _Consumer) -> str:
@@ -448,7 +429,7 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
     from optimizers.quantize import fidelity as measure
     from optimizers.structured import apply
 
-    fit, heldout = split_batches(batches, settings.holdout, settings.seed)
+    fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
     notes: list[str] = []
     consumers, skipped = _consumers(model, analysis, removed, settings)
     for name, why in skipped.items():
@@ -524,12 +505,12 @@ def _final_choice(model, pruned, compensated, current, reports, heldout, measure
 def _compensate_skipped(target, model, analysis, removed, skipped, batches) -> None:
     """In place: bias compensation, as ``optimizers.structured`` does it, for the consumers
     not re-fitted."""
-    from optimizers.structured import _channel_stats, compensate_biases
+    from optimizers.structured import channel_stats, compensate_biases
 
     if not batches:
         return
     subset = dataclasses.replace(analysis, consumers=[c for c in analysis.consumers if c[0] in skipped])
-    means, _ = _channel_stats(model, subset, batches)
+    means, _ = channel_stats(model, subset, batches)
     compensate_biases(target, model, subset, removed, means)
 
 
@@ -599,13 +580,13 @@ def greedy_scores(model: onnx.ModelProto, analysis, batches: Sequence[Mapping[st
     unit and compare units by what reconstruction cannot recover; channels never removed score
     above all removed ones, by their cost.
     Gram matrices of every consumer's full input are summed over ``batches`` of ``model``."""
-    from optimizers.structured import _units
+    from optimizers.structured import channel_units
 
     find = analysis.slots.find
     consumers, _ = _consumers(model, analysis, frozenset(), ReconstructSettings(max_features=1 << 30), every=True)
     grams = _full_grams(model, consumers, batches)
     score: dict[int, float] = {}
-    for _, roots in _units(analysis):
+    for _, roots in channel_units(analysis):
         if any(r in analysis.frozen for r in roots):
             continue
         members = set(roots)

@@ -603,7 +603,7 @@ class Unit:
     reason: str | None  # why it was left whole, if it was
 
 
-def _units(analysis: Analysis) -> list[tuple[tuple[str, ...], list[int]]]:
+def channel_units(analysis: Analysis) -> list[tuple[tuple[str, ...], list[int]]]:
     """Producers that share any channel root form one unit (a residual group, a C2f block whose
     Split half is added to a bottleneck's output), with the unit's ordered root list."""
     find = analysis.slots.find
@@ -652,7 +652,7 @@ def _importance(model, analysis: Analysis, settings: PruneSettings, means_abs) -
     return score
 
 
-def _channel_stats(model, analysis: Analysis, batches) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def channel_stats(model, analysis: Analysis, batches) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Mean and mean |x| per channel of every tensor a consumer reads, over ``batches``."""
     from optimizers.verify import ort_session, with_outputs
 
@@ -691,7 +691,7 @@ def _unit_scale(settings: PruneSettings, score: dict[int, float], roots: list[in
 def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]) -> list[tuple[Unit, frozenset[int]]]:
     """Each unit with the slot roots chosen for removal (empty when it is left whole)."""
     plans = []
-    for producers, roots in _units(analysis):
+    for producers, roots in channel_units(analysis):
         reason = None
         if any(p in settings.protect for p in producers):
             reason = "protected"
@@ -831,12 +831,15 @@ def compensate_biases(model: onnx.ModelProto, original: onnx.ModelProto, analysi
         if node_name in analysis.producers:  # its own output channels may be pruned too
             kept = [i for i, s in enumerate(analysis.producers[node_name]) if find(s) not in removed]
             delta, bias_axis_len = delta[kept], len(kept)
-        _add_bias(model, node, delta.astype(np.float32), bias_axis_len, inits)
+        add_bias(model, node, delta.astype(np.float32), bias_axis_len, inits)
         changed += 1
     return changed
 
 
-def _add_bias(model, node, delta, size, inits) -> None:
+def add_bias(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray, size: int, inits: Mapping[str, onnx.TensorProto]) -> None:
+    """In place: ``delta`` (``size`` output channels) added to ``node``'s bias. Conv / Gemm: the
+    bias input (created when absent); MatMul: the per-channel constant of the Add that follows
+    it, else a new Add after it. Shared by bias compensation and ``optimizers.reconstruct``."""
     if node.op_type in ("Conv", "Gemm"):
         index = 2
         if len(node.input) > index and node.input[index] in inits:
@@ -929,12 +932,17 @@ class PruneResult:
         return data
 
 
-def _fidelity_dict(reference, candidate, batches) -> dict[str, Any]:
+def fidelity_dict(reference, candidate, batches) -> dict[str, Any]:
+    """``optimizers.quantize.fidelity`` as the report's dict: lowest per-output mean cosine,
+    largest max abs error, samples."""
     from optimizers.quantize import fidelity
 
     measured = fidelity(reference, candidate, batches)
     return {"min_mean_cosine": measured.min_mean_cosine, "max_abs_error": max(measured.max_abs_error.values(), default=0.0),
             "samples": measured.samples}
+
+
+_fidelity_dict = fidelity_dict  # the name optimizers/prune.py imports today; it moves to fidelity_dict
 
 
 def _resolve_conflicts(analysis: Analysis) -> None:
@@ -1172,11 +1180,11 @@ def _compensated(reference, model, analysis: Analysis, removed: frozenset[int], 
     pruned = apply(model, analysis, removed)
     compensated, measured, without = 0, None, None
     if means is not None:
-        without = _fidelity_dict(reference, pruned, eval_batches)
+        without = fidelity_dict(reference, pruned, eval_batches)
         uncompensated = onnx.ModelProto()
         uncompensated.CopyFrom(pruned)
         compensated = compensate_biases(pruned, model, analysis, removed, means)
-        measured = _fidelity_dict(reference, pruned, eval_batches)
+        measured = fidelity_dict(reference, pruned, eval_batches)
         if measured["min_mean_cosine"] < without["min_mean_cosine"]:
             # Mean compensation is optimal for squared error on average, not for every model:
             # where it lowers the measured fidelity, the uncompensated model is kept.
@@ -1194,8 +1202,8 @@ def _reconstructed(reference, model, analysis: Analysis, removed: frozenset[int]
 
     refit = reconstruct(model, analysis, removed, calib_batches)
     notes.extend(refit.notes)
-    measured = _fidelity_dict(reference, refit.model, eval_batches)
-    without = _fidelity_dict(reference, apply(model, analysis, removed), eval_batches)
+    measured = fidelity_dict(reference, refit.model, eval_batches)
+    without = fidelity_dict(reference, apply(model, analysis, removed), eval_batches)
     return refit.model, len(refit.consumers), measured, without, refit.to_dict()
 
 
@@ -1249,7 +1257,7 @@ def prune_structured(
     notes.extend(check_notes)
     means = means_abs = None
     if calib_batches and analysis.consumers:
-        means, means_abs = _channel_stats(model, analysis, calib_batches)
+        means, means_abs = channel_stats(model, analysis, calib_batches)
     if settings.importance == "reconstruction":
         from optimizers.reconstruct import greedy_scores
 
@@ -1293,7 +1301,7 @@ def prune_structured(
         parameters=(count_parameters(reference), count_parameters(pruned)),
         macs=(macs(model, macs_dims, check.input_sets[0]), macs(pruned, macs_dims, check.input_sets[0])),
         size_bytes=(model_bytes(given), model_bytes(pruned)),
-        fidelity=(measured or _fidelity_dict(reference, pruned, eval_batches)) if removed else None,
+        fidelity=(measured or fidelity_dict(reference, pruned, eval_batches)) if removed else None,
         fidelity_without_compensation=without,
         compensated_consumers=compensated,
         notes=tuple(notes),

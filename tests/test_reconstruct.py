@@ -11,13 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.common.errors import UserError
+from optimizers.calibration import split_holdout
 from optimizers.reconstruct import (
     Moments,
     ReconstructSettings,
     greedy_scores,
     reconstruct,
     solve,
-    split_batches,
 )
 from optimizers.structured import analyze
 
@@ -139,7 +139,7 @@ def test_dropped_where_held_out_data_says_it_hurts():
     settings = ReconstructSettings(holdout=0.25, seed=0)
     raw = _batches("x", (32, 4), 8)
     labels = [{"index": np.array([k])} for k in range(len(raw))]
-    fit_ids = {int(b["index"][0]) for b in split_batches(labels, settings.holdout, settings.seed)[0]}
+    fit_ids = {int(b["index"][0]) for b in split_holdout(labels, settings.holdout, settings.seed)[0]}
     batches = []
     for k, batch in enumerate(raw):
         x = batch["x"].copy()
@@ -151,7 +151,7 @@ def test_dropped_where_held_out_data_says_it_hurts():
     assert not result.consumers[0].reconstructed
     assert result.consumers[0].error_reconstructed >= result.consumers[0].error_compensated
     assert any("no consumer was re-fitted" in note for note in result.notes)
-    heldout = split_batches(batches, settings.holdout, settings.seed)[1]
+    heldout = split_holdout(batches, settings.holdout, settings.seed)[1]
     from optimizers.quantize import fidelity
 
     assert fidelity(model, result.model, heldout).min_mean_cosine == pytest.approx(result.fidelity["compensation"], abs=1e-9)
@@ -167,7 +167,7 @@ def test_never_lowers_held_out_fidelity_on_random_data():
     result = reconstruct(model, analysis, _roots(analysis, "up", range(12)), batches, ReconstructSettings())
     from optimizers.quantize import fidelity
 
-    heldout = split_batches(batches, 0.25, 0)[1]
+    heldout = split_holdout(batches, ReconstructSettings().holdout, 0)[1]
     assert fidelity(model, result.model, heldout).min_mean_cosine >= result.fidelity["compensation"] - 1e-9
 
 
@@ -255,3 +255,24 @@ def test_cli_prune_reports_the_reconstruction(tmp_path, capsys):
     assert "reconstruction, held-out output error" in out and "out" in out
     assert main(["prune", str(source), str(tmp_path / "o2.onnx"), "--ratio", "0.5", "--reconstruct"]) == 2
     assert "reconstruction needs calibration data" in capsys.readouterr().err
+
+
+def test_one_hold_out_rule_for_lists_and_calibration_data():
+    """split_holdout (lists, used by reconstruction) and CalibrationData.holdout (quantize, prune)
+    hold out the same batches; a single batch is split by rows with the same rule."""
+    from optimizers.calibration import HOLDOUT_SHARE, calibration_data, holdout_indices
+
+    model = _mlp(np.eye(4), np.ones((4, 2)), np.zeros(2))
+    batches = [{"x": np.full((1, 4), k, np.float32)} for k in range(10)]
+    fit, held = split_holdout(batches)
+    data = calibration_data(lambda: batches, model)
+    fit_data, held_data = data.holdout()
+    assert [int(b["x"][0, 0]) for b in held] == [int(b["x"][0, 0]) for b in held_data]
+    assert [int(b["x"][0, 0]) for b in fit] == [int(b["x"][0, 0]) for b in fit_data]
+    assert len(held) == round(10 * HOLDOUT_SHARE) and sorted(int(b["x"][0, 0]) for b in fit + held) == list(range(10))
+    rows = {"x": np.arange(40, dtype=np.float32).reshape(10, 4)}
+    fit_rows, held_rows = split_holdout([rows])
+    assert sorted(held_rows[0]["x"][:, 0] // 4) == sorted(holdout_indices(10))
+    assert len(fit_rows[0]["x"]) == 8
+    one_row = split_holdout([{"x": np.ones((1, 4), np.float32)}])
+    assert len(one_row[0]) == 1 and one_row[1] == []  # nothing to hold out
