@@ -1,28 +1,57 @@
 """``prune``: structured (channels and neurons removed) or magnitude (zeros) pruning of an ONNX
-model, with a report of parameters, MACs, size and fidelity before and after."""
+model, with a report of parameters, MACs, size and fidelity before and after. Attention heads
+(``optimizers.heads``) are pruned first when asked, then channels and neurons."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import onnx
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.onnxio import load_onnx, save_onnx
+from optimizers.heads import HeadPruneResult, HeadSettings, prune_heads
 from optimizers.sparsity import magnitude_sparsity
 from optimizers.structured import PruneResult, PruneSettings, prune_structured
 
 METHODS = ("structured", "magnitude")
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadsAndNeuronsResult(PruneResult):
+    """A ``PruneResult`` of attention heads pruned first (``heads``), then channels and neurons
+    (``units``, empty when ``PruneSettings.ratio`` is 0). Parameters, MACs, size and fidelity
+    compare the final model with the model given."""
+
+    heads: HeadPruneResult | None = None
+
+    @property
+    def modified(self) -> bool:
+        return super().modified or (self.heads is not None and self.heads.modified)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(dataclasses.replace(self, model=None, heads=None))
+        data.pop("model")
+        data["heads"] = self.heads.to_dict() if self.heads is not None else None
+        return data
+
+
 def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSettings(), *, method: str = "structured",
-          **data) -> PruneResult:
+          heads: float = 0.0, **data) -> PruneResult:
     """Prune ``model`` (a ModelProto, not modified, or a path). ``method="magnitude"`` zeroes the
     smallest weights instead (a size feature, see ``optimizers.sparsity``); ``data`` are
-    ``prune_structured``'s keyword arguments (calibration, evaluation, tokenizer, dims)."""
+    ``prune_structured``'s keyword arguments (calibration, evaluation, tokenizer, dims).
+    ``heads``: the fraction of attention heads to remove from each attention block first
+    (``optimizers.heads.prune_heads``), then channels and neurons at ``settings.ratio`` (none
+    at 0); the result is a ``HeadsAndNeuronsResult``."""
     if method not in METHODS:
         raise UserError(f"unknown pruning method {method!r}; choose structured or magnitude")
     source = load_onnx(model) if isinstance(model, (str, Path)) else model
+    if heads:
+        if method != "structured":
+            raise UserError("attention heads are pruned structurally; --heads does not combine with --method magnitude")
+        return _heads_then_neurons(source, settings, heads, data)
     if method == "structured":
         return prune_structured(source, settings, **data)
     from onnxforge.common.normalize import normalize
@@ -48,9 +77,58 @@ def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSe
     )
 
 
+def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads: float, data) -> HeadsAndNeuronsResult:
+    """Heads first (their Q/K/V channels are never channel-pruning units, so the two do not
+    overlap), then channels and neurons on the head-pruned model; both run their own ONNX
+    Runtime checks. The totals compare the final model with ``source``."""
+    from onnxforge.common.onnxio import model_bytes
+    from onnxforge.common.summary import count_parameters
+    from optimizers.structured import _fidelity_dict, macs
+
+    head_settings = HeadSettings(ratio=heads, bias_compensation=settings.bias_compensation, max_batches=settings.max_batches)
+    head_result = prune_heads(source, head_settings, **data)
+    batches = _evaluation_batches(source, settings, data)
+    dims = data.get("dims") or {}
+    if settings.ratio == 0:
+        return HeadsAndNeuronsResult(
+            model=head_result.model, units=(), parameters=head_result.parameters,
+            macs=(macs(source, dims, batches[0]), macs(head_result.model, dims, batches[0])),
+            size_bytes=(model_bytes(source), model_bytes(head_result.model)), fidelity=head_result.fidelity,
+            fidelity_without_compensation=head_result.fidelity_without_compensation,
+            compensated_consumers=head_result.compensated, notes=head_result.notes, heads=head_result)
+    neurons = prune_structured(head_result.model, settings, **data)
+    fields = {field.name: getattr(neurons, field.name) for field in dataclasses.fields(PruneResult)}
+    return HeadsAndNeuronsResult(**{
+        **fields,
+        "parameters": (count_parameters(source), neurons.parameters[1]),
+        "macs": (macs(source, dims, batches[0]), neurons.macs[1]),
+        "size_bytes": (model_bytes(source), neurons.size_bytes[1]),
+        "fidelity": _fidelity_dict(source, neurons.model, batches),
+        "fidelity_without_compensation": None,
+        "notes": (*(f"heads: {note}" for note in head_result.notes), *neurons.notes,
+                  "fidelity is measured against the model before head pruning"),
+    }, heads=head_result)
+
+
+def _evaluation_batches(model: onnx.ModelProto, settings: PruneSettings, data) -> list:
+    """The batches fidelity is judged on, chosen as ``prune_structured`` chooses them: the
+    evaluation data, else the held-out share of the calibration data, else generated inputs."""
+    from optimizers.calibration import calibration_data
+    from optimizers.verify import verification_inputs
+
+    dims, tokenizer = data.get("dims"), data.get("tokenizer")
+    if data.get("evaluation") is not None:
+        return list(calibration_data(data["evaluation"], model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
+    if data.get("calibration") is not None:
+        calib = calibration_data(data["calibration"], model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
+        fit, held_out = calib.holdout()
+        return list(held_out if held_out is not None else fit)
+    return [verification_inputs(model, dims, seed=seed) for seed in range(4)]
+
+
 def prune_file(input_path: str | Path, output_path: str | Path, settings: PruneSettings = PruneSettings(), *,
-               method: str = "structured", **data) -> PruneResult:
+               method: str = "structured", heads: float = 0.0, **data) -> PruneResult:
     """``prune`` from a file to a file, written atomically; nothing is written when it fails."""
-    result = prune(load_onnx(input_path), settings, method=method, **data)
+    result = prune(load_onnx(input_path), settings, method=method, heads=heads, **data)
     save_onnx(result.model, output_path)
     return result

@@ -1,4 +1,4 @@
-"""``onnxforge prune``: structured or magnitude pruning."""
+"""``onnxforge prune``: structured or magnitude pruning, and attention heads (``--heads``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ def register(sub) -> None:
     prn.add_argument("input", help="the ONNX file to prune")
     prn.add_argument("output", help="the ONNX file to write")
     prn.add_argument("--method", choices=("structured", "magnitude"), default="structured")
-    prn.add_argument("--ratio", type=float, required=True, help="fraction of channels (or weights, for magnitude) to remove, in [0, 1)")
+    prn.add_argument("--ratio", type=float, help="fraction of channels (or weights, for magnitude) to remove, in [0, 1)")
+    prn.add_argument("--heads", type=float, metavar="RATIO", default=0.0,
+                     help="fraction of attention heads to remove from each attention block, in [0, 1); pruned before "
+                          "channels and neurons (--ratio), which are optional with it")
     prn.add_argument("--importance", choices=("l1", "l2", "activation", "reconstruction"), default="l1",
                      help="reconstruction: greedy choice of the channels least-squares re-fitting recovers best (needs --calibration)")
     prn.add_argument("--scope", choices=("layer", "global"), default="layer")
@@ -38,6 +41,8 @@ def _prune_command(args) -> int:
     from onnxforge.common.specs import parse_dim_sizes
     from optimizers import PruneSettings, prune_file
 
+    if args.ratio is None and not args.heads:
+        raise UserError("give --ratio (channels and neurons), --heads (attention heads), or both")
     ratios = {}
     for item in args.layer_ratio or []:
         name, sep, value = item.rpartition("=")
@@ -48,16 +53,17 @@ def _prune_command(args) -> int:
         if not sep or not name:
             raise UserError(f"malformed --layer-ratio {item!r}: expected NODE=RATIO")
     settings = PruneSettings(
-        ratio=args.ratio, importance=args.importance, scope=args.scope, bias_compensation=not args.no_bias_compensation,
+        ratio=args.ratio or 0.0, importance=args.importance, scope=args.scope, bias_compensation=not args.no_bias_compensation,
         round_to=args.round_to, protect_first=not args.no_protect_first, protect=tuple(args.protect or ()), ratios=ratios,
         reconstruct=args.reconstruct,
     )
-    result = prune_file(args.input, args.output, settings, method=args.method, calibration=args.calibration,
+    result = prune_file(args.input, args.output, settings, method=args.method, heads=args.heads, calibration=args.calibration,
                         evaluation=args.evaluation, tokenizer=args.tokenizer, dims=parse_dim_sizes(args.dim or []))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return 0
     print(f"{args.input} -> {args.output}  ({args.method})")
+    _print_heads(getattr(result, "heads", None))
     for unit in result.units:
         status = f"{unit.channels} -> {unit.kept}" + (f"   left whole: {unit.reason}" if unit.reason else "")
         print(f"  {' + '.join(unit.producers):<48} {status}")
@@ -79,3 +85,13 @@ def _prune_command(args) -> int:
     for note in result.notes:
         print(f"note: {note}")
     return 0
+
+
+def _print_heads(heads) -> None:
+    if heads is None:
+        return
+    print(f"attention heads (scored by {heads.scoring}):")
+    for block in heads.blocks:
+        status = f"{block.heads} -> {block.kept}" + (f"   removed {list(block.removed)}" if block.removed else "")
+        status += f"   left whole: {block.reason}" if block.reason else ""
+        print(f"  {block.name:<48} {block.form:<18} {status}")

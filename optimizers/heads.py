@@ -1,0 +1,1072 @@
+"""Attention-head pruning on the ONNX graph: whole heads removed from an attention block, so
+the Q/K/V projections lose the head's output features, the output projection loses the
+matching input rows, and the head count written in the graph follows.
+
+Graph forms understood:
+
+* **Unfused** (TorchScript and dynamo exporters): ``MatMul (+ Add bias) -> Reshape [.., .., H, d]``
+  splits a projection into heads. From each split the head axis is followed forward through
+  the ops that treat heads as a batch axis: Transpose (the axis moves), element-wise ops and
+  ``Where`` whose other operand does not vary along the head axis (a scale, the attention
+  mask; a per-head constant stops it), Softmax on another axis, Dropout/Cast and the other
+  unary ops, and ``MatMul`` / ``FusedMatMul`` of two head tensors with the head axis among
+  the batch axes (scores ``Q K^T``, context ``P V``; the two tensors' heads are one block).
+  The block ends where ``Reshape`` merges ``[.., .., H, d]`` back into ``H * d`` features read
+  by one output-projection ``MatMul``/``Gemm``. Head counts are rewritten where they are
+  written: in literal shape constants (``[0, 0, H, d]``) and in constant pieces of a shape
+  built by ``Concat`` (TorchScript's ``Concat(Unsqueeze(batch), Unsqueeze(seq), [H], [d])``);
+  a ``-1`` entry (the dynamo exporter's) needs nothing. Edited shapes get their own copy, so a
+  shape shared with another node is never changed under it.
+* **Fused** ``com.microsoft`` ``Attention`` (one packed ``[hidden, q + k + v]`` weight and bias;
+  ``num_heads`` and ``qkv_hidden_sizes`` rewritten) and ``MultiHeadAttention`` (Q/K/V from
+  three projections, optionally one packed bias; ``num_heads`` rewritten).
+
+The softmax scale stays: it is ``1/sqrt(head_dim)`` and the head dimension does not change.
+Anything else that reads a head tensor (``Shape``, a graph output, a MatMul with a
+non-head operand, an initializer another node also reads, past key/value inputs, rotary
+attributes) leaves the whole block unpruned, with the reason in the result: an attention
+block is pruned completely or not at all.
+
+Head scores (lowest go first, per block, ``ratio`` of the heads, at least one head kept):
+
+* data-free: ``||W_V[:, h]||_F * ||W_O[h, :]||_F``. Head ``h`` adds ``P_h X W_V[:, h] W_O[h, :]``
+  to the block's output, and each row of the softmax ``P_h`` is a convex combination, so the
+  norm of that term is bounded by ``||X|| ||W_V[:, h]||_F ||W_O[h, :]||_F``; Q and K only choose
+  the mixing weights, not the size of what is mixed.
+* with calibration data: the measured contribution, the mean over tokens (padding tokens,
+  ``attention_mask == 0``, left out) of ``||c_h W_O[h, :]||_2`` where ``c_h`` is the head's part of
+  the context read by the output projection. A head whose output-projection rows are zero
+  scores 0 under both, and removing it is exact.
+
+With calibration data the removed heads' mean contribution ``E[c_h] W_O[h, :]`` is folded into
+the output projection's bias (bias compensation), kept only where held-out data shows it helps.
+Every pruned graph is run in ONNX Runtime (``optimizers.structured.run_check``: the checker,
+the evaluation inputs and a second size of the symbolic dims, the original output shapes)
+before it is returned; a block whose rewrite fails that is left whole with the error.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxforge.common.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+# Ops that act on each element alone: a head tensor passes through them unchanged.
+ELEMENTWISE_UNARY = frozenset({
+    "Relu", "Sigmoid", "Tanh", "Erf", "Clip", "Elu", "Neg", "Abs", "Sqrt", "Exp", "Identity", "Dropout", "Cast",
+    "Gelu", "FastGelu", "Reciprocal", "IsNaN", "IsInf", "Not",
+})
+ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "And", "Or"})
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSettings:
+    """ratio: fraction of the heads of each attention block to remove, in [0, 1); the count is
+    ``floor(ratio * heads)``, capped so that ``min_heads`` stay. bias_compensation: with
+    calibration data, fold the removed heads' mean contribution into the output projection's
+    bias where held-out data shows it helps. max_batches: calibration batches read."""
+
+    ratio: float = 0.5
+    min_heads: int = 1
+    bias_compensation: bool = True
+    max_batches: int = 32
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise UserError(f"head pruning ratio must be in [0, 1), got {self.ratio}")
+        if self.min_heads < 1:
+            raise UserError(f"min_heads must be at least 1, got {self.min_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadBlock:
+    """One attention block: ``name`` is its output projection (unfused) or fused node."""
+
+    name: str
+    form: str  # "unfused", "Attention" or "MultiHeadAttention"
+    heads: int
+    kept: int
+    removed: tuple[int, ...]  # head indices removed
+    reason: str | None = None  # why it was left whole, if it was
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPruneResult:
+    """``model`` is new (the input is not modified). ``fidelity`` compares it with the unpruned
+    model (``optimizers.quantize.fidelity``, i.e. ``onnxforge.common.compare``): lowest
+    per-output mean cosine and largest absolute error."""
+
+    model: onnx.ModelProto
+    blocks: tuple[HeadBlock, ...]
+    parameters: tuple[int, int]
+    fidelity: dict[str, Any] | None
+    fidelity_without_compensation: dict[str, Any] | None
+    scoring: str  # "weights" or "calibration"
+    notes: tuple[str, ...]
+    compensated: int = 0  # output projections whose bias took the removed heads' mean contribution
+
+    @property
+    def modified(self) -> bool:
+        return any(b.kept < b.heads for b in self.blocks)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(dataclasses.replace(self, model=None))
+        data.pop("model")
+        return data
+
+
+# ---------------------------------------------------------------- what a block is made of
+
+
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+    """Output features ``[offset, offset + heads * head_dim)`` of a weight (along ``axis``)
+    and of a 1-D bias, laid out head after head: one of Q, K or V."""
+
+    weight: str
+    axis: int
+    bias: str | None
+    offset: int
+    head_dim: int
+    role: str  # "q", "k", "v" or "qkv" (unfused splits whose role was not needed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Output:
+    """The output projection: ``node`` reads the context (``context``, heads * head_dim
+    features) and holds the per-head input rows of ``weight`` along ``axis``."""
+
+    node: str
+    context: str
+    weight: str
+    axis: int
+    bias: str | None
+    head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShapeEdit:
+    """Entry ``position`` of ``Reshape`` node ``node``'s shape is ``heads * per_head``."""
+
+    node: str
+    position: int
+    per_head: int
+
+
+@dataclasses.dataclass
+class _Block:
+    name: str
+    form: str
+    heads: int
+    columns: list[_Columns]
+    outputs: list[_Output]
+    shape_edits: list[_ShapeEdit]
+    fused_node: str | None = None
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading the graph
+
+
+class _Constants(dict):
+    """Constant values by tensor name, converted to arrays when first read (weights stay
+    protobuf until a check needs them)."""
+
+    def __init__(self, tensors: Mapping[str, Any]):
+        super().__init__()
+        self.tensors = dict(tensors)
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors
+
+    def __missing__(self, name: str) -> np.ndarray:
+        value = self.tensors[name]
+        array = value if isinstance(value, np.ndarray) else numpy_helper.to_array(value)
+        self[name] = array
+        return array
+
+    def get(self, name, default=None):
+        return self[name] if name in self.tensors else default
+
+
+class _Graph:
+    """Lookups over one graph: constants, producers, readers, static shapes."""
+
+    def __init__(self, model: onnx.ModelProto, *, shapes: bool = True):
+        graph = model.graph
+        self.model = model
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.inits = {t.name: t for t in graph.initializer}
+        tensors: dict[str, Any] = dict(self.inits)
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attribute in node.attribute:
+                    if attribute.name == "value":
+                        tensors[node.output[0]] = attribute.t
+                    elif attribute.name in ("value_int", "value_ints"):
+                        tensors[node.output[0]] = np.array(onnx.helper.get_attribute_value(attribute), dtype=np.int64)
+        self.constants = _Constants(tensors)
+        self.producer = {out: node for node in graph.node for out in node.output if out}
+        self.readers: dict[str, list[tuple[onnx.NodeProto | None, int]]] = collections.defaultdict(list)
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                if name:
+                    self.readers[name].append((node, index))
+        for sub in _subgraph_inputs(graph):
+            self.readers[sub].append((None, -1))
+        self.outputs = {v.name for v in graph.output}
+        self.shapes = _static_shapes(model) if shapes else {}
+
+    def only_reader(self, tensor: str, node) -> bool:
+        return tensor not in self.outputs and [n.name if n is not None else None for n, _ in self.readers[tensor]] == [node.name]
+
+    def weight(self, name: str, node, rank: int) -> np.ndarray | None:
+        """The initializer ``name`` of rank ``rank`` when ``node`` alone reads it."""
+        if name in self.inits and self.constants[name].ndim == rank and self.only_reader(name, node):
+            return self.constants[name]
+        return None
+
+    def shape_entries(self, tensor: str) -> list[int | None] | None:
+        """The entries of a 1-D int64 shape tensor: constants, or a Concat of one-element
+        pieces (None where a piece is computed). None when it cannot be read."""
+        if tensor in self.constants:
+            value = self.constants[tensor]
+            return [int(v) for v in value.reshape(-1)] if value.ndim == 1 else None
+        node = self.producer.get(tensor)
+        if node is None or node.op_type != "Concat":
+            return None
+        entries: list[int | None] = []
+        for name in node.input:
+            if name in self.constants:
+                entries.extend(int(v) for v in self.constants[name].reshape(-1))
+            elif self._one_element(name):
+                entries.append(None)
+            else:
+                return None
+        return entries
+
+    def _one_element(self, tensor: str) -> bool:
+        node = self.producer.get(tensor)
+        if node is not None and node.op_type == "Unsqueeze":  # Unsqueeze of a scalar (TorchScript's Gather of Shape)
+            source = self.producer.get(node.input[0])
+            return source is not None and source.op_type == "Gather" and np.ndim(self.constants.get(source.input[1], [0, 0])) == 0
+        shape = self.shapes.get(tensor)
+        return shape is not None and len(shape) == 1 and shape[0] == 1
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Names that subgraphs (If/Loop bodies) read from the outer scope."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for body in bodies:
+                local = {t.name for t in body.initializer} | {v.name for v in body.input}
+                for inner in body.node:
+                    local.update(inner.output)
+                    names.update(name for name in inner.input if name and name not in local)
+                names.update(_subgraph_inputs(body))
+    return names
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - shapes only sharpen the broadcast check; the run check stays
+        return {}
+    shapes = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return shapes
+
+
+def _attr(node, name, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _projection(g: _Graph, tensor: str, consumer) -> tuple[_Columns | None, int, str | None]:
+    """``(columns, width, problem)`` for the projection ``MatMul``/``Gemm`` (+ ``Add`` of a
+    1-D bias) whose output ``tensor`` only ``consumer`` reads."""
+    node = g.producer.get(tensor)
+    if node is None:
+        return None, 0, f"'{tensor}' is not computed by a projection with weights"
+    if not g.only_reader(tensor, consumer):
+        return None, 0, f"'{tensor}' is also read by another node"
+    bias = None
+    if node.op_type == "Add":
+        for name, other in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+            matmul = g.producer.get(other)
+            if name in g.constants and g.constants[name].ndim == 1 and matmul is not None and matmul.op_type in ("MatMul", "Gemm"):
+                if g.weight(name, node, 1) is None:
+                    return None, 0, f"bias '{name}' is also read by another node"
+                if not g.only_reader(other, node):
+                    return None, 0, f"'{other}' is also read by another node"
+                bias, node = name, matmul
+                break
+        else:
+            return None, 0, f"'{tensor}' is not computed by a projection with weights"
+    if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in g.inits:
+        return None, 0, f"'{tensor}' is not computed by a projection with weights"
+    weight = g.weight(node.input[1], node, 2)
+    if weight is None:
+        return None, 0, f"weight '{node.input[1]}' is not a 2-D initializer read by '{node.name}' alone"
+    axis = 1
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            return None, 0, f"Gemm '{node.name}' transposes its input"
+        axis = 0 if _attr(node, "transB", 0) else 1
+        if len(node.input) > 2 and node.input[2]:
+            if bias is not None or g.weight(node.input[2], node, 1) is None:
+                return None, 0, f"Gemm '{node.name}' has a bias that is not a 1-D initializer of its own"
+            bias = node.input[2]
+    width = weight.shape[axis]
+    if bias is not None and g.constants[bias].shape[0] != width:
+        return None, 0, f"bias '{bias}' does not match the width of '{node.input[1]}'"
+    return _Columns(node.input[1], axis, bias, 0, 0, "qkv"), width, None
+
+
+def _output_projection(g: _Graph, context: str, producer) -> tuple[_Output | None, str | None]:
+    """The single ``MatMul``/``Gemm`` reading ``context`` as its input, with its own weight."""
+    readers = g.readers.get(context, [])
+    if context in g.outputs or len(readers) != 1 or readers[0][0] is None:
+        return None, f"the heads merged by '{producer.name}' are read by {len(readers)} nodes, not one output projection"
+    node, index = readers[0]
+    if node.op_type not in ("MatMul", "Gemm") or index != 0 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+        return None, f"the merged heads are read by {node.op_type} '{node.name}', not an output projection"
+    weight = g.weight(node.input[1], node, 2)
+    if weight is None:
+        return None, f"output projection '{node.name}' has no 2-D weight initializer of its own"
+    axis = 1 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 0
+    bias = None
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        bias = node.input[2] if g.weight(node.input[2], node, 1) is not None else None
+    else:
+        out_readers = g.readers.get(node.output[0], [])
+        if len(out_readers) == 1 and out_readers[0][0] is not None and out_readers[0][0].op_type == "Add":
+            add = out_readers[0][0]
+            other = add.input[1 - out_readers[0][1]]
+            if g.weight(other, add, 1) is not None and g.constants[other].shape[0] == weight.shape[1 - axis]:
+                bias = other
+    return _Output(node.name, context, node.input[1], axis, bias, 0), None
+
+
+# ---------------------------------------------------------------- unfused attention
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flow:
+    """A tensor holding heads: its block, the position of its head axis, its rank, whether
+    a Softmax was applied on the way, and the splits it comes from."""
+
+    group: int
+    axis: int
+    rank: int
+    softmaxed: bool
+    sources: frozenset[int]
+
+
+class _UnfusedTracer:
+    """One pass over the nodes in order, following head axes from the splits (module doc)."""
+
+    def __init__(self, g: _Graph):
+        self.g = g
+        self.parent: list[int] = []
+        self.splits: list[tuple[onnx.NodeProto, _Columns | None, int, int, str | None]] = []  # node, columns, heads, d, problem
+        self.group_of_split: list[int] = []
+        self.tracked: dict[str, _Flow] = {}
+        self.problems: dict[int, list[str]] = collections.defaultdict(list)
+        self.merges: dict[int, list[tuple[onnx.NodeProto, list[int | None], _Output | None]]] = collections.defaultdict(list)
+        self.values: dict[int, set[int]] = collections.defaultdict(set)  # group -> splits read as V
+        self.softmax: set[int] = set()
+
+    def find(self, group: int) -> int:
+        while self.parent[group] != group:
+            self.parent[group] = self.parent[self.parent[group]]
+            group = self.parent[group]
+        return group
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+        return min(ra, rb)
+
+    def run(self) -> list[_Block]:
+        handlers = {"Transpose": self._transpose, "Softmax": self._softmax, "LogSoftmax": self._softmax,
+                    "MatMul": self._matmul, "FusedMatMul": self._matmul, "Reshape": self._merge, "Where": self._elementwise}
+        for op in ELEMENTWISE_UNARY:
+            handlers[op] = self._unary
+        for op in ELEMENTWISE_BINARY:
+            handlers[op] = self._elementwise
+        for node in self.g.model.graph.node:
+            live = [name for name in node.input if name in self.tracked]
+            if not live:
+                if node.op_type == "Reshape":
+                    self._split(node)
+                continue
+            handler = handlers.get(node.op_type)
+            if handler is None or node.domain not in ("", "ai.onnx", MS_DOMAIN) or not handler(node, live):
+                for name in live:
+                    self.problem(self.tracked[name].group, f"{node.op_type} '{node.name}' reads the heads")
+        for name in self.g.outputs & set(self.tracked):
+            self.problem(self.tracked[name].group, f"head tensor '{name}' is a graph output")
+        return self._blocks()
+
+    def problem(self, group: int, text: str) -> None:
+        self.problems[self.find(group)].append(text)
+
+    def flow(self, name: str) -> _Flow:
+        flow = self.tracked[name]
+        return dataclasses.replace(flow, group=self.find(flow.group))
+
+    def _split(self, node) -> None:
+        entries = self.g.shape_entries(node.input[1])
+        if entries is None or len(entries) != 4 or entries[2] is None or entries[3] is None:
+            return
+        heads, dim = entries[2], entries[3]
+        if not ((heads > 0 or heads == -1) and (dim > 0 or dim == -1)) or heads == dim == -1:
+            return
+        columns, width, problem = _projection(self.g, node.input[0], node)
+        if columns is None and problem and "not computed by a projection" in problem:
+            return  # not a head split at all
+        if columns is not None:
+            heads = heads if heads > 0 else width // dim
+            dim = dim if dim > 0 else width // max(heads, 1)
+            if heads < 1 or heads * dim != width:
+                return
+        group = len(self.parent)
+        self.parent.append(group)
+        self.splits.append((node, dataclasses.replace(columns, head_dim=dim) if columns else None, heads, dim, problem))
+        self.group_of_split.append(group)
+        if problem:
+            self.problems[group].append(f"head split '{node.name}': {problem}")
+        self.tracked[node.output[0]] = _Flow(group, 2, 4, False, frozenset({len(self.splits) - 1}))
+
+    def _transpose(self, node, live) -> bool:
+        flow = self.flow(live[0])
+        perm = list(_attr(node, "perm", list(range(flow.rank - 1, -1, -1))))
+        if len(perm) != flow.rank:
+            return False
+        self.tracked[node.output[0]] = dataclasses.replace(flow, axis=perm.index(flow.axis))
+        return True
+
+    def _unary(self, node, live) -> bool:
+        if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
+            return False
+        self.tracked[node.output[0]] = self.flow(live[0])
+        return True
+
+    def _softmax(self, node, live) -> bool:
+        flow = self.flow(live[0])
+        axis = _attr(node, "axis", -1 if self.g.opset >= 13 else 1)
+        axis = axis + flow.rank if axis < 0 else axis
+        if axis == flow.axis or (self.g.opset < 13 and axis != flow.rank - 1):
+            return False
+        self.softmax.add(flow.group)
+        self.tracked[node.output[0]] = dataclasses.replace(flow, softmaxed=True)
+        return True
+
+    def _elementwise(self, node, live) -> bool:
+        flows = [self.flow(name) for name in live]
+        first = flows[0]
+        if any((f.axis, f.rank) != (first.axis, first.rank) for f in flows):
+            return False
+        group = first.group
+        for f in flows[1:]:
+            group = self.union(group, f.group)
+        for name in node.input:
+            if name and name not in self.tracked and not self._broadcasts_over_heads(name, first):
+                self.problem(group, f"{node.op_type} '{node.name}' reads '{name}', which varies along the head axis")
+        self.tracked[node.output[0]] = _Flow(group, first.axis, first.rank, any(f.softmaxed for f in flows),
+                                             frozenset().union(*(f.sources for f in flows)))
+        return True
+
+    def _broadcasts_over_heads(self, name: str, flow: _Flow) -> bool:
+        """False when ``name`` is known to hold more than one entry along the head axis; an
+        unknown size is accepted (the run check at two sizes stands behind it)."""
+        shape = self.g.constants[name].shape if name in self.g.constants else self.g.shapes.get(name)
+        if shape is None:
+            return True
+        index = flow.axis - (flow.rank - len(shape))
+        return index < 0 or shape[index] in (1, None)
+
+    def _matmul(self, node, live) -> bool:
+        if len(live) != 2 or node.input[0] == node.input[1]:
+            return False
+        if node.op_type == "FusedMatMul" and (_attr(node, "transBatchA", 0) or _attr(node, "transBatchB", 0)):
+            return False
+        a, b = self.flow(node.input[0]), self.flow(node.input[1])
+        if a.rank != b.rank or a.axis != b.axis or a.axis >= a.rank - 2:
+            return False
+        group = self.union(a.group, b.group)
+        if a.softmaxed:
+            self.values[group].update(b.sources)
+        self.tracked[node.output[0]] = _Flow(group, a.axis, a.rank, False, a.sources | b.sources)
+        return True
+
+    def _merge(self, node, live) -> bool:
+        flow = self.flow(live[0])
+        if live[0] != node.input[0] or flow.rank != 4 or flow.axis != 2:
+            return False
+        entries = self.g.shape_entries(node.input[1])
+        if entries is None or len(entries) < 2 or entries[-1] is None or entries[-1] == 0:
+            return False
+        output, problem = _output_projection(self.g, node.output[0], node)
+        if problem:
+            self.problem(flow.group, problem)
+        self.merges[flow.group].append((node, entries, output))
+        return True
+
+    def _blocks(self) -> list[_Block]:
+        by_root: dict[int, list[int]] = collections.defaultdict(list)
+        for index, group in enumerate(self.group_of_split):
+            by_root[self.find(group)].append(index)
+        merged = lambda table: {r: [x for g, items in table.items() if self.find(g) == r for x in items] for r in by_root}  # noqa: E731
+        problems, merges = merged(self.problems), merged(self.merges)
+        values = {r: {x for g, items in self.values.items() if self.find(g) == r for x in items} for r in by_root}
+        softmaxed = {self.find(g) for g in self.softmax}
+        blocks = []
+        for root, split_indices in by_root.items():
+            if root not in softmaxed and not merges[root]:
+                continue  # a Reshape to [.., .., a, b] that is not attention
+            blocks.append(self._block(root, split_indices, problems[root], merges[root], values[root], root in softmaxed))
+        return blocks
+
+    def _block(self, root, split_indices, problems, merges, values, softmaxed) -> _Block:
+        splits = [self.splits[i] for i in split_indices]
+        heads = splits[0][2]
+        outputs = [output for _, _, output in merges if output is not None]
+        name = outputs[0].node if outputs else splits[0][0].name
+        problems = list(problems)
+        if any(h != heads for _, _, h, _, _ in splits):
+            problems.append(f"its head splits disagree on the head count ({sorted({h for _, _, h, _, _ in splits})})")
+        if not softmaxed:
+            problems.append("no Softmax over the heads")
+        if not merges:
+            problems.append("the heads are never merged into an output projection")
+        if not values:
+            problems.append("no softmax(Q K^T) V product")
+        edits: list[_ShapeEdit] = []
+        columns: list[_Columns] = []
+        for index, (node, cols, _, dim, _) in zip(split_indices, splits):
+            entries = self.g.shape_entries(node.input[1])
+            if entries[2] > 0:
+                edits.append(_ShapeEdit(node.name, 2, 1))
+            if cols is not None:
+                columns.append(dataclasses.replace(cols, role="v" if index in values else "qk"))
+        fixed_outputs = []
+        for node, entries, output in merges:
+            if output is None:
+                continue
+            rows = self.g.constants[output.weight].shape[output.axis]
+            if rows % heads or (entries[-1] > 0 and entries[-1] != rows):
+                problems.append(f"output projection '{output.node}' reads {rows} features, not heads x head size")
+                continue
+            if entries[-1] > 0:
+                edits.append(_ShapeEdit(node.name, len(entries) - 1, rows // heads))
+            fixed_outputs.append(dataclasses.replace(output, head_dim=rows // heads))
+        v_dims = {c.head_dim for c in columns if c.role == "v"}
+        if v_dims and any(o.head_dim not in v_dims for o in fixed_outputs):
+            problems.append("the output projection's head size differs from V's")
+        return _Block(name, "unfused", heads, columns, fixed_outputs, edits, None, _unique(problems))
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+# ---------------------------------------------------------------- fused attention
+
+
+def _fused_blocks(g: _Graph) -> list[_Block]:
+    blocks = []
+    for node in g.model.graph.node:
+        if node.domain == MS_DOMAIN and node.op_type == "Attention":
+            blocks.append(_attention_block(g, node))
+        elif node.domain == MS_DOMAIN and node.op_type == "MultiHeadAttention":
+            blocks.append(_mha_block(g, node))
+    return blocks
+
+
+def _fused_common(g: _Graph, node, past_inputs: Sequence[int], problems: list[str]) -> tuple[int, _Output | None]:
+    heads = int(_attr(node, "num_heads", 0))
+    if heads < 1:
+        problems.append("no num_heads attribute")
+    for index in past_inputs:
+        if len(node.input) > index and node.input[index]:
+            problems.append(f"input {index} ('{node.input[index]}', past key/value or its length) is used")
+    if any(name and g.readers.get(name) or name in g.outputs for name in node.output[1:]):
+        problems.append("its present key/value outputs are used")
+    if _attr(node, "do_rotary", 0) or _attr(node, "rotary_embedding_dim", 0):
+        problems.append("rotary embeddings inside the node")
+    output, problem = _output_projection(g, node.output[0], node)
+    if problem:
+        problems.append(problem)
+    return heads, output
+
+
+def _attention_block(g: _Graph, node) -> _Block:
+    """``Attention(x, W[in, q+k+v], b[q+k+v], mask_index, past, attention_bias, ...)``."""
+    problems: list[str] = []
+    heads, output = _fused_common(g, node, (4, 6), problems)
+    weight = g.weight(node.input[1], node, 2) if len(node.input) > 1 else None
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    columns: list[_Columns] = []
+    if weight is None:
+        problems.append(f"weight '{node.input[1]}' is not a 2-D initializer read by this node alone")
+    elif bias is not None and g.weight(bias, node, 1) is None:
+        problems.append(f"bias '{bias}' is not a 1-D initializer read by this node alone")
+    elif heads:
+        sizes = list(_attr(node, "qkv_hidden_sizes", []) or [weight.shape[1] // 3] * 3)
+        if sum(sizes) != weight.shape[1] or any(size % heads for size in sizes):
+            problems.append(f"qkv sizes {sizes} do not split into {heads} heads")
+        else:
+            offsets = np.cumsum([0, *sizes[:2]])
+            columns = [_Columns(node.input[1], 1, bias, int(offset), size // heads, role)
+                       for offset, size, role in zip(offsets, sizes, ("q", "k", "v"))]
+    return _fused_block(g, node, "Attention", heads, columns, output, problems)
+
+
+def _mha_block(g: _Graph, node) -> _Block:
+    """``MultiHeadAttention(q, k, v, bias[q+k+v], key_padding_mask, attention_bias, past_key, past_value, ...)``
+    with q, k and v each from a projection of its own."""
+    problems: list[str] = []
+    heads, output = _fused_common(g, node, (6, 7, 8), problems)
+    columns: list[_Columns] = []
+    packed = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    if packed is not None and g.weight(packed, node, 1) is None:
+        problems.append(f"bias '{packed}' is not a 1-D initializer read by this node alone")
+    offset = 0
+    for index, role in enumerate(("q", "k", "v")):
+        if len(node.input) <= index or not node.input[index]:
+            problems.append(f"no separate {role.upper()} input (packed QKV is not handled)")
+            continue
+        cols, width, problem = _projection(g, node.input[index], node)
+        if cols is None:
+            problems.append(f"{role.upper()}: {problem}")
+            continue
+        if heads and width % heads:
+            problems.append(f"{role.upper()} has {width} features, not a multiple of {heads} heads")
+            continue
+        columns.append(dataclasses.replace(cols, head_dim=width // max(heads, 1), role=role))
+        if packed is not None:
+            columns.append(_Columns("", 1, packed, offset, width // max(heads, 1), role))
+        offset += width
+    if packed is not None and columns and offset != g.constants[packed].shape[0]:
+        problems.append(f"bias '{packed}' does not match the Q/K/V widths")
+    return _fused_block(g, node, "MultiHeadAttention", heads, columns, output, problems)
+
+
+def _fused_block(g: _Graph, node, form: str, heads: int, columns, output: _Output | None, problems) -> _Block:
+    outputs = []
+    if output is not None and heads:
+        rows = g.constants[output.weight].shape[output.axis]
+        v = [c for c in columns if c.role == "v"]
+        if v and rows != heads * v[0].head_dim:
+            problems.append(f"output projection '{output.node}' reads {rows} features, not {heads} x {v[0].head_dim}")
+        else:
+            outputs.append(dataclasses.replace(output, head_dim=rows // heads))
+    return _Block(node.name, form, heads, columns, outputs, [], node.name, _unique(problems))
+
+
+def find_attention(model: onnx.ModelProto) -> list[_Block]:
+    """Every attention block of ``model`` (see the module doc), with the problems that keep a
+    block whole. ``model`` needs unique node names (``prepared_for_pruning`` gives them)."""
+    g = _Graph(model)
+    return _UnfusedTracer(g).run() + _fused_blocks(g)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _head_slices(size: int, head_dim: int, offset: int, heads: Sequence[int]) -> np.ndarray:
+    return np.concatenate([np.arange(offset + h * head_dim, offset + (h + 1) * head_dim) for h in heads]) if heads else np.zeros(0, np.int64)
+
+
+def _take(array: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:
+    return np.take(array, index, axis=axis)
+
+
+def weight_scores(model: onnx.ModelProto, block: _Block) -> np.ndarray:
+    """``||W_V[:, h]||_F * ||W_O[h, :]||_F`` per head (module doc)."""
+    consts = {t.name: t for t in model.graph.initializer}
+    score = np.ones(block.heads)
+    for cols in [c for c in block.columns if c.role == "v" and c.weight]:
+        w = numpy_helper.to_array(consts[cols.weight])
+        score *= [np.linalg.norm(_take(w, cols.axis, _head_slices(0, cols.head_dim, cols.offset, [h]))) for h in range(block.heads)]
+    for out in block.outputs:
+        w = numpy_helper.to_array(consts[out.weight])
+        score *= [np.linalg.norm(_take(w, out.axis, _head_slices(0, out.head_dim, 0, [h]))) for h in range(block.heads)]
+    return score
+
+
+def _token_mask(batch: Mapping[str, np.ndarray], tokens: int) -> np.ndarray | None:
+    """Which rows of a [tokens, features] activation are real tokens: ``attention_mask != 0``
+    when the batch has such a mask with one entry per token."""
+    mask = batch.get("attention_mask")
+    if mask is None or int(np.prod(np.shape(mask))) != tokens:
+        return None
+    return np.asarray(mask).reshape(-1) != 0
+
+
+def _contexts(model: onnx.ModelProto, blocks: Sequence[_Block], batches) -> dict[str, list[np.ndarray]]:
+    """The output projections' inputs, as ``[tokens, features]`` rows (padding left out), per batch."""
+    from optimizers.verify import ort_session, with_outputs
+
+    names = sorted({out.context for block in blocks for out in block.outputs})
+    session = ort_session(with_outputs(model, names))
+    rows: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    for batch in batches:
+        for name, value in zip(names, session.run(names, dict(batch))):
+            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            mask = _token_mask(batch, flat.shape[0])
+            rows[name].append(flat[mask] if mask is not None else flat)
+    return rows
+
+
+def _projection_weight(model_inits, out: _Output) -> np.ndarray:
+    """The output projection as ``[in, out]``."""
+    w = numpy_helper.to_array(model_inits[out.weight]).astype(np.float64)
+    return w if out.axis == 0 else w.T
+
+
+def calibration_scores(model: onnx.ModelProto, block: _Block, contexts: Mapping[str, list[np.ndarray]]
+                       ) -> tuple[np.ndarray, dict[int, dict[str, np.ndarray]]]:
+    """``(scores, means)``: per head the mean over tokens of ``||c_h W_O[h, :]||_2`` (module doc),
+    and per head and output projection the mean contribution ``E[c_h] W_O[h, :]`` (for bias
+    compensation)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    score = np.zeros(block.heads)
+    means: dict[int, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    for out in block.outputs:
+        w = _projection_weight(inits, out)
+        data = np.concatenate(contexts[out.context]) if contexts[out.context] else np.zeros((0, w.shape[0]))
+        for h in range(block.heads):
+            rows = slice(h * out.head_dim, (h + 1) * out.head_dim)
+            part = data[:, rows] @ w[rows]
+            score[h] += float(np.linalg.norm(part, axis=1).mean()) if len(part) else 0.0
+            means[h][out.node] = part.mean(axis=0) if len(part) else np.zeros(w.shape[1])
+    return score, means
+
+
+def _removed_heads(score: np.ndarray, settings: HeadSettings) -> tuple[int, ...]:
+    count = min(int(settings.ratio * len(score) + 1e-9), len(score) - settings.min_heads)
+    if count <= 0:
+        return ()
+    order = sorted(range(len(score)), key=lambda h: (score[h], h))
+    return tuple(sorted(order[:count]))
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+def apply(model: onnx.ModelProto, cuts: Sequence[tuple[_Block, tuple[int, ...]]],
+          compensation: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with the heads in ``cuts`` removed (``model`` is not modified).
+    ``compensation``: output-projection node -> vector added to its bias."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    g = _Graph(out, shapes=False)
+    nodes = {node.name: node for node in graph.node}
+    added_tensors: list[onnx.TensorProto] = []
+    shape_nodes: dict[str, onnx.NodeProto] = {}  # Reshape name -> the Concat copy placed before it
+    for block, removed in cuts:
+        if not removed:
+            continue
+        kept = [h for h in range(block.heads) if h not in removed]
+        _slice_columns(g.inits, block, kept)
+        for output in block.outputs:
+            _replace(g.inits, output.weight, lambda w, o=output: _take(w, o.axis, _head_slices(0, o.head_dim, 0, kept)))
+        for edit in block.shape_edits:
+            concat = _edit_shape(g, nodes[edit.node], edit.position, len(kept) * edit.per_head, added_tensors)
+            if concat is not None:
+                shape_nodes[edit.node] = concat
+        if block.fused_node is not None:
+            node = nodes[block.fused_node]
+            _set_int_attr(node, "num_heads", len(kept))
+            sizes = _attr(node, "qkv_hidden_sizes")
+            if sizes:
+                _set_ints_attr(node, "qkv_hidden_sizes", [size // block.heads * len(kept) for size in sizes])
+    for output_node, delta in (compensation or {}).items():
+        output = next(o for block, _ in cuts for o in block.outputs if o.node == output_node)
+        _replace(g.inits, output.bias, lambda b, d=delta: (b.astype(np.float64) + d).astype(b.dtype))
+    graph.initializer.extend(added_tensors)
+    if shape_nodes:
+        ordered = []
+        for node in graph.node:
+            if node.name in shape_nodes:
+                ordered.append(shape_nodes[node.name])
+            ordered.append(node)
+        del graph.node[:]
+        graph.node.extend(ordered)
+    del graph.value_info[:]  # intermediate shapes with the old head counts would be stale
+    _drop_unused(out)
+    return out
+
+
+def _slice_columns(inits, block: _Block, kept: Sequence[int]) -> None:
+    """Q/K/V features of the kept heads, for each weight and bias (a packed one at once)."""
+    for attr, axis_of in (("weight", lambda c: c.axis), ("bias", lambda c: 0)):
+        by_tensor: dict[str, list[_Columns]] = collections.defaultdict(list)
+        for cols in block.columns:
+            name = getattr(cols, attr)
+            if name:
+                by_tensor[name].append(cols)
+        for name, parts in by_tensor.items():
+            parts.sort(key=lambda c: c.offset)
+            index = np.concatenate([_head_slices(0, c.head_dim, c.offset, kept) for c in parts])
+            _replace(inits, name, lambda w, i=index, a=axis_of(parts[0]): _take(w, a, i))
+
+
+def _replace(inits, name: str, change) -> None:
+    tensor = inits[name]
+    new = numpy_helper.from_array(np.ascontiguousarray(change(numpy_helper.to_array(tensor))), name)
+    tensor.CopyFrom(new)
+
+
+def _edit_shape(g: _Graph, reshape, position: int, value: int, added: list[onnx.TensorProto]) -> onnx.NodeProto | None:
+    """Entry ``position`` of ``reshape``'s shape becomes ``value``, in a copy of the constant
+    (or of the Concat building it, returned, to be placed before the Reshape) that this Reshape
+    alone reads; the original stays for its other readers."""
+    source = reshape.input[1]
+    name = f"{reshape.name}_pruned_shape"
+    if source in g.constants:
+        shape = g.constants[source].copy()
+        shape.reshape(-1)[position] = value
+        added.append(numpy_helper.from_array(shape, name))
+        reshape.input[1] = name
+        return None
+    concat = g.producer[source]
+    inputs, seen = list(concat.input), 0
+    for index, piece_source in enumerate(inputs):
+        size = int(g.constants[piece_source].size) if piece_source in g.constants else 1
+        if seen <= position < seen + size:
+            piece = g.constants[piece_source].copy()
+            piece.reshape(-1)[position - seen] = value
+            added.append(numpy_helper.from_array(piece, f"{name}_{index}"))
+            inputs[index] = f"{name}_{index}"
+            break
+        seen += size
+    reshape.input[1] = name
+    return onnx.helper.make_node("Concat", inputs, [name], name=name, axis=_attr(concat, "axis", 0))
+
+
+def _set_int_attr(node, name: str, value: int) -> None:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            attribute.i = value
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _set_ints_attr(node, name: str, values: Sequence[int]) -> None:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            del attribute.ints[:]
+            attribute.ints.extend(values)
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Nodes and initializers nothing reads any more (the shape constants that were copied)."""
+    graph = model.graph
+    outputs = {v.name for v in graph.output}
+    for _ in range(8):  # a Concat, then the constants it read: a bounded number of rounds
+        used = {name for node in graph.node for name in node.input} | outputs | _subgraph_inputs(graph)
+        dead = [node for node in graph.node if node.output and not any(o in used for o in node.output)
+                and node.op_type in ("Concat", "Constant", "Unsqueeze", "Gather", "Shape")]
+        for node in dead:
+            graph.node.remove(node)
+        if not dead:
+            break
+    used = {name for node in graph.node for name in node.input} | outputs | _subgraph_inputs(graph)
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def _fidelity(reference, candidate, batches) -> dict[str, Any]:
+    from optimizers.quantize import fidelity
+
+    measured = fidelity(reference, candidate, batches)
+    return {"min_mean_cosine": measured.min_mean_cosine, "max_abs_error": max(measured.max_abs_error.values(), default=0.0),
+            "samples": measured.samples}
+
+
+def _verified(model, cuts: list[tuple[_Block, tuple[int, ...]]], check) -> tuple[list[tuple[_Block, tuple[int, ...]]], dict[str, str], int]:
+    """The cuts whose rewrite passes ``check`` (all together first; on a failure, block by
+    block, each trial with the blocks accepted so far), the failures by block, and the runs."""
+    candidates = [c for c in cuts if c[1]]
+    error = check(apply(model, candidates)) if candidates else None
+    if error is None:
+        return candidates, {}, 1 if candidates else 0
+    accepted, failures, runs = [], {}, 1
+    for cut in candidates:
+        runs += 1
+        error = check(apply(model, accepted + [cut]))
+        if error is None:
+            accepted.append(cut)
+        else:
+            failures[cut[0].name] = error
+            logger.info("left attention block %s whole: %s", cut[0].name, error)
+    return accepted, failures, runs
+
+
+def _nothing_to_prune(blocks: Sequence[_Block]) -> UserError:
+    if not blocks:
+        return UserError("no attention heads found to prune: no head split (MatMul -> Reshape [.., .., heads, head_size]) "
+                         "feeding Softmax attention, and no com.microsoft Attention / MultiHeadAttention node")
+    reasons = "; ".join(f"{b.name}: {b.problems[0] if b.problems else 'fewer heads than the ratio removes'}" for b in blocks[:6])
+    return UserError(f"no attention heads could be pruned: {reasons}")
+
+
+def prune_heads(
+    model: onnx.ModelProto,
+    settings: HeadSettings = HeadSettings(),
+    *,
+    calibration=None,
+    evaluation=None,
+    tokenizer=None,
+    dims: Mapping[str, int] | None = None,
+) -> HeadPruneResult:
+    """Remove the lowest-scoring ``settings.ratio`` of the heads of every attention block
+    (module doc); ``model`` is not modified. Scores come from calibration data when given (any
+    source ``optimizers.calibration`` reads; a held-out share judges bias compensation and
+    fidelity), else from the weights. The pruned graph is run in ONNX Runtime at two sizes of
+    its symbolic dims before it is returned. Raises ``UserError`` when no head can be removed."""
+    from onnxforge.common.summary import count_parameters
+    from optimizers.calibration import calibration_data
+    from optimizers.cleanup import deduplicate_initializers
+    from optimizers.structured import prepared_for_pruning, run_check
+    from optimizers.verify import verification_inputs
+
+    reference, prepared, notes = prepared_for_pruning(model, dims)
+    blocks = find_attention(prepared)
+    calib_batches = eval_batches = None
+    if calibration is not None:
+        calib = calibration_data(calibration, prepared, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
+        if evaluation is None:
+            calib, held_out = calib.holdout()
+            if held_out is not None:
+                eval_batches = list(held_out)
+                notes.append(f"fidelity and the bias-compensation choice measured on {held_out.description}")
+        calib_batches = list(calib)
+    if evaluation is not None:
+        eval_batches = list(calibration_data(evaluation, prepared, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
+    elif eval_batches is None:
+        eval_batches = calib_batches or [verification_inputs(prepared, dims, seed=seed) for seed in range(4)]
+    usable = [b for b in blocks if not b.problems]
+    contexts = _contexts(prepared, usable, calib_batches) if calib_batches and usable else None
+    cuts, means = [], {}
+    for block in usable:
+        if contexts is not None:
+            score, block_means = calibration_scores(prepared, block, contexts)
+            means[block.name] = block_means
+        else:
+            score = weight_scores(prepared, block)
+        cuts.append((block, _removed_heads(score, settings)))
+    check, check_notes = run_check(prepared, eval_batches[0], dims)
+    notes.extend(check_notes)
+    accepted, failures, runs = _verified(prepared, cuts, check)
+    if settings.ratio > 0 and not accepted:
+        for block, _ in cuts:
+            if block.name in failures:
+                block.problems.append(f"pruning it breaks the graph: {failures[block.name]}")
+        raise _nothing_to_prune(blocks)
+    pruned, fidelity, without, compensated = _compensated(reference, prepared, accepted, means, settings, eval_batches, notes)
+    if accepted:
+        error = check(pruned)
+        if error is not None:
+            raise RuntimeError(f"head pruning produced a model that fails its run check (a bug): {error}")
+        notes.append(f"the pruned model ran in ONNX Runtime with the original's output shapes on {check.describe()}")
+        pruned = deduplicate_initializers(pruned).model
+    else:
+        pruned = onnx.ModelProto()
+        pruned.CopyFrom(reference)
+    if runs > 1:
+        notes.append(f"{len(failures)} attention block(s) left whole because pruning them breaks the graph ({runs} ONNX Runtime checks)")
+    removed_by_block = {block.name: removed for block, removed in accepted}
+    report = []
+    for block in blocks:
+        removed = removed_by_block.get(block.name, ())
+        reason = None
+        if block.problems:
+            reason = "; ".join(block.problems)
+        elif block.name in failures:
+            reason = f"pruning it breaks the graph: {failures[block.name]}"
+        report.append(HeadBlock(block.name, block.form, block.heads, block.heads - len(removed), removed, reason))
+    result = HeadPruneResult(
+        model=pruned,
+        blocks=tuple(report),
+        parameters=(count_parameters(reference), count_parameters(pruned)),
+        fidelity=fidelity,
+        fidelity_without_compensation=without,
+        scoring="calibration" if contexts is not None else "weights",
+        notes=tuple(notes),
+        compensated=compensated,
+    )
+    logger.info("pruned heads in %d of %d attention blocks; parameters %d -> %d",
+                sum(1 for b in report if b.kept < b.heads), len(report), *result.parameters)
+    return result
+
+
+def _compensated(reference, prepared, accepted, means, settings: HeadSettings, eval_batches, notes: list[str]):
+    """``(pruned, fidelity, fidelity without compensation, projections compensated)``: bias
+    compensation of the output projections (calibration data only) where it raises the
+    measured fidelity."""
+    if not accepted:
+        return prepared, None, None, 0
+    plain = apply(prepared, accepted)
+    fidelity = _fidelity(reference, plain, eval_batches)
+    if not (settings.bias_compensation and means):
+        return plain, fidelity, None, 0
+    deltas: dict[str, np.ndarray] = {}
+    skipped = 0
+    for block, removed in accepted:
+        for output in block.outputs:
+            if output.bias is None:
+                skipped += 1
+                continue
+            deltas[output.node] = sum(means[block.name][h][output.node] for h in removed)
+    if skipped:
+        notes.append(f"{skipped} output projection(s) without a bias initializer were not compensated")
+    if not deltas:
+        return plain, fidelity, None, 0
+    compensated = apply(prepared, accepted, deltas)
+    measured = _fidelity(reference, compensated, eval_batches)
+    if measured["min_mean_cosine"] < fidelity["min_mean_cosine"]:
+        notes.append(f"bias compensation lowered fidelity ({measured['min_mean_cosine']:.4f} vs "
+                     f"{fidelity['min_mean_cosine']:.4f} without) and was not applied")
+        return plain, fidelity, fidelity, 0
+    return compensated, measured, fidelity, len(deltas)
+
+
+def prune_heads_file(input_path, output_path, settings: HeadSettings = HeadSettings(), **data) -> HeadPruneResult:
+    """``prune_heads`` from a file to a file, written atomically; nothing is written when it fails."""
+    from onnxforge.common.onnxio import load_onnx, save_onnx
+
+    result = prune_heads(load_onnx(input_path), settings, **data)
+    save_onnx(result.model, output_path)
+    return result
+
+
+__all__ = ["HeadBlock", "HeadPruneResult", "HeadSettings", "apply", "calibration_scores", "find_attention", "prune_heads",
+           "prune_heads_file", "weight_scores"]
