@@ -49,7 +49,7 @@ from onnx import numpy_helper
 
 from onnxforge.common.compare import compare_batches, slice_cosines
 from onnxforge.common.errors import UserError, closest
-from onnxforge.common.onnxio import load_onnx, model_bytes, save_onnx
+from onnxforge.common.onnxio import is_large, load_onnx, model_bytes, save_onnx
 from runtime_bench.timing import Measure, VariantTiming, time_against
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData, calibration_data, ort_reader
@@ -454,6 +454,11 @@ def preprocess_model(model: onnx.ModelProto, workdir: Path, *, symbolic: bool = 
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if is_large(model):
+        reason = ("skipped: the model is past the 2 GB protobuf limit; ONNX Runtime's symbolic shape inference "
+                  "serializes it whole, and its pre-processing keeps several more copies of it in memory")
+        logger.warning("quantization pre-processing %s", reason)
+        return model, reason
     source = workdir / "float.onnx"
     save_onnx(model, source)
     attempts = ((("symbolic shape inference + optimization", {}),) if symbolic else ()) + (
@@ -504,7 +509,10 @@ def gemm_as_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
     ``quantize_dynamic`` quantizes MatMul but not Gemm, and ONNX Runtime's pre-processing
     fuses MatMul + Add into Gemm; the MatMul keeps the Gemm's name so node exclusions hold.
+    A model without Gemm comes back as it is (no copy: a large model's weights stay in memory once).
     """
+    if not any(node.op_type == "Gemm" for node in model.graph.node):
+        return model, 0
     out = onnx.ModelProto()
     out.CopyFrom(model)
     initializers = {init.name: init for init in out.graph.initializer}
@@ -644,7 +652,7 @@ def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Seque
         if resolved["mode"] == "dynamic":
             quantize_dynamic(str(source), str(target), op_types_to_quantize=resolved["op_types"], per_channel=resolved["per_channel"],
                              reduce_range=resolved["reduce_range"], weight_type=_quant_type(resolved["weight_type"]),
-                             nodes_to_exclude=list(exclude), extra_options=extra)
+                             nodes_to_exclude=list(exclude), extra_options=extra, use_external_data_format=is_large(model))
         elif resolved["mode"] == "static":
             extra.update({"ActivationSymmetric": resolved["symmetric_activations"], "WeightSymmetric": True})
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -655,7 +663,7 @@ def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Seque
                                 op_types_to_quantize=resolved["op_types"], per_channel=resolved["per_channel"],
                                 reduce_range=resolved["reduce_range"], activation_type=_quant_type(resolved["activation_type"]),
                                 weight_type=_quant_type(resolved["weight_type"]), nodes_to_exclude=list(exclude),
-                                calibrate_method=method, extra_options=extra,
+                                calibrate_method=method, extra_options=extra, use_external_data_format=is_large(model),
                                 calibration_cache_path=workdir / f"ranges-{resolved['calibration_method']}.json")
         else:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
