@@ -104,7 +104,7 @@ class HeadBlock:
 @dataclasses.dataclass(frozen=True)
 class HeadPruneResult:
     """``model`` is new (the input is not modified). ``fidelity`` compares it with the unpruned
-    model (``optimizers.quantize.fidelity``, i.e. ``onnxforge.common.compare``): lowest
+    model (``optimizers.structured.fidelity_dict``, over ``onnxforge.common.compare``): lowest
     per-output mean cosine and largest absolute error."""
 
     model: onnx.ModelProto
@@ -903,14 +903,6 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 # ---------------------------------------------------------------- the pass
 
 
-def _fidelity(reference, candidate, batches) -> dict[str, Any]:
-    from optimizers.quantize import fidelity
-
-    measured = fidelity(reference, candidate, batches)
-    return {"min_mean_cosine": measured.min_mean_cosine, "max_abs_error": max(measured.max_abs_error.values(), default=0.0),
-            "samples": measured.samples}
-
-
 def _verified(model, cuts: list[tuple[_Block, tuple[int, ...]]], check) -> tuple[list[tuple[_Block, tuple[int, ...]]], dict[str, str], int]:
     """The cuts whose rewrite passes ``check`` (all together first; on a failure, block by
     block, each trial with the blocks accepted so far), the failures by block, and the runs."""
@@ -953,36 +945,15 @@ def prune_heads(
     fidelity), else from the weights. The pruned graph is run in ONNX Runtime at two sizes of
     its symbolic dims before it is returned. Raises ``UserError`` when no head can be removed."""
     from onnxforge.common.summary import count_parameters
-    from optimizers.calibration import calibration_data
     from optimizers.cleanup import deduplicate_initializers
     from optimizers.structured import prepared_for_pruning, run_check
-    from optimizers.verify import verification_inputs
 
     reference, prepared, notes = prepared_for_pruning(model, dims)
     blocks = find_attention(prepared)
-    calib_batches = eval_batches = None
-    if calibration is not None:
-        calib = calibration_data(calibration, prepared, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
-        if evaluation is None:
-            calib, held_out = calib.holdout()
-            if held_out is not None:
-                eval_batches = list(held_out)
-                notes.append(f"fidelity and the bias-compensation choice measured on {held_out.description}")
-        calib_batches = list(calib)
-    if evaluation is not None:
-        eval_batches = list(calibration_data(evaluation, prepared, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
-    elif eval_batches is None:
-        eval_batches = calib_batches or [verification_inputs(prepared, dims, seed=seed) for seed in range(4)]
-    usable = [b for b in blocks if not b.problems]
-    contexts = _contexts(prepared, usable, calib_batches) if calib_batches and usable else None
-    cuts, means = [], {}
-    for block in usable:
-        if contexts is not None:
-            score, block_means = calibration_scores(prepared, block, contexts)
-            means[block.name] = block_means
-        else:
-            score = weight_scores(prepared, block)
-        cuts.append((block, _removed_heads(score, settings)))
+    if not blocks:
+        raise _nothing_to_prune(blocks)
+    calib_batches, eval_batches = _batches(prepared, settings, calibration, evaluation, tokenizer, dims, notes)
+    cuts, means, scoring = _cuts([b for b in blocks if not b.problems], prepared, settings, calib_batches)
     check, check_notes = run_check(prepared, eval_batches[0], dims)
     notes.extend(check_notes)
     accepted, failures, runs = _verified(prepared, cuts, check)
@@ -1003,39 +974,79 @@ def prune_heads(
         pruned.CopyFrom(reference)
     if runs > 1:
         notes.append(f"{len(failures)} attention block(s) left whole because pruning them breaks the graph ({runs} ONNX Runtime checks)")
-    removed_by_block = {block.name: removed for block, removed in accepted}
-    report = []
-    for block in blocks:
-        removed = removed_by_block.get(block.name, ())
-        reason = None
-        if block.problems:
-            reason = "; ".join(block.problems)
-        elif block.name in failures:
-            reason = f"pruning it breaks the graph: {failures[block.name]}"
-        report.append(HeadBlock(block.name, block.form, block.heads, block.heads - len(removed), removed, reason))
     result = HeadPruneResult(
         model=pruned,
-        blocks=tuple(report),
+        blocks=_report(blocks, accepted, failures),
         parameters=(count_parameters(reference), count_parameters(pruned)),
         fidelity=fidelity,
         fidelity_without_compensation=without,
-        scoring="calibration" if contexts is not None else "weights",
+        scoring=scoring,
         notes=tuple(notes),
         compensated=compensated,
     )
     logger.info("pruned heads in %d of %d attention blocks; parameters %d -> %d",
-                sum(1 for b in report if b.kept < b.heads), len(report), *result.parameters)
+                sum(1 for b in result.blocks if b.kept < b.heads), len(result.blocks), *result.parameters)
     return result
+
+
+def _batches(prepared, settings: HeadSettings, calibration, evaluation, tokenizer, dims, notes: list[str]):
+    """``(calibration batches or None, evaluation batches)``, chosen as ``prune_structured``
+    chooses them: without evaluation data a held-out share of the calibration data judges."""
+    from optimizers.calibration import calibration_data
+    from optimizers.verify import verification_inputs
+
+    calib_batches = eval_batches = None
+    if calibration is not None:
+        calib = calibration_data(calibration, prepared, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
+        if evaluation is None:
+            calib, held_out = calib.holdout()
+            if held_out is not None:
+                eval_batches = list(held_out)
+                notes.append(f"fidelity and the bias-compensation choice measured on {held_out.description}")
+        calib_batches = list(calib)
+    if evaluation is not None:
+        eval_batches = list(calibration_data(evaluation, prepared, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
+    elif eval_batches is None:
+        eval_batches = calib_batches or [verification_inputs(prepared, dims, seed=seed) for seed in range(4)]
+    return calib_batches, eval_batches
+
+
+def _cuts(usable: Sequence[_Block], prepared, settings: HeadSettings, calib_batches):
+    """``(cuts, mean contributions, scoring)``: the heads each usable block loses, scored from
+    calibration data when there is some, else from the weights."""
+    contexts = _contexts(prepared, usable, calib_batches) if calib_batches and usable else None
+    cuts, means = [], {}
+    for block in usable:
+        if contexts is not None:
+            score, means[block.name] = calibration_scores(prepared, block, contexts)
+        else:
+            score = weight_scores(prepared, block)
+        cuts.append((block, _removed_heads(score, settings)))
+    return cuts, means, "calibration" if contexts is not None else "weights"
+
+
+def _report(blocks: Sequence[_Block], accepted, failures: Mapping[str, str]) -> tuple[HeadBlock, ...]:
+    removed_by_block = {block.name: removed for block, removed in accepted}
+    report = []
+    for block in blocks:
+        removed = removed_by_block.get(block.name, ())
+        reason = "; ".join(block.problems) if block.problems else None
+        if reason is None and block.name in failures:
+            reason = f"pruning it breaks the graph: {failures[block.name]}"
+        report.append(HeadBlock(block.name, block.form, block.heads, block.heads - len(removed), removed, reason))
+    return tuple(report)
 
 
 def _compensated(reference, prepared, accepted, means, settings: HeadSettings, eval_batches, notes: list[str]):
     """``(pruned, fidelity, fidelity without compensation, projections compensated)``: bias
     compensation of the output projections (calibration data only) where it raises the
     measured fidelity."""
+    from optimizers.structured import fidelity_dict
+
     if not accepted:
         return prepared, None, None, 0
     plain = apply(prepared, accepted)
-    fidelity = _fidelity(reference, plain, eval_batches)
+    fidelity = fidelity_dict(reference, plain, eval_batches)
     if not (settings.bias_compensation and means):
         return plain, fidelity, None, 0
     deltas: dict[str, np.ndarray] = {}
@@ -1051,7 +1062,7 @@ def _compensated(reference, prepared, accepted, means, settings: HeadSettings, e
     if not deltas:
         return plain, fidelity, None, 0
     compensated = apply(prepared, accepted, deltas)
-    measured = _fidelity(reference, compensated, eval_batches)
+    measured = fidelity_dict(reference, compensated, eval_batches)
     if measured["min_mean_cosine"] < fidelity["min_mean_cosine"]:
         notes.append(f"bias compensation lowered fidelity ({measured['min_mean_cosine']:.4f} vs "
                      f"{fidelity['min_mean_cosine']:.4f} without) and was not applied")

@@ -56,7 +56,7 @@ def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSe
         return prune_structured(source, settings, **data)
     from onnxforge.common.normalize import normalize
     from onnxforge.common.summary import count_parameters
-    from optimizers.structured import _fidelity_dict, macs
+    from optimizers.structured import fidelity_dict, macs
     from optimizers.verify import verification_inputs
 
     source = normalize(source, dims=data.get("dims")).model  # Constant weights lifted, -1 dims named
@@ -69,7 +69,7 @@ def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSe
         parameters=(nonzero_before, nonzero_before),
         macs=(macs(source, data.get("dims") or {}, batches[0]), macs(result.model, data.get("dims") or {}, batches[0])),
         size_bytes=(result.stats["compressed_bytes_before"], result.stats["compressed_bytes_after"]),
-        fidelity=_fidelity_dict(source, result.model, batches),
+        fidelity=fidelity_dict(source, result.model, batches),
         fidelity_without_compensation=None,
         compensated_consumers=0,
         notes=(f"magnitude pruning: {result.stats['achieved_sparsity']:.1%} of MatMul/Gemm/Conv weights are zero; "
@@ -83,7 +83,7 @@ def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads:
     Runtime checks. The totals compare the final model with ``source``."""
     from onnxforge.common.onnxio import model_bytes
     from onnxforge.common.summary import count_parameters
-    from optimizers.structured import _fidelity_dict, macs
+    from optimizers.structured import fidelity_dict, macs
 
     head_settings = HeadSettings(ratio=heads, bias_compensation=settings.bias_compensation, max_batches=settings.max_batches)
     head_result = prune_heads(source, head_settings, **data)
@@ -103,7 +103,7 @@ def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads:
         "parameters": (count_parameters(source), neurons.parameters[1]),
         "macs": (macs(source, dims, batches[0]), neurons.macs[1]),
         "size_bytes": (model_bytes(source), neurons.size_bytes[1]),
-        "fidelity": _fidelity_dict(source, neurons.model, batches),
+        "fidelity": fidelity_dict(source, neurons.model, batches),
         "fidelity_without_compensation": None,
         "notes": (*(f"heads: {note}" for note in head_result.notes), *neurons.notes,
                   "fidelity is measured against the model before head pruning"),
