@@ -15,7 +15,7 @@ import onnx
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
 from onnxforge.common.normalize import NormalizeResult, default_opset, ensure_opset, normalize, ops_needing_newer_opset
-from onnxforge.common.onnxio import load_onnx, model_bytes, save_onnx
+from onnxforge.common.onnxio import check_onnx, is_large, load_onnx, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.cleanup import cleanup, prune_graph
 from optimizers.fusions import fuse_transformer, looks_like_transformer
@@ -109,6 +109,10 @@ class StepReport:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizeResult:
+    """``normalization`` records what load-time normalization changed; for a model past the
+    external-data threshold (``onnxforge.common.onnxio.is_large``) its ``model`` is None, so
+    that the result does not hold the weights twice."""
+
     model: onnx.ModelProto
     steps: tuple[StepReport, ...]
     before: ModelSummary
@@ -168,6 +172,11 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     if normalization.modified:
         logger.debug("%s", normalization.describe())  # in the result; the CLI prints it
     source = normalization.model
+    before = _summary(source)
+    if is_large(source):
+        # past the protobuf limit each copy of the weights counts: the result keeps the
+        # normalization's record, not a second copy of the model it made
+        normalization = dataclasses.replace(normalization, model=None)
     tolerance = Tolerance(settings.rtol, settings.atol)
     level = settings.resolved_level
     if level in ("extended", "all"):
@@ -204,7 +213,7 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     if settings.sparsity:
         steps.append(("magnitude_sparsity", lambda m: magnitude_sparsity(m, settings.sparsity, scope=settings.sparsity_scope), "lossy"))
 
-    current = source
+    current, source = source, None  # the reference outputs are all later steps need of it
     reports = []
     for name, transform, kind in steps:
         step_started = time.perf_counter()
@@ -243,10 +252,10 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
         current = result.model
     try:
         contrib = any(op.domain not in ("", "ai.onnx") for op in current.opset_import)
-        onnx.checker.check_model(current, full_check=not contrib)
+        check_onnx(current, full_check=not contrib)
     except onnx.checker.ValidationError as exc:
         raise UserError(f"the optimized model fails onnx.checker: {str(exc)[:400]}") from None
-    return OptimizeResult(current, tuple(reports), _summary(source), _summary(current), time.perf_counter() - started, normalization)
+    return OptimizeResult(current, tuple(reports), before, _summary(current), time.perf_counter() - started, normalization)
 
 
 def _fuse_at_opset_17(model: onnx.ModelProto, dims: Mapping[str, int], **fusion_settings) -> PassResult:
@@ -295,7 +304,7 @@ def _within_opset(name: str, transform, model: onnx.ModelProto, dims: Mapping[st
 
 def optimize_file(input_path: str | Path, output_path: str | Path, settings: OptimizeSettings = OptimizeSettings()) -> OptimizeResult:
     """``optimize`` from a file to a file, written atomically (nothing at ``output_path`` on failure)."""
-    result = optimize(load_onnx(input_path, normalize=False), settings)
+    result = optimize(Path(input_path), settings)  # a path: the file as loaded is freed once normalized
     written = save_onnx(result.model, output_path)
     after = dataclasses.replace(result.after, path=str(output_path), file_bytes=written[0].stat().st_size)
     before = dataclasses.replace(result.before, path=str(input_path), file_bytes=Path(input_path).stat().st_size)

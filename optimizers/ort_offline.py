@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.onnxio import EXTERNAL_DATA_THRESHOLD_BYTES, initializer_bytes, save_onnx
+from onnxforge.common.onnxio import is_large, save_onnx
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.result import PassResult
 
@@ -47,7 +47,7 @@ def ort_optimize(model: onnx.ModelProto, level: str, target: str = "cpu") -> Pas
         source = Path(tmp) / "in.onnx"
         save_onnx(model, source)
         target_path = Path(tmp) / "out.onnx"
-        large = initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES
+        large = is_large(model)
 
         def write_optimized(options):
             options.optimized_model_filepath = str(target_path)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
@@ -14,7 +16,12 @@ logger = logging.getLogger(__name__)
 
 # Protobuf refuses messages of 2 GiB or more; stay clear of it, the graph itself needs room too.
 PROTOBUF_LIMIT_BYTES = 2**31
+# The one place the code decides that a model is "large": weights at or past this many bytes
+# are never serialized in one message (files get external data, ONNX Runtime gets paths, the
+# checker gets the graph without the weights). Tests patch it down to prove those branches.
 EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8 * 2**30)
+# Initializers up to this size stay inside the .onnx file when the rest go to external data.
+INLINE_TENSOR_BYTES = 1024
 
 
 def load_onnx(path: str | Path, *, load_external_data: bool = True, normalize: bool = True) -> onnx.ModelProto:
@@ -61,10 +68,21 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model``'s weights reach ``EXTERNAL_DATA_THRESHOLD_BYTES``: then it is written
+    with external data and never serialized (or sized) as one protobuf message."""
+    return initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+def is_large_file(path: str | Path) -> bool:
+    """``is_large`` for a file, read without its external data (a cheap look before loading)."""
+    return is_large(onnx.load(str(path), load_external_data=False))
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
     """The serialized size of ``model`` (external weights by their declared length), computed
     part by part: protobuf cannot size a whole message past 2 GB."""
-    if initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
+    if not is_large(model):
         return model.ByteSize()
     graph = model.graph
     parts = [*graph.node, *graph.input, *graph.output, *graph.value_info, *graph.sparse_initializer]
@@ -74,29 +92,24 @@ def model_bytes(model: onnx.ModelProto) -> int:
 def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> list[Path]:
     """Write ``model`` to ``path`` atomically; returns the files written (model first).
 
-    ``external_data=None`` stores weights in ``<name>.data`` beside the model only when they
-    approach the 2 GB protobuf limit; ``True``/``False`` force the choice. On failure nothing
-    is left at ``path`` and an existing file there is untouched. ``model`` is not modified
-    (onnx's external-data writer empties the tensors it moves, so it gets a copy).
+    ``external_data=None`` stores weights in ``<name>.data`` beside the model only when the
+    model ``is_large``; ``True``/``False`` force the choice. On failure nothing is left at
+    ``path`` and an existing file there is untouched. ``model`` is not modified. With external
+    data the weights are streamed to the data file one tensor at a time and only the graph is
+    serialized, so a model of any size is written without a second copy of it in memory.
     """
     path = Path(path)
     if external_data is None:
-        external_data = initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES
+        external_data = is_large(model)
     data_name = path.name + ".data"
     with staging_dir(path) as tmp:
         staged = tmp / path.name
         if external_data:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            _to_raw_data(copy)
-            onnx.save_model(
-                copy,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
+            with open(tmp / data_name, "wb") as data:
+                graph_only, length = _externalized(model, data_name, data.write)
+            onnx.save_model(graph_only, str(staged))
+            if not length:
+                (tmp / data_name).unlink()  # no tensor was large enough to move out
         else:
             onnx.save_model(model, str(staged))
         companions = (tmp / data_name,) if (tmp / data_name).exists() else ()
@@ -106,14 +119,67 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool |
     return written
 
 
-def _to_raw_data(model: onnx.ModelProto) -> None:
-    """Move initializers kept in typed fields (float_data...) to raw_data: onnx only
-    externalizes raw_data tensors."""
-    from onnx import numpy_helper
+def check_onnx(model: onnx.ModelProto, *, full_check: bool = False) -> None:
+    """``onnx.checker.check_model`` for a model of any size (raises its ``ValidationError``).
 
+    A large model cannot be handed to the checker as one message: it gets the graph with the
+    initializers as external references, written to a temporary folder beside a sparse file of
+    the declared length. The checker reads the graph and where each tensor is declared to be,
+    and shape inference reads the tensors' dims, so the weights need not be in memory twice.
+    """
+    if not is_large(model):
+        onnx.checker.check_model(model, full_check=full_check)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxforge-check-") as tmp:
+        graph_only, length = _externalized(model, "weights.data")
+        with open(Path(tmp) / "weights.data", "wb") as data:
+            data.truncate(length)
+        onnx.save_model(graph_only, str(Path(tmp) / "model.onnx"))
+        onnx.checker.check_model(str(Path(tmp) / "model.onnx"), full_check=full_check)
+
+
+def _externalized(model: onnx.ModelProto, location: str, write=None) -> tuple[onnx.ModelProto, int]:
+    """``(graph_only, length)``: a new model with every field of ``model`` but its weights,
+    where initializers over ``INLINE_TENSOR_BYTES`` are references into ``location``, and the
+    bytes those references span. ``write`` gets each moved tensor's bytes, one tensor at a
+    time, in order (the offsets are the running total); without it nothing is read but the
+    lengths. ``model`` is not modified; tensors already external and string tensors (which
+    external data cannot hold) are copied as they are."""
+    graph_only = onnx.ModelProto()
+    _copy_fields(model, graph_only, skip="graph")
+    _copy_fields(model.graph, graph_only.graph, skip="initializer")
+    offset = 0
     for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+        if (tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING
+                or tensor.ByteSize() <= INLINE_TENSOR_BYTES):
+            graph_only.graph.initializer.add().CopyFrom(tensor)
+            continue
+        payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+        if write is not None:
+            write(payload)
+        reference = graph_only.graph.initializer.add()
+        reference.name, reference.data_type, reference.doc_string = tensor.name, tensor.data_type, tensor.doc_string
+        reference.dims.extend(tensor.dims)
+        reference.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(payload)))):
+            entry = reference.external_data.add()
+            entry.key, entry.value = key, value
+        offset += len(payload)
+        del payload
+    return graph_only, offset
+
+
+def _copy_fields(source, target, *, skip: str) -> None:
+    """Every set field of ``source`` but ``skip`` copied into ``target`` (same message type)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def files_of(path: str | Path) -> list[Path]:

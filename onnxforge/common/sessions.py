@@ -104,9 +104,9 @@ def open_session(
     label = what or (f"'{source}'" if not isinstance(source, onnx.ModelProto) else "the model")
     staged = None
     if isinstance(source, onnx.ModelProto):
-        from onnxforge.common.onnxio import EXTERNAL_DATA_THRESHOLD_BYTES, initializer_bytes, save_onnx
+        from onnxforge.common.onnxio import is_large, save_onnx
 
-        if initializer_bytes(source) >= EXTERNAL_DATA_THRESHOLD_BYTES:
+        if is_large(source):
             # past 2 GB a model cannot be serialized in one piece: ONNX Runtime gets a file with
             # external data, kept as long as the session lives
             staged = tempfile.TemporaryDirectory(prefix="onnxforge-session-")
