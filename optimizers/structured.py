@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.onnxio import model_bytes
+from onnxforge.common.onnxio import check_onnx, model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -1066,7 +1066,7 @@ class RunCheck:
 
         if self.full_check:
             try:
-                onnx.checker.check_model(candidate, full_check=True)
+                check_onnx(candidate, full_check=True)
             except CHECKER_ERRORS as exc:
                 return f"the ONNX checker rejects it: {_one_line(exc)}"
         for inputs, expected in zip(self.input_sets, self.expected):
@@ -1107,7 +1107,7 @@ def run_check(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], dims: Ma
             notes.append(f"the model does not run at a second input size, so pruned graphs were run at one size only "
                          f"({_one_line(exc, 160)})")
     try:
-        onnx.checker.check_model(model, full_check=True)
+        check_onnx(model, full_check=True)
         full_check = True
     except CHECKER_ERRORS:
         full_check = False
