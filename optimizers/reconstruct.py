@@ -63,12 +63,16 @@ class ReconstructSettings:
     holdout: share of calibration batches kept out of the fit to judge it, by the one hold-out
         rule (``optimizers.calibration.split_holdout``).
     max_features: largest im2col width (kept channels × kernel taps) a Conv is solved for.
-    seed: the split's seed."""
+    seed: the split's seed.
+    correct_residual: where a consumer's output is summed with a residual ``r`` (``y = W x + b +
+        r``, a transformer's FFN), its target also makes up the drift that pruning upstream left
+        in the residual: ``W x + (r − r̂)``, ``r̂`` the residual in the pruned model."""
 
     ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
     holdout: float = HOLDOUT_SHARE
     max_features: int = 6144
     seed: int = 0
+    correct_residual: bool = False
 
     def __post_init__(self):
         if not self.ridges or min(self.ridges) <= 0:
@@ -141,6 +145,7 @@ class _Consumer:
     kept: list[int]
     removed: list[int]
     conv: dict | None = None  # kernel, strides, pads, dilations
+    residual: str | None = None  # the other input of the residual Add its output (plus bias) reaches
 
     @property
     def taps(self) -> int:
@@ -243,8 +248,30 @@ def _consumers(model, analysis, removed, settings: ReconstructSettings, every: b
             skipped[node_name] = (f"im2col width {len(kept)}x{canonical.shape[2]} = {len(kept) * canonical.shape[2]} "
                                   f"is over max_features {settings.max_features}")
             continue
-        found.append(_Consumer(node, tensor, weight_name, canonical, layout, rows, kept, gone, conv))
+        residual = _residual_input(model, node, inits) if settings.correct_residual and conv is None and len(rows) == canonical.shape[0] else None
+        found.append(_Consumer(node, tensor, weight_name, canonical, layout, rows, kept, gone, conv, residual))
     return found, skipped
+
+
+def _residual_input(model, node, inits) -> str | None:
+    """``r`` when ``node``'s output, after at most one Add of a constant bias, is summed with a
+    computed tensor ``r`` of the same shape (a transformer's residual: ``y = W x + b + r``)."""
+    readers = collections.defaultdict(list)
+    for other in model.graph.node:
+        for name in other.input:
+            readers[name].append(other)
+    tensor = node.output[0]
+    for _ in range(2):
+        after = readers.get(tensor, [])
+        if len(after) != 1 or after[0].op_type != "Add" or len(after[0].input) != 2:
+            return None
+        other = next((i for i in after[0].input if i != tensor), None)
+        if other is None:
+            return None
+        if other not in inits:
+            return other
+        tensor = after[0].output[0]
+    return None
 
 
 def _waves(model, consumers: list[_Consumer]) -> list[list[_Consumer]]:
@@ -393,8 +420,9 @@ def _rows(batch, x: np.ndarray, features: np.ndarray) -> np.ndarray:
 def _moments_for_wave(reference, current, wave: list[_Consumer], fit, heldout):
     """Per consumer, moments of (kept input in ``current``, original target from ``reference``)
     over the fit batches and over the held-out ones, and each consumer's original full-feature
-    means over the fit batches (for compensation). One session per model for the wave."""
-    names = sorted({c.tensor for c in wave})
+    means over the fit batches (for compensation). One session per model for the wave. A
+    consumer with a ``residual`` also targets the residual's drift, ``r − r̂``."""
+    names = sorted({c.tensor for c in wave} | {c.residual for c in wave if c.residual})
     batches = [(b, True) for b in fit] + [(b, False) for b in heldout]
     weights = {c.node.name: c.weight[c.rows].reshape(len(c.rows), -1).T.astype(np.float32) for c in wave}
     moments = {True: {}, False: {}}
@@ -406,6 +434,9 @@ def _moments_for_wave(reference, current, wave: list[_Consumer], fit, heldout):
             name = c.node.name
             full = _rows(batch, original[c.tensor], c.features(original[c.tensor]))
             targets = full @ weights[name]
+            if c.residual:
+                drift = original[c.residual] - x_hat_all[c.residual]
+                targets = targets + _rows(batch, drift, drift.reshape(-1, drift.shape[-1]))
             # the pruned model's tensor holds the kept channels only
             features = _rows(batch, x_hat_all[c.tensor], c.features(x_hat_all[c.tensor]))
             part = moments[is_fit]
@@ -427,10 +458,22 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
     on a seeded share of ``batches`` and judging on the rest. Consumers that are not re-fitted
     (rejected on held-out data, too wide, ConvTranspose) get bias compensation."""
     from optimizers.quantize import fidelity as measure
-    from optimizers.structured import apply
 
     fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
     notes: list[str] = []
+    if not heldout:
+        notes.append("reconstruction needs held-out calibration data (2 batches or a batch of 2 samples at least); not applied")
+    pruned, compensated, current, reports = _refit(model, analysis, removed, fit, heldout, settings, notes)
+    chosen, fidelity, applied = _final_choice(model, pruned, compensated, current, reports, heldout, measure, notes)
+    return ReconstructResult(chosen, tuple(reports), fidelity, applied, len(fit), len(heldout), tuple(notes))
+
+
+def _refit(model, analysis, removed: frozenset[int], fit, heldout, settings: ReconstructSettings, notes: list[str]):
+    """``(pruned, compensated, re-fitted, consumer reports)``: ``model`` with ``removed`` cut,
+    then with bias compensation on every consumer, then with each consumer's re-fit where its
+    held-out error is below compensation's (compensation elsewhere), wave by wave."""
+    from optimizers.structured import apply
+
     consumers, skipped = _consumers(model, analysis, removed, settings)
     for name, why in skipped.items():
         notes.append(f"'{name}' keeps bias compensation only: {why}")
@@ -439,8 +482,6 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
     current.CopyFrom(pruned)
     compensated = onnx.ModelProto()
     compensated.CopyFrom(pruned)
-    if not heldout:
-        notes.append("reconstruction needs held-out calibration data (2 batches or a batch of 2 samples at least); not applied")
     reports: list[ConsumerReport] = []
     done_current, done_comp = set(), set()
     for wave in _waves(model, consumers):
@@ -454,8 +495,52 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
     if skipped:  # not re-fitted: the same bias compensation in both models
         for target in (compensated, current):
             _compensate_skipped(target, model, analysis, removed, skipped, fit)
-    chosen, fidelity, applied = _final_choice(model, pruned, compensated, current, reports, heldout, measure, notes)
-    return ReconstructResult(chosen, tuple(reports), fidelity, applied, len(fit), len(heldout), tuple(notes))
+    return pruned, compensated, current, reports
+
+
+# ---------------------------------------------------------------- measured sensitivity of each unit
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitProbe:
+    """One unit pruned alone (``removed`` of its ``channels``) and re-fitted. ``estimated_loss``:
+    the relative loss the greedy elimination predicts at its consumers; ``measured_loss``:
+    ``1 − lowest mean cosine`` of the model's outputs on held-out calibration batches.
+    ``scale = measured / estimated`` turns a unit's greedy losses into output losses."""
+
+    producers: tuple[str, ...]
+    channels: int
+    removed: int
+    estimated_loss: float
+    measured_loss: float
+
+    @property
+    def scale(self) -> float:
+        return self.measured_loss / max(self.estimated_loss, 1e-12)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "scale": self.scale}
+
+
+def probe_units(model: onnx.ModelProto, analysis, probes: Sequence[tuple[tuple[str, ...], int, frozenset[int], float]],
+                batches: Sequence[Mapping[str, np.ndarray]], settings: ReconstructSettings = ReconstructSettings()
+                ) -> list[UnitProbe]:
+    """For each ``(producers, channels, removed roots, estimated loss)``: prune those roots alone, re-fit
+    on the fit share of ``batches`` (the split ``reconstruct`` uses) and measure the output loss
+    on the held-out share. One re-fit and one held-out run per unit."""
+    from optimizers.quantize import fidelity as measure
+
+    fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
+    if not heldout:
+        raise UserError("measuring each layer's sensitivity needs held-out calibration data (2 batches at least)")
+    found = []
+    for producers, channels, removed, estimated in probes:
+        _, _, refitted, _ = _refit(model, analysis, removed, fit, heldout, settings, [])
+        loss = max(0.0, 1.0 - measure(model, refitted, heldout).min_mean_cosine)
+        found.append(UnitProbe(tuple(producers), channels, len(removed), float(estimated), loss))
+        logger.info("sensitivity of %s: %d channels removed, estimated loss %.3g, held-out output loss %.3g",
+                    "+".join(producers), len(removed), estimated, loss)
+    return found
 
 
 def _judge(c: _Consumer, compensation, fit: Moments, held: Moments | None, settings: ReconstructSettings

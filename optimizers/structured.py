@@ -680,16 +680,14 @@ def _consumer_axes(model, analysis: Analysis) -> dict[str, int]:
     return axes
 
 
-def _unit_scale(settings: PruneSettings, score: dict[int, float], roots: list[int]) -> float:
-    """What a unit's scores are divided by before units are compared (global scope): their mean,
-    except for ``reconstruction`` scores, which are already relative losses."""
-    if settings.importance == "reconstruction":
-        return 1.0
+def _unit_scale(score: dict[int, float], roots: list[int]) -> float:
+    """What a unit's scores are divided by before units are compared (global scope, data-free):
+    their mean."""
     return float(np.mean([score[r] for r in roots])) or 1.0
 
 
-def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]) -> list[tuple[Unit, frozenset[int]]]:
-    """Each unit with the slot roots chosen for removal (empty when it is left whole)."""
+def _plans(analysis: Analysis, settings: PruneSettings) -> list[tuple[tuple[str, ...], list[int], str | None, float]]:
+    """Each unit's producers, slot roots, why it is left whole (None when prunable) and ratio."""
     plans = []
     for producers, roots in channel_units(analysis):
         reason = None
@@ -702,12 +700,25 @@ def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]
             reason = f"its channels reach {analysis.frozen[frozen[0]]}, which cannot be pruned safely"
         ratio = max((settings.ratios.get(p, settings.ratio) for p in producers), default=settings.ratio)
         plans.append((producers, roots, reason, ratio))
-    if settings.scope == "global":
-        pool = []
-        for _, roots, reason, _ in plans:
-            if reason is None:
-                mean = _unit_scale(settings, score, roots)
-                pool.extend(score[r] / mean for r in roots)
+    return plans
+
+
+def _rounded_drop(channels: int, ratio: float, round_to: int) -> int:
+    """Channels removed from a unit at ``ratio``: kept counts round up to multiples of ``round_to``."""
+    keep = channels - int(channels * ratio)
+    keep = min(channels, -(-keep // round_to) * round_to) if channels > round_to else channels
+    return channels - max(keep, 1)
+
+
+def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float],
+            drops: Mapping[tuple[str, ...], int] | None = None) -> list[tuple[Unit, frozenset[int]]]:
+    """Each unit with the slot roots chosen for removal (empty when it is left whole): the
+    ``drops`` count of a unit where given (a sensitivity allocation), else as many as its ratio
+    says (layer scope) or as fall under the global threshold of normalized scores (global scope)."""
+    plans = _plans(analysis, settings)
+    threshold = 0.0
+    if settings.scope == "global" and drops is None:
+        pool = [score[r] / _unit_scale(score, roots) for _, roots, reason, _ in plans if reason is None for r in roots]
         threshold = np.quantile(pool, settings.ratio) if pool else 0.0
     decided = []
     for producers, roots, reason, ratio in plans:
@@ -715,8 +726,10 @@ def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]
         if reason is not None or ratio == 0:
             decided.append((Unit(producers, channels, channels, reason or "ratio 0"), frozenset()))
             continue
-        if settings.scope == "global":
-            mean = _unit_scale(settings, score, roots)
+        if drops is not None:
+            drop = drops.get(producers, 0)
+        elif settings.scope == "global":
+            mean = _unit_scale(score, roots)
             drop = sum(1 for r in roots if score[r] / mean < threshold)
         else:
             drop = int(channels * ratio)
@@ -727,6 +740,82 @@ def _decide(analysis: Analysis, settings: PruneSettings, score: dict[int, float]
         unit = Unit(producers, channels, keep, None if keep < channels else "rounding kept every channel")
         decided.append((unit, frozenset(order[: channels - keep])))
     return decided
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """Channels removed per unit, chosen from measured sensitivity (``scope="global"`` with
+    reconstruction): ``drops`` per unit's producers; ``uniform`` what the unit's ratio alone
+    removes (the total of both is the same); ``probes`` each unit's measured output loss
+    (``optimizers.reconstruct.UnitProbe``)."""
+
+    drops: Mapping[tuple[str, ...], int]
+    uniform: Mapping[tuple[str, ...], int]
+    probes: tuple[Any, ...]
+
+    def to_dict(self) -> dict:
+        return {"units": [{"producers": list(p), "removed": self.drops[p], "uniform": self.uniform[p]} for p in self.drops],
+                "probes": [probe.to_dict() for probe in self.probes]}
+
+
+GLOBAL_SHARE_LIMIT = 0.9  # most of a unit a global allocation removes; greedy losses are traced this far
+
+
+def global_share(ratio: float) -> float:
+    """How deep global scope traces each unit's greedy losses: twice the ratio, at most 0.9."""
+    return min(GLOBAL_SHARE_LIMIT, 2 * ratio)
+
+
+def allocate_by_sensitivity(model: onnx.ModelProto, analysis: Analysis, settings: PruneSettings, losses: Mapping[int, float],
+                            batches) -> Allocation:
+    """Per-unit removal counts from measured sensitivity (He et al.'s sensitivity analysis,
+    with the reconstruction in the loop). ``losses``: ``greedy_scores`` (each channel's
+    cumulative relative loss left by the least-squares re-fit, along its unit's greedy order).
+
+    1. Each prunable unit alone loses its uniform share (``ratio``, rounded as ``_decide``
+       rounds) by its greedy order, is re-fitted, and its held-out output loss
+       ``m_u = 1 − cosine`` is measured (``probe_units``). ``s_u = m_u / c_u(k_u)`` scales the
+       unit's greedy loss curve ``c_u(k)`` to output loss.
+    2. Blocks of ``round_to`` channels are taken cheapest first by marginal output loss
+       ``s_u (c_u(k + b) − c_u(k))``, each unit along its greedy order and at most
+       ``global_share(ratio)`` deep, until as many channels are removed as the uniform
+       allocation removes (losses of units are taken to add up)."""
+    import heapq
+
+    from optimizers.reconstruct import ReconstructSettings, probe_units
+
+    limit = global_share(settings.ratio)
+    units, probes = [], []
+    for producers, roots, reason, ratio in _plans(analysis, settings):
+        if reason is not None or ratio == 0:
+            continue
+        order = sorted(roots, key=lambda r: losses[r])
+        uniform = _rounded_drop(len(roots), ratio, settings.round_to)
+        units.append((producers, order, uniform))
+        if uniform:
+            probes.append((producers, len(roots), frozenset(order[:uniform]), float(losses[order[uniform - 1]])))
+    measured = {p.producers: p for p in probe_units(model, analysis, probes, batches, ReconstructSettings())}
+    curve = lambda order, k: float(losses[order[k - 1]]) if k else 0.0
+    heap, drops = [], {producers: 0 for producers, _, _ in units}
+
+    def push(producers, order):
+        block = settings.round_to if len(order) > settings.round_to else 1
+        k = drops[producers]
+        if producers in measured and k + block <= int(len(order) * limit):
+            heapq.heappush(heap, (measured[producers].scale * (curve(order, k + block) - curve(order, k)), producers, block))
+
+    orders = {producers: order for producers, order, _ in units}
+    for producers, order, _ in units:
+        push(producers, order)
+    target, taken = sum(uniform for _, _, uniform in units), 0
+    while heap:
+        _, producers, block = heapq.heappop(heap)
+        if taken + block > target:
+            continue
+        drops[producers] += block
+        taken += block
+        push(producers, orders[producers])
+    return Allocation(drops, {producers: uniform for producers, _, uniform in units}, tuple(measured.values()))
 
 
 def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozenset[int]) -> onnx.ModelProto:
@@ -921,6 +1010,7 @@ class PruneResult:
     compensated_consumers: int
     notes: tuple[str, ...]
     reconstruction: dict[str, Any] | None = None  # ReconstructResult.to_dict(): per consumer, held-out figures
+    allocation: dict[str, Any] | None = None  # global scope with reconstruction: Allocation.to_dict() and the choice
 
     @property
     def modified(self) -> bool:
@@ -1194,17 +1284,66 @@ def _compensated(reference, model, analysis: Analysis, removed: frozenset[int], 
     return deduplicate_initializers(pruned).model, compensated, measured, without
 
 
-def _reconstructed(reference, model, analysis: Analysis, removed: frozenset[int], calib_batches, eval_batches, notes: list[str]):
+def _reconstructed(reference, model, analysis: Analysis, removed: frozenset[int], calib_batches, eval_batches, notes: list[str],
+                   refit=None):
     """``(pruned, consumers changed, fidelity, fidelity of the plain cut, report)`` with
-    least-squares reconstruction (``optimizers.reconstruct``): it splits ``calib_batches`` into
-    fit and held-out batches itself and keeps re-fits only where the held-out data says so."""
+    least-squares reconstruction (``optimizers.reconstruct``, or its result ``refit`` when it
+    was already run): it splits ``calib_batches`` into fit and held-out batches itself and keeps
+    re-fits only where the held-out data says so."""
     from optimizers.reconstruct import reconstruct
 
-    refit = reconstruct(model, analysis, removed, calib_batches)
+    refit = refit or reconstruct(model, analysis, removed, calib_batches)
     notes.extend(refit.notes)
     measured = fidelity_dict(reference, refit.model, eval_batches)
     without = fidelity_dict(reference, apply(model, analysis, removed), eval_batches)
     return refit.model, len(refit.consumers), measured, without, refit.to_dict()
+
+
+def _has_holdout(calib_batches, notes: list[str]) -> bool:
+    from optimizers.calibration import split_holdout
+
+    if split_holdout(calib_batches)[1]:
+        return True
+    notes.append("global scope compares units by normalized scores: measuring each unit's sensitivity needs held-out "
+                 "calibration data (2 batches at least)")
+    return False
+
+
+def _sensitivity_or_uniform(model, analysis: Analysis, settings: PruneSettings, score, calib_batches, check: RunCheck,
+                            notes: list[str]):
+    """``(decided, runs, ReconstructResult, summary)`` for the better of two allocations with the same
+    total, both re-fitted: per-unit counts from measured sensitivity (``allocate_by_sensitivity``)
+    and each unit's own ratio (uniform). Better: higher held-out cosine on the calibration
+    batches reconstruction holds out; the uniform one wins ties, and the notes say which won."""
+    from optimizers.reconstruct import greedy_scores, reconstruct
+
+    losses = score
+    if settings.importance != "reconstruction":  # the allocation follows the losses the re-fit leaves
+        deepest = max((settings.ratio, *settings.ratios.values()))
+        losses = greedy_scores(model, analysis, calib_batches, global_share(deepest))
+    allocation = allocate_by_sensitivity(model, analysis, settings, losses, calib_batches)
+    options = {}
+    for label, drops in (("uniform", None), ("sensitivity", allocation.drops)):
+        chosen = settings if drops is not None else dataclasses.replace(settings, scope="layer")
+        decided, runs = _verified(model, analysis, _decide(analysis, chosen, score, drops), check)
+        removed = frozenset().union(*(roots for _, roots in decided))
+        refit = reconstruct(model, analysis, removed, calib_batches)
+        options[label] = (decided, runs, refit, _chosen_fidelity(refit))
+    best = max(options, key=lambda label: (options[label][3], label == "uniform"))
+    per_unit = ", ".join(f"{'+'.join(p)} {allocation.drops[p]} (uniform {allocation.uniform[p]}, output loss "
+                         f"{probe.measured_loss:.2g} alone)" for p, probe in ((q.producers, q) for q in allocation.probes))
+    notes.append(f"global scope: channels removed per unit from measured sensitivity: {per_unit}")
+    notes.append(f"held-out cosine {options['sensitivity'][3]:.4f} with the sensitivity allocation, {options['uniform'][3]:.4f} "
+                 f"with each unit at its own ratio (same total); kept: {best}")
+    summary = {**allocation.to_dict(), "heldout_cosine": {label: option[3] for label, option in options.items()}, "kept": best}
+    decided, runs, refit, _ = options[best]
+    return decided, options["uniform"][1] + options["sensitivity"][1], refit, summary
+
+
+def _chosen_fidelity(refit) -> float:
+    """Held-out cosine of the model ``reconstruct`` returned (re-fitted, or compensated)."""
+    value = refit.fidelity["reconstruction"] if refit.applied else refit.fidelity["compensation"]
+    return -1.0 if value is None else float(value)
 
 
 def prune_structured(
@@ -1258,15 +1397,20 @@ def prune_structured(
     means = means_abs = None
     if calib_batches and analysis.consumers:
         means, means_abs = channel_stats(model, analysis, calib_batches)
+    refit_on = bool(calib_batches) and (settings.reconstruct or (settings.reconstruct is None and settings.bias_compensation))
+    by_sensitivity = settings.scope == "global" and refit_on and _has_holdout(calib_batches, notes)
+    deepest = max((settings.ratio, *settings.ratios.values()))
     if settings.importance == "reconstruction":
         from optimizers.reconstruct import greedy_scores
 
-        deepest = max((settings.ratio, *settings.ratios.values()))
-        score = greedy_scores(model, analysis, calib_batches, min(0.9, 2 * deepest) if settings.scope == "global" else deepest)
+        score = greedy_scores(model, analysis, calib_batches, global_share(deepest) if settings.scope == "global" else deepest)
     else:
         score = _importance(model, analysis, settings, means_abs)
-    decided = _decide(analysis, settings, score)
-    decided, trials = _verified(model, analysis, decided, check)
+    refit = allocation = None
+    if by_sensitivity:
+        decided, trials, refit, allocation = _sensitivity_or_uniform(model, analysis, settings, score, calib_batches, check, notes)
+    else:
+        decided, trials = _verified(model, analysis, _decide(analysis, settings, score), check)
     units = [unit for unit, _ in decided]
     removed = frozenset().union(*(roots for _, roots in decided))
     if settings.ratio > 0 and not removed:
@@ -1278,9 +1422,9 @@ def prune_structured(
         notes.append(f"{sum(1 for u in units if (u.reason or '').startswith('pruning it breaks'))} unit(s) left whole "
                      f"because pruning them breaks the graph ({trials} ONNX Runtime checks)")
     reconstruction = None
-    if removed and calib_batches and (settings.reconstruct or (settings.reconstruct is None and settings.bias_compensation)):
+    if removed and refit_on:
         pruned, compensated, measured, without, reconstruction = _reconstructed(
-            reference, model, analysis, removed, calib_batches, eval_batches, notes)
+            reference, model, analysis, removed, calib_batches, eval_batches, notes, refit)
     elif removed:
         pruned, compensated, measured, without = _compensated(
             reference, model, analysis, removed, means if settings.bias_compensation else None, eval_batches, notes)
@@ -1306,6 +1450,7 @@ def prune_structured(
         compensated_consumers=compensated,
         notes=tuple(notes),
         reconstruction=reconstruction,
+        allocation=allocation,
     )
     logger.info("pruned %d of %d units; parameters %d -> %d; MACs %d -> %d", sum(1 for u in units if u.kept < u.channels),
                 len(units), *result.parameters, *result.macs)

@@ -276,3 +276,75 @@ def test_one_hold_out_rule_for_lists_and_calibration_data():
     assert len(fit_rows[0]["x"]) == 8
     one_row = split_holdout([{"x": np.ones((1, 4), np.float32)}])
     assert len(one_row[0]) == 1 and one_row[1] == []  # nothing to hold out
+
+
+def _two_layers(rng) -> onnx.ModelProto:
+    """x -> "first" (protected) -> Relu -> "a" -> Relu -> "b" -> Relu -> "out" + 1 -> y. Twelve of
+    a's 16 neurons are positive multiples of the other four (after Relu too), so the re-fit
+    rebuilds them exactly: "a" can lose 12 for nearly nothing, "b" cannot."""
+    w0, wa, wb, w2 = (rng.standard_normal(shape) for shape in ((6, 16), (16, 16), (16, 16), (16, 3)))
+    for j in range(4, 16):
+        wa[:, j] = (1.0 + j / 4) * wa[:, j % 4]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a0"], name="first"), helper.make_node("Relu", ["a0"], ["r0"], name="r0"),
+             helper.make_node("MatMul", ["r0", "wa"], ["ha"], name="a"), helper.make_node("Relu", ["ha"], ["ra"], name="ra"),
+             helper.make_node("MatMul", ["ra", "wb"], ["hb"], name="b"), helper.make_node("Relu", ["hb"], ["rb"], name="rb"),
+             helper.make_node("MatMul", ["rb", "w2"], ["y0"], name="out"), helper.make_node("Add", ["y0", "one"], ["y"], name="plus")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+                              [numpy_helper.from_array(v.astype(np.float32), k)
+                               for k, v in (("w0", w0), ("wa", wa), ("wb", wb), ("w2", w2), ("one", np.ones(3)))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _sixteen_row_batches():
+    batches = [{"x": np.random.default_rng(k).standard_normal((16, 6)).astype(np.float32)} for k in range(32)]
+    return lambda: batches
+
+
+def test_global_scope_allocates_by_measured_sensitivity():
+    """Global scope with reconstruction: each unit alone is pruned at the ratio and re-fitted,
+    its held-out output loss measured, and the removals go where the re-fit leaves least loss:
+    "a" loses more than its half, "b" less, the total stays what the ratio removes, and the
+    held-out cosine is above the uniform allocation's."""
+    from optimizers import PruneSettings, prune
+
+    model = _two_layers(np.random.default_rng(0))
+    result = prune(model, PruneSettings(ratio=0.5, round_to=1, importance="reconstruction", scope="global"),
+                   calibration=_sixteen_row_batches())
+    kept = {u.producers[0]: u.kept for u in result.units}
+    allocation = result.allocation
+    assert sum(u["removed"] for u in allocation["units"]) == sum(u["uniform"] for u in allocation["units"]) == 16
+    assert kept["a"] < 8 < kept["b"] and kept["a"] + kept["b"] == 16
+    probes = {tuple(p["producers"]): p for p in allocation["probes"]}
+    assert probes[("a",)]["measured_loss"] < probes[("b",)]["measured_loss"] and probes[("a",)]["removed"] == 8
+    assert allocation["kept"] == "sensitivity"
+    assert allocation["heldout_cosine"]["sensitivity"] > allocation["heldout_cosine"]["uniform"]
+    assert any(note.startswith("held-out cosine") and "kept: sensitivity" in note for note in result.notes)
+    uniform = prune(model, PruneSettings(ratio=0.5, round_to=1, importance="reconstruction"), calibration=_sixteen_row_batches())
+    assert uniform.allocation is None and {u.producers[0]: u.kept for u in uniform.units}["a"] == 8
+    assert result.fidelity["min_mean_cosine"] > uniform.fidelity["min_mean_cosine"]
+
+
+def test_global_allocation_is_never_worse_than_uniform_on_held_out_data():
+    """With l1 order inside each unit, the allocation the re-fit's losses suggest can be worse
+    than each unit at its own ratio; then the uniform one is kept and the notes say so."""
+    from optimizers import PruneSettings, prune
+
+    model = _two_layers(np.random.default_rng(0))
+    result = prune(model, PruneSettings(ratio=0.5, round_to=1, importance="l1", scope="global"), calibration=_sixteen_row_batches())
+    held = result.allocation["heldout_cosine"]
+    assert result.allocation["kept"] == max(held, key=lambda label: (held[label], label == "uniform"))
+    assert held[result.allocation["kept"]] >= max(held.values())
+    assert any(f"kept: {result.allocation['kept']}" in note for note in result.notes)
+    if result.allocation["kept"] == "uniform":
+        assert {u.producers[0]: u.kept for u in result.units} == {"first": 16, "a": 8, "b": 8, "out": 3}
+
+
+def test_global_scope_without_held_out_data_ranks_normalized_scores():
+    from optimizers import PruneSettings, prune
+
+    model = _two_layers(np.random.default_rng(0))
+    one = {"x": np.random.default_rng(1).standard_normal((1, 6)).astype(np.float32)}
+    result = prune(model, PruneSettings(ratio=0.5, round_to=1, scope="global"), calibration=lambda: [one], evaluation=lambda: [one])
+    assert result.allocation is None
+    assert any("sensitivity needs held-out calibration data" in note for note in result.notes)
