@@ -138,6 +138,16 @@ def check_onnx(model: onnx.ModelProto, *, full_check: bool = False) -> None:
         onnx.checker.check_model(str(Path(tmp) / "model.onnx"), full_check=full_check)
 
 
+def inferred_shapes(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto:
+    """``model`` annotated by ONNX shape inference, to read shapes from (inputs, value_info,
+    outputs). A large model is inferred as its graph alone, the weights left as references
+    (shape inference reads their dims, ``data_prop`` the small inline constants), since
+    inference hands the model over as one message: the result is then not a runnable model."""
+    if not is_large(model):
+        return onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
+    return onnx.shape_inference.infer_shapes(_externalized(model, "weights.data")[0], data_prop=data_prop)
+
+
 def _externalized(model: onnx.ModelProto, location: str, write=None) -> tuple[onnx.ModelProto, int]:
     """``(graph_only, length)``: a new model with every field of ``model`` but its weights,
     where initializers over ``INLINE_TENSOR_BYTES`` are references into ``location``, and the
