@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.onnxio import check_onnx, model_bytes
+from onnxforge.common.onnxio import check_onnx, inferred_shapes, model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -531,7 +531,7 @@ class _Tracer:
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = inferred_shapes(model, data_prop=True)
     except Exception:  # shape inference is a help here, not a requirement
         inferred = model
     shapes = {}
