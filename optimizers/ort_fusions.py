@@ -24,6 +24,16 @@ A graph headed for dynamic int8 should not get the Attention fusion: ``quantize_
 leaves ``Attention`` in float (its QAttention conversion did not apply to these nodes), so the
 QKV projections, a quarter of the MatMul work, stay fp32. ``OrtFusionSettings(attention=False)``
 keeps attention as MatMuls (which quantize) and fuses the rest.
+
+``attention_op`` picks the fused form: ``Attention`` (onnxscript's whole chain: the Q, K and V
+projections packed into the op's one GEMM) or ``MultiHeadAttention`` (the chain stops one step
+earlier: three projection MatMuls, bias, scores, softmax and context in the op).
+
+``patch_conv_as_matmul`` writes a non-overlapping ``Conv`` (kernel = stride, no padding, one
+group: a ViT's patch embedding) as Reshape/Transpose + ``MatMul``. ``quantize_dynamic`` turns
+a Conv into ``ConvInteger``, whose ONNX Runtime CPU kernel measured 7x slower than the float
+Conv on the ViT of ``benchmarks/transformer_paths.py`` (b8, 224x224, patch 16: a third of the
+int8 model's time); as a MatMul it becomes ``DynamicQuantizeMatMul``.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 EXPORTER_KEY = "onnxforge.exporter"
 TARGETS = ("cpu", "cuda")
+ATTENTION_OPS = ("Attention", "MultiHeadAttention")
 # Ops the fusions write, counted before and after in the stats.
 FUSED_OPS = (
     "Attention", "MultiHeadAttention", "GroupQueryAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
@@ -53,14 +64,20 @@ FUSED_OPS = (
 
 @dataclasses.dataclass(frozen=True)
 class OrtFusionSettings:
-    """attention: fuse scaled dot-product attention into ``Attention`` / ``MultiHeadAttention``
-    (turn off for a graph that will be dynamically quantized, see the module doc).
+    """attention: fuse scaled dot-product attention (turn off for a graph that will be
+    dynamically quantized, see the module doc).
+    attention_op: with ``attention``, the op it becomes: ``Attention`` (Q, K, V projections
+    packed into the op) or ``MultiHeadAttention`` (projections stay three MatMuls).
+    patch_conv_as_matmul: non-overlapping Conv (ViT patch embedding) as Reshape/Transpose +
+    MatMul, for dynamic int8 (see the module doc). Exact up to the summation order.
     target: ``cpu`` writes residual sums before LayerNormalization as ``Sum`` and un-fuses
     ``SkipLayerNormalization`` (slow CPU kernel); ``cuda`` keeps SkipLayerNormalization.
     verify: compare ONNX Runtime outputs of the result with the input's within ``tolerance``
     (``|new - old| <= atol + rtol * |old|``) on generated inputs sized by ``dims``."""
 
     attention: bool = True
+    attention_op: str = "Attention"
+    patch_conv_as_matmul: bool = False
     target: str = "cpu"
     verify: bool = True
     tolerance: Tolerance = Tolerance(rtol=1e-3, atol=1e-4)
@@ -69,6 +86,8 @@ class OrtFusionSettings:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise UserError(f"unknown fusion target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.attention_op not in ATTENTION_OPS:
+            raise UserError(f"unknown attention op {self.attention_op!r}; choose one of {', '.join(ATTENTION_OPS)}")
 
 
 def exporter_of(model: onnx.ModelProto) -> str | None:
@@ -221,6 +240,73 @@ def _gemm_as_matmul_rules():
                                    GemmAsMatMul.rule("GemmAsMatMul", has_bias=False)])
 
 
+def _patch_conv_rules():
+    """``Conv(x, W[, b])`` with ``kernel_shape == strides``, no padding, dilation 1, one group,
+    on ``x: [N, C, H, W]`` with static ``C, H, W`` divisible by the kernel ``(kh, kw)`` ->
+
+        patches = Reshape(Transpose(Reshape(x, [-1, C, H/kh, kh, W/kw, kw]), [0, 2, 4, 1, 3, 5]), [-1, H/kh, W/kw, C*kh*kw])
+        y = Transpose(MatMul(patches, W.reshape(M, C*kh*kw).T) [+ b], [0, 3, 1, 2])
+
+    Each output pixel of such a Conv is the dot product of one patch with each filter, which
+    is what the MatMul computes; the same products, summed in another order."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnxscript.rewriter import pattern
+
+    class PatchConvAsMatMul(pattern.RewriteRuleClassBase):
+        def __init__(self, name: str, has_bias: bool):
+            super().__init__(name=name)
+            self._has_bias = has_bias
+
+        def pattern(self, op, x, w, b):
+            if self._has_bias:
+                return op.Conv(x, w, b, _allow_other_attributes=True, _outputs=["conv"])
+            return op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv"])
+
+        def check(self, context, x, w, b, conv, **_):
+            result = pattern.MatchResult()
+            weights = [w, b] if self._has_bias else [w]
+            if any(v.const_value is None or v.is_graph_input() for v in weights):
+                return result.fail("weights or bias are not constant initializers")
+            if w.const_value.dtype != ir.DataType.FLOAT or len(w.const_value.shape) != 4:
+                return result.fail("not a float 2-D convolution")
+            _, channels, kh, kw = w.const_value.shape
+            attributes = conv.producer().attributes
+            if attributes.get_string("auto_pad", "NOTSET") != "NOTSET" or attributes.get_int("group", 1) != 1:
+                return result.fail("auto_pad or groups")
+            if list(attributes.get_ints("kernel_shape", [kh, kw])) != [kh, kw]:
+                return result.fail("kernel_shape differs from the weights")
+            if list(attributes.get_ints("strides", [1, 1])) != [kh, kw]:
+                return result.fail("the patches overlap or leave gaps (strides != kernel)")
+            if any(attributes.get_ints("pads", [0, 0, 0, 0])) or any(d != 1 for d in attributes.get_ints("dilations", [1, 1])):
+                return result.fail("padding or dilation")
+            shape = x.shape
+            if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+                return result.fail("input channels and spatial size are not static")
+            if shape[1] != channels or shape[2] % kh or shape[3] % kw:
+                return result.fail("the image is not a whole number of patches")
+            return result
+
+        def rewrite(self, op, x, w, b, **_):
+            filters = w.const_value.numpy()
+            out_channels, channels, kh, kw = filters.shape
+            rows, cols = x.shape[2] // kh, x.shape[3] // kw
+            name = w.name or "patch_conv"
+            grid = op.Reshape(x, op.initializer(ir.tensor(np.array([-1, channels, rows, kh, cols, kw], np.int64)),
+                                                name=f"{name}_grid_shape"))
+            patches = op.Reshape(op.Transpose(grid, perm=[0, 2, 4, 1, 3, 5]),
+                                 op.initializer(ir.tensor(np.array([-1, rows, cols, channels * kh * kw], np.int64)),
+                                                name=f"{name}_patches_shape"))
+            matrix = np.ascontiguousarray(filters.reshape(out_channels, -1).T)
+            product = op.MatMul(patches, op.initializer(ir.tensor(matrix), name=f"{name}_as_matmul"))
+            if self._has_bias:
+                product = op.Add(product, b)
+            return op.Transpose(product, perm=[0, 3, 1, 2])
+
+    return pattern.RewriteRuleSet([PatchConvAsMatMul.rule("PatchConvAsMatMulBias", has_bias=True),
+                                   PatchConvAsMatMul.rule("PatchConvAsMatMul", has_bias=False)])
+
+
 def _float32():
     import onnx_ir as ir
 
@@ -230,13 +316,16 @@ def _float32():
 # ---------------------------------------------------------------- the fusion sequence
 
 
-def _fuse_without_attention(model) -> dict[str, int]:
-    """``optimize_for_ort`` less the attention and BiasGelu fusions, for a graph headed for
-    dynamic int8: pre-optimization as onnxscript does it (shape inference, constant folding,
-    shape-arithmetic rules), then the norm, Gelu and ORT pattern rules, from onnxscript's public
-    modules. The bias stays an Add after the MatMul, where ONNX Runtime folds it into the
-    ``DynamicQuantizeMatMul`` kernel, leaving a plain ``Gelu`` (measured on MiniLM int8:
-    ``BiasGelu`` 3.5 ms against ``Gelu`` 1.8 ms per b8 s128 run)."""
+def _fuse_without_packed_attention(model, multihead: bool) -> dict[str, int]:
+    """onnxscript's ``optimize_for_ort`` less the ``Attention`` and ``BiasGelu`` fusions, from
+    onnxscript's public modules: pre-optimization as onnxscript does it (shape inference,
+    constant folding, shape-arithmetic rules), the norm and Gelu rules, with ``multihead`` the
+    steps of ``fuse_xformers`` up to ``MultiHeadAttention`` (rotary, SDPA, GQA, MHA, its scale
+    and bias) in its order, then ORT's pattern rules. Without ``multihead`` attention stays
+    MatMuls for dynamic int8. The bias stays an Add after the MatMul, where ONNX Runtime folds
+    it into the ``DynamicQuantizeMatMul`` kernel, leaving a plain ``Gelu`` (measured on MiniLM
+    int8: ``BiasGelu`` 3.5 ms against ``Gelu`` 1.8 ms per b8 s128 run); in float ONNX Runtime
+    fuses Add + Gelu into BiasGelu itself."""
     import onnx_ir.passes.common as common_passes
     from onnxscript.optimizer import optimize as onnxscript_optimize
     from onnxscript.rewriter import rewrite
@@ -257,8 +346,10 @@ def _fuse_without_attention(model) -> dict[str, int]:
         "rms_normalization": fuse_rms_normalization(model),
         "skip_layer_normalization": fuse_skip_layer_normalization(model),
         "skip_rms_normalization": fuse_skip_rms_normalization(model),
-        "gelu": fuse_gelu(model),
     }
+    if multihead:
+        counts.update(_fuse_multihead_attention(model))
+    counts["gelu"] = fuse_gelu(model)
     onnxscript_optimize(model)
     rewrite(model, ORT_PATTERN_REWRITE_RULES)
     # onnxscript's optimizer turns 2-D MatMul + Add back into Gemm, which quantize_dynamic and
@@ -267,6 +358,33 @@ def _fuse_without_attention(model) -> dict[str, int]:
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
     common_passes.RemoveInitializersFromInputsPass()(model)
     common_passes.ShapeInferencePass()(model)
+    return counts
+
+
+def _fuse_multihead_attention(model) -> dict[str, int]:
+    """The attention steps of onnxscript's ``fuse_xformers`` (0.7) in its order, without the
+    last one, ``fuse_attention``, which packs the projections into ``Attention``."""
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
+    from onnxscript.rewriter.ort_fusions.gqa import fuse_gqa
+    from onnxscript.rewriter.ort_fusions.gqa_packed_qkv import fuse_qkv_gqa
+    from onnxscript.rewriter.ort_fusions.mha import fuse_mha1, fuse_mha2
+    from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
+    from onnxscript.rewriter.ort_fusions.mha_scale import fuse_mha_scale
+    from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_partial_rotary_embedding, fuse_rotary_embedding
+    from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+
+    counts = {"rotary_embedding": fuse_rotary_embedding(model), "cos_sin_cache": fuse_cos_sin_cache(model)}
+    common_passes.CommonSubexpressionEliminationPass()(model)
+    counts["partial_rotary_embedding"] = fuse_partial_rotary_embedding(model)
+    counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)  # new nodes need shapes for the next rules
+    counts["gqa"] = fuse_gqa(model)
+    counts["packed_qkv_for_gqa"] = fuse_qkv_gqa(model)
+    counts["mha1"] = fuse_mha1(model)
+    counts["mha2"] = fuse_mha2(model)
+    counts["mha_scale"] = fuse_mha_scale(model)
+    if counts["mha1"] or counts["mha2"]:
+        counts["mha_bias"] = fuse_mha_bias(model)
     return counts
 
 
@@ -309,11 +427,16 @@ def _fuse_and_check(model: onnx.ModelProto, settings: OrtFusionSettings) -> Pass
 
     before = _op_counts(model)
     working = ir.from_proto(_copy(model))
-    if settings.attention:
+    if settings.attention and settings.attention_op == "Attention":
         working, fusions = optimize_for_ort(working)
+        # onnxscript 0.7 can leave a Gemm on a 3-D input (GPT-2's Conv1D layers), which ONNX
+        # Runtime refuses; as MatMul + Add it is what the exporter meant.
+        fusions["gemm_as_matmul"] = _gemm_as_matmul_rules().apply_to_model(working)
     else:
-        fusions = _fuse_without_attention(working)
+        fusions = _fuse_without_packed_attention(working, multihead=settings.attention)
         fusions["key_transpose_as_trans_b"] = _key_transpose_rules().apply_to_model(working)
+    if settings.patch_conv_as_matmul:
+        fusions["patch_conv_as_matmul"] = _patch_conv_rules().apply_to_model(working)
     fusions = {name: int(count) for name, count in fusions.items() if count}
     residual_sums = 0
     if settings.target == "cpu":
@@ -323,7 +446,8 @@ def _fuse_and_check(model: onnx.ModelProto, settings: OrtFusionSettings) -> Pass
     after = _op_counts(fused)
     modified = bool(fusions) or residual_sums > 0
     stats: dict = {"fusions": fusions, "residual_sums": residual_sums, "ops_before": before, "ops_after": after,
-                   "attention": settings.attention, "target": settings.target}
+                   "attention": settings.attention,
+                   "attention_op": settings.attention_op if settings.attention else None, "target": settings.target}
     if modified and settings.verify:
         comparison = _verify(model, fused, settings)
         stats["max_abs_error"] = comparison.max_abs_error

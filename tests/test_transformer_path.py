@@ -186,6 +186,77 @@ def test_unknown_target_is_a_user_error():
         OrtFusionSettings(target="tpu")
 
 
+def test_multihead_attention_op_keeps_three_projection_matmuls(dynamo_bert):
+    result = fuse_for_ort(dynamo_bert, OrtFusionSettings(attention_op="MultiHeadAttention"))
+    ops = _ops(result.model)
+    assert ops["MultiHeadAttention"] == LAYERS and ops["Attention"] == 0 and ops["Softmax"] == 0
+    # the scores and context MatMuls go into the op; Q, K, V, output and the two FFN MatMuls stay
+    assert _ops(dynamo_bert)["MatMul"] == 8 * LAYERS and ops["MatMul"] == 6 * LAYERS
+    assert result.stats["attention_op"] == "MultiHeadAttention" and result.stats["fusions"]["mha_bias"] == LAYERS
+    assert ops["SkipLayerNormalization"] == 0 and ops["Sum"] == 2 * LAYERS + 1  # the CPU residual sums as before
+    assert result.stats["max_abs_error"] <= 1e-4
+    _assert_same_outputs(dynamo_bert, result.model, _feeds())
+
+
+def test_unknown_attention_op_is_a_user_error():
+    with pytest.raises(UserError, match="unknown attention op 'Flash'; choose one of Attention, MultiHeadAttention"):
+        OrtFusionSettings(attention_op="Flash")
+
+
+def _patch_conv_model(kernel=4, stride=4, pads=(0, 0, 0, 0), spatial=(8, 12), bias=True) -> onnx.ModelProto:
+    """x [b, 3, H, W] -> Conv (5 filters) -> Relu, as a ViT's patch embedding is written."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, *spatial])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(rng.normal(size=(5, 3, kernel, kernel)).astype(np.float32), "w")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(size=5).astype(np.float32), "bias"))
+    conv = helper.make_node("Conv", ["x", "w"] + (["bias"] if bias else []), ["c"], kernel_shape=[kernel, kernel],
+                            strides=[stride, stride], pads=list(pads))
+    graph = helper.make_graph([conv, helper.make_node("Relu", ["c"], ["y"])], "patches", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_conv_becomes_a_matmul_exactly(bias, tmp_path):
+    model = _patch_conv_model(bias=bias)
+    settings = OrtFusionSettings(attention=False, patch_conv_as_matmul=True, dims={"b": 2})
+    result = fuse_for_ort(model, settings)
+    ops = _ops(result.model)
+    assert result.modified and result.stats["fusions"]["patch_conv_as_matmul"] == 1
+    assert ops["Conv"] == 0 and ops["MatMul"] == 1 and ops["Transpose"] == 2 and ops["Add"] == int(bias)
+    weights = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert next(w for name, w in weights.items() if name.endswith("_as_matmul")).shape == (3 * 4 * 4, 5)
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = {"x": np.random.default_rng(1).normal(size=(3, 3, 8, 12)).astype(np.float32)}
+    _assert_same_outputs(model, result.model, feeds, atol=1e-5, rtol=1e-5)
+    # what it is for: dynamic int8 turns the MatMul into MatMulInteger, not the slow ConvInteger
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx.save(result.model, tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), per_channel=True, weight_type=QuantType.QInt8)
+    quantized = _ops(onnx.load(str(tmp_path / "q.onnx")))
+    assert quantized["MatMulInteger"] == 1 and quantized["ConvInteger"] == 0
+
+
+@pytest.mark.parametrize("near_miss", [
+    {"kernel": 4, "stride": 2},  # overlapping patches
+    {"pads": (1, 1, 1, 1), "spatial": (6, 10)},  # padding
+    {"spatial": (9, 12)},  # not a whole number of patches
+    {"spatial": ("h", "w")},  # spatial size not static
+])
+def test_patch_conv_near_misses_stay_convs(near_miss):
+    model = _patch_conv_model(**near_miss)
+    result = fuse_for_ort(model, OrtFusionSettings(attention=False, patch_conv_as_matmul=True, verify=False))
+    assert not result.modified and result.model is model and _ops(result.model)["Conv"] == 1
+
+
+def test_patch_conv_is_left_alone_unless_asked():
+    model = _patch_conv_model()
+    result = fuse_for_ort(model, OrtFusionSettings(attention=False, dims={"b": 2}))
+    assert not result.modified and _ops(result.model)["Conv"] == 1
+
+
 # ---------------------------------------------------------------- the exporter's measured auto choice
 
 
@@ -363,20 +434,42 @@ class TinyGpt2(torch.nn.Module):
         return self.gpt2(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
 
 
-def test_attention_fusions_that_ort_cannot_run_fall_back_without_them(tmp_path):
+def test_gpt2_attention_fuses_and_its_gemms_become_matmuls(tmp_path):
     from exporter import export
 
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.int64)}
     model = onnx.load(str(export(TinyGpt2(), inputs, tmp_path / "gpt2.onnx", exporter="dynamo").path))
     result = fuse_for_ort(model)
-    assert "Gemm node" in result.stats["attention_fallback"]  # onnxscript 0.7 leaves a Gemm on a 3-D input
-    assert result.stats["attention"] is False and _ops(result.model)["Attention"] == 0
+    # onnxscript 0.7 leaves a Gemm on a 3-D input, which ONNX Runtime refuses; written as
+    # MatMul + Add it runs, so the attention fusion is kept (GPT-2's packed QKV with its Split
+    # stops the chain at MultiHeadAttention)
+    assert "attention_fallback" not in result.stats and result.stats["attention"] is True
+    assert _ops(result.model)["MultiHeadAttention"] == 2 and _ops(result.model)["Softmax"] == 0
     # GPT-2's Conv1D layers are Gemm in the dynamo graph; they come out as MatMul (+ Add) to quantize
     assert _ops(model)["Gemm"] == 4 * 2 and _ops(result.model)["Gemm"] == 0
     assert result.stats["fusions"]["gemm_as_matmul"] == 4 * 2
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 8), np.int64)}
     _assert_same_outputs(model, result.model, feeds)
+
+
+def test_attention_fusions_that_do_not_verify_fall_back_without_them(dynamo_bert, monkeypatch):
+    import onnx_ir as ir
+    import onnxscript.rewriter.ort_fusions as onnxscript_fusions
+
+    real = onnxscript_fusions.optimize_for_ort
+
+    def broken(model):  # the fused graph computes something else: epsilon 10 in one LayerNormalization
+        model, counts = real(model)
+        node = next(n for n in model.graph if n.op_type == "LayerNormalization")
+        node.attributes["epsilon"] = ir.AttrFloat32("epsilon", 10.0)
+        return model, counts
+
+    monkeypatch.setattr(onnxscript_fusions, "optimize_for_ort", broken)
+    result = fuse_for_ort(dynamo_bert)
+    assert "changed the model's outputs beyond" in result.stats["attention_fallback"]
+    assert result.stats["attention"] is False and _ops(result.model)["Attention"] == 0
+    _assert_same_outputs(dynamo_bert, result.model, _feeds())
 
 
 # ---------------------------------------------------------------- wired into optimize
