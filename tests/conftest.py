@@ -19,3 +19,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def decision_store(tmp_path_factory):
+    """Auto quantization remembers its timed choices (``optimizers.decisions``): in tests they go
+    to a folder of the session, never to the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("onnxforge-cache")
+    before = os.environ.get("ONNXFORGE_CACHE")
+    os.environ["ONNXFORGE_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("ONNXFORGE_CACHE", None)
+    else:
+        os.environ["ONNXFORGE_CACHE"] = before

@@ -620,3 +620,100 @@ def test_calibration_holdout_is_seeded_disjoint_and_complete():
     assert "held out" in held.description
     single = calibration_data({"x": np.ones((1, 2), np.float32)}, model)
     assert single.holdout() == (single, None)
+
+
+# ---------------------------------------------------------------- --fast: a remembered decision
+
+
+def test_fast_reuses_the_decision_of_a_timed_search_for_the_same_model_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXFORGE_CACHE", str(tmp_path / "cache"))
+    path = _mlp(tmp_path)
+    first = FixedSpeeds(dynamic_per_channel=1.2, dynamic_per_tensor=1.6)
+    result = quantize(path, QuantizeSettings(min_cosine=0.5, fast=True), measure=first)
+    assert len(first.calls) == 1 and [c.name for c in result.candidates if c.chosen] == ["dynamic-per-tensor"]
+    assert any("no decision remembered" in r for r in result.reasons)
+    assert (tmp_path / "cache" / "quantize-decisions.json").exists()
+
+    again = FixedSpeeds(dynamic_per_channel=3.0)  # would now choose per-channel, if it timed anything
+    result = quantize(path, QuantizeSettings(min_cosine=0.5, fast=True), measure=again)
+    assert again.calls == []  # nothing timed
+    assert [c.name for c in result.candidates] == ["dynamic-per-tensor"] and result.candidates[0].chosen
+    assert result.candidates[0].fidelity is not None and result.candidates[0].timing is None
+    assert any(r.startswith("--fast: dynamic-per-tensor, as chosen by the timed search") and "1.60x fp32" in r for r in result.reasons)
+
+    # other settings are another decision; without --fast the search runs and the newest outcome is kept
+    other = FixedSpeeds(dynamic_per_channel=3.0)
+    result = quantize(path, QuantizeSettings(min_cosine=0.6, fast=True), measure=other)
+    assert len(other.calls) == 1 and [c.name for c in result.candidates if c.chosen] == ["dynamic-per-channel"]
+    searched = FixedSpeeds(dynamic_per_channel=3.0)
+    quantize(path, QuantizeSettings(min_cosine=0.5), measure=searched)
+    assert len(searched.calls) == 1
+    recalled = quantize(path, QuantizeSettings(min_cosine=0.5, fast=True), measure=FixedSpeeds())
+    assert [c.name for c in recalled.candidates] == ["dynamic-per-channel"]
+
+
+def test_fast_decisions_are_per_machine_and_skip_data_given_in_memory(tmp_path, monkeypatch, caplog):
+    from optimizers import decisions
+
+    monkeypatch.setenv("ONNXFORGE_CACHE", str(tmp_path / "cache"))
+    path = _mlp(tmp_path)
+    quantize(path, QuantizeSettings(min_cosine=0.5, fast=True), measure=FixedSpeeds(dynamic_per_tensor=1.6))
+    monkeypatch.setattr(decisions, "machine_signature", lambda: {"cpu": "another CPU", "flags": [], "usable_cores": 2, "onnxruntime": "x"})
+    elsewhere = FixedSpeeds(dynamic_per_channel=3.0)
+    result = quantize(path, QuantizeSettings(min_cosine=0.5, fast=True), measure=elsewhere)
+    assert len(elsewhere.calls) == 1 and [c.name for c in result.candidates if c.chosen] == ["dynamic-per-channel"]
+
+    calib = {"x": np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32)}
+    in_memory = FixedSpeeds()
+    with caplog.at_level("WARNING"):
+        quantize(path, QuantizeSettings(min_cosine=0.5, fast=True), calibration=calib, measure=in_memory)
+    assert len(in_memory.calls) == 1 and "no identity to remember a decision by" in caplog.text
+
+
+def test_the_decision_store_survives_a_corrupt_file(tmp_path, monkeypatch):
+    from optimizers import decisions
+
+    monkeypatch.setenv("ONNXFORGE_CACHE", str(tmp_path))
+    (tmp_path / decisions.STORE_NAME).write_text("{not json")
+    assert decisions.recall("k") is None
+    decisions.remember("k", "dynamic-per-tensor", 1.5, 0.99, "cpu")
+    assert decisions.recall("k")["candidate"] == "dynamic-per-tensor"
+
+
+def test_model_signature_sees_weights_and_structure(tmp_path):
+    from optimizers.decisions import model_signature
+
+    path = _mlp(tmp_path)
+    model = onnx.load(str(path))
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    weight = changed.graph.initializer[0]
+    array = numpy_helper.to_array(weight).copy()
+    array.flat[0] += 1.0
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    renamed.graph.node[0].name = "another_name"
+    signatures = {model_signature(m) for m in (model, changed, renamed)}
+    assert len(signatures) == 3 and model_signature(model) == model_signature(onnx.load(str(path)))
+
+
+def test_transformers_get_smoothquant_and_8bit_matmulnbits_candidates_without_calibration(tmp_path):
+    """Without data, SmoothQuant searches its scales on generated inputs, and the 8-bit
+    MatMulNBits candidate (per-block int8 activations) is built; both are scored, and a measured
+    speed decides (here a fake one that makes MatMulNBits the fastest)."""
+    from tests.test_transformer_path import TinyBert, _bert_inputs
+
+    path = export(TinyBert(), _bert_inputs(), tmp_path / "bert.onnx", exporter="dynamo").path
+    measure = FixedSpeeds(default=1.2, weight_only_int8_matmulnbits=2.0)
+    result = quantize(path, QuantizeSettings(min_cosine=0.9), measure=measure)
+    by_name = {c.name: c for c in result.candidates}
+    assert {"dynamic-per-channel", "dynamic-per-tensor", "dynamic-per-channel-smoothquant", "weight-only-int8-matmulnbits"} <= set(by_name)
+    assert "generated batches" in by_name["dynamic-per-channel-smoothquant"].description
+    assert all(c.error is None and c.fidelity.min_mean_cosine > 0.9 for c in result.candidates)
+    nbits = by_name["weight-only-int8-matmulnbits"]
+    assert nbits.chosen and result.mode == "nbits" and nbits.resolved["bits"] == 8 and nbits.resolved["accuracy_level"] == 4
+    ops = summarize_model(result.model, "", 0).op_counts
+    assert ops["MatMulNBits"] >= 6 and "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
+    # per-block int8 activations are more faithful than per-tensor dynamic int8
+    assert nbits.fidelity.min_mean_cosine > by_name["dynamic-per-tensor"].fidelity.min_mean_cosine

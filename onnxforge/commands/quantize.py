@@ -31,6 +31,9 @@ def register(sub) -> None:
     quant.add_argument("--min-cosine", type=float, default=0.99,
                        help="auto mode: the fastest candidate whose lowest mean output cosine reaches this (default 0.99)")
     quant.add_argument("--no-speed-check", action="store_true", help="do not time the int8 candidates against fp32 here")
+    quant.add_argument("--fast", action="store_true",
+                       help="auto mode: reuse the candidate a timed search chose before for this model, settings, data and CPU "
+                            "(remembered in ~/.cache/onnxforge, or $ONNXFORGE_CACHE); search and remember when there is none")
     quant.add_argument("--accuracy-target", type=float, help="lowest mean output cosine to accept; sensitive nodes stay float until met")
     quant.add_argument("--max-float-nodes", type=int, help="with --accuracy-target, keep at most this many nodes in float")
     quant.add_argument("--no-preprocess", action="store_true", help="skip ONNX Runtime's quantization pre-processing")
@@ -60,6 +63,7 @@ def _quantize_command(args) -> int:
         accuracy_target=args.accuracy_target,
         max_float_nodes=args.max_float_nodes,
         check_speed=not args.no_speed_check,
+        fast=args.fast,
     )
     result = quantize_file(
         args.input, args.output, settings,
@@ -71,9 +75,14 @@ def _quantize_command(args) -> int:
         return 0
     r = result.resolved
     print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
-    print(f"mode {r['mode']}" + (f" {r['format']}, {r['calibration_method']} calibration, activations {r['activation_type']}"
-                                 f"{' symmetric' if r['symmetric_activations'] else ''}" if r["mode"] == "static" else "")
-          + f", weights {r['weight_type']} {'per-channel' if r['per_channel'] else 'per-tensor'}; pre-processing: {result.preprocess}")
+    if r["mode"] in ("int4", "nbits"):
+        weights = f"{r.get('bits', 4)}-bit MatMulNBits weights, blocks of {r.get('block_size', settings.block_size)}"
+        print(f"mode {r['mode']}, {weights}" + (f", accuracy level {r['accuracy_level']}" if r.get("accuracy_level") else "")
+              + f"; pre-processing: {result.preprocess}")
+    else:
+        print(f"mode {r['mode']}" + (f" {r['format']}, {r['calibration_method']} calibration, activations {r['activation_type']}"
+                                     f"{' symmetric' if r['symmetric_activations'] else ''}" if r["mode"] == "static" else "")
+              + f", weights {r['weight_type']} {'per-channel' if r['per_channel'] else 'per-tensor'}; pre-processing: {result.preprocess}")
     for reason in result.reasons:
         print(f"  why: {reason}")
     if result.candidates:
