@@ -11,12 +11,19 @@ model (variants alternate in blocks, fresh sessions, 2 threads):
   graph (the two lines a user of ONNX Runtime writes);
 - ``int8 onnxforge``: dynamo, ``fuse_for_ort(attention=False)`` (attention left as MatMuls that
   quantize), ``quantize_dynamic`` per-channel;
-- ``int8 onnxforge+sq-ln`` / ``+sq-all``: the same after ``optimizers.smoothquant.smooth`` with
-  scope ``layernorm`` / ``all`` (calibrated on the calibration data).
+- ``int8 onnxforge+sq-ln``: the same after ``optimizers.smoothquant.smooth`` with scope
+  ``layernorm`` (calibrated on the calibration data);
+- ``fp32 onnxforge default``: what ``onnxforge export`` writes with no options (``exporter.export``
+  with its defaults);
+- ``int8 onnxforge default``: what ``onnxforge quantize`` then writes with no options and no data
+  (``optimizers.quantize`` auto mode: its candidates are built, scored on generated inputs and timed
+  against fp32 here, at batch 1; the one it picks is the row), and, for MiniLM,
+  ``int8 onnxforge default, calibrated``: the same given the calibration sentences.
 
-Models: all-MiniLM-L6-v2 with its real weights (sequence 128; fidelity on real sentences:
-mean cosine of the sentence embeddings to PyTorch on ``examples/sentences_eval.txt``, and top-10
-neighbour agreement over the pool of both sentence files, calibration on
+Models: all-MiniLM-L6-v2 with its real weights (sequence 128; fidelity on 300 held-out sentences,
+the 16 of ``examples/sentences_eval.txt`` and 284 from standard-library docstrings
+(``onnxforge.models.docstring_sentences``): mean cosine of the mean-pooled sentence embeddings to
+PyTorch, and top-10 neighbour agreement within those 300; calibration on the 30 sentences of
 ``examples/sentences.txt``), and, with random weights from small ``transformers`` configs, a
 BERT-base-style encoder (hidden 768, 12 heads, 2 layers), a ViT (hidden 384, 6 heads, 4
 layers, 224x224) and a GPT-2-style decoder without cache (hidden 512, 8 heads, 4 layers);
@@ -49,12 +56,14 @@ from exporter import export  # noqa: E402
 from onnxforge import models  # noqa: E402
 from onnxforge.common.ortrun import run_onnx  # noqa: E402
 from optimizers.ort_fusions import OrtFusionSettings, fuse_for_ort  # noqa: E402
+from optimizers.quantize import quantize  # noqa: E402
 from optimizers.smoothquant import SmoothQuantSettings, smooth  # noqa: E402
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark  # noqa: E402
 from runtime_bench.machine import machine_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 128
+EVALUATION_SENTENCES = 300
 BASELINE = "fp32 torchscript"
 
 
@@ -137,6 +146,7 @@ def minilm_setup():
     tokenizer = models.minilm_tokenizer()
     calibration_text = [s.strip() for s in (ROOT / "examples/sentences.txt").read_text().splitlines() if s.strip()]
     evaluation_text = [s.strip() for s in (ROOT / "examples/sentences_eval.txt").read_text().splitlines() if s.strip()]
+    evaluation_text += models.docstring_sentences()[:EVALUATION_SENTENCES - len(evaluation_text)]
 
     def batches(sentences, size=8):
         return [models.tokenize(tokenizer, sentences[i:i + size]) for i in range(0, len(sentences), size)]
@@ -151,7 +161,8 @@ def _feeds(names, tensors) -> dict[str, np.ndarray]:
     return {n: t.numpy() for n, t in zip(names, tensors)}
 
 
-def build_variants(folder: Path, module, example: dict, calibration: list[dict]) -> tuple[dict[str, Path], dict[str, str]]:
+def build_variants(folder: Path, module, example: dict, calibration: list[dict],
+                   calibrate_default: bool = False) -> tuple[dict[str, Path], dict[str, str]]:
     """Every variant's file, and notes (fusions, SmoothQuant choices) per variant."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -174,7 +185,7 @@ def build_variants(folder: Path, module, example: dict, calibration: list[dict])
     onnx.save(unfused_attention, folder / "dyn_int8base.onnx")
     quantize_dynamic(str(folder / "dyn_int8base.onnx"), str(folder / "dyn_q.onnx"), per_channel=True, weight_type=QuantType.QInt8)
     paths["int8 onnxforge"] = folder / "dyn_q.onnx"
-    for label, scope in (("int8 onnxforge+sq-ln", "layernorm"), ("int8 onnxforge+sq-all", "all")):
+    for label, scope in (("int8 onnxforge+sq-ln", "layernorm"),):
         started = time.perf_counter()
         result = smooth(unfused_attention, calibration, SmoothQuantSettings(per_channel=True, scope=scope))
         smoothed = folder / f"dyn_sq_{scope}.onnx"
@@ -183,7 +194,28 @@ def build_variants(folder: Path, module, example: dict, calibration: list[dict])
         paths[label] = folder / f"dyn_sq_{scope}_q.onnx"
         extra = {k: v for k, v in result.stats.items() if k not in ("groups",)}
         notes[label] = f"{extra} in {time.perf_counter() - started:.0f} s"
+    _default_path(folder, module, example, calibration if calibrate_default else None, paths, notes)
     return paths, notes
+
+
+def _default_path(folder: Path, module, example: dict, calibration, paths: dict[str, Path], notes: dict[str, str]) -> None:
+    """The rows a user gets with no options: the default export, then the default quantize
+    (which times its own candidates here), and, given calibration data, quantize with it."""
+    exported = export(module, example, folder / "default.onnx")
+    paths["fp32 onnxforge default"] = exported.path
+    notes["fp32 onnxforge default"] = f"exporter {exported.exporter}" + (f" ({exported.choice.reason})" if exported.choice else "")
+    runs = [("int8 onnxforge default", None)] + ([("int8 onnxforge default, calibrated", calibration)] if calibration else [])
+    for label, data in runs:
+        started = time.perf_counter()
+        result = quantize(exported.path, calibration=(lambda d=data: d) if data else None)
+        target = folder / f"{label.replace(' ', '_').replace(',', '')}.onnx"
+        onnx.save(result.model, target)
+        paths[label] = target
+        chosen = next(c for c in result.candidates if c.chosen)
+        others = ", ".join(f"{c.name} {c.timing.speedup:.2f}x/{c.fidelity.min_mean_cosine:.4f}" for c in result.candidates
+                           if c.timing is not None and not c.chosen)
+        notes[label] = (f"chose {chosen.name} in {time.perf_counter() - started:.0f} s"
+                        + (f" ({chosen.timing.speedup:.2f}x fp32 at batch 1 in its own check; others: {others})" if chosen.timing else ""))
 
 
 # ---------------------------------------------------------------- fidelity
@@ -208,17 +240,15 @@ def top_k_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -
 
 
 def fidelity(paths: dict[str, Path], evaluation: list[dict[str, np.ndarray]], torch_outputs: np.ndarray,
-             pool: list[dict[str, np.ndarray]] | None, torch_pool: np.ndarray | None) -> dict[str, tuple[float, float | None]]:
+             top_k: bool = False) -> dict[str, tuple[float, float | None]]:
+    """Per variant: mean per-sample cosine of its first output to PyTorch's, and (``top_k``)
+    top-10 neighbour agreement among the evaluation samples."""
     scores = {}
     for name, path in paths.items():
         model = onnx.load(str(path))
         outputs = np.concatenate([next(iter(run_onnx(model, feeds).values())) for feeds in evaluation])
         cosine = float(np.mean(_cosines(torch_outputs, outputs)))
-        top = None
-        if pool is not None:
-            embedded = np.concatenate([next(iter(run_onnx(model, feeds).values())) for feeds in pool])
-            top = top_k_agreement(torch_pool, embedded)
-        scores[name] = (cosine, top)
+        scores[name] = (cosine, top_k_agreement(torch_outputs, outputs) if top_k else None)
     return scores
 
 
@@ -270,17 +300,15 @@ def run_minilm(folder: Path, args) -> None:
     module, calibration_text, evaluation_text, batches = minilm_setup()
     example = models.tokenize(models.minilm_tokenizer(), calibration_text[:2], 16)
     calibration = [{k: v.numpy() for k, v in b.items()} for b in batches(calibration_text)]
-    paths, notes = build_variants(folder, module, example, calibration)
+    paths, notes = build_variants(folder, module, example, calibration, calibrate_default=True)
     evaluation = batches(evaluation_text)
-    pool = batches(evaluation_text + calibration_text)
     with torch.no_grad():
         torch_eval = np.concatenate([module(**b).numpy() for b in evaluation])
-        torch_pool = np.concatenate([module(**b).numpy() for b in pool])
     as_numpy = lambda bs: [{k: v.numpy() for k, v in b.items()} for b in bs]  # noqa: E731
-    scores = fidelity(paths, as_numpy(evaluation), torch_eval, as_numpy(pool), torch_pool)
+    scores = fidelity(paths, as_numpy(evaluation), torch_eval, top_k=True)
     report = time_variants(paths, args.batch, None, args.min_seconds, args.realtime)
-    print_table(f"all-MiniLM-L6-v2, real weights, seq {SEQ}; cosine on {len(evaluation_text)} held-out sentences, "
-                f"top-10 over {len(evaluation_text) + len(calibration_text)}", report, scores, notes, args.batch)
+    print_table(f"all-MiniLM-L6-v2, real weights, seq {SEQ}; cosine and top-10 neighbours on {len(evaluation_text)} held-out "
+                "sentences", report, scores, notes, args.batch)
 
 
 def run_random(name: str, factory, folder: Path, args) -> None:
@@ -291,7 +319,7 @@ def run_random(name: str, factory, folder: Path, args) -> None:
     evaluation = [_feeds(names, make_inputs(8, seed)) for seed in (10, 11)]
     with torch.no_grad():
         torch_eval = np.concatenate([module(*[torch.from_numpy(f[n]) for n in names]).numpy() for f in evaluation])
-    scores = fidelity(paths, evaluation, torch_eval, None, None)
+    scores = fidelity(paths, evaluation, torch_eval)
     report = time_variants(paths, args.batch, evaluation[0] if args.batch == 8 else None, args.min_seconds, args.realtime)
     print_table(f"{name}, random weights; cosine to PyTorch on generated inputs", report, scores, notes, args.batch)
 
