@@ -621,26 +621,61 @@ def _fused_common(g: _Graph, node, past_inputs: Sequence[int], problems: list[st
     return heads, output
 
 
+def _packed(g: _Graph, tensor: str, node, rank: int) -> list[tuple[str, int, int]] | str:
+    """The pieces ``(initializer, first feature, width)`` of a packed Q/K/V weight (``rank`` 2)
+    or bias (1) along its last axis: one initializer, or a ``Concat`` of initializers on the last
+    axis (onnxscript's fusion packs large weights that way and leaves the folding to ONNX
+    Runtime). Each piece must be read by nothing else; otherwise the reason, as a string."""
+    if g.weight(tensor, node, rank) is not None:
+        return [(tensor, 0, int(g.constants[tensor].shape[-1]))]
+    concat = g.producer.get(tensor)
+    if (concat is None or concat.op_type != "Concat" or _attr(concat, "axis") not in (rank - 1, -1)
+            or not g.only_reader(tensor, node)):
+        return f"'{tensor}' is not a {rank}-D initializer (or Concat of them) read by '{node.name}' alone"
+    pieces, start = [], 0
+    for name in concat.input:
+        if g.weight(name, concat, rank) is None:
+            return f"'{tensor}' concatenates '{name}', which is not a {rank}-D initializer of its own"
+        pieces.append((name, start, int(g.constants[name].shape[-1])))
+        start += pieces[-1][2]
+    return pieces
+
+
+def _packed_columns(pieces: list[tuple[str, int, int]], offset: int, size: int, heads: int, role: str, *, bias: bool
+                    ) -> _Columns | None:
+    """The columns of one role (``[offset, offset + size)`` of the packed tensor) in the piece
+    that holds all of them; None when they straddle pieces."""
+    for name, start, width in pieces:
+        if start <= offset and offset + size <= start + width:
+            return _Columns("" if bias else name, 1, name if bias else None, offset - start, size // heads, role)
+    return None
+
+
 def _attention_block(g: _Graph, node) -> _Block:
-    """``Attention(x, W[in, q+k+v], b[q+k+v], mask_index, past, attention_bias, ...)``."""
+    """``Attention(x, W[in, q+k+v], b[q+k+v], mask_index, past, attention_bias, ...)``; the
+    packed weight and bias may each be a Concat of initializers (``_packed``)."""
     problems: list[str] = []
     heads, output = _fused_common(g, node, (4, 6), problems)
-    weight = g.weight(node.input[1], node, 2) if len(node.input) > 1 else None
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    weights = _packed(g, node.input[1], node, 2) if len(node.input) > 1 else "no weight input"
+    biases = _packed(g, node.input[2], node, 1) if len(node.input) > 2 and node.input[2] else []
     columns: list[_Columns] = []
-    if weight is None:
-        problems.append(f"weight '{node.input[1]}' is not a 2-D initializer read by this node alone")
-    elif bias is not None and g.weight(bias, node, 1) is None:
-        problems.append(f"bias '{bias}' is not a 1-D initializer read by this node alone")
-    elif heads:
-        sizes = list(_attr(node, "qkv_hidden_sizes", []) or [weight.shape[1] // 3] * 3)
-        if sum(sizes) != weight.shape[1] or any(size % heads for size in sizes):
+    for pieces in (weights, biases):
+        if isinstance(pieces, str):
+            problems.append(pieces)
+    if heads and not problems:
+        total = sum(width for _, _, width in weights)
+        sizes = list(_attr(node, "qkv_hidden_sizes", []) or [total // 3] * 3)
+        if sum(sizes) != total or any(size % heads for size in sizes):
             problems.append(f"qkv sizes {sizes} do not split into {heads} heads")
         else:
-            offsets = np.cumsum([0, *sizes[:2]])
-            columns = [_Columns(node.input[1], 1, bias, int(offset), size // heads, role)
-                       for offset, size, role in zip(offsets, sizes, ("q", "k", "v"))]
-    return _fused_block(g, node, "Attention", heads, columns, output, problems)
+            for offset, size, role in zip(np.cumsum([0, *sizes[:2]]), sizes, ("q", "k", "v")):
+                for pieces, is_bias in ((weights, False), (biases, True)):
+                    cols = _packed_columns(pieces, int(offset), size, heads, role, bias=is_bias) if pieces else None
+                    if pieces and cols is None:
+                        problems.append(f"the {role.upper()} features straddle two pieces of a packed {'bias' if is_bias else 'weight'}")
+                    elif cols is not None:
+                        columns.append(cols)
+    return _fused_block(g, node, "Attention", heads, columns, output, _unique(problems))
 
 
 def _mha_block(g: _Graph, node) -> _Block:
@@ -816,9 +851,24 @@ def apply(model: onnx.ModelProto, cuts: Sequence[tuple[_Block, tuple[int, ...]]]
             ordered.append(node)
         del graph.node[:]
         graph.node.extend(ordered)
-    del graph.value_info[:]  # intermediate shapes with the old head counts would be stale
+    _drop_stale_shapes(out, [cut for cut in cuts if cut[1]])
     _drop_unused(out)
     return out
+
+
+def _drop_stale_shapes(model: onnx.ModelProto, cuts) -> None:
+    """Remove the ``value_info`` of tensors whose shape changed: everything computed from the
+    sliced Q/K/V weights up to (not including) the output projections. Other entries stay, so
+    ONNX Runtime sees the same shape facts as for the unpruned model."""
+    sliced = {name for block, _ in cuts for c in block.columns for name in (c.weight, c.bias) if name}
+    stops = {o.node for block, _ in cuts for o in block.outputs}
+    changed = sliced | {o.weight for block, _ in cuts for o in block.outputs}
+    for node in model.graph.node:
+        if node.name not in stops and any(name in changed for name in node.input):
+            changed.update(node.output)
+    kept = [v for v in model.graph.value_info if v.name not in changed]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
 
 
 def _slice_columns(inits, block: _Block, kept: Sequence[int]) -> None:
