@@ -302,27 +302,22 @@ def _attr(node, name, default=None):
 
 def _projection(g: _Graph, tensor: str, consumer) -> tuple[_Columns | None, int, str | None]:
     """``(columns, width, problem)`` for the projection ``MatMul``/``Gemm`` (+ ``Add`` of a
-    1-D bias) whose output ``tensor`` only ``consumer`` reads."""
+    1-D bias) computing ``tensor``: ``(None, 0, None)`` when no projection computes it,
+    ``(None, 0, why)`` when one does but its features cannot be cut for ``consumer`` alone."""
     node = g.producer.get(tensor)
-    if node is None:
-        return None, 0, f"'{tensor}' is not computed by a projection with weights"
-    if not g.only_reader(tensor, consumer):
-        return None, 0, f"'{tensor}' is also read by another node"
-    bias = None
-    if node.op_type == "Add":
+    bias, add = None, None
+    if node is not None and node.op_type == "Add":
         for name, other in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
             matmul = g.producer.get(other)
             if name in g.constants and g.constants[name].ndim == 1 and matmul is not None and matmul.op_type in ("MatMul", "Gemm"):
-                if g.weight(name, node, 1) is None:
-                    return None, 0, f"bias '{name}' is also read by another node"
-                if not g.only_reader(other, node):
-                    return None, 0, f"'{other}' is also read by another node"
-                bias, node = name, matmul
+                bias, add, node = name, node, matmul
                 break
-        else:
-            return None, 0, f"'{tensor}' is not computed by a projection with weights"
-    if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in g.inits:
-        return None, 0, f"'{tensor}' is not computed by a projection with weights"
+    if node is None or node.op_type not in ("MatMul", "Gemm") or node.input[1] not in g.inits:
+        return None, 0, None
+    if not g.only_reader(tensor, consumer):
+        return None, 0, f"'{tensor}' is also read by another node"
+    if add is not None and (g.weight(bias, add, 1) is None or not g.only_reader(node.output[0], add)):
+        return None, 0, f"the bias '{bias}' or the product '{node.output[0]}' is also read by another node"
     weight = g.weight(node.input[1], node, 2)
     if weight is None:
         return None, 0, f"weight '{node.input[1]}' is not a 2-D initializer read by '{node.name}' alone"
@@ -443,8 +438,8 @@ class _UnfusedTracer:
         if not ((heads > 0 or heads == -1) and (dim > 0 or dim == -1)) or heads == dim == -1:
             return
         columns, width, problem = _projection(self.g, node.input[0], node)
-        if columns is None and problem and "not computed by a projection" in problem:
-            return  # not a head split at all
+        if columns is None and (problem is None or heads < 1):
+            return  # not a head split of a projection (a tensor of heads from elsewhere stays unknown, so untouched)
         if columns is not None:
             heads = heads if heads > 0 else width // dim
             dim = dim if dim > 0 else width // max(heads, 1)
@@ -694,7 +689,7 @@ def _mha_block(g: _Graph, node) -> _Block:
             continue
         cols, width, problem = _projection(g, node.input[index], node)
         if cols is None:
-            problems.append(f"{role.upper()}: {problem}")
+            problems.append(f"{role.upper()}: {problem or 'not computed by a projection with weights'}")
             continue
         if heads and width % heads:
             problems.append(f"{role.upper()} has {width} features, not a multiple of {heads} heads")
@@ -730,7 +725,7 @@ def find_attention(model: onnx.ModelProto) -> list[_Block]:
 # ---------------------------------------------------------------- scoring
 
 
-def _head_slices(size: int, head_dim: int, offset: int, heads: Sequence[int]) -> np.ndarray:
+def _head_slices(head_dim: int, offset: int, heads: Sequence[int]) -> np.ndarray:
     return np.concatenate([np.arange(offset + h * head_dim, offset + (h + 1) * head_dim) for h in heads]) if heads else np.zeros(0, np.int64)
 
 
@@ -744,10 +739,10 @@ def weight_scores(model: onnx.ModelProto, block: _Block) -> np.ndarray:
     score = np.ones(block.heads)
     for cols in [c for c in block.columns if c.role == "v" and c.weight]:
         w = numpy_helper.to_array(consts[cols.weight])
-        score *= [np.linalg.norm(_take(w, cols.axis, _head_slices(0, cols.head_dim, cols.offset, [h]))) for h in range(block.heads)]
+        score *= [np.linalg.norm(_take(w, cols.axis, _head_slices(cols.head_dim, cols.offset, [h]))) for h in range(block.heads)]
     for out in block.outputs:
         w = numpy_helper.to_array(consts[out.weight])
-        score *= [np.linalg.norm(_take(w, out.axis, _head_slices(0, out.head_dim, 0, [h]))) for h in range(block.heads)]
+        score *= [np.linalg.norm(_take(w, out.axis, _head_slices(out.head_dim, 0, [h]))) for h in range(block.heads)]
     return score
 
 
@@ -828,7 +823,7 @@ def apply(model: onnx.ModelProto, cuts: Sequence[tuple[_Block, tuple[int, ...]]]
         kept = [h for h in range(block.heads) if h not in removed]
         _slice_columns(g.inits, block, kept)
         for output in block.outputs:
-            _replace(g.inits, output.weight, lambda w, o=output: _take(w, o.axis, _head_slices(0, o.head_dim, 0, kept)))
+            _replace(g.inits, output.weight, lambda w, o=output: _take(w, o.axis, _head_slices(o.head_dim, 0, kept)))
         for edit in block.shape_edits:
             concat = _edit_shape(g, nodes[edit.node], edit.position, len(kept) * edit.per_head, added_tensors)
             if concat is not None:
@@ -881,7 +876,7 @@ def _slice_columns(inits, block: _Block, kept: Sequence[int]) -> None:
                 by_tensor[name].append(cols)
         for name, parts in by_tensor.items():
             parts.sort(key=lambda c: c.offset)
-            index = np.concatenate([_head_slices(0, c.head_dim, c.offset, kept) for c in parts])
+            index = np.concatenate([_head_slices(c.head_dim, c.offset, kept) for c in parts])
             _replace(inits, name, lambda w, i=index, a=axis_of(parts[0]): _take(w, a, i))
 
 
@@ -946,6 +941,7 @@ def _drop_unused(model: onnx.ModelProto) -> None:
         if not dead:
             break
     used = {name for node in graph.node for name in node.input} | outputs | _subgraph_inputs(graph)
+    used |= {v.name for v in graph.input}
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)
 
