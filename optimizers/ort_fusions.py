@@ -483,6 +483,30 @@ def _verify(original: onnx.ModelProto, fused: onnx.ModelProto, settings: OrtFusi
     return comparison
 
 
+def patch_convs_as_matmul(model: onnx.ModelProto, settings: OrtFusionSettings = OrtFusionSettings()) -> PassResult:
+    """Only the patch-Conv rewrite (see the module doc), on a graph from any exporter, before
+    dynamic int8: ``model`` is not modified. Shapes are inferred first (the rewrite needs the
+    Conv input's static channels and size). With ``settings.verify`` the result's ONNX Runtime
+    outputs are compared with the input's within ``settings.tolerance`` (a ``UserError`` beyond it).
+    ``stats``: ``patch_conv_as_matmul`` (count) and the comparison's error."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+
+    working = ir.from_proto(_copy(model))
+    common_passes.ShapeInferencePass()(working)
+    count = int(_patch_conv_rules().apply_to_model(working))
+    stats: dict = {"patch_conv_as_matmul": count}
+    if not count:
+        return PassResult(model, False, stats)
+    rewritten = ir.to_proto(working)
+    _keep_metadata(model, rewritten)
+    if settings.verify:
+        comparison = _verify(model, rewritten, settings)
+        stats["max_abs_error"] = comparison.max_abs_error
+    logger.info("patch convolutions as MatMul: %d", count)
+    return PassResult(rewritten, True, stats)
+
+
 def fuse_for_ort_file(input_path, output_path, settings: OrtFusionSettings = OrtFusionSettings()) -> PassResult:
     """``fuse_for_ort`` from a file to a file, written atomically."""
     from onnxforge.common.onnxio import load_onnx, save_onnx
@@ -492,4 +516,4 @@ def fuse_for_ort_file(input_path, output_path, settings: OrtFusionSettings = Ort
     return result
 
 
-__all__ = ["OrtFusionSettings", "exporter_of", "fuse_for_ort", "fuse_for_ort_file", "is_dynamo_graph"]
+__all__ = ["OrtFusionSettings", "exporter_of", "fuse_for_ort", "fuse_for_ort_file", "is_dynamo_graph", "patch_convs_as_matmul"]

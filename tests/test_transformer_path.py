@@ -251,6 +251,34 @@ def test_patch_conv_near_misses_stay_convs(near_miss):
     assert not result.modified and result.model is model and _ops(result.model)["Conv"] == 1
 
 
+def test_patch_convs_as_matmul_on_a_torchscript_graph(tmp_path):
+    from exporter import export
+    from optimizers.ort_fusions import patch_convs_as_matmul
+
+    class PatchEmbedding(torch.nn.Module):  # a ViT's: Conv (kernel = stride = 4), flatten, tokens last
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.projection = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)
+
+        def forward(self, pixel_values):
+            return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = onnx.load(str(export(PatchEmbedding(), {"pixel_values": pixels}, tmp_path / "p.onnx", exporter="torchscript").path))
+    assert not is_dynamo_graph(model) and _ops(model)["Conv"] == 1
+    copy = model.SerializeToString()
+    result = patch_convs_as_matmul(model, OrtFusionSettings(dims={"batch": 2}))
+    assert model.SerializeToString() == copy  # the input is not modified
+    assert result.modified and result.stats["patch_conv_as_matmul"] == 1 and result.stats["max_abs_error"] <= 1e-5
+    assert _ops(result.model)["Conv"] == 0 and _ops(result.model)["MatMul"] == 1
+    feeds = {model.graph.input[0].name: np.random.default_rng(3).normal(size=(3, 3, 16, 16)).astype(np.float32)}
+    _assert_same_outputs(model, result.model, feeds, atol=1e-5, rtol=1e-5)
+    # nothing to rewrite: the same model back, unmodified
+    again = patch_convs_as_matmul(result.model)
+    assert not again.modified and again.model is result.model
+
+
 def test_patch_conv_is_left_alone_unless_asked():
     model = _patch_conv_model()
     result = fuse_for_ort(model, OrtFusionSettings(attention=False, dims={"b": 2}))
