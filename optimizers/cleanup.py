@@ -39,44 +39,57 @@ def _with_ir(model: onnx.ModelProto, transform: Callable[[ir.Model], object]) ->
     return PassResult(out, before != after, stats)
 
 
+def _fold_constants_ir(ir_model: ir.Model) -> None:
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.fold_constants(ir_model, onnx_shape_inference=True)
+    # Folded values come back as Constant nodes, some with value_ints/value_float attributes
+    # that other tools (ONNX Runtime's symbolic shape inference) cannot read; as initializers
+    # every tool reads them.
+    ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
+    ir_passes.RemoveUnusedNodesPass()(ir_model)
+
+
+def _remove_dead_code_ir(ir_model: ir.Model) -> None:
+    ir_passes.RemoveUnusedNodesPass()(ir_model)
+
+
+def _eliminate_identities_ir(ir_model: ir.Model) -> None:
+    ir_passes.IdentityEliminationPass()(ir_model)
+    ir_passes.RemoveUnusedNodesPass()(ir_model)
+
+
+def _deduplicate_initializers_ir(ir_model: ir.Model) -> None:
+    ir_passes.DeduplicateInitializersPass(size_limit=2**40)(ir_model)
+    ir_passes.RemoveUnusedNodesPass()(ir_model)
+
+
 def fold_constants(model: onnx.ModelProto) -> PassResult:
     """Evaluate nodes whose inputs are all constants and store their outputs as initializers
     (onnxscript's constant folder, with ONNX shape inference so shape arithmetic folds too)."""
-    import onnxscript.optimizer
-
-    def run(ir_model):
-        onnxscript.optimizer.fold_constants(ir_model, onnx_shape_inference=True)
-        # Folded values come back as Constant nodes, some with value_ints/value_float
-        # attributes that other tools (ONNX Runtime's symbolic shape inference) cannot read;
-        # as initializers every tool reads them.
-        ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
-        ir_passes.RemoveUnusedNodesPass()(ir_model)
-
-    return _with_ir(model, run)
+    return _with_ir(model, _fold_constants_ir)
 
 
 def remove_dead_code(model: onnx.ModelProto) -> PassResult:
     """Remove nodes whose outputs reach no graph output and initializers nobody reads."""
-    return _with_ir(model, lambda m: ir_passes.RemoveUnusedNodesPass()(m))
+    return _with_ir(model, _remove_dead_code_ir)
 
 
 def eliminate_identities(model: onnx.ModelProto) -> PassResult:
     """Replace ``y = Identity(x)`` by ``x`` wherever the graph signature allows."""
-    return _with_ir(model, lambda m: (ir_passes.IdentityEliminationPass()(m), ir_passes.RemoveUnusedNodesPass()(m)))
+    return _with_ir(model, _eliminate_identities_ir)
 
 
 def deduplicate_initializers(model: onnx.ModelProto) -> PassResult:
     """Make initializers with identical dtype, shape and contents one initializer."""
-    def run(ir_model):
-        ir_passes.DeduplicateInitializersPass(size_limit=2**40)(ir_model)
-        ir_passes.RemoveUnusedNodesPass()(ir_model)
-
-    return _with_ir(model, run)
+    return _with_ir(model, _deduplicate_initializers_ir)
 
 
 def drop_trailing_empty_inputs(model: onnx.ModelProto) -> PassResult:
     """``Clip(x, lo, "")`` -> ``Clip(x, lo)``: a trailing empty optional input means "absent"
     either way, but some tools (ONNX Runtime's symbolic shape inference) trip over it."""
+    if not any(node.input and node.input[-1] == "" for node in model.graph.node):
+        return PassResult(model, False, {"empty_inputs_dropped": 0})  # no copy of the weights for nothing
     out = onnx.ModelProto()
     out.CopyFrom(model)
     dropped = 0
@@ -120,24 +133,43 @@ CLEANUP_PASSES: tuple[tuple[str, Callable[[onnx.ModelProto], PassResult]], ...] 
     ("deduplicate_initializers", deduplicate_initializers),
     ("remove_dead_code", remove_dead_code),
 )
+# The same passes on one onnx-ir model, as ``cleanup`` chains them (after the one proto pass).
+_IR_PASSES: tuple[tuple[str, Callable[[ir.Model], None]], ...] = (
+    ("eliminate_identities", _eliminate_identities_ir),
+    ("fold_constants", _fold_constants_ir),
+    ("deduplicate_initializers", _deduplicate_initializers_ir),
+    ("remove_dead_code", _remove_dead_code_ir),
+)
+
+
+def _ir_counts(ir_model: ir.Model) -> tuple[int, int, int]:
+    graph = ir_model.graph
+    return len(graph), len(graph.initializers), sum(1 for value in graph.inputs if value.name not in graph.initializers)
 
 
 def cleanup(model: onnx.ModelProto, *, max_rounds: int = 3) -> PassResult:
     """The clean-up passes in order, repeated while they change something, at most
-    ``max_rounds`` times (a bounded chain: folding can expose dead code and vice versa)."""
-    current = model
-    applied: dict[str, int] = {}
+    ``max_rounds`` times (a bounded chain: folding can expose dead code and vice versa).
+
+    The passes share one onnx-ir model, deserialized once (its tensors are views of
+    ``model``'s) and serialized once when something changed: a model is held in memory
+    twice at most, which is what lets models past 2 GB through. A pass changed something
+    when the nodes, initializers or inputs it leaves differ in number."""
+    first = drop_trailing_empty_inputs(model)  # the IR passes never add empty inputs: once is enough
+    applied: dict[str, int] = {"drop_trailing_empty_inputs": 1} if first.modified else {}
+    ir_model = ir.serde.deserialize_model(first.model)
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         changed = False
-        for name, transform in CLEANUP_PASSES:
-            result = transform(current)
-            if result.modified:
+        for name, transform in _IR_PASSES:
+            before = _ir_counts(ir_model)
+            transform(ir_model)
+            if _ir_counts(ir_model) != before:
                 changed = True
-                current = result.model
                 applied[name] = applied.get(name, 0) + 1
         if not changed:
             break
+    current = ir.serde.serialize_model(ir_model) if applied else model
     before, after = _counts(model), _counts(current)
     logger.info("clean-up: %d -> %d nodes in %d round(s)", before[0], after[0], rounds)
     stats = {"nodes": [before[0], after[0]], "initializers": [before[1], after[1]], "passes_applied": applied, "rounds": rounds}
