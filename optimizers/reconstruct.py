@@ -23,13 +23,22 @@ report says so). Only group-1 Convs consume channels here: a depthwise Conv pass
 through (``optimizers.structured``), so it needs no re-fit. ConvTranspose keeps compensation.
 
 Consumers are re-fitted in *waves*: a wave holds the consumers none of whose inputs depend on a
-consumer not yet re-fitted, and each wave reads the pruned model as re-fitted so far.
+consumer not yet re-fitted, and each wave reads the pruned model as re-fitted so far. Where a
+consumer's output (plus a constant bias) is summed with a residual ``r`` (a transformer's FFN:
+``h = W x + b + r``), the target also makes up the drift that pruning upstream left in the
+residual, ``W x + (r − r̂)`` with ``r̂`` the residual in the pruned model
+(``ReconstructSettings.correct_residual``): each block re-fitted this way repairs some of the
+error of the blocks before it instead of passing it on.
 
 What is kept is decided on data the fit never saw: the calibration batches are split by a seeded
 permutation into fit and held-out batches. Per consumer, the re-fit is kept only where its
 held-out output error is below bias compensation's; then the whole model's held-out fidelity
 with reconstruction is compared to compensation alone, and reconstruction is dropped (with a
 note) where it is lower.
+
+``probe_units`` measures each unit's sensitivity: the unit pruned alone, re-fitted, and its
+held-out output loss; ``optimizers.structured.allocate_by_sensitivity`` turns it into per-unit
+counts for ``--scope global``.
 
 ``greedy_scores`` is a ThiNet-style channel choice for the same objective: backward elimination
 that removes, each step, the channels whose loss is least explained by the channels still kept
@@ -72,7 +81,7 @@ class ReconstructSettings:
     holdout: float = HOLDOUT_SHARE
     max_features: int = 6144
     seed: int = 0
-    correct_residual: bool = False
+    correct_residual: bool = True
 
     def __post_init__(self):
         if not self.ridges or min(self.ridges) <= 0:
