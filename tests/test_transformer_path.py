@@ -477,8 +477,42 @@ def test_gpt2_attention_fuses_and_its_gemms_become_matmuls(tmp_path):
     # GPT-2's Conv1D layers are Gemm in the dynamo graph; they come out as MatMul (+ Add) to quantize
     assert _ops(model)["Gemm"] == 4 * 2 and _ops(result.model)["Gemm"] == 0
     assert result.stats["fusions"]["gemm_as_matmul"] == 4 * 2
+    # pre-LN blocks: every residual sum but the last is read by the next block too, which ONNX
+    # Runtime does not fuse into SkipLayerNormalization, so they stay (multi-threaded) Adds
+    assert _ops(result.model)["SkipLayerNormalization"] == 0 and _ops(result.model)["Sum"] == 1
+    assert _ort_optimized_ops(result.model, tmp_path)["SkipLayerNormalization"] == 0
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 8), np.int64)}
     _assert_same_outputs(model, result.model, feeds)
+
+
+def _residual_model(shared: bool) -> onnx.ModelProto:
+    """y = LayerNorm(x + r) [and z = Relu(x + r) when the sum is shared], on [b, s, 16]."""
+    rng = np.random.default_rng(0)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", 16]) for n in ("x", "r")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", 16]) for n in (["y", "z"] if shared else ["y"])]
+    weights = [numpy_helper.from_array(rng.normal(size=16).astype(np.float32), n) for n in ("gamma", "beta")]
+    nodes = [helper.make_node("Add", ["x", "r"], ["sum"]),
+             helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+    if shared:
+        nodes.append(helper.make_node("Relu", ["sum"], ["z"]))
+    return helper.make_model(helper.make_graph(nodes, "res", inputs, outputs, weights), opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_residual_add_becomes_sum_only_where_ort_would_fuse_it(tmp_path):
+    alone = fuse_for_ort(_residual_model(shared=False), OrtFusionSettings(dims={"b": 2, "s": 5}))
+    assert alone.stats["residual_sums"] == 1 and _ops(alone.model) == collections.Counter({"Sum": 1, "LayerNormalization": 1})
+    assert _ort_optimized_ops(_residual_model(shared=False), tmp_path)["SkipLayerNormalization"] == 1  # what it prevents
+    assert _ort_optimized_ops(alone.model, tmp_path)["SkipLayerNormalization"] == 0
+    feeds = {n: np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32) for n in ("x", "r")}
+    _assert_same_outputs(_residual_model(shared=False), alone.model, feeds, atol=1e-6, rtol=1e-6)
+    # near miss: the sum is read by a Relu too; ORT leaves it unfused, so it stays an Add (onnxscript
+    # fuses it into SkipLayerNormalization with its sum output; the CPU target writes that back as Add)
+    model = _residual_model(shared=True)
+    assert _ort_optimized_ops(model, tmp_path)["SkipLayerNormalization"] == 0
+    shared = fuse_for_ort(model, OrtFusionSettings(dims={"b": 2, "s": 5}))
+    assert _ops(shared.model) == collections.Counter({"Add": 1, "LayerNormalization": 1, "Relu": 1})
+    assert _ort_optimized_ops(shared.model, tmp_path)["SkipLayerNormalization"] == 0
+    _assert_same_outputs(model, shared.model, feeds, atol=1e-6, rtol=1e-6)
 
 
 def test_attention_fusions_that_do_not_verify_fall_back_without_them(dynamo_bert, monkeypatch):
