@@ -75,11 +75,15 @@ class HeadSettings:
     """ratio: fraction of the heads of each attention block to remove, in [0, 1); the count is
     ``floor(ratio * heads)``, capped so that ``min_heads`` stay. bias_compensation: with
     calibration data, fold the removed heads' mean contribution into the output projection's
-    bias where held-out data shows it helps. max_batches: calibration batches read."""
+    bias. reconstruct: with calibration data, re-fit the output projections on the kept heads by
+    least squares (None: on when there is calibration data and ``bias_compensation`` is on). Of the plain cut,
+    compensation and re-fit, the one with the highest evaluation fidelity is returned.
+    max_batches: calibration batches read."""
 
     ratio: float = 0.5
     min_heads: int = 1
     bias_compensation: bool = True
+    reconstruct: bool | None = None
     max_batches: int = 32
 
     def __post_init__(self):
@@ -87,6 +91,7 @@ class HeadSettings:
             raise UserError(f"head pruning ratio must be in [0, 1), got {self.ratio}")
         if self.min_heads < 1:
             raise UserError(f"min_heads must be at least 1, got {self.min_heads}")
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +119,8 @@ class HeadPruneResult:
     fidelity_without_compensation: dict[str, Any] | None
     scoring: str  # "weights" or "calibration"
     notes: tuple[str, ...]
-    compensated: int = 0  # output projections whose bias took the removed heads' mean contribution
+    compensated: int = 0  # output projections bias-compensated or re-fitted in the model returned
+    reconstruction: tuple[dict[str, Any], ...] | None = None  # per output projection: held-out errors of the re-fit
 
     @property
     def modified(self) -> bool:
@@ -1008,7 +1014,8 @@ def prune_heads(
             if block.name in failures:
                 block.problems.append(f"pruning it breaks the graph: {failures[block.name]}")
         raise _nothing_to_prune(blocks)
-    pruned, fidelity, without, compensated = _compensated(reference, prepared, accepted, means, settings, eval_batches, notes)
+    pruned, fidelity, without, compensated, refit = _recovered(reference, prepared, accepted, means, settings, calib_batches,
+                                                               eval_batches, notes)
     if accepted:
         error = check(pruned)
         if error is not None:
@@ -1029,6 +1036,7 @@ def prune_heads(
         scoring=scoring,
         notes=tuple(notes),
         compensated=compensated,
+        reconstruction=tuple(refit) if refit else None,
     )
     logger.info("pruned heads in %d of %d attention blocks; parameters %d -> %d",
                 sum(1 for b in result.blocks if b.kept < b.heads), len(result.blocks), *result.parameters)
@@ -1083,37 +1091,104 @@ def _report(blocks: Sequence[_Block], accepted, failures: Mapping[str, str]) -> 
     return tuple(report)
 
 
-def _compensated(reference, prepared, accepted, means, settings: HeadSettings, eval_batches, notes: list[str]):
-    """``(pruned, fidelity, fidelity without compensation, projections compensated)``: bias
-    compensation of the output projections (calibration data only) where it raises the
-    measured fidelity."""
+def _recovered(reference, prepared, accepted, means, settings: HeadSettings, calib_batches, eval_batches, notes: list[str]):
+    """``(pruned, fidelity, fidelity of the plain cut, projections changed, re-fit report)``. With
+    calibration data, bias compensation of the output projections and their least-squares re-fit
+    (``_refit_outputs``) are tried, and the model with the highest evaluation fidelity is kept
+    (the plain cut when neither raises it)."""
     from optimizers.structured import fidelity_dict
 
     if not accepted:
-        return prepared, None, None, 0
+        return prepared, None, None, 0, None
     plain = apply(prepared, accepted)
-    fidelity = fidelity_dict(reference, plain, eval_batches)
-    if not (settings.bias_compensation and means):
-        return plain, fidelity, None, 0
-    deltas: dict[str, np.ndarray] = {}
-    skipped = 0
-    for block, removed in accepted:
-        for output in block.outputs:
-            if output.bias is None:
-                skipped += 1
-                continue
-            deltas[output.node] = sum(means[block.name][h][output.node] for h in removed)
+    plain_fidelity = fidelity_dict(reference, plain, eval_batches)
+    if not calib_batches:
+        return plain, plain_fidelity, None, 0, None
+    candidates = []
+    deltas = {out.node: sum(means[block.name][h][out.node] for h in removed)
+              for block, removed in accepted for out in block.outputs if out.bias is not None}
+    skipped = sum(1 for block, _ in accepted for out in block.outputs if out.bias is None)
     if skipped:
-        notes.append(f"{skipped} output projection(s) without a bias initializer were not compensated")
-    if not deltas:
-        return plain, fidelity, None, 0
-    compensated = apply(prepared, accepted, deltas)
-    measured = fidelity_dict(reference, compensated, eval_batches)
-    if measured["min_mean_cosine"] < fidelity["min_mean_cosine"]:
-        notes.append(f"bias compensation lowered fidelity ({measured['min_mean_cosine']:.4f} vs "
-                     f"{fidelity['min_mean_cosine']:.4f} without) and was not applied")
-        return plain, fidelity, fidelity, 0
-    return compensated, measured, fidelity, len(deltas)
+        notes.append(f"{skipped} output projection(s) without a bias initializer were neither compensated nor re-fitted")
+    if settings.bias_compensation and deltas:
+        compensated = apply(prepared, accepted, deltas)
+        candidates.append(("bias compensation", compensated, fidelity_dict(reference, compensated, eval_batches), len(deltas), None))
+    report = None
+    if (settings.reconstruct or (settings.reconstruct is None and settings.bias_compensation)) and deltas:
+        refitted, report = _refit_outputs(prepared, plain, accepted, calib_batches, notes)
+        if report:
+            changed = sum(1 for r in report if r["reconstructed"])
+            candidates.append(("least-squares re-fit", refitted, fidelity_dict(reference, refitted, eval_batches), len(report), report))
+            notes.append(f"{changed} of {len(report)} output projections re-fitted by least squares (the others bias-compensated)")
+    summary = ", ".join(f"{name} {fid['min_mean_cosine']:.4f}" for name, _, fid, _, _ in candidates)
+    best = max(candidates, key=lambda c: c[2]["min_mean_cosine"], default=None)
+    if best is None or best[2]["min_mean_cosine"] < plain_fidelity["min_mean_cosine"]:
+        if candidates:
+            notes.append(f"kept the plain cut (cosine {plain_fidelity['min_mean_cosine']:.4f}; {summary})")
+        return plain, plain_fidelity, plain_fidelity, 0, report
+    notes.append(f"kept the {best[0]} (cosine {best[2]['min_mean_cosine']:.4f}; plain cut {plain_fidelity['min_mean_cosine']:.4f}; {summary})")
+    return best[1], best[2], plain_fidelity, best[3], report
+
+
+def _refit_outputs(prepared, pruned, accepted, calib_batches, notes: list[str]) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """Least-squares re-fit of each pruned block's output projection on its kept heads, with
+    ``optimizers.reconstruct``'s streaming ``Moments`` and ridge ``solve``: the target is the
+    unpruned block output ``c W_O`` (``c`` the whole context in the unpruned model), the features
+    ``[ĉ_K; 1]`` the kept heads' context in the pruned model as re-fitted so far (blocks in graph
+    order, so upstream errors are seen), the ridge pulls towards ``W_O[K]``, and the intercept
+    goes into the bias. A held-out share of the calibration batches (``split_holdout``) picks
+    the ridge and keeps the re-fit only where its held-out error is below bias compensation's
+    (the same fit with ``W' = W_O[K]``), which is used otherwise. Returns the model and, per
+    output projection, the held-out errors relative to the target."""
+    from optimizers.calibration import split_holdout
+    from optimizers.reconstruct import Moments, ReconstructSettings, solve
+
+    settings = ReconstructSettings()
+    fit, held = split_holdout(calib_batches, settings.holdout, settings.seed)
+    if not held:
+        notes.append("output projections not re-fitted: one calibration batch of one sample leaves nothing to judge a re-fit on")
+        return pruned, []
+    order = {node.name: index for index, node in enumerate(prepared.graph.node)}
+    work = [(block, removed, out) for block, removed in accepted for out in block.outputs if out.bias is not None]
+    work.sort(key=lambda item: order[item[2].node])
+    inits = {t.name: t for t in prepared.graph.initializer}
+    full = _contexts(prepared, [block for block, _, _ in work], fit + held)
+    current, report = pruned, []
+    for block, removed, out in work:
+        kept = [h for h in range(block.heads) if h not in removed]
+        weight = _projection_weight(inits, out)
+        prior = weight[_head_slices(out.head_dim, 0, kept)].T  # [outputs, kept features]
+        pruned_context = _contexts(current, [dataclasses.replace(block, outputs=[out])], fit + held)[out.context]
+        moments = []
+        for part in (slice(0, len(fit)), slice(len(fit), None)):
+            m = Moments(prior.shape[1], prior.shape[0])
+            for c, c_hat in zip(full[out.context][part], pruned_context[part]):
+                m.add(c_hat, c @ weight)
+            moments.append(m)
+        fit_m, held_m = moments
+        shift = fit_m.tz[:, -1] / max(fit_m.count, 1) - prior @ fit_m.mean_features()
+        compensation = np.concatenate([prior, shift[:, None]], axis=1)
+        best = min((solve(fit_m, prior, ridge) for ridge in settings.ridges), key=held_m.residual)
+        scale = max(held_m.tt, 1e-30)
+        errors = {"node": out.node, "error_compensated": held_m.residual(compensation) / scale,
+                  "error_reconstructed": held_m.residual(best) / scale}
+        errors["reconstructed"] = errors["error_reconstructed"] < errors["error_compensated"]
+        chosen = best if errors["reconstructed"] else compensation
+        current = _write_output(current, out, chosen)
+        report.append(errors)
+    return current, report
+
+
+def _write_output(model: onnx.ModelProto, out: _Output, solution: np.ndarray) -> onnx.ModelProto:
+    """A copy of ``model`` whose output projection ``out`` computes ``solution`` (``[W' | d]``,
+    ``[outputs, kept features + 1]``): ``W'`` in the weight's layout, ``d`` added to the bias."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    inits = {t.name: t for t in copy.graph.initializer}
+    dtype = numpy_helper.to_array(inits[out.weight]).dtype
+    _replace(inits, out.weight, lambda w: (solution[:, :-1].T if out.axis == 0 else solution[:, :-1]).astype(dtype))
+    _replace(inits, out.bias, lambda b: (b.astype(np.float64) + solution[:, -1]).astype(b.dtype))
+    return copy
 
 
 def prune_heads_file(input_path, output_path, settings: HeadSettings = HeadSettings(), **data) -> HeadPruneResult:

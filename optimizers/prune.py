@@ -85,7 +85,8 @@ def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads:
     from onnxforge.common.summary import count_parameters
     from optimizers.structured import fidelity_dict, macs
 
-    head_settings = HeadSettings(ratio=heads, bias_compensation=settings.bias_compensation, max_batches=settings.max_batches)
+    head_settings = HeadSettings(ratio=heads, bias_compensation=settings.bias_compensation, reconstruct=settings.reconstruct,
+                                 max_batches=settings.max_batches)
     head_result = prune_heads(source, head_settings, **data)
     batches = _evaluation_batches(source, settings, data)
     dims = data.get("dims") or {}

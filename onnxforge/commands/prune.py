@@ -90,7 +90,10 @@ def _prune_command(args) -> int:
 def _print_heads(heads) -> None:
     if heads is None:
         return
-    print(f"attention heads (scored by {heads.scoring}):")
+    line = f"attention heads (scored by {heads.scoring})"
+    if heads.fidelity:
+        line += f"; heads alone: mean cosine {heads.fidelity['min_mean_cosine']:.5f}"
+    print(line + ":")
     for block in heads.blocks:
         status = f"{block.heads} -> {block.kept}" + (f"   removed {list(block.removed)}" if block.removed else "")
         status += f"   left whole: {block.reason}" if block.reason else ""
