@@ -353,7 +353,7 @@ def test_cli_heads_alone_and_with_neurons(bert_forms, tmp_path, capsys):
     dims = ["--dim", "batch=2", "--dim", "seq=8"]
     assert main(["-q", "prune", str(source), str(tmp_path / "h.onnx"), "--heads", "0.5", *dims]) == 0
     stdout = capsys.readouterr().out
-    assert "attention heads (scored by weights):" in stdout and stdout.count("4 -> 2") == LAYERS
+    assert "attention heads (scored by weights); heads alone: mean cosine 0." in stdout and stdout.count("4 -> 2") == LAYERS
     assert main(["-q", "prune", str(source), str(tmp_path / "hn.onnx"), "--heads", "0.5", "--ratio", "0.25", *dims, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [b["kept"] for b in report["heads"]["blocks"]] == [2] * LAYERS
