@@ -1175,7 +1175,7 @@ def quantize_file(input_path: str | Path, output_path: str | Path, settings: Qua
     """``quantize`` from a file to a file, written atomically, and only after the quantized model
     was loaded and run; ``data`` are quantize's keyword arguments (calibration, evaluation,
     tokenizer, dims, allow_random_calibration, measure)."""
-    result = quantize(load_onnx(input_path), settings, **data)
+    result = quantize(Path(input_path), settings, **data)  # a path: the file as loaded is freed once normalized
     written = save_onnx(result.model, output_path)
     before = dataclasses.replace(result.before, path=str(input_path), file_bytes=Path(input_path).stat().st_size)
     after = dataclasses.replace(result.after, path=str(output_path), file_bytes=written[0].stat().st_size)
