@@ -538,7 +538,10 @@ class _UnfusedTracer:
         by_root: dict[int, list[int]] = collections.defaultdict(list)
         for index, group in enumerate(self.group_of_split):
             by_root[self.find(group)].append(index)
-        merged = lambda table: {r: [x for g, items in table.items() if self.find(g) == r for x in items] for r in by_root}  # noqa: E731
+
+        def merged(table):
+            return {r: [x for g, items in table.items() if self.find(g) == r for x in items] for r in by_root}
+
         problems, merges = merged(self.problems), merged(self.merges)
         values = {r: {x for g, items in self.values.items() if self.find(g) == r for x in items} for r in by_root}
         softmaxed = {self.find(g) for g in self.softmax}
@@ -829,7 +832,7 @@ def apply(model: onnx.ModelProto, cuts: Sequence[tuple[_Block, tuple[int, ...]]]
         kept = [h for h in range(block.heads) if h not in removed]
         _slice_columns(g.inits, block, kept)
         for output in block.outputs:
-            _replace(g.inits, output.weight, lambda w, o=output: _take(w, o.axis, _head_slices(o.head_dim, 0, kept)))
+            _replace(g.inits, output.weight, lambda w, o=output, k=kept: _take(w, o.axis, _head_slices(o.head_dim, 0, k)))
         for edit in block.shape_edits:
             concat = _edit_shape(g, nodes[edit.node], edit.position, len(kept) * edit.per_head, added_tensors)
             if concat is not None:
@@ -874,7 +877,7 @@ def _drop_stale_shapes(model: onnx.ModelProto, cuts) -> None:
 
 def _slice_columns(inits, block: _Block, kept: Sequence[int]) -> None:
     """Q/K/V features of the kept heads, for each weight and bias (a packed one at once)."""
-    for attr, axis_of in (("weight", lambda c: c.axis), ("bias", lambda c: 0)):
+    for attr in ("weight", "bias"):
         by_tensor: dict[str, list[_Columns]] = collections.defaultdict(list)
         for cols in block.columns:
             name = getattr(cols, attr)
@@ -883,7 +886,8 @@ def _slice_columns(inits, block: _Block, kept: Sequence[int]) -> None:
         for name, parts in by_tensor.items():
             parts.sort(key=lambda c: c.offset)
             index = np.concatenate([_head_slices(c.head_dim, c.offset, kept) for c in parts])
-            _replace(inits, name, lambda w, i=index, a=axis_of(parts[0]): _take(w, a, i))
+            axis = parts[0].axis if attr == "weight" else 0
+            _replace(inits, name, lambda w, i=index, a=axis: _take(w, a, i))
 
 
 def _replace(inits, name: str, change) -> None:
