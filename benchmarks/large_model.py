@@ -2,7 +2,7 @@
 (dynamic) -> prune -> bench -> package, each step in its own process, with its wall time, its peak
 resident memory, the size of what it wrote, and for a step that fails, its last error line.
 
-    python benchmarks/large_model.py [--size-gb 2.5] [--hidden 8192] [--out DIR] [--max-rss-gb 12]
+    python benchmarks/large_model.py [--size-gb 2.5] [--hidden 8192] [--out DIR] [--max-rss-gb 12] [--steps a,b]
 
 The model is a stack of Linear(hidden, hidden) + GELU layers, as many as make --size-gb of fp32
 weights (random, seeded). Steps run the CLI (`python -m onnxforge ...`), the package step calls
@@ -10,6 +10,7 @@ onnxforge.package.write_package and verify_package; a step runs on the output of
 when there is one, else on the exported model. A watchdog kills a step whose resident memory
 passes --max-rss-gb, so that a shared machine survives a step that loads everything at once.
 Without --out the files go to a temporary folder that is removed at the end (--keep keeps it).
+--steps runs only the named steps (export is reused from --out when it is not among them).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+STEPS = ("export", "optimize", "quantize", "prune", "bench", "package")
 SIZE_VARIABLE, HIDDEN_VARIABLE = "LARGE_MODEL_GB", "LARGE_MODEL_HIDDEN"
 
 
@@ -138,6 +140,7 @@ def main() -> int:
     parser.add_argument("--max-rss-gb", type=float, default=12.0, help="kill a step past this resident memory (default 12)")
     parser.add_argument("--step-timeout", type=float, default=3600.0, help="kill a step after this many seconds")
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    parser.add_argument("--steps", help=f"comma-separated steps to run (default all: {', '.join(STEPS)})")
     parser.add_argument("--package-step", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.package_step:
@@ -150,6 +153,14 @@ def main() -> int:
     cli = [sys.executable, "-m", "onnxforge"]
     exported, optimized, quantized, pruned = (out / name for name in ("model.onnx", "optimized.onnx", "int8.onnx", "pruned.onnx"))
     layers = layer_count(args.size_gb, args.hidden)
+    wanted = args.steps.split(",") if args.steps else list(STEPS)
+    unknown = [name for name in wanted if name not in STEPS]
+    if unknown:
+        parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
+    from runtime_bench.machine import machine_info
+
+    machine = machine_info()
+    print(f"machine: {machine.describe()}; {machine.memory_gb:.0f} GB RAM", flush=True)
     print(f"model: {layers} x Linear({args.hidden}, {args.hidden}) + GELU, "
           f"{layers * 4 * args.hidden * (args.hidden + 1) / 1e9:.2f} GB fp32; files in {out}", flush=True)
 
@@ -172,6 +183,8 @@ def main() -> int:
     ]
     try:
         for name, command, output in plan:
+            if name.split()[0] not in wanted:
+                continue
             step = Step(name)
             steps.append(step)
             if not exported.exists() and name != "export":
