@@ -36,10 +36,13 @@ Head scores (lowest go first, per block, ``ratio`` of the heads, at least one he
 * with calibration data: the measured contribution, the mean over tokens (padding tokens,
   ``attention_mask == 0``, left out) of ``||c_h W_O[h, :]||_2`` where ``c_h`` is the head's part of
   the context read by the output projection. A head whose output-projection rows are zero
-  scores 0 under both, and removing it is exact.
+  scores 0 under both, and removing it is exact. It ignores what follows the block (residual,
+  LayerNorm, later layers), which is what ``importance="ablation"`` measures instead: the loss
+  of the model's outputs with each head alone removed (one ONNX Runtime session per head).
 
-With calibration data the removed heads' mean contribution ``E[c_h] W_O[h, :]`` is folded into
-the output projection's bias (bias compensation), kept only where held-out data shows it helps.
+With calibration data, the plain cut, bias compensation (the removed heads' mean contribution
+``E[c_h] W_O[h, :]`` folded into the output projection's bias) and a least-squares re-fit of the
+output projection on the kept heads are compared on the evaluation data, and the best is kept.
 Every pruned graph is run in ONNX Runtime (``optimizers.structured.run_check``: the checker,
 the evaluation inputs and a second size of the symbolic dims, the original output shapes)
 before it is returned; a block whose rewrite fails that is left whole with the error.
@@ -70,18 +73,26 @@ ELEMENTWISE_UNARY = frozenset({
 ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "And", "Or"})
 
 
+HEAD_IMPORTANCES = ("contribution", "ablation")
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadSettings:
     """ratio: fraction of the heads of each attention block to remove, in [0, 1); the count is
     ``floor(ratio * heads)``, capped so that ``min_heads`` stay. bias_compensation: with
     calibration data, fold the removed heads' mean contribution into the output projection's
     bias. reconstruct: with calibration data, re-fit the output projections on the kept heads by
-    least squares (None: on when there is calibration data and ``bias_compensation`` is on). Of the plain cut,
+    least squares (None: on when there is calibration data and ``bias_compensation`` is on).
+    importance: ``contribution`` (the weights without data, the measured contribution with it)
+    or ``ablation`` (needs calibration data): the loss of removing each head alone, ``1 −`` the
+    mean output cosine against the unpruned model on the calibration batches; one ONNX Runtime
+    session per head, so it costs heads × a pass over the data (72 for MiniLM). Of the plain cut,
     compensation and re-fit, the one with the highest evaluation fidelity is returned.
     max_batches: calibration batches read."""
 
     ratio: float = 0.5
     min_heads: int = 1
+    importance: str = "contribution"
     bias_compensation: bool = True
     reconstruct: bool | None = None
     max_batches: int = 32
@@ -91,6 +102,8 @@ class HeadSettings:
             raise UserError(f"head pruning ratio must be in [0, 1), got {self.ratio}")
         if self.min_heads < 1:
             raise UserError(f"min_heads must be at least 1, got {self.min_heads}")
+        if self.importance not in HEAD_IMPORTANCES:
+            raise UserError(f"unknown head importance {self.importance!r}; choose {' or '.join(HEAD_IMPORTANCES)}")
 
 
 
@@ -117,7 +130,7 @@ class HeadPruneResult:
     parameters: tuple[int, int]
     fidelity: dict[str, Any] | None
     fidelity_without_compensation: dict[str, Any] | None
-    scoring: str  # "weights" or "calibration"
+    scoring: str  # "weights", "calibration" (measured contribution) or "ablation"
     notes: tuple[str, ...]
     compensated: int = 0  # output projections bias-compensated or re-fitted in the model returned
     reconstruction: tuple[dict[str, Any], ...] | None = None  # per output projection: held-out errors of the re-fit
@@ -804,6 +817,25 @@ def calibration_scores(model: onnx.ModelProto, block: _Block, contexts: Mapping[
     return score, means
 
 
+def ablation_scores(model: onnx.ModelProto, block: _Block, batches) -> np.ndarray:
+    """Per head, ``1 −`` the mean slice cosine (``onnxforge.common.compare.slice_cosines``) of
+    every float output of ``model`` with that head alone removed, against ``model``, over
+    ``batches``: the loss of removing it, measured."""
+    from onnxforge.common.compare import slice_cosines
+    from optimizers.verify import ort_session
+
+    reference = ort_session(model)
+    names = [o.name for o in reference.get_outputs()]
+    expected = [reference.run(names, dict(batch)) for batch in batches]
+    loss = np.zeros(block.heads)
+    for head in range(block.heads):
+        session = ort_session(apply(model, [(block, (head,))]))
+        cosines = [slice_cosines(r, c) for batch, outputs in zip(batches, expected)
+                   for r, c in zip(outputs, session.run(names, dict(batch))) if np.issubdtype(r.dtype, np.floating)]
+        loss[head] = 1.0 - float(np.concatenate(cosines).mean())
+    return loss
+
+
 def _removed_heads(score: np.ndarray, settings: HeadSettings) -> tuple[int, ...]:
     count = min(int(settings.ratio * len(score) + 1e-9), len(score) - settings.min_heads)
     if count <= 0:
@@ -981,7 +1013,8 @@ def _verified(model, cuts: list[tuple[_Block, tuple[int, ...]]], check) -> tuple
 def _nothing_to_prune(blocks: Sequence[_Block]) -> UserError:
     if not blocks:
         return UserError("no attention heads found to prune: no head split (MatMul -> Reshape [.., .., heads, head_size]) "
-                         "feeding Softmax attention, and no com.microsoft Attention / MultiHeadAttention node")
+                         "feeding Softmax attention, and no com.microsoft Attention / MultiHeadAttention node "
+                         "(one packed QKV projection cut by Split, as GPT-2 writes it, is not handled yet)")
     reasons = "; ".join(f"{b.name}: {b.problems[0] if b.problems else 'fewer heads than the ratio removes'}" for b in blocks[:6])
     return UserError(f"no attention heads could be pruned: {reasons}")
 
@@ -1072,15 +1105,20 @@ def _batches(prepared, settings: HeadSettings, calibration, evaluation, tokenize
 def _cuts(usable: Sequence[_Block], prepared, settings: HeadSettings, calib_batches):
     """``(cuts, mean contributions, scoring)``: the heads each usable block loses, scored from
     calibration data when there is some, else from the weights."""
+    if settings.importance == "ablation" and not calib_batches:
+        raise UserError("ablation head importance needs calibration data (--calibration DATA)")
     contexts = _contexts(prepared, usable, calib_batches) if calib_batches and usable else None
     cuts, means = [], {}
     for block in usable:
         if contexts is not None:
             score, means[block.name] = calibration_scores(prepared, block, contexts)
+            if settings.importance == "ablation":
+                score = ablation_scores(prepared, block, calib_batches)
         else:
             score = weight_scores(prepared, block)
         cuts.append((block, _removed_heads(score, settings)))
-    return cuts, means, "calibration" if contexts is not None else "weights"
+    scoring = "weights" if contexts is None else "ablation" if settings.importance == "ablation" else "calibration"
+    return cuts, means, scoring
 
 
 def _report(blocks: Sequence[_Block], accepted, failures: Mapping[str, str]) -> tuple[HeadBlock, ...]:
@@ -1204,5 +1242,5 @@ def prune_heads_file(input_path, output_path, settings: HeadSettings = HeadSetti
     return result
 
 
-__all__ = ["HeadBlock", "HeadPruneResult", "HeadSettings", "apply", "calibration_scores", "find_attention", "prune_heads",
-           "prune_heads_file", "weight_scores"]
+__all__ = ["HEAD_IMPORTANCES", "HeadBlock", "HeadPruneResult", "HeadSettings", "ablation_scores", "apply", "calibration_scores",
+           "find_attention", "prune_heads", "prune_heads_file", "weight_scores"]

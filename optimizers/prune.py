@@ -38,20 +38,21 @@ class HeadsAndNeuronsResult(PruneResult):
 
 
 def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSettings(), *, method: str = "structured",
-          heads: float = 0.0, **data) -> PruneResult:
+          heads: float = 0.0, head_importance: str = "contribution", **data) -> PruneResult:
     """Prune ``model`` (a ModelProto, not modified, or a path). ``method="magnitude"`` zeroes the
     smallest weights instead (a size feature, see ``optimizers.sparsity``); ``data`` are
     ``prune_structured``'s keyword arguments (calibration, evaluation, tokenizer, dims).
     ``heads``: the fraction of attention heads to remove from each attention block first
     (``optimizers.heads.prune_heads``), then channels and neurons at ``settings.ratio`` (none
-    at 0); the result is a ``HeadsAndNeuronsResult``."""
+    at 0), heads scored by ``head_importance`` (``HeadSettings.importance``); the result is a
+    ``HeadsAndNeuronsResult``."""
     if method not in METHODS:
         raise UserError(f"unknown pruning method {method!r}; choose structured or magnitude")
     source = load_onnx(model) if isinstance(model, (str, Path)) else model
     if heads:
         if method != "structured":
             raise UserError("attention heads are pruned structurally; --heads does not combine with --method magnitude")
-        return _heads_then_neurons(source, settings, heads, data)
+        return _heads_then_neurons(source, settings, heads, head_importance, data)
     if method == "structured":
         return prune_structured(source, settings, **data)
     from onnxforge.common.normalize import normalize
@@ -77,7 +78,8 @@ def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSe
     )
 
 
-def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads: float, data) -> HeadsAndNeuronsResult:
+def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads: float, head_importance: str, data
+                        ) -> HeadsAndNeuronsResult:
     """Heads first (their Q/K/V channels are never channel-pruning units, so the two do not
     overlap), then channels and neurons on the head-pruned model; both run their own ONNX
     Runtime checks. The totals compare the final model with ``source``."""
@@ -85,8 +87,8 @@ def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads:
     from onnxforge.common.summary import count_parameters
     from optimizers.structured import fidelity_dict, macs
 
-    head_settings = HeadSettings(ratio=heads, bias_compensation=settings.bias_compensation, reconstruct=settings.reconstruct,
-                                 max_batches=settings.max_batches)
+    head_settings = HeadSettings(ratio=heads, importance=head_importance, bias_compensation=settings.bias_compensation,
+                                 reconstruct=settings.reconstruct, max_batches=settings.max_batches)
     head_result = prune_heads(source, head_settings, **data)
     batches = _evaluation_batches(source, settings, data)
     dims = data.get("dims") or {}
@@ -128,8 +130,8 @@ def _evaluation_batches(model: onnx.ModelProto, settings: PruneSettings, data) -
 
 
 def prune_file(input_path: str | Path, output_path: str | Path, settings: PruneSettings = PruneSettings(), *,
-               method: str = "structured", heads: float = 0.0, **data) -> PruneResult:
+               method: str = "structured", heads: float = 0.0, head_importance: str = "contribution", **data) -> PruneResult:
     """``prune`` from a file to a file, written atomically; nothing is written when it fails."""
-    result = prune(load_onnx(input_path), settings, method=method, heads=heads, **data)
+    result = prune(load_onnx(input_path), settings, method=method, heads=heads, head_importance=head_importance, **data)
     save_onnx(result.model, output_path)
     return result

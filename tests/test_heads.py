@@ -167,6 +167,20 @@ def test_calibration_scores_find_the_silent_heads_and_compensation_is_exact(zero
     assert np.abs(actual - expected).max() < 1e-5
 
 
+def test_ablation_scores_measure_the_loss_of_each_head(zeroed_forms, tmp_path):
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 100, (8, 16)).astype(np.int64)
+    np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    result = prune_heads(zeroed_forms["torchscript"], HeadSettings(ratio=0.25, importance="ablation"),
+                         calibration=str(tmp_path / "calib.npz"), dims=DIMS)
+    assert result.scoring == "ablation" and [b.removed for b in result.blocks] == [(1,), (2,)]
+    assert result.fidelity["max_abs_error"] < 1e-5
+    with pytest.raises(UserError, match="ablation head importance needs calibration data"):
+        prune_heads(zeroed_forms["torchscript"], HeadSettings(ratio=0.25, importance="ablation"), dims=DIMS)
+    with pytest.raises(UserError, match="unknown head importance 'loss'; choose contribution or ablation"):
+        HeadSettings(importance="loss")
+
+
 def test_calibration_recovery_never_lowers_fidelity_and_reports_the_refit(bert_forms, tmp_path):
     """With calibration data the plain cut, bias compensation and the least-squares re-fit of the
     output projections are compared on held-out data; the best is kept and none is worse than the cut."""

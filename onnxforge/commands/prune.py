@@ -18,6 +18,9 @@ def register(sub) -> None:
     prn.add_argument("--heads", type=float, metavar="RATIO", default=0.0,
                      help="fraction of attention heads to remove from each attention block, in [0, 1); pruned before "
                           "channels and neurons (--ratio), which are optional with it")
+    prn.add_argument("--head-importance", choices=("contribution", "ablation"), default="contribution",
+                     help="contribution: weight norms, or the measured contribution with --calibration; ablation: the "
+                          "output loss of removing each head alone (needs --calibration; one ONNX Runtime session per head)")
     prn.add_argument("--importance", choices=("l1", "l2", "activation", "reconstruction"), default="l1",
                      help="reconstruction: greedy choice of the channels least-squares re-fitting recovers best (needs --calibration)")
     prn.add_argument("--scope", choices=("layer", "global"), default="layer")
@@ -57,7 +60,8 @@ def _prune_command(args) -> int:
         round_to=args.round_to, protect_first=not args.no_protect_first, protect=tuple(args.protect or ()), ratios=ratios,
         reconstruct=args.reconstruct,
     )
-    result = prune_file(args.input, args.output, settings, method=args.method, heads=args.heads, calibration=args.calibration,
+    result = prune_file(args.input, args.output, settings, method=args.method, heads=args.heads,
+                        head_importance=args.head_importance, calibration=args.calibration,
                         evaluation=args.evaluation, tokenizer=args.tokenizer, dims=parse_dim_sizes(args.dim or []))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
