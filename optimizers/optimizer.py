@@ -4,6 +4,7 @@ magnitude sparsity, each step verified against the input model and reported."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Mapping
@@ -250,6 +251,8 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
         logger.info("%s: %d -> %d nodes (%.2f s)%s", name, len(current.graph.node), len(result.model.graph.node),
                     reports[-1].seconds, f", max abs error {check['max_abs_error']:.2e}" if check else "")
         current = result.model
+        if is_large(current):
+            gc.collect()  # the step's onnx-ir graphs are reference cycles holding the model it started from
     try:
         contrib = any(op.domain not in ("", "ai.onnx") for op in current.opset_import)
         check_onnx(current, full_check=not contrib)

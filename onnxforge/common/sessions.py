@@ -8,6 +8,7 @@ in one place and a session that cannot be created is always a ``UserError`` in o
 from __future__ import annotations
 
 import dataclasses
+import gc
 import re
 import tempfile
 from collections.abc import Callable, Sequence
@@ -108,7 +109,10 @@ def open_session(
 
         if is_large(source):
             # past 2 GB a model cannot be serialized in one piece: ONNX Runtime gets a file with
-            # external data, kept as long as the session lives
+            # external data, kept as long as the session lives. Sessions and onnx-ir graphs that
+            # are already dropped but sit in reference cycles are freed first: at this size each
+            # one holds a full copy of the weights.
+            gc.collect()
             staged = tempfile.TemporaryDirectory(prefix="onnxforge-session-")
             path = Path(staged.name) / "model.onnx"
             save_onnx(source, path, external_data=True)
