@@ -16,7 +16,7 @@ import onnx
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
 from onnxforge.common.normalize import NormalizeResult, default_opset, ensure_opset, normalize, ops_needing_newer_opset
-from onnxforge.common.onnxio import check_onnx, is_large, load_onnx, model_bytes, save_onnx
+from onnxforge.common.onnxio import check_onnx, files_of, is_large, load_onnx, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.cleanup import cleanup, prune_graph
 from optimizers.fusions import fuse_transformer, looks_like_transformer
@@ -309,6 +309,6 @@ def optimize_file(input_path: str | Path, output_path: str | Path, settings: Opt
     """``optimize`` from a file to a file, written atomically (nothing at ``output_path`` on failure)."""
     result = optimize(Path(input_path), settings)  # a path: the file as loaded is freed once normalized
     written = save_onnx(result.model, output_path)
-    after = dataclasses.replace(result.after, path=str(output_path), file_bytes=written[0].stat().st_size)
-    before = dataclasses.replace(result.before, path=str(input_path), file_bytes=Path(input_path).stat().st_size)
+    after = dataclasses.replace(result.after, path=str(output_path), file_bytes=sum(f.stat().st_size for f in written))
+    before = dataclasses.replace(result.before, path=str(input_path), file_bytes=sum(f.stat().st_size for f in files_of(input_path)))
     return dataclasses.replace(result, before=before, after=after)

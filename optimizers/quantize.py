@@ -49,7 +49,7 @@ from onnx import numpy_helper
 
 from onnxforge.common.compare import compare_batches, slice_cosines
 from onnxforge.common.errors import UserError, closest
-from onnxforge.common.onnxio import is_large, load_onnx, model_bytes, save_onnx
+from onnxforge.common.onnxio import files_of, is_large, load_onnx, model_bytes, save_onnx
 from runtime_bench.timing import Measure, VariantTiming, time_against
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData, calibration_data, ort_reader
@@ -1177,8 +1177,8 @@ def quantize_file(input_path: str | Path, output_path: str | Path, settings: Qua
     tokenizer, dims, allow_random_calibration, measure)."""
     result = quantize(Path(input_path), settings, **data)  # a path: the file as loaded is freed once normalized
     written = save_onnx(result.model, output_path)
-    before = dataclasses.replace(result.before, path=str(input_path), file_bytes=Path(input_path).stat().st_size)
-    after = dataclasses.replace(result.after, path=str(output_path), file_bytes=written[0].stat().st_size)
+    before = dataclasses.replace(result.before, path=str(input_path), file_bytes=sum(f.stat().st_size for f in files_of(input_path)))
+    after = dataclasses.replace(result.after, path=str(output_path), file_bytes=sum(f.stat().st_size for f in written))
     return dataclasses.replace(result, before=before, after=after)
 
 
