@@ -83,6 +83,9 @@ SMOOTHQUANT_GENERATED_BATCHES = 8
 # more faithful than per-tensor dynamic int8; whether its kernel is faster than fp32 depends on
 # the CPU and the ONNX Runtime build, so it is a timed candidate, never assumed.
 NBITS_INT8_BLOCK = 32
+# Candidates whose measured speedups are this close (or whose intervals overlap) are level: the
+# more faithful one is chosen, since a short timing on a shared machine cannot tell them apart.
+SPEED_TIE = 0.03
 
 
 @dataclasses.dataclass(frozen=True)
@@ -795,6 +798,13 @@ def _time_against_float(reference: onnx.ModelProto, models: Mapping[str, onnx.Mo
 # ---------------------------------------------------------------- choosing
 
 
+def _speed_tie(timing: Timing, fastest: Timing) -> bool:
+    """Whether ``timing`` is level with ``fastest``: their intervals overlap, or the medians are
+    within ``SPEED_TIE``. Between such candidates a measurement cannot name the faster, so the
+    more faithful one is chosen."""
+    return timing.speedup_high >= fastest.speedup_low or timing.speedup >= (1 - SPEED_TIE) * fastest.speedup
+
+
 def _choose(candidates: Sequence[Candidate], min_cosine: float) -> tuple[int, list[str], list[str]]:
     """Index of the candidate to return, with reasons and warnings, from what was measured."""
     built = [i for i, c in enumerate(candidates) if c.error is None]
@@ -810,14 +820,22 @@ def _choose(candidates: Sequence[Candidate], min_cosine: float) -> tuple[int, li
                         "calibration data, or --accuracy-target to keep the most sensitive nodes in float")
     timed = [i for i in pool if candidates[i].timing is not None]
     if timed:
-        chosen = max(timed, key=lambda i: candidates[i].timing.speedup)
+        fastest = max(timed, key=lambda i: candidates[i].timing.speedup)
+        ties = [i for i in timed if _speed_tie(candidates[i].timing, candidates[fastest].timing)]
+        chosen = max(ties, key=lambda i: (candidates[i].fidelity.min_mean_cosine, candidates[i].timing.speedup))
         c = candidates[chosen]
-        reasons.append(f"chose {c.name} ({c.description}): "
-                       + (f"the fastest of {len(pool)} candidates at mean cosine >= {min_cosine}" if len(pool) > 1
-                          else f"the only candidate at mean cosine >= {min_cosine}" if faithful
-                          else f"the most faithful candidate (none reached mean cosine {min_cosine})")
-                       + f"; {c.timing.speedup:.2f}x fp32 [{c.timing.speedup_low:.2f}, {c.timing.speedup_high:.2f}] "
-                       f"measured on this machine, cosine {c.fidelity.min_mean_cosine:.5f}")
+        if chosen != fastest:
+            f = candidates[fastest]
+            why = (f"the most faithful of the {len(ties)} candidates at mean cosine >= {min_cosine} whose speed is level with the "
+                   f"fastest, {f.name} ({f.timing.speedup:.2f}x, cosine {f.fidelity.min_mean_cosine:.5f}): the measured intervals "
+                   f"overlap or the medians are within {SPEED_TIE:.0%}")
+        else:
+            why = (f"the fastest of {len(pool)} candidates at mean cosine >= {min_cosine}" if len(pool) > 1
+                   else f"the only candidate at mean cosine >= {min_cosine}" if faithful
+                   else f"the most faithful candidate (none reached mean cosine {min_cosine})")
+        reasons.append(f"chose {c.name} ({c.description}): {why}; {c.timing.speedup:.2f}x fp32 "
+                       f"[{c.timing.speedup_low:.2f}, {c.timing.speedup_high:.2f}] measured on this machine, "
+                       f"cosine {c.fidelity.min_mean_cosine:.5f}")
         timed_all = [candidates[i] for i in built if candidates[i].timing is not None]
         fastest = max(timed_all, key=lambda x: x.timing.speedup)
         if fastest.timing.speedup <= 1.0:
@@ -917,7 +935,8 @@ def quantize(
         int4 = candidates[0].resolved["mode"] == "int4"
         prepared, pre_label = (preprocess_model(float_model, workdir, symbolic=pattern.kind != "conv")
                                if settings.preprocess and not int4 else (float_model, "off"))
-        inputs_for = _ort_inputs(prepared, candidates, dynamo=is_dynamo_graph(reference), calib=calib, dims=dims)
+        inputs_for = _ort_inputs(prepared, candidates, dynamo=is_dynamo_graph(reference), calib=calib, dims=dims,
+                                 exclude=settings.exclude_nodes)
         exclude = list(settings.exclude_nodes)
         candidates, models = _build_candidates(candidates, inputs_for, exclude, calib, settings, workdir, reference, evaluation_batches)
 
@@ -1039,7 +1058,8 @@ def _float_model(model: onnx.ModelProto | str | Path, settings: QuantizeSettings
 
 
 def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, dynamo: bool = False,
-                calib: CalibrationData | None = None, dims: Mapping[str, int] | None = None) -> dict[str, onnx.ModelProto]:
+                calib: CalibrationData | None = None, dims: Mapping[str, int] | None = None,
+                exclude: Sequence[str] = ()) -> dict[str, onnx.ModelProto]:
     """The model each candidate's quantizer gets: Gemm biases as vectors for static runs, Gemm as
     MatMul + Add for dynamic ones (see ``flatten_gemm_biases`` and ``gemm_as_matmul``). A graph
     from the dynamo exporter gets, for dynamic runs, the ORT fusions that keep attention as
@@ -1060,12 +1080,33 @@ def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, d
                 by_mode[mode], count = gemm_as_matmul(prepared)
                 if count:
                     logger.info("%d Gemm node(s) written as MatMul + Add for the dynamic quantizer", count)
+                by_mode[mode] = _patch_convs_as_matmul(by_mode[mode], dims, exclude)
                 if dynamo:
                     by_mode[mode] = _int8_fusions(by_mode[mode], dims)
             else:
                 by_mode[mode] = prepared
         out[c.name] = _smoothed(by_mode[mode], c.resolved, calib, dims) if c.resolved.get("smoothquant") else by_mode[mode]
     return out
+
+
+def _patch_convs_as_matmul(model: onnx.ModelProto, dims: Mapping[str, int] | None, exclude: Sequence[str]) -> onnx.ModelProto:
+    """Patch-embedding Convs (kernel = stride, no padding: a ViT's) as Reshape/Transpose +
+    MatMul for dynamic int8 (``optimizers.ort_fusions.patch_convs_as_matmul``, verified in ORT):
+    ``quantize_dynamic`` makes a Conv a ``ConvInteger``, which ran 4-7x slower than the float Conv
+    and took a third of a ViT's int8 time, and a MatMul a ``DynamicQuantizeMatMul``. A Conv the
+    user keeps in float by name stays a Conv."""
+    from optimizers.ort_fusions import OrtFusionSettings, patch_convs_as_matmul
+
+    names = {node.name for node in model.graph.node if node.op_type == "Conv"}
+    if names & set(exclude):
+        logger.info("patch Convs kept as Conv: %s excluded by name", ", ".join(sorted(names & set(exclude))))
+        return model
+    try:
+        result = patch_convs_as_matmul(model, OrtFusionSettings(dims=dict(dims or {})))
+    except UserError as exc:
+        logger.warning("patch Convs left as Conv for dynamic int8: %s", exc)
+        return model
+    return result.model
 
 
 def _int8_fusions(model: onnx.ModelProto, dims: Mapping[str, int] | None) -> onnx.ModelProto:

@@ -717,3 +717,40 @@ def test_transformers_get_smoothquant_and_8bit_matmulnbits_candidates_without_ca
     assert ops["MatMulNBits"] >= 6 and "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
     # per-block int8 activations are more faithful than per-tensor dynamic int8
     assert nbits.fidelity.min_mean_cosine > by_name["dynamic-per-tensor"].fidelity.min_mean_cosine
+
+
+def test_candidates_level_in_speed_go_to_the_more_faithful_one(tmp_path):
+    path = _mlp(tmp_path)
+    # per-tensor measured 2% faster (intervals overlapping): a tie, so per-channel's fidelity decides
+    level = FixedSpeeds(dynamic_per_channel=1.96, dynamic_per_tensor=2.0)
+    result = quantize(path, QuantizeSettings(min_cosine=0.5), measure=level)
+    by_name = {c.name: c for c in result.candidates}
+    assert by_name["dynamic-per-channel"].fidelity.min_mean_cosine > by_name["dynamic-per-tensor"].fidelity.min_mean_cosine
+    assert by_name["dynamic-per-channel"].chosen
+    assert any("level with the fastest, dynamic-per-tensor (2.00x" in r for r in result.reasons)
+    # clearly faster (intervals apart, 25 % ahead): speed decides
+    apart = FixedSpeeds(dynamic_per_channel=1.6, dynamic_per_tensor=2.0)
+    result = quantize(path, QuantizeSettings(min_cosine=0.5), measure=apart)
+    assert [c.name for c in result.candidates if c.chosen] == ["dynamic-per-tensor"]
+    assert any("the fastest of 2 candidates" in r for r in result.reasons)
+
+
+def _patch_embedding_net():
+    """A ViT-style patch embedding (Conv, kernel = stride 4) and a dense layer on the tokens."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "Wp", "bp"], ["p"], name="patch", kernel_shape=[4, 4], strides=[4, 4]),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten", axis=1),
+             helper.make_node("MatMul", ["f", "W"], ["y"], name="dense")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])],
+                  {"Wp": rng.standard_normal((16, 3, 4, 4)).astype(np.float32) / 7, "bp": rng.standard_normal(16).astype(np.float32),
+                   "W": rng.standard_normal((256, 10)).astype(np.float32) / 16})
+
+
+def test_dynamic_int8_writes_patch_convs_as_matmul_unless_kept_in_float():
+    result = quantize(_patch_embedding_net(), QuantizeSettings(mode="dynamic", check_speed=False))
+    ops = summarize_model(result.model, "", 0).op_counts
+    assert "ConvInteger" not in ops and "Conv" not in ops, ops  # ConvInteger has no fast CPU kernel
+    assert result.after.quantized_compute_ops == 2 and result.fidelity.min_mean_cosine > 0.99
+    kept = quantize(_patch_embedding_net(), QuantizeSettings(mode="dynamic", check_speed=False, exclude_nodes=("patch",)))
+    assert summarize_model(kept.model, "", 0).op_counts["Conv"] == 1
