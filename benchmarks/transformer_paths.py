@@ -9,8 +9,9 @@ model (variants alternate in blocks, fresh sessions, 2 threads):
   ``optimize_for_ort`` and the CPU residual-sum rewrite), what ``optimize`` does to dynamo graphs;
 - ``int8 qd per-tensor`` / ``int8 qd per-channel``: plain ``quantize_dynamic`` of the TorchScript
   graph (the two lines a user of ONNX Runtime writes);
-- ``int8 onnxforge``: dynamo, ``fuse_for_ort(attention=False)`` (attention left as MatMuls that
-  quantize), ``quantize_dynamic`` per-channel;
+- ``int8 onnxforge``: dynamo, ``fuse_for_ort(attention=False, patch_conv_as_matmul=True)``
+  (attention left as MatMuls that quantize, a ViT's patch Conv as a MatMul), ``quantize_dynamic``
+  per-channel;
 - ``int8 onnxforge+sq-ln``: the same after ``optimizers.smoothquant.smooth`` with scope
   ``layernorm`` (calibrated on the calibration data);
 - ``fp32 onnxforge default``: what ``onnxforge export`` then ``onnxforge optimize`` write with no
@@ -182,7 +183,7 @@ def build_variants(folder: Path, module, example: dict, calibration: list[dict],
         target = folder / f"ts_q{int(per_channel)}.onnx"
         quantize_dynamic(str(ts), str(target), per_channel=per_channel, weight_type=QuantType.QInt8)
         paths[label] = target
-    unfused_attention = fuse_for_ort(dyn_model, OrtFusionSettings(target="cpu", attention=False)).model
+    unfused_attention = fuse_for_ort(dyn_model, OrtFusionSettings(target="cpu", attention=False, patch_conv_as_matmul=True)).model
     onnx.save(unfused_attention, folder / "dyn_int8base.onnx")
     quantize_dynamic(str(folder / "dyn_int8base.onnx"), str(folder / "dyn_q.onnx"), per_channel=True, weight_type=QuantType.QInt8)
     paths["int8 onnxforge"] = folder / "dyn_q.onnx"
