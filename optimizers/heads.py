@@ -15,11 +15,12 @@ Graph forms understood:
   by one output-projection ``MatMul``/``Gemm``. Head counts are rewritten where they are
   written: in literal shape constants (``[0, 0, H, d]``) and in constant pieces of a shape
   built by ``Concat`` (TorchScript's ``Concat(Unsqueeze(batch), Unsqueeze(seq), [H], [d])``);
-  a ``-1`` entry (the dynamo exporter's) needs nothing. Edited shapes get their own copy, so a
-  shape shared with another node is never changed under it.
-* **Fused** ``com.microsoft`` ``Attention`` (one packed ``[hidden, q + k + v]`` weight and bias;
-  ``num_heads`` and ``qkv_hidden_sizes`` rewritten) and ``MultiHeadAttention`` (Q/K/V from
-  three projections, optionally one packed bias; ``num_heads`` rewritten).
+  a ``-1`` entry (what both exporters write for current transformers models) needs nothing.
+  Edited shapes get their own copy, so a shape shared with another node is never changed under it.
+* **Fused** ``com.microsoft`` ``Attention`` (one packed ``[hidden, q + k + v]`` weight and bias,
+  each an initializer or a ``Concat`` of initializers; ``num_heads`` and ``qkv_hidden_sizes``
+  rewritten) and ``MultiHeadAttention`` (Q/K/V from three projections, optionally one packed
+  bias; ``num_heads`` rewritten).
 
 The softmax scale stays: it is ``1/sqrt(head_dim)`` and the head dimension does not change.
 Anything else that reads a head tensor (``Shape``, a graph output, a MatMul with a
