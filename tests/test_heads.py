@@ -105,7 +105,9 @@ def _head_split_shapes(model: onnx.ModelProto, seq: int) -> list[tuple[int, ...]
 @pytest.mark.parametrize("form", FORMS)
 def test_half_the_heads_pruned_runs_at_two_sequence_lengths(bert_forms, form):
     original = bert_forms[form]
+    given = original.SerializeToString()
     result = prune_heads(original, HeadSettings(ratio=0.5), dims=DIMS)
+    assert original.SerializeToString() == given  # the caller's model is not modified
     assert [(b.heads, b.kept, b.reason) for b in result.blocks] == [(HEADS, 2, None)] * LAYERS
     assert result.blocks[0].form == ("Attention" if form == "fused" else "unfused")
     onnx.checker.check_model(result.model, full_check=True)
