@@ -163,17 +163,18 @@ def test_bench_report_of_the_large_flow_lists_every_model(flows):
 
 def test_save_onnx_streams_the_weights_and_leaves_the_model_alone(tmp_path, monkeypatch):
     """The external-data writer never copies the model whole, and what it writes loads back
-    bit for bit (offsets, lengths, typed fields converted to raw bytes)."""
+    bit for bit (offsets, lengths, typed fields converted to raw bytes, 4-bit types packed)."""
     from onnx import helper, numpy_helper
 
     weights = np.arange(4096, dtype=np.float32).reshape(64, 64)
     typed = helper.make_tensor("T", onnx.TensorProto.FLOAT, [32, 32], np.ones(1024, np.float32).tolist())  # float_data
+    packed = helper.make_tensor("Q", onnx.TensorProto.INT4, [64, 64], np.resize(np.arange(-8, 8), 4096).tolist())  # int32_data
     small = numpy_helper.from_array(np.ones(4, np.float32), "b")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
                               "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
-                              [numpy_helper.from_array(weights, "W"), typed, small])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+                              [numpy_helper.from_array(weights, "W"), typed, packed, small])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.metadata_props.add(key="k", value="v")
     before = model.SerializeToString()
     monkeypatch.setattr(onnx.ModelProto, "CopyFrom", lambda *a: (_ for _ in ()).throw(AssertionError("copied whole")))
@@ -182,9 +183,9 @@ def test_save_onnx_streams_the_weights_and_leaves_the_model_alone(tmp_path, monk
     monkeypatch.undo()
     assert model.SerializeToString() == before
     assert [p.name for p in written] == ["m.onnx", "m.onnx.data"]
-    assert written[1].stat().st_size == weights.nbytes + 1024 * 4
+    assert written[1].stat().st_size == weights.nbytes + 1024 * 4 + 4096 // 2  # int4 packed two to a byte
     header = onnx.load(str(written[0]), load_external_data=False)
-    assert [t.data_location for t in header.graph.initializer] == [onnx.TensorProto.EXTERNAL] * 2 + [onnx.TensorProto.DEFAULT]
+    assert [t.data_location for t in header.graph.initializer] == [onnx.TensorProto.EXTERNAL] * 3 + [onnx.TensorProto.DEFAULT]
     assert header.metadata_props[0].value == "v"
     loaded = onnx.load(str(written[0]))
     for original, back in zip(model.graph.initializer, loaded.graph.initializer):

@@ -164,7 +164,8 @@ def _externalized(model: onnx.ModelProto, location: str, write=None) -> tuple[on
                 or tensor.ByteSize() <= INLINE_TENSOR_BYTES):
             graph_only.graph.initializer.add().CopyFrom(tensor)
             continue
-        payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+        # typed fields (float_data...) go through numpy_helper, which packs 4-bit types as raw_data does
+        payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
         if write is not None:
             write(payload)
         reference = graph_only.graph.initializer.add()
