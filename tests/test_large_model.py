@@ -1,7 +1,8 @@
 """Models past protobuf's 2 GB limit, proven on a small one.
 
-A real 2.5 GB model takes ~10 minutes and ~10 GB of memory per run (``benchmarks/large_model.py``,
-figures in the README), too much for CI. Here the one threshold that decides "large"
+A real 2.5 GB model takes minutes per step and three to four times its size in memory
+(``benchmarks/large_model.py``, figures in the README's "Models over 2 GB"), too much for CI,
+so no test runs it. Here the one threshold that decides "large"
 (``onnxforge.common.onnxio.EXTERNAL_DATA_THRESHOLD_BYTES``) is patched down to a few KB, so a
 model of 7 x Linear(64, 64) (the benchmark's own factory, made small) takes every large-model
 branch: each command writes external data, and no ModelProto holding that many bytes of
