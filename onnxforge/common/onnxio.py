@@ -74,11 +74,6 @@ def is_large(model: onnx.ModelProto) -> bool:
     return initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES
 
 
-def is_large_file(path: str | Path) -> bool:
-    """``is_large`` for a file, read without its external data (a cheap look before loading)."""
-    return is_large(onnx.load(str(path), load_external_data=False))
-
-
 def model_bytes(model: onnx.ModelProto) -> int:
     """The serialized size of ``model`` (external weights by their declared length), computed
     part by part: protobuf cannot size a whole message past 2 GB."""
