@@ -13,13 +13,20 @@ calibration data into fit and held-out batches of its own to decide what to keep
   neurons), 1024 in all by default; evaluation examples/sentences_eval.txt plus 128 other
   docstring sentences.
 Columns: ``none`` (channels cut), ``comp`` (bias compensation), ``recon`` (reconstruction, on
-the same channels; always for the digits, with ``--same-channels`` for the others), ``greedy+recon`` (channels chosen by ``--importance reconstruction``, then
-reconstruction). ``base`` is the importance the first three use.
+the same channels; always for the digits, with ``--same-channels`` for the others), ``greedy+recon`` (channels chosen by
+``--importance reconstruction``, then reconstruction, every unit at the ratio), ``global`` (the same with ``--scope global``:
+per-unit counts from measured sensitivity, same total, kept only where the held-out calibration batches say it beats the
+uniform counts; at ``--global-ratios``, MiniLM only by default). ``base`` is the importance the first three use.
+
+Stacked with int8, quantization is calibrated on the pruned model: static for the digits; for MiniLM dynamic per-channel
+and SmoothQuant (``optimizers.smoothquant.smooth``, scales folded into LayerNorms, alpha searched on the calibration
+sentences) then dynamic per-channel, each for the unpruned and the pruned model.
 
 Latency: runtime_bench (variants alternate in blocks with fresh sessions), medians and paired
 95 % intervals against the unpruned model; 2 intra-op threads.
 
-    python benchmarks/prune_recovery.py [--only resnet,digits,minilm] [--ratios 0.3,0.5] [--min-seconds 2]
+    python benchmarks/prune_recovery.py [--only resnet,digits,minilm] [--ratios 0.3,0.5] [--global-ratios 0.3]
+        [--sentences 1024] [--min-seconds 2] [--save DIR]
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from onnxforge import models
 from onnxforge.common.onnxio import load_onnx, save_onnx
 from optimizers import PruneSettings, QuantizeSettings, prune, quantize
 from optimizers.quantize import fidelity
+from optimizers.smoothquant import SmoothQuantSettings, smooth
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark
 from runtime_bench.machine import machine_info
 
@@ -105,77 +113,126 @@ def _cell(value, digits=4):
 
 
 def recovery(name, source: Path, ratios, base: str, calibration, evaluation, folder: Path, config: BenchConfig, accuracy=None,
-             same_channels: bool = False):
-    """Prune ``source`` at each ratio three ways; print the fidelity table and time the pruned models."""
+             same_channels: bool = False, global_ratios=(), max_batches: int = 32):
+    """Prune ``source`` at each ratio three (or four) ways; print the fidelity table and time the
+    pruned models. Returns, per ratio, the path of the greedy+recon model and, at
+    ``global_ratios``, of the global one."""
     reference = load_onnx(source)
     rows, variants = [], [OnnxVariant("unpruned", source)]
     pruned_paths = {}
+    settings = lambda **kw: PruneSettings(max_batches=max_batches, **kw)
     for ratio in ratios:
         data = {"calibration": _source(calibration), "evaluation": _source(evaluation)}
-        plain = prune(reference, PruneSettings(ratio=ratio, importance=base, reconstruct=False), **data)
-        refit = prune(reference, PruneSettings(ratio=ratio, importance=base, reconstruct=True), **data) if same_channels else None
-        greedy = prune(reference, PruneSettings(ratio=ratio, importance="reconstruction", reconstruct=True), **data)
+        plain = prune(reference, settings(ratio=ratio, importance=base, reconstruct=False), **data)
+        refit = prune(reference, settings(ratio=ratio, importance=base, reconstruct=True), **data) if same_channels else None
+        greedy = prune(reference, settings(ratio=ratio, importance="reconstruction", reconstruct=True), **data)
+        spread = (prune(reference, settings(ratio=ratio, importance="reconstruction", reconstruct=True, scope="global"), **data)
+                  if ratio in global_ratios else None)
         row = {"ratio": ratio, "none": plain.fidelity_without_compensation["min_mean_cosine"],
                "comp": plain.fidelity["min_mean_cosine"], "recon": refit.fidelity["min_mean_cosine"] if refit else None,
-               "greedy": greedy.fidelity["min_mean_cosine"], "macs": greedy.macs, "notes": greedy.notes}
+               "greedy": greedy.fidelity["min_mean_cosine"], "global": spread.fidelity["min_mean_cosine"] if spread else None,
+               "macs": greedy.macs, "global_macs": spread.macs if spread else None, "notes": greedy.notes,
+               "allocation": spread.allocation if spread else None}
         if accuracy is not None:
-            uncompensated = prune(reference, PruneSettings(ratio=ratio, importance=base, reconstruct=False, bias_compensation=False),
+            uncompensated = prune(reference, settings(ratio=ratio, importance=base, reconstruct=False, bias_compensation=False),
                                   **data)
             row["accuracy"] = [accuracy(m) if m is not None else None
-                               for m in (reference, uncompensated.model, plain.model, refit.model if refit else None, greedy.model)]
+                               for m in (reference, uncompensated.model, plain.model, refit.model if refit else None, greedy.model,
+                                         spread.model if spread else None)]
         rows.append(row)
-        path = folder / f"{name}_{ratio}.onnx"
+        path = folder / f"{name.split(',')[0].replace(' ', '_')}_{ratio}.onnx"
         save_onnx(greedy.model, path)
-        pruned_paths[ratio] = path
+        pruned_paths[ratio] = {"greedy": path}
         variants.append(OnnxVariant(f"pruned {ratio}", path))
+        if spread is not None:
+            pruned_paths[ratio]["global"] = path.with_name(path.stem + "_global.onnx")
+            save_onnx(spread.model, pruned_paths[ratio]["global"])
+            variants.append(OnnxVariant(f"pruned {ratio} global", pruned_paths[ratio]["global"]))
     report = benchmark(variants, config)
     speed = {m.variant: m for m in report.measurements}
     print(f"\n== {name}: fidelity on held-out data (base importance: {base}) ==")
-    print(f"{'ratio':>5} {'MACs kept':>9} {'none':>8} {'comp':>8} {'recon':>8} {'greedy+recon':>13} {'p50 ms':>8} {'speedup (95% CI)':>20}")
+    print(f"{'ratio':>5} {'MACs kept':>9} {'none':>8} {'comp':>8} {'recon':>8} {'greedy+recon':>13} {'p50 ms':>8} {'speedup (95% CI)':>20}"
+          f" {'global':>8} {'MACs kept':>9} {'p50 ms':>8} {'speedup (95% CI)':>20}")
     base_ms = speed["unpruned"].latency.p50_ms
     print(f"{'0':>5} {'100%':>9} {'1':>8} {'1':>8} {'1':>8} {'1':>13} {base_ms:>8.2f} {'1.00x':>20}")
+    ci = lambda m: f"{m.speedup.ratio:.2f}x ({m.speedup.low:.2f}-{m.speedup.high:.2f})" if m.speedup else "-"
     for row in rows:
         m = speed[f"pruned {row['ratio']}"]
-        ci = f"{m.speedup.ratio:.2f}x ({m.speedup.low:.2f}-{m.speedup.high:.2f})" if m.speedup else "-"
         kept = f"{row['macs'][1] / row['macs'][0]:.0%}"
-        print(f"{row['ratio']:>5} {kept:>9} {_cell(row['none']):>8} {_cell(row['comp']):>8} {_cell(row['recon']):>8} "
-              f"{_cell(row['greedy']):>13} {m.latency.p50_ms:>8.2f} {ci:>20}")
+        line = (f"{row['ratio']:>5} {kept:>9} {_cell(row['none']):>8} {_cell(row['comp']):>8} {_cell(row['recon']):>8} "
+                f"{_cell(row['greedy']):>13} {m.latency.p50_ms:>8.2f} {ci(m):>20}")
+        if row["global"] is not None:
+            g = speed[f"pruned {row['ratio']} global"]
+            line += (f" {_cell(row['global']):>8} {row['global_macs'][1] / row['global_macs'][0]:>9.0%} {g.latency.p50_ms:>8.2f} "
+                     f"{ci(g):>20}")
+        print(line)
     if accuracy is not None:
         print(f"top-1 accuracy on the held-out split: fp32 {rows[0]['accuracy'][0]:.4f}")
         for row in rows:
             a = row["accuracy"]
-            print(f"  ratio {row['ratio']}: none {a[1]:.4f}  comp {a[2]:.4f}  recon {_cell(a[3])}  greedy+recon {a[4]:.4f}")
+            print(f"  ratio {row['ratio']}: none {a[1]:.4f}  comp {a[2]:.4f}  recon {_cell(a[3])}  greedy+recon {a[4]:.4f}"
+                  f"  global {_cell(a[5])}")
     for row in rows:
         for note in row["notes"]:
             if "re-fitted" in note or "reconstruction" in note:
                 print(f"  ratio {row['ratio']} (greedy+recon): {note}")
+        if row["allocation"]:
+            _print_allocation(row["ratio"], row["allocation"])
     return pruned_paths
 
 
-def int8_stack(name, source: Path, pruned: Path, settings: QuantizeSettings, calibration, evaluation, folder, config,
-               accuracy=None, **data):
-    """int8 of the unpruned model and of the pruned one (quantization calibrated on the pruned
-    model itself), timed side by side; fidelity against the fp32 unpruned model on held-out data."""
+def _print_allocation(ratio, allocation):
+    """Per unit: channels removed by the sensitivity allocation and uniformly, and the held-out
+    output loss of the unit pruned alone at the ratio."""
+    probes = {tuple(p["producers"]): p for p in allocation["probes"]}
+    print(f"  ratio {ratio} (global): held-out cosine on the calibration share, sensitivity "
+          f"{allocation['heldout_cosine']['sensitivity']:.4f} vs uniform {allocation['heldout_cosine']['uniform']:.4f}; "
+          f"kept {allocation['kept']}")
+    for unit in allocation["units"]:
+        probe = probes.get(tuple(unit["producers"]))
+        loss = f"{probe['measured_loss']:.4f}" if probe else "-"
+        print(f"    {'+'.join(unit['producers'])[-48:]:<48} removed {unit['removed']:>5} (uniform {unit['uniform']:>5}), "
+              f"output loss alone at the ratio {loss}")
+
+
+def _int8(model, method: str, calibration, evaluation, **data):
+    """``model`` quantized by ``method``: ``static`` (calibrated on ``calibration``), ``dynamic``
+    (per-channel weights), or ``smoothquant`` (``smooth`` on ``calibration``, then dynamic
+    per-channel)."""
+    if method == "static":
+        settings = QuantizeSettings(mode="static", check_speed=False)
+    else:
+        settings = QuantizeSettings(mode="dynamic", per_channel=True, check_speed=False)
+    if method == "smoothquant":
+        model = smooth(model, calibration, SmoothQuantSettings(per_channel=True, scope="layernorm")).model
+    return quantize(model, settings, calibration=_source(calibration) if method == "static" else None,
+                    evaluation=_source(evaluation), **data).model
+
+
+def int8_stack(name, source: Path, pruned: Path, methods, calibration, evaluation, folder, config, accuracy=None, **data):
+    """int8 of the unpruned model and of the pruned one by each of ``methods`` (quantization
+    calibrated on the model quantized: the pruned one for the pruned rows), timed side by side;
+    fidelity against the fp32 unpruned model on held-out data."""
     reference = load_onnx(source)
     paths, rows = {"fp32": source, "pruned fp32": pruned}, {}
-    for label, path in (("int8", source), ("pruned + int8", pruned)):
-        result = quantize(load_onnx(path), dataclasses.replace(settings, check_speed=False),
-                          calibration=_source(calibration) if calibration else None, evaluation=_source(evaluation), **data)
-        paths[label] = folder / f"{name}_{label.replace(' ', '_').replace('+', 'plus')}.onnx"
-        save_onnx(result.model, paths[label])
+    for method in methods:
+        for label, path in ((f"int8 {method}", source), (f"pruned + int8 {method}", pruned)):
+            paths[label] = folder / f"{pruned.stem}_{label.replace(' ', '_').replace('+', 'plus')}.onnx"
+            save_onnx(_int8(load_onnx(path), method, calibration, evaluation, **data), paths[label])
     for label, path in paths.items():
         model = load_onnx(path)
         rows[label] = (fidelity(reference, model, evaluation).min_mean_cosine, accuracy(model) if accuracy else None)
     report = benchmark([OnnxVariant(label, path) for label, path in paths.items()], config)
-    print(f"\n== {name}: pruning stacked with int8 ({settings.mode}), fidelity to fp32 on held-out data ==")
-    print(f"{'variant':<16} {'cosine':>8} {'top-1':>8} {'p50 ms':>8} {'vs fp32 (95% CI)':>20}")
-    int8_ms = next(m.latency.p50_ms for m in report.measurements if m.variant == "int8")
+    print(f"\n== {name}: pruning stacked with int8, fidelity to fp32 on held-out data ==")
+    print(f"{'variant':<30} {'cosine':>8} {'top-1':>8} {'p50 ms':>8} {'vs fp32 (95% CI)':>20}")
+    p50 = {m.variant: m.latency.p50_ms for m in report.measurements}
     for m in report.measurements:
         cosine, top1 = rows[m.variant]
         ci = f"{m.speedup.ratio:.2f}x ({m.speedup.low:.2f}-{m.speedup.high:.2f})" if m.speedup else "1.00x"
-        print(f"{m.variant:<16} {cosine:>8.4f} {_cell(top1):>8} {m.latency.p50_ms:>8.2f} {ci:>20}")
-    pruned_int8 = next(m.latency.p50_ms for m in report.measurements if m.variant == "pruned + int8")
-    print(f"pruned + int8 against int8 alone: {int8_ms / pruned_int8:.2f}x (p50 ratio)")
+        print(f"{m.variant:<30} {cosine:>8.4f} {_cell(top1):>8} {m.latency.p50_ms:>8.2f} {ci:>20}")
+    for method in methods:
+        print(f"pruned + int8 {method} against int8 {method} alone: {p50[f'int8 {method}'] / p50[f'pruned + int8 {method}']:.2f}x "
+              "(p50 ratio)")
 
 
 def main() -> None:
@@ -184,6 +241,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.3,0.5")
     parser.add_argument("--min-seconds", type=float, default=2.0)
     parser.add_argument("--sentences", type=int, default=1024, help="MiniLM calibration sentences (batches of 32)")
+    parser.add_argument("--global-ratios", default=None,
+                        help="ratios that also get --scope global (sensitivity allocation); default: 0.3 for MiniLM only")
     parser.add_argument("--save", metavar="DIR", help="keep the models here (to time them again, e.g. with onnxforge bench)")
     parser.add_argument("--images", type=int, default=16, help="ResNet calibration images (batches of 4)")
     parser.add_argument("--same-channels", action="store_true",
@@ -207,7 +266,8 @@ def main() -> None:
             images = lambda seed, n: [{"image": np.random.default_rng(seed).standard_normal((n, 3, 128, 128)).astype(np.float32)[i:i + 4]}
                                       for i in range(0, n, 4)]
             recovery("ResNet-18-style CNN, batch 8, 3x128x128", path, ratios, "l1", images(0, args.images), images(1, 16), folder,
-                     BenchConfig(batch_sizes=(8,), **common), same_channels=args.same_channels)
+                     BenchConfig(batch_sizes=(8,), **common), same_channels=args.same_channels,
+                     global_ratios=[float(r) for r in (args.global_ratios or "").split(",") if r])
         if "digits" in only:
             module, example = models.trained_digits_cnn()
             path = export(module, example, folder / "digits.onnx").path
@@ -215,8 +275,9 @@ def main() -> None:
             calibration, evaluation = list(models.digits_calibration()), list(models.digits_evaluation())
             top1 = lambda model: _accuracy(model, test_inputs, test_labels)
             pruned = recovery("digits CNN, batch 64", path, ratios, "l1", calibration, evaluation, folder,
-                              BenchConfig(batch_sizes=(64,), **common), accuracy=top1, same_channels=True)
-            int8_stack("digits CNN, batch 64", path, pruned[max(ratios)], QuantizeSettings(mode="static"), calibration,
+                              BenchConfig(batch_sizes=(64,), **common), accuracy=top1, same_channels=True,
+                              global_ratios=[float(r) for r in (args.global_ratios or "").split(",") if r])
+            int8_stack("digits CNN, batch 64", path, pruned[max(ratios)]["greedy"], ("static",), calibration,
                        evaluation, folder, BenchConfig(batch_sizes=(64,), **common), accuracy=top1)
         if "minilm" in only:
             module, example = models.minilm(batch=2, seq=16)
@@ -230,10 +291,13 @@ def main() -> None:
             print(f"\nMiniLM: calibration {len(own)} example sentences + {args.sentences - len(own)} docstring sentences, "
                   f"evaluation {len(examples)} other example sentences + 128 other docstring sentences")
             config = BenchConfig(batch_sizes=(8,), dims={"seq": 128}, **common)
+            spread = [0.3] if args.global_ratios is None else [float(r) for r in args.global_ratios.split(",") if r]
             pruned = recovery("all-MiniLM-L6-v2 feed-forward neurons, batch 8, seq 128", path, [r for r in ratios if r <= 0.5],
-                              "activation", calibration, evaluation, folder, config, same_channels=args.same_channels)
-            int8_stack("all-MiniLM-L6-v2, batch 8, seq 128", path, pruned[min(ratios)], QuantizeSettings(mode="dynamic"),
-                       None, evaluation, folder, config)
+                              "activation", calibration, evaluation, folder, config, same_channels=args.same_channels,
+                              global_ratios=spread, max_batches=len(calibration))
+            stacked = pruned[min(ratios)]
+            int8_stack("all-MiniLM-L6-v2, batch 8, seq 128", path, stacked.get("global", stacked["greedy"]),
+                       ("dynamic", "smoothquant"), calibration, evaluation, folder, config)
     print(f"\nmachine: {machine_info().describe()}")
 
 
