@@ -554,13 +554,16 @@ class PruneSettings:
     """Structured pruning settings.
 
     ratio: fraction of channels to remove from each prunable unit (a producer, or producers
-        coupled by residual adds), in [0, 1). ``scope="global"`` instead removes the least
-        important channels across units (scores normalized by each unit's mean).
+        coupled by residual adds), in [0, 1). ``scope="global"`` removes as many channels in
+        all, spread across units: with reconstruction (calibration data), by measured
+        sensitivity (``allocate_by_sensitivity``: each unit's output loss pruned alone scales the
+        loss its re-fit leaves; kept only where held-out data prefers it to every unit at the
+        ratio); without, the least important channels across units (scores normalized by each
+        unit's mean).
     importance: ``l1``/``l2`` norm of each output filter (data-free) or ``activation``:
         mean |activation| of the channel times the norm of the consumer weights reading it, or
         ``reconstruction``: the channels whose loss least-squares reconstruction recovers best go
-        first (greedy, ThiNet-style: ``optimizers.reconstruct.greedy_scores``); with
-        ``scope="global"`` units are compared by the relative loss the reconstruction leaves.
+        first (greedy, ThiNet-style: ``optimizers.reconstruct.greedy_scores``).
     bias_compensation: fold the mean contribution of each removed channel into its consumers'
         biases (needs calibration data): ``b' = b + sum_{c removed} W[:, c] * E[x_c]``.
     reconstruct: re-fit each consumer of removed channels by ridge least squares on the kept
