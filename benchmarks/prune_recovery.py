@@ -32,7 +32,6 @@ Latency: runtime_bench (variants alternate in blocks with fresh sessions), media
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import random
 import re
