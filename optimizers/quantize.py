@@ -25,6 +25,10 @@ whether int8 pays depends on the CPU (VNNI or not, cache sizes) and the model:
 - The pick: the fastest candidate whose fidelity (lowest per-output mean cosine to the float
   model) reaches ``min_cosine``; if none does, the most faithful one, with a warning. When no
   int8 candidate is faster than fp32 here, the result says so (and names the fastest).
+- Models past 2 GB (``onnxforge.common.onnxio.is_large``), dynamic or auto mode on a model that
+  is not convolutional: one dynamic int8 candidate (auto mode's first), not timed, quantized and
+  scored from files (``_quantize_large``), since every candidate costs the model several times
+  over in ONNX Runtime's quantizer; the reasons say so.
 - TensorRT: static QDQ with **symmetric** int8 activations and weights (what TensorRT consumes);
   not timed here, since this machine cannot run it. CUDA: fp16 (``onnxforge optimize --fp16``)
   is usually the better trade; int8 is done as for TensorRT, with a warning.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import io
 import logging
 import tempfile
@@ -49,7 +54,7 @@ from onnx import numpy_helper
 
 from onnxforge.common.compare import compare_batches, slice_cosines
 from onnxforge.common.errors import UserError, closest
-from onnxforge.common.onnxio import files_of, is_large, load_onnx, model_bytes, save_onnx
+from onnxforge.common.onnxio import INLINE_TENSOR_BYTES, files_of, is_large, load_onnx, model_bytes, save_onnx
 from runtime_bench.timing import Measure, VariantTiming, time_against
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData, calibration_data, ort_reader
@@ -536,10 +541,25 @@ def gemm_as_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         return model, 0
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    nodes, transposed, rewritten = _gemm_as_matmul_nodes(out)
     initializers = {init.name: init for init in out.graph.initializer}
+    for name, source in transposed.items():
+        out.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[source]).T.copy(), name))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out, rewritten
+
+
+def _gemm_as_matmul_nodes(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], dict[str, str], int]:
+    """``gemm_as_matmul``'s rule on the nodes alone: the new node list, the weights to add
+    transposed (``{name: source initializer}``, each once however many Gemms share it) and the
+    number of Gemms rewritten. Reads no weight data, so it works on a graph whose weights are
+    in external data that was not loaded."""
+    initializers = {init.name for init in model.graph.initializer}
     nodes: list[onnx.NodeProto] = []
+    transposed: dict[str, str] = {}
     rewritten = 0
-    for node in out.graph.node:
+    for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type != "Gemm" or node.input[1] not in initializers or attrs.get("transA", 0)
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
@@ -547,20 +567,16 @@ def gemm_as_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         weight = node.input[1]
         if attrs.get("transB", 0):
-            transposed = numpy_helper.to_array(initializers[weight]).T.copy()
-            weight = f"{weight}_transposed"
+            source, weight = weight, f"{weight}_transposed"
             if weight not in initializers:
-                initializers[weight] = numpy_helper.from_array(transposed, weight)
-                out.graph.initializer.append(initializers[weight])
+                transposed.setdefault(weight, source)
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
         nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
         if has_bias:
             nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
         rewritten += 1
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out, rewritten
+    return nodes, transposed, rewritten
 
 
 # ---------------------------------------------------------------- running ORT quantization
@@ -654,26 +670,40 @@ def _quantizer_errors(resolved: dict):
         raise UserError(f"ONNX Runtime's {resolved['mode']} quantizer failed ({type(exc).__name__}: {_one_line(exc)}); {hint}") from exc
 
 
-def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Sequence[str], data: CalibrationData | None,
-                          settings: QuantizeSettings, workdir: Path, name: str = "quantized") -> onnx.ModelProto:
-    """One ORT quantizer run. Static runs share the ranges in ``workdir/ranges.json``: the first
-    calibrates (it must quantize the widest op-type set), later ones read them."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
-
-    source = workdir / f"{name}.float.onnx"
-    target = workdir / f"{name}.onnx"
-    save_onnx(model, source)
-    extra = {
+def _quantizer_options() -> dict[str, Any]:
+    """The ``extra_options`` every ORT quantizer run gets (a new dict: ORT adds to it)."""
+    return {
         # Fused graphs carry contrib ops onnx shape inference knows nothing about; without a
         # default type quantize_dynamic fails with "Unable to find data type for weight_name".
         "DefaultTensorType": onnx.TensorProto.FLOAT,
         "MatMulConstBOnly": True,
     }
+
+
+def _quantize_dynamic_file(source: Path, target: Path, resolved: dict, exclude: Sequence[str], *, external_data: bool) -> None:
+    """``quantize_dynamic`` from the file ``source`` to ``target``. Given a path, ONNX Runtime
+    loads the float model once (a ModelProto it would copy and reload first), then copies and
+    reloads it once more while the loaded one is still held: three copies at the peak."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), op_types_to_quantize=resolved["op_types"], per_channel=resolved["per_channel"],
+                     reduce_range=resolved["reduce_range"], weight_type=_quant_type(resolved["weight_type"]),
+                     nodes_to_exclude=list(exclude), extra_options=_quantizer_options(), use_external_data_format=external_data)
+
+
+def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Sequence[str], data: CalibrationData | None,
+                          settings: QuantizeSettings, workdir: Path, name: str = "quantized") -> onnx.ModelProto:
+    """One ORT quantizer run. Static runs share the ranges in ``workdir/ranges.json``: the first
+    calibrates (it must quantize the widest op-type set), later ones read them."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    source = workdir / f"{name}.float.onnx"
+    target = workdir / f"{name}.onnx"
+    save_onnx(model, source)
+    extra = _quantizer_options()
     with _quantizer_errors(resolved):
         if resolved["mode"] == "dynamic":
-            quantize_dynamic(str(source), str(target), op_types_to_quantize=resolved["op_types"], per_channel=resolved["per_channel"],
-                             reduce_range=resolved["reduce_range"], weight_type=_quant_type(resolved["weight_type"]),
-                             nodes_to_exclude=list(exclude), extra_options=extra, use_external_data_format=is_large(model))
+            _quantize_dynamic_file(source, target, resolved, exclude, external_data=is_large(model))
         elif resolved["mode"] == "static":
             extra.update({"ActivationSymmetric": resolved["symmetric_activations"], "WeightSymmetric": True})
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -701,6 +731,164 @@ def _run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Seque
     return onnx.load(str(target))
 
 
+# ---------------------------------------------------------------- models past 2 GB
+
+
+LARGE_MODEL_REASON = "model past 2 GB: {what}, not timed (each candidate holds the model several times in ONNX Runtime's quantizer)"
+LARGE_MODEL_PREPROCESS = "skipped: the model is past the 2 GB protobuf limit (ONNX Runtime's pre-processing serializes it whole)"
+
+
+def _large_model_header(model: onnx.ModelProto | str | Path, settings: QuantizeSettings) -> onnx.ModelProto | None:
+    """The model's graph (weights not loaded when ``model`` is a path) when it takes the path
+    for models past 2 GB (``is_large``): dynamic int8, or auto mode on a model that is not
+    convolutional (whose candidates are static), on the CPU without an accuracy target (which
+    measures nodes one by one in memory). None otherwise: the model takes the usual path."""
+    header = load_onnx(model, load_external_data=False, normalize=False) if isinstance(model, (str, Path)) else model
+    if not is_large(header) or settings.target != "cpu" or settings.accuracy_target is not None:
+        return None
+    if settings.mode == "dynamic" or (settings.mode == "auto" and op_pattern(header).kind != "conv"):
+        return header
+    return None
+
+
+def _quantize_large(model: onnx.ModelProto | str | Path, header: onnx.ModelProto, settings: QuantizeSettings, started: float, *,
+                    calibration, evaluation, tokenizer, dims: Mapping[str, int] | None,
+                    allow_random_calibration: bool) -> QuantizeResult:
+    """``quantize`` for a model past 2 GB, from files: one dynamic int8 candidate, not timed
+    (auto mode's first, as the op pattern orders them), no ORT pre-processing or fusions.
+    The float model is written once with external data, Gemm as MatMul, one tensor at a time
+    (``_write_for_dynamic``); ``quantize_dynamic`` gets its path; fidelity runs the float and
+    the quantized file one session after the other (``fidelity_of_files``). At no point does
+    this process hold the float weights beside ONNX Runtime's copies of them."""
+    from onnxforge.common.normalize import normalize
+
+    with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp:
+        workdir = Path(tmp)
+        if isinstance(model, onnx.ModelProto):
+            source = workdir / "input.onnx"
+            save_onnx(model, source, external_data=True)
+            header = onnx.load(str(source), load_external_data=False)
+        else:
+            source = Path(model)
+        before = summarize_model(header, str(model) if isinstance(model, (str, Path)) else "", model_bytes(header))
+        _refuse_quantized(before)
+        # dims and node names only: the check in ONNX Runtime would load the weights
+        normalized = normalize(header, check=False, dims=dims)
+        reasons = [normalized.describe()] if normalized.modified else []
+        reference = normalized.model
+        _check_excluded(reference, settings)
+        calib = None
+        if calibration is not None:
+            calib = calibration_data(calibration, reference, tokenizer=tokenizer, dims=dims, allow_random=allow_random_calibration,
+                                     max_batches=settings.max_calibration_batches)
+        pattern = op_pattern(reference)
+        planned, plan_reasons = plan_candidates(settings, reference, pattern, calib is not None)
+        candidate = planned[0]
+        reasons += plan_reasons
+        reasons.append(LARGE_MODEL_REASON.format(what=f"one candidate ({candidate.name})" if len(planned) > 1 else candidate.name))
+        if is_dynamo_graph(reference):
+            reasons.append("model past 2 GB: ONNX Runtime's fusions for int8 not applied (they rewrite the model in memory)")
+        calib, evaluation_batches = _evaluation_batches(reference, calib, evaluation, tokenizer, dims, reasons)
+
+        float_path, target = workdir / "float.onnx", workdir / "quantized.onnx"
+        rewritten = _write_for_dynamic(reference, source.parent, float_path)
+        if rewritten:
+            logger.info("%d Gemm node(s) written as MatMul + Add for the dynamic quantizer", rewritten)
+        del header, normalized, reference, model
+        gc.collect()
+        exclude = [*settings.exclude_nodes, *candidate.resolved["keep_float"]]
+        logger.info("quantizing: %s (%s), from %s", candidate.name, candidate.description, float_path.name)
+        with _quantizer_errors(candidate.resolved):
+            _quantize_dynamic_file(float_path, target, candidate.resolved, exclude, external_data=True)
+        gc.collect()
+        logger.info("fidelity: the float and the quantized model run from their files, one after the other")
+        measured = fidelity_of_files(float_path, target, evaluation_batches)
+        logger.info("  %s: lowest mean cosine %.5f", candidate.name, measured.min_mean_cosine)
+        quantized = onnx.load(str(target))
+    candidates = [dataclasses.replace(candidate, fidelity=measured)]
+    _, choice_reasons, warnings = _choose(candidates, settings.min_cosine)
+    candidates[0] = dataclasses.replace(candidates[0], chosen=True)
+    for warning in warnings:
+        logger.warning("%s", warning)
+    after = summarize_model(quantized, "", model_bytes(quantized))
+    logger.info("quantized %d/%d compute ops; size %.2f -> %.2f MB; lowest mean cosine %.5f", after.quantized_compute_ops,
+                after.compute_ops, before.file_bytes / 1e6, after.file_bytes / 1e6, measured.min_mean_cosine)
+    return QuantizeResult(quantized, candidate.resolved["mode"], candidate.resolved, tuple(reasons + choice_reasons), before, after,
+                          measured, (), (), LARGE_MODEL_PREPROCESS, time.perf_counter() - started, pattern.describe(),
+                          tuple(candidates), None, tuple(warnings))
+
+
+def _write_for_dynamic(model: onnx.ModelProto, base_dir: Path, target: Path) -> int:
+    """``model`` with Gemm as MatMul (``gemm_as_matmul``'s rule) written to ``target``, its
+    weights in ``<target>.data``, read from ``base_dir`` (external data) or ``model`` and
+    written one tensor at a time. A transposed weight takes the place of the Gemm weight it
+    comes from when no other node reads that one, so the file holds every weight once and
+    memory one tensor; small tensors (``INLINE_TENSOR_BYTES``) and strings stay in the graph.
+    Returns the number of Gemms rewritten."""
+    nodes, transposed, rewritten = _gemm_as_matmul_nodes(model)
+    read = _names_read(nodes) | {o.name for o in model.graph.output}
+    sources = {init.name: init for init in model.graph.initializer}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)  # the graph: weights on disk, or small
+    del out.graph.initializer[:]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    data_name = target.name + ".data"
+    with open(target.parent / data_name, "wb") as data:
+        def write(name: str, tensor: onnx.TensorProto, payload: bytes, dims: Sequence[int]) -> None:
+            reference = out.graph.initializer.add()
+            reference.name, reference.data_type = name, tensor.data_type
+            reference.dims.extend(dims)
+            reference.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(data.tell())), ("length", str(len(payload)))):
+                entry = reference.external_data.add()
+                entry.key, entry.value = key, value
+            data.write(payload)
+
+        for tensor in model.graph.initializer:
+            if tensor.name in read:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    write(tensor.name, tensor, _external_bytes(tensor, base_dir), tensor.dims)
+                elif tensor.data_type == onnx.TensorProto.STRING or tensor.ByteSize() <= INLINE_TENSOR_BYTES:
+                    out.graph.initializer.add().CopyFrom(tensor)
+                else:  # typed fields (float_data...) through numpy_helper, which packs 4-bit types as raw_data does
+                    payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+                    write(tensor.name, tensor, payload, tensor.dims)
+                    del payload
+            for name in (n for n, s in transposed.items() if s == tensor.name):
+                weight = _weight_array(sources[tensor.name], base_dir).T.copy()
+                write(name, tensor, weight.tobytes(), weight.shape)
+                del weight
+    onnx.save_model(out, str(target))
+    return rewritten
+
+
+def _names_read(nodes: Sequence[onnx.NodeProto]) -> set[str]:
+    """Every input name the nodes read, in their subgraphs too (which may read outer weights)."""
+    names = set()
+    for node in nodes:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                names |= _names_read(graph.node)
+    return names
+
+
+def _external_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+    """The bytes of a tensor in external data, as stored (any element type)."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    with open(base_dir / info["location"], "rb") as data:
+        data.seek(int(info.get("offset", 0)))
+        return data.read(int(info["length"])) if "length" in info else data.read()
+
+
+def _weight_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.frombuffer(_external_bytes(tensor, base_dir), dtype=dtype).reshape(tuple(tensor.dims))
+
+
 # ---------------------------------------------------------------- fidelity and sensitivity
 
 
@@ -712,10 +900,33 @@ def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: 
     ``UserError``."""
     reference, candidate = ort_session(float_model), ort_session(quantized)
     names = [o.name for o in reference.get_outputs()]
+    return _compare_runs(names, batches, [reference.run(names, dict(b)) for b in batches],
+                         [candidate.run(names, dict(b)) for b in batches])
+
+
+def fidelity_of_files(float_path: Path, quantized_path: Path, batches: Sequence[Mapping[str, np.ndarray]]) -> Fidelity:
+    """``fidelity`` of two models on disk, one ONNX Runtime session at a time: the float model
+    runs on every batch and only its outputs are kept before the quantized model is opened,
+    so a model past 2 GB is never in memory beside its quantized form."""
+    from onnxforge.common.sessions import open_session
+
+    session = open_session(float_path)
+    names = [o.name for o in session.get_outputs()]
+    float_runs = [session.run(names, dict(b)) for b in batches]
+    del session
+    gc.collect()
+    session = open_session(quantized_path)
+    quantized_runs = [session.run(names, dict(b)) for b in batches]
+    del session
+    return _compare_runs(names, batches, float_runs, quantized_runs)
+
+
+def _compare_runs(names: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]], float_runs: Sequence[Sequence[np.ndarray]],
+                  quantized_runs: Sequence[Sequence[np.ndarray]]) -> Fidelity:
+    """The float and quantized outputs of each batch (in ``names`` order) compared."""
     pairs, samples = [], 0
-    for batch in batches:
-        ref = dict(zip(names, reference.run(names, dict(batch))))
-        out = dict(zip(names, candidate.run(names, dict(batch))))
+    for batch, float_outputs, quantized_outputs in zip(batches, float_runs, quantized_runs):
+        ref, out = dict(zip(names, float_outputs)), dict(zip(names, quantized_outputs))
         for name in names:
             if ref[name].shape != out[name].shape:
                 raise UserError(f"the quantized model gives output '{name}' the shape {list(out[name].shape)}, "
@@ -898,6 +1109,10 @@ def quantize(
     accuracy target that cannot be met (naming the best cosine reached and the float nodes).
     """
     started = time.perf_counter()
+    header = _large_model_header(model, settings)
+    if header is not None:
+        return _quantize_large(model, header, settings, started, calibration=calibration, evaluation=evaluation,
+                               tokenizer=tokenizer, dims=dims, allow_random_calibration=allow_random_calibration)
     before, reference, reasons = _float_model(model, settings, dims)
     calib = None
     if calibration is not None:
@@ -911,22 +1126,7 @@ def quantize(
     candidates, float_model, opset_reason = _opset_for_per_channel_qdq(candidates, reference, dims)
     if opset_reason:
         reasons.append(opset_reason)
-    if evaluation is not None:
-        evaluation_batches = list(calibration_data(evaluation, reference, tokenizer=tokenizer, dims=dims, max_batches=32))
-    elif calib is not None:
-        calib, held_out = calib.holdout()
-        if held_out is not None:
-            evaluation_batches = [batch for _, batch in zip(range(16), held_out)]
-            reasons.append(f"fidelity measured on {held_out.description} (no evaluation data given; "
-                           "calibration uses the rest)")
-        else:
-            evaluation_batches = [batch for _, batch in zip(range(16), calib)]
-            single = "only one calibration batch: fidelity is measured on the data calibrated on; give --evaluation"
-            reasons.append(single)
-            logger.warning(single)
-    else:
-        evaluation_batches = [verification_inputs(reference, dims, seed=seed) for seed in range(4)]
-        reasons.append("fidelity measured on generated inputs (no evaluation or calibration data given)")
+    calib, evaluation_batches = _evaluation_batches(reference, calib, evaluation, tokenizer, dims, reasons)
 
     warnings: list[str] = []
     float_timing = None
@@ -981,6 +1181,26 @@ def quantize(
     return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
                           tuple(n for n in exclude_final if n not in exclude), tuple(sensitivity), pre_label,
                           time.perf_counter() - started, pattern.describe(), tuple(candidates), float_timing, tuple(warnings))
+
+
+def _evaluation_batches(reference: onnx.ModelProto, calib: CalibrationData | None, evaluation, tokenizer,
+                        dims: Mapping[str, int] | None, reasons: list[str]) -> tuple[CalibrationData | None, list]:
+    """The batches fidelity is measured on, and the calibration data left to calibrate on:
+    the evaluation data, else a held-out part of the calibration data, else generated inputs."""
+    if evaluation is not None:
+        return calib, list(calibration_data(evaluation, reference, tokenizer=tokenizer, dims=dims, max_batches=32))
+    if calib is not None:
+        calib, held_out = calib.holdout()
+        if held_out is not None:
+            reasons.append(f"fidelity measured on {held_out.description} (no evaluation data given; "
+                           "calibration uses the rest)")
+            return calib, [batch for _, batch in zip(range(16), held_out)]
+        single = "only one calibration batch: fidelity is measured on the data calibrated on; give --evaluation"
+        reasons.append(single)
+        logger.warning(single)
+        return calib, [batch for _, batch in zip(range(16), calib)]
+    reasons.append("fidelity measured on generated inputs (no evaluation or calibration data given)")
+    return calib, [verification_inputs(reference, dims, seed=seed) for seed in range(4)]
 
 
 def _data_id(source) -> str | None:
@@ -1045,16 +1265,24 @@ def _float_model(model: onnx.ModelProto | str | Path, settings: QuantizeSettings
 
     loaded = load_onnx(model) if isinstance(model, (str, Path)) else model
     before = summarize_model(loaded, str(model) if isinstance(model, (str, Path)) else "", model_bytes(loaded))
+    _refuse_quantized(before)
+    normalized = normalize(loaded, dims=dims)
+    _check_excluded(normalized.model, settings)
+    return before, normalized.model, [normalized.describe()] if normalized.modified else []
+
+
+def _refuse_quantized(before: ModelSummary) -> None:
     if before.quantized_compute_ops:
         raise UserError(f"the model is already quantized ({before.quantized_compute_ops} of {before.compute_ops} compute ops); "
                         "quantize the float model instead")
-    normalized = normalize(loaded, dims=dims)
-    names = [node.name for node in normalized.model.graph.node]
+
+
+def _check_excluded(model: onnx.ModelProto, settings: QuantizeSettings) -> None:
+    names = [node.name for node in model.graph.node]
     missing = [n for n in settings.exclude_nodes if n not in names]
     if missing:
         hints = "; ".join(f"{n!r}{closest(n, names) or ' (no close match)'}" for n in missing)
         raise UserError(f"exclude-node names not in the model: {hints}")
-    return before, normalized.model, [normalized.describe()] if normalized.modified else []
 
 
 def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, dynamo: bool = False,
@@ -1216,7 +1444,8 @@ def quantize_file(input_path: str | Path, output_path: str | Path, settings: Qua
     """``quantize`` from a file to a file, written atomically, and only after the quantized model
     was loaded and run; ``data`` are quantize's keyword arguments (calibration, evaluation,
     tokenizer, dims, allow_random_calibration, measure)."""
-    result = quantize(Path(input_path), settings, **data)  # a path: the file as loaded is freed once normalized
+    # a path: the file as loaded is freed once normalized, and a model past 2 GB is quantized from files, never loaded whole
+    result = quantize(Path(input_path), settings, **data)
     written = save_onnx(result.model, output_path)
     before = dataclasses.replace(result.before, path=str(input_path), file_bytes=sum(f.stat().st_size for f in files_of(input_path)))
     after = dataclasses.replace(result.after, path=str(output_path), file_bytes=sum(f.stat().st_size for f in written))

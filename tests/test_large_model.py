@@ -209,3 +209,87 @@ def test_check_onnx_checks_a_large_model_without_serializing_it(monkeypatch):
     with pytest.raises(onnx.checker.ValidationError, match="missing"):
         onnxio.check_onnx(model, full_check=True)
     assert watch.seen == []
+
+
+# ---------------------------------------------------------------- quantize's path past the threshold
+
+
+@pytest.fixture
+def ort_dynamic_calls(monkeypatch):
+    """What ONNX Runtime's quantize_dynamic is handed: the input (a path, or a ModelProto), the
+    model file's weights as written then, and ``use_external_data_format``."""
+    import onnxruntime.quantization as ort_quantization
+
+    calls = []
+    real = ort_quantization.quantize_dynamic
+
+    def spy(model_input, model_output, **options):
+        call = {"input": model_input, "external": options.get("use_external_data_format")}
+        if isinstance(model_input, str):
+            call["files"] = onnxio.files_of(model_input)
+            call["header"] = onnx.load(model_input, load_external_data=False)
+        calls.append(call)
+        return real(model_input, model_output, **options)
+
+    monkeypatch.setattr(ort_quantization, "quantize_dynamic", spy)
+    return calls
+
+
+def _no_timing(*_):
+    raise AssertionError("a model past the threshold is not timed")
+
+
+@pytest.mark.parametrize("given", ["path", "ModelProto"])
+def test_quantize_past_the_threshold_builds_one_candidate_from_files(flows, ort_dynamic_calls, monkeypatch, given):
+    """Auto mode past the threshold: one dynamic per-channel candidate, not timed, the reasons
+    say why; ONNX Runtime's quantizer gets a file with external data holding each weight once
+    (the transposed Gemm weights in place of the originals); nothing is serialized whole; the
+    result computes what the usual dynamic per-channel path computes."""
+    from optimizers.quantize import QuantizeSettings, quantize
+
+    in_memory, _, _, _ = flows
+    source = in_memory["exported"]  # Gemm with transB, as torch's Linear exports
+    usual = quantize(source, QuantizeSettings(mode="dynamic", per_channel=True, check_speed=False))
+    assert ort_dynamic_calls[-1]["external"] is False
+    assert len(usual.candidates) == 1 and not any("past 2 GB" in r for r in usual.reasons)
+
+    model = onnx.load(str(source)) if given == "ModelProto" else source
+    before = model.SerializeToString() if given == "ModelProto" else None
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_THRESHOLD_BYTES", THRESHOLD_BYTES)
+    watch = WholeSerializations(monkeypatch)
+    lean = quantize(model, QuantizeSettings(), measure=_no_timing)
+    monkeypatch.undo()
+
+    assert [c.name for c in lean.candidates] == ["dynamic-per-channel"] and lean.candidates[0].chosen
+    assert lean.candidates[0].timing is None and lean.float_timing is None
+    assert ("model past 2 GB: one candidate (dynamic-per-channel), not timed (each candidate holds the model several times "
+            "in ONNX Runtime's quantizer)") in lean.reasons
+    assert lean.preprocess.startswith("skipped: the model is past the 2 GB protobuf limit")
+    assert lean.fidelity.min_mean_cosine > 0.999 and lean.fidelity.samples == 4
+    call = ort_dynamic_calls[-1]
+    assert isinstance(call["input"], str) and call["external"] is True
+    assert len(call["files"]) == 2 and _inline_weight_bytes(call["header"]) == 0
+    names = {t.name for t in call["header"].graph.initializer}
+    assert sum(name.endswith("_transposed") for name in names) == 7
+    assert not {name for name in names if f"{name}_transposed" in names}  # no original beside its transposed copy
+    assert watch.seen == []
+    if before is not None:
+        assert model.SerializeToString() == before
+    int8_weights = [t for t in lean.model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and list(t.dims) == [HIDDEN, HIDDEN]]
+    assert len(int8_weights) == 7
+    from onnxforge.common.sessions import CHECK, open_session
+
+    run = [open_session(result.model, CHECK).run(None, _inputs())[0] for result in (usual, lean)]
+    np.testing.assert_allclose(run[1], run[0], **INT8_TOLERANCE)
+
+
+def test_quantize_past_the_threshold_keeps_the_usual_path_where_the_lean_one_does_not_apply(flows, ort_dynamic_calls, monkeypatch):
+    """An accuracy target measures nodes one by one in memory: that model takes the usual path
+    (several candidates' worth of checks) even past the threshold."""
+    from optimizers.quantize import QuantizeSettings, quantize
+
+    in_memory, _, _, _ = flows
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_THRESHOLD_BYTES", THRESHOLD_BYTES)
+    result = quantize(in_memory["exported"], QuantizeSettings(mode="dynamic", accuracy_target=0.5, check_speed=False))
+    assert not any("past 2 GB" in r for r in result.reasons)
+    assert ort_dynamic_calls and "header" in ort_dynamic_calls[-1]
