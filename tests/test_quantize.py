@@ -721,14 +721,14 @@ def test_transformers_get_smoothquant_and_8bit_matmulnbits_candidates_without_ca
 
 def test_candidates_level_in_speed_go_to_the_more_faithful_one(tmp_path):
     path = _mlp(tmp_path)
-    # per-tensor measured 2% faster (intervals overlapping): a tie, so per-channel's fidelity decides
+    # per-tensor measured 2% faster: a tie, so per-channel's fidelity decides
     level = FixedSpeeds(dynamic_per_channel=1.96, dynamic_per_tensor=2.0)
     result = quantize(path, QuantizeSettings(min_cosine=0.5), measure=level)
     by_name = {c.name: c for c in result.candidates}
     assert by_name["dynamic-per-channel"].fidelity.min_mean_cosine > by_name["dynamic-per-tensor"].fidelity.min_mean_cosine
     assert by_name["dynamic-per-channel"].chosen
     assert any("level with the fastest, dynamic-per-tensor (2.00x" in r for r in result.reasons)
-    # clearly faster (intervals apart, 25 % ahead): speed decides
+    # clearly faster (25 % ahead): speed decides
     apart = FixedSpeeds(dynamic_per_channel=1.6, dynamic_per_tensor=2.0)
     result = quantize(path, QuantizeSettings(min_cosine=0.5), measure=apart)
     assert [c.name for c in result.candidates if c.chosen] == ["dynamic-per-tensor"]
