@@ -32,11 +32,7 @@ Latency: runtime_bench (variants alternate in blocks with fresh sessions), media
 from __future__ import annotations
 
 import argparse
-import importlib
-import random
-import re
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,39 +48,6 @@ from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark
 from runtime_bench.machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
-
-DOC_MODULES = (
-    "collections", "json", "pathlib", "argparse", "logging", "functools", "itertools", "subprocess", "threading", "asyncio",
-    "email", "http.client", "urllib.request", "unittest", "dataclasses", "typing", "random", "statistics", "datetime",
-    "decimal", "fractions", "csv", "sqlite3", "zipfile", "tarfile", "shutil", "os", "io", "string", "textwrap", "difflib",
-    "heapq", "bisect", "enum", "inspect", "ast", "socket", "ssl", "hashlib", "hmac", "secrets", "uuid", "pickle", "copy",
-    "pprint", "calendar", "locale", "gettext", "tempfile", "glob", "fnmatch", "configparser", "contextlib", "abc",
-    "numbers", "math", "operator", "weakref", "traceback", "warnings", "timeit", "doctest", "xml.etree.ElementTree",
-    "html.parser", "mimetypes", "base64", "struct", "codecs", "queue", "sched", "signal", "select", "selectors",
-    "ipaddress", "smtplib", "imaplib", "ftplib", "wave", "colorsys", "cmd", "shlex",
-)
-
-
-def docstring_sentences() -> list[str]:
-    """English sentences (40-200 characters, no code) from standard-library docstrings, shuffled (seed 0)."""
-    found = set()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in DOC_MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            for obj in [module, *(getattr(module, a, None) for a in dir(module) if not a.startswith("_"))]:
-                doc = getattr(obj, "__doc__", None)
-                if not isinstance(doc, str):
-                    continue
-                for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                    if 40 <= len(sentence) <= 200 and re.match(r"^[A-Z][a-z]", sentence) and not re.search(r"[>{}\[\]=_]|\(\)|::", sentence):
-                        found.add(sentence)
-    ordered = sorted(found)
-    random.Random(0).shuffle(ordered)
-    return ordered
 
 
 def _text_batches(tokenizer, lines, size):
@@ -282,7 +245,7 @@ def main() -> None:
             module, example = models.minilm(batch=2, seq=16)
             path = export(module, example, folder / "minilm.onnx", exporter="torchscript").path
             tokenizer = models.minilm_tokenizer()
-            sentences = docstring_sentences()
+            sentences = models.docstring_sentences()
             examples = [line.strip() for line in (ROOT / "examples" / "sentences_eval.txt").read_text().splitlines() if line.strip()]
             own = [line.strip() for line in (ROOT / "examples" / "sentences.txt").read_text().splitlines() if line.strip()]
             calibration = _text_batches(tokenizer, own + sentences[: args.sentences - len(own)], 32)

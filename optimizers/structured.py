@@ -1035,7 +1035,6 @@ def fidelity_dict(reference, candidate, batches) -> dict[str, Any]:
             "samples": measured.samples}
 
 
-_fidelity_dict = fidelity_dict  # the name optimizers/prune.py imports today; it moves to fidelity_dict
 
 
 def _resolve_conflicts(analysis: Analysis) -> None:
