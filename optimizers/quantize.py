@@ -777,12 +777,7 @@ def _quantize_large(model: onnx.ModelProto | str | Path, header: onnx.ModelProto
         reasons = [normalized.describe()] if normalized.modified else []
         reference = normalized.model
         _check_excluded(reference, settings)
-        calib = None
-        if calibration is not None:
-            calib = calibration_data(calibration, reference, tokenizer=tokenizer, dims=dims, allow_random=allow_random_calibration,
-                                     max_batches=settings.max_calibration_batches)
-        pattern = op_pattern(reference)
-        planned, plan_reasons = plan_candidates(settings, reference, pattern, calib is not None)
+        calib, pattern, planned, plan_reasons = _plan(reference, settings, calibration, tokenizer, dims, allow_random_calibration)
         candidate = planned[0]
         reasons += plan_reasons
         reasons.append(LARGE_MODEL_REASON.format(what=f"one candidate ({candidate.name})" if len(planned) > 1 else candidate.name))
@@ -1115,12 +1110,7 @@ def quantize(
         return _quantize_large(model, header, settings, started, calibration=calibration, evaluation=evaluation,
                                tokenizer=tokenizer, dims=dims, allow_random_calibration=allow_random_calibration)
     before, reference, reasons = _float_model(model, settings, dims)
-    calib = None
-    if calibration is not None:
-        calib = calibration_data(calibration, reference, tokenizer=tokenizer, dims=dims, allow_random=allow_random_calibration,
-                                 max_batches=settings.max_calibration_batches)
-    pattern = op_pattern(reference)
-    candidates, plan_reasons = plan_candidates(settings, reference, pattern, calib is not None)
+    calib, pattern, candidates, plan_reasons = _plan(reference, settings, calibration, tokenizer, dims, allow_random_calibration)
     reasons += plan_reasons
     decision = _decision_key(reference, settings, candidates, calibration, evaluation)
     candidates, recalled = _recalled(candidates, decision, settings, reasons)
@@ -1202,6 +1192,18 @@ def _evaluation_batches(reference: onnx.ModelProto, calib: CalibrationData | Non
         return calib, [batch for _, batch in zip(range(16), calib)]
     reasons.append("fidelity measured on generated inputs (no evaluation or calibration data given)")
     return calib, [verification_inputs(reference, dims, seed=seed) for seed in range(4)]
+
+
+def _plan(reference: onnx.ModelProto, settings: QuantizeSettings, calibration, tokenizer, dims, allow_random: bool):
+    """The calibration data (read and checked against the model), the op pattern, and the
+    candidates planned for them with the reasons."""
+    calib = None
+    if calibration is not None:
+        calib = calibration_data(calibration, reference, tokenizer=tokenizer, dims=dims, allow_random=allow_random,
+                                 max_batches=settings.max_calibration_batches)
+    pattern = op_pattern(reference)
+    candidates, reasons = plan_candidates(settings, reference, pattern, calib is not None)
+    return calib, pattern, candidates, reasons
 
 
 def _data_id(source) -> str | None:
