@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.onnxio import check_onnx, inferred_shapes, model_bytes
+from onnxforge.common.onnxio import check_onnx, inferred_shapes, is_large, model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -826,18 +827,27 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
     and every constant that counts channels (Split sizes, Slice bounds, Resize sizes, flatten
     targets, depthwise groups) rewritten to match. Constants that count are written as new
     initializers of their node, so a constant shared with another node is never changed."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
     find = analysis.slots.find
     kept = lambda slot_list: [i for i, s in enumerate(slot_list) if find(s) not in removed]  # noqa: E731
+    cuts: dict[str, list[tuple[int, list[int]]]] = collections.defaultdict(list)  # initializer -> (axis, kept), in order
     done = set()
     for param in analysis.params:
         keep = kept(param.slots)
         if len(keep) < len(param.slots) and (param.name, param.axis) not in done:
             done.add((param.name, param.axis))
-            tensor = inits[param.name]
-            tensor.CopyFrom(numpy_helper.from_array(np.take(numpy_helper.to_array(tensor), keep, axis=param.axis), param.name))
+            cuts[param.name].append((param.axis, keep))
+    out = _copy_without_initializers(model)  # a cut weight is never copied whole first
+    last = {t.name: index for index, t in enumerate(model.graph.initializer)}
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name not in cuts or last[tensor.name] != index:
+            out.graph.initializer.add().CopyFrom(tensor)
+            continue
+        value = numpy_helper.to_array(tensor)
+        for axis, keep in cuts[tensor.name]:
+            value = np.take(value, keep, axis=axis)
+        out.graph.initializer.append(numpy_helper.from_array(value, tensor.name))
+        del value
+    inits = {t.name: t for t in out.graph.initializer}
     if not removed:
         return out
     nodes = {n.name: n for n in out.graph.node}
@@ -881,6 +891,22 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
     for tensor in stale:
         out.graph.initializer.remove(tensor)
     del out.graph.value_info[:]  # shapes inside changed; shape inference recomputes them
+    return out
+
+
+def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A new model with every field of ``model`` but the graph's initializers."""
+    out = onnx.ModelProto()
+    for source, target in ((model, out), (model.graph, out.graph)):
+        for field, value in source.ListFields():
+            if field.name in ("graph", "initializer"):
+                continue
+            if field.is_repeated:
+                getattr(target, field.name).extend(value)
+            elif field.type == field.TYPE_MESSAGE:
+                getattr(target, field.name).CopyFrom(value)
+            else:
+                setattr(target, field.name, value)
     return out
 
 
@@ -962,12 +988,15 @@ def add_bias(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray, si
     model.graph.node.insert(position + 1, add)
 
 
-def macs(model: onnx.ModelProto, dims: Mapping[str, int], inputs: Mapping[str, np.ndarray] | None = None) -> int:
+def macs(model: onnx.ModelProto, dims: Mapping[str, int], inputs: Mapping[str, np.ndarray] | None = None, *,
+         saved: Path | None = None) -> int:
     """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul for one sample, measured by
     running the model once and reading the real shapes of those nodes' inputs and outputs
     (static shape inference cannot follow every Reshape). It runs on the first sample of
     ``inputs`` when given (sizes the model is known to accept), else on generated inputs with
-    batch 1 and other symbolic dims from ``dims``."""
+    batch 1 and other symbolic dims from ``dims``. ``saved``: where ``model`` is written with
+    external data; the graph with the extra outputs is then written beside it, reading the same
+    weights file, and run from there (a model past 2 GB is not copied or staged again)."""
     from optimizers.verify import ort_session, verification_inputs, with_outputs
 
     nodes = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
@@ -985,7 +1014,12 @@ def macs(model: onnx.ModelProto, dims: Mapping[str, int], inputs: Mapping[str, n
             if value.name in batched:
                 sizes[value.type.tensor_type.shape.dim[0].dim_param] = 1
         inputs = verification_inputs(model, sizes)
-    values = dict(zip(wanted, ort_session(with_outputs(model, wanted)).run(wanted, inputs)))
+    if saved is None:
+        values = dict(zip(wanted, ort_session(with_outputs(model, wanted)).run(wanted, inputs)))
+    else:
+        probe = saved.with_name(f"{saved.stem}_shapes.onnx")
+        onnx.save_model(with_outputs(onnx.load(str(saved), load_external_data=False), wanted), str(probe))
+        values = dict(zip(wanted, ort_session(probe).run(wanted, inputs)))
     shape = lambda name: inits[name] if name in inits else values[name].shape  # noqa: E731
     total = 0
     for node in nodes:
@@ -1030,7 +1064,10 @@ def fidelity_dict(reference, candidate, batches) -> dict[str, Any]:
     largest max abs error, samples."""
     from optimizers.quantize import fidelity
 
-    measured = fidelity(reference, candidate, batches)
+    return _as_fidelity_dict(fidelity(reference, candidate, batches))
+
+
+def _as_fidelity_dict(measured) -> dict[str, Any]:
     return {"min_mean_cosine": measured.min_mean_cosine, "max_abs_error": max(measured.max_abs_error.values(), default=0.0),
             "samples": measured.samples}
 
@@ -1070,8 +1107,11 @@ def prepared_for_pruning(model: onnx.ModelProto, dims: Mapping[str, int] | None 
     notes = [normalized.describe()] if normalized.modified else []
     out = onnx.ModelProto()
     constants = {t.name for t in normalized.model.graph.initializer}
-    if any(node.input and all(i in constants or not i for i in node.input)
-           for node in normalized.model.graph.node if node.op_type != "Constant"):
+    foldable = any(node.input and all(i in constants or not i for i in node.input)
+                   for node in normalized.model.graph.node if node.op_type != "Constant")
+    if not foldable and is_large(normalized.model) and _prepared_already(normalized.model):
+        return normalized.model, normalized.model, notes  # past 2 GB, a copy that changes nothing is not made
+    if foldable:
         folded = fold_constants(normalized.model)
         out.CopyFrom(folded.model)
         if folded.modified:
@@ -1090,6 +1130,22 @@ def prepared_for_pruning(model: onnx.ModelProto, dims: Mapping[str, int] | None 
 
 
 SHARED_COPY_LIMIT = 1 << 16  # elements: shared initializers up to this size get a copy per reader
+
+
+def _prepared_already(model: onnx.ModelProto) -> bool:
+    """Whether preparing ``model`` would leave it as it is: node names unique, no Identity of an
+    initializer, no initializer of ``SHARED_COPY_LIMIT`` elements or fewer read twice."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    names = [node.name for node in graph.node]
+    if len(set(names)) != len(names):
+        return False
+    reads = collections.Counter()
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in inits:
+            return False
+        reads.update(name for name in node.input if name in inits)
+    return not any(count > 1 and int(np.prod(inits[name].dims)) <= SHARED_COPY_LIMIT for name, count in reads.items())
 
 
 def _unshare_small_initializers(model: onnx.ModelProto) -> int:
@@ -1152,8 +1208,9 @@ class RunCheck:
     def describe(self) -> str:
         return " and ".join(", ".join(f"{name} {list(np.shape(v))}" for name, v in inputs.items()) for inputs in self.input_sets)
 
-    def __call__(self, candidate: onnx.ModelProto) -> str | None:
-        """None when ``candidate`` passes, else why it does not, in one line."""
+    def __call__(self, candidate: onnx.ModelProto, *, saved: Path | None = None) -> str | None:
+        """None when ``candidate`` passes, else why it does not, in one line. ``saved``: where
+        ``candidate`` is written, to run it from (else it is run from memory)."""
         from optimizers.verify import run_model
 
         if self.full_check:
@@ -1163,7 +1220,7 @@ class RunCheck:
                 return f"the ONNX checker rejects it: {_one_line(exc)}"
         for inputs, expected in zip(self.input_sets, self.expected):
             try:
-                outputs = run_model(candidate, inputs)
+                outputs = run_model(candidate if saved is None else saved, inputs)
             except UserError as exc:  # what ONNX Runtime refused, at load or run time, in one line
                 return f"ONNX Runtime fails on it: {_one_line(str(exc).split('; if these sizes')[0])}"
             got = _signature(outputs)
@@ -1177,23 +1234,25 @@ def _signature(outputs: Mapping[str, np.ndarray]) -> dict[str, tuple]:
     return {name: (tuple(value.shape), value.dtype.name) for name, value in outputs.items()}
 
 
-def run_check(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None
-              ) -> tuple[RunCheck, list[str]]:
+def run_check(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None, *,
+              saved: Path | None = None) -> tuple[RunCheck, list[str]]:
     """The check for pruned copies of ``model``, on ``inputs`` and, when the model has symbolic
     dims, on generated inputs of a second, larger size (a size-dependent constant left behind
-    shows up there). Raises ``UserError`` when the original itself does not run on ``inputs``."""
+    shows up there). Raises ``UserError`` when the original itself does not run on ``inputs``.
+    ``saved``: where ``model`` is written, to run it from."""
     from optimizers.verify import run_model
 
+    source = model if saved is None else saved
     notes = []
     try:
-        expected = [_signature(run_model(model, inputs))]
+        expected = [_signature(run_model(source, inputs))]
     except UserError as exc:
         raise UserError(f"the model to prune does not run on its verification inputs: {exc}") from None
     input_sets = [dict(inputs)]
     second = _second_size_inputs(model, inputs, dims)
     if second is not None:
         try:
-            expected.append(_signature(run_model(model, second)))
+            expected.append(_signature(run_model(source, second)))
             input_sets.append(second)
         except UserError as exc:
             notes.append(f"the model does not run at a second input size, so pruned graphs were run at one size only "
@@ -1371,6 +1430,8 @@ def prune_structured(
     from optimizers.calibration import calibration_data
     from optimizers.verify import verification_inputs
 
+    if calibration is None and settings.importance in ("l1", "l2") and not settings.reconstruct and is_large(model):
+        return _pruned_from_files(model, settings, evaluation=evaluation, tokenizer=tokenizer, dims=dims)
     given = model
     reference, model, notes = prepared_for_pruning(model, dims)
     analysis = analyze(model)
@@ -1416,8 +1477,7 @@ def prune_structured(
     units = [unit for unit, _ in decided]
     removed = frozenset().union(*(roots for _, roots in decided))
     if settings.ratio > 0 and not removed:
-        reasons = "; ".join(f"{'+'.join(u.producers)}: {u.reason}" for u in units[:8]) or "no Conv/Gemm/MatMul layer with weights"
-        raise UserError(f"nothing could be pruned at ratio {settings.ratio}: {reasons}")
+        raise _nothing_pruned(units, settings.ratio)
     if settings.bias_compensation and removed and means is None:
         notes.append("bias compensation skipped: it needs calibration data")
     if trials > 1:
@@ -1456,4 +1516,86 @@ def prune_structured(
     )
     logger.info("pruned %d of %d units; parameters %d -> %d; MACs %d -> %d", sum(1 for u in units if u.kept < u.channels),
                 len(units), *result.parameters, *result.macs)
+    return result
+
+
+def _nothing_pruned(units: list[Unit], ratio: float) -> UserError:
+    reasons = "; ".join(f"{'+'.join(u.producers)}: {u.reason}" for u in units[:8]) or "no Conv/Gemm/MatMul layer with weights"
+    return UserError(f"nothing could be pruned at ratio {ratio}: {reasons}")
+
+
+def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evaluation, tokenizer,
+                       dims: Mapping[str, int] | None) -> PruneResult:
+    """``prune_structured`` without calibration data for a model past 2 GB (``is_large``),
+    which holds the model only twice (as given, and as pruned; a working copy is made only where
+    preparing changes the graph) and runs ONNX Runtime from files: the unpruned and the pruned
+    model are each written once with external data and every check, MAC count and the fidelity
+    open sessions from those paths, one at a time. The units are cut and checked together in
+    one pass: where that fails, they are not bisected to find the ones that break the graph
+    (each trial would be one more copy and two more sessions): the error names the check and
+    ``--protect`` keeps a unit whole. Results equal the usual path's, but that identical small
+    initializers are not merged after pruning."""
+    import gc
+    import tempfile
+
+    from onnxforge.common.onnxio import save_onnx
+    from onnxforge.common.summary import count_parameters
+    from optimizers.calibration import calibration_data
+    from optimizers.quantize import fidelity_of_files
+    from optimizers.verify import verification_inputs
+
+    reference, model, notes = prepared_for_pruning(given, dims)
+    analysis = analyze(model)
+    _resolve_conflicts(analysis)
+    if evaluation is not None:
+        eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
+    else:
+        eval_batches = [verification_inputs(model, dims, seed=seed) for seed in range(4)]
+    decided = _decide(analysis, settings, _importance(model, analysis, settings, None))
+    units = [unit for unit, _ in decided]
+    removed = frozenset().union(*(roots for _, roots in decided))
+    if settings.ratio > 0 and not removed:
+        raise _nothing_pruned(units, settings.ratio)
+    macs_dims = {**(dims or {})}
+    with tempfile.TemporaryDirectory(prefix="onnxforge-prune-") as tmp:
+        unpruned = Path(tmp) / "unpruned.onnx"
+        save_onnx(model, unpruned, external_data=True)
+        check, check_notes = run_check(model, eval_batches[0], dims, saved=unpruned)
+        notes.extend(check_notes)
+        macs_before = macs(model, macs_dims, check.input_sets[0], saved=unpruned)
+        if not removed:  # nothing removed: the model as normalized, not the form tracing needed
+            pruned = onnx.ModelProto()
+            pruned.CopyFrom(reference)
+            return PruneResult(model=pruned, units=tuple(units), parameters=(count_parameters(reference),) * 2,
+                               macs=(macs_before, macs_before), size_bytes=(model_bytes(given), model_bytes(pruned)),
+                               fidelity=None, fidelity_without_compensation=None, compensated_consumers=0, notes=tuple(notes))
+        pruned = apply(model, analysis, removed)
+        pruned_path = Path(tmp) / "pruned.onnx"
+        save_onnx(pruned, pruned_path, external_data=True)
+        gc.collect()  # sessions of the checks above, freed before the next one opens
+        error = check(pruned, saved=pruned_path)
+        if error is not None:
+            raise UserError(f"the model pruned at ratio {settings.ratio} fails its check: {error}; past 2 GB the units are "
+                            "not bisected to find the ones that break the graph: keep them whole with --protect NODE")
+        macs_after = macs(pruned, macs_dims, check.input_sets[0], saved=pruned_path)
+        gc.collect()
+        fidelity = _as_fidelity_dict(fidelity_of_files(unpruned, pruned_path, eval_batches))
+    if settings.bias_compensation:
+        notes.append("bias compensation skipped: it needs calibration data")
+    notes.append(f"the pruned model ran in ONNX Runtime with the original's output shapes on {check.describe()}")
+    notes.append("model past 2 GB: every unit was cut and checked in one ONNX Runtime pass (not bisected when it fails), "
+                 "the checks and fidelity ran from files written once, one session at a time")
+    result = PruneResult(
+        model=pruned,
+        units=tuple(units),
+        parameters=(count_parameters(reference), count_parameters(pruned)),
+        macs=(macs_before, macs_after),
+        size_bytes=(model_bytes(given), model_bytes(pruned)),
+        fidelity=fidelity,
+        fidelity_without_compensation=None,
+        compensated_consumers=0,
+        notes=tuple(notes),
+    )
+    logger.info("pruned %d of %d units from files; parameters %d -> %d; MACs %d -> %d",
+                sum(1 for u in units if u.kept < u.channels), len(units), *result.parameters, *result.macs)
     return result
