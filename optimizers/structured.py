@@ -1527,52 +1527,62 @@ def _nothing_pruned(units: list[Unit], ratio: float) -> UserError:
 def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evaluation, tokenizer,
                        dims: Mapping[str, int] | None) -> PruneResult:
     """``prune_structured`` without calibration data for a model past 2 GB (``is_large``),
-    which holds the model only twice (as given, and as pruned; a working copy is made only where
-    preparing changes the graph) and runs ONNX Runtime from files: the unpruned and the pruned
+    which holds the model at most three times (as given; the working copy preparing makes, made
+    after the unpruned model's checks and freed once the pruned model is cut; the pruned model)
+    and runs ONNX Runtime from files: the unpruned and the pruned
     model are each written once with external data and every check, MAC count and the fidelity
     open sessions from those paths, one at a time. The units are cut and checked together in
     one pass: where that fails, they are not bisected to find the ones that break the graph
     (each trial would be one more copy and two more sessions): the error names the check and
-    ``--protect`` keeps a unit whole. Results equal the usual path's, but that identical small
-    initializers are not merged after pruning."""
+    ``--protect`` keeps a unit whole. Results equal the usual path's."""
     import gc
     import tempfile
 
+    from onnxforge.common.normalize import normalize
     from onnxforge.common.onnxio import save_onnx
     from onnxforge.common.summary import count_parameters
     from optimizers.calibration import calibration_data
+    from optimizers.cleanup import deduplicate_initializers
     from optimizers.quantize import fidelity_of_files
     from optimizers.verify import verification_inputs
 
-    reference, model, notes = prepared_for_pruning(given, dims)
-    analysis = analyze(model)
-    _resolve_conflicts(analysis)
+    normalized = normalize(given, dims=dims)
+    reference = normalized.model
+    parameters_before, size_before = count_parameters(reference), model_bytes(given)
     if evaluation is not None:
-        eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
+        eval_batches = list(calibration_data(evaluation, reference, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
     else:
-        eval_batches = [verification_inputs(model, dims, seed=seed) for seed in range(4)]
-    decided = _decide(analysis, settings, _importance(model, analysis, settings, None))
-    units = [unit for unit, _ in decided]
-    removed = frozenset().union(*(roots for _, roots in decided))
-    if settings.ratio > 0 and not removed:
-        raise _nothing_pruned(units, settings.ratio)
+        eval_batches = [verification_inputs(reference, dims, seed=seed) for seed in range(4)]
     macs_dims = {**(dims or {})}
     with tempfile.TemporaryDirectory(prefix="onnxforge-prune-") as tmp:
+        # the unpruned model is written and run before the working copy exists
         unpruned = Path(tmp) / "unpruned.onnx"
-        save_onnx(model, unpruned, external_data=True)
-        check, check_notes = run_check(model, eval_batches[0], dims, saved=unpruned)
-        notes.extend(check_notes)
-        macs_before = macs(model, macs_dims, check.input_sets[0], saved=unpruned)
+        save_onnx(reference, unpruned, external_data=True)
+        check, check_notes = run_check(reference, eval_batches[0], dims, saved=unpruned)
+        macs_before = macs(reference, macs_dims, check.input_sets[0], saved=unpruned)
+        gc.collect()
+        _, model, notes = prepared_for_pruning(reference, dims)
+        notes = ([normalized.describe()] if normalized.modified else []) + notes + check_notes
+        analysis = analyze(model)
+        _resolve_conflicts(analysis)
+        decided = _decide(analysis, settings, _importance(model, analysis, settings, None))
+        units = [unit for unit, _ in decided]
+        removed = frozenset().union(*(roots for _, roots in decided))
+        if settings.ratio > 0 and not removed:
+            raise _nothing_pruned(units, settings.ratio)
         if not removed:  # nothing removed: the model as normalized, not the form tracing needed
             pruned = onnx.ModelProto()
             pruned.CopyFrom(reference)
-            return PruneResult(model=pruned, units=tuple(units), parameters=(count_parameters(reference),) * 2,
-                               macs=(macs_before, macs_before), size_bytes=(model_bytes(given), model_bytes(pruned)),
+            return PruneResult(model=pruned, units=tuple(units), parameters=(parameters_before,) * 2,
+                               macs=(macs_before, macs_before), size_bytes=(size_before, model_bytes(pruned)),
                                fidelity=None, fidelity_without_compensation=None, compensated_consumers=0, notes=tuple(notes))
         pruned = apply(model, analysis, removed)
+        del model, reference  # the working copy (if one was made) is freed before the pruned model is copied again
+        gc.collect()  # with the sessions of the checks above
+        pruned = deduplicate_initializers(pruned).model  # as the usual path returns it
+        gc.collect()  # the copy before merging, held in onnx-ir's reference cycles
         pruned_path = Path(tmp) / "pruned.onnx"
         save_onnx(pruned, pruned_path, external_data=True)
-        gc.collect()  # sessions of the checks above, freed before the next one opens
         error = check(pruned, saved=pruned_path)
         if error is not None:
             raise UserError(f"the model pruned at ratio {settings.ratio} fails its check: {error}; past 2 GB the units are "
@@ -1588,9 +1598,9 @@ def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evalu
     result = PruneResult(
         model=pruned,
         units=tuple(units),
-        parameters=(count_parameters(reference), count_parameters(pruned)),
+        parameters=(parameters_before, count_parameters(pruned)),
         macs=(macs_before, macs_after),
-        size_bytes=(model_bytes(given), model_bytes(pruned)),
+        size_bytes=(size_before, model_bytes(pruned)),
         fidelity=fidelity,
         fidelity_without_compensation=None,
         compensated_consumers=0,

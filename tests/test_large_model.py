@@ -293,3 +293,85 @@ def test_quantize_past_the_threshold_keeps_the_usual_path_where_the_lean_one_doe
     result = quantize(in_memory["exported"], QuantizeSettings(mode="dynamic", accuracy_target=0.5, check_speed=False))
     assert not any("past 2 GB" in r for r in result.reasons)
     assert ort_dynamic_calls and "header" in ort_dynamic_calls[-1]
+
+
+# ---------------------------------------------------------------- prune's path past the threshold
+
+
+@pytest.fixture
+def staged_sessions(monkeypatch):
+    """Prefixes of the temporary folders made while the test runs: ``open_session`` stages a
+    ModelProto past the threshold in an ``onnxforge-session-`` folder, a copy per session."""
+    import tempfile
+
+    prefixes = []
+    real = tempfile.TemporaryDirectory
+
+    def spy(*args, **kwargs):
+        prefixes.append(kwargs.get("prefix"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", spy)
+    return prefixes
+
+
+def test_prune_past_the_threshold_runs_from_files_and_matches_the_usual_path(flows, staged_sessions, monkeypatch):
+    """Without calibration data, a model past the threshold is pruned from files: the same units
+    and counts as the usual path, outputs equal to float32 rounding, the notes say how; no
+    session stages a ModelProto (every check, MAC count and fidelity run opens a file written
+    once), nothing is serialized whole, and the caller's model is left as it was."""
+    from onnxforge.common.sessions import CHECK, open_session
+    from optimizers.structured import PruneSettings, prune_structured
+
+    in_memory, _, _, _ = flows
+    model = onnx.load(str(in_memory["exported"]))
+    before = model.SerializeToString()
+    settings = PruneSettings(ratio=0.25)
+    usual = prune_structured(model, settings)
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_THRESHOLD_BYTES", THRESHOLD_BYTES)
+    staged_sessions.clear()
+    watch = WholeSerializations(monkeypatch)
+    lean = prune_structured(model, settings)
+    assert "onnxforge-session-" not in staged_sessions and "onnxforge-prune-" in staged_sessions
+    assert watch.seen == []
+    monkeypatch.undo()
+
+    assert model.SerializeToString() == before
+    assert lean.units == usual.units and sum(u.kept < u.channels for u in lean.units) == 5  # of 7: the first protected, the last's output is the graph's
+    assert lean.parameters == usual.parameters and lean.parameters[1] < lean.parameters[0]
+    assert lean.macs == usual.macs
+    # past the threshold model_bytes sums the parts (no protobuf framing): within 2% of ByteSize
+    assert lean.size_bytes == pytest.approx(usual.size_bytes, rel=0.02) and lean.size_bytes[1] < lean.size_bytes[0]
+    assert lean.fidelity["samples"] == usual.fidelity["samples"] == 4
+    assert lean.fidelity["min_mean_cosine"] == pytest.approx(usual.fidelity["min_mean_cosine"], abs=1e-6)
+    assert lean.fidelity["max_abs_error"] == pytest.approx(usual.fidelity["max_abs_error"], rel=1e-5, abs=1e-6)
+    assert any(note.startswith("model past 2 GB: every unit was cut and checked in one ONNX Runtime pass") for note in lean.notes)
+    assert not any("past 2 GB" in note for note in usual.notes)
+    run = [open_session(result.model, CHECK).run(None, _inputs())[0] for result in (usual, lean)]
+    np.testing.assert_allclose(run[1], run[0], **FLOAT_TOLERANCE)
+
+
+def test_prune_past_the_threshold_checks_once_and_says_how_to_keep_a_unit_whole(flows, monkeypatch):
+    """Past the threshold a failing check is not bisected (one check, not one per unit): the
+    error says so and names --protect; below it the same failure leaves every unit whole."""
+    from optimizers import structured
+    from optimizers.structured import PruneSettings, prune_structured
+
+    in_memory, _, _, _ = flows
+    model = onnx.load(str(in_memory["exported"]))
+    calls = []
+
+    def failing(self, candidate, *, saved=None):
+        calls.append(saved)
+        return "ONNX Runtime fails on it: made to fail by the test"
+
+    monkeypatch.setattr(structured.RunCheck, "__call__", failing)
+    with pytest.raises(structured.UserError, match="nothing could be pruned"):
+        prune_structured(model, PruneSettings(ratio=0.25))
+    assert len(calls) > 1  # the usual path bisects
+    calls.clear()
+    monkeypatch.setattr(onnxio, "EXTERNAL_DATA_THRESHOLD_BYTES", THRESHOLD_BYTES)
+    with pytest.raises(structured.UserError, match=r"made to fail by the test; past 2 GB the units are not bisected .* "
+                                                    r"keep them whole with --protect NODE"):
+        prune_structured(model, PruneSettings(ratio=0.25))
+    assert len(calls) == 1 and calls[0].name == "pruned.onnx"
