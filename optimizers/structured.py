@@ -1526,15 +1526,16 @@ def _nothing_pruned(units: list[Unit], ratio: float) -> UserError:
 
 def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evaluation, tokenizer,
                        dims: Mapping[str, int] | None) -> PruneResult:
-    """``prune_structured`` without calibration data for a model past 2 GB (``is_large``),
-    which holds the model at most three times (as given; the working copy preparing makes, made
-    after the unpruned model's checks and freed once the pruned model is cut; the pruned model)
-    and runs ONNX Runtime from files: the unpruned and the pruned
-    model are each written once with external data and every check, MAC count and the fidelity
-    open sessions from those paths, one at a time. The units are cut and checked together in
-    one pass: where that fails, they are not bisected to find the ones that break the graph
-    (each trial would be one more copy and two more sessions): the error names the check and
-    ``--protect`` keeps a unit whole. Results equal the usual path's."""
+    """``prune_structured`` without calibration data for a model past 2 GB (``is_large``).
+
+    It holds the model at most three times: as given; the working copy that tracing reads, made
+    after the unpruned model's checks and freed once the pruned model is cut; the pruned model.
+    ONNX Runtime runs from files: the unpruned and the pruned model are each written once with
+    external data, and every check, MAC count and the fidelity open sessions from those paths,
+    one at a time. The units are cut and checked together in one pass: where that fails they
+    are not bisected to find the ones that break the graph (each trial would cost one more copy
+    and two more sessions); the error names the check and ``--protect``. Units, counts, MACs and
+    fidelity are the usual path's; only ``size_bytes`` is summed part by part (``model_bytes``)."""
     import gc
     import tempfile
 
