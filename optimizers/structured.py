@@ -34,7 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.onnxio import check_onnx, inferred_shapes, is_large, model_bytes
+from onnxforge.common.onnxio import check_onnx, copy_without_initializers, inferred_shapes, is_large, model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -836,7 +836,7 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
         if len(keep) < len(param.slots) and (param.name, param.axis) not in done:
             done.add((param.name, param.axis))
             cuts[param.name].append((param.axis, keep))
-    out = _copy_without_initializers(model)  # a cut weight is never copied whole first
+    out = copy_without_initializers(model)  # a cut weight is never copied whole first
     last = {t.name: index for index, t in enumerate(model.graph.initializer)}
     for index, tensor in enumerate(model.graph.initializer):
         if tensor.name not in cuts or last[tensor.name] != index:
@@ -891,22 +891,6 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
     for tensor in stale:
         out.graph.initializer.remove(tensor)
     del out.graph.value_info[:]  # shapes inside changed; shape inference recomputes them
-    return out
-
-
-def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A new model with every field of ``model`` but the graph's initializers."""
-    out = onnx.ModelProto()
-    for source, target in ((model, out), (model.graph, out.graph)):
-        for field, value in source.ListFields():
-            if field.name in ("graph", "initializer"):
-                continue
-            if field.is_repeated:
-                getattr(target, field.name).extend(value)
-            elif field.type == field.TYPE_MESSAGE:
-                getattr(target, field.name).CopyFrom(value)
-            else:
-                setattr(target, field.name, value)
     return out
 
 

@@ -150,9 +150,7 @@ def _externalized(model: onnx.ModelProto, location: str, write=None) -> tuple[on
     time, in order (the offsets are the running total); without it nothing is read but the
     lengths. ``model`` is not modified; tensors already external and string tensors (which
     external data cannot hold) are copied as they are."""
-    graph_only = onnx.ModelProto()
-    _copy_fields(model, graph_only, skip="graph")
-    _copy_fields(model.graph, graph_only.graph, skip="initializer")
+    graph_only = copy_without_initializers(model)
     offset = 0
     for tensor in model.graph.initializer:
         if (tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING
@@ -173,6 +171,15 @@ def _externalized(model: onnx.ModelProto, location: str, write=None) -> tuple[on
         offset += len(payload)
         del payload
     return graph_only, offset
+
+
+def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A new model with every field of ``model`` but the graph's initializers (nothing of the
+    weights is copied, so it is cheap however large the model)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    return out
 
 
 def _copy_fields(source, target, *, skip: str) -> None:
