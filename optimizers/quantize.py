@@ -1246,7 +1246,9 @@ def _recalled(candidates: list[Candidate], decision: str | None, settings: Quant
     entry = recall(decision)
     kept = [c for c in candidates if entry is not None and c.name == entry["candidate"]]
     if not kept:
-        reasons.append("--fast: no decision remembered for this model, settings, data and machine; searched and remembered")
+        reasons.append("--fast: no decision remembered for this model, settings, data and machine; searched and remembered"
+                       if entry is None else f"--fast: the remembered choice, {entry['candidate']}, is not among the candidates "
+                       "planned now; searched and remembered")
         return candidates, False
     speed = f"{entry['speedup']:.2f}x fp32" if entry.get("speedup") else "speed not recorded"
     reasons.append(f"--fast: {kept[0].name}, as chosen by the timed search of {entry.get('when', '?')} on this machine "
