@@ -326,6 +326,7 @@ def _base_settings(settings: QuantizeSettings, pattern: OpPattern, mode: str) ->
         "model_kind": pattern.kind,
         "keep_float": [],
         "smoothquant": None,
+        "outliers": False,
     }
 
 
@@ -440,9 +441,10 @@ def _auto_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern
         if pattern.attention:
             searched_on = "the calibration data" if has_calibration else f"{SMOOTHQUANT_GENERATED_BATCHES} generated batches"
             candidates.append(_candidate("dynamic-per-channel-smoothquant",
-                                         f"SmoothQuant (scales folded into LayerNorms, alpha searched per layer on {searched_on}), "
-                                         f"then dynamic int8 of {'/'.join(op_types)}, weights per-channel",
-                                         dynamic, op_types=op_types, per_channel=True, smoothquant="layernorm"))
+                                         f"outlier feed-forward neurons on a float side path and SmoothQuant (scales folded into "
+                                         f"LayerNorms, alpha searched per layer), both found on {searched_on}, then dynamic int8 of "
+                                         f"{'/'.join(op_types)}, weights per-channel",
+                                         dynamic, op_types=op_types, per_channel=True, smoothquant="layernorm", outliers=True))
             if not given_ops and "MatMul" in op_types:
                 candidates.append(_candidate("weight-only-int8-matmulnbits",
                                              f"8-bit MatMulNBits weights (blocks of {NBITS_INT8_BLOCK}), activations quantized per "
@@ -1128,6 +1130,7 @@ def quantize(
                                if settings.preprocess and not int4 else (float_model, "off"))
         inputs_for = _ort_inputs(prepared, candidates, dynamo=is_dynamo_graph(reference), calib=calib, dims=dims,
                                  exclude=settings.exclude_nodes)
+        candidates = _with_float_paths(candidates, inputs_for)
         exclude = list(settings.exclude_nodes)
         candidates, models = _build_candidates(candidates, inputs_for, exclude, calib, settings, workdir, reference, evaluation_batches)
 
@@ -1297,8 +1300,8 @@ def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, d
     MatMul + Add for dynamic ones (see ``flatten_gemm_biases`` and ``gemm_as_matmul``). A graph
     from the dynamo exporter gets, for dynamic runs, the ORT fusions that keep attention as
     MatMuls (``optimizers.ort_fusions``, ``attention=False``): without them ONNX Runtime fuses its
-    residual sums into the slow CPU SkipLayerNormalization kernel. A candidate with
-    ``smoothquant`` gets ``optimizers.smoothquant.smooth`` on the calibration data first."""
+    residual sums into the slow CPU SkipLayerNormalization kernel. A candidate with ``outliers``
+    or ``smoothquant`` gets those exact rewrites next (``_equalized``)."""
     by_mode: dict[str, onnx.ModelProto] = {}
     out = {}
     for c in candidates:
@@ -1318,7 +1321,7 @@ def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, d
                     by_mode[mode] = _int8_fusions(by_mode[mode], dims)
             else:
                 by_mode[mode] = prepared
-        out[c.name] = _smoothed(by_mode[mode], c.resolved, calib, dims) if c.resolved.get("smoothquant") else by_mode[mode]
+        out[c.name] = _equalized(by_mode[mode], c.resolved, calib, dims)
     return out
 
 
@@ -1355,20 +1358,46 @@ def _int8_fusions(model: onnx.ModelProto, dims: Mapping[str, int] | None) -> onn
     return result.model
 
 
-def _smoothed(model: onnx.ModelProto, resolved: dict, calib: CalibrationData | None,
-              dims: Mapping[str, int] | None = None) -> onnx.ModelProto:
-    """``model`` after SmoothQuant (exact in float) on up to 8 calibration batches, or without
-    calibration data on ``SMOOTHQUANT_GENERATED_BATCHES`` generated ones (seeds apart from the
-    ones fidelity is measured on)."""
+def _equalized(model: onnx.ModelProto, resolved: dict, calib: CalibrationData | None,
+               dims: Mapping[str, int] | None = None) -> onnx.ModelProto:
+    """``model`` as a candidate asks, both exact in float: outlier feed-forward neurons on a float
+    side path (``optimizers.outliers``), then SmoothQuant (``optimizers.smoothquant``). Both
+    look at up to 8 calibration batches, or without calibration data at
+    ``SMOOTHQUANT_GENERATED_BATCHES`` generated ones (seeds apart from the ones fidelity is
+    measured on)."""
+    if not resolved.get("outliers") and not resolved.get("smoothquant"):
+        return model
+    from optimizers.outliers import keep_outliers_float
     from optimizers.smoothquant import SmoothQuantSettings, smooth
 
     if calib is None:
         batches = [verification_inputs(model, dims, seed=100 + i) for i in range(SMOOTHQUANT_GENERATED_BATCHES)]
     else:
         batches = [batch for _, batch in zip(range(8), calib)]
-    result = smooth(model, batches, SmoothQuantSettings(per_channel=bool(resolved["per_channel"]), scope=resolved["smoothquant"]))
-    logger.info("SmoothQuant: %s", {k: v for k, v in result.stats.items() if k != "groups"})
-    return result.model
+    if resolved.get("outliers"):
+        try:
+            result = keep_outliers_float(model, batches)
+        except UserError as exc:
+            logger.warning("outlier neurons left in the int8 path: %s", exc)
+        else:
+            logger.info("outlier neurons: %s", {k: v for k, v in result.stats.items() if k != "split"})
+            model = result.model
+    if resolved.get("smoothquant"):
+        result = smooth(model, batches, SmoothQuantSettings(per_channel=bool(resolved["per_channel"]), scope=resolved["smoothquant"]))
+        logger.info("SmoothQuant: %s", {k: v for k, v in result.stats.items() if k != "groups"})
+        model = result.model
+    return model
+
+
+def _with_float_paths(candidates: Sequence[Candidate], inputs_for: Mapping[str, onnx.ModelProto]) -> list[Candidate]:
+    """Candidates whose model got outlier side paths keep those MatMuls in float (``keep_float``)."""
+    from optimizers.outliers import float_nodes
+
+    out = []
+    for c in candidates:
+        side = [n for n in float_nodes(inputs_for[c.name]) if n not in c.resolved["keep_float"]]
+        out.append(dataclasses.replace(c, resolved={**c.resolved, "keep_float": [*c.resolved["keep_float"], *side]}) if side else c)
+    return out
 
 
 def _build_candidates(candidates: Sequence[Candidate], inputs_for: Mapping[str, onnx.ModelProto], exclude: Sequence[str],

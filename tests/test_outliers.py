@@ -1,0 +1,139 @@
+"""Outlier feed-forward neurons on a float side path (optimizers.outliers): exact in float, found
+where they are, left in float by the quantizer, and worth it for dynamic int8."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxforge.common.errors import UserError
+from optimizers.outliers import (FLOAT_PREFIX, OutlierSettings, feed_forwards, float_nodes, keep_outliers_float, outlier_neurons,
+                                 split_blocks)
+from optimizers.verify import run_model
+
+HIDDEN, WIDTH, OUTLIER = 16, 64, 5
+
+
+def _ffn(activation: str = "Gelu", outlier_gain: float = 12.0, extra_reader: bool = False) -> onnx.ModelProto:
+    """x [B, S, 16] -> MatMul -> Add(bias) -> activation -> MatMul -> Add(bias) -> y; neuron 5's
+    up-projection scaled so its activation peaks ``outlier_gain`` times above the others."""
+    rng = np.random.default_rng(0)
+    w_up = rng.normal(0, 0.25, (HIDDEN, WIDTH)).astype(np.float32)
+    w_up[:, OUTLIER] *= outlier_gain
+    b_up = rng.normal(0, 0.1, WIDTH).astype(np.float32)
+    w_down = rng.normal(0, 0.2, (WIDTH, HIDDEN)).astype(np.float32)
+    b_down = rng.normal(0, 0.1, HIDDEN).astype(np.float32)
+    act_inputs, domain = ["pre"], ""
+    if activation == "BiasGelu":  # the bias inside the activation, as ORT's fusions write it
+        act_inputs, domain = ["h", "b_up"], "com.microsoft"
+    nodes = [helper.make_node("MatMul", ["x", "w_up"], ["h"], name="up")]
+    if activation != "BiasGelu":
+        nodes.append(helper.make_node("Add", ["h", "b_up"], ["pre"], name="up_bias"))
+    nodes += [helper.make_node(activation, act_inputs, ["act"], name="act", domain=domain),
+              helper.make_node("MatMul", ["act", "w_down"], ["d"], name="down"),
+              helper.make_node("Add", ["d", "b_down"], ["y"], name="down_bias")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", HIDDEN])]
+    if extra_reader:
+        nodes.append(helper.make_node("Identity", ["act"], ["act_copy"], name="copy"))
+        outputs.append(helper.make_tensor_value_info("act_copy", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])], outputs,
+                              [numpy_helper.from_array(a, n) for n, a in
+                               (("w_up", w_up), ("b_up", b_up), ("w_down", w_down), ("b_down", b_down))])
+    opsets = [helper.make_opsetid("", 20)] + ([helper.make_opsetid("com.microsoft", 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def _batches(count=4, batch=2, seq=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (batch, seq, HIDDEN)).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("activation", ["Gelu", "Relu", "BiasGelu"])
+def test_split_finds_the_outlier_neuron_and_is_exact_in_float(activation):
+    model = _ffn(activation)
+    result = keep_outliers_float(model, _batches())
+    assert result.modified and result.stats["neurons_moved"] == 1
+    assert result.stats["split"]["down"]["neurons"] == [OUTLIER]
+    assert result.stats["split"]["down"]["peak_without"] < result.stats["split"]["down"]["peak"] / 3
+    onnx.checker.check_model(result.model)
+    assert sorted(float_nodes(result.model)) == [FLOAT_PREFIX + "down/down", FLOAT_PREFIX + "down/up"]
+    weights = {i.name: i for i in result.model.graph.initializer}
+    down = next(n for n in result.model.graph.node if n.name == "down")
+    assert list(weights[down.input[1]].dims) == [WIDTH - 1, HIDDEN]
+    for batch, seq in ((3, 5), (1, 17)):  # shapes the split never saw
+        feeds = _batches(1, batch, seq, seed=9)[0]
+        np.testing.assert_allclose(run_model(result.model, feeds)["y"], run_model(model, feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_no_outlier_and_shared_activations_leave_the_model_alone():
+    flat = keep_outliers_float(_ffn(outlier_gain=1.0), _batches())
+    assert not flat.modified and flat.stats["blocks"] == 1 and flat.stats["neurons_moved"] == 0
+    # an activation with another reader is not a block this pass may split
+    assert feed_forwards(_ffn(extra_reader=True)) == []
+    assert not keep_outliers_float(_ffn(extra_reader=True), _batches()).modified
+
+
+def test_outlier_rule_caps_the_share_and_needs_a_clear_gap():
+    peaks = np.ones(300)
+    peaks[[3, 7, 11]] = [10.0, 9.0, 1.5]
+    assert outlier_neurons(peaks, OutlierSettings()).tolist() == [3, 7]  # 1.5 is under 2x the 99th percentile
+    assert outlier_neurons(peaks, OutlierSettings(max_share=0.004)).tolist() == [3]  # one neuron of 300 at most
+    with pytest.raises(UserError, match="factor"):
+        OutlierSettings(factor=0.5)
+    with pytest.raises(UserError, match="not the down-projection"):
+        split_blocks(_ffn(), {"up": np.array([1])})
+
+
+def test_side_path_stays_float_and_makes_dynamic_int8_more_faithful(tmp_path):
+    """quantize_dynamic with the side-path MatMuls excluded: they stay MatMul (float), the rest
+    is int8, and the error is smaller than without the split, since the outlier no longer sets
+    the activation's one scale."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = _ffn()
+    split = keep_outliers_float(model, _batches()).model
+    feeds = _batches(1, 4, 32, seed=5)[0]
+    reference = run_model(model, feeds)["y"]
+    errors = {}
+    for label, candidate, exclude in (("plain", model, []), ("split", split, float_nodes(split))):
+        source, target = tmp_path / f"{label}.onnx", tmp_path / f"{label}_q.onnx"
+        onnx.save(candidate, source)
+        quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+        quantized = onnx.load(str(target))
+        out = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        errors[label] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+        if label == "split":
+            matmuls = {n.name for n in quantized.graph.node if n.op_type == "MatMul"}
+            assert set(float_nodes(split)) <= matmuls
+            assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in quantized.graph.node)
+    assert errors["split"] < 0.5 * errors["plain"], errors
+
+
+def test_quantize_auto_keeps_outlier_neurons_of_a_transformer_in_float(tmp_path):
+    """A tiny BERT with one FFN neuron made an outlier: auto mode's SmoothQuant candidate moves it to
+    a float side path (found on generated inputs), lists the side MatMuls as kept in float, and
+    is more faithful than plain per-channel dynamic int8."""
+    from exporter import export
+    from optimizers import QuantizeSettings, quantize
+    from tests.test_quantize import FixedSpeeds
+    from tests.test_transformer_path import TinyBert, _bert_inputs
+
+    module = TinyBert()
+    with torch.no_grad():
+        dense = module.bert.encoder.layer[0].intermediate.dense
+        dense.weight[OUTLIER] *= 30.0
+        dense.bias[OUTLIER] = 3.0
+    path = export(module, _bert_inputs(), tmp_path / "bert.onnx", exporter="dynamo").path
+    result = quantize(path, QuantizeSettings(min_cosine=0.5), measure=FixedSpeeds(default=1.5, dynamic_per_channel_smoothquant=2.0))
+    by_name = {c.name: c for c in result.candidates}
+    chosen = by_name["dynamic-per-channel-smoothquant"]
+    assert chosen.chosen and chosen.resolved["outliers"] and "outlier feed-forward neurons" in chosen.description
+    side = [n for n in chosen.resolved["keep_float"] if n.startswith(FLOAT_PREFIX)]
+    assert len(side) == 2
+    float_matmuls = {n.name for n in result.model.graph.node if n.op_type == "MatMul"}
+    assert set(side) <= float_matmuls
+    assert chosen.fidelity.min_mean_cosine > by_name["dynamic-per-channel"].fidelity.min_mean_cosine
