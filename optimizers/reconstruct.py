@@ -75,13 +75,24 @@ class ReconstructSettings:
     seed: the split's seed.
     correct_residual: where a consumer's output is summed with a residual ``r`` (``y = W x + b +
         r``, a transformer's FFN), its target also makes up the drift that pruning upstream left
-        in the residual: ``W x + (r − r̂)``, ``r̂`` the residual in the pruned model."""
+        in the residual: ``W x + (r − r̂)``, ``r̂`` the residual in the pruned model.
+    layernorm_weights: where a consumer's output (after bias and residual Adds) is the input ``h``
+        of a LayerNormalization over its last axis, each row's squared error is weighted by
+        ``1 / (var(h_t) + ε)`` (``h`` in the unpruned model): LayerNorm divides row ``t`` by its
+        standard deviation, so this is the error after the norm to first order; rows of large
+        norm (a transformer's outlier tokens) no longer dominate the fit.
+    refit_outputs: also re-fit the output layers downstream of the pruned ones (a MatMul, Gemm or
+        group-1 Conv reading no pruned channel, whose output reaches a graph output through no
+        other weighted layer, a classifier head) on their drifted inputs, towards the unpruned
+        model's outputs; kept where held-out data says so, per layer and for the whole model."""
 
     ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
     holdout: float = HOLDOUT_SHARE
     max_features: int = 6144
     seed: int = 0
     correct_residual: bool = True
+    layernorm_weights: bool = True
+    refit_outputs: bool = True
 
     def __post_init__(self):
         if not self.ridges or min(self.ridges) <= 0:
@@ -94,8 +105,9 @@ class ReconstructSettings:
 
 
 class Moments:
-    """Running sums for ``min ||T − A Z||²`` with features ``z = [f; 1]``: ``ZZᵀ``, ``T Zᵀ``,
-    ``||T||²`` and the count. ``add`` takes rows (samples) of features and targets."""
+    """Running sums for ``min sum_t w_t ||t_t − A z_t||²`` with features ``z = [f; 1]``: ``Z W Zᵀ``,
+    ``T W Zᵀ``, ``sum_t w_t ||t_t||²`` and the count. ``add`` takes rows (samples) of features and
+    targets, and optionally each row's weight ``w_t`` (1 when not given)."""
 
     def __init__(self, features: int, outputs: int):
         self.zz = np.zeros((features + 1, features + 1))
@@ -103,13 +115,16 @@ class Moments:
         self.tt = 0.0
         self.count = 0
 
-    def add(self, features: np.ndarray, targets: np.ndarray) -> None:
+    def add(self, features: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> None:
         # products in float32 per chunk of rows, sums in float64: twice as fast, and the
         # ridge is far above float32's rounding of a chunk's sum
         for start in range(0, features.shape[0], ROW_CHUNK):
             f = features[start:start + ROW_CHUNK].astype(np.float32)
             t = targets[start:start + ROW_CHUNK].astype(np.float32)
             z = np.concatenate([f, np.ones((f.shape[0], 1), np.float32)], axis=1)
+            if weights is not None:  # sqrt(w) on both sides: sums of w z zᵀ, w t zᵀ, w ||t||²
+                root = np.sqrt(weights[start:start + ROW_CHUNK]).astype(np.float32)[:, None]
+                z, t = z * root, t * root
             self.zz += z.T @ z
             self.tz += t.T @ z
             self.tt += float(np.einsum("ij,ij->", t, t, dtype=np.float64))
@@ -120,7 +135,8 @@ class Moments:
         return float(self.tt - 2.0 * np.einsum("ij,ij->", solution, self.tz) + np.einsum("ij,ij->", solution @ self.zz, solution))
 
     def mean_features(self) -> np.ndarray:
-        return self.zz[-1, :-1] / max(self.count, 1)
+        """The (weighted) mean feature row."""
+        return self.zz[-1, :-1] / max(self.zz[-1, -1], 1e-30)
 
 
 def solve(moments: Moments, prior: np.ndarray, ridge: float) -> np.ndarray:
@@ -155,6 +171,7 @@ class _Consumer:
     removed: list[int]
     conv: dict | None = None  # kernel, strides, pads, dilations
     residual: str | None = None  # the other input of the residual Add its output (plus bias) reaches
+    normalized: tuple[str, float] | None = None  # (input, epsilon) of the LayerNormalization its output reaches
 
     @property
     def taps(self) -> int:
@@ -258,17 +275,41 @@ def _consumers(model, analysis, removed, settings: ReconstructSettings, every: b
                                   f"is over max_features {settings.max_features}")
             continue
         residual = _residual_input(model, node, inits) if settings.correct_residual and conv is None and len(rows) == canonical.shape[0] else None
-        found.append(_Consumer(node, tensor, weight_name, canonical, layout, rows, kept, gone, conv, residual))
+        normalized = _layernorm_input(model, node, inits) if settings.layernorm_weights and conv is None and len(rows) == canonical.shape[0] else None
+        found.append(_Consumer(node, tensor, weight_name, canonical, layout, rows, kept, gone, conv, residual, normalized))
     return found, skipped
+
+
+def _readers(model) -> dict[str, list[onnx.NodeProto]]:
+    readers = collections.defaultdict(list)
+    for other in model.graph.node:
+        for name in other.input:
+            readers[name].append(other)
+    return readers
+
+
+def _layernorm_input(model, node, inits) -> tuple[str, float] | None:
+    """``(h, ε)`` when ``node``'s output, after at most two Adds (a bias, a residual), is the input
+    ``h`` of a LayerNormalization over the last axis and read by nothing else on the way."""
+    readers = _readers(model)
+    tensor = node.output[0]
+    for _ in range(3):
+        after = readers.get(tensor, [])
+        if len(after) != 1:
+            return None
+        reader = after[0]
+        if reader.op_type == "LayerNormalization" and reader.domain in ("", "ai.onnx") and reader.input[0] == tensor:
+            return (tensor, float(_attr(reader, "epsilon", 1e-5))) if _attr(reader, "axis", -1) == -1 else None
+        if reader.op_type != "Add" or len(reader.input) != 2:
+            return None
+        tensor = reader.output[0]
+    return None
 
 
 def _residual_input(model, node, inits) -> str | None:
     """``r`` when ``node``'s output, after at most one Add of a constant bias, is summed with a
     computed tensor ``r`` of the same shape (a transformer's residual: ``y = W x + b + r``)."""
-    readers = collections.defaultdict(list)
-    for other in model.graph.node:
-        for name in other.input:
-            readers[name].append(other)
+    readers = _readers(model)
     tensor = node.output[0]
     for _ in range(2):
         after = readers.get(tensor, [])
@@ -377,8 +418,9 @@ def _activations(model, names: Sequence[str], batches):
     from optimizers.verify import ort_session
 
     session = ort_session(_truncated(model, names))
+    wanted = {i.name for i in session.get_inputs()}  # the cut may leave an input (a mask) unread
     for batch in batches:
-        yield dict(zip(names, session.run(list(names), dict(batch))))
+        yield dict(zip(names, session.run(list(names), {k: v for k, v in dict(batch).items() if k in wanted})))
 
 
 def _truncated(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -430,8 +472,10 @@ def _moments_for_wave(reference, current, wave: list[_Consumer], fit, heldout):
     """Per consumer, moments of (kept input in ``current``, original target from ``reference``)
     over the fit batches and over the held-out ones, and each consumer's original full-feature
     means over the fit batches (for compensation). One session per model for the wave. A
-    consumer with a ``residual`` also targets the residual's drift, ``r − r̂``."""
-    names = sorted({c.tensor for c in wave} | {c.residual for c in wave if c.residual})
+    consumer with a ``residual`` also targets the residual's drift, ``r − r̂``; one that reaches a
+    LayerNormalization weights its rows by ``1 / (var(h_t) + ε)`` (``ReconstructSettings.layernorm_weights``)."""
+    names = sorted({c.tensor for c in wave} | {c.residual for c in wave if c.residual}
+                   | {c.normalized[0] for c in wave if c.normalized})
     batches = [(b, True) for b in fit] + [(b, False) for b in heldout]
     weights = {c.node.name: c.weight[c.rows].reshape(len(c.rows), -1).T.astype(np.float32) for c in wave}
     moments = {True: {}, False: {}}
@@ -451,13 +495,24 @@ def _moments_for_wave(reference, current, wave: list[_Consumer], fit, heldout):
             part = moments[is_fit]
             if name not in part:
                 part[name] = Moments(features.shape[1], targets.shape[1])
-            part[name].add(features, targets)
+            part[name].add(features, targets, _layernorm_weights(batch, original, c))
             if is_fit:
                 column_sums = full.sum(0, dtype=np.float64)
                 sums[name] = column_sums if name not in sums else sums[name] + column_sums
                 counts[name] += full.shape[0]
     means = {name: sums[name] / max(counts[name], 1) for name in sums}
     return moments[True], moments[False], means
+
+
+def _layernorm_weights(batch, values: Mapping[str, np.ndarray], consumer: _Consumer) -> np.ndarray | None:
+    """Per row, ``1 / (var(h_t) + ε)`` of the LayerNorm input ``h`` the consumer reaches (None
+    where it reaches none): the square of the factor LayerNorm scales row ``t``'s error by."""
+    if consumer.normalized is None:
+        return None
+    name, epsilon = consumer.normalized
+    h = values[name]
+    rows = _rows(batch, h, h.reshape(-1, h.shape[-1]))
+    return 1.0 / (rows.astype(np.float64).var(axis=1) + epsilon)
 
 
 def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batches: Sequence[Mapping[str, np.ndarray]],
@@ -474,7 +529,114 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
         notes.append("reconstruction needs held-out calibration data (2 batches or a batch of 2 samples at least); not applied")
     pruned, compensated, current, reports = _refit(model, analysis, removed, fit, heldout, settings, notes)
     chosen, fidelity, applied = _final_choice(model, pruned, compensated, current, reports, heldout, measure, notes)
+    if settings.refit_outputs and heldout:
+        chosen, fidelity, outputs = _refit_outputs(model, analysis, removed, chosen, fit, heldout, settings, fidelity, measure, notes)
+        reports.extend(outputs)
+    from optimizers.cleanup import deduplicate_initializers
+
+    chosen = deduplicate_initializers(chosen).model
     return ReconstructResult(chosen, tuple(reports), fidelity, applied, len(fit), len(heldout), tuple(notes))
+
+
+WEIGHTED = ("MatMul", "Gemm", "Conv")
+
+
+def _output_layers(model, analysis, removed: frozenset[int], settings: ReconstructSettings
+                   ) -> tuple[list[_Consumer], dict[str, str]]:
+    """The weighted layers (MatMul / Gemm / group-1 Conv with an initializer weight that no
+    other node reads) downstream of a pruned producer that read no pruned channel and have no
+    weighted layer after them, as consumers of all their input channels; and those left as they
+    are, with why."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers = _readers(model)
+    find = analysis.slots.find
+    pruned_producers = {name for name, slots in analysis.producers.items() if any(find(s) in removed for s in slots)}
+    consuming = {node for node, _, slots, _, _ in analysis.consumers if any(find(s) in removed for s in slots)}
+    downstream: set[str] = set()  # tensors that pruning changes
+    for node in model.graph.node:  # graph order is topological
+        if node.name in pruned_producers or any(i in downstream for i in node.input):
+            downstream.update(node.output)
+    weighted = lambda n: n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in inits
+    last: dict[str, bool] = {}  # tensor -> no weighted layer reads it, directly or further on
+    for node in reversed(list(model.graph.node)):
+        for name in node.output:
+            last[name] = all(not weighted(r) and all(last.get(o, True) for o in r.output) for r in readers.get(name, []))
+    found, skipped = [], {}
+    for node in model.graph.node:
+        if not weighted(node) or node.name in consuming or node.input[0] not in downstream or not all(last[o] for o in node.output):
+            continue
+        why = _output_layer_refused(node, inits, readers)
+        if why:
+            skipped[node.name] = why
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        conv = None
+        if node.op_type == "Conv":
+            conv, why = _conv_geometry(node, w.shape)
+            if conv is None or w.shape[1] * int(np.prod(w.shape[2:])) > settings.max_features:
+                skipped[node.name] = why or f"im2col width {w.shape[1] * int(np.prod(w.shape[2:]))} is over max_features"
+                continue
+            canonical, layout = w.reshape(w.shape[0], w.shape[1], -1), "conv"
+        elif node.op_type == "Gemm" and _attr(node, "transB", 0):
+            canonical, layout = w[:, :, None], "out_in"
+        else:
+            canonical, layout = w.T[:, :, None], "in_out"
+        rows = list(range(canonical.shape[0]))
+        if node.name in analysis.producers:
+            rows = [i for i, s in enumerate(analysis.producers[node.name]) if find(s) not in removed]
+        residual = _residual_input(model, node, inits) if settings.correct_residual and conv is None and len(rows) == canonical.shape[0] else None
+        normalized = _layernorm_input(model, node, inits) if settings.layernorm_weights and conv is None and len(rows) == canonical.shape[0] else None
+        found.append(_Consumer(node, node.input[0], node.input[1], canonical, layout, rows, list(range(canonical.shape[1])), [], conv,
+                               residual, normalized))
+    return found, skipped
+
+
+def _output_layer_refused(node, inits, readers) -> str | None:
+    """Why an output layer's weights cannot be re-fitted in place, or None."""
+    if node.input[0] in inits:
+        return "its data input is a constant"
+    if len(readers.get(node.input[1], [])) > 1:
+        return "its weight is shared with another node"
+    if node.op_type == "MatMul" and len(inits[node.input[1]].dims) != 2:
+        return "a batched MatMul weight"
+    if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0):
+        return "Gemm with transA, alpha or beta"
+    if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+        return "grouped Conv"
+    if len(node.input) > 2 and node.input[2] and len(readers.get(node.input[2], [])) > 1:
+        return "its bias is shared with another node"
+    return None
+
+
+def _refit_outputs(model, analysis, removed, chosen, fit, heldout, settings: ReconstructSettings, fidelity, measure, notes):
+    """``(model, fidelity, reports)``: ``chosen`` with its output layers (``_output_layers``)
+    re-fitted on their drifted inputs where each one's held-out error is lower than unchanged,
+    kept only where the model's held-out cosine rises (``fidelity["outputs"]``)."""
+    layers, skipped = _output_layers(model, analysis, removed, settings)
+    for name, why in skipped.items():
+        notes.append(f"output layer '{name}' is not re-fitted: {why}")
+    if not layers:
+        return chosen, fidelity, []
+    refitted = onnx.ModelProto()
+    refitted.CopyFrom(chosen)
+    reports, done = [], set()
+    for wave in _waves(model, layers):
+        fit_moments, held_moments, _ = _moments_for_wave(model, refitted, wave, fit, heldout)
+        for c in wave:
+            unchanged = np.concatenate([c.prior(), np.zeros((len(c.rows), 1))], axis=1)
+            report, solution, keep = _judge(c, unchanged, fit_moments[c.node.name], held_moments.get(c.node.name), settings)
+            reports.append(dataclasses.replace(report, kind=f"{report.kind} (output layer)"))
+            if keep:
+                _write(refitted, c, solution, done)
+    before = measure(model, chosen, heldout).min_mean_cosine
+    after = measure(model, refitted, heldout).min_mean_cosine if done else before
+    fidelity = {**fidelity, "outputs": after if after > before else None}
+    if after > before:
+        notes.append(f"{len(done)} of {len(layers)} output layer(s) re-fitted on their drifted inputs (held-out cosine "
+                     f"{after:.4f}, {before:.4f} before)")
+        return refitted, fidelity, reports
+    notes.append(f"re-fitting the {len(layers)} output layer(s) did not raise held-out cosine ({after:.4f} vs {before:.4f}); left as they were")
+    return chosen, fidelity, [dataclasses.replace(r, reconstructed=False, reason="model held-out cosine not higher") for r in reports]
 
 
 def _refit(model, analysis, removed: frozenset[int], fit, heldout, settings: ReconstructSettings, notes: list[str]):
@@ -574,8 +736,6 @@ def _judge(c: _Consumer, compensation, fit: Moments, held: Moments | None, setti
 def _final_choice(model, pruned, compensated, current, reports, heldout, measure, notes):
     """The re-fitted model where its held-out fidelity is at least compensation's, else the
     compensated one; with the held-out fidelities of the three."""
-    from optimizers.cleanup import deduplicate_initializers
-
     fidelity = {"none": None, "compensation": None, "reconstruction": None}
     applied = any(r.reconstructed for r in reports)
     if heldout:
@@ -593,7 +753,7 @@ def _final_choice(model, pruned, compensated, current, reports, heldout, measure
         notes.append(f"{kept} of {len(reports)} consumers re-fitted by least squares (held-out cosine "
                      f"{fidelity['reconstruction']:.4f}, {fidelity['compensation']:.4f} with bias compensation, "
                      f"{fidelity['none']:.4f} without)")
-    return deduplicate_initializers(chosen).model, fidelity, applied
+    return chosen, fidelity, applied
 
 
 def _compensate_skipped(target, model, analysis, removed, skipped, batches) -> None:
@@ -739,13 +899,14 @@ def _in_slots(analysis, consumer: _Consumer) -> list[int]:
 
 
 def _full_grams(model, consumers: list[_Consumer], batches) -> dict[str, np.ndarray]:
-    """``[f; 1][f; 1]ᵀ`` summed over ``batches`` for every consumer's full input features."""
-    names = sorted({c.tensor for c in consumers})
+    """``[f; 1][f; 1]ᵀ`` summed over ``batches`` for every consumer's full input features (rows
+    weighted as the re-fit weights them where a consumer reaches a LayerNorm)."""
+    names = sorted({c.tensor for c in consumers} | {c.normalized[0] for c in consumers if c.normalized})
     grams: dict[str, Moments] = {}
     for batch, values in zip(batches, _activations(model, names, batches)):
         for c in consumers:
             features = _rows(batch, values[c.tensor], c.features(values[c.tensor]))
             if c.node.name not in grams:
                 grams[c.node.name] = Moments(features.shape[1], 0)
-            grams[c.node.name].add(features, np.zeros((features.shape[0], 0), np.float32))
+            grams[c.node.name].add(features, np.zeros((features.shape[0], 0), np.float32), _layernorm_weights(batch, values, c))
     return {name: m.zz for name, m in grams.items()}

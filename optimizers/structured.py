@@ -1386,8 +1386,11 @@ def _sensitivity_or_uniform(model, analysis: Analysis, settings: PruneSettings, 
 
 
 def _chosen_fidelity(refit) -> float:
-    """Held-out cosine of the model ``reconstruct`` returned (re-fitted, or compensated)."""
+    """Held-out cosine of the model ``reconstruct`` returned (re-fitted, or compensated; with its
+    output layers re-fitted where that was kept)."""
     value = refit.fidelity["reconstruction"] if refit.applied else refit.fidelity["compensation"]
+    if refit.fidelity.get("outputs") is not None:
+        value = refit.fidelity["outputs"]
     return -1.0 if value is None else float(value)
 
 

@@ -392,3 +392,208 @@ def test_residual_target_makes_up_upstream_drift():
     error = lambda m: fidelity(model, m, heldout).min_mean_cosine
     assert error(corrected.model) > error(plain.model)
     assert corrected.fidelity["reconstruction"] > plain.fidelity["reconstruction"]
+
+
+# ---------------------------------------------------------------- row weights, LayerNorm-aware fits, output layers
+
+
+def test_weighted_moments_solve_the_weighted_problem():
+    """``Moments.add`` with row weights w_t gives the minimizer of sum_t w_t ||t_t − A z_t||² (+ the
+    ridge), the same as stacking sqrt(w_t)-scaled rows, streamed or in one shot; weights of 1
+    change nothing."""
+    rng = np.random.default_rng(21)
+    features, targets = rng.standard_normal((240, 5)), rng.standard_normal((240, 2))
+    weights = rng.lognormal(0.0, 2.0, 240)
+    whole, streamed, ones, plain = Moments(5, 2), Moments(5, 2), Moments(5, 2), Moments(5, 2)
+    whole.add(features, targets, weights)
+    streamed.add(features[:100], targets[:100], weights[:100])
+    streamed.add(features[100:], targets[100:], weights[100:])
+    ones.add(features, targets, np.ones(240))
+    plain.add(features, targets)
+    np.testing.assert_allclose(streamed.zz, whole.zz, rtol=1e-5)
+    np.testing.assert_allclose(ones.zz, plain.zz, rtol=1e-6)
+    prior = rng.standard_normal((2, 5))
+    lam = 1e-2 * np.trace(whole.zz[:5, :5]) / 5
+    root = np.sqrt(weights)[:, None]
+    z = np.concatenate([features, np.ones((240, 1))], axis=1)
+    stacked_z = np.concatenate([z * root, np.sqrt(lam) * np.eye(6)[:5]], axis=0)
+    stacked_t = np.concatenate([targets * root, np.sqrt(lam) * prior.T], axis=0)
+    direct = np.linalg.lstsq(stacked_z, stacked_t, rcond=None)[0].T
+    np.testing.assert_allclose(solve(whole, prior, 1e-2), direct, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(whole.residual(direct), np.sum(weights[:, None] * (targets - z @ direct.T) ** 2), rtol=1e-4)
+    assert not np.allclose(solve(whole, prior, 1e-2), solve(plain, prior, 1e-2), atol=1e-3)
+
+
+def _normed(w2: np.ndarray, axis: int = -1, residual: bool = True) -> onnx.ModelProto:
+    """x [N, 4] -> MatMul eye (up) -> h -> MatMul w2 (down) -> + b -> (+ x) -> LayerNormalization -> y."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("MatMul", ["h", "w2"], ["d"], name="down"),
+             helper.make_node("Add", ["d", "b2"], ["e"], name="bias")]
+    if residual:
+        nodes.append(helper.make_node("Add", ["e", "x"], ["s"], name="residual"))
+    nodes.append(helper.make_node("LayerNormalization", ["s" if residual else "e", "gamma", "beta"], ["y"], name="norm",
+                                  axis=axis, epsilon=1e-3))
+    inits = {"w1": np.eye(4), "w2": w2, "b2": np.full(4, 0.1), "gamma": np.linspace(0.5, 2.0, 4), "beta": np.full(4, 0.2)}
+    graph = helper.make_graph(nodes, "normed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_layernorm_input_is_found_through_bias_and_residual_adds():
+    from optimizers.reconstruct import _consumers
+
+    w2 = np.random.default_rng(22).standard_normal((4, 4))
+    for model, expected in ((_normed(w2), ("s", pytest.approx(1e-3))), (_normed(w2, residual=False), ("e", pytest.approx(1e-3))),
+                            (_normed(w2, axis=0), None), (_mlp(np.eye(4), w2, np.zeros(4)), None)):
+        analysis = analyze(model)
+        consumers, _ = _consumers(model, analysis, _roots(analysis, "up", [3]), ReconstructSettings())
+        assert [c.normalized for c in consumers] == [expected]
+        off, _ = _consumers(model, analysis, _roots(analysis, "up", [3]), ReconstructSettings(layernorm_weights=False))
+        assert [c.normalized for c in off] == [None]
+
+
+def _two_scales(count: int, seed: int):
+    """Rows of two kinds: large rows (norm ~100) where x2 = x0, x3 = x1, and small rows (norm ~1)
+    where x2 = −x0, x3 = −x1; the channel the fit cannot see differs in sign between them."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        x = rng.standard_normal((64, 4))
+        large = np.arange(64) % 2 == 0
+        x[:, 2:] = np.where(large[:, None], 1.0, -1.0) * x[:, :2] + 0.05 * rng.standard_normal((64, 2))
+        x[large] *= 100.0
+        batches.append({"x": x.astype(np.float32)})
+    return batches
+
+
+def test_layernorm_weights_fit_the_error_after_the_norm():
+    """Before a LayerNorm, a row's error counts divided by the row's standard deviation. The
+    unweighted fit follows the large rows (the small ones then get twice their removed part
+    wrong); weighted by 1 / var, every row counts alike and the held-out output (after the
+    norm) is closer to the unpruned model's. (The removed channels' weights are small, 0.3, so
+    the errors stay in the range where cosine follows squared error.)"""
+    from optimizers.quantize import fidelity
+
+    w2 = np.random.default_rng(23).standard_normal((4, 4))
+    w2[2:] *= 0.3
+    model = _normed(w2)
+    analysis = analyze(model)
+    removed = _roots(analysis, "up", [2, 3])
+    batches = _two_scales(10, seed=24)
+    weighted = reconstruct(model, analysis, removed, batches, ReconstructSettings(layernorm_weights=True))
+    plain = reconstruct(model, analysis, removed, batches, ReconstructSettings(layernorm_weights=False))
+    heldout = _two_scales(4, seed=25)
+    cosine = lambda result: fidelity(model, result.model, heldout).min_mean_cosine
+    assert weighted.applied and plain.applied
+    assert cosine(weighted) > cosine(plain) + 0.005
+    onnx.checker.check_model(weighted.model, full_check=True)
+
+
+def _headed(dead: int = 2) -> onnx.ModelProto:
+    """x [N, 6] -> up (8 neurons, the last ``dead`` with zero weights) -> Relu -> mid [8, 5] -> Relu
+    -> head [5, 3] (Gemm, transB, bias) -> y: pruning the dead neurons changes nothing."""
+    rng = np.random.default_rng(26)
+    up = rng.standard_normal((6, 8))
+    up[:, 8 - dead:] = 0.0
+    inits = {"up": up, "mid": rng.standard_normal((8, 5)), "head": rng.standard_normal((3, 5)), "hb": rng.standard_normal(3)}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "up"], ["u"], name="up"),
+         helper.make_node("Relu", ["u"], ["r"], name="relu1"),
+         helper.make_node("MatMul", ["r", "mid"], ["m"], name="mid"),
+         helper.make_node("Relu", ["m"], ["q"], name="relu2"),
+         helper.make_node("Gemm", ["q", "head", "hb"], ["y"], name="head", transB=1)],
+        "headed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _scaled_mid(model: onnx.ModelProto, scale: np.ndarray) -> onnx.ModelProto:
+    """``model`` with mid's output columns times ``scale`` (> 0): the head then reads
+    Relu(m) · scale, a per-channel drift that head' = head / scale undoes exactly."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    tensor = next(t for t in out.graph.initializer if t.name == "mid")
+    tensor.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(tensor) * scale).astype(np.float32), "mid"))
+    return out
+
+
+def test_output_layer_refit_undoes_a_linear_drift_exactly():
+    from optimizers.quantize import fidelity as measure
+    from optimizers.reconstruct import _refit_outputs
+    from optimizers.structured import apply
+
+    model = _headed()
+    analysis = analyze(model)
+    removed = _roots(analysis, "up", [6, 7])
+    batches = _batches("x", (32, 6), 10, seed=27)
+    fit, heldout = split_holdout(batches)
+    drifted = _scaled_mid(apply(model, analysis, removed), np.array([0.5, 2.0, 1.5, 0.8, 3.0]))
+    notes = []
+    refitted, fidelity, reports = _refit_outputs(model, analysis, removed, drifted, fit, heldout, EXACT, {}, measure, notes)
+    assert [(r.node, r.kind, r.reconstructed) for r in reports] == [("head", "Gemm (output layer)", True)]
+    assert reports[0].error_reconstructed < 1e-8 < reports[0].error_pruned
+    assert measure(model, drifted, heldout).min_mean_cosine < 0.999 < fidelity["outputs"]
+    test = _batches("x", (16, 6), 1, seed=28)[0]
+    expected = _run(model, test)
+    np.testing.assert_allclose(_run(refitted, test), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert any("1 of 1 output layer(s) re-fitted" in note for note in notes)
+    onnx.checker.check_model(refitted, full_check=True)
+
+
+def test_output_layer_is_left_alone_without_drift_or_when_shared():
+    """Near-misses: pruning dead neurons leaves the head's input as it was, so a re-fit cannot
+    raise held-out fidelity and the model is returned unchanged; a head whose weight another
+    node reads is not re-fitted (the note says why)."""
+    from optimizers.quantize import fidelity as measure
+    from optimizers.reconstruct import _refit_outputs
+    from optimizers.structured import apply
+
+    model = _headed()
+    analysis = analyze(model)
+    removed = _roots(analysis, "up", [6, 7])
+    fit, heldout = split_holdout(_batches("x", (32, 6), 10, seed=29))
+    exact = apply(model, analysis, removed)
+    notes = []
+    returned, fidelity, reports = _refit_outputs(model, analysis, removed, exact, fit, heldout, EXACT, {}, measure, notes)
+    assert returned is exact and fidelity["outputs"] is None
+    assert not any(r.reconstructed for r in reports)
+    assert any("did not raise held-out cosine" in note for note in notes)
+
+    shared = onnx.ModelProto()
+    shared.CopyFrom(model)
+    shared.graph.node.append(helper.make_node("Identity", ["head"], ["head_copy"], name="peek"))
+    shared.graph.output.append(helper.make_tensor_value_info("head_copy", TensorProto.FLOAT, [3, 5]))
+    analysis = analyze(shared)
+    removed = _roots(analysis, "up", [6, 7])
+    notes = []
+    drifted = _scaled_mid(apply(shared, analysis, removed), np.array([0.5, 2.0, 1.5, 0.8, 3.0]))
+    _, _, reports = _refit_outputs(shared, analysis, removed, drifted, fit, heldout, EXACT, {}, measure, notes)
+    assert reports == [] and any("'head' is not re-fitted: its weight is shared" in note for note in notes)
+
+
+@pytest.mark.parametrize("pruned, batch_count, kept", [([4, 5, 6, 7], 20, True), ([5, 6, 7], 10, False)])
+def test_reconstruct_refits_the_output_layer_only_where_held_out_data_gains(pruned, batch_count, kept):
+    """End to end: pruning live neurons drifts the head's input (through mid's re-fit and a
+    Relu). With half the neurons gone the head's re-fit raises held-out cosine and is kept;
+    with three gone its per-layer gain does not carry to the output (0.9644 vs 0.9645), so the
+    model keeps the head as it was and says so. Without ``refit_outputs`` no head is looked at."""
+    from optimizers.quantize import fidelity
+
+    model = _headed(dead=0)
+    analysis = analyze(model)
+    removed = _roots(analysis, "up", pruned)
+    batches = _batches("x", (64, 6), batch_count, seed=30)
+    on = reconstruct(model, analysis, removed, batches, ReconstructSettings())
+    off = reconstruct(model, analysis, removed, batches, ReconstructSettings(refit_outputs=False))
+    assert [r.node for r in on.consumers if r.kind.endswith("(output layer)")] == ["head"]
+    assert not any(r.kind.endswith("(output layer)") for r in off.consumers)
+    heldout = split_holdout(batches)[1]
+    assert fidelity(model, off.model, heldout).min_mean_cosine == pytest.approx(off.fidelity["reconstruction"], abs=1e-9)
+    if kept:
+        assert on.fidelity["outputs"] > on.fidelity["reconstruction"]
+        assert fidelity(model, on.model, heldout).min_mean_cosine == pytest.approx(on.fidelity["outputs"], abs=1e-9)
+    else:
+        assert on.fidelity["outputs"] is None and any("did not raise held-out cosine" in note for note in on.notes)
+        assert fidelity(model, on.model, heldout).min_mean_cosine == pytest.approx(off.fidelity["reconstruction"], abs=1e-9)
