@@ -31,7 +31,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 }
 CANDIDATE_KEYS = {"name": (str,), "prune": (dict,), "quantize": (dict,)}
 PRUNE_KEYS = {"ratio": (float, int), "importance": (str,), "scope": (str,), "bias_compensation": (bool,), "round_to": (int,),
-              "protect_first": (bool,)}
+              "protect_first": (bool,), "max_batches": (int,)}
 QUANTIZE_KEYS = {"mode": (str,), "format": (str,), "per_channel": (bool,), "reduce_range": (bool,), "weight_type": (str,),
                  "activation_type": (str,), "calibration_method": (str,), "accuracy_target": (float, int),
                  "max_float_nodes": (int,), "op_types": (list,)}
@@ -126,6 +126,9 @@ def validate(data: dict[str, Any]) -> None:
             raise UserError(f"{where} needs a name")
         _check_table(candidate, CANDIDATE_KEYS, where)
         _check_table(candidate.get("prune", {}), PRUNE_KEYS, f"{where}.prune")
+        if candidate.get("prune", {}).get("max_batches", 1) < 1:
+            raise UserError(f"'{where}.prune.max_batches' must be at least 1 (calibration batches pruning reads), "
+                            f"got {candidate['prune']['max_batches']}")
         _check_table(candidate.get("quantize", {}), QUANTIZE_KEYS, f"{where}.quantize")
         names.append(candidate["name"])
     if len(set(names)) != len(names):

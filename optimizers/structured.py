@@ -574,6 +574,8 @@ class PruneSettings:
     round_to: channels kept per unit are a multiple of this (kernels stay efficient).
     protect_first: keep the layers that read graph inputs whole. ``protect``: producer node
         names kept whole. ``ratios``: per-producer ratio overrides.
+    max_batches: calibration (and evaluation) batches read at most; reconstruction holds out a
+        share of them, so more batches give the re-fits more data (a recipe's ``max_batches``).
     """
 
     ratio: float = 0.5
@@ -597,6 +599,8 @@ class PruneSettings:
             raise UserError(f"unknown scope {self.scope!r}; choose layer or global")
         if self.round_to < 1:
             raise UserError(f"round_to must be at least 1, got {self.round_to}")
+        if self.max_batches < 1:
+            raise UserError(f"max_batches (calibration batches pruning reads) must be at least 1, got {self.max_batches}")
 
 
 @dataclasses.dataclass(frozen=True)

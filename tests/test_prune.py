@@ -565,3 +565,25 @@ def test_cli_unsupported_ends_in_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "nothing could be pruned at ratio 0.5" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out.onnx").exists()
+
+
+def test_max_batches_gives_pruning_more_calibration_data(tmp_path):
+    """``max_batches`` (a recipe's ``prune.max_batches``) bounds the calibration batches pruning
+    reads: reconstruction's fit and held-out batches add up to it; 0 is refused with the key's name."""
+    from onnxforge.recipe import recipe_from_dict
+
+    model = _export(ConvChain(), torch.randn(2, 3, 8, 8), tmp_path)
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(12)]
+    read = {}
+    for count in (4, 10):
+        result = prune(model, PruneSettings(ratio=0.5, max_batches=count), calibration=lambda: batches,
+                       evaluation=lambda: batches[:2])
+        read[count] = result.reconstruction["fit_batches"] + result.reconstruction["heldout_batches"]
+    assert read == {4: 4, 10: 10}
+    recipe = recipe_from_dict({"model": {"onnx": "m.onnx"}, "candidates": [{"name": "p", "prune": {"ratio": 0.5, "max_batches": 64}}]})
+    assert PruneSettings(**recipe.data["candidates"][0]["prune"]).max_batches == 64
+    with pytest.raises(UserError, match=r"'candidates\[0\].prune.max_batches' must be at least 1"):
+        recipe_from_dict({"model": {"onnx": "m.onnx"}, "candidates": [{"name": "p", "prune": {"max_batches": 0}}]})
+    with pytest.raises(UserError, match="max_batches .* must be at least 1, got 0"):
+        PruneSettings(max_batches=0)
