@@ -23,7 +23,9 @@ whether int8 pays depends on the CPU (VNNI or not, cache sizes) and the model:
   convolutions hold a good share of the weights too (a conv stem under a transformer, as in
   OCR recognizers), static QDQ of Conv/MatMul/Gemm is one more candidate.
 - The pick: the fastest candidate whose fidelity (lowest per-output mean cosine to the float
-  model) reaches ``min_cosine``; if none does, the most faithful one, with a warning. When no
+  model) reaches ``min_cosine``; if none does, the most faithful one, with a warning. Candidates
+  level in speed with the fastest go to the most faithful: medians within 5 %, or within 10 %
+  for a candidate with at most a third of the fastest one's error (1 - cosine). When no
   int8 candidate is faster than fp32 here, the result says so (and names the fastest).
 - Models past 2 GB (``onnxforge.common.onnxio.is_large``), dynamic or auto mode on a model that
   is not convolutional: one dynamic int8 candidate (auto mode's first), not timed, quantized and
@@ -91,6 +93,12 @@ NBITS_INT8_BLOCK = 32
 # Candidates whose median speedups are this close are level: the more faithful one is chosen,
 # since a short timing on a shared machine cannot tell them apart.
 SPEED_TIE = 0.05
+# A candidate whose int8 error (1 - cosine) is at most FAITHFUL_ERROR_SHARE of the fastest one's
+# is level with it within FAITHFUL_SPEED_TIE: a few small float ops (outlier side paths,
+# SmoothQuant's Muls) cost a few percent at batch 1 and about 1 % at batch 8 (MiniLM), while
+# they cut the error several-fold.
+FAITHFUL_SPEED_TIE = 0.10
+FAITHFUL_ERROR_SHARE = 1 / 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1006,12 +1014,16 @@ def _time_against_float(reference: onnx.ModelProto, models: Mapping[str, onnx.Mo
 # ---------------------------------------------------------------- choosing
 
 
-def _speed_tie(timing: Timing, fastest: Timing) -> bool:
-    """Whether ``timing`` is level with ``fastest``: the median speedups are within ``SPEED_TIE``.
-    Between such candidates a short measurement cannot name the faster, so the more faithful one
-    is chosen. (Overlapping intervals are not the test: on a busy machine a short check's
-    intervals are wide enough to make a 1.3x candidate level with a 2.2x one.)"""
-    return timing.speedup >= (1 - SPEED_TIE) * fastest.speedup
+def _speed_tie(candidate: Candidate, fastest: Candidate) -> bool:
+    """Whether ``candidate`` is level with ``fastest``: the median speedups are within
+    ``SPEED_TIE``, or within ``FAITHFUL_SPEED_TIE`` when its error (1 - lowest mean cosine) is at
+    most ``FAITHFUL_ERROR_SHARE`` of the fastest one's. Between such candidates a short
+    measurement cannot name the faster, or the difference is worth less than the fidelity, so the
+    more faithful one is chosen. (Overlapping intervals are not the test: on a busy machine a short
+    check's intervals are wide enough to make a 1.3x candidate level with a 2.2x one.)"""
+    error, fastest_error = (1 - c.fidelity.min_mean_cosine for c in (candidate, fastest))
+    band = FAITHFUL_SPEED_TIE if error <= FAITHFUL_ERROR_SHARE * fastest_error else SPEED_TIE
+    return candidate.timing.speedup >= (1 - band) * fastest.timing.speedup
 
 
 def _choose(candidates: Sequence[Candidate], min_cosine: float) -> tuple[int, list[str], list[str]]:
@@ -1030,14 +1042,15 @@ def _choose(candidates: Sequence[Candidate], min_cosine: float) -> tuple[int, li
     timed = [i for i in pool if candidates[i].timing is not None]
     if timed:
         fastest = max(timed, key=lambda i: candidates[i].timing.speedup)
-        ties = [i for i in timed if _speed_tie(candidates[i].timing, candidates[fastest].timing)]
+        ties = [i for i in timed if _speed_tie(candidates[i], candidates[fastest])]
         chosen = max(ties, key=lambda i: (candidates[i].fidelity.min_mean_cosine, candidates[i].timing.speedup))
         c = candidates[chosen]
         if chosen != fastest:
             f = candidates[fastest]
             why = (f"the most faithful of the {len(ties)} candidates at mean cosine >= {min_cosine} whose speed is level with the "
                    f"fastest, {f.name} ({f.timing.speedup:.2f}x, cosine {f.fidelity.min_mean_cosine:.5f}): the medians are within "
-                   f"{SPEED_TIE:.0%}")
+                   + (f"{SPEED_TIE:.0%}" if c.timing.speedup >= (1 - SPEED_TIE) * f.timing.speedup else
+                      f"{FAITHFUL_SPEED_TIE:.0%} and its int8 error is at most {FAITHFUL_ERROR_SHARE:.2g} of the fastest's"))
         else:
             why = (f"the fastest of {len(pool)} candidates at mean cosine >= {min_cosine}" if len(pool) > 1
                    else f"the only candidate at mean cosine >= {min_cosine}" if faithful

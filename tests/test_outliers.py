@@ -113,13 +113,10 @@ def test_side_path_stays_float_and_makes_dynamic_int8_more_faithful(tmp_path):
     assert errors["split"] < 0.5 * errors["plain"], errors
 
 
-def test_quantize_auto_keeps_outlier_neurons_of_a_transformer_in_float(tmp_path):
-    """A tiny BERT with one FFN neuron made an outlier: auto mode's SmoothQuant candidate moves it to
-    a float side path (found on generated inputs), lists the side MatMuls as kept in float, and
-    is more faithful than plain per-channel dynamic int8."""
+@pytest.fixture(scope="module")
+def outlier_bert(tmp_path_factory):
+    """A tiny BERT (dynamo export) with one FFN neuron of layer 0 made an outlier."""
     from exporter import export
-    from optimizers import QuantizeSettings, quantize
-    from tests.test_quantize import FixedSpeeds
     from tests.test_transformer_path import TinyBert, _bert_inputs
 
     module = TinyBert()
@@ -127,8 +124,17 @@ def test_quantize_auto_keeps_outlier_neurons_of_a_transformer_in_float(tmp_path)
         dense = module.bert.encoder.layer[0].intermediate.dense
         dense.weight[OUTLIER] *= 30.0
         dense.bias[OUTLIER] = 3.0
-    path = export(module, _bert_inputs(), tmp_path / "bert.onnx", exporter="dynamo").path
-    result = quantize(path, QuantizeSettings(min_cosine=0.5), measure=FixedSpeeds(default=1.5, dynamic_per_channel_smoothquant=2.0))
+    return export(module, _bert_inputs(), tmp_path_factory.mktemp("bert") / "bert.onnx", exporter="dynamo").path
+
+
+def test_quantize_auto_keeps_outlier_neurons_of_a_transformer_in_float(outlier_bert):
+    """Auto mode's SmoothQuant candidate moves the neuron to a float side path (found on generated
+    inputs), lists the side MatMuls as kept in float, and is more faithful than plain per-channel
+    dynamic int8."""
+    from optimizers import QuantizeSettings, quantize
+    from tests.test_quantize import FixedSpeeds
+
+    result = quantize(outlier_bert, QuantizeSettings(min_cosine=0.5), measure=FixedSpeeds(default=1.5, dynamic_per_channel_smoothquant=2.0))
     by_name = {c.name: c for c in result.candidates}
     chosen = by_name["dynamic-per-channel-smoothquant"]
     assert chosen.chosen and chosen.resolved["outliers"] and "outlier feed-forward neurons" in chosen.description
@@ -137,3 +143,20 @@ def test_quantize_auto_keeps_outlier_neurons_of_a_transformer_in_float(tmp_path)
     float_matmuls = {n.name for n in result.model.graph.node if n.op_type == "MatMul"}
     assert set(side) <= float_matmuls
     assert chosen.fidelity.min_mean_cosine > by_name["dynamic-per-channel"].fidelity.min_mean_cosine
+
+
+@pytest.mark.parametrize("smoothquant_speed, chosen", [(1.84, "dynamic-per-channel-smoothquant"), (1.75, "dynamic-per-tensor")])
+def test_a_much_more_faithful_candidate_is_level_within_ten_percent(outlier_bert, smoothquant_speed, chosen):
+    """8 % slower than the fastest with a fraction of its error: level, the faithful one wins;
+    12.5 % slower: not level, the fastest wins."""
+    from optimizers import QuantizeSettings, quantize
+    from tests.test_quantize import FixedSpeeds
+
+    speeds = FixedSpeeds(default=1.0, dynamic_per_tensor=2.0, dynamic_per_channel=1.5, dynamic_per_channel_smoothquant=smoothquant_speed)
+    result = quantize(outlier_bert, QuantizeSettings(min_cosine=0.5), measure=speeds)
+    by_name = {c.name: c for c in result.candidates}
+    errors = {name: 1 - c.fidelity.min_mean_cosine for name, c in by_name.items()}
+    assert errors["dynamic-per-channel-smoothquant"] <= errors["dynamic-per-tensor"] / 3
+    assert by_name[chosen].chosen
+    if chosen == "dynamic-per-channel-smoothquant":
+        assert any("within 10% and its int8 error is at most 0.33 of the fastest's" in r for r in result.reasons)
