@@ -12,6 +12,10 @@ calibration data into fit and held-out batches of its own to decide what to keep
   Python standard library's docstrings (no download; 30 sentences are too few tokens to fit 1536
   neurons), 1024 in all by default; evaluation examples/sentences_eval.txt plus 128 other
   docstring sentences.
+Reconstruction is ``optimizers.reconstruct`` with its defaults: rows weighted by the LayerNorm they
+reach (MiniLM's FFNs), and output layers downstream of the pruned ones re-fitted (the digits' and
+ResNet's classifier head where it reads no pruned channel), each kept only where the held-out
+calibration batches say so (the notes printed under each table say what was kept).
 Columns: ``none`` (channels cut), ``comp`` (bias compensation), ``recon`` (reconstruction, on
 the same channels; always for the digits, with ``--same-channels`` for the others), ``greedy+recon`` (channels chosen by
 ``--importance reconstruction``, then reconstruction, every unit at the ratio), ``global`` (the same with ``--scope global``:
