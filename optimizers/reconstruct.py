@@ -539,6 +539,7 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
 
 
 WEIGHTED = ("MatMul", "Gemm", "Conv")
+OUTPUT_LAYER_MAX_WEIGHTS = 1 << 24  # larger output layers (a vocabulary head) are left as they are: their moments are too big
 
 
 def _output_layers(model, analysis, removed: frozenset[int], settings: ReconstructSettings
@@ -584,6 +585,10 @@ def _output_layers(model, analysis, removed: frozenset[int], settings: Reconstru
         rows = list(range(canonical.shape[0]))
         if node.name in analysis.producers:
             rows = [i for i, s in enumerate(analysis.producers[node.name]) if find(s) not in removed]
+        if len(rows) * canonical.shape[1] * canonical.shape[2] > OUTPUT_LAYER_MAX_WEIGHTS:
+            skipped[node.name] = (f"{len(rows)} x {canonical.shape[1] * canonical.shape[2]} weights are over "
+                                  f"{OUTPUT_LAYER_MAX_WEIGHTS} (its moments would not fit)")
+            continue
         residual = _residual_input(model, node, inits) if settings.correct_residual and conv is None and len(rows) == canonical.shape[0] else None
         normalized = _layernorm_input(model, node, inits) if settings.layernorm_weights and conv is None and len(rows) == canonical.shape[0] else None
         found.append(_Consumer(node, node.input[0], node.input[1], canonical, layout, rows, list(range(canonical.shape[1])), [], conv,

@@ -597,3 +597,22 @@ def test_reconstruct_refits_the_output_layer_only_where_held_out_data_gains(prun
     else:
         assert on.fidelity["outputs"] is None and any("did not raise held-out cosine" in note for note in on.notes)
         assert fidelity(model, on.model, heldout).min_mean_cosine == pytest.approx(off.fidelity["reconstruction"], abs=1e-9)
+
+
+def test_output_layer_over_the_size_bound_is_left_alone(monkeypatch):
+    """A vocabulary-sized head would need moments of outputs x features doubles: over
+    ``OUTPUT_LAYER_MAX_WEIGHTS`` it is not re-fitted (bound lowered here to the 3 x 5 head's 14)."""
+    from optimizers import reconstruct as module
+    from optimizers.quantize import fidelity as measure
+    from optimizers.structured import apply
+
+    monkeypatch.setattr(module, "OUTPUT_LAYER_MAX_WEIGHTS", 14)
+    model = _headed()
+    analysis = analyze(model)
+    removed = _roots(analysis, "up", [6, 7])
+    fit, heldout = split_holdout(_batches("x", (32, 6), 10, seed=31))
+    drifted = _scaled_mid(apply(model, analysis, removed), np.array([0.5, 2.0, 1.5, 0.8, 3.0]))
+    notes = []
+    returned, _, reports = module._refit_outputs(model, analysis, removed, drifted, fit, heldout, EXACT, {}, measure, notes)
+    assert returned is drifted and reports == []
+    assert any("'head' is not re-fitted: 3 x 5 weights are over 14" in note for note in notes)
