@@ -26,10 +26,13 @@ this moves 5 neurons of 9216 and, after SmoothQuant, raises dynamic int8's held-
 0.996 to 0.999 and top-10 neighbour agreement from 0.925 to 0.955, at a cost within the timing
 noise.
 
-Blocks found: ``MatMul(x, W_up)`` [``Add(., b)``] -> an elementwise activation (``Gelu``,
-``FastGelu``, ``QuickGelu``, ``Relu``; ``BiasGelu`` / ``FastGelu`` with their bias input) ->
-``MatMul(., W_down)``, weights and biases initializers, each intermediate read only by the next
-node.
+Blocks found: ``MatMul(x, W_up)`` [``Add(., b)``] -> an activation -> ``MatMul(., W_down)``, the
+weights and the bias initializers, where the activation is one elementwise function of the
+pre-activation: a fused op (``Gelu``, ``FastGelu``, ``BiasGelu``, ``QuickGelu``, ``Relu``) or the
+chain an exporter writes (TorchScript's ``x * 0.5 * (1 + Erf(x / 1.414))``, tanh forms), of
+``ELEMENTWISE`` ops whose other inputs are scalar constants or ``[width]`` initializers (sliced
+with the neurons), every intermediate read only inside the block. The side path repeats the
+activation's nodes on the moved neurons.
 """
 
 from __future__ import annotations
@@ -50,10 +53,11 @@ from optimizers.verify import compare_models, run_model, with_outputs
 logger = logging.getLogger(__name__)
 
 FLOAT_PREFIX = "outlier_float/"
-# (domain, op type) -> the input index of a bias the op adds before its activation, or None
-ACTIVATIONS = {("", "Gelu"): None, ("ai.onnx", "Gelu"): None, ("com.microsoft", "Gelu"): None,
-               ("com.microsoft", "FastGelu"): 1, ("com.microsoft", "BiasGelu"): 1, ("com.microsoft", "QuickGelu"): None,
-               ("", "Relu"): None, ("ai.onnx", "Relu"): None}
+# elementwise ops an activation may be built of, by domain: fused (Gelu, BiasGelu, FastGelu) or
+# as exporters write them (x * 0.5 * (1 + Erf(x / sqrt 2)), tanh forms, x * Sigmoid(1.702 x))
+ELEMENTWISE = {"": {"Gelu", "Relu", "Erf", "Tanh", "Sigmoid", "Div", "Mul", "Add", "Sub", "Pow", "Sqrt"},
+               "com.microsoft": {"Gelu", "FastGelu", "BiasGelu", "QuickGelu"}}
+MAX_CHAIN = 10
 CHECK_TOLERANCE = Tolerance(rtol=1e-3, atol=1e-4)
 
 
@@ -73,17 +77,13 @@ class OutlierSettings:
 
 @dataclasses.dataclass(frozen=True)
 class FeedForward:
-    """One block, by node name: up-projection, optional bias Add, activation, down-projection."""
+    """One block, by node name: up-projection, optional bias Add, the activation's nodes in graph
+    order (one fused op, or the elementwise chain an exporter wrote), down-projection."""
 
     up: str
     bias: str | None
-    activation: str
+    activation: tuple[str, ...]
     down: str
-
-    @property
-    def hidden(self) -> str:
-        """The activation output: the down-projection's input."""
-        return self.activation
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -104,41 +104,98 @@ def _vector(initializers, name: str, size: int) -> bool:
     return init is not None and list(init.dims) == [size] and init.data_type == onnx.TensorProto.FLOAT
 
 
+def _domain(node: onnx.NodeProto) -> str:
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
+class _Graph:
+    """Producers, readers and constants of a graph, for matching blocks."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.readers = _readers(graph)
+        self.outputs = {o.name for o in graph.output}
+        self.scalars = {name for name, init in self.initializers.items() if int(np.prod(init.dims)) == 1}
+        for node in graph.node:
+            if node.op_type == "Constant" and not node.input:
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None and int(np.prod(value.dims)) == 1:
+                    self.scalars.add(node.output[0])
+
+    def read_only_by(self, name: str, nodes: Sequence[onnx.NodeProto]) -> bool:
+        allowed = {id(n) for n in nodes}
+        return name not in self.outputs and all(id(n) in allowed for n in self.readers.get(name, []))
+
+    def projection(self, node: onnx.NodeProto | None, width: int, rows: bool) -> bool:
+        """A MatMul whose weight is a float matrix with ``width`` columns (``rows``: rows)."""
+        if node is None or node.op_type != "MatMul" or _domain(node) or not _matrix(self.initializers, node.input[1]):
+            return False
+        return int(self.initializers[node.input[1]].dims[0 if rows else 1]) == width
+
+    def pre_activation(self, name: str, width: int) -> tuple[onnx.NodeProto, onnx.NodeProto | None] | None:
+        """(up MatMul, bias Add or None) when ``name`` is the up-projection's output, or its sum
+        with a ``[width]`` bias initializer."""
+        node = self.producer.get(name)
+        if self.projection(node, width, rows=False):
+            return node, None
+        if node is None or node.op_type != "Add" or _domain(node):
+            return None
+        biases = [i for i in node.input if _vector(self.initializers, i, width)]
+        others = [i for i in node.input if i not in biases]
+        if len(biases) != 1 or len(others) != 1 or not self.projection(self.producer.get(others[0]), width, rows=False):
+            return None
+        return self.producer[others[0]], node
+
+    def activation(self, name: str, width: int):
+        """(pre-activation tensor, its (up, bias) nodes, the activation's nodes) when ``name`` is
+        an elementwise function of one pre-activation, built of ``ELEMENTWISE`` ops whose other
+        inputs are scalar constants or ``[width]`` initializers; else None."""
+        chain: dict[str, onnx.NodeProto] = {}
+        pending, source, found = [name], None, None
+        while pending:
+            tensor = pending.pop()
+            if tensor in chain or tensor == source:
+                continue
+            found_here = self.pre_activation(tensor, width) if tensor != name else None
+            if found_here is not None:
+                if source is not None:
+                    return None
+                source, found = tensor, found_here
+                continue
+            node = self.producer.get(tensor)
+            if (node is None or len(node.output) != 1 or node.op_type not in ELEMENTWISE.get(_domain(node), ())
+                    or len(chain) >= MAX_CHAIN):
+                return None
+            chain[tensor] = node
+            pending += [i for i in node.input if i and i not in self.scalars and not _vector(self.initializers, i, width)]
+        if source is None:
+            return None
+        return source, found, list(chain.values())
+
+
 def feed_forwards(model: onnx.ModelProto) -> list[FeedForward]:
     """The feed-forward blocks of ``model`` this pass can split (see the module doc)."""
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    readers = _readers(graph)
-    outputs = {o.name for o in graph.output}
-
-    def only_reader(name: str, node: onnx.NodeProto) -> bool:
-        return name not in outputs and [id(n) for n in readers.get(name, [])] == [id(node)]
-
+    graph = _Graph(model.graph)
+    order = {id(node): i for i, node in enumerate(model.graph.node)}
     blocks = []
-    for down in graph.node:
-        if down.op_type != "MatMul" or down.domain not in ("", "ai.onnx") or not _matrix(initializers, down.input[1]):
+    for down in model.graph.node:
+        if down.op_type != "MatMul" or _domain(down) or not _matrix(graph.initializers, down.input[1]):
             continue
-        width = int(initializers[down.input[1]].dims[0])
-        act = producer.get(down.input[0])
-        if act is None or (act.domain, act.op_type) not in ACTIVATIONS or not only_reader(act.output[0], down):
+        width = int(graph.initializers[down.input[1]].dims[0])
+        matched = graph.activation(down.input[0], width)
+        if matched is None:
             continue
-        bias_index = ACTIVATIONS[(act.domain, act.op_type)]
-        if bias_index is not None and len(act.input) > bias_index and act.input[bias_index]:
-            if not _vector(initializers, act.input[bias_index], width):
-                continue
-        node = producer.get(act.input[0])
-        bias = None
-        if node is not None and node.op_type == "Add" and node.domain in ("", "ai.onnx") and only_reader(node.output[0], act):
-            constant = [i for i in node.input if _vector(initializers, i, width)]
-            if len(constant) == 1:
-                bias, node = node, producer.get(next(i for i in node.input if i != constant[0]))
-        if (node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or not _matrix(initializers, node.input[1])
-                or int(initializers[node.input[1]].dims[1]) != width or not only_reader(node.output[0], bias or act)):
+        source, (up, bias), chain = matched
+        chain.sort(key=lambda n: order[id(n)])
+        inside = [*chain, down]
+        if (not all(graph.read_only_by(n.output[0], inside) for n in chain)
+                or not graph.read_only_by(source, chain)
+                or (bias is not None and not graph.read_only_by(up.output[0], [bias]))):
             continue
-        if any(not n.name for n in (node, act, down) + ((bias,) if bias else ())):
+        if any(not n.name for n in (up, down, *chain, *((bias,) if bias else ()))):
             continue
-        blocks.append(FeedForward(node.name, bias.name if bias else None, act.name, down.name))
+        blocks.append(FeedForward(up.name, bias.name if bias else None, tuple(n.name for n in chain), down.name))
     return blocks
 
 
@@ -196,13 +253,15 @@ def split_blocks(model: onnx.ModelProto, neurons: Mapping[str, np.ndarray]) -> o
             raise UserError(f"'{down_name}' is not the down-projection of a feed-forward block this pass can split")
         block = blocks[down_name]
         nodes = {node.name: node for node in graph.node}
-        up, act, down = nodes[block.up], nodes[block.activation], nodes[block.down]
+        up, down = nodes[block.up], nodes[block.down]
         bias = nodes[block.bias] if block.bias else None
+        chain = [nodes[name] for name in block.activation]
         w_up = numpy_helper.to_array(initializers[up.input[1]])
         w_down = numpy_helper.to_array(initializers[down.input[1]])
-        kept = np.setdiff1d(np.arange(w_down.shape[0]), chosen)
-        if kept.size == 0 or chosen.max() >= w_down.shape[0]:
-            raise UserError(f"block '{down_name}': neurons {chosen.tolist()} leave none of its {w_down.shape[0]} in int8")
+        width = w_down.shape[0]
+        kept = np.setdiff1d(np.arange(width), chosen)
+        if kept.size == 0 or chosen.max() >= width:
+            raise UserError(f"block '{down_name}': neurons {chosen.tolist()} leave none of its {width} in int8")
         prefix = FLOAT_PREFIX + down_name
 
         def node(op: str, inputs: list[str], step: str, like: onnx.NodeProto | None = None) -> onnx.NodeProto:
@@ -212,30 +271,38 @@ def split_blocks(model: onnx.ModelProto, neurons: Mapping[str, np.ndarray]) -> o
                 made.attribute.extend(like.attribute)
             return made
 
+        def split_vector(reader: onnx.NodeProto, index: int) -> str:
+            """The outlier slice of a [width] initializer input; the reader gets the kept slice."""
+            vector = numpy_helper.to_array(initializers[reader.input[index]])
+            outliers = constant(reader.input[index] + "_outliers", vector[chosen])
+            reader.input[index] = constant(reader.input[index] + "_kept", vector[kept])
+            return outliers
+
         side = [node("MatMul", [up.input[0], constant(up.input[1] + "_outliers", w_up[:, chosen])], "up")]
         up.input[1] = constant(up.input[1] + "_kept", w_up[:, kept])
+        source = up.output[0]
         if bias is not None:
-            b_index = next(i for i, name in enumerate(bias.input) if name in initializers)
-            b = numpy_helper.to_array(initializers[bias.input[b_index]])
-            side.append(node("Add", [side[-1].output[0], constant(bias.input[b_index] + "_outliers", b[chosen])], "bias"))
-            bias.input[b_index] = constant(bias.input[b_index] + "_kept", b[kept])
-        act_inputs = [side[-1].output[0]]
-        b_index = ACTIVATIONS[(act.domain, act.op_type)]
-        if b_index is not None and len(act.input) > b_index and act.input[b_index]:
-            b = numpy_helper.to_array(initializers[act.input[b_index]])
-            act_inputs.append(constant(act.input[b_index] + "_outliers", b[chosen]))
-            act.input[b_index] = constant(act.input[b_index] + "_kept", b[kept])
-        side.append(node(act.op_type, act_inputs, "act", like=act))
-        side.append(node("MatMul", [side[-1].output[0], constant(down.input[1] + "_outliers", w_down[chosen])], "down"))
+            b_index = next(i for i, name in enumerate(bias.input) if _vector(initializers, name, width))
+            side.append(node("Add", [side[-1].output[0], split_vector(bias, b_index)], "bias"))
+            source = bias.output[0]
+        renamed = {source: side[-1].output[0]}
+        for step, act in enumerate(chain):
+            inputs = [renamed.get(name, name) for name in act.input]
+            for i, name in enumerate(act.input):
+                if name not in renamed and _vector(initializers, name, width):
+                    inputs[i] = split_vector(act, i)
+            side.append(node(act.op_type, inputs, f"act{step}" if len(chain) > 1 else "act", like=act))
+            renamed[act.output[0]] = side[-1].output[0]
+        side.append(node("MatMul", [renamed[down.input[0]], constant(down.input[1] + "_outliers", w_down[chosen])], "down"))
         down.input[1] = constant(down.input[1] + "_kept", w_down[kept])
-        changed |= {up.output[0], act.output[0]} | ({bias.output[0]} if bias else set())
+        changed |= {up.output[0], source} | {act.output[0] for act in chain}
         tail = _tail(graph, down, initializers)
         total = tail.output[0]
         tail.output[0] = fresh(total + "_int8_path")
         side.append(helper.make_node("Add", [tail.output[0], side[-1].output[0]], [total], name=fresh(prefix + "/sum")))
-        position = next(i for i, node in enumerate(graph.node) if node is tail) + 1
-        for offset, node in enumerate(side):
-            graph.node.insert(position + offset, node)
+        position = next(i for i, n in enumerate(graph.node) if n is tail) + 1
+        for offset, made in enumerate(side):
+            graph.node.insert(position + offset, made)
     # the intermediate tensors changed width: drop their recorded shapes
     keep = [vi for vi in graph.value_info if vi.name not in changed]
     del graph.value_info[:]

@@ -33,8 +33,14 @@ def _ffn(activation: str = "Gelu", outlier_gain: float = 12.0, extra_reader: boo
     nodes = [helper.make_node("MatMul", ["x", "w_up"], ["h"], name="up")]
     if activation != "BiasGelu":
         nodes.append(helper.make_node("Add", ["h", "b_up"], ["pre"], name="up_bias"))
-    nodes += [helper.make_node(activation, act_inputs, ["act"], name="act", domain=domain),
-              helper.make_node("MatMul", ["act", "w_down"], ["d"], name="down"),
+    if activation == "ErfGelu":  # as the TorchScript exporter writes Gelu; one scalar a Constant node
+        nodes += [helper.make_node("Constant", [], ["one"], name="one", value=numpy_helper.from_array(np.array(1.0, np.float32))),
+                  helper.make_node("Div", ["pre", "sqrt2"], ["g0"], name="g_div"), helper.make_node("Erf", ["g0"], ["g1"], name="g_erf"),
+                  helper.make_node("Add", ["g1", "one"], ["g2"], name="g_add"), helper.make_node("Mul", ["pre", "g2"], ["g3"], name="g_mul"),
+                  helper.make_node("Mul", ["g3", "half"], ["act"], name="g_half")]
+    else:
+        nodes.append(helper.make_node(activation, act_inputs, ["act"], name="act", domain=domain))
+    nodes += [helper.make_node("MatMul", ["act", "w_down"], ["d"], name="down"),
               helper.make_node("Add", ["d", "b_down"], ["y"], name="down_bias")]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", HIDDEN])]
     if extra_reader:
@@ -42,7 +48,8 @@ def _ffn(activation: str = "Gelu", outlier_gain: float = 12.0, extra_reader: boo
         outputs.append(helper.make_tensor_value_info("act_copy", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])], outputs,
                               [numpy_helper.from_array(a, n) for n, a in
-                               (("w_up", w_up), ("b_up", b_up), ("w_down", w_down), ("b_down", b_down))])
+                               (("w_up", w_up), ("b_up", b_up), ("w_down", w_down), ("b_down", b_down),
+                                ("sqrt2", np.array(1.4142135, np.float32)), ("half", np.array(0.5, np.float32)))])
     opsets = [helper.make_opsetid("", 20)] + ([helper.make_opsetid("com.microsoft", 1)] if domain else [])
     return helper.make_model(graph, opset_imports=opsets)
 
@@ -52,7 +59,7 @@ def _batches(count=4, batch=2, seq=8, seed=0):
     return [{"x": rng.normal(0, 1, (batch, seq, HIDDEN)).astype(np.float32)} for _ in range(count)]
 
 
-@pytest.mark.parametrize("activation", ["Gelu", "Relu", "BiasGelu"])
+@pytest.mark.parametrize("activation", ["Gelu", "Relu", "BiasGelu", "ErfGelu"])
 def test_split_finds_the_outlier_neuron_and_is_exact_in_float(activation):
     model = _ffn(activation)
     result = keep_outliers_float(model, _batches())
@@ -61,6 +68,8 @@ def test_split_finds_the_outlier_neuron_and_is_exact_in_float(activation):
     assert result.stats["split"]["down"]["peak_without"] < result.stats["split"]["down"]["peak"] / 3
     onnx.checker.check_model(result.model)
     assert sorted(float_nodes(result.model)) == [FLOAT_PREFIX + "down/down", FLOAT_PREFIX + "down/up"]
+    block, = feed_forwards(model)
+    assert block.activation == (("g_div", "g_erf", "g_add", "g_mul", "g_half") if activation == "ErfGelu" else ("act",))
     weights = {i.name: i for i in result.model.graph.initializer}
     down = next(n for n in result.model.graph.node if n.name == "down")
     assert list(weights[down.input[1]].dims) == [WIDTH - 1, HIDDEN]
