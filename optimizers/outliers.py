@@ -47,6 +47,7 @@ from onnx import helper, numpy_helper
 
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
+from onnxforge.common.onnxio import GraphNames, drop_unused_initializers
 from optimizers.result import PassResult
 from optimizers.verify import compare_models, run_model, with_outputs
 
@@ -229,20 +230,9 @@ def split_blocks(model: onnx.ModelProto, neurons: Mapping[str, np.ndarray]) -> o
     out.CopyFrom(model)
     graph = out.graph
     initializers = {init.name: init for init in graph.initializer}
-    taken = {name for node in graph.node for name in (*node.input, *node.output, node.name)} | set(initializers)
     blocks = {b.down: b for b in feed_forwards(out)}
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
-
-    def constant(base: str, array: np.ndarray) -> str:
-        name = fresh(base)
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
-        return name
+    names = GraphNames(out)
+    fresh, constant = names.fresh, names.constant
 
     changed: set[str] = set()
     for down_name, chosen in neurons.items():
@@ -307,7 +297,7 @@ def split_blocks(model: onnx.ModelProto, neurons: Mapping[str, np.ndarray]) -> o
     keep = [vi for vi in graph.value_info if vi.name not in changed]
     del graph.value_info[:]
     graph.value_info.extend(keep)
-    _drop_unused_initializers(out)
+    drop_unused_initializers(out)
     return out
 
 
@@ -319,13 +309,6 @@ def _tail(graph: onnx.GraphProto, down: onnx.NodeProto, initializers) -> onnx.No
             and down.output[0] not in {o.name for o in graph.output}):
         return readers[0]
     return down
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 def float_nodes(model: onnx.ModelProto) -> list[str]:

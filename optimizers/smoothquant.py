@@ -38,6 +38,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.onnxio import GraphNames, drop_unused_initializers
 from optimizers.result import PassResult
 from optimizers.verify import run_model, with_outputs
 
@@ -210,20 +211,9 @@ def apply_smoothing(model: onnx.ModelProto, scales: Mapping[str, np.ndarray]) ->
     graph = out.graph
     initializers = {init.name: init for init in graph.initializer}
     groups = {g.activation: g for g in smoothable_groups(out)}
-    taken = {name for node in graph.node for name in (*node.input, *node.output)} | set(initializers)
     counts = collections.Counter()
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
-
-    def add_initializer(base: str, array: np.ndarray) -> str:
-        name = fresh(base)
-        graph.initializer.append(numpy_helper.from_array(array.astype(np.float32), name))
-        return name
+    names = GraphNames(out)
+    fresh, add_initializer = names.fresh, names.constant
 
     inserts: list[tuple[int, onnx.NodeProto]] = []
     for activation, s in scales.items():
@@ -264,15 +254,8 @@ def apply_smoothing(model: onnx.ModelProto, scales: Mapping[str, np.ndarray]) ->
             counts["muls_inserted"] += 1
     for position, node in sorted(inserts, key=lambda item: item[0], reverse=True):
         graph.node.insert(position, node)
-    _drop_unused_initializers(out)
+    drop_unused_initializers(out)
     return out, dict(counts)
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 # ---------------------------------------------------------------- the pass

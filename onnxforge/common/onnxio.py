@@ -1,4 +1,4 @@
-"""Loading and saving ONNX files with clear errors and atomic writes."""
+"""Loading and saving ONNX files with clear errors and atomic writes; small helpers for graph rewrites."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -180,6 +181,39 @@ def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(model, out, skip="graph")
     _copy_fields(model.graph, out.graph, skip="initializer")
     return out
+
+
+class GraphNames:
+    """Fresh tensor / node names and new float initializers for a rewrite of ``model``'s graph
+    (which it edits in place): a name already used by a node, a tensor or an initializer gets a
+    numbered suffix."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.taken = ({name for node in self.graph.node for name in (*node.input, *node.output, node.name)}
+                      | {init.name for init in self.graph.initializer})
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+    def constant(self, base: str, array) -> str:
+        """A new float32 initializer named after ``base``; its name."""
+        name = self.fresh(base)
+        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove, in place, the initializers no node reads and no graph output names (what a
+    rewrite that replaced weights leaves behind)."""
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
 
 
 def _copy_fields(source, target, *, skip: str) -> None:
