@@ -181,7 +181,8 @@ def feed_forwards(model: onnx.ModelProto) -> list[FeedForward]:
     order = {id(node): i for i, node in enumerate(model.graph.node)}
     blocks = []
     for down in model.graph.node:
-        if down.op_type != "MatMul" or _domain(down) or not _matrix(graph.initializers, down.input[1]):
+        if (down.op_type != "MatMul" or _domain(down) or not _matrix(graph.initializers, down.input[1])
+                or down.name.startswith(FLOAT_PREFIX)):  # a side path this pass wrote
             continue
         width = int(graph.initializers[down.input[1]].dims[0])
         matched = graph.activation(down.input[0], width)

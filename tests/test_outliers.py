@@ -73,6 +73,8 @@ def test_split_finds_the_outlier_neuron_and_is_exact_in_float(activation):
     weights = {i.name: i for i in result.model.graph.initializer}
     down = next(n for n in result.model.graph.node if n.name == "down")
     assert list(weights[down.input[1]].dims) == [WIDTH - 1, HIDDEN]
+    again = keep_outliers_float(result.model, _batches())  # the side path is not a block to split again
+    assert not again.modified and again.stats["blocks"] == 1
     for batch, seq in ((3, 5), (1, 17)):  # shapes the split never saw
         feeds = _batches(1, batch, seq, seed=9)[0]
         np.testing.assert_allclose(run_model(result.model, feeds)["y"], run_model(model, feeds)["y"], rtol=1e-5, atol=1e-5)
