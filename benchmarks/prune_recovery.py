@@ -24,7 +24,8 @@ uniform counts; at ``--global-ratios``, MiniLM only by default). ``base`` is the
 
 Stacked with int8, quantization is calibrated on the pruned model: static for the digits; for MiniLM dynamic per-channel
 and SmoothQuant (``optimizers.smoothquant.smooth``, scales folded into LayerNorms, alpha searched on the calibration
-sentences) then dynamic per-channel, each for the unpruned and the pruned model.
+sentences) then dynamic per-channel, and the same after moving outlier feed-forward neurons to a float side path
+(``optimizers.outliers``), each for the unpruned and the pruned model.
 
 Latency: runtime_bench (variants alternate in blocks with fresh sessions), medians and paired
 95 % intervals against the unpruned model; 2 intra-op threads.
@@ -36,6 +37,7 @@ Latency: runtime_bench (variants alternate in blocks with fresh sessions), media
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from onnxforge import models
 from onnxforge.common.onnxio import load_onnx, save_onnx
 from optimizers import PruneSettings, QuantizeSettings, prune, quantize
 from optimizers.quantize import fidelity
+from optimizers.outliers import float_nodes, keep_outliers_float
 from optimizers.smoothquant import SmoothQuantSettings, smooth
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark
 from runtime_bench.machine import machine_info
@@ -163,13 +166,18 @@ def _print_allocation(ratio, allocation):
 
 def _int8(model, method: str, calibration, evaluation, **data):
     """``model`` quantized by ``method``: ``static`` (calibrated on ``calibration``), ``dynamic``
-    (per-channel weights), or ``smoothquant`` (``smooth`` on ``calibration``, then dynamic
-    per-channel)."""
+    (per-channel weights), ``smoothquant`` (``smooth`` on ``calibration``, then dynamic
+    per-channel), or ``outliers+smoothquant`` (outlier feed-forward neurons on a float side path,
+    ``optimizers.outliers``, found on 8 calibration batches, then as ``smoothquant``: what auto
+    mode's SmoothQuant candidate does)."""
     if method == "static":
         settings = QuantizeSettings(mode="static", check_speed=False)
     else:
         settings = QuantizeSettings(mode="dynamic", per_channel=True, check_speed=False)
-    if method == "smoothquant":
+    if method == "outliers+smoothquant":
+        model = keep_outliers_float(model, calibration[:8]).model
+        settings = dataclasses.replace(settings, exclude_nodes=tuple(float_nodes(model)))
+    if method in ("smoothquant", "outliers+smoothquant"):
         model = smooth(model, calibration, SmoothQuantSettings(per_channel=True, scope="layernorm")).model
     return quantize(model, settings, calibration=_source(calibration) if method == "static" else None,
                     evaluation=_source(evaluation), **data).model
@@ -263,7 +271,7 @@ def main() -> None:
                               global_ratios=spread, max_batches=len(calibration))
             stacked = pruned[min(ratios)]
             int8_stack("all-MiniLM-L6-v2, batch 8, seq 128", path, stacked.get("global", stacked["greedy"]),
-                       ("dynamic", "smoothquant"), calibration, evaluation, folder, config)
+                       ("dynamic", "smoothquant", "outliers+smoothquant"), calibration, evaluation, folder, config)
     print(f"\nmachine: {machine_info().describe()}")
 
 
