@@ -22,9 +22,9 @@ leaves them in float; they are ``[tokens, hidden] x [hidden, |C|]`` and ``[token
 A neuron is an outlier when its largest |activation| over the calibration batches exceeds
 ``factor`` times the 99th percentile of the block's per-neuron maxima; at most ``max_share`` of
 a block's neurons are moved (the largest first). On MiniLM (``benchmarks/transformer_paths.py``)
-this moves 5 neurons of 9216 and, after SmoothQuant, raises dynamic int8's held-out cosine from
-0.996 to 0.999 and top-10 neighbour agreement from 0.925 to 0.955, at a cost within the timing
-noise.
+this moves 5 neurons of 9216 and, with SmoothQuant, raises dynamic int8's held-out cosine from
+0.9961 to 0.9983 and top-10 neighbour agreement from 0.923 to 0.954, for about 4 % of the int8
+speed at batch 8 (2.34x against 2.26x over TorchScript fp32) and 3 % at batch 1.
 
 Blocks found: ``MatMul(x, W_up)`` [``Add(., b)``] -> an activation -> ``MatMul(., W_down)``, the
 weights and the bias initializers, where the activation is one elementwise function of the

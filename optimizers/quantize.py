@@ -97,8 +97,8 @@ NBITS_INT8_BLOCK = 32
 SPEED_TIE = 0.05
 # A candidate whose int8 error (1 - cosine) is at most FAITHFUL_ERROR_SHARE of the fastest one's
 # is level with it within FAITHFUL_SPEED_TIE: a few small float ops (outlier side paths,
-# SmoothQuant's Muls) cost a few percent at batch 1 and about 1 % at batch 8 (MiniLM), while
-# they cut the error several-fold.
+# SmoothQuant's Muls) cost MiniLM about 3 % at batch 1 and 4 % at batch 8 (wall time, 2 threads,
+# benchmarks/transformer_paths.py), while they cut the error several-fold.
 FAITHFUL_SPEED_TIE = 0.10
 FAITHFUL_ERROR_SHARE = 1 / 3
 
