@@ -31,7 +31,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 }
 CANDIDATE_KEYS = {"name": (str,), "prune": (dict,), "quantize": (dict,)}
 PRUNE_KEYS = {"ratio": (float, int), "importance": (str,), "scope": (str,), "bias_compensation": (bool,), "round_to": (int,),
-              "protect_first": (bool,), "max_batches": (int,)}
+              "protect_first": (bool,), "max_batches": (int,), "refine_steps": (int,)}
 QUANTIZE_KEYS = {"mode": (str,), "format": (str,), "per_channel": (bool,), "reduce_range": (bool,), "weight_type": (str,),
                  "activation_type": (str,), "calibration_method": (str,), "accuracy_target": (float, int),
                  "max_float_nodes": (int,), "op_types": (list,)}

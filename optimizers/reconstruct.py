@@ -427,7 +427,7 @@ def _kind(consumer: _Consumer) -> str:
     return f"Conv {kh}x{kw} (im2col {len(consumer.kept)}x{kh * kw})" if kh * kw > 1 else "Conv 1x1"
 
 
-def _activations(model, names: Sequence[str], batches):
+def activations(model, names: Sequence[str], batches):
     """Yield, per batch, ``{name: array}`` of the named tensors, from one session of ``model``
     cut down to the nodes those tensors need."""
     from optimizers.verify import ort_session
@@ -466,7 +466,7 @@ def _truncated(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return out
 
 
-def _token_rows(batch: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray | None:
+def token_rows(batch: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray | None:
     """For a [batch, tokens, channels] activation of a model fed an ``attention_mask`` of
     shape [batch, tokens]: the flat row indices of real tokens (padding rows are left out of
     the fit: their outputs are masked away). None when there is no such mask."""
@@ -479,7 +479,7 @@ def _token_rows(batch: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray | 
 
 
 def _rows(batch, x: np.ndarray, features: np.ndarray) -> np.ndarray:
-    rows = _token_rows(batch, x)
+    rows = token_rows(batch, x)
     return features if rows is None else features[rows]
 
 
@@ -495,8 +495,8 @@ def _moments_for_wave(reference, current, wave: list[_Consumer], fit, heldout):
     weights = {c.node.name: c.weight[c.rows].reshape(len(c.rows), -1).T.astype(np.float32) for c in wave}
     moments = {True: {}, False: {}}
     sums, counts = {}, collections.Counter()
-    originals = _activations(reference, names, [b for b, _ in batches])
-    pruned = _activations(current, names, [b for b, _ in batches])
+    originals = activations(reference, names, [b for b, _ in batches])
+    pruned = activations(current, names, [b for b, _ in batches])
     for (original, x_hat_all), (batch, is_fit) in zip(zip(originals, pruned), batches):
         for c in wave:
             name = c.node.name
@@ -923,7 +923,7 @@ def _full_grams(model, consumers: list[_Consumer], batches) -> dict[str, np.ndar
     weighted as the re-fit weights them where a consumer reaches a LayerNorm)."""
     names = sorted({c.tensor for c in consumers} | {c.normalized[0] for c in consumers if c.normalized})
     grams: dict[str, Moments] = {}
-    for batch, values in zip(batches, _activations(model, names, batches)):
+    for batch, values in zip(batches, activations(model, names, batches)):
         for c in consumers:
             features = _rows(batch, values[c.tensor], c.features(values[c.tensor]))
             if c.node.name not in grams:

@@ -576,6 +576,10 @@ class PruneSettings:
         names kept whole. ``ratios``: per-producer ratio overrides.
     max_batches: calibration (and evaluation) batches read at most; reconstruction holds out a
         share of them, so more batches give the re-fits more data (a recipe's ``max_batches``).
+    refine_steps: after reconstruction, refine each feed-forward block (up and down projections
+        together) by this many gradient steps towards the unpruned block's output
+        (``optimizers.refine``; 0: off). Needs calibration data; kept only where held-out
+        calibration data shows it helps.
     """
 
     ratio: float = 0.5
@@ -588,6 +592,7 @@ class PruneSettings:
     ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
     max_batches: int = 32
     reconstruct: bool | None = None
+    refine_steps: int = 0
 
     def __post_init__(self):
         for value in (self.ratio, *self.ratios.values()):
@@ -601,6 +606,8 @@ class PruneSettings:
             raise UserError(f"round_to must be at least 1, got {self.round_to}")
         if self.max_batches < 1:
             raise UserError(f"max_batches (calibration batches pruning reads) must be at least 1, got {self.max_batches}")
+        if self.refine_steps < 0:
+            raise UserError(f"refine_steps must be 0 (off) or more, got {self.refine_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1036,6 +1043,7 @@ class PruneResult:
     notes: tuple[str, ...]
     reconstruction: dict[str, Any] | None = None  # ReconstructResult.to_dict(): per consumer, held-out figures
     allocation: dict[str, Any] | None = None  # global scope with reconstruction: Allocation.to_dict() and the choice
+    refinement: dict[str, Any] | None = None  # refine_steps > 0: RefineResult.to_dict(), per block held-out losses
 
     @property
     def modified(self) -> bool:
@@ -1348,6 +1356,18 @@ def _reconstructed(reference, model, analysis: Analysis, removed: frozenset[int]
     return refit.model, len(refit.consumers), measured, without, refit.to_dict()
 
 
+def _refined(reference, model, pruned, measured, calib_batches, eval_batches, steps: int, notes: list[str]):
+    """``(pruned, fidelity, report)`` after ``optimizers.refine`` (``model``, the unpruned form
+    the pruned one was cut from, is its reference); as they were where it was not kept."""
+    from optimizers.refine import RefineSettings, refine
+
+    result = refine(model, pruned, calib_batches, RefineSettings(steps=steps))
+    notes.extend(result.notes)
+    if result.kept:
+        pruned, measured = result.model, fidelity_dict(reference, result.model, eval_batches)
+    return pruned, measured, result.to_dict()
+
+
 def _has_holdout(calib_batches, notes: list[str]) -> bool:
     from optimizers.calibration import split_holdout
 
@@ -1442,6 +1462,8 @@ def prune_structured(
         raise UserError(f"{settings.importance} importance needs calibration data (--calibration DATA)")
     elif settings.reconstruct:
         raise UserError("reconstruction needs calibration data (--calibration DATA)")
+    elif settings.refine_steps:
+        raise UserError("refinement (--refine STEPS) needs calibration data (--calibration DATA)")
     if evaluation is not None:
         eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
     elif eval_batches is None:
@@ -1474,10 +1496,13 @@ def prune_structured(
     if trials > 1:
         notes.append(f"{sum(1 for u in units if (u.reason or '').startswith('pruning it breaks'))} unit(s) left whole "
                      f"because pruning them breaks the graph ({trials} ONNX Runtime checks)")
-    reconstruction = None
+    reconstruction = refinement = None
     if removed and refit_on:
         pruned, compensated, measured, without, reconstruction = _reconstructed(
             reference, model, analysis, removed, calib_batches, eval_batches, notes, refit)
+        if settings.refine_steps:
+            pruned, measured, refinement = _refined(reference, model, pruned, measured, calib_batches, eval_batches,
+                                                    settings.refine_steps, notes)
     elif removed:
         pruned, compensated, measured, without = _compensated(
             reference, model, analysis, removed, means if settings.bias_compensation else None, eval_batches, notes)
@@ -1504,6 +1529,7 @@ def prune_structured(
         notes=tuple(notes),
         reconstruction=reconstruction,
         allocation=allocation,
+        refinement=refinement,
     )
     logger.info("pruned %d of %d units; parameters %d -> %d; MACs %d -> %d", sum(1 for u in units if u.kept < u.channels),
                 len(units), *result.parameters, *result.macs)

@@ -31,6 +31,10 @@ def register(sub) -> None:
     prn.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                      help="re-fit the consumers of removed channels by least squares, kept where held-out calibration data "
                           "shows it helps (default: on when --calibration is given)")
+    prn.add_argument("--refine", type=int, metavar="STEPS", default=0,
+                     help="after reconstruction, refine each feed-forward block (up and down projections) by STEPS gradient "
+                          "steps towards the unpruned block's output (about 400; needs --calibration; kept where held-out "
+                          "calibration data shows it helps)")
     prn.add_argument("--round-to", type=int, default=8, help="kept channels are a multiple of this (default 8)")
     prn.add_argument("--no-protect-first", action="store_true", help="allow pruning the layers that read graph inputs")
     prn.add_argument("--protect", action="append", metavar="NODE", help="keep this producer node whole (repeatable)")
@@ -58,7 +62,7 @@ def _prune_command(args) -> int:
     settings = PruneSettings(
         ratio=args.ratio or 0.0, importance=args.importance, scope=args.scope, bias_compensation=not args.no_bias_compensation,
         round_to=args.round_to, protect_first=not args.no_protect_first, protect=tuple(args.protect or ()), ratios=ratios,
-        reconstruct=args.reconstruct,
+        reconstruct=args.reconstruct, refine_steps=args.refine,
     )
     result = prune_file(args.input, args.output, settings, method=args.method, heads=args.heads,
                         head_importance=args.head_importance, calibration=args.calibration,
@@ -86,6 +90,13 @@ def _prune_command(args) -> int:
             if consumer["error_compensated"] is not None:
                 print(f"  {consumer['node']:<48} {consumer['kind']:<26} {consumer['error_compensated']:.4f} -> "
                       f"{consumer['error_reconstructed']:.4f}  {'kept' if consumer['reconstructed'] else 'not kept'}")
+    if result.refinement and result.refinement["blocks"]:
+        print("refinement, held-out block loss (before -> after):")
+        for block in result.refinement["blocks"]:
+            loss = block["heldout_loss"]
+            status = f"{loss[0]:.4g} -> {loss[1]:.4g} at step {block['best_step']}" if loss else "-"
+            print(f"  {block['block']:<48} {block['activation'] or '':<10} {status}  "
+                  f"{'kept' if block['kept'] else block['reason']}")
     for note in result.notes:
         print(f"note: {note}")
     return 0

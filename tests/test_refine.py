@@ -1,0 +1,168 @@
+"""Block-wise refinement of feed-forward blocks (optimizers.refine): exact gradients, the
+activation recognised from data, held-out fidelity that rises, and blocks left alone where
+there is nothing to gain or the numpy form does not match the graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxforge.common.errors import UserError
+from optimizers import PruneSettings, prune
+from optimizers.quantize import fidelity
+from optimizers.refine import (ACTIVATIONS, BlockParameters, RefineSettings, loss_and_gradients, recognise_activation,
+                               refine)
+from optimizers.verify import run_model
+
+HIDDEN, WIDTH, KEPT = 16, 48, 24
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("layernorm", [True, False])
+def test_gradients_match_finite_differences(activation, layernorm):
+    rng = np.random.default_rng(1)
+    p = BlockParameters(rng.normal(0, 0.3, (6, 10)), rng.normal(0, 0.3, 10), rng.normal(0, 0.3, (10, 5)),
+                        rng.normal(0, 0.3, 5), (rng.normal(1, 0.2, 5), rng.normal(0, 0.2, 5), 1e-5) if layernorm else None)
+    x, residual, target = rng.normal(0, 1, (7, 6)), rng.normal(0, 1, (7, 5)), rng.normal(0, 1, (7, 5))
+    _, grads = loss_and_gradients(p, activation, x, residual, target)
+    for name, value in p.trainable().items():
+        numeric = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            keep = value[index]
+            value[index] = keep + 1e-6
+            plus = loss_and_gradients(p, activation, x, residual, target)[0]
+            value[index] = keep - 1e-6
+            minus = loss_and_gradients(p, activation, x, residual, target)[0]
+            value[index] = keep
+            numeric[index] = (plus - minus) / 2e-6
+        np.testing.assert_allclose(grads[name], numeric, rtol=1e-4, atol=1e-6, err_msg=f"{activation} {name}")
+
+
+def test_activation_recognised_from_data():
+    z = np.linspace(-6, 6, 2001).astype(np.float32)
+    for name, (value, _) in ACTIVATIONS.items():
+        assert recognise_activation(z, value(z).astype(np.float32)) == name
+    assert recognise_activation(z, np.sin(z)) is None
+    exact_erf = np.array([0.0, 0.1124629160182849, 0.5204998778130465, 0.8427007929497149, 0.9953222650189527])
+    from optimizers.refine import _erf
+
+    np.testing.assert_allclose(_erf(np.array([0.0, 0.1, 0.5, 1.0, 2.0])), exact_erf, atol=2e-7)
+
+
+def _transformer_ffn(width: int = WIDTH, keep: np.ndarray | None = None, activation: str = "erf", shared: bool = False
+                     ) -> onnx.ModelProto:
+    """x -> LayerNorm -> h; y = LayerNorm(act(h W_up + b_up) W_down + b_down + h): a transformer's
+    feed-forward block as the TorchScript exporter writes it (Gelu as an Erf chain). ``keep``: the
+    neurons left, as a pruned model has them (weights sliced, nothing re-fitted)."""
+    rng = np.random.default_rng(0)
+    w_up = rng.normal(0, 0.3, (HIDDEN, width)).astype(np.float32)
+    b_up = rng.normal(0, 0.2, width).astype(np.float32)
+    w_down = rng.normal(0, 0.3, (width, HIDDEN)).astype(np.float32)
+    b_down = rng.normal(0, 0.1, HIDDEN).astype(np.float32)
+    if keep is not None:
+        w_up, b_up, w_down = w_up[:, keep], b_up[keep], w_down[keep]
+    ones, zeros = np.ones(HIDDEN, np.float32), np.zeros(HIDDEN, np.float32)
+    nodes = [helper.make_node("LayerNormalization", ["x", "g0", "z0"], ["h"], name="ln0", axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["h", "w_up"], ["u"], name="up"),
+             helper.make_node("Add", ["u", "b_up"], ["pre"], name="up_bias")]
+    if activation == "erf":
+        nodes += [helper.make_node("Div", ["pre", "sqrt2"], ["g0_"], name="g_div"), helper.make_node("Erf", ["g0_"], ["g1"], name="g_erf"),
+                  helper.make_node("Add", ["g1", "one"], ["g2"], name="g_add"), helper.make_node("Mul", ["pre", "g2"], ["g3"], name="g_mul"),
+                  helper.make_node("Mul", ["g3", "half"], ["act"], name="g_half")]
+    else:
+        nodes.append(helper.make_node(activation, ["pre"], ["act"], name="act"))
+    nodes += [helper.make_node("MatMul", ["act", "w_down"], ["d"], name="down"),
+              helper.make_node("Add", ["d", "b_down"], ["db"], name="down_bias"),
+              helper.make_node("Add", ["db", "h"], ["s"], name="residual"),
+              helper.make_node("LayerNormalization", ["s", "g1n", "z1n"], ["y"], name="ln1", axis=-1, epsilon=1e-5)]
+    initializers = [("g0", ones), ("z0", zeros), ("w_up", w_up), ("b_up", b_up), ("w_down", w_down), ("b_down", b_down),
+                    ("g1n", ones * 1.5), ("z1n", zeros + 0.1), ("sqrt2", np.array(1.4142135, np.float32)),
+                    ("one", np.array(1.0, np.float32)), ("half", np.array(0.5, np.float32))]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", HIDDEN])]
+    if shared:  # the up weights read a second time
+        nodes.append(helper.make_node("MatMul", ["x", "w_up"], ["extra"], name="extra"))
+        outputs.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+                              outputs, [numpy_helper.from_array(a, n) for n, a in initializers])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _batches(count, seed, batch=8, seq=16):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (batch, seq, HIDDEN)).astype(np.float32)} for _ in range(count)]
+
+
+KEEP = np.sort(np.random.default_rng(3).choice(WIDTH, KEPT, replace=False))
+SETTINGS = RefineSettings(steps=300, learning_rate=1e-2, batch_rows=512)
+
+
+def test_refinement_raises_fidelity_on_unseen_data():
+    reference, pruned = _transformer_ffn(), _transformer_ffn(keep=KEEP)
+    calibration, unseen = _batches(10, seed=1), _batches(4, seed=2)
+    result = refine(reference, pruned, calibration, SETTINGS)
+    assert result.kept and len(result.blocks) == 1
+    block = result.blocks[0]
+    assert block.kept and block.activation == "gelu" and block.rows == (8 * 8 * 16, 2 * 8 * 16)
+    assert block.heldout_loss[1] < 0.7 * block.heldout_loss[0]
+    assert result.heldout_cosine[1] > result.heldout_cosine[0]
+    before, after = fidelity(reference, pruned, unseen).min_mean_cosine, fidelity(reference, result.model, unseen).min_mean_cosine
+    assert 1 - after < 0.7 * (1 - before)
+    onnx.checker.check_model(result.model, full_check=True)
+    shapes = {i.name: list(i.dims) for i in result.model.graph.initializer}
+    assert shapes["w_up"] == [HIDDEN, KEPT] and shapes["w_down"] == [KEPT, HIDDEN]
+    for batch, seq in ((1, 3), (5, 31)):  # shapes the fit never saw
+        out = run_model(result.model, _batches(1, seed=7, batch=batch, seq=seq)[0])["y"]
+        assert out.shape == (batch, seq, HIDDEN) and np.isfinite(out).all()
+    weight = lambda model: numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w_up"))
+    np.testing.assert_array_equal(weight(pruned), weight(_transformer_ffn(keep=KEEP)))  # the input is not modified
+    assert not np.array_equal(weight(result.model), weight(pruned))
+
+
+def test_nothing_to_gain_leaves_the_model_unchanged():
+    reference = _transformer_ffn()
+    result = refine(reference, reference, _batches(10, seed=1), SETTINGS)
+    assert not result.kept and result.model is reference
+    assert [b.reason for b in result.blocks] == ["it matches the reference already"]
+
+
+def test_blocks_that_cannot_be_refined_say_why():
+    reference = _transformer_ffn(activation="Tanh")  # an activation the numpy forms do not cover
+    result = refine(reference, _transformer_ffn(keep=KEEP, activation="Tanh"), _batches(10, seed=1), SETTINGS)
+    assert not result.kept and result.blocks[0].reason.startswith("activation not recognised")
+    shared = refine(_transformer_ffn(shared=True), _transformer_ffn(keep=KEEP, shared=True), _batches(10, seed=1), SETTINGS)
+    assert not shared.kept and [b.reason for b in shared.blocks] == ["shared weights"]
+    one_batch = refine(_transformer_ffn(), _transformer_ffn(keep=KEEP), _batches(1, seed=1, batch=1), SETTINGS)
+    assert not one_batch.kept and "held-out" in one_batch.notes[0]
+
+
+def test_prune_with_refine_steps_reports_and_keeps_what_helps():
+    model, calibration, evaluation = _transformer_ffn(), _batches(10, seed=1), _batches(4, seed=2)
+    settings = PruneSettings(ratio=0.5, importance="activation", protect_first=False, refine_steps=200)
+    plain = prune(model, PruneSettings(ratio=0.5, importance="activation", protect_first=False),
+                  calibration=lambda: calibration, evaluation=lambda: evaluation)
+    refined = prune(model, settings, calibration=lambda: calibration, evaluation=lambda: evaluation)
+    assert refined.refinement is not None and plain.refinement is None
+    assert refined.refinement["kept"] and any("refinement:" in note for note in refined.notes)
+    assert refined.fidelity["min_mean_cosine"] > plain.fidelity["min_mean_cosine"]
+    with pytest.raises(UserError, match="refinement .* needs calibration data"):
+        prune(model, PruneSettings(ratio=0.5, refine_steps=10))
+    with pytest.raises(UserError, match="refine_steps"):
+        PruneSettings(refine_steps=-1)
+
+
+def test_cli_refine_prints_each_block(tmp_path, capsys):
+    from onnxforge.cli import main
+    from onnxforge.common.onnxio import save_onnx
+
+    save_onnx(_transformer_ffn(), tmp_path / "ffn.onnx")
+    np.savez(tmp_path / "calibration.npz", x=np.concatenate([b["x"] for b in _batches(10, seed=1)]))
+    args = ["prune", str(tmp_path / "ffn.onnx"), str(tmp_path / "out.onnx"), "--ratio", "0.5", "--importance", "activation",
+            "--no-protect-first", "--calibration", str(tmp_path / "calibration.npz")]
+    assert main([*args, "--refine", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "refinement, held-out block loss" in out and "down" in out and "kept" in out
+    assert "note: refinement: 1 of 1 feed-forward blocks refined" in out
+    assert main(["-q", *args[:3], "--refine", "-5", "--ratio", "0.5"]) == 2
+    assert "refine_steps must be 0 (off) or more, got -5" in capsys.readouterr().err
