@@ -22,6 +22,10 @@ the same channels; always for the digits, with ``--same-channels`` for the other
 per-unit counts from measured sensitivity, same total, kept only where the held-out calibration batches say it beats the
 uniform counts; at ``--global-ratios``, MiniLM only by default). ``base`` is the importance the first three use.
 
+MiniLM's global model (else its greedy+recon one) is also refined by gradient descent, block by block
+(``optimizers.refine``, ``--refine-steps``, 400 by default; what ``onnxforge prune --refine`` runs after
+the re-fit), on the same calibration batches; the int8 stack starts from the refined model.
+
 Stacked with int8, quantization is calibrated on the pruned model: static for the digits; for MiniLM dynamic per-channel
 and SmoothQuant (``optimizers.smoothquant.smooth``, scales folded into LayerNorms, alpha searched on the calibration
 sentences) then dynamic per-channel, and the same after moving outlier feed-forward neurons to a float side path
@@ -31,7 +35,7 @@ Latency: runtime_bench (variants alternate in blocks with fresh sessions), media
 95 % intervals against the unpruned model; 2 intra-op threads.
 
     python benchmarks/prune_recovery.py [--only resnet,digits,minilm] [--ratios 0.3,0.5] [--global-ratios 0.3]
-        [--sentences 1024] [--min-seconds 2] [--save DIR]
+        [--sentences 1024] [--refine-steps 400] [--min-seconds 2] [--save DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +55,7 @@ from onnxforge.common.onnxio import load_onnx, save_onnx
 from optimizers import PruneSettings, QuantizeSettings, prune, quantize
 from optimizers.quantize import fidelity
 from optimizers.outliers import float_nodes, keep_outliers_float
+from optimizers.refine import RefineSettings, refine
 from optimizers.smoothquant import SmoothQuantSettings, smooth
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark
 from runtime_bench.machine import machine_info
@@ -82,10 +88,12 @@ def _cell(value, digits=4):
 
 
 def recovery(name, source: Path, ratios, base: str, calibration, evaluation, folder: Path, config: BenchConfig, accuracy=None,
-             same_channels: bool = False, global_ratios=(), max_batches: int = 32):
+             same_channels: bool = False, global_ratios=(), max_batches: int = 32, refine_steps: int = 0):
     """Prune ``source`` at each ratio three (or four) ways; print the fidelity table and time the
     pruned models. Returns, per ratio, the path of the greedy+recon model and, at
-    ``global_ratios``, of the global one."""
+    ``global_ratios``, of the global one. With ``refine_steps``, the last of those is also
+    refined (``optimizers.refine``, what ``PruneSettings.refine_steps`` runs after the re-fit, on
+    the same calibration batches), its path under ``refined``."""
     reference = load_onnx(source)
     rows, variants = [], [OnnxVariant("unpruned", source)]
     pruned_paths = {}
@@ -117,6 +125,15 @@ def recovery(name, source: Path, ratios, base: str, calibration, evaluation, fol
             pruned_paths[ratio]["global"] = path.with_name(path.stem + "_global.onnx")
             save_onnx(spread.model, pruned_paths[ratio]["global"])
             variants.append(OnnxVariant(f"pruned {ratio} global", pruned_paths[ratio]["global"]))
+        if refine_steps:
+            last = spread or greedy
+            started = time.perf_counter()
+            refined = refine(reference, last.model, calibration[:max_batches], RefineSettings(steps=refine_steps))
+            row["refined"] = fidelity(reference, refined.model, evaluation).min_mean_cosine if refined.kept else None
+            row["refine_notes"] = (*refined.notes, f"{time.perf_counter() - started:.0f} s")
+            if refined.kept:
+                pruned_paths[ratio]["refined"] = path.with_name(path.stem + "_refined.onnx")
+                save_onnx(refined.model, pruned_paths[ratio]["refined"])
     report = benchmark(variants, config)
     speed = {m.variant: m for m in report.measurements}
     print(f"\n== {name}: fidelity on held-out data (base importance: {base}) ==")
@@ -147,6 +164,9 @@ def recovery(name, source: Path, ratios, base: str, calibration, evaluation, fol
                 print(f"  ratio {row['ratio']} (greedy+recon): {note}")
         if row["allocation"]:
             _print_allocation(row["ratio"], row["allocation"])
+        if "refine_notes" in row:
+            print(f"  ratio {row['ratio']} ({'global' if row['global'] is not None else 'greedy+recon'}) refined: "
+                  f"cosine {_cell(row['refined'])} (same channels, same speed); {'; '.join(row['refine_notes'])}")
     return pruned_paths
 
 
@@ -219,6 +239,8 @@ def main() -> None:
                         help="ratios that also get --scope global (sensitivity allocation); default: 0.3 for MiniLM only")
     parser.add_argument("--save", metavar="DIR", help="keep the models here (to time them again, e.g. with onnxforge bench)")
     parser.add_argument("--images", type=int, default=16, help="ResNet calibration images (batches of 4)")
+    parser.add_argument("--refine-steps", type=int, default=400,
+                        help="MiniLM: also refine the global (else greedy+recon) model by this many steps per block (0: off)")
     parser.add_argument("--same-channels", action="store_true",
                         help="also reconstruct on the base importance's channels (the recon column; one more pruning per ratio)")
     args = parser.parse_args()
@@ -268,9 +290,9 @@ def main() -> None:
             spread = [0.3] if args.global_ratios is None else [float(r) for r in args.global_ratios.split(",") if r]
             pruned = recovery("all-MiniLM-L6-v2 feed-forward neurons, batch 8, seq 128", path, [r for r in ratios if r <= 0.5],
                               "activation", calibration, evaluation, folder, config, same_channels=args.same_channels,
-                              global_ratios=spread, max_batches=len(calibration))
+                              global_ratios=spread, max_batches=len(calibration), refine_steps=args.refine_steps)
             stacked = pruned[min(ratios)]
-            int8_stack("all-MiniLM-L6-v2, batch 8, seq 128", path, stacked.get("global", stacked["greedy"]),
+            int8_stack("all-MiniLM-L6-v2, batch 8, seq 128", path, stacked.get("refined", stacked.get("global", stacked["greedy"])),
                        ("dynamic", "smoothquant", "outliers+smoothquant"), calibration, evaluation, folder, config)
     print(f"\nmachine: {machine_info().describe()}")
 
