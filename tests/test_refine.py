@@ -166,3 +166,13 @@ def test_cli_refine_prints_each_block(tmp_path, capsys):
     assert "note: refinement: 1 of 1 feed-forward blocks refined" in out
     assert main(["-q", *args[:3], "--refine", "-5", "--ratio", "0.5"]) == 2
     assert "refine_steps must be 0 (off) or more, got -5" in capsys.readouterr().err
+
+
+def test_recipe_key_refine_steps():
+    from onnxforge.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"model": {"onnx": "m.onnx"},
+                               "candidates": [{"name": "p", "prune": {"ratio": 0.3, "refine_steps": 400}}]})
+    assert PruneSettings(**recipe.data["candidates"][0]["prune"]).refine_steps == 400
+    with pytest.raises(UserError, match=r"'candidates\[0\].prune.refine_steps' must be int"):
+        recipe_from_dict({"model": {"onnx": "m.onnx"}, "candidates": [{"name": "p", "prune": {"refine_steps": "many"}}]})
