@@ -363,7 +363,8 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
             refit = result.reconstruction  # least-squares reconstruction, on by default with calibration data
             transforms.append({"step": "prune", "settings": candidate["prune"], "parameters": list(result.parameters),
                                "reconstructed": bool(refit and refit["applied"]),
-                               "reconstruction_fidelity": refit["fidelity"] if refit else None})
+                               "reconstruction_fidelity": refit["fidelity"] if refit else None,
+                               "refined": bool(result.refinement and result.refinement["kept"])})
         if "quantize" in candidate:
             options = dict(candidate["quantize"])
             if "op_types" in options:
