@@ -13,7 +13,9 @@ kind of input is hashed by content, never by name, size or date:
   versions, not by their sources, and files a callable opens at run time are not seen
   (``onnxforge run --force`` reruns everything);
 - tools: the installed versions of the packages a step runs (onnxforge, onnxruntime, onnx,
-  torch...). An editable install keeps its version while its code changes: use ``--force``.
+  torch...). onnxforge's own entry also carries a digest of its source (``source_digest`` over
+  the ``.py`` files of ``onnxforge``, ``exporter``, ``optimizers`` and ``runtime_bench``), so
+  an edit of an editable install, whose version stays the same, reruns the steps it may change.
 
 Digests of files are memoized per process by (path, size, mtime, ctime, inode), so a file read
 by several steps is hashed once.
@@ -26,6 +28,7 @@ import functools
 import hashlib
 import importlib.machinery
 import importlib.metadata
+import importlib.util
 import json
 import os
 import sys
@@ -199,6 +202,34 @@ def package_version(package: str) -> str | None:
         return None
 
 
+OWN_PACKAGES = ("onnxforge", "exporter", "optimizers", "runtime_bench")
+
+
+def source_digest(folders: tuple[Path, ...]) -> str:
+    """A digest of the relative names and contents of every ``.py`` file under ``folders``
+    (``__pycache__`` left out)."""
+    parts = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            if "__pycache__" not in path.parts:
+                parts.append([folder.name, path.relative_to(folder).as_posix(), file_sha256(path)])
+    return digest(parts)
+
+
+@functools.cache
+def _own_source_digest() -> str:
+    folders = []
+    for name in OWN_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            folders.extend(Path(location) for location in spec.submodule_search_locations)
+    return source_digest(tuple(folders))
+
+
 def tool_versions(*packages: str) -> dict[str, str | None]:
-    """Installed versions of ``packages`` (``None`` when not installed)."""
-    return {package: package_version(package) for package in packages}
+    """Installed versions of ``packages`` (``None`` when not installed); onnxforge's with the
+    digest of its source appended (``1.0+src.<digest>``, see the module doc)."""
+    versions = {package: package_version(package) for package in packages}
+    if versions.get("onnxforge"):
+        versions["onnxforge"] += f"+src.{_own_source_digest()}"
+    return versions

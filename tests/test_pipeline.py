@@ -484,6 +484,24 @@ def test_module_sources_follow_local_imports(tmp_path, monkeypatch):
     assert len(module_sources(f"{tmp_path}/chain0.py:f")) == MAX_SOURCE_FILES
 
 
+def test_own_source_edits_change_the_tool_fingerprint(tmp_path):
+    """An editable install keeps its version while its code changes: onnxforge's tool entry
+    carries a digest of its source, so such an edit reruns the steps (stale results otherwise)."""
+    from onnxforge.fingerprints import package_version, source_digest, tool_versions
+
+    package = tmp_path / "optimizers"
+    (package / "__pycache__").mkdir(parents=True)
+    (package / "a.py").write_text("X = 1\n")
+    before = source_digest((package,))
+    (package / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
+    (package / "notes.txt").write_text("not source")
+    assert source_digest((package,)) == before
+    (package / "a.py").write_text("X = 2\n")
+    assert source_digest((package,)) != before
+    version = tool_versions("onnxforge", "onnx")
+    assert version["onnxforge"].startswith(f"{package_version('onnxforge')}+src.") and version["onnx"] == package_version("onnx")
+
+
 def test_a_failed_optimize_step_is_skipped(keyed_dir, monkeypatch, caplog):
     import optimizers
 
