@@ -444,6 +444,9 @@ def _refine_block(reference, current: onnx.ModelProto, block: _Block, fit, held,
         return BlockReport(block.name, None, (0, 0), None, 0, False, "activation not recognised (not Gelu, Relu, SiLU, QuickGelu)")
     *fit_rows, _ = _collect(reference, current, block, fit, settings.max_rows, settings.seed)
     *held_rows, now = _collect(reference, current, block, held, settings.max_rows, settings.seed)
+    if now.shape != held_rows[2].shape:  # the channels the block writes were pruned too
+        return BlockReport(block.name, activation, (0, 0), None, 0, False,
+                           f"its output has {now.shape[1]} channels against {held_rows[2].shape[1]} in the reference")
     p = _parameters(current, block)
     mine = block_output(p, activation, held_rows[0], held_rows[1])
     scale = max(float(np.abs(now).max(initial=0.0)), 1.0)

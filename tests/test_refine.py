@@ -176,3 +176,21 @@ def test_recipe_key_refine_steps():
     assert PruneSettings(**recipe.data["candidates"][0]["prune"]).refine_steps == 400
     with pytest.raises(UserError, match=r"'candidates\[0\].prune.refine_steps' must be int"):
         recipe_from_dict({"model": {"onnx": "m.onnx"}, "candidates": [{"name": "p", "prune": {"refine_steps": "many"}}]})
+
+
+def test_a_block_whose_output_channels_were_pruned_is_left_alone():
+    def ffn(width, out):
+        rng = np.random.default_rng(0)
+        nodes = [helper.make_node("MatMul", ["x", "w_up"], ["u"], name="up"), helper.make_node("Add", ["u", "b_up"], ["pre"], name="up_bias"),
+                 helper.make_node("Relu", ["pre"], ["act"], name="act"), helper.make_node("MatMul", ["act", "w_down"], ["d"], name="down"),
+                 helper.make_node("Add", ["d", "b_down"], ["y"], name="down_bias")]
+        weights = {"w_up": rng.normal(0, 0.3, (HIDDEN, width)), "b_up": rng.normal(0, 0.1, width),
+                   "w_down": rng.normal(0, 0.3, (width, out)), "b_down": rng.normal(0, 0.1, out)}
+        graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", out])],
+                                  [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    result = refine(ffn(WIDTH, HIDDEN), ffn(KEPT, 12), _batches(10, seed=1), SETTINGS)
+    assert not result.kept and [b.reason for b in result.blocks] == ["its output has 12 channels against 16 in the reference"]
+    assert [b.activation for b in refine(ffn(WIDTH, HIDDEN), ffn(KEPT, HIDDEN), _batches(10, seed=1), SETTINGS).blocks] == ["relu"]
