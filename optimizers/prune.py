@@ -87,6 +87,8 @@ def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads:
     from onnxforge.common.summary import count_parameters
     from optimizers.structured import fidelity_dict, macs
 
+    if settings.ratio == 0 and settings.refine_steps:
+        raise UserError("refinement (--refine) runs after channel and neuron pruning: give --ratio as well, or leave out --refine")
     head_settings = HeadSettings(ratio=heads, importance=head_importance, bias_compensation=settings.bias_compensation,
                                  reconstruct=settings.reconstruct, max_batches=settings.max_batches)
     head_result = prune_heads(source, head_settings, **data)

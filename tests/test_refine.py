@@ -194,3 +194,8 @@ def test_a_block_whose_output_channels_were_pruned_is_left_alone():
     result = refine(ffn(WIDTH, HIDDEN), ffn(KEPT, 12), _batches(10, seed=1), SETTINGS)
     assert not result.kept and [b.reason for b in result.blocks] == ["its output has 12 channels against 16 in the reference"]
     assert [b.activation for b in refine(ffn(WIDTH, HIDDEN), ffn(KEPT, HIDDEN), _batches(10, seed=1), SETTINGS).blocks] == ["relu"]
+
+
+def test_refine_with_heads_alone_is_refused():
+    with pytest.raises(UserError, match="refinement .* runs after channel and neuron pruning"):
+        prune(_transformer_ffn(), PruneSettings(ratio=0.0, refine_steps=10), heads=0.5, calibration=lambda: _batches(4, seed=1))
