@@ -587,3 +587,15 @@ def test_max_batches_gives_pruning_more_calibration_data(tmp_path):
         recipe_from_dict({"model": {"onnx": "m.onnx"}, "candidates": [{"name": "p", "prune": {"max_batches": 0}}]})
     with pytest.raises(UserError, match="max_batches .* must be at least 1, got 0"):
         PruneSettings(max_batches=0)
+    np.savez(tmp_path / "calibration.npz", image=np.concatenate([b["image"] for b in batches]))  # a batch per row
+    args = ["prune", str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"), "--ratio", "0.5", "--calibration",
+            str(tmp_path / "calibration.npz"), "--evaluation", str(tmp_path / "calibration.npz"), "--json"]
+    import contextlib
+    import io
+
+    for flags, count in (([], 24), (["--max-batches", "6"], 6)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main([*args, *flags]) == 0
+        refit = json.loads(out.getvalue())["reconstruction"]
+        assert refit["fit_batches"] + refit["heldout_batches"] == count

@@ -25,6 +25,9 @@ def register(sub) -> None:
                      help="reconstruction: greedy choice of the channels least-squares re-fitting recovers best (needs --calibration)")
     prn.add_argument("--scope", choices=("layer", "global"), default="layer")
     prn.add_argument("--calibration", metavar="DATA", help="data for activation importance and bias compensation")
+    prn.add_argument("--max-batches", type=int, default=32, metavar="N",
+                     help="calibration (and evaluation) batches read at most (default 32); a text file gives one line a "
+                          "batch, so raise it to fit on more sentences")
     prn.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
     prn.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text data files")
     prn.add_argument("--no-bias-compensation", action="store_true")
@@ -62,7 +65,7 @@ def _prune_command(args) -> int:
     settings = PruneSettings(
         ratio=args.ratio or 0.0, importance=args.importance, scope=args.scope, bias_compensation=not args.no_bias_compensation,
         round_to=args.round_to, protect_first=not args.no_protect_first, protect=tuple(args.protect or ()), ratios=ratios,
-        reconstruct=args.reconstruct, refine_steps=args.refine,
+        reconstruct=args.reconstruct, refine_steps=args.refine, max_batches=args.max_batches,
     )
     result = prune_file(args.input, args.output, settings, method=args.method, heads=args.heads,
                         head_importance=args.head_importance, calibration=args.calibration,
