@@ -211,8 +211,8 @@ class _Adam:
 
 @dataclasses.dataclass(frozen=True)
 class RefineSettings:
-    """steps: Adam steps per block (0: off). learning_rate: Adam's step size (absolute: the
-        weights of a trained transformer are of order 0.05). batch_rows: rows (tokens) per step.
+    """steps: Adam steps per block (0: off). learning_rate: Adam's step size relative to the
+        block's weight scale (the RMS of its up and down weights). batch_rows: rows (tokens) per step.
     check_every: steps between held-out checks; the best check's weights are kept.
     max_rows: rows of calibration data held in memory per block (a seeded sample beyond that).
     holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``)."""
@@ -289,6 +289,7 @@ def _blocks(model: onnx.ModelProto) -> tuple[list[_Block], list[tuple[str, str]]
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
+    constants = set(initializers) | {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
     found, skipped = [], []
     for block in feed_forwards(model):
         up, down = nodes[block.up], nodes[block.down]
@@ -314,7 +315,7 @@ def _blocks(model: onnx.ModelProto) -> tuple[list[_Block], list[tuple[str, str]]
                 step = single_reader(end)
         if step is not None and step.op_type == "Add" and not step.domain:
             other = [i for i in step.input if i != end]
-            if len(other) == 1 and other[0] not in initializers:
+            if len(other) == 1 and other[0] not in constants:  # a bias in a Constant node is no residual
                 residual, end = other[0], step.output[0]
                 step = single_reader(end)
         if step is not None and step.op_type == "LayerNormalization" and not step.domain and len(step.input) == 3:
@@ -357,7 +358,8 @@ def _rows(batches, values, name) -> np.ndarray:
 
 def _collect(reference, current, block: _Block, batches, limit: int, seed: int):
     """``(x, residual, target, current end)`` rows over ``batches``: ``x`` and the residual from
-    ``current``, the target from ``reference``; a seeded sample of ``limit`` rows at most."""
+    ``current``, the target from ``reference``; a seeded sample of ``limit`` rows at most.
+    None when the residual is not one row per token of the block's width (a broadcast tensor)."""
     from optimizers.reconstruct import activations
 
     names = [block.block_input, block.end, *([block.residual] if block.residual else [])]
@@ -366,6 +368,8 @@ def _collect(reference, current, block: _Block, batches, limit: int, seed: int):
     x, now = _rows(batches, values, block.block_input), _rows(batches, values, block.end)
     residual = _rows(batches, values, block.residual) if block.residual else None
     target = _rows(batches, targets, block.end)
+    if residual is not None and residual.shape != now.shape:
+        return None
     if x.shape[0] > limit:
         keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], limit, replace=False))
         x, now, target = x[keep], now[keep], target[keep]
@@ -420,8 +424,13 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
             continue
         reports.append(_refine_block(reference, current, block, fit, held, settings))
     changed = [r for r in reports if r.kept]
+    if not reports:
+        return RefineResult(model, (), None, False,
+                            ("refinement: no feed-forward block (MatMul, activation, MatMul) found; model unchanged",))
     if not changed:
-        return RefineResult(model, tuple(reports), None, False, ("refinement: no block's held-out loss fell; model unchanged",))
+        return RefineResult(model, tuple(reports), None, False,
+                            (f"refinement: none of {len(reports)} feed-forward blocks refined (see each block's reason); "
+                             "model unchanged",))
     before = fidelity(reference, model, held).min_mean_cosine
     after = fidelity(reference, current, held).min_mean_cosine
     kept = after > before
@@ -442,8 +451,13 @@ def _refine_block(reference, current: onnx.ModelProto, block: _Block, fit, held,
     activation = recognise_activation(pre, post)
     if activation is None:
         return BlockReport(block.name, None, (0, 0), None, 0, False, "activation not recognised (not Gelu, Relu, SiLU, QuickGelu)")
-    *fit_rows, _ = _collect(reference, current, block, fit, settings.max_rows, settings.seed)
-    *held_rows, now = _collect(reference, current, block, held, settings.max_rows, settings.seed)
+    held_rows = _collect(reference, current, block, held, settings.max_rows, settings.seed)
+    fit_rows = _collect(reference, current, block, fit, settings.max_rows, settings.seed) if held_rows else None
+    if fit_rows is None:
+        return BlockReport(block.name, activation, (0, 0), None, 0, False,
+                           f"its residual '{block.residual}' is not of the block's output shape (a broadcast tensor)")
+    *held_rows, now = held_rows
+    *fit_rows, _ = fit_rows
     if now.shape != held_rows[2].shape:  # the channels the block writes were pruned too
         return BlockReport(block.name, activation, (0, 0), None, 0, False,
                            f"its output has {now.shape[1]} channels against {held_rows[2].shape[1]} in the reference")

@@ -199,3 +199,53 @@ def test_a_block_whose_output_channels_were_pruned_is_left_alone():
 def test_refine_with_heads_alone_is_refused():
     with pytest.raises(UserError, match="refinement .* runs after channel and neuron pruning"):
         prune(_transformer_ffn(), PruneSettings(ratio=0.0, refine_steps=10), heads=0.5, calibration=lambda: _batches(4, seed=1))
+
+
+def _relu_ffn(width: int, bias_as: str) -> onnx.ModelProto:
+    """x -> MatMul, Add, Relu, MatMul, Add(b_down) -> y, with ``b_down`` an initializer of shape
+    [HIDDEN] (``"initializer"``), a Constant node's output (``"constant"``, as some exporters
+    write biases) or a computed [1, 1, HIDDEN] tensor (``"computed"``: broadcast, not a residual)."""
+    rng = np.random.default_rng(0)
+    b_down = rng.normal(0, 0.1, HIDDEN).astype(np.float32)
+    weights = {"w_up": rng.normal(0, 0.3, (HIDDEN, WIDTH))[:, :width], "b_up": rng.normal(0, 0.1, WIDTH)[:width],
+               "w_down": rng.normal(0, 0.3, (WIDTH, HIDDEN))[:width]}
+    nodes = [helper.make_node("MatMul", ["x", "w_up"], ["u"], name="up"), helper.make_node("Add", ["u", "b_up"], ["pre"], name="up_bias"),
+             helper.make_node("Relu", ["pre"], ["act"], name="act"), helper.make_node("MatMul", ["act", "w_down"], ["d"], name="down"),
+             helper.make_node("Add", ["d", "b_down"], ["y"], name="down_bias")]
+    if bias_as == "constant":
+        nodes.insert(0, helper.make_node("Constant", [], ["b_down"], name="bias_constant", value=numpy_helper.from_array(b_down)))
+    elif bias_as == "computed":
+        weights["b_raw"] = b_down.reshape(1, 1, HIDDEN)
+        nodes.insert(0, helper.make_node("Neg", ["b_raw"], ["b_down"], name="bias_computed"))
+    else:
+        weights["b_down"] = b_down
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("bias_as", ["initializer", "constant", "computed"])
+def test_a_constant_or_broadcast_bias_is_not_taken_for_the_residual(bias_as):
+    """Only a tensor of the block's own shape is a residual (no shape error): a bias held in a
+    Constant node is left outside the block, which ends at its down projection; a block whose
+    "residual" is a broadcast [1, 1, C] tensor is left alone with the reason."""
+    pruned = _relu_ffn(KEPT, bias_as)
+    result = refine(_relu_ffn(WIDTH, bias_as), pruned, _batches(10, seed=1), SETTINGS)
+    assert [b.activation for b in result.blocks] == ["relu"]
+    if bias_as == "computed":  # taken for a residual by the graph pattern, then refused by its shape
+        assert not result.kept and result.model is pruned
+        assert [b.reason for b in result.blocks] == ["its residual 'b_down' is not of the block's output shape (a broadcast tensor)"]
+    else:
+        assert result.kept and result.heldout_cosine[1] > result.heldout_cosine[0]
+
+
+def test_the_note_says_why_nothing_was_refined():
+    relu = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "g",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", HIDDEN])])
+    no_blocks = helper.make_model(relu, opset_imports=[helper.make_opsetid("", 18)])
+    assert refine(no_blocks, no_blocks, _batches(10, seed=1), SETTINGS).notes == (
+        "refinement: no feed-forward block (MatMul, activation, MatMul) found; model unchanged",)
+    tanh = refine(_transformer_ffn(activation="Tanh"), _transformer_ffn(keep=KEEP, activation="Tanh"), _batches(10, seed=1), SETTINGS)
+    assert tanh.notes == ("refinement: none of 1 feed-forward blocks refined (see each block's reason); model unchanged",)
