@@ -428,9 +428,8 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
         return RefineResult(model, (), None, False,
                             ("refinement: no feed-forward block (MatMul, activation, MatMul) found; model unchanged",))
     if not changed:
-        return RefineResult(model, tuple(reports), None, False,
-                            (f"refinement: none of {len(reports)} feed-forward blocks refined (see each block's reason); "
-                             "model unchanged",))
+        note = f"refinement: none of {len(reports)} feed-forward blocks refined (see each block's reason); model unchanged"
+        return RefineResult(model, tuple(reports), None, False, (note,))
     before = fidelity(reference, model, held).min_mean_cosine
     after = fidelity(reference, current, held).min_mean_cosine
     kept = after > before

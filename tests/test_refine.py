@@ -12,8 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxforge.common.errors import UserError
 from optimizers import PruneSettings, prune
 from optimizers.quantize import fidelity
-from optimizers.refine import (ACTIVATIONS, BlockParameters, RefineSettings, loss_and_gradients, recognise_activation,
-                               refine)
+from optimizers.refine import (
+    ACTIVATIONS,
+    BlockParameters,
+    RefineSettings,
+    loss_and_gradients,
+    recognise_activation,
+    refine,
+)
 from optimizers.verify import run_model
 
 HIDDEN, WIDTH, KEPT = 16, 48, 24
@@ -249,3 +255,15 @@ def test_the_note_says_why_nothing_was_refined():
         "refinement: no feed-forward block (MatMul, activation, MatMul) found; model unchanged",)
     tanh = refine(_transformer_ffn(activation="Tanh"), _transformer_ffn(keep=KEEP, activation="Tanh"), _batches(10, seed=1), SETTINGS)
     assert tanh.notes == ("refinement: none of 1 feed-forward blocks refined (see each block's reason); model unchanged",)
+
+
+def test_a_block_whose_end_the_reference_lacks_is_left_alone():
+    """The target is read from the reference by tensor name: a block ending in a tensor the
+    reference does not have (renamed) is reported, not fitted towards the wrong tensor."""
+    pruned = _transformer_ffn(keep=KEEP)
+    for node in pruned.graph.node:
+        node.output[:] = ["y_renamed" if o == "y" else o for o in node.output]
+    pruned.graph.output[0].name = "y_renamed"
+    result = refine(_transformer_ffn(), pruned, _batches(10, seed=1), SETTINGS)
+    assert not result.kept and result.model is pruned
+    assert [b.reason for b in result.blocks] == ["its output is not in the reference model"]
