@@ -578,8 +578,9 @@ class PruneSettings:
         share of them, so more batches give the re-fits more data (a recipe's ``max_batches``).
     refine_steps: after reconstruction, refine each feed-forward block (up and down projections
         together) by this many gradient steps towards the unpruned block's output
-        (``optimizers.refine``; 0: off). Needs calibration data; kept only where held-out
-        calibration data shows it helps.
+        (``optimizers.refine``; 0: off). Needs calibration data and reconstruction; kept only
+        where held-out calibration data shows it helps. With heads pruned first
+        (``prune(heads=...)``), "unpruned" is the model after head pruning.
     """
 
     ratio: float = 0.5
@@ -1441,6 +1442,11 @@ def prune_structured(
     from optimizers.calibration import calibration_data
     from optimizers.verify import verification_inputs
 
+    if settings.refine_steps and calibration is None:
+        raise UserError("refinement (--refine STEPS) needs calibration data (--calibration DATA)")
+    if settings.refine_steps and (settings.reconstruct is False or (settings.reconstruct is None and not settings.bias_compensation)):
+        raise UserError("refinement (--refine STEPS) runs after least-squares reconstruction: leave reconstruction on "
+                        "(drop --no-reconstruct / --no-bias-compensation, or give --reconstruct)")
     if calibration is None and settings.importance in ("l1", "l2") and not settings.reconstruct and is_large(model):
         return _pruned_from_files(model, settings, evaluation=evaluation, tokenizer=tokenizer, dims=dims)
     given = model
@@ -1462,8 +1468,6 @@ def prune_structured(
         raise UserError(f"{settings.importance} importance needs calibration data (--calibration DATA)")
     elif settings.reconstruct:
         raise UserError("reconstruction needs calibration data (--calibration DATA)")
-    elif settings.refine_steps:
-        raise UserError("refinement (--refine STEPS) needs calibration data (--calibration DATA)")
     if evaluation is not None:
         eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
     elif eval_batches is None:

@@ -267,3 +267,11 @@ def test_a_block_whose_end_the_reference_lacks_is_left_alone():
     result = refine(_transformer_ffn(), pruned, _batches(10, seed=1), SETTINGS)
     assert not result.kept and result.model is pruned
     assert [b.reason for b in result.blocks] == ["its output is not in the reference model"]
+
+
+def test_refine_without_reconstruction_is_refused():
+    calibration = lambda: _batches(4, seed=1)
+    for settings in (PruneSettings(ratio=0.5, reconstruct=False, refine_steps=10),
+                     PruneSettings(ratio=0.5, bias_compensation=False, refine_steps=10)):
+        with pytest.raises(UserError, match="runs after least-squares reconstruction"):
+            prune(_transformer_ffn(), settings, calibration=calibration)
