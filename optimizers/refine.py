@@ -214,7 +214,8 @@ class RefineSettings:
     """steps: Adam steps per block (0: off). learning_rate: Adam's step size relative to the
         block's weight scale (the RMS of its up and down weights). batch_rows: rows (tokens) per step.
     check_every: steps between held-out checks; the best check's weights are kept.
-    max_rows: rows of calibration data held in memory per block (a seeded sample beyond that).
+    max_rows: rows of calibration data held in memory per block: a seeded sample of at most
+        ``ceil(max_rows / batches)`` rows of each batch, read batch by batch.
     holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``)."""
 
     steps: int = 400
@@ -344,37 +345,34 @@ def _write(model: onnx.ModelProto, block: _Block, p: BlockParameters) -> None:
             init.CopyFrom(numpy_helper.from_array(values[init.name].astype(np.float32), init.name))
 
 
-def _rows(batches, values, name) -> np.ndarray:
-    from optimizers.reconstruct import token_rows
-
-    parts = []
-    for batch, found in zip(batches, values):
-        x = found[name]
-        rows = token_rows(batch, x)
-        flat = x.reshape(-1, x.shape[-1])
-        parts.append(flat if rows is None else flat[rows])
-    return np.concatenate(parts).astype(np.float32)
-
-
 def _collect(reference, current, block: _Block, batches, limit: int, seed: int):
     """``(x, residual, target, current end)`` rows over ``batches``: ``x`` and the residual from
-    ``current``, the target from ``reference``; a seeded sample of ``limit`` rows at most.
-    None when the residual is not one row per token of the block's width (a broadcast tensor)."""
-    from optimizers.reconstruct import activations
+    ``current``, the target from ``reference``; real tokens only (``token_rows``). Read batch by
+    batch, keeping a seeded sample of at most ``ceil(limit / batches)`` rows of each, so memory is
+    bounded by ``limit``, not by the calibration data. None when the residual is not one row per
+    token of the block's width (a broadcast tensor)."""
+    from optimizers.reconstruct import activations, token_rows
 
     names = [block.block_input, block.end, *([block.residual] if block.residual else [])]
-    values = list(activations(current, names, batches))
-    targets = list(activations(reference, [block.end], batches))
-    x, now = _rows(batches, values, block.block_input), _rows(batches, values, block.end)
-    residual = _rows(batches, values, block.residual) if block.residual else None
-    target = _rows(batches, targets, block.end)
-    if residual is not None and residual.shape != now.shape:
-        return None
-    if x.shape[0] > limit:
-        keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], limit, replace=False))
-        x, now, target = x[keep], now[keep], target[keep]
-        residual = residual[keep] if residual is not None else None
-    return x, residual, target, now
+    per_batch = max(1, -(-limit // max(len(batches), 1)))
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"x": [], "residual": [], "target": [], "now": []}
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    for batch, found, wanted in zip(batches, activations(current, names, batches), activations(reference, [block.end], batches)):
+        end = found[block.end]
+        if block.residual and found[block.residual].shape != end.shape:
+            return None
+        rows = token_rows(batch, end)
+        rows = np.arange(flat(end).shape[0]) if rows is None else rows
+        if rows.size > per_batch:
+            rows = np.sort(rng.choice(rows, per_batch, replace=False))
+        parts["x"].append(flat(found[block.block_input])[rows])
+        parts["now"].append(flat(end)[rows])
+        parts["target"].append(flat(wanted[block.end])[rows])
+        if block.residual:
+            parts["residual"].append(flat(found[block.residual])[rows])
+    joined = {k: np.concatenate(v).astype(np.float32) if v else None for k, v in parts.items()}
+    return joined["x"], joined["residual"], joined["target"], joined["now"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,8 @@ there is nothing to gain or the numpy form does not match the graph."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -275,3 +277,9 @@ def test_refine_without_reconstruction_is_refused():
                      PruneSettings(ratio=0.5, bias_compensation=False, refine_steps=10)):
         with pytest.raises(UserError, match="runs after least-squares reconstruction"):
             prune(_transformer_ffn(), settings, calibration=calibration)
+
+
+def test_max_rows_bounds_the_rows_read_from_each_batch():
+    result = refine(_transformer_ffn(), _transformer_ffn(keep=KEEP), _batches(10, seed=1),
+                    dataclasses.replace(SETTINGS, max_rows=64, steps=50))
+    assert result.blocks[0].rows == (8 * 8, 2 * 32)  # 8 fit batches of 128 rows, 2 held out
