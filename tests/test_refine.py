@@ -283,3 +283,31 @@ def test_max_rows_bounds_the_rows_read_from_each_batch():
     result = refine(_transformer_ffn(), _transformer_ffn(keep=KEEP), _batches(10, seed=1),
                     dataclasses.replace(SETTINGS, max_rows=64, steps=50))
     assert result.blocks[0].rows == (8 * 8, 2 * 32)  # 8 fit batches of 128 rows, 2 held out
+
+
+def test_a_numpy_block_that_does_not_match_onnx_runtime_is_left_alone(monkeypatch):
+    import optimizers.refine as refine_module
+
+    real = refine_module.block_output
+    monkeypatch.setattr(refine_module, "block_output", lambda *args: real(*args) + 0.01)
+    result = refine(_transformer_ffn(), _transformer_ffn(keep=KEEP), _batches(10, seed=1), SETTINGS)
+    assert not result.kept and result.blocks[0].reason.startswith("the numpy block does not reproduce ONNX Runtime's output")
+
+
+def test_refinement_that_lowers_the_model_cosine_is_dropped(monkeypatch):
+    import sys
+
+    quantize_module = sys.modules["optimizers.quantize"]  # the package's attribute is the function
+    real = quantize_module.fidelity
+    pruned = _transformer_ffn(keep=KEEP)
+
+    def fidelity_preferring_the_unrefined(reference, model, batches):
+        measured = real(reference, model, batches)
+        if model is pruned:  # as if the refined model were worse on the whole
+            return dataclasses.replace(measured, mean_cosine={name: 1.0 for name in measured.mean_cosine})
+        return measured
+
+    monkeypatch.setattr(quantize_module, "fidelity", fidelity_preferring_the_unrefined)
+    result = refine(_transformer_ffn(), pruned, _batches(10, seed=1), SETTINGS)
+    assert result.blocks[0].kept and not result.kept and result.model is pruned
+    assert result.notes[0].endswith("not kept (lower)")
