@@ -311,3 +311,11 @@ def test_refinement_that_lowers_the_model_cosine_is_dropped(monkeypatch):
     result = refine(_transformer_ffn(), pruned, _batches(10, seed=1), SETTINGS)
     assert result.blocks[0].kept and not result.kept and result.model is pruned
     assert result.notes[0].endswith("not kept (lower)")
+
+
+def test_global_scope_with_refinement():
+    model, calibration, evaluation = _transformer_ffn(), _batches(10, seed=1), _batches(4, seed=2)
+    result = prune(model, PruneSettings(ratio=0.5, importance="reconstruction", scope="global", protect_first=False,
+                                        refine_steps=200), calibration=lambda: calibration, evaluation=lambda: evaluation)
+    assert result.refinement["kept"] and result.refinement["heldout_cosine"][1] > result.refinement["heldout_cosine"][0]
+    assert result.fidelity["min_mean_cosine"] == pytest.approx(fidelity(model, result.model, evaluation).min_mean_cosine, abs=1e-6)
