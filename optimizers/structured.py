@@ -164,6 +164,7 @@ class _Tracer:
         self.graph_inputs = {v.name for v in graph.input if v.name not in self.inits}
         self.graph_outputs = [v.name for v in graph.output]
         self.nodes = list(graph.node)
+        self.producer_of = {out: node for node in graph.node for out in node.output}
         self.slots = _Slots()
         self.tracked: dict[str, tuple[int, list[int]]] = {}  # tensor -> (channel axis >= 0, slots)
         self.analysis = Analysis(self.slots, [], {}, {}, [], {}, set())
@@ -421,8 +422,15 @@ class _Tracer:
         return self.passthrough(node)
 
     def _reshape(self, node) -> bool:
-        """[N, C, 1, 1] -> [N, C] (how global pooling is flattened) keeps channels; the target's
-        channel entry is rewritten. Every other Reshape (to heads, DFL bins...) freezes."""
+        """Two Reshapes keep channels; every other one (to heads, DFL bins...) freezes:
+        - [N, C, 1, 1] -> [N, C] (how global pooling is flattened);
+        - one whose channels are the last axis before and after, the target's last entry the
+          channel count: only the leading axes are regrouped (GPT-2's Conv1D: [B, S, C] -> [B*S, C]
+          -> Gemm -> [B, S, N]). The target is a constant, or a Concat of computed leading sizes
+          and a constant [C] (what the exporters write for the reshape back).
+        The target's channel entry is rewritten."""
+        if self._reshape_keeps_last_axis(node):
+            return True
         axis, s_list, _ = self.channel_axis(node.input[0])
         shape, target = self.shape_of(node.input[0]), self.constant(node, 1)
         if axis != 1 or shape is None or target is None:
@@ -434,6 +442,32 @@ class _Tracer:
         if target[1] != -1:
             self.analysis.counts.append(_Count(node.name, 1, 1, s_list))
         return self.passthrough(node)
+
+    def _reshape_keeps_last_axis(self, node) -> bool:
+        axis, s_list, rank = self.channel_axis(node.input[0])
+        if rank is None or axis != rank - 1 or self.absent(node, 1):
+            return False
+        target = self.constant(node, 1)
+        if target is not None:  # a constant target: its last entry counts channels
+            target = target.reshape(-1)
+            if len(target) < 2 or int(target[-1]) != len(s_list):
+                return False
+            count, out_rank = _Count(node.name, 1, len(target) - 1, s_list), len(target)
+        else:  # Concat(leading sizes..., constant [C])
+            concat = self.producer_of.get(node.input[1])
+            if concat is None or concat.op_type != "Concat" or any(i in self.tracked for i in concat.input):
+                return False
+            last = self.constant(concat, len(concat.input) - 1)
+            lengths = [self.shape_of(i) for i in concat.input]
+            if (last is None or last.shape != (1,) or int(last[0]) != len(s_list)
+                    or any(length is None or len(length) != 1 or not isinstance(length[0], int) for length in lengths)):
+                return False
+            count, out_rank = _Count(concat.name, len(concat.input) - 1, 0, s_list), sum(int(n[0]) for n in lengths)
+        if out_rank < 2:
+            return False
+        self.analysis.counts.append(count)
+        self.tracked[node.output[0]] = (out_rank - 1, s_list)
+        return True
 
     def _resize(self, node) -> bool:
         """Resize/Upsample keeps channels when the channel scale is 1; constant ``sizes`` have

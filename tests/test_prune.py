@@ -600,3 +600,49 @@ def test_max_batches_gives_pruning_more_calibration_data(tmp_path):
             assert main([*args, *flags]) == 0
         refit = json.loads(out.getvalue())["reconstruction"]
         assert refit["fit_batches"] + refit["heldout_batches"] == count
+
+
+class Conv1DBlock(torch.nn.Module):
+    """GPT-2's feed-forward block: Conv1D (``view(-1, C)``, ``addmm``, ``view(*lead, N)``),
+    tanh Gelu, Conv1D, residual; the exporters write Reshapes whose target keeps channels last."""
+
+    def __init__(self, width=16, hidden=64):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.up, self.down = Conv1D(hidden, width), Conv1D(width, hidden)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x), approximate="tanh"))
+
+
+class HeadsReshape(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.linear(x).reshape(x.shape[0], x.shape[1], 4, 4).sum(-1)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo"])
+def test_reshape_that_keeps_channels_last_is_followed(tmp_path, exporter):
+    """A Reshape that only regroups the leading axes (channels last before and after, the target's
+    last entry the channel count) is followed and its target rewritten; one to heads freezes.
+    (The TorchScript export of Conv1D reads the activation's Shape for the reshape back, which
+    still freezes the unit.)"""
+    torch.manual_seed(0)
+    model = onnx.load(str(export(Conv1DBlock().eval(), torch.randn(2, 5, 16), tmp_path / "c.onnx", exporter=exporter).path))
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((2, 5, 16)).astype(np.float32)} for _ in range(6)]
+    result = prune(model, PruneSettings(ratio=0.5), calibration=lambda: batches, evaluation=lambda: batches[:2])
+    up = [u for u in result.units if u.channels == 64]
+    assert len(up) == 1 and up[0].kept == 32 and up[0].reason is None
+    onnx.checker.check_model(result.model, full_check=True)
+    for shape in ((1, 5, 16), (4, 5, 16)):
+        feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+        assert _run(result.model, feeds).shape == shape
+    assert result.fidelity["min_mean_cosine"] > 0.9
+    heads = onnx.load(str(export(HeadsReshape().eval(), torch.randn(2, 5, 16), tmp_path / "h.onnx", exporter=exporter).path))
+    with pytest.raises(UserError, match="Reshape"):
+        prune(heads, PruneSettings(ratio=0.5, protect_first=False))
