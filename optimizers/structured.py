@@ -450,7 +450,8 @@ class _Tracer:
         target = self.constant(node, 1)
         if target is not None:  # a constant target: its last entry counts channels
             target = target.reshape(-1)
-            if len(target) < 2 or int(target[-1]) != len(s_list):
+            copies = not _attr(node, "allowzero", 0)  # a 0 copies the input's size at its index
+            if len(target) < 2 or int(target[-1]) != len(s_list) or (copies and any(target[rank - 1:-1] == 0)):
                 return False
             count, out_rank = _Count(node.name, 1, len(target) - 1, s_list), len(target)
         else:  # Concat(leading sizes..., constant [C])
