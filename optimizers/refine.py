@@ -292,6 +292,11 @@ def _blocks(model: onnx.ModelProto) -> tuple[list[_Block], list[tuple[str, str]]
     outputs = {o.name for o in graph.output}
     constants = set(initializers) | {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
     found, skipped = [], []
+
+    def single_reader(tensor):
+        following = readers.get(tensor, [])
+        return following[0] if len(following) == 1 and tensor not in outputs else None
+
     for block in feed_forwards(model):
         up, down = nodes[block.up], nodes[block.down]
         bias_node = nodes[block.bias] if block.bias else None
@@ -303,11 +308,6 @@ def _blocks(model: onnx.ModelProto) -> tuple[list[_Block], list[tuple[str, str]]
             skipped.append((block.down, "shared weights"))
             continue
         end, down_bias, residual, norm = down.output[0], None, None, None
-
-        def single_reader(tensor):
-            following = readers.get(tensor, [])
-            return following[0] if len(following) == 1 and tensor not in outputs else None
-
         step = single_reader(end)
         if step is not None and step.op_type == "Add" and not step.domain:
             vector = _initializer_vector(initializers, step, out)
@@ -467,7 +467,7 @@ def _refine_block(reference, current: onnx.ModelProto, block: _Block, fit, held,
         return BlockReport(block.name, activation, rows, None, 0, False,
                            f"the numpy block does not reproduce ONNX Runtime's output (relative error {mismatch:.1e})")
     energy = float((held_rows[2] ** 2).sum()) / max(rows[1], 1)
-    if block_loss(p, activation, *held_rows) <= 1e-8 * energy:
+    if float(((mine - held_rows[2]) ** 2).sum()) / max(rows[1], 1) <= 1e-8 * energy:  # the loss before, from ``mine``
         return BlockReport(block.name, activation, rows, None, 0, False, "it matches the reference already")
     best, before, after, step = fit_block(p, activation, tuple(fit_rows), tuple(held_rows), settings)
     kept = after < before * (1 - 1e-3)
