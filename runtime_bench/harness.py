@@ -727,7 +727,8 @@ def benchmark(
     specs_by_variant = {v.name: specs_from_onnx(load_onnx(v.path, load_external_data=False)) for v in onnx_variants}
     reference_specs = specs_by_variant[onnx_variants[0].name]
     for name, specs in specs_by_variant.items():
-        if [s.name for s in specs] != [s.name for s in reference_specs]:
+        # inputs are fed by name, so the same set in another order is the same model interface
+        if sorted(s.name for s in specs) != sorted(s.name for s in reference_specs):
             raise UserError(
                 f"variant '{name}' has inputs {[s.name for s in specs]} but '{onnx_variants[0].name}' has "
                 f"{[s.name for s in reference_specs]}; variants must take the same inputs"
@@ -739,8 +740,9 @@ def benchmark(
     given = None
     if inputs is not None:
         given = load_npz(inputs) if isinstance(inputs, (str, Path)) else {k: np.asarray(v) for k, v in inputs.items()}
+        reference_dtypes = {s.name: s.dtype for s in reference_specs}
         for name, specs in specs_by_variant.items():
-            check_inputs_match([dataclasses.replace(s, dtype=reference_specs[i].dtype) for i, s in enumerate(specs)], given, f"the given inputs (for '{name}')")
+            check_inputs_match([dataclasses.replace(s, dtype=reference_dtypes[s.name]) for s in specs], given, f"the given inputs (for '{name}')")
     batch_sizes = config.batch_sizes if given is None else (int(next(iter(given.values())).shape[0]) if next(iter(given.values())).ndim else 1,)
 
     dims = dict(config.dims)

@@ -434,3 +434,23 @@ def test_open_dims_get_sizes_and_declared_zero_dims_run(tmp_path):
     (m,) = report.measurements
     assert m.latency.runs >= 5 and any("declared 0 (x[0])" in w for w in m.warnings)
     assert report.config["variants"][0]["path"] == str(zero_path)
+
+
+def _two_input_model(path, order):
+    """y = a - b, with the graph inputs declared in ``order``: the same interface either way."""
+    spec = {n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in ("a", "b")}
+    graph = helper.make_graph([helper.make_node("Sub", ["a", "b"], ["y"])], "g", [spec[n] for n in order],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_variants_with_the_same_inputs_in_another_order(tmp_path):
+    """Inputs are fed by name: two exports that list the same inputs in another order are
+    compared (generated and given inputs alike), and they compute the same thing."""
+    ab = _two_input_model(tmp_path / "ab.onnx", ["a", "b"])
+    ba = _two_input_model(tmp_path / "ba.onnx", ["b", "a"])
+    report = benchmark([ab, ba], BenchConfig(batch_sizes=(2,), **FAST))
+    assert {m.variant for m in report.measurements} == {"ab", "ba"}
+    given = {"b": np.ones((3, 4), np.float32), "a": np.full((3, 4), 3.0, np.float32)}
+    assert {m.variant for m in benchmark([ba, ab], BenchConfig(**FAST), inputs=given).measurements} == {"ab", "ba"}
