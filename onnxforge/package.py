@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_dir, ensure_writable_dir
 from onnxforge.common.onnxio import files_of, load_onnx
 from onnxforge.common.sessions import SessionSettings, open_session
-from onnxforge.common.summary import summarize
+from onnxforge.common.summary import ops_by_domain, summarize
 from onnxforge.fingerprints import sha256_file, tool_versions
 
 MANIFEST_VERSION = 1
@@ -31,11 +32,27 @@ def sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _min_ort_version(opsets: dict[str, int]) -> str:
-    """Smallest ONNX Runtime release that runs the default-domain opset (its compatibility table)."""
-    table = {17: "1.13", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
+# The ONNX Runtime release that first runs each default-domain opset (its compatibility table).
+_ORT_FOR_OPSET = {17: "1.13", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
+# Contrib ops (com.microsoft) that onnxforge writes and the release that first ran them on the CPU
+# (ONNX Runtime's release notes); other contrib ops are older than 1.13, the floor of the table.
+_ORT_FOR_CONTRIB_OP = {
+    "MatMulNBits": "1.17", "RotaryEmbedding": "1.17", "GroupQueryAttention": "1.18",
+    "GatherBlockQuantized": "1.20", "SkipSimplifiedLayerNormalization": "1.16", "QuickGelu": "1.16",
+}
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def min_ort_version(opsets: dict[str, int], ops: dict[str, set[str]]) -> str:
+    """Smallest ONNX Runtime release that runs the default-domain opset and every contrib op the
+    model uses (``ops`` as ``summary.ops_by_domain`` gives it)."""
     opset = opsets.get("ai.onnx", 17)
-    return table.get(opset, "1.13" if opset < 17 else "1.22")
+    needs = [_ORT_FOR_OPSET.get(opset, "1.13" if opset < 17 else "1.22")]
+    needs += [_ORT_FOR_CONTRIB_OP[op] for op in ops.get("com.microsoft", ()) if op in _ORT_FOR_CONTRIB_OP]
+    return max(needs, key=_version_key)
 
 
 def write_package(
@@ -62,6 +79,8 @@ def write_package(
         np.savez(staging / "reference.npz", **{f"input:{k}": v for k, v in reference_inputs.items()},
                  **{f"output:{k}": v for k, v in outputs.items()})
         summary = summarize(staging / "model.onnx")
+        used = ops_by_domain(load_onnx(staging / "model.onnx", load_external_data=False, normalize=False))
+        opsets = {domain: version for domain, version in summary.opsets.items() if domain in used or domain == "ai.onnx"}
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "name": name,
@@ -69,8 +88,8 @@ def write_package(
             "model": "model.onnx",
             "inputs": [dataclasses.asdict(t) for t in summary.inputs],
             "outputs": [dataclasses.asdict(t) for t in summary.outputs],
-            "opsets": summary.opsets,
-            "min_onnxruntime_version": _min_ort_version(summary.opsets),
+            "opsets": opsets,
+            "min_onnxruntime_version": min_ort_version(opsets, used),
             "recommended": recommended,
             "transforms": transforms,
             "source": source,
@@ -81,7 +100,7 @@ def write_package(
         (staging / "README.md").write_text(_model_card(manifest, summary), encoding="utf-8")
         files = sorted(p.name for p in staging.iterdir())
         manifest["files"] = {f: {"sha256": sha256(staging / f), "bytes": (staging / f).stat().st_size} for f in files}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        (staging / "manifest.json").write_text(jsonio.dumps(manifest), encoding="utf-8")
     if make_zip:
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
         return Path(archive)
@@ -104,10 +123,10 @@ def _model_card(manifest: dict, summary) -> str:
         "",
         "## How it was made",
         f"Source: {manifest['source']}.",
-        *(f"- {t['step']}: {json.dumps(t.get('settings', {}), default=str)}" for t in manifest["transforms"]),
+        *(f"- {t['step']}: {jsonio.dumps(t.get('settings', {}), indent=None)}" for t in manifest["transforms"]),
         "",
         "## Measured",
-        f"{json.dumps(measured, indent=2, default=str)}",
+        f"{jsonio.dumps(measured)}",
         "",
         "Check this package: `onnxforge verify-package .` (checksums, then a smoke inference against reference.npz).",
     ]

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_dir, atomic_path, ensure_writable_dir, write_text_atomic
 from onnxforge.fingerprints import digest, file_sha256, reference_hash, tool_versions
@@ -437,7 +438,8 @@ def _benchmark_step(recipe: Recipe, steps: _Steps, candidates: dict[str, StepRec
 
         report = benchmark([OnnxVariant(n, r.artifact) for n, r in candidates.items()], config)
         write_report(report, folder)
-        return "report.json", {"machine": report.machine.describe(), "baseline": report.baseline}
+        return "report.json", {"machine": report.machine.describe(), "baseline": report.baseline,
+                               "provider": report.measurements[0].provider if report.measurements else None}
 
     return steps.run("benchmark", inputs, produce)
 
@@ -537,11 +539,6 @@ def _pareto_plot(rows: list[CandidateRow], selected: str | None, path: Path) -> 
     plt.close(fig)
 
 
-def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    """NaN (not measured) as null: strict JSON has no NaN."""
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-
-
 def _write_summary(result: PipelineResult, made: list[_Made]) -> None:
     """candidates.txt (the table) and candidates.json (rows, failures with reasons, steps)."""
     write_text_atomic(result.out / "candidates.txt", result.table() + "\n")
@@ -549,11 +546,11 @@ def _write_summary(result: PipelineResult, made: list[_Made]) -> None:
     summary = {
         "selected": result.selected,
         "package": str(result.package) if result.package else None,
-        "candidates": [{**_json_safe(dataclasses.asdict(row)), "status": "failed" if row.failed else "made",
+        "candidates": [{**dataclasses.asdict(row), "status": "failed" if row.failed else "made",
                         **({"traceback": tracebacks[row.name]} if row.name in tracebacks else {})} for row in result.rows],
         "steps": [{"name": s.name, "cached": s.cached, "seconds": s.seconds} for s in result.steps],
     }
-    write_text_atomic(result.out / "candidates.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(result.out / "candidates.json", jsonio.dumps(summary) + "\n")
 
 
 def _package(recipe: Recipe, out: Path, chosen: StepRecord, row: CandidateRow, exported: StepRecord, base: StepRecord,
@@ -576,10 +573,18 @@ def _package(recipe: Recipe, out: Path, chosen: StepRecord, row: CandidateRow, e
                       "fidelity_min_mean_cosine": row.cosine, "accuracy": row.accuracy,
                       "benchmark": recipe.section("benchmark"), "machine": bench.report["machine"] if bench else None},
         source={"recipe": recipe.name, "model": recipe.section("model"), "sha256_of_export": file_sha256(exported.artifact)},
-        recommended={"provider": "CPUExecutionProvider", "intra_op_threads": recipe.section("benchmark").get("threads")},
+        recommended=_recommended(recipe, bench),
         name=recipe.name,
         make_zip=bool(package_settings.get("zip", False)),
     )
+
+
+def _recommended(recipe: Recipe, bench: StepRecord | None) -> dict[str, Any]:
+    """The provider and threads the figures were measured with; nothing is recommended that was
+    not measured (no benchmark step: provider null, with the reason)."""
+    if bench is None:
+        return {"provider": None, "intra_op_threads": None, "why": "not measured: the recipe's benchmark is disabled"}
+    return {"provider": bench.report.get("provider"), "intra_op_threads": recipe.section("benchmark").get("threads")}
 
 
 def run_pipeline(recipe: Recipe | str | Path, out: str | Path, *, overrides: list[str] | None = None, force: bool = False) -> PipelineResult:

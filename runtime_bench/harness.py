@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxforge.common import jsonio
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.onnxio import files_of, load_onnx
@@ -204,7 +205,7 @@ class BenchReport:
                    data["baseline"], tuple(measurements), data["seconds"])
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return jsonio.dumps(self.to_dict())
 
 
 # ---------------------------------------------------------------- inputs

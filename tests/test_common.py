@@ -423,3 +423,17 @@ def test_model_bytes_matches_protobuf_and_works_part_by_part(monkeypatch):
     monkeypatch.setattr(onnxio, "EXTERNAL_DATA_THRESHOLD_BYTES", 16)  # take the part-by-part branch
     monkeypatch.setattr(onnx.ModelProto, "ByteSize", lambda self: (_ for _ in ()).throw(AssertionError("whole")))
     assert abs(onnxio.model_bytes(model) - exact) < 200
+
+
+def test_strict_json_writer_has_no_nan_and_a_schema_version():
+    import json
+    import math
+    from pathlib import Path
+
+    import numpy as np
+
+    from onnxforge.common import jsonio
+
+    text = jsonio.document({"p50": math.nan, "inf": float("inf"), "n": np.float32(1.5), "a": np.arange(2), "p": Path("x")})
+    data = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(c)))
+    assert data == {"schema_version": jsonio.SCHEMA_VERSION, "p50": None, "inf": None, "n": 1.5, "a": [0, 1], "p": "x"}

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxforge.pipeline as pipeline
 from onnxforge.cli import main
 from tests.tiny_models import MLP_FACTORY_SOURCE as FACTORY
 from onnxforge.common.errors import UserError
-from onnxforge.package import sha256, verify_package
+from onnxforge.package import sha256, verify_package, write_package
 from onnxforge.recipe import load_recipe
 
 
@@ -79,6 +81,7 @@ def test_full_recipe_end_to_end(recipe_dir):
     assert manifest["transforms"][0]["step"] == "export" and manifest["min_onnxruntime_version"]
     assert set(manifest["files"]) == {"model.onnx", "reference.npz", "README.md"}
     assert verify_package(result.package).files_checked == 3
+    assert manifest["recommended"]["provider"] == "CPUExecutionProvider"  # what the benchmark measured
 
 
 def test_package_zip(recipe_dir):
@@ -517,3 +520,45 @@ def test_a_failed_optimize_step_is_skipped(keyed_dir, monkeypatch, caplog):
     transforms = [t["step"] for t in manifest["transforms"]]
     assert transforms[0] == "export" and "optimize" not in transforms
     assert not (keyed_dir / "out" / "steps" / "optimize").exists()
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_outputs_parse_as_strict_json_without_a_benchmark(keyed_dir, capsys):
+    """With the benchmark off nothing was timed: the figures are null (not NaN, which strict
+    parsers refuse), and the manifest recommends no provider it did not measure."""
+    from onnxforge.cli import main
+
+    out = keyed_dir / "out"
+    assert main(["-q", "run", str(keyed_dir / "recipe.toml"), "--out", str(out), "--json"]) == 0
+    printed = _strict_json(capsys.readouterr().out)
+    assert printed["schema_version"] >= 1 and all(row["p50_ms"] is None for row in printed["candidates"])
+    _strict_json((out / "candidates.json").read_text())
+    manifest = _strict_json((Path(printed["package"]) / "manifest.json").read_text())
+    assert manifest["measured"]["latency_p50_ms"] is None
+    assert manifest["recommended"]["provider"] is None and "not measured" in manifest["recommended"]["why"]
+
+
+def test_manifest_lists_only_the_opset_domains_the_model_uses(tmp_path):
+    """A declared but unused domain is left out; a contrib op raises the minimum ONNX Runtime."""
+    from onnx import TensorProto, helper
+
+    def model(nodes, domains):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in domains])
+
+    plain = model([helper.make_node("Relu", ["x"], ["y"])], [("", 18), ("com.microsoft", 1), ("ai.onnx.ml", 3)])
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    folder = write_package(tmp_path / "pkg", tmp_path / "plain.onnx", reference_inputs={"x": np.ones((1, 4), np.float32)},
+                           transforms=[], measurements={}, source={}, recommended={}, name="plain")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["opsets"] == {"ai.onnx": 18} and manifest["min_onnxruntime_version"] == "1.14"
+
+    from onnxforge.package import min_ort_version
+    assert min_ort_version({"ai.onnx": 18, "com.microsoft": 1}, {"com.microsoft": {"MatMulNBits"}}) == "1.17"
+    assert min_ort_version({"ai.onnx": 21}, {"com.microsoft": {"MatMulNBits"}}) == "1.20"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common.errors import UserError
 
 import logging
+from onnxforge.common import jsonio
 
 logger = logging.getLogger("onnxforge.cli")
 
@@ -75,7 +75,7 @@ def _tune_command(args) -> int:
         if bar:
             bar.close()
     if args.json:
-        print(json.dumps({"best": result.best.__dict__, "ranking": [[s.__dict__, ms] for s, ms in result.ranking()]}, indent=2))
+        print(jsonio.document({"best": result.best.__dict__, "ranking": [[s.__dict__, ms] for s, ms in result.ranking()]}))
         return 0
     fastest = result.ranking()[0][1]
     for settings, ms in result.ranking():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common.errors import UserError
+from onnxforge.common import jsonio
 
 
 def register(sub) -> None:
@@ -75,7 +75,7 @@ def _export_command(args) -> int:
         measure=measure_with_runtime_bench if args.pick_faster else None,
     )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(jsonio.document(result.to_dict()))
         return 0
     if result.choice:
         print(f"exporter chosen by speed: {result.choice.reason}")

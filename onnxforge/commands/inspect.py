@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from onnxforge.commands._args import add_io_flags
+from onnxforge.common import jsonio
 
 
 def register(sub) -> None:
@@ -20,7 +19,7 @@ def _inspect_command(args) -> int:
 
     summary = summarize(args.model)
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        print(jsonio.document(summary.to_dict()))
     else:
         print(format_summary(summary, top_ops=args.top_ops))
     return 0

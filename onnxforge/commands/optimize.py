@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 
 from onnxforge.commands._args import add_io_flags
+from onnxforge.common import jsonio
 
 
 def register(sub) -> None:
@@ -60,7 +60,7 @@ def _optimize_command(args) -> int:
     )
     result = optimize_file(args.input, args.output, settings)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(jsonio.document(result.to_dict()))
         return 0
     before, after = result.before, result.after
     print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")

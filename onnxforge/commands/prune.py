@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common.errors import UserError
+from onnxforge.common import jsonio
 
 
 def register(sub) -> None:
@@ -71,7 +71,7 @@ def _prune_command(args) -> int:
                         head_importance=args.head_importance, calibration=args.calibration,
                         evaluation=args.evaluation, tokenizer=args.tokenizer, dims=parse_dim_sizes(args.dim or []))
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(jsonio.document(result.to_dict()))
         return 0
     print(f"{args.input} -> {args.output}  ({args.method})")
     _print_heads(getattr(result, "heads", None))

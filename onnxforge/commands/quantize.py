@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 
 from onnxforge.commands._args import add_io_flags
+from onnxforge.common import jsonio
 
 
 def register(sub) -> None:
@@ -71,7 +71,7 @@ def _quantize_command(args) -> int:
         dims=parse_dim_sizes(args.dim or []), allow_random_calibration=args.allow_random_calibration,
     )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(jsonio.document(result.to_dict()))
         return 0
     r = result.resolved
     print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")

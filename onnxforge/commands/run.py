@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 
 from onnxforge.commands._args import add_io_flags
+from onnxforge.common import jsonio
 
 
 def register(sub) -> None:
@@ -32,10 +32,9 @@ def _run_command(args) -> int:
 
     result = run_pipeline(args.recipe, args.out, overrides=args.set, force=args.force)
     if args.json:
-        print(json.dumps({"selected": result.selected, "package": str(result.package) if result.package else None,
-                          "candidates": [r.__dict__ for r in result.rows],
-                          "steps": [{"name": s.name, "cached": s.cached, "seconds": s.seconds} for s in result.steps]},
-                         indent=2, default=str))
+        print(jsonio.document({"selected": result.selected, "package": str(result.package) if result.package else None,
+                               "candidates": [r.__dict__ for r in result.rows],
+                               "steps": [{"name": s.name, "cached": s.cached, "seconds": s.seconds} for s in result.steps]}))
         return 0
     for step in result.steps:
         print(f"  {step.name:<28} {'reused (unchanged)' if step.cached else f'ran in {step.seconds:.1f} s'}")

@@ -97,6 +97,20 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
+def ops_by_domain(model: onnx.ModelProto) -> dict[str, set[str]]:
+    """The op types each opset domain is used for ("ai.onnx" for the default domain), over the
+    graph, its subgraphs and the model's local functions; a domain declared in ``opset_import``
+    that no node uses is not here."""
+    used: dict[str, set[str]] = collections.defaultdict(set)
+    functions = [(f.domain, f.name) for f in model.functions]
+    nodes = [*_all_nodes(model.graph), *(n for f in model.functions for n in f.node)]
+    for node in nodes:
+        if (node.domain, node.op_type) in functions:  # a call of a local function: its body's ops count
+            continue
+        used[node.domain or "ai.onnx"].add(node.op_type)
+    return dict(used)
+
+
 def _quantized_counts(model: onnx.ModelProto) -> tuple[int, int]:
     producers = {out: node.op_type for node in _all_nodes(model.graph) for out in node.output}
     compute = quantized = 0
