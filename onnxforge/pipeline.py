@@ -256,7 +256,7 @@ def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = Non
 
         dims = dict(model.get("dims", {}))
         if "hf" in model:
-            loaded = load_hf_model(recipe.path(model["hf"]), model.get("task", "feature-extraction"),
+            loaded = load_hf_model(recipe.path(model["hf"]), model.get("task", "auto"),
                                    batch=dims.get("batch", 2), seq=dims.get("seq", 16))
         else:
             loaded = load_model_source(recipe.source(model["source"]))

@@ -124,3 +124,21 @@ def test_minilm_quantized_with_defaults_keeps_cosine_099(minilm_export, tmp_path
     assert quantized.fidelity.samples == len(REAL_SENTENCES)
     assert quantized.fidelity.min_mean_cosine >= 0.99
     assert quantized.after.file_bytes < 0.7 * quantized.before.file_bytes
+
+
+def test_sentence_similarity_task_matches_sentence_transformers(tmp_path, capsys):
+    """--task sentence-similarity exports the pooled, normalized embedding that the folder's
+    modules.json declares (mean pooling, Normalize), as sentence-transformers computes it."""
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "st.onnx"
+    assert main(["-q", "export", "--hf-model", str(models.minilm_folder()), "--task", "sentence-similarity",
+                 "--dim", "seq=32", "-o", str(out), "--exporter", "torchscript"]) == 0
+    tokenizer = models.minilm_tokenizer()
+    feeds = {k: v.numpy() for k, v in models.tokenize(tokenizer, SENTENCES, seq=32).items()}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
+    actual = session.run(None, feeds)[0]
+    expected = SentenceTransformer(str(models.minilm_folder()), device="cpu").encode(SENTENCES, convert_to_numpy=True)
+    assert actual.shape == expected.shape == (len(SENTENCES), 384)
+    assert np.abs(actual - expected).max() <= 1e-4

@@ -12,7 +12,9 @@ def register(sub) -> None:
     exp = sub.add_parser("export", help="export a PyTorch model to ONNX and validate it against PyTorch")
     exp.add_argument("--model", help="pkg.module:factory, path/to/file.py:factory, or a torch.save / TorchScript .pt file")
     exp.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face model folder")
-    exp.add_argument("--task", default="feature-extraction", help="Hugging Face task (default: feature-extraction)")
+    exp.add_argument("--task", default="auto", help="Hugging Face task: auto (from config.json architectures; default), "
+                     "feature-extraction, text-classification, token-classification, question-answering, fill-mask, "
+                     "image-classification, sentence-similarity, text-generation")
     exp.add_argument("--output", "-o", required=True, help="the ONNX file to write")
     exp.add_argument("--input", action="append", metavar="NAME:DIMS:DTYPE",
                      help="an input, e.g. x:batch,3,32,32:float32 or ids:batch,seq:int64:0..30522 (repeatable); "
