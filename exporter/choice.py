@@ -68,9 +68,10 @@ def timing_graph(name: str, proto, workdir: Path, save) -> Path:
     ``optimize`` applies to it (falling back to the raw graph, with the reason logged, when
     they cannot run), the TorchScript graph as it is."""
     path = workdir / f"timing_{name}.onnx"
-    if name == "dynamo":
+    already_fused = any(prop.key == "onnxforge.fused" for prop in proto.metadata_props)
+    if name == "dynamo" and not already_fused:
         from onnxforge.common.errors import UserError
-        from optimizers.ort_fusions import OrtFusionSettings, fuse_for_ort
+        from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 
         try:
             proto = fuse_for_ort(proto, OrtFusionSettings(target="cpu")).model

@@ -484,6 +484,7 @@ def export(
     external_data: bool | None = None,
     measure: Measure | None = None,
     measure_seconds: float = 3.0,
+    fuse: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``output_path`` and check it against PyTorch.
 
@@ -502,6 +503,12 @@ def export(
     is the one the CLI passes), both exporters run; when both verify, the two graphs are timed
     on the example inputs for about ``measure_seconds`` and the faster is kept (a tie goes to
     dynamo; see ``exporter.choice``). ``result.choice`` records the timings and the reason.
+
+    With ``fuse`` (the CLI's default; ``--raw`` turns it off) the dynamo graph gets the verified
+    ONNX Runtime fusions for the CPU (``optimizers.graph.ort_fusions.fuse_for_ort``: attention,
+    bias-Gelu, layer norms, the residual-sum rewrite) before validation, so the file written is
+    the fast graph and it is the one proven against PyTorch; where the fused graph fails the
+    proof, the exporter's own graph is validated and kept, with the reason logged.
 
     The model is exported in eval mode; each of its submodules is left in the mode it
     came in. Nothing appears at ``output_path`` unless the whole export succeeds.
@@ -545,7 +552,7 @@ def export(
             exported, failures = _attempt_exports(
                 order, timed, lambda attempt: _export_and_check(
                     attempt, wrapper, export_args, names, out_names, axes, opset, workdir,
-                    validate, tensors, sizes, tolerance, external_data,
+                    validate, tensors, sizes, tolerance, external_data, fuse,
                 ), opset)
             choice = _choose_exporter(exported, measure, measure_seconds, names, tensors, workdir, external_data) if timed else None
             used = choice.exporter if choice else next(iter(exported))
@@ -589,10 +596,34 @@ def _choose_exporter(exported, measure: Measure, seconds: float, names, tensors,
     return choice
 
 
+FUSED_KEY = "onnxforge.fused"  # metadata on a graph that export already fused for ONNX Runtime
+
+
+def _fused_for_cpu(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The dynamo graph with onnxscript's ORT fusions for the CPU, or None (reason logged) when
+    nothing fused or the fusions could not run; the caller proves the result against PyTorch."""
+    from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
+
+    try:
+        result = fuse_for_ort(proto, OrtFusionSettings(target="cpu", verify=False))
+    except (UserError, ImportError, ValueError, RuntimeError) as exc:
+        logger.warning("keeping the exporter's graph: the ONNX Runtime fusions failed (%s)", _first_line(exc))
+        return None
+    if not result.modified:
+        return None
+    fused = result.model
+    fused.metadata_props.add(key=FUSED_KEY, value="cpu")
+    done = {name: count for name, count in result.stats.get("fusions", {}).items() if count}
+    logger.info("fused for ONNX Runtime: %s", ", ".join(f"{n} {c}" for n, c in done.items()) or "graph rewrites only")
+    return fused
+
+
 def _export_and_check(
     attempt, wrapper, export_args, names, out_names, axes, opset, workdir,
-    validate, tensors, sizes, tolerance, external_data,
+    validate, tensors, sizes, tolerance, external_data, fuse=False,
 ) -> tuple[onnx.ModelProto, list[ShapeCheck]]:
+    """One exporter's graph (fused where asked and where the fused graph passes the proof),
+    validated against PyTorch."""
     with _quiet_torch_export():
         if attempt == "dynamo":
             proto = _run_dynamo(wrapper, export_args, names, out_names, axes, opset)
@@ -604,8 +635,22 @@ def _export_and_check(
             proto = _run_torchscript(target, export_args, names, out_names, axes, opset, workdir)
     wrapper.eval()
     _name_input_axes(proto, axes)
+    fused = _fused_for_cpu(proto) if fuse and attempt == "dynamo" else None
+    if fused is not None:
+        if not validate:
+            return fused, []
+        try:
+            return fused, _validated(fused, wrapper, names, out_names, axes, workdir, tensors, sizes, tolerance, external_data)
+        except (UserError, _ExporterFailed) as exc:
+            logger.warning("keeping the exporter's graph: the fused graph failed the proof (%s)", _first_line(exc))
     if not validate:
         return proto, []
+    return proto, _validated(proto, wrapper, names, out_names, axes, workdir, tensors, sizes, tolerance, external_data)
+
+
+def _validated(proto, wrapper, names, out_names, axes, workdir, tensors, sizes, tolerance, external_data) -> list[ShapeCheck]:
+    """The ONNX Runtime outputs of ``proto`` against PyTorch's at the example shapes and, with
+    dynamic axes, at a second shape; names the output axes of ``proto`` that follow an input."""
     staged = workdir / "validate.onnx"
     save_onnx(proto, staged, external_data=external_data)
     try:
@@ -636,4 +681,4 @@ def _export_and_check(
                 + "; ".join(f.describe() for f in failed)
                 + ". Loosen --rtol/--atol if this error is acceptable, or try another exporter or opset"
             )
-    return proto, checks
+    return checks
