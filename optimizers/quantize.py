@@ -62,7 +62,7 @@ from onnxforge.common.onnxio import INLINE_TENSOR_BYTES, files_of, is_large, loa
 from runtime_bench.timing import Measure, VariantTiming, time_against
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData, calibration_data, ort_reader
-from optimizers.ort_fusions import is_dynamo_graph
+from optimizers.graph.ort_fusions import is_dynamo_graph
 from optimizers.verify import ort_session, verification_inputs, with_outputs
 
 logger = logging.getLogger(__name__)
@@ -1349,7 +1349,7 @@ def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, d
     """The model each candidate's quantizer gets: Gemm biases as vectors for static runs, Gemm as
     MatMul + Add for dynamic ones (see ``flatten_gemm_biases`` and ``gemm_as_matmul``). A graph
     from the dynamo exporter gets, for dynamic runs, the ORT fusions that keep attention as
-    MatMuls (``optimizers.ort_fusions``, ``attention=False``): without them ONNX Runtime fuses its
+    MatMuls (``optimizers.graph.ort_fusions``, ``attention=False``): without them ONNX Runtime fuses its
     residual sums into the slow CPU SkipLayerNormalization kernel. A candidate with ``outliers``
     or ``smoothquant`` gets those exact rewrites next (``_equalized``)."""
     by_mode: dict[str, onnx.ModelProto] = {}
@@ -1377,11 +1377,11 @@ def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, d
 
 def _patch_convs_as_matmul(model: onnx.ModelProto, dims: Mapping[str, int] | None, exclude: Sequence[str]) -> onnx.ModelProto:
     """Patch-embedding Convs (kernel = stride, no padding: a ViT's) as Reshape/Transpose +
-    MatMul for dynamic int8 (``optimizers.ort_fusions.patch_convs_as_matmul``, verified in ORT):
+    MatMul for dynamic int8 (``optimizers.graph.ort_fusions.patch_convs_as_matmul``, verified in ORT):
     ``quantize_dynamic`` makes a Conv a ``ConvInteger``, which ran 4-7x slower than the float Conv
     and took a third of a ViT's int8 time, and a MatMul a ``DynamicQuantizeMatMul``. A Conv the
     user keeps in float by name stays a Conv."""
-    from optimizers.ort_fusions import OrtFusionSettings, patch_convs_as_matmul
+    from optimizers.graph.ort_fusions import OrtFusionSettings, patch_convs_as_matmul
 
     names = {node.name for node in model.graph.node if node.op_type == "Conv"}
     if names & set(exclude):
@@ -1397,7 +1397,7 @@ def _patch_convs_as_matmul(model: onnx.ModelProto, dims: Mapping[str, int] | Non
 
 def _int8_fusions(model: onnx.ModelProto, dims: Mapping[str, int] | None) -> onnx.ModelProto:
     """The dynamo graph with the fusions that suit dynamic int8, or as it was when they fail."""
-    from optimizers.ort_fusions import OrtFusionSettings, fuse_for_ort
+    from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 
     try:
         result = fuse_for_ort(model, OrtFusionSettings(attention=False, dims=dict(dims or {})))

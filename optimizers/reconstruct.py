@@ -547,7 +547,7 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
     if settings.refit_outputs and heldout:
         chosen, fidelity, outputs = _refit_outputs(model, analysis, removed, chosen, fit, heldout, settings, fidelity, measure, notes)
         reports.extend(outputs)
-    from optimizers.cleanup import deduplicate_initializers
+    from optimizers.graph.cleanup import deduplicate_initializers
 
     chosen = deduplicate_initializers(chosen).model
     return ReconstructResult(chosen, tuple(reports), fidelity, applied, len(fit), len(heldout), tuple(notes))

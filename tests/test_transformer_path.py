@@ -1,4 +1,4 @@
-"""The transformer path: onnxscript's ORT fusions on dynamo graphs (optimizers.ort_fusions),
+"""The transformer path: onnxscript's ORT fusions on dynamo graphs (optimizers.graph.ort_fusions),
 the exporter's measured ``auto`` choice, and the SmoothQuant fold (optimizers.smoothquant).
 
 Tiny BERT-like encoders are built here from ``transformers`` configs with random weights; the
@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.ortrun import run_onnx
-from optimizers.ort_fusions import OrtFusionSettings, exporter_of, fuse_for_ort, is_dynamo_graph
+from optimizers.graph.ort_fusions import OrtFusionSettings, exporter_of, fuse_for_ort, is_dynamo_graph
 
 LAYERS, HIDDEN, HEADS = 2, 32, 4
 
@@ -267,7 +267,7 @@ def test_patch_conv_near_misses_stay_convs(near_miss):
 
 def test_patch_convs_as_matmul_on_a_torchscript_graph(tmp_path):
     from exporter import export
-    from optimizers.ort_fusions import patch_convs_as_matmul
+    from optimizers.graph.ort_fusions import patch_convs_as_matmul
 
     class PatchEmbedding(torch.nn.Module):  # a ViT's: Conv (kernel = stride = 4), flatten, tokens last
         def __init__(self):
