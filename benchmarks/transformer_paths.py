@@ -16,7 +16,7 @@ model (variants alternate in blocks, fresh sessions, 2 threads):
 - ``int8 onnxforge``: dynamo, ``fuse_for_ort(attention=False, patch_conv_as_matmul=True)``
   (attention left as MatMuls that quantize, a ViT's patch Conv as a MatMul), ``quantize_dynamic``
   per-channel;
-- ``int8 onnxforge+sq-ln``: the same after ``optimizers.smoothquant.smooth`` with scope
+- ``int8 onnxforge+sq-ln``: the same after ``optimizers.quantize.smoothquant.smooth`` with scope
   ``layernorm`` (calibrated on the calibration data);
 - ``fp32 onnxforge default``: what ``onnxforge export`` then ``onnxforge optimize`` write with no
   options (export writes the portable standard-op graph; optimize fuses it for ONNX Runtime);
@@ -65,7 +65,7 @@ from onnxforge.common.ortrun import run_onnx  # noqa: E402
 from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort  # noqa: E402
 from optimizers.graph.optimizer import optimize_file  # noqa: E402
 from optimizers.quantize import quantize  # noqa: E402
-from optimizers.smoothquant import SmoothQuantSettings, smooth  # noqa: E402
+from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth  # noqa: E402
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark  # noqa: E402
 from runtime_bench.machine import machine_info  # noqa: E402
 

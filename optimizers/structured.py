@@ -1094,7 +1094,7 @@ class PruneResult:
 def fidelity_dict(reference, candidate, batches) -> dict[str, Any]:
     """``optimizers.quantize.fidelity`` as the report's dict: lowest per-output mean cosine,
     largest max abs error, samples."""
-    from optimizers.quantize import fidelity
+    from onnxforge.common.fidelity import fidelity
 
     return _as_fidelity_dict(fidelity(reference, candidate, batches))
 
@@ -1600,7 +1600,7 @@ def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evalu
     from onnxforge.common.summary import count_parameters
     from optimizers.calibration import calibration_data
     from optimizers.graph.cleanup import deduplicate_initializers
-    from optimizers.quantize import fidelity_of_files
+    from onnxforge.common.fidelity import fidelity_of_files
     from optimizers.verify import verification_inputs
 
     normalized = normalize(given, dims=dims)

@@ -1,5 +1,5 @@
 """The transformer path: onnxscript's ORT fusions on dynamo graphs (optimizers.graph.ort_fusions),
-the exporter's measured ``auto`` choice, and the SmoothQuant fold (optimizers.smoothquant).
+the exporter's measured ``auto`` choice, and the SmoothQuant fold (optimizers.quantize.smoothquant).
 
 Tiny BERT-like encoders are built here from ``transformers`` configs with random weights; the
 tests pin what the graphs contain and that outputs agree, never which variant is faster.
@@ -369,7 +369,7 @@ def _norm_matmul_model() -> onnx.ModelProto:
 
 
 def test_smoothing_fold_is_exact_and_goes_into_the_layernorm():
-    from optimizers.smoothquant import apply_smoothing, smoothable_groups
+    from optimizers.quantize.smoothquant import apply_smoothing, smoothable_groups
 
     model = _norm_matmul_model()
     groups = {g.activation: g for g in smoothable_groups(model)}
@@ -388,7 +388,7 @@ def test_smoothing_fold_is_exact_and_goes_into_the_layernorm():
 
 
 def test_smoothquant_on_dynamo_bert_is_exact_in_float(dynamo_bert):
-    from optimizers.smoothquant import SmoothQuantSettings, smooth
+    from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth
 
     fused = fuse_for_ort(dynamo_bert, OrtFusionSettings(attention=False)).model
     calibration = [_feeds(batch=4, seq=12, seed=s) for s in range(3)]
@@ -401,7 +401,7 @@ def test_smoothquant_on_dynamo_bert_is_exact_in_float(dynamo_bert):
 
 
 def test_alpha_search_lowers_the_int8_error_of_an_outlier_channel():
-    from optimizers.smoothquant import SmoothQuantSettings, quantization_error, search_alpha
+    from optimizers.quantize.smoothquant import SmoothQuantSettings, quantization_error, search_alpha
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 16)).astype(np.float32)
@@ -417,7 +417,7 @@ def test_alpha_search_lowers_the_int8_error_of_an_outlier_channel():
 
 
 def test_smoothquant_refuses_bad_settings_and_unknown_activations():
-    from optimizers.smoothquant import SmoothQuantSettings, apply_smoothing, smooth
+    from optimizers.quantize.smoothquant import SmoothQuantSettings, apply_smoothing, smooth
 
     with pytest.raises(UserError, match=r"alphas must lie in \[0, 1\]"):
         SmoothQuantSettings(alphas=(0.5, 1.5))
@@ -428,7 +428,7 @@ def test_smoothquant_refuses_bad_settings_and_unknown_activations():
 
 
 def test_layernorm_scope_smooths_only_layernorm_outputs():
-    from optimizers.smoothquant import SmoothQuantSettings, smooth
+    from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth
 
     model = _norm_matmul_model()
     rng = np.random.default_rng(3)
