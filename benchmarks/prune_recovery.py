@@ -27,9 +27,9 @@ MiniLM's global model (else its greedy+recon one) is also refined by gradient de
 the re-fit), on the same calibration batches; the int8 stack starts from the refined model.
 
 Stacked with int8, quantization is calibrated on the pruned model: static for the digits; for MiniLM dynamic per-channel
-and SmoothQuant (``optimizers.smoothquant.smooth``, scales folded into LayerNorms, alpha searched on the calibration
+and SmoothQuant (``optimizers.quantize.smoothquant.smooth``, scales folded into LayerNorms, alpha searched on the calibration
 sentences) then dynamic per-channel, and the same after moving outlier feed-forward neurons to a float side path
-(``optimizers.outliers``), each for the unpruned and the pruned model.
+(``optimizers.quantize.outliers``), each for the unpruned and the pruned model.
 
 Latency: runtime_bench (variants alternate in blocks with fresh sessions), medians and paired
 95 % intervals against the unpruned model; 2 intra-op threads.
@@ -53,10 +53,10 @@ from exporter import export
 from onnxforge import models
 from onnxforge.common.onnxio import load_onnx, save_onnx
 from optimizers import PruneSettings, QuantizeSettings, prune, quantize
-from optimizers.quantize import fidelity
-from optimizers.outliers import float_nodes, keep_outliers_float
+from onnxforge.common.fidelity import fidelity
+from optimizers.quantize.outliers import float_nodes, keep_outliers_float
 from optimizers.refine import RefineSettings, refine
-from optimizers.smoothquant import SmoothQuantSettings, smooth
+from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark
 from runtime_bench.machine import machine_info
 
@@ -188,7 +188,7 @@ def _int8(model, method: str, calibration, evaluation, **data):
     """``model`` quantized by ``method``: ``static`` (calibrated on ``calibration``), ``dynamic``
     (per-channel weights), ``smoothquant`` (``smooth`` on ``calibration``, then dynamic
     per-channel), or ``outliers+smoothquant`` (outlier feed-forward neurons on a float side path,
-    ``optimizers.outliers``, found on 8 calibration batches, then as ``smoothquant``: what auto
+    ``optimizers.quantize.outliers``, found on 8 calibration batches, then as ``smoothquant``: what auto
     mode's SmoothQuant candidate does)."""
     if method == "static":
         settings = QuantizeSettings(mode="static", check_speed=False)

@@ -30,7 +30,8 @@ import onnxruntime as ort
 from exporter import export
 from onnxforge import models
 from optimizers import optimize_file
-from optimizers.quantize import QuantizeSettings, fidelity, quantize_file
+from onnxforge.common.fidelity import fidelity
+from optimizers.quantize import QuantizeSettings, quantize_file
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark
 from runtime_bench.machine import machine_info
 

@@ -5,7 +5,7 @@ model (variants alternate in blocks, fresh sessions, 2 threads):
 
 - ``fp32 torchscript``: plain ``torch.onnx`` TorchScript export (the baseline of every ratio);
 - ``fp32 dynamo``: plain dynamo export;
-- ``fp32 dynamo+fusions``: dynamo, then ``optimizers.ort_fusions.fuse_for_ort`` (onnxscript's
+- ``fp32 dynamo+fusions``: dynamo, then ``optimizers.graph.ort_fusions.fuse_for_ort`` (onnxscript's
   ``optimize_for_ort`` and the CPU residual-sum rewrite), what ``optimize`` does to dynamo graphs;
 - ``int8 qd per-tensor`` / ``int8 qd per-channel``: plain ``quantize_dynamic`` of the TorchScript
   graph (the two lines a user of ONNX Runtime writes);
@@ -16,7 +16,7 @@ model (variants alternate in blocks, fresh sessions, 2 threads):
 - ``int8 onnxforge``: dynamo, ``fuse_for_ort(attention=False, patch_conv_as_matmul=True)``
   (attention left as MatMuls that quantize, a ViT's patch Conv as a MatMul), ``quantize_dynamic``
   per-channel;
-- ``int8 onnxforge+sq-ln``: the same after ``optimizers.smoothquant.smooth`` with scope
+- ``int8 onnxforge+sq-ln``: the same after ``optimizers.quantize.smoothquant.smooth`` with scope
   ``layernorm`` (calibrated on the calibration data);
 - ``fp32 onnxforge default``: what ``onnxforge export`` then ``onnxforge optimize`` write with no
   options (export writes the portable standard-op graph; optimize fuses it for ONNX Runtime);
@@ -62,10 +62,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from exporter import export  # noqa: E402
 from onnxforge import models  # noqa: E402
 from onnxforge.common.ortrun import run_onnx  # noqa: E402
-from optimizers.ort_fusions import OrtFusionSettings, fuse_for_ort  # noqa: E402
-from optimizers.optimizer import optimize_file  # noqa: E402
+from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort  # noqa: E402
+from optimizers.graph.optimizer import optimize_file  # noqa: E402
 from optimizers.quantize import quantize  # noqa: E402
-from optimizers.smoothquant import SmoothQuantSettings, smooth  # noqa: E402
+from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth  # noqa: E402
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark  # noqa: E402
 from runtime_bench.machine import machine_info  # noqa: E402
 

@@ -4,7 +4,7 @@ the faster one on this machine, timed as ``optimize`` will leave it.
 The dynamo exporter is torch's maintained route (the TorchScript exporter is deprecated), but
 its raw graph ran 20% slower than the TorchScript graph on all-MiniLM-L6-v2 (b8, s128, 2
 threads) until onnxscript's ORT fusions and the residual-sum rewrite of
-``optimizers.ort_fusions`` were applied; after them the two are level. Which one is faster
+``optimizers.graph.ort_fusions`` were applied; after them the two are level. Which one is faster
 depends on the model and the CPU, so ``auto`` measures instead of assuming. The dynamo graph is
 timed after ``fuse_for_ort`` (what ``optimize`` does to it), the TorchScript graph as exported
 (ONNX Runtime's session-level fusions apply to both at run time). A difference inside the

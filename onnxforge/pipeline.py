@@ -352,7 +352,7 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
     def produce(folder: Path):
         from onnxforge.common.onnxio import load_onnx, save_onnx
         from optimizers import PruneSettings, QuantizeSettings, prune, quantize
-        from optimizers.quantize import fidelity
+        from onnxforge.common.fidelity import fidelity
 
         model = load_onnx(base.artifact)
         transforms = []

@@ -1,6 +1,6 @@
 """ONNX to ONNX transforms (optimize, prune, quantize). Never imports torch."""
 
-from optimizers.cleanup import (
+from optimizers.graph.cleanup import (
     cleanup,
     deduplicate_initializers,
     eliminate_identities,
@@ -8,10 +8,10 @@ from optimizers.cleanup import (
     prune_graph,
     remove_dead_code,
 )
-from optimizers.fusions import detect_hidden_size, detect_num_heads, fuse_transformer
-from optimizers.optimizer import OptimizeResult, OptimizeSettings, StepReport, optimize, optimize_file
-from optimizers.ort_offline import ort_optimize
-from optimizers.precision import to_fp16
+from optimizers.graph.fusions import detect_hidden_size, detect_num_heads, fuse_transformer
+from optimizers.graph.optimizer import OptimizeResult, OptimizeSettings, StepReport, optimize, optimize_file
+from optimizers.graph.ort_offline import ort_optimize
+from optimizers.graph.precision import to_fp16
 from optimizers.prune import prune, prune_file
 from optimizers.quantize import QuantizeResult, QuantizeSettings, quantize, quantize_file
 from optimizers.structured import PruneResult, PruneSettings

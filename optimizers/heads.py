@@ -1035,7 +1035,7 @@ def prune_heads(
     fidelity), else from the weights. The pruned graph is run in ONNX Runtime at two sizes of
     its symbolic dims before it is returned. Raises ``UserError`` when no head can be removed."""
     from onnxforge.common.summary import count_parameters
-    from optimizers.cleanup import deduplicate_initializers
+    from optimizers.graph.cleanup import deduplicate_initializers
     from optimizers.structured import prepared_for_pruning, run_check
 
     reference, prepared, notes = prepared_for_pruning(model, dims)

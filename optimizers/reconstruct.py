@@ -536,7 +536,7 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
     modified) and re-fit the consumers of the removed channels as the module doc says, fitting
     on a seeded share of ``batches`` and judging on the rest. Consumers that are not re-fitted
     (rejected on held-out data, too wide, ConvTranspose) get bias compensation."""
-    from optimizers.quantize import fidelity as measure
+    from onnxforge.common.fidelity import fidelity as measure
 
     fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
     notes: list[str] = []
@@ -547,7 +547,7 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
     if settings.refit_outputs and heldout:
         chosen, fidelity, outputs = _refit_outputs(model, analysis, removed, chosen, fit, heldout, settings, fidelity, measure, notes)
         reports.extend(outputs)
-    from optimizers.cleanup import deduplicate_initializers
+    from optimizers.graph.cleanup import deduplicate_initializers
 
     chosen = deduplicate_initializers(chosen).model
     return ReconstructResult(chosen, tuple(reports), fidelity, applied, len(fit), len(heldout), tuple(notes))
@@ -719,7 +719,7 @@ def probe_units(model: onnx.ModelProto, analysis, probes: Sequence[tuple[tuple[s
     """For each ``(producers, channels, removed roots, estimated loss)``: prune those roots alone, re-fit
     on the fit share of ``batches`` (the split ``reconstruct`` uses) and measure the output loss
     on the held-out share. One re-fit and one held-out run per unit."""
-    from optimizers.quantize import fidelity as measure
+    from onnxforge.common.fidelity import fidelity as measure
 
     fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
     if not heldout:

@@ -24,7 +24,7 @@ the held-out loss is measured every ``check_every`` steps, and the weights of th
 kept. A block keeps its new weights only where its held-out loss fell; the whole refinement is kept
 only where the model's held-out cosine to the unpruned model rose (both run in ONNX Runtime).
 
-Which blocks: ``optimizers.outliers.feed_forwards`` (MatMul, optional bias, an elementwise
+Which blocks: ``optimizers.quantize.outliers.feed_forwards`` (MatMul, optional bias, an elementwise
 activation, MatMul), followed optionally by a bias Add, a residual Add and a LayerNormalization
 over the last axis. The activation is recognised numerically: the numpy form (exact or tanh
 Gelu, Relu, SiLU, QuickGelu) must reproduce the graph's own activation on calibration data, and
@@ -280,7 +280,7 @@ def _initializer_vector(initializers, node, size) -> str | None:
 
 def _blocks(model: onnx.ModelProto) -> tuple[list[_Block], list[tuple[str, str]]]:
     """The refinable blocks in graph order, and why the other feed-forward blocks are not."""
-    from optimizers.outliers import feed_forwards
+    from optimizers.quantize.outliers import feed_forwards
 
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
@@ -405,7 +405,7 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
     """Refine ``model``'s feed-forward blocks towards ``reference`` (the model before pruning,
     whose tensors carry the same names) on ``batches`` (see the module doc). ``model`` is not
     modified; the result's model is ``model`` itself where nothing was kept."""
-    from optimizers.quantize import fidelity
+    from onnxforge.common.fidelity import fidelity
 
     fit, held = split_holdout(batches, settings.holdout, settings.seed)
     if not held or settings.steps == 0:

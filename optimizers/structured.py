@@ -1094,7 +1094,7 @@ class PruneResult:
 def fidelity_dict(reference, candidate, batches) -> dict[str, Any]:
     """``optimizers.quantize.fidelity`` as the report's dict: lowest per-output mean cosine,
     largest max abs error, samples."""
-    from optimizers.quantize import fidelity
+    from onnxforge.common.fidelity import fidelity
 
     return _as_fidelity_dict(fidelity(reference, candidate, batches))
 
@@ -1133,7 +1133,7 @@ def prepared_for_pruning(model: onnx.ModelProto, dims: Mapping[str, int] | None 
     conv's bias as ``Reshape(bias, [1, C, 1, 1])``), node names unique (the rewrite finds
     nodes by name), small shared initializers given one copy per reader."""
     from onnxforge.common.normalize import normalize
-    from optimizers.cleanup import fold_constants
+    from optimizers.graph.cleanup import fold_constants
 
     normalized = normalize(model, dims=dims)
     notes = [normalized.describe()] if normalized.modified else []
@@ -1358,7 +1358,7 @@ def _compensated(reference, model, analysis: Analysis, removed: frozenset[int], 
     """``(pruned, consumers compensated, fidelity, fidelity without compensation)``: ``model``
     with ``removed`` cut and, given channel ``means``, bias compensation where it raises the
     measured fidelity against ``reference``; the tracing copies are shared again."""
-    from optimizers.cleanup import deduplicate_initializers
+    from optimizers.graph.cleanup import deduplicate_initializers
 
     pruned = apply(model, analysis, removed)
     compensated, measured, without = 0, None, None
@@ -1599,8 +1599,8 @@ def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evalu
     from onnxforge.common.onnxio import save_onnx
     from onnxforge.common.summary import count_parameters
     from optimizers.calibration import calibration_data
-    from optimizers.cleanup import deduplicate_initializers
-    from optimizers.quantize import fidelity_of_files
+    from optimizers.graph.cleanup import deduplicate_initializers
+    from onnxforge.common.fidelity import fidelity_of_files
     from optimizers.verify import verification_inputs
 
     normalized = normalize(given, dims=dims)

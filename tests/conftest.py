@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True, scope="session")
 def decision_store(tmp_path_factory):
-    """Auto quantization remembers its timed choices (``optimizers.decisions``): in tests they go
+    """Auto quantization remembers its timed choices (``optimizers.quantize.decisions``): in tests they go
     to a folder of the session, never to the user's ~/.cache."""
     folder = tmp_path_factory.mktemp("onnxforge-cache")
     before = os.environ.get("ONNXFORGE_CACHE")

@@ -52,7 +52,7 @@ def _tiny_bert(zero_heads: dict[int, int] | None = None) -> torch.nn.Module:
 
 
 def _export_forms(module, folder) -> dict[str, onnx.ModelProto]:
-    from optimizers.ort_fusions import fuse_for_ort
+    from optimizers.graph.ort_fusions import fuse_for_ort
 
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     example = (ids, torch.ones_like(ids))
@@ -130,7 +130,7 @@ def test_half_the_heads_pruned_runs_at_two_sequence_lengths(bert_forms, form):
         weights = sorted(tuple(t.dims) for t in result.model.graph.initializer if len(t.dims) == 2)
         assert weights.count((HIDDEN, 32)) == 3 * LAYERS and weights.count((32, HIDDEN)) == LAYERS
     from onnxforge.common.summary import count_parameters
-    from optimizers.cleanup import deduplicate_initializers
+    from optimizers.graph.cleanup import deduplicate_initializers
 
     before = count_parameters(deduplicate_initializers(result_reference(original)).model)
     assert before - result.parameters[1] == LAYERS * REMOVED_PER_LAYER

@@ -64,7 +64,7 @@ def test_cli_exports_hugging_face_folder(tmp_path, capsys):
 
 
 def test_minilm_optimized_with_fusions_agrees_with_unfused(minilm_export, tmp_path):
-    """Dynamo export: onnxscript's ORT fusions (optimizers.ort_fusions) apply, attention included;
+    """Dynamo export: onnxscript's ORT fusions (optimizers.graph.ort_fusions) apply, attention included;
     for the CPU the residual sums stay out of ONNX Runtime's slow SkipLayerNormalization."""
     from optimizers import optimize_file
 

@@ -15,7 +15,7 @@ from onnxforge.common.compare import compare_outputs
 from onnxforge.common.normalize import ensure_opset, normalize
 from onnxforge.common.ortrun import run_onnx
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings, optimize, prune, quantize
-from optimizers.quantize import fidelity
+from onnxforge.common.fidelity import fidelity
 
 
 def _mlp() -> onnx.ModelProto:

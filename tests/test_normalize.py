@@ -327,7 +327,7 @@ def test_a_step_whose_opset_upgrade_fails_is_skipped_with_the_reason(monkeypatch
 
 
 def test_a_step_that_writes_a_model_ort_cannot_run_is_skipped_not_a_crash(monkeypatch):
-    import optimizers.optimizer as optimizer_module
+    import optimizers.graph.optimizer as optimizer_module
     from optimizers.result import PassResult
 
     def broken_cleanup(model, max_rounds):

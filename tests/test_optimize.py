@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import optimizers.optimizer as optimize_module
+import optimizers.graph.optimizer as optimize_module
 from exporter import export
 from onnxforge.cli import main
 from onnxforge.common.compare import Tolerance

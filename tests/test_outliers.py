@@ -1,4 +1,4 @@
-"""Outlier feed-forward neurons on a float side path (optimizers.outliers): exact in float, found
+"""Outlier feed-forward neurons on a float side path (optimizers.quantize.outliers): exact in float, found
 where they are, left in float by the quantizer, and worth it for dynamic int8."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.common.errors import UserError
-from optimizers.outliers import (FLOAT_PREFIX, OutlierSettings, feed_forwards, float_nodes, keep_outliers_float, outlier_neurons,
+from optimizers.quantize.outliers import (FLOAT_PREFIX, OutlierSettings, feed_forwards, float_nodes, keep_outliers_float, outlier_neurons,
                                  split_blocks)
 from optimizers.verify import run_model
 

@@ -24,8 +24,6 @@ from optimizers.quantize import (
     FLOAT_VARIANT,
     QuantizeSettings,
     Timing,
-    _Chunk,
-    _quantizer_errors,
     depthwise_convs,
     flatten_gemm_biases,
     gemm_as_matmul,
@@ -34,10 +32,11 @@ from optimizers.quantize import (
     quantize,
     quantize_file,
 )
+from optimizers.quantize.ort_quantize import _Chunk, quantizer_errors
 from tests.tiny_models import build
 
-# importlib: the package re-exports a function named like the module, which "import as" picks up
-quantize_module = importlib.import_module("optimizers.quantize")
+# the module whose names quantize() looks up at call time (tests replace the timing and ORT quantization there)
+quantize_module = importlib.import_module("optimizers.quantize.api")
 
 
 class FixedSpeeds:
@@ -426,7 +425,7 @@ def test_flatten_gemm_biases_is_exact_and_leaves_vectors_alone():
 
 def test_calibration_hint_fits_the_method_in_use():
     for method, advised in (("minmax", False), ("entropy", True)):
-        with pytest.raises(UserError) as info, _quantizer_errors({"mode": "static", "calibration_method": method}):
+        with pytest.raises(UserError) as info, quantizer_errors({"mode": "static", "calibration_method": method}):
             raise ValueError("The truth value of an array with more than one element is ambiguous")
         assert ("use --calibration-method minmax" in str(info.value)) is advised, (method, str(info.value))
 
@@ -526,15 +525,16 @@ def test_auto_picks_the_fastest_faithful_candidate_and_shows_the_table(tmp_path)
 
 
 def test_auto_does_not_trade_fidelity_for_speed():
-    from optimizers.quantize import Candidate, Fidelity, _choose
+    from optimizers.quantize import Candidate, Fidelity
+    from optimizers.quantize.choose import choose
 
     def candidate(name, cosine, speedup):
         return Candidate(name, name, {}, Fidelity({"y": cosine}, {"y": 0.1}, 4), Timing(10 / speedup, speedup, speedup, speedup))
 
     pool = [candidate("faithful-slow", 0.999, 1.2), candidate("fast-lossy", 0.95, 3.0), candidate("faithful-fast", 0.995, 1.5)]
-    index, reasons, warnings = _choose(pool, 0.99)
+    index, reasons, warnings = choose(pool, 0.99)
     assert pool[index].name == "faithful-fast" and not warnings
-    index, reasons, warnings = _choose([candidate("a", 0.95, 3.0), candidate("b", 0.97, 1.1)], 0.99)
+    index, reasons, warnings = choose([candidate("a", 0.95, 3.0), candidate("b", 0.97, 1.1)], 0.99)
     assert index == 1 and "no int8 candidate reached a mean cosine of 0.99" in warnings[0]
 
 
@@ -555,19 +555,19 @@ def test_int8_slower_than_fp32_is_said_plainly(tmp_path, capsys, monkeypatch):
 
 
 def test_a_candidate_that_fails_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
-    real = quantize_module._run_ort_quantization
+    real = quantize_module.run_ort_quantization
 
     def per_tensor_breaks(model, resolved, *args, **kwargs):
         if resolved["mode"] == "dynamic" and not resolved["per_channel"]:
             raise UserError("ONNX Runtime's dynamic quantizer failed (test)")
         return real(model, resolved, *args, **kwargs)
 
-    monkeypatch.setattr(quantize_module, "_run_ort_quantization", per_tensor_breaks)
+    monkeypatch.setattr(quantize_module, "run_ort_quantization", per_tensor_breaks)
     result = quantize(_mlp(tmp_path))
     failed = [c for c in result.candidates if c.error]
     assert [c.name for c in failed] == ["dynamic-per-tensor"] and result.candidates[0].chosen
     assert any("dynamic-per-tensor" in line and "failed: ONNX Runtime's dynamic quantizer failed (test)" in line for line in result.table())
-    monkeypatch.setattr(quantize_module, "_run_ort_quantization", lambda *a, **k: (_ for _ in ()).throw(UserError("broken (test)")))
+    monkeypatch.setattr(quantize_module, "run_ort_quantization", lambda *a, **k: (_ for _ in ()).throw(UserError("broken (test)")))
     with pytest.raises(UserError, match="no int8 candidate could be built: dynamic-per-channel: broken"):
         quantize(_mlp(tmp_path))
 
@@ -653,7 +653,7 @@ def test_fast_reuses_the_decision_of_a_timed_search_for_the_same_model_and_machi
 
 
 def test_fast_decisions_are_per_machine_and_skip_data_given_in_memory(tmp_path, monkeypatch, caplog):
-    from optimizers import decisions
+    from optimizers.quantize import decisions
 
     monkeypatch.setenv("ONNXFORGE_CACHE", str(tmp_path / "cache"))
     path = _mlp(tmp_path)
@@ -671,7 +671,7 @@ def test_fast_decisions_are_per_machine_and_skip_data_given_in_memory(tmp_path, 
 
 
 def test_the_decision_store_survives_a_corrupt_file(tmp_path, monkeypatch):
-    from optimizers import decisions
+    from optimizers.quantize import decisions
 
     monkeypatch.setenv("ONNXFORGE_CACHE", str(tmp_path))
     (tmp_path / decisions.STORE_NAME).write_text("{not json")
@@ -681,7 +681,7 @@ def test_the_decision_store_survives_a_corrupt_file(tmp_path, monkeypatch):
 
 
 def test_model_signature_sees_weights_and_structure(tmp_path):
-    from optimizers.decisions import model_signature
+    from optimizers.quantize.decisions import model_signature
 
     path = _mlp(tmp_path)
     model = onnx.load(str(path))

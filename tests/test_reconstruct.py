@@ -152,7 +152,7 @@ def test_dropped_where_held_out_data_says_it_hurts():
     assert result.consumers[0].error_reconstructed >= result.consumers[0].error_compensated
     assert any("no consumer was re-fitted" in note for note in result.notes)
     heldout = split_holdout(batches, settings.holdout, settings.seed)[1]
-    from optimizers.quantize import fidelity
+    from onnxforge.common.fidelity import fidelity
 
     assert fidelity(model, result.model, heldout).min_mean_cosine == pytest.approx(result.fidelity["compensation"], abs=1e-9)
 
@@ -165,7 +165,7 @@ def test_never_lowers_held_out_fidelity_on_random_data():
     analysis = analyze(model)
     batches = _batches("x", (6, 12), 4, seed=5)
     result = reconstruct(model, analysis, _roots(analysis, "up", range(12)), batches, ReconstructSettings())
-    from optimizers.quantize import fidelity
+    from onnxforge.common.fidelity import fidelity
 
     heldout = split_holdout(batches, ReconstructSettings().holdout, 0)[1]
     assert fidelity(model, result.model, heldout).min_mean_cosine >= result.fidelity["compensation"] - 1e-9
@@ -373,7 +373,7 @@ def test_residual_target_makes_up_upstream_drift():
     """With correct_residual, the second block's re-fit targets W x + (h − ĥ): the drift the first
     block's pruning left in the residual is partly rebuilt, so the held-out output error is lower
     than with the plain target. A consumer without a residual sum gets the plain target."""
-    from optimizers.quantize import fidelity
+    from onnxforge.common.fidelity import fidelity
     from optimizers.reconstruct import _consumers
 
     model = _residual_blocks(np.random.default_rng(11))
@@ -473,7 +473,7 @@ def test_layernorm_weights_fit_the_error_after_the_norm():
     wrong); weighted by 1 / var, every row counts alike and the held-out output (after the
     norm) is closer to the unpruned model's. (The removed channels' weights are small, 0.3, so
     the errors stay in the range where cosine follows squared error.)"""
-    from optimizers.quantize import fidelity
+    from onnxforge.common.fidelity import fidelity
 
     w2 = np.random.default_rng(23).standard_normal((4, 4))
     w2[2:] *= 0.3
@@ -520,7 +520,7 @@ def _scaled_mid(model: onnx.ModelProto, scale: np.ndarray) -> onnx.ModelProto:
 
 
 def test_output_layer_refit_undoes_a_linear_drift_exactly():
-    from optimizers.quantize import fidelity as measure
+    from onnxforge.common.fidelity import fidelity as measure
     from optimizers.reconstruct import _refit_outputs
     from optimizers.structured import apply
 
@@ -546,7 +546,7 @@ def test_output_layer_is_left_alone_without_drift_or_when_shared():
     """Near-misses: pruning dead neurons leaves the head's input as it was, so a re-fit cannot
     raise held-out fidelity and the model is returned unchanged; a head whose weight another
     node reads is not re-fitted (the note says why)."""
-    from optimizers.quantize import fidelity as measure
+    from onnxforge.common.fidelity import fidelity as measure
     from optimizers.reconstruct import _refit_outputs
     from optimizers.structured import apply
 
@@ -579,7 +579,7 @@ def test_reconstruct_refits_the_output_layer_only_where_held_out_data_gains(prun
     Relu). With half the neurons gone the head's re-fit raises held-out cosine and is kept;
     with three gone its per-layer gain does not carry to the output (0.9644 vs 0.9645), so the
     model keeps the head as it was and says so. Without ``refit_outputs`` no head is looked at."""
-    from optimizers.quantize import fidelity
+    from onnxforge.common.fidelity import fidelity
 
     model = _headed(dead=0)
     analysis = analyze(model)
@@ -603,7 +603,7 @@ def test_output_layer_over_the_size_bound_is_left_alone(monkeypatch):
     """A vocabulary-sized head would need moments of outputs x features doubles: over
     ``OUTPUT_LAYER_MAX_WEIGHTS`` it is not re-fitted (bound lowered here to the 3 x 5 head's 14)."""
     from optimizers import reconstruct as module
-    from optimizers.quantize import fidelity as measure
+    from onnxforge.common.fidelity import fidelity as measure
     from optimizers.structured import apply
 
     monkeypatch.setattr(module, "OUTPUT_LAYER_MAX_WEIGHTS", 14)

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.common.errors import UserError
 from optimizers import PruneSettings, prune
-from optimizers.quantize import fidelity
+from onnxforge.common.fidelity import fidelity
 from optimizers.refine import (
     ACTIVATIONS,
     BlockParameters,

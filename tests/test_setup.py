@@ -1,5 +1,5 @@
 """The installation: Python version, scripts/env.sh, declared and tested versions, and the shape of
-the ONNX Runtime internal that optimizers/quantize.py wraps (chunked calibration)."""
+the ONNX Runtime internal that optimizers/quantize/ort_quantize.py wraps (chunked calibration)."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_installed_versions_are_the_tested_ones(package):
 
 
 def test_tested_onnxruntime_is_inside_the_declared_bounds():
-    """onnxruntime must carry an upper bound: optimizers/quantize.py wraps one of its internals."""
+    """onnxruntime must carry an upper bound: optimizers/quantize/ort_quantize.py wraps one of its internals."""
     declared = next(Requirement(r) for r in PYPROJECT["project"]["dependencies"] if r.startswith("onnxruntime"))
     assert any(spec.operator in ("<", "<=", "~=", "==") for spec in declared.specifier), declared
     assert declared.specifier.contains(constraints()["onnxruntime"]), (declared, constraints()["onnxruntime"])
@@ -153,7 +153,7 @@ def test_tested_onnxruntime_is_inside_the_declared_bounds():
 # ---------------------------------------------------------------- the ORT internal that quantize wraps
 
 ORT_INTERNAL_CHANGED = (
-    "onnxruntime {version} changed the calibration internal that optimizers/quantize.py's chunked_calibration wraps "
+    "onnxruntime {version} changed the calibration internal that optimizers/quantize/ort_quantize.py's chunked_calibration wraps "
     "({what}); adapt chunked_calibration to the new release, or keep onnxruntime below it in pyproject.toml"
 )
 

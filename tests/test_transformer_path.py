@@ -1,5 +1,5 @@
-"""The transformer path: onnxscript's ORT fusions on dynamo graphs (optimizers.ort_fusions),
-the exporter's measured ``auto`` choice, and the SmoothQuant fold (optimizers.smoothquant).
+"""The transformer path: onnxscript's ORT fusions on dynamo graphs (optimizers.graph.ort_fusions),
+the exporter's measured ``auto`` choice, and the SmoothQuant fold (optimizers.quantize.smoothquant).
 
 Tiny BERT-like encoders are built here from ``transformers`` configs with random weights; the
 tests pin what the graphs contain and that outputs agree, never which variant is faster.
@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.ortrun import run_onnx
-from optimizers.ort_fusions import OrtFusionSettings, exporter_of, fuse_for_ort, is_dynamo_graph
+from optimizers.graph.ort_fusions import OrtFusionSettings, exporter_of, fuse_for_ort, is_dynamo_graph
 
 LAYERS, HIDDEN, HEADS = 2, 32, 4
 
@@ -267,7 +267,7 @@ def test_patch_conv_near_misses_stay_convs(near_miss):
 
 def test_patch_convs_as_matmul_on_a_torchscript_graph(tmp_path):
     from exporter import export
-    from optimizers.ort_fusions import patch_convs_as_matmul
+    from optimizers.graph.ort_fusions import patch_convs_as_matmul
 
     class PatchEmbedding(torch.nn.Module):  # a ViT's: Conv (kernel = stride = 4), flatten, tokens last
         def __init__(self):
@@ -369,7 +369,7 @@ def _norm_matmul_model() -> onnx.ModelProto:
 
 
 def test_smoothing_fold_is_exact_and_goes_into_the_layernorm():
-    from optimizers.smoothquant import apply_smoothing, smoothable_groups
+    from optimizers.quantize.smoothquant import apply_smoothing, smoothable_groups
 
     model = _norm_matmul_model()
     groups = {g.activation: g for g in smoothable_groups(model)}
@@ -388,7 +388,7 @@ def test_smoothing_fold_is_exact_and_goes_into_the_layernorm():
 
 
 def test_smoothquant_on_dynamo_bert_is_exact_in_float(dynamo_bert):
-    from optimizers.smoothquant import SmoothQuantSettings, smooth
+    from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth
 
     fused = fuse_for_ort(dynamo_bert, OrtFusionSettings(attention=False)).model
     calibration = [_feeds(batch=4, seq=12, seed=s) for s in range(3)]
@@ -401,7 +401,7 @@ def test_smoothquant_on_dynamo_bert_is_exact_in_float(dynamo_bert):
 
 
 def test_alpha_search_lowers_the_int8_error_of_an_outlier_channel():
-    from optimizers.smoothquant import SmoothQuantSettings, quantization_error, search_alpha
+    from optimizers.quantize.smoothquant import SmoothQuantSettings, quantization_error, search_alpha
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 16)).astype(np.float32)
@@ -417,7 +417,7 @@ def test_alpha_search_lowers_the_int8_error_of_an_outlier_channel():
 
 
 def test_smoothquant_refuses_bad_settings_and_unknown_activations():
-    from optimizers.smoothquant import SmoothQuantSettings, apply_smoothing, smooth
+    from optimizers.quantize.smoothquant import SmoothQuantSettings, apply_smoothing, smooth
 
     with pytest.raises(UserError, match=r"alphas must lie in \[0, 1\]"):
         SmoothQuantSettings(alphas=(0.5, 1.5))
@@ -428,7 +428,7 @@ def test_smoothquant_refuses_bad_settings_and_unknown_activations():
 
 
 def test_layernorm_scope_smooths_only_layernorm_outputs():
-    from optimizers.smoothquant import SmoothQuantSettings, smooth
+    from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth
 
     model = _norm_matmul_model()
     rng = np.random.default_rng(3)

@@ -18,11 +18,11 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.normalize import NormalizeResult, default_opset, ensure_opset, normalize, ops_needing_newer_opset
 from onnxforge.common.onnxio import check_onnx, files_of, is_large, load_onnx, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
-from optimizers.cleanup import cleanup, prune_graph
-from optimizers.fusions import fuse_transformer, looks_like_transformer
-from optimizers.ort_fusions import OrtFusionSettings, fuse_for_ort, is_dynamo_graph
-from optimizers.ort_offline import TARGET_PROVIDERS, ort_optimize, require_provider
-from optimizers.precision import to_fp16
+from optimizers.graph.cleanup import cleanup, prune_graph
+from optimizers.graph.fusions import fuse_transformer, looks_like_transformer
+from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort, is_dynamo_graph
+from optimizers.graph.ort_offline import TARGET_PROVIDERS, ort_optimize, require_provider
+from optimizers.graph.precision import to_fp16
 from optimizers.result import PassResult
 from optimizers.sparsity import magnitude_sparsity
 from optimizers.verify import compare_models, run_model, verification_dims, verification_inputs
@@ -47,7 +47,7 @@ class OptimizeSettings:
     target: ``cpu``, ``cuda`` or ``tensorrt``.
     fusions: ``auto`` (transformer fusions when the graph is a transformer and the target is not
         TensorRT), ``on``, ``off``; ``model_type``, ``num_heads``, ``hidden_size`` override detection.
-        Graphs from the dynamo exporter get onnxscript's ORT fusions (``optimizers.ort_fusions``,
+        Graphs from the dynamo exporter get onnxscript's ORT fusions (``optimizers.graph.ort_fusions``,
         whose attention patterns match them) unless ``model_type`` is given; other graphs get
         ``onnxruntime.transformers.optimizer``.
     attention_fusion: on dynamo graphs, fuse attention into ``Attention`` (the fastest fp32);

@@ -1,0 +1,13 @@
+"""Graph optimization: ONNX to ONNX rewrites that keep the model's numbers (to float tolerance).
+
+- ``cleanup``: dead code, identities, constant folding, duplicate initializers (onnx-ir passes).
+- ``fusions``: onnxruntime.transformers' fusions for BERT/GPT-style graphs (TorchScript exports).
+- ``ort_fusions``: onnxscript's ``ort_fusions`` rewrite rules (dynamo exports).
+- ``ort_offline``: ONNX Runtime's own offline graph optimization, saved to a file.
+- ``precision``: fp16 conversion.
+- ``optimizer``: ``optimize()``, the entry point that chains the above and verifies the result.
+
+May import ``onnxforge.common``, ``runtime_bench`` and ``optimizers.result`` / ``optimizers.verify``;
+never the quantize / prune / distill families, never torch (onnxruntime.transformers and
+onnxscript are imported inside the functions that use them).
+"""

@@ -1,0 +1,405 @@
+"""``quantize`` and ``quantize_file``: the public function, which plans the candidates, builds,
+scores and times them, and returns the chosen one (see the package docstring for how)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxforge.common.errors import UserError
+from onnxforge.common.fidelity import Fidelity, fidelity
+from onnxforge.common.onnxio import files_of, load_onnx, model_bytes, save_onnx
+from onnxforge.common.summary import ModelSummary, summarize_model
+from optimizers.calibration import CalibrationData
+from optimizers.graph.ort_fusions import is_dynamo_graph
+from optimizers.quantize.candidates import batches_for_evaluation, check_excluded, plan_with_data, refuse_quantized
+from optimizers.quantize.choose import choose, opset_for_per_channel_qdq, pooled, second_look
+from optimizers.quantize.large import large_model_header, quantize_large
+from optimizers.quantize.ort_quantize import run_ort_quantization
+from optimizers.quantize.pattern import OpPattern, op_pattern
+from optimizers.quantize.prepare import flatten_gemm_biases, gemm_as_matmul, preprocess_model
+from optimizers.quantize.sensitivity import node_sensitivity, quantizable_nodes
+from optimizers.quantize.settings import SMOOTHQUANT_GENERATED_BATCHES, Candidate, QuantizeResult, QuantizeSettings, Timing
+from optimizers.quantize.timing import measure_with_runtime_bench, time_against_float
+from optimizers.verify import verification_inputs
+from runtime_bench.timing import Measure
+
+logger = logging.getLogger(__name__)
+
+
+def quantize(
+    model: onnx.ModelProto | str | Path,
+    settings: QuantizeSettings = QuantizeSettings(),
+    *,
+    calibration=None,
+    evaluation=None,
+    tokenizer=None,
+    dims: Mapping[str, int] | None = None,
+    allow_random_calibration: bool = False,
+    measure: Measure | None = None,
+) -> QuantizeResult:
+    """Quantize ``model`` (ModelProto, not modified, or a path) as ``settings`` say.
+
+    The model is normalized first (``onnxforge.common.normalize``: Constant weights lifted, open
+    dims named). Every candidate is loaded and run in ONNX Runtime and scored against the float
+    model; on the CPU target the candidates are timed against fp32 with ``measure`` (default
+    ``measure_with_runtime_bench``) unless ``settings.check_speed`` is off. ``calibration``
+    (static) and ``evaluation`` (fidelity) take any source ``calibration_data`` accepts; without
+    evaluation data, fidelity is measured on a seeded fifth of the calibration batches held out
+    from calibration (``CalibrationData.holdout``), else on generated inputs.
+    Raises ``UserError`` for an already quantized model, exclude-node names that do not exist,
+    data that does not match the model, a model ONNX Runtime's quantizers fail on, and an
+    accuracy target that cannot be met (naming the best cosine reached and the float nodes).
+    """
+    started = time.perf_counter()
+    header = large_model_header(model, settings)
+    if header is not None:
+        return quantize_large(model, header, settings, started, calibration=calibration, evaluation=evaluation,
+                               tokenizer=tokenizer, dims=dims, allow_random_calibration=allow_random_calibration)
+    before, reference, reasons = _float_model(model, settings, dims)
+    calib, pattern, candidates, plan_reasons = plan_with_data(reference, settings, calibration, tokenizer, dims, allow_random_calibration)
+    reasons += plan_reasons
+    decision = _decision_key(reference, settings, candidates, calibration, evaluation)
+    candidates, recalled = _recalled(candidates, decision, settings, reasons)
+    candidates, float_model, opset_reason = opset_for_per_channel_qdq(candidates, reference, dims)
+    if opset_reason:
+        reasons.append(opset_reason)
+    calib, evaluation_batches = batches_for_evaluation(reference, calib, evaluation, tokenizer, dims, reasons)
+
+    warnings: list[str] = []
+    float_timing = None
+    with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp:
+        workdir = Path(tmp)
+        int4 = candidates[0].resolved["mode"] == "int4"
+        prepared, pre_label = (preprocess_model(float_model, workdir, symbolic=pattern.kind != "conv")
+                               if settings.preprocess and not int4 else (float_model, "off"))
+        inputs_for = _ort_inputs(prepared, candidates, dynamo=is_dynamo_graph(reference), calib=calib, dims=dims,
+                                 exclude=settings.exclude_nodes)
+        candidates = _with_float_paths(candidates, inputs_for)
+        exclude = list(settings.exclude_nodes)
+        candidates, models = _build_candidates(candidates, inputs_for, exclude, calib, settings, workdir, reference, evaluation_batches)
+
+        timed = settings.target == "cpu" and settings.check_speed and not recalled
+        if timed:
+            float_timing, timings, why_not = time_against_float(
+                reference, {c.name: models[c.name] for c in candidates if c.error is None}, evaluation_batches[0], settings,
+                measure or measure_with_runtime_bench, workdir)
+            candidates = [dataclasses.replace(c, timing=timings.get(c.name)) for c in candidates]
+            if why_not:
+                warnings.append(f"speed not checked against fp32: {why_not}")
+            marginal = second_look(candidates, settings.min_cosine)
+            if marginal is not None:
+                _, again, _ = time_against_float(reference, {name: models[name] for name in marginal}, evaluation_batches[0],
+                                                  settings, measure or measure_with_runtime_bench, workdir)
+                if set(again) == set(marginal):
+                    candidates = [dataclasses.replace(c, timing=pooled(c.timing, again[c.name])) if c.name in again else c
+                                  for c in candidates]
+                    reasons.append(f"{marginal[1]} measured within twice its tie band of the fastest, {marginal[0]}: both timed "
+                                   "again, their speedups are the mean of the two checks")
+        chosen_index, choice_reasons, choice_warnings = choose(candidates, settings.min_cosine)
+        reasons += choice_reasons
+        warnings += choice_warnings
+        chosen = candidates[chosen_index]
+        if decision is not None and timed and chosen.timing is not None:
+            from optimizers.quantize.decisions import remember
+
+            remember(decision, chosen.name, chosen.timing.speedup, chosen.fidelity.min_mean_cosine, _machine_name())
+        exclude = [*exclude, *chosen.resolved["keep_float"]]
+        quantized, measured, sensitivity, exclude_final = models[chosen.name], chosen.fidelity, [], exclude
+        if settings.accuracy_target is not None and measured.min_mean_cosine < settings.accuracy_target:
+            quantized, measured, exclude_final, sensitivity = _keep_sensitive_in_float(
+                reference, inputs_for[chosen.name], quantized, measured, chosen.resolved, exclude, calib, settings, workdir,
+                evaluation_batches)
+            chosen = dataclasses.replace(chosen, fidelity=measured)
+            if timed and chosen.timing is not None:
+                float_timing, timings, _ = time_against_float(reference, {chosen.name: quantized}, evaluation_batches[0], settings,
+                                                               measure or measure_with_runtime_bench, workdir)
+                chosen = dataclasses.replace(chosen, timing=timings.get(chosen.name))
+                reasons.append(f"with {len(exclude_final) - len(exclude)} node(s) kept in float for the accuracy target: "
+                               + (f"{chosen.timing.speedup:.2f}x fp32 measured here" if chosen.timing else "not timed"))
+                if chosen.timing is not None and chosen.timing.speedup <= 1.0:
+                    warnings.append(f"with the nodes kept in float, {chosen.name} runs at {chosen.timing.speedup:.2f}x fp32 here: "
+                                    "not faster than the float model")
+        candidates[chosen_index] = dataclasses.replace(chosen, chosen=True)
+    for warning in warnings:
+        logger.warning("%s", warning)
+    after = summarize_model(quantized, "", model_bytes(quantized))
+    logger.info("quantized %d/%d compute ops; size %.2f -> %.2f MB; lowest mean cosine %.5f", after.quantized_compute_ops,
+                after.compute_ops, before.file_bytes / 1e6, after.file_bytes / 1e6, measured.min_mean_cosine)
+    return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
+                          tuple(n for n in exclude_final if n not in exclude), tuple(sensitivity), pre_label,
+                          time.perf_counter() - started, pattern.describe(), tuple(candidates), float_timing, tuple(warnings))
+
+
+def _data_id(source) -> str | None:
+    """What identifies a data source in a decision key: a file or folder by path, size and
+    modification time, a ``pkg.module:function`` by name; None for data given in memory."""
+    if source is None:
+        return "none"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.exists():
+            stat = path.stat()
+            return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        return str(source)
+    return None
+
+
+def _decision_key(reference: onnx.ModelProto, settings: QuantizeSettings, candidates: Sequence[Candidate],
+                  calibration, evaluation) -> str | None:
+    """The key auto mode's timed choice is remembered under, or None where nothing is timed or
+    chosen (one candidate, another target, the speed check off) or the data has no identity."""
+    if settings.mode != "auto" or settings.target != "cpu" or not settings.check_speed or len(candidates) < 2:
+        return None
+    data = {"calibration": _data_id(calibration), "evaluation": _data_id(evaluation)}
+    if None in data.values():
+        if settings.fast:
+            logger.warning("--fast: data given in memory has no identity to remember a decision by; searching")
+        return None
+    from optimizers.quantize.decisions import decision_key
+
+    return decision_key(reference, settings, data)
+
+
+def _recalled(candidates: list[Candidate], decision: str | None, settings: QuantizeSettings,
+              reasons: list[str]) -> tuple[list[Candidate], bool]:
+    """With ``settings.fast``, only the candidate remembered for this key (and True), else all."""
+    if not settings.fast or decision is None:
+        return candidates, False
+    from optimizers.quantize.decisions import recall
+
+    entry = recall(decision)
+    kept = [c for c in candidates if entry is not None and c.name == entry["candidate"]]
+    if not kept:
+        reasons.append("--fast: no decision remembered for this model, settings, data and machine; searched and remembered"
+                       if entry is None else f"--fast: the remembered choice, {entry['candidate']}, is not among the candidates "
+                       "planned now; searched and remembered")
+        return candidates, False
+    speed = f"{entry['speedup']:.2f}x fp32" if entry.get("speedup") else "speed not recorded"
+    reasons.append(f"--fast: {kept[0].name}, as chosen by the timed search of {entry.get('when', '?')} on this machine "
+                   f"({speed}, cosine {entry.get('cosine', float('nan')):.5f}); not re-timed")
+    return kept, True
+
+
+def _machine_name() -> str:
+    from runtime_bench.machine import machine_info
+
+    return machine_info().cpu
+
+
+def _float_model(model: onnx.ModelProto | str | Path, settings: QuantizeSettings,
+                 dims: Mapping[str, int] | None) -> tuple[ModelSummary, onnx.ModelProto, list[str]]:
+    """The float model as every candidate starts from it: loaded, refused if already quantized,
+    normalized (``onnxforge.common.normalize``), with the exclude-node names checked."""
+    from onnxforge.common.normalize import normalize
+
+    loaded = load_onnx(model) if isinstance(model, (str, Path)) else model
+    before = summarize_model(loaded, str(model) if isinstance(model, (str, Path)) else "", model_bytes(loaded))
+    refuse_quantized(before)
+    normalized = normalize(loaded, dims=dims)
+    check_excluded(normalized.model, settings)
+    return before, normalized.model, [normalized.describe()] if normalized.modified else []
+
+
+def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, dynamo: bool = False,
+                calib: CalibrationData | None = None, dims: Mapping[str, int] | None = None,
+                exclude: Sequence[str] = ()) -> dict[str, onnx.ModelProto]:
+    """The model each candidate's quantizer gets: Gemm biases as vectors for static runs, Gemm as
+    MatMul + Add for dynamic ones (see ``flatten_gemm_biases`` and ``gemm_as_matmul``). A graph
+    from the dynamo exporter gets, for dynamic runs, the ORT fusions that keep attention as
+    MatMuls (``optimizers.graph.ort_fusions``, ``attention=False``): without them ONNX Runtime fuses its
+    residual sums into the slow CPU SkipLayerNormalization kernel. A candidate with ``outliers``
+    or ``smoothquant`` gets those exact rewrites next (``_equalized``)."""
+    by_mode: dict[str, onnx.ModelProto] = {}
+    out = {}
+    for c in candidates:
+        # 8-bit MatMulNBits reads the graph dynamic int8 reads (MatMul, fused the int8 way)
+        mode = "dynamic" if c.resolved["mode"] == "nbits" else c.resolved["mode"]
+        if mode not in by_mode:
+            if mode == "static":
+                by_mode[mode], count = flatten_gemm_biases(prepared)
+                if count:
+                    logger.info("%d Gemm bias(es) of shape [1, N] stored as vectors for the static quantizer", count)
+            elif mode == "dynamic":
+                by_mode[mode], count = gemm_as_matmul(prepared)
+                if count:
+                    logger.info("%d Gemm node(s) written as MatMul + Add for the dynamic quantizer", count)
+                by_mode[mode] = _patch_convs_as_matmul(by_mode[mode], dims, exclude)
+                if dynamo:
+                    by_mode[mode] = _int8_fusions(by_mode[mode], dims)
+            else:
+                by_mode[mode] = prepared
+        out[c.name] = _equalized(by_mode[mode], c.resolved, calib, dims)
+    return out
+
+
+def _patch_convs_as_matmul(model: onnx.ModelProto, dims: Mapping[str, int] | None, exclude: Sequence[str]) -> onnx.ModelProto:
+    """Patch-embedding Convs (kernel = stride, no padding: a ViT's) as Reshape/Transpose +
+    MatMul for dynamic int8 (``optimizers.graph.ort_fusions.patch_convs_as_matmul``, verified in ORT):
+    ``quantize_dynamic`` makes a Conv a ``ConvInteger``, which ran 4-7x slower than the float Conv
+    and took a third of a ViT's int8 time, and a MatMul a ``DynamicQuantizeMatMul``. A Conv the
+    user keeps in float by name stays a Conv."""
+    from optimizers.graph.ort_fusions import OrtFusionSettings, patch_convs_as_matmul
+
+    names = {node.name for node in model.graph.node if node.op_type == "Conv"}
+    if names & set(exclude):
+        logger.info("patch Convs kept as Conv: %s excluded by name", ", ".join(sorted(names & set(exclude))))
+        return model
+    try:
+        result = patch_convs_as_matmul(model, OrtFusionSettings(dims=dict(dims or {})))
+    except UserError as exc:
+        logger.warning("patch Convs left as Conv for dynamic int8: %s", exc)
+        return model
+    return result.model
+
+
+def _int8_fusions(model: onnx.ModelProto, dims: Mapping[str, int] | None) -> onnx.ModelProto:
+    """The dynamo graph with the fusions that suit dynamic int8, or as it was when they fail."""
+    from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
+
+    try:
+        result = fuse_for_ort(model, OrtFusionSettings(attention=False, dims=dict(dims or {})))
+    except UserError as exc:
+        logger.warning("ORT fusions for int8 skipped: %s", exc)
+        return model
+    logger.info("ORT fusions for int8: %s", result.stats.get("fusions"))
+    return result.model
+
+
+def _equalized(model: onnx.ModelProto, resolved: dict, calib: CalibrationData | None,
+               dims: Mapping[str, int] | None = None) -> onnx.ModelProto:
+    """``model`` as a candidate asks, both exact in float: outlier feed-forward neurons on a float
+    side path (``optimizers.quantize.outliers``), then SmoothQuant (``optimizers.quantize.smoothquant``). Both
+    look at up to 8 calibration batches, or without calibration data at
+    ``SMOOTHQUANT_GENERATED_BATCHES`` generated ones (seeds apart from the ones fidelity is
+    measured on)."""
+    if not resolved.get("outliers") and not resolved.get("smoothquant"):
+        return model
+    from optimizers.quantize.outliers import keep_outliers_float
+    from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth
+
+    if calib is None:
+        batches = [verification_inputs(model, dims, seed=100 + i) for i in range(SMOOTHQUANT_GENERATED_BATCHES)]
+    else:
+        batches = [batch for _, batch in zip(range(8), calib)]
+    if resolved.get("outliers"):
+        try:
+            result = keep_outliers_float(model, batches)
+        except UserError as exc:
+            logger.warning("outlier neurons left in the int8 path: %s", exc)
+        else:
+            logger.info("outlier neurons: %s", {k: v for k, v in result.stats.items() if k != "split"})
+            model = result.model
+    if resolved.get("smoothquant"):
+        result = smooth(model, batches, SmoothQuantSettings(per_channel=bool(resolved["per_channel"]), scope=resolved["smoothquant"]))
+        logger.info("SmoothQuant: %s", {k: v for k, v in result.stats.items() if k != "groups"})
+        model = result.model
+    return model
+
+
+def _with_float_paths(candidates: Sequence[Candidate], inputs_for: Mapping[str, onnx.ModelProto]) -> list[Candidate]:
+    """Candidates whose model got outlier side paths keep those MatMuls in float (``keep_float``)."""
+    from optimizers.quantize.outliers import float_nodes
+
+    out = []
+    for c in candidates:
+        side = [n for n in float_nodes(inputs_for[c.name]) if n not in c.resolved["keep_float"]]
+        out.append(dataclasses.replace(c, resolved={**c.resolved, "keep_float": [*c.resolved["keep_float"], *side]}) if side else c)
+    return out
+
+
+def _build_candidates(candidates: Sequence[Candidate], inputs_for: Mapping[str, onnx.ModelProto], exclude: Sequence[str],
+                      calib: CalibrationData | None, settings: QuantizeSettings, workdir: Path, reference: onnx.ModelProto,
+                      batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[list[Candidate], dict[str, onnx.ModelProto]]:
+    """Each candidate quantized, loaded and run against the float model; a failure is recorded
+    on its candidate. Static candidates run widest op-type set first: the first calibrates and
+    the others reuse its ranges. Raises ``UserError`` when none could be built."""
+    def width(index: int) -> int:
+        c = candidates[index]
+        return -(len(c.resolved["op_types"]) if c.resolved["op_types"] else 10**6) if c.resolved["mode"] == "static" else 0
+
+    built = list(candidates)
+    models: dict[str, onnx.ModelProto] = {}
+    for index in sorted(range(len(candidates)), key=width):
+        c = candidates[index]
+        logger.info("quantizing: %s (%s)%s", c.name, c.description,
+                    f", {c.resolved['calibration_method']} calibration" if c.resolved["mode"] == "static" else "")
+        try:
+            model = run_ort_quantization(inputs_for[c.name], c.resolved, [*exclude, *c.resolved["keep_float"]], calib, settings,
+                                          workdir, name=f"candidate-{index}")
+            score = fidelity(reference, model, batches)
+        except UserError as exc:
+            built[index] = dataclasses.replace(c, error=str(exc))
+            logger.warning("candidate %s failed: %s", c.name, exc)
+            continue
+        built[index] = dataclasses.replace(c, fidelity=score)
+        models[c.name] = model
+        logger.info("  %s: lowest mean cosine %.5f", c.name, score.min_mean_cosine)
+    if not models:
+        if len(built) == 1:
+            raise UserError(built[0].error)
+        raise UserError("no int8 candidate could be built: " + "; ".join(f"{c.name}: {c.error}" for c in built))
+    return built, models
+
+
+def _keep_sensitive_in_float(reference, prepared, quantized, measured, resolved, exclude, calib, settings, workdir, batches):
+    """Exclude the most sensitive nodes, the fewest that meet the target: doubling, then bisecting."""
+    candidates = [n for n in quantizable_nodes(prepared, resolved) if n.name not in exclude]
+    ranking = node_sensitivity(prepared, quantized, candidates, batches)
+    logger.info("accuracy-aware: cosine %.5f < target %.5f; most sensitive: %s", measured.min_mean_cosine,
+                settings.accuracy_target, ", ".join(f"{n} ({s:.2e})" for n, s in ranking[:5]))
+    limit = min(len(ranking), settings.max_float_nodes if settings.max_float_nodes is not None else len(ranking))
+    tried: dict[int, tuple] = {}
+
+    def attempt(k):
+        if k not in tried:
+            keep = [name for name, _ in ranking[:k]]
+            model_k = run_ort_quantization(prepared, resolved, exclude + keep, calib, settings, workdir)
+            tried[k] = (model_k, fidelity(reference, model_k, batches), exclude + keep)
+            logger.info("  %d node(s) in float: cosine %.5f", k, tried[k][1].min_mean_cosine)
+        return tried[k][1].min_mean_cosine >= settings.accuracy_target
+
+    low, k = 0, 1
+    while k < limit and not attempt(k):
+        low, k = k, k * 2
+    k = min(k, limit)
+    if not attempt(k):
+        best_k = max(tried, key=lambda i: tried[i][1].min_mean_cosine)
+        raise UserError(
+            f"accuracy target {settings.accuracy_target} not met: the best lowest mean cosine reached was "
+            f"{tried[best_k][1].min_mean_cosine:.5f} with {best_k} node(s) in float "
+            f"({', '.join(n for n, _ in ranking[:best_k][:10])}{'...' if best_k > 10 else ''}); "
+            "lower the target, allow more float nodes, or use better calibration data"
+        )
+    high = k
+    while high - low > 1:
+        middle = (low + high) // 2
+        if attempt(middle):
+            high = middle
+        else:
+            low = middle
+    model_k, measured_k, exclude_k = tried[high]
+    return model_k, measured_k, exclude_k, ranking
+
+
+def quantize_file(input_path: str | Path, output_path: str | Path, settings: QuantizeSettings = QuantizeSettings(), **data) -> QuantizeResult:
+    """``quantize`` from a file to a file, written atomically, and only after the quantized model
+    was loaded and run; ``data`` are quantize's keyword arguments (calibration, evaluation,
+    tokenizer, dims, allow_random_calibration, measure)."""
+    # a path: the file as loaded is freed once normalized, and a model past 2 GB is quantized from files, never loaded whole
+    result = quantize(Path(input_path), settings, **data)
+    written = save_onnx(result.model, output_path)
+    before = dataclasses.replace(result.before, path=str(input_path), file_bytes=sum(f.stat().st_size for f in files_of(input_path)))
+    after = dataclasses.replace(result.after, path=str(output_path), file_bytes=sum(f.stat().st_size for f in written))
+    return dataclasses.replace(result, before=before, after=after)
+
+
+__all__ = ["Candidate", "Fidelity", "OpPattern", "QuantizeResult", "QuantizeSettings", "Timing", "measure_with_runtime_bench",
+           "op_pattern", "quantize", "quantize_file"]
