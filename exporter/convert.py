@@ -58,6 +58,7 @@ class ExportResult:
     checks: tuple[ShapeCheck, ...]
     seconds: float
     choice: ExporterChoice | None = None
+    fused: bool = False  # the file holds the graph fused for ONNX Runtime (see ``export(fuse=...)``)
 
     @property
     def validated(self) -> bool:
@@ -77,6 +78,7 @@ class ExportResult:
             "checks": [check.to_dict() for check in self.checks],
             "seconds": self.seconds,
             "choice": self.choice.to_dict() if self.choice else None,
+            "fused": self.fused,
         }
 
 
@@ -571,6 +573,7 @@ def export(
         checks=tuple(checks),
         seconds=time.perf_counter() - started,
         choice=choice,
+        fused=any(prop.key == FUSED_KEY for prop in proto.metadata_props),
     )
     logger.info("exported %s with the %s exporter in %.1f s", output_path, used, result.seconds)
     return result

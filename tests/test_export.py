@@ -241,3 +241,30 @@ def test_tiny_encoder_padding_matters():
     ids, mask = tokens()
     with torch.no_grad():
         assert not torch.allclose(model(ids, mask), model(ids, torch.ones_like(mask)))
+
+
+def test_cli_export_writes_the_fused_graph_proven_against_pytorch(tmp_path, capsys):
+    """The default export is the fast graph: the dynamo graph fused for ONNX Runtime (attention,
+    layer norms) and validated against PyTorch as fused; --raw keeps the exporter's graph."""
+    from onnxforge.cli import main
+
+    factory = tmp_path / "enc.py"
+    factory.write_text(
+        "import torch, transformers\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,\n"
+        "                                     intermediate_size=64, max_position_embeddings=64, attn_implementation='eager')\n"
+        "    ids = torch.randint(0, 100, (2, 16))\n"
+        "    return transformers.BertModel(config).eval(), {'input_ids': ids, 'attention_mask': torch.ones_like(ids)}\n"
+    )
+    fused, raw = tmp_path / "fused.onnx", tmp_path / "raw.onnx"
+    assert main(["export", "--model", f"{factory}:build", "--exporter", "dynamo", "-o", str(fused)]) == 0
+    out = capsys.readouterr().out
+    assert "(fused for ONNX Runtime)" in out and out.count("PASS") == 2
+    assert main(["-q", "export", "--model", f"{factory}:build", "--exporter", "dynamo", "--raw", "-o", str(raw)]) == 0
+    fused_ops = {n.op_type for n in onnx.load(str(fused)).graph.node}
+    raw_ops = {n.op_type for n in onnx.load(str(raw)).graph.node}
+    assert "LayerNormalization" in raw_ops and "Softmax" in raw_ops
+    assert fused_ops & {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "FastGelu", "BiasGelu"}
+    assert fused_ops != raw_ops

@@ -25,6 +25,9 @@ def register(sub) -> None:
     exp.add_argument("--pick-faster", action="store_true",
                      help="with --exporter auto: export with both exporters and keep the faster verified graph, "
                           "timed here on the example inputs (give real sizes with --dim, e.g. --dim batch=8 --dim seq=128)")
+    exp.add_argument("--raw", action="store_true",
+                     help="write the exporter's graph as it is; by default the dynamo graph gets ONNX Runtime's "
+                          "verified CPU fusions (attention, layer norms, Gelu) and the fused graph is what is proven and written")
     exp.add_argument("--static", action="store_true", help="export with fixed shapes (no dynamic axes)")
     exp.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the validation (default 1e-3)")
     exp.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the validation (default 1e-4)")
@@ -75,6 +78,7 @@ def _export_command(args) -> int:
         rtol=args.rtol,
         atol=args.atol,
         measure=measure_with_runtime_bench if args.pick_faster else None,
+        fuse=not args.raw,
     )
     if args.json:
         print(jsonio.document(result.to_dict()))
@@ -82,7 +86,8 @@ def _export_command(args) -> int:
     if result.choice:
         print(f"exporter chosen by speed: {result.choice.reason}")
     print(f"wrote {result.path} ({', '.join(str(f) for f in result.files[1:]) or 'weights inside'}) "
-          f"with the {result.exporter} exporter, opset {result.opset}, in {result.seconds:.1f} s")
+          f"with the {result.exporter} exporter{' (fused for ONNX Runtime)' if result.fused else ''}, "
+          f"opset {result.opset}, in {result.seconds:.1f} s")
     if result.fallback_reason:
         print(f"fell back after: {result.fallback_reason}")
     axes = "; ".join(f"{name}: {dict(pairs)}" for name, pairs in result.dynamic_axes.items()) or "none (static shapes)"
