@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
+from onnxforge.common.compare import Comparison, Tolerance, compare_outputs, missing_output
 from onnxforge.common.ortrun import run_onnx, runnable_dim_sizes
 from onnxforge.common.sessions import open_session
 from onnxforge.common.specs import DTYPES, choose_dim_sizes, make_inputs, specs_from_onnx
@@ -50,11 +50,18 @@ def run_model(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict[
 
 
 def compare_models(reference_outputs: Mapping[str, np.ndarray], candidate: onnx.ModelProto, inputs, tolerance: Tolerance) -> Comparison:
-    """Candidate outputs against reference outputs, by name, in float32."""
+    """Candidate outputs against reference outputs, by name, in float32 (integer outputs must be
+    equal). Every reference output is compared: one the candidate lacks or renamed is a failing
+    entry (a transform that drops or renames outputs does not pass by comparing nothing), and no
+    reference outputs at all is a ``ValueError``."""
+    if not reference_outputs:
+        raise ValueError("no reference outputs to compare the candidate with")
     outputs = run_model(candidate, inputs)
-    shared = [n for n in reference_outputs if n in outputs]
     to_float = lambda a: a.astype(np.float32) if a.dtype == np.float16 else a  # noqa: E731
-    return compare_outputs({n: reference_outputs[n] for n in shared}, {n: to_float(outputs[n]) for n in shared}, tolerance)
+    compared = compare_outputs({n: r for n, r in reference_outputs.items() if n in outputs},
+                               {n: to_float(outputs[n]) for n in reference_outputs if n in outputs}, tolerance)
+    missing = [missing_output(n, reference_outputs[n], list(outputs)) for n in reference_outputs if n not in outputs]
+    return Comparison(compared.outputs + tuple(missing), tolerance)
 
 
 def ort_session(model: onnx.ModelProto):

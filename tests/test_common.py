@@ -437,3 +437,53 @@ def test_strict_json_writer_has_no_nan_and_a_schema_version():
     text = jsonio.document({"p50": math.nan, "inf": float("inf"), "n": np.float32(1.5), "a": np.arange(2), "p": Path("x")})
     data = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(c)))
     assert data == {"schema_version": jsonio.SCHEMA_VERSION, "p50": None, "inf": None, "n": 1.5, "a": [0, 1], "p": "x"}
+
+
+def _relu_model(output_name="y", dtype=None):
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"])]
+    if dtype is None:
+        nodes.append(helper.make_node("Identity", ["r"], [output_name]))
+        out_type = TensorProto.FLOAT
+    else:
+        nodes.append(helper.make_node("ArgMax", ["r"], [output_name], axis=1, keepdims=0))
+        out_type = TensorProto.INT64
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info(output_name, out_type, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def test_a_candidate_that_renames_its_output_fails_the_check():
+    """verify compares every reference output: one the candidate lacks is a failure that names
+    what the candidate has, not a pass over nothing."""
+    import numpy as np
+
+    from onnxforge.common.compare import Tolerance
+    from optimizers.verify import compare_models, run_model
+
+    inputs = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
+    reference = run_model(_relu_model("y"), inputs)
+    assert compare_models(reference, _relu_model("y"), inputs, Tolerance()).passed
+    renamed = compare_models(reference, _relu_model("z"), inputs, Tolerance())
+    assert not renamed.passed and "'y': missing from the candidate (its outputs: z)" in renamed.failures()[0].describe()
+    with pytest.raises(ValueError, match="no reference outputs"):
+        compare_models({}, _relu_model("y"), inputs, Tolerance())
+
+
+def test_integer_outputs_are_scored_by_exact_agreement():
+    """Class ids are compared by equality: one of two rows changed scores 0.5, not a cosine
+    near 1; fidelity over a model whose only output is integer is that agreement."""
+    import numpy as np
+
+    from onnxforge.common.compare import compare_outputs
+    from onnxforge.common.fidelity import Fidelity, fidelity
+
+    comparison = compare_outputs({"ids": np.array([3, 5])}, {"ids": np.array([3, 6])})
+    assert not comparison.passed and comparison.outputs[0].cosine == 0.5
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((2, 4)).astype(np.float32)} for _ in range(3)]
+    same = fidelity(_relu_model("ids", dtype="int"), _relu_model("ids", dtype="int"), batches)
+    assert same.mean_cosine == {"ids": 1.0}
+    assert Fidelity({}, {}, 0).min_mean_cosine == 0.0  # nothing compared never scores a perfect 1

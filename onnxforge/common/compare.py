@@ -61,7 +61,11 @@ class OutputComparison:
     nonfinite: int = 0
     slices: int = 1
 
+    missing: str | None = None  # the candidate has no output of this name (it has these others)
+
     def describe(self) -> str:
+        if self.missing is not None:
+            return f"'{self.name}': missing from the candidate (its outputs: {self.missing})"
         if self.shape != self.reference_shape:
             return f"'{self.name}': shape {list(self.shape)} but reference has {list(self.reference_shape)}"
         text = (
@@ -132,7 +136,23 @@ def slice_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     return np.where(broken, 0.0, np.clip(cosines, -1.0, 1.0))
 
 
+def missing_output(name: str, reference, candidate_outputs: Sequence[str]) -> OutputComparison:
+    """The entry for a reference output the candidate does not have: failed, cosine 0."""
+    shape = tuple(np.shape(reference))
+    return OutputComparison(name, (), shape, math.inf, math.inf, math.inf, 0.0, 1.0, False, 0.0,
+                            missing=", ".join(candidate_outputs) or "none")
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per slice (as ``slice_cosines`` cuts them), the share of elements that are equal: the
+    fidelity figure of integer outputs (class ids, indices), where a cosine means nothing."""
+    rows = int(np.prod(reference.shape[:2])) if reference.ndim >= 3 else (reference.shape[0] if reference.ndim == 2 else 1)
+    return np.mean(reference.reshape(rows, -1) == candidate.reshape(rows, -1), axis=1)
+
+
 def compare_arrays(name: str, reference, candidate, tolerance: Tolerance) -> OutputComparison:
+    """One output: errors, mismatches within ``tolerance`` and, as ``cosine``, the mean slice
+    cosine; integer outputs must be equal and their ``cosine`` is the share of equal elements."""
     reference = np.asarray(reference)
     candidate = np.asarray(candidate)
     if reference.shape != candidate.shape:
@@ -157,7 +177,7 @@ def compare_arrays(name: str, reference, candidate, tolerance: Tolerance) -> Out
     with np.errstate(invalid="ignore"):
         rel = diff[nonzero] / np.abs(r[nonzero]) if np.any(nonzero) else np.zeros(1)
     rel = np.where(np.isnan(rel), np.inf, rel)
-    cosines = slice_cosines(r, c)
+    cosines = agreement(reference, candidate) if exact else slice_cosines(r, c)
     return OutputComparison(
         name=name,
         shape=tuple(candidate.shape),

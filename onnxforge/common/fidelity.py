@@ -25,7 +25,8 @@ class Fidelity:
     """Candidate versus reference outputs on the evaluation data: per output the mean cosine over
     slices (``onnxforge.common.compare.slice_cosines``: one (sample, channel) pair for outputs of
     rank 3+, so YOLO's small class scores count beside its large box coordinates) and the
-    largest absolute error."""
+    largest absolute error. Integer outputs (class ids, indices) are scored by the share of
+    equal elements in place of a cosine. Nothing compared scores 0, never a perfect 1."""
 
     mean_cosine: dict[str, float]
     max_abs_error: dict[str, float]
@@ -34,7 +35,7 @@ class Fidelity:
 
     @property
     def min_mean_cosine(self) -> float:
-        return min(self.mean_cosine.values()) if self.mean_cosine else 1.0
+        return min(self.mean_cosine.values()) if self.mean_cosine else 0.0
 
 
 def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> Fidelity:
@@ -75,11 +76,10 @@ def compare_runs(names: Sequence[str], batches: Sequence[Mapping[str, np.ndarray
             if ref[name].shape != out[name].shape:
                 raise UserError(f"the quantized model gives output '{name}' the shape {list(out[name].shape)}, "
                                 f"the float model {list(ref[name].shape)}")
-        floats = [n for n in names if np.issubdtype(ref[n].dtype, np.floating)]
-        pairs.append(({n: ref[n] for n in floats}, {n: out[n] for n in floats}))
+        pairs.append(({n: ref[n] for n in names}, {n: out[n] for n in names}))
         samples += next(iter(batch.values())).shape[0] if next(iter(batch.values())).ndim else 1
     if not pairs or not pairs[0][0]:
-        return Fidelity({}, {}, samples)
+        raise UserError("nothing to compare: no evaluation batches or no model outputs")
     comparison = compare_batches(pairs)
     return Fidelity({o.name: o.cosine for o in comparison.outputs}, {o.name: o.max_abs_error for o in comparison.outputs},
                     samples, comparison.nonfinite)
