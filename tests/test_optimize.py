@@ -347,8 +347,51 @@ def test_fp16_gate_fails_on_overflow_whatever_the_cosine(tmp_path, monkeypatch):
     overflowed = onnx.ModelProto()
     overflowed.CopyFrom(model)
     overflowed.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([np.inf, 1.0, 1.0, 1.0], np.float32), "k"))
-    monkeypatch.setattr(optimize_module, "to_fp16", lambda m, keep_io_types=True: PassResult(overflowed, True, {}))
+    monkeypatch.setattr(optimize_module, "to_fp16", lambda m, keep_io_types=True, inputs=None: PassResult(overflowed, True, {}))
     from onnxforge.common.errors import UserError
 
     with pytest.raises(UserError, match=r"fp16 conversion makes \d+ output values NaN or infinite"):
         optimize(tmp_path / "m.onnx", OptimizeSettings(fp16=True, target="cuda", level="basic", fp16_min_cosine=0.0))
+
+
+def _overflowing_model():
+    """y = (x @ W) * 1e-3 with |x @ W| near 2e5: fine in float32, inf in float16 on a GPU (the
+    CPU provider computes float16 MatMul in float32 and hides it); the final output is small."""
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array((rng.standard_normal((8, 8)) * 5e4).astype(np.float32), "W")
+    small = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "V")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["big"], name="big_matmul"),
+         helper.make_node("Mul", ["big", "scale"], ["scaled"], name="scale_down"),
+         helper.make_node("MatMul", ["scaled", "V"], ["y"], name="small_matmul")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [weights, small, numpy_helper.from_array(np.array(1e-3, np.float32), "scale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fp16_keeps_activations_beyond_its_range_in_float32():
+    """Measured on inputs, the MatMul whose output passes float16's range (and the Mul reading
+    it) stay float32; the rest becomes float16; the result still computes the same."""
+    model = _overflowing_model()
+    inputs = {"x": np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)}
+    measured = to_fp16(model, inputs=inputs)
+    assert set(measured.stats["kept_float32"]) == {"big_matmul", "scale_down"} and "big" in measured.stats["out_of_range"]
+    dtypes = {t.name: t.data_type for t in measured.model.graph.initializer}
+    assert dtypes["W"] == TensorProto.FLOAT and dtypes["V"] == TensorProto.FLOAT16
+    blind = to_fp16(model)  # without measurements every weight goes to float16
+    assert {t.name: t.data_type for t in blind.model.graph.initializer}["W"] == TensorProto.FLOAT16
+    expected = run_model(model, inputs)["y"]
+    np.testing.assert_allclose(run_model(measured.model, inputs)["y"], expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
+
+
+def test_cli_fp16_measures_and_keeps_the_overflowing_ops(tmp_path, capsys):
+    onnx.save(_overflowing_model(), str(tmp_path / "m.onnx"))
+    code = main(["-q", "optimize", str(tmp_path / "m.onnx"), str(tmp_path / "h.onnx"), "--fp16", "--target", "cuda",
+                 "--level", "basic", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    fp16 = next(step for step in report["steps"] if step["name"] == "fp16")
+    assert set(fp16["stats"]["kept_float32"]) == {"big_matmul", "scale_down"}
+    weights = {t.name: t.data_type for t in onnx.load(str(tmp_path / "h.onnx")).graph.initializer}
+    assert weights["W"] == TensorProto.FLOAT and weights["V"] == TensorProto.FLOAT16

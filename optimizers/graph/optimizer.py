@@ -210,7 +210,9 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     if level != "none":
         steps.append((f"onnxruntime_{level}", lambda m: ort_optimize(m, level, settings.target), "exact"))
     if settings.fp16:
-        steps.append(("fp16", lambda m: to_fp16(m, keep_io_types=settings.keep_io_types), "fp16"))
+        # activations are measured in float32 before conversion, on the verification inputs
+        fp16_inputs = reference_inputs if reference_inputs is not None else verification_inputs(source, verification_dims(source, dims))
+        steps.append(("fp16", lambda m: to_fp16(m, keep_io_types=settings.keep_io_types, inputs=fp16_inputs), "fp16"))
     if settings.sparsity:
         steps.append(("magnitude_sparsity", lambda m: magnitude_sparsity(m, settings.sparsity, scope=settings.sparsity_scope), "lossy"))
 
