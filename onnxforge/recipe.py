@@ -133,6 +133,72 @@ def validate(data: dict[str, Any]) -> None:
         names.append(candidate["name"])
     if len(set(names)) != len(names):
         raise UserError(f"candidate names must be unique: {names}")
+    _check_ranges(data)
+    _check_settings(data)
+
+
+# Ranges of recipe values that no settings class owns: (lowest, highest, whether the lowest is allowed).
+RANGES = {
+    ("select", "min_cosine"): (0.0, 1.0, False), ("select", "min_accuracy"): (0.0, 1.0, True),
+    ("benchmark", "threads"): (1, None, True), ("benchmark", "min_runs"): (1, None, True),
+    ("benchmark", "min_seconds"): (0.0, None, True), ("model", "opset"): (7, 23, True),
+    ("model", "rtol"): (0.0, None, True), ("model", "atol"): (0.0, None, True),
+}
+
+
+def _check_ranges(data: dict[str, Any]) -> None:
+    for (section, key), (low, high, low_allowed) in RANGES.items():
+        value = data.get(section, {}).get(key)
+        if value is None:
+            continue
+        if (value < low or (value == low and not low_allowed)) or (high is not None and value > high):
+            bound = f"{'at least' if low_allowed else 'above'} {low}" + (f" and at most {high}" if high is not None else "")
+            raise UserError(f"'{section}.{key}' must be {bound}, got {value!r}")
+    batches = data.get("benchmark", {}).get("batch")
+    if batches is not None and any(not isinstance(b, int) or b < 1 for b in (batches if isinstance(batches, list) else [batches])):
+        raise UserError(f"'benchmark.batch' must be positive integers, got {batches!r}")
+
+
+def _settings_check(where: str, build) -> None:
+    """Build the settings object a step will use, so that its own checks (choices, ranges) run
+    before any step: a recipe fails in one line naming the key, not minutes into a run."""
+    try:
+        build()
+    except UserError as exc:
+        raise UserError(f"recipe [{where}]: {exc}") from None
+    except TypeError as exc:  # a key the settings class does not take
+        raise UserError(f"recipe [{where}]: {exc}") from None
+
+
+def _check_settings(data: dict[str, Any]) -> None:
+    from exporter.convert import EXPORTERS
+    from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
+
+    model = data.get("model", {})
+    if model.get("exporter", "auto") not in EXPORTERS:
+        raise UserError(f"'model.exporter' must be one of {', '.join(EXPORTERS)}, got {model['exporter']!r}"
+                        f"{closest(model['exporter'], EXPORTERS)}")
+    if "task" in model:
+        from exporter.sources import HF_TASKS, TASK_ALIASES
+
+        tasks = ["auto", *HF_TASKS, *TASK_ALIASES]
+        if model["task"] not in tasks:
+            raise UserError(f"'model.task' must be one of {', '.join(tasks)}, got {model['task']!r}{closest(model['task'], tasks)}")
+    optimize = {k: v for k, v in data.get("optimize", {}).items() if k != "enabled"}
+    _settings_check("optimize", lambda: OptimizeSettings(**optimize))
+    for index, candidate in enumerate(data.get("candidates", [])):
+        if "prune" in candidate:
+            _settings_check(f"candidates[{index}].prune", lambda c=candidate: PruneSettings(**c["prune"]))
+        if "quantize" in candidate:
+            options = dict(candidate["quantize"])
+            if "op_types" in options:
+                options["op_types"] = tuple(options["op_types"])
+            _settings_check(f"candidates[{index}].quantize", lambda o=options: QuantizeSettings(**o))
+    if "distill" in data:
+        from optimizers.distill import DistillSettings
+
+        options = {k: v for k, v in data["distill"].items() if k in ("epochs", "temperature", "alpha", "lr", "loss", "patience", "seed")}
+        _settings_check("distill", lambda: DistillSettings(**options))
 
 
 def _parse_value(text: str):

@@ -154,6 +154,13 @@ def test_tampered_package_names_the_file(recipe_dir, capsys):
         (lambda r: r.replace("ratio = 0.5,", "ratoi = 0.5,"), "unknown key 'ratoi' in candidates[2].prune; did you mean 'ratio'"),
         (lambda r: r.replace('name = "pruned"', 'name = "int8"'), "candidate names must be unique"),
         (lambda r: r + "\n[[", "is not valid TOML"),
+        # values the steps' own settings refuse, checked before any step runs
+        (lambda r: r.replace("[select]", '[optimize]\nlevel = "extendd"\n\n[select]'),
+         "recipe [optimize]: unknown optimization level 'extendd'"),
+        (lambda r: r.replace("min_cosine = 0.9", "min_cosine = 5"), "'select.min_cosine' must be above 0.0 and at most 1.0, got 5"),
+        (lambda r: r.replace("ratio = 0.5,", "ratio = 1.5,"), "recipe [candidates[2].prune]:"),
+        (lambda r: r.replace('mode = "dynamic"', 'mode = "dynamc"'), "recipe [candidates[1].quantize]: unknown mode 'dynamc'"),
+        (lambda r: r.replace("min_runs = 5", "min_runs = 5\nthreads = 0"), "'benchmark.threads' must be at least 1, got 0"),
     ],
 )
 def test_recipe_validation_errors(recipe_dir, edit, message):
