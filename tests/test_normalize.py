@@ -390,3 +390,42 @@ def test_cli_optimize_reports_normalization_and_ends_wrong_sizes_in_one_line(tmp
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "inputs 'x' [1, 3, 100, 224]" in errors[0] and "--dim NAME=SIZE" in errors[0]
     assert not bad.exists() and list(tmp_path.glob("bad*")) == []
+
+
+def _conv_gemm_behind_chains(tmp_path):
+    """A Conv whose weight sits behind Identity -> Identity and a Gemm whose weight is stored in
+    float16 behind a Cast to float, as PyTorch (shared weights) and spox exports write them."""
+    rng = np.random.default_rng(0)
+    conv_w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv_w_stored")
+    gemm_w = numpy_helper.from_array(rng.standard_normal((4 * 6 * 6, 5)).astype(np.float16), "gemm_w_fp16")
+    nodes = [
+        helper.make_node("Identity", ["conv_w_stored"], ["conv_w_a"]),
+        helper.make_node("Identity", ["conv_w_a"], ["conv_w"]),
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Cast", ["gemm_w_fp16"], ["gemm_w"], to=TensorProto.FLOAT),
+        helper.make_node("Gemm", ["f", "gemm_w"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])], [conv_w, gemm_w])
+    path = tmp_path / "chains.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_weights_behind_identity_and_cast_chains_are_folded_and_quantized(tmp_path, capsys):
+    """The chains become initializers (checked in ONNX Runtime), so quantize finds the Conv and
+    the Gemm to quantize instead of saying there is nothing to quantize."""
+    from onnxforge.cli import main
+
+    path = _conv_gemm_behind_chains(tmp_path)
+    result = normalize(onnx.load(str(path)))
+    assert result.folded_weights == 3 and result.check.startswith("same outputs")
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "Identity" not in ops and "Cast" not in ops
+    weights = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert weights == {"conv_w": TensorProto.FLOAT, "gemm_w": TensorProto.FLOAT}
+    assert main(["-q", "quantize", str(path), str(tmp_path / "q.onnx"), "--mode", "dynamic", "--no-speed-check"]) == 0
+    quantized_ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert quantized_ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearConv"}

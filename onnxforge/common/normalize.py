@@ -7,6 +7,10 @@ What other exporters write, and what becomes of it:
   ``LiftConstantsToInitializersPass``, so passes that look weights up by initializer find them;
 - ``-1`` or ``0`` for a dynamic dim (old exporters): a named symbolic dim ``<tensor>_dim<axis>``
   on graph inputs, outputs and value_info (ONNX Runtime reads a ``0`` as a fixed size of zero);
+- weights behind ``Identity`` or ``Cast`` nodes (PyTorch's exporter for shared or tied weights,
+  spox, fp16 models that cast their weights up): the chain is folded into an initializer holding
+  the value the chain computes, so every command sees the weight where a MatMul, Conv or Gemm
+  reads it;
 - nodes without names: unique names ``<op_type>_<n>``, so reports and exclusions can name them.
 
 The result is checked against the input model in ONNX Runtime whenever the computation was
@@ -47,10 +51,11 @@ class NormalizeResult:
     symbolic_dims: tuple[str, ...] = ()
     named_nodes: int = 0
     check: str = "not needed"
+    folded_weights: int = 0
 
     @property
     def modified(self) -> bool:
-        return bool(self.lifted_constants or self.symbolic_dims or self.named_nodes)
+        return bool(self.lifted_constants or self.symbolic_dims or self.named_nodes or self.folded_weights)
 
     def describe(self) -> str:
         """One line for the CLI."""
@@ -62,13 +67,15 @@ class NormalizeResult:
         if self.symbolic_dims:
             shown = ", ".join(self.symbolic_dims[:4]) + (f", {len(self.symbolic_dims) - 4} more" if len(self.symbolic_dims) > 4 else "")
             done.append(f"made {len(self.symbolic_dims)} dims symbolic ({shown})")
+        if self.folded_weights:
+            done.append(f"folded {self.folded_weights} Identity/Cast nodes over weights into initializers")
         if self.named_nodes:
             done.append(f"named {self.named_nodes} nodes")
         return f"normalized on load: {'; '.join(done)}; check: {self.check}"
 
     def to_dict(self) -> dict:
         return {"lifted_constants": self.lifted_constants, "symbolic_dims": list(self.symbolic_dims),
-                "named_nodes": self.named_nodes, "check": self.check}
+                "named_nodes": self.named_nodes, "folded_weights": self.folded_weights, "check": self.check}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +204,54 @@ def _lift_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return lifted, before - count(lifted)
 
 
+# Cast targets folded into a weight: plain numpy dtypes (bfloat16 and the float8 types are not).
+_FOLDABLE_CASTS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+                   onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64}
+
+
+def _chain_links(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Identity or Cast nodes of the main graph whose one input is a weight (an initializer that
+    is not also a graph input, which a caller could override)."""
+    overridable = {i.name for i in model.graph.input}
+    weights = {t.name for t in model.graph.initializer} - overridable
+    outputs = {o.name for o in model.graph.output}
+
+    def foldable(node):
+        if node.domain not in DEFAULT_DOMAINS or len(node.input) != 1 or node.input[0] not in weights or node.output[0] in outputs:
+            return False
+        return node.op_type == "Identity" or (node.op_type == "Cast" and next(
+            (a.i for a in node.attribute if a.name == "to"), None) in _FOLDABLE_CASTS)
+
+    return [node for node in model.graph.node if foldable(node)]
+
+
+def _fold_weight_chains(model: onnx.ModelProto, max_links: int = 8) -> int:
+    """Identity/Cast chains over weights replaced, in place, by initializers named as the chain's
+    end; chains up to ``max_links`` long. Initializers nothing reads any more are dropped."""
+    from onnx import numpy_helper
+
+    folded = 0
+    for _ in range(max_links):
+        links = _chain_links(model)
+        if not links:
+            break
+        weights = {t.name: t for t in model.graph.initializer}
+        for node in links:
+            value = numpy_helper.to_array(weights[node.input[0]])
+            if node.op_type == "Cast":
+                to = next(a.i for a in node.attribute if a.name == "to")
+                value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+            model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            model.graph.node.remove(node)
+            folded += 1
+    read = {name for graph in subgraphs(model.graph) for node in graph.node for name in node.input}
+    read |= {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    unread = [t for t in model.graph.initializer if t.name not in read]
+    for tensor in unread:
+        model.graph.initializer.remove(tensor)
+    return folded
+
+
 def _weights_loaded(model: onnx.ModelProto) -> bool:
     return all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
@@ -243,27 +298,34 @@ def normalize(model: onnx.ModelProto, *, check: bool = True, dims: Mapping[str, 
     work = onnx.ModelProto()
     work.CopyFrom(model)
     symbolic = _fix_dims(work)
-    lifted = 0
+    lifted = folded = 0
     check_text = "not needed (declarations only)"
-    if _liftable_constants(work) and model.ir_version >= 4 and _weights_loaded(work):
-        try:
-            candidate, lifted = _lift_constants(work)
-        except Exception as exc:  # onnx-ir refuses graphs it cannot represent; the constants can stay
-            logger.warning("Constant nodes left in place: onnx-ir cannot read this graph (%s)", _short(exc))
-            candidate, lifted, check_text = work, 0, f"constants left in place, onnx-ir cannot read the graph: {_short(exc)}"
-        if lifted and check:
+    if model.ir_version >= 4 and _weights_loaded(work) and (_liftable_constants(work) or _chain_links(work)):
+        candidate = work
+        if _liftable_constants(work):
+            try:
+                candidate, lifted = _lift_constants(work)
+            except Exception as exc:  # onnx-ir refuses graphs it cannot represent; the constants can stay
+                logger.warning("Constant nodes left in place: onnx-ir cannot read this graph (%s)", _short(exc))
+                check_text = f"constants left in place, onnx-ir cannot read the graph: {_short(exc)}"
+        if candidate is work:
+            candidate = onnx.ModelProto()
+            candidate.CopyFrom(work)
+        folded = _fold_weight_chains(candidate)
+        if (lifted or folded) and check:
             passed, how = _compare_in_ort(work, candidate, dims)
             if passed is False:
-                logger.warning("lifting Constant nodes changed the outputs (%s); they stay Constant nodes", how)
-                lifted, check_text = 0, f"constants left in place, lifting changed the outputs: {how}"
+                logger.warning("lifting constants or folding weight chains changed the outputs (%s); the graph stays as it was", how)
+                lifted = folded = 0
+                check_text = f"constants and weight chains left in place, changing them changed the outputs: {how}"
             else:
                 work, check_text = candidate, how
-        elif lifted:
+        elif lifted or folded:
             work, check_text = candidate, "not run (check off)"
     named = _name_nodes(work)
-    if not (lifted or symbolic or named):
+    if not (lifted or symbolic or named or folded):
         return NormalizeResult(model)
-    return NormalizeResult(work, lifted, tuple(symbolic), named, check_text)
+    return NormalizeResult(work, lifted, tuple(symbolic), named, check_text, folded)
 
 
 # ---------------------------------------------------------------- opset upgrades
