@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxforge.common.errors import UserError
+from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 from runtime_bench.timing import VariantTiming, time_against
 
 logger = logging.getLogger(__name__)
@@ -69,8 +71,6 @@ def timing_graph(name: str, proto, workdir: Path, save) -> Path:
     they cannot run), the TorchScript graph as it is."""
     path = workdir / f"timing_{name}.onnx"
     if name == "dynamo":
-        from onnxforge.common.errors import UserError
-        from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 
         try:
             proto = fuse_for_ort(proto, OrtFusionSettings(target="cpu")).model

@@ -22,6 +22,7 @@ from exporter.wrapping import eval_mode_restored, flat_model, flatten_outputs
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import staging_dir
+from onnxforge.common.graph import DEFAULT_OPSET
 from onnxforge.common.onnxio import save_onnx
 from onnxforge.common.sessions import SessionSettings, open_session
 from runtime_bench.timing import Measure
@@ -29,7 +30,6 @@ from runtime_bench.timing import Measure
 logger = logging.getLogger(__name__)
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
-DEFAULT_OPSET = 18
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
 

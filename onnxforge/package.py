@@ -14,7 +14,9 @@ import numpy as np
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_dir, ensure_writable_dir
-from onnxforge.common.onnxio import files_of, load_onnx
+from onnxforge.common.graph import DEFAULT_OPSET
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.onnxio import files_of
 from onnxforge.common.sessions import SessionSettings, open_session
 from onnxforge.common.summary import summarize
 from onnxforge.fingerprints import sha256_file, tool_versions
@@ -34,7 +36,7 @@ def sha256(path: Path) -> str:
 def _min_ort_version(opsets: dict[str, int]) -> str:
     """Smallest ONNX Runtime release that runs the default-domain opset (its compatibility table)."""
     table = {17: "1.13", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
-    opset = opsets.get("ai.onnx", 17)
+    opset = opsets.get("ai.onnx", DEFAULT_OPSET)
     return table.get(opset, "1.13" if opset < 17 else "1.22")
 
 

@@ -245,7 +245,8 @@ def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = Non
 
     def produce(folder: Path):
         if "onnx" in model:
-            from onnxforge.common.onnxio import load_onnx, save_onnx
+            from onnxforge.common.loading import load_onnx
+            from onnxforge.common.onnxio import save_onnx
 
             save_onnx(load_onnx(recipe.path(model["onnx"])), folder / "model.onnx")
             return "model.onnx", {"source": model["onnx"], "exporter": None}
@@ -349,9 +350,10 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
               "tools": tool_versions(*STEP_TOOLS["candidate"])}
 
     def produce(folder: Path):
-        from onnxforge.common.onnxio import load_onnx, save_onnx
-        from optimizers import PruneSettings, QuantizeSettings, prune, quantize
         from onnxforge.common.fidelity import fidelity
+        from onnxforge.common.loading import load_onnx
+        from onnxforge.common.onnxio import save_onnx
+        from optimizers import PruneSettings, QuantizeSettings, prune, quantize
 
         model = load_onnx(base.artifact)
         transforms = []
@@ -394,7 +396,7 @@ def _accuracy_step(recipe: Recipe, steps: _Steps, name: str, candidate: StepReco
 
     def produce(folder: Path):
         from onnxforge.common.callables import import_callable
-        from onnxforge.common.onnxio import load_onnx
+        from onnxforge.common.loading import load_onnx
         from optimizers.verify import ort_session
 
         produced = import_callable(spec)()
@@ -558,7 +560,7 @@ def _write_summary(result: PipelineResult, made: list[_Made]) -> None:
 
 def _package(recipe: Recipe, out: Path, chosen: StepRecord, row: CandidateRow, exported: StepRecord, base: StepRecord,
              student: StepRecord | None, bench: StepRecord | None) -> Path:
-    from onnxforge.common.onnxio import load_onnx
+    from onnxforge.common.loading import load_onnx
 
     package_settings = recipe.section("package")
     name = package_settings.get("name", "package")

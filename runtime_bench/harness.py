@@ -17,7 +17,10 @@ import numpy as np
 
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
-from onnxforge.common.onnxio import files_of, load_onnx
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.normalize import normalize
+from onnxforge.common.onnxio import files_of, save_onnx
+from onnxforge.common.ortrun import runnable_dim_sizes
 from onnxforge.common.sessions import SessionSettings, open_session
 from onnxforge.common.specs import DTYPES, InputSpec, check_inputs_match, make_inputs, specs_from_onnx
 from runtime_bench import memory
@@ -247,8 +250,6 @@ def _runnable_variant(variant: OnnxVariant, folder: Path, notes: dict[str, str])
                 if d.HasField("dim_value") and d.dim_value == 0]
     if not declared:
         return variant
-    from onnxforge.common.normalize import normalize
-    from onnxforge.common.onnxio import save_onnx
 
     path = folder / f"{len(notes)}_{variant.path.name}"
     save_onnx(normalize(load_onnx(variant.path, normalize=False), check=False).model, path)
@@ -266,7 +267,6 @@ def _sizes_for_open_dims(variant: OnnxVariant, specs: Sequence[InputSpec], dims:
     open_dims = {d for spec in specs for d in spec.dims[1:] if isinstance(d, str)} - _batch_symbols(specs) - set(dims)
     if not open_dims:
         return dict(dims)
-    from onnxforge.common.ortrun import runnable_dim_sizes
 
     chosen = runnable_dim_sizes(load_onnx(variant.path), given=dims)
     sizes = {**dims, **{name: chosen.sizes[name] for name in open_dims if name in chosen.sizes}}

@@ -15,16 +15,18 @@ import onnx
 
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
-from onnxforge.common.normalize import NormalizeResult, default_opset, ensure_opset, normalize, ops_needing_newer_opset
-from onnxforge.common.onnxio import check_onnx, files_of, is_large, load_onnx, model_bytes, save_onnx
+from onnxforge.common.graph import default_opset
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.normalize import NormalizeResult, ensure_opset, normalize, ops_needing_newer_opset
+from onnxforge.common.onnxio import check_onnx, files_of, is_large, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.graph.cleanup import cleanup, prune_graph
 from optimizers.graph.fusions import fuse_transformer, looks_like_transformer
 from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort, is_dynamo_graph
 from optimizers.graph.ort_offline import TARGET_PROVIDERS, ort_optimize, require_provider
 from optimizers.graph.precision import to_fp16
+from optimizers.prune.sparsity import magnitude_sparsity
 from optimizers.result import PassResult
-from optimizers.sparsity import magnitude_sparsity
 from optimizers.verify import compare_models, run_model, verification_dims, verification_inputs
 
 logger = logging.getLogger(__name__)

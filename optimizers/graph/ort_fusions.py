@@ -52,6 +52,8 @@ import onnx
 
 from onnxforge.common.compare import Comparison, Tolerance
 from onnxforge.common.errors import UserError
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.onnxio import save_onnx
 from optimizers.result import PassResult
 from optimizers.verify import compare_models, run_model, verification_inputs
 
@@ -570,7 +572,6 @@ def patch_convs_as_matmul(model: onnx.ModelProto, settings: OrtFusionSettings = 
 
 def fuse_for_ort_file(input_path, output_path, settings: OrtFusionSettings = OrtFusionSettings()) -> PassResult:
     """``fuse_for_ort`` from a file to a file, written atomically."""
-    from onnxforge.common.onnxio import load_onnx, save_onnx
 
     result = fuse_for_ort(load_onnx(input_path, normalize=False), settings)
     save_onnx(result.model, output_path)

@@ -47,6 +47,7 @@ from onnx import helper, numpy_helper
 
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
+from onnxforge.common.graph import producers, readers
 from onnxforge.common.onnxio import GraphNames, drop_unused_initializers
 from optimizers.result import PassResult
 from optimizers.verify import compare_models, run_model, with_outputs
@@ -87,14 +88,6 @@ class FeedForward:
     down: str
 
 
-def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return readers
-
-
 def _matrix(initializers, name: str) -> bool:
     init = initializers.get(name)
     return init is not None and len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT
@@ -114,8 +107,8 @@ class _Graph:
 
     def __init__(self, graph: onnx.GraphProto):
         self.initializers = {init.name: init for init in graph.initializer}
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.readers = _readers(graph)
+        self.producer = producers(graph)
+        self.readers = readers(graph)
         self.outputs = {o.name for o in graph.output}
         self.scalars = {name for name, init in self.initializers.items() if int(np.prod(init.dims)) == 1}
         for node in graph.node:
@@ -304,11 +297,11 @@ def split_blocks(model: onnx.ModelProto, neurons: Mapping[str, np.ndarray]) -> o
 
 def _tail(graph: onnx.GraphProto, down: onnx.NodeProto, initializers) -> onnx.NodeProto:
     """The down-projection, or the bias Add that is its only reader."""
-    readers = _readers(graph).get(down.output[0], [])
-    if (len(readers) == 1 and readers[0].op_type == "Add" and readers[0].domain in ("", "ai.onnx")
-            and any(name in initializers for name in readers[0].input)
+    following = readers(graph).get(down.output[0], [])
+    if (len(following) == 1 and following[0].op_type == "Add" and following[0].domain in ("", "ai.onnx")
+            and any(name in initializers for name in following[0].input)
             and down.output[0] not in {o.name for o in graph.output}):
-        return readers[0]
+        return following[0]
     return down
 
 

@@ -44,7 +44,7 @@ Head scores (lowest go first, per block, ``ratio`` of the heads, at least one he
 With calibration data, the plain cut, bias compensation (the removed heads' mean contribution
 ``E[c_h] W_O[h, :]`` folded into the output projection's bias) and a least-squares re-fit of the
 output projection on the kept heads are compared on the evaluation data, and the best is kept.
-Every pruned graph is run in ONNX Runtime (``optimizers.structured.run_check``: the checker,
+Every pruned graph is run in ONNX Runtime (``optimizers.prune.checks.run_check``: the checker,
 the evaluation inputs and a second size of the symbolic dims, the original output shapes)
 before it is returned; a block whose rewrite fails that is left whole with the error.
 """
@@ -61,7 +61,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxforge.common.compare import slice_cosines
 from onnxforge.common.errors import UserError
+from onnxforge.common.graph import UnionFind, attr, default_opset, producers, reader_slots, set_attr
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.onnxio import save_onnx
+from onnxforge.common.summary import count_parameters
+from optimizers.calibration import calibration_data, split_holdout
+from optimizers.graph.cleanup import deduplicate_initializers
+from optimizers.prune.channels import fidelity_dict
+from optimizers.prune.checks import prepared_for_pruning, run_check
+from optimizers.prune.reconstruct import Moments, ReconstructSettings, solve
+from optimizers.verify import ort_session, verification_inputs, with_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +118,6 @@ class HeadSettings:
             raise UserError(f"unknown head importance {self.importance!r}; choose {' or '.join(HEAD_IMPORTANCES)}")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class HeadBlock:
     """One attention block: ``name`` is its output projection (unfused) or fused node."""
@@ -123,7 +133,7 @@ class HeadBlock:
 @dataclasses.dataclass(frozen=True)
 class HeadPruneResult:
     """``model`` is new (the input is not modified). ``fidelity`` compares it with the unpruned
-    model (``optimizers.structured.fidelity_dict``, over ``onnxforge.common.compare``): lowest
+    model (``optimizers.prune.channels.fidelity_dict``, over ``onnxforge.common.compare``): lowest
     per-output mean cosine and largest absolute error."""
 
     model: onnx.ModelProto
@@ -226,7 +236,7 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto, *, shapes: bool = True):
         graph = model.graph
         self.model = model
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.opset = default_opset(model)
         self.inits = {t.name: t for t in graph.initializer}
         tensors: dict[str, Any] = dict(self.inits)
         for node in graph.node:
@@ -237,12 +247,8 @@ class _Graph:
                     elif attribute.name in ("value_int", "value_ints"):
                         tensors[node.output[0]] = np.array(onnx.helper.get_attribute_value(attribute), dtype=np.int64)
         self.constants = _Constants(tensors)
-        self.producer = {out: node for node in graph.node for out in node.output if out}
-        self.readers: dict[str, list[tuple[onnx.NodeProto | None, int]]] = collections.defaultdict(list)
-        for node in graph.node:
-            for index, name in enumerate(node.input):
-                if name:
-                    self.readers[name].append((node, index))
+        self.producer = producers(graph)
+        self.readers: dict[str, list[tuple[onnx.NodeProto | None, int]]] = collections.defaultdict(list, reader_slots(graph))
         for sub in _subgraph_inputs(graph):
             self.readers[sub].append((None, -1))
         self.outputs = {v.name for v in graph.output}
@@ -313,13 +319,6 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     return shapes
 
 
-def _attr(node, name, default=None):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
-
-
 def _projection(g: _Graph, tensor: str, consumer) -> tuple[_Columns | None, int, str | None]:
     """``(columns, width, problem)`` for the projection ``MatMul``/``Gemm`` (+ ``Add`` of a
     1-D bias) computing ``tensor``: ``(None, 0, None)`` when no projection computes it,
@@ -343,9 +342,9 @@ def _projection(g: _Graph, tensor: str, consumer) -> tuple[_Columns | None, int,
         return None, 0, f"weight '{node.input[1]}' is not a 2-D initializer read by '{node.name}' alone"
     axis = 1
     if node.op_type == "Gemm":
-        if _attr(node, "transA", 0):
+        if attr(node, "transA", 0):
             return None, 0, f"Gemm '{node.name}' transposes its input"
-        axis = 0 if _attr(node, "transB", 0) else 1
+        axis = 0 if attr(node, "transB", 0) else 1
         if len(node.input) > 2 and node.input[2]:
             if bias is not None or g.weight(node.input[2], node, 1) is None:
                 return None, 0, f"Gemm '{node.name}' has a bias that is not a 1-D initializer of its own"
@@ -362,12 +361,12 @@ def _output_projection(g: _Graph, context: str, producer) -> tuple[_Output | Non
     if context in g.outputs or len(readers) != 1 or readers[0][0] is None:
         return None, f"the heads merged by '{producer.name}' are read by {len(readers)} nodes, not one output projection"
     node, index = readers[0]
-    if node.op_type not in ("MatMul", "Gemm") or index != 0 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+    if node.op_type not in ("MatMul", "Gemm") or index != 0 or (node.op_type == "Gemm" and attr(node, "transA", 0)):
         return None, f"the merged heads are read by {node.op_type} '{node.name}', not an output projection"
     weight = g.weight(node.input[1], node, 2)
     if weight is None:
         return None, f"output projection '{node.name}' has no 2-D weight initializer of its own"
-    axis = 1 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 0
+    axis = 1 if node.op_type == "Gemm" and attr(node, "transB", 0) else 0
     bias = None
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
         bias = node.input[2] if g.weight(node.input[2], node, 1) is not None else None
@@ -401,7 +400,7 @@ class _UnfusedTracer:
 
     def __init__(self, g: _Graph):
         self.g = g
-        self.parent: list[int] = []
+        self.groups = UnionFind()  # head-axis groups that must lose the same heads
         self.splits: list[tuple[onnx.NodeProto, _Columns | None, int, int, str | None]] = []  # node, columns, heads, d, problem
         self.group_of_split: list[int] = []
         self.tracked: dict[str, _Flow] = {}
@@ -409,18 +408,6 @@ class _UnfusedTracer:
         self.merges: dict[int, list[tuple[onnx.NodeProto, list[int | None], _Output | None]]] = collections.defaultdict(list)
         self.values: dict[int, set[int]] = collections.defaultdict(set)  # group -> splits read as V
         self.softmax: set[int] = set()
-
-    def find(self, group: int) -> int:
-        while self.parent[group] != group:
-            self.parent[group] = self.parent[self.parent[group]]
-            group = self.parent[group]
-        return group
-
-    def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-        return min(ra, rb)
 
     def run(self) -> list[_Block]:
         handlers = {"Transpose": self._transpose, "Softmax": self._softmax, "LogSoftmax": self._softmax,
@@ -444,11 +431,11 @@ class _UnfusedTracer:
         return self._blocks()
 
     def problem(self, group: int, text: str) -> None:
-        self.problems[self.find(group)].append(text)
+        self.problems[self.groups.find(group)].append(text)
 
     def flow(self, name: str) -> _Flow:
         flow = self.tracked[name]
-        return dataclasses.replace(flow, group=self.find(flow.group))
+        return dataclasses.replace(flow, group=self.groups.find(flow.group))
 
     def _split(self, node) -> None:
         entries = self.g.shape_entries(node.input[1])
@@ -465,8 +452,7 @@ class _UnfusedTracer:
             dim = dim if dim > 0 else width // max(heads, 1)
             if heads < 1 or heads * dim != width:
                 return
-        group = len(self.parent)
-        self.parent.append(group)
+        group = self.groups.new(1)[0]
         self.splits.append((node, dataclasses.replace(columns, head_dim=dim) if columns else None, heads, dim, problem))
         self.group_of_split.append(group)
         if problem:
@@ -475,7 +461,7 @@ class _UnfusedTracer:
 
     def _transpose(self, node, live) -> bool:
         flow = self.flow(live[0])
-        perm = list(_attr(node, "perm", list(range(flow.rank - 1, -1, -1))))
+        perm = list(attr(node, "perm", list(range(flow.rank - 1, -1, -1))))
         if len(perm) != flow.rank:
             return False
         self.tracked[node.output[0]] = dataclasses.replace(flow, axis=perm.index(flow.axis))
@@ -489,7 +475,7 @@ class _UnfusedTracer:
 
     def _softmax(self, node, live) -> bool:
         flow = self.flow(live[0])
-        axis = _attr(node, "axis", -1 if self.g.opset >= 13 else 1)
+        axis = attr(node, "axis", -1 if self.g.opset >= 13 else 1)
         axis = axis + flow.rank if axis < 0 else axis
         if axis == flow.axis or (self.g.opset < 13 and axis != flow.rank - 1):
             return False
@@ -504,7 +490,7 @@ class _UnfusedTracer:
             return False
         group = first.group
         for f in flows[1:]:
-            group = self.union(group, f.group)
+            group = self.groups.union(group, f.group)
         for name in node.input:
             if name and name not in self.tracked and not self._broadcasts_over_heads(name, first):
                 self.problem(group, f"{node.op_type} '{node.name}' reads '{name}', which varies along the head axis")
@@ -524,12 +510,12 @@ class _UnfusedTracer:
     def _matmul(self, node, live) -> bool:
         if len(live) != 2 or node.input[0] == node.input[1]:
             return False
-        if node.op_type == "FusedMatMul" and (_attr(node, "transBatchA", 0) or _attr(node, "transBatchB", 0)):
+        if node.op_type == "FusedMatMul" and (attr(node, "transBatchA", 0) or attr(node, "transBatchB", 0)):
             return False
         a, b = self.flow(node.input[0]), self.flow(node.input[1])
         if a.rank != b.rank or a.axis != b.axis or a.axis >= a.rank - 2:
             return False
-        group = self.union(a.group, b.group)
+        group = self.groups.union(a.group, b.group)
         if a.softmaxed:
             self.values[group].update(b.sources)
         self.tracked[node.output[0]] = _Flow(group, a.axis, a.rank, False, a.sources | b.sources)
@@ -551,14 +537,14 @@ class _UnfusedTracer:
     def _blocks(self) -> list[_Block]:
         by_root: dict[int, list[int]] = collections.defaultdict(list)
         for index, group in enumerate(self.group_of_split):
-            by_root[self.find(group)].append(index)
+            by_root[self.groups.find(group)].append(index)
 
         def merged(table):
-            return {r: [x for g, items in table.items() if self.find(g) == r for x in items] for r in by_root}
+            return {r: [x for g, items in table.items() if self.groups.find(g) == r for x in items] for r in by_root}
 
         problems, merges = merged(self.problems), merged(self.merges)
-        values = {r: {x for g, items in self.values.items() if self.find(g) == r for x in items} for r in by_root}
-        softmaxed = {self.find(g) for g in self.softmax}
+        values = {r: {x for g, items in self.values.items() if self.groups.find(g) == r for x in items} for r in by_root}
+        softmaxed = {self.groups.find(g) for g in self.softmax}
         blocks = []
         for root, split_indices in by_root.items():
             if root not in softmaxed and not merges[root]:
@@ -623,7 +609,7 @@ def _fused_blocks(g: _Graph) -> list[_Block]:
 
 
 def _fused_common(g: _Graph, node, past_inputs: Sequence[int], problems: list[str]) -> tuple[int, _Output | None]:
-    heads = int(_attr(node, "num_heads", 0))
+    heads = int(attr(node, "num_heads", 0))
     if heads < 1:
         problems.append("no num_heads attribute")
     for index in past_inputs:
@@ -631,7 +617,7 @@ def _fused_common(g: _Graph, node, past_inputs: Sequence[int], problems: list[st
             problems.append(f"input {index} ('{node.input[index]}', past key/value or its length) is used")
     if any(name and g.readers.get(name) or name in g.outputs for name in node.output[1:]):
         problems.append("its present key/value outputs are used")
-    if _attr(node, "do_rotary", 0) or _attr(node, "rotary_embedding_dim", 0):
+    if attr(node, "do_rotary", 0) or attr(node, "rotary_embedding_dim", 0):
         problems.append("rotary embeddings inside the node")
     output, problem = _output_projection(g, node.output[0], node)
     if problem:
@@ -647,7 +633,7 @@ def _packed(g: _Graph, tensor: str, node, rank: int) -> list[tuple[str, int, int
     if g.weight(tensor, node, rank) is not None:
         return [(tensor, 0, int(g.constants[tensor].shape[-1]))]
     concat = g.producer.get(tensor)
-    if (concat is None or concat.op_type != "Concat" or _attr(concat, "axis") not in (rank - 1, -1)
+    if (concat is None or concat.op_type != "Concat" or attr(concat, "axis") not in (rank - 1, -1)
             or not g.only_reader(tensor, node)):
         return f"'{tensor}' is not a {rank}-D initializer (or Concat of them) read by '{node.name}' alone"
     pieces, start = [], 0
@@ -682,7 +668,7 @@ def _attention_block(g: _Graph, node) -> _Block:
             problems.append(pieces)
     if heads and not problems:
         total = sum(width for _, _, width in weights)
-        sizes = list(_attr(node, "qkv_hidden_sizes", []) or [total // 3] * 3)
+        sizes = list(attr(node, "qkv_hidden_sizes", []) or [total // 3] * 3)
         if sum(sizes) != total or any(size % heads for size in sizes):
             problems.append(f"qkv sizes {sizes} do not split into {heads} heads")
         else:
@@ -780,7 +766,6 @@ def _token_mask(batch: Mapping[str, np.ndarray], tokens: int) -> np.ndarray | No
 
 def _contexts(model: onnx.ModelProto, blocks: Sequence[_Block], batches) -> dict[str, list[np.ndarray]]:
     """The output projections' inputs, as ``[tokens, features]`` rows (padding left out), per batch."""
-    from optimizers.verify import ort_session, with_outputs
 
     names = sorted({out.context for block in blocks for out in block.outputs})
     session = ort_session(with_outputs(model, names))
@@ -822,8 +807,6 @@ def ablation_scores(model: onnx.ModelProto, block: _Block, batches) -> np.ndarra
     """Per head, ``1 −`` the mean slice cosine (``onnxforge.common.compare.slice_cosines``) of
     every float output of ``model`` with that head alone removed, against ``model``, over
     ``batches``: the loss of removing it, measured."""
-    from onnxforge.common.compare import slice_cosines
-    from optimizers.verify import ort_session
 
     reference = ort_session(model)
     names = [o.name for o in reference.get_outputs()]
@@ -872,10 +855,10 @@ def apply(model: onnx.ModelProto, cuts: Sequence[tuple[_Block, tuple[int, ...]]]
                 shape_nodes[edit.node] = concat
         if block.fused_node is not None:
             node = nodes[block.fused_node]
-            _set_int_attr(node, "num_heads", len(kept))
-            sizes = _attr(node, "qkv_hidden_sizes")
+            set_attr(node, "num_heads", len(kept))
+            sizes = attr(node, "qkv_hidden_sizes")
             if sizes:
-                _set_ints_attr(node, "qkv_hidden_sizes", [size // block.heads * len(kept) for size in sizes])
+                set_attr(node, "qkv_hidden_sizes", [size // block.heads * len(kept) for size in sizes])
     for output_node, delta in (compensation or {}).items():
         output = next(o for block, _ in cuts for o in block.outputs if o.node == output_node)
         _replace(g.inits, output.bias, lambda b, d=delta: (b.astype(np.float64) + d).astype(b.dtype))
@@ -910,16 +893,16 @@ def _drop_stale_shapes(model: onnx.ModelProto, cuts) -> None:
 
 def _slice_columns(inits, block: _Block, kept: Sequence[int]) -> None:
     """Q/K/V features of the kept heads, for each weight and bias (a packed one at once)."""
-    for attr in ("weight", "bias"):
+    for field in ("weight", "bias"):
         by_tensor: dict[str, list[_Columns]] = collections.defaultdict(list)
         for cols in block.columns:
-            name = getattr(cols, attr)
+            name = getattr(cols, field)
             if name:
                 by_tensor[name].append(cols)
         for name, parts in by_tensor.items():
             parts.sort(key=lambda c: c.offset)
             index = np.concatenate([_head_slices(c.head_dim, c.offset, kept) for c in parts])
-            axis = parts[0].axis if attr == "weight" else 0
+            axis = parts[0].axis if field == "weight" else 0
             _replace(inits, name, lambda w, i=index, a=axis: _take(w, a, i))
 
 
@@ -953,22 +936,7 @@ def _edit_shape(g: _Graph, reshape, position: int, value: int, added: list[onnx.
             break
         seen += size
     reshape.input[1] = name
-    return onnx.helper.make_node("Concat", inputs, [name], name=name, axis=_attr(concat, "axis", 0))
-
-
-def _set_int_attr(node, name: str, value: int) -> None:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            attribute.i = value
-            return
-    node.attribute.append(onnx.helper.make_attribute(name, value))
-
-
-def _set_ints_attr(node, name: str, values: Sequence[int]) -> None:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            del attribute.ints[:]
-            attribute.ints.extend(values)
+    return onnx.helper.make_node("Concat", inputs, [name], name=name, axis=attr(concat, "axis", 0))
 
 
 def _drop_unused(model: onnx.ModelProto) -> None:
@@ -1034,9 +1002,6 @@ def prune_heads(
     source ``optimizers.calibration`` reads; a held-out share judges bias compensation and
     fidelity), else from the weights. The pruned graph is run in ONNX Runtime at two sizes of
     its symbolic dims before it is returned. Raises ``UserError`` when no head can be removed."""
-    from onnxforge.common.summary import count_parameters
-    from optimizers.graph.cleanup import deduplicate_initializers
-    from optimizers.structured import prepared_for_pruning, run_check
 
     reference, prepared, notes = prepared_for_pruning(model, dims)
     blocks = find_attention(prepared)
@@ -1084,8 +1049,6 @@ def prune_heads(
 def _batches(prepared, settings: HeadSettings, calibration, evaluation, tokenizer, dims, notes: list[str]):
     """``(calibration batches or None, evaluation batches)``, chosen as ``prune_structured``
     chooses them: without evaluation data a held-out share of the calibration data judges."""
-    from optimizers.calibration import calibration_data
-    from optimizers.verify import verification_inputs
 
     calib_batches = eval_batches = None
     if calibration is not None:
@@ -1139,7 +1102,6 @@ def _recovered(reference, prepared, accepted, means, settings: HeadSettings, cal
     calibration data, bias compensation of the output projections and their least-squares re-fit
     (``_refit_outputs``) are tried, and the model with the highest evaluation fidelity is kept
     (the plain cut when neither raises it)."""
-    from optimizers.structured import fidelity_dict
 
     if not accepted:
         return prepared, None, None, 0, None
@@ -1175,7 +1137,7 @@ def _recovered(reference, prepared, accepted, means, settings: HeadSettings, cal
 
 def _refit_outputs(prepared, pruned, accepted, calib_batches, notes: list[str]) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """Least-squares re-fit of each pruned block's output projection on its kept heads, with
-    ``optimizers.reconstruct``'s streaming ``Moments`` and ridge ``solve``: the target is the
+    ``optimizers.prune.reconstruct``'s streaming ``Moments`` and ridge ``solve``: the target is the
     unpruned block output ``c W_O`` (``c`` the whole context in the unpruned model), the features
     ``[ĉ_K; 1]`` the kept heads' context in the pruned model as re-fitted so far (blocks in graph
     order, so upstream errors are seen), the ridge pulls towards ``W_O[K]``, and the intercept
@@ -1183,8 +1145,6 @@ def _refit_outputs(prepared, pruned, accepted, calib_batches, notes: list[str]) 
     the ridge and keeps the re-fit only where its held-out error is below bias compensation's
     (the same fit with ``W' = W_O[K]``), which is used otherwise. Returns the model and, per
     output projection, the held-out errors relative to the target."""
-    from optimizers.calibration import split_holdout
-    from optimizers.reconstruct import Moments, ReconstructSettings, solve
 
     settings = ReconstructSettings()
     fit, held = split_holdout(calib_batches, settings.holdout, settings.seed)
@@ -1236,7 +1196,6 @@ def _write_output(model: onnx.ModelProto, out: _Output, solution: np.ndarray) ->
 
 def prune_heads_file(input_path, output_path, settings: HeadSettings = HeadSettings(), **data) -> HeadPruneResult:
     """``prune_heads`` from a file to a file, written atomically; nothing is written when it fails."""
-    from onnxforge.common.onnxio import load_onnx, save_onnx
 
     result = prune_heads(load_onnx(input_path), settings, **data)
     save_onnx(result.model, output_path)
