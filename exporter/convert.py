@@ -507,15 +507,9 @@ def export(
     came in. Nothing appears at ``output_path`` unless the whole export succeeds.
     """
     started = time.perf_counter()
-    if not isinstance(model, torch.nn.Module):
-        raise UserError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
-    if exporter not in EXPORTERS:
-        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    output_path = _checked_arguments(model, exporter, output_path)
     tolerance = Tolerance(rtol=rtol, atol=atol)
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    output_path = Path(output_path)
-    if output_path.is_dir():
-        raise UserError(f"output path '{output_path}' is a folder; give a file name such as '{output_path / 'model.onnx'}'")
 
     names, tensors, keyword = _normalize_inputs(model, example_inputs, input_names)
     axes = _normalize_axes(dynamic_axes, names, tensors)
@@ -527,16 +521,7 @@ def export(
         # Created in eval mode: the TorchScript exporter restores the wrapper's own mode after
         # export, recursively, which would otherwise switch the user's model to training.
         wrapper = flat_model(model, names, keyword).eval()
-        with torch.no_grad():
-            try:
-                flat = flatten_outputs(model(**dict(zip(names, tensors))) if keyword else model(*tensors))
-            except Exception as exc:
-                raise UserError(
-                    f"the model fails on its example inputs ({type(exc).__name__}: {_first_line(exc)}); "
-                    "check the input shapes and dtypes"
-                ) from exc
-        if not flat:
-            raise UserError("the model returned no tensors; onnxforge exports models whose outputs are tensors")
+        flat = _pytorch_outputs(model, names, tensors, keyword)
         out_names = _output_names([n for n, _ in flat], output_names, names)
         export_args = _expanded_for_export(names, tensors, axes)
 
@@ -567,6 +552,34 @@ def export(
     )
     logger.info("exported %s with the %s exporter in %.1f s", output_path, used, result.seconds)
     return result
+
+
+def _checked_arguments(model, exporter: str, output_path: str | Path) -> Path:
+    """A ``UserError`` for what is not a module, an unknown exporter or a folder as the output."""
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        raise UserError(f"output path '{output_path}' is a folder; give a file name such as '{output_path / 'model.onnx'}'")
+    return output_path
+
+
+def _pytorch_outputs(model: torch.nn.Module, names: Sequence[str], tensors, keyword: bool) -> list:
+    """The model's outputs on the example inputs, flattened to ``(name, tensor)`` pairs; a model
+    that fails on them, or returns no tensor, is a ``UserError``."""
+    with torch.no_grad():
+        try:
+            flat = flatten_outputs(model(**dict(zip(names, tensors))) if keyword else model(*tensors))
+        except Exception as exc:
+            raise UserError(
+                f"the model fails on its example inputs ({type(exc).__name__}: {_first_line(exc)}); "
+                "check the input shapes and dtypes"
+            ) from exc
+    if not flat:
+        raise UserError("the model returned no tensors; onnxforge exports models whose outputs are tensors")
+    return flat
 
 
 def _choose_exporter(exported, measure: Measure, seconds: float, names, tensors, workdir: Path, external_data) -> ExporterChoice:

@@ -46,6 +46,9 @@ from onnxforge.recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
+# Each step imports its package (exporter: torch; optimizers; runtime_bench) inside the step, so a recipe
+# loads only what it runs (tests/test_architecture.py allows this module, the CLI commands and the demo to).
+
 # The installed packages whose code each step runs; their versions are part of its key.
 STEP_TOOLS = {
     "distill": ("onnxforge", "torch"),

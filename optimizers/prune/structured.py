@@ -217,54 +217,21 @@ def prune_structured(
     generated inputs. Raises ``UserError`` when nothing can be pruned at a ratio above 0.
     """
 
-    if settings.refine_steps and calibration is None:
-        raise UserError("refinement (--refine STEPS) needs calibration data (--calibration DATA)")
-    if settings.refine_steps and (settings.reconstruct is False or (settings.reconstruct is None and not settings.bias_compensation)):
-        raise UserError("refinement (--refine STEPS) runs after least-squares reconstruction: leave reconstruction on "
-                        "(drop --no-reconstruct / --no-bias-compensation, or give --reconstruct)")
+    _check_settings(settings, calibration)
     if calibration is None and settings.importance in ("l1", "l2") and not settings.reconstruct and is_large(model):
         return _pruned_from_files(model, settings, evaluation=evaluation, tokenizer=tokenizer, dims=dims)
     given = model
     reference, model, notes = prepared_for_pruning(model, dims)
     analysis = analyze(model)
     resolve_conflicts(analysis)
-    calib_batches = eval_batches = None
-    if calibration is not None:
-        calib = calibration_data(calibration, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
-        if evaluation is None:  # nothing is judged on the batches it was fitted on
-            calib, held_out = calib.holdout()
-            if held_out is not None:
-                eval_batches = list(held_out)
-                notes.append(f"fidelity and the bias-compensation choice measured on {held_out.description}")
-            else:
-                notes.append("only one calibration batch: fidelity is measured on the data compensation was fitted on")
-        calib_batches = list(calib)
-    elif settings.importance in ("activation", "reconstruction"):
-        raise UserError(f"{settings.importance} importance needs calibration data (--calibration DATA)")
-    elif settings.reconstruct:
-        raise UserError("reconstruction needs calibration data (--calibration DATA)")
-    if evaluation is not None:
-        eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
-    elif eval_batches is None:
-        eval_batches = calib_batches or [verification_inputs(model, dims, seed=seed) for seed in range(4)]
+    calib_batches, eval_batches = _batches(model, settings, calibration, evaluation, tokenizer, dims, notes)
     check, check_notes = run_check(model, eval_batches[0], dims)
     notes.extend(check_notes)
     means = means_abs = None
     if calib_batches and analysis.consumers:
         means, means_abs = channel_stats(model, analysis, calib_batches)
     refit_on = bool(calib_batches) and (settings.reconstruct or (settings.reconstruct is None and settings.bias_compensation))
-    by_sensitivity = settings.scope == "global" and refit_on and _has_holdout(calib_batches, notes)
-    deepest = max((settings.ratio, *settings.ratios.values()))
-    if settings.importance == "reconstruction":
-
-        score = greedy_scores(model, analysis, calib_batches, global_share(deepest) if settings.scope == "global" else deepest)
-    else:
-        score = channel_importance(model, analysis, settings, means_abs)
-    refit = allocation = None
-    if by_sensitivity:
-        decided, trials, refit, allocation = _sensitivity_or_uniform(model, analysis, settings, score, calib_batches, check, notes)
-    else:
-        decided, trials = _verified(model, analysis, decide_drops(analysis, settings, score), check)
+    decided, trials, refit, allocation = _decided(model, analysis, settings, calib_batches, means_abs, check, refit_on, notes)
     units = [unit for unit, _ in decided]
     removed = frozenset().union(*(roots for _, roots in decided))
     if settings.ratio > 0 and not removed:
@@ -274,25 +241,8 @@ def prune_structured(
     if trials > 1:
         notes.append(f"{sum(1 for u in units if (u.reason or '').startswith('pruning it breaks'))} unit(s) left whole "
                      f"because pruning them breaks the graph ({trials} ONNX Runtime checks)")
-    reconstruction = refinement = None
-    if removed and refit_on:
-        pruned, compensated, measured, without, reconstruction = _reconstructed(
-            reference, model, analysis, removed, calib_batches, eval_batches, notes, refit)
-        if settings.refine_steps:
-            pruned, measured, refinement = _refined(reference, model, pruned, measured, calib_batches, eval_batches,
-                                                    settings.refine_steps, notes)
-    elif removed:
-        pruned, compensated, measured, without = _compensated(
-            reference, model, analysis, removed, means if settings.bias_compensation else None, eval_batches, notes)
-    if removed:
-        error = check(pruned)
-        if error is not None:
-            raise RuntimeError(f"structured pruning produced a model that fails its run check (a bug): {error}")
-        notes.append(f"the pruned model ran in ONNX Runtime with the original's output shapes on {check.describe()}")
-    else:  # nothing removed: the model as normalized, not the form tracing needed
-        pruned, compensated, measured, without = onnx.ModelProto(), 0, None, None
-        pruned.CopyFrom(reference)
-
+    pruned, compensated, measured, without, reconstruction, refinement = _pruned_and_refitted(
+        reference, model, analysis, removed, settings, calib_batches, eval_batches, means, refit_on, refit, check, notes)
     macs_dims = {**(dims or {})}
     result = PruneResult(
         model=pruned,
@@ -313,11 +263,92 @@ def prune_structured(
     return result
 
 
+def _check_settings(settings: PruneSettings, calibration) -> None:
+    """Refinement runs on reconstruction's re-fit, which needs calibration data."""
+    if settings.refine_steps and calibration is None:
+        raise UserError("refinement (--refine STEPS) needs calibration data (--calibration DATA)")
+    if settings.refine_steps and (settings.reconstruct is False or (settings.reconstruct is None and not settings.bias_compensation)):
+        raise UserError("refinement (--refine STEPS) runs after least-squares reconstruction: leave reconstruction on "
+                        "(drop --no-reconstruct / --no-bias-compensation, or give --reconstruct)")
+
+
+def _batches(model: onnx.ModelProto, settings: PruneSettings, calibration, evaluation, tokenizer, dims, notes: list[str]
+             ) -> tuple[list | None, list]:
+    """``(calibration batches or None, evaluation batches)``: nothing is judged on the batches it
+    was fitted on (a held-out share of the calibration data when no evaluation data is given),
+    generated inputs when there is no data at all."""
+    calib_batches = eval_batches = None
+    if calibration is not None:
+        calib = calibration_data(calibration, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
+        if evaluation is None:
+            calib, held_out = calib.holdout()
+            if held_out is not None:
+                eval_batches = list(held_out)
+                notes.append(f"fidelity and the bias-compensation choice measured on {held_out.description}")
+            else:
+                notes.append("only one calibration batch: fidelity is measured on the data compensation was fitted on")
+        calib_batches = list(calib)
+    elif settings.importance in ("activation", "reconstruction"):
+        raise UserError(f"{settings.importance} importance needs calibration data (--calibration DATA)")
+    elif settings.reconstruct:
+        raise UserError("reconstruction needs calibration data (--calibration DATA)")
+    if evaluation is not None:
+        eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
+    elif eval_batches is None:
+        eval_batches = calib_batches or [verification_inputs(model, dims, seed=seed) for seed in range(4)]
+    return calib_batches, eval_batches
+
+
+def _decided(model, analysis: Analysis, settings: PruneSettings, calib_batches, means_abs, check: RunCheck, refit_on: bool,
+             notes: list[str]):
+    """``(decided units, ONNX Runtime checks spent, refit or None, allocation or None)``: channels
+    scored, then dropped per unit by its ratio, or (global scope with a re-fit) by measured
+    sensitivity when that keeps more of the held-out cosine."""
+    by_sensitivity = settings.scope == "global" and refit_on and _has_holdout(calib_batches, notes)
+    deepest = max((settings.ratio, *settings.ratios.values()))
+    if settings.importance == "reconstruction":
+        score = greedy_scores(model, analysis, calib_batches, global_share(deepest) if settings.scope == "global" else deepest)
+    else:
+        score = channel_importance(model, analysis, settings, means_abs)
+    if by_sensitivity:
+        return _sensitivity_or_uniform(model, analysis, settings, score, calib_batches, check, notes)
+    decided, trials = _verified(model, analysis, decide_drops(analysis, settings, score), check)
+    return decided, trials, None, None
+
+
+def _pruned_and_refitted(reference, model, analysis: Analysis, removed: frozenset[int], settings: PruneSettings, calib_batches,
+                         eval_batches, means, refit_on: bool, refit, check: RunCheck, notes: list[str]):
+    """``(pruned, compensated consumers, measured fidelity, fidelity without compensation,
+    reconstruction, refinement)``: the removal applied with least-squares re-fit (and
+    refinement) or bias compensation, and run once more through the check."""
+    reconstruction = refinement = None
+    if not removed:  # nothing removed: the model as normalized, not the form tracing needed
+        pruned = onnx.ModelProto()
+        pruned.CopyFrom(reference)
+        return pruned, 0, None, None, None, None
+    if refit_on:
+        pruned, compensated, measured, without, reconstruction = _reconstructed(
+            reference, model, analysis, removed, calib_batches, eval_batches, notes, refit)
+        if settings.refine_steps:
+            pruned, measured, refinement = _refined(reference, model, pruned, measured, calib_batches, eval_batches,
+                                                    settings.refine_steps, notes)
+    else:
+        pruned, compensated, measured, without = _compensated(
+            reference, model, analysis, removed, means if settings.bias_compensation else None, eval_batches, notes)
+    error = check(pruned)
+    if error is not None:
+        raise RuntimeError(f"structured pruning produced a model that fails its run check (a bug): {error}")
+    notes.append(f"the pruned model ran in ONNX Runtime with the original's output shapes on {check.describe()}")
+    return pruned, compensated, measured, without, reconstruction, refinement
+
+
 def _nothing_pruned(units: list[Unit], ratio: float) -> UserError:
     reasons = "; ".join(f"{'+'.join(u.producers)}: {u.reason}" for u in units[:8]) or "no Conv/Gemm/MatMul layer with weights"
     return UserError(f"nothing could be pruned at ratio {ratio}: {reasons}")
 
 
+# One function on purpose: it drops each copy of a model past 2 GB (del, gc) in the order its docstring
+# gives; steps split out would hold those copies in their frames.
 def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evaluation, tokenizer,
                        dims: Mapping[str, int] | None) -> PruneResult:
     """``prune_structured`` without calibration data for a model past 2 GB (``is_large``).
@@ -330,8 +361,6 @@ def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evalu
     are not bisected to find the ones that break the graph (each trial would cost one more copy
     and two more sessions); the error names the check and ``--protect``. Units, counts, MACs and
     fidelity are the usual path's; only ``size_bytes`` is summed part by part (``model_bytes``)."""
-
-
     normalized = normalize(given, dims=dims)
     reference = normalized.model
     parameters_before, size_before = count_parameters(reference), model_bytes(given)

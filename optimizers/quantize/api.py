@@ -93,28 +93,15 @@ def quantize(
         candidates, models = _build_candidates(candidates, inputs_for, exclude, calib, settings, workdir, reference, evaluation_batches)
 
         timed = settings.target == "cpu" and settings.check_speed and not recalled
+        measure = measure or measure_with_runtime_bench
         if timed:
-            float_timing, timings, why_not = time_against_float(
-                reference, {c.name: models[c.name] for c in candidates if c.error is None}, evaluation_batches[0], settings,
-                measure or measure_with_runtime_bench, workdir)
-            candidates = [dataclasses.replace(c, timing=timings.get(c.name)) for c in candidates]
-            if why_not:
-                warnings.append(f"speed not checked against fp32: {why_not}")
-            marginal = second_look(candidates, settings.min_cosine)
-            if marginal is not None:
-                _, again, _ = time_against_float(reference, {name: models[name] for name in marginal}, evaluation_batches[0],
-                                                  settings, measure or measure_with_runtime_bench, workdir)
-                if set(again) == set(marginal):
-                    candidates = [dataclasses.replace(c, timing=pooled(c.timing, again[c.name])) if c.name in again else c
-                                  for c in candidates]
-                    reasons.append(f"{marginal[1]} measured within twice its tie band of the fastest, {marginal[0]}: both timed "
-                                   "again, their speedups are the mean of the two checks")
+            candidates, float_timing = _timed(candidates, models, reference, evaluation_batches[0], settings, measure, workdir,
+                                              reasons, warnings)
         chosen_index, choice_reasons, choice_warnings = choose(candidates, settings.min_cosine)
         reasons += choice_reasons
         warnings += choice_warnings
         chosen = candidates[chosen_index]
         if decision is not None and timed and chosen.timing is not None:
-
             remember(decision, chosen.name, chosen.timing.speedup, chosen.fidelity.min_mean_cosine, _machine_name())
         exclude = [*exclude, *chosen.resolved["keep_float"]]
         quantized, measured, sensitivity, exclude_final = models[chosen.name], chosen.fidelity, [], exclude
@@ -124,14 +111,8 @@ def quantize(
                 evaluation_batches)
             chosen = dataclasses.replace(chosen, fidelity=measured)
             if timed and chosen.timing is not None:
-                float_timing, timings, _ = time_against_float(reference, {chosen.name: quantized}, evaluation_batches[0], settings,
-                                                               measure or measure_with_runtime_bench, workdir)
-                chosen = dataclasses.replace(chosen, timing=timings.get(chosen.name))
-                reasons.append(f"with {len(exclude_final) - len(exclude)} node(s) kept in float for the accuracy target: "
-                               + (f"{chosen.timing.speedup:.2f}x fp32 measured here" if chosen.timing else "not timed"))
-                if chosen.timing is not None and chosen.timing.speedup <= 1.0:
-                    warnings.append(f"with the nodes kept in float, {chosen.name} runs at {chosen.timing.speedup:.2f}x fp32 here: "
-                                    "not faster than the float model")
+                chosen, float_timing = _timed_again(chosen, quantized, len(exclude_final) - len(exclude), reference,
+                                                    evaluation_batches[0], settings, measure, workdir, reasons, warnings)
         candidates[chosen_index] = dataclasses.replace(chosen, chosen=True)
     for warning in warnings:
         logger.warning("%s", warning)
@@ -141,6 +122,41 @@ def quantize(
     return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
                           tuple(n for n in exclude_final if n not in exclude), tuple(sensitivity), pre_label,
                           time.perf_counter() - started, pattern.describe(), tuple(candidates), float_timing, tuple(warnings))
+
+
+def _timed(candidates: list[Candidate], models: Mapping[str, onnx.ModelProto], reference: onnx.ModelProto,
+           inputs: Mapping[str, np.ndarray], settings: QuantizeSettings, measure: Measure, workdir: Path,
+           reasons: list[str], warnings: list[str]) -> tuple[list[Candidate], Timing | None]:
+    """The built candidates timed against fp32; the two that ``second_look`` finds too close to
+    call are timed a second time and their speedups pooled. ``(candidates, fp32 timing)``."""
+    float_timing, timings, why_not = time_against_float(
+        reference, {c.name: models[c.name] for c in candidates if c.error is None}, inputs, settings, measure, workdir)
+    candidates = [dataclasses.replace(c, timing=timings.get(c.name)) for c in candidates]
+    if why_not:
+        warnings.append(f"speed not checked against fp32: {why_not}")
+    marginal = second_look(candidates, settings.min_cosine)
+    if marginal is not None:
+        _, again, _ = time_against_float(reference, {name: models[name] for name in marginal}, inputs, settings, measure, workdir)
+        if set(again) == set(marginal):
+            candidates = [dataclasses.replace(c, timing=pooled(c.timing, again[c.name])) if c.name in again else c
+                          for c in candidates]
+            reasons.append(f"{marginal[1]} measured within twice its tie band of the fastest, {marginal[0]}: both timed "
+                           "again, their speedups are the mean of the two checks")
+    return candidates, float_timing
+
+
+def _timed_again(chosen: Candidate, quantized: onnx.ModelProto, kept_float: int, reference: onnx.ModelProto,
+                 inputs: Mapping[str, np.ndarray], settings: QuantizeSettings, measure: Measure, workdir: Path,
+                 reasons: list[str], warnings: list[str]) -> tuple[Candidate, Timing | None]:
+    """The chosen candidate timed again once the accuracy target kept ``kept_float`` nodes in float."""
+    float_timing, timings, _ = time_against_float(reference, {chosen.name: quantized}, inputs, settings, measure, workdir)
+    chosen = dataclasses.replace(chosen, timing=timings.get(chosen.name))
+    reasons.append(f"with {kept_float} node(s) kept in float for the accuracy target: "
+                   + (f"{chosen.timing.speedup:.2f}x fp32 measured here" if chosen.timing else "not timed"))
+    if chosen.timing is not None and chosen.timing.speedup <= 1.0:
+        warnings.append(f"with the nodes kept in float, {chosen.name} runs at {chosen.timing.speedup:.2f}x fp32 here: "
+                        "not faster than the float model")
+    return chosen, float_timing
 
 
 def _data_id(source) -> str | None:
