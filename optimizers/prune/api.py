@@ -14,8 +14,8 @@ from onnxforge.common.loading import load_onnx
 from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import model_bytes, save_onnx
 from onnxforge.common.summary import count_parameters
-from optimizers.calibration import calibration_data
 from optimizers.prune.channels import PruneResult, PruneSettings, fidelity_dict, macs
+from optimizers.prune.checks import pruning_batches
 from optimizers.prune.heads import HeadPruneResult, HeadSettings, prune_heads
 from optimizers.prune.sparsity import magnitude_sparsity
 from optimizers.prune.structured import prune_structured
@@ -115,17 +115,12 @@ def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads:
 
 
 def _evaluation_batches(model: onnx.ModelProto, settings: PruneSettings, data) -> list:
-    """The batches fidelity is judged on, chosen as ``prune_structured`` chooses them: the
-    evaluation data, else the held-out share of the calibration data, else generated inputs."""
-
-    dims, tokenizer = data.get("dims"), data.get("tokenizer")
-    if data.get("evaluation") is not None:
-        return list(calibration_data(data["evaluation"], model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
-    if data.get("calibration") is not None:
-        calib = calibration_data(data["calibration"], model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
-        fit, held_out = calib.holdout()
-        return list(held_out if held_out is not None else fit)
-    return [verification_inputs(model, dims, seed=seed) for seed in range(4)]
+    """The batches fidelity is judged on, chosen as ``prune_structured`` chooses them
+    (``pruning_batches``; the calibration data is not read when evaluation data is given)."""
+    evaluation = data.get("evaluation")
+    calibration = None if evaluation is not None else data.get("calibration")
+    return pruning_batches(model, calibration, evaluation, tokenizer=data.get("tokenizer"), dims=data.get("dims"),
+                           max_batches=settings.max_batches, notes=[])[1]
 
 
 def prune_file(input_path: str | Path, output_path: str | Path, settings: PruneSettings = PruneSettings(), *,

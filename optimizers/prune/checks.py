@@ -16,6 +16,7 @@ from onnxforge.common.graph import reader_slots
 from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import check_onnx, is_large
 from onnxforge.common.specs import specs_from_onnx
+from optimizers.calibration import calibration_data
 from optimizers.graph.cleanup import fold_constants
 from optimizers.verify import run_model, verification_inputs
 
@@ -201,3 +202,26 @@ def _second_size_inputs(model, inputs, dims) -> dict[str, np.ndarray] | None:
         return verification_inputs(model, {**(dims or {}), **sizes}, seed=1)
     except UserError:
         return None
+
+
+def pruning_batches(model: onnx.ModelProto, calibration, evaluation, *, tokenizer, dims: Mapping[str, int] | None,
+                    max_batches: int, notes: list[str], note_single_batch: bool = False) -> tuple[list | None, list]:
+    """``(calibration batches or None, evaluation batches)`` for a pruning: nothing is judged on
+    the batches it was fitted on, so without evaluation data a seeded held-out share of the
+    calibration data judges (``CalibrationData.holdout``); without any data, generated inputs."""
+    calib_batches = eval_batches = None
+    if calibration is not None:
+        calib = calibration_data(calibration, model, tokenizer=tokenizer, dims=dims, max_batches=max_batches)
+        if evaluation is None:
+            calib, held_out = calib.holdout()
+            if held_out is not None:
+                eval_batches = list(held_out)
+                notes.append(f"fidelity and the bias-compensation choice measured on {held_out.description}")
+            elif note_single_batch:
+                notes.append("only one calibration batch: fidelity is measured on the data compensation was fitted on")
+        calib_batches = list(calib)
+    if evaluation is not None:
+        eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=max_batches))
+    elif eval_batches is None:
+        eval_batches = calib_batches or [verification_inputs(model, dims, seed=seed) for seed in range(4)]
+    return calib_batches, eval_batches

@@ -67,12 +67,12 @@ from onnxforge.common.graph import UnionFind, attr, default_opset, producers, re
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.onnxio import save_onnx
 from onnxforge.common.summary import count_parameters
-from optimizers.calibration import calibration_data, split_holdout
+from optimizers.calibration import split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.channels import fidelity_dict
-from optimizers.prune.checks import prepared_for_pruning, run_check
+from optimizers.prune.checks import prepared_for_pruning, pruning_batches, run_check
 from optimizers.prune.reconstruct import Moments, ReconstructSettings, solve
-from optimizers.verify import ort_session, verification_inputs, with_outputs
+from optimizers.verify import ort_session, with_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -1007,7 +1007,8 @@ def prune_heads(
     blocks = find_attention(prepared)
     if not blocks:
         raise _nothing_to_prune(blocks)
-    calib_batches, eval_batches = _batches(prepared, settings, calibration, evaluation, tokenizer, dims, notes)
+    calib_batches, eval_batches = pruning_batches(prepared, calibration, evaluation, tokenizer=tokenizer, dims=dims,
+                                                  max_batches=settings.max_batches, notes=notes)
     cuts, means, scoring = _cuts([b for b in blocks if not b.problems], prepared, settings, calib_batches)
     check, check_notes = run_check(prepared, eval_batches[0], dims)
     notes.extend(check_notes)
@@ -1044,26 +1045,6 @@ def prune_heads(
     logger.info("pruned heads in %d of %d attention blocks; parameters %d -> %d",
                 sum(1 for b in result.blocks if b.kept < b.heads), len(result.blocks), *result.parameters)
     return result
-
-
-def _batches(prepared, settings: HeadSettings, calibration, evaluation, tokenizer, dims, notes: list[str]):
-    """``(calibration batches or None, evaluation batches)``, chosen as ``prune_structured``
-    chooses them: without evaluation data a held-out share of the calibration data judges."""
-
-    calib_batches = eval_batches = None
-    if calibration is not None:
-        calib = calibration_data(calibration, prepared, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
-        if evaluation is None:
-            calib, held_out = calib.holdout()
-            if held_out is not None:
-                eval_batches = list(held_out)
-                notes.append(f"fidelity and the bias-compensation choice measured on {held_out.description}")
-        calib_batches = list(calib)
-    if evaluation is not None:
-        eval_batches = list(calibration_data(evaluation, prepared, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
-    elif eval_batches is None:
-        eval_batches = calib_batches or [verification_inputs(prepared, dims, seed=seed) for seed in range(4)]
-    return calib_batches, eval_batches
 
 
 def _cuts(usable: Sequence[_Block], prepared, settings: HeadSettings, calib_batches):

@@ -53,7 +53,7 @@ from optimizers.prune.channels import (
     macs,
     resolve_conflicts,
 )
-from optimizers.prune.checks import RunCheck, prepared_for_pruning, run_check
+from optimizers.prune.checks import RunCheck, prepared_for_pruning, pruning_batches, run_check
 from optimizers.prune.reconstruct import greedy_scores, reconstruct
 from optimizers.prune.refine import RefineSettings, refine
 from optimizers.prune.trace import Analysis, analyze
@@ -274,29 +274,13 @@ def _check_settings(settings: PruneSettings, calibration) -> None:
 
 def _batches(model: onnx.ModelProto, settings: PruneSettings, calibration, evaluation, tokenizer, dims, notes: list[str]
              ) -> tuple[list | None, list]:
-    """``(calibration batches or None, evaluation batches)``: nothing is judged on the batches it
-    was fitted on (a held-out share of the calibration data when no evaluation data is given),
-    generated inputs when there is no data at all."""
-    calib_batches = eval_batches = None
-    if calibration is not None:
-        calib = calibration_data(calibration, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
-        if evaluation is None:
-            calib, held_out = calib.holdout()
-            if held_out is not None:
-                eval_batches = list(held_out)
-                notes.append(f"fidelity and the bias-compensation choice measured on {held_out.description}")
-            else:
-                notes.append("only one calibration batch: fidelity is measured on the data compensation was fitted on")
-        calib_batches = list(calib)
-    elif settings.importance in ("activation", "reconstruction"):
+    """``pruning_batches``, after refusing importances and re-fits that need calibration data."""
+    if calibration is None and settings.importance in ("activation", "reconstruction"):
         raise UserError(f"{settings.importance} importance needs calibration data (--calibration DATA)")
-    elif settings.reconstruct:
+    if calibration is None and settings.reconstruct:
         raise UserError("reconstruction needs calibration data (--calibration DATA)")
-    if evaluation is not None:
-        eval_batches = list(calibration_data(evaluation, model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
-    elif eval_batches is None:
-        eval_batches = calib_batches or [verification_inputs(model, dims, seed=seed) for seed in range(4)]
-    return calib_batches, eval_batches
+    return pruning_batches(model, calibration, evaluation, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches,
+                           notes=notes, note_single_batch=True)
 
 
 def _decided(model, analysis: Analysis, settings: PruneSettings, calib_batches, means_abs, check: RunCheck, refit_on: bool,
