@@ -22,7 +22,7 @@ import torch
 
 from exporter import export
 from onnxforge import models
-from onnxforge.common.onnxio import load_onnx
+from onnxforge.common.loading import load_onnx
 from onnxforge.common.ortrun import run_onnx
 from optimizers.distill import DistillSettings, distill, evaluate, train_on_labels
 from optimizers.quantize import QuantizeSettings, quantize_file

@@ -19,7 +19,8 @@ import onnxruntime as ort
 
 from exporter import export
 from onnxforge import models
-from onnxforge.common.onnxio import load_onnx, save_onnx
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.onnxio import save_onnx
 from runtime_bench import BenchConfig, OnnxVariant, benchmark, to_console, write_report
 
 logger = logging.getLogger("gpu_providers")

@@ -1,5 +1,5 @@
 """What pruning keeps without retraining: fidelity with no recovery, bias compensation and
-least-squares reconstruction (``optimizers.reconstruct``), and the speedup, for a ResNet-18-style
+least-squares reconstruction (``optimizers.prune.reconstruct``), and the speedup, for a ResNet-18-style
 CNN, the digits CNN and all-MiniLM-L6-v2's feed-forward neurons, at ratios 0.3 and 0.5.
 
 Every fidelity is measured on data held out from the calibration (reconstruction also splits its
@@ -12,7 +12,7 @@ calibration data into fit and held-out batches of its own to decide what to keep
   Python standard library's docstrings (no download; 30 sentences are too few tokens to fit 1536
   neurons), 1024 in all by default; evaluation examples/sentences_eval.txt plus 128 other
   docstring sentences.
-Reconstruction is ``optimizers.reconstruct`` with its defaults: rows weighted by the LayerNorm they
+Reconstruction is ``optimizers.prune.reconstruct`` with its defaults: rows weighted by the LayerNorm they
 reach (MiniLM's FFNs), and output layers downstream of the pruned ones re-fitted (the digits' and
 ResNet's classifier head where it reads no pruned channel), each kept only where the held-out
 calibration batches say so (the notes printed under each table say what was kept).
@@ -23,7 +23,7 @@ per-unit counts from measured sensitivity, same total, kept only where the held-
 uniform counts; at ``--global-ratios``, MiniLM only by default). ``base`` is the importance the first three use.
 
 MiniLM's global model (else its greedy+recon one) is also refined by gradient descent, block by block
-(``optimizers.refine``, ``--refine-steps``, 400 by default; what ``onnxforge prune --refine`` runs after
+(``optimizers.prune.refine``, ``--refine-steps``, 400 by default; what ``onnxforge prune --refine`` runs after
 the re-fit), on the same calibration batches; the int8 stack starts from the refined model.
 
 Stacked with int8, quantization is calibrated on the pruned model: static for the digits; for MiniLM dynamic per-channel
@@ -51,11 +51,12 @@ import torch
 
 from exporter import export
 from onnxforge import models
-from onnxforge.common.onnxio import load_onnx, save_onnx
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.onnxio import save_onnx
 from optimizers import PruneSettings, QuantizeSettings, prune, quantize
 from onnxforge.common.fidelity import fidelity
 from optimizers.quantize.outliers import float_nodes, keep_outliers_float
-from optimizers.refine import RefineSettings, refine
+from optimizers.prune.refine import RefineSettings, refine
 from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark
 from runtime_bench.machine import machine_info
@@ -92,7 +93,7 @@ def recovery(name, source: Path, ratios, base: str, calibration, evaluation, fol
     """Prune ``source`` at each ratio three (or four) ways; print the fidelity table and time the
     pruned models. Returns, per ratio, the path of the greedy+recon model and, at
     ``global_ratios``, of the global one. With ``refine_steps``, the last of those is also
-    refined (``optimizers.refine``, what ``PruneSettings.refine_steps`` runs after the re-fit, on
+    refined (``optimizers.prune.refine``, what ``PruneSettings.refine_steps`` runs after the re-fit, on
     the same calibration batches), its path under ``refined``."""
     reference = load_onnx(source)
     rows, variants = [], [OnnxVariant("unpruned", source)]

@@ -70,7 +70,7 @@ def _rows(report, results):
 
 
 def run(name, source, ratios, config, folder, **data):
-    from onnxforge.common.onnxio import load_onnx
+    from onnxforge.common.loading import load_onnx
     from onnxforge.common.summary import count_parameters
 
     base = load_onnx(source)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxforge.common.errors import UserError
+from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 from runtime_bench.timing import VariantTiming, time_against
 
 logger = logging.getLogger(__name__)
@@ -70,8 +72,6 @@ def timing_graph(name: str, proto, workdir: Path, save) -> Path:
     path = workdir / f"timing_{name}.onnx"
     already_fused = any(prop.key == "onnxforge.fused" for prop in proto.metadata_props)
     if name == "dynamo" and not already_fused:
-        from onnxforge.common.errors import UserError
-        from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 
         try:
             proto = fuse_for_ort(proto, OrtFusionSettings(target="cpu")).model

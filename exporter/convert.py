@@ -22,14 +22,15 @@ from exporter.wrapping import eval_mode_restored, flat_model, flatten_outputs
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import staging_dir
+from onnxforge.common.graph import DEFAULT_OPSET
 from onnxforge.common.onnxio import save_onnx
 from onnxforge.common.sessions import SessionSettings, open_session
+from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 from runtime_bench.timing import Measure
 
 logger = logging.getLogger(__name__)
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
-DEFAULT_OPSET = 18
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
 
@@ -516,15 +517,9 @@ def export(
     came in. Nothing appears at ``output_path`` unless the whole export succeeds.
     """
     started = time.perf_counter()
-    if not isinstance(model, torch.nn.Module):
-        raise UserError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
-    if exporter not in EXPORTERS:
-        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    output_path = _checked_arguments(model, exporter, output_path)
     tolerance = Tolerance(rtol=rtol, atol=atol)
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    output_path = Path(output_path)
-    if output_path.is_dir():
-        raise UserError(f"output path '{output_path}' is a folder; give a file name such as '{output_path / 'model.onnx'}'")
 
     names, tensors, keyword = _normalize_inputs(model, example_inputs, input_names)
     axes = _normalize_axes(dynamic_axes, names, tensors)
@@ -536,16 +531,7 @@ def export(
         # Created in eval mode: the TorchScript exporter restores the wrapper's own mode after
         # export, recursively, which would otherwise switch the user's model to training.
         wrapper = flat_model(model, names, keyword).eval()
-        with torch.no_grad():
-            try:
-                flat = flatten_outputs(model(**dict(zip(names, tensors))) if keyword else model(*tensors))
-            except Exception as exc:
-                raise UserError(
-                    f"the model fails on its example inputs ({type(exc).__name__}: {_first_line(exc)}); "
-                    "check the input shapes and dtypes"
-                ) from exc
-        if not flat:
-            raise UserError("the model returned no tensors; onnxforge exports models whose outputs are tensors")
+        flat = _pytorch_outputs(model, names, tensors, keyword)
         out_names = _output_names([n for n, _ in flat], output_names, names)
         export_args = _expanded_for_export(names, tensors, axes)
 
@@ -579,6 +565,34 @@ def export(
     return result
 
 
+def _checked_arguments(model, exporter: str, output_path: str | Path) -> Path:
+    """A ``UserError`` for what is not a module, an unknown exporter or a folder as the output."""
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        raise UserError(f"output path '{output_path}' is a folder; give a file name such as '{output_path / 'model.onnx'}'")
+    return output_path
+
+
+def _pytorch_outputs(model: torch.nn.Module, names: Sequence[str], tensors, keyword: bool) -> list:
+    """The model's outputs on the example inputs, flattened to ``(name, tensor)`` pairs; a model
+    that fails on them, or returns no tensor, is a ``UserError``."""
+    with torch.no_grad():
+        try:
+            flat = flatten_outputs(model(**dict(zip(names, tensors))) if keyword else model(*tensors))
+        except Exception as exc:
+            raise UserError(
+                f"the model fails on its example inputs ({type(exc).__name__}: {_first_line(exc)}); "
+                "check the input shapes and dtypes"
+            ) from exc
+    if not flat:
+        raise UserError("the model returned no tensors; onnxforge exports models whose outputs are tensors")
+    return flat
+
+
 def _choose_exporter(exported, measure: Measure, seconds: float, names, tensors, workdir: Path, external_data) -> ExporterChoice:
     """Both graphs timed on the example inputs (see ``exporter.choice``), or the one that verified."""
     if len(exported) == 1:
@@ -605,8 +619,6 @@ FUSED_KEY = "onnxforge.fused"  # metadata on a graph that export already fused f
 def _fused_for_cpu(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     """The dynamo graph with onnxscript's ORT fusions for the CPU, or None (reason logged) when
     nothing fused or the fusions could not run; the caller proves the result against PyTorch."""
-    from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
-
     try:
         result = fuse_for_ort(proto, OrtFusionSettings(target="cpu", verify=False))
     except (UserError, ImportError, ValueError, RuntimeError) as exc:

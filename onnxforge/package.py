@@ -15,7 +15,9 @@ import numpy as np
 from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_dir, ensure_writable_dir
-from onnxforge.common.onnxio import files_of, load_onnx
+from onnxforge.common.graph import DEFAULT_OPSET
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.onnxio import files_of
 from onnxforge.common.sessions import SessionSettings, open_session
 from onnxforge.common.summary import ops_by_domain, summarize
 from onnxforge.fingerprints import sha256_file, tool_versions
@@ -49,7 +51,7 @@ def _version_key(version: str) -> tuple[int, ...]:
 def min_ort_version(opsets: dict[str, int], ops: dict[str, set[str]]) -> str:
     """Smallest ONNX Runtime release that runs the default-domain opset and every contrib op the
     model uses (``ops`` as ``summary.ops_by_domain`` gives it)."""
-    opset = opsets.get("ai.onnx", 17)
+    opset = opsets.get("ai.onnx", DEFAULT_OPSET)
     needs = [_ORT_FOR_OPSET.get(opset, "1.13" if opset < 17 else "1.22")]
     needs += [_ORT_FOR_CONTRIB_OP[op] for op in ops.get("com.microsoft", ()) if op in _ORT_FOR_CONTRIB_OP]
     return max(needs, key=_version_key)

@@ -47,6 +47,9 @@ from onnxforge.recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
+# Each step imports its package (exporter: torch; optimizers; runtime_bench) inside the step, so a recipe
+# loads only what it runs (tests/test_architecture.py allows this module, the CLI commands and the demo to).
+
 # The installed packages whose code each step runs; their versions are part of its key.
 STEP_TOOLS = {
     "distill": ("onnxforge", "torch"),
@@ -246,7 +249,8 @@ def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = Non
 
     def produce(folder: Path):
         if "onnx" in model:
-            from onnxforge.common.onnxio import load_onnx, save_onnx
+            from onnxforge.common.loading import load_onnx
+            from onnxforge.common.onnxio import save_onnx
 
             save_onnx(load_onnx(recipe.path(model["onnx"])), folder / "model.onnx")
             return "model.onnx", {"source": model["onnx"], "exporter": None}
@@ -350,9 +354,10 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
               "tools": tool_versions(*STEP_TOOLS["candidate"])}
 
     def produce(folder: Path):
-        from onnxforge.common.onnxio import load_onnx, save_onnx
-        from optimizers import PruneSettings, QuantizeSettings, prune, quantize
         from onnxforge.common.fidelity import fidelity
+        from onnxforge.common.loading import load_onnx
+        from onnxforge.common.onnxio import save_onnx
+        from optimizers import PruneSettings, QuantizeSettings, prune, quantize
 
         model = load_onnx(base.artifact)
         transforms = []
@@ -395,7 +400,7 @@ def _accuracy_step(recipe: Recipe, steps: _Steps, name: str, candidate: StepReco
 
     def produce(folder: Path):
         from onnxforge.common.callables import import_callable
-        from onnxforge.common.onnxio import load_onnx
+        from onnxforge.common.loading import load_onnx
         from optimizers.verify import ort_session
 
         produced = import_callable(spec)()
@@ -555,7 +560,7 @@ def _write_summary(result: PipelineResult, made: list[_Made]) -> None:
 
 def _package(recipe: Recipe, out: Path, chosen: StepRecord, row: CandidateRow, exported: StepRecord, base: StepRecord,
              student: StepRecord | None, bench: StepRecord | None) -> Path:
-    from onnxforge.common.onnxio import load_onnx
+    from onnxforge.common.loading import load_onnx
 
     package_settings = recipe.section("package")
     name = package_settings.get("name", "package")

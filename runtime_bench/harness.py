@@ -18,7 +18,10 @@ import numpy as np
 from onnxforge.common import jsonio
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
-from onnxforge.common.onnxio import files_of, load_onnx
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.normalize import normalize
+from onnxforge.common.onnxio import files_of, save_onnx
+from onnxforge.common.ortrun import runnable_dim_sizes
 from onnxforge.common.sessions import SessionSettings, open_session
 from onnxforge.common.specs import DTYPES, InputSpec, check_inputs_match, make_inputs, specs_from_onnx
 from runtime_bench import memory
@@ -248,8 +251,6 @@ def _runnable_variant(variant: OnnxVariant, folder: Path, notes: dict[str, str])
                 if d.HasField("dim_value") and d.dim_value == 0]
     if not declared:
         return variant
-    from onnxforge.common.normalize import normalize
-    from onnxforge.common.onnxio import save_onnx
 
     path = folder / f"{len(notes)}_{variant.path.name}"
     save_onnx(normalize(load_onnx(variant.path, normalize=False), check=False).model, path)
@@ -267,7 +268,6 @@ def _sizes_for_open_dims(variant: OnnxVariant, specs: Sequence[InputSpec], dims:
     open_dims = {d for spec in specs for d in spec.dims[1:] if isinstance(d, str)} - _batch_symbols(specs) - set(dims)
     if not open_dims:
         return dict(dims)
-    from onnxforge.common.ortrun import runnable_dim_sizes
 
     chosen = runnable_dim_sizes(load_onnx(variant.path), given=dims)
     sizes = {**dims, **{name: chosen.sizes[name] for name in open_dims if name in chosen.sizes}}
@@ -707,43 +707,19 @@ def benchmark(
     as cells advance.
     """
     started = time.perf_counter()
-    variants = [OnnxVariant(Path(v).stem, Path(v)) if isinstance(v, (str, Path)) else v for v in variants]
-    if not variants:
-        raise UserError("give at least one model to benchmark")
-    names = [v.name for v in variants]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise UserError(f"variant names must be unique, {duplicates} repeat; rename them (e.g. --name)")
-    baseline = config.baseline or names[0]
-    if baseline not in names:
-        raise UserError(f"baseline {baseline!r} is not one of the variants {names}")
+    variants, baseline = _checked_variants(variants, config)
     onnx_variants = [v for v in variants if isinstance(v, OnnxVariant)]
-    if not onnx_variants:
-        raise UserError("give at least one ONNX model; a PyTorch module alone has no input specs")
     workdir = tempfile.TemporaryDirectory(prefix="onnxforge-bench-")
     notes: dict[str, str] = {}
     runnable = {v.name: _runnable_variant(v, Path(workdir.name), notes) for v in onnx_variants}
     as_given, variants = variants, [runnable.get(v.name, v) for v in variants]
     onnx_variants = [runnable[v.name] for v in onnx_variants]
-    specs_by_variant = {v.name: specs_from_onnx(load_onnx(v.path, load_external_data=False)) for v in onnx_variants}
-    reference_specs = specs_by_variant[onnx_variants[0].name]
-    for name, specs in specs_by_variant.items():
-        # inputs are fed by name, so the same set in another order is the same model interface
-        if sorted(s.name for s in specs) != sorted(s.name for s in reference_specs):
-            raise UserError(
-                f"variant '{name}' has inputs {[s.name for s in specs]} but '{onnx_variants[0].name}' has "
-                f"{[s.name for s in reference_specs]}; variants must take the same inputs"
-            )
+    specs_by_variant, reference_specs = _input_specs(onnx_variants)
     providers = [
         resolve_provider(p, device_id=config.device_id, trt_fp16=config.trt_fp16, trt_int8=config.trt_int8, trt_cache_dir=config.trt_cache_dir)
         for p in config.providers
     ]
-    given = None
-    if inputs is not None:
-        given = load_npz(inputs) if isinstance(inputs, (str, Path)) else {k: np.asarray(v) for k, v in inputs.items()}
-        reference_dtypes = {s.name: s.dtype for s in reference_specs}
-        for name, specs in specs_by_variant.items():
-            check_inputs_match([dataclasses.replace(s, dtype=reference_dtypes[s.name]) for s in specs], given, f"the given inputs (for '{name}')")
+    given = None if inputs is None else _given_inputs(inputs, specs_by_variant, reference_specs)
     batch_sizes = config.batch_sizes if given is None else (int(next(iter(given.values())).shape[0]) if next(iter(given.values())).ndim else 1,)
 
     dims = dict(config.dims)
@@ -776,19 +752,67 @@ def benchmark(
     if notes:
         measurements = [dataclasses.replace(m, warnings=m.warnings + ((notes[m.variant],) if m.variant in notes else ()))
                         for m in measurements]
+    return BenchReport(
+        schema_version=SCHEMA_VERSION,
+        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine_info(),
+        config=_report_config(config, dims, as_given),
+        baseline=baseline,
+        measurements=tuple(measurements),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _checked_variants(variants: Sequence[Variant | str | Path], config: BenchConfig) -> tuple[list[Variant], str]:
+    """Paths as ``OnnxVariant``s named by file stem, and the baseline's name; unique names, a
+    baseline among them and at least one ONNX model (it gives the input specs), else ``UserError``."""
+    variants = [OnnxVariant(Path(v).stem, Path(v)) if isinstance(v, (str, Path)) else v for v in variants]
+    if not variants:
+        raise UserError("give at least one model to benchmark")
+    names = [v.name for v in variants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"variant names must be unique, {duplicates} repeat; rename them (e.g. --name)")
+    baseline = config.baseline or names[0]
+    if baseline not in names:
+        raise UserError(f"baseline {baseline!r} is not one of the variants {names}")
+    if not any(isinstance(v, OnnxVariant) for v in variants):
+        raise UserError("give at least one ONNX model; a PyTorch module alone has no input specs")
+    return variants, baseline
+
+
+def _input_specs(onnx_variants: Sequence[OnnxVariant]) -> tuple[dict[str, list], list]:
+    """Each ONNX variant's input specs, and the first one's (the reference); every variant
+    must take the same inputs."""
+    specs_by_variant = {v.name: specs_from_onnx(load_onnx(v.path, load_external_data=False)) for v in onnx_variants}
+    reference_specs = specs_by_variant[onnx_variants[0].name]
+    for name, specs in specs_by_variant.items():
+        # inputs are fed by name, so the same set in another order is the same model interface
+        if sorted(s.name for s in specs) != sorted(s.name for s in reference_specs):
+            raise UserError(
+                f"variant '{name}' has inputs {[s.name for s in specs]} but '{onnx_variants[0].name}' has "
+                f"{[s.name for s in reference_specs]}; variants must take the same inputs"
+            )
+    return specs_by_variant, reference_specs
+
+
+def _given_inputs(inputs: str | Path | Mapping[str, np.ndarray], specs_by_variant: Mapping[str, list], reference_specs: list
+                  ) -> dict[str, np.ndarray]:
+    """Inputs from an ``.npz`` file or a mapping, checked against every variant's specs."""
+    given = load_npz(inputs) if isinstance(inputs, (str, Path)) else {k: np.asarray(v) for k, v in inputs.items()}
+    reference_dtypes = {s.name: s.dtype for s in reference_specs}
+    for name, specs in specs_by_variant.items():
+        check_inputs_match([dataclasses.replace(s, dtype=reference_dtypes[s.name]) for s in specs], given, f"the given inputs (for '{name}')")
+    return given
+
+
+def _report_config(config: BenchConfig, dims: Mapping[str, int], variants: Sequence[Variant]) -> dict:
+    """The configuration as the report records it, in plain JSON types (as a re-read report has)."""
     config_dict = dataclasses.asdict(config)
     config_dict["fidelity_tolerance"] = dataclasses.asdict(config.fidelity_tolerance)
     config_dict["dims"] = dict(dims)
     config_dict["variants"] = [
         {"name": v.name, "path": str(v.path)} if isinstance(v, OnnxVariant) else {"name": v.name, "torch": type(v.module).__name__}
-        for v in as_given
+        for v in variants
     ]
-    return BenchReport(
-        schema_version=SCHEMA_VERSION,
-        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine_info(),
-        config=json.loads(json.dumps(config_dict)),  # plain JSON types, as a re-read report has
-        baseline=baseline,
-        measurements=tuple(measurements),
-        seconds=time.perf_counter() - started,
-    )
+    return json.loads(json.dumps(config_dict))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime_bench.harness import BenchConfig, OnnxVariant, benchmark
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,7 +35,6 @@ Measure = Callable[[Mapping[str, Path], Mapping[str, np.ndarray], float], Mappin
 def time_against(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray], seconds: float, baseline: str) -> dict[str, VariantTiming]:
     """Each file of ``paths`` timed with ``runtime_bench.benchmark`` on ``inputs``, speedups over
     ``baseline``, at least ``seconds`` (and 20 runs) per cell, at most max(30 s, 10 x seconds)."""
-    from runtime_bench.harness import BenchConfig, OnnxVariant, benchmark
 
     config = BenchConfig(warmup=3, min_runs=20, min_seconds=seconds, max_seconds=max(30.0, 10 * seconds),
                          fidelity=False, baseline=baseline)

@@ -229,7 +229,7 @@ def test_benchmark_two_variants_same_inputs_and_fidelity(tmp_path):
 
 def test_generated_inputs_respect_dims_dtypes_and_vocab(tmp_path):
     path = _token_model(tmp_path / "tok.onnx", vocab=37)
-    from onnxforge.common.onnxio import load_onnx
+    from onnxforge.common.loading import load_onnx
     from onnxforge.common.specs import specs_from_onnx
 
     specs = specs_from_onnx(load_onnx(path))

@@ -13,7 +13,8 @@ from onnx import TensorProto, helper
 from onnxforge.common.compare import Tolerance, compare_arrays, compare_batches, compare_outputs, slice_cosines
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_path, write_text_atomic
-from onnxforge.common.onnxio import load_onnx, save_onnx
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.onnxio import save_onnx
 from onnxforge.common.specs import (
     InputSpec,
     check_inputs_match,
@@ -440,7 +441,6 @@ def test_strict_json_writer_has_no_nan_and_a_schema_version():
 
 
 def _relu_model(output_name="y", dtype=None):
-    import onnx
     from onnx import TensorProto, helper
 
     nodes = [helper.make_node("Relu", ["x"], ["r"])]

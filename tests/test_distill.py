@@ -129,7 +129,7 @@ def test_without_test_data_nothing_is_reported_as_held_out(teacher):
     messages = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: messages.append(record.getMessage())
-    distill_logger = logging.getLogger("optimizers.distill")  # the CLI may have stopped propagation to the root
+    distill_logger = logging.getLogger("optimizers.distill")  # the package logger (its module logs under it); the CLI may have stopped propagation to the root
     distill_logger.addHandler(handler)
     try:
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Attention-head pruning (optimizers.heads) on a tiny BERT exported three ways (TorchScript,
+"""Attention-head pruning (optimizers.prune.heads) on a tiny BERT exported three ways (TorchScript,
 dynamo, dynamo after the ORT fusions), on hand-written Attention-like graphs, and through the CLI."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.cli import main
 from onnxforge.common.errors import UserError
-from optimizers.heads import HeadSettings, apply, find_attention, prune_heads
+from optimizers.prune.heads import HeadSettings, apply, find_attention, prune_heads
 
 HIDDEN, HEADS, HEAD_DIM, LAYERS = 64, 4, 16, 2
 DIMS = {"batch": 2, "seq": 8}
@@ -139,7 +139,7 @@ def test_half_the_heads_pruned_runs_at_two_sequence_lengths(bert_forms, form):
 
 def result_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model as pruning reads it (constants lifted), before any head is removed."""
-    from optimizers.structured import prepared_for_pruning
+    from optimizers.prune.checks import prepared_for_pruning
 
     return prepared_for_pruning(model, DIMS)[0]
 
@@ -384,7 +384,7 @@ def test_multi_head_attention_heads_pruned_with_packed_bias():
 
 
 def test_find_attention_reports_each_form(bert_forms):
-    from optimizers.structured import prepared_for_pruning
+    from optimizers.prune.checks import prepared_for_pruning
 
     for form in FORMS:
         blocks = find_attention(prepared_for_pruning(bert_forms[form], DIMS)[1])

@@ -321,7 +321,8 @@ def test_prune_past_the_threshold_runs_from_files_and_matches_the_usual_path(flo
     session stages a ModelProto (every check, MAC count and fidelity run opens a file written
     once), nothing is serialized whole, and the caller's model is left as it was."""
     from onnxforge.common.sessions import CHECK, open_session
-    from optimizers.structured import PruneSettings, prune_structured
+    from optimizers.prune.channels import PruneSettings
+    from optimizers.prune.structured import prune_structured
 
     in_memory, _, _, _ = flows
     model = onnx.load(str(in_memory["exported"]))
@@ -354,8 +355,10 @@ def test_prune_past_the_threshold_runs_from_files_and_matches_the_usual_path(flo
 def test_prune_past_the_threshold_checks_once_and_says_how_to_keep_a_unit_whole(flows, monkeypatch):
     """Past the threshold a failing check is not bisected (one check, not one per unit): the
     error says so and names --protect; below it the same failure leaves every unit whole."""
-    from optimizers import structured
-    from optimizers.structured import PruneSettings, prune_structured
+    from onnxforge.common.errors import UserError
+    from optimizers.prune import checks
+    from optimizers.prune.channels import PruneSettings
+    from optimizers.prune.structured import prune_structured
 
     in_memory, _, _, _ = flows
     model = onnx.load(str(in_memory["exported"]))
@@ -365,13 +368,13 @@ def test_prune_past_the_threshold_checks_once_and_says_how_to_keep_a_unit_whole(
         calls.append(saved)
         return "ONNX Runtime fails on it: made to fail by the test"
 
-    monkeypatch.setattr(structured.RunCheck, "__call__", failing)
-    with pytest.raises(structured.UserError, match="nothing could be pruned"):
+    monkeypatch.setattr(checks.RunCheck, "__call__", failing)
+    with pytest.raises(UserError, match="nothing could be pruned"):
         prune_structured(model, PruneSettings(ratio=0.25))
     assert len(calls) > 1  # the usual path bisects
     calls.clear()
     monkeypatch.setattr(onnxio, "EXTERNAL_DATA_THRESHOLD_BYTES", THRESHOLD_BYTES)
-    with pytest.raises(structured.UserError, match=r"made to fail by the test; past 2 GB the units are not bisected .* "
+    with pytest.raises(UserError, match=r"made to fail by the test; past 2 GB the units are not bisected .* "
                                                     r"keep them whole with --protect NODE"):
         prune_structured(model, PruneSettings(ratio=0.25))
     assert len(calls) == 1 and calls[0].name == "pruned.onnx"

@@ -17,8 +17,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.normalize import default_opset, ensure_opset, normalize, ops_needing_newer_opset
-from onnxforge.common.onnxio import load_onnx
+from onnxforge.common.graph import default_opset
+from onnxforge.common.normalize import ensure_opset, normalize, ops_needing_newer_opset
+from onnxforge.common.loading import load_onnx
 from onnxforge.common.ortrun import run_onnx
 from onnxforge.common.specs import check_inputs_match, choose_dim_sizes, make_inputs, spatial_multiples, specs_from_onnx
 from optimizers import OptimizeSettings, optimize

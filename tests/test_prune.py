@@ -332,12 +332,14 @@ def _assert_exact_twin(model, settings, feeds):
     followed op shows up as a difference here."""
     from onnx import numpy_helper
 
-    from optimizers import structured
+    from optimizers.prune.channels import apply, channel_importance, decide_drops, resolve_conflicts
+    from optimizers.prune.checks import prepared_for_pruning
+    from optimizers.prune.trace import analyze
 
-    _, prepared, _ = structured.prepared_for_pruning(model)
-    analysis = structured.analyze(prepared)
-    structured._resolve_conflicts(analysis)
-    decided = structured._decide(analysis, settings, structured._importance(prepared, analysis, settings, None))
+    _, prepared, _ = prepared_for_pruning(model)
+    analysis = analyze(prepared)
+    resolve_conflicts(analysis)
+    decided = decide_drops(analysis, settings, channel_importance(prepared, analysis, settings, None))
     removed = frozenset().union(*(roots for _, roots in decided))
     assert removed
     twin = onnx.ModelProto()
@@ -348,7 +350,7 @@ def _assert_exact_twin(model, settings, feeds):
         w = numpy_helper.to_array(inits[weight]).copy()
         w[(slice(None),) * axis + (gone,)] = 0
         inits[weight].CopyFrom(numpy_helper.from_array(w, weight))
-    pruned = structured.apply(prepared, analysis, removed)
+    pruned = apply(prepared, analysis, removed)
     for got, want in zip(_ort_outputs(pruned, feeds), _ort_outputs(twin, feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
@@ -458,7 +460,7 @@ def test_group_that_breaks_at_run_time_is_left_whole(monkeypatch):
     unit, leaves it whole with the error as the reason, and prunes the others."""
     from onnx import TensorProto, helper, numpy_helper
 
-    import optimizers.structured as structured
+    from optimizers.prune import structured, trace
 
     rng = np.random.default_rng(0)
     tensors = [numpy_helper.from_array(a, n) for n, a in (
@@ -478,8 +480,8 @@ def test_group_that_breaks_at_run_time_is_left_whole(monkeypatch):
     graph = helper.make_graph(nodes, "gate", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [2, 3, 8, 8])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 1, 1])], tensors)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    real = structured._static_shapes
-    monkeypatch.setattr(structured, "_static_shapes", lambda m: {**real(m), "gate": (2, 1, 8, 8)})
+    real = trace._static_shapes
+    monkeypatch.setattr(trace, "_static_shapes", lambda m: {**real(m), "gate": (2, 1, 8, 8)})
     result = prune(model, PruneSettings(ratio=0.5, protect_first=False))
     units = {u.producers[0]: u for u in result.units}
     broken = units["conv_b"]

@@ -360,11 +360,12 @@ def test_opset12_per_channel_qdq_upgrades_to_opset13_and_runs(tmp_path):
 
 def test_opset12_per_channel_falls_back_to_per_tensor_when_the_upgrade_fails(tmp_path, monkeypatch):
     from onnxforge.common import normalize
+    from optimizers.quantize import choose as choose_module  # where the upgrade is asked for
 
     def refuse(model, version, **_):
         return normalize.OpsetResult(model, 12, 12, "the converter refused (test)")
 
-    monkeypatch.setattr(normalize, "ensure_opset", refuse)
+    monkeypatch.setattr(choose_module, "ensure_opset", refuse)
     calib = {"x": np.random.default_rng(1).standard_normal((16, 3, 12, 12)).astype(np.float32)}
     result = quantize(_opset12_conv_net(), QuantizeSettings(mode="static"), calibration=calib)
     assert result.resolved["per_channel"] is False

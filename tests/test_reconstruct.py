@@ -1,4 +1,4 @@
-"""Least-squares reconstruction after structured pruning (optimizers.reconstruct): exact where the
+"""Least-squares reconstruction after structured pruning (optimizers.prune.reconstruct): exact where the
 pruned channels are linear combinations of the kept ones, streaming equals one shot, never kept
 where held-out data says it hurts, and the greedy choice finds redundant channels."""
 
@@ -12,14 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.common.errors import UserError
 from optimizers.calibration import split_holdout
-from optimizers.reconstruct import (
+from optimizers.prune.reconstruct import (
     Moments,
     ReconstructSettings,
     greedy_scores,
     reconstruct,
     solve,
 )
-from optimizers.structured import analyze
+from optimizers.prune.trace import analyze
 
 
 def _run(model, feeds):
@@ -374,7 +374,7 @@ def test_residual_target_makes_up_upstream_drift():
     block's pruning left in the residual is partly rebuilt, so the held-out output error is lower
     than with the plain target. A consumer without a residual sum gets the plain target."""
     from onnxforge.common.fidelity import fidelity
-    from optimizers.reconstruct import _consumers
+    from optimizers.prune.reconstruct import _consumers
 
     model = _residual_blocks(np.random.default_rng(11))
     analysis = analyze(model)
@@ -441,7 +441,7 @@ def _normed(w2: np.ndarray, axis: int = -1, residual: bool = True) -> onnx.Model
 
 
 def test_layernorm_input_is_found_through_bias_and_residual_adds():
-    from optimizers.reconstruct import _consumers
+    from optimizers.prune.reconstruct import _consumers
 
     w2 = np.random.default_rng(22).standard_normal((4, 4))
     for model, expected in ((_normed(w2), ("s", pytest.approx(1e-3))), (_normed(w2, residual=False), ("e", pytest.approx(1e-3))),
@@ -521,8 +521,8 @@ def _scaled_mid(model: onnx.ModelProto, scale: np.ndarray) -> onnx.ModelProto:
 
 def test_output_layer_refit_undoes_a_linear_drift_exactly():
     from onnxforge.common.fidelity import fidelity as measure
-    from optimizers.reconstruct import _refit_outputs
-    from optimizers.structured import apply
+    from optimizers.prune.reconstruct import _refit_outputs
+    from optimizers.prune.channels import apply
 
     model = _headed()
     analysis = analyze(model)
@@ -547,8 +547,8 @@ def test_output_layer_is_left_alone_without_drift_or_when_shared():
     raise held-out fidelity and the model is returned unchanged; a head whose weight another
     node reads is not re-fitted (the note says why)."""
     from onnxforge.common.fidelity import fidelity as measure
-    from optimizers.reconstruct import _refit_outputs
-    from optimizers.structured import apply
+    from optimizers.prune.reconstruct import _refit_outputs
+    from optimizers.prune.channels import apply
 
     model = _headed()
     analysis = analyze(model)
@@ -602,9 +602,9 @@ def test_reconstruct_refits_the_output_layer_only_where_held_out_data_gains(prun
 def test_output_layer_over_the_size_bound_is_left_alone(monkeypatch):
     """A vocabulary-sized head would need moments of outputs x features doubles: over
     ``OUTPUT_LAYER_MAX_WEIGHTS`` it is not re-fitted (bound lowered here to the 3 x 5 head's 14)."""
-    from optimizers import reconstruct as module
+    from optimizers.prune import reconstruct as module
     from onnxforge.common.fidelity import fidelity as measure
-    from optimizers.structured import apply
+    from optimizers.prune.channels import apply
 
     monkeypatch.setattr(module, "OUTPUT_LAYER_MAX_WEIGHTS", 14)
     model = _headed()

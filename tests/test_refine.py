@@ -1,4 +1,4 @@
-"""Block-wise refinement of feed-forward blocks (optimizers.refine): exact gradients, the
+"""Block-wise refinement of feed-forward blocks (optimizers.prune.refine): exact gradients, the
 activation recognised from data, held-out fidelity that rises, and blocks left alone where
 there is nothing to gain or the numpy form does not match the graph."""
 
@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxforge.common.errors import UserError
 from optimizers import PruneSettings, prune
 from onnxforge.common.fidelity import fidelity
-from optimizers.refine import (
+from optimizers.prune.refine import (
     ACTIVATIONS,
     BlockParameters,
     RefineSettings,
@@ -54,7 +54,7 @@ def test_activation_recognised_from_data():
         assert recognise_activation(z, value(z).astype(np.float32)) == name
     assert recognise_activation(z, np.sin(z)) is None
     exact_erf = np.array([0.0, 0.1124629160182849, 0.5204998778130465, 0.8427007929497149, 0.9953222650189527])
-    from optimizers.refine import _erf
+    from optimizers.prune.refine import _erf
 
     np.testing.assert_allclose(_erf(np.array([0.0, 0.1, 0.5, 1.0, 2.0])), exact_erf, atol=2e-7)
 
@@ -286,7 +286,7 @@ def test_max_rows_bounds_the_rows_read_from_each_batch():
 
 
 def test_a_numpy_block_that_does_not_match_onnx_runtime_is_left_alone(monkeypatch):
-    import optimizers.refine as refine_module
+    from optimizers.prune import refine as refine_module
 
     real = refine_module.block_output
     monkeypatch.setattr(refine_module, "block_output", lambda *args: real(*args) + 0.01)
@@ -297,8 +297,8 @@ def test_a_numpy_block_that_does_not_match_onnx_runtime_is_left_alone(monkeypatc
 def test_refinement_that_lowers_the_model_cosine_is_dropped(monkeypatch):
     import sys
 
-    quantize_module = sys.modules["optimizers.quantize"]  # the package's attribute is the function
-    real = quantize_module.fidelity
+    refine_module = sys.modules["optimizers.prune.refine"]  # where refine() looks fidelity up
+    real = refine_module.fidelity
     pruned = _transformer_ffn(keep=KEEP)
 
     def fidelity_preferring_the_unrefined(reference, model, batches):
@@ -307,7 +307,7 @@ def test_refinement_that_lowers_the_model_cosine_is_dropped(monkeypatch):
             return dataclasses.replace(measured, mean_cosine={name: 1.0 for name in measured.mean_cosine})
         return measured
 
-    monkeypatch.setattr(quantize_module, "fidelity", fidelity_preferring_the_unrefined)
+    monkeypatch.setattr(refine_module, "fidelity", fidelity_preferring_the_unrefined)
     result = refine(_transformer_ffn(), pruned, _batches(10, seed=1), SETTINGS)
     assert result.blocks[0].kept and not result.kept and result.model is pruned
     assert result.notes[0].endswith("not kept (lower)")

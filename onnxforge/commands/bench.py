@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from onnxforge.commands._args import add_io_flags
-from onnxforge.common.errors import UserError
-
-import logging
 from onnxforge.common import jsonio
+from onnxforge.common.errors import UserError
 
 logger = logging.getLogger("onnxforge.cli")
 

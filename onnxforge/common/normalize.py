@@ -25,16 +25,19 @@ import re
 from collections.abc import Iterator, Mapping
 
 import onnx
+from onnx import defs
 
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
+from onnxforge.common.graph import DEFAULT_DOMAINS, default_opset
+from onnxforge.common.ortrun import run_onnx, runnable_dim_sizes
+from onnxforge.common.specs import make_inputs, specs_from_onnx
 
 logger = logging.getLogger(__name__)
 
 # Lifting and opset conversion must not change a single value; float tolerance only because
 # an upgraded op may take another kernel.
 CHECK_TOLERANCE = Tolerance(rtol=1e-5, atol=1e-6)
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +110,6 @@ class OpsetResult:
         if not self.upgraded:
             return f"opset {self.version_before} already"
         return f"opset {self.version_before} -> {self.version_after} (check: {self.check})"
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    """The model's version of the default ONNX domain (0 when it imports none)."""
-    return max((int(entry.version) for entry in model.opset_import if entry.domain in DEFAULT_DOMAINS), default=0)
 
 
 # ---------------------------------------------------------------- the normalization
@@ -259,8 +257,6 @@ def _weights_loaded(model: onnx.ModelProto) -> bool:
 def _compare_in_ort(reference: onnx.ModelProto, candidate: onnx.ModelProto, dims: Mapping[str, int] | None) -> tuple[bool | None, str]:
     """(True, how) when both models give the same outputs on generated inputs, (False, what
     differs) when they do not, (None, why) when the reference itself cannot be run here."""
-    from onnxforge.common.ortrun import run_onnx, runnable_dim_sizes
-    from onnxforge.common.specs import make_inputs, specs_from_onnx
 
     if not (_weights_loaded(reference) and _weights_loaded(candidate)):
         return None, "not run (weights in external data not loaded)"
@@ -371,7 +367,6 @@ def _short(exc: BaseException) -> str:
 def ops_needing_newer_opset(model: onnx.ModelProto) -> dict[str, int]:
     """Default-domain ops of the main graph that the model's opset does not define yet
     (e.g. LayerNormalization in an opset-12 graph), with the opset that first has them."""
-    from onnx import defs
 
     opset = default_opset(model)
     needed: dict[str, int] = {}
@@ -388,7 +383,6 @@ def ops_needing_newer_opset(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _defined(op_type: str, version: int) -> bool:
-    from onnx import defs
 
     try:
         defs.get_schema(op_type, version, "")
@@ -397,4 +391,4 @@ def _defined(op_type: str, version: int) -> bool:
     return True
 
 
-__all__ = ["NormalizeResult", "OpsetResult", "default_opset", "ensure_opset", "normalize", "ops_needing_newer_opset"]
+__all__ = ["NormalizeResult", "OpsetResult", "ensure_opset", "normalize", "ops_needing_newer_opset"]

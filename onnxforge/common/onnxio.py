@@ -1,4 +1,6 @@
-"""Loading and saving ONNX files with clear errors and atomic writes; small helpers for graph rewrites."""
+"""Saving ONNX files atomically (external data past 2 GB), sizes, the checker and shape inference
+for models of any size; small helpers for graph rewrites. Loading is ``onnxforge.common.loading``
+(it normalizes what it loads, which needs ONNX Runtime; this module is below that)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
 
 logger = logging.getLogger(__name__)
@@ -23,38 +24,6 @@ PROTOBUF_LIMIT_BYTES = 2**31
 EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8 * 2**30)
 # Initializers up to this size stay inside the .onnx file when the rest go to external data.
 INLINE_TENSOR_BYTES = 1024
-
-
-def load_onnx(path: str | Path, *, load_external_data: bool = True, normalize: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file, turning every way it can be wrong into a ``UserError``.
-
-    With ``normalize`` (the default, what every command gets) the model comes back as
-    ``onnxforge.common.normalize.normalize`` makes it: Constant weights as initializers,
-    ``-1``/``0`` dims symbolic, every node named; what changed is logged in one line. The
-    result is checked in ONNX Runtime when the weights are loaded.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"ONNX file '{path}' does not exist; check the path")
-    if path.is_dir():
-        raise UserError(f"'{path}' is a folder, not an ONNX file; give the path of a .onnx file")
-    try:
-        model = onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as exc:  # protobuf raises DecodeError, onnx raises ValueError/OSError
-        raise UserError(
-            f"'{path}' is not a readable ONNX model ({type(exc).__name__}: {exc}); "
-            "give a file written by an ONNX exporter"
-        ) from None
-    if not model.graph.node and not model.graph.output:
-        raise UserError(f"'{path}' does not contain an ONNX graph; give a file written by an ONNX exporter")
-    if not normalize:
-        return model
-    from onnxforge.common.normalize import normalize as normalize_model
-
-    result = normalize_model(model, check=load_external_data)
-    if result.modified:
-        logger.info("%s: %s", path.name, result.describe())
-    return result.model
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -158,20 +127,35 @@ def _externalized(model: onnx.ModelProto, location: str, write=None) -> tuple[on
                 or tensor.ByteSize() <= INLINE_TENSOR_BYTES):
             graph_only.graph.initializer.add().CopyFrom(tensor)
             continue
-        # typed fields (float_data...) go through numpy_helper, which packs 4-bit types as raw_data does
-        payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+        payload = tensor_payload(tensor)
         if write is not None:
             write(payload)
         reference = graph_only.graph.initializer.add()
-        reference.name, reference.data_type, reference.doc_string = tensor.name, tensor.data_type, tensor.doc_string
-        reference.dims.extend(tensor.dims)
-        reference.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(payload)))):
-            entry = reference.external_data.add()
-            entry.key, entry.value = key, value
+        reference.doc_string = tensor.doc_string
+        external_reference(reference, tensor.name, tensor.data_type, tensor.dims, location, offset, len(payload))
         offset += len(payload)
         del payload
     return graph_only, offset
+
+
+def tensor_payload(tensor: onnx.TensorProto) -> bytes:
+    """The bytes an external data file holds for ``tensor`` (loaded, not a string tensor):
+    ``raw_data``, or the typed fields (``float_data``...) packed through numpy_helper, which
+    packs 4-bit types as ``raw_data`` does."""
+    return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+
+
+def external_reference(reference: onnx.TensorProto, name: str, data_type: int, dims, location: str, offset: int,
+                       length: int) -> onnx.TensorProto:
+    """Fills ``reference`` (an empty initializer) as a tensor whose ``length`` bytes sit at
+    ``offset`` in the file ``location`` beside the model; returns it."""
+    reference.name, reference.data_type = name, data_type
+    reference.dims.extend(dims)
+    reference.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = reference.external_data.add()
+        entry.key, entry.value = key, value
+    return reference
 
 
 def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -3,6 +3,7 @@ errors a person can act on. Sessions come from ``onnxforge.common.sessions.open_
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnx
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.sessions import CHECK, SessionSettings, one_line, open_session
+from onnxforge.common.specs import choose_dim_sizes, make_inputs, specs_from_onnx
 
 _FLOAT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
 # As a deployment runs it (ONNX Runtime's optimizations on), but quiet: failures are raised.
@@ -67,9 +69,7 @@ def runnable_dim_sizes(model: onnx.ModelProto, given: Mapping[str, int] | None =
     Any size that runs serves to compare two models on the same inputs; it need not be the
     size the model was trained at.
     """
-    import dataclasses
 
-    from onnxforge.common.specs import choose_dim_sizes, make_inputs, specs_from_onnx
 
     specs = specs_from_onnx(model)
     chosen = choose_dim_sizes(model, specs, given, data)

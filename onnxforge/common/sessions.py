@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.onnxio import is_large, save_onnx
 
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
@@ -105,7 +106,6 @@ def open_session(
     label = what or (f"'{source}'" if not isinstance(source, onnx.ModelProto) else "the model")
     staged = None
     if isinstance(source, onnx.ModelProto):
-        from onnxforge.common.onnxio import is_large, save_onnx
 
         if is_large(source):
             # past 2 GB a model cannot be serialized in one piece: ONNX Runtime gets a file with

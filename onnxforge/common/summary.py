@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxforge.common.loading import load_onnx
 from onnxforge.common.normalize import subgraphs
-from onnxforge.common.onnxio import files_of, load_onnx
+from onnxforge.common.onnxio import files_of
 
 # Ops that do the heavy arithmetic of a model; the quantized fraction is taken over these.
 FLOAT_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "MultiHeadAttention", "FusedMatMul", "FusedConv", "FusedGemm"})

@@ -12,8 +12,8 @@ import collections
 import contextlib
 import io
 import logging
-import tempfile
 import math
+import tempfile
 
 import numpy as np
 import onnx

@@ -7,24 +7,27 @@ import dataclasses
 import gc
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
-from onnxforge.common.normalize import NormalizeResult, default_opset, ensure_opset, normalize, ops_needing_newer_opset
-from onnxforge.common.onnxio import check_onnx, files_of, is_large, load_onnx, model_bytes, save_onnx
+from onnxforge.common.graph import default_opset
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.normalize import NormalizeResult, ensure_opset, normalize, ops_needing_newer_opset
+from onnxforge.common.onnxio import check_onnx, files_of, is_large, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.graph.cleanup import cleanup, prune_graph
 from optimizers.graph.fusions import fuse_transformer, looks_like_transformer
 from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort, is_dynamo_graph
 from optimizers.graph.ort_offline import TARGET_PROVIDERS, ort_optimize, require_provider
 from optimizers.graph.precision import to_fp16
+from optimizers.prune.sparsity import magnitude_sparsity
 from optimizers.result import PassResult
-from optimizers.sparsity import magnitude_sparsity
 from optimizers.verify import compare_models, run_model, verification_dims, verification_inputs
 
 logger = logging.getLogger(__name__)
@@ -185,16 +188,43 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     if settings.fp16 and settings.target == "cpu":
         logger.warning("fp16 on the CPU is usually slower than float32 in ONNX Runtime; it is meant for GPU targets")
 
-    reference_inputs = reference_outputs = None
     dims = dict(settings.dims)  # the sizes every check in ONNX Runtime uses, opset upgrades too
+    reference_inputs = reference_outputs = None
     if settings.verify:
         dims = verification_dims(source, settings.dims)
         reference_inputs = verification_inputs(source, dims)
         reference_outputs = run_model(source, reference_inputs)
         for name in settings.drop_outputs:
             reference_outputs.pop(name, None)
+    steps = _steps(settings, source, dims, tolerance, level, reference_inputs)
+    current, source = source, None  # the reference outputs are all later steps need of it
+    reports = []
+    for name, transform, kind in steps:
+        step_started = time.perf_counter()
+        result: PassResult = _within_opset(name, transform, current, dims)
+        check = None
+        if settings.verify and result.modified:
+            result, check = _verified_step(name, kind, result, current, reference_outputs, reference_inputs, tolerance, settings)
+        reports.append(StepReport(name, result.modified, time.perf_counter() - step_started,
+                                  len(current.graph.node), len(result.model.graph.node), result.stats, check))
+        logger.info("%s: %d -> %d nodes (%.2f s)%s", name, len(current.graph.node), len(result.model.graph.node),
+                    reports[-1].seconds, f", max abs error {check['max_abs_error']:.2e}" if check else "")
+        current = result.model
+        if is_large(current):
+            gc.collect()  # the step's onnx-ir graphs are reference cycles holding the model it started from
+    try:
+        contrib = any(op.domain not in ("", "ai.onnx") for op in current.opset_import)
+        check_onnx(current, full_check=not contrib)
+    except onnx.checker.ValidationError as exc:
+        raise UserError(f"the optimized model fails onnx.checker: {str(exc)[:400]}") from None
+    return OptimizeResult(current, tuple(reports), before, _summary(current), time.perf_counter() - started, normalization)
 
-    steps: list[tuple[str, callable, str]] = []
+
+def _steps(settings: OptimizeSettings, source: onnx.ModelProto, dims: Mapping[str, int], tolerance: Tolerance, level: str,
+           reference_inputs: Mapping[str, np.ndarray] | None = None) -> list[tuple[str, Callable[[onnx.ModelProto], PassResult], str]]:
+    """``(name, transform, kind)`` of each step the settings ask for, in order; ``kind`` is how
+    its result is checked: ``exact`` (within rtol/atol), ``fp16`` (cosine, finite) or ``lossy``."""
+    steps: list[tuple[str, Callable[[onnx.ModelProto], PassResult], str]] = []
     if settings.drop_outputs:
         steps.append(("prune_outputs", lambda m: prune_graph(m, settings.drop_outputs), "exact"))
     steps.append(("cleanup", lambda m: cleanup(m, max_rounds=settings.cleanup_rounds), "exact"))
@@ -215,52 +245,37 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
         steps.append(("fp16", lambda m: to_fp16(m, keep_io_types=settings.keep_io_types, inputs=fp16_inputs), "fp16"))
     if settings.sparsity:
         steps.append(("magnitude_sparsity", lambda m: magnitude_sparsity(m, settings.sparsity, scope=settings.sparsity_scope), "lossy"))
+    return steps
 
-    current, source = source, None  # the reference outputs are all later steps need of it
-    reports = []
-    for name, transform, kind in steps:
-        step_started = time.perf_counter()
-        result: PassResult = _within_opset(name, transform, current, dims)
-        check = None
-        if settings.verify and result.modified:
-            try:
-                comparison = compare_models(reference_outputs, result.model, reference_inputs, tolerance)
-            except UserError as exc:  # the input model ran on these inputs; the step broke it
-                reason = f"ONNX Runtime cannot run what it wrote: {str(exc)[:300]}"
-                logger.warning("step '%s' skipped: %s", name, reason)
-                result = PassResult(current, False, {**result.stats, "skipped": reason})
-                comparison = None
-        if settings.verify and result.modified:
-            check = _check_dict(comparison)
-            if kind == "exact" and not comparison.passed:
-                raise UserError(
-                    f"step '{name}' changed the model's outputs beyond rtol={tolerance.rtol:g}, atol={tolerance.atol:g}: "
-                    + "; ".join(f.describe() for f in comparison.failures())
-                    + ". Disable it (e.g. --no-fusions or --level basic) or loosen --rtol/--atol"
-                )
-            if kind == "fp16" and comparison.nonfinite:
-                raise UserError(
-                    f"fp16 conversion makes {comparison.nonfinite} output values NaN or infinite where float32 gives finite "
-                    "ones (float16 overflows past 65504); keep this model in float32"
-                )
-            if kind == "fp16" and comparison.min_cosine < settings.fp16_min_cosine:
-                raise UserError(
-                    f"fp16 conversion drops output cosine to {comparison.min_cosine:.5f}, below {settings.fp16_min_cosine}; "
-                    "keep this model in float32 or lower --fp16-min-cosine"
-                )
-        reports.append(StepReport(name, result.modified, time.perf_counter() - step_started,
-                                  len(current.graph.node), len(result.model.graph.node), result.stats, check))
-        logger.info("%s: %d -> %d nodes (%.2f s)%s", name, len(current.graph.node), len(result.model.graph.node),
-                    reports[-1].seconds, f", max abs error {check['max_abs_error']:.2e}" if check else "")
-        current = result.model
-        if is_large(current):
-            gc.collect()  # the step's onnx-ir graphs are reference cycles holding the model it started from
+
+def _verified_step(name: str, kind: str, result: PassResult, current: onnx.ModelProto, reference_outputs, reference_inputs,
+                   tolerance: Tolerance, settings: OptimizeSettings) -> tuple[PassResult, dict | None]:
+    """A step's result run against the input model's outputs: a step whose model ONNX Runtime
+    cannot run is skipped (with the reason); an ``exact`` step beyond rtol/atol, or fp16 with
+    non-finite values or a cosine below ``fp16_min_cosine``, is a ``UserError``."""
     try:
-        contrib = any(op.domain not in ("", "ai.onnx") for op in current.opset_import)
-        check_onnx(current, full_check=not contrib)
-    except onnx.checker.ValidationError as exc:
-        raise UserError(f"the optimized model fails onnx.checker: {str(exc)[:400]}") from None
-    return OptimizeResult(current, tuple(reports), before, _summary(current), time.perf_counter() - started, normalization)
+        comparison = compare_models(reference_outputs, result.model, reference_inputs, tolerance)
+    except UserError as exc:  # the input model ran on these inputs; the step broke it
+        reason = f"ONNX Runtime cannot run what it wrote: {str(exc)[:300]}"
+        logger.warning("step '%s' skipped: %s", name, reason)
+        return PassResult(current, False, {**result.stats, "skipped": reason}), None
+    if kind == "exact" and not comparison.passed:
+        raise UserError(
+            f"step '{name}' changed the model's outputs beyond rtol={tolerance.rtol:g}, atol={tolerance.atol:g}: "
+            + "; ".join(f.describe() for f in comparison.failures())
+            + ". Disable it (e.g. --no-fusions or --level basic) or loosen --rtol/--atol"
+        )
+    if kind == "fp16" and comparison.nonfinite:
+        raise UserError(
+            f"fp16 conversion makes {comparison.nonfinite} output values NaN or infinite where float32 gives finite "
+            "ones (float16 overflows past 65504); keep this model in float32"
+        )
+    if kind == "fp16" and comparison.min_cosine < settings.fp16_min_cosine:
+        raise UserError(
+            f"fp16 conversion drops output cosine to {comparison.min_cosine:.5f}, below {settings.fp16_min_cosine}; "
+            "keep this model in float32 or lower --fp16-min-cosine"
+        )
+    return result, _check_dict(comparison)
 
 
 def _fuse_at_opset_17(model: onnx.ModelProto, dims: Mapping[str, int], **fusion_settings) -> PassResult:

@@ -59,7 +59,27 @@ from optimizers.quantize.ort_quantize import CALIBRATION_CHUNK, chunked_calibrat
 from optimizers.quantize.pattern import OpPattern, op_pattern
 from optimizers.quantize.prepare import flatten_gemm_biases, gemm_as_matmul, preprocess_model
 from optimizers.quantize.sensitivity import node_sensitivity
-from optimizers.quantize.settings import ATTENTION_OPS, CALIBRATION_METHODS, COMPUTE_OPS, Candidate, FAITHFUL_ERROR_SHARE, FAITHFUL_SPEED_TIE, FLOAT_VARIANT, FORMATS, INT8_CHAIN_OPS, INT_TYPES, MODES, NBITS_INT8_BLOCK, PER_CHANNEL_QDQ_OPSET, QuantizeResult, QuantizeSettings, SMOOTHQUANT_GENERATED_BATCHES, SPEED_TIE, TARGETS, Timing
+from optimizers.quantize.settings import (
+    ATTENTION_OPS,
+    CALIBRATION_METHODS,
+    COMPUTE_OPS,
+    FAITHFUL_ERROR_SHARE,
+    FAITHFUL_SPEED_TIE,
+    FLOAT_VARIANT,
+    FORMATS,
+    INT8_CHAIN_OPS,
+    INT_TYPES,
+    MODES,
+    NBITS_INT8_BLOCK,
+    PER_CHANNEL_QDQ_OPSET,
+    SMOOTHQUANT_GENERATED_BATCHES,
+    SPEED_TIE,
+    TARGETS,
+    Candidate,
+    QuantizeResult,
+    QuantizeSettings,
+    Timing,
+)
 from optimizers.quantize.timing import measure_with_runtime_bench
 
 __all__ = [

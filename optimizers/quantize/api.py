@@ -15,20 +15,26 @@ import onnx
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import Fidelity, fidelity
-from onnxforge.common.onnxio import files_of, load_onnx, model_bytes, save_onnx
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.normalize import normalize
+from onnxforge.common.onnxio import files_of, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData
-from optimizers.graph.ort_fusions import is_dynamo_graph
+from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort, is_dynamo_graph, patch_convs_as_matmul
 from optimizers.quantize.candidates import batches_for_evaluation, check_excluded, plan_with_data, refuse_quantized
 from optimizers.quantize.choose import choose, opset_for_per_channel_qdq, pooled, second_look
+from optimizers.quantize.decisions import decision_key, recall, remember
 from optimizers.quantize.large import large_model_header, quantize_large
 from optimizers.quantize.ort_quantize import run_ort_quantization
+from optimizers.quantize.outliers import float_nodes, keep_outliers_float
 from optimizers.quantize.pattern import OpPattern, op_pattern
 from optimizers.quantize.prepare import flatten_gemm_biases, gemm_as_matmul, preprocess_model
 from optimizers.quantize.sensitivity import node_sensitivity, quantizable_nodes
 from optimizers.quantize.settings import SMOOTHQUANT_GENERATED_BATCHES, Candidate, QuantizeResult, QuantizeSettings, Timing
+from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth
 from optimizers.quantize.timing import measure_with_runtime_bench, time_against_float
 from optimizers.verify import verification_inputs
+from runtime_bench.machine import machine_info
 from runtime_bench.timing import Measure
 
 logger = logging.getLogger(__name__)
@@ -87,29 +93,15 @@ def quantize(
         candidates, models = _build_candidates(candidates, inputs_for, exclude, calib, settings, workdir, reference, evaluation_batches)
 
         timed = settings.target == "cpu" and settings.check_speed and not recalled
+        measure = measure or measure_with_runtime_bench
         if timed:
-            float_timing, timings, why_not = time_against_float(
-                reference, {c.name: models[c.name] for c in candidates if c.error is None}, evaluation_batches[0], settings,
-                measure or measure_with_runtime_bench, workdir)
-            candidates = [dataclasses.replace(c, timing=timings.get(c.name)) for c in candidates]
-            if why_not:
-                warnings.append(f"speed not checked against fp32: {why_not}")
-            marginal = second_look(candidates, settings.min_cosine)
-            if marginal is not None:
-                _, again, _ = time_against_float(reference, {name: models[name] for name in marginal}, evaluation_batches[0],
-                                                  settings, measure or measure_with_runtime_bench, workdir)
-                if set(again) == set(marginal):
-                    candidates = [dataclasses.replace(c, timing=pooled(c.timing, again[c.name])) if c.name in again else c
-                                  for c in candidates]
-                    reasons.append(f"{marginal[1]} measured within twice its tie band of the fastest, {marginal[0]}: both timed "
-                                   "again, their speedups are the mean of the two checks")
+            candidates, float_timing = _timed(candidates, models, reference, evaluation_batches[0], settings, measure, workdir,
+                                              reasons, warnings)
         chosen_index, choice_reasons, choice_warnings = choose(candidates, settings.min_cosine)
         reasons += choice_reasons
         warnings += choice_warnings
         chosen = candidates[chosen_index]
         if decision is not None and timed and chosen.timing is not None:
-            from optimizers.quantize.decisions import remember
-
             remember(decision, chosen.name, chosen.timing.speedup, chosen.fidelity.min_mean_cosine, _machine_name())
         exclude = [*exclude, *chosen.resolved["keep_float"]]
         quantized, measured, sensitivity, exclude_final = models[chosen.name], chosen.fidelity, [], exclude
@@ -119,14 +111,8 @@ def quantize(
                 evaluation_batches)
             chosen = dataclasses.replace(chosen, fidelity=measured)
             if timed and chosen.timing is not None:
-                float_timing, timings, _ = time_against_float(reference, {chosen.name: quantized}, evaluation_batches[0], settings,
-                                                               measure or measure_with_runtime_bench, workdir)
-                chosen = dataclasses.replace(chosen, timing=timings.get(chosen.name))
-                reasons.append(f"with {len(exclude_final) - len(exclude)} node(s) kept in float for the accuracy target: "
-                               + (f"{chosen.timing.speedup:.2f}x fp32 measured here" if chosen.timing else "not timed"))
-                if chosen.timing is not None and chosen.timing.speedup <= 1.0:
-                    warnings.append(f"with the nodes kept in float, {chosen.name} runs at {chosen.timing.speedup:.2f}x fp32 here: "
-                                    "not faster than the float model")
+                chosen, float_timing = _timed_again(chosen, quantized, len(exclude_final) - len(exclude), reference,
+                                                    evaluation_batches[0], settings, measure, workdir, reasons, warnings)
         candidates[chosen_index] = dataclasses.replace(chosen, chosen=True)
     for warning in warnings:
         logger.warning("%s", warning)
@@ -136,6 +122,41 @@ def quantize(
     return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
                           tuple(n for n in exclude_final if n not in exclude), tuple(sensitivity), pre_label,
                           time.perf_counter() - started, pattern.describe(), tuple(candidates), float_timing, tuple(warnings))
+
+
+def _timed(candidates: list[Candidate], models: Mapping[str, onnx.ModelProto], reference: onnx.ModelProto,
+           inputs: Mapping[str, np.ndarray], settings: QuantizeSettings, measure: Measure, workdir: Path,
+           reasons: list[str], warnings: list[str]) -> tuple[list[Candidate], Timing | None]:
+    """The built candidates timed against fp32; the two that ``second_look`` finds too close to
+    call are timed a second time and their speedups pooled. ``(candidates, fp32 timing)``."""
+    float_timing, timings, why_not = time_against_float(
+        reference, {c.name: models[c.name] for c in candidates if c.error is None}, inputs, settings, measure, workdir)
+    candidates = [dataclasses.replace(c, timing=timings.get(c.name)) for c in candidates]
+    if why_not:
+        warnings.append(f"speed not checked against fp32: {why_not}")
+    marginal = second_look(candidates, settings.min_cosine)
+    if marginal is not None:
+        _, again, _ = time_against_float(reference, {name: models[name] for name in marginal}, inputs, settings, measure, workdir)
+        if set(again) == set(marginal):
+            candidates = [dataclasses.replace(c, timing=pooled(c.timing, again[c.name])) if c.name in again else c
+                          for c in candidates]
+            reasons.append(f"{marginal[1]} measured within twice its tie band of the fastest, {marginal[0]}: both timed "
+                           "again, their speedups are the mean of the two checks")
+    return candidates, float_timing
+
+
+def _timed_again(chosen: Candidate, quantized: onnx.ModelProto, kept_float: int, reference: onnx.ModelProto,
+                 inputs: Mapping[str, np.ndarray], settings: QuantizeSettings, measure: Measure, workdir: Path,
+                 reasons: list[str], warnings: list[str]) -> tuple[Candidate, Timing | None]:
+    """The chosen candidate timed again once the accuracy target kept ``kept_float`` nodes in float."""
+    float_timing, timings, _ = time_against_float(reference, {chosen.name: quantized}, inputs, settings, measure, workdir)
+    chosen = dataclasses.replace(chosen, timing=timings.get(chosen.name))
+    reasons.append(f"with {kept_float} node(s) kept in float for the accuracy target: "
+                   + (f"{chosen.timing.speedup:.2f}x fp32 measured here" if chosen.timing else "not timed"))
+    if chosen.timing is not None and chosen.timing.speedup <= 1.0:
+        warnings.append(f"with the nodes kept in float, {chosen.name} runs at {chosen.timing.speedup:.2f}x fp32 here: "
+                        "not faster than the float model")
+    return chosen, float_timing
 
 
 def _data_id(source) -> str | None:
@@ -163,7 +184,6 @@ def _decision_key(reference: onnx.ModelProto, settings: QuantizeSettings, candid
         if settings.fast:
             logger.warning("--fast: data given in memory has no identity to remember a decision by; searching")
         return None
-    from optimizers.quantize.decisions import decision_key
 
     return decision_key(reference, settings, data)
 
@@ -173,7 +193,6 @@ def _recalled(candidates: list[Candidate], decision: str | None, settings: Quant
     """With ``settings.fast``, only the candidate remembered for this key (and True), else all."""
     if not settings.fast or decision is None:
         return candidates, False
-    from optimizers.quantize.decisions import recall
 
     entry = recall(decision)
     kept = [c for c in candidates if entry is not None and c.name == entry["candidate"]]
@@ -189,7 +208,6 @@ def _recalled(candidates: list[Candidate], decision: str | None, settings: Quant
 
 
 def _machine_name() -> str:
-    from runtime_bench.machine import machine_info
 
     return machine_info().cpu
 
@@ -198,7 +216,6 @@ def _float_model(model: onnx.ModelProto | str | Path, settings: QuantizeSettings
                  dims: Mapping[str, int] | None) -> tuple[ModelSummary, onnx.ModelProto, list[str]]:
     """The float model as every candidate starts from it: loaded, refused if already quantized,
     normalized (``onnxforge.common.normalize``), with the exclude-node names checked."""
-    from onnxforge.common.normalize import normalize
 
     loaded = load_onnx(model) if isinstance(model, (str, Path)) else model
     before = summarize_model(loaded, str(model) if isinstance(model, (str, Path)) else "", model_bytes(loaded))
@@ -246,7 +263,6 @@ def _patch_convs_as_matmul(model: onnx.ModelProto, dims: Mapping[str, int] | Non
     ``quantize_dynamic`` makes a Conv a ``ConvInteger``, which ran 4-7x slower than the float Conv
     and took a third of a ViT's int8 time, and a MatMul a ``DynamicQuantizeMatMul``. A Conv the
     user keeps in float by name stays a Conv."""
-    from optimizers.graph.ort_fusions import OrtFusionSettings, patch_convs_as_matmul
 
     names = {node.name for node in model.graph.node if node.op_type == "Conv"}
     if names & set(exclude):
@@ -262,7 +278,6 @@ def _patch_convs_as_matmul(model: onnx.ModelProto, dims: Mapping[str, int] | Non
 
 def _int8_fusions(model: onnx.ModelProto, dims: Mapping[str, int] | None) -> onnx.ModelProto:
     """The dynamo graph with the fusions that suit dynamic int8, or as it was when they fail."""
-    from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 
     try:
         result = fuse_for_ort(model, OrtFusionSettings(attention=False, dims=dict(dims or {})))
@@ -282,8 +297,6 @@ def _equalized(model: onnx.ModelProto, resolved: dict, calib: CalibrationData | 
     measured on)."""
     if not resolved.get("outliers") and not resolved.get("smoothquant"):
         return model
-    from optimizers.quantize.outliers import keep_outliers_float
-    from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth
 
     if calib is None:
         batches = [verification_inputs(model, dims, seed=100 + i) for i in range(SMOOTHQUANT_GENERATED_BATCHES)]
@@ -306,7 +319,6 @@ def _equalized(model: onnx.ModelProto, resolved: dict, calib: CalibrationData | 
 
 def _with_float_paths(candidates: Sequence[Candidate], inputs_for: Mapping[str, onnx.ModelProto]) -> list[Candidate]:
     """Candidates whose model got outlier side paths keep those MatMuls in float (``keep_float``)."""
-    from optimizers.quantize.outliers import float_nodes
 
     out = []
     for c in candidates:

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
+from onnxforge.common.graph import default_opset
+from onnxforge.common.normalize import ensure_opset
 from optimizers.quantize.settings import FAITHFUL_ERROR_SHARE, FAITHFUL_SPEED_TIE, PER_CHANNEL_QDQ_OPSET, SPEED_TIE, Candidate, Timing
 
 
@@ -98,7 +100,6 @@ def opset_for_per_channel_qdq(candidates: list[Candidate], model: onnx.ModelProt
                                dims: Mapping[str, int] | None) -> tuple[list[Candidate], onnx.ModelProto, str | None]:
     """Per-channel QDQ needs opset 13 (the ``axis`` of DequantizeLinear); older models are
     upgraded and checked, or those candidates go per-tensor. Returns the reason either way."""
-    from onnxforge.common.normalize import default_opset, ensure_opset
 
     needs = [i for i, c in enumerate(candidates) if c.resolved["mode"] == "static" and c.resolved["format"] == "qdq"
              and c.resolved["per_channel"]]

@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
 
 from onnxforge.common.fileio import atomic_path
+from runtime_bench.machine import machine_info
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,6 @@ def store_path() -> Path:
 def model_signature(model: onnx.ModelProto) -> str:
     """sha256 of the graph's structure and weights (names included), never of the serialized
     model, so that it works past protobuf's 2 GB limit."""
-    from onnx import numpy_helper
 
     h = hashlib.sha256()
     graph = model.graph
@@ -70,7 +71,6 @@ def machine_signature() -> dict[str, Any]:
     """What decides which int8 kernels are fast here."""
     import onnxruntime
 
-    from runtime_bench.machine import machine_info
 
     info = machine_info()
     flags = sorted(f for f in info.cpu_flags if f.startswith(("avx", "amx", "sse4", "fma", "vnni", "neon", "sve", "dotprod", "i8mm")))

@@ -16,7 +16,9 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.fidelity import fidelity_of_files
-from onnxforge.common.onnxio import INLINE_TENSOR_BYTES, is_large, load_onnx, model_bytes, save_onnx
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.normalize import normalize
+from onnxforge.common.onnxio import INLINE_TENSOR_BYTES, external_reference, is_large, model_bytes, save_onnx, tensor_payload
 from onnxforge.common.summary import summarize_model
 from optimizers.graph.ort_fusions import is_dynamo_graph
 from optimizers.quantize.candidates import batches_for_evaluation, check_excluded, plan_with_data, refuse_quantized
@@ -54,7 +56,6 @@ def quantize_large(model: onnx.ModelProto | str | Path, header: onnx.ModelProto,
     (``_write_for_dynamic``); ``quantize_dynamic`` gets its path; fidelity runs the float and
     the quantized file one session after the other (``fidelity_of_files``). At no point does
     this process hold the float weights beside ONNX Runtime's copies of them."""
-    from onnxforge.common.normalize import normalize
 
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp:
         workdir = Path(tmp)
@@ -125,13 +126,7 @@ def _write_for_dynamic(model: onnx.ModelProto, base_dir: Path, target: Path) -> 
     data_name = target.name + ".data"
     with open(target.parent / data_name, "wb") as data:
         def write(name: str, tensor: onnx.TensorProto, payload: bytes, dims: Sequence[int]) -> None:
-            reference = out.graph.initializer.add()
-            reference.name, reference.data_type = name, tensor.data_type
-            reference.dims.extend(dims)
-            reference.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(data.tell())), ("length", str(len(payload)))):
-                entry = reference.external_data.add()
-                entry.key, entry.value = key, value
+            external_reference(out.graph.initializer.add(), name, tensor.data_type, dims, data_name, data.tell(), len(payload))
             data.write(payload)
 
         for tensor in model.graph.initializer:
@@ -140,8 +135,8 @@ def _write_for_dynamic(model: onnx.ModelProto, base_dir: Path, target: Path) -> 
                     write(tensor.name, tensor, _external_bytes(tensor, base_dir), tensor.dims)
                 elif tensor.data_type == onnx.TensorProto.STRING or tensor.ByteSize() <= INLINE_TENSOR_BYTES:
                     out.graph.initializer.add().CopyFrom(tensor)
-                else:  # typed fields (float_data...) through numpy_helper, which packs 4-bit types as raw_data does
-                    payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+                else:
+                    payload = tensor_payload(tensor)
                     write(tensor.name, tensor, payload, tensor.dims)
                     del payload
             for name in (n for n, s in transposed.items() if s == tensor.name):

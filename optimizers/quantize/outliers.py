@@ -47,6 +47,7 @@ from onnx import helper, numpy_helper
 
 from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError
+from onnxforge.common.graph import producers, readers
 from onnxforge.common.onnxio import GraphNames, drop_unused_initializers
 from optimizers.result import PassResult
 from optimizers.verify import compare_models, run_model, with_outputs
@@ -87,14 +88,6 @@ class FeedForward:
     down: str
 
 
-def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return readers
-
-
 def _matrix(initializers, name: str) -> bool:
     init = initializers.get(name)
     return init is not None and len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT
@@ -114,8 +107,8 @@ class _Graph:
 
     def __init__(self, graph: onnx.GraphProto):
         self.initializers = {init.name: init for init in graph.initializer}
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.readers = _readers(graph)
+        self.producer = producers(graph)
+        self.readers = readers(graph)
         self.outputs = {o.name for o in graph.output}
         self.scalars = {name for name, init in self.initializers.items() if int(np.prod(init.dims)) == 1}
         for node in graph.node:
@@ -233,8 +226,6 @@ def split_blocks(model: onnx.ModelProto, neurons: Mapping[str, np.ndarray]) -> o
     initializers = {init.name: init for init in graph.initializer}
     blocks = {b.down: b for b in feed_forwards(out)}
     names = GraphNames(out)
-    fresh, constant = names.fresh, names.constant
-
     changed: set[str] = set()
     for down_name, chosen in neurons.items():
         chosen = np.asarray(chosen, dtype=np.int64)
@@ -242,58 +233,7 @@ def split_blocks(model: onnx.ModelProto, neurons: Mapping[str, np.ndarray]) -> o
             continue
         if down_name not in blocks:
             raise UserError(f"'{down_name}' is not the down-projection of a feed-forward block this pass can split")
-        block = blocks[down_name]
-        nodes = {node.name: node for node in graph.node}
-        up, down = nodes[block.up], nodes[block.down]
-        bias = nodes[block.bias] if block.bias else None
-        chain = [nodes[name] for name in block.activation]
-        w_up = numpy_helper.to_array(initializers[up.input[1]])
-        w_down = numpy_helper.to_array(initializers[down.input[1]])
-        width = w_down.shape[0]
-        kept = np.setdiff1d(np.arange(width), chosen)
-        if kept.size == 0 or chosen.max() >= width:
-            raise UserError(f"block '{down_name}': neurons {chosen.tolist()} leave none of its {width} in int8")
-        prefix = FLOAT_PREFIX + down_name
-
-        def node(op: str, inputs: list[str], step: str, like: onnx.NodeProto | None = None) -> onnx.NodeProto:
-            name = fresh(f"{prefix}/{step}")
-            made = helper.make_node(op, inputs, [fresh(name + "_output")], name=name, domain=like.domain if like else "")
-            if like is not None:
-                made.attribute.extend(like.attribute)
-            return made
-
-        def split_vector(reader: onnx.NodeProto, index: int) -> str:
-            """The outlier slice of a [width] initializer input; the reader gets the kept slice."""
-            vector = numpy_helper.to_array(initializers[reader.input[index]])
-            outliers = constant(reader.input[index] + "_outliers", vector[chosen])
-            reader.input[index] = constant(reader.input[index] + "_kept", vector[kept])
-            return outliers
-
-        side = [node("MatMul", [up.input[0], constant(up.input[1] + "_outliers", w_up[:, chosen])], "up")]
-        up.input[1] = constant(up.input[1] + "_kept", w_up[:, kept])
-        source = up.output[0]
-        if bias is not None:
-            b_index = next(i for i, name in enumerate(bias.input) if _vector(initializers, name, width))
-            side.append(node("Add", [side[-1].output[0], split_vector(bias, b_index)], "bias"))
-            source = bias.output[0]
-        renamed = {source: side[-1].output[0]}
-        for step, act in enumerate(chain):
-            inputs = [renamed.get(name, name) for name in act.input]
-            for i, name in enumerate(act.input):
-                if name not in renamed and _vector(initializers, name, width):
-                    inputs[i] = split_vector(act, i)
-            side.append(node(act.op_type, inputs, f"act{step}" if len(chain) > 1 else "act", like=act))
-            renamed[act.output[0]] = side[-1].output[0]
-        side.append(node("MatMul", [renamed[down.input[0]], constant(down.input[1] + "_outliers", w_down[chosen])], "down"))
-        down.input[1] = constant(down.input[1] + "_kept", w_down[kept])
-        changed |= {up.output[0], source} | {act.output[0] for act in chain}
-        tail = _tail(graph, down, initializers)
-        total = tail.output[0]
-        tail.output[0] = fresh(total + "_int8_path")
-        side.append(helper.make_node("Add", [tail.output[0], side[-1].output[0]], [total], name=fresh(prefix + "/sum")))
-        position = next(i for i, n in enumerate(graph.node) if n is tail) + 1
-        for offset, made in enumerate(side):
-            graph.node.insert(position + offset, made)
+        changed |= _split_block(graph, initializers, names, blocks[down_name], chosen)
     # the intermediate tensors changed width: drop their recorded shapes
     keep = [vi for vi in graph.value_info if vi.name not in changed]
     del graph.value_info[:]
@@ -302,13 +242,73 @@ def split_blocks(model: onnx.ModelProto, neurons: Mapping[str, np.ndarray]) -> o
     return out
 
 
+def _split_block(graph: onnx.GraphProto, initializers, names: GraphNames, block: FeedForward, chosen: np.ndarray) -> set[str]:
+    """In place: the ``chosen`` neurons of ``block`` moved to a float side path (up-projection
+    columns, bias and activation slices, down-projection rows) whose output is added after the
+    block's tail; returns the tensors whose width changed."""
+    fresh, constant = names.fresh, names.constant
+    down_name = block.down
+    nodes = {node.name: node for node in graph.node}
+    up, down = nodes[block.up], nodes[block.down]
+    bias = nodes[block.bias] if block.bias else None
+    chain = [nodes[name] for name in block.activation]
+    w_up = numpy_helper.to_array(initializers[up.input[1]])
+    w_down = numpy_helper.to_array(initializers[down.input[1]])
+    width = w_down.shape[0]
+    kept = np.setdiff1d(np.arange(width), chosen)
+    if kept.size == 0 or chosen.max() >= width:
+        raise UserError(f"block '{down_name}': neurons {chosen.tolist()} leave none of its {width} in int8")
+    prefix = FLOAT_PREFIX + down_name
+
+    def node(op: str, inputs: list[str], step: str, like: onnx.NodeProto | None = None) -> onnx.NodeProto:
+        name = fresh(f"{prefix}/{step}")
+        made = helper.make_node(op, inputs, [fresh(name + "_output")], name=name, domain=like.domain if like else "")
+        if like is not None:
+            made.attribute.extend(like.attribute)
+        return made
+
+    def split_vector(reader: onnx.NodeProto, index: int) -> str:
+        """The outlier slice of a [width] initializer input; the reader gets the kept slice."""
+        vector = numpy_helper.to_array(initializers[reader.input[index]])
+        outliers = constant(reader.input[index] + "_outliers", vector[chosen])
+        reader.input[index] = constant(reader.input[index] + "_kept", vector[kept])
+        return outliers
+
+    side = [node("MatMul", [up.input[0], constant(up.input[1] + "_outliers", w_up[:, chosen])], "up")]
+    up.input[1] = constant(up.input[1] + "_kept", w_up[:, kept])
+    source = up.output[0]
+    if bias is not None:
+        b_index = next(i for i, name in enumerate(bias.input) if _vector(initializers, name, width))
+        side.append(node("Add", [side[-1].output[0], split_vector(bias, b_index)], "bias"))
+        source = bias.output[0]
+    renamed = {source: side[-1].output[0]}
+    for step, act in enumerate(chain):
+        inputs = [renamed.get(name, name) for name in act.input]
+        for i, name in enumerate(act.input):
+            if name not in renamed and _vector(initializers, name, width):
+                inputs[i] = split_vector(act, i)
+        side.append(node(act.op_type, inputs, f"act{step}" if len(chain) > 1 else "act", like=act))
+        renamed[act.output[0]] = side[-1].output[0]
+    side.append(node("MatMul", [renamed[down.input[0]], constant(down.input[1] + "_outliers", w_down[chosen])], "down"))
+    down.input[1] = constant(down.input[1] + "_kept", w_down[kept])
+    tail = _tail(graph, down, initializers)
+    total = tail.output[0]
+    tail.output[0] = fresh(total + "_int8_path")
+    side.append(helper.make_node("Add", [tail.output[0], side[-1].output[0]], [total], name=fresh(prefix + "/sum")))
+    position = next(i for i, n in enumerate(graph.node) if n is tail) + 1
+    for offset, made in enumerate(side):
+        graph.node.insert(position + offset, made)
+    return {up.output[0], source} | {act.output[0] for act in chain}
+
+
+
 def _tail(graph: onnx.GraphProto, down: onnx.NodeProto, initializers) -> onnx.NodeProto:
     """The down-projection, or the bias Add that is its only reader."""
-    readers = _readers(graph).get(down.output[0], [])
-    if (len(readers) == 1 and readers[0].op_type == "Add" and readers[0].domain in ("", "ai.onnx")
-            and any(name in initializers for name in readers[0].input)
+    following = readers(graph).get(down.output[0], [])
+    if (len(following) == 1 and following[0].op_type == "Add" and following[0].domain in ("", "ai.onnx")
+            and any(name in initializers for name in following[0].input)
             and down.output[0] not in {o.name for o in graph.output}):
-        return readers[0]
+        return following[0]
     return down
 
 

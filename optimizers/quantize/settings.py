@@ -63,7 +63,7 @@ class QuantizeSettings:
     check_speed: on the CPU target, time the candidates against fp32 on this machine
         (interleaved, through ``runtime_bench``) for ``speed_seconds`` at least.
     fast: auto mode builds only the candidate that a timed search chose before for the same
-        model, settings, data and machine (``optimizers.decisions``), without re-timing it;
+        model, settings, data and machine (``optimizers.quantize.decisions``), without re-timing it;
         without such a decision it searches, and remembers the outcome.
     """
 

@@ -20,7 +20,7 @@ Conv consumers are solved through their im2col Gram: features are the kept chann
 patches (``k · kh · kw`` columns), exact for 1x1 and k×k kernels with any stride, padding and
 dilation, as long as ``k · kh · kw <= max_features`` (larger ones keep bias compensation, and the
 report says so). Only group-1 Convs consume channels here: a depthwise Conv passes channels
-through (``optimizers.structured``), so it needs no re-fit. ConvTranspose keeps compensation.
+through (``optimizers.prune.trace``), so it needs no re-fit. ConvTranspose keeps compensation.
 
 Consumers are re-fitted in *waves*: a wave holds the consumers none of whose inputs depend on a
 consumer not yet re-fitted, and each wave reads the pruned model as re-fitted so far. Where a
@@ -52,7 +52,7 @@ note) where it is lower. An output layer's re-fit is kept where its held-out err
 unchanged layer's and the model's held-out cosine rises.
 
 ``probe_units`` measures each unit's sensitivity: the unit pruned alone, re-fitted, and its
-held-out output loss; ``optimizers.structured.allocate_by_sensitivity`` turns it into per-unit
+held-out output loss; ``optimizers.prune.allocate.allocate_by_sensitivity`` turns it into per-unit
 counts for ``--scope global``.
 
 ``greedy_scores`` is a ThiNet-style channel choice for the same objective: backward elimination
@@ -73,7 +73,12 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.fidelity import fidelity as model_fidelity
+from onnxforge.common.graph import attr, readers as readers_of
 from optimizers.calibration import HOLDOUT_SHARE, split_holdout
+from optimizers.graph.cleanup import deduplicate_initializers
+from optimizers.prune.channels import add_bias, apply, channel_stats, channel_units, compensate_biases
+from optimizers.verify import ort_session
 
 logger = logging.getLogger(__name__)
 
@@ -230,27 +235,20 @@ def _im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     return np.ascontiguousarray(windows.transpose(0, 2, 3, 1, 4, 5)).reshape(-1, c * kh * kw)
 
 
-def _attr(node, name, default=None):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
-
-
 def _conv_geometry(node, weight_shape) -> tuple[dict | None, str | None]:
     """The im2col parameters of a 2-D Conv, or None and why it is not handled."""
     if len(weight_shape) != 4:
         return None, f"{len(weight_shape) - 2}-D Conv (only 2-D is re-fitted)"
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad not in ("NOTSET", "VALID"):
         return None, f"auto_pad {auto_pad}"
     kernel = tuple(int(k) for k in weight_shape[2:])
     return {
         "kernel": kernel,
-        "strides": tuple(_attr(node, "strides", [1, 1])),
-        "pads": tuple(_attr(node, "pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else (0, 0, 0, 0),
-        "dilations": tuple(_attr(node, "dilations", [1, 1])),
+        "strides": tuple(attr(node, "strides", [1, 1])),
+        "pads": tuple(attr(node, "pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else (0, 0, 0, 0),
+        "dilations": tuple(attr(node, "dilations", [1, 1])),
     }, None
 
 
@@ -295,18 +293,10 @@ def _consumers(model, analysis, removed, settings: ReconstructSettings, every: b
     return found, skipped
 
 
-def _readers(model) -> dict[str, list[onnx.NodeProto]]:
-    readers = collections.defaultdict(list)
-    for other in model.graph.node:
-        for name in other.input:
-            readers[name].append(other)
-    return readers
-
-
 def _layernorm_input(model, node, inits) -> tuple[str, float] | None:
     """``(h, ε)`` when ``node``'s output, after at most two Adds (a bias, a residual), is the input
     ``h`` of a LayerNormalization over the last axis and read by nothing else on the way."""
-    readers = _readers(model)
+    readers = readers_of(model.graph)
     tensor = node.output[0]
     for _ in range(3):
         after = readers.get(tensor, [])
@@ -314,7 +304,7 @@ def _layernorm_input(model, node, inits) -> tuple[str, float] | None:
             return None
         reader = after[0]
         if reader.op_type == "LayerNormalization" and reader.domain in ("", "ai.onnx") and reader.input[0] == tensor:
-            return (tensor, float(_attr(reader, "epsilon", 1e-5))) if _attr(reader, "axis", -1) == -1 else None
+            return (tensor, float(attr(reader, "epsilon", 1e-5))) if attr(reader, "axis", -1) == -1 else None
         if reader.op_type != "Add" or len(reader.input) != 2:
             return None
         tensor = reader.output[0]
@@ -324,7 +314,7 @@ def _layernorm_input(model, node, inits) -> tuple[str, float] | None:
 def _residual_input(model, node, inits) -> str | None:
     """``r`` when ``node``'s output, after at most one Add of a constant bias, is summed with a
     computed tensor ``r`` of the same shape (a transformer's residual: ``y = W x + b + r``)."""
-    readers = _readers(model)
+    readers = readers_of(model.graph)
     tensor = node.output[0]
     for _ in range(2):
         after = readers.get(tensor, [])
@@ -364,7 +354,6 @@ def _waves(model, consumers: list[_Consumer]) -> list[list[_Consumer]]:
 def _write(model: onnx.ModelProto, consumer: _Consumer, solution: np.ndarray, original_bias_delta_done: set[str]) -> None:
     """In place on the pruned ``model``: the consumer's weight becomes ``solution[:, :-1]`` and
     ``solution[:, -1]`` is added to its bias (created when it has none)."""
-    from optimizers.structured import add_bias
 
     inits = {t.name: t for t in model.graph.initializer}
     weight = consumer.native(solution[:, :-1])
@@ -430,7 +419,6 @@ def _kind(consumer: _Consumer) -> str:
 def activations(model, names: Sequence[str], batches):
     """Yield, per batch, ``{name: array}`` of the named tensors, from one session of ``model``
     cut down to the nodes those tensors need."""
-    from optimizers.verify import ort_session
 
     session = ort_session(_truncated(model, names))
     wanted = {i.name for i in session.get_inputs()}  # the cut may leave an input (a mask) unread
@@ -532,22 +520,20 @@ def _layernorm_weights(batch, values: Mapping[str, np.ndarray], consumer: _Consu
 
 def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batches: Sequence[Mapping[str, np.ndarray]],
                 settings: ReconstructSettings = ReconstructSettings()) -> ReconstructResult:
-    """Prune ``removed`` from ``model`` (in the form ``optimizers.structured`` traced; not
+    """Prune ``removed`` from ``model`` (in the form ``optimizers.prune.trace`` traced; not
     modified) and re-fit the consumers of the removed channels as the module doc says, fitting
     on a seeded share of ``batches`` and judging on the rest. Consumers that are not re-fitted
     (rejected on held-out data, too wide, ConvTranspose) get bias compensation."""
-    from onnxforge.common.fidelity import fidelity as measure
 
     fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
     notes: list[str] = []
     if not heldout:
         notes.append("reconstruction needs held-out calibration data (2 batches or a batch of 2 samples at least); not applied")
     pruned, compensated, current, reports = _refit(model, analysis, removed, fit, heldout, settings, notes)
-    chosen, fidelity, applied = _final_choice(model, pruned, compensated, current, reports, heldout, measure, notes)
+    chosen, fidelity, applied = _final_choice(model, pruned, compensated, current, reports, heldout, model_fidelity, notes)
     if settings.refit_outputs and heldout:
-        chosen, fidelity, outputs = _refit_outputs(model, analysis, removed, chosen, fit, heldout, settings, fidelity, measure, notes)
+        chosen, fidelity, outputs = _refit_outputs(model, analysis, removed, chosen, fit, heldout, settings, fidelity, model_fidelity, notes)
         reports.extend(outputs)
-    from optimizers.graph.cleanup import deduplicate_initializers
 
     chosen = deduplicate_initializers(chosen).model
     return ReconstructResult(chosen, tuple(reports), fidelity, applied, len(fit), len(heldout), tuple(notes))
@@ -564,7 +550,7 @@ def _output_layers(model, analysis, removed: frozenset[int], settings: Reconstru
     weighted layer after them, as consumers of all their input channels; and those left as they
     are, with why."""
     inits = {t.name: t for t in model.graph.initializer}
-    readers = _readers(model)
+    readers = readers_of(model.graph)
     find = analysis.slots.find
     pruned_producers = {name for name, slots in analysis.producers.items() if any(find(s) in removed for s in slots)}
     consuming = {node for node, _, slots, _, _ in analysis.consumers if any(find(s) in removed for s in slots)}
@@ -593,7 +579,7 @@ def _output_layers(model, analysis, removed: frozenset[int], settings: Reconstru
                 skipped[node.name] = why or f"im2col width {w.shape[1] * int(np.prod(w.shape[2:]))} is over max_features"
                 continue
             canonical, layout = w.reshape(w.shape[0], w.shape[1], -1), "conv"
-        elif node.op_type == "Gemm" and _attr(node, "transB", 0):
+        elif node.op_type == "Gemm" and attr(node, "transB", 0):
             canonical, layout = w[:, :, None], "out_in"
         else:
             canonical, layout = w.T[:, :, None], "in_out"
@@ -619,9 +605,9 @@ def _output_layer_refused(node, inits, readers) -> str | None:
         return "its weight is shared with another node"
     if node.op_type == "MatMul" and len(inits[node.input[1]].dims) != 2:
         return "a batched MatMul weight"
-    if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0):
+    if node.op_type == "Gemm" and (attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0):
         return "Gemm with transA, alpha or beta"
-    if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+    if node.op_type == "Conv" and attr(node, "group", 1) != 1:
         return "grouped Conv"
     if len(node.input) > 2 and node.input[2] and len(readers.get(node.input[2], [])) > 1:
         return "its bias is shared with another node"
@@ -663,7 +649,6 @@ def _refit(model, analysis, removed: frozenset[int], fit, heldout, settings: Rec
     """``(pruned, compensated, re-fitted, consumer reports)``: ``model`` with ``removed`` cut,
     then with bias compensation on every consumer, then with each consumer's re-fit where its
     held-out error is below compensation's (compensation elsewhere), wave by wave."""
-    from optimizers.structured import apply
 
     consumers, skipped = _consumers(model, analysis, removed, settings)
     for name, why in skipped.items():
@@ -719,7 +704,6 @@ def probe_units(model: onnx.ModelProto, analysis, probes: Sequence[tuple[tuple[s
     """For each ``(producers, channels, removed roots, estimated loss)``: prune those roots alone, re-fit
     on the fit share of ``batches`` (the split ``reconstruct`` uses) and measure the output loss
     on the held-out share. One re-fit and one held-out run per unit."""
-    from onnxforge.common.fidelity import fidelity as measure
 
     fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
     if not heldout:
@@ -727,7 +711,7 @@ def probe_units(model: onnx.ModelProto, analysis, probes: Sequence[tuple[tuple[s
     found = []
     for producers, channels, removed, estimated in probes:
         _, _, refitted, _ = _refit(model, analysis, removed, fit, heldout, settings, [])
-        loss = max(0.0, 1.0 - measure(model, refitted, heldout).min_mean_cosine)
+        loss = max(0.0, 1.0 - model_fidelity(model, refitted, heldout).min_mean_cosine)
         found.append(UnitProbe(tuple(producers), channels, len(removed), float(estimated), loss))
         logger.info("sensitivity of %s: %d channels removed, estimated loss %.3g, held-out output loss %.3g",
                     "+".join(producers), len(removed), estimated, loss)
@@ -777,9 +761,8 @@ def _final_choice(model, pruned, compensated, current, reports, heldout, measure
 
 
 def _compensate_skipped(target, model, analysis, removed, skipped, batches) -> None:
-    """In place: bias compensation, as ``optimizers.structured`` does it, for the consumers
+    """In place: bias compensation, as ``optimizers.prune.channels`` does it, for the consumers
     not re-fitted."""
-    from optimizers.structured import channel_stats, compensate_biases
 
     if not batches:
         return
@@ -854,7 +837,6 @@ def greedy_scores(model: onnx.ModelProto, analysis, batches: Sequence[Mapping[st
     unit and compare units by what reconstruction cannot recover; channels never removed score
     above all removed ones, by their cost.
     Gram matrices of every consumer's full input are summed over ``batches`` of ``model``."""
-    from optimizers.structured import channel_units
 
     find = analysis.slots.find
     consumers, _ = _consumers(model, analysis, frozenset(), ReconstructSettings(max_features=1 << 30), every=True)

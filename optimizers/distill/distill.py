@@ -9,7 +9,8 @@ Loss per batch, with teacher logits ``t``, student logits ``s``, labels ``y``, t
 
 ``T^2`` keeps the soft term's gradients on the scale of the hard term (Hinton et al., 2015).
 A feature pair whose widths differ gets a learned projection ``P_k`` (a 1x1 convolution or a
-linear layer, on the channel axis), trained with the student. torch is imported only here.
+linear layer, on the channel axis), trained with the student. torch is imported only here (in
+the functions that train).
 
 Three data sets with three roles: training data fits the weights, validation data chooses the
 epoch (and stops early), test data is scored once at the end for the report. A validation score

@@ -1,6 +1,6 @@
 """``prune``: structured (channels and neurons removed) or magnitude (zeros) pruning of an ONNX
 model, with a report of parameters, MACs, size and fidelity before and after. Attention heads
-(``optimizers.heads``) are pruned first when asked, then channels and neurons."""
+(``optimizers.prune.heads``) are pruned first when asked, then channels and neurons."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ from pathlib import Path
 import onnx
 
 from onnxforge.common.errors import UserError
-from onnxforge.common.onnxio import load_onnx, save_onnx
-from optimizers.heads import HeadPruneResult, HeadSettings, prune_heads
-from optimizers.sparsity import magnitude_sparsity
-from optimizers.structured import PruneResult, PruneSettings, prune_structured
+from onnxforge.common.loading import load_onnx
+from onnxforge.common.normalize import normalize
+from onnxforge.common.onnxio import model_bytes, save_onnx
+from onnxforge.common.summary import count_parameters
+from optimizers.prune.channels import PruneResult, PruneSettings, fidelity_dict, macs
+from optimizers.prune.checks import pruning_batches
+from optimizers.prune.heads import HeadPruneResult, HeadSettings, prune_heads
+from optimizers.prune.sparsity import magnitude_sparsity
+from optimizers.prune.structured import prune_structured
+from optimizers.verify import verification_inputs
 
 METHODS = ("structured", "magnitude")
 
@@ -40,10 +46,10 @@ class HeadsAndNeuronsResult(PruneResult):
 def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSettings(), *, method: str = "structured",
           heads: float = 0.0, head_importance: str = "contribution", **data) -> PruneResult:
     """Prune ``model`` (a ModelProto, not modified, or a path). ``method="magnitude"`` zeroes the
-    smallest weights instead (a size feature, see ``optimizers.sparsity``); ``data`` are
+    smallest weights instead (a size feature, see ``optimizers.prune.sparsity``); ``data`` are
     ``prune_structured``'s keyword arguments (calibration, evaluation, tokenizer, dims).
     ``heads``: the fraction of attention heads to remove from each attention block first
-    (``optimizers.heads.prune_heads``), then channels and neurons at ``settings.ratio`` (none
+    (``optimizers.prune.heads.prune_heads``), then channels and neurons at ``settings.ratio`` (none
     at 0), heads scored by ``head_importance`` (``HeadSettings.importance``); the result is a
     ``HeadsAndNeuronsResult``."""
     if method not in METHODS:
@@ -55,10 +61,6 @@ def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSe
         return _heads_then_neurons(source, settings, heads, head_importance, data)
     if method == "structured":
         return prune_structured(source, settings, **data)
-    from onnxforge.common.normalize import normalize
-    from onnxforge.common.summary import count_parameters
-    from optimizers.structured import fidelity_dict, macs
-    from optimizers.verify import verification_inputs
 
     source = normalize(source, dims=data.get("dims")).model  # Constant weights lifted, -1 dims named
     result = magnitude_sparsity(source, settings.ratio)
@@ -83,9 +85,6 @@ def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads:
     """Heads first (their Q/K/V channels are never channel-pruning units, so the two do not
     overlap), then channels and neurons on the head-pruned model; both run their own ONNX
     Runtime checks. The totals compare the final model with ``source``."""
-    from onnxforge.common.onnxio import model_bytes
-    from onnxforge.common.summary import count_parameters
-    from optimizers.structured import fidelity_dict, macs
 
     if settings.ratio == 0 and settings.refine_steps:
         raise UserError("refinement (--refine) runs after channel and neuron pruning: give --ratio as well, or leave out --refine")
@@ -116,19 +115,12 @@ def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads:
 
 
 def _evaluation_batches(model: onnx.ModelProto, settings: PruneSettings, data) -> list:
-    """The batches fidelity is judged on, chosen as ``prune_structured`` chooses them: the
-    evaluation data, else the held-out share of the calibration data, else generated inputs."""
-    from optimizers.calibration import calibration_data
-    from optimizers.verify import verification_inputs
-
-    dims, tokenizer = data.get("dims"), data.get("tokenizer")
-    if data.get("evaluation") is not None:
-        return list(calibration_data(data["evaluation"], model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches))
-    if data.get("calibration") is not None:
-        calib = calibration_data(data["calibration"], model, tokenizer=tokenizer, dims=dims, max_batches=settings.max_batches)
-        fit, held_out = calib.holdout()
-        return list(held_out if held_out is not None else fit)
-    return [verification_inputs(model, dims, seed=seed) for seed in range(4)]
+    """The batches fidelity is judged on, chosen as ``prune_structured`` chooses them
+    (``pruning_batches``; the calibration data is not read when evaluation data is given)."""
+    evaluation = data.get("evaluation")
+    calibration = None if evaluation is not None else data.get("calibration")
+    return pruning_batches(model, calibration, evaluation, tokenizer=data.get("tokenizer"), dims=data.get("dims"),
+                           max_batches=settings.max_batches, notes=[])[1]
 
 
 def prune_file(input_path: str | Path, output_path: str | Path, settings: PruneSettings = PruneSettings(), *,

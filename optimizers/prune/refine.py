@@ -2,7 +2,7 @@
 (block reconstruction, as BRECQ (Li et al. 2021) does for quantization; no labels, no
 end-to-end training).
 
-Least-squares reconstruction (``optimizers.reconstruct``) re-fits a pruned block's down
+Least-squares reconstruction (``optimizers.prune.reconstruct``) re-fits a pruned block's down
 projection with its kept neurons fixed. Here the whole block is fitted, up projection included,
 towards what the unpruned model computes at the block's end:
 
@@ -44,7 +44,11 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.fidelity import fidelity
+from onnxforge.common.graph import readers as readers_of
 from optimizers.calibration import HOLDOUT_SHARE, split_holdout
+from optimizers.prune.reconstruct import activations, token_rows
+from optimizers.quantize.outliers import feed_forwards
 
 logger = logging.getLogger(__name__)
 
@@ -280,15 +284,11 @@ def _initializer_vector(initializers, node, size) -> str | None:
 
 def _blocks(model: onnx.ModelProto) -> tuple[list[_Block], list[tuple[str, str]]]:
     """The refinable blocks in graph order, and why the other feed-forward blocks are not."""
-    from optimizers.quantize.outliers import feed_forwards
 
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
     nodes = {n.name: n for n in graph.node}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = readers_of(graph)
     outputs = {o.name for o in graph.output}
     constants = set(initializers) | {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
     found, skipped = [], []
@@ -351,7 +351,6 @@ def _collect(reference, current, block: _Block, batches, limit: int, seed: int):
     batch, keeping a seeded sample of at most ``ceil(limit / batches)`` rows of each, so memory is
     bounded by ``limit``, not by the calibration data. None when the residual is not one row per
     token of the block's width (a broadcast tensor)."""
-    from optimizers.reconstruct import activations, token_rows
 
     names = [block.block_input, block.end, *([block.residual] if block.residual else [])]
     per_batch = max(1, -(-limit // max(len(batches), 1)))
@@ -405,7 +404,6 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
     """Refine ``model``'s feed-forward blocks towards ``reference`` (the model before pruning,
     whose tensors carry the same names) on ``batches`` (see the module doc). ``model`` is not
     modified; the result's model is ``model`` itself where nothing was kept."""
-    from onnxforge.common.fidelity import fidelity
 
     fit, held = split_holdout(batches, settings.holdout, settings.seed)
     if not held or settings.steps == 0:
@@ -440,7 +438,6 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
 
 def _refine_block(reference, current: onnx.ModelProto, block: _Block, fit, held, settings: RefineSettings) -> BlockReport:
     """Fit one block of ``current`` (modified in place where its held-out loss falls)."""
-    from optimizers.reconstruct import activations
 
     sample = dict(next(iter(fit)))
     found = next(activations(current, [block.pre_activation, block.post_activation], [sample]))
