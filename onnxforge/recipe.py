@@ -14,7 +14,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from exporter.convert import EXPORTERS
+from exporter.sources import HF_TASKS, TASK_ALIASES
 from onnxforge.common.errors import UserError, closest
+from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
+from optimizers.distill import DistillSettings
 
 # section -> key -> accepted Python types (a list type means "list of these")
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -171,16 +175,11 @@ def _settings_check(where: str, build) -> None:
 
 
 def _check_settings(data: dict[str, Any]) -> None:
-    from exporter.convert import EXPORTERS
-    from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
-
     model = data.get("model", {})
     if model.get("exporter", "auto") not in EXPORTERS:
         raise UserError(f"'model.exporter' must be one of {', '.join(EXPORTERS)}, got {model['exporter']!r}"
                         f"{closest(model['exporter'], EXPORTERS)}")
     if "task" in model:
-        from exporter.sources import HF_TASKS, TASK_ALIASES
-
         tasks = ["auto", *HF_TASKS, *TASK_ALIASES]
         if model["task"] not in tasks:
             raise UserError(f"'model.task' must be one of {', '.join(tasks)}, got {model['task']!r}{closest(model['task'], tasks)}")
@@ -195,8 +194,6 @@ def _check_settings(data: dict[str, Any]) -> None:
                 options["op_types"] = tuple(options["op_types"])
             _settings_check(f"candidates[{index}].quantize", lambda o=options: QuantizeSettings(**o))
     if "distill" in data:
-        from optimizers.distill import DistillSettings
-
         options = {k: v for k, v in data["distill"].items() if k in ("epochs", "temperature", "alpha", "lr", "loss", "patience", "seed")}
         _settings_check("distill", lambda: DistillSettings(**options))
 

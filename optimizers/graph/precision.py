@@ -13,6 +13,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from optimizers.result import PassResult
+from optimizers.verify import run_model, with_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ def out_of_fp16_range(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], 
     ``FP16_MAX / margin``, or are not finite: {tensor name: max |value|}. ONNX Runtime's CPU
     provider computes many float16 ops in float32, so a CPU check of the converted model does
     not see the overflow that a GPU computing in float16 gives (inf, then NaN)."""
-    from optimizers.verify import run_model, with_outputs
-
     names = [out for node in model.graph.node for out in node.output if out]
     outputs = run_model(with_outputs(model, names), inputs)
     limit = FP16_MAX / margin
