@@ -20,7 +20,7 @@ import torch
 from exporter.choice import ExporterChoice, choose, timing_graph
 from exporter.wrapping import eval_mode_restored, flat_model, flatten_outputs
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
-from onnxforge.common.errors import UserError
+from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import staging_dir
 from onnxforge.common.graph import DEFAULT_OPSET
 from onnxforge.common.onnxio import save_onnx
@@ -690,7 +690,7 @@ def _validated(proto, wrapper, names, out_names, axes, workdir, tensors, sizes, 
         failed = check.comparison.failures()
         if failed:
             shapes = ", ".join(f"{n} {list(s)}" for n, s in check.input_shapes.items())
-            raise UserError(
+            raise VerificationFailed(
                 f"the ONNX model does not match PyTorch at input shapes {shapes} "
                 f"(rtol={tolerance.rtol:g}, atol={tolerance.atol:g}): "
                 + "; ".join(f.describe() for f in failed)

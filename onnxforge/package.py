@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from onnxforge.common import jsonio
-from onnxforge.common.errors import UserError
+from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import atomic_dir, ensure_writable_dir
 from onnxforge.common.graph import DEFAULT_OPSET
 from onnxforge.common.loading import load_onnx
@@ -154,9 +154,9 @@ def verify_package(folder: str | Path) -> PackageCheck:
     for name, info in manifest.get("files", {}).items():
         path = folder / name
         if not path.is_file():
-            raise UserError(f"package file '{name}' is missing")
+            raise VerificationFailed(f"package file '{name}' is missing")
         if sha256(path) != info["sha256"]:
-            raise UserError(f"package file '{name}' was changed: its sha256 does not match the manifest")
+            raise VerificationFailed(f"package file '{name}' was changed: its sha256 does not match the manifest")
     load_onnx(folder / manifest["model"], load_external_data=False, normalize=False)  # readable; the session loads the weights
     with np.load(folder / manifest["smoke_test"]["file"]) as data:
         inputs = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
@@ -169,6 +169,6 @@ def verify_package(folder: str | Path) -> PackageCheck:
         error = float(np.max(np.abs(actual[name].astype(np.float64) - reference))) / scale
         worst = max(worst, error)
         if error > manifest["smoke_test"]["rtol"]:
-            raise UserError(f"smoke inference of output '{name}' differs from the reference by {error:.3g} "
+            raise VerificationFailed(f"smoke inference of output '{name}' differs from the reference by {error:.3g} "
                             f"of its range (allowed {manifest['smoke_test']['rtol']})")
     return PackageCheck(len(manifest.get("files", {})), worst)

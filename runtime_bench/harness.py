@@ -107,6 +107,7 @@ class BenchConfig:
     trt_fp16: bool = False
     trt_int8: bool = False
     trt_cache_dir: str | None = None
+    provider_options: tuple[tuple[str, str], ...] = ()  # passed to every provider as ONNX Runtime reads them
     seed: int = 0
 
     def __post_init__(self):
@@ -716,7 +717,8 @@ def benchmark(
     onnx_variants = [runnable[v.name] for v in onnx_variants]
     specs_by_variant, reference_specs = _input_specs(onnx_variants)
     providers = [
-        resolve_provider(p, device_id=config.device_id, trt_fp16=config.trt_fp16, trt_int8=config.trt_int8, trt_cache_dir=config.trt_cache_dir)
+        resolve_provider(p, device_id=config.device_id, trt_fp16=config.trt_fp16, trt_int8=config.trt_int8, trt_cache_dir=config.trt_cache_dir,
+                         extra_options=tuple(config.provider_options))
         for p in config.providers
     ]
     given = None if inputs is None else _given_inputs(inputs, specs_by_variant, reference_specs)

@@ -136,7 +136,7 @@ def test_tampered_package_names_the_file(recipe_dir, capsys):
     original = (result.package / "model.onnx").read_bytes()
     with open(result.package / "model.onnx", "ab") as handle:
         handle.write(b"\0")
-    assert main(["verify-package", str(result.package)]) == 2
+    assert main(["verify-package", str(result.package)]) == 3  # EXIT_VERIFICATION: a check failed, not a bad flag
     assert "package file 'model.onnx' was changed" in capsys.readouterr().err
     (result.package / "model.onnx").write_bytes(original)
     (result.package / "reference.npz").unlink()

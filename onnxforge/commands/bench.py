@@ -123,17 +123,32 @@ def _bench_config(args):
         trt_fp16=args.trt_fp16,
         trt_int8=args.trt_int8,
         trt_cache_dir=args.trt_cache,
+        provider_options=_key_values(args.provider_option, "--provider-option"),
     )
+
+
+def _key_values(items: list[str], flag: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"malformed {flag} {item!r}: expected KEY=VALUE, e.g. device_type=GPU")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
 
 
 def _add_measure_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", default="cpu", help="comma-separated providers: cpu, cuda, tensorrt, or full ORT names (default cpu)")
+    parser.add_argument("--provider-option", action="append", metavar="KEY=VALUE", default=[],
+                        help="an execution provider option as ONNX Runtime names it, e.g. device_type=GPU for OpenVINO or "
+                             "trt_profile_min_shapes=ids:1x16 for TensorRT (repeatable; default: none)")
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     parser.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of another symbolic dim, e.g. seq=128")
     parser.add_argument("--inputs", metavar="NPZ", help="inputs as an .npz file (arrays keyed by input name) instead of generated ones")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
     parser.add_argument("--inter-threads", type=int, default=None, help="inter-op threads (parallel execution mode)")
-    parser.add_argument("--execution-mode", choices=("sequential", "parallel"), default="sequential")
+    parser.add_argument("--execution-mode", choices=("sequential", "parallel"), default="sequential",
+                        help="ONNX Runtime's execution mode: parallel runs independent branches on inter-op threads")
     parser.add_argument("--opt-level", choices=("disable", "basic", "extended", "all"), default="all", help="graph optimization level")
     parser.add_argument("--warmup", type=int, default=5, help="discarded warm-up runs per variant (default 5)")
     parser.add_argument("--min-runs", type=int, default=30, help="timed runs per variant at least (default 30)")
@@ -148,7 +163,7 @@ def _add_measure_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto", help="auto: on for GPU providers")
     parser.add_argument("--placement", choices=("auto", "on", "off"), default="auto",
                         help="profile which provider ran each node (auto: for GPU providers)")
-    parser.add_argument("--device-id", type=int, default=0)
+    parser.add_argument("--device-id", type=int, default=0, help="GPU index for the CUDA and TensorRT providers")
     parser.add_argument("--trt-fp16", action="store_true", help="TensorRT: allow fp16 engines")
     parser.add_argument("--trt-int8", action="store_true", help="TensorRT: allow int8 engines")
     parser.add_argument("--trt-cache", metavar="DIR", help="TensorRT: engine cache folder")

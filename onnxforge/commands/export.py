@@ -21,7 +21,8 @@ def register(sub) -> None:
                           "named dims become dynamic axes")
     exp.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a named dim in the example, e.g. seq=128")
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
-    exp.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    exp.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                     help="auto: dynamo, falling back to TorchScript when it fails or ONNX Runtime cannot run its graph")
     exp.add_argument("--pick-faster", action="store_true",
                      help="with --exporter auto: export with both exporters and keep the faster verified graph, "
                           "timed here on the example inputs (give real sizes with --dim, e.g. --dim batch=8 --dim seq=128)")

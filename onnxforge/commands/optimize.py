@@ -14,7 +14,7 @@ def register(sub) -> None:
     opt.add_argument("--level", choices=("auto", "none", "basic", "extended", "all"), default="auto",
                      help="ONNX Runtime offline optimization (auto: extended for cpu, basic for cuda/tensorrt); "
                           "'all' output is tied to this machine and provider")
-    opt.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    opt.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu", help="the execution provider the graph is optimized for")
     opt.add_argument("--no-fusions", action="store_true", help="skip the transformer fusions")
     opt.add_argument("--no-attention-fusion", action="store_true",
                      help="dynamo graphs: keep attention as MatMuls (for a model that will be quantized or pruned)")
@@ -26,7 +26,8 @@ def register(sub) -> None:
     opt.add_argument("--fp16-min-cosine", type=float, default=0.999, help="lowest output cosine fp16 may reach (default 0.999)")
     opt.add_argument("--drop-output", action="append", metavar="NAME", help="remove this graph output and what only it needs")
     opt.add_argument("--sparsity", type=float, help="magnitude-prune weights to this zero fraction (size, not speed)")
-    opt.add_argument("--sparsity-scope", choices=("global", "layer"), default="global")
+    opt.add_argument("--sparsity-scope", choices=("global", "layer"), default="global",
+                     help="global: one magnitude threshold for all weights; layer: the same share in every weight")
     opt.add_argument("--dim", action="append", metavar="NAME=SIZE", help="symbolic dim size for verification inputs")
     opt.add_argument("--rtol", type=float, default=1e-3, help="verification tolerance (default 1e-3)")
     opt.add_argument("--atol", type=float, default=1e-4, help="verification tolerance (default 1e-4)")

@@ -13,7 +13,8 @@ def register(sub) -> None:
     prn = sub.add_parser("prune", help="structured (channels removed) or magnitude pruning of an ONNX model")
     prn.add_argument("input", help="the ONNX file to prune")
     prn.add_argument("output", help="the ONNX file to write")
-    prn.add_argument("--method", choices=("structured", "magnitude"), default="structured")
+    prn.add_argument("--method", choices=("structured", "magnitude"), default="structured",
+                     help="structured: channels and neurons removed (smaller, faster matrices); magnitude: weights set to zero")
     prn.add_argument("--ratio", type=float, help="fraction of channels (or weights, for magnitude) to remove, in [0, 1)")
     prn.add_argument("--heads", type=float, metavar="RATIO", default=0.0,
                      help="fraction of attention heads to remove from each attention block, in [0, 1); pruned before "
@@ -23,14 +24,16 @@ def register(sub) -> None:
                           "output loss of removing each head alone (needs --calibration; one ONNX Runtime session per head)")
     prn.add_argument("--importance", choices=("l1", "l2", "activation", "reconstruction"), default="l1",
                      help="reconstruction: greedy choice of the channels least-squares re-fitting recovers best (needs --calibration)")
-    prn.add_argument("--scope", choices=("layer", "global"), default="layer")
+    prn.add_argument("--scope", choices=("layer", "global"), default="layer",
+                     help="layer: the same ratio in every layer; global: the ratio over the whole model, layers ranked together")
     prn.add_argument("--calibration", metavar="DATA", help="data for activation importance and bias compensation")
     prn.add_argument("--max-batches", type=int, default=32, metavar="N",
                      help="calibration (and evaluation) batches read at most (default 32); a text file gives one line a "
                           "batch, so raise it to fit on more sentences")
     prn.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
     prn.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text data files")
-    prn.add_argument("--no-bias-compensation", action="store_true")
+    prn.add_argument("--no-bias-compensation", action="store_true",
+                     help="do not fold the removed channels' mean contribution into the consumers' biases")
     prn.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                      help="re-fit the consumers of removed channels by least squares, kept where held-out calibration data "
                           "shows it helps (default: on when --calibration is given)")

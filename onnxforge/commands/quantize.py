@@ -15,17 +15,18 @@ def register(sub) -> None:
                        help="auto: candidates chosen per op pattern (static QDQ for convolutions, dynamic for MatMul/Gemm "
                        "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins")
     quant.add_argument("--format", choices=("qdq", "qoperator"), default="qdq", help="static format (default qdq)")
-    quant.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    quant.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu", help="the execution provider the int8 model is for")
     quant.add_argument("--calibration", metavar="DATA", help=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'")
     quant.add_argument("--allow-random-calibration", action="store_true", help="accept --calibration random (not representative)")
     quant.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
     quant.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text calibration files")
-    quant.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile", "distribution"), default="minmax")
-    quant.add_argument("--max-calibration-batches", type=int, default=64)
+    quant.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile", "distribution"), default="minmax",
+                       help="how static quantization chooses activation ranges from the calibration data")
+    quant.add_argument("--max-calibration-batches", type=int, default=64, help="calibration batches read at most (a text file gives one line a batch)")
     quant.add_argument("--per-tensor", action="store_true", help="per-tensor weights instead of per-channel")
     quant.add_argument("--reduce-range", action="store_true", help="7-bit weights (for CPUs without VNNI; costs fidelity)")
-    quant.add_argument("--weight-type", choices=("int8", "uint8"))
-    quant.add_argument("--activation-type", choices=("int8", "uint8"))
+    quant.add_argument("--weight-type", choices=("int8", "uint8"), help="integer type of the weights (default: chosen per model and target)")
+    quant.add_argument("--activation-type", choices=("int8", "uint8"), help="integer type of static activations (default: chosen per model and target)")
     quant.add_argument("--op-types", help="comma-separated op types to quantize")
     quant.add_argument("--exclude-node", action="append", metavar="NAME", help="keep this node in float (repeatable)")
     quant.add_argument("--min-cosine", type=float, default=0.99,

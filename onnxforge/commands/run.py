@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common import jsonio
+from onnxforge.common.errors import EXIT_BUDGET
 
 
 def register(sub) -> None:
@@ -40,7 +41,7 @@ def _run_command(args) -> int:
         print(f"  {step.name:<28} {'reused (unchanged)' if step.cached else f'ran in {step.seconds:.1f} s'}")
     print(result.table())
     print(f"package: {result.package}" if result.package else "no candidate met the fidelity budget: nothing packaged")
-    return 0 if result.package or result.selected else 1
+    return 0 if result.package or result.selected else EXIT_BUDGET
 
 
 def _verify_package_command(args) -> int:

@@ -1,0 +1,97 @@
+"""The command line as people expect it: -v/-q after the command, distinct exit codes, an env
+report, provider options, and third-party messages kept out of the normal output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxforge.cli import build_parser, main
+from onnxforge.common.errors import EXIT_BUDGET, EXIT_USAGE, EXIT_VERIFICATION
+
+
+def _model(path):
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_verbosity_flags_before_or_after_the_command():
+    parser = build_parser()
+    for argv in (["-q", "inspect", "m.onnx"], ["inspect", "m.onnx", "-q"], ["inspect", "-q", "m.onnx"]):
+        args = parser.parse_args(argv)
+        assert args.quiet is True and args.verbose is False, argv
+    assert parser.parse_args(["inspect", "m.onnx", "--verbose"]).verbose is True
+    assert parser.parse_args(["inspect", "m.onnx"]).quiet is False
+
+
+def test_every_option_says_what_it_does():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    missing = [f"{name} {action.option_strings[0]}" for name, command in sub.choices.items() for action in command._actions
+               if action.option_strings and action.dest != "help" and not action.help]
+    assert not missing, f"options without help: {missing}"
+
+
+def test_exit_codes_tell_usage_verification_and_budget_apart(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.onnx")]) == EXIT_USAGE
+    with pytest.raises(SystemExit) as bad_flag:
+        main(["inspect", "--no-such-flag"])
+    assert bad_flag.value.code == EXIT_USAGE
+    from onnxforge.package import write_package
+
+    folder = write_package(tmp_path / "pkg", _model(tmp_path / "m.onnx"), reference_inputs={"x": np.ones((1, 4), np.float32)},
+                           transforms=[], measurements={}, source={}, recommended={}, name="m")
+    (folder / "README.md").write_text("changed")
+    assert main(["verify-package", str(folder)]) == EXIT_VERIFICATION
+    assert "was changed" in capsys.readouterr().err
+    assert EXIT_BUDGET not in (0, EXIT_USAGE, EXIT_VERIFICATION, 1)
+
+
+def test_env_report_names_versions_providers_and_cpu_flags(capsys):
+    assert main(["env", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["schema_version"] >= 1 and report["versions"]["onnxruntime"] and report["versions"]["onnxforge"]
+    assert "CPUExecutionProvider" in report["providers"] and report["cores"]["usable"] >= 1
+    assert main(["env"]) == 0
+    assert "providers" in capsys.readouterr().out
+
+
+def test_provider_options_reach_the_session_and_malformed_ones_are_refused(tmp_path, capsys, monkeypatch):
+    import runtime_bench.harness as harness
+
+    seen = []
+    real = harness.resolve_provider
+
+    def spy(name, *a, **kw):
+        config = real(name, *a, **kw)
+        seen.append(config.extra_options)
+        return config
+
+    monkeypatch.setattr(harness, "resolve_provider", spy)
+    path = _model(tmp_path / "m.onnx")
+    assert main(["-q", "bench", str(path), "--batch", "1", "--min-runs", "3", "--min-seconds", "0", "--warmup", "1",
+                 "--provider-option", "some_option=1"]) == 0
+    assert seen == [(("some_option", "1"),)]
+    assert main(["bench", str(path), "--provider-option", "novalue"]) == EXIT_USAGE
+    assert "malformed --provider-option 'novalue'" in capsys.readouterr().err
+
+
+def test_third_party_logging_stays_out_unless_verbose(capsys):
+    from onnxforge.cli import configure_logging
+
+    configure_logging(0)
+    logging.getLogger().warning("Failed to infer data type of tensor")  # as ONNX Runtime's shape inference does
+    assert "Failed to infer" not in capsys.readouterr().err
+    configure_logging(1)
+    logging.getLogger().warning("Failed to infer data type of tensor")
+    assert "Failed to infer" in capsys.readouterr().err
+    configure_logging(0)
