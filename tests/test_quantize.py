@@ -755,3 +755,25 @@ def test_dynamic_int8_writes_patch_convs_as_matmul_unless_kept_in_float():
     assert result.after.quantized_compute_ops == 2 and result.fidelity.min_mean_cosine > 0.99
     kept = quantize(_patch_embedding_net(), QuantizeSettings(mode="dynamic", check_speed=False, exclude_nodes=("patch",)))
     assert summarize_model(kept.model, "", 0).op_counts["Conv"] == 1
+
+
+def test_auto_mode_escalates_when_no_candidate_is_faithful(tmp_path, capsys):
+    """No auto candidate reaches 0.99 on the outlier model: the most sensitive node is kept in
+    float until it does. Where even that cannot reach the budget (at most a quarter of the nodes
+    in float), nothing is written and the exit status says the budget was not met."""
+    from onnxforge.cli import main
+    from onnxforge.common.errors import EXIT_BUDGET, BudgetNotMet
+
+    model = _outlier_model()
+    calib = {"x": np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)}
+    result = quantize(model, QuantizeSettings(check_speed=False), calibration=calib)
+    assert result.fidelity.min_mean_cosine >= 0.99 and result.float_nodes == ("second",)
+    assert any("escalating to the accuracy-aware fallback" in reason for reason in result.reasons)
+    with pytest.raises(BudgetNotMet, match="nothing was written"):
+        quantize(model, QuantizeSettings(check_speed=False, min_cosine=0.999999), calibration=calib)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "calib.npz", **calib)
+    code = main(["-q", "quantize", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "--calibration", str(tmp_path / "calib.npz"),
+                 "--min-cosine", "0.999999", "--no-speed-check"])
+    assert code == EXIT_BUDGET and not (tmp_path / "q.onnx").exists()
+    assert "nothing was written" in capsys.readouterr().err

@@ -24,6 +24,8 @@ import corpus
 import numpy as np
 import pytest
 
+from onnxforge.common.errors import EXIT_BUDGET, EXIT_USAGE
+
 pytestmark = [pytest.mark.slow, pytest.mark.realworld]
 
 COMMANDS = ("inspect", "optimize", "quantize", "prune", "bench", "run")
@@ -178,7 +180,7 @@ def outcome(name: str, command: str, root: Path) -> Outcome:
             result = Outcome(name, command, "ok", seconds, metric=metric if isinstance(metric, float) else None)
         except Exception as exc:  # noqa: BLE001  (the command said it succeeded; its output says otherwise)
             result = Outcome(name, command, "FAILED", seconds, f"exit 0 but the output is wrong: {type(exc).__name__}: {exc}")
-    elif done.returncode == 2 and "Traceback" not in done.stderr and ours and ERROR_LINE.match(ours[-1]) \
+    elif done.returncode in (EXIT_USAGE, EXIT_BUDGET) and "Traceback" not in done.stderr and ours and ERROR_LINE.match(ours[-1]) \
             and all(WARNING_LINE.match(line) for line in ours[:-1]) and (out is None or not out.exists()):
         warned = f" (after {len(ours) - 1} warning lines)" if len(ours) > 1 else ""
         result = Outcome(name, command, "refused", seconds, ours[-1] + warned)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxforge.common.errors import UserError
+from onnxforge.common.errors import BudgetNotMet, UserError
 from onnxforge.common.fidelity import Fidelity, fidelity
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.normalize import normalize
@@ -105,10 +105,13 @@ def quantize(
             remember(decision, chosen.name, chosen.timing.speedup, chosen.fidelity.min_mean_cosine, _machine_name())
         exclude = [*exclude, *chosen.resolved["keep_float"]]
         quantized, measured, sensitivity, exclude_final = models[chosen.name], chosen.fidelity, [], exclude
-        if settings.accuracy_target is not None and measured.min_mean_cosine < settings.accuracy_target:
+        target = settings.accuracy_target
+        if target is None and settings.mode == "auto" and measured.min_mean_cosine < settings.min_cosine:
+            target = _escalation_target(chosen, settings, reasons)
+        if target is not None and measured.min_mean_cosine < target:
             quantized, measured, exclude_final, sensitivity = _keep_sensitive_in_float(
-                reference, inputs_for[chosen.name], quantized, measured, chosen.resolved, exclude, calib, settings, workdir,
-                evaluation_batches)
+                reference, inputs_for[chosen.name], quantized, measured, chosen.resolved, exclude, calib,
+                _escalated(settings, target, inputs_for[chosen.name], chosen.resolved, exclude), workdir, evaluation_batches)
             chosen = dataclasses.replace(chosen, fidelity=measured)
             if timed and chosen.timing is not None:
                 chosen, float_timing = _timed_again(chosen, quantized, len(exclude_final) - len(exclude), reference,
@@ -361,6 +364,30 @@ def _build_candidates(candidates: Sequence[Candidate], inputs_for: Mapping[str, 
     return built, models
 
 
+# Auto mode's escalation keeps at most this share of the quantizable nodes in float: beyond it the
+# model is hardly int8, and nothing is written instead.
+ESCALATION_FLOAT_SHARE = 0.25
+
+
+def _escalation_target(chosen: Candidate, settings: QuantizeSettings, reasons: list[str]) -> float:
+    """Auto mode with no candidate at ``min_cosine``: the accuracy-aware fallback (the most
+    sensitive nodes kept in float) is tried on the most faithful candidate before giving up."""
+    reasons.append(f"no candidate reached mean cosine {settings.min_cosine} (the most faithful, {chosen.name}, "
+                   f"{chosen.fidelity.min_mean_cosine:.5f}): escalating to the accuracy-aware fallback, the most "
+                   f"sensitive nodes kept in float (at most {ESCALATION_FLOAT_SHARE:.0%} of the quantizable ones)")
+    return settings.min_cosine
+
+
+def _escalated(settings: QuantizeSettings, target: float, prepared: onnx.ModelProto, resolved: dict, exclude) -> QuantizeSettings:
+    """The settings the accuracy-aware step runs with: ``target``, and in auto mode's escalation
+    a cap on the float nodes (``ESCALATION_FLOAT_SHARE``) unless the user gave one."""
+    if settings.accuracy_target is not None:
+        return settings
+    count = len([n for n in quantizable_nodes(prepared, resolved) if n.name not in exclude])
+    cap = settings.max_float_nodes if settings.max_float_nodes is not None else max(1, int(count * ESCALATION_FLOAT_SHARE))
+    return dataclasses.replace(settings, accuracy_target=target, max_float_nodes=cap)
+
+
 def _keep_sensitive_in_float(reference, prepared, quantized, measured, resolved, exclude, calib, settings, workdir, batches):
     """Exclude the most sensitive nodes, the fewest that meet the target: doubling, then bisecting."""
     candidates = [n for n in quantizable_nodes(prepared, resolved) if n.name not in exclude]
@@ -384,11 +411,12 @@ def _keep_sensitive_in_float(reference, prepared, quantized, measured, resolved,
     k = min(k, limit)
     if not attempt(k):
         best_k = max(tried, key=lambda i: tried[i][1].min_mean_cosine)
-        raise UserError(
+        raise BudgetNotMet(
             f"accuracy target {settings.accuracy_target} not met: the best lowest mean cosine reached was "
             f"{tried[best_k][1].min_mean_cosine:.5f} with {best_k} node(s) in float "
             f"({', '.join(n for n, _ in ranking[:best_k][:10])}{'...' if best_k > 10 else ''}); "
-            "lower the target, allow more float nodes, or use better calibration data"
+            "nothing was written; lower the target (--min-cosine, --accuracy-target), allow more float nodes "
+            "(--max-float-nodes), or use better calibration data"
         )
     high = k
     while high - low > 1:

@@ -61,9 +61,8 @@ def choose(candidates: Sequence[Candidate], min_cosine: float) -> tuple[int, lis
     else:
         best = max(built, key=lambda i: candidates[i].fidelity.min_mean_cosine)
         pool = [best]
-        warnings.append(f"no int8 candidate reached a mean cosine of {min_cosine} to the float outputs; the most faithful, "
-                        f"{candidates[best].name} ({candidates[best].fidelity.min_mean_cosine:.5f}), is returned: give better "
-                        "calibration data, or --accuracy-target to keep the most sensitive nodes in float")
+        warnings.append(f"no int8 candidate reached a mean cosine of {min_cosine} to the float outputs; the most faithful is "
+                        f"{candidates[best].name} ({candidates[best].fidelity.min_mean_cosine:.5f})")
     timed = [i for i in pool if candidates[i].timing is not None]
     if timed:
         fastest = max(timed, key=lambda i: candidates[i].timing.speedup)
