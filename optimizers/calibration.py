@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 # Share of calibration batches held out for evaluation when no evaluation data is given.
 HOLDOUT_SHARE = 0.2
+# Calibration batches read at most, by prune and quantize alike (one rule, one name:
+# ``max_calibration_batches`` / ``--max-calibration-batches``); a text file gives one line a batch.
+MAX_CALIBRATION_BATCHES = 1024
 
 
 @dataclasses.dataclass

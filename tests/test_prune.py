@@ -237,6 +237,9 @@ def test_cli_prune(tmp_path, capsys):
                  "--calibration", str(_calib(tmp_path / "c.npz", (3, 8, 8), "image"))])
     out = capsys.readouterr().out
     assert code == 0 and "16 -> 8" in out and "without bias compensation" in out
+    # no flags but the data: the best recipe measured, said with how much data was fitted
+    assert "chosen for this data: importance reconstruction, scope global, refinement off" in out
+    assert "batches (" in out and "samples) fitted, at most 1024 read" in out
     assert "the pruned model ran in ONNX Runtime with the original's output shapes on image [1, 3, 8, 8] and image [2, 3, 8, 8]" in out
     code = main(["-q", "prune", str(tmp_path / "chain.onnx"), str(tmp_path / "m.onnx"), "--ratio", "0.5", "--method", "magnitude", "--json"])
     assert code == 0 and "magnitude pruning" in json.loads(capsys.readouterr().out)["notes"][0]
@@ -648,3 +651,20 @@ def test_reshape_that_keeps_channels_last_is_followed(tmp_path, exporter):
     heads = onnx.load(str(export(HeadsReshape().eval(), torch.randn(2, 5, 16), tmp_path / "h.onnx", exporter=exporter).path))
     with pytest.raises(UserError, match="Reshape"):
         prune(heads, PruneSettings(ratio=0.5, protect_first=False))
+
+
+def test_default_settings_resolve_to_the_best_recipe_for_the_data():
+    """auto: with calibration data reconstruction, global and, with enough fitted batches,
+    refinement; without data l1 per layer; what the user set stays as set."""
+    from optimizers.prune.channels import REFINE_MIN_BATCHES, REFINE_STEPS
+
+    default = PruneSettings(ratio=0.3)
+    assert (default.importance, default.scope, default.refine_steps) == ("auto", "auto", None)
+    free = default.resolved(None)
+    assert (free.importance, free.scope, free.refine_steps) == ("l1", "layer", 0)
+    few = default.resolved(REFINE_MIN_BATCHES - 1)
+    assert (few.importance, few.scope, few.refine_steps) == ("reconstruction", "global", 0)
+    assert default.resolved(REFINE_MIN_BATCHES).refine_steps == REFINE_STEPS
+    assert PruneSettings(ratio=0.3, reconstruct=False).resolved(10 * REFINE_MIN_BATCHES).refine_steps == 0
+    kept = PruneSettings(ratio=0.3, importance="l2", scope="layer", refine_steps=7).resolved(10 * REFINE_MIN_BATCHES)
+    assert (kept.importance, kept.scope, kept.refine_steps) == ("l2", "layer", 7)

@@ -7,6 +7,8 @@ import argparse
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common.errors import UserError
 from onnxforge.common import jsonio
+from optimizers.calibration import MAX_CALIBRATION_BATCHES
+from optimizers.prune.channels import REFINE_MIN_BATCHES, REFINE_STEPS
 
 
 def register(sub) -> None:
@@ -22,14 +24,16 @@ def register(sub) -> None:
     prn.add_argument("--head-importance", choices=("contribution", "ablation"), default="contribution",
                      help="contribution: weight norms, or the measured contribution with --calibration; ablation: the "
                           "output loss of removing each head alone (needs --calibration; one ONNX Runtime session per head)")
-    prn.add_argument("--importance", choices=("l1", "l2", "activation", "reconstruction"), default="l1",
-                     help="reconstruction: greedy choice of the channels least-squares re-fitting recovers best (needs --calibration)")
-    prn.add_argument("--scope", choices=("layer", "global"), default="layer",
-                     help="layer: the same ratio in every layer; global: the ratio over the whole model, layers ranked together")
+    prn.add_argument("--importance", choices=("auto", "l1", "l2", "activation", "reconstruction"), default="auto",
+                     help="auto: reconstruction with --calibration, else l1; reconstruction: greedy choice of the channels "
+                          "least-squares re-fitting recovers best (needs --calibration) (default: auto)")
+    prn.add_argument("--scope", choices=("auto", "layer", "global"), default="auto",
+                     help="layer: the same ratio in every layer; global: the ratio over the whole model, layers ranked "
+                          "together; auto: global with --calibration, else layer (default: auto)")
     prn.add_argument("--calibration", metavar="DATA", help="data for activation importance and bias compensation")
-    prn.add_argument("--max-batches", type=int, default=32, metavar="N",
-                     help="calibration (and evaluation) batches read at most (default 32); a text file gives one line a "
-                          "batch, so raise it to fit on more sentences")
+    prn.add_argument("--max-calibration-batches", "--max-batches", dest="max_batches", type=int, default=MAX_CALIBRATION_BATCHES,
+                     metavar="N", help=f"calibration (and evaluation) batches read at most, as quantize reads them; a text "
+                                       f"file gives one line a batch (default {MAX_CALIBRATION_BATCHES})")
     prn.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
     prn.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text data files")
     prn.add_argument("--no-bias-compensation", action="store_true",
@@ -37,10 +41,10 @@ def register(sub) -> None:
     prn.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                      help="re-fit the consumers of removed channels by least squares, kept where held-out calibration data "
                           "shows it helps (default: on when --calibration is given)")
-    prn.add_argument("--refine", type=int, metavar="STEPS", default=0,
+    prn.add_argument("--refine", type=int, metavar="STEPS", default=None,
                      help="after reconstruction, refine each feed-forward block (up and down projections) by STEPS gradient "
-                          "steps towards the unpruned block's output (about 400; needs --calibration; kept where held-out "
-                          "calibration data shows it helps)")
+                          "steps towards the unpruned block's output (kept where held-out calibration data shows it helps; "
+                          f"0: off; default: {REFINE_STEPS} with --calibration of {REFINE_MIN_BATCHES}+ fitted batches, else off)")
     prn.add_argument("--round-to", type=int, default=8, help="kept channels are a multiple of this (default 8)")
     prn.add_argument("--no-protect-first", action="store_true", help="allow pruning the layers that read graph inputs")
     prn.add_argument("--protect", action="append", metavar="NODE", help="keep this producer node whole (repeatable)")

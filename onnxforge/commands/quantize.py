@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common import jsonio
+from optimizers.calibration import MAX_CALIBRATION_BATCHES
 
 
 def register(sub) -> None:
@@ -22,7 +23,8 @@ def register(sub) -> None:
     quant.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text calibration files")
     quant.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile", "distribution"), default="minmax",
                        help="how static quantization chooses activation ranges from the calibration data")
-    quant.add_argument("--max-calibration-batches", type=int, default=64, help="calibration batches read at most (a text file gives one line a batch)")
+    quant.add_argument("--max-calibration-batches", type=int, default=MAX_CALIBRATION_BATCHES,
+                       help="calibration batches read at most, as prune reads them (a text file gives one line a batch)")
     quant.add_argument("--per-tensor", action="store_true", help="per-tensor weights instead of per-channel")
     quant.add_argument("--reduce-range", action="store_true", help="7-bit weights (for CPUs without VNNI; costs fidelity)")
     quant.add_argument("--weight-type", choices=("int8", "uint8"), help="integer type of the weights (default: chosen per model and target)")

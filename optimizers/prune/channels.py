@@ -18,10 +18,17 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity
 from onnxforge.common.graph import UnionFind, attr, default_opset, remove_attr, set_attr
 from onnxforge.common.onnxio import copy_without_initializers
+from optimizers.calibration import MAX_CALIBRATION_BATCHES
 from optimizers.prune.trace import Analysis
 from optimizers.verify import ort_session, verification_inputs, with_outputs
 
-IMPORTANCES = ("l1", "l2", "activation", "reconstruction")
+IMPORTANCES = ("auto", "l1", "l2", "activation", "reconstruction")
+SCOPES = ("auto", "layer", "global")
+# The defaults with calibration data are the best recipe measured (README, docs/results/prune_recovery):
+# reconstruction-guided choice, global allocation, and block refinement once there is enough data
+# for its held-out check to keep it (with about 200 sentences it overfits and is dropped).
+REFINE_STEPS = 400
+REFINE_MIN_BATCHES = 400  # fitted batches, after the held-out share
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +42,9 @@ class PruneSettings:
         loss its re-fit leaves; kept only where held-out data prefers it to every unit at the
         ratio); without, the least important channels across units (scores normalized by each
         unit's mean).
+    importance, scope, refine_steps: ``auto`` (None for refine_steps) takes the best recipe measured
+        for the data at hand (``resolved``): with calibration data reconstruction, global and, from
+        ``REFINE_MIN_BATCHES`` batches, refinement; without, ``l1`` per layer.
     importance: ``l1``/``l2`` norm of each output filter (data-free) or ``activation``:
         mean |activation| of the channel times the norm of the consumer weights reading it, or
         ``reconstruction``: the channels whose loss least-squares reconstruction recovers best go
@@ -58,16 +68,16 @@ class PruneSettings:
     """
 
     ratio: float = 0.5
-    importance: str = "l1"
-    scope: str = "layer"
+    importance: str = "auto"
+    scope: str = "auto"
     bias_compensation: bool = True
     round_to: int = 8
     protect_first: bool = True
     protect: tuple[str, ...] = ()
     ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    max_batches: int = 32
+    max_batches: int = MAX_CALIBRATION_BATCHES
     reconstruct: bool | None = None
-    refine_steps: int = 0
+    refine_steps: int | None = None
 
     def __post_init__(self):
         for value in (self.ratio, *self.ratios.values()):
@@ -75,14 +85,31 @@ class PruneSettings:
                 raise UserError(f"pruning ratio must be in [0, 1), got {value}")
         if self.importance not in IMPORTANCES:
             raise UserError(f"unknown importance {self.importance!r}; choose {', '.join(IMPORTANCES)}")
-        if self.scope not in ("layer", "global"):
-            raise UserError(f"unknown scope {self.scope!r}; choose layer or global")
+        if self.scope not in SCOPES:
+            raise UserError(f"unknown scope {self.scope!r}; choose {', '.join(SCOPES)}")
         if self.round_to < 1:
             raise UserError(f"round_to must be at least 1, got {self.round_to}")
         if self.max_batches < 1:
             raise UserError(f"max_batches (calibration batches pruning reads) must be at least 1, got {self.max_batches}")
-        if self.refine_steps < 0:
+        if self.refine_steps is not None and self.refine_steps < 0:
             raise UserError(f"refine_steps must be 0 (off) or more, got {self.refine_steps}")
+
+    def resolved(self, calibration_batches: int | None) -> PruneSettings:
+        """``auto`` made concrete for data of ``calibration_batches`` batches (None: no data):
+        with data, reconstruction importance, global scope, and ``REFINE_STEPS`` of refinement
+        from ``REFINE_MIN_BATCHES`` batches on (where reconstruction is on); without, l1 norms per
+        layer and no refinement."""
+        has_data = calibration_batches is not None
+        refit = self.reconstruct or (self.reconstruct is None and self.bias_compensation)
+        refine = self.refine_steps
+        if refine is None:
+            refine = REFINE_STEPS if has_data and refit and calibration_batches >= REFINE_MIN_BATCHES else 0
+        return dataclasses.replace(
+            self,
+            importance=("reconstruction" if has_data else "l1") if self.importance == "auto" else self.importance,
+            scope=("global" if has_data else "layer") if self.scope == "auto" else self.scope,
+            refine_steps=refine,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +141,10 @@ def channel_units(analysis: Analysis) -> list[tuple[tuple[str, ...], list[int]]]
 
 
 def channel_importance(model, analysis: Analysis, settings: PruneSettings, means_abs) -> dict[int, float]:
+    """Score per channel slot root, by ``settings.importance`` (``auto`` not yet resolved
+    against data counts as data-free: l1)."""
+    if settings.importance == "auto":
+        settings = dataclasses.replace(settings, importance="l1")
     inits = {t.name: t for t in model.graph.initializer}
     score: dict[int, float] = collections.defaultdict(float)
     find = analysis.slots.find
@@ -196,7 +227,10 @@ def decide_drops(analysis: Analysis, settings: PruneSettings, score: dict[int, f
             drops: Mapping[tuple[str, ...], int] | None = None) -> list[tuple[Unit, frozenset[int]]]:
     """Each unit with the slot roots chosen for removal (empty when it is left whole): the
     ``drops`` count of a unit where given (a sensitivity allocation), else as many as its ratio
-    says (layer scope) or as fall under the global threshold of normalized scores (global scope)."""
+    says (layer scope) or as fall under the global threshold of normalized scores (global scope;
+    ``auto`` not yet resolved against data counts as layer)."""
+    if settings.scope == "auto":
+        settings = dataclasses.replace(settings, scope="layer")
     plans = unit_plans(analysis, settings)
     threshold = 0.0
     if settings.scope == "global" and drops is None:

@@ -40,6 +40,7 @@ from optimizers.calibration import calibration_data, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.allocate import allocate_by_sensitivity, global_share
 from optimizers.prune.channels import (
+    REFINE_MIN_BATCHES,
     PruneResult,
     PruneSettings,
     Unit,
@@ -217,6 +218,8 @@ def prune_structured(
     generated inputs. Raises ``UserError`` when nothing can be pruned at a ratio above 0.
     """
 
+    if calibration is None:
+        settings = settings.resolved(None)
     _check_settings(settings, calibration)
     if calibration is None and settings.importance in ("l1", "l2") and not settings.reconstruct and is_large(model):
         return _pruned_from_files(model, settings, evaluation=evaluation, tokenizer=tokenizer, dims=dims)
@@ -225,6 +228,8 @@ def prune_structured(
     analysis = analyze(model)
     resolve_conflicts(analysis)
     calib_batches, eval_batches = _batches(model, settings, calibration, evaluation, tokenizer, dims, notes)
+    if calib_batches is not None:
+        settings = _resolved_with_data(settings, calib_batches, notes)
     check, check_notes = run_check(model, eval_batches[0], dims)
     notes.extend(check_notes)
     means = means_abs = None
@@ -261,6 +266,21 @@ def prune_structured(
     logger.info("pruned %d of %d units; parameters %d -> %d; MACs %d -> %d", sum(1 for u in units if u.kept < u.channels),
                 len(units), *result.parameters, *result.macs)
     return result
+
+
+def _resolved_with_data(settings: PruneSettings, calib_batches: list, notes: list[str]) -> PruneSettings:
+    """``auto`` settings made concrete for the calibration batches read, said in the notes with
+    how much data was used (batches and samples fitted, and the limit)."""
+    resolved = settings.resolved(len(calib_batches))
+    samples = sum(int(next(iter(b.values())).shape[0]) if next(iter(b.values())).ndim else 1 for b in calib_batches)
+    chosen = [f"{name} {getattr(resolved, name)}" for name in ("importance", "scope")
+              if getattr(settings, name) == "auto"]
+    if settings.refine_steps is None:
+        chosen.append(f"refinement {resolved.refine_steps} steps" if resolved.refine_steps else
+                      f"refinement off (it runs from {REFINE_MIN_BATCHES} fitted batches)")
+    notes.append(f"calibration: {len(calib_batches)} batches ({samples} samples) fitted, at most {settings.max_batches} read"
+                 + (f"; chosen for this data: {', '.join(chosen)}" if chosen else ""))
+    return resolved
 
 
 def _check_settings(settings: PruneSettings, calibration) -> None:

@@ -12,6 +12,7 @@ import onnx
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.fidelity import Fidelity
 from onnxforge.common.summary import ModelSummary
+from optimizers.calibration import MAX_CALIBRATION_BATCHES
 from runtime_bench.timing import VariantTiming
 
 MODES = ("auto", "dynamic", "static", "int4")
@@ -77,7 +78,7 @@ class QuantizeSettings:
     op_types: tuple[str, ...] | None = None
     exclude_nodes: tuple[str, ...] = ()
     calibration_method: str = "minmax"
-    max_calibration_batches: int | None = 64
+    max_calibration_batches: int | None = MAX_CALIBRATION_BATCHES
     target: str = "cpu"
     preprocess: bool = True
     block_size: int = 32
