@@ -24,6 +24,7 @@ reason, and the plain one is kept.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -193,18 +194,19 @@ class CacheWrapper(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            **{_CACHE_KWARG: cache},
+            **{cache_kwarg(): cache},
             use_cache=True,
             logits_to_keep=1 if self.last_logits else 0,
         )
-        present = getattr(out, _CACHE_KWARG)
+        present = getattr(out, cache_kwarg())
         flat = [out.logits]
         for layer in present.layers:
             flat += [layer.keys, layer.values]
         return tuple(flat)
 
 
-def _cache_kwarg() -> str:
+@functools.cache
+def cache_kwarg() -> str:
     """transformers 5 names the cache argument ``cache``; earlier releases ``past_key_values``."""
     import inspect
 
@@ -213,17 +215,14 @@ def _cache_kwarg() -> str:
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-_CACHE_KWARG = "cache"
-
-
 def cache_geometry(model) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) read from the cache the model itself fills on a short input."""
     from transformers import DynamicCache
 
     ids = torch.zeros((1, 2), dtype=torch.long)
     with torch.no_grad():
-        out = model(input_ids=ids, **{_CACHE_KWARG: DynamicCache(), "use_cache": True})
-    layers = getattr(out, _CACHE_KWARG).layers
+        out = model(input_ids=ids, **{cache_kwarg(): DynamicCache(), "use_cache": True})
+    layers = getattr(out, cache_kwarg()).layers
     keys = layers[0].keys
     return len(layers), int(keys.shape[1]), int(keys.shape[3])
 
@@ -299,7 +298,7 @@ def _torch_greedy(model, config, prompt: list[int], new_tokens: int, later: int)
     tokens, first, at_later = [], None, None
     with torch.no_grad():
         for step in range(new_tokens):
-            logits = model(input_ids=ids, **{_CACHE_KWARG: cache, "use_cache": True}).logits[0, -1].float()
+            logits = model(input_ids=ids, **{cache_kwarg(): cache, "use_cache": True}).logits[0, -1].float()
             if step == 0:
                 first = logits.numpy().copy()
             if step == later:
@@ -481,8 +480,6 @@ def export_decoder(
     opset = DEFAULT_OPSET if opset is None else int(opset)
     transformers = _transformers()
     check_transformers_version(transformers.__version__)
-    global _CACHE_KWARG
-    _CACHE_KWARG = _cache_kwarg()
     model, config = load_causal_lm(folder)
     layers, kv_heads, head_dim = cache_geometry(model)
     logger.info("%s: %d layers, %d kv heads of %d, vocab %d", config.model_type, layers, kv_heads, head_dim, config.vocab_size)
@@ -573,5 +570,5 @@ def copy_model_files(folder: Path, target: Path) -> list[Path]:
 
 __all__ = [
     "DECODER_TOLERANCE", "DecoderExportResult", "DecoderProof", "TESTED_TRANSFORMERS", "TorchReference",
-    "check_transformers_version", "export_decoder", "left_padded", "load_causal_lm", "prove_decoder", "torch_reference",
+    "check_transformers_version", "export_decoder", "load_causal_lm", "prove_decoder", "torch_reference",
 ]

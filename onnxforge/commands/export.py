@@ -12,7 +12,8 @@ def register(sub) -> None:
     exp = sub.add_parser("export", help="export a PyTorch model to ONNX and validate it against PyTorch")
     exp.add_argument("--model", help="pkg.module:factory, path/to/file.py:factory, or a torch.save / TorchScript .pt file")
     exp.add_argument("--hf-model", metavar="DIR", help="a local Hugging Face model folder")
-    exp.add_argument("--task", default="feature-extraction", help="Hugging Face task (default: feature-extraction)")
+    exp.add_argument("--task", default="feature-extraction",
+                     help="Hugging Face task (default: feature-extraction); text-generation exports a decoder with its KV cache")
     exp.add_argument("--output", "-o", required=True, help="the ONNX file to write")
     exp.add_argument("--input", action="append", metavar="NAME:DIMS:DTYPE",
                      help="an input, e.g. x:batch,3,32,32:float32 or ids:batch,seq:int64:0..30522 (repeatable); "
@@ -27,6 +28,13 @@ def register(sub) -> None:
     exp.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the validation (default 1e-3)")
     exp.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the validation (default 1e-4)")
     exp.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    decoder = exp.add_argument_group("text-generation (--task text-generation)")
+    decoder.add_argument("--logits", choices=("all", "last"), default="all",
+                         help="'last': the output layer computes the last position only (what generation reads)")
+    decoder.add_argument("--no-fuse", action="store_true", help="keep the plain graph (no ONNX Runtime fusions)")
+    decoder.add_argument("--package", metavar="DIR",
+                         help="also write a deployment package (tokenizer, configs, genai_config.json for ONNX Runtime "
+                              "GenAI, a recorded greedy generation that verify-package replays)")
     add_io_flags(exp)
     exp.set_defaults(func=_export_command)
 
@@ -38,6 +46,8 @@ def _export_command(args) -> int:
 
     if bool(args.model) == bool(args.hf_model):
         raise UserError("give exactly one model source: --model pkg.module:factory | file.py:factory | file.pt, or --hf-model DIR")
+    if args.task == "text-generation":
+        return _export_decoder_command(args)
     if args.pick_faster and args.exporter != "auto":
         raise UserError(f"--pick-faster compares both exporters; use it with --exporter auto, not {args.exporter}")
     dim_sizes = parse_dim_sizes(args.dim or [])
@@ -93,4 +103,41 @@ def _export_command(args) -> int:
             print(f"  {output.describe()}")
     if not result.checks:
         print("validation skipped (--no-validate)")
+    return 0
+
+
+def _export_decoder_command(args) -> int:
+    from exporter.decoder import export_decoder
+
+    if not args.hf_model:
+        raise UserError("--task text-generation exports a Hugging Face folder: give --hf-model DIR")
+    ignored = [flag for flag, used in (("--input", args.input), ("--dim", args.dim), ("--static", args.static),
+                                       ("--pick-faster", args.pick_faster)) if used]
+    if ignored:
+        raise UserError(f"{', '.join(ignored)} do not apply to --task text-generation (its inputs are the decoder's own)")
+    result = export_decoder(args.hf_model, args.output, opset=args.opset, validate=not args.no_validate,
+                            fuse=not args.no_fuse, logits=args.logits)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    print(f"wrote {result.path} ({', '.join(f.name for f in result.files[1:])}) in {result.seconds:.1f} s: "
+          f"{result.model_type}, {result.num_layers} layers, {result.num_kv_heads} kv heads of {result.head_dim}, "
+          f"logits {result.logits}")
+    if result.fused:
+        print(f"fused for ONNX Runtime: {', '.join(f'{k} {v}' for k, v in result.fusion_counts.items())}")
+    elif result.fusion_note:
+        print(f"not fused: {result.fusion_note}")
+    proof = result.proof
+    if proof is None:
+        print("proof skipped (--no-validate)")
+    else:
+        print(f"proof: PASS; greedy {proof.new_tokens} tokens equal PyTorch's for prompts of {list(proof.prompt_lengths)} tokens, "
+              f"left-padded batch equal over {proof.padded_batch_tokens} tokens; logits max abs error "
+              f"{proof.prefill_max_abs_error:.2g} at prefill, {proof.step_max_abs_error:.2g} after {proof.later_step} steps; "
+              f"cached vs recomputed {proof.cache_vs_recompute_max_abs_error:.2g}")
+    if args.package:
+        from onnxforge.package import write_decoder_package
+
+        written = write_decoder_package(args.package, result.path, source={"hf_model": str(args.hf_model)})
+        print(f"package: {written}")
     return 0
