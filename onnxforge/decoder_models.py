@@ -127,7 +127,7 @@ def build_docstring_llama(folder: Path, *, steps: int = 300, seed: int = 0) -> P
         fast.save_pretrained(str(staging))
         (staging / "TRAINING.txt").write_text(
             f"{DOCSTRING_LLAMA_VERSION}: {len(texts)} standard-library docstrings, {len(stream)} tokens, "
-            f"{steps} AdamW steps of {batch}x{window} tokens, seed {seed}, final loss {float(loss):.3f}\n",
+            f"{steps} AdamW steps of {batch}x{window} tokens, seed {seed}, final loss {float(loss.detach()):.3f}\n",
             encoding="utf-8",
         )
     return folder

@@ -37,10 +37,11 @@ def decision_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def docstring_llama_folder(tmp_path_factory):
-    """The built-in trained Llama (onnxforge.decoder_models), trained once per test session."""
+    """The built-in trained Llama (onnxforge.decoder_models), trained once per test session, or
+    kept between sessions in $ONNXFORGE_TEST_MODELS when that is set (a CI cache)."""
     from onnxforge.decoder_models import docstring_llama
 
-    return docstring_llama(tmp_path_factory.mktemp("decoders"))
+    return docstring_llama(os.environ.get("ONNXFORGE_TEST_MODELS") or tmp_path_factory.mktemp("decoders"))
 
 
 @pytest.fixture(scope="session")
