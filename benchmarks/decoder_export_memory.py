@@ -67,7 +67,7 @@ def main() -> None:
         figures = json.loads(out.stdout.strip().splitlines()[-1])
     mib = 1024 * 1024
     extra = figures["peak"] - figures["baseline"]
-    print(f"| config | fp32 weights | baseline RSS | peak RSS | peak - baseline | / weights | export s | fused |")
+    print("| config | fp32 weights | baseline RSS | peak RSS | peak - baseline | / weights | export s | fused |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| llama h{args.hidden} L{args.layers} V{args.vocab} | {weights / mib:.0f} MiB | {figures['baseline'] / mib:.0f} MiB | "
           f"{figures['peak'] / mib:.0f} MiB | {extra / mib:.0f} MiB | {extra / weights:.2f}x | {figures['seconds']:.0f} | "

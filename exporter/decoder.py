@@ -40,7 +40,7 @@ import torch
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
-from runtime_bench.decoder import OnnxDecoder, greedy, left_padded
+from runtime_bench.decoder import OnnxDecoder, greedy
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def recompute_limit(config) -> int | None:
     """
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope":
-        return int(rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings"))
+        return int(rope.get("original_max_position_embeddings") or config.original_max_position_embeddings)
     return None
 
 
@@ -379,7 +379,8 @@ def prove_decoder(path, reference: TorchReference, *, tolerance: Tolerance = DEC
             )
         label = f"prompt {index} ({len(prompt)} tokens)"
         prefill = decoder.prefill([prompt])
-        prefill_err = max(prefill_err, _compare(prefill[0], reference.prefill_logits[index], tolerance, f"{what}: logits at prefill of {label}"))
+        prefill_err = max(prefill_err, _compare(prefill[0], reference.prefill_logits[index], tolerance,
+                                                f"{what}: logits at prefill of {label}"))
         for token in expected[: reference.later_step]:
             logits = decoder.decode([token])
         step_err = max(step_err, _compare(logits[0], reference.step_logits[index], tolerance,

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 DOCSTRING_LLAMA_VERSION = "docstring-llama-v1"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
+SKIPPED_STDLIB_FOLDERS = ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo")
 
 
 def stdlib_docstrings(limit_bytes: int = 3_000_000) -> list[str]:
@@ -39,7 +40,7 @@ def stdlib_docstrings(limit_bytes: int = 3_000_000) -> list[str]:
     texts, total = [], 0
     for path in sorted(root.rglob("*.py")):
         relative = path.relative_to(root).parts
-        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo") or part.startswith("_") for part in relative[:-1]):
+        if any(part in SKIPPED_STDLIB_FOLDERS or part.startswith("_") for part in relative[:-1]):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))

@@ -265,7 +265,8 @@ def write_decoder_package(
         raise UserError(f"no config.json beside '{model_path}'; export with 'onnxforge export --hf-model DIR "
                         "--task text-generation', which writes it with the tokenizer files")
     config = json.loads((here / "config.json").read_text(encoding="utf-8"))
-    generation = json.loads((here / "generation_config.json").read_text(encoding="utf-8")) if (here / "generation_config.json").is_file() else {}
+    generation_file = here / "generation_config.json"
+    generation = json.loads(generation_file.read_text(encoding="utf-8")) if generation_file.is_file() else {}
     decoder = OnnxDecoder(model_path, settings=SessionSettings(log_severity=4))
     io: DecoderIO = decoder.io
     prompt_ids = Tokenizer(here).encode(prompt)

@@ -69,14 +69,10 @@ class DecoderIO:
     def from_model(cls, source) -> DecoderIO:
         """From an ONNX file, an ``onnx.ModelProto`` or an ``onnxruntime.InferenceSession``."""
         if isinstance(source, (str, Path)):
-            model = onnx.load(str(source), load_external_data=False)
-            inputs = [(v.name, onnx.helper.tensor_dtype_to_string(v.type.tensor_type.elem_type), _dims(v)) for v in model.graph.input]
-            outputs = [(v.name, onnx.helper.tensor_dtype_to_string(v.type.tensor_type.elem_type), _dims(v)) for v in model.graph.output]
-            inputs = [(n, _ort_type(t), d) for n, t, d in inputs]
-            outputs = [(n, _ort_type(t), d) for n, t, d in outputs]
-        elif isinstance(source, onnx.ModelProto):
-            inputs = [(v.name, _ort_type(onnx.helper.tensor_dtype_to_string(v.type.tensor_type.elem_type)), _dims(v)) for v in source.graph.input]
-            outputs = [(v.name, _ort_type(onnx.helper.tensor_dtype_to_string(v.type.tensor_type.elem_type)), _dims(v)) for v in source.graph.output]
+            source = onnx.load(str(source), load_external_data=False)
+        if isinstance(source, onnx.ModelProto):
+            inputs = [_signature(v) for v in source.graph.input]
+            outputs = [_signature(v) for v in source.graph.output]
         else:
             inputs = [(v.name, v.type, list(v.shape)) for v in source.get_inputs()]
             outputs = [(v.name, v.type, list(v.shape)) for v in source.get_outputs()]
@@ -125,14 +121,13 @@ class DecoderIO:
         )
 
 
-def _dims(value) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
-
-
-def _ort_type(onnx_name: str) -> str:
-    """``TensorProto.FLOAT`` -> ``tensor(float)``, the spelling ONNX Runtime reports."""
-    return {"TensorProto.FLOAT": "tensor(float)", "TensorProto.FLOAT16": "tensor(float16)",
-            "TensorProto.DOUBLE": "tensor(double)"}.get(onnx_name, onnx_name)
+def _signature(value) -> tuple[str, str, list]:
+    """(name, type as ONNX Runtime spells it, dims) of a graph input or output."""
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+    kind = {onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.FLOAT16: "tensor(float16)",
+            onnx.TensorProto.DOUBLE: "tensor(double)"}.get(tensor.elem_type, f"tensor({tensor.elem_type})")
+    return value.name, kind, dims
 
 
 def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
@@ -159,7 +154,8 @@ class OnnxDecoder:
                                     providers=self.provider.session_providers(), what="the decoder")
         self.io = DecoderIO.from_model(self.session)
         self.max_length = max_length
-        self._device = ("cuda", self.provider.device_id) if self.provider.name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else ("cpu", 0)
+        on_cuda = self.provider.name in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self._device = ("cuda", self.provider.device_id) if on_cuda else ("cpu", 0)
         self.reset()
 
     # ------------------------------------------------------------ state

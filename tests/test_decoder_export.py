@@ -3,7 +3,6 @@ Llama and on Qwen2, Phi-3, Gemma and sliding-window configs; a tampered graph fa
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -26,7 +25,8 @@ def run_cli(capsys, *argv):
 def test_trained_llama_export_through_cli(docstring_llama_export, docstring_llama_folder):
     folder, stdout = docstring_llama_export
     assert "proof: PASS" in stdout and "greedy 64 tokens equal PyTorch's" in stdout
-    for name in ("model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
         assert (folder / name).is_file(), name
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
