@@ -148,7 +148,7 @@ def docstring_llama(cache_dir: str | Path | None = None) -> Path:
 
 # ---------------------------------------------------------------- random configurations
 
-RANDOM_KINDS = ("llama", "qwen2", "phi3", "gemma", "gemma2", "mistral")
+RANDOM_KINDS = ("llama", "qwen2", "phi3", "gemma", "gemma2", "gemma3", "mistral")
 
 
 def random_config(kind: str):
@@ -176,6 +176,11 @@ def random_config(kind: str):
         return transformers.GemmaConfig(**{**common, "num_key_value_heads": 1}, head_dim=16, architectures=["GemmaForCausalLM"])
     if kind == "gemma2":
         return transformers.Gemma2Config(**common, head_dim=16, sliding_window=16, architectures=["Gemma2ForCausalLM"])
+    if kind == "gemma3":
+        # a sliding-window layer (local rope base) then a global one, as Gemma 3 interleaves them (5:1 there)
+        return transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=16,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             architectures=["Gemma3ForCausalLM"])
     if kind == "mistral":
         return transformers.MistralConfig(**common, sliding_window=16, architectures=["MistralForCausalLM"])
     raise UserError(f"unknown decoder kind {kind!r}; choose one of {', '.join(RANDOM_KINDS)}")

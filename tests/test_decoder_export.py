@@ -57,12 +57,12 @@ def test_runner_prefill_of_empty_past_and_kv_growth(docstring_llama_export):
         decoder.decode([1])
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "phi3", "gemma", "gemma2"])
+@pytest.mark.parametrize("kind", ["qwen2", "phi3", "gemma2", "gemma3"])
 def test_proof_holds_on_other_families(kind, tmp_path):
     """Qwen2 (q/k/v bias, tied embeddings, a sliding-window layer), Phi-3 (LongRoPE: the proof runs
-    past the switch to the long factors), Gemma (one kv head, head_dim 16) and Gemma 2 (alternating
-    sliding-window layers of 16 with soft-capping: 64 new tokens run well past the window, and
-    PyTorch's reference truncates its sliding cache)."""
+    past the switch to the long factors), Gemma 2 (alternating sliding-window layers of 16 with
+    soft-capping) and Gemma 3 (a sliding layer with its local rope, then a global one): 64 new
+    tokens run well past the window, and PyTorch's reference truncates its sliding cache."""
     folder = random_decoder(kind, tmp_path / kind)
     result = export_decoder(folder, tmp_path / "out" / "model.onnx", fuse=False)
     proof = result.proof
