@@ -187,3 +187,11 @@ def test_cli_text_generation_refuses_an_encoder(tmp_path, capsys):
 def test_cli_text_generation_needs_a_folder(tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", "--model", "x.pt", "--task", "text-generation", "--output", tmp_path / "m.onnx")
     assert code == 2 and "--hf-model DIR" in err
+
+
+def test_cli_package_needs_a_tokenizer_before_exporting(tmp_path, capsys):
+    folder = random_decoder("llama", tmp_path / "llama")
+    code, _, err = run_cli(capsys, "export", "--hf-model", folder, "--task", "text-generation", "--output", tmp_path / "out" / "m.onnx",
+                           "--package", tmp_path / "pkg")
+    assert code == 2 and "--package needs the tokenizer" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pkg").exists()

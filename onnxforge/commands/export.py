@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common.errors import UserError
@@ -115,6 +116,9 @@ def _export_decoder_command(args) -> int:
                                        ("--pick-faster", args.pick_faster)) if used]
     if ignored:
         raise UserError(f"{', '.join(ignored)} do not apply to --task text-generation (its inputs are the decoder's own)")
+    if args.package and not any((Path(args.hf_model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"--package needs the tokenizer of '{args.hf_model}' (tokenizer.json or tokenizer.model); "
+                        "add it to the folder or leave out --package")
     result = export_decoder(args.hf_model, args.output, opset=args.opset, validate=not args.no_validate,
                             fuse=not args.no_fuse, logits=args.logits)
     if args.json:
