@@ -168,7 +168,6 @@ def load_causal_lm(folder: str | Path):
         except Exception as exc:
             raise UserError(f"transformers could not load '{folder}' as a causal LM: {exc}") from None
     model.eval()
-    model.generation_config.do_sample = False  # the wrapper runs forward only; generate() settings play no part
     return model, model.config
 
 
@@ -495,9 +494,7 @@ def export_decoder(
         logger.info("exporting with the dynamo exporter (opset %d)", opset)
         try:
             trace_to_onnx(model, layers, kv_heads, head_dim, plain, opset=opset, last_logits=logits == "last")
-        except UserError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # the exporter raises many types; each means this model does not trace
             from exporter.convert import _first_line
 
             raise UserError(f"the dynamo exporter could not trace {config.model_type} with its cache "
@@ -507,9 +504,8 @@ def export_decoder(
         proof = prove_decoder(plain, reference, tolerance=tolerance, what="the exported graph") if validate else None
         chosen_path, fused, counts, note = plain, False, {}, None
         if fuse:
-            chosen_path, fused, counts, note = _try_fusion(plain, workdir, reference, tolerance, validate)
-            if fused and validate:
-                proof = prove_decoder(chosen_path, reference, tolerance=tolerance, what="the fused graph")
+            chosen_path, fused, counts, note, fused_proof = _try_fusion(plain, workdir, reference, tolerance, validate)
+            proof = fused_proof or proof
         files = _publish_graph(chosen_path, output_path)
     if copy_companions:
         files += copy_model_files(folder, output_path.parent)
@@ -523,23 +519,25 @@ def export_decoder(
 
 
 def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate):
+    """(graph to keep, fused?, fusion counts, why not fused, the fused graph's proof)."""
     fused_path = workdir / "fused" / plain.name
     fused_path.parent.mkdir()
     try:
         counts = fuse_for_ort(plain, fused_path)
-    except Exception as exc:
+    except Exception as exc:  # a rewrite rule that breaks is onnxscript's bug; the plain graph stands
         logger.warning("ONNX Runtime fusions failed (%s); keeping the unfused graph", exc)
-        return plain, False, {}, f"fusion raised {type(exc).__name__}: {exc}"
+        return plain, False, {}, f"fusion raised {type(exc).__name__}: {exc}", None
     if not counts:
-        return plain, False, {}, "no fusion applied"
+        return plain, False, {}, "no fusion applied", None
     logger.info("fusions: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    proof = None
     if validate:
         try:
-            prove_decoder(fused_path, reference, tolerance=tolerance, what="the fused graph")
+            proof = prove_decoder(fused_path, reference, tolerance=tolerance, what="the fused graph")
         except UserError as exc:
             logger.warning("the fused graph fails the proof (%s); keeping the unfused graph", exc)
-            return plain, False, counts, f"fused graph failed the proof: {exc}"
-    return fused_path, True, counts, None
+            return plain, False, counts, f"fused graph failed the proof: {exc}", None
+    return fused_path, True, counts, None, proof
 
 
 def _publish_graph(staged: Path, output_path: Path) -> list[Path]:

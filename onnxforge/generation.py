@@ -137,23 +137,13 @@ class Tokenizer:
                     f"no tokenizer in '{folder}' (tokenizer.json, or files transformers' AutoTokenizer reads): {exc}; "
                     "export with 'onnxforge export --hf-model DIR --task text-generation', which copies them beside the model"
                 ) from None
-        self.bos_id = self._bos(folder)
-
-    @staticmethod
-    def _bos(folder: Path) -> int | None:
-        """The bos id to put before the prompt when tokenizer_config.json says add_bos_token."""
-        settings = _read_json(folder / "tokenizer_config.json")
-        if not settings.get("add_bos_token"):
-            return None
-        value = _read_json(folder / "generation_config.json").get("bos_token_id", _read_json(folder / "config.json").get("bos_token_id"))
-        return int(value) if value is not None else None
 
     def encode(self, text: str) -> list[int]:
+        """Token ids with the special tokens the tokenizer itself adds (a Llama bos, say), as
+        transformers' ``tokenizer(text)`` gives them."""
         if self._fast is not None:
-            ids = self._fast.encode(text, add_special_tokens=False).ids
-        else:
-            ids = self._auto.encode(text, add_special_tokens=False)
-        return ([self.bos_id] if self.bos_id is not None else []) + list(ids)
+            return list(self._fast.encode(text, add_special_tokens=True).ids)
+        return list(self._auto.encode(text, add_special_tokens=True))
 
     def decode(self, ids) -> str:
         if self._fast is not None:

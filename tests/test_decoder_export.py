@@ -195,3 +195,23 @@ def test_cli_package_needs_a_tokenizer_before_exporting(tmp_path, capsys):
                            "--package", tmp_path / "pkg")
     assert code == 2 and "--package needs the tokenizer" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "pkg").exists()
+
+
+def test_a_fused_graph_that_fails_the_proof_is_dropped(tmp_path, monkeypatch):
+    """Fusion that breaks the numbers: the plain graph is kept, and the result says why."""
+    import exporter.decoder as decoder_module
+
+    def broken_fusion(source, target):
+        proto = onnx.load(str(source))
+        largest = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        largest.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(largest) * 3, largest.name))
+        onnx.save(proto, str(target), save_as_external_data=True, location=target.name + ".data")
+        return {"made_up_fusion": 1}
+
+    monkeypatch.setattr(decoder_module, "fuse_for_ort", broken_fusion)
+    folder = random_decoder("llama", tmp_path / "llama")
+    result = export_decoder(folder, tmp_path / "out" / "model.onnx", new_tokens=8)
+    assert not result.fused and "fused graph failed the proof" in result.fusion_note
+    assert result.proof.tokens_equal and result.fusion_counts == {"made_up_fusion": 1}
+    written = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    assert "SkipSimplifiedLayerNormalization" not in {node.op_type for node in written.graph.node}
