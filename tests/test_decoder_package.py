@@ -82,3 +82,11 @@ def test_package_needs_config_beside_the_model(tmp_path, docstring_llama_export)
         shutil.copy2(folder / name, tmp_path / name)
     with pytest.raises(UserError, match="no config.json beside"):
         write_decoder_package(tmp_path / "pkg", tmp_path / "model.onnx")
+
+
+def test_generate_runs_from_the_package_folder(decoder_package):
+    from onnxforge.generation import GenerationSettings, generate
+
+    recorded = json.loads((decoder_package / "manifest.json").read_text())["generation_check"]
+    result = generate(decoder_package, recorded["prompt"], GenerationSettings(max_new_tokens=12, stop_at_eos=False))
+    assert list(result.prompt_ids) == recorded["prompt_ids"] and list(result.new_ids) == recorded["new_ids"]
