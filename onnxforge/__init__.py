@@ -5,3 +5,12 @@ package holds what they share (``onnxforge.common``), the CLI and the pipeline o
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # ``onnxforge.generate(model, prompt, settings)``, imported on first use (it loads onnxruntime)
+    if name in ("generate", "GenerationSettings"):
+        from onnxforge import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module 'onnxforge' has no attribute {name!r}")

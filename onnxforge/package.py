@@ -7,6 +7,8 @@ import dataclasses
 import datetime
 import json
 import shutil
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +70,22 @@ def write_package(
     recommended: dict[str, Any],
     name: str,
     make_zip: bool = False,
+    companions: Sequence[Path] = (),
+    generation_check: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the package folder atomically: it appears complete, or the old one stays."""
+    """Write the package folder atomically: it appears complete, or the old one stays.
+
+    ``companions`` are copied in beside the model under their own names (a decoder's tokenizer and
+    configs); ``generation_check`` (prompt ids and the greedy tokens the packaged model gave) is
+    recorded for ``verify_package`` to replay."""
     folder = Path(folder)
     ensure_writable_dir(folder.parent, "package")
     with atomic_dir(folder) as staging:
         model_files = files_of(model_path)
         for f in model_files:
             shutil.copy2(f, staging / ("model.onnx" if f == model_files[0] else f.name))
+        for f in companions:
+            shutil.copy2(f, staging / Path(f).name)
         session = open_session(staging / "model.onnx", SessionSettings(log_severity=4), what="the packaged model")
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, reference_inputs)))
         np.savez(staging / "reference.npz", **{f"input:{k}": v for k, v in reference_inputs.items()},
@@ -99,6 +109,8 @@ def write_package(
             "tool_versions": {k: v for k, v in tool_versions(*PACKAGED_TOOLS).items() if v is not None},
             "smoke_test": {"file": "reference.npz", "rtol": SMOKE_RTOL},
         }
+        if generation_check is not None:
+            manifest["generation_check"] = generation_check
         (staging / "README.md").write_text(_model_card(manifest, summary), encoding="utf-8")
         files = sorted(p.name for p in staging.iterdir())
         manifest["files"] = {f: {"sha256": sha256(staging / f), "bytes": (staging / f).stat().st_size} for f in files}
@@ -139,6 +151,7 @@ def _model_card(manifest: dict, summary) -> str:
 class PackageCheck:
     files_checked: int
     max_error: float
+    generated_tokens: int = 0  # greedy tokens replayed and matched (decoder packages)
 
 
 def verify_package(folder: str | Path) -> PackageCheck:
@@ -171,4 +184,129 @@ def verify_package(folder: str | Path) -> PackageCheck:
         if error > manifest["smoke_test"]["rtol"]:
             raise VerificationFailed(f"smoke inference of output '{name}' differs from the reference by {error:.3g} "
                             f"of its range (allowed {manifest['smoke_test']['rtol']})")
-    return PackageCheck(len(manifest.get("files", {})), worst)
+    replayed = _replay_generation(folder / manifest["model"], manifest["generation_check"]) if "generation_check" in manifest else 0
+    return PackageCheck(len(manifest.get("files", {})), worst, replayed)
+
+
+def _replay_generation(model: Path, check: dict) -> int:
+    """Greedy generation of the recorded prompt must give the recorded tokens, one for one."""
+    from runtime_bench.decoder import OnnxDecoder, greedy
+
+    expected = [int(t) for t in check["new_ids"]]
+    got = greedy(OnnxDecoder(model, settings=SessionSettings(log_severity=4)), [int(t) for t in check["prompt_ids"]], len(expected))
+    for index, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            raise UserError(f"greedy generation of the packaged decoder differs from the tokens recorded at packaging "
+                            f"at new token {index}: {got[index:index + 4]} vs {expected[index:index + 4]}")
+    return len(expected)
+
+
+# ---------------------------------------------------------------- decoder packages
+
+GENAI_SEARCH_DEFAULTS = {
+    "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0, "min_length": 0,
+    "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+    "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+}
+
+
+def genai_config(config: dict, io, *, filename: str = "model.onnx", generation: dict | None = None) -> dict:
+    """The genai_config.json ONNX Runtime GenAI reads for a decoder graph with ``io``
+    (a ``runtime_bench.decoder.DecoderIO``) made from the Hugging Face ``config`` (config.json).
+
+    The cache grows by concatenation in this graph, so ``past_present_share_buffer`` is false
+    (GenAI then feeds each step's present tensors as the next past, as our runner does)."""
+    generation = generation or {}
+
+    def first(*keys, default=None):
+        for source in (generation, config):
+            for key in keys:
+                if source.get(key) is not None:
+                    return source[key]
+        return default
+
+    eos = first("eos_token_id")
+    context = int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+    inputs = {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    if io.has_attention_mask:
+        inputs["attention_mask"] = "attention_mask"
+    if io.has_position_ids:
+        inputs["position_ids"] = "position_ids"
+    return {
+        "model": {
+            "bos_token_id": first("bos_token_id", default=eos),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": io.head_dim,
+                "hidden_size": int(config["hidden_size"]),
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "num_attention_heads": int(config["num_attention_heads"]),
+                "num_hidden_layers": io.num_layers,
+                "num_key_value_heads": io.num_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": first("pad_token_id", default=eos if not isinstance(eos, list) else eos[0]),
+            "type": config.get("model_type", "decoder"),
+            "vocab_size": io.vocab_size or int(config["vocab_size"]),
+        },
+        "search": {**GENAI_SEARCH_DEFAULTS, "max_length": context, "past_present_share_buffer": False},
+    }
+
+
+DECODER_COMPANIONS = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+)
+DEFAULT_PACKAGE_PROMPT = "Return the number of items in the"
+
+
+def write_decoder_package(
+    folder: str | Path,
+    model_path: str | Path,
+    *,
+    name: str | None = None,
+    prompt: str = DEFAULT_PACKAGE_PROMPT,
+    new_tokens: int = 16,
+    source: dict[str, Any] | None = None,
+    make_zip: bool = False,
+) -> Path:
+    """A deployment package of a decoder exported with its cache: the graph, config.json,
+    generation_config.json, the tokenizer files (all read from beside ``model_path``), a
+    genai_config.json for ONNX Runtime GenAI, and a greedy generation of ``prompt`` recorded
+    for ``verify_package`` to replay (plus the usual checksums and a prefill smoke test)."""
+    from onnxforge.generation import Tokenizer
+    from runtime_bench.decoder import DecoderIO, OnnxDecoder, greedy
+
+    model_path = Path(model_path)
+    here = model_path.parent
+    if not (here / "config.json").is_file():
+        raise UserError(f"no config.json beside '{model_path}'; export with 'onnxforge export --hf-model DIR "
+                        "--task text-generation', which writes it with the tokenizer files")
+    config = json.loads((here / "config.json").read_text(encoding="utf-8"))
+    generation_file = here / "generation_config.json"
+    generation = json.loads(generation_file.read_text(encoding="utf-8")) if generation_file.is_file() else {}
+    decoder = OnnxDecoder(model_path, settings=SessionSettings(log_severity=4))
+    io: DecoderIO = decoder.io
+    prompt_ids = Tokenizer(here).encode(prompt)
+    new_ids = greedy(decoder, prompt_ids, new_tokens)
+    empty = np.zeros((1, io.num_kv_heads, 0, io.head_dim), dtype=io.kv_dtype)
+    reference_inputs = {"input_ids": np.array([prompt_ids], dtype=np.int64)}
+    if io.has_attention_mask:
+        reference_inputs["attention_mask"] = np.ones((1, len(prompt_ids)), dtype=np.int64)
+    if io.has_position_ids:
+        reference_inputs["position_ids"] = np.arange(len(prompt_ids), dtype=np.int64)[None]
+    reference_inputs.update({past: empty for past, _ in io.cache_pairs})
+    with tempfile.TemporaryDirectory(prefix="onnxforge-genai-") as tmp:
+        genai_path = Path(tmp) / "genai_config.json"
+        genai_path.write_text(json.dumps(genai_config(config, io, generation=generation), indent=2), encoding="utf-8")
+        companions = [here / f for f in DECODER_COMPANIONS if (here / f).is_file()] + [genai_path]
+        return write_package(
+            folder, model_path, reference_inputs=reference_inputs, transforms=[], measurements={},
+            source=source or {"model": str(model_path), "model_type": config.get("model_type")},
+            recommended={"generation": "onnxforge generate . --prompt TEXT, or onnxruntime_genai with genai_config.json"},
+            name=name or f"{config.get('model_type', 'decoder')} decoder", make_zip=make_zip, companions=companions,
+            generation_check={"prompt": prompt, "prompt_ids": prompt_ids, "new_ids": new_ids, "greedy": True},
+        )

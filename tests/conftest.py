@@ -33,3 +33,30 @@ def decision_store(tmp_path_factory):
         os.environ.pop("ONNXFORGE_CACHE", None)
     else:
         os.environ["ONNXFORGE_CACHE"] = before
+
+
+@pytest.fixture(scope="session")
+def docstring_llama_folder(tmp_path_factory):
+    """The built-in trained Llama (onnxforge.decoder_models), trained once per test session, or
+    kept between sessions in $ONNXFORGE_TEST_MODELS when that is set (a CI cache)."""
+    from onnxforge.decoder_models import docstring_llama
+
+    return docstring_llama(os.environ.get("ONNXFORGE_TEST_MODELS") or tmp_path_factory.mktemp("decoders"))
+
+
+@pytest.fixture(scope="session")
+def docstring_llama_export(docstring_llama_folder, tmp_path_factory):
+    """The trained Llama exported once through the CLI's default path (proof and fusion on):
+    (folder holding model.onnx and its companions, the command's stdout)."""
+    import contextlib
+    import io
+
+    from onnxforge.cli import main
+
+    folder = tmp_path_factory.mktemp("docstring-llama-onnx")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["-q", "export", "--hf-model", str(docstring_llama_folder), "--task", "text-generation",
+                     "--output", str(folder / "model.onnx")])
+    assert code == 0, stdout.getvalue()
+    return folder, stdout.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common.errors import UserError
@@ -33,23 +34,32 @@ def register(sub) -> None:
     exp.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the validation (default 1e-3)")
     exp.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the validation (default 1e-4)")
     exp.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    decoder = exp.add_argument_group("text-generation (--task text-generation)")
+    decoder.add_argument("--logits", choices=("all", "last"), default="all",
+                         help="'last': the output layer computes the last position only (what generation reads)")
+    decoder.add_argument("--package", metavar="DIR",
+                         help="also write a deployment package (tokenizer, configs, genai_config.json for ONNX Runtime "
+                              "GenAI, a recorded greedy generation that verify-package replays)")
     add_io_flags(exp)
     exp.set_defaults(func=_export_command)
 
 
 def _export_command(args) -> int:
     from exporter import export, load_hf_model, load_model_source, measure_with_runtime_bench
-    from exporter.sources import dynamic_axes_from_specs, inputs_from_specs
+    from exporter.sources import dynamic_axes_from_specs, inputs_from_specs, resolve_task
     from onnxforge.common.specs import parse_dim_sizes, parse_input_spec
 
     if bool(args.model) == bool(args.hf_model):
         raise UserError("give exactly one model source: --model pkg.module:factory | file.py:factory | file.pt, or --hf-model DIR")
+    task = resolve_task(args.hf_model, args.task) if args.hf_model else args.task
+    if task == "text-generation":
+        return _export_decoder_command(args)
     if args.pick_faster and args.exporter != "auto":
         raise UserError(f"--pick-faster compares both exporters; use it with --exporter auto, not {args.exporter}")
     dim_sizes = parse_dim_sizes(args.dim or [])
     specs = [parse_input_spec(text) for text in args.input or []]
     if args.hf_model:
-        loaded = load_hf_model(args.hf_model, args.task, batch=dim_sizes.get("batch", 2), seq=dim_sizes.get("seq", 16))
+        loaded = load_hf_model(args.hf_model, task, batch=dim_sizes.get("batch", 2), seq=dim_sizes.get("seq", 16))
     else:
         loaded = load_model_source(args.model)
     if specs:
@@ -101,4 +111,44 @@ def _export_command(args) -> int:
             print(f"  {output.describe()}")
     if not result.checks:
         print("validation skipped (--no-validate)")
+    return 0
+
+
+def _export_decoder_command(args) -> int:
+    from exporter.decoder import export_decoder
+
+    if not args.hf_model:
+        raise UserError("--task text-generation exports a Hugging Face folder: give --hf-model DIR")
+    ignored = [flag for flag, used in (("--input", args.input), ("--dim", args.dim), ("--static", args.static),
+                                       ("--pick-faster", args.pick_faster)) if used]
+    if ignored:
+        raise UserError(f"{', '.join(ignored)} do not apply to --task text-generation (its inputs are the decoder's own)")
+    if args.package and not any((Path(args.hf_model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"--package needs the tokenizer of '{args.hf_model}' (tokenizer.json or tokenizer.model); "
+                        "add it to the folder or leave out --package")
+    result = export_decoder(args.hf_model, args.output, opset=args.opset, validate=not args.no_validate,
+                            fuse=not args.raw, logits=args.logits)
+    if args.json:
+        print(jsonio.document(result.to_dict()))
+        return 0
+    print(f"wrote {result.path} ({', '.join(f.name for f in result.files[1:])}) in {result.seconds:.1f} s: "
+          f"{result.model_type}, {result.num_layers} layers, {result.num_kv_heads} kv heads of {result.head_dim}, "
+          f"logits {result.logits}")
+    if result.fused:
+        print(f"fused for ONNX Runtime: {', '.join(f'{k} {v}' for k, v in result.fusion_counts.items())}")
+    elif result.fusion_note:
+        print(f"not fused: {result.fusion_note}")
+    proof = result.proof
+    if proof is None:
+        print("proof skipped (--no-validate)")
+    else:
+        print(f"proof: PASS; greedy {proof.new_tokens} tokens equal PyTorch's for prompts of {list(proof.prompt_lengths)} tokens, "
+              f"left-padded batch equal over {proof.padded_batch_tokens} tokens; logits max abs error "
+              f"{proof.prefill_max_abs_error:.2g} at prefill, {proof.step_max_abs_error:.2g} after {proof.later_step} steps; "
+              f"cached vs recomputed {proof.cache_vs_recompute_max_abs_error:.2g}")
+    if args.package:
+        from onnxforge.package import write_decoder_package
+
+        written = write_decoder_package(args.package, result.path, source={"hf_model": str(args.hf_model)})
+        print(f"package: {written}")
     return 0

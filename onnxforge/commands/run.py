@@ -49,7 +49,8 @@ def _verify_package_command(args) -> int:
 
     check = verify_package(args.package)
     print(f"{args.package}: {check.files_checked} files match their checksums; smoke inference within "
-          f"{check.max_error:.2g} of the reference outputs")
+          f"{check.max_error:.2g} of the reference outputs"
+          + (f"; greedy generation replayed {check.generated_tokens} recorded tokens" if check.generated_tokens else ""))
     return 0
 
 
