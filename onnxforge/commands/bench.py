@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common.errors import UserError
+
+import logging
 
 logger = logging.getLogger("onnxforge.cli")
 
