@@ -7,7 +7,8 @@ module level and inside functions alike, so a cycle hidden in a function still c
   rest of ``onnxforge`` (CLI, pipeline): the arrows point one way.
 - ``optimizers`` never imports torch at module level; ``optimizers.distill`` (training in PyTorch)
   is the one family that may.
-- ``optimizers`` never imports ``exporter``.
+- ``optimizers`` never imports ``exporter``, and its families import each other only as their
+  package docstrings allow (``FAMILIES_NEVER_IMPORT``).
 - Library code imports the project's own modules at module level: a function-level import of
   one hides a dependency (and can hide a cycle). The CLI commands and the pipeline are the
   exception: they import a step's family when that step runs, so ``onnxforge --help`` and a
@@ -29,6 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("exporter", "optimizers", "runtime_bench", "onnxforge")
 # Modules that import steps of the project lazily, on purpose (see the module docstring).
 LAZY_PROJECT_IMPORTS_ALLOWED = ("onnxforge.cli", "onnxforge.commands", "onnxforge.pipeline", "onnxforge.demo")
+# The families of optimizers, as their package docstrings say: graph passes may end with magnitude
+# sparsity (optimizers.prune.sparsity), pruning may find feed-forward blocks as outlier splitting
+# does (optimizers.quantize.outliers); distillation trains PyTorch modules and stands alone.
+FAMILIES_NEVER_IMPORT = {
+    "optimizers.graph": ("optimizers.quantize", "optimizers.distill"),
+    "optimizers.quantize": ("optimizers.prune", "optimizers.distill"),
+    "optimizers.prune": ("optimizers.distill",),
+    "optimizers.distill": ("optimizers.graph", "optimizers.quantize", "optimizers.prune"),
+}
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -121,6 +131,9 @@ def layering_violations(graph: dict[str, set[str]], raw: dict[str, list[tuple[st
                 problems.append(f"{name} imports {target}: onnxforge.common imports only itself")
             if _inside(name, "optimizers") and _inside(target, "exporter"):
                 problems.append(f"{name} imports {target}: optimizers never imports the exporter")
+            for family, never in FAMILIES_NEVER_IMPORT.items():
+                if _inside(name, family) and any(_inside(target, other) for other in never):
+                    problems.append(f"{name} imports {target}: {family} never imports {', '.join(never)}")
             if not any(_inside(name, lazy) for lazy in LAZY_PROJECT_IMPORTS_ALLOWED):
                 at_top = any(t == target and top for t, top in raw[name]) or any(
                     t.startswith(target + ".") and top for t, top in raw[name])
@@ -183,6 +196,9 @@ def test_a_cycle_hidden_in_a_function_is_found_and_named(tmp_path):
      "onnxforge.common.x imports onnxforge.cli: onnxforge.common imports only itself"),
     ({"optimizers/__init__.py": "", "optimizers/graph/__init__.py": "", "optimizers/graph/p.py": "import torch\n"},
      "optimizers.graph.p imports torch at module level: only optimizers.distill may"),
+    ({"optimizers/__init__.py": "", "optimizers/quantize/__init__.py": "", "optimizers/prune/__init__.py": "",
+      "optimizers/prune/x.py": "", "optimizers/quantize/q.py": "from optimizers.prune import x\n"},
+     "optimizers.quantize.q imports optimizers.prune.x: optimizers.quantize never imports optimizers.prune, optimizers.distill"),
 ])
 def test_each_layering_rule_can_fail(tmp_path, files, expected):
     graph, raw = import_graph(_package(tmp_path, files), ("exporter", "optimizers", "runtime_bench", "onnxforge"))

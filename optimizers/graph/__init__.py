@@ -7,7 +7,9 @@
 - ``precision``: fp16 conversion.
 - ``optimizer``: ``optimize()``, the entry point that chains the above and verifies the result.
 
-May import ``onnxforge.common``, ``runtime_bench`` and ``optimizers.result`` / ``optimizers.verify``;
-never the quantize / prune / distill families, never torch (onnxruntime.transformers and
-onnxscript are imported inside the functions that use them).
+May import ``onnxforge.common``, ``optimizers.result`` / ``optimizers.verify`` and, for
+``optimize``'s optional last step, ``optimizers.prune.sparsity`` (magnitude zeros); never the
+quantize or distill families, never torch. onnxruntime.transformers and onnxscript are imported
+inside the functions that use them (optional and heavy). A new pass that keeps the numbers goes
+here, as a module with its test, and ``optimize`` chains it.
 """
