@@ -29,7 +29,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.sources import copy_model_files
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
@@ -50,11 +50,6 @@ DEFAULT_OPSET = 18
 # logits are compared with |onnx - torch| <= atol + rtol * |torch|: float32 graphs agree to ~1e-5
 DECODER_TOLERANCE = Tolerance(rtol=1e-3, atol=1e-3)
 PROOF_NEW_TOKENS = 64
-# files of a model folder that travel with the graph: what generation and ONNX Runtime GenAI read
-COMPANION_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-)
 LOGITS_CHOICES = ("all", "last")
 
 
@@ -550,21 +545,6 @@ def _publish_graph(staged: Path, output_path: Path) -> list[Path]:
         companions = (data,)
     publish(staged, output_path, companions)
     return [output_path] + [output_path.parent / c.name for c in companions]
-
-
-def copy_model_files(folder: Path, target: Path) -> list[Path]:
-    """config.json, generation_config.json and the tokenizer files of ``folder``, copied into
-    ``target`` (each atomically); returns the files copied."""
-    from onnxforge.common.fileio import atomic_path
-
-    copied = []
-    for name in COMPANION_FILES:
-        source = Path(folder) / name
-        if source.is_file() and source.resolve() != (Path(target) / name).resolve():
-            with atomic_path(Path(target) / name) as staged:
-                shutil.copy2(source, staged)
-            copied.append(Path(target) / name)
-    return copied
 
 
 __all__ = [

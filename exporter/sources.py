@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from onnxforge.common.callables import import_callable
 from onnxforge.common.errors import UserError
+from onnxforge.common.fileio import atomic_path
 from onnxforge.common.specs import DTYPES, InputSpec, make_inputs
 
 logger = logging.getLogger(__name__)
@@ -237,6 +239,29 @@ def load_hf_model(folder: str | Path, task: str = "auto", *, batch: int = 2, seq
     return LoadedModel(module, example, str(folder))
 
 
+# Files of a Hugging Face folder that travel with its ONNX graph (the Optimum layout: model.onnx
+# beside config.json and the tokenizer or preprocessor), so that transformers' tokenizers, Optimum's
+# ORTModel classes, transformers.js and ONNX Runtime GenAI load the folder as it is.
+COMPANION_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "added_tokens.json", "preprocessor_config.json", "modules.json", "sentence_bert_config.json",
+)
+
+
+def copy_model_files(folder: str | Path, target: str | Path) -> list[Path]:
+    """The ``COMPANION_FILES`` of ``folder`` copied into ``target`` (each atomically, never onto
+    itself); returns the files copied."""
+    copied = []
+    for name in COMPANION_FILES:
+        source = Path(folder) / name
+        if source.is_file() and source.resolve() != (Path(target) / name).resolve():
+            with atomic_path(Path(target) / name) as staged:
+                shutil.copy2(source, staged)
+            copied.append(Path(target) / name)
+    return copied
+
+
 def load_model_source(source: str) -> LoadedModel:
     """A ``.pt``/``.pth``/``.ts`` file, or a ``module:factory`` / ``file.py:factory`` spec."""
     if source.endswith((".pt", ".pth", ".ts", ".jit")) and ":" not in Path(source).name:
@@ -256,10 +281,12 @@ def dynamic_axes_from_specs(specs: list[InputSpec]) -> dict[str, dict[int, str]]
 
 __all__ = [
     "DTYPES",
+    "COMPANION_FILES",
     "HF_TASKS",
     "LoadedModel",
     "SentenceEmbedder",
     "TASK_ALIASES",
+    "copy_model_files",
     "dynamic_axes_from_specs",
     "inputs_from_specs",
     "load_factory",

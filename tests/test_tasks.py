@@ -65,3 +65,26 @@ def test_resolve_task_rules(tmp_path):
         resolve_task(tmp_path, "auto")
     with pytest.raises(UserError, match="unknown task .text-clasification.; did you mean .text-classification.\\?"):
         resolve_task(tmp_path, "text-clasification")
+
+
+def test_export_writes_the_optimum_layout_that_tokenizer_and_ort_load(classifier, tmp_path):
+    """model.onnx with config.json and the tokenizer files beside it: the folder loads the way
+    Optimum's ORTModelFor... classes load one (transformers' AutoConfig and AutoTokenizer on the
+    folder, an ONNX Runtime session on model.onnx) and gives PyTorch's logits."""
+    import numpy as np
+    import onnxruntime as ort
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    assert main(["-q", "export", "--hf-model", str(classifier), "--dim", "seq=16", "-o", str(out / "model.onnx")]) == 0
+    assert {"config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    config = transformers.AutoConfig.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    encoded = tokenizer(["a sentence to classify", "another one"], padding=True, return_tensors="np")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {i.name: encoded[i.name].astype(np.int64) for i in session.get_inputs()})[0]
+    assert logits.shape == (2, config.num_labels)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(classifier).eval()
+    with torch.no_grad():
+        expected = model(**tokenizer(["a sentence to classify", "another one"], padding=True, return_tensors="pt")).logits
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-3, atol=1e-4)

@@ -46,7 +46,7 @@ def register(sub) -> None:
 
 def _export_command(args) -> int:
     from exporter import export, load_hf_model, load_model_source, measure_with_runtime_bench
-    from exporter.sources import dynamic_axes_from_specs, inputs_from_specs, resolve_task
+    from exporter.sources import copy_model_files, dynamic_axes_from_specs, inputs_from_specs, resolve_task
     from onnxforge.common.specs import parse_dim_sizes, parse_input_spec
 
     if bool(args.model) == bool(args.hf_model):
@@ -91,9 +91,12 @@ def _export_command(args) -> int:
         measure=measure_with_runtime_bench if args.pick_faster else None,
         fuse=not args.raw,
     )
+    companions = copy_model_files(args.hf_model, Path(args.output).parent) if args.hf_model else []
     if args.json:
-        print(jsonio.document(result.to_dict()))
+        print(jsonio.document({**result.to_dict(), "companions": [str(c) for c in companions]}))
         return 0
+    if companions:
+        print(f"beside it, as Optimum lays a model folder out: {', '.join(c.name for c in companions)}")
     if result.choice:
         print(f"exporter chosen by speed: {result.choice.reason}")
     print(f"wrote {result.path} ({', '.join(str(f) for f in result.files[1:]) or 'weights inside'}) "
