@@ -242,7 +242,7 @@ def second_sizes(sizes: Mapping[str, int]) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def _quiet_torch_export():
+def quiet_torch_export():
     """Keep the exporters' warnings and chatter in our debug log, not on the user's console."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
     levels = [lg.level for lg in loggers]
@@ -262,7 +262,7 @@ def _quiet_torch_export():
         logger.debug("exporter output:\n%s", stdout.getvalue())
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     for line in text.splitlines():
         line = line.strip()
@@ -459,7 +459,7 @@ def _attempt_exports(order: Sequence[str], timed: bool, export_one, opset: int):
             failures.append(f"{attempt}: {exc}")  # the other exporter's graph verified
         except Exception as exc:  # the exporters raise many types; each is a failure of that exporter
             op = _failing_op(exc)
-            failures.append(f"{attempt}: {_first_line(exc)}" + (f" (operator {op})" if op else ""))
+            failures.append(f"{attempt}: {first_line(exc)}" + (f" (operator {op})" if op else ""))
             logger.debug("%s exporter traceback", attempt, exc_info=True)
         if len(order) > 1:
             logger.warning("the %s exporter failed, %s", attempt, failures[-1].split(": ", 1)[1])
@@ -585,7 +585,7 @@ def _pytorch_outputs(model: torch.nn.Module, names: Sequence[str], tensors, keyw
             flat = flatten_outputs(model(**dict(zip(names, tensors))) if keyword else model(*tensors))
         except Exception as exc:
             raise UserError(
-                f"the model fails on its example inputs ({type(exc).__name__}: {_first_line(exc)}); "
+                f"the model fails on its example inputs ({type(exc).__name__}: {first_line(exc)}); "
                 "check the input shapes and dtypes"
             ) from exc
     if not flat:
@@ -622,7 +622,7 @@ def _fused_for_cpu(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
         result = fuse_for_ort(proto, OrtFusionSettings(target="cpu", verify=False))
     except (UserError, ImportError, ValueError, RuntimeError) as exc:
-        logger.warning("keeping the exporter's graph: the ONNX Runtime fusions failed (%s)", _first_line(exc))
+        logger.warning("keeping the exporter's graph: the ONNX Runtime fusions failed (%s)", first_line(exc))
         return None
     if not result.modified:
         return None
@@ -639,7 +639,7 @@ def _export_and_check(
 ) -> tuple[onnx.ModelProto, list[ShapeCheck]]:
     """One exporter's graph (fused where asked and where the fused graph passes the proof),
     validated against PyTorch."""
-    with _quiet_torch_export():
+    with quiet_torch_export():
         if attempt == "dynamo":
             proto = _run_dynamo(wrapper, export_args, names, out_names, axes, opset)
         else:
@@ -657,7 +657,7 @@ def _export_and_check(
         try:
             return fused, _validated(fused, wrapper, names, out_names, axes, workdir, tensors, sizes, tolerance, external_data)
         except (UserError, _ExporterFailed) as exc:
-            logger.warning("keeping the exporter's graph: the fused graph failed the proof (%s)", _first_line(exc))
+            logger.warning("keeping the exporter's graph: the fused graph failed the proof (%s)", first_line(exc))
     if not validate:
         return proto, []
     return proto, _validated(proto, wrapper, names, out_names, axes, workdir, tensors, sizes, tolerance, external_data)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.convert import first_line, quiet_torch_export
 from exporter.sources import copy_model_files
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
@@ -229,7 +230,6 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 def trace_to_onnx(model, num_layers: int, kv_heads: int, head_dim: int, path: Path, *, opset: int, last_logits: bool):
     """The dynamo export of the cache wrapper, saved at ``path`` with weights in ``path.data``."""
-    from exporter.convert import _quiet_torch_export
 
     wrapper = CacheWrapper(model, num_layers, last_logits).eval()
     batch, seq, past = 2, 3, 4  # sizes > 1 so torch.export keeps them symbolic; past 0 runs too
@@ -241,7 +241,7 @@ def trace_to_onnx(model, num_layers: int, kv_heads: int, head_dim: int, path: Pa
     b, s, p, t = dim("batch"), dim("seq"), dim("past_seq"), dim("total_seq")
     shapes = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in kv))
     inputs, outputs = io_names(num_layers)
-    with _quiet_torch_export(), torch.no_grad():
+    with quiet_torch_export(), torch.no_grad():
         program = torch.onnx.export(
             wrapper, (ids, mask, positions, kv), None, dynamo=True, input_names=inputs, output_names=outputs,
             dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False,
@@ -490,10 +490,9 @@ def export_decoder(
         try:
             trace_to_onnx(model, layers, kv_heads, head_dim, plain, opset=opset, last_logits=logits == "last")
         except Exception as exc:  # the exporter raises many types; each means this model does not trace
-            from exporter.convert import _first_line
 
             raise UserError(f"the dynamo exporter could not trace {config.model_type} with its cache "
-                            f"(transformers {transformers.__version__}): {_first_line(exc)}") from exc
+                            f"(transformers {transformers.__version__}): {first_line(exc)}") from exc
         del model
         gc.collect()
         proof = prove_decoder(plain, reference, tolerance=tolerance, what="the exported graph") if validate else None

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxforge.common.errors import UserError
+from runtime_bench.decoder import OnnxDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,6 @@ def generate(model: str | Path, prompt: str, settings: GenerationSettings = Gene
     """Generate a continuation of ``prompt`` with the decoder at ``model`` (a file or a folder
     holding model.onnx, its tokenizer and configs beside it). ``on_text`` receives the text as it
     grows (the whole decoded text so far, after each token)."""
-    from runtime_bench.decoder import OnnxDecoder
 
     path = model_file(model)
     folder = path.parent

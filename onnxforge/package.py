@@ -23,6 +23,8 @@ from onnxforge.common.onnxio import files_of
 from onnxforge.common.sessions import SessionSettings, open_session
 from onnxforge.common.summary import ops_by_domain, summarize
 from onnxforge.fingerprints import sha256_file, tool_versions
+from onnxforge.generation import Tokenizer
+from runtime_bench.decoder import DecoderIO, OnnxDecoder, greedy
 
 MANIFEST_VERSION = 1
 # A packaged model replayed on its reference inputs must reproduce its reference outputs within
@@ -190,7 +192,6 @@ def verify_package(folder: str | Path) -> PackageCheck:
 
 def _replay_generation(model: Path, check: dict) -> int:
     """Greedy generation of the recorded prompt must give the recorded tokens, one for one."""
-    from runtime_bench.decoder import OnnxDecoder, greedy
 
     expected = [int(t) for t in check["new_ids"]]
     got = greedy(OnnxDecoder(model, settings=SessionSettings(log_severity=4)), [int(t) for t in check["prompt_ids"]], len(expected))
@@ -277,8 +278,6 @@ def write_decoder_package(
     generation_config.json, the tokenizer files (all read from beside ``model_path``), a
     genai_config.json for ONNX Runtime GenAI, and a greedy generation of ``prompt`` recorded
     for ``verify_package`` to replay (plus the usual checksums and a prefill smoke test)."""
-    from onnxforge.generation import Tokenizer
-    from runtime_bench.decoder import DecoderIO, OnnxDecoder, greedy
 
     model_path = Path(model_path)
     here = model_path.parent
