@@ -83,12 +83,8 @@ def quantize(
     float_timing = None
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp:
         workdir = Path(tmp)
-        int4 = candidates[0].resolved["mode"] == "int4"
-        prepared, pre_label = (preprocess_model(float_model, workdir, symbolic=pattern.kind != "conv")
-                               if settings.preprocess and not int4 else (float_model, "off"))
-        inputs_for = _ort_inputs(prepared, candidates, dynamo=is_dynamo_graph(reference), calib=calib, dims=dims,
-                                 exclude=settings.exclude_nodes)
-        candidates = _with_float_paths(candidates, inputs_for)
+        candidates, inputs_for, pre_label = _quantizer_inputs(float_model, reference, candidates, pattern, calib, dims, settings,
+                                                              workdir)
         exclude = list(settings.exclude_nodes)
         candidates, models = _build_candidates(candidates, inputs_for, exclude, calib, settings, workdir, reference, evaluation_batches)
 
@@ -125,6 +121,20 @@ def quantize(
     return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
                           tuple(n for n in exclude_final if n not in exclude), tuple(sensitivity), pre_label,
                           time.perf_counter() - started, pattern.describe(), tuple(candidates), float_timing, tuple(warnings))
+
+
+def _quantizer_inputs(float_model: onnx.ModelProto, reference: onnx.ModelProto, candidates: list[Candidate], pattern: OpPattern,
+                      calib: CalibrationData | None, dims: Mapping[str, int] | None, settings: QuantizeSettings, workdir: Path
+                      ) -> tuple[list[Candidate], dict[str, onnx.ModelProto], str]:
+    """The float model each candidate hands ONNX Runtime's quantizer: pre-processed (not for
+    int4), then rewritten as the candidate needs (``_ort_inputs``). ``(candidates with their float
+    paths, model by candidate name, pre-processing label)``."""
+    int4 = candidates[0].resolved["mode"] == "int4"
+    prepared, pre_label = (preprocess_model(float_model, workdir, symbolic=pattern.kind != "conv")
+                           if settings.preprocess and not int4 else (float_model, "off"))
+    inputs_for = _ort_inputs(prepared, candidates, dynamo=is_dynamo_graph(reference), calib=calib, dims=dims,
+                             exclude=settings.exclude_nodes)
+    return _with_float_paths(candidates, inputs_for), inputs_for, pre_label
 
 
 def _timed(candidates: list[Candidate], models: Mapping[str, onnx.ModelProto], reference: onnx.ModelProto,
