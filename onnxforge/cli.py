@@ -19,6 +19,7 @@ from onnxforge.common.errors import (
     EXIT_VERIFICATION,
     UserError,
 )
+from onnxforge.progress import logs_above_bars
 
 logger = logging.getLogger("onnxforge.cli")
 
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("-v and -q contradict each other; give one")
     configure_logging(-1 if args.quiet else (1 if args.verbose else 0))
     try:
-        return int(args.func(args) or 0)
+        with logs_above_bars(OUR_LOGGERS):
+            return int(args.func(args) or 0)
     except UserError as exc:
         print(f"onnxforge {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -133,9 +133,10 @@ class _Steps:
     """Step folders with a ``step.json`` stamp: the step's key and the hash of each input part,
     the artifact's name, the sha256 of every file written, the report."""
 
-    def __init__(self, out: Path, force: bool):
+    def __init__(self, out: Path, force: bool, total: int | None = None):
         self.root = ensure_writable_dir(out / "steps", "output")
         self.force = force
+        self.total = total  # steps the recipe plans, for the "[k/N]" of each step's log line
         self.records: list[StepRecord] = []
         for leftover in sorted(self.root.glob(".*")):  # staging folders of a run that was killed
             if leftover.is_dir():
@@ -148,11 +149,16 @@ class _Steps:
         returns (artifact name, report), and the folder is renamed into place."""
         parts = {part: digest(value) for part, value in inputs.items()}
         key = digest(parts)
+        logger.info("%s %s", self._position(), name)
         record = None if self.force else self._reusable(name, key, parts)
         if record is None:
             record = self._produce(name, key, parts, produce)
         self.records.append(record)
         return record
+
+    def _position(self) -> str:
+        done = len(self.records) + 1
+        return f"[{done}/{max(self.total, done)}]" if self.total else f"[{done}]"
 
     def _reusable(self, name: str, key: str, parts: dict[str, str]) -> StepRecord | None:
         folder = self.root / name
@@ -601,8 +607,14 @@ def run_pipeline(recipe: Recipe | str | Path, out: str | Path, *, overrides: lis
         return _run(recipe, out, force)
 
 
+def _planned_steps(recipe: Recipe) -> int:
+    """distill (if asked), export, optimize (unless disabled), one per candidate, benchmark (unless disabled)."""
+    return (("distill" in recipe.data) + 1 + bool(recipe.section("optimize").get("enabled", True))
+            + len(recipe.candidates) + bool(recipe.section("benchmark").get("enabled", True)))
+
+
 def _run(recipe: Recipe, out: Path, force: bool) -> PipelineResult:
-    steps = _Steps(out, force)
+    steps = _Steps(out, force, _planned_steps(recipe))
     student = _distill_step(recipe, steps) if "distill" in recipe.data else None
     exported = _export_step(recipe, steps, student)
     base = _optimize_step(recipe, steps, exported)

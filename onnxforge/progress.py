@@ -1,34 +1,44 @@
-"""A progress bar on stderr for the CLI (library code only reports fractions)."""
+"""Progress bars for the CLI (library code only reports ``progress(label, fraction)``).
+
+tqdm draws the bar on a terminal; elsewhere (CI logs, pipes) it stays quiet and the steps' own
+log lines say what happens. While a bar is drawn, log records are written above it
+(``tqdm.contrib.logging.logging_redirect_tqdm``), so a log line never breaks the bar.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
-import time
+
+RESOLUTION = 1000  # steps of the bar: fractions are reported as floats
 
 
 class ProgressBar:
-    """Redraws one line on a terminal; elsewhere (CI logs) prints a line per 25 %."""
+    """``bar(label, fraction)`` moves a tqdm bar titled ``title`` to ``fraction`` with ``label``
+    beside it; ``close()`` ends it. Disabled when ``stream`` is not a terminal."""
 
-    def __init__(self, title: str, stream=None, width: int = 30):
-        self.title = title
+    def __init__(self, title: str, stream=None):
+        from tqdm import tqdm
+
         self.stream = stream or sys.stderr
-        self.width = width
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.started = time.perf_counter()
-        self.last_quarter = -1
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = tqdm(total=RESOLUTION, desc=title, file=self.stream, disable=not tty, leave=False,
+                        bar_format="{desc} {percentage:3.0f}%|{bar:24}| {postfix} [{elapsed}<{remaining}]")
 
     def __call__(self, label: str, fraction: float) -> None:
-        fraction = min(max(fraction, 0.0), 1.0)
-        elapsed = time.perf_counter() - self.started
-        if self.tty:
-            filled = int(self.width * fraction)
-            bar = "#" * filled + "-" * (self.width - filled)
-            self.stream.write(f"\r{self.title} [{bar}] {fraction:4.0%} {label} {elapsed:5.1f}s ")
-            self.stream.flush()
-        elif int(fraction * 4) > self.last_quarter:
-            self.last_quarter = int(fraction * 4)
-            self.stream.write(f"{self.title}: {fraction:.0%} ({label}, {elapsed:.1f}s)\n")
+        self.bar.n = int(RESOLUTION * min(max(fraction, 0.0), 1.0))
+        self.bar.set_postfix_str(label, refresh=False)
+        self.bar.refresh()
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def logs_above_bars(logger_names):
+    """Log records of ``logger_names`` written through tqdm while bars may be on screen."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger(name) for name in logger_names]):
+        yield

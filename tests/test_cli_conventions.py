@@ -94,3 +94,46 @@ def test_third_party_logging_stays_out_unless_verbose(capsys):
     logging.getLogger().warning("Failed to infer data type of tensor")
     assert "Failed to infer" in capsys.readouterr().err
     configure_logging(0)
+
+
+def test_progress_bar_draws_on_a_terminal_and_stays_quiet_elsewhere():
+    import io
+
+    from onnxforge.progress import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen, log = Terminal(), io.StringIO()
+    for stream in (screen, log):
+        bar = ProgressBar("bench", stream=stream)
+        bar("cpu batch 8", 0.5)
+        bar.close()
+    assert "bench" in screen.getvalue() and "50%" in screen.getvalue() and "cpu batch 8" in screen.getvalue()
+    assert log.getvalue() == ""
+
+
+def test_recipe_steps_are_numbered_k_of_n(tmp_path, caplog):
+    """Each step of a run says where it is: [1/4] export ... [4/4] candidate-int8."""
+    import textwrap
+
+    from onnxforge.pipeline import run_pipeline
+    from tests.tiny_models import MLP_FACTORY_SOURCE
+
+    (tmp_path / "tiny.py").write_text(MLP_FACTORY_SOURCE)
+    (tmp_path / "recipe.toml").write_text(textwrap.dedent("""
+        [model]
+        source = "tiny.py:build"
+        [[candidates]]
+        name = "fp32"
+        [[candidates]]
+        name = "int8"
+        quantize = { mode = "dynamic" }
+        [benchmark]
+        enabled = false
+        """))
+    with caplog.at_level(logging.INFO, logger="onnxforge.pipeline"):
+        run_pipeline(tmp_path / "recipe.toml", tmp_path / "out")
+    numbered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
+    assert numbered == ["[1/4] export", "[2/4] optimize", "[3/4] candidate-fp32", "[4/4] candidate-int8"]
