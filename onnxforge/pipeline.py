@@ -550,6 +550,29 @@ def _pareto_plot(rows: list[CandidateRow], selected: str | None, path: Path) -> 
     plt.close(fig)
 
 
+def _html_report(recipe: Recipe, rows: list[CandidateRow], selected: str | None, bench: StepRecord | None, path: Path) -> None:
+    """report.html: the candidates' table, their quality against latency (accuracy where the
+    recipe measured it, as the selection did, else cosine) and the benchmark's distributions."""
+    from runtime_bench import read_report
+    from runtime_bench.html import write_html
+
+    made = [r for r in rows if not r.failed]
+    by_accuracy = bool(made) and all(r.accuracy is not None for r in made)
+    quality = "accuracy" if by_accuracy else "cosine to the export"
+    points = [(r.name, r.p50_ms, r.accuracy if by_accuracy else r.cosine) for r in made]
+    table = [[r.name, "failed" if r.failed else f"{r.p50_ms:.3f}", "" if r.failed else f"{r.speedup:.2f}x",
+              "" if r.failed else f"{r.cosine:.5f}", "-" if r.accuracy is None else f"{r.accuracy:.4f}",
+              "" if r.failed else f"{r.size_mb:.2f}", r.error or ("selected" if r.name == selected else
+                                                                 "" if r.meets_budget else "below budget")] for r in rows]
+    report = read_report(bench.artifact) if bench is not None else None
+    write_html(path, f"onnxforge run: {recipe.name}",
+               f"{len(rows)} candidates; selected: {selected or 'none (no candidate met the budget)'}"
+               + ("" if bench else "; benchmark disabled, so nothing was timed"),
+               report=report, selected=selected,
+               candidates={"header": ["candidate", "p50 ms", "speedup", "cosine", "accuracy", "MB", "note"], "rows": table,
+                           "points": points, "quality": quality})
+
+
 def _write_summary(result: PipelineResult, made: list[_Made]) -> None:
     """candidates.txt (the table) and candidates.json (rows, failures with reasons, steps)."""
     write_text_atomic(result.out / "candidates.txt", result.table() + "\n")
@@ -633,6 +656,7 @@ def _run(recipe: Recipe, out: Path, force: bool) -> PipelineResult:
     eligible = [r for r in rows if r.meets_budget]
     selected = min(eligible, key=lambda r: r.p50_ms if bench else -r.cosine).name if eligible else None
     _pareto_plot(rows, selected, out / "pareto.png")
+    _html_report(recipe, rows, selected, bench, out / "report.html")
     package = None
     if selected is None:
         logger.warning("no candidate meets the fidelity budget (select.min_cosine); no package written")

@@ -154,6 +154,7 @@ class Measurement:
     blocks: int = 0
     block_runs: int = 0
     pause_ms: float = 0.0
+    samples_ms: tuple[float, ...] = ()  # the timed runs (at most KEPT_SAMPLES, evenly thinned), for distributions
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -204,6 +205,7 @@ class BenchReport:
             m["speedup"] = Speedup(**m["speedup"]) if m["speedup"] else None
             m["cpu_fallback_nodes"] = tuple(m["cpu_fallback_nodes"])
             m["warnings"] = tuple(m["warnings"])
+            m["samples_ms"] = tuple(m.get("samples_ms", ()))
             measurements.append(Measurement(**m))
         return cls(data["schema_version"], data["created_utc"], MachineInfo(**machine), data["config"],
                    data["baseline"], tuple(measurements), data["seconds"])
@@ -639,6 +641,15 @@ def _outputs_of(runner: _Runner, config: BenchConfig) -> dict[str, np.ndarray]:
         runner.close()
 
 
+KEPT_SAMPLES = 2000
+
+
+def kept_samples(runs_ms: Sequence[float], limit: int = KEPT_SAMPLES) -> tuple[float, ...]:
+    """The timed runs in order, evenly thinned to at most ``limit`` (a report stays small)."""
+    step = max(1, -(-len(runs_ms) // limit))
+    return tuple(round(float(x), 5) for x in list(runs_ms)[::step])
+
+
 def _cell_measurements(variants, runners: list[_Runner], cell: CellSamples, provider: ProviderConfig, batch: int,
                        shapes: dict[str, list[int]], baseline: str, config: BenchConfig) -> list[Measurement]:
     """Figures of one cell: latency over every timed run, speedup over the rounds' block
@@ -687,6 +698,7 @@ def _cell_measurements(variants, runners: list[_Runner], cell: CellSamples, prov
             blocks=cell.rounds,
             block_runs=cell.block_runs[runner.name],
             pause_ms=pause_ms,
+            samples_ms=kept_samples(cell.runs[runner.name]),
         ))
     return result
 

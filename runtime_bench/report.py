@@ -64,7 +64,7 @@ def to_csv(report: BenchReport) -> str:
     return buffer.getvalue()
 
 
-def _table(report: BenchReport) -> tuple[list[str], list[list[str]]]:
+def table_rows(report: BenchReport) -> tuple[list[str], list[list[str]]]:
     header = ["variant", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "mean±std ms", "runs", "items/s",
               f"speedup vs {report.baseline} (95% CI)", "cosine", "MB", "mem MB"]
     body = []
@@ -83,7 +83,7 @@ def _table(report: BenchReport) -> tuple[list[str], list[list[str]]]:
 
 
 def to_markdown(report: BenchReport) -> str:
-    header, body = _table(report)
+    header, body = table_rows(report)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     lines += ["", f"Measured {report.created_utc} on {report.machine.describe()}."]
@@ -92,7 +92,7 @@ def to_markdown(report: BenchReport) -> str:
 
 
 def to_console(report: BenchReport) -> str:
-    header, body = _table(report)
+    header, body = table_rows(report)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]

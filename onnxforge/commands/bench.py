@@ -56,10 +56,17 @@ def _bench_command(args) -> int:
     finally:
         if bar:
             bar.close()
+    page = None
     if args.out:
+        from runtime_bench.html import write_html
+
         written = write_report(report, args.out, plots=not args.no_plots)
-        logger.info("wrote %s", ", ".join(str(p) for p in written))
+        page = write_html(Path(args.out) / "report.html", "onnxforge bench",
+                          f"{len(variants)} variants, baseline {report.baseline}, measured {report.created_utc}", report=report)
+        logger.info("wrote %s", ", ".join(str(p) for p in [*written, page]))
     print(report.to_json() if args.json else to_console(report))
+    if page is not None and not args.json:
+        print(f"report: {page}")
     return 0
 
 

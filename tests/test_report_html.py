@@ -1,0 +1,96 @@
+"""report.html: one self-contained page per run and per bench --out, with inline SVG plots."""
+
+from __future__ import annotations
+
+import textwrap
+from html.parser import HTMLParser
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnxforge.cli import main
+from runtime_bench.html import pareto_front
+
+
+class _Elements(HTMLParser):
+    """Counts elements by tag and class; fails on a tag closed that was never opened."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.open: list[str] = []
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        key = f"{tag}.{attrs['class']}" if "class" in attrs else tag
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts[tag] = self.counts.get(tag, 0) + (key != tag)
+        if tag in ("script", "link", "img"):
+            self.external.append(tag)
+        if tag not in ("meta", "line", "circle", "rect", "polyline", "br"):
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in ("line", "circle", "rect", "polyline"):
+            return
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes {self.open[-1:]}"
+        self.open.pop()
+
+
+def _parsed(path) -> _Elements:
+    parser = _Elements()
+    parser.feed(path.read_text(encoding="utf-8"))
+    assert not parser.open and not parser.external  # well formed, and nothing loaded from elsewhere
+    return parser
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [("fp32", 10.0, 1.0), ("int8", 5.0, 0.99), ("slow-bad", 12.0, 0.9), ("int4", 4.0, 0.95), ("same", 5.0, 0.98)]
+    assert [p[0] for p in pareto_front(points)] == ["int4", "int8", "fp32"]
+
+
+def test_run_writes_a_report_with_candidates_distributions_and_speedups(tmp_path, capsys):
+    from tests.tiny_models import MLP_FACTORY_SOURCE
+
+    (tmp_path / "tiny.py").write_text(MLP_FACTORY_SOURCE)
+    (tmp_path / "recipe.toml").write_text(textwrap.dedent("""
+        name = "tiny"
+        [model]
+        source = "tiny.py:build"
+        [[candidates]]
+        name = "fp32"
+        [[candidates]]
+        name = "int8"
+        quantize = { mode = "dynamic" }
+        [select]
+        min_cosine = 0.5
+        [benchmark]
+        batch = [4]
+        min_seconds = 0.0
+        min_runs = 5
+        """))
+    assert main(["-q", "run", str(tmp_path / "recipe.toml"), "--out", str(tmp_path / "out")]) == 0
+    page = tmp_path / "out" / "report.html"
+    assert f"report: {page}" in capsys.readouterr().out
+    elements = _parsed(page)
+    assert elements.counts["circle.candidate"] == 2 and elements.counts["circle.selected"] == 1
+    assert elements.counts["rect.box"] == 2 and elements.counts["rect.bar"] == 1  # int8's speedup over fp32
+    assert elements.counts["tr.selected-row"] == 1
+
+
+def test_bench_out_writes_report_html(tmp_path, capsys):
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])])
+    for name in ("a", "b"):
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / f"{name}.onnx"))
+    assert main(["-q", "bench", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--batch", "1,4", "--min-runs", "5",
+                 "--min-seconds", "0", "--warmup", "1", "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    elements = _parsed(tmp_path / "rep" / "report.html")
+    assert elements.counts["rect.box"] == 4 and elements.counts["rect.bar"] == 2
+    from runtime_bench import read_report
+
+    kept = [len(m.samples_ms) for m in read_report(tmp_path / "rep").measurements]
+    assert all(n >= 5 for n in kept) and np.all(np.array(kept) <= 2000)
