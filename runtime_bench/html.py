@@ -32,7 +32,7 @@ def _scale(values: Sequence[float], low_px: float, high_px: float, *, floor_zero
     if high == low:
         low, high = low - 1.0, high + 1.0
     span = high - low
-    low, high = low - 0.05 * span, high + 0.05 * span
+    low, high = (low if floor_zero else low - 0.05 * span), high + 0.05 * span
     return (lambda v: low_px + (v - low) / (high - low) * (high_px - low_px)), low, high
 
 
@@ -110,7 +110,8 @@ def speedups_svg(measurements: Sequence[Measurement], baseline: str) -> str:
     y_at, y_low, y_high = _scale([0.0, 1.0] + [m.speedup.high for m in rows], HEIGHT - PAD, 20, floor_zero=True)
     step = (WIDTH - PAD - 20) / len(rows)
     parts = _axes(f"speedup vs {baseline} (95 % interval)", "speedup", (0, len(rows)), (y_low, y_high),
-                  lambda v: PAD + v * step, y_at)[:4]
+                  lambda v: PAD + v * step, y_at)
+    parts = parts[:4] + parts[4 + 5:]  # no x ticks: the bars are labelled
     parts.append(f'<line x1="{PAD}" y1="{y_at(1.0):.1f}" x2="{WIDTH - 10}" y2="{y_at(1.0):.1f}" stroke="#000" stroke-dasharray="2 2"/>')
     for index, m in enumerate(rows):
         x = PAD + index * step + step * 0.2
