@@ -11,9 +11,13 @@ def register(sub) -> None:
     quant = sub.add_parser("quantize", help="int8 quantization with per-model defaults and measured fidelity")
     quant.add_argument("input", help="the float ONNX file")
     quant.add_argument("output", help="the quantized ONNX file to write")
-    quant.add_argument("--mode", choices=("auto", "dynamic", "static", "int4"), default="auto",
+    quant.add_argument("--mode", choices=("auto", "dynamic", "static", "int4", "int8-weight"), default="auto",
                        help="auto: candidates chosen per op pattern (static QDQ for convolutions, dynamic for MatMul/Gemm "
-                       "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins")
+                       "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins. "
+                       "A generative decoder (past_key_values.* inputs) gets weight-only int4 under auto and int4, "
+                       "int8 blocks under int8-weight (optimizers.weight_only)")
+    quant.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
+                       help="decoders: MatMulNBits compute type (default: 0, 1 and 4 timed here, the fastest faithful kept)")
     quant.add_argument("--format", choices=("qdq", "qoperator"), default="qdq", help="static format (default qdq)")
     quant.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu")
     quant.add_argument("--calibration", metavar="DATA", help=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'")
@@ -42,8 +46,35 @@ def register(sub) -> None:
     quant.set_defaults(func=_quantize_command)
 
 
+def _weight_only_command(args) -> int:
+    from optimizers.weight_only import WeightOnlySettings, quantize_weight_only
+
+    settings = WeightOnlySettings(bits=8 if args.mode == "int8-weight" else 4, accuracy_level=args.accuracy_level)
+    result = quantize_weight_only(args.input, args.output, settings)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    q = result.quality
+    print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
+    print(f"weight-only int{result.bits}, blocks of {result.block_size}, accuracy level {result.accuracy_level}: "
+          f"{result.quantized_matmuls} MatMulNBits, {result.quantized_gathers} GatherBlockQuantized, "
+          f"output layer {'quantized' if result.output_layer_quantized else 'float'}")
+    if result.level_timings_ms:
+        print("accuracy levels (median decode step here, KL vs fp32): " + ", ".join(
+            f"{lv}: {ms:.2f} ms, {result.level_kl[lv]:.4f}" for lv, ms in result.level_timings_ms.items()))
+    print(f"weights {result.bytes_before / 1e6:.1f} -> {result.bytes_after / 1e6:.1f} MB "
+          f"({result.bytes_before / max(result.bytes_after, 1):.1f}x smaller)")
+    print(f"quality over {q.positions} positions: perplexity {q.perplexity_reference:.3f} -> {q.perplexity_candidate:.3f}, "
+          f"next-token KL {q.kl_mean:.4f}, greedy match {q.greedy_match}/{q.greedy_tokens} tokens")
+    return 0
+
+
 def _quantize_command(args) -> int:
     from onnxforge.common.specs import parse_dim_sizes
+    from optimizers.weight_only import is_decoder_file
+
+    if args.mode == "int8-weight" or (args.mode in ("auto", "int4") and is_decoder_file(args.input)):
+        return _weight_only_command(args)
     from optimizers.quantize import QuantizeSettings, quantize_file
 
     settings = QuantizeSettings(
