@@ -37,6 +37,7 @@ import onnx
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
+from runtime_bench.generation import weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -239,19 +240,6 @@ def set_accuracy_level(model: onnx.ModelProto, level: int) -> onnx.ModelProto:
         if level:
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
     return copy
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the graph's initializers (quantized blocks and scales included)."""
-    total = 0
-    for t in model.graph.initializer:
-        if t.HasField("raw_data"):
-            total += len(t.raw_data)
-        elif t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int(next((e.value for e in t.external_data if e.key == "length"), 0))
-        else:
-            total += int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
 
 
 def save_model(model: onnx.ModelProto, path: Path, data_name: str | None = None) -> Path | None:
