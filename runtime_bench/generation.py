@@ -182,7 +182,9 @@ def measure_bandwidth(size_mb: int = 512, repeats: int = 7, threads: int | None 
 
 
 @dataclasses.dataclass
-class _Block:
+class GenerationBlock:
+    """One timed generation: TTFT, every decode step, the cache's bytes at the end."""
+
     ttft_ms: float
     steps_ms: list[float]
     kv_bytes: int
@@ -208,7 +210,8 @@ def generate_timed(decoder, prompt: np.ndarray, new_tokens: int) -> tuple[float,
     return ttft, steps
 
 
-def _run_block(path: Path, config: GenerationConfig, prompt: np.ndarray) -> _Block:
+def timed_generation(path: Path, config: GenerationConfig, prompt: np.ndarray) -> GenerationBlock:
+    """A fresh session, an untimed warm-up generation, then one timed generation of ``prompt``."""
     from runtime_bench.decoder import OnnxDecoder
 
     decoder = OnnxDecoder(path, provider=config.provider,
@@ -220,18 +223,18 @@ def _run_block(path: Path, config: GenerationConfig, prompt: np.ndarray) -> _Blo
         kv = decoder.kv_bytes()
     finally:
         del decoder
-    return _Block(ttft, steps, kv)
+    return GenerationBlock(ttft, steps, kv)
 
 
 _PROBE = """
 import json, sys
 import numpy as np
 from runtime_bench import memory
-from runtime_bench.generation import GenerationConfig, _run_block
+from runtime_bench.generation import GenerationConfig, timed_generation
 config = GenerationConfig(**json.loads(sys.argv[2]))
 before = memory.rss_mb()
 prompt = np.asarray(json.loads(sys.argv[3]), dtype=np.int64)
-_run_block(sys.argv[1], config, prompt)
+timed_generation(sys.argv[1], config, prompt)
 print(json.dumps({"before": before, "peak": memory.peak_rss_mb()}))
 """
 
@@ -279,11 +282,11 @@ def benchmark_generation(models: Sequence[str | Path], config: GenerationConfig 
     orders = block_orders(len(paths))
     for length in config.prompt_lengths:
         prompt = _prompt(rng, min(io.vocab_size or 1000 for io in ios.values()), config.batch, length)
-        blocks: dict[str, list[_Block]] = {n: [] for n in names}
+        blocks: dict[str, list[GenerationBlock]] = {n: [] for n in names}
         for r in range(config.rounds):
             for index in orders[r % len(orders)]:
                 wait_for_idle_threads(config.settle_max_ms)
-                blocks[names[index]].append(_run_block(paths[index], config, prompt))
+                blocks[names[index]].append(timed_generation(paths[index], config, prompt))
                 if progress is not None:
                     progress(f"prompt {length}: {names[index]} round {r + 1}/{config.rounds}")
         for name, path in zip(names, paths):
@@ -292,7 +295,7 @@ def benchmark_generation(models: Sequence[str | Path], config: GenerationConfig 
     return GenerationReport(config, machine_info(), bandwidth, samples, measurements, started)
 
 
-def _summarize(name: str, length: int, blocks: list[_Block], config: GenerationConfig, io, weights_read: int,
+def _summarize(name: str, length: int, blocks: list[GenerationBlock], config: GenerationConfig, io, weights_read: int,
                bandwidth_gbs: float, peak: tuple[float | None, float | None]) -> GenerationMeasurement:
     ttfts = [b.ttft_ms for b in blocks]
     steps = [s for b in blocks for s in b.steps_ms]
@@ -341,6 +344,7 @@ def generation_table(report: GenerationReport) -> str:
 
 
 __all__ = [
-    "GenerationConfig", "GenerationMeasurement", "GenerationReport", "benchmark_generation", "generate_timed",
+    "GenerationBlock", "GenerationConfig", "GenerationMeasurement", "GenerationReport", "benchmark_generation", "generate_timed",
+    "peak_memory_mb", "timed_generation",
     "generation_table", "measure_bandwidth", "weight_bytes", "weight_bytes_read_per_token",
 ]
