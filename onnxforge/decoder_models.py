@@ -1,0 +1,198 @@
+"""Built-in generative decoders for the tests and examples, made without any download.
+
+``docstring_llama(cache_dir)`` trains a small Llama-style model (grouped-query attention, 4
+query / 2 key-value heads) on the docstrings of the Python standard library's own source files,
+with a byte-level BPE tokenizer trained on the same text, and saves it as a Hugging Face folder
+(``save_pretrained`` + tokenizer.json, tokenizer_config.json, generation_config.json). Training
+is seeded and takes a minute or two on two cores; the folder is built once per cache folder.
+A trained model has peaked next-token distributions, so greedy parity between PyTorch and ONNX
+is a real check rather than a coin toss between near-equal logits.
+
+``random_decoder(kind, folder)`` saves a tiny random-weight configuration of another family
+(Qwen2, Phi-3, Gemma, Mistral...), with a large ``initializer_range`` for peaked logits.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import random
+import sysconfig
+from pathlib import Path
+
+from onnxforge.common.errors import UserError
+from onnxforge.common.fileio import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+DOCSTRING_LLAMA_VERSION = "docstring-llama-v1"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+
+
+def stdlib_docstrings(limit_bytes: int = 3_000_000) -> list[str]:
+    """Docstrings of the standard library's modules, classes and functions, read with ``ast``
+    from its source files in sorted order (tests and private packages left out), up to
+    ``limit_bytes`` characters in all."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).parts
+        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo") or part.startswith("_") for part in relative[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 40:
+                    texts.append(doc.strip())
+                    total += len(doc)
+        if total >= limit_bytes:
+            break
+    return texts
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def _token_stream(tokenizer, texts: list[str], eos_id: int):
+    import torch
+
+    ids: list[int] = []
+    for encoding in tokenizer.encode_batch(texts):
+        ids.extend(encoding.ids)
+        ids.append(eos_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def build_docstring_llama(folder: Path, *, steps: int = 300, seed: int = 0) -> Path:
+    """Train and save the model into ``folder`` (see the module docstring)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = stdlib_docstrings()
+    if len(texts) < 500:
+        raise UserError(f"found only {len(texts)} docstrings in the standard library at {sysconfig.get_paths()['stdlib']}")
+    random.Random(seed).shuffle(texts)
+    tokenizer = _train_tokenizer(texts, vocab_size=2048)
+    pad_id, eos_id = tokenizer.token_to_id(PAD_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+    stream = _token_stream(tokenizer, texts, eos_id)
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    window, batch = 64, 16
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    try:
+        model.train()
+        for step in range(steps):
+            starts = torch.randint(0, len(stream) - window - 1, (batch,), generator=generator)
+            chunk = torch.stack([stream[s:s + window + 1] for s in starts.tolist()])
+            loss = model(input_ids=chunk[:, :-1], labels=chunk[:, :-1]).loss
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            if step % 50 == 0 or step == steps - 1:
+                logger.info("docstring llama: step %d loss %.3f", step, float(loss.detach()))
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    with atomic_dir(folder) as staging:
+        model.save_pretrained(str(staging))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+        fast.save_pretrained(str(staging))
+        (staging / "TRAINING.txt").write_text(
+            f"{DOCSTRING_LLAMA_VERSION}: {len(texts)} standard-library docstrings, {len(stream)} tokens, "
+            f"{steps} AdamW steps of {batch}x{window} tokens, seed {seed}, final loss {float(loss):.3f}\n",
+            encoding="utf-8",
+        )
+    return folder
+
+
+def docstring_llama(cache_dir: str | Path | None = None) -> Path:
+    """The trained docstring Llama's folder under ``cache_dir`` (default ``$ONNXFORGE_CACHE`` or
+    ``~/.cache/onnxforge``), built on first use."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("ONNXFORGE_CACHE") or Path.home() / ".cache" / "onnxforge"
+    folder = Path(cache_dir) / DOCSTRING_LLAMA_VERSION
+    if not (folder / "config.json").is_file():
+        logger.info("training the docstring llama into %s (a minute or two)", folder)
+        build_docstring_llama(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- random configurations
+
+RANDOM_KINDS = ("llama", "qwen2", "phi3", "gemma", "gemma2", "mistral")
+
+
+def random_config(kind: str):
+    """A tiny configuration of ``kind``: 2 layers, hidden 64, grouped-query heads (4 / 2), vocab 512."""
+    import transformers
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    if kind == "llama":
+        return transformers.LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                        architectures=["LlamaForCausalLM"])
+    if kind == "qwen2":
+        # attention bias on q/k/v, tied embeddings, a sliding window on the upper layer
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True, sliding_window=16,
+                                        max_window_layers=1, architectures=["Qwen2ForCausalLM"])
+    if kind == "phi3":
+        # LongRoPE: the short factors up to 32 positions, the long ones past them (the proof runs past 32)
+        return transformers.Phi3Config(**common, original_max_position_embeddings=32, rope_parameters={
+            "rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [2.0 + 0.5 * i for i in range(8)], "original_max_position_embeddings": 32},
+            architectures=["Phi3ForCausalLM"])
+    if kind == "gemma":
+        return transformers.GemmaConfig(**{**common, "num_key_value_heads": 1}, head_dim=16, architectures=["GemmaForCausalLM"])
+    if kind == "gemma2":
+        return transformers.Gemma2Config(**common, head_dim=16, sliding_window=16, architectures=["Gemma2ForCausalLM"])
+    if kind == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=16, architectures=["MistralForCausalLM"])
+    raise UserError(f"unknown decoder kind {kind!r}; choose one of {', '.join(RANDOM_KINDS)}")
+
+
+def random_decoder(kind: str, folder: str | Path, seed: int = 0) -> Path:
+    """Save a random-weight ``kind`` decoder (see ``random_config``) with save_pretrained into ``folder``."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = random_config(kind)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    folder = Path(folder)
+    with atomic_dir(folder) as staging:
+        model.save_pretrained(str(staging))
+    return folder
+
+
+__all__ = ["RANDOM_KINDS", "build_docstring_llama", "docstring_llama", "random_config", "random_decoder", "stdlib_docstrings"]
