@@ -84,9 +84,10 @@ class DecoderQuality:
     perplexity_reference: float
     perplexity_candidate: float
     kl_mean: float  # mean over positions of KL(p_reference || p_candidate), nats
-    greedy_match: int  # new tokens generated identically before the first divergence
+    greedy_match: float  # median over the prompts of the new tokens generated identically before the first divergence
     greedy_tokens: int  # of how many
     positions: int
+    greedy_matches: tuple[int, ...] = ()  # per prompt
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,10 +219,12 @@ def quantize_weights(model: onnx.ModelProto, settings: WeightOnlySettings, accur
     # the quantizer logs every node at INFO through its own handler: keep that out of normal output
     ort_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = ort_logger.level
-    ort_logger.setLevel(max(level, logging.WARNING))
+    # (and warns that int4 needs opset 21, which it then sets: expected here, not the user's concern)
+    ort_logger.setLevel(max(level, logging.ERROR))
     try:
         quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=exclude)
-        quantizer.process()
+        with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks: scale 0, handled by the quantizer
+            quantizer.process()
     finally:
         ort_logger.setLevel(level)
     return quantizer.model.model
@@ -279,15 +282,16 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def decoder_quality(reference, candidate, sequences: Sequence[Sequence[int]], *, prompt: Sequence[int] | None = None,
-                    new_tokens: int = 64) -> DecoderQuality:
+def decoder_quality(reference, candidate, sequences: Sequence[Sequence[int]], *, prompt_tokens: int = 16,
+                    prompts: int = 4, new_tokens: int = 64) -> DecoderQuality:
     """Perplexity, next-token KL and greedy match of ``candidate`` against ``reference``.
 
     ``reference`` and ``candidate`` are :class:`runtime_bench.decoder.OnnxDecoder` objects.
     Perplexity is ``exp(-mean log p(t_i | t_<i))`` over every position of every sequence after
     the first; KL is the mean of ``sum p_ref * (log p_ref - log p_cand)`` over the same
-    positions; the greedy match counts identical new tokens from ``prompt`` (default: the first
-    8 tokens of the first sequence) until the first difference, out of ``new_tokens``.
+    positions; the greedy match counts identical new tokens until the first difference, out of
+    ``new_tokens``, from the first ``prompt_tokens`` tokens of each of the first ``prompts``
+    sequences, and reports the median (one prompt's match depends on one near-tie).
     """
     from runtime_bench.decoder import greedy
 
@@ -306,17 +310,20 @@ def decoder_quality(reference, candidate, sequences: Sequence[Sequence[int]], *,
         positions += len(targets)
     if positions == 0:
         raise UserError("decoder quality needs at least one token sequence of two or more tokens")
-    prompt = list(prompt) if prompt is not None else list(next(s for s in sequences if len(s) >= 2)[:8])
-    a = greedy(reference, prompt, new_tokens)
-    b = greedy(candidate, prompt, new_tokens)
-    match = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    matches = []
+    for seq in [s for s in sequences if len(s) >= 2][:prompts]:
+        prompt = list(seq[:max(1, min(prompt_tokens, len(seq) - 1))])
+        a = greedy(reference, prompt, new_tokens)
+        b = greedy(candidate, prompt, new_tokens)
+        matches.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
     return DecoderQuality(
         perplexity_reference=math.exp(nll_ref / positions),
         perplexity_candidate=math.exp(nll_cand / positions),
         kl_mean=kl / positions,
-        greedy_match=int(match),
-        greedy_tokens=len(a),
+        greedy_match=float(np.median(matches)),
+        greedy_tokens=new_tokens,
         positions=positions,
+        greedy_matches=tuple(int(m) for m in matches),
     )
 
 
@@ -407,7 +414,7 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
             decoders[level] = OnnxDecoder(paths[level], settings=session_settings)
         level_kl = {}
         for level, decoder in decoders.items():
-            level_kl[level] = decoder_quality(reference, decoder, sequences[:2], new_tokens=8).kl_mean
+            level_kl[level] = decoder_quality(reference, decoder, sequences[:2], prompts=1, new_tokens=4).kl_mean
         timings: dict[int, float] = {}
         chosen = levels[0]
         if len(levels) > 1:

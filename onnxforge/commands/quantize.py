@@ -50,7 +50,7 @@ def _weight_only_command(args) -> int:
     from optimizers.weight_only import WeightOnlySettings, quantize_weight_only
 
     settings = WeightOnlySettings(bits=8 if args.mode == "int8-weight" else 4, accuracy_level=args.accuracy_level)
-    result = quantize_weight_only(args.input, args.output, settings)
+    result = quantize_weight_only(args.input, args.output, settings, sequences=_held_out_text(args))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return 0
@@ -65,8 +65,32 @@ def _weight_only_command(args) -> int:
     print(f"weights {result.bytes_before / 1e6:.1f} -> {result.bytes_after / 1e6:.1f} MB "
           f"({result.bytes_before / max(result.bytes_after, 1):.1f}x smaller)")
     print(f"quality over {q.positions} positions: perplexity {q.perplexity_reference:.3f} -> {q.perplexity_candidate:.3f}, "
-          f"next-token KL {q.kl_mean:.4f}, greedy match {q.greedy_match}/{q.greedy_tokens} tokens")
+          f"next-token KL {q.kl_mean:.4f}, greedy match {q.greedy_match:g}/{q.greedy_tokens} tokens (median of {len(q.greedy_matches)} prompts)")
     return 0
+
+
+def _held_out_text(args) -> list[list[int]] | None:
+    """--evaluation TEXT for a decoder: one passage per blank-line-separated paragraph, tokenized with
+    --tokenizer or the tokenizer the export copied beside the model."""
+    if not args.evaluation:
+        return None
+    from pathlib import Path
+
+    from onnxforge.common.errors import UserError
+
+    text_path, folder = Path(args.evaluation), Path(args.tokenizer or Path(args.input).parent)
+    if not text_path.is_file():
+        raise UserError(f"--evaluation for a decoder is a text file of held-out passages; '{text_path}' is not a file")
+    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
+        raise UserError(f"no tokenizer in '{folder}' to read --evaluation text; pass --tokenizer DIR")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    passages = [p.strip() for p in text_path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    sequences = [ids[:256] for ids in (tokenizer(p)["input_ids"] for p in passages) if len(ids) >= 2]
+    if not sequences:
+        raise UserError(f"'{text_path}' has no passage of two or more tokens")
+    return sequences
 
 
 def _quantize_command(args) -> int:
