@@ -18,7 +18,8 @@ weights (as stored: quantized blocks and scales count at their size; an embeddin
 only by a Gather counts one row, i.e. nothing) plus the KV cache at the mean context length of
 the decode (``prompt + new_tokens / 2``). The bandwidth is this machine's, measured by the
 benchmark itself: the median of several timed reads of a buffer much larger than the caches,
-split over the same thread count as the models.
+split over the same thread count as the models. A model whose weights fit in the last-level
+cache is not bound by memory: it can run above 100 % of this "bound".
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def random_decoder_onnx(kind: str) -> Path:
 
 @functools.cache
 def wide_decoder_onnx() -> Path:
-    """A random Llama ~25x the trained one's weights (hidden 256, 4 layers, vocab 4096): slower per token."""
+    """A random Llama with ~7x the trained one's weights (hidden 256, 4 layers, vocab 4096): slower per token."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
