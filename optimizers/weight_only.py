@@ -104,6 +104,7 @@ class WeightOnlyResult:
     quantized_matmuls: int
     quantized_gathers: int
     output_layer_quantized: bool
+    embedding_shares_output_layer: bool
     bytes_before: int
     bytes_after: int
     quality: DecoderQuality
@@ -133,9 +134,10 @@ def is_decoder_file(path) -> bool:
 
 
 def untie_output_layer(model: onnx.ModelProto) -> int:
-    """Materialize a tied embedding's transposed view: ``MatMul(h, Transpose(E))`` ->
-    ``MatMul(h, E_T)`` and ``Gather(Transpose(W), ids)`` -> ``Gather(W_T, ids)``, ``E_T``/``W_T``
-    constants (``perm=[1, 0]`` only).
+    """Give every weight read transposed a constant of its own, so the quantizer sees it:
+    ``MatMul(h, Transpose(E))`` and ``FusedMatMul(h, E, transB=1)`` (ONNX Runtime's fusion of
+    the same) -> ``MatMul(h, E_T)``; ``Gather(Transpose(W), ids)`` -> ``Gather(W_T, ids)``;
+    ``E_T``/``W_T`` constants (``perm=[1, 0]`` only).
 
     A tied output layer (or a tied embedding, as ORT GenAI's builder writes it) reads the shared
     matrix through a Transpose, which the weight quantizer cannot see as a constant weight.
@@ -145,8 +147,27 @@ def untie_output_layer(model: onnx.ModelProto) -> int:
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     transposed: dict[str, str] = {}
+
+    def transposed_copy(weight: onnx.TensorProto) -> str:
+        if weight.name not in transposed:
+            array = np.ascontiguousarray(onnx.numpy_helper.to_array(weight).T)
+            name = f"{weight.name}_transposed"
+            graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+            transposed[weight.name] = name
+        return transposed[weight.name]
+
     rewired = 0
     for node in graph.node:
+        if node.op_type == "FusedMatMul" and node.domain == "com.microsoft" and node.input[1] in initializers:
+            attrs = {a.name: _attr(a) for a in node.attribute}
+            plain = attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA") and not attrs.get("transBatchA") \
+                and not attrs.get("transBatchB")
+            if plain and attrs.get("transB") == 1 and len(initializers[node.input[1]].dims) == 2:
+                node.input[1] = transposed_copy(initializers[node.input[1]])
+                node.op_type, node.domain = "MatMul", ""
+                del node.attribute[:]
+                rewired += 1
+            continue
         slot = {"MatMul": 1, "Gather": 0}.get(node.op_type)
         if slot is None or node.input[slot] in initializers:
             continue
@@ -157,12 +178,7 @@ def untie_output_layer(model: onnx.ModelProto) -> int:
         weight = initializers[source.input[0]]
         if len(weight.dims) != 2 or perm != [1, 0]:
             continue
-        if weight.name not in transposed:
-            array = np.ascontiguousarray(onnx.numpy_helper.to_array(weight).T)
-            name = f"{weight.name}_transposed"
-            graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-            transposed[weight.name] = name
-        node.input[slot] = transposed[weight.name]
+        node.input[slot] = transposed_copy(weight)
         rewired += 1
     if rewired:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
@@ -172,15 +188,20 @@ def untie_output_layer(model: onnx.ModelProto) -> int:
     return rewired
 
 
+_PASS_THROUGH = ("Reshape", "Identity", "Cast", "Add", "Squeeze", "Unsqueeze")
+
+
 def _output_layer_weight(model: onnx.ModelProto) -> str | None:
-    """The weight name of the MatMul (or MatMulNBits) that produces ``logits``, through Reshapes/Adds."""
+    """The weight input of the matrix product that makes ``logits`` (through reshapes, casts and a bias)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get("logits")
     for _ in range(8):
         if node is None:
             return None
-        if node.op_type in ("MatMul", "MatMulNBits", "Gemm"):
+        if node.op_type in ("MatMul", "MatMulNBits", "Gemm", "FusedMatMul"):
             return node.input[1]
+        if node.op_type not in _PASS_THROUGH:
+            return None
         node = producers.get(node.input[0])
     return None
 
@@ -228,6 +249,60 @@ def quantize_weights(model: onnx.ModelProto, settings: WeightOnlySettings, accur
     finally:
         ort_logger.setLevel(level)
     return quantizer.model.model
+
+
+def share_tied_embedding(model: onnx.ModelProto) -> bool:
+    """Let a tied embedding read the output layer's 4-bit blocks instead of its own copy.
+
+    After :func:`untie_output_layer` and quantization, a tied model holds the matrix twice:
+    ``E_T`` in the output layer's ``MatMulNBits`` (``[V, K/block, block/2]`` bytes, unsigned
+    4-bit with the implicit zero point 8, one scale per block) and ``E`` in the embedding's
+    ``GatherBlockQuantized``. The two are the same blocks (row ``v`` of ``E`` is column ``v``
+    of ``E_T``, cut along the hidden axis), so the embedding can gather from the output layer's
+    bytes reshaped to ``[V, K/2]`` with ``bits=4`` and its scales, as ORT GenAI's builder does;
+    the copy (``V * K / 2`` bytes and its scales) goes. Mutates ``model``; returns whether it did.
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    head_weight = _output_layer_weight(model)
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == head_weight), None)
+    if head is None or len(head.input) != 3 or head.input[1] not in initializers or head.input[2] not in initializers:
+        return False
+    head_base = head.input[1].rsplit("_Q4", 1)[0]
+    attrs = {a.name: _attr(a) for a in head.attribute}
+    if attrs.get("bits") != 4:
+        return False
+    for index, node in enumerate(graph.node):
+        if node.op_type != "GatherBlockQuantized" or len(node.input) != 3:
+            continue
+        base = node.input[0].rsplit("_Q4", 1)[0]
+        if head_base not in (f"{base}_transposed", base.replace("_transposed", "", 1)) or base == head_base:
+            continue
+        gather_attrs = {a.name: _attr(a) for a in node.attribute}
+        packed = initializers[head.input[1]]
+        vocab, blocks, blob = packed.dims
+        if gather_attrs.get("block_size") != attrs.get("block_size") or gather_attrs.get("quantize_axis") != 1 \
+                or gather_attrs.get("gather_axis", 0) != 0 or blocks * blob * 2 != attrs.get("K"):
+            continue
+        shape_name = f"{head.input[1]}_as_table_shape"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([vocab, blocks * blob], dtype=np.int64), shape_name))
+        table = f"{head.input[1]}_as_table"
+        graph.node.insert(index, onnx.helper.make_node("Reshape", [head.input[1], shape_name], [table], name=f"{node.name}_table"))
+        old = (node.input[0], node.input[2])
+        node.input[0], node.input[2] = table, head.input[2]
+        kept = [a for a in node.attribute if a.name != "bits"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("bits", 4)])
+        used = {i for n in graph.node for i in n.input}
+        remaining = [t for t in graph.initializer if t.name not in old or t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(remaining)
+        return True
+    return False
+
+
+def _attr(attribute):
+    return onnx.helper.get_attribute_value(attribute)
 
 
 def set_accuracy_level(model: onnx.ModelProto, level: int) -> onnx.ModelProto:
@@ -396,6 +471,7 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
     bytes_before = weight_bytes(float_model)
     quantized = quantize_weights(float_model, settings)
     del float_model
+    shared = settings.bits == 4 and share_tied_embedding(quantized)
     matmuls = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
     gathers = sum(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
     head = _output_layer_weight(quantized)
@@ -438,7 +514,7 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
     return WeightOnlyResult(
         path=out_path, bits=settings.bits, block_size=settings.block_size, accuracy_level=chosen,
         level_timings_ms=timings, level_kl=level_kl, quantized_matmuls=matmuls, quantized_gathers=gathers,
-        output_layer_quantized=output_quantized, bytes_before=bytes_before, bytes_after=weight_bytes(final),
+        output_layer_quantized=output_quantized, embedding_shares_output_layer=shared, bytes_before=bytes_before, bytes_after=weight_bytes(final),
         quality=quality, seconds=time.perf_counter() - started,
     )
 
@@ -446,5 +522,5 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
 __all__ = [
     "ACCURACY_LEVELS", "DecoderQuality", "WeightOnlyResult", "WeightOnlySettings", "decode_step_ms", "decoder_quality",
     "default_sequences", "is_decoder", "is_decoder_file", "quantize_weight_only", "quantize_weights", "set_accuracy_level",
-    "untie_output_layer", "weight_bytes",
+    "share_tied_embedding", "untie_output_layer",
 ]

@@ -17,7 +17,9 @@ from optimizers.weight_only import (
     decoder_quality,
     is_decoder,
     quantize_weight_only,
+    quantize_weights,
     set_accuracy_level,
+    share_tied_embedding,
     untie_output_layer,
 )
 from runtime_bench.decoder import OnnxDecoder
@@ -34,9 +36,10 @@ def _ops(path) -> dict[str, int]:
 
 
 def _constant_matmuls(path) -> int:
+    """MatMul (and ONNX Runtime's FusedMatMul) nodes whose weight is a constant."""
     model = onnx.load(str(path), load_external_data=False)
     names = {t.name for t in model.graph.initializer}
-    return sum(n.op_type == "MatMul" and n.input[1] in names for n in model.graph.node)
+    return sum(n.op_type in ("MatMul", "FusedMatMul") and n.input[1] in names for n in model.graph.node)
 
 
 def _sha(path) -> str:
@@ -118,13 +121,34 @@ def test_tied_output_layer_is_quantized(tmp_path):
     (std 0.3, hidden 64) suffer from 4 bits (KL ~1); 8 bits through the same untying stays close
     to fp32, which a wrongly transposed output layer could not."""
     source = random_decoder_onnx("qwen2")
+    float_products = _constant_matmuls(source)
     int4 = quantize_weight_only(source, tmp_path / "int4.onnx", WeightOnlySettings(accuracy_level=0, max_kl=10.0))
     ops = _ops(int4.path)
     assert int4.output_layer_quantized and ops.get("GatherBlockQuantized") == 1
-    assert _constant_matmuls(int4.path) == 0
+    assert _constant_matmuls(int4.path) == 0 and ops["MatMulNBits"] == float_products
+    assert int4.embedding_shares_output_layer
     int8 = quantize_weight_only(source, tmp_path / "int8.onnx", WeightOnlySettings(bits=8, accuracy_level=0))
     assert int8.output_layer_quantized and _constant_matmuls(int8.path) == 0
     assert int8.quality.kl_mean < 0.05 < int4.quality.kl_mean  # measured 0.005 and 1.1
+
+
+def test_shared_embedding_computes_what_its_own_copy_did(tmp_path):
+    """The embedding reading the output layer's blocks gives the logits its own quantized copy gave."""
+    source = random_decoder_onnx("qwen2")
+    logits = {}
+    for share in (False, True):
+        model = quantize_weights(onnx.load(str(source)), WeightOnlySettings())
+        assert share_tied_embedding(model) if share else True
+        path = tmp_path / f"share{share}.onnx"
+        onnx.save_model(model, str(path))
+        decoder = OnnxDecoder(path)
+        logits[share] = decoder.prefill(np.array([[3, 17, 250, 9, 44]]))
+        sizes = weight_bytes(model)
+        logits[f"bytes{share}"] = sizes
+    np.testing.assert_allclose(logits[True], logits[False], rtol=0, atol=1e-5)
+    vocab, hidden = 512, 64
+    # the 4-bit table and its fp32 scales go; the Reshape's target shape (two int64) comes
+    assert logits["bytesFalse"] - logits["bytesTrue"] == vocab * hidden // 2 + vocab * hidden // 32 * 4 - 16
 
 
 def test_untie_rewires_transpose_of_a_constant_only():
