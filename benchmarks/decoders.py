@@ -232,6 +232,47 @@ def llama_cpp_row(hf: Path, work: Path, bin_dir: Path | None, source: Path | Non
     return row
 
 
+# ---------------------------------------------------------------------------- op profile
+
+
+def profile_decode_ops(path: Path, name: str, past: int, steps: int, threads: int | None) -> dict[str, float]:
+    """Milliseconds per decode step spent in each op type (ONNX Runtime's profiler), at ``past`` tokens
+    of context: the cache is random (values do not change the cost), only the decode steps are profiled."""
+    import onnxruntime as ort
+
+    c = decoder_config(name)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.parent / "profile")
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    rng = np.random.default_rng(0)
+    cache = {i.name: rng.standard_normal((1, c.num_key_value_heads, past, c.head_dim)).astype(np.float32)
+             for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    for step in range(steps):
+        length = past + step
+        feeds = {"input_ids": np.array([[7]], dtype=np.int64), **cache}
+        if "attention_mask" in names:
+            feeds["attention_mask"] = np.ones((1, length + 1), dtype=np.int64)
+        if "position_ids" in names:
+            feeds["position_ids"] = np.array([[length]], dtype=np.int64)
+        outputs = session.run(None, feeds)
+        produced = dict(zip([o.name for o in session.get_outputs()], outputs))
+        cache = {k: produced[k.replace("past_key_values", "present")] for k in cache}
+    trace_file = Path(session.end_profiling())
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
+    totals: dict[str, float] = {}
+    for event in trace:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3 / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -248,6 +289,8 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-cpp-source", type=Path, help="llama.cpp source (default: the sdist unpacked in --work)")
     parser.add_argument("--skip", default="", help="comma-separated rows to leave out: fp32, int4, genai, llama")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print, per ONNX row, the milliseconds per decode step in each op type (ORT profiler)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("onnxruntime", "transformers", "onnxscript", "onnx_ir"):
@@ -312,6 +355,18 @@ def main(argv=None) -> int:
             continue
         print(f"{s['row']:<26} {s['ttft_ms']:9.1f} {s['decode_tok_s']:12.1f} {s['step_ms_p90']:11.2f} {s['bound_tok_s']:11.1f} "
               f"{s['bound_pct']:6.0f}% {s['mb_per_token']:8.1f}")
+    if args.profile:
+        onnx_rows = {"onnxforge fp32": work / "onnxforge-fp32" / "model.onnx", "onnxforge int4": work / "onnxforge-int4" / "model.onnx",
+                     "ORT GenAI builder int4": work / "genai-int4" / "model.onnx"}
+        profiles = {row: profile_decode_ops(path, args.model, args.prompt_length, 16, args.threads)
+                    for row, path in onnx_rows.items() if path.exists()}
+        ops = sorted({op for p in profiles.values() for op in p}, key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))
+        print()
+        print("decode step, ms per op type (ONNX Runtime profiler, 16 steps at the prompt length's context):")
+        print(f"{'op':<34}" + "".join(f"{row:>24}" for row in profiles))
+        for op in ops:
+            print(f"{op:<34}" + "".join(f"{p.get(op, 0.0):24.3f}" for p in profiles.values()))
+        print(f"{'total':<34}" + "".join(f"{sum(p.values()):24.3f}" for p in profiles.values()))
     if args.json:
         args.json.write_text(json.dumps({"rows": summaries, "bandwidth_gbs": bandwidth, "machine": dataclasses.asdict(info),
                                          "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
