@@ -97,22 +97,22 @@ def hf_config(name: str):
     from transformers import LlamaConfig, Qwen2Config
 
     spec = decoder_config(name)
-    common = dict(
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        vocab_size=spec.vocab_size,
-        rope_theta=spec.rope_theta,
-        tie_word_embeddings=spec.tie_word_embeddings,
-        max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=spec.rms_norm_eps,
-        bos_token_id=spec.bos_token_id,
-        eos_token_id=spec.eos_token_id,
-        hidden_act="silu",
-        initializer_range=0.02,
-    )
+    common = {
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "vocab_size": spec.vocab_size,
+        "rope_theta": spec.rope_theta,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": spec.rms_norm_eps,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": spec.eos_token_id,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+    }
     if spec.model_type == "qwen2":
         return Qwen2Config(**common, use_sliding_window=False, sliding_window=spec.max_position_embeddings)
     return LlamaConfig(**common, attention_bias=False, mlp_bias=False, head_dim=spec.head_dim)

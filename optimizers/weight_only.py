@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,7 +212,10 @@ def _is_embedding(weight: onnx.TensorProto | None, settings: WeightOnlySettings)
 
 def quantize_weights(model: onnx.ModelProto, settings: WeightOnlySettings, accuracy_level: int = 0) -> onnx.ModelProto:
     """The weight-only quantized graph (``model`` is consumed: the quantizer edits it in place)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     for i, node in enumerate(model.graph.node):
         if not node.name:

@@ -322,14 +322,14 @@ def generation_table(report: GenerationReport) -> str:
     """The report as a console table, the machine and the measured bandwidth beside it."""
     c = report.config
     lines = [
-        f"generation: batch {c.batch}, {c.new_tokens} new tokens, {c.rounds} blocks per model and prompt length, "
-        f"threads {c.threads or 'ORT default'}, provider {c.provider}",
+        (f"generation: batch {c.batch}, {c.new_tokens} new tokens, {c.rounds} blocks per model and prompt length, "
+        f"threads {c.threads or 'ORT default'}, provider {c.provider}"),
         f"machine: {report.machine.describe()}",
-        f"memory bandwidth (measured here, median of {len(report.bandwidth_samples_gbs)} reads of "
-        f"{c.bandwidth_mb} MB): {report.bandwidth_gbs:.1f} GB/s",
+        (f"memory bandwidth (measured here, median of {len(report.bandwidth_samples_gbs)} reads of "
+        f"{c.bandwidth_mb} MB): {report.bandwidth_gbs:.1f} GB/s"),
         "",
-        f"{'model':<24} {'prompt':>6} {'TTFT ms':>9} {'prefill tok/s':>13} {'step ms p50':>11} {'p90':>7} "
-        f"{'decode tok/s':>12} {'bound tok/s':>11} {'% bound':>7} {'MB/token':>8} {'KV MB':>7} {'peak MB':>8}",
+        (f"{'model':<24} {'prompt':>6} {'TTFT ms':>9} {'prefill tok/s':>13} {'step ms p50':>11} {'p90':>7} "
+        f"{'decode tok/s':>12} {'bound tok/s':>11} {'% bound':>7} {'MB/token':>8} {'KV MB':>7} {'peak MB':>8}"),
     ]
     for m in report.measurements:
         peak = f"{m.peak_rss_delta_mb:8.0f}" if m.peak_rss_delta_mb is not None else f"{'n/a':>8}"
@@ -345,7 +345,16 @@ def generation_table(report: GenerationReport) -> str:
 
 
 __all__ = [
-    "GenerationBlock", "GenerationConfig", "GenerationMeasurement", "GenerationReport", "benchmark_generation", "generate_timed",
-    "peak_memory_mb", "timed_generation",
-    "generation_table", "measure_bandwidth", "weight_bytes", "weight_bytes_read_per_token",
+    "GenerationBlock",
+    "GenerationConfig",
+    "GenerationMeasurement",
+    "GenerationReport",
+    "benchmark_generation",
+    "generate_timed",
+    "generation_table",
+    "measure_bandwidth",
+    "peak_memory_mb",
+    "timed_generation",
+    "weight_bytes",
+    "weight_bytes_read_per_token",
 ]

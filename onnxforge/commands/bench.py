@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common.errors import UserError
-
-import logging
 
 logger = logging.getLogger("onnxforge.cli")
 
@@ -38,7 +37,11 @@ def register(sub) -> None:
 
 
 def _generate_command(args) -> int:
-    from runtime_bench.generation import GenerationConfig, benchmark_generation, generation_table
+    from runtime_bench.generation import (
+        GenerationConfig,
+        benchmark_generation,
+        generation_table,
+    )
 
     if args.torch or args.inputs:
         raise UserError("--generate measures ONNX decoders with generated prompts; --torch and --inputs do not apply")
@@ -69,7 +72,13 @@ def _bench_command(args) -> int:
 
     from onnxforge.common.fileio import ensure_writable_dir
     from onnxforge.progress import ProgressBar
-    from runtime_bench import OnnxVariant, TorchVariant, benchmark, to_console, write_report
+    from runtime_bench import (
+        OnnxVariant,
+        TorchVariant,
+        benchmark,
+        to_console,
+        write_report,
+    )
 
     config = _bench_config(args)
     if args.out:
