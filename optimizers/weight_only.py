@@ -339,7 +339,9 @@ def save_model(model: onnx.ModelProto, path: Path, data_name: str | None = None)
 
 
 def _full_logits(decoder, ids: Sequence[int]) -> np.ndarray:
-    """Logits at every position of ``ids`` in one run from an empty cache, ``[seq, vocab]``."""
+    """Logits at every position of ``ids``, ``[seq, vocab]``: one run from an empty cache, or, for a
+    graph that computes the last position only (``export --logits last``), the prompt's first
+    token then one decode step per token (teacher forcing)."""
     io = decoder.io
     ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
     feeds = {"input_ids": ids}
@@ -351,7 +353,12 @@ def _full_logits(decoder, ids: Sequence[int]) -> np.ndarray:
     for past, _ in io.cache_pairs:
         feeds[past] = empty
     logits = decoder.session.run(["logits"], feeds)[0]
-    return logits[0].astype(np.float64)
+    if logits.shape[1] == ids.shape[1]:
+        return logits[0].astype(np.float64)
+    rows = [decoder.prefill(ids[:, :1])[0]]
+    for token in ids[0, 1:]:
+        rows.append(decoder.decode(np.array([token]))[0])
+    return np.stack(rows).astype(np.float64)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -41,6 +41,16 @@ def trained_decoder() -> Path:
 
 
 @functools.cache
+def trained_decoder_last_logits() -> Path:
+    """The same model exported with logits for the last position only (``logits="last"``)."""
+    from exporter.decoder import export_decoder
+
+    path = _WORK / "trained-last" / "model.onnx"
+    export_decoder(docstring_llama_folder(), path, validate=False, logits="last")
+    return path
+
+
+@functools.cache
 def random_decoder_onnx(kind: str) -> Path:
     """A tiny random-weight decoder of ``kind`` (``onnxforge.decoder_models.random_config``) exported."""
     from exporter.decoder import export_decoder

@@ -24,7 +24,7 @@ from optimizers.weight_only import (
 )
 from runtime_bench.decoder import OnnxDecoder
 from runtime_bench.generation import weight_bytes
-from tests.llm_fixtures import held_out_sequences, random_decoder_onnx, trained_decoder
+from tests.llm_fixtures import held_out_sequences, random_decoder_onnx, trained_decoder, trained_decoder_last_logits
 
 
 def _ops(path) -> dict[str, int]:
@@ -203,3 +203,14 @@ def test_non_decoder_with_int8_weight_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "not a generative decoder" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_last_position_graph_is_judged_like_the_full_one(tmp_path):
+    """A graph exported with logits for the last position only is scored by teacher forcing: the same
+    perplexity as the graph with every position's logits."""
+    sequences = held_out_sequences()[:2]
+    full, last = OnnxDecoder(trained_decoder()), OnnxDecoder(trained_decoder_last_logits())
+    q_full = decoder_quality(full, full, sequences, prompts=1, new_tokens=4)
+    q_last = decoder_quality(full, last, sequences, prompts=1, new_tokens=4)
+    assert q_last.perplexity_candidate == pytest.approx(q_full.perplexity_reference, rel=1e-4)
+    assert q_last.kl_mean < 1e-6 and q_last.greedy_match == 4
