@@ -24,7 +24,12 @@ from optimizers.weight_only import (
 )
 from runtime_bench.decoder import OnnxDecoder
 from runtime_bench.generation import weight_bytes
-from tests.llm_fixtures import held_out_sequences, random_decoder_onnx, trained_decoder, trained_decoder_last_logits
+from tests.llm_fixtures import (
+    held_out_sequences,
+    random_decoder_onnx,
+    trained_decoder,
+    trained_decoder_last_logits,
+)
 
 
 def _ops(path) -> dict[str, int]:
