@@ -59,6 +59,7 @@ class WeightOnlySettings:
     accuracy_level: int | None = None
     quantize_output_layer: bool = True
     quantize_embeddings: bool = True
+    pack_siblings: bool = True  # one MatMulNBits for q/k/v and one for gate/up (pack_sibling_matmuls)
     max_kl: float = 0.5  # refuse to write a model whose mean next-token KL vs fp32 exceeds this
     level_kl_slack: float = 1.5
     level_kl_floor: float = 0.002
@@ -187,6 +188,54 @@ def untie_output_layer(model: onnx.ModelProto) -> int:
     return rewired
 
 
+def pack_sibling_matmuls(model: onnx.ModelProto) -> int:
+    """``MatMul(x, Wq)``, ``MatMul(x, Wk)``, ``MatMul(x, Wv)`` -> ``Split(MatMul(x, [Wq|Wk|Wv]))``.
+
+    Matrix products that read the same input with constant 2-D weights of the same K (an
+    attention layer's q/k/v projections, an MLP's gate and up projections) become one product
+    with the weights concatenated along N, and a Split gives each former output back. A decode
+    step then runs one larger ``MatMulNBits`` instead of two or three small ones (ORT GenAI's
+    builder packs them the same way). Block quantization cuts along K within each column, so
+    the packed weight quantizes to exactly the separate ones' blocks. Mutates ``model``;
+    returns how many products were removed.
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is not None and len(weight.dims) == 2 and weight.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            groups.setdefault(node.input[0], []).append(node)
+    removed = 0
+    for source, nodes in groups.items():
+        by_k: dict[int, list[onnx.NodeProto]] = {}
+        for node in nodes:
+            by_k.setdefault(initializers[node.input[1]].dims[0], []).append(node)
+        for k, siblings in by_k.items():
+            if len(siblings) < 2 or len({initializers[n.input[1]].data_type for n in siblings}) != 1:
+                continue
+            arrays = [onnx.numpy_helper.to_array(initializers[n.input[1]]) for n in siblings]
+            name = "_".join(n.name or n.output[0] for n in siblings[:1]) + f"_packed{len(siblings)}"
+            packed_weight = onnx.numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{name}.weight")
+            sizes = onnx.numpy_helper.from_array(np.array([a.shape[1] for a in arrays], dtype=np.int64), f"{name}.sizes")
+            graph.initializer.extend([packed_weight, sizes])
+            first = list(graph.node).index(siblings[0])
+            matmul = onnx.helper.make_node("MatMul", [source, packed_weight.name], [f"{name}.output"], name=name)
+            split = onnx.helper.make_node("Split", [f"{name}.output", sizes.name], [n.output[0] for n in siblings], axis=-1,
+                                          name=f"{name}_split")
+            for node in siblings:
+                graph.node.remove(node)
+            graph.node.insert(first, split)
+            graph.node.insert(first, matmul)
+            removed += len(siblings) - 1
+    if removed:
+        used = {i for n in graph.node for i in n.input}
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return removed
+
+
 _PASS_THROUGH = ("Reshape", "Identity", "Cast", "Add", "Squeeze", "Unsqueeze")
 
 
@@ -222,6 +271,8 @@ def quantize_weights(model: onnx.ModelProto, settings: WeightOnlySettings, accur
             node.name = f"{node.op_type}_{i}"
     if settings.quantize_output_layer:
         untie_output_layer(model)
+    if settings.pack_siblings:
+        pack_sibling_matmuls(model)
     op_types = ["MatMul"]
     if settings.quantize_embeddings and settings.bits == 4:
         op_types.append("Gather")
@@ -531,5 +582,5 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
 __all__ = [
     "ACCURACY_LEVELS", "DecoderQuality", "WeightOnlyResult", "WeightOnlySettings", "decode_step_ms", "decoder_quality",
     "default_sequences", "is_decoder", "is_decoder_file", "quantize_weight_only", "quantize_weights", "set_accuracy_level",
-    "share_tied_embedding", "untie_output_layer",
+    "pack_sibling_matmuls", "share_tied_embedding", "untie_output_layer",
 ]

@@ -17,6 +17,7 @@ from optimizers.weight_only import (
     decoder_quality,
     is_decoder,
     quantize_weight_only,
+    pack_sibling_matmuls,
     quantize_weights,
     set_accuracy_level,
     share_tied_embedding,
@@ -65,8 +66,9 @@ def test_int4_replaces_every_constant_matmul_and_the_embedding(int4_trained):
     source, result = int4_trained
     float_matmuls = _constant_matmuls(source)
     ops = _ops(result.path)
-    assert float_matmuls >= 14  # 2 layers x (q, k, v, o, gate, up, down) + the output layer
-    assert ops.get("MatMulNBits") == float_matmuls == result.quantized_matmuls
+    assert float_matmuls == 15  # 2 layers x (q, k, v, o, gate, up, down) + the output layer
+    # q/k/v packed into one product, gate/up into another (pack_sibling_matmuls): 2 x 4 + 1
+    assert ops.get("MatMulNBits") == 9 == result.quantized_matmuls
     assert _constant_matmuls(result.path) == 0
     assert ops.get("GatherBlockQuantized") == 1
     assert result.output_layer_quantized
@@ -100,7 +102,7 @@ def test_int8_is_closer_to_fp32_than_int4(int4_trained, tmp_path):
     source, int4 = int4_trained
     int8 = quantize_weight_only(source, tmp_path / "int8.onnx", WeightOnlySettings(bits=8, accuracy_level=0),
                                 sequences=held_out_sequences())
-    assert _ops(int8.path).get("MatMulNBits") == int8.quantized_matmuls == int4.quantized_matmuls
+    assert _ops(int8.path).get("MatMulNBits") == int8.quantized_matmuls == int4.quantized_matmuls == 9
     assert int8.quantized_gathers == 0  # ONNX Runtime has no 8-bit GatherBlockQuantized form here
     assert int8.quality.kl_mean < int4.quality.kl_mean / 10
     assert abs(int8.quality.perplexity_candidate / int8.quality.perplexity_reference - 1) < 0.01
@@ -130,7 +132,7 @@ def test_tied_output_layer_is_quantized(tmp_path):
     int4 = quantize_weight_only(source, tmp_path / "int4.onnx", WeightOnlySettings(accuracy_level=0, max_kl=10.0))
     ops = _ops(int4.path)
     assert int4.output_layer_quantized and ops.get("GatherBlockQuantized") == 1
-    assert _constant_matmuls(int4.path) == 0 and ops["MatMulNBits"] == float_products
+    assert _constant_matmuls(int4.path) == 0 and ops["MatMulNBits"] == float_products - 2 * 3  # q/k/v and gate/up packed
     assert int4.embedding_shares_output_layer
     int8 = quantize_weight_only(source, tmp_path / "int8.onnx", WeightOnlySettings(bits=8, accuracy_level=0))
     assert int8.output_layer_quantized and _constant_matmuls(int8.path) == 0
@@ -219,3 +221,17 @@ def test_a_last_position_graph_is_judged_like_the_full_one(tmp_path):
     q_last = decoder_quality(full, last, sequences, prompts=1, new_tokens=4)
     assert q_last.perplexity_candidate == pytest.approx(q_full.perplexity_reference, rel=1e-4)
     assert q_last.kl_mean < 1e-6 and q_last.greedy_match == 4
+
+
+def test_sibling_matmuls_are_packed_into_one_product(tmp_path):
+    """q/k/v (one input) and gate/up (another) become one MatMul each; o and down (inputs of their own)
+    and the output layer stay; the fp32 graph computes the same logits."""
+    source = trained_decoder()
+    model = onnx.load(str(source))
+    assert pack_sibling_matmuls(model) == 2 * (2 + 1)  # per layer: q,k,v -> 1 (2 fewer), gate,up -> 1 (1 fewer)
+    packed = tmp_path / "packed.onnx"
+    onnx.save_model(model, str(packed))
+    assert _constant_matmuls(packed) == _constant_matmuls(source) - 6 and _ops(packed)["Split"] == 4
+    prompt = np.array([[5, 77, 300, 12, 9, 1000]])
+    np.testing.assert_allclose(OnnxDecoder(packed).prefill(prompt), OnnxDecoder(source).prefill(prompt), rtol=0, atol=1e-4)
+    assert pack_sibling_matmuls(model) == 0  # nothing left to pack
