@@ -211,7 +211,7 @@ def pack_sibling_matmuls(model: onnx.ModelProto) -> int:
         by_k: dict[int, list[onnx.NodeProto]] = {}
         for node in nodes:
             by_k.setdefault(initializers[node.input[1]].dims[0], []).append(node)
-        for k, siblings in by_k.items():
+        for siblings in by_k.values():
             if len(siblings) < 2 or len({initializers[n.input[1]].data_type for n in siblings}) != 1:
                 continue
             arrays = [onnx.numpy_helper.to_array(initializers[n.input[1]]) for n in siblings]
@@ -580,7 +580,19 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
 
 
 __all__ = [
-    "ACCURACY_LEVELS", "DecoderQuality", "WeightOnlyResult", "WeightOnlySettings", "decode_step_ms", "decoder_quality",
-    "default_sequences", "is_decoder", "is_decoder_file", "quantize_weight_only", "quantize_weights", "set_accuracy_level",
-    "pack_sibling_matmuls", "share_tied_embedding", "untie_output_layer",
+    "ACCURACY_LEVELS",
+    "DecoderQuality",
+    "WeightOnlyResult",
+    "WeightOnlySettings",
+    "decode_step_ms",
+    "decoder_quality",
+    "default_sequences",
+    "is_decoder",
+    "is_decoder_file",
+    "pack_sibling_matmuls",
+    "quantize_weight_only",
+    "quantize_weights",
+    "set_accuracy_level",
+    "share_tied_embedding",
+    "untie_output_layer",
 ]
