@@ -182,6 +182,10 @@ from conversion import base
 # The random models' tokenizer is a byte-level BPE llama.cpp does not know by hash; the
 # benchmark feeds token ids, so any byte-level pre-tokenizer will do.
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+# ... and it has no SentencePiece model: go straight to the BPE path (without importing sentencepiece)
+def _no_sentencepiece(self, *args, **kwargs):
+    raise FileNotFoundError("no tokenizer.model")
+base.TextModel._set_vocab_sentencepiece = _no_sentencepiece
 sys.argv = [src + "/convert_hf_to_gguf.py"] + sys.argv[2:]
 runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
