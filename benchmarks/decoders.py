@@ -15,7 +15,8 @@ Qwen2.5-0.5B by default): speed depends on shapes, not values. Rounds of blocks,
 which every row runs first and after every other equally often (``block_orders``); each
 block is one fresh model, one warm-up generation and one timed generation. TTFT is prefill +
 first token; decode tok/s is batch / median step. llama-bench times prompt processing and
-generation apart: its TTFT is ``prompt / pp tok/s`` and its step ``1 / tg tok/s``.
+generation apart: its TTFT is ``prompt / pp tok/s`` (from an empty cache) and its step
+``1 / tg tok/s`` (generation with the prompt already in the cache, ``-d prompt``).
 % of bound: decode tok/s over bandwidth / (weights read per token + KV at the mean context),
 the bandwidth measured here (``runtime_bench.generation.measure_bandwidth``).
 
@@ -220,13 +221,14 @@ def llama_cpp_row(hf: Path, work: Path, bin_dir: Path | None, source: Path | Non
     def block(prompt):
         length = prompt.shape[1]
         done = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(q4), "-p", str(length), "-n", str(config.new_tokens),
-                               "-t", str(config.threads or os.cpu_count()), "-r", "1", "-o", "json"],
+                               "-t", str(config.threads or os.cpu_count()), "-r", "1", "-d", f"0,{length}", "-o", "json"],
                               capture_output=True, text=True, check=False)
         if done.returncode:
             raise RuntimeError((done.stderr or done.stdout).strip().splitlines()[-1:])
         results = json.loads(done.stdout)
-        pp = next(r for r in results if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)
-        tg = next(r for r in results if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0)
+        # the prompt from an empty cache; generation with the prompt already in the cache (depth)
+        pp = next(r for r in results if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 and r.get("n_depth", 0) == 0)
+        tg = next(r for r in results if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0 and r.get("n_depth", 0) == length)
         ttft = length / pp["avg_ts"] * 1e3
         step = 1e3 / tg["avg_ts"]
         return ttft, [step] * (config.new_tokens - 1)
