@@ -20,6 +20,12 @@ def register(sub) -> None:
     bench.add_argument("--baseline", help="variant name the speedups are relative to")
     bench.add_argument("--no-fidelity", action="store_true", help="skip comparing outputs with the baseline")
     bench.add_argument("--out", metavar="DIR", help="write report.json, report.csv, report.md and plots here")
+    bench.add_argument("--generate", action="store_true",
+                       help="the models are decoders with a cache: measure generation (TTFT, prefill and decode tokens/s, "
+                            "peak memory, KV bytes, % of this machine's memory-bandwidth bound) instead of single runs")
+    bench.add_argument("--prompt-lengths", default="16,128,512", help="--generate: comma-separated prompt lengths (default 16,128,512)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="--generate: tokens generated per prompt (default 128)")
+    bench.add_argument("--rounds", type=int, default=3, help="--generate: timed generations per model and prompt length (default 3)")
     bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_measure_flags(bench)
     bench.set_defaults(func=_bench_command)
@@ -30,12 +36,49 @@ def register(sub) -> None:
     tune_parser.set_defaults(func=_tune_command)
 
 
+def _generate_command(args) -> int:
+    from runtime_bench.generation import (
+        GenerationConfig,
+        benchmark_generation,
+        generation_table,
+    )
+
+    if args.torch or args.inputs:
+        raise UserError("--generate measures ONNX decoders with generated prompts; --torch and --inputs do not apply")
+    config = GenerationConfig(
+        prompt_lengths=_int_list(args.prompt_lengths, "--prompt-lengths"), new_tokens=args.new_tokens,
+        batch=_int_list(args.batch, "--batch")[0], threads=args.threads, rounds=args.rounds,
+        provider=args.provider.split(",")[0].strip(),
+    )
+    report = benchmark_generation(args.models, config, names=args.name or None,
+                                  progress=None if args.quiet else lambda text: logger.info("%s", text))
+    if args.out:
+        from pathlib import Path
+
+        from onnxforge.common.fileio import ensure_writable_dir, write_text_atomic
+
+        folder = ensure_writable_dir(Path(args.out), "report")
+        write_text_atomic(folder / "generation.json", report.to_json())
+        write_text_atomic(folder / "generation.txt", generation_table(report) + "\n")
+    print(report.to_json() if args.json else generation_table(report))
+    return 0
+
+
 def _bench_command(args) -> int:
     from pathlib import Path
 
+    if args.generate:
+        return _generate_command(args)
+
     from onnxforge.common.fileio import ensure_writable_dir
     from onnxforge.progress import ProgressBar
-    from runtime_bench import OnnxVariant, TorchVariant, benchmark, to_console, write_report
+    from runtime_bench import (
+        OnnxVariant,
+        TorchVariant,
+        benchmark,
+        to_console,
+        write_report,
+    )
 
     config = _bench_config(args)
     if args.out:

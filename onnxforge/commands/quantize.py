@@ -12,9 +12,13 @@ def register(sub) -> None:
     quant = sub.add_parser("quantize", help="int8 quantization with per-model defaults and measured fidelity")
     quant.add_argument("input", help="the float ONNX file")
     quant.add_argument("output", help="the quantized ONNX file to write")
-    quant.add_argument("--mode", choices=("auto", "dynamic", "static", "int4"), default="auto",
+    quant.add_argument("--mode", choices=("auto", "dynamic", "static", "int4", "int8-weight"), default="auto",
                        help="auto: candidates chosen per op pattern (static QDQ for convolutions, dynamic for MatMul/Gemm "
-                       "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins")
+                       "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins. "
+                       "A generative decoder (past_key_values.* inputs) gets weight-only int4 under auto and int4, "
+                       "int8 blocks under int8-weight (optimizers.weight_only)")
+    quant.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
+                       help="decoders: MatMulNBits compute type (default: 0, 1 and 4 timed here, the fastest faithful kept)")
     quant.add_argument("--format", choices=("qdq", "qoperator"), default="qdq", help="static format (default qdq)")
     quant.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu", help="the execution provider the int8 model is for")
     quant.add_argument("--calibration", metavar="DATA", help=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'")
@@ -45,8 +49,59 @@ def register(sub) -> None:
     quant.set_defaults(func=_quantize_command)
 
 
+def _weight_only_command(args) -> int:
+    from optimizers.weight_only import WeightOnlySettings, quantize_weight_only
+
+    settings = WeightOnlySettings(bits=8 if args.mode == "int8-weight" else 4, accuracy_level=args.accuracy_level)
+    result = quantize_weight_only(args.input, args.output, settings, sequences=_held_out_text(args))
+    if args.json:
+        print(jsonio.document(result.to_dict()))
+        return 0
+    q = result.quality
+    print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
+    print(f"weight-only int{result.bits}, blocks of {result.block_size}, accuracy level {result.accuracy_level}: "
+          f"{result.quantized_matmuls} MatMulNBits, {result.quantized_gathers} GatherBlockQuantized, "
+          f"output layer {'quantized' if result.output_layer_quantized else 'float'}")
+    if result.level_timings_ms:
+        print("accuracy levels (median decode step here, KL vs fp32): " + ", ".join(
+            f"{lv}: {ms:.2f} ms, {result.level_kl[lv]:.4f}" for lv, ms in result.level_timings_ms.items()))
+    print(f"weights {result.bytes_before / 1e6:.1f} -> {result.bytes_after / 1e6:.1f} MB "
+          f"({result.bytes_before / max(result.bytes_after, 1):.1f}x smaller)")
+    print(f"quality over {q.positions} positions: perplexity {q.perplexity_reference:.3f} -> {q.perplexity_candidate:.3f}, "
+          f"next-token KL {q.kl_mean:.4f}, greedy match {q.greedy_match:g}/{q.greedy_tokens} tokens (median of {len(q.greedy_matches)} prompts)")
+    return 0
+
+
+def _held_out_text(args) -> list[list[int]] | None:
+    """--evaluation TEXT for a decoder: one passage per blank-line-separated paragraph, tokenized with
+    --tokenizer or the tokenizer the export copied beside the model."""
+    if not args.evaluation:
+        return None
+    from pathlib import Path
+
+    from onnxforge.common.errors import UserError
+
+    text_path, folder = Path(args.evaluation), Path(args.tokenizer or Path(args.input).parent)
+    if not text_path.is_file():
+        raise UserError(f"--evaluation for a decoder is a text file of held-out passages; '{text_path}' is not a file")
+    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
+        raise UserError(f"no tokenizer in '{folder}' to read --evaluation text; pass --tokenizer DIR")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    passages = [p.strip() for p in text_path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    sequences = [ids[:256] for ids in (tokenizer(p)["input_ids"] for p in passages) if len(ids) >= 2]
+    if not sequences:
+        raise UserError(f"'{text_path}' has no passage of two or more tokens")
+    return sequences
+
+
 def _quantize_command(args) -> int:
     from onnxforge.common.specs import parse_dim_sizes
+    from optimizers.weight_only import is_decoder_file
+
+    if args.mode == "int8-weight" or (args.mode in ("auto", "int4") and is_decoder_file(args.input)):
+        return _weight_only_command(args)
     from optimizers.quantize import QuantizeSettings, quantize_file
 
     settings = QuantizeSettings(
