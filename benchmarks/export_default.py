@@ -51,8 +51,8 @@ class FirstOutput(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args):
-        return self.model(*args)[0]
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)[0]
 
 
 def _tokens(batch: int, vocab: int, with_types: bool):
