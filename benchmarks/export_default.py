@@ -47,12 +47,12 @@ BASELINE = "plain torchscript"
 class FirstOutput(torch.nn.Module):
     """The model's first output (last hidden state) as one tensor, for every exporter alike."""
 
-    def __init__(self, model):
+    def __init__(self, model, names):
         super().__init__()
-        self.model = model
+        self.model, self.names = model, names
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)[0]
+    def forward(self, *args, **kwargs):  # positional inputs by name: GPT-2's second parameter is the cache
+        return self.model(**dict(zip(self.names, args)), **kwargs)[0]
 
 
 def _tokens(batch: int, vocab: int, with_types: bool):
@@ -73,7 +73,8 @@ def distilbert():
 
     torch.manual_seed(0)
     config = DistilBertConfig(dim=768, n_heads=12, n_layers=6, hidden_dim=3072, attn_implementation="eager")
-    return FirstOutput(DistilBertModel(config)).eval(), ["input_ids", "attention_mask"], _tokens(8, config.vocab_size, False)
+    names = ["input_ids", "attention_mask"]
+    return FirstOutput(DistilBertModel(config), names).eval(), names, _tokens(8, config.vocab_size, False)
 
 
 def vit():
@@ -83,7 +84,7 @@ def vit():
     config = ViTConfig(hidden_size=768, num_attention_heads=12, num_hidden_layers=4, intermediate_size=3072,
                        image_size=224, patch_size=16, attn_implementation="eager")
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    return FirstOutput(ViTModel(config, add_pooling_layer=False)).eval(), ["pixel_values"], (pixels,)
+    return FirstOutput(ViTModel(config, add_pooling_layer=False), ["pixel_values"]).eval(), ["pixel_values"], (pixels,)
 
 
 def gpt2():
@@ -91,7 +92,8 @@ def gpt2():
 
     torch.manual_seed(0)
     config = GPT2Config(n_embd=768, n_head=12, n_layer=4, use_cache=False, attn_implementation="eager")
-    return FirstOutput(GPT2Model(config)).eval(), ["input_ids", "attention_mask"], _tokens(4, config.vocab_size, False)
+    names = ["input_ids", "attention_mask"]
+    return FirstOutput(GPT2Model(config), names).eval(), names, _tokens(4, config.vocab_size, False)
 
 
 MODELS = {"minilm": ("all-MiniLM-L6-v2 (real weights), batch 8, seq 128", minilm),
