@@ -41,6 +41,7 @@ from exporter.sources import copy_model_files
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
+from optimizers.graph.decoder_fusions import fuse_group_query_attention
 from runtime_bench.decoder import OnnxDecoder, greedy
 
 logger = logging.getLogger(__name__)
@@ -426,16 +427,28 @@ def _compare(candidate: np.ndarray, reference: np.ndarray, tolerance: Tolerance,
 # ---------------------------------------------------------------- fusion
 
 
-def fuse_for_ort(source: Path, target: Path) -> dict:
-    """onnxscript's verified ONNX Runtime fusions for decoders (``optimize_for_ort``) on the graph
-    at ``source``, written to ``target``; returns the fusion counts."""
+def fuse_for_ort(source: Path, target: Path, max_positions: int | None = None) -> dict:
+    """onnxscript's ONNX Runtime fusions for decoders (``optimize_for_ort``) on the graph at
+    ``source``, then, with ``max_positions``, each layer's attention as GroupQueryAttention with
+    rotary caches of that many positions (``optimizers.graph.decoder_fusions``); written to
+    ``target``; returns the fusion counts. The caller proves the result."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(str(source))
     _, counts = optimize_for_ort(model)
+    counts = dict(counts)
+    if max_positions:
+        counts["group_query_attention"] = fuse_group_query_attention(model, max_positions)
     ir.save(model, str(target), external_data=target.name + ".data")
     return {name: int(count) for name, count in counts.items() if count}
+
+
+def rotary_positions(config) -> int | None:
+    """Rows of the GroupQueryAttention rotary caches: the model's ``max_position_embeddings``
+    (None: no GroupQueryAttention rewrite)."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 # ---------------------------------------------------------------- the public function
@@ -498,7 +511,8 @@ def export_decoder(
         proof = prove_decoder(plain, reference, tolerance=tolerance, what="the exported graph") if validate else None
         chosen_path, fused, counts, note = plain, False, {}, None
         if fuse:
-            chosen_path, fused, counts, note, fused_proof = _try_fusion(plain, workdir, reference, tolerance, validate)
+            chosen_path, fused, counts, note, fused_proof = _try_fusion(plain, workdir, reference, tolerance, validate,
+                                                                            rotary_positions(config))
             proof = fused_proof or proof
         files = _publish_graph(chosen_path, output_path)
     if copy_companions:
@@ -512,12 +526,12 @@ def export_decoder(
     return result
 
 
-def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate):
+def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate, max_positions: int | None = None):
     """(graph to keep, fused?, fusion counts, why not fused, the fused graph's proof)."""
     fused_path = workdir / "fused" / plain.name
     fused_path.parent.mkdir()
     try:
-        counts = fuse_for_ort(plain, fused_path)
+        counts = fuse_for_ort(plain, fused_path, max_positions)
     except Exception as exc:  # a rewrite rule that breaks is onnxscript's bug; the plain graph stands
         logger.warning("ONNX Runtime fusions failed (%s); keeping the unfused graph", exc)
         return plain, False, {}, f"fusion raised {type(exc).__name__}: {exc}", None
