@@ -527,8 +527,20 @@ def export_decoder(
 
 
 def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate, max_positions: int | None = None):
-    """(graph to keep, fused?, fusion counts, why not fused, the fused graph's proof)."""
-    fused_path = workdir / "fused" / plain.name
+    """(graph to keep, fused?, fusion counts, note, the fused graph's proof). With ``max_positions``
+    the GroupQueryAttention form is tried first; if it fails the proof, the fusions without it
+    (the note then says why GroupQueryAttention was dropped)."""
+    kept = _fuse_and_prove(plain, workdir / "fused", reference, tolerance, validate, max_positions)
+    if max_positions and not kept[1] and kept[2].get("group_query_attention"):
+        logger.warning("the GroupQueryAttention graph fails the proof; trying the fusions without it")
+        retry = _fuse_and_prove(plain, workdir / "fused-mha", reference, tolerance, validate, None)
+        if retry[1]:
+            return retry[0], True, retry[2], f"GroupQueryAttention dropped: {kept[3]}", retry[4]
+    return kept
+
+
+def _fuse_and_prove(plain: Path, folder: Path, reference, tolerance, validate, max_positions: int | None):
+    fused_path = folder / plain.name
     fused_path.parent.mkdir()
     try:
         counts = fuse_for_ort(plain, fused_path, max_positions)

@@ -204,7 +204,9 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
             index = len(self._caches)
             values = []
             for name, array in (("cos", np.cos(angles)), ("sin", np.sin(angles))):
-                value = ir.Value(name=f"gqa_{name}_cache_{index}", const_value=ir.tensor(array.astype(np.float32)))
+                tensor = ir.tensor(array.astype(np.float32))
+                value = ir.Value(name=f"gqa_{name}_cache_{index}", shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                                 const_value=tensor)
                 self._graph.register_initializer(value)
                 values.append(value)
             self._caches[key] = (values[0], values[1])
