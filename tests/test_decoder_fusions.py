@@ -1,17 +1,20 @@
 """GroupQueryAttention for transformers 5 decoders (optimizers.graph.decoder_fusions): the rule on a
-tiny random Llama traced by the exporter and fused by onnxscript (MultiHeadAttention form)."""
+tiny random Qwen2 (q/k/v bias, a sliding-window layer) traced by the exporter and fused by
+onnxscript (MultiHeadAttention form); then packed q/k/v into it (optimizers.weight_only.feed_packed_qkv)."""
 
 from __future__ import annotations
 
 import collections
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
 from exporter.decoder import cache_geometry, fuse_for_ort, load_causal_lm, trace_to_onnx
 from onnxforge.decoder_models import random_decoder
 from optimizers.graph.decoder_fusions import fuse_group_query_attention
+from optimizers.weight_only import feed_packed_qkv, pack_sibling_matmuls
 from runtime_bench.decoder import OnnxDecoder, left_padded
 
 PROMPTS = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 200, 300, 301]]  # a left-padded batch of two lengths
@@ -19,9 +22,9 @@ PROMPTS = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 200, 300, 301]]  # 
 
 @pytest.fixture(scope="module")
 def mha_graph(tmp_path_factory):
-    """The MultiHeadAttention-form graph (onnxscript's fusions, no GroupQueryAttention) of a 2-layer Llama."""
+    """The MultiHeadAttention-form graph (onnxscript's fusions, no GroupQueryAttention) of a 2-layer Qwen2."""
     work = tmp_path_factory.mktemp("gqa")
-    model, _ = load_causal_lm(random_decoder("llama", work / "hf"))
+    model, _ = load_causal_lm(random_decoder("qwen2", work / "hf"))
     layers, kv_heads, head_dim = cache_geometry(model)
     plain = work / "plain" / "model.onnx"
     plain.parent.mkdir()
@@ -83,7 +86,36 @@ def test_group_query_attention_equals_multi_head_attention(mha_graph, tmp_path):
     gqa_path = _save(model, tmp_path / "gqa" / "model.onnx")
     # onnx's checker refuses the input graph already (onnxscript writes ORT's SimplifiedLayerNormalization
     # in the ONNX domain); ONNX Runtime loading both graphs, with its contrib schemas, is the check here
-    reference, candidate = OnnxDecoder(mha_graph), OnnxDecoder(gqa_path)
+    assert _same_generation(OnnxDecoder(mha_graph), OnnxDecoder(gqa_path)) == 12
+
+
+def test_packed_qkv_feeds_group_query_attention(mha_graph, tmp_path):
+    """After pack_sibling_matmuls, GQA reads the packed product (+ the concatenated q/k/v bias):
+    no Split and no per-projection bias Add before it, same logits."""
+    model = ir.load(str(mha_graph))
+    fuse_group_query_attention(model, 256)
+    unpacked = _save(model, tmp_path / "gqa" / "model.onnx")
+    proto = onnx.load(str(unpacked))
+    assert pack_sibling_matmuls(proto) == 2 * (2 + 1)  # per layer q/k/v -> 1 and gate/up -> 1
+    adds = sum(n.op_type == "Add" for n in proto.graph.node)
+    assert feed_packed_qkv(proto) == 2
+    gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == "" and n.input[2] == "" for n in gqa)
+    assert sum(n.op_type == "Split" for n in proto.graph.node) == 2  # the gate/up Splits stay
+    assert sum(n.op_type == "Add" for n in proto.graph.node) == adds - 2 * 2  # three bias Adds -> one per layer
+    near_miss = onnx.load(str(unpacked))
+    pack_sibling_matmuls(near_miss)
+    split = next(n for n in near_miss.graph.node if n.op_type == "Split" and len(n.output) == 3)
+    split.output[1], split.output[2] = split.output[2], split.output[1]  # k and v swapped: not the packed layout
+    assert feed_packed_qkv(near_miss) == 1
+    packed = tmp_path / "packed" / "model.onnx"
+    packed.parent.mkdir()
+    onnx.save(proto, str(packed), save_as_external_data=True, location="model.onnx.data")
+    assert _same_generation(OnnxDecoder(unpacked), OnnxDecoder(packed)) == 12
+
+
+def _same_generation(reference: OnnxDecoder, candidate: OnnxDecoder) -> int:
+    """Greedy steps of one prompt and of a left-padded batch: the logits agree; returns the steps compared."""
     compared = 0
     for prompts in (PROMPTS[:1], PROMPTS):
         ids, mask = left_padded(prompts)
@@ -94,4 +126,4 @@ def test_group_query_attention_equals_multi_head_attention(mha_graph, tmp_path):
             expected, got = reference.decode(tokens), candidate.decode(tokens)
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"step {step}")
             compared += 1
-    assert compared == 12
+    return compared

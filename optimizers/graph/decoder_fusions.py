@@ -74,6 +74,18 @@ def _last_dim(value: ir.Value) -> int | None:
     return int(shape[2])
 
 
+def _spans_query(mask: ir.Value, query: ir.Value) -> bool:
+    """The mask is known to be [B, 1, S, T] with the query's own S (so the exporter's Expand is a no-op)."""
+    mask_shape, query_shape = mask.shape, query.shape
+    if mask_shape is None or query_shape is None or len(mask_shape) != 4 or len(query_shape) != 3:
+        return False
+    def known(dim) -> bool:
+        return isinstance(dim, int) or getattr(dim, "value", None) is not None
+
+    pairs = ((mask_shape[2], query_shape[1]), (mask_shape[0], query_shape[0]))
+    return mask_shape[1] == 1 and all(known(a) and known(b) and a == b for a, b in pairs)
+
+
 def _is_half_slice(node: ir.Node, half: int, upper: bool) -> bool:
     """``node`` is ``x[..., half:]`` (upper) or ``x[..., :half]`` on the last axis, step 1."""
     if node is None or node.op_type != "Slice" or len(node.inputs) < 4:
@@ -189,8 +201,10 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         attributes = {"num_heads": self._heads, "kv_num_heads": self._kv_heads, "do_rotary": 1, "rotary_interleaved": 0}
         if self._scale is not None:
             attributes["scale"] = self._scale
-        one64 = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
-        bias = op.Expand(mask, op.Concat(one64, one64, op.Shape(q_proj, start=1, end=2), one64, axis=0))
+        bias = mask
+        if not _spans_query(mask, q_proj):  # broadcast to the query length, as the exporter's Expand did
+            one64 = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
+            bias = op.Expand(mask, op.Concat(one64, one64, op.Shape(q_proj, start=1, end=2), one64, axis=0))
         return op.GroupQueryAttention(
             q_proj, k_proj, v_proj, past_key, past_value, seqlens_k, total_scalar, cos_cache, sin_cache, None, bias,
             _domain="com.microsoft", _outputs=3, **attributes,
