@@ -18,7 +18,10 @@ The proof (``prove_decoder``) runs before anything is written: greedy tokens equ
 cached decoding equals recomputation, a left-padded batch equals its prompts run alone, and the
 logits agree within a tolerance at prefill and at a later step. Fusions for ONNX Runtime run
 afterwards and the fused graph is proven again; a fused graph that fails is dropped, with the
-reason, and the plain one is kept.
+reason, and the plain one is kept. The fusions are onnxscript's (``optimize_for_ort``) and then
+each layer's attention as ONNX Runtime's ``GroupQueryAttention`` with rotary inside
+(``optimizers.graph.decoder_fusions``: no per-step KV head repeat, cache Concat, Transpose or
+unfused rotary); if that graph fails the proof, the fusions without it are tried.
 """
 
 from __future__ import annotations
