@@ -18,7 +18,10 @@ The proof (``prove_decoder``) runs before anything is written: greedy tokens equ
 cached decoding equals recomputation, a left-padded batch equals its prompts run alone, and the
 logits agree within a tolerance at prefill and at a later step. Fusions for ONNX Runtime run
 afterwards and the fused graph is proven again; a fused graph that fails is dropped, with the
-reason, and the plain one is kept.
+reason, and the plain one is kept. The fusions are onnxscript's (``optimize_for_ort``) and then
+each layer's attention as ONNX Runtime's ``GroupQueryAttention`` with rotary inside
+(``optimizers.graph.decoder_fusions``: no per-step KV head repeat, cache Concat, Transpose or
+unfused rotary); if that graph fails the proof, the fusions without it are tried.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from exporter.sources import copy_model_files
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
+from optimizers.graph.decoder_fusions import fuse_group_query_attention
 from runtime_bench.decoder import OnnxDecoder, greedy
 
 logger = logging.getLogger(__name__)
@@ -426,16 +430,28 @@ def _compare(candidate: np.ndarray, reference: np.ndarray, tolerance: Tolerance,
 # ---------------------------------------------------------------- fusion
 
 
-def fuse_for_ort(source: Path, target: Path) -> dict:
-    """onnxscript's verified ONNX Runtime fusions for decoders (``optimize_for_ort``) on the graph
-    at ``source``, written to ``target``; returns the fusion counts."""
+def fuse_for_ort(source: Path, target: Path, max_positions: int | None = None) -> dict:
+    """onnxscript's ONNX Runtime fusions for decoders (``optimize_for_ort``) on the graph at
+    ``source``, then, with ``max_positions``, each layer's attention as GroupQueryAttention with
+    rotary caches of that many positions (``optimizers.graph.decoder_fusions``); written to
+    ``target``; returns the fusion counts. The caller proves the result."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(str(source))
     _, counts = optimize_for_ort(model)
+    counts = dict(counts)
+    if max_positions:
+        counts["group_query_attention"] = fuse_group_query_attention(model, max_positions)
     ir.save(model, str(target), external_data=target.name + ".data")
     return {name: int(count) for name, count in counts.items() if count}
+
+
+def rotary_positions(config) -> int | None:
+    """Rows of the GroupQueryAttention rotary caches: the model's ``max_position_embeddings``
+    (None: no GroupQueryAttention rewrite)."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 # ---------------------------------------------------------------- the public function
@@ -498,7 +514,8 @@ def export_decoder(
         proof = prove_decoder(plain, reference, tolerance=tolerance, what="the exported graph") if validate else None
         chosen_path, fused, counts, note = plain, False, {}, None
         if fuse:
-            chosen_path, fused, counts, note, fused_proof = _try_fusion(plain, workdir, reference, tolerance, validate)
+            chosen_path, fused, counts, note, fused_proof = _try_fusion(plain, workdir, reference, tolerance, validate,
+                                                                            rotary_positions(config))
             proof = fused_proof or proof
         files = _publish_graph(chosen_path, output_path)
     if copy_companions:
@@ -512,12 +529,24 @@ def export_decoder(
     return result
 
 
-def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate):
-    """(graph to keep, fused?, fusion counts, why not fused, the fused graph's proof)."""
-    fused_path = workdir / "fused" / plain.name
+def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate, max_positions: int | None = None):
+    """(graph to keep, fused?, fusion counts, note, the fused graph's proof). With ``max_positions``
+    the GroupQueryAttention form is tried first; if it fails the proof, the fusions without it
+    (the note then says why GroupQueryAttention was dropped)."""
+    kept = _fuse_and_prove(plain, workdir / "fused", reference, tolerance, validate, max_positions)
+    if max_positions and not kept[1] and kept[2].get("group_query_attention"):
+        logger.warning("the GroupQueryAttention graph fails the proof; trying the fusions without it")
+        retry = _fuse_and_prove(plain, workdir / "fused-mha", reference, tolerance, validate, None)
+        if retry[1]:
+            return retry[0], True, retry[2], f"GroupQueryAttention dropped: {kept[3]}", retry[4]
+    return kept
+
+
+def _fuse_and_prove(plain: Path, folder: Path, reference, tolerance, validate, max_positions: int | None):
+    fused_path = folder / plain.name
     fused_path.parent.mkdir()
     try:
-        counts = fuse_for_ort(plain, fused_path)
+        counts = fuse_for_ort(plain, fused_path, max_positions)
     except Exception as exc:  # a rewrite rule that breaks is onnxscript's bug; the plain graph stands
         logger.warning("ONNX Runtime fusions failed (%s); keeping the unfused graph", exc)
         return plain, False, {}, f"fusion raised {type(exc).__name__}: {exc}", None

@@ -254,6 +254,71 @@ def _output_layer_weight(model: onnx.ModelProto) -> str | None:
     return None
 
 
+def feed_packed_qkv(model: onnx.ModelProto) -> int:
+    """``GroupQueryAttention(Split(y)[0] (+ bq), Split(y)[1] (+ bk), Split(y)[2] (+ bv), ...)`` ->
+    ``GroupQueryAttention(y (+ [bq|bk|bv]), -, -, ...)``.
+
+    After ``pack_sibling_matmuls`` a layer's q/k/v come out of one product and a Split; ONNX
+    Runtime's GroupQueryAttention reads that packed [B, S, (H + 2 Hkv) D] tensor itself (its
+    ``query`` input with ``key``/``value`` empty, as ORT GenAI's builder writes it), so the Split
+    and the three bias additions (one addition of the concatenated bias instead) leave the step.
+    The Split must cut the last axis into exactly the three inputs, in order, each read only
+    there. Mutates ``model``; returns how many GroupQueryAttention nodes now read packed input.
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {v.name for v in graph.output}
+    changed = 0
+    for gqa in [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]:
+        if len(gqa.input) < 3 or not gqa.input[1] or not gqa.input[2]:
+            continue
+        adds, sources, biases = [], [], []
+        for name in gqa.input[:3]:
+            node = producers.get(name)
+            bias = None
+            if node is not None and node.op_type == "Add":
+                constant = [i for i in node.input if i in initializers and len(initializers[i].dims) == 1]
+                if len(constant) == 1:
+                    bias = initializers[constant[0]]
+                    adds.append(node)
+                    name = next(i for i in node.input if i != constant[0])
+            biases.append(bias)
+            sources.append(name)
+        split = producers.get(sources[0])
+        if split is None or split.op_type != "Split" or list(split.output) != sources:
+            continue
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        if axis != -1 or any(b is None for b in biases) != all(b is None for b in biases):
+            continue
+        private = [*split.output, *(a.output[0] for a in adds)]
+        if any(readers.get(name, 0) != 1 or name in outputs for name in private):
+            continue
+        packed = split.input[0]
+        position = list(graph.node).index(split)
+        for node in [split, *adds]:
+            graph.node.remove(node)
+        if adds:
+            arrays = [onnx.numpy_helper.to_array(b) for b in biases]
+            bias = onnx.numpy_helper.from_array(np.concatenate(arrays), f"{gqa.name or gqa.output[0]}_packed_qkv_bias")
+            graph.initializer.append(bias)
+            add = onnx.helper.make_node("Add", [packed, bias.name], [f"{bias.name}.sum"], name=f"{bias.name}_add")
+            graph.node.insert(position, add)
+            packed = add.output[0]
+        gqa.input[0], gqa.input[1], gqa.input[2] = packed, "", ""
+        changed += 1
+    if changed:
+        used = {i for n in graph.node for i in n.input}
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return changed
+
+
 def _is_embedding(weight: onnx.TensorProto | None, settings: WeightOnlySettings) -> bool:
     return (weight is not None and weight.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
             and len(weight.dims) == 2 and weight.dims[1] % settings.block_size == 0)
@@ -273,6 +338,7 @@ def quantize_weights(model: onnx.ModelProto, settings: WeightOnlySettings, accur
         untie_output_layer(model)
     if settings.pack_siblings:
         pack_sibling_matmuls(model)
+        feed_packed_qkv(model)
     op_types = ["MatMul"]
     if settings.quantize_embeddings and settings.bits == 4:
         op_types.append("Gather")
@@ -587,6 +653,7 @@ __all__ = [
     "decode_step_ms",
     "decoder_quality",
     "default_sequences",
+    "feed_packed_qkv",
     "is_decoder",
     "is_decoder_file",
     "pack_sibling_matmuls",

@@ -3,6 +3,7 @@
 - ``cleanup``: dead code, identities, constant folding, duplicate initializers (onnx-ir passes).
 - ``fusions``: onnxruntime.transformers' fusions for BERT/GPT-style graphs (TorchScript exports).
 - ``ort_fusions``: onnxscript's ``ort_fusions`` rewrite rules (dynamo exports).
+- ``decoder_fusions``: a transformers 5 decoder layer's attention as GroupQueryAttention (onnxscript rule).
 - ``ort_offline``: ONNX Runtime's own offline graph optimization, saved to a file.
 - ``precision``: fp16 conversion.
 - ``optimizer``: ``optimize()``, the entry point that chains the above and verifies the result.

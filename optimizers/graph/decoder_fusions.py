@@ -1,0 +1,243 @@
+"""Decoder attention as ONNX Runtime's ``com.microsoft.GroupQueryAttention`` with rotary inside.
+
+onnxscript's own GQA rule (``ort_fusions/gqa.py``) expects transformers 4's causal-mask subgraph
+and never matches a transformers 5 export. After ``optimize_for_ort`` such a decoder layer reads,
+per layer (B batch, S new tokens, P past, T = P + S, H heads, Hkv key/value heads, D head size)::
+
+    q = Transpose(Reshape(q_proj, [B, S, H, D]))            # and k, v with Hkv heads
+    q_rot = q * cos + Concat(-q[..., D/2:], q[..., :D/2]) * sin   # k too; cos/sin from position_ids
+    present.k = Concat(past.k, k_rot); present.v = Concat(past.v, v)
+    k_all = Reshape(Expand(Unsqueeze(present.k)))           # repeat_kv, every step
+    out = MultiHeadAttention(BSD(q_rot), BSD(k_all), BSD(v_all), attention_bias=mask)
+
+``GroupQueryAttentionRule`` writes the layer as one node::
+
+    out, present.k, present.v = GroupQueryAttention(q_proj, k_proj, v_proj, past.k, past.v,
+        seqlens_k = T - 1 (every row), total_sequence_length = T, cos_cache, sin_cache,
+        attention_bias = mask, do_rotary=1)
+
+Why this is exact, left padding included: the cache holds every position (padding too), so each
+row's total length is ``T`` and the graph's own additive mask (padding, causality, sliding
+window) stays the attention bias. GQA rotates by cache index, not by ``position_ids``; for a
+left-padded row of ``p`` pad tokens that shifts every query and key position by the same ``p``, and
+rotary attention scores depend only on position differences (cos/sin of a sum), so the scores
+are unchanged up to float rounding. The present cache then holds keys rotated at cache index, the
+same graph reads them back, and ``exporter.decoder.prove_decoder`` checks the whole (left-padded
+batch, cache against recomputation). The cos/sin caches are ``cos(p * inv_freq)`` for
+``p < max_positions`` with ``inv_freq`` read from the graph; rotary forms that scale cos/sin
+(LongRoPE, YaRN attention factors) or pick frequencies by length do not match the pattern.
+
+The rule mutates the ``ir.Model`` it is given (``fuse_group_query_attention``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+logger = logging.getLogger(__name__)
+
+_MASK_INPUT = "attention_mask"
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _rotary(op, x, cos, sin, name: str):
+    """``x * cos + Concat(-x[..., D/2:], x[..., :D/2]) * sin``; the Concat is bound as ``name``
+    (its slices are checked in ``check``)."""
+    first = op.Slice(x, pattern.ANY_VALUE, pattern.ANY_VALUE, pattern.ANY_VALUE, pattern.ANY_VALUE)
+    second = op.Slice(x, pattern.ANY_VALUE, pattern.ANY_VALUE, pattern.ANY_VALUE, pattern.ANY_VALUE)
+    rotated = op.Concat(op.Neg(second), first, axis=-1, _outputs=[name])
+    return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+
+
+def _repeat_kv(op, cache):
+    return op.Reshape(op.Expand(op.Unsqueeze(cache, pattern.ANY_VALUE), pattern.ANY_VALUE), pattern.ANY_VALUE)
+
+
+def _bsd(op, x):
+    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
+
+
+def _last_dim(value: ir.Value) -> int | None:
+    shape = value.shape
+    if shape is None or len(shape) != 3 or not isinstance(shape[2], int):
+        return None
+    return int(shape[2])
+
+
+def _spans_query(mask: ir.Value, query: ir.Value) -> bool:
+    """The mask is known to be [B, 1, S, T] with the query's own S (so the exporter's Expand is a no-op)."""
+    mask_shape, query_shape = mask.shape, query.shape
+    if mask_shape is None or query_shape is None or len(mask_shape) != 4 or len(query_shape) != 3:
+        return False
+    def known(dim) -> bool:
+        return isinstance(dim, int) or getattr(dim, "value", None) is not None
+
+    pairs = ((mask_shape[2], query_shape[1]), (mask_shape[0], query_shape[0]))
+    return mask_shape[1] == 1 and all(known(a) and known(b) and a == b for a, b in pairs)
+
+
+def _is_half_slice(node: ir.Node, half: int, upper: bool) -> bool:
+    """``node`` is ``x[..., half:]`` (upper) or ``x[..., :half]`` on the last axis, step 1."""
+    if node is None or node.op_type != "Slice" or len(node.inputs) < 4:
+        return False
+    starts, ends, axes = (_const(node.inputs[i]) for i in (1, 2, 3))
+    steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.array([1])
+    if any(a is None or a.size != 1 for a in (starts, ends, axes, steps)):
+        return False
+    if int(axes.item()) not in (3, -1) or int(steps.item()) != 1:
+        return False
+    if upper:
+        return int(starts.item()) == half and int(ends.item()) >= 2 * half
+    return int(starts.item()) == 0 and int(ends.item()) == half
+
+
+def _inv_freq(cos: ir.Value, sin: ir.Value) -> np.ndarray | None:
+    """``inv_freq`` when ``cos``/``sin`` are ``Unsqueeze(Cos/Sin(Concat(f, f)))`` with
+    ``f = Cast(Unsqueeze(position_ids)) * inv_freq`` and nothing scaling them; else None."""
+    angles = []
+    for value, trig in ((cos, "Cos"), (sin, "Sin")):
+        node = value.producer()
+        if node is None or node.op_type != "Unsqueeze":
+            return None
+        node = node.inputs[0].producer()
+        if node is None or node.op_type != trig:
+            return None
+        angles.append(node.inputs[0])
+    if angles[0] is not angles[1] or angles[0].producer() is None:
+        return None
+    concat = angles[0].producer()
+    if concat.op_type != "Concat" or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
+        return None
+    mul = concat.inputs[0].producer()
+    if mul is None or mul.op_type != "Mul":
+        return None
+    positions, freq = mul.inputs
+    freq_array = _const(freq)
+    if freq_array is None:
+        positions, freq_array = freq, _const(positions)
+    if freq_array is None or freq_array.ndim != 1:
+        return None
+    node = positions.producer()
+    if node is not None and node.op_type == "Cast":
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Unsqueeze" or node.inputs[0].name != "position_ids":
+        return None
+    return freq_array.astype(np.float64)
+
+
+class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
+    """One decoder layer's rotary + cache Concat + repeat_kv + MultiHeadAttention -> GroupQueryAttention."""
+
+    def __init__(self, max_positions: int):
+        super().__init__("DecoderGroupQueryAttention", remove_nodes=False)
+        self.max_positions = int(max_positions)
+        self._caches: dict[bytes, tuple[ir.Value, ir.Value]] = {}
+
+    def pattern(self, op, q_proj, k_proj, v_proj, q_shape, kv_shape, v_shape, past_key, past_value, cos, sin, mask):
+        query = op.Transpose(op.Reshape(q_proj, q_shape), perm=[0, 2, 1, 3])
+        key = op.Transpose(op.Reshape(k_proj, kv_shape), perm=[0, 2, 1, 3])
+        value = op.Transpose(op.Reshape(v_proj, v_shape), perm=[0, 2, 1, 3])
+        query_rot = _rotary(op, query, cos, sin, "query_half")
+        key_rot = _rotary(op, key, cos, sin, "key_half")
+        present_key = op.Concat(past_key, key_rot, axis=-2)
+        present_value = op.Concat(past_value, value, axis=-2)
+        # the exporter broadcasts the [B, 1, S, T] mask to the query's length, read off the rotated query
+        query_length = op.Shape(query_rot, start=2, end=3)
+        bias = op.Expand(mask, op.Concat(pattern.ANY_VALUE, pattern.ANY_VALUE, query_length, pattern.ANY_VALUE, axis=0))
+        attention = op.MultiHeadAttention(
+            _bsd(op, query_rot), _bsd(op, _repeat_kv(op, present_key)), _bsd(op, _repeat_kv(op, present_value)),
+            None, None, bias, _domain="com.microsoft", _outputs=["attention"],
+        )
+        return attention, present_key, present_value
+
+    def check(self, context, q_proj, k_proj, v_proj, cos, sin, attention, query_half, key_half, **_):
+        result = pattern.MatchResult()
+        inv_freq = _inv_freq(cos, sin)
+        if inv_freq is None:
+            return result.fail("cos/sin are not cos/sin(position_ids * inv_freq)")
+        head_size = 2 * inv_freq.size
+        mha = attention.producer()
+        heads = mha.attributes.get_int("num_heads", 0)
+        widths = [_last_dim(v) for v in (q_proj, k_proj, v_proj)]
+        if any(w is None for w in widths) or widths[1] != widths[2] or widths[0] != heads * head_size or widths[1] % head_size:
+            return result.fail(f"projection widths {widths} do not fit {heads} heads of {head_size}")
+        kv_heads = widths[1] // head_size
+        if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+            return result.fail(f"{heads} heads over {kv_heads} kv heads is not grouped-query attention")
+        if mha.attributes.get_int("unidirectional", 0):
+            return result.fail("MultiHeadAttention is unidirectional")
+        for rotated in (query_half, key_half):
+            neg, first = rotated.producer().inputs
+            upper = neg.producer().inputs[0].producer()
+            if not (_is_half_slice(upper, head_size // 2, True) and _is_half_slice(first.producer(), head_size // 2, False)):
+                return result.fail("the rotary halves are not x[..., D/2:] and x[..., :D/2]")
+        graph = context.graph_or_function
+        if not isinstance(graph, ir.Graph) or not any(v.name == _MASK_INPUT for v in graph.inputs):
+            return result.fail(f"the graph has no '{_MASK_INPUT}' input")
+        self._graph, self._heads, self._kv_heads, self._inv_freq = graph, heads, kv_heads, inv_freq
+        scale = mha.attributes.get_float("scale", None)
+        self._scale = scale
+        return result
+
+    def rewrite(self, op, q_proj, k_proj, v_proj, past_key, past_value, mask, **_):
+        cos_cache, sin_cache = self._rotary_caches()
+        mask_input = next(v for v in self._graph.inputs if v.name == _MASK_INPUT)
+        total = op.Shape(mask_input, start=1, end=2)
+        batch = op.Shape(mask_input, start=0, end=1)
+        total32 = op.Cast(total, to=ir.DataType.INT32)
+        one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int32)))
+        seqlens_k = op.Expand(op.Sub(total32, one), batch)
+        total_scalar = op.Squeeze(total32, op.Constant(value=ir.tensor(np.array([0], dtype=np.int64))))
+        attributes = {"num_heads": self._heads, "kv_num_heads": self._kv_heads, "do_rotary": 1, "rotary_interleaved": 0}
+        if self._scale is not None:
+            attributes["scale"] = self._scale
+        bias = mask
+        if not _spans_query(mask, q_proj):  # broadcast to the query length, as the exporter's Expand did
+            one64 = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
+            bias = op.Expand(mask, op.Concat(one64, one64, op.Shape(q_proj, start=1, end=2), one64, axis=0))
+        return op.GroupQueryAttention(
+            q_proj, k_proj, v_proj, past_key, past_value, seqlens_k, total_scalar, cos_cache, sin_cache, None, bias,
+            _domain="com.microsoft", _outputs=3, **attributes,
+        )
+
+    def _rotary_caches(self) -> tuple[ir.Value, ir.Value]:
+        """[max_positions, D/2] cos and sin initializers, one pair per distinct ``inv_freq``."""
+        key = self._inv_freq.tobytes()
+        if key not in self._caches:
+            angles = np.outer(np.arange(self.max_positions, dtype=np.float64), self._inv_freq)
+            index = len(self._caches)
+            values = []
+            for name, array in (("cos", np.cos(angles)), ("sin", np.sin(angles))):
+                tensor = ir.tensor(array.astype(np.float32))
+                value = ir.Value(name=f"gqa_{name}_cache_{index}", shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                                 const_value=tensor)
+                self._graph.register_initializer(value)
+                values.append(value)
+            self._caches[key] = (values[0], values[1])
+        return self._caches[key]
+
+
+def fuse_group_query_attention(model: ir.Model, max_positions: int) -> int:
+    """Rewrite every matching decoder layer of ``model`` (mutated) as GroupQueryAttention with
+    rotary caches of ``max_positions`` rows; returns how many layers were rewritten."""
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
+
+    count = pattern.RewriteRuleSet([GroupQueryAttentionRule.rule(max_positions)]).apply_to_model(model)
+    if count:
+        CommonSubexpressionEliminationPass()(model)
+        RemoveUnusedNodesPass()(model)
+        logger.info("GroupQueryAttention: %d decoder layers fused (rotary caches of %d positions)", count, max_positions)
+    return int(count)
+
+
+__all__ = ["GroupQueryAttentionRule", "fuse_group_query_attention"]

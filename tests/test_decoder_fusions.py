@@ -1,0 +1,129 @@
+"""GroupQueryAttention for transformers 5 decoders (optimizers.graph.decoder_fusions): the rule on a
+tiny random Qwen2 (q/k/v bias, a sliding-window layer) traced by the exporter and fused by
+onnxscript (MultiHeadAttention form); then packed q/k/v into it (optimizers.weight_only.feed_packed_qkv)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from exporter.decoder import cache_geometry, fuse_for_ort, load_causal_lm, trace_to_onnx
+from onnxforge.decoder_models import random_decoder
+from optimizers.graph.decoder_fusions import fuse_group_query_attention
+from optimizers.weight_only import feed_packed_qkv, pack_sibling_matmuls
+from runtime_bench.decoder import OnnxDecoder, left_padded
+
+PROMPTS = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 200, 300, 301]]  # a left-padded batch of two lengths
+
+
+@pytest.fixture(scope="module")
+def mha_graph(tmp_path_factory):
+    """The MultiHeadAttention-form graph (onnxscript's fusions, no GroupQueryAttention) of a 2-layer Qwen2."""
+    work = tmp_path_factory.mktemp("gqa")
+    model, _ = load_causal_lm(random_decoder("qwen2", work / "hf"))
+    layers, kv_heads, head_dim = cache_geometry(model)
+    plain = work / "plain" / "model.onnx"
+    plain.parent.mkdir()
+    trace_to_onnx(model, layers, kv_heads, head_dim, plain, opset=18, last_logits=False)
+    fused = work / "mha" / "model.onnx"
+    fused.parent.mkdir()
+    fuse_for_ort(plain, fused, None)
+    return fused
+
+
+def _op_counts(model: ir.Model) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph)
+
+
+def _save(model: ir.Model, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, str(path), external_data=path.name + ".data")
+    return path
+
+
+def test_each_layer_becomes_one_group_query_attention(mha_graph):
+    model = ir.load(str(mha_graph))
+    before = _op_counts(model)
+    assert before["MultiHeadAttention"] == 2 and before["Neg"] == 4 and before["GroupQueryAttention"] == 0
+    assert fuse_group_query_attention(model, 256) == 2
+    after = _op_counts(model)
+    assert after["GroupQueryAttention"] == 2 and after["MultiHeadAttention"] == 0
+    # rotary, the cache Concat and the repeat_kv Expand are inside the op now
+    assert after["Neg"] == 0 and after["Slice"] == 0 and after["Cos"] == 0
+    assert after["Concat"] < before["Concat"] - 8 and after["Expand"] < before["Expand"] - 2
+    nodes = [node for node in model.graph if node.op_type == "GroupQueryAttention"]
+    assert {(n.attributes.get_int("num_heads"), n.attributes.get_int("kv_num_heads"), n.attributes.get_int("do_rotary")) for n in nodes} == {(4, 2, 1)}
+    caches = [v for name, v in model.graph.initializers.items() if name.startswith("gqa_")]
+    assert len(caches) == 2 and all(tuple(v.shape) == (256, 8) for v in caches)  # one shared cos/sin pair
+    assert [v.name for v in model.graph.outputs][1:3] == ["present.0.key", "present.0.value"]
+
+
+def test_scaled_cos_sin_are_left_alone(mha_graph):
+    """Near miss: cos scaled after Cos (as YaRN / LongRoPE attention factors do) is not cos(p * inv_freq)."""
+    model = ir.load(str(mha_graph))
+    cos_node = next(node for node in model.graph if node.op_type == "Cos")
+    factor = ir.Value(name="attention_factor", const_value=ir.tensor(np.array(1.25, dtype=np.float32)))
+    model.graph.register_initializer(factor)
+    scaled = ir.node("Mul", [cos_node.outputs[0], factor])
+    model.graph.insert_after(cos_node, scaled)
+    for user, index in list(cos_node.outputs[0].uses()):
+        if user is not scaled:
+            user.replace_input_with(index, scaled.outputs[0])
+    assert fuse_group_query_attention(model, 256) == 0
+    counts = _op_counts(model)
+    assert counts["MultiHeadAttention"] == 2 and counts["GroupQueryAttention"] == 0
+
+
+def test_group_query_attention_equals_multi_head_attention(mha_graph, tmp_path):
+    """Left-padded prefill, then cached steps: the logits agree (rotary by cache index is a shift
+    of every position in a row, so the scores are unchanged)."""
+    model = ir.load(str(mha_graph))
+    assert fuse_group_query_attention(model, 256) == 2
+    gqa_path = _save(model, tmp_path / "gqa" / "model.onnx")
+    # onnx's checker refuses the input graph already (onnxscript writes ORT's SimplifiedLayerNormalization
+    # in the ONNX domain); ONNX Runtime loading both graphs, with its contrib schemas, is the check here
+    assert _same_generation(OnnxDecoder(mha_graph), OnnxDecoder(gqa_path)) == 12
+
+
+def test_packed_qkv_feeds_group_query_attention(mha_graph, tmp_path):
+    """After pack_sibling_matmuls, GQA reads the packed product (+ the concatenated q/k/v bias):
+    no Split and no per-projection bias Add before it, same logits."""
+    model = ir.load(str(mha_graph))
+    fuse_group_query_attention(model, 256)
+    unpacked = _save(model, tmp_path / "gqa" / "model.onnx")
+    proto = onnx.load(str(unpacked))
+    assert pack_sibling_matmuls(proto) == 2 * (2 + 1)  # per layer q/k/v -> 1 and gate/up -> 1
+    adds = sum(n.op_type == "Add" for n in proto.graph.node)
+    assert feed_packed_qkv(proto) == 2
+    gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == "" and n.input[2] == "" for n in gqa)
+    assert sum(n.op_type == "Split" for n in proto.graph.node) == 2  # the gate/up Splits stay
+    assert sum(n.op_type == "Add" for n in proto.graph.node) == adds - 2 * 2  # three bias Adds -> one per layer
+    near_miss = onnx.load(str(unpacked))
+    pack_sibling_matmuls(near_miss)
+    split = next(n for n in near_miss.graph.node if n.op_type == "Split" and len(n.output) == 3)
+    split.output[1], split.output[2] = split.output[2], split.output[1]  # k and v swapped: not the packed layout
+    assert feed_packed_qkv(near_miss) == 1
+    packed = tmp_path / "packed" / "model.onnx"
+    packed.parent.mkdir()
+    onnx.save(proto, str(packed), save_as_external_data=True, location="model.onnx.data")
+    assert _same_generation(OnnxDecoder(unpacked), OnnxDecoder(packed)) == 12
+
+
+def _same_generation(reference: OnnxDecoder, candidate: OnnxDecoder) -> int:
+    """Greedy steps of one prompt and of a left-padded batch: the logits agree; returns the steps compared."""
+    compared = 0
+    for prompts in (PROMPTS[:1], PROMPTS):
+        ids, mask = left_padded(prompts)
+        expected, got = reference.prefill(ids, mask), candidate.prefill(ids, mask)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        for step in range(6):
+            tokens = [int(t) for t in np.argmax(expected, axis=-1)]
+            expected, got = reference.decode(tokens), candidate.decode(tokens)
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"step {step}")
+            compared += 1
+    return compared
