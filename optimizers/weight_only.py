@@ -389,11 +389,9 @@ def save_model(model: onnx.ModelProto, path: Path, data_name: str | None = None)
 # ---------------------------------------------------------------------------- measuring
 
 
-def _full_logits(decoder, ids: Sequence[int]) -> np.ndarray:
-    """Logits at every position of ``ids``, ``[seq, vocab]``: one run from an empty cache, or, for a
-    graph that computes the last position only (``export --logits last``), the prompt's first
-    token then one decode step per token (teacher forcing)."""
-    io = decoder.io
+def sequence_feeds(io, ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Feeds that run the whole sequence ``ids`` (one row) from an empty cache through a decoder
+    whose inputs ``io`` (:class:`runtime_bench.decoder.DecoderIO`) describes."""
     ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
     feeds = {"input_ids": ids}
     if io.has_attention_mask:
@@ -403,6 +401,15 @@ def _full_logits(decoder, ids: Sequence[int]) -> np.ndarray:
     empty = np.zeros((1, io.num_kv_heads, 0, io.head_dim), dtype=io.kv_dtype)
     for past, _ in io.cache_pairs:
         feeds[past] = empty
+    return feeds
+
+
+def _full_logits(decoder, ids: Sequence[int]) -> np.ndarray:
+    """Logits at every position of ``ids``, ``[seq, vocab]``: one run from an empty cache, or, for a
+    graph that computes the last position only (``export --logits last``), the prompt's first
+    token then one decode step per token (teacher forcing)."""
+    feeds = sequence_feeds(decoder.io, ids)
+    ids = feeds["input_ids"]
     logits = decoder.session.run(["logits"], feeds)[0]
     if logits.shape[1] == ids.shape[1]:
         return logits[0].astype(np.float64)
@@ -592,6 +599,7 @@ __all__ = [
     "pack_sibling_matmuls",
     "quantize_weight_only",
     "quantize_weights",
+    "sequence_feeds",
     "set_accuracy_level",
     "share_tied_embedding",
     "untie_output_layer",
