@@ -36,6 +36,8 @@ import onnx
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.sessions import SessionSettings
+from runtime_bench.decoder import OnnxDecoder, greedy
 from runtime_bench.generation import weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -435,7 +437,6 @@ def decoder_quality(reference, candidate, sequences: Sequence[Sequence[int]], *,
     ``new_tokens``, from the first ``prompt_tokens`` tokens of each of the first ``prompts``
     sequences, and reports the median (one prompt's match depends on one near-tie).
     """
-    from runtime_bench.decoder import greedy
 
     nll_ref = nll_cand = kl = 0.0
     positions = 0
@@ -493,7 +494,6 @@ def decode_step_ms(decoders: dict, past: int, steps: int, rounds: int, seed: int
 def default_sequences(reference, count: int = 4, length: int = 48, seed: int = 0) -> list[list[int]]:
     """Token sequences the float model itself finds likely: greedy continuations of random
     8-token prompts (used when no held-out text is given)."""
-    from runtime_bench.decoder import greedy
 
     rng = np.random.default_rng(seed)
     vocab = reference.io.vocab_size or 1000
@@ -516,8 +516,6 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
     ``sequences`` (token ids, e.g. held-out text) judge quality; default: the float model's
     own greedy continuations of random prompts. Does not modify the file at ``model_path``.
     """
-    from onnxforge.common.sessions import SessionSettings
-    from runtime_bench.decoder import OnnxDecoder
 
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)

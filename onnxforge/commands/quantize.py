@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from onnxforge.commands._args import add_io_flags
+from onnxforge.commands._decoder_text import text_sequences
 from onnxforge.common import jsonio
 from optimizers.calibration import MAX_CALIBRATION_BATCHES
 
@@ -77,23 +78,7 @@ def _held_out_text(args) -> list[list[int]] | None:
     --tokenizer or the tokenizer the export copied beside the model."""
     if not args.evaluation:
         return None
-    from pathlib import Path
-
-    from onnxforge.common.errors import UserError
-
-    text_path, folder = Path(args.evaluation), Path(args.tokenizer or Path(args.input).parent)
-    if not text_path.is_file():
-        raise UserError(f"--evaluation for a decoder is a text file of held-out passages; '{text_path}' is not a file")
-    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
-        raise UserError(f"no tokenizer in '{folder}' to read --evaluation text; pass --tokenizer DIR")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    passages = [p.strip() for p in text_path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    sequences = [ids[:256] for ids in (tokenizer(p)["input_ids"] for p in passages) if len(ids) >= 2]
-    if not sequences:
-        raise UserError(f"'{text_path}' has no passage of two or more tokens")
-    return sequences
+    return text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation")
 
 
 def _quantize_command(args) -> int:
