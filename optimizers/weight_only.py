@@ -241,7 +241,7 @@ def pack_sibling_matmuls(model: onnx.ModelProto) -> int:
 _PASS_THROUGH = ("Reshape", "Identity", "Cast", "Add", "Squeeze", "Unsqueeze")
 
 
-def _output_layer_weight(model: onnx.ModelProto) -> str | None:
+def output_layer_weight(model: onnx.ModelProto) -> str | None:
     """The weight input of the matrix product that makes ``logits`` (through reshapes, casts and a bias)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get("logits")
@@ -256,7 +256,7 @@ def _output_layer_weight(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def _is_embedding(weight: onnx.TensorProto | None, settings: WeightOnlySettings) -> bool:
+def is_embedding(weight: onnx.TensorProto | None, settings: WeightOnlySettings) -> bool:
     return (weight is not None and weight.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
             and len(weight.dims) == 2 and weight.dims[1] % settings.block_size == 0)
 
@@ -280,9 +280,9 @@ def quantize_weights(model: onnx.ModelProto, settings: WeightOnlySettings, accur
         op_types.append("Gather")
     initializers = {t.name: t for t in model.graph.initializer}
     # only the token embedding among the Gathers: a float matrix whose rows split into whole blocks
-    exclude = [n.name for n in model.graph.node if n.op_type == "Gather" and not _is_embedding(initializers.get(n.input[0]), settings)]
+    exclude = [n.name for n in model.graph.node if n.op_type == "Gather" and not is_embedding(initializers.get(n.input[0]), settings)]
     if not settings.quantize_output_layer:
-        head = _output_layer_weight(model)
+        head = output_layer_weight(model)
         exclude += [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == head]
     config = DefaultWeightOnlyQuantConfig(
         block_size=settings.block_size,
@@ -319,7 +319,7 @@ def share_tied_embedding(model: onnx.ModelProto) -> bool:
     """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    head_weight = _output_layer_weight(model)
+    head_weight = output_layer_weight(model)
     head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == head_weight), None)
     if head is None or len(head.input) != 3 or head.input[1] not in initializers or head.input[2] not in initializers:
         return False
@@ -539,7 +539,7 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
     shared = settings.bits == 4 and share_tied_embedding(quantized)
     matmuls = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
     gathers = sum(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
-    head = _output_layer_weight(quantized)
+    head = output_layer_weight(quantized)
     head_node = next((n for n in quantized.graph.node if n.input[1:2] == [head]), None) if head else None
     output_quantized = head_node is not None and head_node.op_type == "MatMulNBits"
     if matmuls == 0:
@@ -594,6 +594,8 @@ __all__ = [
     "default_sequences",
     "is_decoder",
     "is_decoder_file",
+    "is_embedding",
+    "output_layer_weight",
     "pack_sibling_matmuls",
     "quantize_weight_only",
     "quantize_weights",
