@@ -10,6 +10,7 @@ calibration saw.
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 from pathlib import Path
 
@@ -20,6 +21,15 @@ from onnx import numpy_helper
 
 from onnxforge.cli import main
 from onnxforge.common.errors import UserError, VerificationFailed
+from optimizers.quantize.decoder_candidates import (
+    AUTO_CANDIDATES,
+    DecoderCandidateSettings,
+    allocate_int8,
+    mixed,
+    prepare,
+    quantize_decoder_candidates,
+    weight_products,
+)
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, find_mlps, kept_width, prune_decoder_mlp
 from runtime_bench.decoder import OnnxDecoder, greedy
 from tests.llm_fixtures import docstring_llama_folder, held_out_sequences, trained_decoder
@@ -170,3 +180,92 @@ def test_cli_prune_routes_decoders_to_the_mlp_pruner(tmp_path, capsys):
     assert out.exists()
     assert main(["prune", str(trained_decoder()), str(tmp_path / "x.onnx"), "--ratio", "0.25"]) == 2
     assert "needs --calibration" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- weight-only candidates
+
+
+@pytest.fixture(scope="module")
+def auto_candidates(tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto") / "model.onnx"
+    settings = DecoderCandidateSettings(timing_rounds=2, timing_steps=4)
+    return quantize_decoder_candidates(trained_decoder(), out, settings, calibration=calibration_sequences()[:8],
+                                       evaluation=held_out_sequences())
+
+
+def test_auto_choice_is_within_budget_and_explained(auto_candidates):
+    result = auto_candidates
+    assert [c.name for c in result.candidates] == list(AUTO_CANDIDATES)
+    chosen = [c for c in result.candidates if c.chosen]
+    assert len(chosen) == 1 and chosen[0].name == result.chosen
+    built = [c for c in result.candidates if c.quality is not None]
+    assert len(built) >= 3  # RTN, int8 head and mixed are built from ONNX Runtime's own quantizer
+    within = [c for c in built if c.within_budget]
+    if within:
+        assert chosen[0].within_budget
+        assert chosen[0].decode_ms == min(c.decode_ms for c in within)
+        assert any(r.startswith(f"chose {result.chosen}: the fastest") for r in result.reasons)
+    for c in built:
+        assert any(r.startswith(f"{c.name}: perplexity") for r in result.reasons)
+        assert c.quality.greedy_tokens == 16 and c.quality.kl_mean < 0.5
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert "MatMulNBits" in ops
+
+
+def test_int8_output_layer_is_closer_to_fp32_than_plain_int4(auto_candidates):
+    by_name = {c.name: c for c in auto_candidates.candidates}
+    assert by_name["rtn-int4-int8-head"].quality.kl_mean < by_name["rtn-int4-sym-b32"].quality.kl_mean
+
+
+def test_mixed_promotes_the_most_sensitive_product(auto_candidates):
+    scores = auto_candidates.sensitivity
+    prepared = prepare(onnx.load(str(trained_decoder())))
+    assert set(weight_products(prepared)) <= set(scores) and all(v >= 0 for v in scores.values())
+    most = max((n for n in scores if n != "embedding"), key=scores.get)
+    int8, _ = allocate_int8(prepared, scores, size_budget=3.0)  # room for every product
+    assert most in int8
+    assert allocate_int8(prepared, scores, size_budget=1.0) == ([], False)  # no room: all int4
+    by_name = {c.name: c for c in auto_candidates.candidates}
+    assert set(by_name["mixed"].int8_products) == set(allocate_int8(prepared, scores, 1.25)[0]) | (
+        {"embedding"} if allocate_int8(prepared, scores, 1.25)[1] else set())
+
+
+def test_mixed_model_holds_the_chosen_bits(tmp_path):
+    prepared = prepare(onnx.load(str(trained_decoder())))
+    product = weight_products(prepared)[0]
+    model = mixed(copy.deepcopy(prepared), [product], float_embedding=False)
+    bits = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["bits"]
+            for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop(f"{product}_Q8") == 8 and set(bits.values()) == {4}
+
+
+@pytest.mark.parametrize("names", [
+    ("rtn-int4-asym-b32", "rtn-int4-sym-b64", "rtn-int4-sym-b128", "rtn-int8-sym-b32", "rtn-int8-asym-b64"),
+    ("hqq-int4-b64", "gptq-int4", "kquant-int4"),
+])
+def test_every_candidate_is_built_verified_and_reported(tmp_path, names):
+    settings = DecoderCandidateSettings(candidates=names, timing_rounds=0, max_perplexity_ratio=1.5)
+    result = quantize_decoder_candidates(trained_decoder(), tmp_path / "model.onnx", settings,
+                                         calibration=calibration_sequences()[:4], evaluation=held_out_sequences()[:4])
+    assert [c.name for c in result.candidates] == list(names)
+    for c in result.candidates:
+        assert c.quality is not None, f"{c.name}: {c.error}"
+        assert c.quality.kl_mean < 0.5 and c.perplexity_ratio < 1.5
+        assert 0 < c.weight_bytes < result.bytes_float
+    int8 = {c.name: c for c in result.candidates}.get("rtn-int8-sym-b32")
+    if int8:
+        assert int8.quality.kl_mean < min(c.quality.kl_mean for c in result.candidates if "int4" in c.name)
+
+
+def test_unknown_candidate_is_one_clear_error():
+    with pytest.raises(UserError, match="unknown weight-only candidate.*available: rtn-int4-sym-b32"):
+        DecoderCandidateSettings(candidates=("rtn-int3",))
+
+
+def test_cli_quantize_auto_on_a_decoder_compares_candidates(tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    code = main(["quantize", str(trained_decoder()), str(out), "--weight-candidates", "rtn-int4-sym-b32,rtn-int4-int8-head"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "rtn-int4-int8-head" in printed and "<- chosen" in printed and "why: chose" in printed
+    assert out.exists()

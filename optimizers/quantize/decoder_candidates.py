@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -150,16 +151,21 @@ def embedding_gathers(model: onnx.ModelProto, block_size: int = 32) -> list[str]
     return [n.name for n in model.graph.node if n.op_type == "Gather" and is_embedding(weights.get(n.input[0]), settings)]
 
 
-def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] = (), include: Sequence[str] | None = None):
+def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] = (), include: Sequence[str] | None = None,
+                     block_size: int = 32):
+    """Run ONNX Runtime's ``MatMulNBitsQuantizer`` with its per-node log kept out of normal output.
+    ``block_size`` is the group size the RTN/k-quant/GPTQ algorithms read (32: an even number of
+    blocks along K, which ONNX Runtime's packing of their zero points needs)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     ort_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = ort_logger.level
     ort_logger.setLevel(max(level, logging.ERROR))
     try:
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=list(exclude),
-                                         nodes_to_include=list(include) if include else None)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore")  # HQQ's torch.from_numpy of a read-only array: not the user's concern
+            quantizer = MatMulNBitsQuantizer(model, block_size=block_size, algo_config=config, nodes_to_exclude=list(exclude),
+                                             nodes_to_include=list(include) if include else None)
             quantizer.process()
     finally:
         ort_logger.setLevel(level)
