@@ -368,13 +368,12 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     builders = _builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
     reports: dict[str, CandidateReport] = {}
     with staging_dir(out_path) as work:
-        paths, decoders, models = {}, {}, {}
+        paths, decoders = {}, {}
         for name in settings.candidates:
             try:
                 built = set_accuracy_level(builders[name](copy.deepcopy(prepared)), settings.accuracy_level)
                 paths[name] = work / f"{name}.onnx"
                 save_model(built, paths[name], f"{name}.onnx.data")
-                models[name] = built
                 decoders[name] = OnnxDecoder(paths[name], settings=session_settings)
                 quality = decoder_quality(reference, decoders[name], evaluation, prompts=2, new_tokens=16)
             except UserError:
@@ -399,7 +398,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
         reports[chosen].chosen = True
         del decoders
         staged = work / out_path.name
-        data = save_model(models[chosen], staged, f"{out_path.name}.data")
+        data = save_model(onnx.load(str(paths[chosen])), staged, f"{out_path.name}.data")
         publish(staged, out_path, companions=(data,) if data else ())
     first = next(r for r in reports.values() if r.quality)
     return DecoderCandidatesResult(
