@@ -36,6 +36,8 @@ import onnx
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.sessions import SessionSettings
+from runtime_bench.decoder import OnnxDecoder, greedy
 from runtime_bench.generation import weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -239,7 +241,7 @@ def pack_sibling_matmuls(model: onnx.ModelProto) -> int:
 _PASS_THROUGH = ("Reshape", "Identity", "Cast", "Add", "Squeeze", "Unsqueeze")
 
 
-def _output_layer_weight(model: onnx.ModelProto) -> str | None:
+def output_layer_weight(model: onnx.ModelProto) -> str | None:
     """The weight input of the matrix product that makes ``logits`` (through reshapes, casts and a bias)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get("logits")
@@ -319,7 +321,7 @@ def feed_packed_qkv(model: onnx.ModelProto) -> int:
     return changed
 
 
-def _is_embedding(weight: onnx.TensorProto | None, settings: WeightOnlySettings) -> bool:
+def is_embedding(weight: onnx.TensorProto | None, settings: WeightOnlySettings) -> bool:
     return (weight is not None and weight.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
             and len(weight.dims) == 2 and weight.dims[1] % settings.block_size == 0)
 
@@ -344,9 +346,9 @@ def quantize_weights(model: onnx.ModelProto, settings: WeightOnlySettings, accur
         op_types.append("Gather")
     initializers = {t.name: t for t in model.graph.initializer}
     # only the token embedding among the Gathers: a float matrix whose rows split into whole blocks
-    exclude = [n.name for n in model.graph.node if n.op_type == "Gather" and not _is_embedding(initializers.get(n.input[0]), settings)]
+    exclude = [n.name for n in model.graph.node if n.op_type == "Gather" and not is_embedding(initializers.get(n.input[0]), settings)]
     if not settings.quantize_output_layer:
-        head = _output_layer_weight(model)
+        head = output_layer_weight(model)
         exclude += [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == head]
     config = DefaultWeightOnlyQuantConfig(
         block_size=settings.block_size,
@@ -383,7 +385,7 @@ def share_tied_embedding(model: onnx.ModelProto) -> bool:
     """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    head_weight = _output_layer_weight(model)
+    head_weight = output_layer_weight(model)
     head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == head_weight), None)
     if head is None or len(head.input) != 3 or head.input[1] not in initializers or head.input[2] not in initializers:
         return False
@@ -455,11 +457,9 @@ def save_model(model: onnx.ModelProto, path: Path, data_name: str | None = None)
 # ---------------------------------------------------------------------------- measuring
 
 
-def _full_logits(decoder, ids: Sequence[int]) -> np.ndarray:
-    """Logits at every position of ``ids``, ``[seq, vocab]``: one run from an empty cache, or, for a
-    graph that computes the last position only (``export --logits last``), the prompt's first
-    token then one decode step per token (teacher forcing)."""
-    io = decoder.io
+def sequence_feeds(io, ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Feeds that run the whole sequence ``ids`` (one row) from an empty cache through a decoder
+    whose inputs ``io`` (:class:`runtime_bench.decoder.DecoderIO`) describes."""
     ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
     feeds = {"input_ids": ids}
     if io.has_attention_mask:
@@ -469,6 +469,15 @@ def _full_logits(decoder, ids: Sequence[int]) -> np.ndarray:
     empty = np.zeros((1, io.num_kv_heads, 0, io.head_dim), dtype=io.kv_dtype)
     for past, _ in io.cache_pairs:
         feeds[past] = empty
+    return feeds
+
+
+def _full_logits(decoder, ids: Sequence[int]) -> np.ndarray:
+    """Logits at every position of ``ids``, ``[seq, vocab]``: one run from an empty cache, or, for a
+    graph that computes the last position only (``export --logits last``), the prompt's first
+    token then one decode step per token (teacher forcing)."""
+    feeds = sequence_feeds(decoder.io, ids)
+    ids = feeds["input_ids"]
     logits = decoder.session.run(["logits"], feeds)[0]
     if logits.shape[1] == ids.shape[1]:
         return logits[0].astype(np.float64)
@@ -494,7 +503,6 @@ def decoder_quality(reference, candidate, sequences: Sequence[Sequence[int]], *,
     ``new_tokens``, from the first ``prompt_tokens`` tokens of each of the first ``prompts``
     sequences, and reports the median (one prompt's match depends on one near-tie).
     """
-    from runtime_bench.decoder import greedy
 
     nll_ref = nll_cand = kl = 0.0
     positions = 0
@@ -552,7 +560,6 @@ def decode_step_ms(decoders: dict, past: int, steps: int, rounds: int, seed: int
 def default_sequences(reference, count: int = 4, length: int = 48, seed: int = 0) -> list[list[int]]:
     """Token sequences the float model itself finds likely: greedy continuations of random
     8-token prompts (used when no held-out text is given)."""
-    from runtime_bench.decoder import greedy
 
     rng = np.random.default_rng(seed)
     vocab = reference.io.vocab_size or 1000
@@ -575,8 +582,6 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
     ``sequences`` (token ids, e.g. held-out text) judge quality; default: the float model's
     own greedy continuations of random prompts. Does not modify the file at ``model_path``.
     """
-    from onnxforge.common.sessions import SessionSettings
-    from runtime_bench.decoder import OnnxDecoder
 
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)
@@ -600,7 +605,7 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
     shared = settings.bits == 4 and share_tied_embedding(quantized)
     matmuls = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
     gathers = sum(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
-    head = _output_layer_weight(quantized)
+    head = output_layer_weight(quantized)
     head_node = next((n for n in quantized.graph.node if n.input[1:2] == [head]), None) if head else None
     output_quantized = head_node is not None and head_node.op_type == "MatMulNBits"
     if matmuls == 0:
@@ -656,9 +661,12 @@ __all__ = [
     "feed_packed_qkv",
     "is_decoder",
     "is_decoder_file",
+    "is_embedding",
+    "output_layer_weight",
     "pack_sibling_matmuls",
     "quantize_weight_only",
     "quantize_weights",
+    "sequence_feeds",
     "set_accuracy_level",
     "share_tied_embedding",
     "untie_output_layer",

@@ -192,7 +192,7 @@ def test_refuses_to_write_past_the_kl_limit(tmp_path):
 
 def test_cli_sends_decoders_to_weight_only(tmp_path, capsys):
     out = tmp_path / "q.onnx"
-    assert main(["quantize", str(trained_decoder()), str(out), "--accuracy-level", "0"]) == 0
+    assert main(["quantize", str(trained_decoder()), str(out), "--mode", "int4", "--accuracy-level", "0"]) == 0
     printed = capsys.readouterr().out
     assert "weight-only int4, blocks of 32, accuracy level 0" in printed and "greedy match" in printed
     assert _ops(out).get("MatMulNBits", 0) > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from onnxforge.commands._args import add_io_flags
+from onnxforge.commands._decoder_text import text_sequences
 from onnxforge.common.errors import UserError
 from onnxforge.common import jsonio
 from optimizers.calibration import MAX_CALIBRATION_BATCHES
@@ -57,7 +58,10 @@ def register(sub) -> None:
 def _prune_command(args) -> int:
     from onnxforge.common.specs import parse_dim_sizes
     from optimizers import PruneSettings, prune_file
+    from optimizers.weight_only import is_decoder_file
 
+    if is_decoder_file(args.input):
+        return _decoder_command(args)
     if args.ratio is None and not args.heads:
         raise UserError("give --ratio (channels and neurons), --heads (attention heads), or both")
     ratios = {}
@@ -123,3 +127,42 @@ def _print_heads(heads) -> None:
         status = f"{block.heads} -> {block.kept}" + (f"   removed {list(block.removed)}" if block.removed else "")
         status += f"   left whole: {block.reason}" if block.reason else ""
         print(f"  {block.name:<48} {block.form:<18} {status}")
+
+
+def _decoder_command(args) -> int:
+    """A generative decoder (past_key_values.* inputs): MLP width pruned with the down projection re-fitted."""
+    from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
+
+    if args.heads or args.method != "structured":
+        raise UserError("a generative decoder is pruned by MLP width only (--ratio with --calibration); "
+                        "--heads and --method magnitude are not supported for decoders")
+    if args.ratio is None:
+        raise UserError("give --ratio, the fraction of every MLP's width to remove, e.g. --ratio 0.25")
+    if not args.calibration:
+        raise UserError("pruning a decoder needs --calibration TEXT (a text file, passages separated by blank lines): "
+                        "its activations choose the neurons and re-fit the down projections")
+    settings = DecoderPruneSettings(ratio=args.ratio, round_to=args.round_to,
+                                    reconstruct=args.reconstruct is not False)
+    calibration = text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
+    calibration = calibration[:max(args.max_batches, 2)]
+    evaluation = (text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation", length=128, windows=True)
+                  if args.evaluation else None)
+    result = prune_decoder_mlp(args.input, args.output, calibration, settings, evaluation=evaluation)
+    if args.json:
+        print(jsonio.document(result.to_dict()))
+        return 0
+    print(f"{args.input} -> {args.output}  (decoder MLP width, {result.seconds:.1f} s, "
+          f"{result.calibration_positions} calibration positions)")
+    for mlp in result.mlps:
+        refit = "-" if mlp.heldout_error_refit is None else f"{mlp.heldout_error_refit:.4f}"
+        print(f"  {mlp.down:<32} {mlp.width} -> {mlp.kept}   held-out output error: sliced {mlp.heldout_error_sliced:.4f}, "
+              f"re-fit {refit} ({'re-fitted' if mlp.reconstructed else 'sliced'})")
+    p0, p1 = result.parameters
+    q = result.quality
+    print(f"parameters {p0:,} -> {p1:,} ({p1 / p0:.0%})")
+    print(f"quality over {q.positions} positions: perplexity {q.perplexity_reference:.3f} -> {q.perplexity_candidate:.3f}, "
+          f"next-token KL {q.kl_mean:.4f}, greedy match {q.greedy_match:g}/{q.greedy_tokens} tokens")
+    if result.decode_ms:
+        print(f"decode step here: {result.decode_ms['unpruned']:.2f} -> {result.decode_ms['pruned']:.2f} ms "
+              f"({result.speedup:.2f}x)")
+    return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 from onnxforge.commands._args import add_io_flags
+from onnxforge.commands._decoder_text import text_sequences
+from optimizers.quantize.decoder_candidates import AUTO_CANDIDATES, NAMES
 from onnxforge.common import jsonio
 from optimizers.calibration import MAX_CALIBRATION_BATCHES
 
@@ -15,10 +17,16 @@ def register(sub) -> None:
     quant.add_argument("--mode", choices=("auto", "dynamic", "static", "int4", "int8-weight"), default="auto",
                        help="auto: candidates chosen per op pattern (static QDQ for convolutions, dynamic for MatMul/Gemm "
                        "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins. "
-                       "A generative decoder (past_key_values.* inputs) gets weight-only int4 under auto and int4, "
-                       "int8 blocks under int8-weight (optimizers.weight_only)")
+                       "A generative decoder (past_key_values.* inputs) gets weight-only candidates under auto (RTN int4, "
+                       "int4 with an int8 output layer, mixed int8/int4 by measured sensitivity, HQQ; the fastest within "
+                       "--max-perplexity-ratio of fp32 wins), plain int4 blocks under int4 and int8 blocks under int8-weight")
     quant.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                        help="decoders: MatMulNBits compute type (default: 0, 1 and 4 timed here, the fastest faithful kept)")
+    quant.add_argument("--weight-candidates", metavar="NAMES",
+                       help="decoders, auto mode: comma-separated weight-only candidates to build and compare instead of the "
+                            f"default ({','.join(AUTO_CANDIDATES)}); available: {', '.join(NAMES)}")
+    quant.add_argument("--max-perplexity-ratio", type=float, default=1.02,
+                       help="decoders, auto mode: the quality budget, candidate perplexity at most this x fp32's (default 1.02)")
     quant.add_argument("--format", choices=("qdq", "qoperator"), default="qdq", help="static format (default qdq)")
     quant.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu", help="the execution provider the int8 model is for")
     quant.add_argument("--calibration", metavar="DATA", help=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'")
@@ -72,35 +80,48 @@ def _weight_only_command(args) -> int:
     return 0
 
 
+def _decoder_candidates_command(args) -> int:
+    from optimizers.quantize.decoder_candidates import DecoderCandidateSettings, quantize_decoder_candidates
+
+    names = tuple(n.strip() for n in args.weight_candidates.split(",") if n.strip()) if args.weight_candidates else AUTO_CANDIDATES
+    settings = DecoderCandidateSettings(candidates=names, max_perplexity_ratio=args.max_perplexity_ratio,
+                                        accuracy_level=args.accuracy_level or 0)
+    calibration = (text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
+                   [:args.max_calibration_batches] if args.calibration else None)
+    result = quantize_decoder_candidates(args.input, args.output, settings, calibration=calibration, evaluation=_held_out_text(args))
+    if args.json:
+        print(jsonio.document(result.to_dict()))
+        return 0
+    print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
+    print(f"weight-only candidates against fp32 (perplexity {result.perplexity_float:.3f}, {result.bytes_float / 1e6:.2f} MB), "
+          "decode step timed here:")
+    for c in result.candidates:
+        if c.quality is None:
+            print(f"  {c.name:<22} not built: {c.error}")
+            continue
+        ms = f"{c.decode_ms:8.3f} ms" if c.decode_ms is not None else "       -   "
+        print(f"  {c.name:<22} perplexity {c.quality.perplexity_candidate:9.3f} ({c.perplexity_ratio:.4f}x)  KL {c.quality.kl_mean:.4f}  "
+              f"{ms}  {c.weight_bytes / 1e6:7.2f} MB  {'<- chosen' if c.chosen else ''}")
+    for reason in result.reasons:
+        print(f"  why: {reason}")
+    return 0
+
+
 def _held_out_text(args) -> list[list[int]] | None:
     """--evaluation TEXT for a decoder: one passage per blank-line-separated paragraph, tokenized with
     --tokenizer or the tokenizer the export copied beside the model."""
     if not args.evaluation:
         return None
-    from pathlib import Path
-
-    from onnxforge.common.errors import UserError
-
-    text_path, folder = Path(args.evaluation), Path(args.tokenizer or Path(args.input).parent)
-    if not text_path.is_file():
-        raise UserError(f"--evaluation for a decoder is a text file of held-out passages; '{text_path}' is not a file")
-    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
-        raise UserError(f"no tokenizer in '{folder}' to read --evaluation text; pass --tokenizer DIR")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    passages = [p.strip() for p in text_path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    sequences = [ids[:256] for ids in (tokenizer(p)["input_ids"] for p in passages) if len(ids) >= 2]
-    if not sequences:
-        raise UserError(f"'{text_path}' has no passage of two or more tokens")
-    return sequences
+    return text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation")
 
 
 def _quantize_command(args) -> int:
     from onnxforge.common.specs import parse_dim_sizes
     from optimizers.weight_only import is_decoder_file
 
-    if args.mode == "int8-weight" or (args.mode in ("auto", "int4") and is_decoder_file(args.input)):
+    if args.mode == "auto" and is_decoder_file(args.input):
+        return _decoder_candidates_command(args)
+    if args.mode == "int8-weight" or (args.mode == "int4" and is_decoder_file(args.input)):
         return _weight_only_command(args)
     from optimizers.quantize import QuantizeSettings, quantize_file
 

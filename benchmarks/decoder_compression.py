@@ -1,0 +1,160 @@
+"""Decoder compression: weight-only candidates and MLP-width pruning, quality and decode speed.
+
+Quality (the trained docstring Llama, ``onnxforge.decoder_models.docstring_llama``): every
+weight-only candidate's perplexity / KL against fp32 on held-out docstrings of the ``onnx``
+package, and the MLP pruned by ``--ratio`` with least-squares re-fit.
+
+Speed (a published configuration with random weights, SmolLM2-135M by default,
+``onnxforge.decoder_configs``): decode step of plain int4 RTN against the other candidates
+(``--speed-candidates``; ``mixed`` measures one session per matrix product and is slow on 30
+layers), and of the MLP-pruned model against the unpruned one, in fp32 and in int4 RTN. Decode
+steps are medians over interleaved rounds at ``--past`` tokens of context
+(``optimizers.weight_only.decode_step_ms``).
+
+    python benchmarks/decoder_compression.py [--model smollm2-135m] [--ratio 0.25] [--threads 2]
+        [--skip-quality] [--skip-speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import platform
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from exporter.decoder import export_decoder
+from onnxforge.common.sessions import SessionSettings
+from onnxforge.decoder_configs import random_decoder
+from onnxforge.decoder_models import docstring_llama
+from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
+from optimizers.quantize.decoder_candidates import (
+    AUTO_CANDIDATES,
+    NAMES,
+    DecoderCandidateSettings,
+    prepare,
+    quantize_decoder_candidates,
+    rtn,
+)
+from optimizers.weight_only import decode_step_ms, save_model
+from runtime_bench.decoder import OnnxDecoder
+
+logger = logging.getLogger("benchmarks.decoder_compression")
+
+
+def docstrings(top_level: bool) -> list[str]:
+    """Docstrings of 300+ characters from the ``onnx`` package: its top-level modules (held out)
+    or its subpackages (calibration)."""
+    root = Path(onnx.__file__).parent
+    files = sorted(root.glob("*.py")) if top_level else sorted(root.glob("*/**/*.py"))
+    texts = []
+    for source in files:
+        try:
+            tree = ast.parse(source.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        texts += [d for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                  and (d := ast.get_docstring(n)) and len(d) > 300]
+    return texts
+
+
+def token_sequences(folder: Path, texts: list[str], count: int, length: int = 128) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = [tokenizer(t)["input_ids"][:length] for t in texts]
+    return [s for s in ids if len(s) >= 32][:count]
+
+
+def quality(work: Path, ratio: float, threads: int | None) -> None:
+    folder = docstring_llama()
+    fp32 = work / "llama" / "model.onnx"
+    export_decoder(folder, fp32, validate=False)
+    calibration = token_sequences(folder, docstrings(False), 48)
+    evaluation = token_sequences(folder, docstrings(True), 16)
+    result = quantize_decoder_candidates(fp32, work / "llama-q" / "model.onnx",
+                                         DecoderCandidateSettings(candidates=NAMES, threads=threads),
+                                         calibration=calibration, evaluation=evaluation)
+    print(f"\n## Weight-only candidates, trained docstring Llama (fp32 perplexity {result.perplexity_float:.3f})\n")
+    print("| candidate | perplexity x fp32 | KL | greedy match /16 | decode step ms | MB | chosen |")
+    print("|---|---|---|---|---|---|---|")
+    for c in result.candidates:
+        if c.quality is None:
+            print(f"| {c.name} | not built: {c.error} | | | | | |")
+            continue
+        print(f"| {c.name} | {c.perplexity_ratio:.4f} | {c.quality.kl_mean:.4f} | {c.quality.greedy_match:g} | "
+              f"{c.decode_ms:.3f} | {c.weight_bytes / 1e6:.2f} | {'yes' if c.chosen else ''} |")
+    for reason in result.reasons:
+        print(f"- {reason}")
+    pruned = prune_decoder_mlp(fp32, work / "llama-pruned" / "model.onnx", calibration,
+                               DecoderPruneSettings(ratio=ratio, threads=threads), evaluation=evaluation)
+    q = pruned.quality
+    print(f"\n## MLP width pruned {ratio:.0%} with re-fit, trained docstring Llama\n")
+    print(f"perplexity {q.perplexity_reference:.3f} -> {q.perplexity_candidate:.3f} "
+          f"({q.perplexity_candidate / q.perplexity_reference:.4f}x), KL {q.kl_mean:.4f}, greedy match {q.greedy_match:g}/{q.greedy_tokens}, "
+          f"decode step {pruned.decode_ms['unpruned']:.3f} -> {pruned.decode_ms['pruned']:.3f} ms")
+
+
+def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], threads: int | None, rounds: int) -> None:
+    folder = random_decoder(model)
+    fp32 = work / model / "model.onnx"
+    export_decoder(folder, fp32, validate=False)
+    texts = docstrings(False)
+    calibration = token_sequences(folder, texts, 32)
+    evaluation = token_sequences(folder, docstrings(True), 4)
+    settings = DecoderCandidateSettings(candidates=candidates, threads=threads, timing_rounds=rounds, max_perplexity_ratio=10.0)
+    result = quantize_decoder_candidates(fp32, work / f"{model}-q" / "model.onnx", settings, calibration=calibration[:4],
+                                         evaluation=evaluation)
+    base = next(c for c in result.candidates if c.name == "rtn-int4-sym-b32")
+    print(f"\n## Decode step, {model} random weights (past {64}, threads {threads or 'default'})\n")
+    print("| candidate | decode step ms | x RTN int4 sym b32 speed | MB |")
+    print("|---|---|---|---|")
+    for c in result.candidates:
+        if c.decode_ms is not None:
+            print(f"| {c.name} | {c.decode_ms:.3f} | {base.decode_ms / c.decode_ms:.2f} | {c.weight_bytes / 1e6:.1f} |")
+    pruned = work / f"{model}-pruned" / "model.onnx"
+    prune_decoder_mlp(fp32, pruned, calibration, DecoderPruneSettings(ratio=ratio, threads=threads, timing_rounds=0,
+                                                                      max_perplexity_ratio=100.0), evaluation=evaluation)
+    paths = {"fp32": fp32, "fp32 pruned": pruned}
+    for name, source in (("int4", fp32), ("int4 pruned", pruned)):
+        target = work / f"{model}-{name.replace(' ', '-')}" / "model.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_model(rtn(prepare(onnx.load(str(source))), 4, 32, True), target)
+        paths[name] = target
+    session = SessionSettings(intra_op_threads=threads, log_severity=3)
+    decoders = {name: OnnxDecoder(path, settings=session) for name, path in paths.items()}
+    ms = decode_step_ms(decoders, 64, 16, rounds)
+    print(f"\n## MLP width pruned {ratio:.0%}, {model} random weights: decode step\n")
+    print("| model | decode step ms | speedup vs unpruned |")
+    print("|---|---|---|")
+    for name in paths:
+        unpruned = ms[name.replace(" pruned", "")]
+        print(f"| {name} | {ms[name]:.3f} | {unpruned / ms[name]:.2f} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--speed-candidates", default=",".join(c for c in AUTO_CANDIDATES if c != "mixed"))
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    print(f"machine: {platform.processor() or platform.machine()}, {platform.platform()}")
+    with tempfile.TemporaryDirectory(prefix="onnxforge-dcomp-") as tmp:
+        work = Path(tmp)
+        if not args.skip_quality:
+            quality(work, args.ratio, args.threads)
+        if not args.skip_speed:
+            speed(work, args.model, args.ratio, tuple(args.speed_candidates.split(",")), args.threads, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,433 @@
+"""Weight-only candidates for a generative decoder, each built, run and judged; auto picks one.
+
+A candidate is a recipe that turns the float decoder into a weight-only quantized one
+(``MatMulNBits`` / ``GatherBlockQuantized``, built on ``onnxruntime.quantization.matmul_nbits_quantizer``):
+
+- ``rtn-int{4,8}-{sym,asym}-b{32,64,128}``: round-to-nearest blocks (``q = round(w / s)``, with a
+  zero point when asymmetric);
+- ``rtn-int4-int8-head``: int4 symmetric blocks of 32, the output layer in int8 and the token
+  embedding left in float (the two places where int4 hurts small models most);
+- ``mixed``: int8 or int4 per matrix product by measurement (below), under a size budget;
+- ``hqq-int4-b{32,64}``: HQQ (half-quadratic optimization of scale and zero point, no data);
+- ``gptq-int4``: GPTQ (second-order error compensation from calibration activations);
+- ``kquant-int4``: ONNX Runtime's k-quant (RTN with searched clipping).
+
+Mixed precision: the sensitivity of a product is ``KL(p_fp32 || p_q)`` of the next-token
+distribution, mean over calibration positions, when that product alone is int4 (everything
+else float). Products are promoted to int8 in order of sensitivity per extra byte while the
+model's weight bytes stay within ``size_budget`` x the all-int4 model's (the embedding, which has
+no 8-bit gather in ONNX Runtime, is promoted to float instead).
+
+Choice (as ``optimizers.quantize.choose`` chooses for encoders): every candidate's perplexity and
+KL against fp32 on held-out sequences, its decode step timed here (interleaved rounds); the
+fastest whose perplexity is within ``max_perplexity_ratio`` of fp32 wins; when none is, the one
+closest in KL, said so. Each decision is a line in ``reasons``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxforge.common.errors import UserError
+from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.sessions import SessionSettings, open_session
+from optimizers.weight_only import (
+    DecoderQuality,
+    is_embedding,
+    output_layer_weight,
+    decode_step_ms,
+    decoder_quality,
+    default_sequences,
+    is_decoder,
+    pack_sibling_matmuls,
+    save_model,
+    sequence_feeds,
+    set_accuracy_level,
+    untie_output_layer,
+    WeightOnlySettings,
+)
+from runtime_bench.decoder import DecoderIO, OnnxDecoder
+from runtime_bench.generation import weight_bytes
+
+logger = logging.getLogger(__name__)
+
+RTN_NAMES = tuple(f"rtn-int{bits}-{kind}-b{block}" for bits in (4, 8) for kind in ("sym", "asym") for block in (32, 64, 128))
+NAMES = (*RTN_NAMES, "rtn-int4-int8-head", "mixed", "hqq-int4-b32", "hqq-int4-b64", "gptq-int4", "kquant-int4")
+AUTO_CANDIDATES = ("rtn-int4-sym-b32", "rtn-int4-int8-head", "mixed", "hqq-int4-b32")
+BASELINE = "rtn-int4-sym-b32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderCandidateSettings:
+    """Which candidates to build and how the winner is chosen."""
+
+    candidates: tuple[str, ...] = AUTO_CANDIDATES
+    max_perplexity_ratio: float = 1.02  # quality budget: candidate perplexity <= this x fp32's
+    size_budget: float = 1.25  # mixed: weight bytes <= this x the all-int4 (RTN sym b32) model's
+    sensitivity_sequences: int = 2
+    accuracy_level: int = 0
+    timing_past: int = 64
+    timing_steps: int = 8
+    timing_rounds: int = 3  # 0: not timed (the best quality within budget wins)
+    threads: int | None = None
+
+    def __post_init__(self):
+        unknown = [c for c in self.candidates if c not in NAMES]
+        if unknown or not self.candidates:
+            raise UserError(f"unknown weight-only candidate(s) {unknown or '(none given)'}; available: {', '.join(NAMES)}")
+        if self.max_perplexity_ratio < 1.0:
+            raise UserError(f"max perplexity ratio must be >= 1, got {self.max_perplexity_ratio}")
+        if self.size_budget < 1.0:
+            raise UserError(f"size budget must be >= 1 (x the int4 model's weight bytes), got {self.size_budget}")
+
+
+@dataclasses.dataclass
+class CandidateReport:
+    name: str
+    quality: DecoderQuality | None
+    perplexity_ratio: float | None
+    decode_ms: float | None
+    weight_bytes: int
+    within_budget: bool
+    chosen: bool = False
+    error: str | None = None  # why it could not be built or run
+    int8_products: tuple[str, ...] = ()  # mixed: the products kept in 8 bits (and "embedding" when float)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class DecoderCandidatesResult:
+    path: Path
+    chosen: str
+    candidates: list[CandidateReport]
+    sensitivity: dict[str, float]  # mixed: KL when that product alone is int4
+    reasons: list[str]
+    perplexity_float: float
+    bytes_float: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every node named, the tied output layer given its own weight, and sibling
+    products packed (q/k/v, gate/up): the float graph every candidate quantizes."""
+    prepared = copy.deepcopy(model)
+    for i, node in enumerate(prepared.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    untie_output_layer(prepared)
+    pack_sibling_matmuls(prepared)
+    return prepared
+
+
+def weight_products(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul nodes with a constant 2-D weight (what weight-only quantization replaces)."""
+    weights = {t.name: t for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights and len(weights[n.input[1]].dims) == 2]
+
+
+def embedding_gathers(model: onnx.ModelProto, block_size: int = 32) -> list[str]:
+    weights = {t.name: t for t in model.graph.initializer}
+    settings = WeightOnlySettings(block_size=block_size)
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and is_embedding(weights.get(n.input[0]), settings)]
+
+
+def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] = (), include: Sequence[str] | None = None,
+                     block_size: int = 32):
+    """Run ONNX Runtime's ``MatMulNBitsQuantizer`` with its per-node log kept out of normal output.
+    ``block_size`` is the group size the RTN/k-quant/GPTQ algorithms read (32: an even number of
+    blocks along K, which ONNX Runtime's packing of their zero points needs)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    ort_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = ort_logger.level
+    ort_logger.setLevel(max(level, logging.ERROR))
+    try:
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore")  # HQQ's torch.from_numpy of a read-only array: not the user's concern
+            quantizer = MatMulNBitsQuantizer(model, block_size=block_size, algo_config=config, nodes_to_exclude=list(exclude),
+                                             nodes_to_include=list(include) if include else None)
+            quantizer.process()
+    finally:
+        ort_logger.setLevel(level)
+    result = quantizer.model
+    return result.model if hasattr(result, "model") else result
+
+
+def rtn(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, *, only: Sequence[str] | None = None,
+        embedding: bool = True) -> onnx.ModelProto:
+    """Round-to-nearest blocks for the products in ``only`` (default all) and, with 4 bits and
+    ``embedding``, the token embedding. ``model`` is consumed."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
+    products = weight_products(model)
+    gathers = embedding_gathers(model, block_size) if embedding and bits == 4 else []
+    chosen = set(products if only is None else only) | set(gathers)
+    exclude = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name not in chosen]
+    op_types = ("MatMul", "Gather") if gathers else ("MatMul",)
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, op_types_to_quantize=op_types,
+                                          quant_axes=(("MatMul", 0), ("Gather", 1)), bits=bits)
+    return _quiet_quantizer(model, config, exclude=exclude)
+
+
+def mixed(model: onnx.ModelProto, int8_products: Sequence[str], float_embedding: bool, block_size: int = 32) -> onnx.ModelProto:
+    """``int8_products`` in 8-bit blocks, every other product in 4-bit symmetric blocks; the
+    embedding in 4 bits unless ``float_embedding``. ``model`` is consumed."""
+    int8 = [p for p in weight_products(model) if p in set(int8_products)]
+    if int8:
+        model = rtn(model, 8, block_size, True, only=int8, embedding=False)
+    return rtn(model, 4, block_size, True, embedding=not float_embedding)
+
+
+def hqq(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+    model = _quiet_quantizer(model, HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",)))
+    return rtn(model, 4, block_size, True, only=[])  # the embedding by round-to-nearest (HQQ does not gather)
+
+
+class _Reader:
+    """ONNX Runtime calibration reader: one whole sequence per feed, empty cache."""
+
+    def __init__(self, io: DecoderIO, sequences):
+        self.feeds = [sequence_feeds(io, s) for s in sequences]
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.feeds):
+            return None
+        self.position += 1
+        return self.feeds[self.position - 1]
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def rewind(self):
+        self.position = 0
+
+
+def gptq(model: onnx.ModelProto, io: DecoderIO, sequences) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig
+
+    config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(io, sequences), block_size=128,
+                                       op_types_to_quantize=("MatMul",))
+    model = _quiet_quantizer(model, config)
+    return rtn(model, 4, 32, True, only=[])
+
+
+def kquant(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig
+
+    model = _quiet_quantizer(model, KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",)))
+    return rtn(model, 4, 32, True, only=[])
+
+
+# ---------------------------------------------------------------------------- sensitivity
+
+
+def _logits_session(model: onnx.ModelProto, settings: SessionSettings):
+    return open_session(model, settings, what="a weight-only candidate")
+
+
+def _mean_kl(reference_logp: list[np.ndarray], session, io: DecoderIO, sequences) -> float:
+    total, count = 0.0, 0
+    for lp_ref, seq in zip(reference_logp, sequences):
+        logits = session.run(["logits"], sequence_feeds(io, seq))[0][0].astype(np.float64)
+        lp = logits - logits.max(axis=-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(axis=-1, keepdims=True))
+        total += float((np.exp(lp_ref) * (lp_ref - lp)).sum())
+        count += lp.shape[0]
+    return total / max(count, 1)
+
+
+def sensitivity(prepared: onnx.ModelProto, sequences, settings: SessionSettings) -> dict[str, float]:
+    """KL of the next-token distribution vs fp32 when one product (or the embedding) alone is int4."""
+    io = DecoderIO.from_model(prepared)
+    reference = _logits_session(prepared, settings)
+    reference_logp = []
+    for seq in sequences:
+        logits = reference.run(["logits"], sequence_feeds(io, seq))[0][0].astype(np.float64)
+        lp = logits - logits.max(axis=-1, keepdims=True)
+        reference_logp.append(lp - np.log(np.exp(lp).sum(axis=-1, keepdims=True)))
+    scores = {}
+    for product in weight_products(prepared):
+        single = rtn(copy.deepcopy(prepared), 4, 32, True, only=[product], embedding=False)
+        scores[product] = _mean_kl(reference_logp, _logits_session(single, settings), io, sequences)
+    if embedding_gathers(prepared):
+        single = rtn(copy.deepcopy(prepared), 4, 32, True, only=[])
+        scores["embedding"] = _mean_kl(reference_logp, _logits_session(single, settings), io, sequences)
+    return scores
+
+
+def _int4_bytes(shape) -> int:
+    k, n = shape
+    return k * n // 2 + math.ceil(k / 32) * n * 4
+
+
+def _int8_bytes(shape) -> int:
+    k, n = shape
+    return k * n + math.ceil(k / 32) * n * 4
+
+
+def allocate_int8(prepared: onnx.ModelProto, scores: dict[str, float], size_budget: float) -> tuple[list[str], bool]:
+    """Products promoted to int8 (and whether the embedding stays float) by sensitivity per extra
+    byte, while the weight bytes stay within ``size_budget`` x the all-int4 model's."""
+    weights = {t.name: t for t in prepared.graph.initializer}
+    nodes = {n.name: n for n in prepared.graph.node}
+    extra, base = {}, 0
+    for product in weight_products(prepared):
+        shape = tuple(weights[nodes[product].input[1]].dims)
+        base += _int4_bytes(shape)
+        extra[product] = _int8_bytes(shape) - _int4_bytes(shape)
+    for gather in embedding_gathers(prepared):
+        shape = tuple(weights[nodes[gather].input[0]].dims)
+        base += _int4_bytes(shape[::-1])
+        extra["embedding"] = shape[0] * shape[1] * 4 - _int4_bytes(shape[::-1])
+    allowance = (size_budget - 1.0) * base
+    order = sorted((name for name in scores if name in extra), key=lambda n: -scores[n] / max(extra[n], 1))
+    promoted = []
+    for name in order:
+        if extra[name] <= allowance:
+            promoted.append(name)
+            allowance -= extra[name]
+    return [p for p in promoted if p != "embedding"], "embedding" in promoted
+
+
+# ---------------------------------------------------------------------------- choosing
+
+
+def _builders(io: DecoderIO, calibration, scores_box: dict, settings: DecoderCandidateSettings,
+              session_settings: SessionSettings) -> dict[str, Callable]:
+    builders: dict[str, Callable] = {}
+    for name in RTN_NAMES:
+        _, bits, kind, block = name.split("-")
+        builders[name] = (lambda m, b=int(bits[3:]), s=kind == "sym", bs=int(block[1:]): rtn(m, b, bs, s))
+
+    def head_int8(m):
+        head = output_layer_weight(m)
+        return mixed(m, [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] == head], True)
+
+    def by_sensitivity(m):
+        if "scores" not in scores_box:
+            scores_box["scores"] = sensitivity(m, calibration[: settings.sensitivity_sequences], session_settings)
+        int8, float_embedding = allocate_int8(m, scores_box["scores"], settings.size_budget)
+        scores_box["int8"] = tuple(int8) + (("embedding",) if float_embedding else ())
+        return mixed(m, int8, float_embedding)
+
+    builders["rtn-int4-int8-head"] = head_int8
+    builders["mixed"] = by_sensitivity
+    builders["hqq-int4-b32"] = lambda m: hqq(m, 32)
+    builders["hqq-int4-b64"] = lambda m: hqq(m, 64)
+    builders["gptq-int4"] = lambda m: gptq(m, io, calibration)
+    builders["kquant-int4"] = kquant
+    return builders
+
+
+def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidateSettings = DecoderCandidateSettings(), *,
+                                calibration: Sequence[Sequence[int]] | None = None,
+                                evaluation: Sequence[Sequence[int]] | None = None) -> DecoderCandidatesResult:
+    """Build every candidate in ``settings.candidates`` from the decoder at ``model_path``, judge
+    each against fp32 on ``evaluation`` (default: the float model's own greedy text), time each,
+    and write the chosen one at ``out_path``. ``calibration`` feeds the sensitivity measurement and
+    GPTQ (default: the evaluation sequences). Does not modify the file at ``model_path``."""
+    started = time.perf_counter()
+    model_path, out_path = Path(model_path), Path(out_path)
+    if not model_path.is_file():
+        raise UserError(f"model file '{model_path}' not found")
+    header = onnx.load(str(model_path), load_external_data=False)
+    if not is_decoder(header):
+        raise UserError(f"'{model_path}' is not a generative decoder with a cache (no past_key_values.* inputs)")
+    if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger") for n in header.graph.node):
+        raise UserError(f"'{model_path}' is already quantized; quantize the float model")
+    session_settings = SessionSettings(intra_op_threads=settings.threads, log_severity=3)
+    reference = OnnxDecoder(model_path, settings=session_settings)
+    evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else default_sequences(reference)
+    calibration = [list(map(int, s)) for s in calibration if len(s) >= 2] if calibration else evaluation
+    prepared = prepare(onnx.load(str(model_path)))
+    bytes_float = weight_bytes(prepared)
+    scores_box: dict = {}
+    builders = _builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
+    reports: dict[str, CandidateReport] = {}
+    with staging_dir(out_path) as work:
+        paths, decoders = {}, {}
+        for name in settings.candidates:
+            try:
+                built = set_accuracy_level(builders[name](copy.deepcopy(prepared)), settings.accuracy_level)
+                paths[name] = work / f"{name}.onnx"
+                save_model(built, paths[name], f"{name}.onnx.data")
+                decoders[name] = OnnxDecoder(paths[name], settings=session_settings)
+                quality = decoder_quality(reference, decoders[name], evaluation, prompts=2, new_tokens=16)
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a third-party quantizer that fails is one candidate out, reported
+                logger.info("candidate %s failed: %s", name, exc)
+                reports[name] = CandidateReport(name, None, None, None, 0, False, error=f"{type(exc).__name__}: {exc}"[:300])
+                decoders.pop(name, None)
+                continue
+            ratio = quality.perplexity_candidate / quality.perplexity_reference
+            reports[name] = CandidateReport(name, quality, ratio, None, weight_bytes(built),
+                                            bool(np.isfinite(ratio) and ratio <= settings.max_perplexity_ratio),
+                                            int8_products=scores_box.get("int8", ()) if name == "mixed" else ())
+            logger.info("candidate %s: perplexity %.3f -> %.3f, KL %.4f", name, quality.perplexity_reference,
+                        quality.perplexity_candidate, quality.kl_mean)
+        if not decoders:
+            raise UserError("no weight-only candidate could be built: " + "; ".join(f"{r.name}: {r.error}" for r in reports.values()))
+        if settings.timing_rounds:
+            for name, ms in decode_step_ms(decoders, settings.timing_past, settings.timing_steps, settings.timing_rounds).items():
+                reports[name].decode_ms = ms
+        chosen, reasons = choose(list(reports.values()), settings)
+        reports[chosen].chosen = True
+        del decoders
+        staged = work / out_path.name
+        data = save_model(onnx.load(str(paths[chosen])), staged, f"{out_path.name}.data")
+        publish(staged, out_path, companions=(data,) if data else ())
+    first = next(r for r in reports.values() if r.quality)
+    return DecoderCandidatesResult(
+        path=out_path, chosen=chosen, candidates=list(reports.values()), sensitivity=scores_box.get("scores", {}),
+        reasons=reasons, perplexity_float=first.quality.perplexity_reference, bytes_float=bytes_float,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSettings) -> tuple[str, list[str]]:
+    """The fastest candidate within the quality budget (by perplexity when untimed); when none is
+    within it, the one with the lowest KL. Returns (name, reasons)."""
+    built = [r for r in reports if r.quality is not None]
+    reasons = [f"{r.name}: not built ({r.error})" for r in reports if r.quality is None]
+    for r in built:
+        speed = f", decode step {r.decode_ms:.3f} ms" if r.decode_ms is not None else ""
+        verdict = "within" if r.within_budget else "outside"
+        reasons.append(f"{r.name}: perplexity {r.perplexity_ratio:.4f}x fp32, KL {r.quality.kl_mean:.4f}{speed}, "
+                       f"{r.weight_bytes / 1e6:.2f} MB: {verdict} the quality budget ({settings.max_perplexity_ratio}x)")
+    within = [r for r in built if r.within_budget]
+    if within:
+        timed = all(r.decode_ms is not None for r in within)
+        best = min(within, key=(lambda r: r.decode_ms) if timed else (lambda r: r.perplexity_ratio))
+        reasons.append(f"chose {best.name}: the {'fastest' if timed else 'most faithful'} of {len(within)} within the quality budget")
+    else:
+        best = min(built, key=lambda r: r.quality.kl_mean)
+        reasons.append(f"chose {best.name}: no candidate is within the quality budget; this one is closest to fp32 (lowest KL)")
+    return best.name, reasons
+
+
+__all__ = ["AUTO_CANDIDATES", "BASELINE", "NAMES", "CandidateReport", "DecoderCandidateSettings", "DecoderCandidatesResult",
+           "allocate_int8", "choose", "mixed", "prepare", "quantize_decoder_candidates", "rtn", "sensitivity", "weight_products"]

@@ -1,0 +1,271 @@
+"""Decoder compression: MLP-width pruning with least-squares re-fit (optimizers.prune.decoder_mlp) and
+weight-only candidates chosen by measurement (optimizers.quantize.decoder_candidates), on the trained
+docstring Llama.
+
+Calibration text: docstrings of the ``onnx`` package's subpackages; held-out text: docstrings of its
+top-level modules (``tests.llm_fixtures.held_out_sequences``), which neither the model nor the
+calibration saw.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxforge.cli import main
+from onnxforge.common.errors import UserError, VerificationFailed
+from optimizers.quantize.decoder_candidates import (
+    AUTO_CANDIDATES,
+    DecoderCandidateSettings,
+    allocate_int8,
+    mixed,
+    prepare,
+    quantize_decoder_candidates,
+    weight_products,
+)
+from optimizers.prune.decoder_mlp import DecoderPruneSettings, find_mlps, kept_width, prune_decoder_mlp
+from runtime_bench.decoder import OnnxDecoder, greedy
+from tests.llm_fixtures import docstring_llama_folder, held_out_sequences, trained_decoder
+
+
+@functools.cache
+def _calibration_passages(count: int = 48, min_chars: int = 300) -> tuple[str, ...]:
+    texts = []
+    for source in sorted(Path(onnx.__file__).parent.glob("*/**/*.py")):
+        try:
+            tree = ast.parse(source.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > min_chars:
+                    texts.append(doc)
+        if len(texts) >= count:
+            break
+    assert len(texts) >= count // 2, f"only {len(texts)} calibration docstrings in onnx's subpackages"
+    return tuple(texts[:count])
+
+
+@functools.cache
+def calibration_sequences(length: int = 128) -> tuple[tuple[int, ...], ...]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(docstring_llama_folder()))
+    return tuple(tuple(tokenizer(t)["input_ids"][:length]) for t in _calibration_passages())
+
+
+def _weights(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+# ---------------------------------------------------------------------------- MLP pruning
+
+
+@pytest.fixture(scope="module")
+def pruned_quarter(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "model.onnx"
+    result = prune_decoder_mlp(trained_decoder(), out, calibration_sequences(), DecoderPruneSettings(ratio=0.25, timing_rounds=1),
+                               evaluation=held_out_sequences())
+    return result
+
+
+def test_find_mlps_finds_every_layer_gate_up_down():
+    mlps = find_mlps(onnx.load(str(trained_decoder())))
+    assert len(mlps) == 2  # the trained Llama has 2 layers
+    weights = _weights(trained_decoder())
+    for mlp in mlps:
+        assert mlp.activation == "silu"
+        width = weights[mlp.down_weight].shape[0]
+        assert weights[mlp.gate_weight].shape[1] == weights[mlp.up_weight].shape[1] == width
+
+
+def test_find_mlps_near_miss_is_not_an_mlp():
+    """A gate and up reading different inputs is not an MLP: nothing found."""
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+            for n, s in (("wg", (8, 16)), ("wu", (8, 16)), ("wd", (16, 8)))]
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "wg"], ["g"], name="gate"),
+        onnx.helper.make_node("Sigmoid", ["g"], ["s"]),
+        onnx.helper.make_node("Mul", ["g", "s"], ["a"]),
+        onnx.helper.make_node("MatMul", ["z", "wu"], ["u"], name="up"),
+        onnx.helper.make_node("Mul", ["a", "u"], ["h"]),
+        onnx.helper.make_node("MatMul", ["h", "wd"], ["y"], name="down"),
+    ]
+    inputs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, 8]) for n in ("x", "z")]
+    graph = onnx.helper.make_graph(nodes, "g", inputs, [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])], init)
+    assert find_mlps(onnx.helper.make_model(graph)) == []
+    nodes[3] = onnx.helper.make_node("MatMul", ["x", "wu"], ["u"], name="up")
+    graph = onnx.helper.make_graph(nodes, "g", inputs, [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])], init)
+    assert len(find_mlps(onnx.helper.make_model(graph))) == 1  # the same graph with one input is found
+
+
+def test_kept_width_rounds_to_multiples():
+    assert kept_width(384, 0.25, 8) == 288
+    assert kept_width(1536, 0.25, 64) == 1152
+    assert kept_width(16, 0.99, 8) == 8
+
+
+def test_pruning_shrinks_gate_up_down_together(pruned_quarter):
+    before, after = _weights(trained_decoder()), _weights(pruned_quarter.path)
+    mlps = find_mlps(onnx.load(str(trained_decoder())))
+    for mlp in mlps:
+        width = before[mlp.down_weight].shape[0]
+        kept = kept_width(width, 0.25, 8)
+        assert after[mlp.gate_weight].shape == (before[mlp.gate_weight].shape[0], kept)
+        assert after[mlp.up_weight].shape == (before[mlp.up_weight].shape[0], kept)
+        assert after[mlp.down_weight].shape == (kept, before[mlp.down_weight].shape[1])
+    p0, p1 = pruned_quarter.parameters
+    assert p1 < p0
+
+
+def test_pruning_keeps_perplexity_and_generates(pruned_quarter):
+    q = pruned_quarter.quality
+    # measured ~1.00x on the trained Llama; 10% is the issue's bound, checked with margin
+    assert q.perplexity_candidate < 1.10 * q.perplexity_reference
+    assert q.kl_mean < 0.05
+    decoder = OnnxDecoder(pruned_quarter.path)
+    tokens = greedy(decoder, list(held_out_sequences()[0][:8]), 16)
+    assert len(tokens) == 16
+    assert set(pruned_quarter.decode_ms) == {"unpruned", "pruned"}
+
+
+def test_reconstruction_lowers_the_heldout_error(pruned_quarter):
+    for mlp in pruned_quarter.mlps:
+        assert mlp.heldout_error_refit is not None
+        assert mlp.heldout_error_refit < mlp.heldout_error_sliced
+        assert mlp.reconstructed
+
+
+def test_reconstruction_beats_slicing_in_perplexity(tmp_path, pruned_quarter):
+    sliced = prune_decoder_mlp(trained_decoder(), tmp_path / "sliced.onnx", calibration_sequences(),
+                               DecoderPruneSettings(ratio=0.5, reconstruct=False, timing_rounds=0), evaluation=held_out_sequences())
+    refit = prune_decoder_mlp(trained_decoder(), tmp_path / "refit.onnx", calibration_sequences(),
+                              DecoderPruneSettings(ratio=0.5, timing_rounds=0), evaluation=held_out_sequences())
+    assert refit.quality.kl_mean < sliced.quality.kl_mean
+    assert refit.quality.perplexity_candidate < sliced.quality.perplexity_candidate
+
+
+def test_pruning_too_much_is_refused_and_writes_nothing(tmp_path):
+    out = tmp_path / "model.onnx"
+    with pytest.raises(VerificationFailed, match="raises perplexity"):
+        prune_decoder_mlp(trained_decoder(), out, calibration_sequences(),
+                          DecoderPruneSettings(ratio=0.97, max_perplexity_ratio=1.01, timing_rounds=0), evaluation=held_out_sequences())
+    assert not out.exists()
+
+
+def test_pruning_rejects_bad_input(tmp_path):
+    with pytest.raises(UserError, match="ratio"):
+        DecoderPruneSettings(ratio=1.0)
+    with pytest.raises(UserError, match="at least 2 calibration sequences"):
+        prune_decoder_mlp(trained_decoder(), tmp_path / "m.onnx", [[1, 2, 3]])
+
+
+def test_cli_prune_routes_decoders_to_the_mlp_pruner(tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n\n".join(_calibration_passages()), encoding="utf-8")
+    out = tmp_path / "pruned.onnx"
+    code = main(["prune", str(trained_decoder()), str(out), "--ratio", "0.25", "--calibration", str(text)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "decoder MLP width" in printed and "384 -> 288" in printed and "perplexity" in printed
+    assert out.exists()
+    assert main(["prune", str(trained_decoder()), str(tmp_path / "x.onnx"), "--ratio", "0.25"]) == 2
+    assert "needs --calibration" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- weight-only candidates
+
+
+@pytest.fixture(scope="module")
+def auto_candidates(tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto") / "model.onnx"
+    settings = DecoderCandidateSettings(timing_rounds=2, timing_steps=4)
+    return quantize_decoder_candidates(trained_decoder(), out, settings, calibration=calibration_sequences()[:8],
+                                       evaluation=held_out_sequences())
+
+
+def test_auto_choice_is_within_budget_and_explained(auto_candidates):
+    result = auto_candidates
+    assert [c.name for c in result.candidates] == list(AUTO_CANDIDATES)
+    chosen = [c for c in result.candidates if c.chosen]
+    assert len(chosen) == 1 and chosen[0].name == result.chosen
+    built = [c for c in result.candidates if c.quality is not None]
+    assert len(built) >= 3  # RTN, int8 head and mixed are built from ONNX Runtime's own quantizer
+    within = [c for c in built if c.within_budget]
+    if within:
+        assert chosen[0].within_budget
+        assert chosen[0].decode_ms == min(c.decode_ms for c in within)
+        assert any(r.startswith(f"chose {result.chosen}: the fastest") for r in result.reasons)
+    for c in built:
+        assert any(r.startswith(f"{c.name}: perplexity") for r in result.reasons)
+        assert c.quality.greedy_tokens == 16 and c.quality.kl_mean < 0.5
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert "MatMulNBits" in ops
+
+
+def test_int8_output_layer_is_closer_to_fp32_than_plain_int4(auto_candidates):
+    by_name = {c.name: c for c in auto_candidates.candidates}
+    assert by_name["rtn-int4-int8-head"].quality.kl_mean < by_name["rtn-int4-sym-b32"].quality.kl_mean
+
+
+def test_mixed_promotes_the_most_sensitive_product(auto_candidates):
+    scores = auto_candidates.sensitivity
+    prepared = prepare(onnx.load(str(trained_decoder())))
+    assert set(weight_products(prepared)) <= set(scores) and all(v >= 0 for v in scores.values())
+    most = max((n for n in scores if n != "embedding"), key=scores.get)
+    int8, _ = allocate_int8(prepared, scores, size_budget=3.0)  # room for every product
+    assert most in int8
+    assert allocate_int8(prepared, scores, size_budget=1.0) == ([], False)  # no room: all int4
+    by_name = {c.name: c for c in auto_candidates.candidates}
+    assert set(by_name["mixed"].int8_products) == set(allocate_int8(prepared, scores, 1.25)[0]) | (
+        {"embedding"} if allocate_int8(prepared, scores, 1.25)[1] else set())
+
+
+def test_mixed_model_holds_the_chosen_bits(tmp_path):
+    prepared = prepare(onnx.load(str(trained_decoder())))
+    product = weight_products(prepared)[0]
+    model = mixed(copy.deepcopy(prepared), [product], float_embedding=False)
+    bits = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["bits"]
+            for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop(f"{product}_Q8") == 8 and set(bits.values()) == {4}
+
+
+@pytest.mark.parametrize("names", [
+    ("rtn-int4-asym-b32", "rtn-int4-sym-b64", "rtn-int4-sym-b128", "rtn-int8-sym-b32", "rtn-int8-asym-b64"),
+    ("hqq-int4-b64", "gptq-int4", "kquant-int4"),
+])
+def test_every_candidate_is_built_verified_and_reported(tmp_path, names):
+    settings = DecoderCandidateSettings(candidates=names, timing_rounds=0, max_perplexity_ratio=1.5)
+    result = quantize_decoder_candidates(trained_decoder(), tmp_path / "model.onnx", settings,
+                                         calibration=calibration_sequences()[:4], evaluation=held_out_sequences()[:4])
+    assert [c.name for c in result.candidates] == list(names)
+    for c in result.candidates:
+        assert c.quality is not None, f"{c.name}: {c.error}"
+        assert c.quality.kl_mean < 0.5 and c.perplexity_ratio < 1.5
+        assert 0 < c.weight_bytes < result.bytes_float
+    int8 = {c.name: c for c in result.candidates}.get("rtn-int8-sym-b32")
+    if int8:
+        assert int8.quality.kl_mean < min(c.quality.kl_mean for c in result.candidates if "int4" in c.name)
+
+
+def test_unknown_candidate_is_one_clear_error():
+    with pytest.raises(UserError, match="unknown weight-only candidate.*available: rtn-int4-sym-b32"):
+        DecoderCandidateSettings(candidates=("rtn-int3",))
+
+
+def test_cli_quantize_auto_on_a_decoder_compares_candidates(tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    code = main(["quantize", str(trained_decoder()), str(out), "--weight-candidates", "rtn-int4-sym-b32,rtn-int4-int8-head"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "rtn-int4-int8-head" in printed and "<- chosen" in printed and "why: chose" in printed
+    assert out.exists()
