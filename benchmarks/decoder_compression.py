@@ -9,7 +9,7 @@ Speed (a published configuration with random weights, SmolLM2-135M by default,
 (``--speed-candidates``; ``mixed`` measures one session per matrix product and is slow on 30
 layers), and of the MLP-pruned model against the unpruned one, in fp32 and in int4 RTN. Decode
 steps are medians over interleaved rounds at ``--past`` tokens of context
-(``optimizers.weight_only.decode_step_ms``).
+(``optimizers.quantize.weight_only.decode_step_ms``).
 
     python benchmarks/decoder_compression.py [--model smollm2-135m] [--ratio 0.25] [--threads 2]
         [--skip-quality] [--skip-speed]
@@ -39,7 +39,7 @@ from optimizers.quantize.decoder_candidates import (
     quantize_decoder_candidates,
     rtn,
 )
-from optimizers.weight_only import decode_step_ms, save_model
+from optimizers.quantize.weight_only import decode_step_ms, save_model
 from runtime_bench.decoder import OnnxDecoder
 
 logger = logging.getLogger("benchmarks.decoder_compression")

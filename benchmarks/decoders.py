@@ -3,7 +3,7 @@
 Rows (each where it can run here; otherwise a row that says why):
 
 - onnxforge fp32: ``exporter.decoder.export_decoder`` (logits of the last position only);
-- onnxforge int4: ``optimizers.weight_only.quantize_weight_only`` of that graph;
+- onnxforge int4: ``optimizers.quantize.weight_only.quantize_weight_only`` of that graph;
   both run by ``runtime_bench.decoder.OnnxDecoder`` (ONNX Runtime, cache in OrtValues);
 - ORT GenAI int4: ``python -m onnxruntime_genai.models.builder -p int4 -e cpu`` on the same
   Hugging Face folder, run under its own ``onnxruntime_genai`` Generator loop;
@@ -91,7 +91,7 @@ def _kv_bytes_per_token(name: str, itemsize: int) -> int:
 def onnxforge_models(hf: Path, work: Path, threads: int | None) -> tuple[Path, Path]:
     """fp32 export and int4 weight-only model, each built once into ``work``."""
     from exporter.decoder import export_decoder
-    from optimizers.weight_only import WeightOnlySettings, quantize_weight_only
+    from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 
     fp32 = work / "onnxforge-fp32" / "model.onnx"
     int4 = work / "onnxforge-int4" / "model.onnx"

@@ -214,7 +214,6 @@ def generate_timed(decoder, prompt: np.ndarray, new_tokens: int) -> tuple[float,
 
 def timed_generation(path: Path, config: GenerationConfig, prompt: np.ndarray) -> GenerationBlock:
     """A fresh session, an untimed warm-up generation, then one timed generation of ``prompt``."""
-    from runtime_bench.decoder import OnnxDecoder
 
     decoder = OnnxDecoder(path, provider=config.provider,
                           settings=SessionSettings(intra_op_threads=config.threads, log_severity=3))
@@ -233,6 +232,7 @@ import json, sys
 import numpy as np
 from runtime_bench import memory
 from runtime_bench.generation import GenerationConfig, timed_generation
+from runtime_bench.decoder import DecoderIO, OnnxDecoder
 config = GenerationConfig(**json.loads(sys.argv[2]))
 before = memory.rss_mb()
 prompt = np.asarray(json.loads(sys.argv[3]), dtype=np.int64)
@@ -264,7 +264,6 @@ def peak_memory_mb(path: Path, config: GenerationConfig, prompt: np.ndarray) -> 
 def benchmark_generation(models: Sequence[str | Path], config: GenerationConfig = GenerationConfig(), *,
                          names: Sequence[str] | None = None, progress=None) -> GenerationReport:
     """Measure each decoder at each prompt length (see the module docstring)."""
-    from runtime_bench.decoder import DecoderIO
 
     paths = [Path(m) for m in models]
     for p in paths:

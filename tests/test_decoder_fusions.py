@@ -1,6 +1,6 @@
 """GroupQueryAttention for transformers 5 decoders (optimizers.graph.decoder_fusions): the rule on a
 tiny random Qwen2 (q/k/v bias, a sliding-window layer) traced by the exporter and fused by
-onnxscript (MultiHeadAttention form); then packed q/k/v into it (optimizers.weight_only.feed_packed_qkv)."""
+onnxscript (MultiHeadAttention form); then packed q/k/v into it (optimizers.quantize.weight_only.feed_packed_qkv)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from exporter.decoder import cache_geometry, fuse_for_ort, load_causal_lm, trace_to_onnx
 from onnxforge.decoder_models import random_decoder
 from optimizers.graph.decoder_fusions import fuse_group_query_attention
-from optimizers.weight_only import feed_packed_qkv, pack_sibling_matmuls
+from optimizers.quantize.weight_only import feed_packed_qkv, pack_sibling_matmuls
 from runtime_bench.decoder import OnnxDecoder, left_padded
 
 PROMPTS = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 200, 300, 301]]  # a left-padded batch of two lengths

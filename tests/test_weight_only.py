@@ -1,4 +1,4 @@
-"""Weight-only int4/int8 quantization of decoders (optimizers.weight_only), on exported decoders."""
+"""Weight-only int4/int8 quantization of decoders (optimizers.quantize.weight_only), on exported decoders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from onnxforge.cli import main
 from onnxforge.common.errors import UserError
-from optimizers.weight_only import (
+from optimizers.quantize.weight_only import (
     WeightOnlySettings,
     decoder_quality,
     is_decoder,

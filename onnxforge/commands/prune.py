@@ -58,7 +58,7 @@ def register(sub) -> None:
 def _prune_command(args) -> int:
     from onnxforge.common.specs import parse_dim_sizes
     from optimizers import PruneSettings, prune_file
-    from optimizers.weight_only import is_decoder_file
+    from optimizers.quantize.weight_only import is_decoder_file
 
     if is_decoder_file(args.input):
         return _decoder_command(args)

@@ -58,7 +58,7 @@ def register(sub) -> None:
 
 
 def _weight_only_command(args) -> int:
-    from optimizers.weight_only import WeightOnlySettings, quantize_weight_only
+    from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 
     settings = WeightOnlySettings(bits=8 if args.mode == "int8-weight" else 4, accuracy_level=args.accuracy_level)
     result = quantize_weight_only(args.input, args.output, settings, sequences=_held_out_text(args))
@@ -117,7 +117,7 @@ def _held_out_text(args) -> list[list[int]] | None:
 
 def _quantize_command(args) -> int:
     from onnxforge.common.specs import parse_dim_sizes
-    from optimizers.weight_only import is_decoder_file
+    from optimizers.quantize.weight_only import is_decoder_file
 
     if args.mode == "auto" and is_decoder_file(args.input):
         return _decoder_candidates_command(args)

@@ -9,11 +9,11 @@ measured sensitivity), ``checks`` (preparing the model, the ONNX Runtime run eve
 passes), ``reconstruct`` (least-squares re-fit of the consumers of pruned channels), ``refine``
 (a few gradient steps on the re-fitted blocks), ``heads`` (attention heads), ``sparsity``
 (magnitude zeros), ``decoder_mlp`` (a generative decoder's MLP width, gate/up/down together, the
-down projection re-fitted by ridge least squares; judged by perplexity with ``optimizers.weight_only``).
+down projection re-fitted by ridge least squares; judged by perplexity with ``optimizers.quantize.weight_only``).
 
 The dependency order inside: trace -> channels -> reconstruct -> allocate / refine -> structured
 -> heads -> api. May import ``onnxforge.common``, ``optimizers.result``, ``optimizers.verify``,
-``optimizers.calibration``, ``optimizers.weight_only`` (decoder runs and quality), ``optimizers.graph`` (cleanup) and ``optimizers.quantize.outliers``
+``optimizers.calibration``, ``optimizers.quantize.weight_only`` (decoder runs and quality), ``optimizers.graph`` (cleanup) and ``optimizers.quantize.outliers``
 (finding feed-forward blocks); never the distill family, never torch.
 """
 

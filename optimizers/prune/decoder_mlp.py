@@ -37,7 +37,7 @@ from onnx import numpy_helper
 from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.sessions import SessionSettings, open_session
-from optimizers.weight_only import (
+from optimizers.quantize.weight_only import (
     DecoderQuality,
     decode_step_ms,
     decoder_quality,

@@ -43,12 +43,12 @@ ready for ONNX Runtime's quantizers), ``ort_quantize`` (running them), ``large``
 2 GB), ``sensitivity`` (per-node error), ``timing`` (against fp32), ``choose`` (the pick), ``api``
 (``quantize``, ``quantize_file``); beside them ``decisions`` (remembered choices), ``outliers``
 (outlier channels kept in float) and ``smoothquant``; for generative decoders,
-``decoder_candidates`` (weight-only candidates built on ``optimizers.weight_only``, judged by
+``decoder_candidates`` (weight-only candidates built on ``optimizers.quantize.weight_only``, judged by
 perplexity/KL and decode speed). ``Fidelity`` / ``fidelity`` (model against
 model) live in ``onnxforge.common.fidelity`` and are re-exported here.
 
 May import ``onnxforge.common``, ``runtime_bench`` (timing), ``optimizers.result``,
-``optimizers.verify``, ``optimizers.calibration``, ``optimizers.weight_only`` and ``optimizers.graph`` (fusions before int8);
+``optimizers.verify``, ``optimizers.calibration``, ``optimizers.quantize.weight_only`` and ``optimizers.graph`` (fusions before int8);
 never the prune or distill families, never torch. onnxruntime.quantization is imported inside
 the functions that use it.
 """

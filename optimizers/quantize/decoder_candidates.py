@@ -41,7 +41,7 @@ import onnx
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.sessions import SessionSettings, open_session
-from optimizers.weight_only import (
+from optimizers.quantize.weight_only import (
     DecoderQuality,
     is_embedding,
     output_layer_weight,
