@@ -38,6 +38,7 @@ import onnx
 from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
 from onnxforge.common.sessions import SessionSettings
+from runtime_bench.decoder import DecoderIO, OnnxDecoder
 from runtime_bench.harness import block_orders, wait_for_idle_threads
 from runtime_bench.machine import MachineInfo, machine_info
 
@@ -232,7 +233,6 @@ import json, sys
 import numpy as np
 from runtime_bench import memory
 from runtime_bench.generation import GenerationConfig, timed_generation
-from runtime_bench.decoder import DecoderIO, OnnxDecoder
 config = GenerationConfig(**json.loads(sys.argv[2]))
 before = memory.rss_mb()
 prompt = np.asarray(json.loads(sys.argv[3]), dtype=np.int64)
