@@ -22,7 +22,6 @@ flags beside each table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -38,6 +37,7 @@ from exporter import export  # noqa: E402
 from onnxforge import models  # noqa: E402
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark  # noqa: E402
 from runtime_bench.machine import machine_info  # noqa: E402
+from runtime_bench.timing import realtime_priority  # noqa: E402
 from runtime_bench.report import to_console  # noqa: E402
 
 SEQ = 128
@@ -111,25 +111,6 @@ def plain_torchscript(module, names, example, path: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def realtime(enabled: bool):
-    """SCHED_FIFO 10 for this thread and the ONNX Runtime threads its sessions create (root)."""
-    if not enabled:
-        yield
-        return
-    before = os.sched_getscheduler(0), os.sched_getparam(0)
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-    except PermissionError:
-        print("--realtime needs root; timing at normal priority", file=sys.stderr)
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.sched_setscheduler(0, *before)
-
-
 def run(key: str, folder: Path, args) -> None:
     title, factory = MODELS[key]
     module, names, example = factory()
@@ -140,7 +121,7 @@ def run(key: str, folder: Path, args) -> None:
     paths["onnxforge --raw"] = export(module, feeds, folder / "raw.onnx", exporter=default.exporter).path
     config = BenchConfig(batch_sizes=(int(example[0].shape[0]),), session=SessionSettings(intra_op_threads=2),
                          min_seconds=args.min_seconds, max_seconds=max(60.0, 10 * args.min_seconds), baseline=BASELINE)
-    with realtime(args.realtime):
+    with realtime_priority(args.realtime):
         report = benchmark([OnnxVariant(n, p) for n, p in paths.items()], config,
                            inputs={n: t.numpy() for n, t in feeds.items()})
     print(f"\n== {title}: default export by the {default.exporter} exporter, fused: {default.fused}")

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import logging
 import os
 import sys
@@ -68,6 +67,7 @@ from optimizers.quantize import quantize  # noqa: E402
 from optimizers.quantize.smoothquant import SmoothQuantSettings, smooth  # noqa: E402
 from runtime_bench import BenchConfig, OnnxVariant, SessionSettings, benchmark  # noqa: E402
 from runtime_bench.machine import machine_info  # noqa: E402
+from runtime_bench.timing import realtime_priority  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 128
@@ -236,7 +236,7 @@ def _default_path(folder: Path, module, example: dict, calibration, paths: dict[
     runs = [("int8 onnxforge default", None)] + ([("int8 onnxforge default, calibrated", calibration)] if calibration else [])
     for label, data in runs:
         started = time.perf_counter()
-        with realtime(use_realtime):  # its own speed check, as on a quiet machine
+        with realtime_priority(use_realtime):  # its own speed check, as on a quiet machine
             result = quantize(exported.path, calibration=(lambda d=data: d) if data else None)
         target = folder / f"{label.replace(' ', '_').replace(',', '')}.onnx"
         onnx.save(result.model, target)
@@ -285,29 +285,10 @@ def fidelity(paths: dict[str, Path], evaluation: list[dict[str, np.ndarray]], to
 # ---------------------------------------------------------------- timing and the table
 
 
-@contextlib.contextmanager
-def realtime(enabled: bool):
-    """SCHED_FIFO 10 for this thread (and the ONNX Runtime threads its sessions create)."""
-    if not enabled:
-        yield
-        return
-    before = os.sched_getscheduler(0), os.sched_getparam(0)
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-    except PermissionError:
-        print("--realtime needs root; timing at normal priority", file=sys.stderr)
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.sched_setscheduler(0, before[0], before[1])
-
-
 def time_variants(paths: dict[str, Path], batch: int, inputs: dict[str, np.ndarray] | None, min_seconds: float, use_realtime: bool):
     config = BenchConfig(batch_sizes=(batch,), dims={"seq": SEQ, "batch": batch}, session=SessionSettings(intra_op_threads=2),
                          min_seconds=min_seconds, max_seconds=max(60.0, 10 * min_seconds), fidelity=False, baseline=BASELINE)
-    with realtime(use_realtime):
+    with realtime_priority(use_realtime):
         return benchmark([OnnxVariant(name, path) for name, path in paths.items()], config, inputs=inputs)
 
 

@@ -4,8 +4,10 @@ underneath, so the same blocks, fresh sessions and paired intervals as every oth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -46,3 +48,24 @@ def time_against(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray], se
         s = m.speedup
         timings[m.variant] = VariantTiming(m.latency.p50_ms, s.ratio, s.low, s.high) if s else VariantTiming(m.latency.p50_ms, 1.0, 1.0, 1.0)
     return timings
+
+
+@contextlib.contextmanager
+def realtime_priority(enabled: bool = True):
+    """SCHED_FIFO priority 10 for this thread, and so for the ONNX Runtime threads its sessions
+    create, for the time of the block: other processes of a shared machine cannot move the
+    figures. Needs root; without it, timing goes on at normal priority, with a warning."""
+    if not enabled:
+        yield
+        return
+    before = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    except PermissionError:
+        logger.warning("realtime priority needs root; timing at normal priority")
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, *before)

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxforge.common.graph import producers as tensor_producers, readers as tensor_readers
 from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.sessions import SessionSettings, open_session
@@ -41,7 +42,7 @@ from optimizers.quantize.weight_only import (
     DecoderQuality,
     decode_step_ms,
     decoder_quality,
-    is_decoder,
+    float_decoder_header,
     save_model,
     sequence_feeds,
 )
@@ -49,7 +50,6 @@ from runtime_bench.decoder import DecoderIO, OnnxDecoder
 
 logger = logging.getLogger(__name__)
 
-_QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,11 +138,8 @@ def find_mlps(model: onnx.ModelProto) -> list[DecoderMLP]:
     nothing else; ``act`` is SiLU as exported (``Mul(g, Sigmoid(g))``) or a one-input activation."""
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    producer = tensor_producers(graph)
+    readers = {name: len(nodes) for name, nodes in tensor_readers(graph).items()}
 
     def constant_matmul(name):
         node = producer.get(name)
@@ -295,13 +292,7 @@ def prune_decoder_mlp(model_path, out_path, calibration: Sequence[Sequence[int]]
     """
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)
-    if not model_path.is_file():
-        raise UserError(f"model file '{model_path}' not found")
-    header = onnx.load(str(model_path), load_external_data=False)
-    if not is_decoder(header):
-        raise UserError(f"'{model_path}' is not a generative decoder with a cache (no past_key_values.* inputs)")
-    if any(n.op_type in _QUANTIZED_OPS for n in header.graph.node):
-        raise UserError(f"'{model_path}' is quantized; prune the float decoder, then quantize the pruned one")
+    float_decoder_header(model_path)  # refuses a missing, non-decoder or quantized file
     sequences = [list(map(int, s)) for s in calibration if len(s) >= 2]
     if len(sequences) < 2:
         raise UserError(f"decoder MLP pruning needs at least 2 calibration sequences of 2+ tokens, got {len(sequences)}; "

@@ -48,7 +48,7 @@ from optimizers.quantize.weight_only import (
     decode_step_ms,
     decoder_quality,
     default_sequences,
-    is_decoder,
+    float_decoder_header,
     pack_sibling_matmuls,
     save_model,
     sequence_feeds,
@@ -161,6 +161,10 @@ def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] =
     ort_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = ort_logger.level
     ort_logger.setLevel(max(level, logging.ERROR))
+    # ONNX Runtime's GPTQ and k-quant sort the graph and fail on an input no node reads
+    # (``position_ids`` once GroupQueryAttention rotates by cache position): such inputs are taken
+    # out for the quantizer and put back at their places after.
+    model, unused = _without_unused_inputs(model)
     try:
         with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
             warnings.simplefilter("ignore")  # HQQ's torch.from_numpy of a read-only array: not the user's concern
@@ -170,7 +174,24 @@ def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] =
     finally:
         ort_logger.setLevel(level)
     result = quantizer.model
-    return result.model if hasattr(result, "model") else result
+    result = result.model if hasattr(result, "model") else result
+    for index, value in unused:
+        result.graph.input.insert(index, value)
+    return result
+
+
+def _without_unused_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[int, onnx.ValueInfoProto]]]:
+    """``model`` (a copy when anything is taken out) without the graph inputs no node reads, and
+    those inputs with their places."""
+    read = {name for node in model.graph.node for name in node.input}
+    unused = [(index, value) for index, value in enumerate(model.graph.input) if value.name not in read]
+    if not unused:
+        return model, []
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for _, value in unused:
+        copy.graph.input.remove(value)
+    return copy, unused
 
 
 def rtn(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, *, only: Sequence[str] | None = None,
@@ -226,10 +247,14 @@ class _Reader:
 
 
 def gptq(model: onnx.ModelProto, io: DecoderIO, sequences) -> onnx.ModelProto:
+    """GPTQ from ONNX Runtime's quantizer, calibrated on whole ``sequences``; the feeds leave out
+    inputs no node reads (the quantizer sees the graph without them, see ``_quiet_quantizer``)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig
 
-    config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(io, sequences), block_size=128,
-                                       op_types_to_quantize=("MatMul",))
+    read = {name for node in model.graph.node for name in node.input}
+    reader = _Reader(io, sequences)
+    reader.feeds = [{k: v for k, v in feeds.items() if k in read} for feeds in reader.feeds]
+    config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128, op_types_to_quantize=("MatMul",))
     model = _quiet_quantizer(model, config)
     return rtn(model, 4, 32, True, only=[])
 
@@ -351,13 +376,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     GPTQ (default: the evaluation sequences). Does not modify the file at ``model_path``."""
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)
-    if not model_path.is_file():
-        raise UserError(f"model file '{model_path}' not found")
-    header = onnx.load(str(model_path), load_external_data=False)
-    if not is_decoder(header):
-        raise UserError(f"'{model_path}' is not a generative decoder with a cache (no past_key_values.* inputs)")
-    if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger") for n in header.graph.node):
-        raise UserError(f"'{model_path}' is already quantized; quantize the float model")
+    float_decoder_header(model_path)  # refuses a missing, non-decoder or quantized file
     session_settings = SessionSettings(intra_op_threads=settings.threads, log_severity=3)
     reference = OnnxDecoder(model_path, settings=session_settings)
     evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else default_sequences(reference)

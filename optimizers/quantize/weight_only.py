@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxforge.common.graph import producers as tensor_producers, readers as tensor_readers
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.sessions import SessionSettings
@@ -118,9 +119,25 @@ class WeightOnlyResult:
         return d
 
 
+QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul")
+
+
 def is_decoder(model: onnx.ModelProto) -> bool:
     """A generative decoder graph with a cache (``past_key_values.*`` inputs)."""
     return any(i.name.startswith("past_key_values.") for i in model.graph.input)
+
+
+def float_decoder_header(model_path: Path) -> onnx.ModelProto:
+    """The graph of the float decoder at ``model_path`` (weights not loaded), or a ``UserError``
+    naming why it is none: missing, not a decoder with a cache, already quantized."""
+    if not model_path.is_file():
+        raise UserError(f"model file '{model_path}' not found")
+    header = onnx.load(str(model_path), load_external_data=False)
+    if not is_decoder(header):
+        raise UserError(f"'{model_path}' is not a generative decoder with a cache (no past_key_values.* inputs)")
+    if any(n.op_type in QUANTIZED_OPS for n in header.graph.node):
+        raise UserError(f"'{model_path}' is already quantized: start from the float decoder")
+    return header
 
 
 def is_decoder_file(path) -> bool:
@@ -147,7 +164,7 @@ def untie_output_layer(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = tensor_producers(graph)
     transposed: dict[str, str] = {}
 
     def transposed_copy(weight: onnx.TensorProto) -> str:
@@ -270,10 +287,7 @@ def feed_packed_qkv(model: onnx.ModelProto) -> int:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = {name: len(nodes) for name, nodes in tensor_readers(graph).items()}
     outputs = {v.name for v in graph.output}
     changed = 0
     for gqa in [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]:
