@@ -269,3 +269,20 @@ def test_cli_quantize_auto_on_a_decoder_compares_candidates(tmp_path, capsys):
     assert code == 0, printed
     assert "rtn-int4-int8-head" in printed and "<- chosen" in printed and "why: chose" in printed
     assert out.exists()
+
+
+def test_no_candidate_within_budget_writes_nothing():
+    """As auto int8 does for encoders: when every candidate misses the perplexity budget, the
+    closest is named and nothing is chosen (exit status 4 from the CLI)."""
+    from optimizers.quantize.decoder_candidates import CandidateReport, DecoderCandidateSettings, choose
+    from optimizers.quantize.weight_only import DecoderQuality
+    from onnxforge.common.errors import BudgetNotMet
+
+    def report(name, ratio, kl):
+        quality = DecoderQuality(10.0, 10.0 * ratio, kl, 8.0, 16, 64)
+        return CandidateReport(name, quality, ratio, 1.0, 100, within_budget=ratio <= 1.02)
+
+    settings = DecoderCandidateSettings()
+    assert choose([report("a", 1.01, 0.01), report("b", 1.5, 0.2)], settings)[0] == "a"
+    with pytest.raises(BudgetNotMet, match="closest: b at 1.3000x.*nothing was written"):
+        choose([report("a", 1.5, 0.3), report("b", 1.3, 0.2)], settings)

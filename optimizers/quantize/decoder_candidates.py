@@ -20,8 +20,8 @@ no 8-bit gather in ONNX Runtime, is promoted to float instead).
 
 Choice (as ``optimizers.quantize.choose`` chooses for encoders): every candidate's perplexity and
 KL against fp32 on held-out sequences, its decode step timed here (interleaved rounds); the
-fastest whose perplexity is within ``max_perplexity_ratio`` of fp32 wins; when none is, the one
-closest in KL, said so. Each decision is a line in ``reasons``.
+fastest whose perplexity is within ``max_perplexity_ratio`` of fp32 wins; when none is, nothing is
+written (``BudgetNotMet`` names the closest in KL). Each decision is a line in ``reasons``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxforge.common.errors import UserError
+from onnxforge.common.errors import BudgetNotMet, UserError
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.quantize.weight_only import (
@@ -428,8 +428,9 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
 
 
 def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSettings) -> tuple[str, list[str]]:
-    """The fastest candidate within the quality budget (by perplexity when untimed); when none is
-    within it, the one with the lowest KL. Returns (name, reasons)."""
+    """The fastest candidate within the quality budget (by perplexity when untimed). Returns
+    (name, reasons); when none is within it, ``BudgetNotMet`` names the closest (lowest KL) and
+    nothing is written, as auto int8 does for encoders."""
     built = [r for r in reports if r.quality is not None]
     reasons = [f"{r.name}: not built ({r.error})" for r in reports if r.quality is None]
     for r in built:
@@ -443,8 +444,11 @@ def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSetting
         best = min(within, key=(lambda r: r.decode_ms) if timed else (lambda r: r.perplexity_ratio))
         reasons.append(f"chose {best.name}: the {'fastest' if timed else 'most faithful'} of {len(within)} within the quality budget")
     else:
-        best = min(built, key=lambda r: r.quality.kl_mean)
-        reasons.append(f"chose {best.name}: no candidate is within the quality budget; this one is closest to fp32 (lowest KL)")
+        closest = min(built, key=lambda r: r.quality.kl_mean)
+        raise BudgetNotMet(
+            f"no weight-only candidate is within perplexity {settings.max_perplexity_ratio}x of fp32 "
+            f"(closest: {closest.name} at {closest.perplexity_ratio:.4f}x, KL {closest.quality.kl_mean:.4f}); nothing was "
+            "written. Raise --max-perplexity-ratio, try --mode int8-weight, or check the evaluation text")
     return best.name, reasons
 
 
