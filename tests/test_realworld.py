@@ -35,6 +35,7 @@ COMMAND_TIMEOUT_S = 600
 OPTIMIZE_METRIC_SLACK = 0.02
 # ONNX Runtime's own C++ log lines go to stderr whatever Python's logging says; they are not ours.
 ORT_NATIVE_LOG = re.compile(r"\[[WEI]:onnxruntime:")
+ANSI_ONLY = re.compile(r"(\x1b\[[0-9;]*m)+")
 # A refusal is one error line, last; before it, with -q, only the warnings the command logged on the way.
 ERROR_LINE = re.compile(r"^onnxforge [\w-]+: error: ")
 WARNING_LINE = re.compile(r"^\[\s*[\d.]+s\] warning: ")
@@ -173,7 +174,10 @@ def outcome(name: str, command: str, root: Path) -> Outcome:
     except subprocess.TimeoutExpired:
         return record(Outcome(name, command, "FAILED", time.perf_counter() - start, f"timed out after {COMMAND_TIMEOUT_S} s"))
     seconds = time.perf_counter() - start
-    ours = [line for line in done.stderr.splitlines() if line.strip() and not ORT_NATIVE_LOG.search(line)]
+    # ONNX Runtime's own colored log lines (a session that failed to load) end in a line that is
+    # only the color reset: both are ONNX Runtime's, not onnxforge's output
+    ours = [line for line in done.stderr.splitlines()
+            if line.strip() and not ORT_NATIVE_LOG.search(line) and not ANSI_ONLY.fullmatch(line.strip())]
     if done.returncode == 0:
         try:
             metric = verify(done)

@@ -5,6 +5,7 @@ model, with a report of parameters, MACs, size and fidelity before and after. At
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import onnx
@@ -20,6 +21,8 @@ from optimizers.prune.heads import HeadPruneResult, HeadSettings, prune_heads
 from optimizers.prune.sparsity import magnitude_sparsity
 from optimizers.prune.structured import prune_structured
 from optimizers.verify import verification_inputs
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("structured", "magnitude")
 
@@ -60,7 +63,7 @@ def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSe
             raise UserError("attention heads are pruned structurally; --heads does not combine with --method magnitude")
         return _heads_then_neurons(source, settings, heads, head_importance, data)
     if method == "structured":
-        return prune_structured(source, settings, **data)
+        return _structured_with_fallback(source, settings, data)
 
     source = normalize(source, dims=data.get("dims")).model  # Constant weights lifted, -1 dims named
     result = magnitude_sparsity(source, settings.ratio)
@@ -78,6 +81,25 @@ def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSe
         notes=(f"magnitude pruning: {result.stats['achieved_sparsity']:.1%} of MatMul/Gemm/Conv weights are zero; "
                "sizes are deflate-compressed bytes; dense kernels are not faster",),
     )
+
+
+def _structured_with_fallback(source: onnx.ModelProto, settings: PruneSettings, data) -> PruneResult:
+    """``prune_structured``; where the data-driven defaults (``auto``: reconstruction, global)
+    fail on a graph, the data-free choice (l1 per layer, re-fit kept) is tried before giving up,
+    and the notes say why. Settings the user named are never replaced."""
+    try:
+        return prune_structured(source, settings, **data)
+    except UserError as exc:
+        if data.get("calibration") is None or "auto" not in (settings.importance, settings.scope):
+            raise
+        fallback = dataclasses.replace(settings, importance="l1" if settings.importance == "auto" else settings.importance,
+                                       scope="layer" if settings.scope == "auto" else settings.scope,
+                                       refine_steps=0 if settings.refine_steps is None else settings.refine_steps)
+        logger.warning("the data-driven pruning defaults failed on this graph (%s); pruning with l1 norms per layer",
+                       str(exc)[:200])
+        result = prune_structured(source, fallback, **data)
+        note = f"the data-driven defaults (reconstruction, global) failed here: {str(exc)[:200]}; pruned with l1 per layer"
+        return dataclasses.replace(result, notes=(*result.notes, note))
 
 
 def _heads_then_neurons(source: onnx.ModelProto, settings: PruneSettings, heads: float, head_importance: str, data
