@@ -248,10 +248,7 @@ def pack_sibling_matmuls(model: onnx.ModelProto) -> int:
             graph.node.insert(first, matmul)
             removed += len(siblings) - 1
     if removed:
-        used = {i for n in graph.node for i in n.input}
-        kept = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        _drop_unread_initializers(graph)
     return removed
 
 
@@ -271,6 +268,14 @@ def output_layer_weight(model: onnx.ModelProto) -> str | None:
             return None
         node = producers.get(node.input[0])
     return None
+
+
+def _drop_unread_initializers(graph: onnx.GraphProto) -> None:
+    """Initializers no node reads any more, removed in place (after a rewrite replaced readers)."""
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def feed_packed_qkv(model: onnx.ModelProto) -> int:
@@ -328,10 +333,7 @@ def feed_packed_qkv(model: onnx.ModelProto) -> int:
         gqa.input[0], gqa.input[1], gqa.input[2] = packed, "", ""
         changed += 1
     if changed:
-        used = {i for n in graph.node for i in n.input}
-        kept = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        _drop_unread_initializers(graph)
     return changed
 
 
