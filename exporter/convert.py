@@ -27,6 +27,7 @@ from onnxforge.common.onnxio import save_onnx
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 from runtime_bench.timing import Measure
+from onnxforge.common.progress import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -444,7 +445,7 @@ def _attempt_exports(order: Sequence[str], timed: bool, export_one, opset: int):
     A validation failure is the user's answer unless another exporter's graph already verified."""
     failures: list[str] = []
     exported: dict[str, tuple[onnx.ModelProto, list[ShapeCheck]]] = {}
-    for attempt in order:
+    for attempt in tracked(order, "export and check against PyTorch"):
         logger.info("exporting with the %s exporter (opset %d)", attempt, opset)
         try:
             exported[attempt] = export_one(attempt)

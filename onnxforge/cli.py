@@ -19,7 +19,8 @@ from onnxforge.common.errors import (
     EXIT_VERIFICATION,
     UserError,
 )
-from onnxforge.progress import logs_above_bars
+from onnxforge.progress import ProgressBar, logs_above_bars
+from onnxforge.common.progress import displayed
 
 logger = logging.getLogger("onnxforge.cli")
 
@@ -109,6 +110,10 @@ def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
     group.add_argument("-q", "--quiet", action="store_true", default=default, help="show warnings and errors only")
 
 
+def _terminal_bar(title: str, depth: int) -> ProgressBar:
+    return ProgressBar(title, position=depth)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("-v and -q contradict each other; give one")
     configure_logging(-1 if args.quiet else (1 if args.verbose else 0))
     try:
-        with logs_above_bars(OUR_LOGGERS):
+        with logs_above_bars(OUR_LOGGERS), displayed(None if args.quiet else _terminal_bar):
             return int(args.func(args) or 0)
     except UserError as exc:
         print(f"onnxforge {args.command}: error: {exc}", file=sys.stderr)

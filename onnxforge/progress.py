@@ -18,12 +18,12 @@ class ProgressBar:
     """``bar(label, fraction)`` moves a tqdm bar titled ``title`` to ``fraction`` with ``label``
     beside it; ``close()`` ends it. Disabled when ``stream`` is not a terminal."""
 
-    def __init__(self, title: str, stream=None):
+    def __init__(self, title: str, stream=None, position: int = 0):
         from tqdm import tqdm
 
         self.stream = stream or sys.stderr
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=RESOLUTION, desc=title, file=self.stream, disable=not tty, leave=False,
+        self.bar = tqdm(total=RESOLUTION, desc=title, file=self.stream, disable=not tty, leave=False, position=position,
                         bar_format="{desc} {percentage:3.0f}%|{bar:24}| {postfix} [{elapsed}<{remaining}]")
 
     def __call__(self, label: str, fraction: float) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from onnxforge.common import jsonio
 from onnxforge.common.compare import Tolerance, compare_outputs
+from onnxforge.common.progress import reporting
 from onnxforge.common.errors import UserError
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.normalize import normalize
@@ -717,8 +718,17 @@ def benchmark(
     variant's input specs (token ids stay inside the embedding table) or given as a mapping
     or ``.npz`` file, and every variant gets the same values. Speedups are relative to
     ``config.baseline`` (default: the first variant). ``progress(label, fraction)`` is called
-    as cells advance.
+    as cells advance; without it, the cells are reported as progress titled "benchmark" to
+    whatever display the caller installed (``onnxforge.common.progress``).
     """
+    if progress is None:
+        with reporting("benchmark") as report:
+            return _benchmark(variants, config, inputs, report)
+    return _benchmark(variants, config, inputs, progress)
+
+
+def _benchmark(variants: Sequence[Variant | str | Path], config: BenchConfig,
+               inputs: str | Path | Mapping[str, np.ndarray] | None, progress: Callable[[str, float], None]) -> BenchReport:
     started = time.perf_counter()
     variants, baseline = _checked_variants(variants, config)
     onnx_variants = [v for v in variants if isinstance(v, OnnxVariant)]
@@ -751,8 +761,7 @@ def benchmark(
                    for variant in variants]
 
         def cell_progress(fraction, _i=cell_index, _label=label):
-            if progress:
-                progress(_label, (_i + fraction) / len(cells))
+            progress(_label, (_i + fraction) / len(cells))
 
         try:
             cell = _measure_cell(runners, config, cell_progress)
@@ -760,8 +769,7 @@ def benchmark(
         finally:
             for runner in runners:
                 runner.close()
-        if progress:
-            progress(label, (cell_index + 1) / len(cells))
+        progress(label, (cell_index + 1) / len(cells))
     workdir.cleanup()
     if notes:
         measurements = [dataclasses.replace(m, warnings=m.warnings + ((notes[m.variant],) if m.variant in notes else ()))

@@ -71,7 +71,6 @@ def _bench_command(args) -> int:
         return _generate_command(args)
 
     from onnxforge.common.fileio import ensure_writable_dir
-    from onnxforge.progress import ProgressBar
     from runtime_bench import (
         OnnxVariant,
         TorchVariant,
@@ -93,12 +92,7 @@ def _bench_command(args) -> int:
         loaded = load_model_source(args.torch)
         keyword = isinstance(loaded.example_inputs, dict)
         variants.insert(0, TorchVariant("torch", loaded.module, keyword=keyword))
-    bar = ProgressBar("bench") if not args.quiet else None
-    try:
-        report = benchmark(variants, config, inputs=args.inputs, progress=bar)
-    finally:
-        if bar:
-            bar.close()
+    report = benchmark(variants, config, inputs=args.inputs)  # progress: the CLI's bar, "benchmark"
     page = None
     if args.out:
         from runtime_bench.html import write_html
@@ -114,15 +108,9 @@ def _bench_command(args) -> int:
 
 
 def _tune_command(args) -> int:
-    from onnxforge.progress import ProgressBar
     from runtime_bench import tune
 
-    bar = ProgressBar("tune") if not args.quiet else None
-    try:
-        result = tune(args.model, _bench_config(args), inputs=args.inputs, progress=bar)
-    finally:
-        if bar:
-            bar.close()
+    result = tune(args.model, _bench_config(args), inputs=args.inputs)  # progress: the CLI's bar, "benchmark"
     if args.json:
         print(jsonio.document({"best": result.best.__dict__, "ranking": [[s.__dict__, ms] for s, ms in result.ranking()]}))
         return 0

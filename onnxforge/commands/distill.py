@@ -34,7 +34,7 @@ def _distill_command(args) -> int:
     from exporter import export, load_model_source
     from onnxforge.common.callables import import_callable
     from onnxforge.common.fileio import atomic_path
-    from onnxforge.progress import ProgressBar
+    from onnxforge.common.progress import reporting
     from optimizers.distill import DistillSettings, distill
 
     features = {}
@@ -50,12 +50,8 @@ def _distill_command(args) -> int:
     data = import_callable(args.data)
     val_data = import_callable(args.val_data) if args.val_data else None
     test_data = import_callable(args.test_data) if args.test_data else None
-    bar = ProgressBar("distill") if not args.quiet else None
-    try:
+    with reporting("distill") as bar:
         result = distill(teacher, student_source.module, data, settings, val_data=val_data, test_data=test_data, progress=bar)
-    finally:
-        if bar:
-            bar.close()
     with atomic_path(Path(args.out)) as staged:
         torch.save(result.student, staged)
     print(f"student written to {args.out} (epoch {result.best_epoch} of {len(result.history)}, chosen by {result.selected_by})")

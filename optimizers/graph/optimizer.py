@@ -29,6 +29,7 @@ from optimizers.graph.precision import to_fp16
 from optimizers.prune.sparsity import magnitude_sparsity
 from optimizers.result import PassResult
 from optimizers.verify import compare_models, run_model, verification_dims, verification_inputs
+from onnxforge.common.progress import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def optimize(model: onnx.ModelProto | str | Path, settings: OptimizeSettings = O
     steps = _steps(settings, source, dims, tolerance, level, reference_inputs)
     current, source = source, None  # the reference outputs are all later steps need of it
     reports = []
-    for name, transform, kind in steps:
+    for name, transform, kind in tracked(steps, "optimize passes", label=lambda step: step[0]):
         step_started = time.perf_counter()
         result: PassResult = _within_opset(name, transform, current, dims)
         check = None

@@ -47,6 +47,7 @@ from optimizers.quantize.weight_only import (
     sequence_feeds,
 )
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
+from onnxforge.common.progress import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ def prune_decoder_mlp(model_path, out_path, calibration: Sequence[Sequence[int]]
     weights = {t.name: t for t in model.graph.initializer}
     parameters_before = _parameters(model)
     pruned = []
-    for mlp, fit, heldout in zip(mlps, fit_stats, heldout_stats):
+    for mlp, fit, heldout in tracked(list(zip(mlps, fit_stats, heldout_stats)), "prune: MLP reconstruction", label=lambda m: m[0].down):
         arrays, report = _prune_one(mlp, weights, fit, heldout, settings)
         for name, array in arrays.items():
             weights[name].CopyFrom(numpy_helper.from_array(array, name))

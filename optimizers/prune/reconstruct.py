@@ -79,6 +79,7 @@ from optimizers.calibration import HOLDOUT_SHARE, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.channels import add_bias, apply, channel_stats, channel_units, compensate_biases
 from optimizers.verify import ort_session
+from onnxforge.common.progress import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -842,7 +843,7 @@ def greedy_scores(model: onnx.ModelProto, analysis, batches: Sequence[Mapping[st
     consumers, _ = _consumers(model, analysis, frozenset(), ReconstructSettings(max_features=1 << 30), every=True)
     grams = _full_grams(model, consumers, batches)
     score: dict[int, float] = {}
-    for _, roots in channel_units(analysis):
+    for _, roots in tracked(channel_units(analysis), "prune: channel importance per unit", label=lambda unit: f"{len(unit[1])} channels"):
         if any(r in analysis.frozen for r in roots):
             continue
         members = set(roots)

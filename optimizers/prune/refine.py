@@ -49,6 +49,7 @@ from onnxforge.common.graph import readers as readers_of
 from optimizers.calibration import HOLDOUT_SHARE, split_holdout
 from optimizers.prune.reconstruct import activations, token_rows
 from optimizers.quantize.outliers import feed_forwards
+from onnxforge.common.progress import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -414,7 +415,7 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
     current = onnx.ModelProto()
     current.CopyFrom(model)
     reports = [BlockReport(name, None, (0, 0), None, 0, False, why) for name, why in skipped]
-    for block in blocks:
+    for block in tracked(blocks, "prune: block refinement", label=lambda b: b.name):
         if block.end not in reference_names:
             reports.append(BlockReport(block.name, None, (0, 0), None, 0, False, "its output is not in the reference model"))
             continue

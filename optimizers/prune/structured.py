@@ -59,6 +59,7 @@ from optimizers.prune.reconstruct import greedy_scores, reconstruct
 from optimizers.prune.refine import RefineSettings, refine
 from optimizers.prune.trace import Analysis, analyze
 from optimizers.verify import verification_inputs
+from onnxforge.common.progress import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def _sensitivity_or_uniform(model, analysis: Analysis, settings: PruneSettings, 
         losses = greedy_scores(model, analysis, calib_batches, global_share(deepest))
     allocation = allocate_by_sensitivity(model, analysis, settings, losses, calib_batches)
     options = {}
-    for label, drops in (("uniform", None), ("sensitivity", allocation.drops)):
+    for label, drops in tracked((("uniform", None), ("sensitivity", allocation.drops)), "prune: allocations", label=lambda o: o[0]):
         chosen = settings if drops is not None else dataclasses.replace(settings, scope="layer")
         decided, runs = _verified(model, analysis, decide_drops(analysis, chosen, score, drops), check)
         removed = frozenset().union(*(roots for _, roots in decided))

@@ -36,6 +36,7 @@ from optimizers.quantize.timing import measure_with_runtime_bench, time_against_
 from optimizers.verify import verification_inputs
 from runtime_bench.machine import machine_info
 from runtime_bench.timing import Measure
+from onnxforge.common.progress import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def _build_candidates(candidates: Sequence[Candidate], inputs_for: Mapping[str, 
 
     built = list(candidates)
     models: dict[str, onnx.ModelProto] = {}
-    for index in sorted(range(len(candidates)), key=width):
+    for index in tracked(sorted(range(len(candidates)), key=width), "quantize candidates", label=lambda i: candidates[i].name):
         c = candidates[index]
         logger.info("quantizing: %s (%s)%s", c.name, c.description,
                     f", {c.resolved['calibration_method']} calibration" if c.resolved["mode"] == "static" else "")

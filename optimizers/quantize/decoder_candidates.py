@@ -58,6 +58,7 @@ from optimizers.quantize.weight_only import (
 )
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
 from runtime_bench.generation import weight_bytes
+from onnxforge.common.progress import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def sensitivity(prepared: onnx.ModelProto, sequences, settings: SessionSettings)
         lp = logits - logits.max(axis=-1, keepdims=True)
         reference_logp.append(lp - np.log(np.exp(lp).sum(axis=-1, keepdims=True)))
     scores = {}
-    for product in weight_products(prepared):
+    for product in tracked(weight_products(prepared), "int4 sensitivity per product"):
         single = rtn(copy.deepcopy(prepared), 4, 32, True, only=[product], embedding=False)
         scores[product] = _mean_kl(reference_logp, _logits_session(single, settings), io, sequences)
     if embedding_gathers(prepared):
@@ -388,7 +389,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     reports: dict[str, CandidateReport] = {}
     with staging_dir(out_path) as work:
         paths, decoders = {}, {}
-        for name in settings.candidates:
+        for name in tracked(settings.candidates, "weight-only candidates"):
             try:
                 built = set_accuracy_level(builders[name](copy.deepcopy(prepared)), settings.accuracy_level)
                 paths[name] = work / f"{name}.onnx"

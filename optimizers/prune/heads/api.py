@@ -33,6 +33,7 @@ from optimizers.prune.heads.scoring import (
 )
 from optimizers.prune.heads.settings import HEAD_IMPORTANCES, HeadBlock, HeadPruneResult, HeadSettings
 from optimizers.prune.reconstruct import Moments, ReconstructSettings, solve
+from onnxforge.common.progress import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _verified(model, cuts: list[tuple[AttentionBlock, tuple[int, ...]]], check) 
     if error is None:
         return candidates, {}, 1 if candidates else 0
     accepted, failures, runs = [], {}, 1
-    for cut in candidates:
+    for cut in tracked(candidates, "prune: heads, block by block", label=lambda c: c[0].name):
         runs += 1
         error = check(apply(model, accepted + [cut]))
         if error is None:
@@ -134,7 +135,7 @@ def _cuts(usable: Sequence[AttentionBlock], prepared, settings: HeadSettings, ca
         raise UserError("ablation head importance needs calibration data (--calibration DATA)")
     contexts = head_contexts(prepared, usable, calib_batches) if calib_batches and usable else None
     cuts, means = [], {}
-    for block in usable:
+    for block in tracked(usable, "prune: head importance", label=lambda b: b.name):
         if contexts is not None:
             score, means[block.name] = calibration_scores(prepared, block, contexts)
             if settings.importance == "ablation":
