@@ -24,6 +24,7 @@ from onnxforge.common.sessions import SessionSettings, open_session
 from onnxforge.common.summary import ops_by_domain, summarize
 from onnxforge.fingerprints import sha256_file, tool_versions
 from onnxforge.generation import Tokenizer
+from onnxforge.triton import FOLDER, write_entry
 from runtime_bench.decoder import DecoderIO, OnnxDecoder, greedy
 
 MANIFEST_VERSION = 1
@@ -74,12 +75,16 @@ def write_package(
     make_zip: bool = False,
     companions: Sequence[Path] = (),
     generation_check: dict[str, Any] | None = None,
+    triton: bool = False,
+    max_batch: int = 1,
 ) -> Path:
     """Write the package folder atomically: it appears complete, or the old one stays.
 
     ``companions`` are copied in beside the model under their own names (a decoder's tokenizer and
-    configs); ``generation_check`` (prompt ids and the greedy tokens the packaged model gave) is
-    recorded for ``verify_package`` to replay."""
+    configs, the run's report.html); ``generation_check`` (prompt ids and the greedy tokens the
+    packaged model gave) is recorded for ``verify_package`` to replay. ``triton`` adds a Triton
+    model repository entry (``onnxforge.triton``), batching up to ``max_batch`` where the model
+    has a shared batch dim."""
     folder = Path(folder)
     ensure_writable_dir(folder.parent, "package")
     with atomic_dir(folder) as staging:
@@ -88,6 +93,7 @@ def write_package(
             shutil.copy2(f, staging / ("model.onnx" if f == model_files[0] else f.name))
         for f in companions:
             shutil.copy2(f, staging / Path(f).name)
+        manifest_companions = sorted(Path(f).name for f in companions)
         session = open_session(staging / "model.onnx", SessionSettings(log_severity=4), what="the packaged model")
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, reference_inputs)))
         np.savez(staging / "reference.npz", **{f"input:{k}": v for k, v in reference_inputs.items()},
@@ -113,8 +119,13 @@ def write_package(
         }
         if generation_check is not None:
             manifest["generation_check"] = generation_check
+        if manifest_companions:
+            manifest["companions"] = manifest_companions
+        if triton:
+            entry = write_entry(staging, files_of(staging / "model.onnx"), name, recommended, max_batch)
+            manifest["triton"] = {"repository": FOLDER, "model": entry.name}
         (staging / "README.md").write_text(_model_card(manifest, summary), encoding="utf-8")
-        files = sorted(p.name for p in staging.iterdir())
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         manifest["files"] = {f: {"sha256": sha256(staging / f), "bytes": (staging / f).stat().st_size} for f in files}
         (staging / "manifest.json").write_text(jsonio.dumps(manifest), encoding="utf-8")
     if make_zip:
@@ -146,6 +157,12 @@ def _model_card(manifest: dict, summary) -> str:
         "",
         "Check this package: `onnxforge verify-package .` (checksums, then a smoke inference against reference.npz).",
     ]
+    if "report.html" in manifest.get("companions", ()):
+        lines += ["", "The run's report, with every candidate's accuracy or cosine against latency and the latency "
+                  "distributions: `report.html` (one file, open it in a browser)."]
+    if "triton" in manifest:
+        lines += ["", f"Serve it with Triton: `tritonserver --model-repository {manifest['triton']['repository']}` "
+                  f"(model `{manifest['triton']['model']}`, ONNX Runtime backend)."]
     return "\n".join(lines) + "\n"
 
 

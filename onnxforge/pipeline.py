@@ -430,10 +430,9 @@ def _benchmark_step(recipe: Recipe, steps: _Steps, candidates: dict[str, StepRec
     from runtime_bench import BenchConfig, SessionSettings
 
     bench = recipe.section("benchmark")
-    batch = bench.get("batch", [8])
     config = BenchConfig(
         providers=(bench.get("provider", "cpu"),),
-        batch_sizes=tuple(batch if isinstance(batch, list) else [batch]),
+        batch_sizes=tuple(_measured_batches(recipe)),
         dims=bench.get("dims", recipe.section("data").get("dims", {})),
         min_seconds=float(bench.get("min_seconds", 2.0)),
         min_runs=int(bench.get("min_runs", 20)),
@@ -610,7 +609,15 @@ def _package(recipe: Recipe, out: Path, chosen: StepRecord, row: CandidateRow, e
         recommended=_recommended(recipe, bench),
         name=recipe.name,
         make_zip=bool(package_settings.get("zip", False)),
+        companions=[out / "report.html"] if (out / "report.html").is_file() else [],
+        triton=bool(package_settings.get("triton", False)),
+        max_batch=max(_measured_batches(recipe)) if bench else 1,
     )
+
+
+def _measured_batches(recipe: Recipe) -> list[int]:
+    batch = recipe.section("benchmark").get("batch", [8])
+    return list(batch) if isinstance(batch, list) else [batch]
 
 
 def _recommended(recipe: Recipe, bench: StepRecord | None) -> dict[str, Any]:

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 
 import pytest
@@ -60,3 +62,39 @@ def docstring_llama_export(docstring_llama_folder, tmp_path_factory):
                      "--output", str(folder / "model.onnx")])
     assert code == 0, stdout.getvalue()
     return folder, stdout.getvalue()
+
+
+TINY_RECIPE = """
+name = "tiny"
+[model]
+source = "tiny.py:build"
+[[candidates]]
+name = "fp32"
+[[candidates]]
+name = "int8"
+quantize = { mode = "dynamic" }
+[select]
+min_cosine = 0.5
+[package]
+triton = true
+[benchmark]
+batch = [4]
+min_seconds = 0.0
+min_runs = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """``onnxforge -q run`` of a two-candidate recipe (with a Triton entry in its package):
+    (output folder, what it printed)."""
+    from onnxforge.cli import main
+    from tests.tiny_models import MLP_FACTORY_SOURCE
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    (folder / "tiny.py").write_text(MLP_FACTORY_SOURCE)
+    (folder / "recipe.toml").write_text(TINY_RECIPE)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["-q", "run", str(folder / "recipe.toml"), "--out", str(folder / "out")]) == 0
+    return folder / "out", out.getvalue()

@@ -79,8 +79,8 @@ def test_full_recipe_end_to_end(recipe_dir):
     assert manifest["measured"]["fidelity_min_mean_cosine"] == rows[result.selected].cosine
     assert manifest["measured"]["machine"] and manifest["tool_versions"]["onnxruntime"]
     assert manifest["transforms"][0]["step"] == "export" and manifest["min_onnxruntime_version"]
-    assert set(manifest["files"]) == {"model.onnx", "reference.npz", "README.md"}
-    assert verify_package(result.package).files_checked == 3
+    assert set(manifest["files"]) == {"model.onnx", "reference.npz", "README.md", "report.html"}
+    assert verify_package(result.package).files_checked == 4  # model, reference inputs, model card, report.html
     assert manifest["recommended"]["provider"] == "CPUExecutionProvider"  # what the benchmark measured
 
 
@@ -91,7 +91,7 @@ def test_package_zip(recipe_dir):
     assert result.package.suffix == ".zip"
     with zipfile.ZipFile(result.package) as archive:
         assert {"model.onnx", "manifest.json", "README.md", "reference.npz"} <= set(archive.namelist())
-    assert verify_package(recipe_dir / "out" / "package").files_checked == 3
+    assert verify_package(recipe_dir / "out" / "package").files_checked == 4  # model, reference inputs, model card, report.html
 
 
 def test_rerun_hits_cache_and_changes_miss(recipe_dir):
@@ -370,7 +370,7 @@ def test_failed_candidate_is_marked_and_the_survivor_is_packaged(keyed_dir):
     assert failed[0]["cosine"] is None and "NaN" not in (keyed_dir / "out" / "candidates.json").read_text()
     manifest = json.loads((result.package / "manifest.json").read_text())
     assert manifest["measured"]["fidelity_min_mean_cosine"] == rows[result.selected].cosine
-    assert verify_package(result.package).files_checked == 3
+    assert verify_package(result.package).files_checked == 4  # model, reference inputs, model card, report.html
 
 
 def test_a_bug_in_one_candidate_is_reported_as_a_bug_and_the_run_goes_on(keyed_dir, monkeypatch):
@@ -446,7 +446,7 @@ def test_killed_midway_resumes_with_the_same_result(keyed_dir):
     for name in ("candidate-fp32", "candidate-int8"):  # the same models as a run that was never interrupted
         assert sha256(steps / name / "model.onnx") == sha256(keyed_dir / "clean" / "steps" / name / "model.onnx")
     assert [(r.name, r.cosine) for r in resumed.rows] == [(r.name, r.cosine) for r in clean.rows]
-    assert verify_package(resumed.package).files_checked == 3
+    assert verify_package(resumed.package).files_checked == 4  # model, reference inputs, model card, report.html
 
 
 def test_two_runs_cannot_write_one_folder(keyed_dir):

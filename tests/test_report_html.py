@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import textwrap
+import json
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from onnxforge.cli import main
@@ -51,33 +54,47 @@ def test_pareto_front_keeps_only_undominated_points():
     assert [p[0] for p in pareto_front(points)] == ["int4", "int8", "fp32"]
 
 
-def test_run_writes_a_report_with_candidates_distributions_and_speedups(tmp_path, capsys):
-    from tests.tiny_models import MLP_FACTORY_SOURCE
-
-    (tmp_path / "tiny.py").write_text(MLP_FACTORY_SOURCE)
-    (tmp_path / "recipe.toml").write_text(textwrap.dedent("""
-        name = "tiny"
-        [model]
-        source = "tiny.py:build"
-        [[candidates]]
-        name = "fp32"
-        [[candidates]]
-        name = "int8"
-        quantize = { mode = "dynamic" }
-        [select]
-        min_cosine = 0.5
-        [benchmark]
-        batch = [4]
-        min_seconds = 0.0
-        min_runs = 5
-        """))
-    assert main(["-q", "run", str(tmp_path / "recipe.toml"), "--out", str(tmp_path / "out")]) == 0
-    page = tmp_path / "out" / "report.html"
-    assert f"report: {page}" in capsys.readouterr().out
+def test_run_writes_a_report_with_candidates_distributions_and_speedups(tiny_run):
+    out, printed = tiny_run
+    page = out / "report.html"
+    assert f"report: {page}" in printed
     elements = _parsed(page)
     assert elements.counts["circle.candidate"] == 2 and elements.counts["circle.selected"] == 1
     assert elements.counts["rect.box"] == 2 and elements.counts["rect.bar"] == 1  # int8's speedup over fp32
     assert elements.counts["tr.selected-row"] == 1
+
+
+def test_the_package_carries_the_report_and_its_model_card_points_to_it(tiny_run):
+    out, _ = tiny_run
+    package = out / "package"
+    assert (package / "report.html").read_bytes() == (out / "report.html").read_bytes()
+    assert "`report.html`" in (package / "README.md").read_text(encoding="utf-8")
+    manifest = json.loads((package / "manifest.json").read_text(encoding="utf-8"))
+    assert "report.html" in manifest["files"]
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="needs headless Chromium (Debian: apt install chromium)")
+def test_report_draws_its_plots_in_a_real_browser(tiny_run, tmp_path):
+    """Headless Chromium renders the page; the screenshot holds the speedup bar's colour and the
+    selected candidate's red ring: the SVG plots drew, not just the tables."""
+    from PIL import Image
+
+    out, _ = tiny_run
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,3000", f"--screenshot={shot}",
+                    (out / "report.html").as_uri()], capture_output=True, timeout=120, check=False)
+    assert shot.is_file(), "Chromium wrote no screenshot"
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    colours = {tuple(c): n for c, n in zip(*np.unique(pixels, axis=0, return_counts=True))}
+    assert colours.get((0x4C, 0x72, 0xB0), 0) > 200  # the speedup bar (and the first candidate's dot)
+    assert colours.get((0xCC, 0x00, 0x00), 0) > 20  # the ring around the selected candidate
+    assert len(colours) > 20  # text and plots, not a blank page
 
 
 def test_bench_out_writes_report_html(tmp_path, capsys):
