@@ -33,5 +33,6 @@ def run_demo(out_dir: str | Path, *, include_minilm: bool = True, overrides: lis
 def format_demo(results) -> str:
     blocks = []
     for name, result in results:
-        blocks.append(f"== {name}: candidates measured side by side (package: {result.package}) ==\n{result.table()}")
+        blocks.append(f"== {name}: candidates measured side by side (package: {result.package}) ==\n{result.table()}\n"
+                      f"report: {result.out / 'report.html'}")
     return "\n\n".join(blocks)

@@ -40,7 +40,7 @@ import numpy as np
 
 from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
-from onnxforge.common.fileio import atomic_dir, atomic_path, ensure_writable_dir, write_text_atomic
+from onnxforge.common.fileio import atomic_dir, ensure_writable_dir, write_text_atomic
 from onnxforge.fingerprints import digest, file_sha256, reference_hash, tool_versions
 from onnxforge.package import write_package
 from onnxforge.recipe import Recipe, load_recipe
@@ -522,33 +522,6 @@ def _rows(recipe: Recipe, made: list[_Made], bench: StepRecord | None) -> list[C
     return rows
 
 
-def _pareto_plot(rows: list[CandidateRow], selected: str | None, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [r for r in rows if not r.failed]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        ax.scatter(row.p50_ms, row.cosine, color="#c44e52" if row.name == selected else "#4c72b0")
-        ax.annotate(row.name, (row.p50_ms, row.cosine), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    frontier = []
-    for row in sorted(rows, key=lambda r: r.p50_ms):
-        if not frontier or row.cosine > frontier[-1].cosine:
-            frontier.append(row)
-    ax.plot([r.p50_ms for r in frontier], [r.cosine for r in frontier], "--", color="gray", linewidth=0.8, label="Pareto front")
-    ax.set_xlabel("latency p50 ms")
-    ax.set_ylabel("fidelity (mean cosine to the export)")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as staged:
-        fig.savefig(staged, dpi=110, format="png")
-    plt.close(fig)
-
-
 def _html_report(recipe: Recipe, rows: list[CandidateRow], selected: str | None, bench: StepRecord | None, path: Path) -> None:
     """report.html: the candidates' table, their quality against latency (accuracy where the
     recipe measured it, as the selection did, else cosine) and the benchmark's distributions."""
@@ -662,7 +635,6 @@ def _run(recipe: Recipe, out: Path, force: bool) -> PipelineResult:
     rows = _rows(recipe, made, bench)
     eligible = [r for r in rows if r.meets_budget]
     selected = min(eligible, key=lambda r: r.p50_ms if bench else -r.cosine).name if eligible else None
-    _pareto_plot(rows, selected, out / "pareto.png")
     _html_report(recipe, rows, selected, bench, out / "report.html")
     package = None
     if selected is None:

@@ -40,9 +40,9 @@ def _run_command(args) -> int:
     for step in result.steps:
         print(f"  {step.name:<28} {'reused (unchanged)' if step.cached else f'ran in {step.seconds:.1f} s'}")
     print(result.table())
-    if (result.out / "report.html").is_file():
-        print(f"report: {result.out / 'report.html'}")
     print(f"package: {result.package}" if result.package else "no candidate met the fidelity budget: nothing packaged")
+    if (result.out / "report.html").is_file():
+        print(f"report: {result.out / 'report.html'}")  # the last line: where to look
     return 0 if result.package or result.selected else EXIT_BUDGET
 
 
