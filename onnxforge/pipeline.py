@@ -312,7 +312,9 @@ def _optimize_step(recipe: Recipe, steps: _Steps, source: StepRecord) -> StepRec
 
         result = optimize_file(source.artifact, folder / "model.onnx", OptimizeSettings(dims=dims, **settings_data))
         return "model.onnx", {"settings": settings_data, "fusions": result.fusions,
-                              "nodes": [result.before.node_count, result.after.node_count]}
+                              "nodes": [result.before.node_count, result.after.node_count],
+                              "passes": [[step.name, step.nodes_before, step.nodes_after, round(step.seconds, 3),
+                                          step.check["max_abs_error"] if step.check else None] for step in result.steps]}
 
     try:
         return steps.run("optimize", inputs, produce)
@@ -376,7 +378,8 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
             transforms.append({"step": "prune", "settings": candidate["prune"], "parameters": list(result.parameters),
                                "reconstructed": bool(refit and refit["applied"]),
                                "reconstruction_fidelity": refit["fidelity"] if refit else None,
-                               "refined": bool(result.refinement and result.refinement["kept"])})
+                               "refined": bool(result.refinement and result.refinement["kept"]),
+                               "units": [[u.producers[0], u.channels, u.kept] for u in result.units if u.kept < u.channels]})
         if "quantize" in candidate:
             options = dict(candidate["quantize"])
             if "op_types" in options:
@@ -384,7 +387,11 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
             result = quantize(model, QuantizeSettings(**options), calibration=args["calibration"], tokenizer=args["tokenizer"],
                               dims=args["dims"], evaluation=args["evaluation"])
             model = result.model
-            transforms.append({"step": "quantize", "settings": result.resolved, "float_nodes": list(result.float_nodes)})
+            transforms.append({"step": "quantize", "settings": result.resolved, "float_nodes": list(result.float_nodes),
+                               "candidates": [[c.name, c.fidelity.min_mean_cosine if c.fidelity else None,
+                                               c.timing.speedup if c.timing else None, c.error or ("chosen" if c.chosen else "")]
+                                              for c in result.candidates],
+                               "sensitivity": [[name, score] for name, score in result.sensitivity[:10]]})
         save_onnx(model, folder / "model.onnx")
         reference_model = load_onnx(reference.artifact)
         batches = _evaluation_batches(reference_model, args)
@@ -522,7 +529,44 @@ def _rows(recipe: Recipe, made: list[_Made], bench: StepRecord | None) -> list[C
     return rows
 
 
-def _html_report(recipe: Recipe, rows: list[CandidateRow], selected: str | None, bench: StepRecord | None, path: Path) -> None:
+def _figure(value, digits: int = 5) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def _step_sections(optimized: StepRecord | None, made: list[_Made]) -> list[dict]:
+    """report.html's tables for the steps: optimize passes; per candidate, quantize candidates and
+    sensitivity, prune kept width per layer; quality against the prune ratio across candidates."""
+    from runtime_bench.html import kept_width_svg, quality_by_ratio_svg
+
+    sections = []
+    if optimized is not None and optimized.report.get("passes"):
+        sections.append({"title": "Optimize passes", "header": ["pass", "nodes before", "nodes after", "seconds", "max abs error"],
+                         "rows": [[name, before, after, seconds, _figure(error, 3)]
+                                  for name, before, after, seconds, error in optimized.report["passes"]]})
+    by_ratio = []
+    for item in (m for m in made if m.record is not None):
+        for transform in item.record.report.get("transforms", []):
+            if transform["step"] == "quantize" and transform.get("candidates"):
+                sections.append({"title": f"{item.name}: quantize candidates", "header": ["candidate", "cosine", "speedup", "note"],
+                                 "rows": [[name, _figure(cosine), _figure(speedup, 3), note]
+                                          for name, cosine, speedup, note in transform["candidates"]]})
+                if transform.get("sensitivity"):
+                    sections.append({"title": f"{item.name}: most sensitive nodes", "header": ["node", "error when int8"],
+                                     "rows": [[name, _figure(score, 3)] for name, score in transform["sensitivity"]]})
+            if transform["step"] == "prune" and "units" in transform:
+                sections.append({"title": f"{item.name}: width kept per layer", "header": [], "rows": [],
+                                 "svg": kept_width_svg([tuple(u) for u in transform["units"]])})
+                ratio = transform["settings"].get("ratio")
+                if isinstance(ratio, (int, float)):
+                    by_ratio.append((item.name, float(ratio), item.record.report["cosine"]))
+    if len(by_ratio) > 1:
+        sections.append({"title": "Pruning: cosine to the export against the ratio", "header": [], "rows": [],
+                         "svg": quality_by_ratio_svg(by_ratio, "cosine to the export")})
+    return sections
+
+
+def _html_report(recipe: Recipe, rows: list[CandidateRow], selected: str | None, bench: StepRecord | None, path: Path,
+                 sections: list[dict]) -> None:
     """report.html: the candidates' table, their quality against latency (accuracy where the
     recipe measured it, as the selection did, else cosine) and the benchmark's distributions."""
     from runtime_bench import read_report
@@ -540,7 +584,7 @@ def _html_report(recipe: Recipe, rows: list[CandidateRow], selected: str | None,
     write_html(path, f"onnxforge run: {recipe.name}",
                f"{len(rows)} candidates; selected: {selected or 'none (no candidate met the budget)'}"
                + ("" if bench else "; benchmark disabled, so nothing was timed"),
-               report=report, selected=selected,
+               report=report, selected=selected, sections=sections,
                candidates={"header": ["candidate", "p50 ms", "speedup", "cosine", "accuracy", "MB", "note"], "rows": table,
                            "points": points, "quality": quality})
 
@@ -635,7 +679,7 @@ def _run(recipe: Recipe, out: Path, force: bool) -> PipelineResult:
     rows = _rows(recipe, made, bench)
     eligible = [r for r in rows if r.meets_budget]
     selected = min(eligible, key=lambda r: r.p50_ms if bench else -r.cosine).name if eligible else None
-    _html_report(recipe, rows, selected, bench, out / "report.html")
+    _html_report(recipe, rows, selected, bench, out / "report.html", _step_sections(base if base is not exported else None, made))
     package = None
     if selected is None:
         logger.warning("no candidate meets the fidelity budget (select.min_cosine); no package written")

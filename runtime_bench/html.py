@@ -4,7 +4,9 @@
   the Pareto front drawn, the selected one marked (``onnxforge run``);
 - latency distributions per variant from the kept timed runs (``Measurement.samples_ms``):
   a box from p25 to p75, whiskers to p5 and p95, the median as a line;
-- speedups against the baseline with their 95 % intervals.
+- speedups against the baseline with their 95 % intervals;
+- a run's steps: optimize passes, quantize candidates and sensitivity, prune kept width per layer
+  and quality against the prune ratio.
 
 Plots are SVG written here (no matplotlib), so the page opens anywhere and a test can read it.
 """
@@ -125,6 +127,40 @@ def speedups_svg(measurements: Sequence[Measurement], baseline: str) -> str:
     return f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img">{"".join(parts)}</svg>'
 
 
+def kept_width_svg(units: Sequence[tuple[str, int, int]]) -> str:
+    """One bar per pruned unit (layer): the share of its channels kept, the count beside it."""
+    if not units:
+        return '<p class="note">no unit was pruned: nothing to plot</p>'
+    height = 18 * len(units) + PAD
+    x_at = lambda share: 220 + share * (WIDTH - 300)  # noqa: E731 - a scale, read once
+    parts = [f'<text x="{(WIDTH + 220) / 2}" y="{height - 10}" text-anchor="middle" class="label">share of channels kept</text>',
+             f'<line x1="{x_at(1.0):.1f}" y1="10" x2="{x_at(1.0):.1f}" y2="{height - PAD + 8}" stroke="#000" stroke-dasharray="2 2"/>']
+    for index, (name, channels, kept) in enumerate(units):
+        y = 10 + 18 * index
+        parts += [f'<text x="4" y="{y + 11}" class="tick">{html.escape(name[:40])}</text>',
+                  f'<rect x="220" y="{y}" width="{max(1.0, x_at(kept / max(channels, 1)) - 220):.1f}" height="13" fill="#55a868" '
+                  f'class="kept"><title>{kept} of {channels}</title></rect>',
+                  f'<text x="{x_at(1.0) + 6:.1f}" y="{y + 11}" class="tick">{kept}/{channels}</text>']
+    return f'<svg viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" role="img">{"".join(parts)}</svg>'
+
+
+def quality_by_ratio_svg(points: Sequence[tuple[str, float, float]], quality: str) -> str:
+    """(name, prune ratio, quality) one dot per pruned candidate: what each ratio cost."""
+    points = [p for p in points if np.isfinite(p[1]) and np.isfinite(p[2])]
+    if len(points) < 2:
+        return '<p class="note">fewer than two pruning ratios: no curve to draw</p>'
+    x_at, x_low, x_high = _scale([p[1] for p in points], PAD, WIDTH - 20, floor_zero=True)
+    y_at, y_low, y_high = _scale([p[2] for p in points], HEIGHT - PAD, 20)
+    parts = _axes("prune ratio", quality, (x_low, x_high), (y_low, y_high), x_at, y_at)
+    ordered = sorted(points, key=lambda p: p[1])
+    parts.append(f'<polyline points="{" ".join(f"{x_at(p[1]):.1f},{y_at(p[2]):.1f}" for p in ordered)}" fill="none" '
+                 'stroke="#888" class="curve"/>')
+    for name, ratio, value in ordered:
+        parts.append(f'<circle cx="{x_at(ratio):.1f}" cy="{y_at(value):.1f}" r="4" fill="#55a868" class="ratio-point">'
+                     f'<title>{html.escape(name)}: ratio {ratio:g}, {quality} {value:.5g}</title></circle>')
+    return f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img">{"".join(parts)}</svg>'
+
+
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
 <style>
@@ -144,6 +180,13 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 <h3>{{ candidates.quality }} against latency (Pareto front dashed{% if selected %}, {{ selected }} ringed{% endif %})</h3>
 {{ candidates.svg | safe }}
 {% endif %}
+{% for section in sections %}
+<h2>{{ section.title }}</h2>
+{% if section.rows %}<table><tr>{% for h in section.header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in section.rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
+</table>{% endif %}
+{% if section.svg %}{{ section.svg | safe }}{% endif %}
+{% endfor %}
 {% if bench %}
 <h2>Latency distributions</h2>
 {{ bench.distributions | safe }}
@@ -161,9 +204,10 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 
 
 def render(title: str, subtitle: str, *, report: BenchReport | None = None, candidates: dict | None = None,
-           selected: str | None = None) -> str:
+           selected: str | None = None, sections: Sequence[dict] = ()) -> str:
     """The page: ``candidates`` is {"header", "rows", "points": [(name, latency, quality)], "quality"}
-    (the pipeline's table), ``report`` a benchmark."""
+    (the pipeline's table), ``report`` a benchmark, ``sections`` more tables each with an optional
+    plot: {"title", "header", "rows", "svg"} (a run's optimize, quantize and prune steps)."""
     import jinja2
 
     bench = None
@@ -175,7 +219,7 @@ def render(title: str, subtitle: str, *, report: BenchReport | None = None, cand
         candidates = {**candidates, "svg": candidates_svg(candidates["points"], selected, candidates["quality"])}
     environment = jinja2.Environment(autoescape=True)
     return environment.from_string(TEMPLATE).render(title=title, subtitle=subtitle, bench=bench, candidates=candidates,
-                                                    selected=selected)
+                                                    selected=selected, sections=sections)
 
 
 def write_html(path, title: str, subtitle: str, **content):

@@ -73,6 +73,12 @@ name = "fp32"
 [[candidates]]
 name = "int8"
 quantize = { mode = "dynamic" }
+[[candidates]]
+name = "pruned-25"
+prune = { ratio = 0.25, round_to = 4, protect_first = false }
+[[candidates]]
+name = "pruned-50"
+prune = { ratio = 0.5, round_to = 4, protect_first = false }
 [select]
 min_cosine = 0.5
 [package]
@@ -86,7 +92,7 @@ min_runs = 5
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """``onnxforge -q run`` of a two-candidate recipe (with a Triton entry in its package):
+    """``onnxforge -q run`` of fp32, int8 and two pruned candidates (a Triton entry in the package):
     (output folder, what it printed)."""
     from onnxforge.cli import main
     from tests.tiny_models import MLP_FACTORY_SOURCE

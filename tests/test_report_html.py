@@ -59,9 +59,14 @@ def test_run_writes_a_report_with_candidates_distributions_and_speedups(tiny_run
     page = out / "report.html"
     assert printed.rstrip().splitlines()[-1] == f"report: {page}"  # the last line says where to look
     elements = _parsed(page)
-    assert elements.counts["circle.candidate"] == 2 and elements.counts["circle.selected"] == 1
-    assert elements.counts["rect.box"] == 2 and elements.counts["rect.bar"] == 1  # int8's speedup over fp32
+    assert elements.counts["circle.candidate"] == 4 and elements.counts["circle.selected"] == 1
+    assert elements.counts["rect.box"] == 4 and elements.counts["rect.bar"] == 3  # three speedups over fp32
     assert elements.counts["tr.selected-row"] == 1
+    text = page.read_text(encoding="utf-8")
+    for title in ("Optimize passes", "int8: quantize candidates", "pruned-25: width kept per layer",
+                  "Pruning: cosine to the export against the ratio"):
+        assert f"<h2>{title}</h2>" in text, title
+    assert elements.counts["rect.kept"] >= 2 and elements.counts["circle.ratio-point"] == 2  # one per pruned candidate
 
 
 def test_the_package_carries_the_report_and_its_model_card_points_to_it(tiny_run):
