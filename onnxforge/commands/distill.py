@@ -2,32 +2,56 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from onnxforge.common.errors import UserError
+
+DECODER_STEPS = 300  # optimizers.distill.decoder.DecoderDistillSettings.steps (read lazily: it imports optimizers)
 
 
 def register(sub) -> None:
     dist = sub.add_parser("distill", help="train a small student from a large teacher (PyTorch), then export it")
     dist.add_argument("--teacher", required=True, help="pkg.module:factory, file.py:factory or file.pt")
-    dist.add_argument("--student", required=True, help="pkg.module:factory, file.py:factory or file.pt (left as is: a trained copy goes to --out)")
-    dist.add_argument("--data", required=True, help="pkg.module:function returning (inputs, labels) batches, or inputs alone")
+    dist.add_argument("--student", help="pkg.module:factory, file.py:factory or file.pt (left as is: a trained copy goes to --out); "
+                      "not for a decoder teacher, whose student is its own configuration with fewer layers")
+    dist.add_argument("--data", help="pkg.module:function returning (inputs, labels) batches, or inputs alone; "
+                      "a decoder teacher reads text instead (--text)")
     dist.add_argument("--val-data", help="pkg.module:function scoring each epoch: chooses the epoch kept and stops early")
     dist.add_argument("--test-data", help="pkg.module:function scored once at the end, for the report: never used to "
                       "train or choose (must differ from --val-data)")
     dist.add_argument("--epochs", type=int, default=10, help="passes over the training data")
-    dist.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of the teacher's and student's logits in the distillation loss")
-    dist.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target loss (the rest: labels)")
-    dist.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    dist.add_argument("--temperature", type=float, help="softmax temperature of the teacher's and student's logits in the "
+                      "distillation loss (default 4.0; a decoder 2.0)")
+    dist.add_argument("--alpha", type=float, help="weight of the soft-target loss, the rest is the labels' (default 0.7; "
+                      "a decoder 0.5)")
+    dist.add_argument("--lr", type=float, help="Adam learning rate (default 0.003)")
     dist.add_argument("--loss", choices=("kl", "mse"), default="kl", help="kl: KL divergence of the softened distributions; mse: of the logits")
     dist.add_argument("--feature", action="append", metavar="STUDENT_LAYER=TEACHER_LAYER", help="also match these layers' outputs")
     dist.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping (with --val-data)")
     dist.add_argument("--seed", type=int, default=0, help="seed of the shuffling and the student's initialisation")
-    dist.add_argument("--out", default="student.pt", help="where to torch.save the trained student (default student.pt)")
-    dist.add_argument("--export", metavar="ONNX", help="also export the student to this ONNX file")
+    dist.add_argument("--out", help="where to torch.save the trained student (default student.pt); for a decoder, the "
+                      "student's Hugging Face folder (default student)")
+    dist.add_argument("--export", metavar="ONNX", help="also export the student to this ONNX file (a decoder: with its KV cache, "
+                      "proven by greedy parity)")
+    decoder = dist.add_argument_group("a decoder teacher (a Hugging Face text-generation folder)")
+    decoder.add_argument("--layers", type=int, help="the student's decoder layers (default: half the teacher's)")
+    decoder.add_argument("--steps", type=int, default=DECODER_STEPS, help="training steps")
+    decoder.add_argument("--text", action="append", metavar="FILE",
+                         help="training text, documents separated by blank lines (repeatable; default: the docstrings of "
+                              "Python's standard library); a share is held out for perplexity")
+    decoder.add_argument("--baseline", action="store_true",
+                         help="also train the same student on the labels alone, and compare the perplexities")
     dist.set_defaults(func=_distill_command)
 
 
 def _distill_command(args) -> int:
-    from pathlib import Path
+    if _decoder_teacher(args.teacher):
+        return _distill_decoder_command(args)
+    missing = [flag for flag, value in (("--student", args.student), ("--data", args.data)) if not value]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} needed: the teacher is not a Hugging Face text-generation folder, so the "
+                        "student and its data are given")
+    args.out = args.out or "student.pt"
 
     import torch
 
@@ -43,7 +67,7 @@ def _distill_command(args) -> int:
         if not sep or not student_layer or not teacher_layer:
             raise UserError(f"malformed --feature {item!r}: expected STUDENT_LAYER=TEACHER_LAYER")
         features[student_layer] = teacher_layer
-    settings = DistillSettings(epochs=args.epochs, temperature=args.temperature, alpha=args.alpha, lr=args.lr, loss=args.loss,
+    settings = DistillSettings(epochs=args.epochs, loss=args.loss, **_given(args),
                                features=features, patience=args.patience, seed=args.seed)
     teacher = load_model_source(args.teacher).module
     student_source = load_model_source(args.student)
@@ -74,4 +98,60 @@ def _distill_command(args) -> int:
             example = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else first
         exported = export(result.student, example, args.export)
         print(f"student exported to {exported.path} with the {exported.exporter} exporter, validated at two shapes")
+    return 0
+
+
+def _given(args) -> dict:
+    """The loss settings given on the command line; the others keep each family's defaults."""
+    return {name: getattr(args, name) for name in ("temperature", "alpha", "lr") if getattr(args, name) is not None}
+
+
+def _decoder_teacher(teacher: str) -> bool:
+    from exporter.sources import resolve_task
+
+    folder = Path(teacher)
+    return folder.is_dir() and (folder / "config.json").is_file() and resolve_task(folder) == "text-generation"
+
+
+def _texts(files: list[str] | None) -> list[str]:
+    from onnxforge.decoder_models import stdlib_docstrings
+
+    if not files:
+        return stdlib_docstrings()
+    texts = []
+    for name in files:
+        try:
+            content = Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read --text {name}: {exc}") from None
+        texts += [part.strip() for part in content.split("\n\n") if part.strip()]
+    return texts
+
+
+def _distill_decoder_command(args) -> int:
+    import dataclasses
+
+    from optimizers.distill.decoder import DecoderDistillSettings, distill_decoder
+
+    if args.student or args.data or args.feature:
+        raise UserError("--student, --data and --feature do not apply to a decoder teacher: its student is its own "
+                        "configuration with --layers layers, trained on --text")
+    out = Path(args.out or "student")
+    settings = DecoderDistillSettings(layers=args.layers, steps=args.steps, seed=args.seed, **_given(args))
+    texts = _texts(args.text)
+    result = distill_decoder(args.teacher, out, texts, settings)
+    print(f"student written to {out}: {len(result.kept_layers)} of the teacher's {result.teacher_layers} layers "
+          f"(initialised from layers {list(result.kept_layers)}), {result.steps} steps on {result.train_tokens:,} tokens")
+    print(f"held-out perplexity ({result.heldout_tokens:,} tokens): teacher {result.perplexity_teacher:.2f}, student "
+          f"{result.perplexity_student:.2f} (before training {result.perplexity_initial:.2f})")
+    if args.baseline:
+        alone = distill_decoder(args.teacher, out.with_name(out.name + "-labels-only"), texts,
+                                dataclasses.replace(settings, alpha=0.0))
+        better = "lower" if result.perplexity_student < alone.perplexity_student else "not lower"
+        print(f"the same student on the labels alone: {alone.perplexity_student:.2f} ({alone.folder}); distillation is {better}")
+    if args.export:
+        from exporter.decoder import export_decoder
+
+        exported = export_decoder(out, args.export)
+        print(f"student exported to {exported.path} with its KV cache, greedy parity with PyTorch proven")
     return 0
