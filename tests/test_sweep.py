@@ -1,0 +1,184 @@
+"""Sweeps: several recipes in one run, here and on a local Ray cluster of two labelled nodes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxforge.cli import main
+from onnxforge.common.errors import UserError
+from onnxforge.package import sha256
+from onnxforge.recipe import recipe_from_dict
+from onnxforge.sweep import RaySettings, _bench_placement, run_sweep
+
+RECIPES = {
+    # two candidates, no timing: the selection (highest cosine) and the package are deterministic
+    "alpha": """
+        name = "alpha"
+        [model]
+        onnx = "mlp.onnx"
+        [optimize]
+        enabled = false
+        [[candidates]]
+        name = "fp32"
+        [[candidates]]
+        name = "int8"
+        quantize = { mode = "dynamic" }
+        [select]
+        min_cosine = 0.9
+        [benchmark]
+        enabled = false
+        """,
+    # one candidate timed on the node labelled cpu-b
+    "beta": """
+        name = "beta"
+        [model]
+        onnx = "mlp.onnx"
+        [optimize]
+        enabled = false
+        [[candidates]]
+        name = "fp32"
+        [benchmark]
+        target = "cpu-b"
+        batch = [2]
+        min_seconds = 0.0
+        min_runs = 5
+        """,
+    # a model file that is not ONNX: this recipe fails, the others finish
+    "broken": """
+        name = "broken"
+        [model]
+        onnx = "broken.onnx"
+        [benchmark]
+        enabled = false
+        """,
+}
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (8, 16)), ("w2", (16, 4)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "mlp.onnx")
+    (tmp_path / "broken.onnx").write_bytes(b"this is not a protobuf" * 10)
+    for name, text in RECIPES.items():
+        (tmp_path / f"{name}.toml").write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+def recipes(folder):
+    return [folder / f"{name}.toml" for name in RECIPES]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two logical nodes of 1 CPU on this machine, labelled cpu-a (the head) and cpu-b."""
+    ray = pytest.importorskip("ray", reason="the Ray sweep needs the optional extra: pip install 'onnxforge[ray]'")
+    from ray.cluster_utils import Cluster
+
+    store = 100 * 1024**2
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"cpu-a": 1}, "object_store_memory": store,
+                                                          "include_dashboard": False})
+    try:
+        labelled = nodes.add_node(num_cpus=1, resources={"cpu-b": 1}, object_store_memory=store)
+        ray.init(address=nodes.address, logging_level="WARNING", log_to_driver=False)
+        yield nodes, labelled
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+def package_files(folder):
+    """sha256 of each file of a package, but the manifest and model card (they carry timings)."""
+    package = folder / "package"
+    return {p.name: sha256(p) for p in package.iterdir() if p.name not in ("manifest.json", "README.md")}
+
+
+def step_files(folder):
+    """Each step's file hashes as its step.json records them (the benchmark's are timings)."""
+    return {step.name: json.loads((step / "step.json").read_text())["files"]
+            for step in sorted((folder / "steps").iterdir()) if step.name != "benchmark"}
+
+
+def test_three_recipes_on_two_labelled_nodes(sweep_dir, cluster):
+    _nodes, labelled = cluster
+    local = run_sweep(recipes(sweep_dir), sweep_dir / "local")  # the reference: the same recipes run here
+    remote = run_sweep(recipes(sweep_dir), sweep_dir / "ray", ray=RaySettings(step_memory_gb=0.25))
+
+    for result in (local, remote):
+        outcomes = {o.name: o for o in result.outcomes}
+        assert not outcomes["alpha"].failed and not outcomes["beta"].failed
+        assert outcomes["broken"].failed and "broken.onnx' is not a readable ONNX model" in outcomes["broken"].error
+        assert "\n" not in outcomes["broken"].error and not outcomes["broken"].bug
+        assert result.exit_code() == 2
+    for name in ("alpha", "beta"):  # the same files as the run here, each in OUT/<recipe name>/
+        here, there = sweep_dir / "local" / name, sweep_dir / "ray" / name
+        assert step_files(there) == step_files(here) and step_files(here)
+        assert package_files(there) == package_files(here) and "model.onnx" in package_files(here)
+        assert sorted(p.name for p in there.iterdir()) == sorted(p.name for p in here.iterdir())
+
+    summary = json.loads((sweep_dir / "ray" / "sweep.json").read_text())
+    entries = {e["name"]: e for e in summary["recipes"]}
+    assert entries["beta"]["benchmark"]["node_id"] == labelled.node_id  # timed where its target label is
+    assert entries["beta"]["benchmark"]["target"] == "cpu-b" and entries["beta"]["benchmark"]["machine"]
+    assert entries["beta"]["figures"]["p50_ms"] > 0 and entries["alpha"]["selected"] == "fp32"
+    assert entries["alpha"]["benchmark"] is None and entries["broken"]["status"] == "failed"
+    assert {n["node_id"] for n in summary["ray"]["nodes"]} >= {labelled.node_id}
+    page = (sweep_dir / "ray" / "sweep.html").read_text()
+    assert "is not a readable ONNX model" in page and labelled.node_id[:12] in page
+    local_summary = json.loads((sweep_dir / "local" / "sweep.json").read_text())
+    assert local_summary["ray"] is None and "node_id" not in local_summary["recipes"][1]["benchmark"]
+
+    again = run_sweep(recipes(sweep_dir), sweep_dir / "ray", ray=RaySettings(step_memory_gb=0.25))
+    for outcome in again.outcomes[:2]:  # served from the cache, the timing's node included
+        assert outcome.result.steps and all(step.cached for step in outcome.result.steps), outcome.name
+    assert again.outcomes[1].benchmark()["node_id"] == labelled.node_id and again.outcomes[2].failed
+
+
+def test_several_recipes_without_ray_from_the_command_line(sweep_dir, capsys):
+    out = sweep_dir / "out"
+    assert main(["-q", "run", str(sweep_dir / "alpha.toml"), str(sweep_dir / "beta.toml"), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "timed on" in printed.out and "beta" in printed.out and "this machine" in printed.out
+    assert "benchmark.target 'cpu-b' is a Ray node label; without --ray the timing runs on this machine" in printed.err
+    assert (out / "alpha" / "package" / "manifest.json").is_file() and (out / "beta" / "package" / "manifest.json").is_file()
+    assert [e["status"] for e in json.loads((out / "sweep.json").read_text())["recipes"]] == ["done", "done"]
+
+
+def test_ray_missing_is_one_line_with_the_install_hint(sweep_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # "import ray" raises ImportError
+    assert main(["run", str(sweep_dir / "alpha.toml"), "--ray", "--out", str(sweep_dir / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "onnxforge run: error: --ray needs the Ray package, which is not installed; install it with: pip install 'onnxforge[ray]'"
+    assert not (sweep_dir / "out" / "alpha").exists()
+
+
+def test_two_recipes_of_one_name_are_refused(sweep_dir, capsys):
+    assert main(["run", str(sweep_dir / "alpha.toml"), str(sweep_dir / "alpha.toml"), "--out", str(sweep_dir / "out")]) == 2
+    assert "are both named 'alpha'" in capsys.readouterr().err
+
+
+def test_timing_placement_takes_a_whole_labelled_node():
+    nodes = [{"node_id": "a", "hostname": "h1", "resources": {"CPU": 8.0, "cpu-avx512-vnni": 1.0, "memory": 1e9}},
+             {"node_id": "b", "hostname": "h2", "resources": {"CPU": 4.0, "gpu-h100": 1.0, "GPU": 1.0}}]
+    vnni = recipe_from_dict({"model": {"onnx": "m.onnx"}, "benchmark": {"target": "cpu-avx512-vnni"}})
+    assert _bench_placement(vnni, nodes) == {"num_cpus": 8.0, "resources": {"cpu-avx512-vnni": 1}}
+    anywhere = recipe_from_dict({"model": {"onnx": "m.onnx"}})
+    assert _bench_placement(anywhere, nodes) == {"num_cpus": 4.0}  # the smallest node, whole
+    amx = recipe_from_dict({"model": {"onnx": "m.onnx"}, "benchmark": {"target": "cpu-amx"}})
+    with pytest.raises(UserError, match=r"'cpu-amx': no node of the Ray cluster offers it \(node labels: cpu-avx512-vnni, gpu-h100\)"):
+        _bench_placement(amx, nodes)
