@@ -214,6 +214,8 @@ def _connect(ray, settings: RaySettings) -> bool:
     level = logging.WARNING if settings.worker_logs else logging.ERROR
     logging.getLogger("ray").setLevel(level)
     options = {"logging_level": level, "log_to_driver": settings.worker_logs}
+    if settings.address not in ("auto", "local") and not settings.address.startswith("ray://"):
+        _check_reachable(settings.address)
     try:
         if settings.address == "local":
             ray.init(address="local", include_dashboard=False, **options)
@@ -224,6 +226,18 @@ def _connect(ray, settings: RaySettings) -> bool:
                         "start one with 'ray start --head' (README: Sweeps on a Ray cluster), give its HOST:PORT, "
                         "or use --ray local for a Ray on this machine alone") from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Ray waits minutes for a head that is not there: a HOST:PORT nothing answers at fails now."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray {address!r}: expected auto, local or the head's HOST:PORT (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"--ray {address!r}: nothing answers there ({exc.strerror or exc}); start the head with "
+                        "'ray start --head' and give the address it prints") from None
 
 
 def _alive_nodes(ray) -> list[dict[str, Any]]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,7 +17,7 @@ from onnxforge.cli import main
 from onnxforge.common.errors import UserError
 from onnxforge.package import sha256
 from onnxforge.recipe import recipe_from_dict
-from onnxforge.sweep import RaySettings, _bench_placement, run_sweep
+from onnxforge.sweep import RaySettings, _bench_placement, _gather, run_sweep
 
 RECIPES = {
     # two candidates, no timing: the selection (highest cosine) and the package are deterministic
@@ -182,3 +184,37 @@ def test_timing_placement_takes_a_whole_labelled_node():
     amx = recipe_from_dict({"model": {"onnx": "m.onnx"}, "benchmark": {"target": "cpu-amx"}})
     with pytest.raises(UserError, match=r"'cpu-amx': no node of the Ray cluster offers it \(node labels: cpu-avx512-vnni, gpu-h100\)"):
         _bench_placement(amx, nodes)
+
+
+def test_an_address_nothing_answers_at_fails_at_once(sweep_dir, capsys):
+    pytest.importorskip("ray", reason="the Ray sweep needs the optional extra: pip install 'onnxforge[ray]'")
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["run", str(sweep_dir / "alpha.toml"), "--ray", f"127.0.0.1:{port}", "--out", str(sweep_dir / "out")]) == 2
+    assert f"--ray '127.0.0.1:{port}': nothing answers there" in capsys.readouterr().err
+    assert main(["run", str(sweep_dir / "alpha.toml"), "--ray", "headnode", "--out", str(sweep_dir / "out")]) == 2
+    assert "expected auto, local or the head's HOST:PORT" in capsys.readouterr().err
+
+
+def test_ctrl_c_cancels_every_recipe_under_way(monkeypatch):
+    """Interrupted while waiting, the sweep cancels what it submitted (their steps with them) and
+    submits nothing more; the CLI then prints one line and exits 130."""
+    cancelled = []
+
+    class FakeRay:  # the calls _gather makes, the wait interrupted as Ctrl-C does
+        class exceptions:
+            RayTaskError = RayError = type("RayError", (Exception,), {})
+
+        @staticmethod
+        def wait(refs, num_returns):
+            raise KeyboardInterrupt
+
+        @staticmethod
+        def cancel(ref, recursive):
+            cancelled.append((ref, recursive))
+
+    waiting = [(f"recipe{i}", None, None) for i in range(5)]
+    with pytest.raises(KeyboardInterrupt):
+        _gather(FakeRay, waiting, lambda item: f"ref-{item[0]}", 3, {}, Path("out"))
+    assert cancelled == [("ref-recipe0", True), ("ref-recipe1", True), ("ref-recipe2", True)]
