@@ -223,7 +223,7 @@ def _connect(ray, settings: RaySettings) -> bool:
             ray.init(address=settings.address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot reach a Ray cluster at {settings.address!r} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                        "start one with 'ray start --head' (README: Sweeps on a Ray cluster), give its HOST:PORT, "
+                        "start one with 'ray start --head' (README, 'Sweeps and Ray clusters'), give its HOST:PORT, "
                         "or use --ray local for a Ray on this machine alone") from None
     return True
 
