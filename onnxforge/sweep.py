@@ -262,14 +262,18 @@ def _bench_placement(recipe: Recipe, nodes: list[dict[str, Any]]) -> dict[str, A
 
 
 def _step_task(produce: Callable[[Path], tuple[str, dict]], folder: str, target: str | None):
-    """A step on a worker: its (artifact, report) and the node it ran on."""
+    """A step on a worker: (artifact, report, the node it ran on, None), or a ``UserError`` as the
+    last item: returned, not raised, as Ray retries what a task raises and a mistake fails again."""
     ray = import_ray()
     where = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(), "target": target}
-    if not Path(folder).is_dir():
-        raise UserError(f"the step folder {folder} is not visible from node {where['hostname']}: a sweep on Ray needs OUT and the "
-                        "recipes' files on a file system every node mounts at the same path")
-    artifact, report = produce(Path(folder))
-    return artifact, report, where
+    try:
+        if not Path(folder).is_dir():
+            raise UserError(f"the step folder {folder} is not visible from node {where['hostname']}: a sweep on Ray needs OUT "
+                            "and the recipes' files on a file system every node mounts at the same path")
+        artifact, report = produce(Path(folder))
+    except UserError as exc:
+        return None, None, where, exc
+    return artifact, report, where, None
 
 
 class _RayStepRunner:
@@ -283,14 +287,20 @@ class _RayStepRunner:
         memory = int(self.settings.step_memory_gb * 1024**3)
         options = ({**self.bench_options, "memory": memory} if name == "benchmark"
                    else {"num_cpus": self.settings.step_cpus, "memory": memory})
-        task = ray.remote(_step_task).options(**options, max_retries=self.settings.retries, retry_exceptions=False,
+        task = ray.remote(_step_task).options(**options, max_retries=self.settings.retries, retry_exceptions=True,
                                               name=f"onnxforge step {name}")
         try:
-            artifact, report, where = ray.get(task.remote(produce, str(folder), self.target if name == "benchmark" else None))
-        except ray.exceptions.RayTaskError as exc:  # the step's own exception, as if it ran here
+            artifact, report, where, mistake = ray.get(task.remote(produce, str(folder), self.target if name == "benchmark" else None))
+        except ray.exceptions.RayTaskError as exc:  # the step's own exception, after its retry, as if it ran here
             if isinstance(exc.cause, Exception):
                 raise exc.cause from None
             raise
+        except ray.exceptions.RayError as exc:  # its worker or node died, after its retry too
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"step {name}: its Ray worker died, {self.settings.retries + 1} times ({reason}); "
+                            "if it ran out of memory, declare more with --step-memory-gb") from None
+        if mistake is not None:
+            raise mistake
         return artifact, ({**report, "node": where} if name == "benchmark" else report)
 
 
@@ -303,7 +313,7 @@ def _recipe_task(recipe: Recipe, path: str, folder: str, force: bool, settings: 
             f"the output folder {Path(folder).parent} is not visible from node {socket.gethostname()}: a sweep on Ray needs OUT "
             "and the recipes' files on a file system every node mounts at the same path"))
     runner = _RayStepRunner(settings, bench_options, recipe.section("benchmark").get("target"))
-    return _run_recipe(recipe, path, Path(folder), force, runner)  # anything but a UserError raises: Ray retries it
+    return _run_recipe(recipe, path, Path(folder), force, runner)
 
 
 def _run_on_ray(recipes: list[Recipe], paths: list[str], out: Path, force: bool, settings: RaySettings):
@@ -317,7 +327,8 @@ def _run_on_ray(recipes: list[Recipe], paths: list[str], out: Path, force: bool,
         write_text_atomic(out / MARKER, token)
         # A recipe's own task only walks its steps (its steps declare the CPUs and memory); at most
         # as many recipes are under way as the cluster can run steps at once.
-        task = ray.remote(_recipe_task).options(num_cpus=0, max_retries=settings.retries, retry_exceptions=True)
+        # its steps retry themselves; the recipe's task runs again only where its own worker died
+        task = ray.remote(_recipe_task).options(num_cpus=0, max_retries=settings.retries, retry_exceptions=False)
         limit = max(1, int(sum(n["resources"].get("CPU", 0) for n in nodes) // settings.step_cpus))
         outcomes: dict[str, RecipeOutcome] = {}
         waiting = []

@@ -218,3 +218,50 @@ def test_ctrl_c_cancels_every_recipe_under_way(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _gather(FakeRay, waiting, lambda item: f"ref-{item[0]}", 3, {}, Path("out"))
     assert cancelled == [("ref-recipe0", True), ("ref-recipe1", True), ("ref-recipe2", True)]
+
+
+FLAKY = """
+import os
+import pathlib
+import torch
+
+def build(name, fail_times):
+    # each call is counted in NAME.calls; the first FAIL_TIMES calls end the process, as the
+    # kernel's out-of-memory killer does
+    calls = pathlib.Path(__file__).with_name(name + ".calls")
+    count = len(calls.read_text()) if calls.exists() else 0
+    calls.write_text("x" * (count + 1))
+    if count < fail_times:
+        os._exit(1)
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 2).eval(), torch.randn(2, 4)
+
+def flaky():
+    return build("flaky", 1)
+
+def failing():
+    return build("failing", 99)
+"""
+
+
+def test_a_failing_task_is_retried_once_then_marked_failed(tmp_path, cluster):
+    """A step whose worker dies runs once more: one that dies once then works ends done; one that
+    always dies is marked failed after two tries, with the reason, and the other recipe finishes."""
+    (tmp_path / "models.py").write_text(FLAKY)
+    for name in ("flaky", "failing"):
+        (tmp_path / f"{name}.toml").write_text(textwrap.dedent(f"""
+            name = "{name}"
+            [model]
+            source = "models.py:{name}"
+            exporter = "torchscript"
+            [optimize]
+            enabled = false
+            [benchmark]
+            enabled = false
+            """))
+    result = run_sweep([tmp_path / "flaky.toml", tmp_path / "failing.toml"], tmp_path / "out", ray=RaySettings(step_memory_gb=0.25))
+    flaky, failing = result.outcomes
+    assert not flaky.failed and (tmp_path / "flaky.calls").read_text() == "xx"
+    assert failing.failed and not failing.bug and (tmp_path / "failing.calls").read_text() == "xx"
+    assert failing.error.startswith("step export: its Ray worker died, 2 times (") and "\n" not in failing.error
+    assert result.exit_code() == 2
