@@ -208,14 +208,14 @@ def import_ray():
 def _connect(ray, settings: RaySettings) -> bool:
     """Join the cluster at ``settings.address`` (or use the connection this process already has);
     True when this call connected, so the sweep disconnects at its end."""
+    if settings.address not in ("auto", "local") and not settings.address.startswith("ray://"):
+        _check_reachable(settings.address)
     if ray.is_initialized():
         return False
     # Ray's own notices (token set-up, connection) stay out of the output unless worker logs are asked for
     level = logging.WARNING if settings.worker_logs else logging.ERROR
     logging.getLogger("ray").setLevel(level)
     options = {"logging_level": level, "log_to_driver": settings.worker_logs}
-    if settings.address not in ("auto", "local") and not settings.address.startswith("ray://"):
-        _check_reachable(settings.address)
     try:
         if settings.address == "local":
             ray.init(address="local", include_dashboard=False, **options)
