@@ -23,6 +23,7 @@ onnxforge: it is reported as one, its traceback is logged at debug level (``-v``
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -485,17 +486,28 @@ class _Made:
 
 
 def _make_candidates(recipe: Recipe, steps: _Steps, base: StepRecord, reference: StepRecord) -> list[_Made]:
-    """Each candidate in recipe order; one that fails is recorded as failed and the run goes on."""
-    made = []
-    for candidate in recipe.candidates:
+    """Each candidate in recipe order; one that fails is recorded as failed and the run goes on.
+    Where a step runner runs the steps elsewhere, the candidates are made at once (a thread each
+    waits on its own steps), and their step records are put back in recipe order."""
+
+    def make(candidate: dict) -> _Made:
         name = candidate["name"]
         try:
             record = _candidate_step(recipe, steps, candidate, base, reference)
-            made.append(_Made(name, record, _accuracy_step(recipe, steps, name, record)))
+            return _Made(name, record, _accuracy_step(recipe, steps, name, record))
         except Exception as exc:
             reason, trace = _failure_reason(exc)
             logger.warning("candidate %s failed: %s; going on without it", name, reason)
-            made.append(_Made(name, error=reason, bug=None if trace is None else exc, traceback=trace))
+            return _Made(name, error=reason, bug=None if trace is None else exc, traceback=trace)
+
+    candidates = recipe.candidates
+    if steps.runner is None or len(candidates) < 2:
+        return [make(candidate) for candidate in candidates]
+    first = len(steps.records)
+    with concurrent.futures.ThreadPoolExecutor(len(candidates)) as pool:
+        made = list(pool.map(make, candidates))
+    order = [f"{kind}-{c['name']}" for c in candidates for kind in ("candidate", "accuracy")]
+    steps.records[first:] = sorted(steps.records[first:], key=lambda r: order.index(r.name))
     return made
 
 

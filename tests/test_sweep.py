@@ -127,6 +127,8 @@ def test_three_recipes_on_two_labelled_nodes(sweep_dir, cluster):
         assert outcomes["broken"].failed and "broken.onnx' is not a readable ONNX model" in outcomes["broken"].error
         assert "\n" not in outcomes["broken"].error and not outcomes["broken"].bug
         assert result.exit_code() == 2
+    steps = [[s.name for s in result.outcomes[0].result.steps] for result in (local, remote)]
+    assert steps[0] == steps[1] == ["export", "candidate-fp32", "candidate-int8"]  # made at once on Ray, listed in order
     for name in ("alpha", "beta"):  # the same files as the run here, each in OUT/<recipe name>/
         here, there = sweep_dir / "local" / name, sweep_dir / "ray" / name
         assert step_files(there) == step_files(here) and step_files(here)
