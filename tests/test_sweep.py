@@ -19,48 +19,37 @@ from onnxforge.package import sha256
 from onnxforge.recipe import recipe_from_dict
 from onnxforge.sweep import RaySettings, _bench_placement, _gather, run_sweep
 
+# Each recipe reads an ONNX file (no export to wait for) and skips the optimize step.
 RECIPES = {
     # two candidates, no timing: the selection (highest cosine) and the package are deterministic
-    "alpha": """
-        name = "alpha"
-        [model]
-        onnx = "mlp.onnx"
-        [optimize]
-        enabled = false
+    "alpha": ("mlp.onnx", """
         [[candidates]]
         name = "fp32"
         [[candidates]]
         name = "int8"
         quantize = { mode = "dynamic" }
-        [select]
-        min_cosine = 0.9
         [benchmark]
         enabled = false
-        """,
+        """),
     # one candidate timed on the node labelled cpu-b
-    "beta": """
-        name = "beta"
-        [model]
-        onnx = "mlp.onnx"
-        [optimize]
-        enabled = false
-        [[candidates]]
-        name = "fp32"
+    "beta": ("mlp.onnx", """
         [benchmark]
         target = "cpu-b"
         batch = [2]
         min_seconds = 0.0
         min_runs = 5
-        """,
+        """),
     # a model file that is not ONNX: this recipe fails, the others finish
-    "broken": """
-        name = "broken"
-        [model]
-        onnx = "broken.onnx"
+    "broken": ("broken.onnx", """
         [benchmark]
         enabled = false
-        """,
+        """),
 }
+
+
+def recipe_text(name: str) -> str:
+    model, rest = RECIPES[name]
+    return f'name = "{name}"\n[model]\nonnx = "{model}"\n[optimize]\nenabled = false\n' + textwrap.dedent(rest)
 
 
 @pytest.fixture
@@ -77,8 +66,8 @@ def sweep_dir(tmp_path):
     model.ir_version = 8
     onnx.save(model, tmp_path / "mlp.onnx")
     (tmp_path / "broken.onnx").write_bytes(b"this is not a protobuf" * 10)
-    for name, text in RECIPES.items():
-        (tmp_path / f"{name}.toml").write_text(textwrap.dedent(text))
+    for name in RECIPES:
+        (tmp_path / f"{name}.toml").write_text(recipe_text(name))
     return tmp_path
 
 
