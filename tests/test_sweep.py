@@ -17,7 +17,8 @@ from onnxforge.cli import main
 from onnxforge.common.errors import UserError
 from onnxforge.package import sha256
 from onnxforge.recipe import recipe_from_dict
-from onnxforge.sweep import RaySettings, _bench_placement, _gather, run_sweep
+from onnxforge.sweep import RaySettings, run_sweep
+from onnxforge.sweep.cluster import _gather, bench_placement
 
 # Each recipe reads an ONNX file (no export to wait for) and skips the optimize step.
 RECIPES = {
@@ -169,12 +170,12 @@ def test_timing_placement_takes_a_whole_labelled_node():
     nodes = [{"node_id": "a", "hostname": "h1", "resources": {"CPU": 8.0, "cpu-avx512-vnni": 1.0, "memory": 1e9}},
              {"node_id": "b", "hostname": "h2", "resources": {"CPU": 4.0, "gpu-h100": 1.0, "GPU": 1.0}}]
     vnni = recipe_from_dict({"model": {"onnx": "m.onnx"}, "benchmark": {"target": "cpu-avx512-vnni"}})
-    assert _bench_placement(vnni, nodes) == {"num_cpus": 8.0, "resources": {"cpu-avx512-vnni": 1}}
+    assert bench_placement(vnni, nodes) == {"num_cpus": 8.0, "resources": {"cpu-avx512-vnni": 1}}
     anywhere = recipe_from_dict({"model": {"onnx": "m.onnx"}})
-    assert _bench_placement(anywhere, nodes) == {"num_cpus": 4.0}  # the smallest node, whole
+    assert bench_placement(anywhere, nodes) == {"num_cpus": 4.0}  # the smallest node, whole
     amx = recipe_from_dict({"model": {"onnx": "m.onnx"}, "benchmark": {"target": "cpu-amx"}})
     with pytest.raises(UserError, match=r"'cpu-amx': no node of the Ray cluster offers it \(node labels: cpu-avx512-vnni, gpu-h100\)"):
-        _bench_placement(amx, nodes)
+        bench_placement(amx, nodes)
 
 
 def test_an_address_nothing_answers_at_fails_at_once(sweep_dir, capsys):
