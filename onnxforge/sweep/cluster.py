@@ -32,7 +32,7 @@ class RaySettings:
     address: str = "auto"  # "auto": the cluster this machine joined (ray start); "local": a Ray started for this run; or HOST:PORT
     step_cpus: float = 1.0  # CPUs each step task declares
     step_memory_gb: float = 2.0  # memory each step task declares (Ray's "memory" resource)
-    retries: int = 1  # reruns of a task whose worker died or that failed unexpectedly
+    retries: int = 1  # reruns of a step whose worker died or that failed unexpectedly, of a recipe whose worker died
     worker_logs: bool = False  # show the workers' log lines (Ray forwards them to this process)
 
     def __post_init__(self):
@@ -42,6 +42,7 @@ class RaySettings:
 
 
 def import_ray():
+    """The ``ray`` module, or one line with the install hint."""
     try:
         import ray
     except ImportError:
