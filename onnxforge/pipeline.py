@@ -23,6 +23,7 @@ onnxforge: it is reported as one, its traceback is logged at debug level (``-v``
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -49,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 # Each step imports its package (exporter: torch; optimizers; runtime_bench) inside the step, so a recipe
 # loads only what it runs (tests/test_architecture.py allows this module, the CLI commands and the demo to).
+
+# Runs a step's produce(folder) and returns its (artifact name, report): where the steps of a sweep
+# run elsewhere (onnxforge.sweep runs each as a Ray task on a node that sees the folder).
+StepRunner = Callable[[str, Callable[[Path], tuple[str, dict]], Path], tuple[str, dict]]
 
 # The installed packages whose code each step runs; their versions are part of its key.
 STEP_TOOLS = {
@@ -133,9 +138,10 @@ class _Steps:
     """Step folders with a ``step.json`` stamp: the step's key and the hash of each input part,
     the artifact's name, the sha256 of every file written, the report."""
 
-    def __init__(self, out: Path, force: bool, total: int | None = None):
+    def __init__(self, out: Path, force: bool, total: int | None = None, runner: StepRunner | None = None):
         self.root = ensure_writable_dir(out / "steps", "output")
         self.force = force
+        self.runner = runner  # runs each step's ``produce`` elsewhere (a Ray task: onnxforge.sweep); None: here
         self.total = total  # steps the recipe plans, for the "[k/N]" of each step's log line
         self.records: list[StepRecord] = []
         for leftover in sorted(self.root.glob(".*")):  # staging folders of a run that was killed
@@ -190,7 +196,7 @@ class _Steps:
         folder = self.root / name
         started = time.perf_counter()
         with atomic_dir(folder) as staging:  # the step's folder is always whole or absent
-            artifact_name, report = produce(staging)
+            artifact_name, report = self.runner(name, produce, staging) if self.runner else produce(staging)
             files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
             if artifact_name not in files:
                 raise RuntimeError(f"step {name} did not write its artifact {artifact_name}")
@@ -447,7 +453,9 @@ def _benchmark_step(recipe: Recipe, steps: _Steps, candidates: dict[str, StepRec
         fidelity=False,
         session=SessionSettings(intra_op_threads=bench.get("threads")),
     )
-    inputs = {"models": {n: r.digest for n, r in candidates.items()}, "config": repr(config), "cpus": os.cpu_count(),
+    # the machine that times: this one (its core count), or the nodes a step runner sends the timing to by label
+    where = {"target": bench["target"]} if steps.runner is not None and bench.get("target") else {"cpus": os.cpu_count()}
+    inputs = {"models": {n: r.digest for n, r in candidates.items()}, "config": repr(config), **where,
               "tools": tool_versions(*STEP_TOOLS["benchmark"])}
 
     def produce(folder: Path):
@@ -484,17 +492,28 @@ class _Made:
 
 
 def _make_candidates(recipe: Recipe, steps: _Steps, base: StepRecord, reference: StepRecord) -> list[_Made]:
-    """Each candidate in recipe order; one that fails is recorded as failed and the run goes on."""
-    made = []
-    for candidate in recipe.candidates:
+    """Each candidate in recipe order; one that fails is recorded as failed and the run goes on.
+    Where a step runner runs the steps elsewhere, the candidates are made at once (a thread each
+    waits on its own steps), and their step records are put back in recipe order."""
+
+    def make(candidate: dict) -> _Made:
         name = candidate["name"]
         try:
             record = _candidate_step(recipe, steps, candidate, base, reference)
-            made.append(_Made(name, record, _accuracy_step(recipe, steps, name, record)))
+            return _Made(name, record, _accuracy_step(recipe, steps, name, record))
         except Exception as exc:
             reason, trace = _failure_reason(exc)
             logger.warning("candidate %s failed: %s; going on without it", name, reason)
-            made.append(_Made(name, error=reason, bug=None if trace is None else exc, traceback=trace))
+            return _Made(name, error=reason, bug=None if trace is None else exc, traceback=trace)
+
+    candidates = recipe.candidates
+    if steps.runner is None or len(candidates) < 2:
+        return [make(candidate) for candidate in candidates]
+    first = len(steps.records)
+    with concurrent.futures.ThreadPoolExecutor(len(candidates)) as pool:
+        made = list(pool.map(make, candidates))
+    order = [f"{kind}-{c['name']}" for c in candidates for kind in ("candidate", "accuracy")]
+    steps.records[first:] = sorted(steps.records[first:], key=lambda r: order.index(r.name))
     return made
 
 
@@ -645,13 +664,15 @@ def _recommended(recipe: Recipe, bench: StepRecord | None) -> dict[str, Any]:
     return {"provider": bench.report.get("provider"), "intra_op_threads": recipe.section("benchmark").get("threads")}
 
 
-def run_pipeline(recipe: Recipe | str | Path, out: str | Path, *, overrides: list[str] | None = None, force: bool = False) -> PipelineResult:
-    """Run ``recipe`` (a Recipe, or a TOML path with ``overrides``) into the folder ``out``."""
+def run_pipeline(recipe: Recipe | str | Path, out: str | Path, *, overrides: list[str] | None = None, force: bool = False,
+                 step_runner: StepRunner | None = None) -> PipelineResult:
+    """Run ``recipe`` (a Recipe, or a TOML path with ``overrides``) into the folder ``out``;
+    ``step_runner`` runs each step that is not reused (see ``StepRunner``)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     out = ensure_writable_dir(Path(out))
     with _exclusive(out):
-        return _run(recipe, out, force)
+        return _run(recipe, out, force, step_runner)
 
 
 def _planned_steps(recipe: Recipe) -> int:
@@ -660,8 +681,8 @@ def _planned_steps(recipe: Recipe) -> int:
             + len(recipe.candidates) + bool(recipe.section("benchmark").get("enabled", True)))
 
 
-def _run(recipe: Recipe, out: Path, force: bool) -> PipelineResult:
-    steps = _Steps(out, force, _planned_steps(recipe))
+def _run(recipe: Recipe, out: Path, force: bool, step_runner: StepRunner | None = None) -> PipelineResult:
+    steps = _Steps(out, force, _planned_steps(recipe), step_runner)
     student = _distill_step(recipe, steps) if "distill" in recipe.data else None
     exported = _export_step(recipe, steps, student)
     base = _optimize_step(recipe, steps, exported)

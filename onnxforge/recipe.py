@@ -28,7 +28,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "optimize": {"enabled": (bool,), "level": (str,), "target": (str,), "fusions": (str,), "attention_fusion": (bool,)},
     "select": {"min_cosine": (float, int), "metric": (str,), "min_accuracy": (float, int)},
     "benchmark": {"enabled": (bool,), "batch": (list, int), "dims": (dict,), "threads": (int,), "min_seconds": (float, int),
-                  "min_runs": (int,), "provider": (str,)},
+                  "min_runs": (int,), "provider": (str,), "target": (str,)},
     "package": {"enabled": (bool,), "zip": (bool,), "name": (str,), "triton": (bool,)},
     "distill": {"teacher": (str,), "data": (str,), "val_data": (str,), "test_data": (str,), "epochs": (int,),
                 "temperature": (float, int), "alpha": (float, int), "lr": (float,), "loss": (str,), "patience": (int,), "seed": (int,)},

@@ -10,8 +10,13 @@ from onnxforge.common.errors import EXIT_BUDGET
 
 def register(sub) -> None:
     run = sub.add_parser("run", help="run a recipe: export, optimize, candidates, benchmark, select, package")
-    run.add_argument("recipe", help="the recipe TOML file")
+    run.add_argument("recipe", nargs="+", help="the recipe TOML file; several make a sweep, each into OUT/<recipe name>/")
     run.add_argument("--out", default="out", help="output folder (default out)")
+    run.add_argument("--ray", nargs="?", const="auto", metavar="auto|local|HOST:PORT",
+                     help="run the recipes' steps as Ray tasks: on the cluster this machine joined (auto, the default), "
+                          "a Ray started here (local), or the cluster at HOST:PORT; needs onnxforge[ray]")
+    run.add_argument("--step-cpus", type=float, default=1.0, help="with --ray: CPUs each step declares")
+    run.add_argument("--step-memory-gb", type=float, default=2.0, help="with --ray: memory each step declares, in GB")
     run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
     run.add_argument("--force", action="store_true", help="rerun every step even if unchanged")
     add_io_flags(run)
@@ -29,9 +34,15 @@ def register(sub) -> None:
 
 
 def _run_command(args) -> int:
+    if len(args.recipe) > 1 or args.ray:
+        return _sweep_command(args)
     from onnxforge.pipeline import run_pipeline
+    from onnxforge.recipe import load_recipe
+    from onnxforge.sweep import note_unenforced_targets
 
-    result = run_pipeline(args.recipe, args.out, overrides=args.set, force=args.force)
+    recipe = load_recipe(args.recipe[0], args.set)
+    note_unenforced_targets([recipe])
+    result = run_pipeline(recipe, args.out, force=args.force)
     if args.json:
         print(jsonio.document({"selected": result.selected, "package": str(result.package) if result.package else None,
                                "candidates": [r.__dict__ for r in result.rows],
@@ -44,6 +55,22 @@ def _run_command(args) -> int:
     if (result.out / "report.html").is_file():
         print(f"report: {result.out / 'report.html'}")  # the last line: where to look
     return 0 if result.package or result.selected else EXIT_BUDGET
+
+
+def _sweep_command(args) -> int:
+    from onnxforge.sweep import RaySettings, run_sweep
+
+    settings = None
+    if args.ray:
+        settings = RaySettings(address=args.ray, step_cpus=args.step_cpus, step_memory_gb=args.step_memory_gb,
+                               worker_logs=bool(args.verbose))
+    result = run_sweep(args.recipe, args.out, overrides=args.set, force=args.force, ray=settings)
+    if args.json:
+        print(jsonio.document({"recipes": [o.summary() for o in result.outcomes], "ray": result.cluster}))
+        return result.exit_code()
+    print(result.table())
+    print(f"sweep: {result.out / 'sweep.json'}, {result.out / 'sweep.html'}")
+    return result.exit_code()
 
 
 def _verify_package_command(args) -> int:
