@@ -95,9 +95,9 @@ def cluster():
 
 
 def package_files(folder):
-    """sha256 of each file of a package, but the manifest and model card (they carry timings)."""
+    """sha256 of each file of a package, but the manifest, model card and report (they carry timings)."""
     package = folder / "package"
-    return {p.name: sha256(p) for p in package.iterdir() if p.name not in ("manifest.json", "README.md")}
+    return {p.name: sha256(p) for p in package.iterdir() if p.name not in ("manifest.json", "README.md", "report.html")}
 
 
 def step_files(folder):
