@@ -50,10 +50,18 @@ from onnxforge.fingerprints import file_sha256, reference_hash, tool_versions
 from onnxforge.package import DEFAULT_PACKAGE_PROMPT, write_decoder_package
 from onnxforge.recipe import Recipe, check_decoder_candidates, weight_only_name
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
-from optimizers.quantize.decoder_candidates import AUTO_CANDIDATES, DecoderCandidateSettings, quantize_decoder_candidates
+from optimizers.quantize.decoder_candidates import (
+    AUTO_CANDIDATES,
+    DecoderCandidateSettings,
+    quantize_decoder_candidates,
+)
 from optimizers.quantize.weight_only import decoder_quality
 from runtime_bench.decoder import OnnxDecoder
-from runtime_bench.generation import GenerationConfig, benchmark_generation, generation_table
+from runtime_bench.generation import (
+    GenerationConfig,
+    benchmark_generation,
+    generation_table,
+)
 from runtime_bench.html import write_html
 
 logger = logging.getLogger(__name__)
@@ -239,7 +247,7 @@ def _make_candidates(recipe: Recipe, steps, exported, texts: _Texts, failure_rea
         name = candidate["name"]
         try:
             made[name] = (_candidate_step(recipe, steps, candidate, exported, texts), None)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one candidate out, reported with its reason (a bug keeps its traceback)
             reason, trace = failure_reason(exc)
             logger.warning("candidate %s failed: %s; going on without it", name, reason)
             made[name] = (None, reason if trace is None else _Bug(reason, exc))

@@ -156,3 +156,13 @@ def test_decoder_candidates_are_checked_before_any_step(tmp_path):
         recipe_from_dict({**base, "select": {"max_perplexity_ratio": 0.9}})
     recipe = recipe_from_dict({**base, "candidates": [{"name": "q", "quantize": {"weights": "hqq-int4-b32", "accuracy_level": 4}}]})
     assert recipe.candidates[0]["quantize"]["weights"] == "hqq-int4-b32"
+
+
+def test_a_causal_lm_folder_takes_the_decoder_route(docstring_llama_folder, tmp_path):
+    from onnxforge.pipeline import _is_decoder_recipe
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    assert _is_decoder_recipe(recipe_from_dict({"model": {"hf": str(docstring_llama_folder)}}))  # task auto: config.json decides
+    assert not _is_decoder_recipe(recipe_from_dict({"model": {"hf": str(tmp_path)}}))
+    assert not _is_decoder_recipe(recipe_from_dict({"model": {"hf": str(docstring_llama_folder), "task": "feature-extraction"}}))
+    assert _is_decoder_recipe(recipe_from_dict({"model": {"hf": "onnxforge.decoder_models:docstring_llama", "task": "text-generation"}}))
