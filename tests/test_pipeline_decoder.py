@@ -15,6 +15,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.demo import EXAMPLES
 from onnxforge.package import verify_package
 from onnxforge.recipe import recipe_from_dict
+from tests.llm_fixtures import genai_greedy
 
 pytestmark = pytest.mark.slow  # trains the docstring Llama when $ONNXFORGE_TEST_MODELS has none (~30 s)
 
@@ -105,16 +106,7 @@ def test_generate_and_onnxruntime_genai_run_the_package(decoder_run, capsys):
     assert main(["generate", str(package), "--prompt", recorded["prompt"], "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith(recorded["prompt"])
 
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is an optional extra (pip install onnxruntime-genai)")
-    model = og.Model(str(package))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(recorded["prompt_ids"]) + len(recorded["new_ids"]), do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens([recorded["prompt_ids"]])
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    tokens = genai_greedy(package, recorded["prompt_ids"], len(recorded["new_ids"]))
     eos = json.loads((package / "genai_config.json").read_text())["model"]["eos_token_id"]
     expected = recorded["new_ids"]
     if eos in expected:  # GenAI stops at the end-of-sequence token; the record does not
