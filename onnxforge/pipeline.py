@@ -681,7 +681,24 @@ def _planned_steps(recipe: Recipe) -> int:
             + len(recipe.candidates) + bool(recipe.section("benchmark").get("enabled", True)))
 
 
+def _is_decoder_recipe(recipe: Recipe) -> bool:
+    """[model] task = "text-generation", or task left to auto on a Hugging Face folder whose
+    config.json names a causal LM: the decoder route (onnxforge.pipeline_decoder)."""
+    model = recipe.section("model")
+    task = model.get("task", "auto")
+    if task != "auto" or "hf" not in model or not Path(recipe.path(model["hf"])).is_dir():
+        return task == "text-generation"
+    from exporter.sources import resolve_task
+
+    return resolve_task(recipe.path(model["hf"])) == "text-generation"
+
+
 def _run(recipe: Recipe, out: Path, force: bool, step_runner: StepRunner | None = None) -> PipelineResult:
+    if _is_decoder_recipe(recipe):
+        from onnxforge import pipeline_decoder
+
+        steps = _Steps(out, force, pipeline_decoder.planned_steps(recipe), step_runner)
+        return pipeline_decoder.run_decoder_pipeline(recipe, out, steps, _failure_reason)
     steps = _Steps(out, force, _planned_steps(recipe), step_runner)
     student = _distill_step(recipe, steps) if "distill" in recipe.data else None
     exported = _export_step(recipe, steps, student)

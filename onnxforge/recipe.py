@@ -19,6 +19,8 @@ from exporter.sources import HF_TASKS, TASK_ALIASES
 from onnxforge.common.errors import UserError, closest
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
+from optimizers.prune.decoder_mlp import DecoderPruneSettings
+from optimizers.quantize.decoder_candidates import NAMES as WEIGHT_ONLY_NAMES
 
 # section -> key -> accepted Python types (a list type means "list of these")
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -26,10 +28,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
               "inputs": (list,), "dims": (dict,), "rtol": (float, int), "atol": (float, int)},
     "data": {"calibration": (str,), "evaluation": (str,), "tokenizer": (str,), "dims": (dict,)},
     "optimize": {"enabled": (bool,), "level": (str,), "target": (str,), "fusions": (str,), "attention_fusion": (bool,)},
-    "select": {"min_cosine": (float, int), "metric": (str,), "min_accuracy": (float, int)},
+    "select": {"min_cosine": (float, int), "metric": (str,), "min_accuracy": (float, int), "max_perplexity_ratio": (float, int)},
     "benchmark": {"enabled": (bool,), "batch": (list, int), "dims": (dict,), "threads": (int,), "min_seconds": (float, int),
-                  "min_runs": (int,), "provider": (str,), "target": (str,)},
-    "package": {"enabled": (bool,), "zip": (bool,), "name": (str,), "triton": (bool,)},
+                  "min_runs": (int,), "provider": (str,), "target": (str,), "prompt_length": (int,), "new_tokens": (int,),
+                  "rounds": (int,)},
+    "package": {"enabled": (bool,), "zip": (bool,), "name": (str,), "triton": (bool,), "prompt": (str,)},
     "distill": {"teacher": (str,), "data": (str,), "val_data": (str,), "test_data": (str,), "epochs": (int,),
                 "temperature": (float, int), "alpha": (float, int), "lr": (float,), "loss": (str,), "patience": (int,), "seed": (int,)},
 }
@@ -39,6 +42,10 @@ PRUNE_KEYS = {"ratio": (float, int), "importance": (str,), "scope": (str,), "bia
 QUANTIZE_KEYS = {"mode": (str,), "format": (str,), "per_channel": (bool,), "reduce_range": (bool,), "weight_type": (str,),
                  "activation_type": (str,), "calibration_method": (str,), "accuracy_target": (float, int),
                  "max_float_nodes": (int,), "op_types": (list,)}
+# A text-generation recipe's candidates (onnxforge.pipeline_decoder): weight-only quantization by
+# candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and MLP-width pruning.
+DECODER_QUANTIZE_KEYS = {"weights": (str,), "bits": (int,), "block_size": (int,), "symmetric": (bool,), "accuracy_level": (int,)}
+DECODER_PRUNE_KEYS = {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "max_batches": (int,)}
 TOP_LEVEL = set(SCHEMA) | {"candidates", "name"}
 
 
@@ -129,6 +136,9 @@ def validate(data: dict[str, Any]) -> None:
         if not isinstance(candidate, dict) or "name" not in candidate:
             raise UserError(f"{where} needs a name")
         _check_table(candidate, CANDIDATE_KEYS, where)
+        if is_text_generation(data):
+            names.append(candidate["name"])
+            continue  # check_decoder_candidates, below
         _check_table(candidate.get("prune", {}), PRUNE_KEYS, f"{where}.prune")
         if candidate.get("prune", {}).get("max_batches", 1) < 1:
             raise UserError(f"'{where}.prune.max_batches' must be at least 1 (calibration batches pruning reads), "
@@ -137,13 +147,56 @@ def validate(data: dict[str, Any]) -> None:
         names.append(candidate["name"])
     if len(set(names)) != len(names):
         raise UserError(f"candidate names must be unique: {names}")
+    if is_text_generation(data):
+        check_decoder_candidates(data)
     _check_ranges(data)
     _check_settings(data)
+
+
+def is_text_generation(data: dict[str, Any]) -> bool:
+    return data.get("model", {}).get("task") == "text-generation"
+
+
+def weight_only_name(quantize: dict[str, Any]) -> str:
+    """The weight-only candidate a decoder candidate's ``quantize`` table names: ``weights`` (a name
+    of ``optimizers.quantize.decoder_candidates`` or "auto"), or round-to-nearest from ``bits``,
+    ``block_size`` and ``symmetric`` (``{bits = 4}`` is rtn-int4-sym-b32)."""
+    if "weights" in quantize:
+        if {"bits", "block_size", "symmetric"} & set(quantize):
+            raise UserError("a decoder candidate's quantize takes weights = NAME or bits/block_size/symmetric, not both")
+        return quantize["weights"]
+    kind = "sym" if quantize.get("symmetric", True) else "asym"
+    return f"rtn-int{quantize.get('bits', 4)}-{kind}-b{quantize.get('block_size', 32)}"
+
+
+def check_decoder_candidates(data: dict[str, Any]) -> None:
+    """The candidates of a text-generation recipe: ``quantize`` and ``prune`` tables with the
+    decoder keys (DECODER_QUANTIZE_KEYS, DECODER_PRUNE_KEYS), values the settings accept."""
+    for index, candidate in enumerate(data.get("candidates", [{"name": "fp32"}])):
+        where = f"candidates[{index}]"
+        quantize, prune = candidate.get("quantize"), candidate.get("prune")
+        if quantize is not None:
+            _check_table(quantize, DECODER_QUANTIZE_KEYS, f"{where}.quantize (a text-generation recipe)")
+            name = weight_only_name(quantize)
+            if name not in (*WEIGHT_ONLY_NAMES, "auto"):
+                raise UserError(f"'{where}.quantize' names the weight-only candidate {name!r}{closest(name, WEIGHT_ONLY_NAMES)}; "
+                                f"available: auto, {', '.join(WEIGHT_ONLY_NAMES)}")
+            if quantize.get("accuracy_level", 0) not in (0, 1, 2, 3, 4):
+                raise UserError(f"'{where}.quantize.accuracy_level' must be 0..4, got {quantize['accuracy_level']!r}")
+        if prune is not None:
+            _check_table(prune, DECODER_PRUNE_KEYS, f"{where}.prune (a text-generation recipe)")
+            if prune.get("max_batches", 2) < 2:
+                raise UserError(f"'{where}.prune.max_batches' must be at least 2 (calibration windows pruning reads), "
+                                f"got {prune['max_batches']}")
+            options = {k: v for k, v in prune.items() if k != "max_batches"}
+            _settings_check(f"{where}.prune", lambda o=options: DecoderPruneSettings(**o))
 
 
 # Ranges of recipe values that no settings class owns: (lowest, highest, whether the lowest is allowed).
 RANGES = {
     ("select", "min_cosine"): (0.0, 1.0, False), ("select", "min_accuracy"): (0.0, 1.0, True),
+    ("select", "max_perplexity_ratio"): (1.0, None, True), ("benchmark", "prompt_length"): (1, None, True),
+    ("benchmark", "new_tokens"): (2, None, True), ("benchmark", "rounds"): (1, None, True),
     ("benchmark", "threads"): (1, None, True), ("benchmark", "min_runs"): (1, None, True),
     ("benchmark", "min_seconds"): (0.0, None, True), ("model", "opset"): (7, 23, True),
     ("model", "rtol"): (0.0, None, True), ("model", "atol"): (0.0, None, True),
@@ -185,7 +238,7 @@ def _check_settings(data: dict[str, Any]) -> None:
             raise UserError(f"'model.task' must be one of {', '.join(tasks)}, got {model['task']!r}{closest(model['task'], tasks)}")
     optimize = {k: v for k, v in data.get("optimize", {}).items() if k != "enabled"}
     _settings_check("optimize", lambda: OptimizeSettings(**optimize))
-    for index, candidate in enumerate(data.get("candidates", [])):
+    for index, candidate in enumerate([] if is_text_generation(data) else data.get("candidates", [])):
         if "prune" in candidate:
             _settings_check(f"candidates[{index}].prune", lambda c=candidate: PruneSettings(**c["prune"]))
         if "quantize" in candidate:

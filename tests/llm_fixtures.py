@@ -107,3 +107,21 @@ def held_out_sequences(count: int = 8, length: int = 64) -> tuple[tuple[int, ...
             break
     assert len(sequences) == count, f"only {len(sequences)} held-out docstrings of {length} tokens in onnx"
     return tuple(sequences)
+
+
+def genai_greedy(package: Path, prompt_ids, max_new_tokens: int) -> list[int]:
+    """Greedy tokens ONNX Runtime GenAI generates from the package folder (the test is skipped
+    where the optional onnxruntime-genai is not installed); GenAI stops at the eos token."""
+    import pytest
+
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is an optional extra (pip install onnxruntime-genai)")
+    model = og.Model(str(package))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([list(prompt_ids)])
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens

@@ -9,6 +9,7 @@ import pytest
 from onnxforge.cli import main
 from onnxforge.common.errors import UserError
 from onnxforge.package import verify_package, write_decoder_package
+from tests.llm_fixtures import genai_greedy
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +57,8 @@ def test_verify_package_fails_when_the_tokens_differ(decoder_package, tmp_path):
 
 
 def test_onnxruntime_genai_runs_the_package_unchanged(decoder_package):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is an optional extra (pip install onnxruntime-genai)")
     recorded = json.loads((decoder_package / "manifest.json").read_text())["generation_check"]
-    model = og.Model(str(decoder_package))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(recorded["prompt_ids"]) + len(recorded["new_ids"]), do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens([recorded["prompt_ids"]])
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    tokens = genai_greedy(decoder_package, recorded["prompt_ids"], len(recorded["new_ids"]))
     # GenAI stops at the eos token (1); onnxforge's record does not
     expected = recorded["new_ids"]
     if 1 in expected:

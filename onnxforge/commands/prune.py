@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from onnxforge.commands._args import add_io_flags
-from onnxforge.commands._decoder_text import text_sequences
+from onnxforge.decoder_text import text_sequences
 from onnxforge.common.errors import UserError
 from onnxforge.common import jsonio
 from optimizers.calibration import MAX_CALIBRATION_BATCHES

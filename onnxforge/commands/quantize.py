@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from onnxforge.commands._args import add_io_flags
-from onnxforge.commands._decoder_text import text_sequences
+from onnxforge.decoder_text import text_sequences
 from optimizers.quantize.decoder_candidates import AUTO_CANDIDATES, NAMES
 from onnxforge.common import jsonio
 from optimizers.calibration import MAX_CALIBRATION_BATCHES

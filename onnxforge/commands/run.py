@@ -26,9 +26,10 @@ def register(sub) -> None:
     verify.add_argument("package", help="the package folder")
     verify.set_defaults(func=_verify_package_command)
 
-    demo = sub.add_parser("demo", help="run the built-in demo (the pipeline on the digits CNN and all-MiniLM-L6-v2)")
+    demo = sub.add_parser("demo", help="run the built-in demo (the pipeline on the digits CNN, all-MiniLM-L6-v2 and a small decoder)")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     demo.add_argument("--no-minilm", action="store_true", help="skip the all-MiniLM-L6-v2 part")
+    demo.add_argument("--no-decoder", action="store_true", help="skip the generative decoder part (examples/docstring_llama.toml)")
     demo.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
     demo.set_defaults(func=_demo_command)
 
@@ -86,6 +87,6 @@ def _verify_package_command(args) -> int:
 def _demo_command(args) -> int:
     from onnxforge.demo import format_demo, run_demo
 
-    results = run_demo(args.out, include_minilm=not args.no_minilm, overrides=args.set)
+    results = run_demo(args.out, include_minilm=not args.no_minilm, include_decoder=not args.no_decoder, overrides=args.set)
     print(format_demo(results))
     return 0

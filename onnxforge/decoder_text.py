@@ -1,4 +1,4 @@
-"""Text files read as token sequences for decoder commands (prune, quantize): passages separated by
+"""Text files read as token sequences for decoders (the prune and quantize commands, recipes): passages separated by
 blank lines, tokenized with ``--tokenizer DIR`` or the tokenizer the export copied beside the model."""
 
 from __future__ import annotations
