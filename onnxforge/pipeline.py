@@ -43,7 +43,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_dir, atomic_path, ensure_writable_dir, write_text_atomic
 from onnxforge.fingerprints import digest, file_sha256, reference_hash, tool_versions
 from onnxforge.package import write_package
-from onnxforge.recipe import Recipe, load_recipe
+from onnxforge.recipe import Recipe, load_recipe, settings_from
 
 logger = logging.getLogger(__name__)
 
@@ -233,13 +233,12 @@ def _distill_step(recipe: Recipe, steps: _Steps) -> StepRecord:
 
         from exporter import load_model_source
         from onnxforge.common.callables import import_callable
-        from optimizers.distill import DistillSettings, distill
+        from optimizers.distill import distill
 
-        options = {k: settings[k] for k in ("epochs", "temperature", "alpha", "lr", "loss", "patience", "seed") if k in settings}
         teacher = load_model_source(recipe.source(settings["teacher"])).module
         student = load_model_source(recipe.source(model["source"])).module
         data = {k: import_callable(spec) for k, spec in data_specs.items()}
-        result = distill(teacher, student, data["data"], DistillSettings(**options), val_data=data.get("val_data"),
+        result = distill(teacher, student, data["data"], settings_from("distill", settings), val_data=data.get("val_data"),
                          test_data=data.get("test_data"))
         torch.save(result.student, folder / "student.pt")
         return "student.pt", result.to_dict()
@@ -308,9 +307,9 @@ def _optimize_step(recipe: Recipe, steps: _Steps, source: StepRecord) -> StepRec
     inputs = {"model": source.digest, "settings": settings_data, "dims": dims, "tools": tool_versions(*STEP_TOOLS["optimize"])}
 
     def produce(folder: Path):
-        from optimizers import OptimizeSettings, optimize_file
+        from optimizers import optimize_file
 
-        result = optimize_file(source.artifact, folder / "model.onnx", OptimizeSettings(dims=dims, **settings_data))
+        result = optimize_file(source.artifact, folder / "model.onnx", settings_from("optimize", settings_data, dims=dims))
         return "model.onnx", {"settings": settings_data, "fusions": result.fusions,
                               "nodes": [result.before.node_count, result.after.node_count]}
 
@@ -363,12 +362,12 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
         from onnxforge.common.fidelity import fidelity
         from onnxforge.common.loading import load_onnx
         from onnxforge.common.onnxio import save_onnx
-        from optimizers import PruneSettings, QuantizeSettings, prune, quantize
+        from optimizers import prune, quantize
 
         model = load_onnx(base.artifact)
         transforms = []
         if "prune" in candidate:
-            settings = PruneSettings(**candidate["prune"])
+            settings = settings_from("prune", candidate["prune"])
             result = prune(model, settings, calibration=args["calibration"], tokenizer=args["tokenizer"], dims=args["dims"],
                            evaluation=args["evaluation"])
             model = result.model
@@ -378,10 +377,7 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
                                "reconstruction_fidelity": refit["fidelity"] if refit else None,
                                "refined": bool(result.refinement and result.refinement["kept"])})
         if "quantize" in candidate:
-            options = dict(candidate["quantize"])
-            if "op_types" in options:
-                options["op_types"] = tuple(options["op_types"])
-            result = quantize(model, QuantizeSettings(**options), calibration=args["calibration"], tokenizer=args["tokenizer"],
+            result = quantize(model, settings_from("quantize", candidate["quantize"]), calibration=args["calibration"], tokenizer=args["tokenizer"],
                               dims=args["dims"], evaluation=args["evaluation"])
             model = result.model
             transforms.append({"step": "quantize", "settings": result.resolved, "float_nodes": list(result.float_nodes)})

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from onnxforge.common.errors import UserError
+from onnxforge.common.options import add_flags, from_args
+from optimizers.distill.distill import DistillSettings
 
 
 def register(sub) -> None:
@@ -13,14 +14,7 @@ def register(sub) -> None:
     dist.add_argument("--val-data", help="pkg.module:function scoring each epoch: chooses the epoch kept and stops early")
     dist.add_argument("--test-data", help="pkg.module:function scored once at the end, for the report: never used to "
                       "train or choose (must differ from --val-data)")
-    dist.add_argument("--epochs", type=int, default=10, help="passes over the training data")
-    dist.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of the teacher's and student's logits in the distillation loss")
-    dist.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target loss (the rest: labels)")
-    dist.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    dist.add_argument("--loss", choices=("kl", "mse"), default="kl", help="kl: KL divergence of the softened distributions; mse: of the logits")
-    dist.add_argument("--feature", action="append", metavar="STUDENT_LAYER=TEACHER_LAYER", help="also match these layers' outputs")
-    dist.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping (with --val-data)")
-    dist.add_argument("--seed", type=int, default=0, help="seed of the shuffling and the student's initialisation")
+    add_flags(dist, DistillSettings)
     dist.add_argument("--out", default="student.pt", help="where to torch.save the trained student (default student.pt)")
     dist.add_argument("--export", metavar="ONNX", help="also export the student to this ONNX file")
     dist.set_defaults(func=_distill_command)
@@ -35,16 +29,9 @@ def _distill_command(args) -> int:
     from onnxforge.common.callables import import_callable
     from onnxforge.common.fileio import atomic_path
     from onnxforge.progress import ProgressBar
-    from optimizers.distill import DistillSettings, distill
+    from optimizers.distill import distill
 
-    features = {}
-    for item in args.feature or []:
-        student_layer, sep, teacher_layer = item.partition("=")
-        if not sep or not student_layer or not teacher_layer:
-            raise UserError(f"malformed --feature {item!r}: expected STUDENT_LAYER=TEACHER_LAYER")
-        features[student_layer] = teacher_layer
-    settings = DistillSettings(epochs=args.epochs, temperature=args.temperature, alpha=args.alpha, lr=args.lr, loss=args.loss,
-                               features=features, patience=args.patience, seed=args.seed)
+    settings = from_args(DistillSettings, args)
     teacher = load_model_source(args.teacher).module
     student_source = load_model_source(args.student)
     data = import_callable(args.data)
