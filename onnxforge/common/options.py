@@ -93,6 +93,12 @@ def described(cls: type) -> list[Described]:
     return out
 
 
+def undeclared(cls: type) -> list[str]:
+    """Fields of ``cls`` that declare neither a flag nor a recipe key nor ``internal=True``."""
+    declared = {d.name for d in described(cls) if d.option.flag or d.key or d.option.internal}
+    return [f.name for f in dataclasses.fields(cls) if f.name not in declared]
+
+
 def _kind(hint) -> tuple[type, type, bool]:
     args = typing.get_args(hint)
     optional = type(None) in args

@@ -1,0 +1,105 @@
+"""The settings schema (``onnxforge.common.options``): every field of a command's settings class
+declares its flag, its recipe key, or that it is internal; the flags and recipe keys generated from
+it behave as the hand-written ones did."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from onnxforge.cli import build_parser
+from onnxforge.common.errors import UserError
+from onnxforge.common.options import add_flags, from_args, option, recipe_types, undeclared
+from onnxforge.recipe import SETTINGS, recipe_from_dict
+from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
+from optimizers.distill import DistillSettings
+
+COMMANDS = {"optimize": OptimizeSettings, "quantize": QuantizeSettings, "prune": PruneSettings, "distill": DistillSettings}
+
+
+@pytest.mark.parametrize("cls", sorted(set(COMMANDS.values()) | set(SETTINGS.values()), key=lambda c: c.__name__))
+def test_every_settings_field_has_a_flag_a_recipe_key_or_is_internal(cls):
+    assert undeclared(cls) == [], f"{cls.__name__}: declare a flag, a recipe key or internal=True for these fields"
+
+
+def test_the_coverage_check_sees_an_undeclared_field():
+    @dataclasses.dataclass(frozen=True)
+    class Partly:
+        level: str = option("auto", flag="--level", help="a level")
+        hidden: int = option(1, internal=True, help="Python only")
+        forgotten: float = 0.5
+        keyless: bool = option(True, help="neither flag nor key")
+
+    assert undeclared(Partly) == ["forgotten", "keyless"]
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_flags_help_shows_its_default(command):
+    """Each generated flag that holds a value shows the settings class's default in its help."""
+    parser = _subparser(command)
+    text = " ".join(parser.format_help().split())
+    fields = {f.name: f for f in dataclasses.fields(COMMANDS[command])}
+    checked = 0
+    for action in parser._actions:
+        field = fields.get(action.dest)
+        if field is None or not action.option_strings or action.default in (None, False, [], ()) or action.const is not None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            continue
+        assert action.default == field.default, f"{action.option_strings[0]} holds {action.default!r}, the field {field.default!r}"
+        assert f"{action.option_strings[0]}" in text and f"default: {action.default}" in text, action.option_strings[0]
+        checked += 1
+    assert checked >= 3, f"{command}: too few flags with a default were checked ({checked})"
+
+
+def test_generated_flags_build_the_settings_the_hand_written_ones_did():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, OptimizeSettings)
+    settings = from_args(OptimizeSettings, parser.parse_args([]))
+    assert settings == OptimizeSettings()
+    args = parser.parse_args(["--no-verify", "--fp16", "--fp16-io", "--drop-output", "a", "--drop-output", "b",
+                              "--dim", "seq=64", "--level", "basic", "--rtol", "0.01", "--no-fusions"])
+    settings = from_args(OptimizeSettings, args)
+    assert (settings.verify, settings.fp16, settings.keep_io_types, settings.drop_outputs) == (False, True, False, ("a", "b"))
+    assert (settings.dims, settings.level, settings.rtol, settings.fusions) == ({"seq": 64}, "basic", 0.01, "off")
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, QuantizeSettings)
+    settings = from_args(QuantizeSettings, parser.parse_args(["--per-tensor", "--op-types", "MatMul,Gemm", "--no-speed-check"]))
+    assert (settings.per_channel, settings.op_types, settings.check_speed) == (False, ("MatMul", "Gemm"), False)
+    assert from_args(QuantizeSettings, parser.parse_args([])) == QuantizeSettings()
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, PruneSettings)
+    args = parser.parse_args(["--layer-ratio", "conv1=0.25", "--max-batches", "7", "--no-reconstruct", "--ratio", "0.3"])
+    settings = from_args(PruneSettings, args)
+    assert (settings.ratios, settings.max_batches, settings.reconstruct, settings.ratio) == ({"conv1": 0.25}, 7, False, 0.3)
+    assert parser.parse_args([]).ratio is None  # the command tells "not given" apart; the class's default stays 0.5
+    with pytest.raises(UserError, match="malformed --layer-ratio 'conv1': expected NODE=RATIO"):
+        from_args(PruneSettings, parser.parse_args(["--layer-ratio", "conv1"]))
+
+
+def test_recipe_keys_come_from_the_schema():
+    assert set(recipe_types(PruneSettings)) == {"ratio", "importance", "scope", "bias_compensation", "round_to",
+                                               "protect_first", "max_batches", "refine_steps"}
+    assert set(recipe_types(QuantizeSettings)) == {"mode", "format", "per_channel", "reduce_range", "weight_type",
+                                                  "activation_type", "calibration_method", "accuracy_target",
+                                                  "max_float_nodes", "op_types"}
+    assert set(recipe_types(OptimizeSettings)) == {"level", "target", "fusions", "attention_fusion"}
+    assert set(recipe_types(DistillSettings)) == {"epochs", "temperature", "alpha", "lr", "loss", "patience", "seed"}
+    model = {"model": {"onnx": "m.onnx"}}
+    recipe_from_dict({**model, "candidates": [{"name": "q", "quantize": {"op_types": ["MatMul"], "accuracy_target": 0.99}}]})
+    with pytest.raises(UserError, match=r"'candidates\[0\].quantize.accuracy_target' must be above 0.0 and at most 1.0, got 2"):
+        recipe_from_dict({**model, "candidates": [{"name": "q", "quantize": {"accuracy_target": 2}}]})
+    with pytest.raises(UserError, match=r"recipe \[distill\]: 'distill.alpha' must be at least 0.0 and at most 1.0, got 1.5"):
+        recipe_from_dict({"model": {"source": "m.py:f"}, "distill": {"teacher": "t.py:f", "data": "d.py:f", "alpha": 1.5}})
+    with pytest.raises(UserError, match=r"'optimize.attention_fusion' must be bool, got int"):
+        recipe_from_dict({**model, "optimize": {"attention_fusion": 1}})
