@@ -17,6 +17,7 @@ from typing import Any
 from exporter.convert import EXPORTERS
 from exporter.sources import HF_TASKS, TASK_ALIASES
 from onnxforge.common.errors import UserError, closest
+from onnxforge.common.fileio import read_document
 from onnxforge.common.options import check_range, check_ranges, from_table, recipe_types
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
@@ -213,12 +214,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe '{path}' does not exist")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"recipe '{path}' is not valid TOML: {exc}") from None
+    data = read_document(path, tomllib.loads, tomllib.TOMLDecodeError, f"recipe '{path}' does not exist",
+                         f"recipe '{path}' is not valid TOML")
     data = apply_overrides(data, overrides or [])
     validate(data)
     return Recipe(data, path.parent.resolve())

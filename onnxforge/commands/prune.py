@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxforge.commands._args import add_io_flags
+from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.commands._decoder_text import text_sequences
 from onnxforge.common.errors import UserError
 from onnxforge.common import jsonio
@@ -23,10 +23,8 @@ def register(sub) -> None:
     prn.add_argument("--head-importance", choices=("contribution", "ablation"), default="contribution",
                      help="contribution: weight norms, or the measured contribution with --calibration; ablation: the "
                           "output loss of removing each head alone (needs --calibration; one ONNX Runtime session per head)")
-    prn.add_argument("--calibration", metavar="DATA", help="data for activation importance and bias compensation")
-    prn.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
-    prn.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text data files")
-    prn.add_argument("--dim", action="append", metavar="NAME=SIZE", help="symbolic dim size for generated inputs and MACs")
+    add_data_flags(prn, calibration="data for activation importance and bias compensation",
+                   dims="symbolic dim size for generated inputs and MACs")
     add_io_flags(prn)
     prn.set_defaults(func=_prune_command)
 

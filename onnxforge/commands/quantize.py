@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from onnxforge.commands._args import add_io_flags
+from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.commands._decoder_text import text_sequences
 from optimizers.quantize.decoder_candidates import AUTO_CANDIDATES, NAMES
 from onnxforge.common import jsonio
@@ -28,11 +28,9 @@ def register(sub) -> None:
                             f"default ({','.join(AUTO_CANDIDATES)}); available: {', '.join(NAMES)}")
     quant.add_argument("--max-perplexity-ratio", type=float, default=1.02,
                        help="decoders, auto mode: the quality budget, candidate perplexity at most this x fp32's (default 1.02)")
-    quant.add_argument("--calibration", metavar="DATA", help=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'")
+    add_data_flags(quant, calibration=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'",
+                   dims="symbolic dim size for generated inputs")
     quant.add_argument("--allow-random-calibration", action="store_true", help="accept --calibration random (not representative)")
-    quant.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
-    quant.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text calibration files")
-    quant.add_argument("--dim", action="append", metavar="NAME=SIZE", help="symbolic dim size for generated inputs")
     add_io_flags(quant)
     quant.set_defaults(func=_quantize_command)
 
