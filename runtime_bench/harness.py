@@ -739,6 +739,27 @@ def benchmark(
     dims = dict(config.dims)
     if given is None:
         dims = _sizes_for_open_dims(onnx_variants[0], reference_specs, dims)
+    measurements = _measure_cells(variants, providers, batch_sizes, given, dims, config, specs_by_variant, reference_specs,
+                                  baseline, progress)
+    workdir.cleanup()
+    if notes:
+        measurements = [dataclasses.replace(m, warnings=m.warnings + ((notes[m.variant],) if m.variant in notes else ()))
+                        for m in measurements]
+    return BenchReport(
+        schema_version=SCHEMA_VERSION,
+        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine_info(),
+        config=_report_config(config, dims, as_given),
+        baseline=baseline,
+        measurements=tuple(measurements),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _measure_cells(variants, providers, batch_sizes, given, dims, config: BenchConfig, specs_by_variant, reference_specs,
+                   baseline: str, progress) -> list[Measurement]:
+    """Every (provider, batch size) cell in turn: fresh sessions for each variant on the cell's
+    inputs (``given``, else generated at ``dims``), measured together, closed after."""
     measurements: list[Measurement] = []
     cells = [(p, b) for p in providers for b in batch_sizes]
     for cell_index, (provider, batch) in enumerate(cells):
@@ -762,19 +783,7 @@ def benchmark(
                 runner.close()
         if progress:
             progress(label, (cell_index + 1) / len(cells))
-    workdir.cleanup()
-    if notes:
-        measurements = [dataclasses.replace(m, warnings=m.warnings + ((notes[m.variant],) if m.variant in notes else ()))
-                        for m in measurements]
-    return BenchReport(
-        schema_version=SCHEMA_VERSION,
-        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine_info(),
-        config=_report_config(config, dims, as_given),
-        baseline=baseline,
-        measurements=tuple(measurements),
-        seconds=time.perf_counter() - started,
-    )
+    return measurements
 
 
 def _checked_variants(variants: Sequence[Variant | str | Path], config: BenchConfig) -> tuple[list[Variant], str]:

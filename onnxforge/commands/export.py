@@ -45,9 +45,8 @@ def register(sub) -> None:
 
 
 def _export_command(args) -> int:
-    from exporter import export, load_hf_model, load_model_source, measure_with_runtime_bench
-    from exporter.sources import copy_model_files, dynamic_axes_from_specs, inputs_from_specs, resolve_task
-    from onnxforge.common.specs import parse_dim_sizes, parse_input_spec
+    from exporter import export, measure_with_runtime_bench
+    from exporter.sources import copy_model_files, resolve_task
 
     if bool(args.model) == bool(args.hf_model):
         raise UserError("give exactly one model source: --model pkg.module:factory | file.py:factory | file.pt, or --hf-model DIR")
@@ -56,6 +55,27 @@ def _export_command(args) -> int:
         return _export_decoder_command(args)
     if args.pick_faster and args.exporter != "auto":
         raise UserError(f"--pick-faster compares both exporters; use it with --exporter auto, not {args.exporter}")
+    loaded, example, input_names, dynamic_axes = _model_and_example(args, task)
+    if args.static:
+        dynamic_axes = None
+    result = export(loaded.module, example, args.output, input_names=input_names, dynamic_axes=dynamic_axes,
+                    opset=args.opset, exporter=args.exporter, validate=not args.no_validate, rtol=args.rtol, atol=args.atol,
+                    measure=measure_with_runtime_bench if args.pick_faster else None, fuse=not args.raw)
+    companions = copy_model_files(args.hf_model, Path(args.output).parent) if args.hf_model else []
+    if args.json:
+        print(jsonio.document({**result.to_dict(), "companions": [str(c) for c in companions]}))
+    else:
+        _print_export(result, companions)
+    return 0
+
+
+def _model_and_example(args, task: str):
+    """The module, its example inputs, their names and dynamic axes: from --input specs when given
+    (named dims become dynamic axes), else from the model source."""
+    from exporter import load_hf_model, load_model_source
+    from exporter.sources import dynamic_axes_from_specs, inputs_from_specs
+    from onnxforge.common.specs import parse_dim_sizes, parse_input_spec
+
     dim_sizes = parse_dim_sizes(args.dim or [])
     specs = [parse_input_spec(text) for text in args.input or []]
     if args.hf_model:
@@ -75,26 +95,10 @@ def _export_command(args) -> int:
             f"model source {loaded.source!r} gives no example inputs; describe them with "
             "--input NAME:DIMS:DTYPE, e.g. --input x:batch,3,32,32:float32"
         )
-    if args.static:
-        dynamic_axes = None
-    result = export(
-        loaded.module,
-        example,
-        args.output,
-        input_names=input_names,
-        dynamic_axes=dynamic_axes,
-        opset=args.opset,
-        exporter=args.exporter,
-        validate=not args.no_validate,
-        rtol=args.rtol,
-        atol=args.atol,
-        measure=measure_with_runtime_bench if args.pick_faster else None,
-        fuse=not args.raw,
-    )
-    companions = copy_model_files(args.hf_model, Path(args.output).parent) if args.hf_model else []
-    if args.json:
-        print(jsonio.document({**result.to_dict(), "companions": [str(c) for c in companions]}))
-        return 0
+    return loaded, example, input_names, dynamic_axes
+
+
+def _print_export(result, companions) -> None:
     if companions:
         print(f"beside it, as Optimum lays a model folder out: {', '.join(c.name for c in companions)}")
     if result.choice:
@@ -114,7 +118,6 @@ def _export_command(args) -> int:
             print(f"  {output.describe()}")
     if not result.checks:
         print("validation skipped (--no-validate)")
-    return 0
 
 
 def _export_decoder_command(args) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -282,8 +282,24 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
     and every constant that counts channels (Split sizes, Slice bounds, Resize sizes, flatten
     targets, depthwise groups) rewritten to match. Constants that count are written as new
     initializers of their node, so a constant shared with another node is never changed."""
+    out = _cut_weights(model, analysis, removed)
+    if not removed:
+        return out
+    _recount_channels(out, analysis, removed)
+    del out.graph.value_info[:]  # shapes inside changed; shape inference recomputes them
+    return out
+
+
+def _kept(analysis: Analysis, removed) -> Callable[[list[int]], list[int]]:
+    """``kept(slot_list)``: the positions of a slot list that survive ``removed``."""
     find = analysis.slots.find
-    kept = lambda slot_list: [i for i, s in enumerate(slot_list) if find(s) not in removed]  # noqa: E731
+    return lambda slot_list: [i for i, s in enumerate(slot_list) if find(s) not in removed]
+
+
+def _cut_weights(model: onnx.ModelProto, analysis: Analysis, removed) -> onnx.ModelProto:
+    """A copy of ``model`` whose weights have the removed positions cut along each parameter's
+    axis; a cut weight is never copied whole first."""
+    kept = _kept(analysis, removed)
     cuts: dict[str, list[tuple[int, list[int]]]] = collections.defaultdict(list)  # initializer -> (axis, kept), in order
     done = set()
     for param in analysis.params:
@@ -302,9 +318,16 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
             value = np.take(value, keep, axis=axis)
         out.graph.initializer.append(numpy_helper.from_array(value, tensor.name))
         del value
+    return out
+
+
+def _recount_channels(out: onnx.ModelProto, analysis: Analysis, removed) -> None:
+    """Rewrite, in place, every constant of ``out`` that counts channels (depthwise groups,
+    reshape counts, Split sizes, Slice bounds) to the channels left, as new initializers of
+    their node; drop the initializers no node reads any more."""
+    find = analysis.slots.find
+    kept = _kept(analysis, removed)
     inits = {t.name: t for t in out.graph.initializer}
-    if not removed:
-        return out
     nodes = {n.name: n for n in out.graph.node}
 
     def rewrite_input(node, index: int, value: np.ndarray, tag: str) -> None:
@@ -345,8 +368,6 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
     stale = [t for t in out.graph.initializer if t.name not in used]
     for tensor in stale:
         out.graph.initializer.remove(tensor)
-    del out.graph.value_info[:]  # shapes inside changed; shape inference recomputes them
-    return out
 
 
 def compensate_biases(model: onnx.ModelProto, original: onnx.ModelProto, analysis: Analysis, removed: set[int],
