@@ -15,8 +15,10 @@ from onnxforge.common.options import add_flags, from_args, option, recipe_types,
 from onnxforge.recipe import SETTINGS, recipe_from_dict
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
+from runtime_bench import BenchConfig
 
-COMMANDS = {"optimize": OptimizeSettings, "quantize": QuantizeSettings, "prune": PruneSettings, "distill": DistillSettings}
+COMMANDS = {"optimize": OptimizeSettings, "quantize": QuantizeSettings, "prune": PruneSettings, "distill": DistillSettings,
+            "bench": BenchConfig, "tune": BenchConfig}
 
 
 @pytest.mark.parametrize("cls", sorted(set(COMMANDS.values()) | set(SETTINGS.values()), key=lambda c: c.__name__))
@@ -24,15 +26,22 @@ def test_every_settings_field_has_a_flag_a_recipe_key_or_is_internal(cls):
     assert undeclared(cls) == [], f"{cls.__name__}: declare a flag, a recipe key or internal=True for these fields"
 
 
-def test_the_coverage_check_sees_an_undeclared_field():
-    @dataclasses.dataclass(frozen=True)
-    class Partly:
-        level: str = option("auto", flag="--level", help="a level")
-        hidden: int = option(1, internal=True, help="Python only")
-        forgotten: float = 0.5
-        keyless: bool = option(True, help="neither flag nor key")
+@dataclasses.dataclass(frozen=True)
+class Partly:
+    level: str = option("auto", flag="--level", help="a level")
+    hidden: int = option(1, internal=True, help="Python only")
+    forgotten: float = 0.5
+    keyless: bool = option(True, help="neither flag nor key")
 
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    inner: Partly = option(Partly(), nested=True, help="a nested settings class")
+
+
+def test_the_coverage_check_sees_an_undeclared_field():
     assert undeclared(Partly) == ["forgotten", "keyless"]
+    assert undeclared(Outer) == ["inner.forgotten", "inner.keyless"]
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
@@ -103,3 +112,20 @@ def test_recipe_keys_come_from_the_schema():
         recipe_from_dict({"model": {"source": "m.py:f"}, "distill": {"teacher": "t.py:f", "data": "d.py:f", "alpha": 1.5}})
     with pytest.raises(UserError, match=r"'optimize.attention_fusion' must be bool, got int"):
         recipe_from_dict({**model, "optimize": {"attention_fusion": 1}})
+
+
+def test_bench_flags_build_the_config_with_its_session_and_tolerance():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, BenchConfig)
+    assert from_args(BenchConfig, parser.parse_args([]), max_runs=100_000) == BenchConfig()
+    args = parser.parse_args(["--provider", "cpu, cuda", "--batch", "1,8", "--threads", "2", "--opt-level", "basic",
+                              "--rtol", "0.01", "--provider-option", "a=1", "--provider-option", "b=2", "--no-fidelity"])
+    config = from_args(BenchConfig, args, max_runs=100_000)
+    assert (config.providers, config.batch_sizes, config.fidelity) == (("cpu", "cuda"), (1, 8), False)
+    assert (config.session.intra_op_threads, config.session.graph_optimization) == (2, "basic")
+    assert (config.fidelity_tolerance.rtol, config.fidelity_tolerance.atol) == (0.01, 1e-4)
+    assert config.provider_options == (("a", "1"), ("b", "2"))
+    with pytest.raises(UserError, match="--batch must be comma-separated integers, got '1,x'"):
+        from_args(BenchConfig, parser.parse_args(["--batch", "1,x"]))
+    with pytest.raises(UserError, match="--batch is empty"):
+        from_args(BenchConfig, parser.parse_args(["--batch", ","]))

@@ -54,6 +54,7 @@ class Option:
     parse: Callable[[list[str]], Any] | None = None  # the flag's raw strings -> the field's value
     flag_default: Any = _UNSET
     internal: bool = False
+    nested: bool = False  # a settings dataclass of its own: its flags are added and built in its place
 
 
 def option(default: Any = _MISSING, *, help: str, flag: str | tuple[str, ...] | None = None, key: bool | str = False,
@@ -94,9 +95,17 @@ def described(cls: type) -> list[Described]:
 
 
 def undeclared(cls: type) -> list[str]:
-    """Fields of ``cls`` that declare neither a flag nor a recipe key nor ``internal=True``."""
+    """Fields of ``cls`` that declare neither a flag nor a recipe key nor ``internal=True``
+    (a nested settings class's as ``field.inner``)."""
+    nested = {d.name: d.kind for d in described(cls) if d.option.nested}
     declared = {d.name for d in described(cls) if d.option.flag or d.key or d.option.internal}
-    return [f.name for f in dataclasses.fields(cls) if f.name not in declared]
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in nested:
+            out += [f"{f.name}.{inner}" for inner in undeclared(nested[f.name])]
+        elif f.name not in declared:
+            out.append(f.name)
+    return out
 
 
 def _kind(hint) -> tuple[type, type, bool]:
@@ -128,6 +137,8 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
     ``adjust`` changes a flag's argparse keywords where a command offers more than the settings
     class takes (``quantize --mode int8-weight`` routes to weight-only quantization)."""
     for d in described(cls):
+        if d.option.nested and d.name not in skip:
+            add_flags(parser, d.kind, skip, adjust)
         if not d.option.flag or d.name in skip:
             continue
         o = d.option
@@ -140,12 +151,16 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
             kwargs.update(action=argparse.BooleanOptionalAction, default=default)
         elif d.kind in (tuple, dict):
             kwargs.update(action="append" if o.repeat or d.kind is dict else "store", default=None)
+            if d.default and not o.repeat and "default" not in kwargs["help"]:  # a comma-separated list: shown as typed
+                kwargs["help"] += f" (default: {','.join(map(str, d.default))})"
         else:
             kwargs.update(type=d.kind, default=default)
         if o.choices is not None and not switch:
             kwargs.setdefault("choices", o.choices)
         if o.metavar:
             kwargs["metavar"] = o.metavar
+        elif not switch and d.kind is not bool and "choices" not in kwargs:  # named after the flag, not the field
+            kwargs["metavar"] = o.flag[0].lstrip("-").replace("-", "_").upper()
         parser.add_argument(*o.flag, **kwargs)
 
 
@@ -163,18 +178,45 @@ def parse_pairs(items: list[str], flag: str, metavar: str, value_type: type) -> 
     return pairs
 
 
+def key_values(items: list[str], flag: str, example: str) -> tuple[tuple[str, str], ...]:
+    """Repeated ``KEY=VALUE`` flags as ordered pairs (keys may repeat); a malformed one is named."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"malformed {flag} {item!r}: expected KEY=VALUE, e.g. {example}")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def _listed(d: Described, raw: str) -> tuple | None:
+    """A comma-separated flag value as the field's tuple of items; one line when it is not."""
+    flag = d.option.flag[0]
+    try:
+        values = tuple(d.item(v.strip()) for v in raw.split(",") if v.strip())
+    except ValueError:
+        kind = {int: "integers", float: "numbers"}.get(d.item, "values")
+        raise UserError(f"{flag} must be comma-separated {kind}, got {raw!r}") from None
+    if not values and d.default:
+        raise UserError(f"{flag} is empty")
+    return values if values or not d.optional else None
+
+
 def from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     """The settings object from parsed flags: flags not given keep the field's default, ``given``
-    (fields the command computes itself) win."""
+    (fields the command computes itself) win; a nested settings class is built from its own flags."""
     values: dict[str, Any] = {}
     for d in described(cls):
+        if d.option.nested and d.name not in given:
+            values[d.name] = from_args(d.kind, args)
+            continue
         raw = getattr(args, d.name, None) if d.option.flag else None
         if d.name in given or raw is None:
             continue
         if d.option.parse is not None:
             raw = d.option.parse(raw)
         elif d.kind is tuple:
-            raw = tuple(raw) if isinstance(raw, list) else tuple(s.strip() for s in raw.split(",") if s.strip())
+            raw = tuple(raw) if isinstance(raw, list) else _listed(d, raw)
         elif d.kind is dict:
             raw = parse_pairs(raw, d.option.flag[0], d.option.metavar or "NAME=VALUE", d.item)
         values[d.name] = raw
