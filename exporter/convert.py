@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from exporter.choice import ExporterChoice, choose, timing_graph
+from exporter.settings import DEFAULT_ATOL, DEFAULT_RTOL, EXPORTERS  # noqa: F401  (EXPORTERS: importable here as before)
 from exporter.wrapping import eval_mode_restored, flat_model, flatten_outputs
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs
 from onnxforge.common.errors import UserError, VerificationFailed
@@ -30,9 +31,6 @@ from runtime_bench.timing import Measure
 
 logger = logging.getLogger(__name__)
 
-EXPORTERS = ("auto", "dynamo", "torchscript")
-DEFAULT_RTOL = 1e-3
-DEFAULT_ATOL = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)

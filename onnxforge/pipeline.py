@@ -282,9 +282,9 @@ def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = Non
             example, names, axes = tuple(tensors.values()), list(tensors), dynamic_axes_from_specs(specs)
         if example is None:
             raise UserError(f"model source '{loaded.source}' gives no example inputs; list them in [model] inputs")
+        # not fused here: the [optimize] step fuses, verified, and the candidates start from its graph
         result = export(loaded.module, example, folder / "model.onnx", input_names=names, dynamic_axes=axes,
-                        exporter=model.get("exporter", "auto"), opset=model.get("opset"),
-                        rtol=float(model.get("rtol", 1e-3)), atol=float(model.get("atol", 1e-4)))
+                        **settings_from("model", model, fuse=False).arguments())
         return "model.onnx", {"exporter": result.exporter, "max_abs_error": [c.comparison.max_abs_error for c in result.checks],
                               "input_shapes": [c.input_shapes for c in result.checks], "seconds": result.seconds}
 

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from exporter.convert import EXPORTERS
+from exporter.settings import ExportSettings
 from exporter.sources import HF_TASKS, TASK_ALIASES
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.fileio import read_document
@@ -25,10 +25,10 @@ from optimizers.distill import DistillSettings
 # section -> key -> accepted Python types (a list type means "list of these"). The sections that
 # build a step's settings object take their keys from its schema (``onnxforge.common.options``:
 # a field declared with ``key=True``); the keys written here belong to the pipeline itself.
-SETTINGS = {"optimize": OptimizeSettings, "distill": DistillSettings, "prune": PruneSettings, "quantize": QuantizeSettings}
+SETTINGS = {"model": ExportSettings, "optimize": OptimizeSettings, "distill": DistillSettings, "prune": PruneSettings, "quantize": QuantizeSettings}
 SCHEMA: dict[str, dict[str, tuple]] = {
-    "model": {"source": (str,), "hf": (str,), "task": (str,), "onnx": (str,), "exporter": (str,), "opset": (int,),
-              "inputs": (list,), "dims": (dict,), "rtol": (float, int), "atol": (float, int)},
+    "model": {"source": (str,), "hf": (str,), "task": (str,), "onnx": (str,), "inputs": (list,), "dims": (dict,),
+              **recipe_types(ExportSettings)},
     "data": {"calibration": (str,), "evaluation": (str,), "tokenizer": (str,), "dims": (dict,)},
     "optimize": {"enabled": (bool,), **recipe_types(OptimizeSettings)},
     "select": {"min_cosine": (float, int), "metric": (str,), "min_accuracy": (float, int)},
@@ -143,8 +143,7 @@ def validate(data: dict[str, Any]) -> None:
 RANGES = {
     ("select", "min_cosine"): (0.0, 1.0, False), ("select", "min_accuracy"): (0.0, 1.0, True),
     ("benchmark", "threads"): (1, None, True), ("benchmark", "min_runs"): (1, None, True),
-    ("benchmark", "min_seconds"): (0.0, None, True), ("model", "opset"): (7, 23, True),
-    ("model", "rtol"): (0.0, None, True), ("model", "atol"): (0.0, None, True),
+    ("benchmark", "min_seconds"): (0.0, None, True),
 }
 
 
@@ -174,9 +173,7 @@ def settings_from(recipe_section: str, table: dict[str, Any], where: str | None 
 
 def _check_settings(data: dict[str, Any]) -> None:
     model = data.get("model", {})
-    if model.get("exporter", "auto") not in EXPORTERS:
-        raise UserError(f"'model.exporter' must be one of {', '.join(EXPORTERS)}, got {model['exporter']!r}"
-                        f"{closest(model['exporter'], EXPORTERS)}")
+    settings_from("model", model)
     if "task" in model:
         tasks = ["auto", *HF_TASKS, *TASK_ALIASES]
         if model["task"] not in tasks:

@@ -15,10 +15,11 @@ from onnxforge.common.options import add_flags, from_args, option, recipe_types,
 from onnxforge.recipe import SETTINGS, recipe_from_dict
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
+from exporter.settings import ExportSettings
 from runtime_bench import BenchConfig
 
 COMMANDS = {"optimize": OptimizeSettings, "quantize": QuantizeSettings, "prune": PruneSettings, "distill": DistillSettings,
-            "bench": BenchConfig, "tune": BenchConfig}
+            "bench": BenchConfig, "tune": BenchConfig, "export": ExportSettings}
 
 
 @pytest.mark.parametrize("cls", sorted(set(COMMANDS.values()) | set(SETTINGS.values()), key=lambda c: c.__name__))
@@ -104,6 +105,11 @@ def test_recipe_keys_come_from_the_schema():
                                                   "max_float_nodes", "op_types"}
     assert set(recipe_types(OptimizeSettings)) == {"level", "target", "fusions", "attention_fusion"}
     assert set(recipe_types(DistillSettings)) == {"epochs", "temperature", "alpha", "lr", "loss", "patience", "seed"}
+    assert set(recipe_types(ExportSettings)) == {"exporter", "opset", "rtol", "atol"}
+    with pytest.raises(UserError, match=r"recipe \[model\]: 'model.opset' must be at least 7 and at most 23, got 5"):
+        recipe_from_dict({"model": {"onnx": "m.onnx", "opset": 5}})
+    with pytest.raises(UserError, match=r"unknown exporter 'dynamoo'; choose one of auto, dynamo, torchscript; did you mean 'dynamo'"):
+        recipe_from_dict({"model": {"onnx": "m.onnx", "exporter": "dynamoo"}})
     model = {"model": {"onnx": "m.onnx"}}
     recipe_from_dict({**model, "candidates": [{"name": "q", "quantize": {"op_types": ["MatMul"], "accuracy_target": 0.99}}]})
     with pytest.raises(UserError, match=r"'candidates\[0\].quantize.accuracy_target' must be above 0.0 and at most 1.0, got 2"):
@@ -112,6 +118,16 @@ def test_recipe_keys_come_from_the_schema():
         recipe_from_dict({"model": {"source": "m.py:f"}, "distill": {"teacher": "t.py:f", "data": "d.py:f", "alpha": 1.5}})
     with pytest.raises(UserError, match=r"'optimize.attention_fusion' must be bool, got int"):
         recipe_from_dict({**model, "optimize": {"attention_fusion": 1}})
+
+
+def test_export_flags_keep_their_spellings_and_the_recipe_leaves_fusion_to_optimize():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, ExportSettings)
+    assert from_args(ExportSettings, parser.parse_args([])) == ExportSettings()
+    settings = from_args(ExportSettings, parser.parse_args(["--raw", "--no-validate", "--opset", "17", "--exporter", "torchscript"]))
+    assert settings.arguments() == {"exporter": "torchscript", "opset": 17, "validate": False, "rtol": 1e-3, "atol": 1e-4,
+                                    "fuse": False}
+    assert ExportSettings().fuse is True  # the command's default; export() and a recipe's export step leave it off
 
 
 def test_bench_flags_build_the_config_with_its_session_and_tolerance():
