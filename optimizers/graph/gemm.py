@@ -14,9 +14,11 @@ import onnx
 from onnx import numpy_helper
 
 
-def gemm_as_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def gemm_as_matmul(model: onnx.ModelProto, transpose_weights: bool = True) -> tuple[onnx.ModelProto, int]:
     """``Gemm(A, B, C)`` with a constant ``B``, no transposed ``A`` and alpha = beta = 1 as
-    ``MatMul(A, B)`` (+ ``Add C``), ``B`` transposed ahead when ``transB`` (a copy of ``model``).
+    ``MatMul(A, B)`` (+ ``Add C``), ``B`` transposed ahead when ``transB`` (a copy of ``model``);
+    with ``transpose_weights=False`` a ``transB`` Gemm stays (ONNX Runtime's float Gemm reads the
+    transposed weight as it is; only the quantizers need MatMul).
 
     ``quantize_dynamic`` quantizes MatMul but not Gemm, and ONNX Runtime's pre-processing
     fuses MatMul + Add into Gemm; the MatMul keeps the Gemm's name so node exclusions hold.
@@ -26,16 +28,16 @@ def gemm_as_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         return model, 0
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    nodes, transposed, rewritten = gemm_as_matmul_nodes(out)
+    nodes, to_transpose, rewritten = gemm_as_matmul_nodes(out, transpose_weights)
     initializers = {init.name: init for init in out.graph.initializer}
-    for name, source in transposed.items():
+    for name, source in to_transpose.items():
         out.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[source]).T.copy(), name))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out, rewritten
 
 
-def gemm_as_matmul_nodes(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], dict[str, str], int]:
+def gemm_as_matmul_nodes(model: onnx.ModelProto, transpose_weights: bool = True) -> tuple[list[onnx.NodeProto], dict[str, str], int]:
     """``gemm_as_matmul``'s rule on the nodes alone: the new node list, the weights to add
     transposed (``{name: source initializer}``, each once however many Gemms share it) and the
     number of Gemms rewritten. Reads no weight data, so it works on a graph whose weights are
@@ -47,6 +49,7 @@ def gemm_as_matmul_nodes(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], 
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type != "Gemm" or node.input[1] not in initializers or attrs.get("transA", 0)
+                or (attrs.get("transB", 0) and not transpose_weights)
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(node)
             continue
