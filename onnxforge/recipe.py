@@ -18,7 +18,7 @@ from exporter.settings import ExportSettings
 from exporter.sources import HF_TASKS, TASK_ALIASES
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.fileio import read_document
-from onnxforge.common.options import check_range, check_ranges, from_table, recipe_types
+from onnxforge.common.options import check_choices, check_range, check_ranges, from_table, recipe_types
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
 
@@ -158,15 +158,18 @@ def _check_ranges(data: dict[str, Any]) -> None:
 
 
 def settings_from(recipe_section: str, table: dict[str, Any], where: str | None = None, **given: Any):
-    """The settings object of a recipe table (``[optimize]``, ``[distill]``, a candidate's ``prune`` or
-    ``quantize``): its declared ranges checked, then the settings class's own checks (choices,
-    ranges); a failure is one line naming the table. Keys the pipeline owns are left out."""
+    """The settings object of a recipe table (``[model]``, ``[optimize]``, ``[distill]``, a candidate's
+    ``prune`` or ``quantize``; ``SETTINGS`` says which class): the declared ranges, the class's own
+    checks, the declared choices; a failure is one line naming the table. Keys the pipeline owns
+    (``[model] source``, ``[optimize] enabled``...) are left out; ``given`` fields win."""
     cls = SETTINGS[recipe_section]
     table = {k: v for k, v in table.items() if k in recipe_types(cls)}
     where = where or recipe_section
     try:
         check_ranges(table, cls, where)
-        return from_table(cls, table, **given)
+        settings = from_table(cls, table, **given)
+        check_choices(table, cls, where)
+        return settings
     except UserError as exc:
         raise UserError(f"recipe [{where}]: {exc}") from None
 

@@ -11,7 +11,7 @@ import pytest
 
 from onnxforge.cli import build_parser
 from onnxforge.common.errors import UserError
-from onnxforge.common.options import add_flags, from_args, option, recipe_types, undeclared
+from onnxforge.common.options import add_flags, check_choices, from_args, option, recipe_types, undeclared
 from onnxforge.recipe import SETTINGS, recipe_from_dict
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
@@ -95,6 +95,13 @@ def test_generated_flags_build_the_settings_the_hand_written_ones_did():
     assert parser.parse_args([]).ratio is None  # the command tells "not given" apart; the class's default stays 0.5
     with pytest.raises(UserError, match="malformed --layer-ratio 'conv1': expected NODE=RATIO"):
         from_args(PruneSettings, parser.parse_args(["--layer-ratio", "conv1"]))
+    with pytest.raises(UserError, match="pruning ratio must be in"):  # the class's own message comes first
+        from_args(PruneSettings, parser.parse_args(["--ratio", "1.5"]))
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, QuantizeSettings)
+    with pytest.raises(UserError, match="'--max-float-nodes' must be at least 0, got -1"):  # a declared range the class does not check
+        from_args(QuantizeSettings, parser.parse_args(["--max-float-nodes", "-1"]))
 
 
 def test_recipe_keys_come_from_the_schema():
@@ -116,6 +123,8 @@ def test_recipe_keys_come_from_the_schema():
         recipe_from_dict({**model, "candidates": [{"name": "q", "quantize": {"accuracy_target": 2}}]})
     with pytest.raises(UserError, match=r"recipe \[distill\]: 'distill.alpha' must be at least 0.0 and at most 1.0, got 1.5"):
         recipe_from_dict({"model": {"source": "m.py:f"}, "distill": {"teacher": "t.py:f", "data": "d.py:f", "alpha": 1.5}})
+    with pytest.raises(UserError, match=r"'candidates\[0\].quantize.calibration_method' must be one of minmax, entropy"):
+        check_choices({"calibration_method": "mean"}, QuantizeSettings, "candidates[0].quantize")
     with pytest.raises(UserError, match=r"'optimize.attention_fusion' must be bool, got int"):
         recipe_from_dict({**model, "optimize": {"attention_fusion": 1}})
 

@@ -18,9 +18,16 @@ from one pass config).
   default because the command tells "not given" apart (``prune --ratio``); the field's default
   is what the settings object gets either way.
 
-A flag holds its field's default, which the CLI's help shows. A command adds the flags of a settings class with
-``add_flags(parser, Settings)`` and builds it with ``from_args(Settings, args)``; a recipe section
-is checked with ``check_table(table, Settings, where)`` and built with ``from_table``.
+- ``choices``: the flag's choices, and the values a recipe key accepts; ``low`` / ``high`` (with
+  ``low_open`` / ``high_open``): the range of a flag's or a recipe key's value, checked after the
+  class's own ``__post_init__`` (whose messages come first where it checks the same thing).
+- ``nested=True``: the field is a settings class of its own (``BenchConfig.session``), whose
+  flags stand in its place.
+
+A flag holds its field's default, which the CLI's help shows. A command adds the flags of a
+settings class with ``add_flags(parser, Settings)`` and builds it with ``from_args(Settings,
+args)``; a recipe section's keys and types are ``recipe_types(Settings)``, and
+``onnxforge.recipe.settings_from`` builds it with ``check_ranges``, ``from_table`` and ``check_choices``.
 """
 
 from __future__ import annotations
@@ -220,7 +227,12 @@ def from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
         elif d.kind is dict:
             raw = parse_pairs(raw, d.option.flag[0], d.option.metavar or "NAME=VALUE", d.item)
         values[d.name] = raw
-    return cls(**values, **given)
+    settings = cls(**values, **given)
+    for d in described(cls):
+        value = values.get(d.name)
+        if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
+            check_range(value, d.option.flag[0], d.option.low, d.option.high, d.option.low_open, d.option.high_open)
+    return settings
 
 
 # ---- recipe keys
@@ -239,6 +251,15 @@ def check_ranges(table: Mapping[str, Any], cls: type, where: str) -> None:
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         check_range(value, f"{where}.{d.key}", d.option.low, d.option.high, d.option.low_open, d.option.high_open)
+
+
+def check_choices(table: Mapping[str, Any], cls: type, where: str) -> None:
+    """The declared choices of the recipe keys in ``table``: one line naming the key and the choices."""
+    for d in described(cls):
+        value = table.get(d.key) if d.key else None
+        if value is not None and d.option.choices is not None and value not in d.option.choices:
+            raise UserError(f"'{where}.{d.key}' must be one of {', '.join(map(str, d.option.choices))}, got {value!r}"
+                            f"{closest(str(value), d.option.choices)}")
 
 
 def check_range(value: float, name: str, low: float | None, high: float | None, low_open: bool = False,
