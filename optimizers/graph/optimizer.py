@@ -84,8 +84,8 @@ class OptimizeSettings:
     keep_io_types: bool = option(True, flag="--fp16-io", sets=False, help="with --fp16, make the graph inputs/outputs float16 too")
     drop_outputs: tuple[str, ...] = option((), flag="--drop-output", repeat=True, metavar="NAME",
                                            help="remove this graph output and what only it needs")
-    sparsity: float | None = option(None, flag="--sparsity", low=0.0, high=1.0, high_open=True,
-                                    help="magnitude-prune weights to this zero fraction (size, not speed)")
+    sparsity: float | None = option(None, flag="--sparsity", help="magnitude-prune weights to this zero fraction in [0, 1) "
+                                                                  "(size, not speed)")
     sparsity_scope: str = option("global", flag="--sparsity-scope", choices=("global", "layer"),
                                  help="global: one magnitude threshold for all weights; layer: the same share in every weight")
     verify: bool = option(True, flag="--no-verify", sets=False, help="skip running the models to compare them")
