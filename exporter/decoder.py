@@ -406,17 +406,10 @@ def prove_decoder(path, reference: TorchReference, *, tolerance: Tolerance = DEC
                 f"{got[max(0, diff - 2):diff + 3]} vs alone {expected[max(0, diff - 2):diff + 3]}"
             )
     decoder.reset()
-    return DecoderProof(
-        prompt_lengths=tuple(len(p) for p in reference.prompts),
-        new_tokens=new_tokens,
-        tokens_equal=True,
-        padded_batch_equal=True,
-        padded_batch_tokens=compared,
-        prefill_max_abs_error=prefill_err,
-        step_max_abs_error=step_err,
-        cache_vs_recompute_max_abs_error=recompute_err,
-        later_step=reference.later_step,
-    )
+    return DecoderProof(prompt_lengths=tuple(len(p) for p in reference.prompts), new_tokens=new_tokens, tokens_equal=True,
+                        padded_batch_equal=True, padded_batch_tokens=compared, prefill_max_abs_error=prefill_err,
+                        step_max_abs_error=step_err, cache_vs_recompute_max_abs_error=recompute_err,
+                        later_step=reference.later_step)
 
 
 def _compare(candidate: np.ndarray, reference: np.ndarray, tolerance: Tolerance, label: str) -> float:
@@ -481,24 +474,14 @@ def export_decoder(
     the tokenizer files are copied beside the model.
     """
     started = time.perf_counter()
-    if logits not in LOGITS_CHOICES:
-        raise UserError(f"logits must be one of {', '.join(LOGITS_CHOICES)}, got {logits!r}")
-    if new_tokens < 2:
-        raise UserError(f"the proof needs at least 2 new tokens, got {new_tokens}")
-    folder, output_path = Path(folder), Path(output_path)
-    if output_path.is_dir():
-        raise UserError(f"output path '{output_path}' is a folder; give a file name such as '{output_path / 'model.onnx'}'")
+    folder, output_path = Path(folder), _checked_decoder_arguments(output_path, logits, new_tokens)
     opset = DEFAULT_OPSET if opset is None else int(opset)
     transformers = _transformers()
     check_transformers_version(transformers.__version__)
     model, config = load_causal_lm(folder)
     layers, kv_heads, head_dim = cache_geometry(model)
     logger.info("%s: %d layers, %d kv heads of %d, vocab %d", config.model_type, layers, kv_heads, head_dim, config.vocab_size)
-    reference = None
-    if validate:
-        chosen = [list(map(int, p)) for p in prompts] if prompts is not None else default_prompts(config, folder)
-        logger.info("PyTorch greedy reference: %d new tokens for prompts of %s tokens", new_tokens, [len(p) for p in chosen])
-        reference = torch_reference(model, config, chosen, new_tokens)
+    reference = _greedy_reference(model, config, folder, prompts, new_tokens) if validate else None
     with staging_dir(output_path) as workdir:
         plain = workdir / "plain" / output_path.name
         plain.parent.mkdir()
@@ -506,7 +489,6 @@ def export_decoder(
         try:
             trace_to_onnx(model, layers, kv_heads, head_dim, plain, opset=opset, last_logits=logits == "last")
         except Exception as exc:  # the exporter raises many types; each means this model does not trace
-
             raise UserError(f"the dynamo exporter could not trace {config.model_type} with its cache "
                             f"(transformers {transformers.__version__}): {first_line(exc)}") from exc
         del model
@@ -527,6 +509,25 @@ def export_decoder(
     )
     logger.info("exported %s in %.1f s", output_path, result.seconds)
     return result
+
+
+def _checked_decoder_arguments(output_path: str | Path, logits: str, new_tokens: int) -> Path:
+    """The output path, or a ``UserError`` for an unknown ``logits``, a proof too short, a folder as the output."""
+    if logits not in LOGITS_CHOICES:
+        raise UserError(f"logits must be one of {', '.join(LOGITS_CHOICES)}, got {logits!r}")
+    if new_tokens < 2:
+        raise UserError(f"the proof needs at least 2 new tokens, got {new_tokens}")
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        raise UserError(f"output path '{output_path}' is a folder; give a file name such as '{output_path / 'model.onnx'}'")
+    return output_path
+
+
+def _greedy_reference(model, config, folder: Path, prompts, new_tokens: int) -> TorchReference:
+    """PyTorch's greedy tokens and logits for ``prompts`` (default: ``default_prompts``), what the graph is proven against."""
+    chosen = [list(map(int, p)) for p in prompts] if prompts is not None else default_prompts(config, folder)
+    logger.info("PyTorch greedy reference: %d new tokens for prompts of %s tokens", new_tokens, [len(p) for p in chosen])
+    return torch_reference(model, config, chosen, new_tokens)
 
 
 def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate, max_positions: int | None = None):

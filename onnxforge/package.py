@@ -16,7 +16,7 @@ import numpy as np
 
 from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError, VerificationFailed
-from onnxforge.common.fileio import atomic_dir, ensure_writable_dir
+from onnxforge.common.fileio import atomic_dir, ensure_writable_dir, read_document
 from onnxforge.common.graph import DEFAULT_OPSET
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.onnxio import files_of
@@ -177,12 +177,9 @@ def verify_package(folder: str | Path) -> PackageCheck:
     """Checksums of every file, then the model replayed on the reference inputs."""
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(f"'{folder}' is not an onnxforge package (no manifest.json)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"manifest.json in '{folder}' is not valid JSON: {exc}") from None
+    manifest = read_document(manifest_path, json.loads, json.JSONDecodeError,
+                             f"'{folder}' is not an onnxforge package (no manifest.json)",
+                             f"manifest.json in '{folder}' is not valid JSON")
     for name, info in manifest.get("files", {}).items():
         path = folder / name
         if not path.is_file():

@@ -44,7 +44,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_dir, ensure_writable_dir, write_text_atomic
 from onnxforge.fingerprints import digest, file_sha256, reference_hash, tool_versions
 from onnxforge.package import write_package
-from onnxforge.recipe import Recipe, load_recipe
+from onnxforge.recipe import Recipe, load_recipe, settings_from
 
 logger = logging.getLogger(__name__)
 
@@ -239,13 +239,12 @@ def _distill_step(recipe: Recipe, steps: _Steps) -> StepRecord:
 
         from exporter import load_model_source
         from onnxforge.common.callables import import_callable
-        from optimizers.distill import DistillSettings, distill
+        from optimizers.distill import distill
 
-        options = {k: settings[k] for k in ("epochs", "temperature", "alpha", "lr", "loss", "patience", "seed") if k in settings}
         teacher = load_model_source(recipe.source(settings["teacher"])).module
         student = load_model_source(recipe.source(model["source"])).module
         data = {k: import_callable(spec) for k, spec in data_specs.items()}
-        result = distill(teacher, student, data["data"], DistillSettings(**options), val_data=data.get("val_data"),
+        result = distill(teacher, student, data["data"], settings_from("distill", settings), val_data=data.get("val_data"),
                          test_data=data.get("test_data"))
         torch.save(result.student, folder / "student.pt")
         return "student.pt", result.to_dict()
@@ -289,9 +288,9 @@ def _export_step(recipe: Recipe, steps: _Steps, student: StepRecord | None = Non
             example, names, axes = tuple(tensors.values()), list(tensors), dynamic_axes_from_specs(specs)
         if example is None:
             raise UserError(f"model source '{loaded.source}' gives no example inputs; list them in [model] inputs")
+        # not fused here: the [optimize] step fuses, verified, and the candidates start from its graph
         result = export(loaded.module, example, folder / "model.onnx", input_names=names, dynamic_axes=axes,
-                        exporter=model.get("exporter", "auto"), opset=model.get("opset"),
-                        rtol=float(model.get("rtol", 1e-3)), atol=float(model.get("atol", 1e-4)))
+                        **settings_from("model", model, fuse=False).arguments())
         return "model.onnx", {"exporter": result.exporter, "max_abs_error": [c.comparison.max_abs_error for c in result.checks],
                               "input_shapes": [c.input_shapes for c in result.checks], "seconds": result.seconds}
 
@@ -314,9 +313,9 @@ def _optimize_step(recipe: Recipe, steps: _Steps, source: StepRecord) -> StepRec
     inputs = {"model": source.digest, "settings": settings_data, "dims": dims, "tools": tool_versions(*STEP_TOOLS["optimize"])}
 
     def produce(folder: Path):
-        from optimizers import OptimizeSettings, optimize_file
+        from optimizers import optimize_file
 
-        result = optimize_file(source.artifact, folder / "model.onnx", OptimizeSettings(dims=dims, **settings_data))
+        result = optimize_file(source.artifact, folder / "model.onnx", settings_from("optimize", settings_data, dims=dims))
         return "model.onnx", {"settings": settings_data, "fusions": result.fusions,
                               "nodes": [result.before.node_count, result.after.node_count],
                               "passes": [[step.name, step.nodes_before, step.nodes_after, round(step.seconds, 3),
@@ -371,12 +370,12 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
         from onnxforge.common.fidelity import fidelity
         from onnxforge.common.loading import load_onnx
         from onnxforge.common.onnxio import save_onnx
-        from optimizers import PruneSettings, QuantizeSettings, prune, quantize
+        from optimizers import prune, quantize
 
         model = load_onnx(base.artifact)
         transforms = []
         if "prune" in candidate:
-            settings = PruneSettings(**candidate["prune"])
+            settings = settings_from("prune", candidate["prune"])
             result = prune(model, settings, calibration=args["calibration"], tokenizer=args["tokenizer"], dims=args["dims"],
                            evaluation=args["evaluation"])
             model = result.model
@@ -387,10 +386,7 @@ def _candidate_step(recipe: Recipe, steps: _Steps, candidate: dict, base: StepRe
                                "refined": bool(result.refinement and result.refinement["kept"]),
                                "units": [[u.producers[0], u.channels, u.kept] for u in result.units if u.kept < u.channels]})
         if "quantize" in candidate:
-            options = dict(candidate["quantize"])
-            if "op_types" in options:
-                options["op_types"] = tuple(options["op_types"])
-            result = quantize(model, QuantizeSettings(**options), calibration=args["calibration"], tokenizer=args["tokenizer"],
+            result = quantize(model, settings_from("quantize", candidate["quantize"]), calibration=args["calibration"], tokenizer=args["tokenizer"],
                               dims=args["dims"], evaluation=args["evaluation"])
             model = result.model
             transforms.append({"step": "quantize", "settings": result.resolved, "float_nodes": list(result.float_nodes),

@@ -14,34 +14,35 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from exporter.convert import EXPORTERS
+from exporter.settings import ExportSettings
 from exporter.sources import HF_TASKS, TASK_ALIASES
 from onnxforge.common.errors import UserError, closest
+from onnxforge.common.fileio import read_document
+from onnxforge.common.options import check_choices, check_range, check_ranges, from_table, recipe_types
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
 from optimizers.prune.decoder_mlp import DecoderPruneSettings
 from optimizers.quantize.decoder_candidates import NAMES as WEIGHT_ONLY_NAMES
 
-# section -> key -> accepted Python types (a list type means "list of these")
+# section -> key -> accepted Python types (a list type means "list of these"). The sections that
+# build a step's settings object take their keys from its schema (``onnxforge.common.options``:
+# a field declared with ``key=True``); the keys written here belong to the pipeline itself.
+SETTINGS = {"model": ExportSettings, "optimize": OptimizeSettings, "distill": DistillSettings, "prune": PruneSettings, "quantize": QuantizeSettings}
 SCHEMA: dict[str, dict[str, tuple]] = {
-    "model": {"source": (str,), "hf": (str,), "task": (str,), "onnx": (str,), "exporter": (str,), "opset": (int,),
-              "inputs": (list,), "dims": (dict,), "rtol": (float, int), "atol": (float, int)},
+    "model": {"source": (str,), "hf": (str,), "task": (str,), "onnx": (str,), "inputs": (list,), "dims": (dict,),
+              **recipe_types(ExportSettings)},
     "data": {"calibration": (str,), "evaluation": (str,), "tokenizer": (str,), "dims": (dict,)},
-    "optimize": {"enabled": (bool,), "level": (str,), "target": (str,), "fusions": (str,), "attention_fusion": (bool,)},
+    "optimize": {"enabled": (bool,), **recipe_types(OptimizeSettings)},
     "select": {"min_cosine": (float, int), "metric": (str,), "min_accuracy": (float, int), "max_perplexity_ratio": (float, int)},
     "benchmark": {"enabled": (bool,), "batch": (list, int), "dims": (dict,), "threads": (int,), "min_seconds": (float, int),
                   "min_runs": (int,), "provider": (str,), "target": (str,), "prompt_length": (int,), "new_tokens": (int,),
                   "rounds": (int,)},
     "package": {"enabled": (bool,), "zip": (bool,), "name": (str,), "triton": (bool,), "prompt": (str,)},
-    "distill": {"teacher": (str,), "data": (str,), "val_data": (str,), "test_data": (str,), "epochs": (int,),
-                "temperature": (float, int), "alpha": (float, int), "lr": (float,), "loss": (str,), "patience": (int,), "seed": (int,)},
+    "distill": {"teacher": (str,), "data": (str,), "val_data": (str,), "test_data": (str,), **recipe_types(DistillSettings)},
 }
 CANDIDATE_KEYS = {"name": (str,), "prune": (dict,), "quantize": (dict,)}
-PRUNE_KEYS = {"ratio": (float, int), "importance": (str,), "scope": (str,), "bias_compensation": (bool,), "round_to": (int,),
-              "protect_first": (bool,), "max_batches": (int,), "refine_steps": (int,)}
-QUANTIZE_KEYS = {"mode": (str,), "format": (str,), "per_channel": (bool,), "reduce_range": (bool,), "weight_type": (str,),
-                 "activation_type": (str,), "calibration_method": (str,), "accuracy_target": (float, int),
-                 "max_float_nodes": (int,), "op_types": (list,)}
+PRUNE_KEYS = recipe_types(PruneSettings)
+QUANTIZE_KEYS = recipe_types(QuantizeSettings)
 # A text-generation recipe's candidates (onnxforge.pipeline_decoder): weight-only quantization by
 # candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and MLP-width pruning.
 DECODER_QUANTIZE_KEYS = {"weights": (str,), "bits": (int,), "block_size": (int,), "symmetric": (bool,), "accuracy_level": (int,)}
@@ -140,9 +141,6 @@ def validate(data: dict[str, Any]) -> None:
             names.append(candidate["name"])
             continue  # check_decoder_candidates, below
         _check_table(candidate.get("prune", {}), PRUNE_KEYS, f"{where}.prune")
-        if candidate.get("prune", {}).get("max_batches", 1) < 1:
-            raise UserError(f"'{where}.prune.max_batches' must be at least 1 (calibration batches pruning reads), "
-                            f"got {candidate['prune']['max_batches']}")
         _check_table(candidate.get("quantize", {}), QUANTIZE_KEYS, f"{where}.quantize")
         names.append(candidate["name"])
     if len(set(names)) != len(names):
@@ -189,7 +187,10 @@ def check_decoder_candidates(data: dict[str, Any]) -> None:
                 raise UserError(f"'{where}.prune.max_batches' must be at least 2 (calibration windows pruning reads), "
                                 f"got {prune['max_batches']}")
             options = {k: v for k, v in prune.items() if k != "max_batches"}
-            _settings_check(f"{where}.prune", lambda o=options: DecoderPruneSettings(**o))
+            try:  # the settings' own checks run now: one line naming the key, not minutes into a run
+                DecoderPruneSettings(**options)
+            except UserError as exc:
+                raise UserError(f"recipe [{where}.prune]: {exc}") from None
 
 
 # Ranges of recipe values that no settings class owns: (lowest, highest, whether the lowest is allowed).
@@ -198,57 +199,51 @@ RANGES = {
     ("select", "max_perplexity_ratio"): (1.0, None, True), ("benchmark", "prompt_length"): (1, None, True),
     ("benchmark", "new_tokens"): (2, None, True), ("benchmark", "rounds"): (1, None, True),
     ("benchmark", "threads"): (1, None, True), ("benchmark", "min_runs"): (1, None, True),
-    ("benchmark", "min_seconds"): (0.0, None, True), ("model", "opset"): (7, 23, True),
-    ("model", "rtol"): (0.0, None, True), ("model", "atol"): (0.0, None, True),
+    ("benchmark", "min_seconds"): (0.0, None, True),
 }
 
 
 def _check_ranges(data: dict[str, Any]) -> None:
     for (section, key), (low, high, low_allowed) in RANGES.items():
         value = data.get(section, {}).get(key)
-        if value is None:
-            continue
-        if (value < low or (value == low and not low_allowed)) or (high is not None and value > high):
-            bound = f"{'at least' if low_allowed else 'above'} {low}" + (f" and at most {high}" if high is not None else "")
-            raise UserError(f"'{section}.{key}' must be {bound}, got {value!r}")
+        if value is not None:
+            check_range(value, f"{section}.{key}", low, high, low_open=not low_allowed)
     batches = data.get("benchmark", {}).get("batch")
     if batches is not None and any(not isinstance(b, int) or b < 1 for b in (batches if isinstance(batches, list) else [batches])):
         raise UserError(f"'benchmark.batch' must be positive integers, got {batches!r}")
 
 
-def _settings_check(where: str, build) -> None:
-    """Build the settings object a step will use, so that its own checks (choices, ranges) run
-    before any step: a recipe fails in one line naming the key, not minutes into a run."""
+def settings_from(recipe_section: str, table: dict[str, Any], where: str | None = None, **given: Any):
+    """The settings object of a recipe table (``[model]``, ``[optimize]``, ``[distill]``, a candidate's
+    ``prune`` or ``quantize``; ``SETTINGS`` says which class): the declared ranges, the class's own
+    checks, the declared choices; a failure is one line naming the table. Keys the pipeline owns
+    (``[model] source``, ``[optimize] enabled``...) are left out; ``given`` fields win."""
+    cls = SETTINGS[recipe_section]
+    table = {k: v for k, v in table.items() if k in recipe_types(cls)}
+    where = where or recipe_section
     try:
-        build()
+        check_ranges(table, cls, where)
+        settings = from_table(cls, table, **given)
+        check_choices(table, cls, where)
+        return settings
     except UserError as exc:
-        raise UserError(f"recipe [{where}]: {exc}") from None
-    except TypeError as exc:  # a key the settings class does not take
         raise UserError(f"recipe [{where}]: {exc}") from None
 
 
 def _check_settings(data: dict[str, Any]) -> None:
     model = data.get("model", {})
-    if model.get("exporter", "auto") not in EXPORTERS:
-        raise UserError(f"'model.exporter' must be one of {', '.join(EXPORTERS)}, got {model['exporter']!r}"
-                        f"{closest(model['exporter'], EXPORTERS)}")
+    settings_from("model", model)
     if "task" in model:
         tasks = ["auto", *HF_TASKS, *TASK_ALIASES]
         if model["task"] not in tasks:
             raise UserError(f"'model.task' must be one of {', '.join(tasks)}, got {model['task']!r}{closest(model['task'], tasks)}")
-    optimize = {k: v for k, v in data.get("optimize", {}).items() if k != "enabled"}
-    _settings_check("optimize", lambda: OptimizeSettings(**optimize))
+    settings_from("optimize", data.get("optimize", {}))
     for index, candidate in enumerate([] if is_text_generation(data) else data.get("candidates", [])):
-        if "prune" in candidate:
-            _settings_check(f"candidates[{index}].prune", lambda c=candidate: PruneSettings(**c["prune"]))
-        if "quantize" in candidate:
-            options = dict(candidate["quantize"])
-            if "op_types" in options:
-                options["op_types"] = tuple(options["op_types"])
-            _settings_check(f"candidates[{index}].quantize", lambda o=options: QuantizeSettings(**o))
+        for step in ("prune", "quantize"):
+            if step in candidate:
+                settings_from(step, candidate[step], f"candidates[{index}].{step}")
     if "distill" in data:
-        options = {k: v for k, v in data["distill"].items() if k in ("epochs", "temperature", "alpha", "lr", "loss", "patience", "seed")}
-        _settings_check("distill", lambda: DistillSettings(**options))
+        settings_from("distill", data["distill"])
 
 
 def _parse_value(text: str):
@@ -275,12 +270,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe '{path}' does not exist")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"recipe '{path}' is not valid TOML: {exc}") from None
+    data = read_document(path, tomllib.loads, tomllib.TOMLDecodeError, f"recipe '{path}' does not exist",
+                         f"recipe '{path}' is not valid TOML")
     data = apply_overrides(data, overrides or [])
     validate(data)
     return Recipe(data, path.parent.resolve())

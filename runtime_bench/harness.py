@@ -22,9 +22,10 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import files_of, save_onnx
+from onnxforge.common.options import key_values, option
 from onnxforge.common.ortrun import runnable_dim_sizes
 from onnxforge.common.sessions import SessionSettings, open_session
-from onnxforge.common.specs import DTYPES, InputSpec, check_inputs_match, make_inputs, specs_from_onnx
+from onnxforge.common.specs import DTYPES, InputSpec, check_inputs_match, make_inputs, parse_dim_sizes, specs_from_onnx
 from runtime_bench import memory
 from runtime_bench.machine import MachineInfo, machine_info
 from runtime_bench.providers import ProviderConfig, resolve_provider
@@ -64,6 +65,9 @@ class TorchVariant:
 Variant = OnnxVariant | TorchVariant
 
 
+SWITCHES = ("auto", "on", "off")
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """How to measure. Each (provider, batch size) cell runs ``warmup`` discarded runs per
@@ -86,30 +90,39 @@ class BenchConfig:
     ``keep_sessions=True`` keeps one session per variant open for the whole cell, for models
     whose sessions take too long to create."""
 
-    providers: tuple[str, ...] = ("cpu",)
-    batch_sizes: tuple[int, ...] = (1,)
-    dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    warmup: int = 5
-    min_runs: int = 30
-    min_seconds: float = 2.0
-    max_runs: int = 100_000
-    max_seconds: float = 120.0
-    min_rounds: int = 5
-    block_seconds: float = 0.2
-    settle_max_ms: float = 250.0
-    keep_sessions: bool = False
-    session: SessionSettings = SessionSettings()
-    io_binding: str = "auto"
-    baseline: str | None = None
-    fidelity: bool = True
-    fidelity_tolerance: Tolerance = Tolerance(rtol=1e-3, atol=1e-4)
-    placement: str = "auto"
-    device_id: int = 0
-    trt_fp16: bool = False
-    trt_int8: bool = False
-    trt_cache_dir: str | None = None
-    provider_options: tuple[tuple[str, str], ...] = ()  # passed to every provider as ONNX Runtime reads them
-    seed: int = 0
+    providers: tuple[str, ...] = option(("cpu",), flag="--provider",
+                                        help="comma-separated providers: cpu, cuda, tensorrt, or full ORT names")
+    batch_sizes: tuple[int, ...] = option((1,), flag="--batch", help="comma-separated batch sizes")
+    dims: Mapping[str, int] = option(flag="--dim", metavar="NAME=SIZE", parse=parse_dim_sizes, default_factory=dict,
+                                     help="size of another symbolic dim, e.g. seq=128")
+    warmup: int = option(5, flag="--warmup", help="discarded warm-up runs per variant")
+    min_runs: int = option(30, flag="--min-runs", help="timed runs per variant at least")
+    min_seconds: float = option(2.0, flag="--min-seconds", help="seconds per cell at least")
+    max_runs: int = option(100_000, flag="--max-runs", flag_default=0, help="stop a cell after this many rounds (default: no cap)")
+    max_seconds: float = option(120.0, flag="--max-seconds", help="stop a cell after this many seconds")
+    min_rounds: int = option(5, internal=True, help="rounds of blocks per cell at least")
+    block_seconds: float = option(0.2, flag="--block-seconds", help="timed seconds per block of back-to-back runs of one variant")
+    settle_max_ms: float = option(250.0, internal=True, help="wait at most this long for the other sessions' threads to park")
+    keep_sessions: bool = option(False, flag="--keep-sessions",
+                                 help="keep one session per variant open for the whole cell instead of a fresh one per block "
+                                      "(faster for models that take long to load; memory placement luck then shows as a difference)")
+    session: SessionSettings = option(SessionSettings(), nested=True, help="the ONNX Runtime session options")
+    io_binding: str = option("auto", flag="--io-binding", choices=SWITCHES, help="auto: on for GPU providers")
+    baseline: str | None = option(None, flag="--baseline", help="variant name the speedups are relative to")
+    fidelity: bool = option(True, flag="--no-fidelity", sets=False, help="skip comparing outputs with the baseline")
+    fidelity_tolerance: Tolerance = option(Tolerance(rtol=1e-3, atol=1e-4), nested=True, help="the fidelity tolerances")
+    placement: str = option("auto", flag="--placement", choices=SWITCHES,
+                            help="profile which provider ran each node (auto: for GPU providers)")
+    device_id: int = option(0, flag="--device-id", help="GPU index for the CUDA and TensorRT providers")
+    trt_fp16: bool = option(False, flag="--trt-fp16", help="TensorRT: allow fp16 engines")
+    trt_int8: bool = option(False, flag="--trt-int8", help="TensorRT: allow int8 engines")
+    trt_cache_dir: str | None = option(None, flag="--trt-cache", metavar="DIR", help="TensorRT: engine cache folder")
+    provider_options: tuple[tuple[str, str], ...] = option(
+        (), flag="--provider-option", repeat=True, metavar="KEY=VALUE",
+        parse=lambda items: key_values(items, "--provider-option", "device_type=GPU"),
+        help="an execution provider option as ONNX Runtime names it, e.g. device_type=GPU for OpenVINO or "
+             "trt_profile_min_shapes=ids:1x16 for TensorRT (repeatable; default: none)")
+    seed: int = option(0, internal=True, help="seed of the generated inputs")
 
     def __post_init__(self):
         if self.warmup < 0:
@@ -126,7 +139,7 @@ class BenchConfig:
             raise UserError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
         if not self.providers:
             raise UserError("give at least one execution provider")
-        for label, value, allowed in (("io_binding", self.io_binding, ("auto", "on", "off")), ("placement", self.placement, ("auto", "on", "off"))):
+        for label, value, allowed in (("io_binding", self.io_binding, SWITCHES), ("placement", self.placement, SWITCHES)):
             if value not in allowed:
                 raise UserError(f"{label} must be one of {', '.join(allowed)}, got {value!r}")
 
@@ -749,6 +762,27 @@ def _benchmark(variants: Sequence[Variant | str | Path], config: BenchConfig,
     dims = dict(config.dims)
     if given is None:
         dims = _sizes_for_open_dims(onnx_variants[0], reference_specs, dims)
+    measurements = _measure_cells(variants, providers, batch_sizes, given, dims, config, specs_by_variant, reference_specs,
+                                  baseline, progress)
+    workdir.cleanup()
+    if notes:
+        measurements = [dataclasses.replace(m, warnings=m.warnings + ((notes[m.variant],) if m.variant in notes else ()))
+                        for m in measurements]
+    return BenchReport(
+        schema_version=SCHEMA_VERSION,
+        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine_info(),
+        config=_report_config(config, dims, as_given),
+        baseline=baseline,
+        measurements=tuple(measurements),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _measure_cells(variants, providers, batch_sizes, given, dims, config: BenchConfig, specs_by_variant, reference_specs,
+                   baseline: str, progress) -> list[Measurement]:
+    """Every (provider, batch size) cell in turn: fresh sessions for each variant on the cell's
+    inputs (``given``, else generated at ``dims``), measured together, closed after."""
     measurements: list[Measurement] = []
     cells = [(p, b) for p in providers for b in batch_sizes]
     for cell_index, (provider, batch) in enumerate(cells):
@@ -770,19 +804,7 @@ def _benchmark(variants: Sequence[Variant | str | Path], config: BenchConfig,
             for runner in runners:
                 runner.close()
         progress(label, (cell_index + 1) / len(cells))
-    workdir.cleanup()
-    if notes:
-        measurements = [dataclasses.replace(m, warnings=m.warnings + ((notes[m.variant],) if m.variant in notes else ()))
-                        for m in measurements]
-    return BenchReport(
-        schema_version=SCHEMA_VERSION,
-        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine_info(),
-        config=_report_config(config, dims, as_given),
-        baseline=baseline,
-        measurements=tuple(measurements),
-        seconds=time.perf_counter() - started,
-    )
+    return measurements
 
 
 def _checked_variants(variants: Sequence[Variant | str | Path], config: BenchConfig) -> tuple[list[Variant], str]:

@@ -32,7 +32,7 @@ PACKAGES = ("exporter", "optimizers", "runtime_bench", "onnxforge")
 LAZY_PROJECT_IMPORTS_ALLOWED = ("onnxforge.cli", "onnxforge.commands", "onnxforge.pipeline", "onnxforge.demo")
 # Packages whose __init__ offers an attribute on first use (``onnxforge.generate``), so that
 # ``import onnxforge`` stays light (no onnxruntime); the package alone, not its modules.
-LAZY_PACKAGE_ATTRIBUTES = ("onnxforge",)
+LAZY_PACKAGE_ATTRIBUTES = ("onnxforge", "exporter")
 # The families of optimizers, as their package docstrings say: graph passes may end with magnitude
 # sparsity (optimizers.prune.sparsity), pruning may find feed-forward blocks as outlier splitting
 # does (optimizers.quantize.outliers); distillation trains PyTorch modules and stands alone.

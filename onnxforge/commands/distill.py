@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.options import add_flags, from_args, help_of
+from optimizers.distill.decoder import DecoderDistillSettings
+from optimizers.distill.distill import DistillSettings
 
-DECODER_STEPS = 300  # optimizers.distill.decoder.DecoderDistillSettings.steps (read lazily: it imports optimizers)
+FAMILY_DEFAULTS = ("temperature", "alpha", "lr")  # flags whose default differs for a decoder teacher
 
 
 def register(sub) -> None:
@@ -19,23 +22,17 @@ def register(sub) -> None:
     dist.add_argument("--val-data", help="pkg.module:function scoring each epoch: chooses the epoch kept and stops early")
     dist.add_argument("--test-data", help="pkg.module:function scored once at the end, for the report: never used to "
                       "train or choose (must differ from --val-data)")
-    dist.add_argument("--epochs", type=int, default=10, help="passes over the training data")
-    dist.add_argument("--temperature", type=float, help="softmax temperature of the teacher's and student's logits in the "
-                      "distillation loss (default 4.0; a decoder 2.0)")
-    dist.add_argument("--alpha", type=float, help="weight of the soft-target loss, the rest is the labels' (default 0.7; "
-                      "a decoder 0.5)")
-    dist.add_argument("--lr", type=float, help="Adam learning rate (default 0.003)")
-    dist.add_argument("--loss", choices=("kl", "mse"), default="kl", help="kl: KL divergence of the softened distributions; mse: of the logits")
-    dist.add_argument("--feature", action="append", metavar="STUDENT_LAYER=TEACHER_LAYER", help="also match these layers' outputs")
-    dist.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping (with --val-data)")
-    dist.add_argument("--seed", type=int, default=0, help="seed of the shuffling and the student's initialisation")
+    add_flags(dist, DistillSettings, adjust={name: {"help": f"{help_of(DistillSettings, name)} (default {getattr(DistillSettings, name)}; "
+                                                          f"a decoder {getattr(DecoderDistillSettings, name)})"}
+                                             for name in FAMILY_DEFAULTS})
+    dist.set_defaults(**dict.fromkeys(FAMILY_DEFAULTS))  # not given: each family's own default
     dist.add_argument("--out", help="where to torch.save the trained student (default student.pt); for a decoder, the "
                       "student's Hugging Face folder (default student)")
     dist.add_argument("--export", metavar="ONNX", help="also export the student to this ONNX file (a decoder: with its KV cache, "
                       "proven by greedy parity)")
     decoder = dist.add_argument_group("a decoder teacher (a Hugging Face text-generation folder)")
     decoder.add_argument("--layers", type=int, help="the student's decoder layers (default: half the teacher's)")
-    decoder.add_argument("--steps", type=int, default=DECODER_STEPS, help="training steps")
+    decoder.add_argument("--steps", type=int, default=DecoderDistillSettings.steps, help="training steps")
     decoder.add_argument("--text", action="append", metavar="FILE",
                          help="training text, documents separated by blank lines (repeatable; default: the docstrings of "
                               "Python's standard library); a share is held out for perplexity")
@@ -45,6 +42,14 @@ def register(sub) -> None:
 
 
 def _distill_command(args) -> int:
+    import torch
+
+    from exporter import export, load_model_source
+    from onnxforge.common.callables import import_callable
+    from onnxforge.common.fileio import atomic_path
+    from onnxforge.common.progress import reporting
+    from optimizers.distill import distill
+
     if _decoder_teacher(args.teacher):
         return _distill_decoder_command(args)
     missing = [flag for flag, value in (("--student", args.student), ("--data", args.data)) if not value]
@@ -52,23 +57,7 @@ def _distill_command(args) -> int:
         raise UserError(f"{' and '.join(missing)} needed: the teacher is not a Hugging Face text-generation folder, so the "
                         "student and its data are given")
     args.out = args.out or "student.pt"
-
-    import torch
-
-    from exporter import export, load_model_source
-    from onnxforge.common.callables import import_callable
-    from onnxforge.common.fileio import atomic_path
-    from onnxforge.common.progress import reporting
-    from optimizers.distill import DistillSettings, distill
-
-    features = {}
-    for item in args.feature or []:
-        student_layer, sep, teacher_layer = item.partition("=")
-        if not sep or not student_layer or not teacher_layer:
-            raise UserError(f"malformed --feature {item!r}: expected STUDENT_LAYER=TEACHER_LAYER")
-        features[student_layer] = teacher_layer
-    settings = DistillSettings(epochs=args.epochs, loss=args.loss, **_given(args),
-                               features=features, patience=args.patience, seed=args.seed)
+    settings = from_args(DistillSettings, args)
     teacher = load_model_source(args.teacher).module
     student_source = load_model_source(args.student)
     data = import_callable(args.data)
@@ -103,7 +92,7 @@ def _distill_command(args) -> int:
 
 def _given(args) -> dict:
     """The loss settings given on the command line; the others keep each family's defaults."""
-    return {name: getattr(args, name) for name in ("temperature", "alpha", "lr") if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in FAMILY_DEFAULTS if getattr(args, name) is not None}
 
 
 def _decoder_teacher(teacher: str) -> bool:
@@ -131,7 +120,7 @@ def _texts(files: list[str] | None) -> list[str]:
 def _distill_decoder_command(args) -> int:
     import dataclasses
 
-    from optimizers.distill.decoder import DecoderDistillSettings, distill_decoder
+    from optimizers.distill.decoder import distill_decoder
 
     if args.student or args.data or args.feature:
         raise UserError("--student, --data and --feature do not apply to a decoder teacher: its student is its own "

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common.errors import UserError
+from exporter.settings import ExportSettings
 from onnxforge.common import jsonio
+from onnxforge.common.options import add_flags, from_args
 
 
 def register(sub) -> None:
@@ -21,19 +23,11 @@ def register(sub) -> None:
                      help="an input, e.g. x:batch,3,32,32:float32 or ids:batch,seq:int64:0..30522 (repeatable); "
                           "named dims become dynamic axes")
     exp.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a named dim in the example, e.g. seq=128")
-    exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
-    exp.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
-                     help="auto: dynamo, falling back to TorchScript when it fails or ONNX Runtime cannot run its graph")
+    add_flags(exp, ExportSettings)
     exp.add_argument("--pick-faster", action="store_true",
                      help="with --exporter auto: export with both exporters and keep the faster verified graph, "
                           "timed here on the example inputs (give real sizes with --dim, e.g. --dim batch=8 --dim seq=128)")
-    exp.add_argument("--raw", action="store_true",
-                     help="write the exporter's graph as it is; by default the dynamo graph gets ONNX Runtime's "
-                          "verified CPU fusions (attention, layer norms, Gelu) and the fused graph is what is proven and written")
     exp.add_argument("--static", action="store_true", help="export with fixed shapes (no dynamic axes)")
-    exp.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the validation (default 1e-3)")
-    exp.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the validation (default 1e-4)")
-    exp.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     decoder = exp.add_argument_group("text-generation (--task text-generation)")
     decoder.add_argument("--logits", choices=("all", "last"), default="all",
                          help="'last': the output layer computes the last position only (what generation reads)")
@@ -45,17 +39,37 @@ def register(sub) -> None:
 
 
 def _export_command(args) -> int:
-    from exporter import export, load_hf_model, load_model_source, measure_with_runtime_bench
-    from exporter.sources import copy_model_files, dynamic_axes_from_specs, inputs_from_specs, resolve_task
-    from onnxforge.common.specs import parse_dim_sizes, parse_input_spec
+    from exporter import export, measure_with_runtime_bench
+    from exporter.sources import copy_model_files, resolve_task
 
     if bool(args.model) == bool(args.hf_model):
         raise UserError("give exactly one model source: --model pkg.module:factory | file.py:factory | file.pt, or --hf-model DIR")
     task = resolve_task(args.hf_model, args.task) if args.hf_model else args.task
     if task == "text-generation":
         return _export_decoder_command(args)
-    if args.pick_faster and args.exporter != "auto":
-        raise UserError(f"--pick-faster compares both exporters; use it with --exporter auto, not {args.exporter}")
+    settings = from_args(ExportSettings, args)
+    if args.pick_faster and settings.exporter != "auto":
+        raise UserError(f"--pick-faster compares both exporters; use it with --exporter auto, not {settings.exporter}")
+    loaded, example, input_names, dynamic_axes = _model_and_example(args, task)
+    if args.static:
+        dynamic_axes = None
+    result = export(loaded.module, example, args.output, input_names=input_names, dynamic_axes=dynamic_axes,
+                    measure=measure_with_runtime_bench if args.pick_faster else None, **settings.arguments())
+    companions = copy_model_files(args.hf_model, Path(args.output).parent) if args.hf_model else []
+    if args.json:
+        print(jsonio.document({**result.to_dict(), "companions": [str(c) for c in companions]}))
+    else:
+        _print_export(result, companions)
+    return 0
+
+
+def _model_and_example(args, task: str):
+    """The module, its example inputs, their names and dynamic axes: from --input specs when given
+    (named dims become dynamic axes), else from the model source."""
+    from exporter import load_hf_model, load_model_source
+    from exporter.sources import dynamic_axes_from_specs, inputs_from_specs
+    from onnxforge.common.specs import parse_dim_sizes, parse_input_spec
+
     dim_sizes = parse_dim_sizes(args.dim or [])
     specs = [parse_input_spec(text) for text in args.input or []]
     if args.hf_model:
@@ -75,26 +89,10 @@ def _export_command(args) -> int:
             f"model source {loaded.source!r} gives no example inputs; describe them with "
             "--input NAME:DIMS:DTYPE, e.g. --input x:batch,3,32,32:float32"
         )
-    if args.static:
-        dynamic_axes = None
-    result = export(
-        loaded.module,
-        example,
-        args.output,
-        input_names=input_names,
-        dynamic_axes=dynamic_axes,
-        opset=args.opset,
-        exporter=args.exporter,
-        validate=not args.no_validate,
-        rtol=args.rtol,
-        atol=args.atol,
-        measure=measure_with_runtime_bench if args.pick_faster else None,
-        fuse=not args.raw,
-    )
-    companions = copy_model_files(args.hf_model, Path(args.output).parent) if args.hf_model else []
-    if args.json:
-        print(jsonio.document({**result.to_dict(), "companions": [str(c) for c in companions]}))
-        return 0
+    return loaded, example, input_names, dynamic_axes
+
+
+def _print_export(result, companions) -> None:
     if companions:
         print(f"beside it, as Optimum lays a model folder out: {', '.join(c.name for c in companions)}")
     if result.choice:
@@ -114,7 +112,6 @@ def _export_command(args) -> int:
             print(f"  {output.describe()}")
     if not result.checks:
         print("validation skipped (--no-validate)")
-    return 0
 
 
 def _export_decoder_command(args) -> int:
@@ -129,8 +126,9 @@ def _export_decoder_command(args) -> int:
     if args.package and not any((Path(args.hf_model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise UserError(f"--package needs the tokenizer of '{args.hf_model}' (tokenizer.json or tokenizer.model); "
                         "add it to the folder or leave out --package")
-    result = export_decoder(args.hf_model, args.output, opset=args.opset, validate=not args.no_validate,
-                            fuse=not args.raw, logits=args.logits)
+    settings = from_args(ExportSettings, args)
+    result = export_decoder(args.hf_model, args.output, opset=settings.opset, validate=settings.validate,
+                            fuse=settings.fuse, logits=args.logits)
     if args.json:
         print(jsonio.document(result.to_dict()))
         return 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from onnxforge.commands._args import add_io_flags
+from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.decoder_text import text_sequences
 from onnxforge.common.errors import UserError
 from onnxforge.common import jsonio
-from optimizers.calibration import MAX_CALIBRATION_BATCHES
-from optimizers.prune.channels import REFINE_MIN_BATCHES, REFINE_STEPS
+from onnxforge.common.options import add_flags, from_args
+from optimizers.prune.channels import PruneSettings
 
 
 def register(sub) -> None:
@@ -18,66 +18,29 @@ def register(sub) -> None:
     prn.add_argument("output", help="the ONNX file to write")
     prn.add_argument("--method", choices=("structured", "magnitude"), default="structured",
                      help="structured: channels and neurons removed (smaller, faster matrices); magnitude: weights set to zero")
-    prn.add_argument("--ratio", type=float, help="fraction of channels (or weights, for magnitude) to remove, in [0, 1)")
+    add_flags(prn, PruneSettings)
     prn.add_argument("--heads", type=float, metavar="RATIO", default=0.0,
                      help="fraction of attention heads to remove from each attention block, in [0, 1); pruned before "
                           "channels and neurons (--ratio), which are optional with it")
     prn.add_argument("--head-importance", choices=("contribution", "ablation"), default="contribution",
                      help="contribution: weight norms, or the measured contribution with --calibration; ablation: the "
                           "output loss of removing each head alone (needs --calibration; one ONNX Runtime session per head)")
-    prn.add_argument("--importance", choices=("auto", "l1", "l2", "activation", "reconstruction"), default="auto",
-                     help="auto: reconstruction with --calibration, else l1; reconstruction: greedy choice of the channels "
-                          "least-squares re-fitting recovers best (needs --calibration) (default: auto)")
-    prn.add_argument("--scope", choices=("auto", "layer", "global"), default="auto",
-                     help="layer: the same ratio in every layer; global: the ratio over the whole model, layers ranked "
-                          "together; auto: global with --calibration, else layer (default: auto)")
-    prn.add_argument("--calibration", metavar="DATA", help="data for activation importance and bias compensation")
-    prn.add_argument("--max-calibration-batches", "--max-batches", dest="max_batches", type=int, default=MAX_CALIBRATION_BATCHES,
-                     metavar="N", help=f"calibration (and evaluation) batches read at most, as quantize reads them; a text "
-                                       f"file gives one line a batch (default {MAX_CALIBRATION_BATCHES})")
-    prn.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
-    prn.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text data files")
-    prn.add_argument("--no-bias-compensation", action="store_true",
-                     help="do not fold the removed channels' mean contribution into the consumers' biases")
-    prn.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
-                     help="re-fit the consumers of removed channels by least squares, kept where held-out calibration data "
-                          "shows it helps (default: on when --calibration is given)")
-    prn.add_argument("--refine", type=int, metavar="STEPS", default=None,
-                     help="after reconstruction, refine each feed-forward block (up and down projections) by STEPS gradient "
-                          "steps towards the unpruned block's output (kept where held-out calibration data shows it helps; "
-                          f"0: off; default: {REFINE_STEPS} with --calibration of {REFINE_MIN_BATCHES}+ fitted batches, else off)")
-    prn.add_argument("--round-to", type=int, default=8, help="kept channels are a multiple of this (default 8)")
-    prn.add_argument("--no-protect-first", action="store_true", help="allow pruning the layers that read graph inputs")
-    prn.add_argument("--protect", action="append", metavar="NODE", help="keep this producer node whole (repeatable)")
-    prn.add_argument("--layer-ratio", action="append", metavar="NODE=RATIO", help="per-layer ratio override (repeatable)")
-    prn.add_argument("--dim", action="append", metavar="NAME=SIZE", help="symbolic dim size for generated inputs and MACs")
+    add_data_flags(prn, calibration="data for activation importance and bias compensation",
+                   dims="symbolic dim size for generated inputs and MACs")
     add_io_flags(prn)
     prn.set_defaults(func=_prune_command)
 
 
 def _prune_command(args) -> int:
     from onnxforge.common.specs import parse_dim_sizes
-    from optimizers import PruneSettings, prune_file
+    from optimizers import prune_file
     from optimizers.quantize.weight_only import is_decoder_file
 
     if is_decoder_file(args.input):
         return _decoder_command(args)
     if args.ratio is None and not args.heads:
         raise UserError("give --ratio (channels and neurons), --heads (attention heads), or both")
-    ratios = {}
-    for item in args.layer_ratio or []:
-        name, sep, value = item.rpartition("=")
-        try:
-            ratios[name] = float(value)
-        except ValueError:
-            name = ""
-        if not sep or not name:
-            raise UserError(f"malformed --layer-ratio {item!r}: expected NODE=RATIO")
-    settings = PruneSettings(
-        ratio=args.ratio or 0.0, importance=args.importance, scope=args.scope, bias_compensation=not args.no_bias_compensation,
-        round_to=args.round_to, protect_first=not args.no_protect_first, protect=tuple(args.protect or ()), ratios=ratios,
-        reconstruct=args.reconstruct, refine_steps=args.refine, max_batches=args.max_batches,
-    )
+    settings = from_args(PruneSettings, args, ratio=args.ratio or 0.0)
     result = prune_file(args.input, args.output, settings, method=args.method, heads=args.heads,
                         head_importance=args.head_importance, calibration=args.calibration,
                         evaluation=args.evaluation, tokenizer=args.tokenizer, dims=parse_dim_sizes(args.dim or []))

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 
-from onnxforge.commands._args import add_io_flags
+from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.decoder_text import text_sequences
 from optimizers.quantize.decoder_candidates import AUTO_CANDIDATES, NAMES
 from onnxforge.common import jsonio
-from optimizers.calibration import MAX_CALIBRATION_BATCHES
+from onnxforge.common.options import add_flags, from_args, help_of
+from optimizers.quantize.settings import MODES, QuantizeSettings
+
+MODE_HELP = (help_of(QuantizeSettings, "mode")
+             + ". A generative decoder (past_key_values.* inputs) gets weight-only candidates under auto (RTN int4, "
+             "int4 with an int8 output layer, mixed int8/int4 by measured sensitivity, HQQ; the fastest within "
+             "--max-perplexity-ratio of fp32 wins), plain int4 blocks under int4 and int8 blocks under int8-weight")
 
 
 def register(sub) -> None:
     quant = sub.add_parser("quantize", help="int8 quantization with per-model defaults and measured fidelity")
     quant.add_argument("input", help="the float ONNX file")
     quant.add_argument("output", help="the quantized ONNX file to write")
-    quant.add_argument("--mode", choices=("auto", "dynamic", "static", "int4", "int8-weight"), default="auto",
-                       help="auto: candidates chosen per op pattern (static QDQ for convolutions, dynamic for MatMul/Gemm "
-                       "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins. "
-                       "A generative decoder (past_key_values.* inputs) gets weight-only candidates under auto (RTN int4, "
-                       "int4 with an int8 output layer, mixed int8/int4 by measured sensitivity, HQQ; the fastest within "
-                       "--max-perplexity-ratio of fp32 wins), plain int4 blocks under int4 and int8 blocks under int8-weight")
+    add_flags(quant, QuantizeSettings, adjust={"mode": {"choices": (*MODES, "int8-weight"), "help": MODE_HELP}})
     quant.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                        help="decoders: MatMulNBits compute type (default: 0, 1 and 4 timed here, the fastest faithful kept)")
     quant.add_argument("--weight-candidates", metavar="NAMES",
@@ -27,32 +28,9 @@ def register(sub) -> None:
                             f"default ({','.join(AUTO_CANDIDATES)}); available: {', '.join(NAMES)}")
     quant.add_argument("--max-perplexity-ratio", type=float, default=1.02,
                        help="decoders, auto mode: the quality budget, candidate perplexity at most this x fp32's (default 1.02)")
-    quant.add_argument("--format", choices=("qdq", "qoperator"), default="qdq", help="static format (default qdq)")
-    quant.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu", help="the execution provider the int8 model is for")
-    quant.add_argument("--calibration", metavar="DATA", help=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'")
+    add_data_flags(quant, calibration=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'",
+                   dims="symbolic dim size for generated inputs")
     quant.add_argument("--allow-random-calibration", action="store_true", help="accept --calibration random (not representative)")
-    quant.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
-    quant.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text calibration files")
-    quant.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile", "distribution"), default="minmax",
-                       help="how static quantization chooses activation ranges from the calibration data")
-    quant.add_argument("--max-calibration-batches", type=int, default=MAX_CALIBRATION_BATCHES,
-                       help="calibration batches read at most, as prune reads them (a text file gives one line a batch)")
-    quant.add_argument("--per-tensor", action="store_true", help="per-tensor weights instead of per-channel")
-    quant.add_argument("--reduce-range", action="store_true", help="7-bit weights (for CPUs without VNNI; costs fidelity)")
-    quant.add_argument("--weight-type", choices=("int8", "uint8"), help="integer type of the weights (default: chosen per model and target)")
-    quant.add_argument("--activation-type", choices=("int8", "uint8"), help="integer type of static activations (default: chosen per model and target)")
-    quant.add_argument("--op-types", help="comma-separated op types to quantize")
-    quant.add_argument("--exclude-node", action="append", metavar="NAME", help="keep this node in float (repeatable)")
-    quant.add_argument("--min-cosine", type=float, default=0.99,
-                       help="auto mode: the fastest candidate whose lowest mean output cosine reaches this (default 0.99)")
-    quant.add_argument("--no-speed-check", action="store_true", help="do not time the int8 candidates against fp32 here")
-    quant.add_argument("--fast", action="store_true",
-                       help="auto mode: reuse the candidate a timed search chose before for this model, settings, data and CPU "
-                            "(remembered in ~/.cache/onnxforge, or $ONNXFORGE_CACHE); search and remember when there is none")
-    quant.add_argument("--accuracy-target", type=float, help="lowest mean output cosine to accept; sensitive nodes stay float until met")
-    quant.add_argument("--max-float-nodes", type=int, help="with --accuracy-target, keep at most this many nodes in float")
-    quant.add_argument("--no-preprocess", action="store_true", help="skip ONNX Runtime's quantization pre-processing")
-    quant.add_argument("--dim", action="append", metavar="NAME=SIZE", help="symbolic dim size for generated inputs")
     add_io_flags(quant)
     quant.set_defaults(func=_quantize_command)
 
@@ -123,27 +101,9 @@ def _quantize_command(args) -> int:
         return _decoder_candidates_command(args)
     if args.mode == "int8-weight" or (args.mode == "int4" and is_decoder_file(args.input)):
         return _weight_only_command(args)
-    from optimizers.quantize import QuantizeSettings, quantize_file
+    from optimizers.quantize import quantize_file
 
-    settings = QuantizeSettings(
-        mode=args.mode,
-        format=args.format,
-        per_channel=False if args.per_tensor else None,
-        reduce_range=args.reduce_range,
-        weight_type=args.weight_type,
-        activation_type=args.activation_type,
-        op_types=tuple(args.op_types.split(",")) if args.op_types else None,
-        exclude_nodes=tuple(args.exclude_node or ()),
-        calibration_method=args.calibration_method,
-        max_calibration_batches=args.max_calibration_batches,
-        target=args.target,
-        preprocess=not args.no_preprocess,
-        min_cosine=args.min_cosine,
-        accuracy_target=args.accuracy_target,
-        max_float_nodes=args.max_float_nodes,
-        check_speed=not args.no_speed_check,
-        fast=args.fast,
-    )
+    settings = from_args(QuantizeSettings, args)
     result = quantize_file(
         args.input, args.output, settings,
         calibration=args.calibration, evaluation=args.evaluation, tokenizer=args.tokenizer,

@@ -34,12 +34,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.options import option
 
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
-    rtol: float = 1e-3
-    atol: float = 1e-4
+    """Outputs agree where ``|a - b| <= atol + rtol * |b|``."""
+
+    rtol: float = option(1e-3, flag="--rtol", low=0.0, help="fidelity tolerance, relative")
+    atol: float = option(1e-4, flag="--atol", low=0.0, help="fidelity tolerance, absolute")
 
     def __post_init__(self):
         if not (self.rtol >= 0 and self.atol >= 0) or math.isnan(self.rtol) or math.isnan(self.atol):

@@ -6,8 +6,10 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from typing import Any
 
 from onnxforge.common.errors import UserError
 
@@ -92,3 +94,15 @@ def atomic_dir(final_dir: Path) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(Path(path)) as staged:
         staged.write_text(text, encoding="utf-8")
+
+
+def read_document(path: Path, loads: Callable[[str], Any], errors: type[Exception] | tuple[type[Exception], ...],
+                  missing: str, malformed: str) -> Any:
+    """A text file that must exist and parse (a recipe's TOML, a package's manifest): its parsed
+    content, else one line, ``missing`` or ``malformed: <the parser's reason>``."""
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        return loads(path.read_text(encoding="utf-8"))
+    except errors as exc:
+        raise UserError(f"{malformed}: {exc}") from None

@@ -18,6 +18,7 @@ import onnx
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.onnxio import is_large, save_onnx
+from onnxforge.common.options import option
 
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
@@ -39,12 +40,13 @@ class SessionSettings:
     default and as a deployed model runs; ``log_severity`` 3 shows errors only, 4 nothing
     (for checks whose failures are raised and reported in our words)."""
 
-    intra_op_threads: int | None = None
-    inter_op_threads: int | None = None
-    execution_mode: str = "sequential"
-    graph_optimization: str = "all"
-    spinning: bool = True
-    log_severity: int = 3
+    intra_op_threads: int | None = option(None, flag="--threads", low=1, help="intra-op threads (default: ONNX Runtime's choice)")
+    inter_op_threads: int | None = option(None, flag="--inter-threads", low=1, help="inter-op threads (parallel execution mode)")
+    execution_mode: str = option("sequential", flag="--execution-mode", choices=EXECUTION_MODES,
+                                 help="ONNX Runtime's execution mode: parallel runs independent branches on inter-op threads")
+    graph_optimization: str = option("all", flag="--opt-level", choices=GRAPH_LEVELS, help="graph optimization level")
+    spinning: bool = option(True, internal=True, help="intra-op workers spin after a run, as deployed")
+    log_severity: int = option(3, internal=True, help="ONNX Runtime's log level: 3 errors only, 4 nothing")
 
     def __post_init__(self):
         if self.execution_mode not in EXECUTION_MODES:

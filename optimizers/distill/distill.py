@@ -28,22 +28,30 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from onnxforge.common.errors import UserError, closest
+from onnxforge.common.options import option
 
 logger = logging.getLogger(__name__)
 
 
+LOSSES = ("kl", "mse")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
-    epochs: int = 10
-    temperature: float = 4.0
-    alpha: float = 0.7
-    lr: float = 3e-3
-    loss: str = "kl"
-    features: Mapping[str, str] = dataclasses.field(default_factory=dict)  # student layer -> teacher layer
-    beta: float = 1.0
-    patience: int | None = 3  # epochs without improvement on the validation data before stopping; None: never stop early
-    seed: int = 0
-    device: str = "cpu"
+    epochs: int = option(10, flag="--epochs", key=True, low=1, help="passes over the training data")
+    temperature: float = option(4.0, flag="--temperature", key=True, low=0.0, low_open=True,
+                                help="softmax temperature of the teacher's and student's logits in the distillation loss")
+    alpha: float = option(0.7, flag="--alpha", key=True, low=0.0, high=1.0, help="weight of the soft-target loss (the rest: labels)")
+    lr: float = option(3e-3, flag="--lr", key=True, low=0.0, low_open=True, help="Adam learning rate")
+    loss: str = option("kl", flag="--loss", key=True, choices=LOSSES,
+                       help="kl: KL divergence of the softened distributions; mse: of the logits")
+    features: Mapping[str, str] = option(flag="--feature", metavar="STUDENT_LAYER=TEACHER_LAYER", default_factory=dict,
+                                         help="also match these layers' outputs (student layer -> teacher layer)")
+    beta: float = option(1.0, internal=True, help="weight of the feature-matching loss")
+    patience: int | None = option(3, flag="--patience", key=True, low=0,
+                                  help="epochs without improvement before stopping (with --val-data; None: never stop early)")
+    seed: int = option(0, flag="--seed", key=True, help="seed of the shuffling and the student's initialisation")
+    device: str = option("cpu", internal=True, help="the torch device training runs on")
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -52,7 +60,7 @@ class DistillSettings:
             raise UserError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.epochs < 1:
             raise UserError(f"epochs must be at least 1, got {self.epochs}")
-        if self.loss not in ("kl", "mse"):
+        if self.loss not in LOSSES:
             raise UserError(f"unknown distillation loss {self.loss!r}; choose kl or mse")
         if not self.lr > 0:
             raise UserError(f"learning rate must be positive, got {self.lr}")

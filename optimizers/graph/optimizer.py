@@ -19,7 +19,9 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.graph import default_opset
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.normalize import NormalizeResult, ensure_opset, normalize, ops_needing_newer_opset
+from onnxforge.common.options import option
 from onnxforge.common.onnxio import check_onnx, files_of, is_large, model_bytes, save_onnx
+from onnxforge.common.specs import parse_dim_sizes
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.graph.cleanup import cleanup, prune_graph
 from optimizers.graph.fusions import fuse_transformer, looks_like_transformer
@@ -34,6 +36,7 @@ from onnxforge.common.progress import tracked
 logger = logging.getLogger(__name__)
 
 LEVELS = ("auto", "none", "basic", "extended", "all")
+FUSIONS = ("auto", "on", "off")
 TARGETS = tuple(TARGET_PROVIDERS)
 # What "auto" means per target. TensorRT builds its own fused engines from standard ONNX ops,
 # so it gets no contrib-op fusions; CUDA and CPU get ONNX Runtime's transformer fusions.
@@ -68,31 +71,40 @@ class OptimizeSettings:
         image sides 224 rounded to the graph's strides, sequences 128).
     """
 
-    level: str = "auto"
-    target: str = "cpu"
-    fusions: str = "auto"
-    model_type: str = "auto"
-    num_heads: int | None = None
-    hidden_size: int | None = None
-    fp16: bool = False
-    keep_io_types: bool = True
-    drop_outputs: tuple[str, ...] = ()
-    sparsity: float | None = None
-    sparsity_scope: str = "global"
-    verify: bool = True
-    rtol: float = 1e-3
-    atol: float = 1e-4
-    fp16_min_cosine: float = 0.999
-    dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    cleanup_rounds: int = 3
-    attention_fusion: bool = True
+    level: str = option("auto", flag="--level", key=True, choices=LEVELS,
+                        help="ONNX Runtime offline optimization (auto: extended for cpu, basic for cuda/tensorrt); "
+                             "'all' output is tied to this machine and provider")
+    target: str = option("cpu", flag="--target", key=True, choices=TARGETS, help="the execution provider the graph is optimized for")
+    fusions: str = option("auto", flag="--no-fusions", sets="off", key=True, choices=FUSIONS,
+                          help="skip the transformer fusions (a recipe's fusions: auto, on or off)")
+    model_type: str = option("auto", flag="--model-type",
+                             help="transformer type for the fusions (auto: bert when the graph looks like a transformer)")
+    num_heads: int | None = option(None, flag="--num-heads", help="attention heads (default: detected from the graph)")
+    hidden_size: int | None = option(None, flag="--hidden-size", help="hidden size (default: detected from the graph)")
+    fp16: bool = option(False, flag="--fp16", help="convert to float16 (for GPU targets)")
+    keep_io_types: bool = option(True, flag="--fp16-io", sets=False, help="with --fp16, make the graph inputs/outputs float16 too")
+    drop_outputs: tuple[str, ...] = option((), flag="--drop-output", repeat=True, metavar="NAME",
+                                           help="remove this graph output and what only it needs")
+    sparsity: float | None = option(None, flag="--sparsity", help="magnitude-prune weights to this zero fraction in [0, 1) "
+                                                                  "(size, not speed)")
+    sparsity_scope: str = option("global", flag="--sparsity-scope", choices=("global", "layer"),
+                                 help="global: one magnitude threshold for all weights; layer: the same share in every weight")
+    verify: bool = option(True, flag="--no-verify", sets=False, help="skip running the models to compare them")
+    rtol: float = option(1e-3, flag="--rtol", low=0.0, help="verification tolerance")
+    atol: float = option(1e-4, flag="--atol", low=0.0, help="verification tolerance")
+    fp16_min_cosine: float = option(0.999, flag="--fp16-min-cosine", low=0.0, high=1.0, help="lowest output cosine fp16 may reach")
+    dims: Mapping[str, int] = option(flag="--dim", metavar="NAME=SIZE", parse=parse_dim_sizes, default_factory=dict,
+                                     help="symbolic dim size for verification inputs")
+    cleanup_rounds: int = option(3, internal=True, help="bound on the rounds of clean-up passes")
+    attention_fusion: bool = option(True, flag="--no-attention-fusion", sets=False, key=True,
+                                    help="dynamo graphs: keep attention as MatMuls (for a model that will be quantized or pruned)")
 
     def __post_init__(self):
         if self.level not in LEVELS:
             raise UserError(f"unknown optimization level {self.level!r}; choose one of {', '.join(LEVELS)}")
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
-        if self.fusions not in ("auto", "on", "off"):
+        if self.fusions not in FUSIONS:
             raise UserError(f"fusions must be auto, on or off, got {self.fusions!r}")
         Tolerance(self.rtol, self.atol)
 

@@ -54,6 +54,7 @@ from onnxforge.common.compare import Comparison, Tolerance
 from onnxforge.common.errors import UserError
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.onnxio import save_onnx
+from optimizers.graph.gemm import gemm_as_matmul
 from optimizers.result import PassResult
 from optimizers.verify import compare_models, run_model, verification_inputs
 
@@ -271,37 +272,16 @@ def _key_transpose_rules():
     return pattern.RewriteRuleSet([KeyTransposeAsTransB.rule("KeyTransposeAsTransB")])
 
 
-def _gemm_as_matmul_rules():
-    """``Gemm(a, b[, c])`` with ``transA = transB = 0`` and ``alpha = beta = 1`` ->
-    ``MatMul(a, b)`` (``+ c``). Exact. ``quantize_dynamic`` and SmoothQuant take MatMul with
-    initializer weights, not Gemm; ONNX Runtime folds the bias Add into its int8 kernel."""
-    from onnxscript.rewriter import pattern
+def _gemms_as_matmuls(model):
+    """``optimizers.graph.gemm``'s rule on an onnx-ir model, in place, for Gemms that read their
+    weight as it is (a ``transB`` Gemm is what ONNX Runtime runs well in float); the number rewritten."""
+    import onnx_ir as ir
 
-    class GemmAsMatMul(pattern.RewriteRuleClassBase):
-        def __init__(self, name: str, has_bias: bool):
-            super().__init__(name=name)
-            self._has_bias = has_bias
-
-        def pattern(self, op, a, b, c):
-            if self._has_bias:
-                return op.Gemm(a, b, c, _allow_other_attributes=True, _outputs=["gemm"])
-            return op.Gemm(a, b, _allow_other_attributes=True, _outputs=["gemm"])
-
-        def check(self, context, gemm, **_):
-            result = pattern.MatchResult()
-            attributes = gemm.producer().attributes
-            if attributes.get_int("transA", 0) or attributes.get_int("transB", 0):
-                return result.fail("transposed Gemm operand")
-            if attributes.get_float("alpha", 1.0) != 1.0 or (self._has_bias and attributes.get_float("beta", 1.0) != 1.0):
-                return result.fail("alpha or beta is not 1")
-            return result
-
-        def rewrite(self, op, a, b, c, **_):
-            product = op.MatMul(a, b)
-            return op.Add(product, c) if self._has_bias else product
-
-    return pattern.RewriteRuleSet([GemmAsMatMul.rule("GemmAsMatMulAdd", has_bias=True),
-                                   GemmAsMatMul.rule("GemmAsMatMul", has_bias=False)])
+    proto, count = gemm_as_matmul(ir.to_proto(model), transpose_weights=False)
+    if count:
+        rewritten = ir.from_proto(proto)
+        model.graph = rewritten.graph
+    return count
 
 
 # Over 60 lines on purpose: the docstring states the rule, and the body is the rule class (pattern, check,
@@ -420,7 +400,7 @@ def _fuse_without_packed_attention(model, multihead: bool) -> dict[str, int]:
     rewrite(model, ORT_PATTERN_REWRITE_RULES)
     # onnxscript's optimizer turns 2-D MatMul + Add back into Gemm, which quantize_dynamic and
     # SmoothQuant do not take; as MatMul + Add ONNX Runtime folds the bias into its int8 kernel.
-    counts["gemm_as_matmul"] = _gemm_as_matmul_rules().apply_to_model(model)
+    counts["gemm_as_matmul"] = _gemms_as_matmuls(model)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
     common_passes.RemoveInitializersFromInputsPass()(model)
     common_passes.ShapeInferencePass()(model)
@@ -498,7 +478,7 @@ def _fuse_and_check(model: onnx.ModelProto, settings: OrtFusionSettings) -> Pass
         working, fusions = optimize_for_ort(working)
         # onnxscript 0.7 can leave a Gemm on a 3-D input (GPT-2's Conv1D layers), which ONNX
         # Runtime refuses; as MatMul + Add it is what the exporter meant.
-        fusions["gemm_as_matmul"] = _gemm_as_matmul_rules().apply_to_model(working)
+        fusions["gemm_as_matmul"] = _gemms_as_matmuls(working)
     else:
         fusions = _fuse_without_packed_attention(working, multihead=settings.attention)
         fusions["key_transpose_as_trans_b"] = _key_transpose_rules().apply_to_model(working)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity
 from onnxforge.common.graph import UnionFind, attr, default_opset, remove_attr, set_attr
 from onnxforge.common.onnxio import copy_without_initializers
+from onnxforge.common.options import option
 from optimizers.calibration import MAX_CALIBRATION_BATCHES
 from optimizers.prune.trace import Analysis
 from optimizers.verify import ort_session, verification_inputs, with_outputs
@@ -67,17 +68,35 @@ class PruneSettings:
         (``prune(heads=...)``), "unpruned" is the model after head pruning.
     """
 
-    ratio: float = 0.5
-    importance: str = "auto"
-    scope: str = "auto"
-    bias_compensation: bool = True
-    round_to: int = 8
-    protect_first: bool = True
-    protect: tuple[str, ...] = ()
-    ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    max_batches: int = MAX_CALIBRATION_BATCHES
-    reconstruct: bool | None = None
-    refine_steps: int | None = None
+    ratio: float = option(0.5, flag="--ratio", key=True, low=0.0, high=1.0, high_open=True, flag_default=None,
+                          help="fraction of channels (or weights, for magnitude) to remove, in [0, 1) "
+                               "(the command needs --ratio, --heads or both; a recipe's default is 0.5)")
+    importance: str = option("auto", flag="--importance", key=True, choices=IMPORTANCES,
+                             help="auto: reconstruction with --calibration, else l1; reconstruction: greedy choice of the "
+                                  "channels least-squares re-fitting recovers best (needs --calibration)")
+    scope: str = option("auto", flag="--scope", key=True, choices=SCOPES,
+                        help="layer: the same ratio in every layer; global: the ratio over the whole model, layers ranked "
+                             "together; auto: global with --calibration, else layer")
+    bias_compensation: bool = option(True, flag="--no-bias-compensation", sets=False, key=True,
+                                     help="do not fold the removed channels' mean contribution into the consumers' biases")
+    round_to: int = option(8, flag="--round-to", key=True, low=1, help="kept channels are a multiple of this")
+    protect_first: bool = option(True, flag="--no-protect-first", sets=False, key=True,
+                                 help="allow pruning the layers that read graph inputs")
+    protect: tuple[str, ...] = option((), flag="--protect", repeat=True, metavar="NODE",
+                                      help="keep this producer node whole (repeatable)")
+    ratios: Mapping[str, float] = option(flag="--layer-ratio", metavar="NODE=RATIO", default_factory=dict,
+                                         help="per-layer ratio override (repeatable)")
+    max_batches: int = option(MAX_CALIBRATION_BATCHES, flag=("--max-calibration-batches", "--max-batches"), key=True, low=1,
+                              metavar="N", help="calibration (and evaluation) batches read at most, as quantize reads them; "
+                                                "a text file gives one line a batch")
+    reconstruct: bool | None = option(None, flag="--reconstruct",
+                                      help="re-fit the consumers of removed channels by least squares, kept where held-out "
+                                           "calibration data shows it helps (default: on when --calibration is given)")
+    refine_steps: int | None = option(None, flag="--refine", key=True, low=0, metavar="STEPS",
+                                      help="after reconstruction, refine each feed-forward block (up and down projections) "
+                                           "by STEPS gradient steps towards the unpruned block's output (kept where held-out "
+                                           f"calibration data shows it helps; 0: off; default: {REFINE_STEPS} with "
+                                           f"--calibration of {REFINE_MIN_BATCHES}+ fitted batches, else off)")
 
     def __post_init__(self):
         for value in (self.ratio, *self.ratios.values()):
@@ -263,8 +282,24 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
     and every constant that counts channels (Split sizes, Slice bounds, Resize sizes, flatten
     targets, depthwise groups) rewritten to match. Constants that count are written as new
     initializers of their node, so a constant shared with another node is never changed."""
+    out = _cut_weights(model, analysis, removed)
+    if not removed:
+        return out
+    _recount_channels(out, analysis, removed)
+    del out.graph.value_info[:]  # shapes inside changed; shape inference recomputes them
+    return out
+
+
+def _kept(analysis: Analysis, removed) -> Callable[[list[int]], list[int]]:
+    """``kept(slot_list)``: the positions of a slot list that survive ``removed``."""
     find = analysis.slots.find
-    kept = lambda slot_list: [i for i, s in enumerate(slot_list) if find(s) not in removed]  # noqa: E731
+    return lambda slot_list: [i for i, s in enumerate(slot_list) if find(s) not in removed]
+
+
+def _cut_weights(model: onnx.ModelProto, analysis: Analysis, removed) -> onnx.ModelProto:
+    """A copy of ``model`` whose weights have the removed positions cut along each parameter's
+    axis; a cut weight is never copied whole first."""
+    kept = _kept(analysis, removed)
     cuts: dict[str, list[tuple[int, list[int]]]] = collections.defaultdict(list)  # initializer -> (axis, kept), in order
     done = set()
     for param in analysis.params:
@@ -283,9 +318,16 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
             value = np.take(value, keep, axis=axis)
         out.graph.initializer.append(numpy_helper.from_array(value, tensor.name))
         del value
+    return out
+
+
+def _recount_channels(out: onnx.ModelProto, analysis: Analysis, removed) -> None:
+    """Rewrite, in place, every constant of ``out`` that counts channels (depthwise groups,
+    reshape counts, Split sizes, Slice bounds) to the channels left, as new initializers of
+    their node; drop the initializers no node reads any more."""
+    find = analysis.slots.find
+    kept = _kept(analysis, removed)
     inits = {t.name: t for t in out.graph.initializer}
-    if not removed:
-        return out
     nodes = {n.name: n for n in out.graph.node}
 
     def rewrite_input(node, index: int, value: np.ndarray, tag: str) -> None:
@@ -326,8 +368,6 @@ def apply(model: onnx.ModelProto, analysis: Analysis, removed: set[int] | frozen
     stale = [t for t in out.graph.initializer if t.name not in used]
     for tensor in stale:
         out.graph.initializer.remove(tensor)
-    del out.graph.value_info[:]  # shapes inside changed; shape inference recomputes them
-    return out
 
 
 def compensate_biases(model: onnx.ModelProto, original: onnx.ModelProto, analysis: Analysis, removed: set[int],

@@ -294,32 +294,18 @@ def prune_decoder_mlp(model_path, out_path, calibration: Sequence[Sequence[int]]
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)
     float_decoder_header(model_path)  # refuses a missing, non-decoder or quantized file
-    sequences = [list(map(int, s)) for s in calibration if len(s) >= 2]
-    if len(sequences) < 2:
-        raise UserError(f"decoder MLP pruning needs at least 2 calibration sequences of 2+ tokens, got {len(sequences)}; "
-                        "give more calibration text (--calibration FILE, passages separated by blank lines)")
+    fit_sequences, heldout_sequences, evaluation = _split_sequences(calibration, evaluation, settings)
     model = onnx.load(str(model_path))
     mlps = find_mlps(model)
     if not mlps:
         raise UserError(f"no MLP of the form down(act(gate(x)) * up(x)) with constant weights found in '{model_path}'; "
                         "export the float decoder with 'onnxforge export --task text-generation' (not packed or quantized)")
-    held = max(1, int(round(len(sequences) * settings.heldout_fraction))) if settings.heldout_fraction else 0
-    fit_sequences, heldout_sequences = sequences[: len(sequences) - held], sequences[len(sequences) - held:]
-    evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else heldout_sequences or sequences
     session_settings = SessionSettings(intra_op_threads=settings.threads, log_severity=3)
 
     fit_stats = _collect(model, mlps, fit_sequences, session_settings)
     heldout_stats = _collect(model, mlps, heldout_sequences, session_settings) if heldout_sequences else [None] * len(mlps)
-    weights = {t.name: t for t in model.graph.initializer}
     parameters_before = _parameters(model)
-    pruned = []
-    for mlp, fit, heldout in tracked(list(zip(mlps, fit_stats, heldout_stats)), "prune: MLP reconstruction", label=lambda m: m[0].down):
-        arrays, report = _prune_one(mlp, weights, fit, heldout, settings)
-        for name, array in arrays.items():
-            weights[name].CopyFrom(numpy_helper.from_array(array, name))
-        pruned.append(report)
-        logger.info("MLP %s: width %d -> %d, held-out error sliced %.4f, re-fit %s", mlp.down, report.width, report.kept,
-                    report.heldout_error_sliced, "-" if report.heldout_error_refit is None else f"{report.heldout_error_refit:.4f}")
+    pruned = _prune_all(model, mlps, fit_stats, heldout_stats, settings)
     node_outputs = {o for n in model.graph.node if n.name in {m.gate for m in mlps} | {m.up for m in mlps} for o in n.output}
     _clear_value_info(model, node_outputs | {m.hidden for m in mlps} | _activation_outputs(model, mlps))
 
@@ -348,6 +334,33 @@ def prune_decoder_mlp(model_path, out_path, calibration: Sequence[Sequence[int]]
         path=out_path, ratio=settings.ratio, mlps=pruned, parameters=(parameters_before, parameters_after), quality=quality,
         decode_ms=timings, calibration_positions=sum(len(s) for s in fit_sequences), seconds=time.perf_counter() - started,
     )
+
+
+def _split_sequences(calibration, evaluation, settings: DecoderPruneSettings):
+    """The calibration sequences (2+ tokens) split into fitted and held-out ones (``heldout_fraction``),
+    and the sequences the result is judged on: ``evaluation``, else the held-out ones."""
+    sequences = [list(map(int, s)) for s in calibration if len(s) >= 2]
+    if len(sequences) < 2:
+        raise UserError(f"decoder MLP pruning needs at least 2 calibration sequences of 2+ tokens, got {len(sequences)}; "
+                        "give more calibration text (--calibration FILE, passages separated by blank lines)")
+    held = max(1, int(round(len(sequences) * settings.heldout_fraction))) if settings.heldout_fraction else 0
+    fit_sequences, heldout_sequences = sequences[: len(sequences) - held], sequences[len(sequences) - held:]
+    evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else heldout_sequences or sequences
+    return fit_sequences, heldout_sequences, evaluation
+
+
+def _prune_all(model: onnx.ModelProto, mlps, fit_stats, heldout_stats, settings: DecoderPruneSettings) -> list:
+    """Each MLP pruned and re-fitted (``_prune_one``), its weights replaced in ``model`` in place; the reports."""
+    weights = {t.name: t for t in model.graph.initializer}
+    pruned = []
+    for mlp, fit, heldout in tracked(list(zip(mlps, fit_stats, heldout_stats)), "prune: MLP reconstruction", label=lambda m: m[0].down):
+        arrays, report = _prune_one(mlp, weights, fit, heldout, settings)
+        for name, array in arrays.items():
+            weights[name].CopyFrom(numpy_helper.from_array(array, name))
+        pruned.append(report)
+        logger.info("MLP %s: width %d -> %d, held-out error sliced %.4f, re-fit %s", mlp.down, report.width, report.kept,
+                    report.heldout_error_sliced, "-" if report.heldout_error_refit is None else f"{report.heldout_error_refit:.4f}")
+    return pruned
 
 
 def _activation_outputs(model: onnx.ModelProto, mlps: Sequence[DecoderMLP]) -> set[str]:

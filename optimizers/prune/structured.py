@@ -198,6 +198,23 @@ def _chosen_fidelity(refit) -> float:
     return -1.0 if value is None else float(value)
 
 
+def _units_and_removed(model, analysis, settings: PruneSettings, calib_batches, means, means_abs, check, refit_on: bool,
+                       notes: list[str]):
+    """The units with what each keeps, the slot roots removed, the re-fit and the allocation
+    (``_decided``), with the notes they call for; ``UserError`` when nothing is pruned at a ratio above 0."""
+    decided, trials, refit, allocation = _decided(model, analysis, settings, calib_batches, means_abs, check, refit_on, notes)
+    units = [unit for unit, _ in decided]
+    removed = frozenset().union(*(roots for _, roots in decided))
+    if settings.ratio > 0 and not removed:
+        raise _nothing_pruned(units, settings.ratio)
+    if settings.bias_compensation and removed and means is None:
+        notes.append("bias compensation skipped: it needs calibration data")
+    if trials > 1:
+        notes.append(f"{sum(1 for u in units if (u.reason or '').startswith('pruning it breaks'))} unit(s) left whole "
+                     f"because pruning them breaks the graph ({trials} ONNX Runtime checks)")
+    return units, removed, refit, allocation
+
+
 def prune_structured(
     model: onnx.ModelProto,
     settings: PruneSettings = PruneSettings(),
@@ -237,16 +254,8 @@ def prune_structured(
     if calib_batches and analysis.consumers:
         means, means_abs = channel_stats(model, analysis, calib_batches)
     refit_on = bool(calib_batches) and (settings.reconstruct or (settings.reconstruct is None and settings.bias_compensation))
-    decided, trials, refit, allocation = _decided(model, analysis, settings, calib_batches, means_abs, check, refit_on, notes)
-    units = [unit for unit, _ in decided]
-    removed = frozenset().union(*(roots for _, roots in decided))
-    if settings.ratio > 0 and not removed:
-        raise _nothing_pruned(units, settings.ratio)
-    if settings.bias_compensation and removed and means is None:
-        notes.append("bias compensation skipped: it needs calibration data")
-    if trials > 1:
-        notes.append(f"{sum(1 for u in units if (u.reason or '').startswith('pruning it breaks'))} unit(s) left whole "
-                     f"because pruning them breaks the graph ({trials} ONNX Runtime checks)")
+    units, removed, refit, allocation = _units_and_removed(model, analysis, settings, calib_batches, means, means_abs, check,
+                                                           refit_on, notes)
     pruned, compensated, measured, without, reconstruction, refinement = _pruned_and_refitted(
         reference, model, analysis, removed, settings, calib_batches, eval_batches, means, refit_on, refit, check, notes)
     macs_dims = {**(dims or {})}
@@ -354,6 +363,9 @@ def _nothing_pruned(units: list[Unit], ratio: float) -> UserError:
 
 # One function on purpose: it drops each copy of a model past 2 GB (del, gc) in the order its docstring
 # gives; steps split out would hold those copies in their frames.
+# Over 60 lines on purpose: its steps share one temporary folder and free the model copies in a fixed order
+# (del and gc.collect between them, the docstring's "at most three times"); split into functions, the
+# callers' frames would hold the copies the order frees.
 def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evaluation, tokenizer,
                        dims: Mapping[str, int] | None) -> PruneResult:
     """``prune_structured`` without calibration data for a model past 2 GB (``is_large``).

@@ -81,7 +81,6 @@ def quantize(
     calib, evaluation_batches = batches_for_evaluation(reference, calib, evaluation, tokenizer, dims, reasons)
 
     warnings: list[str] = []
-    float_timing = None
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp:
         workdir = Path(tmp)
         candidates, inputs_for, pre_label = _quantizer_inputs(float_model, reference, candidates, pattern, calib, dims, settings,
@@ -91,28 +90,13 @@ def quantize(
 
         timed = settings.target == "cpu" and settings.check_speed and not recalled
         measure = measure or measure_with_runtime_bench
-        if timed:
-            candidates, float_timing = _timed(candidates, models, reference, evaluation_batches[0], settings, measure, workdir,
-                                              reasons, warnings)
-        chosen_index, choice_reasons, choice_warnings = choose(candidates, settings.min_cosine)
-        reasons += choice_reasons
-        warnings += choice_warnings
+        candidates, float_timing, chosen_index = _timed_and_chosen(candidates, models, reference, evaluation_batches[0], settings,
+                                                                   measure if timed else None, decision, workdir, reasons, warnings)
         chosen = candidates[chosen_index]
-        if decision is not None and timed and chosen.timing is not None:
-            remember(decision, chosen.name, chosen.timing.speedup, chosen.fidelity.min_mean_cosine, _machine_name())
-        exclude = [*exclude, *chosen.resolved["keep_float"]]
-        quantized, measured, sensitivity, exclude_final = models[chosen.name], chosen.fidelity, [], exclude
-        target = settings.accuracy_target
-        if target is None and settings.mode == "auto" and measured.min_mean_cosine < settings.min_cosine:
-            target = _escalation_target(chosen, settings, reasons)
-        if target is not None and measured.min_mean_cosine < target:
-            quantized, measured, exclude_final, sensitivity = _keep_sensitive_in_float(
-                reference, inputs_for[chosen.name], quantized, measured, chosen.resolved, exclude, calib,
-                _escalated(settings, target, inputs_for[chosen.name], chosen.resolved, exclude), workdir, evaluation_batches)
-            chosen = dataclasses.replace(chosen, fidelity=measured)
-            if timed and chosen.timing is not None:
-                chosen, float_timing = _timed_again(chosen, quantized, len(exclude_final) - len(exclude), reference,
-                                                    evaluation_batches[0], settings, measure, workdir, reasons, warnings)
+        chosen, quantized, kept_float, sensitivity, float_timing = _to_accuracy_target(
+            chosen, models[chosen.name], inputs_for[chosen.name], [*exclude, *chosen.resolved["keep_float"]], reference, calib,
+            settings, workdir, evaluation_batches, measure if timed else None, float_timing, reasons, warnings)
+        measured = chosen.fidelity
         candidates[chosen_index] = dataclasses.replace(chosen, chosen=True)
     for warning in warnings:
         logger.warning("%s", warning)
@@ -120,8 +104,47 @@ def quantize(
     logger.info("quantized %d/%d compute ops; size %.2f -> %.2f MB; lowest mean cosine %.5f", after.quantized_compute_ops,
                 after.compute_ops, before.file_bytes / 1e6, after.file_bytes / 1e6, measured.min_mean_cosine)
     return QuantizeResult(quantized, chosen.resolved["mode"], chosen.resolved, tuple(reasons), before, after, measured,
-                          tuple(n for n in exclude_final if n not in exclude), tuple(sensitivity), pre_label,
+                          kept_float, tuple(sensitivity), pre_label,
                           time.perf_counter() - started, pattern.describe(), tuple(candidates), float_timing, tuple(warnings))
+
+
+def _timed_and_chosen(candidates: list[Candidate], models, reference: onnx.ModelProto, inputs, settings: QuantizeSettings,
+                      measure: Measure | None, decision, workdir: Path, reasons: list[str], warnings: list[str]):
+    """The candidates timed against fp32 (when ``measure`` is given) and the index of the one
+    ``choose`` picks, remembered for ``--fast`` when it was timed; the float timing or None."""
+    float_timing = None
+    if measure is not None:
+        candidates, float_timing = _timed(candidates, models, reference, inputs, settings, measure, workdir, reasons, warnings)
+    chosen_index, choice_reasons, choice_warnings = choose(candidates, settings.min_cosine)
+    reasons += choice_reasons
+    warnings += choice_warnings
+    chosen = candidates[chosen_index]
+    if decision is not None and measure is not None and chosen.timing is not None:
+        remember(decision, chosen.name, chosen.timing.speedup, chosen.fidelity.min_mean_cosine, _machine_name())
+    return candidates, float_timing, chosen_index
+
+
+def _to_accuracy_target(chosen: Candidate, quantized: onnx.ModelProto, quantizer_input, exclude: list[str],
+                        reference: onnx.ModelProto, calib, settings: QuantizeSettings, workdir: Path, evaluation_batches,
+                        measure: Measure | None, float_timing, reasons: list[str], warnings: list[str]):
+    """The chosen candidate held to the accuracy target (``settings.accuracy_target``, or in auto
+    mode the escalation below ``min_cosine``): when it misses it, its most sensitive nodes stay in
+    float until it holds, and it is timed again when ``measure`` is given. Returns the candidate
+    with its fidelity, its model, the nodes kept in float for the target, the sensitivities and
+    the float timing."""
+    measured, sensitivity, exclude_final = chosen.fidelity, [], exclude
+    target = settings.accuracy_target
+    if target is None and settings.mode == "auto" and measured.min_mean_cosine < settings.min_cosine:
+        target = _escalation_target(chosen, settings, reasons)
+    if target is not None and measured.min_mean_cosine < target:
+        quantized, measured, exclude_final, sensitivity = _keep_sensitive_in_float(
+            reference, quantizer_input, quantized, measured, chosen.resolved, exclude, calib,
+            _escalated(settings, target, quantizer_input, chosen.resolved, exclude), workdir, evaluation_batches)
+        chosen = dataclasses.replace(chosen, fidelity=measured)
+        if measure is not None and chosen.timing is not None:
+            chosen, float_timing = _timed_again(chosen, quantized, len(exclude_final) - len(exclude), reference,
+                                                evaluation_batches[0], settings, measure, workdir, reasons, warnings)
+    return chosen, quantized, tuple(n for n in exclude_final if n not in exclude), sensitivity, float_timing
 
 
 def _quantizer_inputs(float_model: onnx.ModelProto, reference: onnx.ModelProto, candidates: list[Candidate], pattern: OpPattern,

@@ -120,62 +120,76 @@ def _auto_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern
                         "(int8 only pays on those); keep the float model")
     static = _base_settings(settings, pattern, "static")
     dynamic = _base_settings(settings, pattern, "dynamic")
-    given_ops = settings.op_types is not None
-    candidates: list[Candidate] = []
     reasons.append(f"op pattern: {pattern.describe()}")
     if pattern.kind == "conv":
-        if not has_calibration:
-            raise UserError(
-                "this convolutional model needs calibration data for int8 (--calibration DATA: .npz, a folder of .npz "
-                "or pkg.module:function; --calibration random --allow-random-calibration to try without): static QDQ is "
-                "the int8 form with fused CPU kernels for Conv, and dynamic int8 of Conv (ConvInteger) has none"
-            )
-        candidates.append(_candidate("static-qdq-compute", "static QDQ of Conv/MatMul/Gemm only", static,
-                                     op_types=static["op_types"] or list(COMPUTE_OPS)))
-        if not given_ops:
-            candidates.append(_candidate("static-qdq-compute+pool/concat", "static QDQ of Conv/MatMul/Gemm, pooling, Concat, Relu/Clip",
-                                         static, op_types=list(COMPUTE_OPS + INT8_CHAIN_OPS)))
-        depthwise = depthwise_convs(model)
-        if depthwise:
-            candidates.append(_candidate("static-qdq-compute-no-depthwise", f"static QDQ of Conv/MatMul/Gemm, the {len(depthwise)} "
-                                         "depthwise Conv in float", static, op_types=static["op_types"] or list(COMPUTE_OPS),
-                                         keep_float=list(depthwise)))
-        if pattern.matmul_weights >= 0.1 * (pattern.conv_weights + pattern.matmul_weights):
-            candidates.append(_candidate("dynamic-matmul", "dynamic int8 of MatMul/Gemm only, Conv left in float", dynamic,
-                                         op_types=dynamic["op_types"] or _dynamic_op_types(model)))
-        reasons.append("convolutions: static QDQ of the ops with fused int8 CPU kernels; Add/Mul/Resize and other "
-                       "elementwise ops stay float (their QDQ form runs DQ -> float op -> Q)")
-    else:
-        op_types = dynamic["op_types"] or _dynamic_op_types(model)
-        per_channel = dynamic["per_channel"]
-        candidates.append(_candidate(f"dynamic-{'per-channel' if per_channel else 'per-tensor'}",
-                                     f"dynamic int8 of {'/'.join(op_types)}, weights {'per-channel' if per_channel else 'per-tensor'}",
-                                     dynamic, op_types=op_types))
-        if settings.per_channel is None:
-            candidates.append(_candidate("dynamic-per-tensor", f"dynamic int8 of {'/'.join(op_types)}, weights per-tensor",
-                                         dynamic, op_types=op_types, per_channel=False))
-        if pattern.attention:
-            searched_on = "the calibration data" if has_calibration else f"{SMOOTHQUANT_GENERATED_BATCHES} generated batches"
-            candidates.append(_candidate("dynamic-per-channel-smoothquant",
-                                         f"outlier feed-forward neurons on a float side path and SmoothQuant (scales folded into "
-                                         f"LayerNorms, alpha searched per layer), both found on {searched_on}, then dynamic int8 of "
-                                         f"{'/'.join(op_types)}, weights per-channel",
-                                         dynamic, op_types=op_types, per_channel=True, smoothquant="layernorm", outliers=True))
-            if not given_ops and "MatMul" in op_types:
-                candidates.append(_candidate("weight-only-int8-matmulnbits",
-                                             f"8-bit MatMulNBits weights (blocks of {NBITS_INT8_BLOCK}), activations quantized per "
-                                             "block at run time (accuracy level 4)", _base_settings(settings, pattern, "nbits"),
-                                             bits=8, block_size=NBITS_INT8_BLOCK, accuracy_level=4))
-        if has_calibration:
-            candidates.append(_candidate("static-qdq-matmul", "static QDQ of MatMul/Gemm only", static,
-                                         op_types=static["op_types"] or ["Gemm", "MatMul"]))
-            if not given_ops and pattern.conv_weights >= 0.1 * (pattern.conv_weights + pattern.matmul_weights):
-                candidates.append(_candidate("static-qdq-compute", "static QDQ of Conv/MatMul/Gemm only", static,
-                                             op_types=list(COMPUTE_OPS)))
-        reasons.append("MatMul/Gemm layers" + (" with attention" if pattern.attention else "")
-                       + ": dynamic int8 (activations quantized at run time, no calibration needed)"
-                       + ("; static QDQ of MatMul/Gemm only from the calibration data, never the attention-mask arithmetic"
-                          if has_calibration else ""))
+        return _conv_candidates(settings, model, pattern, has_calibration, reasons, static, dynamic)
+    return _matmul_candidates(settings, model, pattern, has_calibration, reasons, static, dynamic)
+
+
+def _conv_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern: OpPattern, has_calibration: bool,
+                     reasons: list[str], static: dict, dynamic: dict) -> list[Candidate]:
+    """A convolutional model: static QDQ of the ops with fused int8 CPU kernels (calibration needed)."""
+    given_ops = settings.op_types is not None
+    candidates: list[Candidate] = []
+    if not has_calibration:
+        raise UserError(
+            "this convolutional model needs calibration data for int8 (--calibration DATA: .npz, a folder of .npz "
+            "or pkg.module:function; --calibration random --allow-random-calibration to try without): static QDQ is "
+            "the int8 form with fused CPU kernels for Conv, and dynamic int8 of Conv (ConvInteger) has none"
+        )
+    candidates.append(_candidate("static-qdq-compute", "static QDQ of Conv/MatMul/Gemm only", static,
+                                 op_types=static["op_types"] or list(COMPUTE_OPS)))
+    if not given_ops:
+        candidates.append(_candidate("static-qdq-compute+pool/concat", "static QDQ of Conv/MatMul/Gemm, pooling, Concat, Relu/Clip",
+                                     static, op_types=list(COMPUTE_OPS + INT8_CHAIN_OPS)))
+    depthwise = depthwise_convs(model)
+    if depthwise:
+        candidates.append(_candidate("static-qdq-compute-no-depthwise", f"static QDQ of Conv/MatMul/Gemm, the {len(depthwise)} "
+                                     "depthwise Conv in float", static, op_types=static["op_types"] or list(COMPUTE_OPS),
+                                     keep_float=list(depthwise)))
+    if pattern.matmul_weights >= 0.1 * (pattern.conv_weights + pattern.matmul_weights):
+        candidates.append(_candidate("dynamic-matmul", "dynamic int8 of MatMul/Gemm only, Conv left in float", dynamic,
+                                     op_types=dynamic["op_types"] or _dynamic_op_types(model)))
+    reasons.append("convolutions: static QDQ of the ops with fused int8 CPU kernels; Add/Mul/Resize and other "
+                   "elementwise ops stay float (their QDQ form runs DQ -> float op -> Q)")
+    return candidates
+
+
+def _matmul_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern: OpPattern, has_calibration: bool,
+                       reasons: list[str], static: dict, dynamic: dict) -> list[Candidate]:
+    """MatMul/Gemm layers, with or without attention: dynamic int8 first, static QDQ with calibration data."""
+    given_ops = settings.op_types is not None
+    candidates: list[Candidate] = []
+    op_types = dynamic["op_types"] or _dynamic_op_types(model)
+    per_channel = dynamic["per_channel"]
+    candidates.append(_candidate(f"dynamic-{'per-channel' if per_channel else 'per-tensor'}",
+                                 f"dynamic int8 of {'/'.join(op_types)}, weights {'per-channel' if per_channel else 'per-tensor'}",
+                                 dynamic, op_types=op_types))
+    if settings.per_channel is None:
+        candidates.append(_candidate("dynamic-per-tensor", f"dynamic int8 of {'/'.join(op_types)}, weights per-tensor",
+                                     dynamic, op_types=op_types, per_channel=False))
+    if pattern.attention:
+        searched_on = "the calibration data" if has_calibration else f"{SMOOTHQUANT_GENERATED_BATCHES} generated batches"
+        candidates.append(_candidate("dynamic-per-channel-smoothquant",
+                                     f"outlier feed-forward neurons on a float side path and SmoothQuant (scales folded into "
+                                     f"LayerNorms, alpha searched per layer), both found on {searched_on}, then dynamic int8 of "
+                                     f"{'/'.join(op_types)}, weights per-channel",
+                                     dynamic, op_types=op_types, per_channel=True, smoothquant="layernorm", outliers=True))
+        if not given_ops and "MatMul" in op_types:
+            candidates.append(_candidate("weight-only-int8-matmulnbits",
+                                         f"8-bit MatMulNBits weights (blocks of {NBITS_INT8_BLOCK}), activations quantized per "
+                                         "block at run time (accuracy level 4)", _base_settings(settings, pattern, "nbits"),
+                                         bits=8, block_size=NBITS_INT8_BLOCK, accuracy_level=4))
+    if has_calibration:
+        candidates.append(_candidate("static-qdq-matmul", "static QDQ of MatMul/Gemm only", static,
+                                     op_types=static["op_types"] or ["Gemm", "MatMul"]))
+        if not given_ops and pattern.conv_weights >= 0.1 * (pattern.conv_weights + pattern.matmul_weights):
+            candidates.append(_candidate("static-qdq-compute", "static QDQ of Conv/MatMul/Gemm only", static,
+                                         op_types=list(COMPUTE_OPS)))
+    reasons.append("MatMul/Gemm layers" + (" with attention" if pattern.attention else "")
+                   + ": dynamic int8 (activations quantized at run time, no calibration needed)"
+                   + ("; static QDQ of MatMul/Gemm only from the calibration data, never the attention-mask arithmetic"
+                      if has_calibration else ""))
     return candidates
 
 

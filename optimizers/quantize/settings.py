@@ -11,6 +11,7 @@ import onnx
 
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.fidelity import Fidelity
+from onnxforge.common.options import option
 from onnxforge.common.summary import ModelSummary
 from optimizers.calibration import MAX_CALIBRATION_BATCHES
 from runtime_bench.timing import VariantTiming
@@ -68,26 +69,40 @@ class QuantizeSettings:
         without such a decision it searches, and remembers the outcome.
     """
 
-    mode: str = "auto"
-    format: str = "qdq"
-    per_channel: bool | None = None
-    reduce_range: bool = False
-    weight_type: str | None = None
-    activation_type: str | None = None
-    symmetric_activations: bool | None = None
-    op_types: tuple[str, ...] | None = None
-    exclude_nodes: tuple[str, ...] = ()
-    calibration_method: str = "minmax"
-    max_calibration_batches: int | None = MAX_CALIBRATION_BATCHES
-    target: str = "cpu"
-    preprocess: bool = True
-    block_size: int = 32
-    min_cosine: float = 0.99
-    accuracy_target: float | None = None
-    max_float_nodes: int | None = None
-    check_speed: bool = True
-    speed_seconds: float = 2.0
-    fast: bool = False
+    mode: str = option("auto", flag="--mode", key=True, choices=MODES,
+                       help="auto: candidates chosen per op pattern (static QDQ for convolutions, dynamic for MatMul/Gemm "
+                            "and transformers), scored and timed against fp32 on this machine; the fastest faithful one wins")
+    format: str = option("qdq", flag="--format", key=True, choices=FORMATS, help="static format")
+    per_channel: bool | None = option(None, flag="--per-tensor", sets=False, key=True,
+                                      help="per-tensor weights instead of per-channel (a recipe's per_channel)")
+    reduce_range: bool = option(False, flag="--reduce-range", key=True, help="7-bit weights (for CPUs without VNNI; costs fidelity)")
+    weight_type: str | None = option(None, flag="--weight-type", key=True, choices=INT_TYPES,
+                                     help="integer type of the weights (default: chosen per model and target)")
+    activation_type: str | None = option(None, flag="--activation-type", key=True, choices=INT_TYPES,
+                                         help="integer type of static activations (default: chosen per model and target)")
+    symmetric_activations: bool | None = option(None, internal=True, help="symmetric static activations (None: per target)")
+    op_types: tuple[str, ...] | None = option(None, flag="--op-types", key=True, help="comma-separated op types to quantize")
+    exclude_nodes: tuple[str, ...] = option((), flag="--exclude-node", repeat=True, metavar="NAME",
+                                            help="keep this node in float (repeatable)")
+    calibration_method: str = option("minmax", flag="--calibration-method", key=True, choices=CALIBRATION_METHODS,
+                                     help="how static quantization chooses activation ranges from the calibration data")
+    max_calibration_batches: int | None = option(MAX_CALIBRATION_BATCHES, flag="--max-calibration-batches", low=1,
+                                                 help="calibration batches read at most, as prune reads them "
+                                                      "(a text file gives one line a batch)")
+    target: str = option("cpu", flag="--target", choices=TARGETS, help="the execution provider the int8 model is for")
+    preprocess: bool = option(True, flag="--no-preprocess", sets=False, help="skip ONNX Runtime's quantization pre-processing")
+    block_size: int = option(32, internal=True, help="int4 block size")
+    min_cosine: float = option(0.99, flag="--min-cosine", low=0.0, high=1.0, low_open=True,
+                               help="auto mode: the fastest candidate whose lowest mean output cosine reaches this")
+    accuracy_target: float | None = option(None, flag="--accuracy-target", key=True, low=0.0, high=1.0, low_open=True,
+                                           help="lowest mean output cosine to accept; sensitive nodes stay float until met")
+    max_float_nodes: int | None = option(None, flag="--max-float-nodes", key=True, low=0,
+                                         help="with --accuracy-target, keep at most this many nodes in float")
+    check_speed: bool = option(True, flag="--no-speed-check", sets=False, help="do not time the int8 candidates against fp32 here")
+    speed_seconds: float = option(2.0, internal=True, help="seconds the speed check times each candidate at least")
+    fast: bool = option(False, flag="--fast",
+                        help="auto mode: reuse the candidate a timed search chose before for this model, settings, data and CPU "
+                             "(remembered in ~/.cache/onnxforge, or $ONNXFORGE_CACHE); search and remember when there is none")
 
     def __post_init__(self):
         for label, value, allowed in (("mode", self.mode, MODES), ("format", self.format, FORMATS), ("target", self.target, TARGETS),

@@ -119,7 +119,8 @@ class WeightOnlyResult:
         return d
 
 
-QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul")
+QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
+                 "DynamicQuantizeLinear")
 
 
 def is_decoder(model: onnx.ModelProto) -> bool:
@@ -127,14 +128,14 @@ def is_decoder(model: onnx.ModelProto) -> bool:
     return any(i.name.startswith("past_key_values.") for i in model.graph.input)
 
 
-def float_decoder_header(model_path: Path) -> onnx.ModelProto:
+def float_decoder_header(model_path: Path, not_decoder_hint: str = "") -> onnx.ModelProto:
     """The graph of the float decoder at ``model_path`` (weights not loaded), or a ``UserError``
-    naming why it is none: missing, not a decoder with a cache, already quantized."""
+    naming why it is none: missing, not a decoder with a cache (then ``not_decoder_hint``), already quantized."""
     if not model_path.is_file():
         raise UserError(f"model file '{model_path}' not found")
     header = onnx.load(str(model_path), load_external_data=False)
     if not is_decoder(header):
-        raise UserError(f"'{model_path}' is not a generative decoder with a cache (no past_key_values.* inputs)")
+        raise UserError(f"'{model_path}' is not a generative decoder with a cache (no past_key_values.* inputs){not_decoder_hint}")
     if any(n.op_type in QUANTIZED_OPS for n in header.graph.node):
         raise UserError(f"'{model_path}' is already quantized: start from the float decoder")
     return header
@@ -586,6 +587,22 @@ def default_sequences(reference, count: int = 4, length: int = 48, seed: int = 0
     return sequences
 
 
+def _chosen_level(reference, decoders: dict, sequences, settings: WeightOnlySettings) -> tuple[int, dict[int, float], dict[int, float]]:
+    """The accuracy level kept among ``decoders`` (level -> the model at it): the fastest decode
+    step whose KL against fp32 stays within ``level_kl_slack`` x level 0's + ``level_kl_floor``;
+    with its decode timings (none for one level) and each level's KL."""
+    levels = list(decoders)
+    level_kl = {level: decoder_quality(reference, decoder, sequences[:2], prompts=1, new_tokens=4).kl_mean
+                for level, decoder in decoders.items()}
+    if len(levels) == 1:
+        return levels[0], {}, level_kl
+    timings = decode_step_ms(decoders, settings.timing_past, settings.timing_steps, settings.timing_rounds)
+    bound = level_kl[levels[0]] * settings.level_kl_slack + settings.level_kl_floor
+    chosen = min((lv for lv in levels if level_kl[lv] <= bound), key=lambda lv: timings[lv])
+    logger.info("accuracy level: decode step ms %s, KL %s -> %d", timings, level_kl, chosen)
+    return chosen, timings, level_kl
+
+
 # ---------------------------------------------------------------------------- public entry
 
 
@@ -598,20 +615,10 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
     ``sequences`` (token ids, e.g. held-out text) judge quality; default: the float model's
     own greedy continuations of random prompts. Does not modify the file at ``model_path``.
     """
-
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)
-    if not model_path.is_file():
-        raise UserError(f"model file '{model_path}' not found")
-    header = onnx.load(str(model_path), load_external_data=False)
-    if not is_decoder(header):
-        raise UserError(
-            f"'{model_path}' is not a generative decoder with a cache (no past_key_values.* inputs): weight-only "
-            "int4/int8 is for decoders exported with 'onnxforge export --hf-model DIR --task text-generation'; "
-            "use --mode auto, dynamic or static for other models"
-        )
-    if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeLinear", "MatMulInteger") for n in header.graph.node):
-        raise UserError(f"'{model_path}' is already quantized; quantize the float model")
+    float_decoder_header(model_path, ": weight-only int4/int8 is for decoders exported with 'onnxforge export --hf-model DIR "
+                                     "--task text-generation'; use --mode auto, dynamic or static for other models")
     session_settings = SessionSettings(intra_op_threads=settings.threads, log_severity=3)
     reference = OnnxDecoder(model_path, settings=session_settings)
     float_model = onnx.load(str(model_path))
@@ -635,17 +642,7 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
             paths[level] = work / f"level{level}.onnx"
             save_model(set_accuracy_level(quantized, level), paths[level])
             decoders[level] = OnnxDecoder(paths[level], settings=session_settings)
-        level_kl = {}
-        for level, decoder in decoders.items():
-            level_kl[level] = decoder_quality(reference, decoder, sequences[:2], prompts=1, new_tokens=4).kl_mean
-        timings: dict[int, float] = {}
-        chosen = levels[0]
-        if len(levels) > 1:
-            timings = decode_step_ms(decoders, settings.timing_past, settings.timing_steps, settings.timing_rounds)
-            bound = level_kl[levels[0]] * settings.level_kl_slack + settings.level_kl_floor
-            eligible = [lv for lv in levels if level_kl[lv] <= bound]
-            chosen = min(eligible, key=lambda lv: timings[lv])
-            logger.info("accuracy level: decode step ms %s, KL %s -> %d", timings, level_kl, chosen)
+        chosen, timings, level_kl = _chosen_level(reference, decoders, sequences, settings)
         quality = decoder_quality(reference, decoders[chosen], sequences)
         if quality.kl_mean > settings.max_kl:
             raise UserError(
