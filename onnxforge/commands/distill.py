@@ -122,7 +122,7 @@ def _distill_decoder_command(args) -> int:
 
     from optimizers.distill.decoder import distill_decoder
 
-    if args.student or args.data or args.feature:
+    if args.student or args.data or args.features:
         raise UserError("--student, --data and --feature do not apply to a decoder teacher: its student is its own "
                         "configuration with --layers layers, trained on --text")
     out = Path(args.out or "student")
