@@ -39,8 +39,9 @@ from optimizers.quantize.decoder_candidates import (
     quantize_decoder_candidates,
     rtn,
 )
-from optimizers.quantize.weight_only import decode_step_ms, save_model
+from optimizers.quantize.weight_only import decode_step_ms, save_model, set_accuracy_level
 from runtime_bench.decoder import OnnxDecoder
+from runtime_bench.machine import machine_info
 
 logger = logging.getLogger("benchmarks.decoder_compression")
 
@@ -69,14 +70,14 @@ def token_sequences(folder: Path, texts: list[str], count: int, length: int = 12
     return [s for s in ids if len(s) >= 32][:count]
 
 
-def quality(work: Path, ratio: float, threads: int | None) -> None:
+def quality(work: Path, ratio: float, threads: int | None, level: int) -> None:
     folder = docstring_llama()
     fp32 = work / "llama" / "model.onnx"
     export_decoder(folder, fp32, validate=False)
     calibration = token_sequences(folder, docstrings(False), 48)
     evaluation = token_sequences(folder, docstrings(True), 16)
     result = quantize_decoder_candidates(fp32, work / "llama-q" / "model.onnx",
-                                         DecoderCandidateSettings(candidates=NAMES, threads=threads),
+                                         DecoderCandidateSettings(candidates=NAMES, threads=threads, accuracy_level=level),
                                          calibration=calibration, evaluation=evaluation)
     print(f"\n## Weight-only candidates, trained docstring Llama (fp32 perplexity {result.perplexity_float:.3f})\n")
     print("| candidate | perplexity x fp32 | KL | greedy match /16 | decode step ms | MB | chosen |")
@@ -98,14 +99,16 @@ def quality(work: Path, ratio: float, threads: int | None) -> None:
           f"decode step {pruned.decode_ms['unpruned']:.3f} -> {pruned.decode_ms['pruned']:.3f} ms")
 
 
-def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], threads: int | None, rounds: int) -> None:
+def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], threads: int | None, rounds: int,
+          level: int) -> None:
     folder = random_decoder(model)
     fp32 = work / model / "model.onnx"
     export_decoder(folder, fp32, validate=False)
     texts = docstrings(False)
     calibration = token_sequences(folder, texts, 32)
     evaluation = token_sequences(folder, docstrings(True), 4)
-    settings = DecoderCandidateSettings(candidates=candidates, threads=threads, timing_rounds=rounds, max_perplexity_ratio=10.0)
+    settings = DecoderCandidateSettings(candidates=candidates, threads=threads, timing_rounds=rounds, max_perplexity_ratio=10.0,
+                                        accuracy_level=level)
     result = quantize_decoder_candidates(fp32, work / f"{model}-q" / "model.onnx", settings, calibration=calibration[:4],
                                          evaluation=evaluation)
     base = next(c for c in result.candidates if c.name == "rtn-int4-sym-b32")
@@ -122,7 +125,7 @@ def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], thr
     for name, source in (("int4", fp32), ("int4 pruned", pruned)):
         target = work / f"{model}-{name.replace(' ', '-')}" / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_model(rtn(prepare(onnx.load(str(source))), 4, 32, True), target)
+        save_model(set_accuracy_level(rtn(prepare(onnx.load(str(source))), 4, 32, True), level), target)
         paths[name] = target
     session = SessionSettings(intra_op_threads=threads, log_severity=3)
     decoders = {name: OnnxDecoder(path, settings=session) for name, path in paths.items()}
@@ -144,15 +147,18 @@ def main(argv=None) -> int:
     parser.add_argument("--speed-candidates", default=",".join(c for c in AUTO_CANDIDATES if c != "mixed"))
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--accuracy-level", type=int, default=DecoderCandidateSettings.accuracy_level, choices=(0, 1, 2, 3, 4),
+                        help="MatMulNBits accuracy_level of every candidate (4: int8 activations, the VNNI/AMX kernels)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.platform()}")
+    print(f"machine: {machine_info().describe()}; {platform.platform()}; MatMulNBits accuracy level {args.accuracy_level}")
     with tempfile.TemporaryDirectory(prefix="onnxforge-dcomp-") as tmp:
         work = Path(tmp)
         if not args.skip_quality:
-            quality(work, args.ratio, args.threads)
+            quality(work, args.ratio, args.threads, args.accuracy_level)
         if not args.skip_speed:
-            speed(work, args.model, args.ratio, tuple(args.speed_candidates.split(",")), args.threads, args.rounds)
+            speed(work, args.model, args.ratio, tuple(args.speed_candidates.split(",")), args.threads, args.rounds,
+                  args.accuracy_level)
     return 0
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_dir, ensure_writable_dir, write_text_atomic
+from onnxforge.common.tables import candidate_table
 from onnxforge.fingerprints import digest, file_sha256, reference_hash, tool_versions
 from onnxforge.package import write_package
 from onnxforge.recipe import Recipe, load_recipe, settings_from
@@ -103,16 +104,10 @@ class PipelineResult:
     out: Path
 
     def table(self) -> str:
-        header = f"{'candidate':<20} {'p50 ms':>9} {'speedup':>8} {'cosine':>8} {'accuracy':>9} {'MB':>7}  "
-        lines = [header, "-" * len(header)]
-        for row in self.rows:
-            if row.failed:
-                lines.append(f"{row.name:<20} failed: {row.error}")
-                continue
-            mark = "<- selected" if row.name == self.selected else ("" if row.meets_budget else "below budget")
-            accuracy = f"{row.accuracy:.4f}" if row.accuracy is not None else "-"
-            lines.append(f"{row.name:<20} {row.p50_ms:>9.2f} {row.speedup:>7.2f}x {row.cosine:>8.5f} {accuracy:>9} {row.size_mb:>7.2f}  {mark}")
-        return "\n".join(lines)
+        return candidate_table(
+            f"{'p50 ms':>9} {'speedup':>8} {'cosine':>8} {'accuracy':>9} {'MB':>7}", self.rows, self.selected, "below budget",
+            lambda row: f"{row.p50_ms:>9.2f} {row.speedup:>7.2f}x {row.cosine:>8.5f} "
+                        f"{'-' if row.accuracy is None else f'{row.accuracy:.4f}':>9} {row.size_mb:>7.2f}")
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import write_text_atomic
 from onnxforge.common.onnxio import files_of
 from onnxforge.common.sessions import SessionSettings
+from onnxforge.common.tables import candidate_table
 from onnxforge.decoder_text import text_sequences
 from onnxforge.fingerprints import file_sha256, reference_hash, tool_versions
 from onnxforge.package import DEFAULT_PACKAGE_PROMPT, write_decoder_package
@@ -107,16 +108,11 @@ class DecoderPipelineResult:
     out: Path
 
     def table(self) -> str:
-        header = f"{'candidate':<20} {'perplexity':>10} {'x fp32':>7} {'KL':>7} {'tokens/s':>9} {'TTFT ms':>8} {'MB':>7}  "
-        lines = [header, "-" * len(header)]
-        for row in self.rows:
-            if row.failed:
-                lines.append(f"{row.name:<20} failed: {row.error}")
-                continue
-            mark = "<- selected" if row.name == self.selected else ("" if row.meets_budget else "over the perplexity budget")
-            lines.append(f"{row.name:<20} {row.perplexity:>10.3f} {row.perplexity_ratio:>7.4f} {row.kl_mean:>7.4f} "
-                         f"{row.decode_tokens_per_s:>9.1f} {row.ttft_ms:>8.2f} {row.size_mb:>7.2f}  {mark}")
-        return "\n".join(lines)
+        return candidate_table(
+            f"{'perplexity':>10} {'x fp32':>7} {'KL':>7} {'tokens/s':>9} {'TTFT ms':>8} {'MB':>7}", self.rows, self.selected,
+            "over the perplexity budget",
+            lambda row: f"{row.perplexity:>10.3f} {row.perplexity_ratio:>7.4f} {row.kl_mean:>7.4f} "
+                        f"{row.decode_tokens_per_s:>9.1f} {row.ttft_ms:>8.2f} {row.size_mb:>7.2f}")
 
 
 def planned_steps(recipe: Recipe) -> int:

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from tests.recipe_snippets import FP32_AND_INT8
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -68,11 +70,7 @@ TINY_RECIPE = """
 name = "tiny"
 [model]
 source = "tiny.py:build"
-[[candidates]]
-name = "fp32"
-[[candidates]]
-name = "int8"
-quantize = { mode = "dynamic" }
+""" + FP32_AND_INT8 + """
 [[candidates]]
 name = "pruned-25"
 prune = { ratio = 0.25, round_to = 4, protect_first = false }

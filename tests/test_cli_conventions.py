@@ -116,23 +116,12 @@ def test_progress_bar_draws_on_a_terminal_and_stays_quiet_elsewhere():
 
 def test_recipe_steps_are_numbered_k_of_n(tmp_path, caplog):
     """Each step of a run says where it is: [1/4] export ... [4/4] candidate-int8."""
-    import textwrap
-
     from onnxforge.pipeline import run_pipeline
+    from tests.recipe_snippets import FP32_AND_INT8
     from tests.tiny_models import MLP_FACTORY_SOURCE
 
     (tmp_path / "tiny.py").write_text(MLP_FACTORY_SOURCE)
-    (tmp_path / "recipe.toml").write_text(textwrap.dedent("""
-        [model]
-        source = "tiny.py:build"
-        [[candidates]]
-        name = "fp32"
-        [[candidates]]
-        name = "int8"
-        quantize = { mode = "dynamic" }
-        [benchmark]
-        enabled = false
-        """))
+    (tmp_path / "recipe.toml").write_text('[model]\nsource = "tiny.py:build"\n' + FP32_AND_INT8 + "[benchmark]\nenabled = false\n")
     with caplog.at_level(logging.INFO, logger="onnxforge.pipeline"):
         run_pipeline(tmp_path / "recipe.toml", tmp_path / "out")
     numbered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]

@@ -19,16 +19,12 @@ from onnxforge.package import sha256
 from onnxforge.recipe import recipe_from_dict
 from onnxforge.sweep import RaySettings, run_sweep
 from onnxforge.sweep.cluster import _gather, bench_placement
+from tests.recipe_snippets import FP32_AND_INT8
 
 # Each recipe reads an ONNX file (no export to wait for) and skips the optimize step.
 RECIPES = {
     # two candidates, no timing: the selection (highest cosine) and the package are deterministic
-    "alpha": ("mlp.onnx", """
-        [[candidates]]
-        name = "fp32"
-        [[candidates]]
-        name = "int8"
-        quantize = { mode = "dynamic" }
+    "alpha": ("mlp.onnx", FP32_AND_INT8 + """
         [benchmark]
         enabled = false
         """),

@@ -106,3 +106,4 @@ MLP_FACTORY_SOURCE = textwrap.dedent(
         return model.eval(), torch.randn(4, 32)
     """
 )
+

@@ -27,6 +27,7 @@ from pathlib import Path
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import atomic_dir
 from onnxforge.common.progress import tracked
+from optimizers.distill.distill import check_loss_settings
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,9 @@ class DecoderDistillSettings:
             raise UserError(f"a student needs at least 1 layer, got {self.layers}")
         if self.steps < 1 or self.batch < 1 or self.window < 2:
             raise UserError(f"steps, batch and window must be positive (window at least 2), got {self.steps}, {self.batch}, {self.window}")
-        if not self.temperature > 0:
-            raise UserError(f"temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"alpha must be in [0, 1], got {self.alpha}")
+        check_loss_settings(self.temperature, self.alpha, self.lr)
         if not 0.0 < self.heldout_share < 0.5:
             raise UserError(f"heldout_share must be in (0, 0.5), got {self.heldout_share}")
-        if not self.lr > 0:
-            raise UserError(f"learning rate must be positive, got {self.lr}")
 
 
 @dataclasses.dataclass(frozen=True)

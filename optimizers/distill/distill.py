@@ -54,16 +54,21 @@ class DistillSettings:
     device: str = option("cpu", internal=True, help="the torch device training runs on")
 
     def __post_init__(self):
-        if not self.temperature > 0:
-            raise UserError(f"temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"alpha must be in [0, 1], got {self.alpha}")
+        check_loss_settings(self.temperature, self.alpha, self.lr)
         if self.epochs < 1:
             raise UserError(f"epochs must be at least 1, got {self.epochs}")
         if self.loss not in LOSSES:
             raise UserError(f"unknown distillation loss {self.loss!r}; choose kl or mse")
-        if not self.lr > 0:
-            raise UserError(f"learning rate must be positive, got {self.lr}")
+
+
+def check_loss_settings(temperature: float, alpha: float, lr: float) -> None:
+    """The soft-target loss's settings, for any student: one line naming the one out of range."""
+    if not temperature > 0:
+        raise UserError(f"temperature must be positive, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"alpha must be in [0, 1], got {alpha}")
+    if not lr > 0:
+        raise UserError(f"learning rate must be positive, got {lr}")
 
 
 @dataclasses.dataclass(frozen=True)
