@@ -392,6 +392,15 @@ def _image_axes(spec: InputSpec) -> tuple[int, tuple[int, int]] | None:
     return 1, (2, 3)
 
 
+def batch_axis(spec: InputSpec) -> int | None:
+    """The axis of ``spec`` that holds the batch: a leading open dim, else the unnamed middle dim
+    of a recurrent state ``[layers, batch, hidden]``; None when it has none (a scalar switch, a
+    fixed-size table)."""
+    if spec.dims and isinstance(spec.dims[0], str):
+        return 0
+    return _recurrent_state_batch(spec)
+
+
 def _recurrent_state_batch(spec: InputSpec) -> int | None:
     """Axis 1 of a float input laid out as a recurrent state ``[layers, batch, hidden]`` (what
     PyTorch's LSTM/GRU take, ``state`` or ``h0``): fixed first and last dims, one unnamed open
@@ -448,7 +457,9 @@ def choose_dim_sizes(
         for axis, name in spec.symbolic_dims.items():
             lowered = name.lower()
             if axis == state_batch:
-                choose(name, BATCH_SIZE, "batch of a recurrent state [layers, batch, hidden]")
+                known = [sizes[d] for other in specs if other is not spec and other.dims and isinstance(other.dims[0], str)
+                         and sources.get(other.dims[0]) in ("given", "data") for d in other.dims[:1]]
+                choose(name, known[0] if known else BATCH_SIZE, "batch of a recurrent state [layers, batch, hidden]")
             elif lowered in _BATCH_NAMES or "batch" in lowered or (axis == 0 and len(spec.dims) > 1 and lowered not in _SEQUENCE_NAMES):
                 choose(name, BATCH_SIZE, "batch")
             elif image and axis in image[1] and recorded:
