@@ -393,11 +393,14 @@ def _image_axes(spec: InputSpec) -> tuple[int, tuple[int, int]] | None:
 
 
 def batch_axis(spec: InputSpec) -> int | None:
-    """The axis of ``spec`` that holds the batch: a leading open dim, else the unnamed middle dim
-    of a recurrent state ``[layers, batch, hidden]``; None when it has none (a scalar switch, a
-    fixed-size table)."""
+    """The axis of ``spec`` that holds the batch: a leading open dim, else an open dim named like a
+    batch (``[2, batch, 128]``), else the unnamed middle dim of a recurrent state
+    ``[layers, batch, hidden]``; None when it has none (a scalar switch, a fixed-size table)."""
     if spec.dims and isinstance(spec.dims[0], str):
         return 0
+    for axis, dim in enumerate(spec.dims):
+        if isinstance(dim, str) and (dim.lower() in _BATCH_NAMES or "batch" in dim.lower()):
+            return axis
     return _recurrent_state_batch(spec)
 
 
