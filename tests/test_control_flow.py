@@ -143,6 +143,7 @@ def test_auto_quantizes_the_branches_dynamically_and_checks_them():
     assert ops.count("MatMul") == 0 and ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == 2
     assert result.resolved["subgraphs"] is True and result.mode == "dynamic"
     assert any("static QDQ not tried for the 2 compute op(s) inside If/Loop/Scan bodies" in r for r in result.reasons)
+    assert any("generated inputs set sr=16000" in r and "other branches" in r for r in result.reasons)
     assert all(c.name.startswith("dynamic-subgraphs") for c in result.candidates)
     assert result.fidelity.min_mean_cosine > 0.99
     # both branches, checked by hand: each rate runs its own quantized MatMul

@@ -61,8 +61,9 @@ PROBE_SIDES = (32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640)
 
 def runnable_dim_sizes(model: onnx.ModelProto, given: Mapping[str, int] | None = None, data: Mapping[str, np.ndarray] | None = None):
     """``choose_dim_sizes`` checked in ONNX Runtime: when the model refuses the first choice
-    and some image sides or sequence lengths were guessed, each in turn tries ``PROBE_SIDES`` (the
-    others kept) and the first size that runs is taken, with its source saying so. Sizes the
+    and some image sides or sequence lengths were guessed, each in turn tries ``PROBE_SIDES``
+    (sequences longest first; the others kept) and the first size that runs is taken, with its
+    source saying so. Sizes the
     user gave or the data has are never changed. When nothing runs, the first refusal is
     raised (a one-line ``UserError`` asking for ``--dim`` or data).
 
@@ -79,7 +80,10 @@ def runnable_dim_sizes(model: onnx.ModelProto, given: Mapping[str, int] | None =
     except UserError as refusal:
         first = refusal
     for name in [n for n, source in chosen.sources.items() if source.startswith(("image", "sequence"))]:
-        for size in PROBE_SIDES:
+        image = chosen.sources[name].startswith("image")
+        # a sequence is probed longest first: a short one that runs may take a degenerate path
+        # (one frame, one step) that leaves most of the model unexercised
+        for size in PROBE_SIDES if image else tuple(reversed(PROBE_SIDES)):
             if size == chosen.sizes[name]:
                 continue
             trial = {**chosen.sizes, name: size}
@@ -87,7 +91,7 @@ def runnable_dim_sizes(model: onnx.ModelProto, given: Mapping[str, int] | None =
                 run_onnx(model, make_inputs(specs, trial))
             except UserError:
                 continue
-            what = "side" if chosen.sources[name].startswith("image") else "length"
-            sources = {**chosen.sources, name: f"the first {what} ONNX Runtime accepted; {chosen.sizes[name]} was refused"}
+            what = "the first side" if image else f"the longest length up to {PROBE_SIDES[-1]}"
+            sources = {**chosen.sources, name: f"{what} ONNX Runtime accepted; {chosen.sizes[name]} was refused"}
             return dataclasses.replace(chosen, sizes=trial, sources=sources)
     raise first

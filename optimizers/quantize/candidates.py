@@ -10,6 +10,7 @@ from typing import Any
 import onnx
 
 from onnxforge.common.errors import UserError, closest
+from onnxforge.common.specs import specs_from_onnx
 from onnxforge.common.summary import ModelSummary
 from optimizers.calibration import CalibrationData, calibration_data
 from optimizers.quantize.pattern import OpPattern, op_pattern, scoped_nodes
@@ -249,6 +250,11 @@ def batches_for_evaluation(reference: onnx.ModelProto, calib: CalibrationData | 
         logger.warning(single)
         return calib, [batch for _, batch in zip(range(16), calib)]
     reasons.append("fidelity measured on generated inputs (no evaluation or calibration data given)")
+    switches = [spec for spec in specs_from_onnx(reference) if not spec.dims and spec.fill is not None and spec.dtype.startswith(("int", "uint"))]
+    if switches:
+        reasons.append("generated inputs set " + ", ".join(f"{spec.name}={spec.fill}" for spec in switches)
+                       + " (the value the graph compares with): only what that value selects is checked; "
+                       "give --evaluation data with the other values to check the other branches")
     runnable = verification_dims(reference, dims)
     return calib, [verification_inputs(reference, runnable, seed=seed) for seed in range(4)]
 
