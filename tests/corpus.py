@@ -377,13 +377,13 @@ def silero_vad_samples(entry: CorpusModel, path: Path) -> list[Sample]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    rate = np.array(VAD_SAMPLE_RATE, dtype=np.int64)
+    switch = {"sr": np.array(VAD_SAMPLE_RATE, dtype=np.int64)} if "sr" in {i.name for i in session.get_inputs()} else {}
     noise = (0.05 * np.random.default_rng(2).standard_normal(VAD_SAMPLE_RATE // 2)).astype(np.float32)
     samples = []
     for clip in (_voiced_signal(1.0, 0), _voiced_signal(1.0, 1), noise):
         state = np.zeros((2, 1, 128), dtype=np.float32)
         for start in range(0, len(clip) - VAD_CHUNK + 1, VAD_CHUNK):
-            feeds = {"input": clip[None, start:start + VAD_CHUNK], "state": state, "sr": rate}
+            feeds = {"input": clip[None, start:start + VAD_CHUNK], "state": state, **switch}
             samples.append(Sample(feeds))
             _, state = session.run(None, feeds)
     return samples
@@ -441,6 +441,13 @@ CORPUS: tuple[CorpusModel, ...] = (
                      "input [batch, 512], state [2, batch, 128], int64 scalar sr. No speech recording is at hand: "
                      "the inputs are vowel-like synthetic clips and noise, which the VAD scores near 0, so the metric "
                      "is agreement with fp32 (cosine of the recurrent state handed to the next chunk)"),
+    CorpusModel("silero_vad_16k_torch", "PyTorch 2.3 (torch.onnx, opset 16)", "silero-vad==6.2.3",
+                "silero_vad/data/silero_vad_half.onnx",
+                "1e0b195ad4806595ef4466f419d16fca7e4afcfc6669b8c0b5f76ea87547c769", "voice activity detection (LSTM state)",
+                "state_cosine", silero_vad_samples,
+                note="the 16 kHz network (the wheel calls it 'half'; its weights are float32): Conv in the main graph, "
+                     "the LSTM inside If branches; state [2, batch, 128] with its batch named at axis 1; the same "
+                     "synthetic, non-speech inputs as silero_vad"),
 )
 
 BY_NAME = {entry.name: entry for entry in CORPUS}
