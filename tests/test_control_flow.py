@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.cli import main
+from onnxforge.common.errors import UserError
 from onnxforge.common.ortrun import runnable_dim_sizes
 from onnxforge.common.specs import choose_dim_sizes, specs_from_onnx
 from optimizers.quantize import QuantizeSettings, op_pattern, quantize
@@ -182,3 +183,21 @@ def test_cli_quantize_names_the_branch_ops_and_writes_a_checked_model(tmp_path, 
     code = main(["-q", "inspect", str(path)])
     text = capsys.readouterr().out
     assert code == 0 and "MatMul" in text
+
+
+def test_a_refusal_names_the_integer_input_whose_value_was_guessed():
+    """Reshape(x[6], [2, k]): no generated k in [0, 2) runs, and no dim size can help; the
+    refusal says which input needs a real value and how to give it."""
+    nodes = [helper.make_node("Unsqueeze", ["k", "axis0"], ["k1"]),
+             helper.make_node("Concat", ["two", "k1"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6]),
+                                           helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0"),
+                               numpy_helper.from_array(np.array([2], dtype=np.int64), "two")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(UserError, match=r"ONNX Runtime cannot run the model.*the integer input\(s\) 'k' got generated "
+                                        r"values in \[0, 2\).*give real values for them in an \.npz"):
+        runnable_dim_sizes(model)
+    np.testing.assert_array_equal(_run(model, {"x": np.arange(6, dtype=np.float32), "k": np.array(3)})[0].shape, (2, 3))

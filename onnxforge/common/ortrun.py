@@ -94,4 +94,17 @@ def runnable_dim_sizes(model: onnx.ModelProto, given: Mapping[str, int] | None =
             what = "the first side" if image else f"the longest length up to {PROBE_SIDES[-1]}"
             sources = {**chosen.sources, name: f"{what} ONNX Runtime accepted; {chosen.sizes[name]} was refused"}
             return dataclasses.replace(chosen, sizes=trial, sources=sources)
-    raise first
+    raise _with_value_hint(first, specs)
+
+
+def _with_value_hint(refusal: UserError, specs) -> UserError:
+    """``refusal``, naming the integer inputs whose values were guessed (nothing in the graph
+    bounds them: not an embedding index, a mask or a value compared with a constant): a mode
+    switch or a count the model checks may need a value no size can give."""
+    guessed = [spec for spec in specs if spec.dtype.startswith(("int", "uint")) and spec.low is None and spec.fill is None]
+    if not guessed:
+        return refusal
+    names = ", ".join(f"'{spec.name}'" for spec in guessed)
+    return UserError(f"{refusal}; the integer input(s) {names} got generated values in [0, 2), which the model may not "
+                     "take: give real values for them in an .npz of inputs (--inputs, --calibration or --evaluation, "
+                     "keyed by input name)")
