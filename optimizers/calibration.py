@@ -20,7 +20,7 @@ import onnx
 
 from onnxforge.common.callables import import_callable
 from onnxforge.common.errors import UserError
-from onnxforge.common.specs import InputSpec, check_inputs_match, make_inputs, specs_from_onnx
+from onnxforge.common.specs import InputSpec, batch_axis, check_inputs_match, make_inputs, specs_from_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -104,20 +104,25 @@ def split_holdout(batches: Sequence[Mapping[str, np.ndarray]], share: float = HO
     return [b for i, b in enumerate(batches) if i not in held], [b for i, b in enumerate(batches) if i in held]
 
 
-def _split_rows(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    rows = min((a.shape[0] for a in arrays.values() if a.ndim), default=1)
+def _split_rows(arrays: Mapping[str, np.ndarray], batch_size: int, specs: Sequence[InputSpec] = ()) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of ``batch_size`` rows, each input cut along its batch axis (``batch_axis``: axis 1
+    of a recurrent state ``[layers, batch, hidden]``, else axis 0); scalars go whole into each."""
+    axes = {spec.name: batch_axis(spec) for spec in specs}
+    axis_of = {name: (axes.get(name) if axes.get(name) is not None else 0) for name, a in arrays.items() if a.ndim}
+    rows = min((a.shape[axis_of[name]] for name, a in arrays.items() if a.ndim), default=1)
     for start in range(0, rows, batch_size):
-        yield {name: a[start:start + batch_size] if a.ndim else a for name, a in arrays.items()}
+        yield {name: np.take(a, range(start, min(start + batch_size, rows)), axis=axis_of[name]) if a.ndim else a
+               for name, a in arrays.items()}
 
 
-def _npz_batches(paths: list[Path], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def _npz_batches(paths: list[Path], batch_size: int, specs: Sequence[InputSpec] = ()) -> Iterator[dict[str, np.ndarray]]:
     for path in paths:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
         except Exception as exc:
             raise UserError(f"cannot read calibration file '{path}': {exc}") from None
-        yield from _split_rows(arrays, batch_size)
+        yield from _split_rows(arrays, batch_size, specs)
 
 
 def _callable_source(spec: str) -> Callable[[], Iterable]:
@@ -188,7 +193,7 @@ def calibration_data(
         return source
     if isinstance(source, Mapping):
         arrays = {k: np.asarray(v) for k, v in source.items()}
-        data = CalibrationData(specs, "the given arrays", lambda: _split_rows(arrays, batch_size), max_batches)
+        data = CalibrationData(specs, "the given arrays", lambda: _split_rows(arrays, batch_size, specs), max_batches)
     elif callable(source) and not isinstance(source, (str, Path)):
         data = CalibrationData(specs, f"calibration function {getattr(source, '__name__', source)!r}", source, max_batches)
     elif str(source) == "random":
@@ -217,12 +222,12 @@ def calibration_data(
             files = sorted(path.glob("*.npz"))
             if not files:
                 raise UserError(f"calibration folder '{path}' has no .npz files")
-            data = CalibrationData(specs, f"folder '{path}'", lambda: _npz_batches(files, batch_size), max_batches)
+            data = CalibrationData(specs, f"folder '{path}'", lambda: _npz_batches(files, batch_size, specs), max_batches)
         elif not path.exists():
             raise UserError(f"calibration data '{path}' does not exist; give an .npz file, a folder of them, "
                             "a text file with --tokenizer, or pkg.module:function")
         elif path.suffix == ".npz":
-            data = CalibrationData(specs, f"'{path}'", lambda: _npz_batches([path], batch_size), max_batches)
+            data = CalibrationData(specs, f"'{path}'", lambda: _npz_batches([path], batch_size, specs), max_batches)
         elif path.suffix in (".txt", ".text"):
             loaded = _load_tokenizer(tokenizer)
             data = CalibrationData(specs, f"text file '{path}'", lambda: _text_batches(path, loaded, specs, batch_size, seq), max_batches)

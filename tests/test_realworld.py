@@ -229,3 +229,33 @@ def test_most_pairs_succeed(root):
     outcomes = [outcome(name, command, root) for name, command in pairs()]
     succeeded = sum(o.status == "ok" for o in outcomes)
     assert succeeded >= 0.9 * len(outcomes), f"{succeeded}/{len(outcomes)} pairs succeeded:\n{table(outcomes)}"
+
+
+# ---------------------------------------------------------------- control flow: silero VAD as a user meets it
+
+def test_silero_vad_quantize_reaches_the_branches_from_generated_inputs(root):
+    """No data given: the generated inputs must run (sr takes the 16000 the graph compares with,
+    the state's batch is the input's), the Conv inside the If branches are counted, the dynamic
+    candidates quantize them through ONNX Runtime's subgraph quantization and are checked against
+    fp32; the output is written only when faithful, else nothing is (exit 4)."""
+    prepared = prepare("silero_vad", root)
+    out = prepared.folder / "generated.int8.onnx"
+    done = cli("quantize", str(prepared.model), str(out), "--json", "--no-speed-check")
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    if done.returncode == EXIT_BUDGET:
+        assert "accuracy target" in done.stderr and not out.exists()
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert "12 Conv inside If/Loop/Scan bodies" in report["pattern"]
+    assert report["settings"]["subgraphs"] is True and report["mode"] == "dynamic"
+    assert all(c["name"].startswith("dynamic-subgraphs") for c in report["candidates"])
+    assert min(report["fidelity"]["mean_cosine"].values()) >= 0.99
+    assert report["after"]["quantized_compute_ops"] >= 6  # at least one branch's Conv, as ConvInteger
+    assert corpus.evaluate(prepared.entry, out) > 0.98  # the recurrent state stays close to fp32's on the real samples
+
+
+def test_silero_vad_inspect_shows_the_ops_inside_the_branches(root):
+    prepared = prepare("silero_vad", root)
+    done = cli("inspect", str(prepared.model))
+    assert done.returncode == 0 and "inside If/Loop/Scan bodies: Conv 12, LSTM 4" in done.stdout, done.stdout

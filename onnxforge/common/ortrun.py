@@ -61,8 +61,9 @@ PROBE_SIDES = (32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640)
 
 def runnable_dim_sizes(model: onnx.ModelProto, given: Mapping[str, int] | None = None, data: Mapping[str, np.ndarray] | None = None):
     """``choose_dim_sizes`` checked in ONNX Runtime: when the model refuses the first choice
-    and some image sides were guessed, each guessed side in turn tries ``PROBE_SIDES`` (the
-    others kept) and the first size that runs is taken, with its source saying so. Sizes the
+    and some image sides or sequence lengths were guessed, each in turn tries ``PROBE_SIDES``
+    (sequences longest first; the others kept) and the first size that runs is taken, with its
+    source saying so. Sizes the
     user gave or the data has are never changed. When nothing runs, the first refusal is
     raised (a one-line ``UserError`` asking for ``--dim`` or data).
 
@@ -78,8 +79,11 @@ def runnable_dim_sizes(model: onnx.ModelProto, given: Mapping[str, int] | None =
         return chosen
     except UserError as refusal:
         first = refusal
-    for name in [n for n, source in chosen.sources.items() if source.startswith("image")]:
-        for size in PROBE_SIDES:
+    for name in [n for n, source in chosen.sources.items() if source.startswith(("image", "sequence"))]:
+        image = chosen.sources[name].startswith("image")
+        # a sequence is probed longest first: a short one that runs may take a degenerate path
+        # (one frame, one step) that leaves most of the model unexercised
+        for size in PROBE_SIDES if image else tuple(reversed(PROBE_SIDES)):
             if size == chosen.sizes[name]:
                 continue
             trial = {**chosen.sizes, name: size}
@@ -87,6 +91,20 @@ def runnable_dim_sizes(model: onnx.ModelProto, given: Mapping[str, int] | None =
                 run_onnx(model, make_inputs(specs, trial))
             except UserError:
                 continue
-            sources = {**chosen.sources, name: f"the first side ONNX Runtime accepted; {chosen.sizes[name]} was refused"}
+            what = "the first side" if image else f"the longest length up to {PROBE_SIDES[-1]}"
+            sources = {**chosen.sources, name: f"{what} ONNX Runtime accepted; {chosen.sizes[name]} was refused"}
             return dataclasses.replace(chosen, sizes=trial, sources=sources)
-    raise first
+    raise _with_value_hint(first, specs)
+
+
+def _with_value_hint(refusal: UserError, specs) -> UserError:
+    """``refusal``, naming the integer inputs whose values were guessed (nothing in the graph
+    bounds them: not an embedding index, a mask or a value compared with a constant): a mode
+    switch or a count the model checks may need a value no size can give."""
+    guessed = [spec for spec in specs if spec.dtype.startswith(("int", "uint")) and spec.low is None and spec.fill is None]
+    if not guessed:
+        return refusal
+    names = ", ".join(f"'{spec.name}'" for spec in guessed)
+    return UserError(f"{refusal}; the integer input(s) {names} got generated values in [0, 2), which the model may not "
+                     "take: give real values for them in an .npz of inputs (--inputs, --calibration or --evaluation, "
+                     "keyed by input name)")

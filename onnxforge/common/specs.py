@@ -152,8 +152,10 @@ def specs_from_onnx(model) -> list[InputSpec]:
     Integer inputs that index an embedding table (``Gather`` on an initializer, possibly
     after Cast/Reshape/Unsqueeze) get the table's row count as their upper bound, so
     generated token ids are valid; integer inputs named like ``*mask*`` are all ones.
-    Unnamed dynamic dims, and the ``-1`` or ``0`` that old exporters write for them, are
-    called ``<input>_dim<axis>``.
+    A scalar integer input the graph compares with an integer constant (``Equal(sr, 16000)``
+    before an ``If``) takes the first such constant, so the generated input picks a branch the
+    model has. Unnamed dynamic dims, and the ``-1`` or ``0`` that old exporters write for them,
+    are called ``<input>_dim<axis>``.
     """
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -161,6 +163,22 @@ def specs_from_onnx(model) -> list[InputSpec]:
     for node in graph.node:
         for index, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, index))
+
+    constants = _constant_arrays(model)
+
+    def compared_with(value: str, hops: int = 4) -> int | None:
+        """The first integer constant ``value`` is compared with by ``Equal`` (after
+        Cast/Squeeze/Reshape/Identity): a mode switch such as a sample rate the graph branches on."""
+        for node, index in consumers.get(value, []):
+            if node.op_type == "Equal" and len(node.input) == 2:
+                other = constants.get(node.input[1 - index])
+                if other is not None and other.size == 1 and other.dtype.kind in "iu":
+                    return int(other.reshape(-1)[0])
+            if hops and node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity"):
+                found = compared_with(node.output[0], hops - 1)
+                if found is not None:
+                    return found
+        return None
 
     def table_rows(value: str, hops: int = 4) -> int | None:
         for node, index in consumers.get(value, []):
@@ -194,8 +212,11 @@ def specs_from_onnx(model) -> list[InputSpec]:
         low = high = fill = None
         if np.issubdtype(DTYPES[dtype], np.integer):
             rows = table_rows(value.name)
+            switch = compared_with(value.name) if not dims else None
             if rows:
                 low, high = 0, rows
+            elif switch is not None:
+                fill = switch
             elif "mask" in value.name.lower():
                 fill = 1
         specs.append(InputSpec(value.name, tuple(dims), dtype, low, high, fill))
@@ -371,6 +392,30 @@ def _image_axes(spec: InputSpec) -> tuple[int, tuple[int, int]] | None:
     return 1, (2, 3)
 
 
+def batch_axis(spec: InputSpec) -> int | None:
+    """The axis of ``spec`` that holds the batch: a leading open dim, else an open dim named like a
+    batch (``[2, batch, 128]``), else the unnamed middle dim of a recurrent state
+    ``[layers, batch, hidden]``; None when it has none (a scalar switch, a fixed-size table)."""
+    if spec.dims and isinstance(spec.dims[0], str):
+        return 0
+    for axis, dim in enumerate(spec.dims):
+        if isinstance(dim, str) and (dim.lower() in _BATCH_NAMES or "batch" in dim.lower()):
+            return axis
+    return _recurrent_state_batch(spec)
+
+
+def _recurrent_state_batch(spec: InputSpec) -> int | None:
+    """Axis 1 of a float input laid out as a recurrent state ``[layers, batch, hidden]`` (what
+    PyTorch's LSTM/GRU take, ``state`` or ``h0``): fixed first and last dims, one unnamed open
+    dim between them. Sized as the batch, since the state's batch is the input's; a size of
+    its own would be refused."""
+    dims = spec.dims
+    if (len(dims) == 3 and spec.dtype.startswith("float") and isinstance(dims[0], int) and isinstance(dims[2], int)
+            and dims[1] in (f"{spec.name}_dim1", f"{re.sub(r'[^A-Za-z0-9_]', '_', spec.name)}_dim1")):
+        return 1
+    return None
+
+
 def choose_dim_sizes(
     model,
     specs: Iterable[InputSpec] | None = None,
@@ -384,7 +429,8 @@ def choose_dim_sizes(
     ``BATCH_SIZE``; the sides of a 4-D float input are ``IMAGE_SIDE`` (``DETECTOR_IMAGE_SIDE``
     for models recorded as detectors) rounded up to the graph's ``spatial_multiples``; an open
     channel count is 3; every other dim is ``SEQUENCE_LENGTH``, no longer than the smallest
-    embedding table. Dim names like ``batch``, ``height``, ``seq`` override the position.
+    embedding table. Dim names like ``batch``, ``height``, ``seq`` override the position; the
+    unnamed middle dim of a recurrent state ``[layers, batch, hidden]`` is a batch.
     """
     specs = list(specs) if specs is not None else specs_from_onnx(model)
     sizes: dict[str, int] = {}
@@ -410,9 +456,14 @@ def choose_dim_sizes(
     sequence_source = "sequence" if sequence == SEQUENCE_LENGTH else "sequence, within the embedding table"
     for spec in specs:
         image = _image_axes(spec)
+        state_batch = _recurrent_state_batch(spec)
         for axis, name in spec.symbolic_dims.items():
             lowered = name.lower()
-            if lowered in _BATCH_NAMES or "batch" in lowered or (axis == 0 and len(spec.dims) > 1 and lowered not in _SEQUENCE_NAMES):
+            if axis == state_batch:
+                known = [sizes[d] for other in specs if other is not spec and other.dims and isinstance(other.dims[0], str)
+                         and sources.get(other.dims[0]) in ("given", "data") for d in other.dims[:1]]
+                choose(name, known[0] if known else BATCH_SIZE, "batch of a recurrent state [layers, batch, hidden]")
+            elif lowered in _BATCH_NAMES or "batch" in lowered or (axis == 0 and len(spec.dims) > 1 and lowered not in _SEQUENCE_NAMES):
                 choose(name, BATCH_SIZE, "batch")
             elif image and axis in image[1] and recorded:
                 choose(name, recorded[image[1].index(axis)], "image size in the model's metadata")

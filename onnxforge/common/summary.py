@@ -53,6 +53,7 @@ class ModelSummary:
     external_data_bytes: int
     compute_ops: int
     quantized_compute_ops: int
+    body_op_counts: dict[str, int] = dataclasses.field(default_factory=dict)  # ops inside If/Loop/Scan bodies
 
     @property
     def quantized_fraction(self) -> float:
@@ -83,8 +84,9 @@ def _all_nodes(graph: onnx.GraphProto):
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements in initializers and in Constant nodes' tensors (external data counted by shape)."""
-    total = sum(int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer)
+    """Elements in initializers (the main graph's and every If/Loop/Scan body's) and in Constant
+    nodes' tensors (external data counted by shape)."""
+    total = sum(int(np.prod(init.dims, dtype=np.int64)) for graph in subgraphs(model.graph) for init in graph.initializer)
     for node in _all_nodes(model.graph):
         if node.op_type == "Constant":
             for attribute in node.attribute:
@@ -95,6 +97,14 @@ def count_parameters(model: onnx.ModelProto) -> int:
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts = collections.Counter(node.op_type for node in _all_nodes(model.graph))
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def body_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Op counts inside If/Loop/Scan bodies only (where spox and scripted PyTorch exports keep
+    the whole network), most first."""
+    counts = collections.Counter(node.op_type for node in _all_nodes(model.graph)) - collections.Counter(
+        node.op_type for node in model.graph.node)
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
@@ -142,6 +152,7 @@ def summarize_model(model: onnx.ModelProto, path: str = "", file_bytes: int = 0,
         external_data_bytes=external_bytes,
         compute_ops=compute,
         quantized_compute_ops=quantized,
+        body_op_counts=body_op_counts(model),
     )
 
 
@@ -168,4 +179,8 @@ def format_summary(summary: ModelSummary, top_ops: int = 12) -> str:
         "ops        " + ", ".join(f"{op} {count}" for op, count in list(summary.op_counts.items())[:top_ops])
         + (f", ... {len(summary.op_counts) - top_ops} more types" if len(summary.op_counts) > top_ops else ""),
     ]
+    if summary.body_op_counts:
+        compute = {op: n for op, n in summary.body_op_counts.items() if op in FLOAT_COMPUTE_OPS | QUANTIZED_COMPUTE_OPS | {"LSTM", "GRU", "RNN"}}
+        lines.append(f"branches   {sum(summary.body_op_counts.values())} of the nodes sit inside If/Loop/Scan bodies"
+                     + (": " + ", ".join(f"{op} {count}" for op, count in compute.items()) if compute else ""))
     return "\n".join(lines)

@@ -54,8 +54,23 @@ def _remove_dead_code_ir(ir_model: ir.Model) -> None:
     ir_passes.RemoveUnusedNodesPass()(ir_model)
 
 
+class _ScopedIdentityElimination(ir_passes.IdentityEliminationPass):
+    """onnx-ir's identity elimination, except where ``y = Identity(x)`` is an output of an
+    If/Loop/Scan body and ``x`` comes from an enclosing graph: the pass would make the outer
+    value the body's output (onnx-ir refuses: "already an output of a different graph"), and
+    renaming it to ``y`` would rename it in the enclosing graph too. Such an Identity stays."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1 and node.inputs[0] is not None \
+                and len(node.outputs) == 1 and node.outputs[0].is_graph_output():
+            producer = node.inputs[0].producer()
+            if producer is None or producer.graph is not node.graph:
+                return False
+        return super()._try_eliminate_identity_node(node)
+
+
 def _eliminate_identities_ir(ir_model: ir.Model) -> None:
-    ir_passes.IdentityEliminationPass()(ir_model)
+    _ScopedIdentityElimination()(ir_model)
     ir_passes.RemoveUnusedNodesPass()(ir_model)
 
 

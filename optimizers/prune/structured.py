@@ -35,7 +35,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity_of_files
 from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import is_large, model_bytes, save_onnx
-from onnxforge.common.summary import count_parameters
+from onnxforge.common.summary import body_op_counts, count_parameters
 from optimizers.calibration import calibration_data, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.allocate import allocate_by_sensitivity, global_share
@@ -206,7 +206,7 @@ def _units_and_removed(model, analysis, settings: PruneSettings, calib_batches, 
     units = [unit for unit, _ in decided]
     removed = frozenset().union(*(roots for _, roots in decided))
     if settings.ratio > 0 and not removed:
-        raise _nothing_pruned(units, settings.ratio)
+        raise _nothing_pruned(units, settings.ratio, model)
     if settings.bias_compensation and removed and means is None:
         notes.append("bias compensation skipped: it needs calibration data")
     if trials > 1:
@@ -356,8 +356,12 @@ def _pruned_and_refitted(reference, model, analysis: Analysis, removed: frozense
     return pruned, compensated, measured, without, reconstruction, refinement
 
 
-def _nothing_pruned(units: list[Unit], ratio: float) -> UserError:
-    reasons = "; ".join(f"{'+'.join(u.producers)}: {u.reason}" for u in units[:8]) or "no Conv/Gemm/MatMul layer with weights"
+def _nothing_pruned(units: list[Unit], ratio: float, model: onnx.ModelProto) -> UserError:
+    in_bodies = {op: n for op, n in body_op_counts(model).items() if op in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    bodies = ", ".join(f"{n} {op}" for op, n in in_bodies.items())
+    reasons = "; ".join(f"{'+'.join(u.producers)}: {u.reason}" for u in units[:8]) or (
+        f"no Conv/Gemm/MatMul layer with weights in the main graph; the {bodies} inside If/Loop/Scan bodies are out of "
+        "structured pruning's reach (quantize reaches them)" if bodies else "no Conv/Gemm/MatMul layer with weights")
     return UserError(f"nothing could be pruned at ratio {ratio}: {reasons}")
 
 
@@ -401,7 +405,7 @@ def _pruned_from_files(given: onnx.ModelProto, settings: PruneSettings, *, evalu
         units = [unit for unit, _ in decided]
         removed = frozenset().union(*(roots for _, roots in decided))
         if settings.ratio > 0 and not removed:
-            raise _nothing_pruned(units, settings.ratio)
+            raise _nothing_pruned(units, settings.ratio, model)
         if not removed:  # nothing removed: the model as normalized, not the form tracing needed
             pruned = onnx.ModelProto()
             pruned.CopyFrom(reference)

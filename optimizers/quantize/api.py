@@ -27,7 +27,7 @@ from optimizers.quantize.decisions import decision_key, recall, remember
 from optimizers.quantize.large import large_model_header, quantize_large
 from optimizers.quantize.ort_quantize import run_ort_quantization
 from optimizers.quantize.outliers import float_nodes, keep_outliers_float
-from optimizers.quantize.pattern import OpPattern, op_pattern
+from optimizers.quantize.pattern import OpPattern, body_weight_ops, op_pattern
 from optimizers.quantize.prepare import flatten_gemm_biases, gemm_as_matmul, preprocess_model
 from optimizers.quantize.sensitivity import node_sensitivity, quantizable_nodes
 from optimizers.quantize.settings import SMOOTHQUANT_GENERATED_BATCHES, Candidate, QuantizeResult, QuantizeSettings, Timing
@@ -426,6 +426,10 @@ def _keep_sensitive_in_float(reference, prepared, quantized, measured, resolved,
     """Exclude the most sensitive nodes, the fewest that meet the target: doubling, then bisecting."""
     candidates = [n for n in quantizable_nodes(prepared, resolved) if n.name not in exclude]
     ranking = node_sensitivity(prepared, quantized, candidates, batches)
+    in_bodies = {node.name for node in body_weight_ops(prepared)} & {n.name for n in candidates}
+    if in_bodies:
+        alone = _sensitivity_alone(reference, prepared, resolved, exclude, candidates, in_bodies, calib, settings, workdir, batches)
+        ranking = sorted(((name, alone.get(name, score)) for name, score in ranking), key=lambda pair: -pair[1])
     logger.info("accuracy-aware: cosine %.5f < target %.5f; most sensitive: %s", measured.min_mean_cosine,
                 settings.accuracy_target, ", ".join(f"{n} ({s:.2e})" for n, s in ranking[:5]))
     limit = min(len(ranking), settings.max_float_nodes if settings.max_float_nodes is not None else len(ranking))
@@ -461,6 +465,19 @@ def _keep_sensitive_in_float(reference, prepared, quantized, measured, resolved,
             low = middle
     model_k, measured_k, exclude_k = tried[high]
     return model_k, measured_k, exclude_k, ranking
+
+
+def _sensitivity_alone(reference, prepared, resolved, exclude, candidates, names, calib, settings, workdir, batches) -> dict[str, float]:
+    """The error of each node in ``names`` (inside If/Loop/Scan bodies, whose tensors cannot be
+    made graph outputs to probe): ``1 -`` the lowest mean cosine of the model with that node
+    alone quantized, one quantizer run each."""
+    everyone = [n.name for n in candidates]
+    scores = {}
+    for name in tracked(sorted(names), "sensitivity inside bodies"):
+        model = run_ort_quantization(prepared, resolved, [*exclude, *(n for n in everyone if n != name)], calib, settings,
+                                     workdir, name="alone")
+        scores[name] = 1.0 - fidelity(reference, model, batches).min_mean_cosine
+    return scores
 
 
 def quantize_file(input_path: str | Path, output_path: str | Path, settings: QuantizeSettings = QuantizeSettings(), **data) -> QuantizeResult:

@@ -10,9 +10,10 @@ from typing import Any
 import onnx
 
 from onnxforge.common.errors import UserError, closest
+from onnxforge.common.specs import specs_from_onnx
 from onnxforge.common.summary import ModelSummary
 from optimizers.calibration import CalibrationData, calibration_data
-from optimizers.quantize.pattern import OpPattern, op_pattern
+from optimizers.quantize.pattern import OpPattern, op_pattern, scoped_nodes
 from optimizers.quantize.settings import (
     COMPUTE_OPS,
     INT8_CHAIN_OPS,
@@ -21,7 +22,7 @@ from optimizers.quantize.settings import (
     Candidate,
     QuantizeSettings,
 )
-from optimizers.verify import verification_inputs
+from optimizers.verify import verification_dims, verification_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def _base_settings(settings: QuantizeSettings, pattern: OpPattern, mode: str) ->
         "keep_float": [],
         "smoothquant": None,
         "outliers": False,
+        "subgraphs": pattern.in_bodies > 0,
     }
 
 
@@ -57,6 +59,13 @@ def _dynamic_op_types(model: onnx.ModelProto) -> list[str]:
     # Gemm layers are rewritten as MatMul + Add before quantize_dynamic, which ignores Gemm.
     ops = {node.op_type for node in model.graph.node}
     return sorted({"MatMul", "Attention"} & (ops | {"MatMul"}))
+
+
+def _body_op_types(model: onnx.ModelProto) -> list[str]:
+    """What dynamic int8 quantizes in a model whose weights sit inside If/Loop/Scan bodies: Conv
+    (ConvInteger), MatMul and LSTM (DynamicQuantizeLSTM), where the model has them."""
+    ops = {node.op_type for node, _, _ in scoped_nodes(model.graph)}
+    return sorted({"Conv", "MatMul", "LSTM"} & ops)
 
 
 def depthwise_convs(model: onnx.ModelProto) -> tuple[str, ...]:
@@ -95,6 +104,8 @@ def plan_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern:
             + ("; dynamic int8 of Conv (ConvInteger) has no fused CPU kernel, so it is not the fallback" if pattern.kind == "conv" else "")
         )
     if mode in ("static", "dynamic"):
+        if pattern.in_bodies and mode == "static":
+            reasons.append(_STATIC_BODIES.format(count=pattern.in_bodies) + ": those stay float")
         return [_explicit_candidate(settings, model, pattern, mode)], reasons
     return _auto_candidates(settings, model, pattern, has_calibration, reasons), reasons
 
@@ -102,7 +113,9 @@ def plan_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern:
 def _explicit_candidate(settings: QuantizeSettings, model: onnx.ModelProto, pattern: OpPattern, mode: str) -> Candidate:
     base = _base_settings(settings, pattern, mode)
     if base["op_types"] is None:
-        if mode == "dynamic":
+        if mode == "dynamic" and pattern.in_bodies:
+            base["op_types"] = _body_op_types(model)
+        elif mode == "dynamic":
             base["op_types"] = _dynamic_op_types(model)
         elif settings.target == "cpu" and pattern.kind == "conv":
             base["op_types"] = list(COMPUTE_OPS + INT8_CHAIN_OPS)
@@ -121,9 +134,36 @@ def _auto_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern
     static = _base_settings(settings, pattern, "static")
     dynamic = _base_settings(settings, pattern, "dynamic")
     reasons.append(f"op pattern: {pattern.describe()}")
+    if pattern.in_bodies:
+        return _body_candidates(settings, model, pattern, reasons, dynamic)
     if pattern.kind == "conv":
         return _conv_candidates(settings, model, pattern, has_calibration, reasons, static, dynamic)
     return _matmul_candidates(settings, model, pattern, has_calibration, reasons, static, dynamic)
+
+
+_STATIC_BODIES = ("static QDQ not tried for the {count} compute op(s) inside If/Loop/Scan bodies: ONNX Runtime's "
+                  "calibrator collects the main graph's tensors only, so a body has no ranges to quantize with")
+
+
+def _body_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern: OpPattern, reasons: list[str],
+                     dynamic: dict) -> list[Candidate]:
+    """Weights inside If/Loop/Scan bodies (a model exported with its control flow, e.g. a
+    recurrent audio model whose branches each hold the network): dynamic int8 through ONNX
+    Runtime's subgraph quantization (``EnableSubgraph``), which needs no calibration; static
+    candidates are skipped (see ``_STATIC_BODIES``)."""
+    op_types = dynamic["op_types"] or _body_op_types(model)
+    per_channel = dynamic["per_channel"]
+    candidates = [_candidate(f"dynamic-subgraphs-{'per-channel' if per_channel else 'per-tensor'}",
+                             f"dynamic int8 of {'/'.join(op_types)} inside the If/Loop/Scan bodies and the main graph, "
+                             f"weights {'per-channel' if per_channel else 'per-tensor'}", dynamic, op_types=op_types)]
+    if settings.per_channel is None:
+        candidates.append(_candidate("dynamic-subgraphs-per-tensor", f"dynamic int8 of {'/'.join(op_types)} inside the "
+                                     "If/Loop/Scan bodies and the main graph, weights per-tensor", dynamic,
+                                     op_types=op_types, per_channel=False))
+    reasons.append(_STATIC_BODIES.format(count=pattern.in_bodies))
+    reasons.append("weights inside If/Loop/Scan bodies: dynamic int8 with ONNX Runtime's subgraph quantization "
+                   "(Conv as ConvInteger, which has no fused CPU kernel: it is kept only if the measurement says so)")
+    return candidates
 
 
 def _conv_candidates(settings: QuantizeSettings, model: onnx.ModelProto, pattern: OpPattern, has_calibration: bool,
@@ -210,7 +250,13 @@ def batches_for_evaluation(reference: onnx.ModelProto, calib: CalibrationData | 
         logger.warning(single)
         return calib, [batch for _, batch in zip(range(16), calib)]
     reasons.append("fidelity measured on generated inputs (no evaluation or calibration data given)")
-    return calib, [verification_inputs(reference, dims, seed=seed) for seed in range(4)]
+    switches = [spec for spec in specs_from_onnx(reference) if not spec.dims and spec.fill is not None and spec.dtype.startswith(("int", "uint"))]
+    if switches:
+        reasons.append("generated inputs set " + ", ".join(f"{spec.name}={spec.fill}" for spec in switches)
+                       + " (the value the graph compares with): only what that value selects is checked; "
+                       "give --evaluation data with the other values to check the other branches")
+    runnable = verification_dims(reference, dims)
+    return calib, [verification_inputs(reference, runnable, seed=seed) for seed in range(4)]
 
 
 def plan_with_data(reference: onnx.ModelProto, settings: QuantizeSettings, calibration, tokenizer, dims, allow_random: bool):

@@ -108,13 +108,16 @@ def quantizer_errors(resolved: dict):
         raise UserError(f"ONNX Runtime's {resolved['mode']} quantizer failed ({type(exc).__name__}: {_one_line(exc)}); {hint}") from exc
 
 
-def _quantizer_options() -> dict[str, Any]:
-    """The ``extra_options`` every ORT quantizer run gets (a new dict: ORT adds to it)."""
+def _quantizer_options(resolved: dict | None = None) -> dict[str, Any]:
+    """The ``extra_options`` every ORT quantizer run gets (a new dict: ORT adds to it).
+    ``resolved["subgraphs"]`` (weights inside If/Loop/Scan bodies) turns on ONNX Runtime's
+    ``EnableSubgraph``: its quantizer then quantizes each body as a graph of its own."""
     return {
         # Fused graphs carry contrib ops onnx shape inference knows nothing about; without a
         # default type quantize_dynamic fails with "Unable to find data type for weight_name".
         "DefaultTensorType": onnx.TensorProto.FLOAT,
         "MatMulConstBOnly": True,
+        **({"EnableSubgraph": True} if resolved and resolved.get("subgraphs") else {}),
     }
 
 
@@ -126,7 +129,7 @@ def quantize_dynamic_file(source: Path, target: Path, resolved: dict, exclude: S
 
     quantize_dynamic(str(source), str(target), op_types_to_quantize=resolved["op_types"], per_channel=resolved["per_channel"],
                      reduce_range=resolved["reduce_range"], weight_type=quant_type(resolved["weight_type"]),
-                     nodes_to_exclude=list(exclude), extra_options=_quantizer_options(), use_external_data_format=external_data)
+                     nodes_to_exclude=list(exclude), extra_options=_quantizer_options(resolved), use_external_data_format=external_data)
 
 
 def run_ort_quantization(model: onnx.ModelProto, resolved: dict, exclude: Sequence[str], data: CalibrationData | None,

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from onnxforge.common.compare import slice_cosines
+from optimizers.quantize.pattern import scoped_nodes
 from optimizers.verify import ort_session, with_outputs
 
 
@@ -42,7 +43,10 @@ def node_sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, c
 
 
 def quantizable_nodes(model: onnx.ModelProto, resolved: dict) -> list[onnx.NodeProto]:
+    """The nodes the quantizer would quantize: of the candidate's op types, named, with a constant
+    weight for dynamic runs; with ``resolved["subgraphs"]`` also those inside If/Loop/Scan bodies
+    (their outputs cannot be probed from outside, so ``node_sensitivity`` scores them 0)."""
     op_types = set(resolved["op_types"] or ["MatMul", "Gemm", "Conv", "Attention"])
-    initializers = {init.name for init in model.graph.initializer}
-    return [node for node in model.graph.node if node.op_type in op_types and node.name
-            and (resolved["mode"] == "static" or any(i in initializers for i in node.input[1:2]))]
+    return [node for node, scope, depth in scoped_nodes(model.graph)
+            if (depth == 0 or resolved.get("subgraphs")) and node.op_type in op_types and node.name
+            and (resolved["mode"] == "static" or any(i in scope for i in node.input[1:2]))]
