@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import onnx
+from onnx.external_data_helper import uses_external_data
 
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.specs import specs_from_onnx
@@ -255,7 +256,10 @@ def batches_for_evaluation(reference: onnx.ModelProto, calib: CalibrationData | 
         reasons.append("generated inputs set " + ", ".join(f"{spec.name}={spec.fill}" for spec in switches)
                        + " (the value the graph compares with): only what that value selects is checked; "
                        "give --evaluation data with the other values to check the other branches")
-    runnable = verification_dims(reference, dims)
+    # sizes ONNX Runtime accepts, probed on the model in memory: not for one whose weights stay in
+    # external files (past 2 GB), which is run from its own folder later
+    external = any(uses_external_data(t) for t in reference.graph.initializer)
+    runnable = dims if external else verification_dims(reference, dims)
     return calib, [verification_inputs(reference, runnable, seed=seed) for seed in range(4)]
 
 
