@@ -283,10 +283,11 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
                 settings = DecoderCandidateSettings(
                     candidates=AUTO_CANDIDATES if weights == "auto" else (weights,),
                     max_perplexity_ratio=budget if weights == "auto" else math.inf,
-                    accuracy_level=quantize.get("accuracy_level", 0), timing_rounds=3 if weights == "auto" else 0)
+                    accuracy_level=quantize.get("accuracy_level"), timing_rounds=3 if weights == "auto" else 0)
                 result = quantize_decoder_candidates(source, folder / "model.onnx", settings, calibration=texts.calibration(),
                                                      evaluation=texts.evaluation())
                 transforms.append({"step": "quantize", "settings": quantize, "weights": result.chosen,
+                                   "accuracy_level": result.accuracy_level,
                                    "reasons": result.reasons if weights == "auto" else []})
             if prune is None and quantize is None:
                 for file in files_of(exported.artifact):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -20,17 +21,20 @@ import pytest
 from onnx import numpy_helper
 
 from onnxforge.cli import main
-from onnxforge.common.errors import UserError, VerificationFailed
+from onnxforge.common.errors import BudgetNotMet, UserError, VerificationFailed
 from optimizers.quantize.decoder_candidates import (
     AUTO_CANDIDATES,
+    CandidateReport,
     DecoderCandidateSettings,
     allocate_int8,
+    choose,
     mixed,
     prepare,
     quantize_decoder_candidates,
     weight_products,
 )
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, find_mlps, kept_width, prune_decoder_mlp
+from optimizers.quantize.weight_only import ACCURACY_LEVELS, DecoderQuality
 from runtime_bench.decoder import OnnxDecoder, greedy
 from tests.llm_fixtures import docstring_llama_folder, held_out_sequences, trained_decoder
 
@@ -202,14 +206,41 @@ def test_auto_choice_is_within_budget_and_explained(auto_candidates):
     assert len(built) >= 3  # RTN, int8 head and mixed are built from ONNX Runtime's own quantizer
     within = [c for c in built if c.within_budget]
     if within:
-        assert chosen[0].within_budget
-        assert chosen[0].decode_ms == min(c.decode_ms for c in within)
-        assert any(r.startswith(f"chose {result.chosen}: the fastest") for r in result.reasons)
+        fastest = min(c.decode_ms for c in within)
+        fast = [c for c in within if c.decode_ms * 0.9 <= fastest]
+        assert chosen[0].within_budget and chosen[0] in fast
+        assert chosen[0].quality.kl_mean == min(c.quality.kl_mean for c in fast)
+        assert any(r.startswith(f"chose {result.chosen}: the lowest KL") for r in result.reasons)
+    # the accuracy level was measured (0, 1 and 4) and every MatMulNBits written holds the one kept
+    assert set(result.level_timings_ms) == set(ACCURACY_LEVELS) and result.accuracy_level in ACCURACY_LEVELS
+    levels = {next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "accuracy_level"), 0)
+              for n in onnx.load(str(result.path)).graph.node if n.op_type == "MatMulNBits"}
+    assert levels == {result.accuracy_level}
     for c in built:
         assert any(r.startswith(f"{c.name}: perplexity") for r in result.reasons)
         assert c.quality.greedy_tokens == 16 and c.quality.kl_mean < 0.5
     ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
     assert "MatMulNBits" in ops
+
+
+def _report(name, kl, ms, within=True):
+    quality = DecoderQuality(100.0, 100.0 * (1 + kl), kl, 16, 16, 100)
+    return CandidateReport(name, quality, 1 + kl, ms, 1000, within)
+
+
+def test_choice_takes_the_most_faithful_of_the_nearly_fastest():
+    settings = DecoderCandidateSettings()
+    reports = [_report("rtn-int4-sym-b32", 0.005, 10.0), _report("rtn-int4-int8-head", 0.002, 10.8),
+               _report("mixed", 0.001, 12.0), _report("hqq-int4-b32", 0.0001, 9.0, within=False)]
+    assert choose(reports, settings)[0] == "rtn-int4-int8-head"  # 0.93x the fastest, lower KL; mixed at 0.83x is out
+    assert choose(reports, DecoderCandidateSettings(speed_tolerance=0.8))[0] == "mixed"
+    assert choose(reports, DecoderCandidateSettings(speed_tolerance=1.0))[0] == "rtn-int4-sym-b32"
+    untimed = [dataclasses.replace(r, decode_ms=None) for r in reports]
+    assert choose(untimed, settings)[0] == "mixed"  # untimed: the lowest KL within the budget
+    with pytest.raises(BudgetNotMet, match="closest: hqq-int4-b32"):
+        choose([dataclasses.replace(r, within_budget=False) for r in reports], settings)
+    with pytest.raises(UserError, match="speed tolerance"):
+        DecoderCandidateSettings(speed_tolerance=1.5)
 
 
 def test_int8_output_layer_is_closer_to_fp32_than_plain_int4(auto_candidates):

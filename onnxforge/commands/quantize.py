@@ -22,7 +22,7 @@ def register(sub) -> None:
     quant.add_argument("output", help="the quantized ONNX file to write")
     add_flags(quant, QuantizeSettings, adjust={"mode": {"choices": (*MODES, "int8-weight"), "help": MODE_HELP}})
     quant.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
-                       help="decoders: MatMulNBits compute type (default: 0, 1 and 4 timed here, the fastest faithful kept)")
+                       help="decoders: MatMulNBits compute type, 4 = int8 activations (default: 0, 1 and 4 timed here, the fastest faithful kept)")
     quant.add_argument("--weight-candidates", metavar="NAMES",
                        help="decoders, auto mode: comma-separated weight-only candidates to build and compare instead of the "
                             f"default ({','.join(AUTO_CANDIDATES)}); available: {', '.join(NAMES)}")
@@ -63,7 +63,7 @@ def _decoder_candidates_command(args) -> int:
 
     names = tuple(n.strip() for n in args.weight_candidates.split(",") if n.strip()) if args.weight_candidates else AUTO_CANDIDATES
     settings = DecoderCandidateSettings(candidates=names, max_perplexity_ratio=args.max_perplexity_ratio,
-                                        accuracy_level=args.accuracy_level or 0)
+                                        accuracy_level=args.accuracy_level)
     calibration = (text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
                    [:args.max_calibration_batches] if args.calibration else None)
     result = quantize_decoder_candidates(args.input, args.output, settings, calibration=calibration, evaluation=_held_out_text(args))
@@ -71,8 +71,11 @@ def _decoder_candidates_command(args) -> int:
         print(jsonio.document(result.to_dict()))
         return 0
     print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
+    if result.level_timings_ms:
+        print(f"accuracy level {result.accuracy_level} (median decode step of {result.candidates[0].name} here: "
+              + ", ".join(f"level {lv} {ms:.2f} ms" for lv, ms in result.level_timings_ms.items()) + ")")
     print(f"weight-only candidates against fp32 (perplexity {result.perplexity_float:.3f}, {result.bytes_float / 1e6:.2f} MB), "
-          "decode step timed here:")
+          f"accuracy level {result.accuracy_level}, decode step timed here:")
     for c in result.candidates:
         if c.quality is None:
             print(f"  {c.name:<22} not built: {c.error}")

@@ -18,9 +18,17 @@ else float). Products are promoted to int8 in order of sensitivity per extra byt
 model's weight bytes stay within ``size_budget`` x the all-int4 model's (the embedding, which has
 no 8-bit gather in ONNX Runtime, is promoted to float instead).
 
+Accuracy level (MatMulNBits' compute type; 4: int8 activations, the VNNI / AMX kernels): by
+default measured once, on the first candidate at levels 0, 1 and 4 (``choose_accuracy_level``:
+the fastest decode step whose KL stays near level 0's), and applied to every candidate, whose
+quality is then measured at that level.
+
 Choice (as ``optimizers.quantize.choose`` chooses for encoders): every candidate's perplexity and
-KL against fp32 on held-out sequences, its decode step timed here (interleaved rounds); the
-fastest whose perplexity is within ``max_perplexity_ratio`` of fp32 wins; when none is, nothing is
+KL against fp32 on held-out sequences, its decode step timed here (interleaved rounds). Among the
+candidates within ``max_perplexity_ratio`` of fp32's perplexity, those at least
+``speed_tolerance`` x the fastest one's speed count as fast, and the most faithful of them (lowest
+KL, the steadier signal than perplexity on a few hundred positions) wins: an int8 output layer
+that costs 5% of the speed and halves the KL is taken. When none is within the budget, nothing is
 written (``BudgetNotMet`` names the closest in KL). Each decision is a line in ``reasons``.
 """
 
@@ -55,10 +63,12 @@ from optimizers.quantize.weight_only import (
     set_accuracy_level,
     untie_output_layer,
     WeightOnlySettings,
+    ACCURACY_LEVELS,
+    choose_accuracy_level,
 )
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
 from runtime_bench.generation import weight_bytes
-from onnxforge.common.progress import tracked
+from onnxforge.common.progress import reporting, tracked
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +86,8 @@ class DecoderCandidateSettings:
     max_perplexity_ratio: float = 1.02  # quality budget: candidate perplexity <= this x fp32's
     size_budget: float = 1.25  # mixed: weight bytes <= this x the all-int4 (RTN sym b32) model's
     sensitivity_sequences: int = 2
-    accuracy_level: int = 0
+    accuracy_level: int | None = None  # None: measured on the first candidate (0, 1 and 4), then used for all
+    speed_tolerance: float = 0.9  # candidates at >= this x the fastest's speed compete on KL
     timing_past: int = 64
     timing_steps: int = 8
     timing_rounds: int = 3  # 0: not timed (the best quality within budget wins)
@@ -88,6 +99,10 @@ class DecoderCandidateSettings:
             raise UserError(f"unknown weight-only candidate(s) {unknown or '(none given)'}; available: {', '.join(NAMES)}")
         if self.max_perplexity_ratio < 1.0:
             raise UserError(f"max perplexity ratio must be >= 1, got {self.max_perplexity_ratio}")
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UserError(f"accuracy level must be 0..4, got {self.accuracy_level}")
+        if not 0.0 < self.speed_tolerance <= 1.0:
+            raise UserError(f"speed tolerance must be in (0, 1], got {self.speed_tolerance}")
         if self.size_budget < 1.0:
             raise UserError(f"size budget must be >= 1 (x the int4 model's weight bytes), got {self.size_budget}")
 
@@ -118,6 +133,8 @@ class DecoderCandidatesResult:
     perplexity_float: float
     bytes_float: int
     seconds: float
+    accuracy_level: int = 0
+    level_timings_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # measured levels (empty when given)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -388,10 +405,11 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     builders = _builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
     reports: dict[str, CandidateReport] = {}
     with staging_dir(out_path) as work:
+        level, level_timings = _accuracy_level(reference, builders, prepared, evaluation, settings, session_settings, work)
         paths, decoders = {}, {}
         for name in tracked(settings.candidates, "weight-only candidates"):
             try:
-                built = set_accuracy_level(builders[name](copy.deepcopy(prepared)), settings.accuracy_level)
+                built = set_accuracy_level(builders[name](copy.deepcopy(prepared)), level)
                 paths[name] = work / f"{name}.onnx"
                 save_model(built, paths[name], f"{name}.onnx.data")
                 decoders[name] = OnnxDecoder(paths[name], settings=session_settings)
@@ -424,14 +442,34 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     return DecoderCandidatesResult(
         path=out_path, chosen=chosen, candidates=list(reports.values()), sensitivity=scores_box.get("scores", {}),
         reasons=reasons, perplexity_float=first.quality.perplexity_reference, bytes_float=bytes_float,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, accuracy_level=level, level_timings_ms=level_timings,
     )
 
 
+def _accuracy_level(reference, builders, prepared, sequences, settings: DecoderCandidateSettings,
+                    session_settings: SessionSettings, work: Path) -> tuple[int, dict[int, float]]:
+    """``settings.accuracy_level``, or the level measured on the first candidate (see the module
+    doc), with the decode timings that chose it."""
+    if settings.accuracy_level is not None:
+        return settings.accuracy_level, {}
+    first = settings.candidates[0]
+    with reporting(f"accuracy level ({first} at {', '.join(map(str, ACCURACY_LEVELS))})"):
+        built = builders[first](copy.deepcopy(prepared))
+        decoders = {}
+        for level in ACCURACY_LEVELS:
+            path = work / f"level{level}.onnx"
+            save_model(set_accuracy_level(built, level), path, f"level{level}.onnx.data")
+            decoders[level] = OnnxDecoder(path, settings=session_settings)
+        level, timings, _ = choose_accuracy_level(reference, decoders, sequences, past=settings.timing_past,
+                                                  steps=settings.timing_steps, rounds=settings.timing_rounds or 3)
+    return level, timings
+
+
 def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSettings) -> tuple[str, list[str]]:
-    """The fastest candidate within the quality budget (by perplexity when untimed). Returns
-    (name, reasons); when none is within it, ``BudgetNotMet`` names the closest (lowest KL) and
-    nothing is written, as auto int8 does for encoders."""
+    """Among the candidates within the quality budget, the most faithful (lowest KL) of those at
+    least ``speed_tolerance`` x the fastest one's speed (all of them when untimed). Returns
+    (name, reasons); when none is within the budget, ``BudgetNotMet`` names the closest (lowest KL)
+    and nothing is written, as auto int8 does for encoders."""
     built = [r for r in reports if r.quality is not None]
     reasons = [f"{r.name}: not built ({r.error})" for r in reports if r.quality is None]
     for r in built:
@@ -442,8 +480,16 @@ def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSetting
     within = [r for r in built if r.within_budget]
     if within:
         timed = all(r.decode_ms is not None for r in within)
-        best = min(within, key=(lambda r: r.decode_ms) if timed else (lambda r: r.perplexity_ratio))
-        reasons.append(f"chose {best.name}: the {'fastest' if timed else 'most faithful'} of {len(within)} within the quality budget")
+        fastest = min(within, key=lambda r: r.decode_ms) if timed else None
+        fast = [r for r in within if r.decode_ms * settings.speed_tolerance <= fastest.decode_ms] if timed else within
+        best = min(fast, key=lambda r: r.quality.kl_mean)
+        if timed:
+            reasons.append(f"chose {best.name}: the lowest KL ({best.quality.kl_mean:.4f}) of the {len(fast)} within the quality "
+                           f"budget and at >= {settings.speed_tolerance:g}x the fastest's speed ({fastest.name}, "
+                           f"{fastest.decode_ms:.3f} ms; {best.name} {best.decode_ms:.3f} ms)")
+        else:
+            reasons.append(f"chose {best.name}: the lowest KL ({best.quality.kl_mean:.4f}) of {len(within)} within the "
+                           "quality budget (not timed)")
     else:
         closest = min(built, key=lambda r: r.quality.kl_mean)
         raise BudgetNotMet(

@@ -587,17 +587,19 @@ def default_sequences(reference, count: int = 4, length: int = 48, seed: int = 0
     return sequences
 
 
-def _chosen_level(reference, decoders: dict, sequences, settings: WeightOnlySettings) -> tuple[int, dict[int, float], dict[int, float]]:
-    """The accuracy level kept among ``decoders`` (level -> the model at it): the fastest decode
-    step whose KL against fp32 stays within ``level_kl_slack`` x level 0's + ``level_kl_floor``;
-    with its decode timings (none for one level) and each level's KL."""
+def choose_accuracy_level(reference, decoders: dict, sequences, *, past: int, steps: int, rounds: int,
+                          kl_slack: float = 1.5, kl_floor: float = 0.002) -> tuple[int, dict[int, float], dict[int, float]]:
+    """The accuracy level kept among ``decoders`` (level -> the same model at that level): the
+    fastest decode step (at ``past`` tokens of context) whose KL against fp32 stays within
+    ``kl_slack`` x the first level's + ``kl_floor``; with its decode timings (none for one level)
+    and each level's KL. Used by weight-only quantization and by the decoder candidates."""
     levels = list(decoders)
     level_kl = {level: decoder_quality(reference, decoder, sequences[:2], prompts=1, new_tokens=4).kl_mean
                 for level, decoder in decoders.items()}
     if len(levels) == 1:
         return levels[0], {}, level_kl
-    timings = decode_step_ms(decoders, settings.timing_past, settings.timing_steps, settings.timing_rounds)
-    bound = level_kl[levels[0]] * settings.level_kl_slack + settings.level_kl_floor
+    timings = decode_step_ms(decoders, past, steps, rounds)
+    bound = level_kl[levels[0]] * kl_slack + kl_floor
     chosen = min((lv for lv in levels if level_kl[lv] <= bound), key=lambda lv: timings[lv])
     logger.info("accuracy level: decode step ms %s, KL %s -> %d", timings, level_kl, chosen)
     return chosen, timings, level_kl
@@ -642,7 +644,9 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
             paths[level] = work / f"level{level}.onnx"
             save_model(set_accuracy_level(quantized, level), paths[level])
             decoders[level] = OnnxDecoder(paths[level], settings=session_settings)
-        chosen, timings, level_kl = _chosen_level(reference, decoders, sequences, settings)
+        chosen, timings, level_kl = choose_accuracy_level(
+            reference, decoders, sequences, past=settings.timing_past, steps=settings.timing_steps,
+            rounds=settings.timing_rounds, kl_slack=settings.level_kl_slack, kl_floor=settings.level_kl_floor)
         quality = decoder_quality(reference, decoders[chosen], sequences)
         if quality.kl_mean > settings.max_kl:
             raise UserError(
@@ -668,6 +672,7 @@ __all__ = [
     "DecoderQuality",
     "WeightOnlyResult",
     "WeightOnlySettings",
+    "choose_accuracy_level",
     "decode_step_ms",
     "decoder_quality",
     "default_sequences",
