@@ -79,7 +79,8 @@ def quality(work: Path, ratio: float, threads: int | None, level: int) -> None:
     result = quantize_decoder_candidates(fp32, work / "llama-q" / "model.onnx",
                                          DecoderCandidateSettings(candidates=NAMES, threads=threads, accuracy_level=level),
                                          calibration=calibration, evaluation=evaluation)
-    print(f"\n## Weight-only candidates, trained docstring Llama (fp32 perplexity {result.perplexity_float:.3f})\n")
+    print(f"\n## Weight-only candidates, trained docstring Llama (fp32 perplexity {result.perplexity_float:.3f}), "
+          f"accuracy level {_level(result)}\n")
     print("| candidate | perplexity x fp32 | KL | greedy match /16 | decode step ms | MB | chosen |")
     print("|---|---|---|---|---|---|---|")
     for c in result.candidates:
@@ -99,6 +100,12 @@ def quality(work: Path, ratio: float, threads: int | None, level: int) -> None:
           f"decode step {pruned.decode_ms['unpruned']:.3f} -> {pruned.decode_ms['pruned']:.3f} ms")
 
 
+def _level(result) -> str:
+    """The accuracy level of a candidates result, with the timings that chose it when measured."""
+    measured = ", ".join(f"{lv}: {ms:.2f} ms" for lv, ms in result.level_timings_ms.items())
+    return f"{result.accuracy_level}" + (f" (measured on rtn-int4-sym-b32, decode step {measured})" if measured else " (given)")
+
+
 def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], threads: int | None, rounds: int,
           level: int) -> None:
     folder = random_decoder(model)
@@ -112,12 +119,15 @@ def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], thr
     result = quantize_decoder_candidates(fp32, work / f"{model}-q" / "model.onnx", settings, calibration=calibration[:4],
                                          evaluation=evaluation)
     base = next(c for c in result.candidates if c.name == "rtn-int4-sym-b32")
-    print(f"\n## Decode step, {model} random weights (past {64}, threads {threads or 'default'})\n")
-    print("| candidate | decode step ms | x RTN int4 sym b32 speed | MB |")
-    print("|---|---|---|---|")
+    level = result.accuracy_level
+    print(f"\n## Decode step, {model} random weights (past {64}, threads {threads or 'default'}), accuracy level {_level(result)}\n")
+    print("| candidate | decode step ms | x RTN int4 sym b32 speed | MB | chosen |")
+    print("|---|---|---|---|---|")
     for c in result.candidates:
         if c.decode_ms is not None:
-            print(f"| {c.name} | {c.decode_ms:.3f} | {base.decode_ms / c.decode_ms:.2f} | {c.weight_bytes / 1e6:.1f} |")
+            print(f"| {c.name} | {c.decode_ms:.3f} | {base.decode_ms / c.decode_ms:.2f} | {c.weight_bytes / 1e6:.1f} | "
+                  f"{'yes' if c.chosen else ''} |")
+    print(f"- {result.reasons[-1]}")
     pruned = work / f"{model}-pruned" / "model.onnx"
     prune_decoder_mlp(fp32, pruned, calibration, DecoderPruneSettings(ratio=ratio, threads=threads, timing_rounds=0,
                                                                       max_perplexity_ratio=100.0), evaluation=evaluation)
@@ -125,7 +135,7 @@ def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], thr
     for name, source in (("int4", fp32), ("int4 pruned", pruned)):
         target = work / f"{model}-{name.replace(' ', '-')}" / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_model(set_accuracy_level(rtn(prepare(onnx.load(str(source))), 4, 32, True), level), target)
+        save_model(set_accuracy_level(rtn(prepare(onnx.load(str(source))), 4, 32, True), level), target)  # the level kept above
         paths[name] = target
     session = SessionSettings(intra_op_threads=threads, log_severity=3)
     decoders = {name: OnnxDecoder(path, settings=session) for name, path in paths.items()}
@@ -148,10 +158,11 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--accuracy-level", type=int, default=DecoderCandidateSettings.accuracy_level, choices=(0, 1, 2, 3, 4),
-                        help="MatMulNBits accuracy_level of every candidate (4: int8 activations, the VNNI/AMX kernels)")
+                        help="MatMulNBits accuracy_level of every candidate (4: int8 activations, the VNNI/AMX kernels; "
+                             "default: measured, as quantize does)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    print(f"machine: {machine_info().describe()}; {platform.platform()}; MatMulNBits accuracy level {args.accuracy_level}")
+    print(f"machine: {machine_info().describe()}; {platform.platform()}; MatMulNBits accuracy level {"measured" if args.accuracy_level is None else args.accuracy_level}")
     with tempfile.TemporaryDirectory(prefix="onnxforge-dcomp-") as tmp:
         work = Path(tmp)
         if not args.skip_quality:
