@@ -162,7 +162,8 @@ def main(argv=None) -> int:
                              "default: measured, as quantize does)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    print(f"machine: {machine_info().describe()}; {platform.platform()}; MatMulNBits accuracy level {"measured" if args.accuracy_level is None else args.accuracy_level}")
+    print(f"machine: {machine_info().describe()}; {platform.platform()}; MatMulNBits accuracy level "
+          + ("measured" if args.accuracy_level is None else str(args.accuracy_level)))
     with tempfile.TemporaryDirectory(prefix="onnxforge-dcomp-") as tmp:
         work = Path(tmp)
         if not args.skip_quality:

@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         work = Path(tmp)
         (work / "calibration.txt").write_text("\n".join(calibration) + "\n", encoding="utf-8")
         source, pruned = work / "minilm.onnx", work / "pruned.onnx"
-        _run_cli(["export", "--hf-model", str(folder), str(source)])
+        _run_cli(["export", "--hf-model", str(folder), "--output", str(source)])
         command = ["prune", str(source), str(pruned), "--ratio", str(args.ratio), "--calibration",
                    str(work / "calibration.txt"), "--tokenizer", str(folder)]
         report = _run_cli(command)
