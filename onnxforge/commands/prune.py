@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.decoder_text import text_sequences
 from onnxforge.common.errors import UserError
 from onnxforge.common import jsonio
 from onnxforge.common.options import add_flags, from_args
 from optimizers.prune.channels import PruneSettings
-from optimizers.prune.decoder_mlp import DecoderPruneSettings
+from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
 from optimizers.prune.heads import HeadSettings
 
 # --method and --heads are written here, not declared on a settings class: they are arguments of
@@ -98,8 +96,6 @@ def _print_heads(heads) -> None:
 
 def _decoder_command(args) -> int:
     """A generative decoder (past_key_values.* inputs): MLP width pruned with the down projection re-fitted."""
-    from optimizers.prune.decoder_mlp import prune_decoder_mlp
-
     if args.heads or args.method != "structured":
         raise UserError("a generative decoder is pruned by MLP width only (--ratio with --calibration); "
                         "--heads and --method magnitude are not supported for decoders")

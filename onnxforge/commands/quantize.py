@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.decoder_text import text_sequences
-from optimizers.quantize.decoder_candidates import DecoderCandidateSettings
-from optimizers.quantize.weight_only import WeightOnlySettings
+from optimizers.quantize.decoder_candidates import DecoderCandidateSettings, quantize_decoder_candidates
+from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 from onnxforge.common import jsonio
 from onnxforge.common.options import add_flags, from_args, help_of
 from optimizers.quantize.settings import MODES, QuantizeSettings
@@ -14,7 +14,7 @@ from optimizers.quantize.settings import MODES, QuantizeSettings
 MODE_HELP = (help_of(QuantizeSettings, "mode")
              + ". A generative decoder (past_key_values.* inputs) gets weight-only candidates under auto (RTN int4, "
              "int4 with an int8 output layer, mixed int8/int4 by measured sensitivity, HQQ; among those within "
-             "--max-perplexity-ratio of fp32 and --speed-tolerance of the fastest, the lowest KL wins), plain int4 "
+             "--max-perplexity-ratio of fp32 and at least --speed-tolerance x the fastest's speed, the lowest KL wins), plain int4 "
              "blocks under int4 and int8 blocks under int8-weight")
 
 
@@ -34,8 +34,6 @@ def register(sub) -> None:
 
 
 def _weight_only_command(args) -> int:
-    from optimizers.quantize.weight_only import quantize_weight_only
-
     settings = from_args(WeightOnlySettings, args, bits=8 if args.mode == "int8-weight" else 4)
     result = quantize_weight_only(args.input, args.output, settings, sequences=_held_out_text(args))
     if args.json:
@@ -57,8 +55,6 @@ def _weight_only_command(args) -> int:
 
 
 def _decoder_candidates_command(args) -> int:
-    from optimizers.quantize.decoder_candidates import quantize_decoder_candidates
-
     settings = from_args(DecoderCandidateSettings, args)
     calibration = (text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
                    [:args.max_calibration_batches] if args.calibration else None)
