@@ -41,6 +41,7 @@ from onnxforge.common.options import option
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.quantize.weight_only import (
     DecoderQuality,
+    DecodeTiming,
     decode_step_ms,
     decoder_quality,
     float_decoder_header,
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderPruneSettings:
+class DecoderPruneSettings(DecodeTiming):
     """How much MLP width to remove and how the result is checked.
 
     ``heldout_fraction`` of the calibration sequences (at least one) decide per MLP whether the
@@ -73,10 +74,6 @@ class DecoderPruneSettings:
     heldout_fraction: float = option(0.25, internal=True, help="calibration sequences held out to judge each re-fit")
     max_perplexity_ratio: float = option(1.5, internal=True,
                                          help="refuse to write a pruned model whose perplexity grows past this x the unpruned one's")
-    timing_past: int = option(64, internal=True, help="tokens of context when timing decode steps")
-    timing_steps: int = option(8, internal=True, help="decode steps timed per round")
-    timing_rounds: int = option(3, internal=True, help="interleaved timing rounds (0: no decode timing)")
-    threads: int | None = option(None, internal=True, help="ONNX Runtime intra-op threads (None: its default)")
 
     def __post_init__(self):
         if not 0.0 < self.ratio < 1.0:

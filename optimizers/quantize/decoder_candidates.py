@@ -52,6 +52,7 @@ from onnxforge.common.options import help_of, option
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.quantize.weight_only import (
     DecoderQuality,
+    DecodeTiming,
     is_embedding,
     output_layer_weight,
     decode_step_ms,
@@ -81,8 +82,9 @@ BASELINE = "rtn-int4-sym-b32"
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderCandidateSettings:
-    """Which candidates to build and how the winner is chosen."""
+class DecoderCandidateSettings(DecodeTiming):
+    """Which candidates to build and how the winner is chosen (``timing_rounds`` 0: not timed, the
+    best quality within the budget wins)."""
 
     candidates: tuple[str, ...] = option(AUTO_CANDIDATES, flag="--weight-candidates", metavar="NAMES",
                                          help="auto mode: comma-separated weight-only candidates to build and compare; "
@@ -96,10 +98,6 @@ class DecoderCandidateSettings:
     speed_tolerance: float = option(0.9, flag="--speed-tolerance", low=0.0, high=1.0, low_open=True,
                                     help="auto mode: candidates at least this x the fastest one's speed compete on quality "
                                          "(next-token KL), the most faithful wins")
-    timing_past: int = option(64, internal=True, help="tokens of context when timing decode steps")
-    timing_steps: int = option(8, internal=True, help="decode steps timed per round")
-    timing_rounds: int = option(3, internal=True, help="interleaved timing rounds (0: not timed, the best quality within budget wins)")
-    threads: int | None = option(None, internal=True, help="ONNX Runtime intra-op threads (None: its default)")
 
     def __post_init__(self):
         unknown = [c for c in self.candidates if c not in NAMES]

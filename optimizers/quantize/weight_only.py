@@ -37,7 +37,7 @@ import onnx
 from onnxforge.common.graph import producers as tensor_producers, readers as tensor_readers
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
-from onnxforge.common.options import option
+from onnxforge.common.options import help_of, option
 from onnxforge.common.sessions import SessionSettings
 from runtime_bench.decoder import OnnxDecoder, greedy
 from runtime_bench.generation import weight_bytes
@@ -51,7 +51,18 @@ _LARGE_BYTES = 1_800_000_000  # past this an ONNX file keeps its weights as exte
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightOnlySettings:
+class DecodeTiming:
+    """How the decoder settings time decode steps (``decode_step_ms``): ``timing_rounds``
+    interleaved rounds of ``timing_steps`` steps at ``timing_past`` tokens of context."""
+
+    timing_past: int = option(64, internal=True, help="tokens of context when timing decode steps")
+    timing_steps: int = option(8, internal=True, help="decode steps timed per round")
+    timing_rounds: int = option(3, internal=True, help="interleaved timing rounds (0: not timed)")
+    threads: int | None = option(None, internal=True, help="ONNX Runtime intra-op threads (None: its default)")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlySettings(DecodeTiming):
     """How to quantize a decoder's weights.
 
     ``accuracy_level`` None measures 0, 1 and 4 on the model (decode steps at ``timing_past``
@@ -73,10 +84,7 @@ class WeightOnlySettings:
     level_kl_slack: float = option(1.5, internal=True,
                                    help="a measured level is faithful when its KL is at most this x level 0's + level_kl_floor")
     level_kl_floor: float = option(0.002, internal=True, help="the KL allowance added to level_kl_slack x level 0's")
-    timing_past: int = option(128, internal=True, help="tokens of context when timing decode steps")
-    timing_steps: int = option(8, internal=True, help="decode steps timed per round")
-    timing_rounds: int = option(3, internal=True, help="interleaved timing rounds")
-    threads: int | None = option(None, internal=True, help="ONNX Runtime intra-op threads (None: its default)")
+    timing_past: int = option(128, internal=True, help=help_of(DecodeTiming, "timing_past"))
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -677,6 +685,7 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
 __all__ = [
     "ACCURACY_LEVELS",
     "ACCURACY_LEVEL_CHOICES",
+    "DecodeTiming",
     "DecoderQuality",
     "WeightOnlyResult",
     "WeightOnlySettings",
