@@ -75,7 +75,8 @@ class WeightOnlySettings(DecodeTiming):
     symmetric: bool = option(True, key=True, help="blocks without a zero point (q = round(w / s))")
     accuracy_level: int | None = option(None, flag="--accuracy-level", key=True, choices=ACCURACY_LEVEL_CHOICES,
                                         help="MatMulNBits compute type, 4 = int8 activations (the VNNI/AMX kernels); default: measured "
-                                             "(levels 0, 1 and 4 timed on the model, the fastest faithful one kept)")
+                                             f"(levels {', '.join(map(str, ACCURACY_LEVELS[:-1]))} and {ACCURACY_LEVELS[-1]} timed on the model, "
+                                             "the fastest faithful one kept)")
     quantize_output_layer: bool = option(True, internal=True, help="quantize the output layer (the tied one included)")
     quantize_embeddings: bool = option(True, internal=True, help="int4 GatherBlockQuantized token embedding")
     pack_siblings: bool = option(True, internal=True,
