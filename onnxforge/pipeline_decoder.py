@@ -49,8 +49,8 @@ from onnxforge.common.tables import candidate_table
 from onnxforge.decoder_text import text_sequences
 from onnxforge.fingerprints import file_sha256, reference_hash, tool_versions
 from onnxforge.package import DEFAULT_PACKAGE_PROMPT, write_decoder_package
-from onnxforge.recipe import Recipe, check_decoder_candidates, weight_only_name
-from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
+from onnxforge.recipe import Recipe, check_decoder_candidates, decoder_prune_settings, weight_only_name
+from optimizers.prune.decoder_mlp import prune_decoder_mlp
 from optimizers.quantize.decoder_candidates import (
     AUTO_CANDIDATES,
     DecoderCandidateSettings,
@@ -273,7 +273,7 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
             source = exported.artifact
             if prune is not None:
                 target = folder / "model.onnx" if quantize is None else Path(work) / "pruned.onnx"
-                settings = DecoderPruneSettings(**{k: v for k, v in prune.items() if k != "max_batches"})
+                settings = decoder_prune_settings(prune)
                 calibration = texts.calibration(prune.get("max_batches", CALIBRATION_WINDOWS), needed_by=f"{where}'s prune")
                 result = prune_decoder_mlp(source, target, calibration, settings, evaluation=texts.evaluation())
                 transforms.append({"step": "prune", "settings": prune, "parameters": list(result.parameters),

@@ -23,6 +23,7 @@ from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
 from optimizers.prune.decoder_mlp import DecoderPruneSettings
 from optimizers.quantize.decoder_candidates import NAMES as WEIGHT_ONLY_NAMES
+from optimizers.quantize.weight_only import WeightOnlySettings
 
 # section -> key -> accepted Python types (a list type means "list of these"). The sections that
 # build a step's settings object take their keys from its schema (``onnxforge.common.options``:
@@ -44,9 +45,10 @@ CANDIDATE_KEYS = {"name": (str,), "prune": (dict,), "quantize": (dict,)}
 PRUNE_KEYS = recipe_types(PruneSettings)
 QUANTIZE_KEYS = recipe_types(QuantizeSettings)
 # A text-generation recipe's candidates (onnxforge.pipeline_decoder): weight-only quantization by
-# candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and MLP-width pruning.
-DECODER_QUANTIZE_KEYS = {"weights": (str,), "bits": (int,), "block_size": (int,), "symmetric": (bool,), "accuracy_level": (int,)}
-DECODER_PRUNE_KEYS = {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "max_batches": (int,)}
+# candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and MLP-width
+# pruning; ``weights`` and the calibration windows pruning reads (``max_batches``) are the pipeline's.
+DECODER_QUANTIZE_KEYS = {"weights": (str,), **recipe_types(WeightOnlySettings)}
+DECODER_PRUNE_KEYS = {**recipe_types(DecoderPruneSettings), "max_batches": (int,)}
 TOP_LEVEL = set(SCHEMA) | {"candidates", "name"}
 
 
@@ -175,22 +177,27 @@ def check_decoder_candidates(data: dict[str, Any]) -> None:
         quantize, prune = candidate.get("quantize"), candidate.get("prune")
         if quantize is not None:
             _check_table(quantize, DECODER_QUANTIZE_KEYS, f"{where}.quantize (a text-generation recipe)")
+            check_ranges(quantize, WeightOnlySettings, f"{where}.quantize")
+            check_choices(quantize, WeightOnlySettings, f"{where}.quantize")
             name = weight_only_name(quantize)
             if name not in (*WEIGHT_ONLY_NAMES, "auto"):
                 raise UserError(f"'{where}.quantize' names the weight-only candidate {name!r}{closest(name, WEIGHT_ONLY_NAMES)}; "
                                 f"available: auto, {', '.join(WEIGHT_ONLY_NAMES)}")
-            if quantize.get("accuracy_level", 0) not in (0, 1, 2, 3, 4):
-                raise UserError(f"'{where}.quantize.accuracy_level' must be 0..4, got {quantize['accuracy_level']!r}")
         if prune is not None:
             _check_table(prune, DECODER_PRUNE_KEYS, f"{where}.prune (a text-generation recipe)")
             if prune.get("max_batches", 2) < 2:
                 raise UserError(f"'{where}.prune.max_batches' must be at least 2 (calibration windows pruning reads), "
                                 f"got {prune['max_batches']}")
-            options = {k: v for k, v in prune.items() if k != "max_batches"}
+            check_ranges(prune, DecoderPruneSettings, f"{where}.prune")
             try:  # the settings' own checks run now: one line naming the key, not minutes into a run
-                DecoderPruneSettings(**options)
+                decoder_prune_settings(prune)
             except UserError as exc:
                 raise UserError(f"recipe [{where}.prune]: {exc}") from None
+
+
+def decoder_prune_settings(prune: dict[str, Any]) -> DecoderPruneSettings:
+    """The settings of a text-generation candidate's ``prune`` table (``max_batches`` is the pipeline's)."""
+    return from_table(DecoderPruneSettings, {k: v for k, v in prune.items() if k != "max_batches"})
 
 
 # Ranges of recipe values that no settings class owns: (lowest, highest, whether the lowest is allowed).

@@ -37,9 +37,11 @@ from onnx import numpy_helper
 from onnxforge.common.graph import producers as tensor_producers, readers as tensor_readers
 from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.options import option
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.quantize.weight_only import (
     DecoderQuality,
+    DecodeTiming,
     decode_step_ms,
     decoder_quality,
     float_decoder_header,
@@ -54,23 +56,24 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderPruneSettings:
+class DecoderPruneSettings(DecodeTiming):
     """How much MLP width to remove and how the result is checked.
 
     ``heldout_fraction`` of the calibration sequences (at least one) decide per MLP whether the
     least-squares re-fit is kept and, without evaluation sequences, measure the pruned model.
     """
 
-    ratio: float = 0.25
-    round_to: int = 8
-    reconstruct: bool = True
-    ridge: float = 1e-3
-    heldout_fraction: float = 0.25
-    max_perplexity_ratio: float = 1.5  # refuse to write a pruned model whose perplexity grows past this
-    timing_past: int = 64
-    timing_steps: int = 8
-    timing_rounds: int = 3  # 0: no decode timing
-    threads: int | None = None
+    # The flags are PruneSettings' (the same dest names): ``onnxforge prune`` adds them once for both.
+    ratio: float = option(0.25, flag="--ratio", key=True, low=0.0, high=1.0, low_open=True, high_open=True,
+                          help="fraction of every MLP's width (gate/up outputs, down inputs) to remove")
+    round_to: int = option(8, flag="--round-to", key=True, low=1, help="kept neurons are a multiple of this")
+    reconstruct: bool = option(True, flag="--reconstruct", key=True,
+                               help="re-fit the down projections on the kept neurons by least squares, kept where the "
+                                    "held-out calibration sequences show it helps")
+    ridge: float = option(1e-3, internal=True, help="ridge of the least-squares re-fit, x the mean diagonal of the Gram matrix")
+    heldout_fraction: float = option(0.25, internal=True, help="calibration sequences held out to judge each re-fit")
+    max_perplexity_ratio: float = option(1.5, internal=True,
+                                         help="refuse to write a pruned model whose perplexity grows past this x the unpruned one's")
 
     def __post_init__(self):
         if not 0.0 < self.ratio < 1.0:

@@ -48,9 +48,11 @@ import onnx
 
 from onnxforge.common.errors import BudgetNotMet, UserError
 from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.options import help_of, option
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.quantize.weight_only import (
     DecoderQuality,
+    DecodeTiming,
     is_embedding,
     output_layer_weight,
     decode_step_ms,
@@ -64,6 +66,7 @@ from optimizers.quantize.weight_only import (
     untie_output_layer,
     WeightOnlySettings,
     ACCURACY_LEVELS,
+    ACCURACY_LEVEL_CHOICES,
     choose_accuracy_level,
 )
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
@@ -79,19 +82,22 @@ BASELINE = "rtn-int4-sym-b32"
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderCandidateSettings:
-    """Which candidates to build and how the winner is chosen."""
+class DecoderCandidateSettings(DecodeTiming):
+    """Which candidates to build and how the winner is chosen (``timing_rounds`` 0: not timed, the
+    best quality within the budget wins)."""
 
-    candidates: tuple[str, ...] = AUTO_CANDIDATES
-    max_perplexity_ratio: float = 1.02  # quality budget: candidate perplexity <= this x fp32's
-    size_budget: float = 1.25  # mixed: weight bytes <= this x the all-int4 (RTN sym b32) model's
-    sensitivity_sequences: int = 2
-    accuracy_level: int | None = None  # None: measured on the first candidate (0, 1 and 4), then used for all
-    speed_tolerance: float = 0.9  # candidates at >= this x the fastest's speed compete on KL
-    timing_past: int = 64
-    timing_steps: int = 8
-    timing_rounds: int = 3  # 0: not timed (the best quality within budget wins)
-    threads: int | None = None
+    candidates: tuple[str, ...] = option(AUTO_CANDIDATES, flag="--weight-candidates", metavar="NAMES",
+                                         help="auto mode: comma-separated weight-only candidates to build and compare; "
+                                              f"available: {', '.join(NAMES)}")
+    max_perplexity_ratio: float = option(1.02, flag="--max-perplexity-ratio", low=1.0,
+                                         help="auto mode: the quality budget, candidate perplexity at most this x fp32's")
+    size_budget: float = option(1.25, internal=True, help="mixed: weight bytes at most this x the all-int4 (RTN sym b32) model's")
+    sensitivity_sequences: int = option(2, internal=True, help="mixed: calibration sequences the sensitivity of a product is measured on")
+    accuracy_level: int | None = option(None, flag="--accuracy-level", key=True, choices=ACCURACY_LEVEL_CHOICES,
+                                        help=help_of(WeightOnlySettings, "accuracy_level"))  # None: measured on the first candidate
+    speed_tolerance: float = option(0.9, flag="--speed-tolerance", low=0.0, high=1.0, low_open=True,
+                                    help="auto mode: candidates at least this x the fastest one's speed compete on quality "
+                                         "(next-token KL), the most faithful wins")
 
     def __post_init__(self):
         unknown = [c for c in self.candidates if c not in NAMES]
@@ -99,7 +105,7 @@ class DecoderCandidateSettings:
             raise UserError(f"unknown weight-only candidate(s) {unknown or '(none given)'}; available: {', '.join(NAMES)}")
         if self.max_perplexity_ratio < 1.0:
             raise UserError(f"max perplexity ratio must be >= 1, got {self.max_perplexity_ratio}")
-        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVEL_CHOICES:
             raise UserError(f"accuracy level must be 0..4, got {self.accuracy_level}")
         if not 0.0 < self.speed_tolerance <= 1.0:
             raise UserError(f"speed tolerance must be in (0, 1], got {self.speed_tolerance}")
