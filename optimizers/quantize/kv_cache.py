@@ -97,7 +97,7 @@ def kv_bytes_per_token(io: DecoderIO) -> int:
     return 2 * io.num_layers * io.num_kv_heads * io.head_dim * np.dtype(io.kv_dtype).itemsize
 
 
-def _gqa_cache_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+def require_group_query_attention(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The GroupQueryAttention nodes, each checked to read ``past_key_values.N.key|value`` and to
     write ``present.N.key|value`` directly (what the int8 cache replaces); a UserError otherwise."""
     nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
@@ -171,7 +171,7 @@ def int8_kv_cache(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> onnx
     """A copy of ``model`` whose GroupQueryAttention nodes keep their cache in int8 with ``scales``
     (``kv_cache_scales``; keyed by present output): scale initializers, the quantization
     attributes, and int8 ``past_key_values.*`` inputs and ``present.*`` outputs."""
-    _gqa_cache_nodes(model)
+    require_group_query_attention(model)
     per_channel = {s.size > 1 for s in scales.values()}
     if len(per_channel) != 1:
         raise UserError("KV cache scales mix per-tensor and per-channel shapes")
@@ -216,7 +216,7 @@ def quantize_kv_cache(model_path, out_path, calibration: Sequence[Sequence[int]]
     if not model_path.is_file():
         raise UserError(f"model file '{model_path}' not found")
     float_model = onnx.load(str(model_path))
-    _gqa_cache_nodes(float_model)  # the one-line refusals before any calibration run
+    require_group_query_attention(float_model)  # the one-line refusals before any calibration run
     session_settings = SessionSettings(intra_op_threads=settings.threads, log_severity=3)
     absmax = kv_cache_absmax(model_path, calibration, settings.granularity, session_settings)
     quantized = int8_kv_cache(float_model, kv_cache_scales(absmax, settings.margin))
@@ -250,6 +250,7 @@ __all__ = [
     "KvCacheSettings",
     "int8_kv_cache",
     "kv_bytes_per_token",
+    "require_group_query_attention",
     "kv_cache_absmax",
     "kv_cache_scales",
     "quantize_kv_cache",
