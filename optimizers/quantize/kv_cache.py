@@ -84,12 +84,7 @@ class KvCacheResult:
     kv_bytes_per_token_before: int  # batch 1: layers x 2 x kv_heads x head_dim x item size
     kv_bytes_per_token_after: int
     quality: DecoderQuality
-    seconds: float
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["path"] = str(self.path)
-        return d
+    seconds: float  # as JSON: onnxforge.common.jsonio.plain(result)
 
 
 def kv_bytes_per_token(io: DecoderIO) -> int:
