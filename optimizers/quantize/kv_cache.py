@@ -167,15 +167,15 @@ def int8_kv_cache(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> onnx
     (``kv_cache_scales``; keyed by present output): scale initializers, the quantization
     attributes, and int8 ``past_key_values.*`` inputs and ``present.*`` outputs."""
     require_group_query_attention(model)
-    per_channel = {s.size > 1 for s in scales.values()}
+    per_channel = {s.ndim == 4 for s in scales.values()}
     if len(per_channel) != 1:
         raise UserError("KV cache scales mix per-tensor and per-channel shapes")
     quant_type = "PER_CHANNEL" if per_channel.pop() else "PER_TENSOR"
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
-    gqa = {n.name or f"#{i}": n for i, n in enumerate(graph.node) if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"}
-    for node in gqa.values():
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    for node in gqa:
         inputs = list(node.input) + [""] * max(0, _V_SCALE + 1 - len(node.input))
         for index, present in ((_K_SCALE, node.output[1]), (_V_SCALE, node.output[2])):
             if present not in scales:
@@ -191,7 +191,7 @@ def int8_kv_cache(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> onnx
         node.attribute.extend([onnx.helper.make_attribute("k_quant_type", quant_type),
                                onnx.helper.make_attribute("v_quant_type", quant_type),
                                onnx.helper.make_attribute("kv_cache_bit_width", 8)])
-    cache = {name for node in gqa.values() for name in (*node.input[_PAST_KEY:_PAST_VALUE + 1], *node.output[1:3])}
+    cache = {name for node in gqa for name in (*node.input[_PAST_KEY:_PAST_VALUE + 1], *node.output[1:3])}
     for value in (*graph.input, *graph.output, *graph.value_info):
         if value.name in cache:
             value.type.tensor_type.elem_type = onnx.TensorProto.INT8
