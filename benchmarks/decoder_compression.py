@@ -7,8 +7,9 @@ package, and the MLP pruned by ``--ratio`` with least-squares re-fit.
 Speed (a published configuration with random weights, SmolLM2-135M by default,
 ``onnxforge.decoder_configs``): decode step of plain int4 RTN against the other candidates
 (``--speed-candidates``; ``mixed`` measures one session per matrix product and is slow on 30
-layers), and of the MLP-pruned model against the unpruned one, in fp32 and in int4 RTN. Decode
-steps are medians over interleaved rounds at ``--past`` tokens of context
+layers), of the MLP-pruned model against the unpruned one, in fp32 and in int4 RTN, and of int4
+with the int8 KV cache (``optimizers.quantize.kv_cache``) against the float cache at 64, 512 and
+1024 tokens of context. Decode steps are medians over interleaved rounds at ``--past`` tokens of context
 (``optimizers.quantize.weight_only.decode_step_ms``).
 
     python benchmarks/decoder_compression.py [--model smollm2-135m] [--ratio 0.25] [--threads 2]
@@ -31,6 +32,7 @@ from onnxforge.common.sessions import SessionSettings
 from onnxforge.decoder_configs import random_decoder
 from onnxforge.decoder_models import docstring_llama
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
+from optimizers.quantize.kv_cache import KvCacheSettings, quantize_kv_cache
 from optimizers.quantize.decoder_candidates import (
     AUTO_CANDIDATES,
     NAMES,
@@ -146,6 +148,22 @@ def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], thr
     for name in paths:
         unpruned = ms[name.replace(" pruned", "")]
         print(f"| {name} | {ms[name]:.3f} | {unpruned / ms[name]:.2f} |")
+    kv_cache(work, paths["int4"], calibration, threads, rounds, model)
+
+
+def kv_cache(work: Path, int4: Path, calibration, threads: int | None, rounds: int, model: str) -> None:
+    """int4 weights with the float cache against the same with the int8 cache, by context length."""
+    kv8 = work / f"{model}-int4-kv8" / "model.onnx"
+    result = quantize_kv_cache(int4, kv8, calibration[:4], KvCacheSettings(threads=threads, max_kl=10.0))
+    session = SessionSettings(intra_op_threads=threads, log_severity=3)
+    print(f"\n## int8 KV cache (per channel), {model} random weights, int4 weights: decode step by context\n")
+    print(f"KV bytes per token {result.kv_bytes_per_token_before} -> {result.kv_bytes_per_token_after}\n")
+    print("| past tokens | float cache ms | int8 cache ms | speedup |")
+    print("|---|---|---|---|")
+    for past in (64, 512, 1024):
+        decoders = {"float": OnnxDecoder(int4, settings=session), "int8": OnnxDecoder(kv8, settings=session)}
+        ms = decode_step_ms(decoders, past, 8, rounds)
+        print(f"| {past} | {ms['float']:.3f} | {ms['int8']:.3f} | {ms['float'] / ms['int8']:.2f} |")
 
 
 def main(argv=None) -> int:
