@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import logging
 import platform
 import tempfile
@@ -37,12 +38,13 @@ from optimizers.quantize.decoder_candidates import (
     AUTO_CANDIDATES,
     NAMES,
     DecoderCandidateSettings,
+    candidate_builders,
     prepare,
     quantize_decoder_candidates,
     rtn,
 )
-from optimizers.quantize.weight_only import decode_step_ms, save_model, set_accuracy_level
-from runtime_bench.decoder import OnnxDecoder
+from optimizers.quantize.weight_only import decode_step_ms, decoder_quality, save_model, set_accuracy_level
+from runtime_bench.decoder import DecoderIO, OnnxDecoder
 from runtime_bench.machine import machine_info
 
 logger = logging.getLogger("benchmarks.decoder_compression")
@@ -93,6 +95,7 @@ def quality(work: Path, ratio: float, threads: int | None, level: int) -> None:
               f"{c.decode_ms:.3f} | {c.weight_bytes / 1e6:.2f} | {'yes' if c.chosen else ''} |")
     for reason in result.reasons:
         print(f"- {reason}")
+    greedy_table(fp32, work, calibration, evaluation, threads, result.accuracy_level)
     pruned = prune_decoder_mlp(fp32, work / "llama-pruned" / "model.onnx", calibration,
                                DecoderPruneSettings(ratio=ratio, threads=threads), evaluation=evaluation)
     q = pruned.quality
@@ -100,6 +103,23 @@ def quality(work: Path, ratio: float, threads: int | None, level: int) -> None:
     print(f"perplexity {q.perplexity_reference:.3f} -> {q.perplexity_candidate:.3f} "
           f"({q.perplexity_candidate / q.perplexity_reference:.4f}x), KL {q.kl_mean:.4f}, greedy match {q.greedy_match:g}/{q.greedy_tokens}, "
           f"decode step {pruned.decode_ms['unpruned']:.3f} -> {pruned.decode_ms['pruned']:.3f} ms")
+
+
+def greedy_table(fp32: Path, work: Path, calibration, evaluation, threads: int | None, level: int) -> None:
+    """Greedy match at length: 8 held-out prompts of 16 tokens, 64 new tokens each, per candidate."""
+    prepared = prepare(onnx.load(str(fp32)))
+    session = SessionSettings(intra_op_threads=threads, log_severity=3)
+    reference = OnnxDecoder(fp32, settings=session)
+    builders = candidate_builders(DecoderIO.from_model(prepared), calibration, {}, DecoderCandidateSettings(), session)
+    print("\n## Greedy match over 64 new tokens (8 held-out prompts of 16 tokens), trained docstring Llama\n")
+    print("| candidate | median | per prompt | KL |")
+    print("|---|---|---|---|")
+    for name in ("rtn-int4-sym-b32", "rtn-int4-int8-head", "mixed", "rtn-int8-sym-b32"):
+        path = work / "greedy" / f"{name}.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(set_accuracy_level(builders[name](copy.deepcopy(prepared)), level), path)
+        q = decoder_quality(reference, OnnxDecoder(path, settings=session), evaluation, prompts=8, new_tokens=64)
+        print(f"| {name} | {q.greedy_match:g} | {', '.join(map(str, q.greedy_matches))} | {q.kl_mean:.4f} |")
 
 
 def _level(result) -> str:

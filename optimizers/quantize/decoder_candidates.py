@@ -379,8 +379,10 @@ def allocate_int8(prepared: onnx.ModelProto, scores: dict[str, float], size_budg
 # ---------------------------------------------------------------------------- choosing
 
 
-def _builders(io: DecoderIO, calibration, scores_box: dict, settings: DecoderCandidateSettings,
-              session_settings: SessionSettings) -> dict[str, Callable]:
+def candidate_builders(io: DecoderIO, calibration, scores_box: dict, settings: DecoderCandidateSettings,
+                       session_settings: SessionSettings) -> dict[str, Callable]:
+    """Candidate name -> a function that turns the prepared float model (``prepare``) into that
+    candidate; ``mixed`` records its sensitivity scores and int8 products in ``scores_box``."""
     builders: dict[str, Callable] = {}
     for name in RTN_NAMES:
         _, bits, kind, block = name.split("-")
@@ -433,7 +435,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
         require_group_query_attention(prepared)  # refused now, not after the other candidates are built
     bytes_float = weight_bytes(prepared)
     scores_box: dict = {}
-    builders = _builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
+    builders = candidate_builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
     reports: dict[str, CandidateReport] = {}
     with staging_dir(out_path) as work:
         level, level_timings = _accuracy_level(reference, builders, prepared, evaluation, settings, session_settings, work)
@@ -533,4 +535,4 @@ def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSetting
 
 
 __all__ = ["AUTO_CANDIDATES", "BASELINE", "KV8_NAMES", "NAMES", "CandidateReport", "DecoderCandidateSettings", "DecoderCandidatesResult",
-           "allocate_int8", "choose", "mixed", "prepare", "quantize_decoder_candidates", "rtn", "sensitivity", "weight_products"]
+           "allocate_int8", "candidate_builders", "choose", "mixed", "prepare", "quantize_decoder_candidates", "rtn", "sensitivity", "weight_products"]
