@@ -518,7 +518,12 @@ def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSetting
         fastest = min(within, key=lambda r: r.decode_ms) if timed else None
         fast = [r for r in within if r.decode_ms * settings.speed_tolerance <= fastest.decode_ms] if timed else within
         best = min(fast, key=lambda r: r.quality.kl_mean)
-        if timed:
+        if timed and best is fastest:
+            slower = [r.name for r in within if r not in fast]
+            reasons.append(f"chose {best.name}: the fastest within the quality budget ({best.decode_ms:.3f} ms) and the lowest "
+                           f"KL ({best.quality.kl_mean:.4f}) of the {len(fast)} at >= {settings.speed_tolerance:g}x its speed"
+                           + (f"; slower than that: {', '.join(slower)}" if slower else ""))
+        elif timed:
             reasons.append(f"chose {best.name}: the lowest KL ({best.quality.kl_mean:.4f}) of the {len(fast)} within the quality "
                            f"budget and at >= {settings.speed_tolerance:g}x the fastest's speed ({fastest.name}, "
                            f"{fastest.decode_ms:.3f} ms; {best.name} {best.decode_ms:.3f} ms)")
