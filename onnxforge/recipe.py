@@ -21,6 +21,7 @@ from onnxforge.common.fileio import read_document
 from onnxforge.common.options import check_choices, check_range, check_ranges, from_table, recipe_types
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
+from optimizers.prune.decoder_heads import DecoderHeadPruneSettings
 from optimizers.prune.decoder_mlp import DecoderPruneSettings
 from optimizers.quantize.decoder_candidates import NAMES as WEIGHT_ONLY_NAMES
 
@@ -44,9 +45,11 @@ CANDIDATE_KEYS = {"name": (str,), "prune": (dict,), "quantize": (dict,)}
 PRUNE_KEYS = recipe_types(PruneSettings)
 QUANTIZE_KEYS = recipe_types(QuantizeSettings)
 # A text-generation recipe's candidates (onnxforge.pipeline_decoder): weight-only quantization by
-# candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and MLP-width pruning.
+# candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and pruning (MLP width:
+# ratio, round_to; KV head groups: kv_heads; both: heads first).
 DECODER_QUANTIZE_KEYS = {"weights": (str,), "bits": (int,), "block_size": (int,), "symmetric": (bool,), "accuracy_level": (int,)}
-DECODER_PRUNE_KEYS = {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "max_batches": (int,)}
+DECODER_PRUNE_KEYS = {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "max_batches": (int,),
+                      "kv_heads": (float, int)}
 TOP_LEVEL = set(SCHEMA) | {"candidates", "name"}
 
 
@@ -186,11 +189,21 @@ def check_decoder_candidates(data: dict[str, Any]) -> None:
             if prune.get("max_batches", 2) < 2:
                 raise UserError(f"'{where}.prune.max_batches' must be at least 2 (calibration windows pruning reads), "
                                 f"got {prune['max_batches']}")
-            options = {k: v for k, v in prune.items() if k != "max_batches"}
             try:  # the settings' own checks run now: one line naming the key, not minutes into a run
-                DecoderPruneSettings(**options)
+                decoder_prune_settings(prune)
             except UserError as exc:
                 raise UserError(f"recipe [{where}.prune]: {exc}") from None
+
+
+def decoder_prune_settings(prune: dict[str, Any]) -> tuple[DecoderHeadPruneSettings | None, DecoderPruneSettings | None]:
+    """A decoder candidate's ``prune`` table as (KV-head settings, MLP-width settings); the MLP width is
+    pruned when ``ratio`` is given or ``kv_heads`` is not, the KV head groups when ``kv_heads`` is."""
+    common = {k: v for k, v in prune.items() if k == "reconstruct"}
+    heads = DecoderHeadPruneSettings(ratio=prune["kv_heads"], **common) if "kv_heads" in prune else None
+    mlp = None
+    if "ratio" in prune or heads is None:
+        mlp = DecoderPruneSettings(**{k: v for k, v in prune.items() if k not in ("max_batches", "kv_heads")})
+    return heads, mlp
 
 
 # Ranges of recipe values that no settings class owns: (lowest, highest, whether the lowest is allowed).
