@@ -15,8 +15,8 @@ alone, from one calibration pass through the unpruned decoder (``optimizers.prun
 
 - the score of removing group ``g`` is the layer's attention-output error once it is gone,
   ``||A W_o - A_K W'||^2 / ||A W_o||^2`` with ``W'`` the least-squares re-fit of the output
-  projection on the kept rows ``K`` (the plain slice ``W_o[K]`` with ``reconstruct=False``: then
-  the score is the group's output energy). That is exactly the quantity the re-fit minimises, so
+  projection on the kept rows ``K`` or the plain slice ``W_o[K]``, whichever is lower (the slice
+  alone with ``reconstruct=False``: then the score is the group's output energy). That is exactly the quantity the re-fit minimises, so
   a group whose output the others can reproduce costs nothing, and it needs no session per group
   (an ablation of the loss would need ``L * G`` runs and ignores the re-fit);
 - ``floor(ratio * G)`` groups are removed per layer (at least one stays), greedily: the cheapest,
@@ -270,8 +270,10 @@ def _choose(layer: AttentionLayer, weight: np.ndarray, fit: GramStats, count: in
 
     def error(removed) -> float:
         keep = _group_rows(layer, [g for g in range(layer.kv_heads) if g not in removed])
-        rows = ridge_refit(fit.gram, w64, keep, settings.ridge) if settings.reconstruct else w64[keep]
-        return kept_error(fit.gram, w64, keep, rows)
+        sliced = kept_error(fit.gram, w64, keep, w64[keep])
+        if not settings.reconstruct:
+            return sliced
+        return min(sliced, kept_error(fit.gram, w64, keep, ridge_refit(fit.gram, w64, keep, settings.ridge)))
 
     removed: list[int] = []
     alone: list[float] = []
@@ -336,6 +338,9 @@ def _shrink_shape(model: onnx.ModelProto, weights: dict, name: str, layer: Atten
     for node in model.graph.node:
         if node.op_type == "Reshape" and node.input[1] == name and node.input[0] in layer.changed:
             node.input[1] = new
+    if not any(name in node.input for node in model.graph.node):  # the last layer that read it moved on
+        model.graph.initializer.remove(weights.pop(name))
+        clear_value_info(model, {name})
 
 
 # ---------------------------------------------------------------------------- public entry
