@@ -329,3 +329,35 @@ def test_recipe_prune_kv_heads():
     check_decoder_candidates({"candidates": [{"name": "heads", "prune": {"kv_heads": 0.5}}]})
     with pytest.raises(UserError, match=r"recipe \[candidates\[0\].prune\]: --kv-heads .* must be in \(0, 1\)"):
         check_decoder_candidates({"candidates": [{"name": "heads", "prune": {"kv_heads": 1.5}}]})
+
+
+@pytest.mark.slow  # exports, proves and benchmarks the trained Llama through the pipeline (~1 min)
+def test_a_recipe_candidate_prunes_kv_heads_and_its_package_runs(tmp_path):
+    from onnxforge.demo import EXAMPLES
+    from onnxforge.package import verify_package
+    from onnxforge.pipeline import run_pipeline
+    from onnxforge.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({
+        "name": "kv-heads",
+        "model": {"hf": str(docstring_llama_folder()), "task": "text-generation"},
+        "data": {"calibration": str(EXAMPLES / "docstrings_calibration.txt"), "evaluation": str(EXAMPLES / "docstrings_eval.txt")},
+        "candidates": [{"name": "heads", "prune": {"kv_heads": 0.5}}],
+        "select": {"max_perplexity_ratio": 1.5},
+        "benchmark": {"prompt_length": 16, "new_tokens": 8, "rounds": 1, "threads": 2},
+    })
+    result = run_pipeline(recipe, tmp_path / "run")
+    assert result.selected == "heads"
+    package = result.package
+    config = json.loads((package / "config.json").read_text())
+    decoder = json.loads((package / "genai_config.json").read_text())["model"]["decoder"]
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 1)
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"]) == (2, 1, 32)
+    assert DecoderIO.from_model(package / "model.onnx").num_kv_heads == 1
+    assert verify_package(package).generated_tokens > 0
+    recorded = json.loads((package / "manifest.json").read_text())["generation_check"]
+    tokens = genai_greedy(package, recorded["prompt_ids"], len(recorded["new_ids"]))
+    expected = recorded["new_ids"]
+    if 1 in expected:  # GenAI stops at the eos token (1)
+        expected = expected[: expected.index(1) + 1]
+    assert tokens == expected and tokens
