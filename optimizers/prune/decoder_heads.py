@@ -49,6 +49,7 @@ from onnxforge.common.graph import producers as tensor_producers
 from onnxforge.common.graph import readers as tensor_readers
 from onnxforge.common.progress import tracked
 from optimizers.prune.decoder_refit import (
+    DecoderPruneReport,
     DecoderRefitSettings,
     GramStats,
     clear_value_info,
@@ -60,7 +61,7 @@ from optimizers.prune.decoder_refit import (
     split_sequences,
     verify_and_publish,
 )
-from optimizers.quantize.weight_only import DecoderQuality, float_decoder_header
+from optimizers.quantize.weight_only import float_decoder_header
 
 logger = logging.getLogger(__name__)
 
@@ -121,30 +122,12 @@ class PrunedLayer:
 
 
 @dataclasses.dataclass
-class DecoderHeadPruneResult:
-    path: Path
+class DecoderHeadPruneResult(DecoderPruneReport):
     ratio: float
     heads: tuple[int, int]  # query heads per layer, before and after
     kv_heads: tuple[int, int]  # KV heads per layer, before and after
     head_dim: int
     layers: list[PrunedLayer]
-    parameters: tuple[int, int]
-    quality: DecoderQuality
-    decode_ms: dict[str, float]  # median decode step here, "unpruned" and "pruned" (empty when not timed)
-    calibration_positions: int
-    seconds: float
-
-    @property
-    def speedup(self) -> float | None:
-        if not self.decode_ms:
-            return None
-        return self.decode_ms["unpruned"] / self.decode_ms["pruned"]
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["path"] = str(self.path)
-        d["speedup"] = self.speedup
-        return d
 
 
 # ---------------------------------------------------------------------------- finding the layers

@@ -39,6 +39,7 @@ from onnxforge.common.graph import producers as tensor_producers
 from onnxforge.common.graph import readers as tensor_readers
 from onnxforge.common.progress import tracked
 from optimizers.prune.decoder_refit import (
+    DecoderPruneReport,
     DecoderRefitSettings,
     GramStats,
     clear_value_info,
@@ -48,7 +49,7 @@ from optimizers.prune.decoder_refit import (
     split_sequences,
     verify_and_publish,
 )
-from optimizers.quantize.weight_only import DecoderQuality, float_decoder_header
+from optimizers.quantize.weight_only import float_decoder_header
 
 logger = logging.getLogger(__name__)
 
@@ -95,27 +96,9 @@ class PrunedMLP:
 
 
 @dataclasses.dataclass
-class DecoderPruneResult:
-    path: Path
+class DecoderPruneResult(DecoderPruneReport):
     ratio: float
     mlps: list[PrunedMLP]
-    parameters: tuple[int, int]
-    quality: DecoderQuality
-    decode_ms: dict[str, float]  # median decode step here, "unpruned" and "pruned" (empty when not timed)
-    calibration_positions: int
-    seconds: float
-
-    @property
-    def speedup(self) -> float | None:
-        if not self.decode_ms:
-            return None
-        return self.decode_ms["unpruned"] / self.decode_ms["pruned"]
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["path"] = str(self.path)
-        d["speedup"] = self.speedup
-        return d
 
 
 # ---------------------------------------------------------------------------- finding the MLPs

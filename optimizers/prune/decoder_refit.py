@@ -36,6 +36,7 @@ from optimizers.quantize.weight_only import (
     save_model,
     sequence_feeds,
 )
+from optimizers.verify import with_outputs
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,7 @@ def collect_gram(model: onnx.ModelProto, names: Sequence[str], sequences, settin
                  what: str = "the decoder with its activations as outputs") -> list[GramStats]:
     """Gram matrix and sum of ``|h|`` of each tensor in ``names`` (last axis the feature) over every
     position of ``sequences`` (token-id lists run from an empty cache). Does not modify ``model``."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probe = with_outputs(model, names)
     session = open_session(probe, settings, what=what)
     del probe
     io = DecoderIO.from_model(session)
@@ -175,6 +171,31 @@ class DecoderRefitSettings:
         return SessionSettings(intra_op_threads=self.threads, log_severity=3)
 
 
+@dataclasses.dataclass
+class DecoderPruneReport:
+    """What every decoder pruner reports beside its own units: the written file, parameters before
+    and after, quality against the unpruned decoder, the decode step, calibration size and time."""
+
+    path: Path
+    parameters: tuple[int, int]
+    quality: DecoderQuality
+    decode_ms: dict[str, float]  # median decode step here, "unpruned" and "pruned" (empty when not timed)
+    calibration_positions: int
+    seconds: float
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.decode_ms:
+            return None
+        return self.decode_ms["unpruned"] / self.decode_ms["pruned"]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["path"] = str(self.path)
+        d["speedup"] = self.speedup
+        return d
+
+
 def verify_and_publish(model: onnx.ModelProto, model_path: Path, out_path: Path, evaluation, check: DecoderRefitSettings,
                        what: str, hint: str) -> tuple[DecoderQuality, dict[str, float]]:
     """Save ``model`` beside ``out_path``, run it against the unpruned decoder at ``model_path`` on
@@ -202,5 +223,5 @@ def verify_and_publish(model: onnx.ModelProto, model_path: Path, out_path: Path,
     return quality, timings
 
 
-__all__ = ["DecoderRefitSettings", "GramStats", "Refit", "clear_value_info", "collect_gram", "kept_error", "output_error",
+__all__ = ["DecoderPruneReport", "DecoderRefitSettings", "GramStats", "Refit", "clear_value_info", "collect_gram", "kept_error", "output_error",
            "parameters", "refit_rows", "ridge_refit", "split_sequences", "verify_and_publish"]
