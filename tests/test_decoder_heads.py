@@ -39,6 +39,7 @@ from tests.llm_fixtures import (
     docstring_llama_folder,
     genai_greedy,
     held_out_sequences,
+    random_decoder_onnx,
     trained_decoder,
 )
 from tests.test_decoder_compression import _calibration_passages, calibration_sequences
@@ -48,11 +49,11 @@ def _weights(path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-def _variant(name: str, change) -> str:
-    """The trained decoder with ``change(model)`` applied, saved once per process."""
+def _variant(name: str, change, base=None) -> str:
+    """The trained decoder (or ``base``) with ``change(model)`` applied, saved once per process."""
     path = _WORK / name / "model.onnx"
     if not path.exists():
-        model = onnx.load(str(trained_decoder()))
+        model = onnx.load(str(base or trained_decoder()))
         change(model)
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save_model(model, str(path))
@@ -179,6 +180,26 @@ def test_a_group_that_contributes_nothing_is_removed_and_nothing_changes(tmp_pat
     expected, got = _logits(source, ids), _logits(out, ids)
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4 * np.abs(expected).max())
     assert result.quality.kl_mean < 1e-6
+
+
+def test_qkv_biases_leave_with_their_heads():
+    """A random Qwen2 (q/k/v biases; the exporter shares the k and v biases, equal at initialization):
+    a zero-contribution group removed gives the same logits, and the shared bias is copied, not cut twice."""
+    source = _variant("qwen2-zero-group-1", _zero_group(1), base=random_decoder_onnx("qwen2"))
+    rng = np.random.default_rng(0)
+    calibration = [rng.integers(3, 512, 48).tolist() for _ in range(8)]
+    out = _WORK / "qwen2-pruned" / "model.onnx"
+    result = prune_decoder_heads(source, out, calibration, _settings(max_perplexity_ratio=1.01))
+    assert [layer.removed for layer in result.layers] == [(1,), (1,)]
+    biases = [p.bias for layer in find_attention_layers(onnx.load(source)) for p in layer.projections]
+    assert all(biases) and len(set(biases)) < len(biases)  # the case this test is for: a bias read twice
+    pruned = _weights(out)
+    for layer in find_attention_layers(onnx.load(str(out))):
+        q, k, v = (pruned[p.bias] for p in layer.projections)
+        assert (q.shape, k.shape, v.shape) == ((32,), (16,), (16,))
+    ids = rng.integers(3, 512, 24).tolist()
+    expected, got = _logits(source, ids), _logits(out, ids)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4 * np.abs(expected).max())
 
 
 def test_packed_qkv_prunes_like_separate_projections(tmp_path, pruned_half):

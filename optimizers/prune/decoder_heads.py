@@ -87,6 +87,7 @@ class Projection:
 
     weight: str
     bias: str | None
+    bias_add: str | None  # the output of the Add that reads the bias (the bias may be shared: it gets a copy)
     parts: tuple[tuple[str, int], ...]
 
 
@@ -94,7 +95,7 @@ class Projection:
 class AttentionLayer:
     """One GroupQueryAttention node with its projections, found in the graph."""
 
-    attention: str  # node name
+    attention: str  # node name (its first output's name when it has none)
     num_heads: int
     kv_heads: int
     head_dim: int
@@ -209,17 +210,17 @@ def _layer(node, weights, producer, readers, inputs, outputs) -> AttentionLayer:
         if weight is None or len(weight.dims) != 2 or weight.dims[0] != heads * head_dim or len(readers[weight.name]) != 1:
             raise _NotALayer(f"its output reaches {user.op_type} '{user.name}', not a MatMul with a constant "
                              f"[{heads * head_dim}, N] weight of its own")
-        return AttentionLayer(node.name, heads, kv_heads, head_dim, tuple(projections), user.name, weight.name, tensor,
+        return AttentionLayer(node.name or node.output[0], heads, kv_heads, head_dim, tuple(projections), user.name, weight.name, tensor,
                               tuple(shapes), cache, tuple(changed))
 
 
 def _projection(tensor, parts, weights, producer, readers) -> tuple[Projection, int, list[str]]:
     """The constant-weight ``MatMul (+ bias)`` producing ``tensor``, its output width, the tensors it writes."""
-    node, bias, touched = producer.get(tensor), None, [tensor]
+    node, bias, bias_add, touched = producer.get(tensor), None, None, [tensor]
     if node is not None and node.op_type == "Add":
         constant = [i for i in node.input if i in weights and len(weights[i].dims) == 1]
-        if len(constant) == 1 and len(readers[constant[0]]) == 1:
-            bias = constant[0]
+        if len(constant) == 1:
+            bias, bias_add = constant[0], node.output[0]
             other = next(i for i in node.input if i != bias)
             node = producer.get(other)
             touched.append(other)
@@ -228,7 +229,7 @@ def _projection(tensor, parts, weights, producer, readers) -> tuple[Projection, 
         raise _NotALayer(f"its input '{tensor}' is not MatMul(x, W) (+ b) with a constant 2-D weight of its own")
     if bias is not None and weights[bias].dims[0] != weight.dims[1]:
         raise _NotALayer(f"the bias '{bias}' does not match the weight '{weight.name}'")
-    return Projection(weight.name, bias, parts), int(weight.dims[1]), touched
+    return Projection(weight.name, bias, bias_add, parts), int(weight.dims[1]), touched
 
 
 # ---------------------------------------------------------------------------- choosing the groups
@@ -288,9 +289,14 @@ def _rewrite(model: onnx.ModelProto, layer: AttentionLayer, kept: Sequence[int],
         weights[projection.weight].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w[:, columns]), projection.weight))
         if projection.bias:
             b = numpy_helper.to_array(weights[projection.bias])
-            weights[projection.bias].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(b[columns]), projection.bias))
+            bias = numpy_helper.from_array(np.ascontiguousarray(b[columns]), f"{projection.weight}_bias_heads{heads}")
+            graph.initializer.append(bias)
+            weights[bias.name] = bias
+            add = next(n for n in graph.node if n.op_type == "Add" and n.output[0] == projection.bias_add)
+            add.input[list(add.input).index(projection.bias)] = bias.name
+            _drop_if_unread(model, weights, projection.bias)
     weights[layer.output_weight].CopyFrom(numpy_helper.from_array(output_weight, layer.output_weight))
-    node = next(n for n in graph.node if n.name == layer.attention)
+    node = next(n for n in graph.node if n.op_type == "GroupQueryAttention" and (n.name or n.output[0]) == layer.attention)
     for a in node.attribute:
         if a.name == "num_heads":
             a.i = heads
@@ -321,7 +327,12 @@ def _shrink_shape(model: onnx.ModelProto, weights: dict, name: str, layer: Atten
     for node in model.graph.node:
         if node.op_type == "Reshape" and node.input[1] == name and node.input[0] in layer.changed:
             node.input[1] = new
-    if not any(name in node.input for node in model.graph.node):  # the last layer that read it moved on
+    _drop_if_unread(model, weights, name)
+
+
+def _drop_if_unread(model: onnx.ModelProto, weights: dict, name: str) -> None:
+    """Remove the constant ``name`` once no node reads it (the last layer that shared it moved on)."""
+    if not any(name in node.input for node in model.graph.node):
         model.graph.initializer.remove(weights.pop(name))
         clear_value_info(model, {name})
 
@@ -375,8 +386,9 @@ def _check_prunable(header: onnx.ModelProto, model_path: Path, ratio: float) -> 
     """A ``UserError`` when no layer of the graph (weights not loaded) can lose a group at ``ratio``."""
     attention = [n for n in header.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     if not attention:
-        raise UserError(f"'{model_path}' has no GroupQueryAttention: KV-head pruning rewrites the fused decoder graph; "
-                        "export it again without --raw (fusion is the default; when it fails, the export says why)")
+        raise UserError(f"'{model_path}' has no GroupQueryAttention: KV-head pruning rewrites fused attention layers; "
+                        "export it again without --raw (the default fuses them; where the fusion does not cover an "
+                        "architecture, the export's 'not fused:' line says why)")
     counts = {(int(attr(n, "num_heads")), int(attr(n, "kv_num_heads"))) for n in attention}
     if len(counts) != 1:
         raise UserError(f"the attention layers of '{model_path}' differ in head counts {sorted(counts)}; "
