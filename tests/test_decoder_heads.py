@@ -271,6 +271,11 @@ def test_cli_prunes_kv_heads_and_the_output_generates(tmp_path, capsys):
     assert (out.parent / "tokenizer.json").is_file()
     assert main(["generate", str(out.parent), "--prompt", "Return the", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()
+    other = tmp_path / "json" / "model.onnx"
+    assert main(["prune", str(trained_decoder()), str(other), "--kv-heads", "0.5", "--calibration", str(text), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["heads"], report["kv_heads"], report["path"]) == ([4, 2], [2, 1], str(other))
+    assert report["quality"]["kl_mean"] > 0 and len(report["layers"]) == 2
 
 
 def test_onnxruntime_genai_runs_the_pruned_package(tmp_path, pruned_half):
