@@ -1,4 +1,4 @@
-"""Decoder compression: weight-only candidates and MLP-width pruning, quality and decode speed.
+"""Decoder compression: weight-only candidates, MLP-width and KV-head pruning, the int8 KV cache: quality and decode speed.
 
 Quality (the trained docstring Llama, ``onnxforge.decoder_models.docstring_llama``): every
 weight-only candidate's perplexity / KL against fp32 on held-out docstrings of the ``onnx``
@@ -8,9 +8,9 @@ its least-squares re-fit.
 Speed (a published configuration with random weights, SmolLM2-135M by default,
 ``onnxforge.decoder_configs``): decode step of plain int4 RTN against the other candidates
 (``--speed-candidates``; ``mixed`` measures one session per matrix product and is slow on 30
-layers), and of the MLP-pruned and KV-head-pruned models against the unpruned one, in fp32 and
-in int4 RTN. Decode
-steps are medians over interleaved rounds at ``--past`` tokens of context
+layers), of the MLP-pruned and KV-head-pruned models against the unpruned one, in fp32 and in int4
+RTN, and of int4 with the int8 KV cache (``optimizers.quantize.kv_cache``) against the float cache
+at 64, 512 and 1024 tokens of context. Decode steps are medians over interleaved rounds at ``--past`` tokens of context
 (``optimizers.quantize.weight_only.decode_step_ms``).
 
     python benchmarks/decoder_compression.py [--model smollm2-135m] [--ratio 0.25] [--kv-heads 0.5] [--threads 2]
@@ -34,6 +34,7 @@ from onnxforge.decoder_configs import random_decoder
 from onnxforge.decoder_models import docstring_llama
 from optimizers.prune.decoder_heads import DecoderHeadPruneSettings, prune_decoder_heads
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
+from optimizers.quantize.kv_cache import KvCacheSettings, quantize_kv_cache
 from optimizers.quantize.decoder_candidates import (
     AUTO_CANDIDATES,
     NAMES,
@@ -82,7 +83,8 @@ def quality(work: Path, ratio: float, kv_heads: float, threads: int | None, leve
     result = quantize_decoder_candidates(fp32, work / "llama-q" / "model.onnx",
                                          DecoderCandidateSettings(candidates=NAMES, threads=threads, accuracy_level=level),
                                          calibration=calibration, evaluation=evaluation)
-    print(f"\n## Weight-only candidates, trained docstring Llama (fp32 perplexity {result.perplexity_float:.3f})\n")
+    print(f"\n## Weight-only candidates, trained docstring Llama (fp32 perplexity {result.perplexity_float:.3f}), "
+          f"accuracy level {_level(result)}\n")
     print("| candidate | perplexity x fp32 | KL | greedy match /16 | decode step ms | MB | chosen |")
     print("|---|---|---|---|---|---|---|")
     for c in result.candidates:
@@ -110,6 +112,12 @@ def quality(work: Path, ratio: float, kv_heads: float, threads: int | None, leve
           f"decode step {heads.decode_ms['unpruned']:.3f} -> {heads.decode_ms['pruned']:.3f} ms")
 
 
+def _level(result) -> str:
+    """The accuracy level of a candidates result, with the timings that chose it when measured."""
+    measured = ", ".join(f"{lv}: {ms:.2f} ms" for lv, ms in result.level_timings_ms.items())
+    return f"{result.accuracy_level}" + (f" (measured on rtn-int4-sym-b32, decode step {measured})" if measured else " (given)")
+
+
 def speed(work: Path, model: str, ratio: float, kv_heads: float, candidates: tuple[str, ...], threads: int | None,
           rounds: int, level: int) -> None:
     folder = random_decoder(model)
@@ -123,12 +131,15 @@ def speed(work: Path, model: str, ratio: float, kv_heads: float, candidates: tup
     result = quantize_decoder_candidates(fp32, work / f"{model}-q" / "model.onnx", settings, calibration=calibration[:4],
                                          evaluation=evaluation)
     base = next(c for c in result.candidates if c.name == "rtn-int4-sym-b32")
-    print(f"\n## Decode step, {model} random weights (past {64}, threads {threads or 'default'})\n")
-    print("| candidate | decode step ms | x RTN int4 sym b32 speed | MB |")
-    print("|---|---|---|---|")
+    level = result.accuracy_level
+    print(f"\n## Decode step, {model} random weights (past {64}, threads {threads or 'default'}), accuracy level {_level(result)}\n")
+    print("| candidate | decode step ms | x RTN int4 sym b32 speed | MB | chosen |")
+    print("|---|---|---|---|---|")
     for c in result.candidates:
         if c.decode_ms is not None:
-            print(f"| {c.name} | {c.decode_ms:.3f} | {base.decode_ms / c.decode_ms:.2f} | {c.weight_bytes / 1e6:.1f} |")
+            print(f"| {c.name} | {c.decode_ms:.3f} | {base.decode_ms / c.decode_ms:.2f} | {c.weight_bytes / 1e6:.1f} | "
+                  f"{'yes' if c.chosen else ''} |")
+    print(f"- {result.reasons[-1]}")
     pruned = work / f"{model}-pruned" / "model.onnx"
     prune_decoder_mlp(fp32, pruned, calibration, DecoderPruneSettings(ratio=ratio, threads=threads, timing_rounds=0,
                                                                       max_perplexity_ratio=100.0), evaluation=evaluation)
@@ -139,7 +150,7 @@ def speed(work: Path, model: str, ratio: float, kv_heads: float, candidates: tup
     for name, source in (("int4", fp32), ("int4 pruned", pruned), ("int4 kv-heads pruned", heads)):
         target = work / f"{model}-{name.replace(' ', '-')}" / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_model(set_accuracy_level(rtn(prepare(onnx.load(str(source))), 4, 32, True), level), target)
+        save_model(set_accuracy_level(rtn(prepare(onnx.load(str(source))), 4, 32, True), level), target)  # the level kept above
         paths[name] = target
     session = SessionSettings(intra_op_threads=threads, log_severity=3)
     decoders = {name: OnnxDecoder(path, settings=session) for name, path in paths.items()}
@@ -151,6 +162,22 @@ def speed(work: Path, model: str, ratio: float, kv_heads: float, candidates: tup
     for name in paths:
         unpruned = ms[name.split(" ")[0]]
         print(f"| {name} | {ms[name]:.3f} | {unpruned / ms[name]:.2f} |")
+    kv_cache(work, paths["int4"], calibration, threads, rounds, model)
+
+
+def kv_cache(work: Path, int4: Path, calibration, threads: int | None, rounds: int, model: str) -> None:
+    """int4 weights with the float cache against the same with the int8 cache, by context length."""
+    kv8 = work / f"{model}-int4-kv8" / "model.onnx"
+    result = quantize_kv_cache(int4, kv8, calibration[:4], KvCacheSettings(threads=threads, max_kl=10.0))
+    session = SessionSettings(intra_op_threads=threads, log_severity=3)
+    print(f"\n## int8 KV cache (per channel), {model} random weights, int4 weights: decode step by context\n")
+    print(f"KV bytes per token {result.kv_bytes_per_token_before} -> {result.kv_bytes_per_token_after}\n")
+    print("| past tokens | float cache ms | int8 cache ms | speedup |")
+    print("|---|---|---|---|")
+    for past in (64, 512, 1024):
+        decoders = {"float": OnnxDecoder(int4, settings=session), "int8": OnnxDecoder(kv8, settings=session)}
+        ms = decode_step_ms(decoders, past, 8, rounds)
+        print(f"| {past} | {ms['float']:.3f} | {ms['int8']:.3f} | {ms['float'] / ms['int8']:.2f} |")
 
 
 def main(argv=None) -> int:
@@ -164,10 +191,12 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--accuracy-level", type=int, default=DecoderCandidateSettings.accuracy_level, choices=(0, 1, 2, 3, 4),
-                        help="MatMulNBits accuracy_level of every candidate (4: int8 activations, the VNNI/AMX kernels)")
+                        help="MatMulNBits accuracy_level of every candidate (4: int8 activations, the VNNI/AMX kernels; "
+                             "default: measured, as quantize does)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    print(f"machine: {machine_info().describe()}; {platform.platform()}; MatMulNBits accuracy level {args.accuracy_level}")
+    print(f"machine: {machine_info().describe()}; {platform.platform()}; MatMulNBits accuracy level "
+          + ("measured" if args.accuracy_level is None else str(args.accuracy_level)))
     with tempfile.TemporaryDirectory(prefix="onnxforge-dcomp-") as tmp:
         work = Path(tmp)
         if not args.skip_quality:

@@ -24,6 +24,7 @@ from optimizers.distill import DistillSettings
 from optimizers.prune.decoder_heads import DecoderHeadPruneSettings
 from optimizers.prune.decoder_mlp import DecoderPruneSettings
 from optimizers.quantize.decoder_candidates import NAMES as WEIGHT_ONLY_NAMES
+from optimizers.quantize.weight_only import WeightOnlySettings
 
 # section -> key -> accepted Python types (a list type means "list of these"). The sections that
 # build a step's settings object take their keys from its schema (``onnxforge.common.options``:
@@ -46,10 +47,10 @@ PRUNE_KEYS = recipe_types(PruneSettings)
 QUANTIZE_KEYS = recipe_types(QuantizeSettings)
 # A text-generation recipe's candidates (onnxforge.pipeline_decoder): weight-only quantization by
 # candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and pruning (MLP width:
-# ratio, round_to; KV head groups: kv_heads; both: heads first).
-DECODER_QUANTIZE_KEYS = {"weights": (str,), "bits": (int,), "block_size": (int,), "symmetric": (bool,), "accuracy_level": (int,)}
-DECODER_PRUNE_KEYS = {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "max_batches": (int,),
-                      "kv_heads": (float, int)}
+# ratio, round_to; KV head groups: kv_heads; both: heads first); ``weights`` and the calibration
+# windows pruning reads (``max_batches``) are the pipeline's.
+DECODER_QUANTIZE_KEYS = {"weights": (str,), **recipe_types(WeightOnlySettings)}
+DECODER_PRUNE_KEYS = {**recipe_types(DecoderPruneSettings), **recipe_types(DecoderHeadPruneSettings), "max_batches": (int,)}
 TOP_LEVEL = set(SCHEMA) | {"candidates", "name"}
 
 
@@ -178,17 +179,19 @@ def check_decoder_candidates(data: dict[str, Any]) -> None:
         quantize, prune = candidate.get("quantize"), candidate.get("prune")
         if quantize is not None:
             _check_table(quantize, DECODER_QUANTIZE_KEYS, f"{where}.quantize (a text-generation recipe)")
+            check_ranges(quantize, WeightOnlySettings, f"{where}.quantize")
+            check_choices(quantize, WeightOnlySettings, f"{where}.quantize")
             name = weight_only_name(quantize)
             if name not in (*WEIGHT_ONLY_NAMES, "auto"):
                 raise UserError(f"'{where}.quantize' names the weight-only candidate {name!r}{closest(name, WEIGHT_ONLY_NAMES)}; "
                                 f"available: auto, {', '.join(WEIGHT_ONLY_NAMES)}")
-            if quantize.get("accuracy_level", 0) not in (0, 1, 2, 3, 4):
-                raise UserError(f"'{where}.quantize.accuracy_level' must be 0..4, got {quantize['accuracy_level']!r}")
         if prune is not None:
             _check_table(prune, DECODER_PRUNE_KEYS, f"{where}.prune (a text-generation recipe)")
             if prune.get("max_batches", 2) < 2:
                 raise UserError(f"'{where}.prune.max_batches' must be at least 2 (calibration windows pruning reads), "
                                 f"got {prune['max_batches']}")
+            check_ranges(prune, DecoderPruneSettings, f"{where}.prune")
+            check_ranges(prune, DecoderHeadPruneSettings, f"{where}.prune")
             try:  # the settings' own checks run now: one line naming the key, not minutes into a run
                 decoder_prune_settings(prune)
             except UserError as exc:
@@ -197,12 +200,13 @@ def check_decoder_candidates(data: dict[str, Any]) -> None:
 
 def decoder_prune_settings(prune: dict[str, Any]) -> tuple[DecoderHeadPruneSettings | None, DecoderPruneSettings | None]:
     """A decoder candidate's ``prune`` table as (KV-head settings, MLP-width settings); the MLP width is
-    pruned when ``ratio`` is given or ``kv_heads`` is not, the KV head groups when ``kv_heads`` is."""
-    common = {k: v for k, v in prune.items() if k == "reconstruct"}
-    heads = DecoderHeadPruneSettings(ratio=prune["kv_heads"], **common) if "kv_heads" in prune else None
+    pruned when ``ratio`` is given or ``kv_heads`` is not, the KV head groups when ``kv_heads`` is
+    (``reconstruct`` applies to both; ``max_batches`` is the pipeline's)."""
+    head_keys, mlp_keys = recipe_types(DecoderHeadPruneSettings), recipe_types(DecoderPruneSettings)
+    heads = from_table(DecoderHeadPruneSettings, {k: v for k, v in prune.items() if k in head_keys}) if "kv_heads" in prune else None
     mlp = None
     if "ratio" in prune or heads is None:
-        mlp = DecoderPruneSettings(**{k: v for k, v in prune.items() if k not in ("max_batches", "kv_heads")})
+        mlp = from_table(DecoderPruneSettings, {k: v for k, v in prune.items() if k in mlp_keys})
     return heads, mlp
 
 

@@ -9,7 +9,9 @@ The graph is the one ``onnxforge export --task text-generation`` writes (Hugging
 The first step feeds an empty past (length 0). Each later step binds the previous step's
 ``present`` OrtValues as the next ``past`` inputs with ``session.io_binding()``, so the cache
 never passes through numpy; its size is what the sequence holds so far (prompt plus the tokens
-generated), never a preallocated maximum context. Left padding is supported: positions are
+generated), never a preallocated maximum context. The cache is float32, float16, or int8 where
+GroupQueryAttention quantizes it (``optimizers.quantize.kv_cache``; the empty past is then int8
+too and ``kv_bytes`` counts one byte per value). Left padding is supported: positions are
 ``cumsum(attention_mask) - 1`` (1 on padding, as transformers computes them), and each row
 keeps its own next position.
 """
@@ -37,6 +39,7 @@ _NUMPY_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,  # GroupQueryAttention's quantized cache (optimizers.quantize.kv_cache)
 }
 
 
@@ -100,7 +103,8 @@ class DecoderIO:
             )
         kv_type, kv_dims = past[(0, "key")]
         if kv_type not in _NUMPY_TYPES:
-            raise UserError(f"cache inputs of type {kv_type} are not supported; the runner takes float32 or float16")
+            raise UserError(f"cache inputs of type {kv_type} are not supported; the runner takes float32, float16 or int8 "
+                            "(an int8 cache quantized inside GroupQueryAttention)")
         if len(kv_dims) != 4 or not all(isinstance(d, int) for d in (kv_dims[1], kv_dims[3])):
             raise UserError(
                 f"cache input 'past_key_values.0.key' has shape {kv_dims}; expected [batch, kv_heads, past, head_dim] "
@@ -126,7 +130,8 @@ def _signature(value) -> tuple[str, str, list]:
     tensor = value.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
     kind = {onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.FLOAT16: "tensor(float16)",
-            onnx.TensorProto.DOUBLE: "tensor(double)"}.get(tensor.elem_type, f"tensor({tensor.elem_type})")
+            onnx.TensorProto.DOUBLE: "tensor(double)",
+            onnx.TensorProto.INT8: "tensor(int8)"}.get(tensor.elem_type, f"tensor({tensor.elem_type})")
     return value.name, kind, dims
 
 

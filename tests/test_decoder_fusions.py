@@ -62,6 +62,38 @@ def test_each_layer_becomes_one_group_query_attention(mha_graph):
     assert [v.name for v in model.graph.outputs][1:3] == ["present.0.key", "present.0.value"]
 
 
+def _reshapes_after_attention(model: ir.Model) -> int:
+    """Reshape nodes that read a GroupQueryAttention output (directly or through an Identity)."""
+    count = 0
+    for node in model.graph:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        users = [user for user, _ in node.outputs[0].uses()]
+        users += [inner for user in users if user.op_type == "Identity" for inner, _ in user.outputs[0].uses()]
+        count += sum(user.op_type == "Reshape" for user in users)
+    return count
+
+
+def test_the_reshape_pair_after_attention_is_dropped(mha_graph):
+    """MultiHeadAttention's [B, S, H, D] round trip after the layer is an identity on GQA's [B, S, H*D]
+    output: dropped (the equality test below runs the graph); a near miss keeps it."""
+    model = ir.load(str(mha_graph))
+    assert fuse_group_query_attention(model, 256) == 2
+    assert _reshapes_after_attention(model) == 0
+    near_miss = ir.load(str(mha_graph))
+    for node in near_miss.graph:  # the second Reshape's last dim is a constant 0 now, not -1: not proven an identity
+        if node.op_type == "Concat" and len(node.inputs) == 3 and node.inputs[2] is not None:
+            last = _const_of(node.inputs[2])
+            if last is not None and last.tolist() == [-1]:
+                node.inputs[2].const_value = ir.tensor(np.array([0], dtype=np.int64))
+    fuse_group_query_attention(near_miss, 256)
+    assert _reshapes_after_attention(near_miss) == 2
+
+
+def _const_of(value):
+    return value.const_value.numpy() if value is not None and value.const_value is not None else None
+
+
 def test_scaled_cos_sin_are_left_alone(mha_graph):
     """Near miss: cos scaled after Cos (as YaRN / LongRoPE attention factors do) is not cos(p * inv_freq)."""
     model = ir.load(str(mha_graph))

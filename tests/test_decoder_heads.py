@@ -353,7 +353,7 @@ def test_recipe_prune_kv_heads():
     heads, mlp = decoder_prune_settings({"ratio": 0.25})
     assert heads is None and mlp.ratio == 0.25
     check_decoder_candidates({"candidates": [{"name": "heads", "prune": {"kv_heads": 0.5}}]})
-    with pytest.raises(UserError, match=r"recipe \[candidates\[0\].prune\]: --kv-heads .* must be in \(0, 1\)"):
+    with pytest.raises(UserError, match=r"^'candidates\[0\]\.prune\.kv_heads' must be above 0.0 and below 1.0, got 1.5$"):
         check_decoder_candidates({"candidates": [{"name": "heads", "prune": {"kv_heads": 1.5}}]})
 
 

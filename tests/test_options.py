@@ -12,9 +12,15 @@ import pytest
 from onnxforge.cli import build_parser
 from onnxforge.common.errors import UserError
 from onnxforge.common.options import add_flags, check_choices, from_args, option, recipe_types, undeclared
-from onnxforge.recipe import SETTINGS, recipe_from_dict
+from onnxforge.recipe import DECODER_PRUNE_KEYS, DECODER_QUANTIZE_KEYS, SETTINGS, recipe_from_dict
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
+from optimizers.prune.decoder_heads import DecoderHeadPruneSettings
+from optimizers.prune.decoder_mlp import DecoderPruneSettings
+from optimizers.prune.decoder_refit import DecoderRefitSettings
+from optimizers.prune.heads import HEAD_IMPORTANCES, HeadSettings
+from optimizers.quantize.decoder_candidates import AUTO_CANDIDATES, DecoderCandidateSettings
+from optimizers.quantize.weight_only import WeightOnlySettings
 from exporter.settings import ExportSettings
 from runtime_bench import BenchConfig
 
@@ -22,7 +28,12 @@ COMMANDS = {"optimize": OptimizeSettings, "quantize": QuantizeSettings, "prune":
             "bench": BenchConfig, "tune": BenchConfig, "export": ExportSettings}
 
 
-@pytest.mark.parametrize("cls", sorted(set(COMMANDS.values()) | set(SETTINGS.values()), key=lambda c: c.__name__))
+# Settings built by a command or a recipe beside the ones named above: decoders' and attention heads'.
+OTHERS = {WeightOnlySettings, DecoderCandidateSettings, DecoderPruneSettings, DecoderHeadPruneSettings, DecoderRefitSettings,
+          HeadSettings}
+
+
+@pytest.mark.parametrize("cls", sorted(set(COMMANDS.values()) | set(SETTINGS.values()) | OTHERS, key=lambda c: c.__name__))
 def test_every_settings_field_has_a_flag_a_recipe_key_or_is_internal(cls):
     assert undeclared(cls) == [], f"{cls.__name__}: declare a flag, a recipe key or internal=True for these fields"
 
@@ -154,3 +165,74 @@ def test_bench_flags_build_the_config_with_its_session_and_tolerance():
         from_args(BenchConfig, parser.parse_args(["--batch", "1,x"]))
     with pytest.raises(UserError, match="--batch is empty"):
         from_args(BenchConfig, parser.parse_args(["--batch", ","]))
+
+
+def test_decoder_quantize_flags_build_the_settings_the_hand_written_ones_did():
+    parser = _subparser("quantize")
+    args = parser.parse_args(["in.onnx", "out.onnx"])
+    assert from_args(DecoderCandidateSettings, args) == DecoderCandidateSettings(candidates=AUTO_CANDIDATES)
+    assert from_args(WeightOnlySettings, args, bits=4) == WeightOnlySettings()  # accuracy level None: measured
+    args = parser.parse_args(["in.onnx", "out.onnx", "--weight-candidates", "rtn-int4-sym-b32, mixed", "--max-perplexity-ratio",
+                              "1.05", "--accuracy-level", "4", "--speed-tolerance", "0.8", "--mode", "int8-weight"])
+    assert from_args(DecoderCandidateSettings, args) == DecoderCandidateSettings(
+        candidates=("rtn-int4-sym-b32", "mixed"), max_perplexity_ratio=1.05, accuracy_level=4, speed_tolerance=0.8)
+    assert from_args(WeightOnlySettings, args, bits=8) == WeightOnlySettings(bits=8, accuracy_level=4)  # one flag, both classes
+    with pytest.raises(UserError, match=r"speed tolerance must be in \(0, 1\], got 1.5"):
+        from_args(DecoderCandidateSettings, parser.parse_args(["i", "o", "--speed-tolerance", "1.5"]))
+    with pytest.raises(UserError, match="max perplexity ratio must be >= 1, got 0.9"):
+        from_args(DecoderCandidateSettings, parser.parse_args(["i", "o", "--max-perplexity-ratio", "0.9"]))
+    with pytest.raises(UserError, match="unknown weight-only candidate.*'rtn-int3'"):
+        from_args(DecoderCandidateSettings, parser.parse_args(["i", "o", "--weight-candidates", "rtn-int3"]))
+    with pytest.raises(SystemExit):  # argparse refuses a level outside the declared choices
+        parser.parse_args(["i", "o", "--accuracy-level", "5"])
+    text = " ".join(parser.format_help().split())
+    for shown in ("--speed-tolerance SPEED_TOLERANCE auto mode", "(default: 0.9)", "(default: 1.02)",
+                  f"(default: {','.join(AUTO_CANDIDATES)})", "default: measured (levels 0, 1 and 4"):
+        assert shown in text.replace("- ", "-"), shown  # argparse wraps the candidate names at their hyphens
+    assert text.count("--accuracy-level {0,1,2,3,4}") == 2  # usage and help: the flag is added once
+
+
+def test_decoder_prune_and_head_flags_come_from_their_settings():
+    parser = _subparser("prune")
+    args = parser.parse_args(["in.onnx", "out.onnx", "--ratio", "0.3", "--round-to", "4", "--no-reconstruct"])
+    assert from_args(DecoderPruneSettings, args) == DecoderPruneSettings(ratio=0.3, round_to=4, reconstruct=False)
+    args = parser.parse_args(["in.onnx", "out.onnx", "--ratio", "0.3"])
+    assert from_args(DecoderPruneSettings, args) == DecoderPruneSettings(ratio=0.3)  # --reconstruct not given: on
+    assert args.head_importance == HeadSettings().importance and args.importance == PruneSettings().importance
+    action = next(a for a in parser._actions if "--head-importance" in a.option_strings)
+    assert tuple(action.choices) == HEAD_IMPORTANCES and action.dest == "head_importance"
+    assert parser.parse_args(["i", "o", "--head-importance", "ablation"]).head_importance == "ablation"
+    assert args.kv_heads is None  # not given: the decoder's MLP width is pruned, not its KV heads
+    args = parser.parse_args(["in.onnx", "out.onnx", "--kv-heads", "0.5", "--no-reconstruct"])
+    assert from_args(DecoderHeadPruneSettings, args, ratio=args.kv_heads) == DecoderHeadPruneSettings(ratio=0.5, reconstruct=False)
+    assert args.ratio is None  # --kv-heads does not set the MLP width's --ratio
+    assert " ".join(parser.format_help().split()).count("--kv-heads RATIO") == 2  # usage and help: added once
+
+
+def test_decoder_recipe_keys_come_from_the_schema():
+    assert set(recipe_types(WeightOnlySettings)) == {"bits", "block_size", "symmetric", "accuracy_level"}
+    assert set(recipe_types(DecoderPruneSettings)) == {"ratio", "round_to", "reconstruct"}
+    assert set(recipe_types(DecoderHeadPruneSettings)) == {"kv_heads", "reconstruct"}
+    assert set(recipe_types(DecoderCandidateSettings)) == {"accuracy_level"}  # the budget is [select]'s
+    assert DECODER_QUANTIZE_KEYS == {"weights": (str,), "bits": (int,), "block_size": (int,), "symmetric": (bool,),
+                                     "accuracy_level": (int,)}
+    assert DECODER_PRUNE_KEYS == {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "kv_heads": (float, int),
+                                  "max_batches": (int,)}
+    base = {"model": {"hf": "folder", "task": "text-generation"}}
+
+    def candidate(**steps):
+        return recipe_from_dict({**base, "candidates": [{"name": "c", **steps}]})
+
+    for steps, message in (
+            ({"quantize": {"weights": "auto", "accuracy_level": 7}},
+             r"^'candidates\[0\]\.quantize\.accuracy_level' must be one of 0, 1, 2, 3, 4, got 7$"),
+            ({"quantize": {"bits": 2}}, r"^'candidates\[0\]\.quantize\.bits' must be one of 4, 8, got 2$"),
+            ({"quantize": {"block_size": 8}}, r"^'candidates\[0\]\.quantize\.block_size' must be at least 16, got 8$"),
+            ({"prune": {"round_to": 0}}, r"^'candidates\[0\]\.prune\.round_to' must be at least 1, got 0$"),
+            ({"prune": {"ratio": 0}}, r"^'candidates\[0\]\.prune\.ratio' must be above 0.0 and below 1.0, got 0$"),
+            ({"prune": {"kv_heads": 1}}, r"^'candidates\[0\]\.prune\.kv_heads' must be above 0.0 and below 1.0, got 1$")):
+        with pytest.raises(UserError, match=message):
+            candidate(**steps)
+    recipe = candidate(quantize={"bits": 8, "block_size": 64, "symmetric": False, "accuracy_level": 4},
+                       prune={"ratio": 0.25, "round_to": 4, "reconstruct": False, "kv_heads": 0.5, "max_batches": 4})
+    assert recipe.candidates[0]["prune"]["round_to"] == 4

@@ -140,9 +140,11 @@ def test_decoder_candidates_are_checked_before_any_step(tmp_path):
     base = {"model": {"hf": str(tmp_path), "task": "text-generation"}, "data": {"evaluation": "x.txt"}}
     with pytest.raises(UserError, match=r"unknown key 'mode' in candidates\[0\]\.quantize \(a text-generation recipe\)"):
         recipe_from_dict({**base, "candidates": [{"name": "q", "quantize": {"mode": "auto"}}]})
-    with pytest.raises(UserError, match="weight-only candidate 'rtn-int3-sym-b32'"):
+    with pytest.raises(UserError, match=r"'candidates\[0\]\.quantize\.bits' must be one of 4, 8, got 3"):
         recipe_from_dict({**base, "candidates": [{"name": "q", "quantize": {"bits": 3}}]})
-    with pytest.raises(UserError, match="ratio for decoder MLP pruning must be in"):
+    with pytest.raises(UserError, match="weight-only candidate 'rtn-int4-sym-b256'"):
+        recipe_from_dict({**base, "candidates": [{"name": "q", "quantize": {"block_size": 256}}]})
+    with pytest.raises(UserError, match=r"'candidates\[0\]\.prune\.ratio' must be above 0.0 and below 1.0, got 1.5"):
         recipe_from_dict({**base, "candidates": [{"name": "p", "prune": {"ratio": 1.5}}]})
     with pytest.raises(UserError, match="'select.max_perplexity_ratio' must be at least 1"):
         recipe_from_dict({**base, "select": {"max_perplexity_ratio": 0.9}})

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-
 from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.decoder_text import text_sequences
 from onnxforge.common.errors import UserError
 from onnxforge.common import jsonio
 from onnxforge.common.options import add_flags, from_args
 from optimizers.prune.channels import PruneSettings
+from optimizers.prune.decoder_heads import DecoderHeadPruneSettings, prune_decoder_heads, write_pruned_config
+from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
+from optimizers.prune.heads import HeadSettings
+
+# --method and --heads are written here, not declared on a settings class: they are arguments of
+# optimizers.prune.prune that choose what runs (the function, and whether heads are pruned first,
+# 0 meaning none), while the settings classes hold how each one runs.
 
 
 def register(sub) -> None:
@@ -22,12 +27,9 @@ def register(sub) -> None:
     prn.add_argument("--heads", type=float, metavar="RATIO", default=0.0,
                      help="fraction of attention heads to remove from each attention block, in [0, 1); pruned before "
                           "channels and neurons (--ratio), which are optional with it")
-    prn.add_argument("--head-importance", choices=("contribution", "ablation"), default="contribution",
-                     help="contribution: weight norms, or the measured contribution with --calibration; ablation: the "
-                          "output loss of removing each head alone (needs --calibration; one ONNX Runtime session per head)")
-    prn.add_argument("--kv-heads", type=float, metavar="RATIO", default=None,
-                     help="generative decoders: fraction of each layer's KV head groups to remove (one KV head and its "
-                          "query heads), in (0, 1), with --calibration; the output projection is re-fitted")
+    add_flags(prn, HeadSettings, adjust={"importance": {"dest": "head_importance"}})  # --importance is PruneSettings'
+    # --reconstruct is PruneSettings'; --kv-heads routes a decoder to KV-head pruning (None: not given).
+    add_flags(prn, DecoderHeadPruneSettings, skip=("reconstruct",), adjust={"ratio": {"dest": "kv_heads"}})
     add_data_flags(prn, calibration="data for activation importance and bias compensation",
                    dims="symbolic dim size for generated inputs and MACs")
     add_io_flags(prn)
@@ -99,8 +101,6 @@ def _print_heads(heads) -> None:
 
 def _decoder_command(args) -> int:
     """A generative decoder (past_key_values.* inputs): MLP width pruned with the down projection re-fitted."""
-    from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
-
     if args.heads or args.method != "structured":
         raise UserError("a generative decoder is pruned by MLP width (--ratio) or KV head groups (--kv-heads), with "
                         "--calibration; --heads and --method magnitude are not supported for decoders")
@@ -109,8 +109,7 @@ def _decoder_command(args) -> int:
     if not args.calibration:
         raise UserError("pruning a decoder needs --calibration TEXT (a text file, passages separated by blank lines): "
                         "its activations choose the neurons and re-fit the down projections")
-    settings = DecoderPruneSettings(ratio=args.ratio, round_to=args.round_to,
-                                    reconstruct=args.reconstruct is not False)
+    settings = from_args(DecoderPruneSettings, args)  # --reconstruct not given: on
     calibration = text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
     calibration = calibration[:max(args.max_batches, 2)]
     evaluation = (text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation", length=128, windows=True)
@@ -146,11 +145,10 @@ def _decoder_heads_command(args) -> int:
     from pathlib import Path
 
     from exporter.sources import copy_model_files
-    from optimizers.prune.decoder_heads import DecoderHeadPruneSettings, prune_decoder_heads, write_pruned_config
 
     if args.heads or args.method != "structured" or args.ratio is not None:
         raise UserError("--kv-heads prunes a decoder's KV head groups alone; prune the MLP width (--ratio) in a second run")
-    settings = DecoderHeadPruneSettings(ratio=args.kv_heads, reconstruct=args.reconstruct is not False)
+    settings = from_args(DecoderHeadPruneSettings, args, ratio=args.kv_heads)  # --reconstruct not given: on
     if not args.calibration:
         raise UserError("pruning a decoder's KV heads needs --calibration TEXT (a text file, passages separated by blank "
                         "lines): its attention outputs choose the groups and re-fit the output projections")

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.decoder_text import text_sequences
-from optimizers.quantize.decoder_candidates import AUTO_CANDIDATES, NAMES
+from optimizers.quantize.decoder_candidates import DecoderCandidateSettings, quantize_decoder_candidates
+from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 from onnxforge.common import jsonio
 from onnxforge.common.options import add_flags, from_args, help_of
 from optimizers.quantize.settings import MODES, QuantizeSettings
 
 MODE_HELP = (help_of(QuantizeSettings, "mode")
              + ". A generative decoder (past_key_values.* inputs) gets weight-only candidates under auto (RTN int4, "
-             "int4 with an int8 output layer, mixed int8/int4 by measured sensitivity, HQQ; the fastest within "
-             "--max-perplexity-ratio of fp32 wins), plain int4 blocks under int4 and int8 blocks under int8-weight")
+             "int4 with an int8 output layer, mixed int8/int4 by measured sensitivity, HQQ; among those within "
+             "--max-perplexity-ratio of fp32 and at least --speed-tolerance x the fastest's speed, the lowest KL wins), plain int4 "
+             "blocks under int4 and int8 blocks under int8-weight")
 
 
 def register(sub) -> None:
@@ -21,13 +23,9 @@ def register(sub) -> None:
     quant.add_argument("input", help="the float ONNX file")
     quant.add_argument("output", help="the quantized ONNX file to write")
     add_flags(quant, QuantizeSettings, adjust={"mode": {"choices": (*MODES, "int8-weight"), "help": MODE_HELP}})
-    quant.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
-                       help="decoders: MatMulNBits compute type, 4 = int8 activations (default: 0, 1 and 4 timed here, the fastest faithful kept)")
-    quant.add_argument("--weight-candidates", metavar="NAMES",
-                       help="decoders, auto mode: comma-separated weight-only candidates to build and compare instead of the "
-                            f"default ({','.join(AUTO_CANDIDATES)}); available: {', '.join(NAMES)}")
-    quant.add_argument("--max-perplexity-ratio", type=float, default=1.02,
-                       help="decoders, auto mode: the quality budget, candidate perplexity at most this x fp32's (default 1.02)")
+    decoders = quant.add_argument_group("generative decoders (past_key_values.* inputs): weight-only quantization")
+    add_flags(decoders, WeightOnlySettings)  # --accuracy-level, also read by DecoderCandidateSettings
+    add_flags(decoders, DecoderCandidateSettings, skip=("accuracy_level",))
     add_data_flags(quant, calibration=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'",
                    dims="symbolic dim size for generated inputs")
     quant.add_argument("--allow-random-calibration", action="store_true", help="accept --calibration random (not representative)")
@@ -36,9 +34,7 @@ def register(sub) -> None:
 
 
 def _weight_only_command(args) -> int:
-    from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
-
-    settings = WeightOnlySettings(bits=8 if args.mode == "int8-weight" else 4, accuracy_level=args.accuracy_level)
+    settings = from_args(WeightOnlySettings, args, bits=8 if args.mode == "int8-weight" else 4)
     result = quantize_weight_only(args.input, args.output, settings, sequences=_held_out_text(args))
     if args.json:
         print(jsonio.document(result.to_dict()))
@@ -59,11 +55,7 @@ def _weight_only_command(args) -> int:
 
 
 def _decoder_candidates_command(args) -> int:
-    from optimizers.quantize.decoder_candidates import DecoderCandidateSettings, quantize_decoder_candidates
-
-    names = tuple(n.strip() for n in args.weight_candidates.split(",") if n.strip()) if args.weight_candidates else AUTO_CANDIDATES
-    settings = DecoderCandidateSettings(candidates=names, max_perplexity_ratio=args.max_perplexity_ratio,
-                                        accuracy_level=args.accuracy_level)
+    settings = from_args(DecoderCandidateSettings, args)
     calibration = (text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
                    [:args.max_calibration_batches] if args.calibration else None)
     result = quantize_decoder_candidates(args.input, args.output, settings, calibration=calibration, evaluation=_held_out_text(args))

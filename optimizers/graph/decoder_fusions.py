@@ -27,7 +27,14 @@ batch, cache against recomputation). The cos/sin caches are ``cos(p * inv_freq)`
 ``p < max_positions`` with ``inv_freq`` read from the graph; rotary forms that scale cos/sin
 (LongRoPE, YaRN attention factors) or pick frequencies by length do not match the pattern.
 
-The rule mutates the ``ir.Model`` it is given (``fuse_group_query_attention``).
+``GqaOutputReshapesRule`` then drops what the MultiHeadAttention form left after the layer: its
+output ``[B, S, H*D]`` went through ``Reshape(.., [0, 0, H, -1])`` and back through
+``Reshape(.., Concat(Shape(batch input)[0], Shape(input_ids)[1], [-1]))``. GroupQueryAttention's
+output already is ``[B, S, H*D]`` (B from every batch-first input, S the query length, which is
+``input_ids``'), so the pair is an identity: two copies per layer and step (about 7 % of an int4
+decode step on Qwen2.5-0.5B, measured by ``benchmarks/decoders.py --profile``).
+
+The rules mutate the ``ir.Model`` they are given (``fuse_group_query_attention``).
 """
 
 from __future__ import annotations
@@ -227,6 +234,44 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         return self._caches[key]
 
 
+class GqaOutputReshapesRule(pattern.RewriteRuleClassBase):
+    """``Reshape(Reshape(gqa_out, [0, 0, H, -1]), Concat(batch, seq, [-1]))`` -> ``gqa_out`` (module doc).
+    The shape Concat is shared by every layer, so matched nodes stay for ``RemoveUnusedNodesPass``."""
+
+    def __init__(self):
+        super().__init__("GqaOutputReshapes", remove_nodes=False)
+
+    def pattern(self, op, x, split_heads, batch_source, seq_source, rest):
+        heads = op.Reshape(x, split_heads, _outputs=["heads"])
+        shape = op.Concat(op.Shape(batch_source, start=0, end=1), op.Shape(seq_source, start=1, end=2), rest, axis=0)
+        return op.Reshape(heads, shape)
+
+    def check(self, context, x, split_heads, batch_source, seq_source, rest, heads, **_):
+        result = pattern.MatchResult()
+        producer = x.producer()
+        if producer is None or producer.op_type != "GroupQueryAttention" or producer.outputs[0] is not x:
+            return result.fail("not the output of GroupQueryAttention")
+        split, last = _const(split_heads), _const(rest)
+        if split is None or split.shape != (4,) or split[0] != 0 or split[1] != 0:
+            return result.fail("the first Reshape does not keep the batch and sequence dims")
+        if last is None or last.tolist() != [-1]:
+            return result.fail("the second Reshape does not end in -1")
+        graph = context.graph_or_function
+        inputs = {v.name: v for v in getattr(graph, "inputs", ())}
+        ids = inputs.get("input_ids")
+        if ids is None or seq_source is not ids:
+            return result.fail("the sequence length is not read from input_ids")
+        batch_dim = ids.shape[0] if ids.shape is not None else None
+        if batch_source.name not in inputs or batch_source.shape is None or batch_source.shape[0] != batch_dim:
+            return result.fail("the batch is not read from a batch-first graph input")
+        if heads.producer().attributes.get_int("allowzero", 0):  # its zeros must copy B and S (the second's are real sizes)
+            return result.fail("the first Reshape has allowzero")
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
+
+
 def fuse_group_query_attention(model: ir.Model, max_positions: int) -> int:
     """Rewrite every matching decoder layer of ``model`` (mutated) as GroupQueryAttention with
     rotary caches of ``max_positions`` rows; returns how many layers were rewritten."""
@@ -234,10 +279,12 @@ def fuse_group_query_attention(model: ir.Model, max_positions: int) -> int:
 
     count = pattern.RewriteRuleSet([GroupQueryAttentionRule.rule(max_positions)]).apply_to_model(model)
     if count:
+        reshapes = pattern.RewriteRuleSet([GqaOutputReshapesRule.rule()]).apply_to_model(model)
+        logger.info("GroupQueryAttention: %d output Reshape pairs dropped", reshapes)
         CommonSubexpressionEliminationPass()(model)
         RemoveUnusedNodesPass()(model)
         logger.info("GroupQueryAttention: %d decoder layers fused (rotary caches of %d positions)", count, max_positions)
     return int(count)
 
 
-__all__ = ["GroupQueryAttentionRule", "fuse_group_query_attention"]
+__all__ = ["GqaOutputReshapesRule", "GroupQueryAttentionRule", "fuse_group_query_attention"]

@@ -47,6 +47,7 @@ from onnxforge.common.fileio import write_text_atomic
 from onnxforge.common.graph import attr
 from onnxforge.common.graph import producers as tensor_producers
 from onnxforge.common.graph import readers as tensor_readers
+from onnxforge.common.options import option
 from onnxforge.common.progress import tracked
 from optimizers.prune.decoder_refit import (
     DecoderPruneReport,
@@ -71,7 +72,12 @@ class DecoderHeadPruneSettings(DecoderRefitSettings):
     """``ratio``: the fraction of each layer's KV head groups removed (rounded down, one group at
     least removed and one at least kept); the re-fit and the check are ``DecoderRefitSettings``'."""
 
-    ratio: float = 0.5
+    # --kv-heads both chooses this pruner and holds its ratio: ``onnxforge prune`` adds it with dest
+    # ``kv_heads`` (``--ratio`` is the MLP width's) and a flag default of None (not given: no KV heads pruned).
+    ratio: float = option(0.5, flag="--kv-heads", key="kv_heads", flag_default=None, metavar="RATIO",
+                          low=0.0, high=1.0, low_open=True, high_open=True,
+                          help="generative decoders: fraction of each layer's KV head groups to remove (one KV head and "
+                               "its query heads), with --calibration; the output projection is re-fitted")
 
     def __post_init__(self):
         super().__post_init__()
@@ -144,7 +150,7 @@ def find_attention_layers(model: onnx.ModelProto) -> list[AttentionLayer]:
     Raises ``UserError`` naming the first node that is not of the form this module rewrites: q, k, v
     each ``MatMul(x, W) (+ b)`` with constant weights read only there (or one such packed product
     as the ``query`` input, key and value empty), cache inputs and outputs of the graph, and the
-    attention output reaching one ``MatMul(., W_o)`` through Reshapes only.
+    attention output reaching one ``MatMul(., W_o)`` through Reshapes and Identities only.
     """
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
@@ -200,8 +206,8 @@ def _layer(node, weights, producer, readers, inputs, outputs) -> AttentionLayer:
         if len(users) != 1:
             raise _NotALayer(f"its output '{tensor}' is read by {len(users)} nodes, not by one output projection")
         user = users[0]
-        if user.op_type == "Reshape" and user.input[0] == tensor:
-            if user.input[1] in weights:
+        if user.op_type in ("Reshape", "Identity") and user.input[0] == tensor:  # Identity: the export's dropped Reshape pair
+            if user.op_type == "Reshape" and user.input[1] in weights:
                 shapes.append(user.input[1])
             tensor = user.output[0]
             changed.append(tensor)

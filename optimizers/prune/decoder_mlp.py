@@ -37,6 +37,7 @@ from onnx import numpy_helper
 from onnxforge.common.errors import UserError
 from onnxforge.common.graph import producers as tensor_producers
 from onnxforge.common.graph import readers as tensor_readers
+from onnxforge.common.options import option
 from onnxforge.common.progress import tracked
 from optimizers.prune.decoder_refit import (
     DecoderPruneReport,
@@ -60,8 +61,10 @@ class DecoderPruneSettings(DecoderRefitSettings):
     """How much MLP width to remove (``ratio``, kept widths a multiple of ``round_to``); the re-fit
     and the check are ``DecoderRefitSettings``'."""
 
-    ratio: float = 0.25
-    round_to: int = 8
+    # The flags are PruneSettings' (the same dest names): ``onnxforge prune`` adds them once for both.
+    ratio: float = option(0.25, flag="--ratio", key=True, low=0.0, high=1.0, low_open=True, high_open=True,
+                          help="fraction of every MLP's width (gate/up outputs, down inputs) to remove")
+    round_to: int = option(8, flag="--round-to", key=True, low=1, help="kept neurons are a multiple of this")
 
     def __post_init__(self):
         super().__post_init__()

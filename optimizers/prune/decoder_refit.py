@@ -28,9 +28,11 @@ import onnx
 
 from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.options import option
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.quantize.weight_only import (
     DecoderQuality,
+    DecodeTiming,
     decode_step_ms,
     decoder_quality,
     save_model,
@@ -144,21 +146,21 @@ def split_sequences(calibration, evaluation, heldout_fraction: float, what: str)
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderRefitSettings:
+class DecoderRefitSettings(DecodeTiming):
     """The re-fit and the check every decoder pruner shares (each pruner's settings add how much to remove).
 
     ``heldout_fraction`` of the calibration sequences (at least one) decide per projection whether
     the least-squares re-fit is kept and, without evaluation sequences, measure the pruned model.
     """
 
-    reconstruct: bool = True
-    ridge: float = 1e-3
-    heldout_fraction: float = 0.25
-    max_perplexity_ratio: float = 1.5  # refuse to write a pruned model whose perplexity grows past this
-    timing_past: int = 64
-    timing_steps: int = 8
-    timing_rounds: int = 3  # 0: no decode timing
-    threads: int | None = None
+    # --reconstruct is PruneSettings' flag (the same dest name): ``onnxforge prune`` adds it once for all.
+    reconstruct: bool = option(True, flag="--reconstruct", key=True,
+                               help="re-fit the projection that reads the pruned rows (MLP down, attention output) by least "
+                                    "squares, kept where the held-out calibration sequences show it helps")
+    ridge: float = option(1e-3, internal=True, help="ridge of the least-squares re-fit, x the mean diagonal of the Gram matrix")
+    heldout_fraction: float = option(0.25, internal=True, help="calibration sequences held out to judge each re-fit")
+    max_perplexity_ratio: float = option(1.5, internal=True,
+                                         help="refuse to write a pruned model whose perplexity grows past this x the unpruned one's")
 
     def __post_init__(self):
         if not 0.0 <= self.heldout_fraction < 1.0:

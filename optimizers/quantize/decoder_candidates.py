@@ -10,7 +10,12 @@ A candidate is a recipe that turns the float decoder into a weight-only quantize
 - ``mixed``: int8 or int4 per matrix product by measurement (below), under a size budget;
 - ``hqq-int4-b{32,64}``: HQQ (half-quadratic optimization of scale and zero point, no data);
 - ``gptq-int4``: GPTQ (second-order error compensation from calibration activations);
-- ``kquant-int4``: ONNX Runtime's k-quant (RTN with searched clipping).
+- ``kquant-int4``: ONNX Runtime's k-quant (RTN with searched clipping);
+- ``rtn-int4-kv8``: ``rtn-int4-sym-b32`` weights and an int8 KV cache inside GroupQueryAttention
+  (``optimizers.quantize.kv_cache``: per-channel scales calibrated on the float model's own cache
+  over the calibration text): 4x fewer cache bytes per token than fp32. Not in auto's candidates:
+  on the small models measured here the cache is a small share of the bytes a step reads, and
+  the quantize/dequantize inside attention is not yet measured to pay back.
 
 Mixed precision: the sensitivity of a product is ``KL(p_fp32 || p_q)`` of the next-token
 distribution, mean over calibration positions, when that product alone is int4 (everything
@@ -48,9 +53,19 @@ import onnx
 
 from onnxforge.common.errors import BudgetNotMet, UserError
 from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.options import help_of, option
 from onnxforge.common.sessions import SessionSettings, open_session
+from optimizers.quantize.kv_cache import (
+    KvCacheSettings,
+    int8_kv_cache,
+    kv_bytes_per_token,
+    kv_cache_absmax,
+    kv_cache_scales,
+    require_group_query_attention,
+)
 from optimizers.quantize.weight_only import (
     DecoderQuality,
+    DecodeTiming,
     is_embedding,
     output_layer_weight,
     decode_step_ms,
@@ -64,6 +79,7 @@ from optimizers.quantize.weight_only import (
     untie_output_layer,
     WeightOnlySettings,
     ACCURACY_LEVELS,
+    ACCURACY_LEVEL_CHOICES,
     choose_accuracy_level,
 )
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
@@ -73,25 +89,29 @@ from onnxforge.common.progress import reporting, tracked
 logger = logging.getLogger(__name__)
 
 RTN_NAMES = tuple(f"rtn-int{bits}-{kind}-b{block}" for bits in (4, 8) for kind in ("sym", "asym") for block in (32, 64, 128))
-NAMES = (*RTN_NAMES, "rtn-int4-int8-head", "mixed", "hqq-int4-b32", "hqq-int4-b64", "gptq-int4", "kquant-int4")
+KV8_NAMES = ("rtn-int4-kv8",)  # int8 KV cache too
+NAMES = (*RTN_NAMES, "rtn-int4-int8-head", "mixed", "hqq-int4-b32", "hqq-int4-b64", "gptq-int4", "kquant-int4", *KV8_NAMES)
 AUTO_CANDIDATES = ("rtn-int4-sym-b32", "rtn-int4-int8-head", "mixed", "hqq-int4-b32")
 BASELINE = "rtn-int4-sym-b32"
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderCandidateSettings:
-    """Which candidates to build and how the winner is chosen."""
+class DecoderCandidateSettings(DecodeTiming):
+    """Which candidates to build and how the winner is chosen (``timing_rounds`` 0: not timed, the
+    best quality within the budget wins)."""
 
-    candidates: tuple[str, ...] = AUTO_CANDIDATES
-    max_perplexity_ratio: float = 1.02  # quality budget: candidate perplexity <= this x fp32's
-    size_budget: float = 1.25  # mixed: weight bytes <= this x the all-int4 (RTN sym b32) model's
-    sensitivity_sequences: int = 2
-    accuracy_level: int | None = None  # None: measured on the first candidate (0, 1 and 4), then used for all
-    speed_tolerance: float = 0.9  # candidates at >= this x the fastest's speed compete on KL
-    timing_past: int = 64
-    timing_steps: int = 8
-    timing_rounds: int = 3  # 0: not timed (the best quality within budget wins)
-    threads: int | None = None
+    candidates: tuple[str, ...] = option(AUTO_CANDIDATES, flag="--weight-candidates", metavar="NAMES",
+                                         help="auto mode: comma-separated weight-only candidates to build and compare; "
+                                              f"available: {', '.join(NAMES)}")
+    max_perplexity_ratio: float = option(1.02, flag="--max-perplexity-ratio", low=1.0,
+                                         help="auto mode: the quality budget, candidate perplexity at most this x fp32's")
+    size_budget: float = option(1.25, internal=True, help="mixed: weight bytes at most this x the all-int4 (RTN sym b32) model's")
+    sensitivity_sequences: int = option(2, internal=True, help="mixed: calibration sequences the sensitivity of a product is measured on")
+    accuracy_level: int | None = option(None, flag="--accuracy-level", key=True, choices=ACCURACY_LEVEL_CHOICES,
+                                        help=help_of(WeightOnlySettings, "accuracy_level"))  # None: measured on the first candidate
+    speed_tolerance: float = option(0.9, flag="--speed-tolerance", low=0.0, high=1.0, low_open=True,
+                                    help="auto mode: candidates at least this x the fastest one's speed compete on quality "
+                                         "(next-token KL), the most faithful wins")
 
     def __post_init__(self):
         unknown = [c for c in self.candidates if c not in NAMES]
@@ -99,7 +119,7 @@ class DecoderCandidateSettings:
             raise UserError(f"unknown weight-only candidate(s) {unknown or '(none given)'}; available: {', '.join(NAMES)}")
         if self.max_perplexity_ratio < 1.0:
             raise UserError(f"max perplexity ratio must be >= 1, got {self.max_perplexity_ratio}")
-        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVEL_CHOICES:
             raise UserError(f"accuracy level must be 0..4, got {self.accuracy_level}")
         if not 0.0 < self.speed_tolerance <= 1.0:
             raise UserError(f"speed tolerance must be in (0, 1], got {self.speed_tolerance}")
@@ -118,6 +138,7 @@ class CandidateReport:
     chosen: bool = False
     error: str | None = None  # why it could not be built or run
     int8_products: tuple[str, ...] = ()  # mixed: the products kept in 8 bits (and "embedding" when float)
+    kv_bytes_per_token: int = 0  # the cache's growth per token of one sequence (4x smaller with an int8 cache)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -382,6 +403,14 @@ def _builders(io: DecoderIO, calibration, scores_box: dict, settings: DecoderCan
     builders["hqq-int4-b64"] = lambda m: hqq(m, 64)
     builders["gptq-int4"] = lambda m: gptq(m, io, calibration)
     builders["kquant-int4"] = kquant
+
+    def rtn_kv8(m):
+        if "kv_absmax" not in scores_box:  # the float model's own cache, before its weights change
+            scores_box["kv_absmax"] = kv_cache_absmax(m, calibration, "per-channel", session_settings)
+        scales = kv_cache_scales(scores_box["kv_absmax"], KvCacheSettings().margin)
+        return int8_kv_cache(rtn(m, 4, 32, True), scales)
+
+    builders["rtn-int4-kv8"] = rtn_kv8
     return builders
 
 
@@ -400,6 +429,8 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else default_sequences(reference)
     calibration = [list(map(int, s)) for s in calibration if len(s) >= 2] if calibration else evaluation
     prepared = prepare(onnx.load(str(model_path)))
+    if set(settings.candidates) & set(KV8_NAMES):
+        require_group_query_attention(prepared)  # refused now, not after the other candidates are built
     bytes_float = weight_bytes(prepared)
     scores_box: dict = {}
     builders = _builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
@@ -424,7 +455,8 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
             ratio = quality.perplexity_candidate / quality.perplexity_reference
             reports[name] = CandidateReport(name, quality, ratio, None, weight_bytes(built),
                                             bool(np.isfinite(ratio) and ratio <= settings.max_perplexity_ratio),
-                                            int8_products=scores_box.get("int8", ()) if name == "mixed" else ())
+                                            int8_products=scores_box.get("int8", ()) if name == "mixed" else (),
+                                            kv_bytes_per_token=kv_bytes_per_token(decoders[name].io))
             logger.info("candidate %s: perplexity %.3f -> %.3f, KL %.4f", name, quality.perplexity_reference,
                         quality.perplexity_candidate, quality.kl_mean)
         if not decoders:
@@ -475,8 +507,9 @@ def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSetting
     for r in built:
         speed = f", decode step {r.decode_ms:.3f} ms" if r.decode_ms is not None else ""
         verdict = "within" if r.within_budget else "outside"
+        cache = f", int8 KV cache {r.kv_bytes_per_token} B/token" if r.name in KV8_NAMES else ""
         reasons.append(f"{r.name}: perplexity {r.perplexity_ratio:.4f}x fp32, KL {r.quality.kl_mean:.4f}{speed}, "
-                       f"{r.weight_bytes / 1e6:.2f} MB: {verdict} the quality budget ({settings.max_perplexity_ratio}x)")
+                       f"{r.weight_bytes / 1e6:.2f} MB{cache}: {verdict} the quality budget ({settings.max_perplexity_ratio}x)")
     within = [r for r in built if r.within_budget]
     if within:
         timed = all(r.decode_ms is not None for r in within)
@@ -499,5 +532,5 @@ def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSetting
     return best.name, reasons
 
 
-__all__ = ["AUTO_CANDIDATES", "BASELINE", "NAMES", "CandidateReport", "DecoderCandidateSettings", "DecoderCandidatesResult",
+__all__ = ["AUTO_CANDIDATES", "BASELINE", "KV8_NAMES", "NAMES", "CandidateReport", "DecoderCandidateSettings", "DecoderCandidatesResult",
            "allocate_int8", "choose", "mixed", "prepare", "quantize_decoder_candidates", "rtn", "sensitivity", "weight_products"]

@@ -37,18 +37,32 @@ import onnx
 from onnxforge.common.graph import producers as tensor_producers, readers as tensor_readers
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.options import help_of, option
 from onnxforge.common.sessions import SessionSettings
 from runtime_bench.decoder import OnnxDecoder, greedy
 from runtime_bench.generation import weight_bytes
 
 logger = logging.getLogger(__name__)
 
-ACCURACY_LEVELS = (0, 1, 4)
+ACCURACY_LEVELS = (0, 1, 4)  # measured when no level is given
+ACCURACY_LEVEL_CHOICES = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level attribute
+BITS = (4, 8)
 _LARGE_BYTES = 1_800_000_000  # past this an ONNX file keeps its weights as external data
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightOnlySettings:
+class DecodeTiming:
+    """How the decoder settings time decode steps (``decode_step_ms``): ``timing_rounds``
+    interleaved rounds of ``timing_steps`` steps at ``timing_past`` tokens of context."""
+
+    timing_past: int = option(64, internal=True, help="tokens of context when timing decode steps")
+    timing_steps: int = option(8, internal=True, help="decode steps timed per round")
+    timing_rounds: int = option(3, internal=True, help="interleaved timing rounds (0: not timed)")
+    threads: int | None = option(None, internal=True, help="ONNX Runtime intra-op threads (None: its default)")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlySettings(DecodeTiming):
     """How to quantize a decoder's weights.
 
     ``accuracy_level`` None measures 0, 1 and 4 on the model (decode steps at ``timing_past``
@@ -56,27 +70,29 @@ class WeightOnlySettings:
     ``level_kl_slack`` x (KL at level 0) + ``level_kl_floor``.
     """
 
-    bits: int = 4
-    block_size: int = 32
-    symmetric: bool = True
-    accuracy_level: int | None = None
-    quantize_output_layer: bool = True
-    quantize_embeddings: bool = True
-    pack_siblings: bool = True  # one MatMulNBits for q/k/v and one for gate/up (pack_sibling_matmuls)
-    max_kl: float = 0.5  # refuse to write a model whose mean next-token KL vs fp32 exceeds this
-    level_kl_slack: float = 1.5
-    level_kl_floor: float = 0.002
-    timing_past: int = 128
-    timing_steps: int = 8
-    timing_rounds: int = 3
-    threads: int | None = None
+    bits: int = option(4, key=True, choices=BITS, help="bits of a weight (int4 or int8 blocks)")
+    block_size: int = option(32, key=True, low=16, help="weights per block along the input axis, a power of two >= 16")
+    symmetric: bool = option(True, key=True, help="blocks without a zero point (q = round(w / s))")
+    accuracy_level: int | None = option(None, flag="--accuracy-level", key=True, choices=ACCURACY_LEVEL_CHOICES,
+                                        help="MatMulNBits compute type, 4 = int8 activations (the VNNI/AMX kernels); default: measured "
+                                             f"(levels {', '.join(map(str, ACCURACY_LEVELS[:-1]))} and {ACCURACY_LEVELS[-1]} timed on the model, "
+                                             "the fastest faithful one kept)")
+    quantize_output_layer: bool = option(True, internal=True, help="quantize the output layer (the tied one included)")
+    quantize_embeddings: bool = option(True, internal=True, help="int4 GatherBlockQuantized token embedding")
+    pack_siblings: bool = option(True, internal=True,
+                                 help="one MatMulNBits for q/k/v and one for gate/up (pack_sibling_matmuls)")
+    max_kl: float = option(0.5, internal=True, help="refuse to write a model whose mean next-token KL vs fp32 exceeds this")
+    level_kl_slack: float = option(1.5, internal=True,
+                                   help="a measured level is faithful when its KL is at most this x level 0's + level_kl_floor")
+    level_kl_floor: float = option(0.002, internal=True, help="the KL allowance added to level_kl_slack x level 0's")
+    timing_past: int = option(128, internal=True, help=help_of(DecodeTiming, "timing_past"))
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
+        if self.bits not in BITS:
             raise UserError(f"weight-only bits must be 4 or 8, got {self.bits}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UserError(f"block size must be a power of two >= 16, got {self.block_size}")
-        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVEL_CHOICES:
             raise UserError(f"accuracy level must be 0..4, got {self.accuracy_level}")
 
 
@@ -669,6 +685,8 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
 
 __all__ = [
     "ACCURACY_LEVELS",
+    "ACCURACY_LEVEL_CHOICES",
+    "DecodeTiming",
     "DecoderQuality",
     "WeightOnlyResult",
     "WeightOnlySettings",

@@ -9,6 +9,7 @@ from typing import Any
 import onnx
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.options import option
 
 HEAD_IMPORTANCES = ("contribution", "ablation")
 
@@ -27,12 +28,15 @@ class HeadSettings:
     compensation and re-fit, the one with the highest evaluation fidelity is returned.
     max_batches: calibration batches read."""
 
-    ratio: float = 0.5
-    min_heads: int = 1
-    importance: str = "contribution"
-    bias_compensation: bool = True
-    reconstruct: bool | None = None
-    max_batches: int = 32
+    ratio: float = option(0.5, internal=True, help="fraction of the heads of each attention block to remove (prune's --heads)")
+    min_heads: int = option(1, internal=True, help="heads each attention block keeps at least")
+    importance: str = option("contribution", flag="--head-importance", choices=HEAD_IMPORTANCES,
+                             help="contribution: weight norms, or the measured contribution with --calibration; ablation: the "
+                                  "output loss of removing each head alone (needs --calibration; one ONNX Runtime session per head)")
+    bias_compensation: bool = option(True, internal=True, help="fold the removed heads' mean contribution into the output "
+                                                               "projection's bias (prune's --no-bias-compensation)")
+    reconstruct: bool | None = option(None, internal=True, help="re-fit the output projections on the kept heads (prune's --reconstruct)")
+    max_batches: int = option(32, internal=True, help="calibration batches read (prune's --max-calibration-batches)")
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
