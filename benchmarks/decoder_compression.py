@@ -1,18 +1,19 @@
-"""Decoder compression: weight-only candidates and MLP-width pruning, quality and decode speed.
+"""Decoder compression: weight-only candidates, MLP-width and KV-head pruning, the int8 KV cache: quality and decode speed.
 
 Quality (the trained docstring Llama, ``onnxforge.decoder_models.docstring_llama``): every
 weight-only candidate's perplexity / KL against fp32 on held-out docstrings of the ``onnx``
-package, and the MLP pruned by ``--ratio`` with least-squares re-fit.
+package, the MLP pruned by ``--ratio`` and the KV head groups pruned by ``--kv-heads``, each with
+its least-squares re-fit.
 
 Speed (a published configuration with random weights, SmolLM2-135M by default,
 ``onnxforge.decoder_configs``): decode step of plain int4 RTN against the other candidates
 (``--speed-candidates``; ``mixed`` measures one session per matrix product and is slow on 30
-layers), of the MLP-pruned model against the unpruned one, in fp32 and in int4 RTN, and of int4
-with the int8 KV cache (``optimizers.quantize.kv_cache``) against the float cache at 64, 512 and
-1024 tokens of context. Decode steps are medians over interleaved rounds at ``--past`` tokens of context
+layers), of the MLP-pruned and KV-head-pruned models against the unpruned one, in fp32 and in int4
+RTN, and of int4 with the int8 KV cache (``optimizers.quantize.kv_cache``) against the float cache
+at 64, 512 and 1024 tokens of context. Decode steps are medians over interleaved rounds at ``--past`` tokens of context
 (``optimizers.quantize.weight_only.decode_step_ms``).
 
-    python benchmarks/decoder_compression.py [--model smollm2-135m] [--ratio 0.25] [--threads 2]
+    python benchmarks/decoder_compression.py [--model smollm2-135m] [--ratio 0.25] [--kv-heads 0.5] [--threads 2]
         [--skip-quality] [--skip-speed]
 """
 
@@ -32,6 +33,7 @@ from exporter.decoder import export_decoder
 from onnxforge.common.sessions import SessionSettings
 from onnxforge.decoder_configs import random_decoder
 from onnxforge.decoder_models import docstring_llama
+from optimizers.prune.decoder_heads import DecoderHeadPruneSettings, prune_decoder_heads
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
 from optimizers.quantize.kv_cache import KvCacheSettings, quantize_kv_cache
 from optimizers.quantize.decoder_candidates import (
@@ -74,7 +76,7 @@ def token_sequences(folder: Path, texts: list[str], count: int, length: int = 12
     return [s for s in ids if len(s) >= 32][:count]
 
 
-def quality(work: Path, ratio: float, threads: int | None, level: int) -> None:
+def quality(work: Path, ratio: float, kv_heads: float, threads: int | None, level: int) -> None:
     folder = docstring_llama()
     fp32 = work / "llama" / "model.onnx"
     export_decoder(folder, fp32, validate=False)
@@ -103,6 +105,14 @@ def quality(work: Path, ratio: float, threads: int | None, level: int) -> None:
     print(f"perplexity {q.perplexity_reference:.3f} -> {q.perplexity_candidate:.3f} "
           f"({q.perplexity_candidate / q.perplexity_reference:.4f}x), KL {q.kl_mean:.4f}, greedy match {q.greedy_match:g}/{q.greedy_tokens}, "
           f"decode step {pruned.decode_ms['unpruned']:.3f} -> {pruned.decode_ms['pruned']:.3f} ms")
+    heads = prune_decoder_heads(fp32, work / "llama-heads" / "model.onnx", calibration,
+                                DecoderHeadPruneSettings(ratio=kv_heads, threads=threads), evaluation=evaluation)
+    q = heads.quality
+    print(f"\n## KV head groups pruned {kv_heads:.0%} with re-fit, trained docstring Llama "
+          f"({heads.heads[0]} -> {heads.heads[1]} heads, {heads.kv_heads[0]} -> {heads.kv_heads[1]} KV heads)\n")
+    print(f"perplexity {q.perplexity_reference:.3f} -> {q.perplexity_candidate:.3f} "
+          f"({q.perplexity_candidate / q.perplexity_reference:.4f}x), KL {q.kl_mean:.4f}, greedy match {q.greedy_match:g}/{q.greedy_tokens}, "
+          f"decode step {heads.decode_ms['unpruned']:.3f} -> {heads.decode_ms['pruned']:.3f} ms")
 
 
 def greedy_table(fp32: Path, work: Path, calibration, evaluation, threads: int | None, level: int) -> None:
@@ -128,8 +138,8 @@ def _level(result) -> str:
     return f"{result.accuracy_level}" + (f" (measured on rtn-int4-sym-b32, decode step {measured})" if measured else " (given)")
 
 
-def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], threads: int | None, rounds: int,
-          level: int) -> None:
+def speed(work: Path, model: str, ratio: float, kv_heads: float, candidates: tuple[str, ...], threads: int | None,
+          rounds: int, level: int) -> None:
     folder = random_decoder(model)
     fp32 = work / model / "model.onnx"
     export_decoder(folder, fp32, validate=False)
@@ -153,8 +163,11 @@ def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], thr
     pruned = work / f"{model}-pruned" / "model.onnx"
     prune_decoder_mlp(fp32, pruned, calibration, DecoderPruneSettings(ratio=ratio, threads=threads, timing_rounds=0,
                                                                       max_perplexity_ratio=100.0), evaluation=evaluation)
-    paths = {"fp32": fp32, "fp32 pruned": pruned}
-    for name, source in (("int4", fp32), ("int4 pruned", pruned)):
+    heads = work / f"{model}-heads" / "model.onnx"
+    prune_decoder_heads(fp32, heads, calibration, DecoderHeadPruneSettings(ratio=kv_heads, threads=threads, timing_rounds=0,
+                                                                        max_perplexity_ratio=100.0), evaluation=evaluation)
+    paths = {"fp32": fp32, "fp32 pruned": pruned, "fp32 kv-heads pruned": heads}
+    for name, source in (("int4", fp32), ("int4 pruned", pruned), ("int4 kv-heads pruned", heads)):
         target = work / f"{model}-{name.replace(' ', '-')}" / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
         save_model(set_accuracy_level(rtn(prepare(onnx.load(str(source))), 4, 32, True), level), target)  # the level kept above
@@ -162,11 +175,12 @@ def speed(work: Path, model: str, ratio: float, candidates: tuple[str, ...], thr
     session = SessionSettings(intra_op_threads=threads, log_severity=3)
     decoders = {name: OnnxDecoder(path, settings=session) for name, path in paths.items()}
     ms = decode_step_ms(decoders, 64, 16, rounds)
-    print(f"\n## MLP width pruned {ratio:.0%}, {model} random weights: decode step\n")
+    print(f"\n## MLP width pruned {ratio:.0%} (pruned), KV head groups pruned {kv_heads:.0%} (kv-heads pruned), "
+          f"{model} random weights: decode step\n")
     print("| model | decode step ms | speedup vs unpruned |")
     print("|---|---|---|")
     for name in paths:
-        unpruned = ms[name.replace(" pruned", "")]
+        unpruned = ms[name.split(" ")[0]]
         print(f"| {name} | {ms[name]:.3f} | {unpruned / ms[name]:.2f} |")
     kv_cache(work, paths["int4"], calibration, threads, rounds, model)
 
@@ -190,6 +204,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--kv-heads", type=float, default=0.5, help="fraction of each layer's KV head groups pruned")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--speed-candidates", default=",".join(c for c in AUTO_CANDIDATES if c != "mixed"))
@@ -205,10 +220,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxforge-dcomp-") as tmp:
         work = Path(tmp)
         if not args.skip_quality:
-            quality(work, args.ratio, args.threads, args.accuracy_level)
+            quality(work, args.ratio, args.kv_heads, args.threads, args.accuracy_level)
         if not args.skip_speed:
-            speed(work, args.model, args.ratio, tuple(args.speed_candidates.split(",")), args.threads, args.rounds,
-                  args.accuracy_level)
+            speed(work, args.model, args.ratio, args.kv_heads, tuple(args.speed_candidates.split(",")), args.threads,
+                  args.rounds, args.accuracy_level)
     return 0
 
 

@@ -10,8 +10,10 @@ text files and the tools' versions, so a rerun reuses what did not change.
 - export: ``exporter.decoder.export_decoder`` (dynamo, cache, onnxscript fusions), kept only when
   its proof holds (greedy tokens equal PyTorch's, cached = recomputed, left-padded batch); the
   config and tokenizer files are copied beside it.
-- candidate-NAME: from the export, ``prune = {ratio}`` removes MLP width with the down projection
-  re-fitted (``optimizers.prune.decoder_mlp``), then ``quantize = {weights = NAME}`` (or
+- candidate-NAME: from the export, ``prune = {kv_heads}`` removes KV head groups with the output
+  projection re-fitted (``optimizers.prune.decoder_heads``; config.json then states the new head
+  counts), ``prune = {ratio}`` MLP width with the down projection re-fitted
+  (``optimizers.prune.decoder_mlp``), then ``quantize = {weights = NAME}`` (or
   ``{bits, block_size, symmetric}`` for round-to-nearest, or ``"auto"``) builds that weight-only
   candidate (``optimizers.quantize.decoder_candidates``). Judged against the fp32 export on
   ``[data] evaluation`` (perplexity, next-token KL, greedy match, ``decoder_quality``).
@@ -50,6 +52,7 @@ from onnxforge.decoder_text import text_sequences
 from onnxforge.fingerprints import file_sha256, reference_hash, tool_versions
 from onnxforge.package import DEFAULT_PACKAGE_PROMPT, write_decoder_package
 from onnxforge.recipe import Recipe, check_decoder_candidates, decoder_prune_settings, weight_only_name
+from optimizers.prune.decoder_heads import prune_decoder_heads, write_pruned_config
 from optimizers.prune.decoder_mlp import prune_decoder_mlp
 from optimizers.quantize.decoder_candidates import (
     AUTO_CANDIDATES,
@@ -270,15 +273,23 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
     def produce(folder: Path):
         transforms = []
         with tempfile.TemporaryDirectory(prefix="onnxforge-decoder-") as work:
-            source = exported.artifact
+            source, heads = exported.artifact, None
             if prune is not None:
-                target = folder / "model.onnx" if quantize is None else Path(work) / "pruned.onnx"
-                settings = decoder_prune_settings(prune)
+                head_settings, mlp_settings = decoder_prune_settings(prune)
                 calibration = texts.calibration(prune.get("max_batches", CALIBRATION_WINDOWS), needed_by=f"{where}'s prune")
-                result = prune_decoder_mlp(source, target, calibration, settings, evaluation=texts.evaluation())
-                transforms.append({"step": "prune", "settings": prune, "parameters": list(result.parameters),
-                                   "reconstructed": sum(m.reconstructed for m in result.mlps), "mlps": len(result.mlps)})
-                source = target
+                if head_settings is not None:
+                    target = folder / "model.onnx" if quantize is None and mlp_settings is None else Path(work) / "heads.onnx"
+                    heads = prune_decoder_heads(source, target, calibration, head_settings, evaluation=texts.evaluation())
+                    transforms.append({"step": "prune-kv-heads", "settings": prune, "parameters": list(heads.parameters),
+                                       "heads": list(heads.heads), "kv_heads": list(heads.kv_heads),
+                                       "reconstructed": sum(layer.reconstructed for layer in heads.layers)})
+                    source = target
+                if mlp_settings is not None:
+                    target = folder / "model.onnx" if quantize is None else Path(work) / "pruned.onnx"
+                    result = prune_decoder_mlp(source, target, calibration, mlp_settings, evaluation=texts.evaluation())
+                    transforms.append({"step": "prune", "settings": prune, "parameters": list(result.parameters),
+                                       "reconstructed": sum(m.reconstructed for m in result.mlps), "mlps": len(result.mlps)})
+                    source = target
             if quantize is not None:
                 settings = DecoderCandidateSettings(
                     candidates=AUTO_CANDIDATES if weights == "auto" else (weights,),
@@ -293,6 +304,8 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
                 for file in files_of(exported.artifact):
                     shutil.copy2(file, folder / file.name)
         copy_model_files(exported.artifact.parent, folder)
+        if heads is not None:  # config.json (and genai_config.json from it) states the pruned head counts
+            write_pruned_config(exported.artifact.parent, folder, heads)
         return "model.onnx", {"transforms": transforms, **_quality(exported.artifact, folder / "model.onnx", texts)}
 
     return steps.run(f"candidate-{candidate['name']}", inputs, produce)

@@ -21,6 +21,7 @@ from onnxforge.common.fileio import read_document
 from onnxforge.common.options import check_choices, check_range, check_ranges, from_table, recipe_types
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
+from optimizers.prune.decoder_heads import DecoderHeadPruneSettings
 from optimizers.prune.decoder_mlp import DecoderPruneSettings
 from optimizers.quantize.decoder_candidates import NAMES as WEIGHT_ONLY_NAMES
 from optimizers.quantize.weight_only import WeightOnlySettings
@@ -45,10 +46,11 @@ CANDIDATE_KEYS = {"name": (str,), "prune": (dict,), "quantize": (dict,)}
 PRUNE_KEYS = recipe_types(PruneSettings)
 QUANTIZE_KEYS = recipe_types(QuantizeSettings)
 # A text-generation recipe's candidates (onnxforge.pipeline_decoder): weight-only quantization by
-# candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and MLP-width
-# pruning; ``weights`` and the calibration windows pruning reads (``max_batches``) are the pipeline's.
+# candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and pruning (MLP width:
+# ratio, round_to; KV head groups: kv_heads; both: heads first); ``weights`` and the calibration
+# windows pruning reads (``max_batches``) are the pipeline's.
 DECODER_QUANTIZE_KEYS = {"weights": (str,), **recipe_types(WeightOnlySettings)}
-DECODER_PRUNE_KEYS = {**recipe_types(DecoderPruneSettings), "max_batches": (int,)}
+DECODER_PRUNE_KEYS = {**recipe_types(DecoderPruneSettings), **recipe_types(DecoderHeadPruneSettings), "max_batches": (int,)}
 TOP_LEVEL = set(SCHEMA) | {"candidates", "name"}
 
 
@@ -189,15 +191,23 @@ def check_decoder_candidates(data: dict[str, Any]) -> None:
                 raise UserError(f"'{where}.prune.max_batches' must be at least 2 (calibration windows pruning reads), "
                                 f"got {prune['max_batches']}")
             check_ranges(prune, DecoderPruneSettings, f"{where}.prune")
+            check_ranges(prune, DecoderHeadPruneSettings, f"{where}.prune")
             try:  # the settings' own checks run now: one line naming the key, not minutes into a run
                 decoder_prune_settings(prune)
             except UserError as exc:
                 raise UserError(f"recipe [{where}.prune]: {exc}") from None
 
 
-def decoder_prune_settings(prune: dict[str, Any]) -> DecoderPruneSettings:
-    """The settings of a text-generation candidate's ``prune`` table (``max_batches`` is the pipeline's)."""
-    return from_table(DecoderPruneSettings, {k: v for k, v in prune.items() if k != "max_batches"})
+def decoder_prune_settings(prune: dict[str, Any]) -> tuple[DecoderHeadPruneSettings | None, DecoderPruneSettings | None]:
+    """A decoder candidate's ``prune`` table as (KV-head settings, MLP-width settings); the MLP width is
+    pruned when ``ratio`` is given or ``kv_heads`` is not, the KV head groups when ``kv_heads`` is
+    (``reconstruct`` applies to both; ``max_batches`` is the pipeline's)."""
+    head_keys, mlp_keys = recipe_types(DecoderHeadPruneSettings), recipe_types(DecoderPruneSettings)
+    heads = from_table(DecoderHeadPruneSettings, {k: v for k, v in prune.items() if k in head_keys}) if "kv_heads" in prune else None
+    mlp = None
+    if "ratio" in prune or heads is None:
+        mlp = from_table(DecoderPruneSettings, {k: v for k, v in prune.items() if k in mlp_keys})
+    return heads, mlp
 
 
 # Ranges of recipe values that no settings class owns: (lowest, highest, whether the lowest is allowed).

@@ -15,7 +15,9 @@ from onnxforge.common.options import add_flags, check_choices, from_args, option
 from onnxforge.recipe import DECODER_PRUNE_KEYS, DECODER_QUANTIZE_KEYS, SETTINGS, recipe_from_dict
 from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
+from optimizers.prune.decoder_heads import DecoderHeadPruneSettings
 from optimizers.prune.decoder_mlp import DecoderPruneSettings
+from optimizers.prune.decoder_refit import DecoderRefitSettings
 from optimizers.prune.heads import HEAD_IMPORTANCES, HeadSettings
 from optimizers.quantize.decoder_candidates import AUTO_CANDIDATES, DecoderCandidateSettings
 from optimizers.quantize.weight_only import WeightOnlySettings
@@ -27,7 +29,8 @@ COMMANDS = {"optimize": OptimizeSettings, "quantize": QuantizeSettings, "prune":
 
 
 # Settings built by a command or a recipe beside the ones named above: decoders' and attention heads'.
-OTHERS = {WeightOnlySettings, DecoderCandidateSettings, DecoderPruneSettings, HeadSettings}
+OTHERS = {WeightOnlySettings, DecoderCandidateSettings, DecoderPruneSettings, DecoderHeadPruneSettings, DecoderRefitSettings,
+          HeadSettings}
 
 
 @pytest.mark.parametrize("cls", sorted(set(COMMANDS.values()) | set(SETTINGS.values()) | OTHERS, key=lambda c: c.__name__))
@@ -199,15 +202,22 @@ def test_decoder_prune_and_head_flags_come_from_their_settings():
     action = next(a for a in parser._actions if "--head-importance" in a.option_strings)
     assert tuple(action.choices) == HEAD_IMPORTANCES and action.dest == "head_importance"
     assert parser.parse_args(["i", "o", "--head-importance", "ablation"]).head_importance == "ablation"
+    assert args.kv_heads is None  # not given: the decoder's MLP width is pruned, not its KV heads
+    args = parser.parse_args(["in.onnx", "out.onnx", "--kv-heads", "0.5", "--no-reconstruct"])
+    assert from_args(DecoderHeadPruneSettings, args, ratio=args.kv_heads) == DecoderHeadPruneSettings(ratio=0.5, reconstruct=False)
+    assert args.ratio is None  # --kv-heads does not set the MLP width's --ratio
+    assert " ".join(parser.format_help().split()).count("--kv-heads RATIO") == 2  # usage and help: added once
 
 
 def test_decoder_recipe_keys_come_from_the_schema():
     assert set(recipe_types(WeightOnlySettings)) == {"bits", "block_size", "symmetric", "accuracy_level"}
     assert set(recipe_types(DecoderPruneSettings)) == {"ratio", "round_to", "reconstruct"}
+    assert set(recipe_types(DecoderHeadPruneSettings)) == {"kv_heads", "reconstruct"}
     assert set(recipe_types(DecoderCandidateSettings)) == {"accuracy_level"}  # the budget is [select]'s
     assert DECODER_QUANTIZE_KEYS == {"weights": (str,), "bits": (int,), "block_size": (int,), "symmetric": (bool,),
                                      "accuracy_level": (int,)}
-    assert DECODER_PRUNE_KEYS == {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "max_batches": (int,)}
+    assert DECODER_PRUNE_KEYS == {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "kv_heads": (float, int),
+                                  "max_batches": (int,)}
     base = {"model": {"hf": "folder", "task": "text-generation"}}
 
     def candidate(**steps):
@@ -219,9 +229,10 @@ def test_decoder_recipe_keys_come_from_the_schema():
             ({"quantize": {"bits": 2}}, r"^'candidates\[0\]\.quantize\.bits' must be one of 4, 8, got 2$"),
             ({"quantize": {"block_size": 8}}, r"^'candidates\[0\]\.quantize\.block_size' must be at least 16, got 8$"),
             ({"prune": {"round_to": 0}}, r"^'candidates\[0\]\.prune\.round_to' must be at least 1, got 0$"),
-            ({"prune": {"ratio": 0}}, r"^'candidates\[0\]\.prune\.ratio' must be above 0.0 and below 1.0, got 0$")):
+            ({"prune": {"ratio": 0}}, r"^'candidates\[0\]\.prune\.ratio' must be above 0.0 and below 1.0, got 0$"),
+            ({"prune": {"kv_heads": 1}}, r"^'candidates\[0\]\.prune\.kv_heads' must be above 0.0 and below 1.0, got 1$")):
         with pytest.raises(UserError, match=message):
             candidate(**steps)
     recipe = candidate(quantize={"bits": 8, "block_size": 64, "symmetric": False, "accuracy_level": 4},
-                       prune={"ratio": 0.25, "round_to": 4, "reconstruct": False, "max_batches": 4})
+                       prune={"ratio": 0.25, "round_to": 4, "reconstruct": False, "kv_heads": 0.5, "max_batches": 4})
     assert recipe.candidates[0]["prune"]["round_to"] == 4

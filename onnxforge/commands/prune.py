@@ -8,6 +8,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.common import jsonio
 from onnxforge.common.options import add_flags, from_args
 from optimizers.prune.channels import PruneSettings
+from optimizers.prune.decoder_heads import DecoderHeadPruneSettings, prune_decoder_heads, write_pruned_config
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
 from optimizers.prune.heads import HeadSettings
 
@@ -27,6 +28,8 @@ def register(sub) -> None:
                      help="fraction of attention heads to remove from each attention block, in [0, 1); pruned before "
                           "channels and neurons (--ratio), which are optional with it")
     add_flags(prn, HeadSettings, adjust={"importance": {"dest": "head_importance"}})  # --importance is PruneSettings'
+    # --reconstruct is PruneSettings'; --kv-heads routes a decoder to KV-head pruning (None: not given).
+    add_flags(prn, DecoderHeadPruneSettings, skip=("reconstruct",), adjust={"ratio": {"dest": "kv_heads"}})
     add_data_flags(prn, calibration="data for activation importance and bias compensation",
                    dims="symbolic dim size for generated inputs and MACs")
     add_io_flags(prn)
@@ -39,7 +42,9 @@ def _prune_command(args) -> int:
     from optimizers.quantize.weight_only import is_decoder_file
 
     if is_decoder_file(args.input):
-        return _decoder_command(args)
+        return _decoder_heads_command(args) if args.kv_heads is not None else _decoder_command(args)
+    if args.kv_heads is not None:
+        raise UserError("--kv-heads prunes a generative decoder's KV head groups; for other models use --heads")
     if args.ratio is None and not args.heads:
         raise UserError("give --ratio (channels and neurons), --heads (attention heads), or both")
     settings = from_args(PruneSettings, args, ratio=args.ratio or 0.0)
@@ -97,8 +102,8 @@ def _print_heads(heads) -> None:
 def _decoder_command(args) -> int:
     """A generative decoder (past_key_values.* inputs): MLP width pruned with the down projection re-fitted."""
     if args.heads or args.method != "structured":
-        raise UserError("a generative decoder is pruned by MLP width only (--ratio with --calibration); "
-                        "--heads and --method magnitude are not supported for decoders")
+        raise UserError("a generative decoder is pruned by MLP width (--ratio) or KV head groups (--kv-heads), with "
+                        "--calibration; --heads and --method magnitude are not supported for decoders")
     if args.ratio is None:
         raise UserError("give --ratio, the fraction of every MLP's width to remove, e.g. --ratio 0.25")
     if not args.calibration:
@@ -119,6 +124,11 @@ def _decoder_command(args) -> int:
         refit = "-" if mlp.heldout_error_refit is None else f"{mlp.heldout_error_refit:.4f}"
         print(f"  {mlp.down:<32} {mlp.width} -> {mlp.kept}   held-out output error: sliced {mlp.heldout_error_sliced:.4f}, "
               f"re-fit {refit} ({'re-fitted' if mlp.reconstructed else 'sliced'})")
+    _print_decoder_quality(result)
+    return 0
+
+
+def _print_decoder_quality(result) -> None:
     p0, p1 = result.parameters
     q = result.quality
     print(f"parameters {p0:,} -> {p1:,} ({p1 / p0:.0%})")
@@ -127,4 +137,42 @@ def _decoder_command(args) -> int:
     if result.decode_ms:
         print(f"decode step here: {result.decode_ms['unpruned']:.2f} -> {result.decode_ms['pruned']:.2f} ms "
               f"({result.speedup:.2f}x)")
+
+
+def _decoder_heads_command(args) -> int:
+    """A generative decoder's KV head groups removed, the output projection re-fitted; config.json
+    and the tokenizer files copied beside the output with the new head counts."""
+    from pathlib import Path
+
+    from exporter.sources import copy_model_files
+
+    if args.heads or args.method != "structured" or args.ratio is not None:
+        raise UserError("--kv-heads prunes a decoder's KV head groups alone; prune the MLP width (--ratio) in a second run")
+    settings = from_args(DecoderHeadPruneSettings, args, ratio=args.kv_heads)  # --reconstruct not given: on
+    if not args.calibration:
+        raise UserError("pruning a decoder's KV heads needs --calibration TEXT (a text file, passages separated by blank "
+                        "lines): its attention outputs choose the groups and re-fit the output projections")
+    source, target = Path(args.input).resolve().parent, Path(args.output).resolve().parent
+    if source == target and (source / "config.json").is_file():
+        raise UserError(f"write the pruned decoder into another folder than '{source}': the config.json beside it "
+                        "states the pruned head counts, and the unpruned model's must stay")
+    calibration = text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
+    calibration = calibration[:max(args.max_batches, 2)]
+    evaluation = (text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation", length=128, windows=True)
+                  if args.evaluation else None)
+    result = prune_decoder_heads(args.input, args.output, calibration, settings, evaluation=evaluation)
+    copy_model_files(source, target)
+    write_pruned_config(source, target, result)
+    if args.json:
+        print(jsonio.document(result.to_dict()))
+        return 0
+    (h0, h1), (g0, g1) = result.heads, result.kv_heads
+    print(f"{args.input} -> {args.output}  (decoder KV head groups, {result.seconds:.1f} s, "
+          f"{result.calibration_positions} calibration positions)")
+    print(f"heads per layer {h0} -> {h1}, KV heads {g0} -> {g1} (head size {result.head_dim})")
+    for layer in result.layers:
+        refit = "-" if layer.heldout_error_refit is None else f"{layer.heldout_error_refit:.4f}"
+        print(f"  {layer.attention:<32} removed groups {list(layer.removed)}   held-out output error: sliced "
+              f"{layer.heldout_error_sliced:.4f}, re-fit {refit} ({'re-fitted' if layer.reconstructed else 'sliced'})")
+    _print_decoder_quality(result)
     return 0

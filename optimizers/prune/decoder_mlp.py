@@ -34,56 +34,44 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxforge.common.graph import producers as tensor_producers, readers as tensor_readers
-from onnxforge.common.errors import UserError, VerificationFailed
-from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.errors import UserError
+from onnxforge.common.graph import producers as tensor_producers
+from onnxforge.common.graph import readers as tensor_readers
 from onnxforge.common.options import option
-from onnxforge.common.sessions import SessionSettings, open_session
-from optimizers.quantize.weight_only import (
-    DecoderQuality,
-    DecodeTiming,
-    decode_step_ms,
-    decoder_quality,
-    float_decoder_header,
-    save_model,
-    sequence_feeds,
-)
-from runtime_bench.decoder import DecoderIO, OnnxDecoder
 from onnxforge.common.progress import tracked
+from optimizers.prune.decoder_refit import (
+    DecoderPruneReport,
+    DecoderRefitSettings,
+    GramStats,
+    clear_value_info,
+    collect_gram,
+    parameters,
+    refit_rows,
+    split_sequences,
+    verify_and_publish,
+)
+from optimizers.quantize.weight_only import float_decoder_header
 
 logger = logging.getLogger(__name__)
 
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderPruneSettings(DecodeTiming):
-    """How much MLP width to remove and how the result is checked.
-
-    ``heldout_fraction`` of the calibration sequences (at least one) decide per MLP whether the
-    least-squares re-fit is kept and, without evaluation sequences, measure the pruned model.
-    """
+class DecoderPruneSettings(DecoderRefitSettings):
+    """How much MLP width to remove (``ratio``, kept widths a multiple of ``round_to``); the re-fit
+    and the check are ``DecoderRefitSettings``'."""
 
     # The flags are PruneSettings' (the same dest names): ``onnxforge prune`` adds them once for both.
     ratio: float = option(0.25, flag="--ratio", key=True, low=0.0, high=1.0, low_open=True, high_open=True,
                           help="fraction of every MLP's width (gate/up outputs, down inputs) to remove")
     round_to: int = option(8, flag="--round-to", key=True, low=1, help="kept neurons are a multiple of this")
-    reconstruct: bool = option(True, flag="--reconstruct", key=True,
-                               help="re-fit the down projections on the kept neurons by least squares, kept where the "
-                                    "held-out calibration sequences show it helps")
-    ridge: float = option(1e-3, internal=True, help="ridge of the least-squares re-fit, x the mean diagonal of the Gram matrix")
-    heldout_fraction: float = option(0.25, internal=True, help="calibration sequences held out to judge each re-fit")
-    max_perplexity_ratio: float = option(1.5, internal=True,
-                                         help="refuse to write a pruned model whose perplexity grows past this x the unpruned one's")
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 < self.ratio < 1.0:
             raise UserError(f"--ratio for decoder MLP pruning must be in (0, 1), got {self.ratio}")
         if self.round_to < 1:
             raise UserError(f"--round-to must be >= 1, got {self.round_to}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise UserError(f"held-out fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.max_perplexity_ratio <= 1.0:
-            raise UserError(f"max perplexity ratio must be > 1, got {self.max_perplexity_ratio}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,27 +99,9 @@ class PrunedMLP:
 
 
 @dataclasses.dataclass
-class DecoderPruneResult:
-    path: Path
+class DecoderPruneResult(DecoderPruneReport):
     ratio: float
     mlps: list[PrunedMLP]
-    parameters: tuple[int, int]
-    quality: DecoderQuality
-    decode_ms: dict[str, float]  # median decode step here, "unpruned" and "pruned" (empty when not timed)
-    calibration_positions: int
-    seconds: float
-
-    @property
-    def speedup(self) -> float | None:
-        if not self.decode_ms:
-            return None
-        return self.decode_ms["unpruned"] / self.decode_ms["pruned"]
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["path"] = str(self.path)
-        d["speedup"] = self.speedup
-        return d
 
 
 # ---------------------------------------------------------------------------- finding the MLPs
@@ -193,45 +163,7 @@ def find_mlps(model: onnx.ModelProto) -> list[DecoderMLP]:
     return mlps
 
 
-# ---------------------------------------------------------------------------- statistics
-
-
-@dataclasses.dataclass
-class _Stats:
-    gram: np.ndarray  # H^T H, float64 [I, I]
-    abs_sum: np.ndarray  # sum |h_j|
-    count: int
-
-
-def _collect(model: onnx.ModelProto, mlps: Sequence[DecoderMLP], sequences, settings: SessionSettings) -> list[_Stats]:
-    """Gram matrix and mean |h| of every MLP's hidden activation over all positions of ``sequences``."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for mlp in mlps:
-        if mlp.hidden not in known:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(mlp.hidden, onnx.TensorProto.FLOAT, None))
-    session = open_session(probe, settings, what="the decoder with its MLP activations as outputs")
-    del probe
-    io = DecoderIO.from_model(session)
-    stats = [None] * len(mlps)
-    for seq in sequences:
-        hidden = session.run([m.hidden for m in mlps], sequence_feeds(io, seq))
-        for i, h in enumerate(hidden):
-            h = h.reshape(-1, h.shape[-1]).astype(np.float64)
-            if stats[i] is None:
-                stats[i] = _Stats(np.zeros((h.shape[1], h.shape[1])), np.zeros(h.shape[1]), 0)
-            stats[i].gram += h.T @ h
-            stats[i].abs_sum += np.abs(h).sum(axis=0)
-            stats[i].count += h.shape[0]
-    return stats
-
-
-def _output_error(gram: np.ndarray, difference: np.ndarray, reference: np.ndarray) -> float:
-    """``||H D||^2 / ||H W||^2`` from the Gram matrix ``H^T H``."""
-    num = float(np.einsum("ij,ik,kj->", difference, gram, difference))
-    den = float(np.einsum("ij,ik,kj->", reference, gram, reference))
-    return num / max(den, 1e-30)
+# ---------------------------------------------------------------------------- pruning
 
 
 def kept_width(width: int, ratio: float, round_to: int) -> int:
@@ -240,45 +172,20 @@ def kept_width(width: int, ratio: float, round_to: int) -> int:
     return int(min(width, max(round_to, kept)))
 
 
-def _prune_one(mlp: DecoderMLP, weights: dict, fit: _Stats, heldout: _Stats | None,
+def _prune_one(mlp: DecoderMLP, weights: dict, fit: GramStats, heldout: GramStats | None,
                settings: DecoderPruneSettings) -> tuple[dict[str, np.ndarray], PrunedMLP]:
     wg, wu, wd = (numpy_helper.to_array(weights[n]) for n in (mlp.gate_weight, mlp.up_weight, mlp.down_weight))
     width = wd.shape[0]
     kept = kept_width(width, settings.ratio, settings.round_to)
     importance = fit.abs_sum / max(fit.count, 1) * np.linalg.norm(wd.astype(np.float64), axis=1)
     keep = np.sort(np.argsort(-importance, kind="stable")[:kept])
-    wd64 = wd.astype(np.float64)
-    sliced = wd64[keep]
-    check = heldout or fit
-    padded = np.zeros_like(wd64)
-    padded[keep] = sliced
-    error_sliced = _output_error(check.gram, wd64 - padded, wd64)
-    new_down, reconstructed, error_refit = sliced, False, None
-    if settings.reconstruct:
-        g_kk = fit.gram[np.ix_(keep, keep)]
-        lam = settings.ridge * max(float(np.mean(np.diag(g_kk))), 1e-12)
-        refit = np.linalg.solve(g_kk + lam * np.eye(kept), fit.gram[keep] @ wd64)
-        padded[keep] = refit
-        error_refit = _output_error(check.gram, wd64 - padded, wd64)
-        if error_refit < error_sliced:
-            new_down, reconstructed = refit, True
+    down = refit_rows(wd, keep, fit, heldout, settings.reconstruct, settings.ridge)
     arrays = {
         mlp.gate_weight: np.ascontiguousarray(wg[:, keep]),
         mlp.up_weight: np.ascontiguousarray(wu[:, keep]),
-        mlp.down_weight: new_down.astype(wd.dtype),
+        mlp.down_weight: down.weight,
     }
-    return arrays, PrunedMLP(mlp.down, width, kept, reconstructed, error_sliced, error_refit)
-
-
-def _parameters(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-
-
-def _clear_value_info(model: onnx.ModelProto, names: set[str]) -> None:
-    """Drop recorded shapes of tensors whose width changed (ONNX Runtime infers them again)."""
-    keep = [v for v in model.graph.value_info if v.name not in names]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(keep)
+    return arrays, PrunedMLP(mlp.down, width, kept, down.reconstructed, down.error_sliced, down.error_refit)
 
 
 # ---------------------------------------------------------------------------- public entry
@@ -297,59 +204,29 @@ def prune_decoder_mlp(model_path, out_path, calibration: Sequence[Sequence[int]]
     started = time.perf_counter()
     model_path, out_path = Path(model_path), Path(out_path)
     float_decoder_header(model_path)  # refuses a missing, non-decoder or quantized file
-    fit_sequences, heldout_sequences, evaluation = _split_sequences(calibration, evaluation, settings)
+    fit_sequences, heldout_sequences, evaluation = split_sequences(calibration, evaluation, settings.heldout_fraction,
+                                                                   "decoder MLP pruning")
     model = onnx.load(str(model_path))
     mlps = find_mlps(model)
     if not mlps:
         raise UserError(f"no MLP of the form down(act(gate(x)) * up(x)) with constant weights found in '{model_path}'; "
                         "export the float decoder with 'onnxforge export --task text-generation' (not packed or quantized)")
-    session_settings = SessionSettings(intra_op_threads=settings.threads, log_severity=3)
-
-    fit_stats = _collect(model, mlps, fit_sequences, session_settings)
-    heldout_stats = _collect(model, mlps, heldout_sequences, session_settings) if heldout_sequences else [None] * len(mlps)
-    parameters_before = _parameters(model)
+    hidden = [m.hidden for m in mlps]
+    fit_stats = collect_gram(model, hidden, fit_sequences, settings.session, "the decoder with its MLP activations as outputs")
+    heldout_stats = (collect_gram(model, hidden, heldout_sequences, settings.session, "the decoder with its MLP activations as outputs")
+                     if heldout_sequences else [None] * len(mlps))
+    parameters_before = parameters(model)
     pruned = _prune_all(model, mlps, fit_stats, heldout_stats, settings)
     node_outputs = {o for n in model.graph.node if n.name in {m.gate for m in mlps} | {m.up for m in mlps} for o in n.output}
-    _clear_value_info(model, node_outputs | {m.hidden for m in mlps} | _activation_outputs(model, mlps))
-
-    with staging_dir(out_path) as work:
-        staged = work / out_path.name
-        data = save_model(model, staged, f"{out_path.name}.data")
-        parameters_after = _parameters(model)
-        del model
-        reference = OnnxDecoder(model_path, settings=session_settings)
-        candidate = OnnxDecoder(staged, settings=session_settings)
-        quality = decoder_quality(reference, candidate, evaluation)
-        ratio = quality.perplexity_candidate / quality.perplexity_reference
-        if not np.isfinite(ratio) or ratio > settings.max_perplexity_ratio:
-            raise VerificationFailed(
-                f"pruning {settings.ratio:.0%} of the MLP width raises perplexity {quality.perplexity_reference:.3f} -> "
-                f"{quality.perplexity_candidate:.3f} ({ratio:.2f}x > {settings.max_perplexity_ratio}x allowed); nothing written; "
-                "try a smaller --ratio or more calibration text"
-            )
-        timings = {}
-        if settings.timing_rounds:
-            timings = decode_step_ms({"unpruned": reference, "pruned": candidate}, settings.timing_past,
-                                     settings.timing_steps, settings.timing_rounds)
-        del reference, candidate
-        publish(staged, out_path, companions=(data,) if data else ())
+    clear_value_info(model, node_outputs | {m.hidden for m in mlps} | _activation_outputs(model, mlps))
+    parameters_after = parameters(model)
+    quality, timings = verify_and_publish(model, model_path, out_path, evaluation, settings,
+                                          f"pruning {settings.ratio:.0%} of the MLP width",
+                                          "try a smaller --ratio or more calibration text")
     return DecoderPruneResult(
         path=out_path, ratio=settings.ratio, mlps=pruned, parameters=(parameters_before, parameters_after), quality=quality,
         decode_ms=timings, calibration_positions=sum(len(s) for s in fit_sequences), seconds=time.perf_counter() - started,
     )
-
-
-def _split_sequences(calibration, evaluation, settings: DecoderPruneSettings):
-    """The calibration sequences (2+ tokens) split into fitted and held-out ones (``heldout_fraction``),
-    and the sequences the result is judged on: ``evaluation``, else the held-out ones."""
-    sequences = [list(map(int, s)) for s in calibration if len(s) >= 2]
-    if len(sequences) < 2:
-        raise UserError(f"decoder MLP pruning needs at least 2 calibration sequences of 2+ tokens, got {len(sequences)}; "
-                        "give more calibration text (--calibration FILE, passages separated by blank lines)")
-    held = max(1, int(round(len(sequences) * settings.heldout_fraction))) if settings.heldout_fraction else 0
-    fit_sequences, heldout_sequences = sequences[: len(sequences) - held], sequences[len(sequences) - held:]
-    evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else heldout_sequences or sequences
-    return fit_sequences, heldout_sequences, evaluation
 
 
 def _prune_all(model: onnx.ModelProto, mlps, fit_stats, heldout_stats, settings: DecoderPruneSettings) -> list:
