@@ -75,8 +75,8 @@ def collect_gram(model: onnx.ModelProto, names: Sequence[str], sequences, settin
 
 def output_error(gram: np.ndarray, difference: np.ndarray, reference: np.ndarray) -> float:
     """``||H D||^2 / ||H W||^2`` from the Gram matrix ``H^T H``."""
-    num = float(np.einsum("ij,ik,kj->", difference, gram, difference))
-    den = float(np.einsum("ij,ik,kj->", reference, gram, reference))
+    num = float(np.sum(difference * (gram @ difference)))  # trace(D^T G D) through BLAS (a plain einsum is a
+    den = float(np.sum(reference * (gram @ reference)))    # single-threaded triple loop: minutes on Qwen's MLPs)
     return num / max(den, 1e-30)
 
 
