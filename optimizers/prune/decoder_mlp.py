@@ -55,7 +55,6 @@ from optimizers.quantize.weight_only import float_decoder_header
 logger = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DecoderPruneSettings(DecoderRefitSettings):
     """How much MLP width to remove (``ratio``, kept widths a multiple of ``round_to``); the re-fit

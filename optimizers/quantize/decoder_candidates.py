@@ -438,11 +438,13 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     builders = candidate_builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
     reports: dict[str, CandidateReport] = {}
     with staging_dir(out_path) as work:
-        level, level_timings = _accuracy_level(reference, builders, prepared, evaluation, settings, session_settings, work)
+        level, level_timings, first_built = _accuracy_level(reference, builders, prepared, evaluation, settings,
+                                                            session_settings, work)
         paths, decoders = {}, {}
         for name in tracked(settings.candidates, "weight-only candidates"):
             try:
-                built = set_accuracy_level(builders[name](copy.deepcopy(prepared)), level)
+                reuse = first_built is not None and name == settings.candidates[0]
+                built = set_accuracy_level(first_built if reuse else builders[name](copy.deepcopy(prepared)), level)
                 paths[name] = work / f"{name}.onnx"
                 save_model(built, paths[name], f"{name}.onnx.data")
                 decoders[name] = OnnxDecoder(paths[name], settings=session_settings)
@@ -481,11 +483,11 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
 
 
 def _accuracy_level(reference, builders, prepared, sequences, settings: DecoderCandidateSettings,
-                    session_settings: SessionSettings, work: Path) -> tuple[int, dict[int, float]]:
+                    session_settings: SessionSettings, work: Path) -> tuple[int, dict[int, float], onnx.ModelProto | None]:
     """``settings.accuracy_level``, or the level measured on the first candidate (see the module
-    doc), with the decode timings that chose it."""
+    doc), with the decode timings that chose it and that candidate as built (not built twice)."""
     if settings.accuracy_level is not None:
-        return settings.accuracy_level, {}
+        return settings.accuracy_level, {}, None
     first = settings.candidates[0]
     with reporting(f"accuracy level ({first} at {', '.join(map(str, ACCURACY_LEVELS))})"):
         built = builders[first](copy.deepcopy(prepared))
@@ -496,7 +498,7 @@ def _accuracy_level(reference, builders, prepared, sequences, settings: DecoderC
             decoders[level] = OnnxDecoder(path, settings=session_settings)
         level, timings, _ = choose_accuracy_level(reference, decoders, sequences, past=settings.timing_past,
                                                   steps=settings.timing_steps, rounds=settings.timing_rounds or 3)
-    return level, timings
+    return level, timings, built
 
 
 def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSettings) -> tuple[str, list[str]]:
