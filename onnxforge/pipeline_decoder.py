@@ -275,7 +275,9 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
         with tempfile.TemporaryDirectory(prefix="onnxforge-decoder-") as work:
             source, heads = exported.artifact, None
             if prune is not None:
-                head_settings, mlp_settings = decoder_prune_settings(prune)
+                # the candidates are benchmarked by the pipeline: the pruners' own decode timing is not needed
+                head_settings, mlp_settings = (None if settings is None else dataclasses.replace(settings, timing_rounds=0)
+                                               for settings in decoder_prune_settings(prune))
                 calibration = texts.calibration(prune.get("max_batches", CALIBRATION_WINDOWS), needed_by=f"{where}'s prune")
                 if head_settings is not None:
                     target = folder / "model.onnx" if quantize is None and mlp_settings is None else Path(work) / "heads.onnx"

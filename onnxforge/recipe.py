@@ -205,6 +205,10 @@ def decoder_prune_settings(prune: dict[str, Any]) -> tuple[DecoderHeadPruneSetti
     head_keys, mlp_keys = recipe_types(DecoderHeadPruneSettings), recipe_types(DecoderPruneSettings)
     heads = from_table(DecoderHeadPruneSettings, {k: v for k, v in prune.items() if k in head_keys}) if "kv_heads" in prune else None
     mlp = None
+    mlp_only = sorted(k for k in prune if k in mlp_keys and k not in head_keys)
+    if heads is not None and "ratio" not in prune and mlp_only:
+        raise UserError(f"{', '.join(mlp_only)} shape(s) the MLP width, which this prune table leaves whole: "
+                        "give ratio too, or drop them")
     if "ratio" in prune or heads is None:
         mlp = from_table(DecoderPruneSettings, {k: v for k, v in prune.items() if k in mlp_keys})
     return heads, mlp

@@ -331,6 +331,12 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
         prune_decoder_heads(_variant("one-kv-head", one_kv_head), tmp_path / "m.onnx", calibration_sequences())
     with pytest.raises(UserError, match="at least 2 calibration sequences"):
         prune_decoder_heads(trained_decoder(), tmp_path / "m.onnx", [[1, 2, 3]])
+    from optimizers.quantize.kv_cache import quantize_kv_cache
+
+    kv8 = tmp_path / "kv8" / "model.onnx"
+    quantize_kv_cache(trained_decoder(), kv8, calibration_sequences()[:4])
+    with pytest.raises(UserError, match="KV cache is quantized"):  # its per-head scales would not be sliced
+        prune_decoder_heads(kv8, tmp_path / "m.onnx", calibration_sequences())
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -353,6 +359,8 @@ def test_recipe_prune_kv_heads():
     heads, mlp = decoder_prune_settings({"ratio": 0.25})
     assert heads is None and mlp.ratio == 0.25
     check_decoder_candidates({"candidates": [{"name": "heads", "prune": {"kv_heads": 0.5}}]})
+    with pytest.raises(UserError, match="round_to shape.*MLP width.*give ratio too"):
+        check_decoder_candidates({"candidates": [{"name": "heads", "prune": {"kv_heads": 0.5, "round_to": 64}}]})
     with pytest.raises(UserError, match=r"^'candidates\[0\]\.prune\.kv_heads' must be above 0.0 and below 1.0, got 1.5$"):
         check_decoder_candidates({"candidates": [{"name": "heads", "prune": {"kv_heads": 1.5}}]})
 

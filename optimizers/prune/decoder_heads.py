@@ -175,6 +175,8 @@ def _layer(node, weights, producer, readers, inputs, outputs) -> AttentionLayer:
         raise _NotALayer(f"num_heads {heads} is not a multiple of kv_num_heads {kv_heads}")
     if len(node.input) > 11 and node.input[11]:
         raise _NotALayer("it reads per-head attention sinks")
+    if any(node.input[12:14]):
+        raise _NotALayer("its KV cache is quantized (int8 scales per KV head): prune the float model first")
     packed = len(node.input) < 3 or not node.input[1] or not node.input[2]
     sources = [(node.input[0], (("q", 0),))] if packed else [(node.input[i], ((k, 0),)) for i, k in enumerate("qkv")]
     projections, changed, widths = [], [], {}
