@@ -52,9 +52,7 @@ from onnxforge.common.progress import tracked
 from optimizers.prune.decoder_refit import (
     DecoderPruneReport,
     DecoderRefitSettings,
-    GramStats,
     clear_value_info,
-    collect_gram,
     kept_error,
     parameters,
     refit_rows,
@@ -62,6 +60,7 @@ from optimizers.prune.decoder_refit import (
     split_sequences,
     verify_and_publish,
 )
+from optimizers.quantize.activations import GramStats, collect_gram_sets
 from optimizers.quantize.weight_only import float_decoder_header
 
 logger = logging.getLogger(__name__)
@@ -371,8 +370,7 @@ def prune_decoder_heads(model_path, out_path, calibration: Sequence[Sequence[int
     layers = find_attention_layers(model)
     names = [layer.output_input for layer in layers]
     what = "the decoder with its attention outputs as outputs"
-    fit_stats = collect_gram(model, names, fit_sequences, settings.session, what)
-    heldout_stats = collect_gram(model, names, heldout_sequences, settings.session, what) if heldout_sequences else [None] * len(layers)
+    fit_stats, heldout_stats = collect_gram_sets(model, names, [fit_sequences, heldout_sequences], settings.session, what)
     parameters_before = parameters(model)
     pruned = _prune_all(model, layers, fit_stats, heldout_stats, settings)
     clear_value_info(model, {name for layer in layers for name in layer.changed})

@@ -42,14 +42,13 @@ from onnxforge.common.progress import tracked
 from optimizers.prune.decoder_refit import (
     DecoderPruneReport,
     DecoderRefitSettings,
-    GramStats,
     clear_value_info,
-    collect_gram,
     parameters,
     refit_rows,
     split_sequences,
     verify_and_publish,
 )
+from optimizers.quantize.activations import GramStats, collect_gram_sets
 from optimizers.quantize.weight_only import float_decoder_header
 
 logger = logging.getLogger(__name__)
@@ -211,9 +210,8 @@ def prune_decoder_mlp(model_path, out_path, calibration: Sequence[Sequence[int]]
         raise UserError(f"no MLP of the form down(act(gate(x)) * up(x)) with constant weights found in '{model_path}'; "
                         "export the float decoder with 'onnxforge export --task text-generation' (not packed or quantized)")
     hidden = [m.hidden for m in mlps]
-    fit_stats = collect_gram(model, hidden, fit_sequences, settings.session, "the decoder with its MLP activations as outputs")
-    heldout_stats = (collect_gram(model, hidden, heldout_sequences, settings.session, "the decoder with its MLP activations as outputs")
-                     if heldout_sequences else [None] * len(mlps))
+    fit_stats, heldout_stats = collect_gram_sets(model, hidden, [fit_sequences, heldout_sequences], settings.session,
+                                                 "the decoder with its MLP activations as outputs")
     parameters_before = parameters(model)
     pruned = _prune_all(model, mlps, fit_stats, heldout_stats, settings)
     node_outputs = {o for n in model.graph.node if n.name in {m.gate for m in mlps} | {m.up for m in mlps} for o in n.output}

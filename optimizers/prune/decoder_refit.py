@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,48 +28,18 @@ import onnx
 from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.options import option
-from onnxforge.common.sessions import SessionSettings, open_session
+from onnxforge.common.sessions import SessionSettings
+from optimizers.quantize.activations import GramStats
 from optimizers.quantize.weight_only import (
     DecoderQuality,
     DecodeTiming,
     decode_step_ms,
     decoder_quality,
     save_model,
-    sequence_feeds,
 )
-from optimizers.verify import with_outputs
-from runtime_bench.decoder import DecoderIO, OnnxDecoder
+from runtime_bench.decoder import OnnxDecoder
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class GramStats:
-    """Statistics of one activation ``H`` over calibration positions."""
-
-    gram: np.ndarray  # H^T H, float64 [n, n]
-    abs_sum: np.ndarray  # sum over positions of |h_j|
-    count: int
-
-
-def collect_gram(model: onnx.ModelProto, names: Sequence[str], sequences, settings: SessionSettings,
-                 what: str = "the decoder with its activations as outputs") -> list[GramStats]:
-    """Gram matrix and sum of ``|h|`` of each tensor in ``names`` (last axis the feature) over every
-    position of ``sequences`` (token-id lists run from an empty cache). Does not modify ``model``."""
-    probe = with_outputs(model, names)
-    session = open_session(probe, settings, what=what)
-    del probe
-    io = DecoderIO.from_model(session)
-    stats: list[GramStats | None] = [None] * len(names)
-    for seq in sequences:
-        for i, h in enumerate(session.run(list(names), sequence_feeds(io, seq))):
-            h = h.reshape(-1, h.shape[-1]).astype(np.float64)
-            if stats[i] is None:
-                stats[i] = GramStats(np.zeros((h.shape[1], h.shape[1])), np.zeros(h.shape[1]), 0)
-            stats[i].gram += h.T @ h
-            stats[i].abs_sum += np.abs(h).sum(axis=0)
-            stats[i].count += h.shape[0]
-    return stats
 
 
 def output_error(gram: np.ndarray, difference: np.ndarray, reference: np.ndarray) -> float:
@@ -225,5 +194,5 @@ def verify_and_publish(model: onnx.ModelProto, model_path: Path, out_path: Path,
     return quality, timings
 
 
-__all__ = ["DecoderPruneReport", "DecoderRefitSettings", "GramStats", "Refit", "clear_value_info", "collect_gram", "kept_error", "output_error",
+__all__ = ["DecoderPruneReport", "DecoderRefitSettings", "Refit", "clear_value_info", "kept_error", "output_error",
            "parameters", "refit_rows", "ridge_refit", "split_sequences", "verify_and_publish"]
