@@ -5,11 +5,18 @@ A candidate is a recipe that turns the float decoder into a weight-only quantize
 
 - ``rtn-int{4,8}-{sym,asym}-b{32,64,128}``: round-to-nearest blocks (``q = round(w / s)``, with a
   zero point when asymmetric);
-- ``rtn-int4-int8-head``: int4 symmetric blocks of 32, the output layer in int8 and the token
-  embedding left in float (the two places where int4 hurts small models most);
+- ``rtn-int4-int8-head``: int4 symmetric blocks of 32, the output layer and the token embedding
+  in int8 (the two places where int4 hurts small models most);
 - ``mixed``: int8 or int4 per matrix product by measurement (below), under a size budget;
 - ``hqq-int4-b{32,64}``: HQQ (half-quadratic optimization of scale and zero point, no data);
-- ``gptq-int4``: GPTQ (second-order error compensation from calibration activations);
+- ``gptq-int4``: GPTQ (``optimizers.quantize.gptq``: each row's rounding error compensated on the
+  rows not yet quantized, weighted by the calibration activations), symmetric blocks of 32 in the
+  format RTN int4 runs at, every product including the output layer; the token embedding in 8 bits
+  (a decode step gathers one row of it: bytes, not speed);
+- ``gptq-int4-int8-head``: the same with the output layer in int8 (faithful where the vocabulary
+  is small beside the model, slower where it is not);
+- ``gptq-int4-ort``: ONNX Runtime's GPTQ (Intel Neural Compressor's code: zero points, no
+  act-order), kept for comparison;
 - ``kquant-int4``: ONNX Runtime's k-quant (RTN with searched clipping);
 - ``rtn-int4-kv8``: ``rtn-int4-sym-b32`` weights and an int8 KV cache inside GroupQueryAttention
   (``optimizers.quantize.kv_cache``: per-channel scales calibrated on the float model's own cache
@@ -20,8 +27,12 @@ A candidate is a recipe that turns the float decoder into a weight-only quantize
 Mixed precision: the sensitivity of a product is ``KL(p_fp32 || p_q)`` of the next-token
 distribution, mean over calibration positions, when that product alone is int4 (everything
 else float). Products are promoted to int8 in order of sensitivity per extra byte while the
-model's weight bytes stay within ``size_budget`` x the all-int4 model's (the embedding, which has
-no 8-bit gather in ONNX Runtime, is promoted to float instead).
+model's weight bytes stay within ``size_budget`` x the all-int4 model's (the embedding too: an
+8-bit ``GatherBlockQuantized``).
+
+Calibration (GPTQ, the sensitivities, the KV-cache scales) is never the evaluation text: without
+calibration text the float model's own greedy text from other random prompts is used, so the KL
+that judges a calibrated candidate is measured on text it was not fitted to.
 
 Accuracy level (MatMulNBits' compute type; 4: int8 activations, the VNNI / AMX kernels): by
 default measured once, on the first candidate at levels 0, 1 and 4 (``choose_accuracy_level``:
@@ -54,7 +65,9 @@ import onnx
 from onnxforge.common.errors import BudgetNotMet, UserError
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.options import help_of, option
+from onnxforge.common.progress import reporting, tracked
 from onnxforge.common.sessions import SessionSettings, open_session
+from optimizers.quantize.gptq import apply_codes, gptq_codes, int8_embedding
 from optimizers.quantize.kv_cache import (
     KvCacheSettings,
     int8_kv_cache,
@@ -64,35 +77,39 @@ from optimizers.quantize.kv_cache import (
     require_group_query_attention,
 )
 from optimizers.quantize.weight_only import (
+    ACCURACY_LEVEL_CHOICES,
+    ACCURACY_LEVELS,
     DecoderQuality,
     DecodeTiming,
-    is_embedding,
-    output_layer_weight,
+    WeightOnlySettings,
+    choose_accuracy_level,
     decode_step_ms,
     decoder_quality,
     default_sequences,
     float_decoder_header,
+    is_embedding,
+    output_layer_weight,
     pack_sibling_matmuls,
     save_model,
     sequence_feeds,
     set_accuracy_level,
     untie_output_layer,
-    WeightOnlySettings,
-    ACCURACY_LEVELS,
-    ACCURACY_LEVEL_CHOICES,
-    choose_accuracy_level,
 )
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
 from runtime_bench.generation import weight_bytes
-from onnxforge.common.progress import reporting, tracked
 
 logger = logging.getLogger(__name__)
 
 RTN_NAMES = tuple(f"rtn-int{bits}-{kind}-b{block}" for bits in (4, 8) for kind in ("sym", "asym") for block in (32, 64, 128))
 KV8_NAMES = ("rtn-int4-kv8",)  # int8 KV cache too
-NAMES = (*RTN_NAMES, "rtn-int4-int8-head", "mixed", "hqq-int4-b32", "hqq-int4-b64", "gptq-int4", "kquant-int4", *KV8_NAMES)
-AUTO_CANDIDATES = ("rtn-int4-sym-b32", "rtn-int4-int8-head", "mixed", "hqq-int4-b32")
+NAMES = (*RTN_NAMES, "rtn-int4-int8-head", "gptq-int4", "gptq-int4-int8-head", "mixed", "hqq-int4-b32", "hqq-int4-b64",
+         "gptq-int4-ort", "kquant-int4", *KV8_NAMES)
+# GPTQ at RTN's speed with a third to a quarter of its KL; mixed (a session per product to score,
+# and behind GPTQ in KL) and HQQ (float zero points: 0.06x RTN's speed on CPU) are by name only
+AUTO_CANDIDATES = ("rtn-int4-sym-b32", "gptq-int4", "gptq-int4-int8-head")
 BASELINE = "rtn-int4-sym-b32"
+CALIBRATION_SEQUENCES = 8  # of the float model's own greedy text, when no calibration text is given
+GPTQ_HELDOUT = 0.25  # calibration sequences that judge GPTQ against RTN per product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,13 +266,15 @@ def rtn(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, *, 
     return _quiet_quantizer(model, config, exclude=exclude)
 
 
-def mixed(model: onnx.ModelProto, int8_products: Sequence[str], float_embedding: bool, block_size: int = 32) -> onnx.ModelProto:
+def mixed(model: onnx.ModelProto, int8_products: Sequence[str], embedding8: bool, block_size: int = 32) -> onnx.ModelProto:
     """``int8_products`` in 8-bit blocks, every other product in 4-bit symmetric blocks; the
-    embedding in 4 bits unless ``float_embedding``. ``model`` is consumed."""
+    embedding in 8 bits with ``embedding8``, else 4. ``model`` is consumed."""
     int8 = [p for p in weight_products(model) if p in set(int8_products)]
+    if embedding8:
+        model = int8_embedding(model, embedding_gathers(model, block_size), block_size)
     if int8:
         model = rtn(model, 8, block_size, True, only=int8, embedding=False)
-    return rtn(model, 4, block_size, True, embedding=not float_embedding)
+    return rtn(model, 4, block_size, True, embedding=not embedding8)
 
 
 def hqq(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
@@ -285,7 +304,7 @@ class _Reader:
         self.position = 0
 
 
-def gptq(model: onnx.ModelProto, io: DecoderIO, sequences) -> onnx.ModelProto:
+def gptq_ort(model: onnx.ModelProto, io: DecoderIO, sequences) -> onnx.ModelProto:
     """GPTQ from ONNX Runtime's quantizer, calibrated on whole ``sequences``; the feeds leave out
     inputs no node reads (the quantizer sees the graph without them, see ``_quiet_quantizer``)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig
@@ -353,8 +372,8 @@ def _int8_bytes(shape) -> int:
 
 
 def allocate_int8(prepared: onnx.ModelProto, scores: dict[str, float], size_budget: float) -> tuple[list[str], bool]:
-    """Products promoted to int8 (and whether the embedding stays float) by sensitivity per extra
-    byte, while the weight bytes stay within ``size_budget`` x the all-int4 model's."""
+    """Products promoted to int8 (and whether the embedding is) by sensitivity per extra byte,
+    while the weight bytes stay within ``size_budget`` x the all-int4 model's."""
     weights = {t.name: t for t in prepared.graph.initializer}
     nodes = {n.name: n for n in prepared.graph.node}
     extra, base = {}, 0
@@ -365,7 +384,7 @@ def allocate_int8(prepared: onnx.ModelProto, scores: dict[str, float], size_budg
     for gather in embedding_gathers(prepared):
         shape = tuple(weights[nodes[gather].input[0]].dims)
         base += _int4_bytes(shape[::-1])
-        extra["embedding"] = shape[0] * shape[1] * 4 - _int4_bytes(shape[::-1])
+        extra["embedding"] = _int8_bytes(shape[::-1]) - _int4_bytes(shape[::-1])
     allowance = (size_budget - 1.0) * base
     order = sorted((name for name in scores if name in extra), key=lambda n: -scores[n] / max(extra[n], 1))
     promoted = []
@@ -388,22 +407,38 @@ def candidate_builders(io: DecoderIO, calibration, scores_box: dict, settings: D
         _, bits, kind, block = name.split("-")
         builders[name] = (lambda m, b=int(bits[3:]), s=kind == "sym", bs=int(block[1:]): rtn(m, b, bs, s))
 
-    def head_int8(m):
+    def head_products(m):
         head = output_layer_weight(m)
-        return mixed(m, [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] == head], True)
+        return [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] == head]
+
+    def head_int8(m):
+        return mixed(m, head_products(m), True)
+
+    def by_gptq(m, head_bits: int):
+        if "gptq" not in scores_box:  # one pass over the calibration text serves both GPTQ candidates
+            held = max(1, round(len(calibration) * GPTQ_HELDOUT)) if len(calibration) >= 2 else 0
+            scores_box["gptq"] = gptq_codes(m, weight_products(m), calibration[: len(calibration) - held], session_settings,
+                                            heldout=calibration[len(calibration) - held:])
+        head = set(head_products(m)) if head_bits == 8 else set()
+        m = apply_codes(m, {name: codes for name, codes in scores_box["gptq"].codes.items() if name not in head})
+        if head:
+            m = rtn(m, 8, 32, True, only=sorted(head), embedding=False)
+        return int8_embedding(m, embedding_gathers(m))
 
     def by_sensitivity(m):
         if "scores" not in scores_box:
             scores_box["scores"] = sensitivity(m, calibration[: settings.sensitivity_sequences], session_settings)
-        int8, float_embedding = allocate_int8(m, scores_box["scores"], settings.size_budget)
-        scores_box["int8"] = tuple(int8) + (("embedding",) if float_embedding else ())
-        return mixed(m, int8, float_embedding)
+        int8, embedding8 = allocate_int8(m, scores_box["scores"], settings.size_budget)
+        scores_box["int8"] = tuple(int8) + (("embedding",) if embedding8 else ())
+        return mixed(m, int8, embedding8)
 
     builders["rtn-int4-int8-head"] = head_int8
+    builders["gptq-int4"] = lambda m: by_gptq(m, 4)
+    builders["gptq-int4-int8-head"] = lambda m: by_gptq(m, 8)
     builders["mixed"] = by_sensitivity
     builders["hqq-int4-b32"] = lambda m: hqq(m, 32)
     builders["hqq-int4-b64"] = lambda m: hqq(m, 64)
-    builders["gptq-int4"] = lambda m: gptq(m, io, calibration)
+    builders["gptq-int4-ort"] = lambda m: gptq_ort(m, io, calibration)
     builders["kquant-int4"] = kquant
 
     def rtn_kv8(m):
@@ -429,7 +464,8 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     session_settings = SessionSettings(intra_op_threads=settings.threads, log_severity=3)
     reference = OnnxDecoder(model_path, settings=session_settings)
     evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else default_sequences(reference)
-    calibration = [list(map(int, s)) for s in calibration if len(s) >= 2] if calibration else evaluation
+    calibration = ([list(map(int, s)) for s in calibration if len(s) >= 2] if calibration
+                   else default_sequences(reference, CALIBRATION_SEQUENCES, seed=1))
     prepared = prepare(onnx.load(str(model_path)))
     if set(settings.candidates) & set(KV8_NAMES):
         require_group_query_attention(prepared)  # refused now, not after the other candidates are built
@@ -438,13 +474,21 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     builders = candidate_builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
     reports: dict[str, CandidateReport] = {}
     with staging_dir(out_path) as work:
-        level, level_timings, first_built = _accuracy_level(reference, builders, prepared, evaluation, settings,
+        # each candidate starts from its own load of the prepared float model on disk: one float
+        # copy in memory at a time, not the prepared model and a copy of it (4 GB on a 0.5B decoder)
+        save_model(prepared, work / "prepared.onnx", "prepared.onnx.data")
+        del prepared
+
+        def fresh() -> onnx.ModelProto:
+            return onnx.load(str(work / "prepared.onnx"))
+
+        level, level_timings, first_built = _accuracy_level(reference, builders, fresh, evaluation, settings,
                                                             session_settings, work)
         paths, decoders = {}, {}
         for name in tracked(settings.candidates, "weight-only candidates"):
             try:
                 reuse = first_built is not None and name == settings.candidates[0]
-                built = set_accuracy_level(first_built if reuse else builders[name](copy.deepcopy(prepared)), level)
+                built = set_accuracy_level(first_built if reuse else builders[name](fresh()), level)
                 paths[name] = work / f"{name}.onnx"
                 save_model(built, paths[name], f"{name}.onnx.data")
                 decoders[name] = OnnxDecoder(paths[name], settings=session_settings)
@@ -482,7 +526,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     )
 
 
-def _accuracy_level(reference, builders, prepared, sequences, settings: DecoderCandidateSettings,
+def _accuracy_level(reference, builders, fresh: Callable[[], onnx.ModelProto], sequences, settings: DecoderCandidateSettings,
                     session_settings: SessionSettings, work: Path) -> tuple[int, dict[int, float], onnx.ModelProto | None]:
     """``settings.accuracy_level``, or the level measured on the first candidate (see the module
     doc), with the decode timings that chose it and that candidate as built (not built twice)."""
@@ -490,7 +534,7 @@ def _accuracy_level(reference, builders, prepared, sequences, settings: DecoderC
         return settings.accuracy_level, {}, None
     first = settings.candidates[0]
     with reporting(f"accuracy level ({first} at {', '.join(map(str, ACCURACY_LEVELS))})"):
-        built = builders[first](copy.deepcopy(prepared))
+        built = builders[first](fresh())
         decoders = {}
         for level in ACCURACY_LEVELS:
             path = work / f"level{level}.onnx"
