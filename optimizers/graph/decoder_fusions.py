@@ -262,6 +262,8 @@ class GqaOutputReshapesRule(pattern.RewriteRuleClassBase):
         if ids is None or seq_source is not ids:
             return result.fail("the sequence length is not read from input_ids")
         batch_dim = ids.shape[0] if ids.shape is not None else None
+        if not isinstance(batch_dim, int) and getattr(batch_dim, "value", None) is None:  # unknown dims say nothing
+            return result.fail("input_ids has no named or fixed batch dim")
         if batch_source.name not in inputs or batch_source.shape is None or batch_source.shape[0] != batch_dim:
             return result.fail("the batch is not read from a batch-first graph input")
         if heads.producer().attributes.get_int("allowzero", 0):  # its zeros must copy B and S (the second's are real sizes)

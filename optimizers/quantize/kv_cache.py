@@ -38,6 +38,7 @@ from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
+from onnxforge.common.graph import readers as tensor_readers
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.quantize.weight_only import (
     DecoderQuality,
@@ -118,10 +119,7 @@ def require_group_query_attention(model: onnx.ModelProto) -> list[onnx.NodeProto
     if covered_past != pasts or covered_present != presents:
         raise UserError(f"{len(pasts - covered_past)} cache inputs are not read by a GroupQueryAttention node; the int8 KV "
                         "cache needs every layer fused")
-    readers = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = tensor_readers(model.graph)
     for past in pasts:
         if any(r.op_type not in ("GroupQueryAttention", "Shape") for r in readers.get(past, [])):  # Shape reads no values
             raise UserError(f"'{past}' is read by something other than GroupQueryAttention; an int8 cache would reach it")

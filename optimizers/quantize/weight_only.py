@@ -617,7 +617,8 @@ def choose_accuracy_level(reference, decoders: dict, sequences, *, past: int, st
     timings = decode_step_ms(decoders, past, steps, rounds)
     bound = level_kl[levels[0]] * kl_slack + kl_floor
     chosen = min((lv for lv in levels if level_kl[lv] <= bound), key=lambda lv: timings[lv])
-    logger.info("accuracy level: decode step ms %s, KL %s -> %d", timings, level_kl, chosen)
+    logger.info("accuracy level %d: decode step %s, KL %s", chosen, ", ".join(f"level {lv} {ms:.2f} ms" for lv, ms in timings.items()),
+                ", ".join(f"level {lv} {kl:.4f}" for lv, kl in level_kl.items()))
     return chosen, timings, level_kl
 
 
