@@ -14,7 +14,7 @@ at 64, 512 and 1024 tokens of context. Decode steps are medians over interleaved
 (``optimizers.quantize.weight_only.decode_step_ms``).
 
     python benchmarks/decoder_compression.py [--model smollm2-135m] [--ratio 0.25] [--kv-heads 0.5] [--threads 2]
-        [--skip-quality] [--skip-speed]
+        [--skip-quality] [--skip-speed] [--skip-pruning]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def greedy_table(fp32: Path, work: Path, calibration, evaluation, threads: int |
     print("\n## Greedy match over 64 new tokens (8 held-out prompts of 16 tokens), trained docstring Llama\n")
     print("| candidate | median | per prompt | KL |")
     print("|---|---|---|---|")
-    for name in ("rtn-int4-sym-b32", "rtn-int4-int8-head", "mixed", "rtn-int8-sym-b32"):
+    for name in ("rtn-int4-sym-b32", "gptq-int4", "gptq-int4-int8-head", "rtn-int4-int8-head", "mixed", "rtn-int8-sym-b32"):
         path = work / "greedy" / f"{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(set_accuracy_level(builders[name](copy.deepcopy(prepared)), level), path)
@@ -139,7 +139,7 @@ def _level(result) -> str:
 
 
 def speed(work: Path, model: str, ratio: float, kv_heads: float, candidates: tuple[str, ...], threads: int | None,
-          rounds: int, level: int) -> None:
+          rounds: int, level: int, pruning: bool = True) -> None:
     folder = random_decoder(model)
     fp32 = work / model / "model.onnx"
     export_decoder(folder, fp32, validate=False)
@@ -148,18 +148,20 @@ def speed(work: Path, model: str, ratio: float, kv_heads: float, candidates: tup
     evaluation = token_sequences(folder, docstrings(True), 4)
     settings = DecoderCandidateSettings(candidates=candidates, threads=threads, timing_rounds=rounds, max_perplexity_ratio=10.0,
                                         accuracy_level=level)
-    result = quantize_decoder_candidates(fp32, work / f"{model}-q" / "model.onnx", settings, calibration=calibration[:4],
+    result = quantize_decoder_candidates(fp32, work / f"{model}-q" / "model.onnx", settings, calibration=calibration[:16],
                                          evaluation=evaluation)
     base = next(c for c in result.candidates if c.name == "rtn-int4-sym-b32")
     level = result.accuracy_level
     print(f"\n## Decode step, {model} random weights (past {64}, threads {threads or 'default'}), accuracy level {_level(result)}\n")
-    print("| candidate | decode step ms | x RTN int4 sym b32 speed | MB | chosen |")
-    print("|---|---|---|---|---|")
+    print("| candidate | decode step ms | x RTN int4 sym b32 speed | perplexity x fp32 | KL | MB | chosen |")
+    print("|---|---|---|---|---|---|---|")
     for c in result.candidates:
         if c.decode_ms is not None:
-            print(f"| {c.name} | {c.decode_ms:.3f} | {base.decode_ms / c.decode_ms:.2f} | {c.weight_bytes / 1e6:.1f} | "
-                  f"{'yes' if c.chosen else ''} |")
+            print(f"| {c.name} | {c.decode_ms:.3f} | {base.decode_ms / c.decode_ms:.2f} | {c.perplexity_ratio:.4f} | "
+                  f"{c.quality.kl_mean:.4f} | {c.weight_bytes / 1e6:.1f} | {'yes' if c.chosen else ''} |")
     print(f"- {result.reasons[-1]}")
+    if not pruning:
+        return
     pruned = work / f"{model}-pruned" / "model.onnx"
     prune_decoder_mlp(fp32, pruned, calibration, DecoderPruneSettings(ratio=ratio, threads=threads, timing_rounds=0,
                                                                       max_perplexity_ratio=100.0), evaluation=evaluation)
@@ -210,6 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--speed-candidates", default=",".join(c for c in AUTO_CANDIDATES if c != "mixed"))
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-pruning", action="store_true", help="speed: the candidate table only (no pruning, no KV cache)")
     parser.add_argument("--accuracy-level", type=int, default=DecoderCandidateSettings.accuracy_level, choices=(0, 1, 2, 3, 4),
                         help="MatMulNBits accuracy_level of every candidate (4: int8 activations, the VNNI/AMX kernels; "
                              "default: measured, as quantize does)")
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
             quality(work, args.ratio, args.kv_heads, args.threads, args.accuracy_level)
         if not args.skip_speed:
             speed(work, args.model, args.ratio, args.kv_heads, tuple(args.speed_candidates.split(",")), args.threads,
-                  args.rounds, args.accuracy_level)
+                  args.rounds, args.accuracy_level, pruning=not args.skip_pruning)
     return 0
 
 
