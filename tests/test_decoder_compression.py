@@ -285,7 +285,7 @@ def test_mixed_model_holds_the_chosen_bits(tmp_path):
 
 @pytest.mark.parametrize("names", [
     ("rtn-int4-asym-b32", "rtn-int4-sym-b64", "rtn-int4-sym-b128", "rtn-int8-sym-b32", "rtn-int8-asym-b64"),
-    ("hqq-int4-b64", "gptq-int4-ort", "kquant-int4"),
+    ("hqq-int4-b64", "gptq-int4-ort", "kquant-int4", "awq-int4"),
 ])
 def test_every_candidate_is_built_verified_and_reported(tmp_path, names):
     settings = DecoderCandidateSettings(candidates=names, timing_rounds=0, max_perplexity_ratio=1.5)

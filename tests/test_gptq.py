@@ -14,6 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.common.sessions import SessionSettings, open_session
 from optimizers.quantize import decoder_candidates
+from optimizers.quantize.activations import GramStats, collect_gram
+from optimizers.quantize.awq import awq_scale_model, search_scale
 from optimizers.quantize.decoder_candidates import (
     DecoderCandidateSettings,
     embedding_gathers,
@@ -21,7 +23,6 @@ from optimizers.quantize.decoder_candidates import (
     quantize_decoder_candidates,
     rtn,
 )
-from optimizers.quantize.activations import collect_gram
 from optimizers.quantize.gptq import (
     apply_codes,
     block_scales,
@@ -31,6 +32,8 @@ from optimizers.quantize.gptq import (
     output_error,
     rtn_rows,
 )
+from optimizers.quantize.weight_only import sequence_feeds
+from runtime_bench.decoder import OnnxDecoder
 from tests.llm_fixtures import held_out_sequences, trained_decoder
 from tests.test_decoder_compression import calibration_sequences
 
@@ -199,3 +202,35 @@ def test_each_product_keeps_the_codes_with_the_lower_held_out_error():
         other = output_error(weight, *(gptq_rows(weight, collect_gram(prepared, [nodes[name].input[0]], fit, SessionSettings())[0].gram)
                                       if name in result.rtn_kept else rtn_rows(weight)), gram)
         assert kept <= other * (1 + 1e-6), name
+
+
+# ---------------------------------------------------------------------------- AWQ scaling
+
+
+def test_awq_search_prefers_scaling_where_activations_have_outlier_channels():
+    rng = np.random.default_rng(6)
+    k, n = 128, 32
+    x = rng.normal(size=(2048, k)) * np.where(np.arange(k) % 16 == 0, 20.0, 1.0)  # a few loud channels
+    weight = rng.normal(size=(k, n)).astype(np.float32)
+    stats = GramStats(x.T @ x, np.abs(x).sum(axis=0), x.shape[0])
+    alpha, s = search_scale(weight, stats)
+    plain = output_error(weight, *rtn_rows(weight), stats.gram)
+    scaled = weight.astype(np.float64) * s[:, None]
+    error = output_error(scaled, *rtn_rows(scaled), stats.gram / np.outer(s, s))
+    assert alpha > 0 and error < 0.9 * plain
+    assert np.isclose(np.sqrt(s.max() * s.min()), 1.0)  # normalized as AWQ does
+
+
+def test_awq_scaling_leaves_the_float_decoder_unchanged():
+    prepared = prepare(onnx.load(str(trained_decoder())))
+    scaled = copy.deepcopy(prepared)
+    report = awq_scale_model(scaled, decoder_candidates.weight_products(scaled), calibration_sequences()[:8], SessionSettings())
+    assert any(a > 0 for a in report.alphas.values()), report  # something was scaled: the comparison below compares it
+    changed = [t.name for t, u in zip(prepared.graph.initializer, scaled.graph.initializer)
+               if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(u))]
+    assert changed
+    feeds_of = OnnxDecoder(trained_decoder()).io
+    sequence = held_out_sequences()[0]
+    logits = [open_session(m, SessionSettings(intra_op_threads=1), what="a test model").run(["logits"], sequence_feeds(feeds_of, sequence))[0]
+              for m in (prepared, scaled)]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4 * float(np.abs(logits[0]).max()))

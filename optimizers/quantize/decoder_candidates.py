@@ -18,6 +18,8 @@ A candidate is a recipe that turns the float decoder into a weight-only quantize
 - ``gptq-int4-ort``: ONNX Runtime's GPTQ (Intel Neural Compressor's code: zero points, no
   act-order), kept for comparison;
 - ``kquant-int4``: ONNX Runtime's k-quant (RTN with searched clipping);
+- ``awq-int4``: RTN int4 after activation-aware per-channel scaling (``optimizers.quantize.awq``,
+  folded into the norms and the up projections, so the float graph is unchanged);
 - ``rtn-int4-kv8``: ``rtn-int4-sym-b32`` weights and an int8 KV cache inside GroupQueryAttention
   (``optimizers.quantize.kv_cache``: per-channel scales calibrated on the float model's own cache
   over the calibration text): 4x fewer cache bytes per token than fp32. Not in auto's candidates:
@@ -67,6 +69,7 @@ from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.options import help_of, option
 from onnxforge.common.progress import reporting, tracked
 from onnxforge.common.sessions import SessionSettings, open_session
+from optimizers.quantize.awq import awq_scale_model
 from optimizers.quantize.gptq import apply_codes, gptq_codes, int8_embedding
 from optimizers.quantize.kv_cache import (
     KvCacheSettings,
@@ -103,7 +106,7 @@ logger = logging.getLogger(__name__)
 RTN_NAMES = tuple(f"rtn-int{bits}-{kind}-b{block}" for bits in (4, 8) for kind in ("sym", "asym") for block in (32, 64, 128))
 KV8_NAMES = ("rtn-int4-kv8",)  # int8 KV cache too
 NAMES = (*RTN_NAMES, "rtn-int4-int8-head", "gptq-int4", "gptq-int4-int8-head", "mixed", "hqq-int4-b32", "hqq-int4-b64",
-         "gptq-int4-ort", "kquant-int4", *KV8_NAMES)
+         "gptq-int4-ort", "kquant-int4", "awq-int4", *KV8_NAMES)
 # GPTQ at RTN's speed with a third to a quarter of its KL; mixed (a session per product to score,
 # and behind GPTQ in KL) and HQQ (float zero points: 0.06x RTN's speed on CPU) are by name only
 AUTO_CANDIDATES = ("rtn-int4-sym-b32", "gptq-int4", "gptq-int4-int8-head")
@@ -440,6 +443,12 @@ def candidate_builders(io: DecoderIO, calibration, scores_box: dict, settings: D
     builders["hqq-int4-b64"] = lambda m: hqq(m, 64)
     builders["gptq-int4-ort"] = lambda m: gptq_ort(m, io, calibration)
     builders["kquant-int4"] = kquant
+
+    def by_awq(m):
+        awq_scale_model(m, weight_products(m), calibration, session_settings)
+        return rtn(m, 4, 32, True)
+
+    builders["awq-int4"] = by_awq
 
     def rtn_kv8(m):
         if "kv_absmax" not in scores_box:  # the float model's own cache, before its weights change

@@ -159,7 +159,7 @@ def _replace(model: onnx.ModelProto, replaced: dict[str, tuple[onnx.NodeProto, l
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-def _passes(model: onnx.ModelProto, inputs: list[str], memory_bytes: int) -> list[list[str]]:
+def gram_passes(model: onnx.ModelProto, inputs: list[str], memory_bytes: int) -> list[list[str]]:
     """``inputs`` grouped so that each group's float32 Gram matrices fit in ``memory_bytes``."""
     widths = {}
     weights = {t.name: t for t in model.graph.initializer}
@@ -201,7 +201,7 @@ def gptq_codes(model: onnx.ModelProto, products: Sequence[str], sequences, setti
     inputs = list(dict.fromkeys(nodes[p].input[0] for p in products))
     result = GptqCodes({}, [])
     sets = [sequences, heldout] if heldout else [sequences]
-    for group in _passes(model, inputs, memory_bytes // len(sets)):
+    for group in gram_passes(model, inputs, memory_bytes // len(sets)):
         stats = collect_gram_sets(model, group, sets, settings, "the decoder with its product inputs as outputs", dtype=np.float32)
         fit = dict(zip(group, stats[0]))
         held = dict(zip(group, stats[1])) if heldout else {}
@@ -275,4 +275,4 @@ def int8_embedding(model: onnx.ModelProto, gathers: Sequence[str], block_size: i
     return model
 
 
-__all__ = ["BLOCK_SIZE", "DAMP", "GptqCodes", "apply_codes", "block_scales", "gptq_codes", "gptq_rows", "int8_embedding", "matmul_nbits", "output_error", "rtn_rows"]
+__all__ = ["BLOCK_SIZE", "DAMP", "GptqCodes", "apply_codes", "block_scales", "gptq_codes", "gptq_rows", "gram_passes", "int8_embedding", "matmul_nbits", "output_error", "rtn_rows"]
