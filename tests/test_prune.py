@@ -656,7 +656,7 @@ def test_reshape_that_keeps_channels_last_is_followed(tmp_path, exporter):
 def test_default_settings_resolve_to_the_best_recipe_for_the_data():
     """auto: with calibration data reconstruction, global and, with enough fitted batches,
     refinement; without data l1 per layer; what the user set stays as set."""
-    from optimizers.prune.channels import REFINE_MIN_BATCHES, REFINE_STEPS
+    from optimizers.prune.channels import REFINE_MIN_BATCHES, REFINE_STEPS, REFINE_STEPS_FROM, REFINE_STEPS_SMALL
 
     default = PruneSettings(ratio=0.3)
     assert (default.importance, default.scope, default.refine_steps) == ("auto", "auto", None)
@@ -664,7 +664,11 @@ def test_default_settings_resolve_to_the_best_recipe_for_the_data():
     assert (free.importance, free.scope, free.refine_steps) == ("l1", "layer", 0)
     few = default.resolved(REFINE_MIN_BATCHES - 1)
     assert (few.importance, few.scope, few.refine_steps) == ("reconstruction", "global", 0)
-    assert default.resolved(REFINE_MIN_BATCHES).refine_steps == REFINE_STEPS
+    assert 0 < REFINE_STEPS_SMALL < REFINE_STEPS and REFINE_MIN_BATCHES < REFINE_STEPS_FROM
+    assert REFINE_MIN_BATCHES <= 205  # MiniLM's 256 calibration lines (205 fitted) are refined (prune_default.md)
+    assert default.resolved(REFINE_MIN_BATCHES).refine_steps == REFINE_STEPS_SMALL
+    assert default.resolved(REFINE_STEPS_FROM - 1).refine_steps == REFINE_STEPS_SMALL
+    assert default.resolved(REFINE_STEPS_FROM).refine_steps == REFINE_STEPS
     assert PruneSettings(ratio=0.3, reconstruct=False).resolved(10 * REFINE_MIN_BATCHES).refine_steps == 0
     kept = PruneSettings(ratio=0.3, importance="l2", scope="layer", refine_steps=7).resolved(10 * REFINE_MIN_BATCHES)
     assert (kept.importance, kept.scope, kept.refine_steps) == ("l2", "layer", 7)
