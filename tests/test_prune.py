@@ -653,18 +653,37 @@ def test_reshape_that_keeps_channels_last_is_followed(tmp_path, exporter):
         prune(heads, PruneSettings(ratio=0.5, protect_first=False))
 
 
+def test_the_defaults_count_fitted_samples_not_batches():
+    """13 batches of 16 sentences hold 208 samples: refinement is chosen as for 208 lines one a batch."""
+    from optimizers.prune.channels import REFINE_STEPS_SMALL
+    from optimizers.prune.structured import _resolved_with_data
+
+    batch = lambda rows: {"input_ids": np.zeros((rows, 12), np.int64)}
+    notes = []
+    grouped = _resolved_with_data(PruneSettings(ratio=0.3), [batch(16)] * 13, notes)
+    assert grouped.refine_steps == REFINE_STEPS_SMALL
+    assert "13 batches (208 samples) fitted" in notes[0] and "refinement 100 steps" in notes[0]
+    notes = []
+    assert _resolved_with_data(PruneSettings(ratio=0.3), [batch(16)] * 12, notes).refine_steps == 0
+    assert "refinement off (it runs from 200 fitted samples)" in notes[0]
+
+
 def test_default_settings_resolve_to_the_best_recipe_for_the_data():
     """auto: with calibration data reconstruction, global and, with enough fitted batches,
     refinement; without data l1 per layer; what the user set stays as set."""
-    from optimizers.prune.channels import REFINE_MIN_BATCHES, REFINE_STEPS
+    from optimizers.prune.channels import REFINE_MIN_SAMPLES, REFINE_STEPS, REFINE_STEPS_FROM, REFINE_STEPS_SMALL
 
     default = PruneSettings(ratio=0.3)
     assert (default.importance, default.scope, default.refine_steps) == ("auto", "auto", None)
     free = default.resolved(None)
     assert (free.importance, free.scope, free.refine_steps) == ("l1", "layer", 0)
-    few = default.resolved(REFINE_MIN_BATCHES - 1)
+    few = default.resolved(REFINE_MIN_SAMPLES - 1)
     assert (few.importance, few.scope, few.refine_steps) == ("reconstruction", "global", 0)
-    assert default.resolved(REFINE_MIN_BATCHES).refine_steps == REFINE_STEPS
-    assert PruneSettings(ratio=0.3, reconstruct=False).resolved(10 * REFINE_MIN_BATCHES).refine_steps == 0
-    kept = PruneSettings(ratio=0.3, importance="l2", scope="layer", refine_steps=7).resolved(10 * REFINE_MIN_BATCHES)
+    assert 0 < REFINE_STEPS_SMALL < REFINE_STEPS and REFINE_MIN_SAMPLES < REFINE_STEPS_FROM
+    assert REFINE_MIN_SAMPLES <= 205  # MiniLM's 256 calibration lines (205 fitted sentences) are refined (prune_default.md)
+    assert default.resolved(REFINE_MIN_SAMPLES).refine_steps == REFINE_STEPS_SMALL
+    assert default.resolved(REFINE_STEPS_FROM - 1).refine_steps == REFINE_STEPS_SMALL
+    assert default.resolved(REFINE_STEPS_FROM).refine_steps == REFINE_STEPS
+    assert PruneSettings(ratio=0.3, reconstruct=False).resolved(10 * REFINE_MIN_SAMPLES).refine_steps == 0
+    kept = PruneSettings(ratio=0.3, importance="l2", scope="layer", refine_steps=7).resolved(10 * REFINE_MIN_SAMPLES)
     assert (kept.importance, kept.scope, kept.refine_steps) == ("l2", "layer", 7)

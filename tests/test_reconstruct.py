@@ -4,6 +4,7 @@ where held-out data says it hurts, and the greedy choice finds redundant channel
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -582,16 +583,18 @@ def test_output_layer_is_left_alone_without_drift_or_when_shared():
 def test_reconstruct_refits_the_output_layer_only_where_held_out_data_gains(pruned, batch_count, kept):
     """End to end: pruning live neurons drifts the head's input (through mid's re-fit and a
     Relu). With half the neurons gone the head's re-fit raises held-out cosine and is kept;
-    with three gone its per-layer gain does not carry to the output (0.9644 vs 0.9645), so the
-    model keeps the head as it was and says so. Without ``refit_outputs`` no head is looked at."""
+    with three gone, on the ridges (1e-3, 1e-2, 0.1, 1), its per-layer gain does not carry to the
+    output (0.9644 vs 0.9645), so the model keeps the head as it was and says so (the default grid's
+    0.3 and 3 make that head's re-fit a gain). Without ``refit_outputs`` no head is looked at."""
     from onnxforge.common.fidelity import fidelity
 
     model = _headed(dead=0)
     analysis = analyze(model)
     removed = _roots(analysis, "up", pruned)
     batches = _batches("x", (64, 6), batch_count, seed=30)
-    on = reconstruct(model, analysis, removed, batches, ReconstructSettings())
-    off = reconstruct(model, analysis, removed, batches, ReconstructSettings(refit_outputs=False))
+    settings = ReconstructSettings() if kept else ReconstructSettings(ridges=(1e-3, 1e-2, 1e-1, 1.0))
+    on = reconstruct(model, analysis, removed, batches, settings)
+    off = reconstruct(model, analysis, removed, batches, dataclasses.replace(settings, refit_outputs=False))
     assert [r.node for r in on.consumers if r.kind.endswith("(output layer)")] == ["head"]
     assert not any(r.kind.endswith("(output layer)") for r in off.consumers)
     heldout = split_holdout(batches)[1]
@@ -621,3 +624,30 @@ def test_output_layer_over_the_size_bound_is_left_alone(monkeypatch):
     returned, _, reports = module._refit_outputs(model, analysis, removed, drifted, fit, heldout, EXACT, {}, measure, notes)
     assert returned is drifted and reports == []
     assert any("'head' is not re-fitted: 3 x 5 weights are over 14" in note for note in notes)
+
+
+def _relu_mlp(w1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
+    """x -> MatMul w1 -> Relu -> MatMul w2 -> + b2: the removed neurons are no linear combination of the kept ones."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["u"], name="up"), helper.make_node("Relu", ["u"], ["h"], name="act"),
+         helper.make_node("MatMul", ["h", "w2"], ["hw"], name="down"), helper.make_node("Add", ["hw", "b2"], ["y"], name="bias")],
+        "relu_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w2.shape[1]])],
+        [numpy_helper.from_array(w1.astype(np.float32), "w1"), numpy_helper.from_array(w2.astype(np.float32), "w2"),
+         numpy_helper.from_array(b2.astype(np.float32), "b2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scarce_data_takes_a_ridge_the_old_grid_lacked(seed):
+    """64 kept neurons fitted on 128 rows: the held-out choice takes 0.3, between the old grid's
+    0.1 and 1, with a lower held-out error than any ridge of (1e-3, 1e-2, 0.1, 1)."""
+    rng = np.random.default_rng(seed)
+    model = _relu_mlp(rng.standard_normal((32, 96)), rng.standard_normal((96, 8)), rng.standard_normal(8))
+    analysis = analyze(model)
+    removed = _roots(analysis, "up", range(0, 96, 3))
+    batches = [{"x": rng.standard_normal((8, 32)).astype(np.float32)} for _ in range(20)]
+    old = reconstruct(model, analysis, removed, batches, ReconstructSettings(ridges=(1e-3, 1e-2, 1e-1, 1.0))).consumers[0]
+    new = reconstruct(model, analysis, removed, batches).consumers[0]
+    assert new.reconstructed and new.ridge not in (1e-3, 1e-2, 1e-1, 1.0)
+    assert new.error_reconstructed < 0.99 * old.error_reconstructed < 0.7 * new.error_compensated

@@ -73,13 +73,16 @@ def _transformer_ffn(width: int = WIDTH, keep: np.ndarray | None = None, activat
         w_up, b_up, w_down = w_up[:, keep], b_up[keep], w_down[keep]
     ones, zeros = np.ones(HIDDEN, np.float32), np.zeros(HIDDEN, np.float32)
     nodes = [helper.make_node("LayerNormalization", ["x", "g0", "z0"], ["h"], name="ln0", axis=-1, epsilon=1e-5),
-             helper.make_node("MatMul", ["h", "w_up"], ["u"], name="up"),
-             helper.make_node("Add", ["u", "b_up"], ["pre"], name="up_bias")]
+             helper.make_node("MatMul", ["h", "w_up"], ["u"], name="up")]
+    if activation == "BiasGelu":  # ORT's fusion (the dynamo export of a Hugging Face BERT): the bias inside the Gelu
+        nodes.append(helper.make_node("BiasGelu", ["u", "b_up"], ["act"], name="act", domain="com.microsoft"))
+    else:
+        nodes.append(helper.make_node("Add", ["u", "b_up"], ["pre"], name="up_bias"))
     if activation == "erf":
         nodes += [helper.make_node("Div", ["pre", "sqrt2"], ["g0_"], name="g_div"), helper.make_node("Erf", ["g0_"], ["g1"], name="g_erf"),
                   helper.make_node("Add", ["g1", "one"], ["g2"], name="g_add"), helper.make_node("Mul", ["pre", "g2"], ["g3"], name="g_mul"),
                   helper.make_node("Mul", ["g3", "half"], ["act"], name="g_half")]
-    else:
+    elif activation != "BiasGelu":
         nodes.append(helper.make_node(activation, ["pre"], ["act"], name="act"))
     nodes += [helper.make_node("MatMul", ["act", "w_down"], ["d"], name="down"),
               helper.make_node("Add", ["d", "b_down"], ["db"], name="down_bias"),
@@ -94,7 +97,7 @@ def _transformer_ffn(width: int = WIDTH, keep: np.ndarray | None = None, activat
         outputs.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
                               outputs, [numpy_helper.from_array(a, n) for n, a in initializers])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
 
 
 def _batches(count, seed, batch=8, seq=16):
@@ -126,6 +129,20 @@ def test_refinement_raises_fidelity_on_unseen_data():
     weight = lambda model: numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w_up"))
     np.testing.assert_array_equal(weight(pruned), weight(_transformer_ffn(keep=KEEP)))  # the input is not modified
     assert not np.array_equal(weight(result.model), weight(pruned))
+
+
+def test_a_fused_bias_gelu_block_is_refined_with_its_bias():
+    """BiasGelu(u, b) = Gelu(u + b): the graph has no tensor of the pre-activation, the bias is
+    the fused op's second input; it is recognised, fitted and written back there."""
+    reference, pruned = _transformer_ffn(activation="BiasGelu"), _transformer_ffn(keep=KEEP, activation="BiasGelu")
+    calibration, unseen = _batches(10, seed=1), _batches(4, seed=2)
+    result = refine(reference, pruned, calibration, SETTINGS)
+    assert result.kept and [(b.activation, b.kept) for b in result.blocks] == [("gelu", True)]
+    assert result.blocks[0].heldout_loss[1] < 0.7 * result.blocks[0].heldout_loss[0]
+    before, after = fidelity(reference, pruned, unseen).min_mean_cosine, fidelity(reference, result.model, unseen).min_mean_cosine
+    assert 1 - after < 0.7 * (1 - before)
+    bias = lambda model: numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b_up"))
+    assert bias(result.model).shape == (KEPT,) and not np.array_equal(bias(result.model), bias(pruned))
 
 
 def test_nothing_to_gain_leaves_the_model_unchanged():

@@ -276,6 +276,19 @@ class _Block:
     post_activation: str
     residual: str | None
     end: str
+    bias_in_activation: bool = False  # ``up_bias`` is an input of a fused activation (BiasGelu), not of an Add
+
+
+# Fused activations (com.microsoft) that add the up projection's bias themselves: ``op(z, b) = act(z + b)``.
+BIAS_ACTIVATIONS = ("BiasGelu", "FastGelu")
+
+
+def _activation_bias(initializers, chain: list, width: int) -> str | None:
+    """The ``[width]`` bias initializer a single fused activation node adds before its function
+    (``BiasGelu(z, b) = Gelu(z + b)``, ``FastGelu(z, b)``), as ORT's fusions write it; else None."""
+    if len(chain) != 1 or chain[0].op_type not in BIAS_ACTIVATIONS or chain[0].domain != "com.microsoft":
+        return None
+    return _initializer_vector(initializers, chain[0], width) if len(chain[0].input) == 2 else None
 
 
 def _initializer_vector(initializers, node, size) -> str | None:
@@ -304,6 +317,8 @@ def _blocks(model: onnx.ModelProto) -> tuple[list[_Block], list[tuple[str, str]]
         width = int(initializers[down.input[1]].dims[0])
         out = int(initializers[down.input[1]].dims[1])
         up_bias = _initializer_vector(initializers, bias_node, width) if bias_node else None
+        inside = _activation_bias(initializers, [nodes[n] for n in block.activation], width) if bias_node is None else None
+        up_bias = up_bias or inside
         weights = [up.input[1], down.input[1], *([up_bias] if up_bias else [])]
         if any(len(readers.get(w, [])) != 1 for w in weights):
             skipped.append((block.down, "shared weights"))
@@ -328,7 +343,7 @@ def _blocks(model: onnx.ModelProto) -> tuple[list[_Block], list[tuple[str, str]]
                 norm, end = (scale, shift, float(attrs.get("epsilon", 1e-5))), step.output[0]
         pre = bias_node.output[0] if bias_node else up.output[0]
         found.append(_Block(block.down, up.input[1], up_bias, down.input[1], down_bias, norm, up.input[0], pre,
-                            down.input[0], residual, end))
+                            down.input[0], residual, end, inside is not None))
     return found, skipped
 
 
@@ -443,6 +458,8 @@ def _refine_block(reference, current: onnx.ModelProto, block: _Block, fit, held,
     sample = dict(next(iter(fit)))
     found = next(activations(current, [block.pre_activation, block.post_activation], [sample]))
     pre, post = (found[n].reshape(-1, found[n].shape[-1]) for n in (block.pre_activation, block.post_activation))
+    if block.bias_in_activation:  # the graph's pre-activation tensor lacks the bias the fused op adds
+        pre = pre + _parameters(current, block).up_bias
     activation = recognise_activation(pre, post)
     if activation is None:
         return BlockReport(block.name, None, (0, 0), None, 0, False, "activation not recognised (not Gelu, Relu, SiLU, QuickGelu)")

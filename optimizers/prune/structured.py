@@ -40,7 +40,7 @@ from optimizers.calibration import calibration_data, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.allocate import allocate_by_sensitivity, global_share
 from optimizers.prune.channels import (
-    REFINE_MIN_BATCHES,
+    REFINE_MIN_SAMPLES,
     PruneResult,
     PruneSettings,
     Unit,
@@ -281,13 +281,13 @@ def prune_structured(
 def _resolved_with_data(settings: PruneSettings, calib_batches: list, notes: list[str]) -> PruneSettings:
     """``auto`` settings made concrete for the calibration batches read, said in the notes with
     how much data was used (batches and samples fitted, and the limit)."""
-    resolved = settings.resolved(len(calib_batches))
     samples = sum(int(next(iter(b.values())).shape[0]) if next(iter(b.values())).ndim else 1 for b in calib_batches)
+    resolved = settings.resolved(samples)
     chosen = [f"{name} {getattr(resolved, name)}" for name in ("importance", "scope")
               if getattr(settings, name) == "auto"]
     if settings.refine_steps is None:
         chosen.append(f"refinement {resolved.refine_steps} steps" if resolved.refine_steps else
-                      f"refinement off (it runs from {REFINE_MIN_BATCHES} fitted batches)")
+                      f"refinement off (it runs from {REFINE_MIN_SAMPLES} fitted samples)")
     notes.append(f"calibration: {len(calib_batches)} batches ({samples} samples) fitted, at most {settings.max_batches} read"
                  + (f"; chosen for this data: {', '.join(chosen)}" if chosen else ""))
     return resolved
