@@ -71,7 +71,7 @@ def test_rtn_rows_are_onnx_runtimes_rtn():
     weight[:32, 3] = 0.0  # an all-zero block
     x = rng.normal(size=(5, 96)).astype(np.float32)
     ort_rtn = rtn(_matmul_model(weight), 4, 32, True)
-    ours = apply_codes(_matmul_model(weight), dict([("product", rtn_rows(weight))]))
+    ours = apply_codes(_matmul_model(weight), {"product": rtn_rows(weight)})
     np.testing.assert_allclose(_run(ours, {"x": x}), _run(ort_rtn, {"x": x}), rtol=1e-5, atol=1e-5)
     codes, _ = rtn_rows(weight)
     assert codes.min() >= -8 and codes.max() <= 7 and (codes == -8).any()
@@ -108,7 +108,7 @@ def test_gptq_lowers_the_output_error_rtn_leaves():
 def test_gptq_with_an_identity_gram_is_rtn():
     """With uncorrelated unit inputs there is no error to spread: GPTQ rounds as RTN does."""
     weight = np.random.default_rng(3).normal(size=(64, 16)).astype(np.float32)
-    codes, scales = gptq_rows(weight, np.eye(64) * 100.0, act_order=False, damp=0.0)
+    codes, _ = gptq_rows(weight, np.eye(64) * 100.0, act_order=False, damp=0.0)
     np.testing.assert_array_equal(codes, rtn_rows(weight)[0])
 
 
@@ -181,7 +181,7 @@ def test_output_error_is_the_error_on_the_activations():
     x = _correlated(rng, 200, 64)
     codes, scales = rtn_rows(weight)
     direct = float(np.linalg.norm(x @ (weight - _dequantized(codes, scales))) ** 2)
-    assert output_error(weight, codes, scales, x.T @ x, columns=16) == pytest.approx(direct, rel=1e-9)
+    assert output_error(weight, codes, scales, x.T @ x, columns=16) == pytest.approx(direct, rel=1e-6)
 
 
 def test_each_product_keeps_the_codes_with_the_lower_held_out_error():
@@ -195,13 +195,13 @@ def test_each_product_keeps_the_codes_with_the_lower_held_out_error():
     nodes = {n.name: n for n in prepared.graph.node}
     weights = {t.name: numpy_helper.to_array(t) for t in prepared.graph.initializer}
     inputs = sorted({nodes[p].input[0] for p in products})
-    grams = dict(zip(inputs, (st.gram for st in collect_gram(prepared, inputs, held, SessionSettings()))))
+    grams = dict(zip(inputs, (st.gram.astype(np.float64) for st in collect_gram(prepared, inputs, held, SessionSettings(), dtype=np.float32))))
     for name in products:
         weight, gram = weights[nodes[name].input[1]], grams[nodes[name].input[0]]
         kept = output_error(weight, *result.codes[name], gram)
-        other = output_error(weight, *(gptq_rows(weight, collect_gram(prepared, [nodes[name].input[0]], fit, SessionSettings())[0].gram)
+        other = output_error(weight, *(gptq_rows(weight, collect_gram(prepared, [nodes[name].input[0]], fit, SessionSettings(), dtype=np.float32)[0].gram)
                                       if name in result.rtn_kept else rtn_rows(weight)), gram)
-        assert kept <= other * (1 + 1e-6), name
+        assert kept <= other * (1 + 1e-4), name  # the better of the two, up to rounding
 
 
 # ---------------------------------------------------------------------------- AWQ scaling

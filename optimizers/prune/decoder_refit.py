@@ -29,7 +29,7 @@ from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.options import option
 from onnxforge.common.sessions import SessionSettings
-from optimizers.quantize.activations import GramStats
+from optimizers.quantize.activations import GramStats, weighted_error
 from optimizers.quantize.weight_only import (
     DecoderQuality,
     DecodeTiming,
@@ -44,9 +44,7 @@ logger = logging.getLogger(__name__)
 
 def output_error(gram: np.ndarray, difference: np.ndarray, reference: np.ndarray) -> float:
     """``||H D||^2 / ||H W||^2`` from the Gram matrix ``H^T H``."""
-    num = float(np.sum(difference * (gram @ difference)))  # trace(D^T G D) through BLAS (a plain einsum is a
-    den = float(np.sum(reference * (gram @ reference)))    # single-threaded triple loop: minutes on Qwen's MLPs)
-    return num / max(den, 1e-30)
+    return weighted_error(gram, difference) / max(weighted_error(gram, reference), 1e-30)
 
 
 def ridge_refit(gram: np.ndarray, weight: np.ndarray, keep: np.ndarray, ridge: float) -> np.ndarray:

@@ -44,7 +44,7 @@ from onnx import helper, numpy_helper
 
 from onnxforge.common.progress import tracked
 from onnxforge.common.sessions import SessionSettings
-from optimizers.quantize.activations import collect_gram_sets
+from optimizers.quantize.activations import collect_gram_sets, weighted_error
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def gptq_codes(model: onnx.ModelProto, products: Sequence[str], sequences, setti
             result.codes[name] = gptq_rows(weight, fit[node.input[0]].gram, block_size, damp, act_order)
             if held:
                 plain = rtn_rows(weight, block_size)
-                gram = held[node.input[0]].gram
+                gram = held[node.input[0]].gram.astype(np.float64)
                 if output_error(weight, *plain, gram, block_size) < output_error(weight, *result.codes[name], gram, block_size):
                     result.codes[name] = plain
                     result.rtn_kept.append(name)
@@ -223,14 +223,14 @@ def gptq_codes(model: onnx.ModelProto, products: Sequence[str], sequences, setti
 
 def output_error(weight: np.ndarray, codes: np.ndarray, scales: np.ndarray, gram: np.ndarray, block_size: int = BLOCK_SIZE,
                  columns: int = COLUMNS) -> float:
-    """``||X (W - W_q)||^2`` from the Gram matrix ``X^T X``, ``columns`` output columns at a time."""
+    """``||X (W - W_q)||^2`` from the Gram matrix ``X^T X`` (float64, converted once by the caller),
+    ``columns`` output columns at a time."""
     total = 0.0
-    g = gram.astype(np.float64)
     row_scales = np.repeat(scales, block_size, axis=0)[: weight.shape[0]].astype(np.float64)
     for first in range(0, weight.shape[1], columns):
         cut = slice(first, first + columns)
         d = weight[:, cut].astype(np.float64) - codes[:, cut] * row_scales[:, cut]
-        total += float(np.sum(d * (g @ d)))
+        total += weighted_error(gram, d)
     return total
 
 
