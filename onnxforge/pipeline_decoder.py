@@ -296,7 +296,8 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
                 settings = DecoderCandidateSettings(
                     candidates=AUTO_CANDIDATES if weights == "auto" else (weights,),
                     max_perplexity_ratio=budget if weights == "auto" else math.inf,
-                    accuracy_level=quantize.get("accuracy_level"), timing_rounds=3 if weights == "auto" else 0)
+                    accuracy_level=quantize.get("accuracy_level"), timing_rounds=3 if weights == "auto" else 0,
+                    **{key: quantize[key] for key in ("kv_cache", "context") if key in quantize})
                 result = quantize_decoder_candidates(source, folder / "model.onnx", settings, calibration=texts.calibration(),
                                                      evaluation=texts.evaluation())
                 transforms.append({"step": "quantize", "settings": quantize, "weights": result.chosen,

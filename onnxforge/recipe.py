@@ -23,7 +23,7 @@ from optimizers import OptimizeSettings, PruneSettings, QuantizeSettings
 from optimizers.distill import DistillSettings
 from optimizers.prune.decoder_heads import DecoderHeadPruneSettings
 from optimizers.prune.decoder_mlp import DecoderPruneSettings
-from optimizers.quantize.decoder_candidates import NAMES as WEIGHT_ONLY_NAMES
+from optimizers.quantize.decoder_candidates import NAMES as WEIGHT_ONLY_NAMES, DecoderCandidateSettings
 from optimizers.quantize.weight_only import WeightOnlySettings
 
 # section -> key -> accepted Python types (a list type means "list of these"). The sections that
@@ -49,7 +49,7 @@ QUANTIZE_KEYS = recipe_types(QuantizeSettings)
 # candidate name (or "auto", or bits/block_size/symmetric for round-to-nearest) and pruning (MLP width:
 # ratio, round_to; KV head groups: kv_heads; both: heads first); ``weights`` and the calibration
 # windows pruning reads (``max_batches``) are the pipeline's.
-DECODER_QUANTIZE_KEYS = {"weights": (str,), **recipe_types(WeightOnlySettings)}
+DECODER_QUANTIZE_KEYS = {"weights": (str,), **recipe_types(WeightOnlySettings), **recipe_types(DecoderCandidateSettings)}
 DECODER_PRUNE_KEYS = {**recipe_types(DecoderPruneSettings), **recipe_types(DecoderHeadPruneSettings), "max_batches": (int,)}
 TOP_LEVEL = set(SCHEMA) | {"candidates", "name"}
 
@@ -181,6 +181,8 @@ def check_decoder_candidates(data: dict[str, Any]) -> None:
             _check_table(quantize, DECODER_QUANTIZE_KEYS, f"{where}.quantize (a text-generation recipe)")
             check_ranges(quantize, WeightOnlySettings, f"{where}.quantize")
             check_choices(quantize, WeightOnlySettings, f"{where}.quantize")
+            check_ranges(quantize, DecoderCandidateSettings, f"{where}.quantize")
+            check_choices(quantize, DecoderCandidateSettings, f"{where}.quantize")
             name = weight_only_name(quantize)
             if name not in (*WEIGHT_ONLY_NAMES, "auto"):
                 raise UserError(f"'{where}.quantize' names the weight-only candidate {name!r}{closest(name, WEIGHT_ONLY_NAMES)}; "

@@ -24,7 +24,9 @@ from optimizers.quantize.kv_cache import (
     kv_cache_absmax,
     kv_cache_scales,
     quantize_kv_cache,
+    rotary_positions,
 )
+from optimizers.quantize.decoder_candidates import DecoderCandidateSettings
 from optimizers.quantize.weight_only import decoder_quality, sequence_feeds
 from runtime_bench.decoder import DecoderIO, OnnxDecoder, greedy, left_padded
 from tests.llm_fixtures import docstring_llama_folder, held_out_sequences, trained_decoder
@@ -225,3 +227,67 @@ def test_text_generation_recipe_takes_the_kv8_candidate(tmp_path):
     assert DecoderIO.from_model(onnx.load(str(result.package / "model.onnx"), load_external_data=False)).kv_dtype == np.int8
     with pytest.raises(UserError, match="weight-only candidate 'rtn-int4-kv9'"):
         recipe_from_dict({**data, "candidates": [{"name": "x", "quantize": {"weights": "rtn-int4-kv9"}}]})
+
+
+# ---------------------------------------------------------------- the int8 cache in quantize's auto mode
+
+def _candidates(out, monkeypatch=None, timings=None, **settings):
+    """``quantize_decoder_candidates`` with RTN int4 alone on the trained decoder; ``timings`` (name ->
+    ms) replaces the decode timing, which records the context it was asked for."""
+    from optimizers.quantize import decoder_candidates as dc
+
+    asked = []
+    if timings is not None:
+        def fake(decoders, past, steps, rounds, seed=0):
+            asked.append(past)
+            return {name: timings.get(name, 1.0) for name in decoders}
+        monkeypatch.setattr(dc, "decode_step_ms", fake)
+    chosen = dc.DecoderCandidateSettings(**{"candidates": ("rtn-int4-sym-b32",), "accuracy_level": 0, **settings})
+    result = dc.quantize_decoder_candidates(trained_decoder(), out, chosen, calibration=calibration_sequences()[:4],
+                                            evaluation=held_out_sequences()[:2])
+    return result, asked
+
+
+def test_auto_keeps_the_int8_cache_where_it_decodes_no_slower(tmp_path, monkeypatch):
+    """The int8 cache is tried on the chosen weights and timed at --context (capped by the rotary
+    cache's positions); kept when as faithful and no slower, left out when slower."""
+    out = tmp_path / "fast" / "model.onnx"
+    result, asked = _candidates(out, monkeypatch, {"float": 2.0, "int8": 1.0}, context=100_000)
+    positions = rotary_positions(onnx.load(str(trained_decoder()), load_external_data=False))
+    assert asked[-1] == positions - 8 - 1  # the longest context the graph holds, timing steps included
+    kv = result.kv_cache
+    assert kv.kept and kv.context == asked[-1] and kv.kv_bytes_per_token[0] == 4 * kv.kv_bytes_per_token[1]
+    assert kv.quality.kl_mean < 0.05 and result.reasons[-1].startswith("KV cache int8: as faithful and no slower")
+    written = onnx.load(str(out), load_external_data=False)
+    assert DecoderIO.from_model(written).kv_dtype == np.int8 and "MatMulNBits" in {n.op_type for n in written.graph.node}
+
+    slow = tmp_path / "slow" / "model.onnx"
+    result, _ = _candidates(slow, monkeypatch, {"float": 1.0, "int8": 2.0}, context=64)
+    assert not result.kv_cache.kept and "decodes slower at 64 tokens" in result.reasons[-1]
+    assert DecoderIO.from_model(onnx.load(str(slow), load_external_data=False)).kv_dtype == np.float32
+
+
+def test_kv_cache_int8_forces_it_and_float_or_untimed_auto_leave_it(tmp_path):
+    forced, _ = _candidates(tmp_path / "int8" / "model.onnx", kv_cache="int8", timing_rounds=0)
+    assert forced.kv_cache.kept and forced.kv_cache.decode_ms == {}
+    assert DecoderIO.from_model(onnx.load(str(tmp_path / "int8" / "model.onnx"), load_external_data=False)).kv_dtype == np.int8
+    untimed, _ = _candidates(tmp_path / "auto" / "model.onnx", timing_rounds=0)
+    assert untimed.kv_cache is None and untimed.reasons[-1].startswith("KV cache: float (not timed")
+    left, _ = _candidates(tmp_path / "float" / "model.onnx", kv_cache="float", timing_rounds=0)
+    assert left.kv_cache is None and not any(r.startswith("KV cache") for r in left.reasons)
+    with pytest.raises(UserError, match="--kv-cache must be one of auto, float, int8"):
+        DecoderCandidateSettings(kv_cache="fp8")
+    forced.to_dict()  # JSON-able as the others
+
+
+def test_auto_without_group_query_attention_keeps_the_float_cache(tmp_path, capsys):
+    from exporter.decoder import export_decoder
+
+    raw = tmp_path / "raw" / "model.onnx"
+    export_decoder(docstring_llama_folder(), raw, validate=False, fuse=False)
+    out = tmp_path / "q" / "model.onnx"
+    assert main(["quantize", str(raw), str(out), "--weight-candidates", "rtn-int4-sym-b32", "--accuracy-level", "0"]) == 0
+    assert "KV cache: float (an int8 cache is not possible here: the int8 KV cache needs GroupQueryAttention" in capsys.readouterr().out
+    assert main(["quantize", str(raw), str(tmp_path / "q2.onnx"), "--kv-cache", "int8"]) == 2
+    assert "needs GroupQueryAttention" in capsys.readouterr().err
+    assert not (tmp_path / "q2.onnx").exists()

@@ -213,9 +213,9 @@ def test_decoder_recipe_keys_come_from_the_schema():
     assert set(recipe_types(WeightOnlySettings)) == {"bits", "block_size", "symmetric", "accuracy_level"}
     assert set(recipe_types(DecoderPruneSettings)) == {"ratio", "round_to", "reconstruct"}
     assert set(recipe_types(DecoderHeadPruneSettings)) == {"kv_heads", "reconstruct"}
-    assert set(recipe_types(DecoderCandidateSettings)) == {"accuracy_level"}  # the budget is [select]'s
+    assert set(recipe_types(DecoderCandidateSettings)) == {"accuracy_level", "kv_cache", "context"}  # the budget is [select]'s
     assert DECODER_QUANTIZE_KEYS == {"weights": (str,), "bits": (int,), "block_size": (int,), "symmetric": (bool,),
-                                     "accuracy_level": (int,)}
+                                     "accuracy_level": (int,), "kv_cache": (str,), "context": (int,)}
     assert DECODER_PRUNE_KEYS == {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "kv_heads": (float, int),
                                   "max_batches": (int,)}
     base = {"model": {"hf": "folder", "task": "text-generation"}}
@@ -227,6 +227,8 @@ def test_decoder_recipe_keys_come_from_the_schema():
             ({"quantize": {"weights": "auto", "accuracy_level": 7}},
              r"^'candidates\[0\]\.quantize\.accuracy_level' must be one of 0, 1, 2, 3, 4, got 7$"),
             ({"quantize": {"bits": 2}}, r"^'candidates\[0\]\.quantize\.bits' must be one of 4, 8, got 2$"),
+            ({"quantize": {"kv_cache": "fp8"}}, r"^'candidates\[0\]\.quantize\.kv_cache' must be one of auto, float, int8, got 'fp8'"),
+            ({"quantize": {"context": 0}}, r"^'candidates\[0\]\.quantize\.context' must be at least 1, got 0$"),
             ({"quantize": {"block_size": 8}}, r"^'candidates\[0\]\.quantize\.block_size' must be at least 16, got 8$"),
             ({"prune": {"round_to": 0}}, r"^'candidates\[0\]\.prune\.round_to' must be at least 1, got 0$"),
             ({"prune": {"ratio": 0}}, r"^'candidates\[0\]\.prune\.ratio' must be above 0.0 and below 1.0, got 0$"),

@@ -22,9 +22,8 @@ A candidate is a recipe that turns the float decoder into a weight-only quantize
   folded into the norms and the up projections, so the float graph is unchanged);
 - ``rtn-int4-kv8``: ``rtn-int4-sym-b32`` weights and an int8 KV cache inside GroupQueryAttention
   (``optimizers.quantize.kv_cache``: per-channel scales calibrated on the float model's own cache
-  over the calibration text): 4x fewer cache bytes per token than fp32. Not in auto's candidates:
-  on the small models measured here the cache is a small share of the bytes a step reads, and
-  the quantize/dequantize inside attention is not yet measured to pay back.
+  over the calibration text): 4x fewer cache bytes per token than fp32. By name only: the cache is
+  judged on the chosen weights instead (below).
 
 Mixed precision: the sensitivity of a product is ``KL(p_fp32 || p_q)`` of the next-token
 distribution, mean over calibration positions, when that product alone is int4 (everything
@@ -48,6 +47,15 @@ candidates within ``max_perplexity_ratio`` of fp32's perplexity, those at least
 KL, the steadier signal than perplexity on a few hundred positions) wins: an int8 output layer
 that costs 5% of the speed and halves the KL is taken. When none is within the budget, nothing is
 written (``BudgetNotMet`` names the closest in KL). Each decision is a line in ``reasons``.
+
+KV cache (``kv_cache``): the weights are timed at 64 tokens of context, where the cache is too
+small to show. The chosen weights are then tried with the int8 cache (where every layer's
+attention is GroupQueryAttention), judged against fp32 like the candidates and timed against the
+float cache at ``context`` tokens (the deployment's, default 1024, at most what the rotary cache
+holds). Auto keeps the int8 cache where it is as faithful (KL within ``KV8_KL_SLACK`` x the float
+cache's + ``KV8_KL_FLOOR``, perplexity within the budget) and no slower (``KV8_MIN_SPEED``): a
+4x smaller cache at the same speed is the gain, and at long context it is also the faster one.
+``int8`` forces it, ``float`` leaves it out.
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ from optimizers.quantize.kv_cache import (
     kv_cache_absmax,
     kv_cache_scales,
     require_group_query_attention,
+    rotary_positions,
 )
 from optimizers.quantize.weight_only import (
     ACCURACY_LEVEL_CHOICES,
@@ -113,6 +122,9 @@ AUTO_CANDIDATES = ("rtn-int4-sym-b32", "gptq-int4", "gptq-int4-int8-head")
 BASELINE = "rtn-int4-sym-b32"
 CALIBRATION_SEQUENCES = 8  # of the float model's own greedy text, when no calibration text is given
 GPTQ_HELDOUT = 0.25  # calibration sequences that judge GPTQ against RTN per product
+KV_CACHE_CHOICES = ("auto", "float", "int8")
+KV8_MIN_SPEED = 0.97  # auto keeps the int8 cache when a decode step at --context is at least this x the float cache's speed
+KV8_KL_SLACK, KV8_KL_FLOOR = 1.25, 0.0005  # ... and its KL at most this x the float cache's + the floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +144,12 @@ class DecoderCandidateSettings(DecodeTiming):
     speed_tolerance: float = option(0.9, flag="--speed-tolerance", low=0.0, high=1.0, low_open=True,
                                     help="auto mode: candidates at least this x the fastest one's speed compete on quality "
                                          "(next-token KL), the most faithful wins")
+    kv_cache: str = option("auto", flag="--kv-cache", key=True, choices=KV_CACHE_CHOICES,
+                           help="the chosen model's KV cache: int8 inside GroupQueryAttention (4x fewer bytes a token), float, "
+                                "or auto: int8 where it keeps quality and decodes no slower at --context tokens")
+    context: int = option(1024, flag="--context", key=True, low=1,
+                          help="tokens of context the deployment decodes at; auto times the KV cache there (at most the "
+                               "positions the model's rotary cache holds)")
 
     def __post_init__(self):
         unknown = [c for c in self.candidates if c not in NAMES]
@@ -145,6 +163,10 @@ class DecoderCandidateSettings(DecodeTiming):
             raise UserError(f"speed tolerance must be in (0, 1], got {self.speed_tolerance}")
         if self.size_budget < 1.0:
             raise UserError(f"size budget must be >= 1 (x the int4 model's weight bytes), got {self.size_budget}")
+        if self.kv_cache not in KV_CACHE_CHOICES:
+            raise UserError(f"--kv-cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {self.kv_cache!r}")
+        if self.context < 1:
+            raise UserError(f"--context must be >= 1 token, got {self.context}")
 
 
 @dataclasses.dataclass
@@ -165,6 +187,19 @@ class CandidateReport:
 
 
 @dataclasses.dataclass
+class KvCacheChoice:
+    """The int8 KV cache tried on the chosen weights (``kv_cache`` auto or int8)."""
+
+    context: int  # tokens of context both caches were timed at
+    quality: DecoderQuality
+    perplexity_ratio: float  # against fp32, as the candidates'
+    decode_ms: dict[str, float]  # median decode step at ``context``: "float", "int8" (empty when not timed)
+    kv_bytes_per_token: tuple[int, int]  # float cache, int8 cache
+    kept: bool
+    reason: str
+
+
+@dataclasses.dataclass
 class DecoderCandidatesResult:
     path: Path
     chosen: str
@@ -176,6 +211,7 @@ class DecoderCandidatesResult:
     seconds: float
     accuracy_level: int = 0
     level_timings_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # measured levels (empty when given)
+    kv_cache: KvCacheChoice | None = None  # None: not tried (see the reasons)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -476,8 +512,10 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     calibration = ([list(map(int, s)) for s in calibration if len(s) >= 2] if calibration
                    else default_sequences(reference, CALIBRATION_SEQUENCES, seed=1))
     prepared = prepare(onnx.load(str(model_path)))
-    if set(settings.candidates) & set(KV8_NAMES):
+    if set(settings.candidates) & set(KV8_NAMES) or settings.kv_cache == "int8":
         require_group_query_attention(prepared)  # refused now, not after the other candidates are built
+    no_int8_cache = _int8_cache_unavailable(prepared, settings)
+    positions = rotary_positions(prepared)
     bytes_float = weight_bytes(prepared)
     scores_box: dict = {}
     builders = candidate_builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
@@ -523,16 +561,81 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
                 reports[name].decode_ms = ms
         chosen, reasons = choose(list(reports.values()), settings)
         reports[chosen].chosen = True
+        decoders = {chosen: decoders[chosen]}  # the others' sessions are not needed any more
+        final, kv_choice = paths[chosen], None
+        if no_int8_cache is None and chosen not in KV8_NAMES:
+            kv_choice, kv_path = _int8_cache(reference, decoders[chosen], reports[chosen], paths[chosen], fresh, calibration,
+                                             evaluation, scores_box, settings, session_settings, work, positions)
+            final = kv_path if kv_choice.kept else final
+            reasons.append(kv_choice.reason)
+        elif no_int8_cache:
+            reasons.append(no_int8_cache)
         del decoders
         staged = work / out_path.name
-        data = save_model(onnx.load(str(paths[chosen])), staged, f"{out_path.name}.data")
+        data = save_model(onnx.load(str(final)), staged, f"{out_path.name}.data")
         publish(staged, out_path, companions=(data,) if data else ())
     first = next(r for r in reports.values() if r.quality)
     return DecoderCandidatesResult(
         path=out_path, chosen=chosen, candidates=list(reports.values()), sensitivity=scores_box.get("scores", {}),
         reasons=reasons, perplexity_float=first.quality.perplexity_reference, bytes_float=bytes_float,
-        seconds=time.perf_counter() - started, accuracy_level=level, level_timings_ms=level_timings,
+        seconds=time.perf_counter() - started, accuracy_level=level, level_timings_ms=level_timings, kv_cache=kv_choice,
     )
+
+
+def _int8_cache_unavailable(prepared: onnx.ModelProto, settings: DecoderCandidateSettings) -> str | None:
+    """Why the int8 KV cache is not tried on the chosen weights: "" when told so (``--kv-cache float``),
+    a reason line when the graph cannot hold it or auto times nothing; None when it is tried."""
+    if settings.kv_cache == "float":
+        return ""
+    if settings.kv_cache == "auto" and not settings.timing_rounds:
+        return "KV cache: float (not timed: auto takes the int8 cache only where it measures no slower; --kv-cache int8 forces it)"
+    try:
+        require_group_query_attention(prepared)
+    except UserError as exc:
+        return f"KV cache: float (an int8 cache is not possible here: {exc})"
+    return None
+
+
+def _int8_cache(reference, float_cache: OnnxDecoder, chosen: CandidateReport, chosen_path: Path, fresh, calibration,
+                evaluation, scores_box: dict, settings: DecoderCandidateSettings, session_settings: SessionSettings,
+                work: Path, positions: int | None) -> tuple[KvCacheChoice, Path]:
+    """The chosen weights with an int8 KV cache (scales from the float model's own cache over the
+    calibration text), judged against fp32 like the candidates and timed against the float cache at
+    ``settings.context`` tokens (at most what the rotary cache holds). ``--kv-cache int8`` keeps it
+    (``BudgetNotMet`` when outside the quality budget); auto keeps it where its perplexity is within
+    the budget, its KL within ``KV8_KL_SLACK`` x the float cache's + ``KV8_KL_FLOOR``, and its decode
+    step at least ``KV8_MIN_SPEED`` x the float cache's speed (the 4x smaller cache is the gain)."""
+    if "kv_absmax" not in scores_box:  # the float model's own cache (rtn-int4-kv8 may have measured it)
+        scores_box["kv_absmax"] = kv_cache_absmax(fresh(), calibration, "per-channel", session_settings)
+    path = work / "int8-cache.onnx"
+    save_model(int8_kv_cache(onnx.load(str(chosen_path)), kv_cache_scales(scores_box["kv_absmax"], KvCacheSettings().margin)),
+               path, "int8-cache.onnx.data")
+    decoder = OnnxDecoder(path, settings=session_settings)
+    quality = decoder_quality(reference, decoder, evaluation, prompts=2, new_tokens=16)
+    ratio = quality.perplexity_candidate / quality.perplexity_reference
+    context = settings.context if positions is None else max(1, min(settings.context, positions - settings.timing_steps - 1))
+    timings = (decode_step_ms({"float": float_cache, "int8": decoder}, context, settings.timing_steps, settings.timing_rounds)
+               if settings.timing_rounds else {})
+    sizes = (kv_bytes_per_token(float_cache.io), kv_bytes_per_token(decoder.io))
+    within = bool(np.isfinite(ratio) and ratio <= settings.max_perplexity_ratio)
+    faithful = within and quality.kl_mean <= chosen.quality.kl_mean * KV8_KL_SLACK + KV8_KL_FLOOR
+    measured = (f"perplexity {ratio:.4f}x fp32, KL {quality.kl_mean:.4f} (float cache {chosen.quality.kl_mean:.4f}), "
+                f"{sizes[0]} -> {sizes[1]} B/token")
+    if timings:
+        measured += (f", decode step at {context} tokens of context {timings['float']:.3f} -> {timings['int8']:.3f} ms "
+                     f"({timings['float'] / timings['int8']:.2f}x)")
+    if settings.kv_cache == "int8":
+        if not within:
+            raise BudgetNotMet(f"the int8 KV cache on {chosen.name} is outside the quality budget ({measured}; budget "
+                               f"{settings.max_perplexity_ratio}x); nothing was written. Use --kv-cache auto or float")
+        kept, verdict = True, "int8 (--kv-cache int8)"
+    else:
+        fast = timings["float"] >= KV8_MIN_SPEED * timings["int8"]
+        kept = faithful and fast
+        verdict = ("int8: as faithful and no slower" if kept else
+                   "float: the int8 cache " + ("changes the next-token distribution more than allowed" if not faithful
+                                               else f"decodes slower at {context} tokens of context"))
+    return KvCacheChoice(context, quality, ratio, timings, sizes, kept, f"KV cache {verdict} ({measured})"), path
 
 
 def _accuracy_level(reference, builders, fresh: Callable[[], onnx.ModelProto], sequences, settings: DecoderCandidateSettings,
@@ -594,5 +697,6 @@ def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSetting
     return best.name, reasons
 
 
-__all__ = ["AUTO_CANDIDATES", "BASELINE", "KV8_NAMES", "NAMES", "CandidateReport", "DecoderCandidateSettings", "DecoderCandidatesResult",
+__all__ = ["AUTO_CANDIDATES", "BASELINE", "KV8_NAMES", "KV_CACHE_CHOICES", "NAMES", "CandidateReport", "DecoderCandidateSettings",
+           "DecoderCandidatesResult", "KvCacheChoice",
            "allocate_int8", "candidate_builders", "choose", "mixed", "prepare", "quantize_decoder_candidates", "rtn", "sensitivity", "weight_products"]

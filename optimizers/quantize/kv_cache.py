@@ -55,6 +55,7 @@ GRANULARITIES = ("per-channel", "per-tensor")
 _QUANT_TYPES = {"per-channel": "PER_CHANNEL", "per-tensor": "PER_TENSOR"}
 _K_SCALE, _V_SCALE = 12, 13  # GroupQueryAttention's scale inputs
 _PAST_KEY, _PAST_VALUE = 3, 4
+_COS_CACHE = 7
 _INT8_MAX = 127.0
 _TINY = 1e-8  # the scale of a channel that is zero on all the calibration text
 
@@ -124,6 +125,15 @@ def require_group_query_attention(model: onnx.ModelProto) -> list[onnx.NodeProto
         if any(r.op_type not in ("GroupQueryAttention", "Shape") for r in readers.get(past, [])):  # Shape reads no values
             raise UserError(f"'{past}' is read by something other than GroupQueryAttention; an int8 cache would reach it")
     return nodes
+
+
+def rotary_positions(model: onnx.ModelProto) -> int | None:
+    """The positions GroupQueryAttention's rotary cache holds (``cos_cache``, input 7, ``[positions,
+    rotary_dim / 2]``): the longest context the graph can decode; None when no node carries one."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    sizes = [int(initializers[n.input[_COS_CACHE]].dims[0]) for n in model.graph.node
+             if n.op_type == "GroupQueryAttention" and len(n.input) > _COS_CACHE and n.input[_COS_CACHE] in initializers]
+    return min(sizes) if sizes else None
 
 
 def kv_cache_absmax(model, sequences: Sequence[Sequence[int]], granularity: str = "per-channel",
@@ -247,4 +257,5 @@ __all__ = [
     "kv_cache_absmax",
     "kv_cache_scales",
     "quantize_kv_cache",
+    "rotary_positions",
 ]
