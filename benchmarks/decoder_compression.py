@@ -159,7 +159,9 @@ def speed(work: Path, model: str, ratio: float, kv_heads: float, candidates: tup
         if c.decode_ms is not None:
             print(f"| {c.name} | {c.decode_ms:.3f} | {base.decode_ms / c.decode_ms:.2f} | {c.perplexity_ratio:.4f} | "
                   f"{c.quality.kl_mean:.4f} | {c.weight_bytes / 1e6:.1f} | {'yes' if c.chosen else ''} |")
-    print(f"- {result.reasons[-1]}")
+    for reason in result.reasons:  # the choice of weights, then the KV cache's on them at --context tokens
+        if reason.startswith(("chose ", "KV cache")):
+            print(f"- {reason}")
     if not pruning:
         return
     pruned = work / f"{model}-pruned" / "model.onnx"

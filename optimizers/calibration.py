@@ -86,6 +86,16 @@ def holdout_indices(total: int, share: float = HOLDOUT_SHARE, seed: int = 0) -> 
     return frozenset(np.random.default_rng(seed).choice(total, size=size, replace=False).tolist())
 
 
+def heldout_tail(sequences: Sequence, fraction: float) -> tuple[list, list]:
+    """``(fitted, held out)`` token sequences for the decoder transforms: the last ``round(n *
+    fraction)`` (at least one) held out, in order (the calibration text's own order, not a seeded
+    draw: a decoder's calibration is a handful of passages); nothing held out when ``fraction`` is 0
+    or there are fewer than 2 sequences."""
+    sequences = list(sequences)
+    held = max(1, round(len(sequences) * fraction)) if fraction and len(sequences) >= 2 else 0
+    return sequences[: len(sequences) - held], sequences[len(sequences) - held:]
+
+
 def split_holdout(batches: Sequence[Mapping[str, np.ndarray]], share: float = HOLDOUT_SHARE, seed: int = 0
                   ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """``(fit, held out)`` of a list of batches by :func:`holdout_indices`. A single batch whose
@@ -254,4 +264,5 @@ def ort_reader(data: CalibrationData):
     return Reader()
 
 
-__all__ = ["HOLDOUT_SHARE", "CalibrationData", "calibration_data", "holdout_indices", "ort_reader", "split_holdout"]
+__all__ = ["HOLDOUT_SHARE", "CalibrationData", "calibration_data", "heldout_tail", "holdout_indices", "ort_reader",
+           "split_holdout"]

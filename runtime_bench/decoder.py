@@ -9,7 +9,15 @@ The graph is the one ``onnxforge export --task text-generation`` writes (Hugging
 The first step feeds an empty past (length 0). Each later step binds the previous step's
 ``present`` OrtValues as the next ``past`` inputs with ``session.io_binding()``, so the cache
 never passes through numpy; its size is what the sequence holds so far (prompt plus the tokens
-generated), never a preallocated maximum context. The cache is float32, float16, or int8 where
+generated), never a preallocated maximum context.
+
+With ``max_length`` set (prompt plus new tokens, as ``onnxforge generate`` sets it) and a graph
+that allows it (``shares_cache_buffer``: the past read only by GroupQueryAttention, its length
+from ``attention_mask``), past and present are one buffer of ``max_length`` positions per cache
+tensor, bound once as both input and output: GroupQueryAttention writes each step's keys and
+values in place (``past_present_share_buffer``, as ONNX Runtime GenAI runs its builder's models),
+so a step neither allocates a new cache nor copies the old one, and rebinds only its three small
+inputs. The cache is float32, float16, or int8 where
 GroupQueryAttention quantizes it (``optimizers.quantize.kv_cache``; the empty past is then int8
 too and ``kv_bytes`` counts one byte per value). Left padding is supported: positions are
 ``cumsum(attention_mask) - 1`` (1 on padding, as transformers computes them), and each row
@@ -135,6 +143,29 @@ def _signature(value) -> tuple[str, str, list]:
     return value.name, kind, dims
 
 
+_SEQUENCE_AXIS = 2  # of a cache tensor [batch, kv_heads, length, head_dim]
+
+
+def shares_cache_buffer(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` can run with past and present in one preallocated buffer: every past input is
+    read by GroupQueryAttention as its past (inputs 3 and 4), or by ``Shape`` of axes other than the
+    sequence one, so nothing reads the past length from the buffer's shape
+    (``optimizers.graph.decoder_fusions.read_past_length_from_mask`` makes the exporter's graph so)."""
+    pasts = {v.name for v in model.graph.input if _PAST.match(v.name)}
+    if not pasts:
+        return False
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name not in pasts or (node.op_type == "GroupQueryAttention" and index in (3, 4)):
+                continue
+            if node.op_type == "Shape":
+                attrs = {a.name: a.i for a in node.attribute}
+                if _SEQUENCE_AXIS not in range(4)[slice(attrs.get("start", 0), attrs.get("end"))]:
+                    continue
+            return False
+    return True
+
+
 def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """``cumsum(mask) - 1`` with padding at 1, as transformers' generate computes position ids."""
     positions = np.cumsum(attention_mask, axis=-1) - 1
@@ -159,6 +190,10 @@ class OnnxDecoder:
                                     providers=self.provider.session_providers(), what="the decoder")
         self.io = DecoderIO.from_model(self.session)
         self.max_length = max_length
+        graph = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
+        self.can_share_buffer = shares_cache_buffer(graph)
+        logits = next(v for v in self.session.get_outputs() if v.name == "logits")
+        self._logits_dtype = _NUMPY_TYPES.get(logits.type, np.float32)
         on_cuda = self.provider.name in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self._device = ("cuda", self.provider.device_id) if on_cuda else ("cpu", 0)
         self.reset()
@@ -168,6 +203,7 @@ class OnnxDecoder:
     def reset(self) -> None:
         """Forget the cache: the next call must be ``prefill``."""
         self._cache: dict[str, object] = {}
+        self._shared: tuple | None = None  # (binding, step logits array, its OrtValue) while one buffer is shared
         self._mask: np.ndarray | None = None
         self._next_position: np.ndarray | None = None
         self.steps = 0
@@ -176,8 +212,14 @@ class OnnxDecoder:
     def past_length(self) -> int:
         return 0 if self._mask is None else int(self._mask.shape[1])
 
+    @property
+    def shares_buffer(self) -> bool:
+        """Whether the sequence now running keeps past and present in one preallocated buffer."""
+        return self._shared is not None
+
     def kv_bytes(self) -> int:
-        """Bytes the cache holds now: layers x 2 x batch x kv_heads x length x head_dim x item size."""
+        """Bytes the cache holds now: layers x 2 x batch x kv_heads x length x head_dim x item size
+        (length: the sequence so far, or ``max_length`` where one buffer is preallocated)."""
         return sum(int(np.prod(v.shape())) * np.dtype(self.io.kv_dtype).itemsize for v in self._cache.values())
 
     # ------------------------------------------------------------ steps
@@ -196,10 +238,15 @@ class OnnxDecoder:
             raise UserError("prompts must be left-padded (attention_mask zeros before ones), as for generation")
         self.reset()
         batch = input_ids.shape[0]
-        empty = np.zeros((batch, self.io.num_kv_heads, 0, self.io.head_dim), dtype=self.io.kv_dtype)
-        past = {name: _ortvalue(empty, self._device) for name, _ in self.io.cache_pairs}
         positions = positions_from_mask(mask)
-        logits = self._run(input_ids, mask, positions, past)
+        if self.max_length is not None and input_ids.shape[1] > self.max_length:
+            raise UserError(f"the prompt ({input_ids.shape[1]} tokens) is longer than max_length {self.max_length}")
+        if self.max_length is not None and self.can_share_buffer:
+            logits = self._prefill_shared(input_ids, mask, positions)
+        else:
+            empty = np.zeros((batch, self.io.num_kv_heads, 0, self.io.head_dim), dtype=self.io.kv_dtype)
+            past = {name: _ortvalue(empty, self._device) for name, _ in self.io.cache_pairs}
+            logits = self._run(input_ids, mask, positions, past)
         self._mask = mask
         self._next_position = positions[:, -1] + 1
         return logits
@@ -215,7 +262,10 @@ class OnnxDecoder:
             raise UserError(f"the sequence would exceed max_length {self.max_length}")
         mask = np.concatenate([self._mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
         positions = self._next_position.reshape(-1, 1)
-        logits = self._run(np.ascontiguousarray(ids), mask, positions, dict(zip(self._past_names(), self._cache.values())))
+        if self._shared is not None:
+            logits = self._step_shared(np.ascontiguousarray(ids), mask, positions)
+        else:
+            logits = self._run(np.ascontiguousarray(ids), mask, positions, dict(zip(self._past_names(), self._cache.values())))
         self._mask = mask
         self._next_position = self._next_position + 1
         self.steps += 1
@@ -226,26 +276,67 @@ class OnnxDecoder:
 
     def _run(self, input_ids, mask, positions, past: dict) -> np.ndarray:
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", input_ids)
-        if self.io.has_attention_mask:
-            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
-        if self.io.has_position_ids:
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions.astype(np.int64)))
+        self._bind_step_inputs(binding, input_ids, mask, positions)
         for name, value in past.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for _, present in self.io.cache_pairs:
             binding.bind_output(present, self._device[0], self._device[1])
+        self._run_binding(binding, mask)
+        outputs = dict(zip(self.io.output_names, binding.get_outputs()))
+        self._cache = {present: outputs[present] for _, present in self.io.cache_pairs}
+        logits = outputs["logits"].numpy()
+        return logits[:, -1, :].astype(np.float32, copy=False)
+
+
+    # ------------------------------------------------------------ one shared buffer
+
+    def _prefill_shared(self, input_ids, mask, positions) -> np.ndarray:
+        """The prompt, with one zeroed ``max_length`` buffer per cache tensor bound as past and present
+        for the whole sequence; the binding is kept for the steps."""
+        import onnxruntime as ort
+
+        batch = input_ids.shape[0]
+        shape = (batch, self.io.num_kv_heads, self.max_length, self.io.head_dim)
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # the prompt's logits, [batch, seq or 1, vocab]: bound first, output 0
+        for past, present in self.io.cache_pairs:
+            buffer = _ortvalue(np.zeros(shape, dtype=self.io.kv_dtype), self._device)
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+            self._cache[present] = buffer
+        step_logits = np.empty((batch, 1, self.io.vocab_size), dtype=self._logits_dtype) if self.io.vocab_size else None
+        step_value = ort.OrtValue.ortvalue_from_numpy(step_logits) if step_logits is not None else None
+        self._shared = (binding, step_logits, step_value)
+        self._bind_step_inputs(binding, input_ids, mask, positions)
+        self._run_binding(binding, mask)
+        logits = binding.get_outputs()[0].numpy()
+        if step_value is not None:
+            binding.bind_ortvalue_output("logits", step_value)  # each step writes its logits here, no copy
+        return logits[:, -1, :].astype(np.float32, copy=False)
+
+    def _step_shared(self, ids, mask, positions) -> np.ndarray:
+        binding, step_logits, step_value = self._shared
+        self._bind_step_inputs(binding, ids, mask, positions)
+        self._run_binding(binding, mask)
+        if step_logits is None:
+            step_logits = binding.get_outputs()[0].numpy()
+        return step_logits[:, -1, :].astype(np.float32)  # a copy: the next step overwrites the buffer
+
+    def _bind_step_inputs(self, binding, input_ids, mask, positions) -> None:
+        binding.bind_cpu_input("input_ids", input_ids)
+        if self.io.has_attention_mask:
+            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        if self.io.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions.astype(np.int64)))
+
+    def _run_binding(self, binding, mask) -> None:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
             from onnxforge.common.sessions import one_line
 
             raise UserError(f"the decoder failed at sequence length {mask.shape[1]}: {one_line(exc)}") from None
-        outputs = dict(zip(self.io.output_names, binding.get_outputs()))
-        self._cache = {present: outputs[present] for _, present in self.io.cache_pairs}
-        logits = outputs["logits"].numpy()
-        return logits[:, -1, :].astype(np.float32, copy=False)
 
 
 def _ortvalue(array: np.ndarray, device: tuple[str, int]):
@@ -305,4 +396,4 @@ def greedy(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, eos_ids: Seque
     return generated[0] if single else generated
 
 
-__all__ = ["DecoderIO", "OnnxDecoder", "greedy", "left_padded", "positions_from_mask"]
+__all__ = ["DecoderIO", "OnnxDecoder", "greedy", "left_padded", "positions_from_mask", "shares_cache_buffer"]

@@ -301,6 +301,28 @@ def test_every_candidate_is_built_verified_and_reported(tmp_path, names):
         assert int8.quality.kl_mean < min(c.quality.kl_mean for c in result.candidates if "int4" in c.name)
 
 
+def test_a_first_candidate_that_fails_to_build_is_reported_not_fatal(tmp_path, monkeypatch):
+    """The accuracy level is measured on the first candidate that builds; the one that failed is a
+    reported row, and the level's file is the candidate written (not built twice)."""
+    from optimizers.quantize import decoder_candidates
+
+    def broken(model, block_size):
+        raise RuntimeError("quantizer exploded")
+
+    monkeypatch.setattr(decoder_candidates, "hqq", broken)
+    settings = DecoderCandidateSettings(candidates=("hqq-int4-b32", "rtn-int4-sym-b32"), timing_rounds=1, timing_steps=2,
+                                        max_perplexity_ratio=1.5, kv_cache="float")
+    result = quantize_decoder_candidates(trained_decoder(), tmp_path / "model.onnx", settings,
+                                         calibration=calibration_sequences()[:4], evaluation=held_out_sequences()[:2])
+    failed, built = result.candidates
+    assert failed.quality is None and "quantizer exploded" in failed.error
+    assert built.chosen and result.chosen == "rtn-int4-sym-b32" and set(result.level_timings_ms) == set(ACCURACY_LEVELS)
+    levels = {next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "accuracy_level"), 0)
+              for n in onnx.load(str(result.path)).graph.node if n.op_type == "MatMulNBits"}
+    assert levels == {result.accuracy_level}
+    assert any(r.startswith("hqq-int4-b32: not built (RuntimeError: quantizer exploded") for r in result.reasons)
+
+
 def test_unknown_candidate_is_one_clear_error():
     with pytest.raises(UserError, match="unknown weight-only candidate.*available: rtn-int4-sym-b32"):
         DecoderCandidateSettings(candidates=("rtn-int3",))

@@ -15,7 +15,8 @@ from exporter.decoder import cache_geometry, fuse_for_ort, load_causal_lm, trace
 from onnxforge.decoder_models import random_decoder
 from optimizers.graph.decoder_fusions import fuse_group_query_attention
 from optimizers.quantize.weight_only import feed_packed_qkv, pack_sibling_matmuls
-from runtime_bench.decoder import OnnxDecoder, left_padded
+from runtime_bench.decoder import OnnxDecoder, left_padded, shares_cache_buffer
+from onnxforge.common.errors import UserError
 
 PROMPTS = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 200, 300, 301]]  # a left-padded batch of two lengths
 
@@ -159,3 +160,31 @@ def _same_generation(reference: OnnxDecoder, candidate: OnnxDecoder) -> int:
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"step {step}")
             compared += 1
     return compared
+
+
+def test_one_shared_cache_buffer_gives_the_same_tokens(mha_graph, tmp_path):
+    """After the fusion the past length comes from attention_mask, so the runner can keep past and
+    present in one max_length buffer (GroupQueryAttention writing in place): the logits equal the
+    growing cache's exactly, left-padded batch included. The MultiHeadAttention graph reads the past
+    length from the cache's shape and keeps the growing cache."""
+    assert not shares_cache_buffer(onnx.load(str(mha_graph), load_external_data=False))
+    model = ir.load(str(mha_graph))
+    fuse_group_query_attention(model, 256)
+    path = _save(model, tmp_path / "gqa" / "model.onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    assert shares_cache_buffer(proto)
+    assert not any(n.op_type == "Shape" and n.input[0].startswith("past_key_values") and
+                   any(a.name == "start" and a.i == 2 for a in n.attribute) for n in proto.graph.node)
+    growing, shared = OnnxDecoder(path), OnnxDecoder(path, max_length=32)
+    mha = OnnxDecoder(mha_graph, max_length=32)
+    assert _same_generation(growing, shared) == 12 and shared.shares_buffer
+    assert shared.kv_bytes() == 2 * 2 * 2 * 2 * 32 * 16 * 4  # layers, key/value, batch, kv heads, max_length, head_dim, float32
+    mha.prefill(np.array([PROMPTS[0]]))
+    assert not mha.shares_buffer and mha.kv_bytes() == 2 * 2 * 1 * 2 * len(PROMPTS[0]) * 16 * 4
+    with pytest.raises(UserError, match="longer than max_length 4"):
+        OnnxDecoder(path, max_length=4).prefill(np.array([PROMPTS[0]]))
+    shared.prefill(np.array([PROMPTS[0]]))
+    for _ in range(32 - len(PROMPTS[0])):
+        shared.decode([7])
+    with pytest.raises(UserError, match="exceed max_length 32"):
+        shared.decode([7])

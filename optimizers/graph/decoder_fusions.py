@@ -34,12 +34,22 @@ output already is ``[B, S, H*D]`` (B from every batch-first input, S the query l
 ``input_ids``'), so the pair is an identity: two copies per layer and step (about 7 % of an int4
 decode step on Qwen2.5-0.5B, measured by ``benchmarks/decoders.py --profile``).
 
+``read_past_length_from_mask`` then makes the graph run on one cache buffer for past and present
+(``past_present_share_buffer``, as ONNX Runtime GenAI's builder runs): the exporter reads the past
+length ``P`` as ``Shape(past_key_values.1.key)[2]`` for the causal mask, which a preallocated buffer
+of the whole sequence's length would make wrong. ``T - S`` (``Shape(attention_mask)[1] -
+Shape(input_ids)[1]``) is the same number whenever the cache grows by concatenation, and stays
+right when it does not; GroupQueryAttention already takes ``T`` from the mask. A graph whose past
+inputs are then read by nothing but GroupQueryAttention (and shape reads of other axes) can share
+the buffer (``runtime_bench.decoder.shares_cache_buffer``).
+
 The rules mutate the ``ir.Model`` they are given (``fuse_group_query_attention``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -48,6 +58,8 @@ from onnxscript.rewriter import pattern
 logger = logging.getLogger(__name__)
 
 _MASK_INPUT = "attention_mask"
+_PAST_INPUT = re.compile(r"^past_key_values\.\d+\.(key|value)$")
+_SEQUENCE_AXIS = 2  # of a past input [batch, kv_heads, past, head_dim]
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -274,6 +286,34 @@ class GqaOutputReshapesRule(pattern.RewriteRuleClassBase):
         return op.Identity(x)
 
 
+def _shape_span(start: int, end: int | None, rank: int = 4) -> range:
+    """The axes ``Shape(x, start, end)`` reads of a rank-``rank`` ``x`` (negatives count from the end, as slicing does)."""
+    return range(rank)[slice(start, end)]
+
+
+def read_past_length_from_mask(model: ir.Model) -> int:
+    """Every ``Shape(past_key_values.N.*, start=2, end=3)`` (the past length) of ``model`` (mutated)
+    replaced by ``Shape(attention_mask)[1] - Shape(input_ids)[1]`` (module doc); returns how many."""
+    inputs = {v.name: v for v in model.graph.inputs}
+    mask, ids = inputs.get(_MASK_INPUT), inputs.get("input_ids")
+    if mask is None or ids is None:
+        return 0
+    replaced = 0
+    for node in list(model.graph):
+        source = node.inputs[0] if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.inputs else None
+        if source is None or source.name not in inputs or not _PAST_INPUT.match(source.name):
+            continue
+        if list(_shape_span(node.attributes.get_int("start", 0), node.attributes.get_int("end", None))) != [_SEQUENCE_AXIS]:
+            continue
+        total = ir.node("Shape", [mask], {"start": 1, "end": 2})
+        new = ir.node("Shape", [ids], {"start": 1, "end": 2})
+        past = ir.node("Sub", [total.outputs[0], new.outputs[0]])
+        model.graph.insert_before(node, [total, new, past])
+        node.outputs[0].replace_all_uses_with(past.outputs[0])
+        replaced += 1
+    return replaced
+
+
 def fuse_group_query_attention(model: ir.Model, max_positions: int) -> int:
     """Rewrite every matching decoder layer of ``model`` (mutated) as GroupQueryAttention with
     rotary caches of ``max_positions`` rows; returns how many layers were rewritten."""
@@ -283,10 +323,12 @@ def fuse_group_query_attention(model: ir.Model, max_positions: int) -> int:
     if count:
         reshapes = pattern.RewriteRuleSet([GqaOutputReshapesRule.rule()]).apply_to_model(model)
         logger.info("GroupQueryAttention: %d output Reshape pairs dropped", reshapes)
+        lengths = read_past_length_from_mask(model)
         CommonSubexpressionEliminationPass()(model)
         RemoveUnusedNodesPass()(model)
-        logger.info("GroupQueryAttention: %d decoder layers fused (rotary caches of %d positions)", count, max_positions)
+        logger.info("GroupQueryAttention: %d decoder layers fused (rotary caches of %d positions); past length read "
+                    "from attention_mask in %d place(s)", count, max_positions, lengths)
     return int(count)
 
 
-__all__ = ["GqaOutputReshapesRule", "GroupQueryAttentionRule", "fuse_group_query_attention"]
+__all__ = ["GqaOutputReshapesRule", "GroupQueryAttentionRule", "fuse_group_query_attention", "read_past_length_from_mask"]

@@ -29,6 +29,7 @@ from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.options import option
 from onnxforge.common.sessions import SessionSettings
+from optimizers.calibration import heldout_tail
 from optimizers.quantize.activations import GramStats, weighted_error
 from optimizers.quantize.weight_only import (
     DecoderQuality,
@@ -106,8 +107,7 @@ def split_sequences(calibration, evaluation, heldout_fraction: float, what: str)
     if len(sequences) < 2:
         raise UserError(f"{what} needs at least 2 calibration sequences of 2+ tokens, got {len(sequences)}; "
                         "give more calibration text (--calibration FILE, passages separated by blank lines)")
-    held = max(1, round(len(sequences) * heldout_fraction)) if heldout_fraction else 0
-    fit_sequences, heldout_sequences = sequences[: len(sequences) - held], sequences[len(sequences) - held:]
+    fit_sequences, heldout_sequences = heldout_tail(sequences, heldout_fraction)
     evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else heldout_sequences or sequences
     return fit_sequences, heldout_sequences, evaluation
 

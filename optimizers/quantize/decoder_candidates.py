@@ -77,6 +77,7 @@ from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.options import help_of, option
 from onnxforge.common.progress import reporting, tracked
 from onnxforge.common.sessions import SessionSettings, open_session
+from optimizers.calibration import heldout_tail
 from optimizers.quantize.awq import awq_scale_model
 from optimizers.quantize.gptq import apply_codes, gptq_codes, int8_embedding
 from optimizers.quantize.kv_cache import (
@@ -455,9 +456,8 @@ def candidate_builders(io: DecoderIO, calibration, scores_box: dict, settings: D
 
     def by_gptq(m, head_bits: int):
         if "gptq" not in scores_box:  # one pass over the calibration text serves both GPTQ candidates
-            held = max(1, round(len(calibration) * GPTQ_HELDOUT)) if len(calibration) >= 2 else 0
-            scores_box["gptq"] = gptq_codes(m, weight_products(m), calibration[: len(calibration) - held], session_settings,
-                                            heldout=calibration[len(calibration) - held:])
+            fit, held = heldout_tail(calibration, GPTQ_HELDOUT)
+            scores_box["gptq"] = gptq_codes(m, weight_products(m), fit, session_settings, heldout=held)
         head = set(head_products(m)) if head_bits == 8 else set()
         m = apply_codes(m, {name: codes for name, codes in scores_box["gptq"].codes.items() if name not in head})
         if head:
@@ -529,15 +529,18 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
         def fresh() -> onnx.ModelProto:
             return onnx.load(str(work / "prepared.onnx"))
 
-        level, level_timings, first_built = _accuracy_level(reference, builders, fresh, evaluation, settings,
-                                                            session_settings, work)
+        level, level_timings, measured = _accuracy_level(reference, builders, fresh, evaluation, settings,
+                                                         session_settings, work)
         paths, decoders = {}, {}
         for name in tracked(settings.candidates, "weight-only candidates"):
             try:
-                reuse = first_built is not None and name == settings.candidates[0]
-                built = set_accuracy_level(first_built if reuse else builders[name](fresh()), level)
-                paths[name] = work / f"{name}.onnx"
-                save_model(built, paths[name], f"{name}.onnx.data")
+                if measured is not None and name == measured[0]:  # built and saved at this level already
+                    paths[name] = measured[1]
+                    built = onnx.load(str(paths[name]), load_external_data=False)
+                else:
+                    built = set_accuracy_level(builders[name](fresh()), level)
+                    paths[name] = work / f"{name}.onnx"
+                    save_model(built, paths[name], f"{name}.onnx.data")
                 decoders[name] = OnnxDecoder(paths[name], settings=session_settings)
                 quality = decoder_quality(reference, decoders[name], evaluation, prompts=2, new_tokens=16)
             except UserError:
@@ -639,22 +642,32 @@ def _int8_cache(reference, float_cache: OnnxDecoder, chosen: CandidateReport, ch
 
 
 def _accuracy_level(reference, builders, fresh: Callable[[], onnx.ModelProto], sequences, settings: DecoderCandidateSettings,
-                    session_settings: SessionSettings, work: Path) -> tuple[int, dict[int, float], onnx.ModelProto | None]:
-    """``settings.accuracy_level``, or the level measured on the first candidate (see the module
-    doc), with the decode timings that chose it and that candidate as built (not built twice)."""
+                    session_settings: SessionSettings, work: Path) -> tuple[int, dict[int, float], tuple[str, Path] | None]:
+    """``settings.accuracy_level``, or the level measured on the first candidate that builds (see
+    the module doc), with the decode timings that chose it and (that candidate, its file at the
+    chosen level) so that it is not built twice. A candidate that fails to build here is left to
+    the candidates' loop, which reports it."""
     if settings.accuracy_level is not None:
         return settings.accuracy_level, {}, None
-    first = settings.candidates[0]
-    with reporting(f"accuracy level ({first} at {', '.join(map(str, ACCURACY_LEVELS))})"):
-        built = builders[first](fresh())
-        decoders = {}
-        for level in ACCURACY_LEVELS:
-            path = work / f"level{level}.onnx"
-            save_model(set_accuracy_level(built, level), path, f"level{level}.onnx.data")
-            decoders[level] = OnnxDecoder(path, settings=session_settings)
-        level, timings, _ = choose_accuracy_level(reference, decoders, sequences, past=settings.timing_past,
-                                                  steps=settings.timing_steps, rounds=settings.timing_rounds or 3)
-    return level, timings, built
+    for first in settings.candidates:
+        with reporting(f"accuracy level ({first} at {', '.join(map(str, ACCURACY_LEVELS))})"):
+            try:
+                built = builders[first](fresh())
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported as that candidate's failure by the loop
+                logger.info("candidate %s failed to build (%s); the accuracy level is measured on the next", first, exc)
+                continue
+            decoders = {}
+            for level in ACCURACY_LEVELS:
+                path = work / f"level{level}.onnx"
+                save_model(set_accuracy_level(built, level), path, f"level{level}.onnx.data")
+                decoders[level] = OnnxDecoder(path, settings=session_settings)
+            del built
+            level, timings, _ = choose_accuracy_level(reference, decoders, sequences, past=settings.timing_past,
+                                                      steps=settings.timing_steps, rounds=settings.timing_rounds or 3)
+        return level, timings, (first, work / f"level{level}.onnx")
+    return 0, {}, None  # nothing builds: the loop reports each candidate's failure
 
 
 def choose(reports: Sequence[CandidateReport], settings: DecoderCandidateSettings) -> tuple[str, list[str]]:
