@@ -4,7 +4,10 @@ Rows (each where it can run here; otherwise a row that says why):
 
 - onnxforge fp32: ``exporter.decoder.export_decoder`` (logits of the last position only);
 - onnxforge int4: ``optimizers.quantize.weight_only.quantize_weight_only`` of that graph;
-  both run by ``runtime_bench.decoder.OnnxDecoder`` (ONNX Runtime, cache in OrtValues);
+  both run by ``runtime_bench.decoder.OnnxDecoder`` (ONNX Runtime, one cache buffer bound as past
+  and present where the graph allows, as ``onnxforge generate`` runs);
+- onnxforge int4, GenAI loop: the same int4 graph under ``onnxruntime_genai``'s Generator with the
+  genai_config.json its package carries: the graph against the builder's under one loop;
 - ORT GenAI int4: ``python -m onnxruntime_genai.models.builder -p int4 -e cpu`` on the same
   Hugging Face folder, run under its own ``onnxruntime_genai`` Generator loop;
 - llama.cpp Q4_0: ``llama-bench`` built from the ``llama-cpp-python`` source package (see
@@ -46,12 +49,14 @@ import numpy as np
 import onnx
 
 from onnxforge.decoder_configs import DECODER_CONFIGS, decoder_config, random_decoder
+from onnxforge.package import genai_config
 from runtime_bench.generation import (
     GenerationConfig,
     measure_bandwidth,
     timed_generation,
     weight_bytes_read_per_token,
 )
+from runtime_bench.decoder import DecoderIO, shares_cache_buffer
 from runtime_bench.harness import block_orders, wait_for_idle_threads
 from runtime_bench.machine import machine_info
 
@@ -127,7 +132,7 @@ def genai_row(hf: Path, work: Path, config: GenerationConfig, kv_per_token: int,
     row = Row("ORT GenAI builder int4")
     try:
         import onnxruntime  # noqa: F401 - onnxruntime_genai finds ONNX Runtime's library once it is loaded
-        import onnxruntime_genai as og
+        import onnxruntime_genai  # noqa: F401
     except ImportError:
         row.why_not = "onnxruntime-genai is not installed (pip install 'onnxforge[genai]')"
         return row
@@ -140,12 +145,43 @@ def genai_row(hf: Path, work: Path, config: GenerationConfig, kv_per_token: int,
         if done.returncode or not (out / "genai_config.json").exists():
             row.why_not = f"the builder failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
             return row
-    header = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    return _genai_loop(row, out, config, kv_per_token, mean_context)
+
+
+def onnxforge_genai_row(hf: Path, work: Path, int4: Path, config: GenerationConfig, kv_per_token: int,
+                        mean_context: float) -> Row:
+    """onnxforge's int4 graph under GenAI's own Generator loop: the genai_config.json its package
+    carries (``onnxforge.package.genai_config``), beside the model, config and tokenizer."""
+    row = Row("onnxforge int4, GenAI loop")
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        row.why_not = "onnxruntime-genai is not installed (pip install 'onnxforge[genai]')"
+        return row
+    out = work / "onnxforge-int4-genai"
+    out.mkdir(parents=True, exist_ok=True)
+    for source in (int4, *int4.parent.glob(int4.name + ".data"), *(f for f in hf.iterdir() if f.suffix in (".json", ".txt"))):
+        target = out / source.name
+        if not target.exists():
+            target.symlink_to(source.resolve())
+    header = onnx.load(str(int4), load_external_data=False)
+    hf_config = json.loads((hf / "config.json").read_text(encoding="utf-8"))
+    config_json = genai_config(hf_config, DecoderIO.from_model(header), shared_buffer=shares_cache_buffer(header))
+    (out / "genai_config.json").write_text(json.dumps(config_json, indent=2), encoding="utf-8")
+    return _genai_loop(row, out, config, kv_per_token, mean_context)
+
+
+def _genai_loop(row: Row, folder: Path, config: GenerationConfig, kv_per_token: int, mean_context: float) -> Row:
+    """``row`` timed under ONNX Runtime GenAI's Generator (C++ loop) on the model in ``folder``."""
+    import onnxruntime_genai as og
+
+    header = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     row.bytes_per_token = int(weight_bytes_read_per_token(header) + kv_per_token * mean_context)
     overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": config.threads or 0}}}}
 
     def block(prompt):
-        og_config = og.Config(str(out))
+        og_config = og.Config(str(folder))
         og_config.overlay(json.dumps(overlay))
         model = og.Model(og_config)
 
@@ -318,6 +354,8 @@ def main(argv=None) -> int:
                 rows.append(onnx_row("onnxforge fp32", fp32, config, kv_fp32, mean_context))
             if "int4" not in skip:
                 rows.append(onnx_row("onnxforge int4", int4, config, kv_fp32, mean_context))
+            if "int4" not in skip and "genai" not in skip:
+                rows.append(onnxforge_genai_row(hf, work, int4, config, kv_fp32, mean_context))
         except Exception as exc:  # noqa: BLE001 - a row that cannot run says why
             rows.append(Row("onnxforge", why_not=f"{type(exc).__name__}: {exc}"))
     if "genai" not in skip:

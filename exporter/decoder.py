@@ -71,6 +71,7 @@ class DecoderProof:
     step_max_abs_error: float
     cache_vs_recompute_max_abs_error: float
     later_step: int
+    shared_buffer_equal: bool | None = None  # the batch again on one past/present buffer (None: the graph cannot share)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -362,7 +363,9 @@ def prove_decoder(path, reference: TorchReference, *, tolerance: Tolerance = DEC
     1. greedy tokens of each prompt alone equal PyTorch's, token for token;
     2. the two prompts as one left-padded batch give each prompt its own tokens;
     3. last-position logits agree with PyTorch at prefill and after ``later_step`` cached steps;
-    4. those cached logits equal the graph's own full recomputation of the same sequence (no cache).
+    4. those cached logits equal the graph's own full recomputation of the same sequence (no cache);
+    5. where the graph allows one past/present buffer (``shares_cache_buffer``), the batch of 2 gives
+       the same tokens on it.
     """
     decoder = OnnxDecoder(path, threads=threads)
     new_tokens = len(reference.tokens[0])
@@ -405,11 +408,21 @@ def prove_decoder(path, reference: TorchReference, *, tolerance: Tolerance = DEC
                 f"({len(reference.prompts[index])} tokens) gets other tokens from new token {diff}: "
                 f"{got[max(0, diff - 2):diff + 3]} vs alone {expected[max(0, diff - 2):diff + 3]}"
             )
+    shared = None
+    if decoder.can_share_buffer:  # generate and bench keep past and present in one buffer: the same tokens there
+        decoder.max_length = longest + new_tokens - 1
+        on_one_buffer = greedy(decoder, reference.prompts, new_tokens)
+        decoder.max_length = None
+        diff = next((i for i, (a, b) in enumerate(zip(on_one_buffer, batch)) if a != b), None)
+        if diff is not None:
+            raise UserError(f"{what}: with past and present in one preallocated buffer, prompt {diff} of the left-padded "
+                            f"batch gets other tokens than with a growing cache: {on_one_buffer[diff][:8]} vs {batch[diff][:8]}")
+        shared = True
     decoder.reset()
     return DecoderProof(prompt_lengths=tuple(len(p) for p in reference.prompts), new_tokens=new_tokens, tokens_equal=True,
                         padded_batch_equal=True, padded_batch_tokens=compared, prefill_max_abs_error=prefill_err,
                         step_max_abs_error=step_err, cache_vs_recompute_max_abs_error=recompute_err,
-                        later_step=reference.later_step)
+                        later_step=reference.later_step, shared_buffer_equal=shared)
 
 
 def _compare(candidate: np.ndarray, reference: np.ndarray, tolerance: Tolerance, label: str) -> float:

@@ -183,7 +183,7 @@ def generate_ids(decoder, prompt_ids: list[int], settings: GenerationSettings, s
     """(new ids, stop reason, prefill seconds, decode seconds) from an ``OnnxDecoder``."""
     rng = np.random.default_rng(settings.seed)
     stop = set(stop_ids) if settings.stop_at_eos else set()
-    decoder.max_length = len(prompt_ids) + settings.max_new_tokens
+    decoder.max_length = len(prompt_ids) + settings.max_new_tokens - 1  # the last token is chosen, never fed
     started = time.perf_counter()
     logits = decoder.prefill(np.asarray([prompt_ids], dtype=np.int64))
     prefill_seconds = time.perf_counter() - started

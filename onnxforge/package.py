@@ -25,7 +25,7 @@ from onnxforge.common.summary import ops_by_domain, summarize
 from onnxforge.fingerprints import sha256_file, tool_versions
 from onnxforge.generation import Tokenizer
 from onnxforge.triton import FOLDER, write_entry
-from runtime_bench.decoder import DecoderIO, OnnxDecoder, greedy
+from runtime_bench.decoder import DecoderIO, OnnxDecoder, greedy, shares_cache_buffer
 
 MANIFEST_VERSION = 1
 # A packaged model replayed on its reference inputs must reproduce its reference outputs within
@@ -225,12 +225,21 @@ GENAI_SEARCH_DEFAULTS = {
 }
 
 
-def genai_config(config: dict, io, *, filename: str = "model.onnx", generation: dict | None = None) -> dict:
+GENAI_SHARED_MAX_LENGTH = 4096  # tokens GenAI preallocates the shared cache for, unless set per generation
+
+
+def genai_config(config: dict, io, *, filename: str = "model.onnx", generation: dict | None = None,
+                 shared_buffer: bool = False) -> dict:
     """The genai_config.json ONNX Runtime GenAI reads for a decoder graph with ``io``
     (a ``runtime_bench.decoder.DecoderIO``) made from the Hugging Face ``config`` (config.json).
 
-    The cache grows by concatenation in this graph, so ``past_present_share_buffer`` is false
-    (GenAI then feeds each step's present tensors as the next past, as our runner does)."""
+    ``shared_buffer`` (the graph reads its past length from ``attention_mask``:
+    ``runtime_bench.decoder.shares_cache_buffer``) sets ``past_present_share_buffer``: GenAI keeps
+    past and present in one buffer that GroupQueryAttention writes in place, as it runs its own
+    builder's models. That buffer is allocated for ``search.max_length`` tokens, so max_length is
+    ``GENAI_SHARED_MAX_LENGTH`` (or the model's context when shorter), not a 32k-128k context
+    preallocated by default; raise it per generation with ``set_search_options(max_length=...)``.
+    Otherwise GenAI feeds each step's present tensors as the next past (growing by concatenation)."""
     generation = generation or {}
 
     def first(*keys, default=None):
@@ -267,7 +276,8 @@ def genai_config(config: dict, io, *, filename: str = "model.onnx", generation: 
             "type": config.get("model_type", "decoder"),
             "vocab_size": io.vocab_size or int(config["vocab_size"]),
         },
-        "search": {**GENAI_SEARCH_DEFAULTS, "max_length": context, "past_present_share_buffer": False},
+        "search": {**GENAI_SEARCH_DEFAULTS, "max_length": min(context, GENAI_SHARED_MAX_LENGTH) if shared_buffer else context,
+                   "past_present_share_buffer": bool(shared_buffer)},
     }
 
 
@@ -314,7 +324,9 @@ def write_decoder_package(
     reference_inputs.update({past: empty for past, _ in io.cache_pairs})
     with tempfile.TemporaryDirectory(prefix="onnxforge-genai-") as tmp:
         genai_path = Path(tmp) / "genai_config.json"
-        genai_path.write_text(json.dumps(genai_config(config, io, generation=generation), indent=2), encoding="utf-8")
+        shared = shares_cache_buffer(load_onnx(model_path, load_external_data=False, normalize=False))
+        genai_path.write_text(json.dumps(genai_config(config, io, generation=generation, shared_buffer=shared), indent=2),
+                              encoding="utf-8")
         companions = [here / f for f in DECODER_COMPANIONS if (here / f).is_file()] + [genai_path]
         return write_package(
             folder, model_path, reference_inputs=reference_inputs, transforms=[], measurements={},

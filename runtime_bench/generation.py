@@ -198,7 +198,10 @@ def _prompt(rng: np.random.Generator, vocab: int, batch: int, length: int) -> np
 
 
 def generate_timed(decoder, prompt: np.ndarray, new_tokens: int) -> tuple[float, list[float]]:
-    """(TTFT ms, decode step ms list) of one greedy generation of ``new_tokens`` tokens."""
+    """(TTFT ms, decode step ms list) of one greedy generation of ``new_tokens`` tokens, its cache
+    sized for the prompt + ``new_tokens`` - 1 positions it is fed (one buffer where the graph
+    allows, as ``onnxforge generate`` runs)."""
+    decoder.max_length = prompt.shape[1] + new_tokens - 1
     clock = time.perf_counter_ns
     t0 = clock()
     logits = decoder.prefill(prompt)

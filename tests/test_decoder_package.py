@@ -32,7 +32,8 @@ def test_package_carries_tokenizer_configs_and_genai_config(decoder_package):
     assert decoder["inputs"]["position_ids"] == "position_ids"
     model = genai["model"]
     assert (model["type"], model["vocab_size"], model["context_length"], model["eos_token_id"]) == ("llama", 2048, 512, 1)
-    assert genai["search"]["past_present_share_buffer"] is False
+    # the fused graph reads its past length from attention_mask: GenAI keeps one buffer, sized by max_length
+    assert genai["search"]["past_present_share_buffer"] is True and genai["search"]["max_length"] == 512
     manifest = json.loads((decoder_package / "manifest.json").read_text())
     assert len(manifest["generation_check"]["new_ids"]) == 12
 
