@@ -12,7 +12,8 @@ from onnx.external_data_helper import uses_external_data
 
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.specs import specs_from_onnx
-from onnxforge.common.summary import ModelSummary
+from onnxforge.common.summary import ModelSummary, weight_storage
+from onnxforge.common.summary import refuse_quantized as refuse_quantized_model
 from optimizers.calibration import CalibrationData, calibration_data
 from optimizers.quantize.pattern import OpPattern, op_pattern, scoped_nodes
 from optimizers.quantize.settings import (
@@ -276,9 +277,19 @@ def plan_with_data(reference: onnx.ModelProto, settings: QuantizeSettings, calib
 
 
 def refuse_quantized(before: ModelSummary) -> None:
-    if before.quantized_compute_ops:
-        raise UserError(f"the model is already quantized ({before.quantized_compute_ops} of {before.compute_ops} compute ops); "
-                        "quantize the float model instead")
+    """An int8 model (integer ops, or QDQ: weights behind DequantizeLinear) is not quantized again."""
+    refuse_quantized_model(before, "quantize the float model it was made from instead")
+
+
+def refuse_float16(model: onnx.ModelProto) -> None:
+    """ONNX Runtime's int8 quantizers read float32 weights: given float16 ones (``optimize --fp16``,
+    ``convert_float_to_float16``) they quantize nothing. A float16 weight cast up to float32 is
+    not refused: normalization folds the Cast, so the op reads a float32 weight."""
+    float16 = weight_storage(model).get("float16", 0)
+    if float16:
+        raise UserError(f"the model computes in float16 ({float16:,} float16 weights in its Conv/MatMul/Gemm ops); ONNX "
+                        "Runtime's int8 quantizers read float32 weights: quantize the float32 model it was made from "
+                        "(the one before optimize --fp16)")
 
 
 def check_excluded(model: onnx.ModelProto, settings: QuantizeSettings) -> None:
