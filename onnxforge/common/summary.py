@@ -230,7 +230,9 @@ def _quantized_counts(model: onnx.ModelProto) -> tuple[int, int]:
         elif node.op_type in FLOAT_COMPUTE_OPS:
             compute += 1
             source = weights.of(node)
-            if source is not None and source[1] is not None:
+            from_dequantize = any(weights.producers.get(name) is not None and weights.producers[name].op_type == "DequantizeLinear"
+                                  for name in node.input[:2])  # QDQ activations too (attention's MatMuls)
+            if from_dequantize or (source is not None and source[1] is not None):
                 quantized += 1
     return compute, quantized
 
