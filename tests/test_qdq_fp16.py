@@ -251,3 +251,31 @@ def test_prune_refuses_float16_weights_with_calibration_in_one_line(models, tmp_
     err = _error_line(capsys, "prune")
     assert f"the model's weights are float16 ({WEIGHTS:,} in" in err and "without --calibration" in err
     assert not out.exists()
+
+
+def test_weight_storage_follows_dequantize_through_a_transpose_not_an_activation():
+    """int8 W[out, in] -> DequantizeLinear(axis 0) -> Transpose -> MatMul: a per-channel QDQ weight.
+    Near miss: a MatMul of two activations, one quantized and dequantized on the way, holds no weight."""
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 127, (H1, D)).astype(np.int8)
+    inits = [numpy_helper.from_array(weight, "w_q"), numpy_helper.from_array(np.full(H1, 0.01, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(H1, np.int8), "w_zero"), numpy_helper.from_array(np.float32(0.02), "a_scale"),
+             numpy_helper.from_array(np.uint8(128), "a_zero")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], axis=0),
+             helper.make_node("Transpose", ["w_dq"], ["w"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("QuantizeLinear", ["h", "a_scale", "a_zero"], ["h_q"]),
+             helper.make_node("DequantizeLinear", ["h_q", "a_scale", "a_zero"], ["h_dq"]),
+             helper.make_node("Transpose", ["h_dq"], ["h_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h_dq", "h_t"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    assert weight_storage(model) == {"int8 QDQ per-channel": H1 * D}
+    summary = summarize_model(model)
+    assert summary.compute_ops == summary.quantized_compute_ops == 2  # the second reads a QDQ activation
+    x = _inputs(4, seed=0)
+    expected = x @ (weight.astype(np.float32) * 0.01).T
+    assert run_model(model, {"x": x})["y"].shape == (4, 4)
+    np.testing.assert_allclose(run_model(with_outputs(model, ["h"]), {"x": x})["h"], expected, rtol=1e-4, atol=1e-4)
