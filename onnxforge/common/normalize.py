@@ -327,7 +327,11 @@ def normalize(model: onnx.ModelProto, *, check: bool = True, dims: Mapping[str, 
     named = _name_nodes(work)
     sorted_nodes = not _in_order(work.graph)
     if sorted_nodes:
-        work = _topologically_sorted(work)
+        try:
+            work = _topologically_sorted(work)
+        except Exception as exc:  # onnx-ir refuses graphs it cannot represent (a cycle); ONNX Runtime says more
+            logger.warning("nodes left out of order: onnx-ir cannot sort this graph (%s)", _short(exc))
+            sorted_nodes = False
     if not (lifted or symbolic or named or folded or sorted_nodes):
         return NormalizeResult(model)
     return NormalizeResult(work, lifted, tuple(symbolic), named, check_text, folded, sorted_nodes)
