@@ -2,7 +2,8 @@
 line: QDQ models (int8 weights behind DequantizeLinear, written by onnxruntime's
 ``quantize_static`` in QDQ format, per-channel and per-tensor) and float16 models (ONNX Runtime's
 ``convert_float_to_float16``, whose Casts at the graph's edges come after the nodes that read
-them; float16 weights cast up to float32)."""
+them; float16 weights cast up to float32). QDQ models are refused by quantize and prune in one
+line; quantize converts float16 weights to float32 first; prune slices them as stored."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from onnxforge.cli import main
+from onnxforge.common.errors import UserError
 from onnxforge.common.normalize import normalize
 from onnxforge.common.summary import summarize_model, weight_storage
+from optimizers.graph.precision import to_fp32
+from optimizers.quantize.candidates import refuse_float16
 from optimizers.verify import run_model, with_outputs
 
 D, H1, H2, O = 32, 64, 48, 16
@@ -72,6 +76,8 @@ def models(tmp_path_factory):
                         per_channel=per_channel, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
     paths["fp16"] = folder / "fp16.onnx"
     onnx.save(convert_float_to_float16(mlp(), keep_io_types=True), str(paths["fp16"]))
+    paths["fp16_io"] = folder / "fp16_io.onnx"
+    onnx.save(convert_float_to_float16(mlp(), keep_io_types=False), str(paths["fp16_io"]))
     paths["cast_up"] = folder / "cast_up.onnx"
     onnx.save(_float16_cast_up(mlp()), str(paths["cast_up"]))
     np.savez(folder / "calibration.npz", x=_inputs(64, seed=100))
@@ -182,18 +188,50 @@ def test_inspect_says_the_weights_are_float16(models, capsys):
     assert weight_storage(onnx.load(str(models["cast_up"]))) == {"float16": WEIGHTS}  # as stored
 
 
-def test_quantize_refuses_float16_weights_in_one_line_and_takes_them_cast_up(models, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["fp16", "fp16_io"])
+def test_quantize_converts_float16_weights_to_float32_first(models, tmp_path, capsys, name):
+    """ONNX Runtime's quantizers read float32 weights only: the float16 model is converted (checked
+    against itself in ONNX Runtime, said in the report), then quantized; the interface stays."""
     out = tmp_path / "q.onnx"
-    assert main(["quantize", str(models["fp16"]), str(out), "--no-speed-check"]) == 2
-    err = _error_line(capsys, "quantize")
-    assert f"the model computes in float16 ({WEIGHTS:,} float16 weights" in err and "quantize the float32 model" in err
-    assert not out.exists()
-    # near miss: float16 weights cast up to float32 are folded on load, and quantized
-    assert main(["-q", "quantize", str(models["cast_up"]), str(out), "--mode", "dynamic", "--no-speed-check"]) == 0
+    assert main(["-q", "quantize", str(models[name]), str(out), "--mode", "dynamic", "--no-speed-check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert any(f"{WEIGHTS:,} float16 weights converted to float32" in reason for reason in report["reasons"]), report["reasons"]
+    quantized = onnx.load(str(out))
+    summary = summarize_model(quantized)
+    assert summary.quantized_compute_ops == summary.compute_ops == 3 and "float16" not in summary.weights
+    given = onnx.load(str(models[name]))
+    assert [(v.name, v.type.tensor_type.elem_type) for v in quantized.graph.input] == [(v.name, v.type.tensor_type.elem_type) for v in given.graph.input]
+    assert [(v.name, v.type.tensor_type.elem_type) for v in quantized.graph.output] == [(v.name, v.type.tensor_type.elem_type) for v in given.graph.output]
+    x = _inputs(32, seed=3)
+    feed = x.astype(np.float16) if name == "fp16_io" else x
+    actual = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": feed})[0].astype(np.float32)
+    assert _cosine(actual, _run(models["float"], x)) > 0.99
+
+
+def test_quantize_takes_float16_weights_cast_up_as_float32(models, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    assert main(["-q", "quantize", str(models["cast_up"]), str(out), "--mode", "dynamic", "--no-speed-check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not any("converted to float32" in reason for reason in report["reasons"])  # folded on load, nothing to convert
     summary = summarize_model(onnx.load(str(out)))
     assert summary.quantized_compute_ops == summary.compute_ops == 3
     x = _inputs(32, seed=3)
     assert _cosine(_run(out, x), _run(models["float"], x)) > 0.99
+
+
+def test_to_fp32_keeps_the_interface_and_the_values(models):
+    given = normalize(onnx.load(str(models["fp16_io"]))).model
+    result = to_fp32(given)
+    assert result.modified and result.stats["tensors"] == 6 and result.stats["interface_casts"] == 2
+    assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.FLOAT}
+    onnx.checker.check_model(result.model, full_check=True)
+    x = _inputs(8, seed=4).astype(np.float16)
+    expected, actual = run_model(given, {"x": x})["h2"], run_model(result.model, {"x": x})["h2"]
+    assert actual.dtype == np.float16 and _cosine(actual.astype(np.float32), expected.astype(np.float32)) > 0.999
+    near_miss = to_fp32(mlp())  # a float32 model is left as it is
+    assert not near_miss.modified and near_miss.stats == {"tensors": 0, "casts": 0, "interface_casts": 0}
+    with pytest.raises(UserError, match="quantize the float32 model it was made from"):
+        refuse_float16(given)  # the large-model path, which cannot convert weights it does not load
 
 
 def test_normalize_sorts_the_float16_converters_graph(models):

@@ -180,12 +180,19 @@ def _dtype_name(data_type: int) -> str:
         return onnx.helper.tensor_dtype_to_string(data_type).removeprefix("TensorProto.").lower()
 
 
+# The input holding the stored weight of the integer compute ops (MatMulNBits: packed bytes).
+_INTEGER_WEIGHT_SLOT = {"MatMulInteger": 1, "ConvInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
+                        "QLinearMatMul": 3, "QLinearConv": 3, "QGemm": 3, "QAttention": 1, "MatMulNBits": 1,
+                        "GatherBlockQuantized": 0}
+
+
 def weight_storage(model: onnx.ModelProto) -> dict[str, int]:
     """Elements of the constant weights that float compute ops (Conv, MatMul, Gemm, ...) read, by
     how they are stored: the initializer's dtype (``float32``, ``float16``: a float16 weight cast
     up to float32 counts as float16), or ``int8 QDQ per-channel`` / ``int8 QDQ per-tensor`` for
     an integer initializer read through DequantizeLinear, as ``quantize_static`` in QDQ format
-    and QDQ exporters write them. Each weight is counted once, however many ops read it."""
+    and QDQ exporters write them; the integer ops' weights as ``int8 (MatMulInteger)`` and the like
+    (``MatMulNBits``: packed bytes). Each weight is counted once, however many ops read it."""
     weights = _Weights(model)
     found: dict[str, str] = {}
     sizes: dict[str, int] = {}
@@ -194,6 +201,11 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, int]:
         if source is not None:
             found[source[0].name] = weights.storage(*source)
             sizes[source[0].name] = int(np.prod(source[0].dims, dtype=np.int64))
+        slot = _INTEGER_WEIGHT_SLOT.get(node.op_type)
+        if slot is not None and len(node.input) > slot and node.input[slot] in weights.initializers:
+            tensor = weights.initializers[node.input[slot]]
+            found[tensor.name] = f"{_dtype_name(tensor.data_type)} ({node.op_type})"
+            sizes[tensor.name] = int(np.prod(tensor.dims, dtype=np.int64))
     totals: dict[str, int] = collections.Counter()
     for name, storage in found.items():
         totals[storage] += sizes[name]
