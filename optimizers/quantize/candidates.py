@@ -317,8 +317,9 @@ def float32_for_quantizers(model: onnx.ModelProto, dims: Mapping[str, int] | Non
         raise UserError(f"the model computes in float16 ({float16:,} float16 weights) and its float32 conversion, which "
                         f"ONNX Runtime's int8 quantizers need, differs from it ({'; '.join(o.describe() for o in comparison.outputs)}): quantize the "
                         "float32 model it was made from")
+    casts = converted.stats["casts"]
     return converted.model, [f"{float16:,} float16 weights converted to float32 for ONNX Runtime's int8 quantizers "
-                             f"({converted.stats['casts']} Casts to float16 now to float32; output cosine "
+                             f"({f'{casts} Casts to float16 now to float32; ' if casts else ''}output cosine "
                              f"{comparison.min_cosine:.5f} against the float16 model); fidelity is measured against "
                              "the float32 conversion"]
 
