@@ -70,14 +70,28 @@ def ort_session(model: onnx.ModelProto):
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the named float tensors (to read activations)."""
+    """A copy of ``model`` that also outputs the named tensors (to read activations), each
+    declared with the element type the graph declares for it (value_info, inputs,
+    initializers), else with no type, which ONNX Runtime infers: a float16 model's activations
+    are float16, and ONNX Runtime refuses an output declared with another type."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     existing = {o.name for o in out.graph.output}
+    types = _element_types(out)
     for name in names:
-        if name not in existing:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        if name in existing:
+            continue
+        if name in types:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+        else:
+            out.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
     return out
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    declared = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
+                if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
+    return {**declared, **{t.name: t.data_type for t in model.graph.initializer}}
 
 
 __all__ = ["DTYPES", "compare_models", "ort_session", "run_model", "verification_dims", "verification_inputs", "with_outputs"]

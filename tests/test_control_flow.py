@@ -201,3 +201,15 @@ def test_a_refusal_names_the_integer_input_whose_value_was_guessed():
                                         r"values in \[0, 2\).*give real values for them in an \.npz"):
         runnable_dim_sizes(model)
     np.testing.assert_array_equal(_run(model, {"x": np.arange(6, dtype=np.float32), "k": np.array(3)})[0].shape, (2, 3))
+
+
+def test_cli_prune_says_in_one_line_that_branch_weights_are_out_of_reach(tmp_path, capsys):
+    path = tmp_path / "switch.onnx"
+    onnx.save(switch_model(), str(path))
+    out = tmp_path / "p.onnx"
+    assert main(["-q", "prune", str(path), str(out), "--ratio", "0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("onnxforge prune: error: nothing could be pruned at ratio 0.3")
+    assert "2 MatMul inside If/Loop/Scan bodies are out of structured pruning's reach (quantize reaches them)" in err
+    assert not out.exists()

@@ -11,7 +11,10 @@ What other exporters write, and what becomes of it:
   spox, fp16 models that cast their weights up): the chain is folded into an initializer holding
   the value the chain computes, so every command sees the weight where a MatMul, Conv or Gemm
   reads it;
-- nodes without names: unique names ``<op_type>_<n>``, so reports and exclusions can name them.
+- nodes without names: unique names ``<op_type>_<n>``, so reports and exclusions can name them;
+- nodes out of topological order (ONNX Runtime's float16 converter appends the Casts it adds at
+  the end of the graph): sorted by onnx-ir's ``TopologicalSortPass``, since every pass that cuts
+  or extends the graph reads it in order (ONNX Runtime itself loads either).
 
 The result is checked against the input model in ONNX Runtime whenever the computation was
 rewritten (constants lifted); renaming nodes and dims changes declarations only.
@@ -55,10 +58,11 @@ class NormalizeResult:
     named_nodes: int = 0
     check: str = "not needed"
     folded_weights: int = 0
+    sorted_nodes: bool = False
 
     @property
     def modified(self) -> bool:
-        return bool(self.lifted_constants or self.symbolic_dims or self.named_nodes or self.folded_weights)
+        return bool(self.lifted_constants or self.symbolic_dims or self.named_nodes or self.folded_weights or self.sorted_nodes)
 
     def describe(self) -> str:
         """One line for the CLI."""
@@ -74,11 +78,13 @@ class NormalizeResult:
             done.append(f"folded {self.folded_weights} Identity/Cast nodes over weights into initializers")
         if self.named_nodes:
             done.append(f"named {self.named_nodes} nodes")
+        if self.sorted_nodes:
+            done.append("sorted the nodes topologically")
         return f"normalized on load: {'; '.join(done)}; check: {self.check}"
 
     def to_dict(self) -> dict:
         return {"lifted_constants": self.lifted_constants, "symbolic_dims": list(self.symbolic_dims),
-                "named_nodes": self.named_nodes, "folded_weights": self.folded_weights, "check": self.check}
+                "named_nodes": self.named_nodes, "folded_weights": self.folded_weights, "sorted_nodes": self.sorted_nodes, "check": self.check}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,9 +325,38 @@ def normalize(model: onnx.ModelProto, *, check: bool = True, dims: Mapping[str, 
         elif lifted or folded:
             work, check_text = candidate, "not run (check off)"
     named = _name_nodes(work)
-    if not (lifted or symbolic or named or folded):
+    sorted_nodes = not _in_order(work.graph)
+    if sorted_nodes:
+        try:
+            work = _topologically_sorted(work)
+        except Exception as exc:  # onnx-ir refuses graphs it cannot represent (a cycle); ONNX Runtime says more
+            logger.warning("nodes left out of order: onnx-ir cannot sort this graph (%s)", _short(exc))
+            sorted_nodes = False
+    if not (lifted or symbolic or named or folded or sorted_nodes):
         return NormalizeResult(model)
-    return NormalizeResult(work, lifted, tuple(symbolic), named, check_text, folded)
+    return NormalizeResult(work, lifted, tuple(symbolic), named, check_text, folded, sorted_nodes)
+
+
+def _in_order(graph: onnx.GraphProto) -> bool:
+    """Whether every node of the main graph reads only values known before it: graph inputs,
+    initializers, outputs of earlier nodes (a name no node makes, e.g. an outer-scope value, is
+    not a question of order)."""
+    made = {out for node in graph.node for out in node.output}
+    known = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        if any(name and name in made and name not in known for name in node.input):
+            return False
+        known.update(node.output)
+    return True
+
+
+def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_ir
+    from onnx_ir.passes.common import TopologicalSortPass
+
+    ir_model = onnx_ir.from_proto(model)
+    TopologicalSortPass()(ir_model)
+    return onnx_ir.to_proto(ir_model)
 
 
 # ---------------------------------------------------------------- opset upgrades

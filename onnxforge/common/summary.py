@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxforge.common.errors import UserError
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.normalize import subgraphs
 from onnxforge.common.onnxio import files_of
@@ -54,6 +55,7 @@ class ModelSummary:
     compute_ops: int
     quantized_compute_ops: int
     body_op_counts: dict[str, int] = dataclasses.field(default_factory=dict)  # ops inside If/Loop/Scan bodies
+    weights: dict[str, int] = dataclasses.field(default_factory=dict)  # compute ops' weights by storage (weight_storage)
 
     @property
     def quantized_fraction(self) -> float:
@@ -122,8 +124,116 @@ def ops_by_domain(model: onnx.ModelProto) -> dict[str, set[str]]:
     return dict(used)
 
 
+# Ops a weight passes through on its way to a compute op (exporters transpose, reshape or cast
+# it, or share it through an Identity); followed up to WEIGHT_PATH_LIMIT nodes.
+WEIGHT_PATH_OPS = frozenset({"Identity", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
+WEIGHT_PATH_LIMIT = 4
+
+
+class _Weights:
+    """Where the constant weight of a float compute op comes from, over the graph and its
+    If/Loop/Scan bodies: the initializer it is read from, directly or through WEIGHT_PATH_OPS,
+    and whether a DequantizeLinear sits on the way (a QDQ weight: an integer initializer, its
+    scale and zero point)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.producers = {out: node for node in _all_nodes(model.graph) for out in node.output}
+        self.initializers = {t.name: t for graph in subgraphs(model.graph) for t in graph.initializer}
+
+    def source(self, name: str) -> tuple[onnx.TensorProto, onnx.NodeProto | None] | None:
+        """(initializer, the DequantizeLinear on the way or None), or None for an activation."""
+        for _ in range(WEIGHT_PATH_LIMIT + 1):
+            if name in self.initializers:
+                return self.initializers[name], None
+            node = self.producers.get(name)
+            if node is None or not node.input:
+                return None
+            if node.op_type == "DequantizeLinear":
+                return (self.initializers[node.input[0]], node) if node.input[0] in self.initializers else None
+            if node.op_type not in WEIGHT_PATH_OPS:
+                return None
+            name = node.input[0]
+        return None
+
+    def of(self, node: onnx.NodeProto) -> tuple[onnx.TensorProto, onnx.NodeProto | None] | None:
+        """The weight ``node`` reads: input 1 (for MatMul and Gemm, input 0 when input 1 is an activation)."""
+        slots = (1, 0) if node.op_type in ("MatMul", "Gemm", "FusedMatMul", "FusedGemm") else (1,)
+        for slot in slots:
+            found = self.source(node.input[slot]) if len(node.input) > slot and node.input[slot] else None
+            if found is not None:
+                return found
+        return None
+
+    def storage(self, weight: onnx.TensorProto, dequantize: onnx.NodeProto | None) -> str:
+        dtype = _dtype_name(weight.data_type)
+        if dequantize is None:
+            return dtype
+        scale = self.initializers.get(dequantize.input[1]) if len(dequantize.input) > 1 else None
+        per_channel = scale is not None and int(np.prod(scale.dims, dtype=np.int64)) > 1
+        return f"{dtype} QDQ {'per-channel' if per_channel else 'per-tensor'}"
+
+
+def _dtype_name(data_type: int) -> str:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).name
+    except (KeyError, ValueError, TypeError):
+        return onnx.helper.tensor_dtype_to_string(data_type).removeprefix("TensorProto.").lower()
+
+
+# The input holding the stored weight of the integer compute ops (MatMulNBits: packed bytes).
+_INTEGER_WEIGHT_SLOT = {"MatMulInteger": 1, "ConvInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
+                        "QLinearMatMul": 3, "QLinearConv": 3, "QGemm": 3, "QAttention": 1, "MatMulNBits": 1,
+                        "GatherBlockQuantized": 0}
+
+
+def weight_storage(model: onnx.ModelProto) -> dict[str, int]:
+    """Elements of the constant weights that float compute ops (Conv, MatMul, Gemm, ...) read, by
+    how they are stored: the initializer's dtype (``float32``, ``float16``: a float16 weight cast
+    up to float32 counts as float16), or ``int8 QDQ per-channel`` / ``int8 QDQ per-tensor`` for
+    an integer initializer read through DequantizeLinear, as ``quantize_static`` in QDQ format
+    and QDQ exporters write them; the integer ops' weights as ``int8 (MatMulInteger)`` and the like
+    (``MatMulNBits``: packed bytes). Each weight is counted once, however many ops read it."""
+    weights = _Weights(model)
+    found: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+    for node in _all_nodes(model.graph):
+        source = weights.of(node) if node.op_type in FLOAT_COMPUTE_OPS else None
+        if source is not None:
+            found[source[0].name] = weights.storage(*source)
+            sizes[source[0].name] = int(np.prod(source[0].dims, dtype=np.int64))
+        slot = _INTEGER_WEIGHT_SLOT.get(node.op_type)
+        if slot is not None and len(node.input) > slot and node.input[slot] in weights.initializers:
+            tensor = weights.initializers[node.input[slot]]
+            found[tensor.name] = f"{_dtype_name(tensor.data_type)} ({node.op_type})"
+            sizes[tensor.name] = int(np.prod(tensor.dims, dtype=np.int64))
+    totals: dict[str, int] = collections.Counter()
+    for name, storage in found.items():
+        totals[storage] += sizes[name]
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def qdq_weight_elements(summary: ModelSummary) -> int:
+    """Elements of the weights ``summary``'s model holds as integers behind DequantizeLinear."""
+    return sum(count for storage, count in summary.weights.items() if " QDQ " in storage)
+
+
+def refuse_quantized(summary: ModelSummary, start_over: str) -> None:
+    """``UserError`` for a model that is already quantized (integer ops, or float ops reading
+    weights through DequantizeLinear), saying which form it is in and ``start_over``: what to do
+    instead (quantize and prune start from the float model)."""
+    if not summary.quantized_compute_ops:
+        return
+    counts = f"{summary.quantized_compute_ops} of {summary.compute_ops} compute ops"
+    qdq = qdq_weight_elements(summary)
+    if qdq:
+        forms = ", ".join(storage for storage in summary.weights if " QDQ " in storage)
+        raise UserError(f"the model is already quantized: {counts} read {qdq:,} weights stored as {forms} "
+                        f"(integers behind DequantizeLinear); {start_over}")
+    raise UserError(f"the model is already quantized ({counts}); {start_over}")
+
+
 def _quantized_counts(model: onnx.ModelProto) -> tuple[int, int]:
-    producers = {out: node.op_type for node in _all_nodes(model.graph) for out in node.output}
+    weights = _Weights(model)
     compute = quantized = 0
     for node in _all_nodes(model.graph):
         if node.op_type in QUANTIZED_COMPUTE_OPS:
@@ -131,7 +241,10 @@ def _quantized_counts(model: onnx.ModelProto) -> tuple[int, int]:
             quantized += 1
         elif node.op_type in FLOAT_COMPUTE_OPS:
             compute += 1
-            if len(node.input) > 1 and producers.get(node.input[1]) == "DequantizeLinear":
+            source = weights.of(node)
+            from_dequantize = any(weights.producers.get(name) is not None and weights.producers[name].op_type == "DequantizeLinear"
+                                  for name in node.input[:2])  # QDQ activations too (attention's MatMuls)
+            if from_dequantize or (source is not None and source[1] is not None):
                 quantized += 1
     return compute, quantized
 
@@ -153,6 +266,7 @@ def summarize_model(model: onnx.ModelProto, path: str = "", file_bytes: int = 0,
         compute_ops=compute,
         quantized_compute_ops=quantized,
         body_op_counts=body_op_counts(model),
+        weights=weight_storage(model),
     )
 
 
@@ -176,6 +290,8 @@ def format_summary(summary: ModelSummary, top_ops: int = 12) -> str:
         f"size       {summary.file_bytes / 1e6:.2f} MB"
         + (f" + {summary.external_data_bytes / 1e6:.2f} MB external data" if summary.external_data_bytes else ""),
         f"quantized  {summary.quantized_compute_ops}/{summary.compute_ops} compute ops ({summary.quantized_fraction:.0%})",
+        "weights    " + (", ".join(f"{count:,} {storage}" for storage, count in summary.weights.items()) or "none constant")
+        + (" (integers behind DequantizeLinear)" if qdq_weight_elements(summary) else ""),
         "ops        " + ", ".join(f"{op} {count}" for op, count in list(summary.op_counts.items())[:top_ops])
         + (f", ... {len(summary.op_counts) - top_ops} more types" if len(summary.op_counts) > top_ops else ""),
     ]

@@ -1,5 +1,6 @@
 """fp16 conversion for GPU targets (ONNX Runtime's float16 converter), with the activations that
-leave float16's range measured in float32 and kept there."""
+leave float16's range measured in float32 and kept there; and back to float32 (``to_fp32``) for
+the int8 quantizers, which read float32 weights only."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import numpy_helper
 from onnx_ir.passes import common as ir_passes
 
+from onnxforge.common.errors import UserError
+from onnxforge.common.normalize import subgraphs
 from optimizers.result import PassResult
 from optimizers.verify import run_model, with_outputs
 
@@ -113,3 +117,81 @@ def to_fp16(model: onnx.ModelProto, *, keep_io_types: bool = True, inputs: Mappi
     return PassResult(out, True, {"keep_io_types": keep_io_types, "initializer_dtypes": dict(dtypes),
                                   "measured": inputs is not None, "kept_float32": kept, "casts_removed": round_trips,
                                   "out_of_range": {name: round(peak, 1) for name, peak in large.items()}})
+
+
+def to_fp32(model: onnx.ModelProto) -> PassResult:
+    """A float16 model's weights and arithmetic in float32, its interface kept: float16 graph
+    inputs are cast up where they enter and float16 graph outputs cast down where they leave.
+    float16 initializers and tensor attributes (Constant, ConstantOfShape) become float32, every
+    Cast to float16 a Cast to float32, in the graph and its If/Loop/Scan bodies (whose own inputs
+    and outputs follow); float16 value_info is dropped. Lossless for the weights (float32 holds
+    every float16 value); activations gain precision. ONNX Runtime's int8 quantizers read float32
+    weights only. Raises ``UserError`` for a node that makes float16 values by a ``dtype``
+    attribute (RandomNormal, EyeLike, ...), which this does not rewrite. ``model`` is not modified."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    tensors = casts = 0
+    for graph in subgraphs(out.graph):
+        for tensor in graph.initializer:
+            tensors += _tensor_to_fp32(tensor)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    tensors += _tensor_to_fp32(attribute.t)
+                elif node.op_type == "Cast" and attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT16:
+                    attribute.i = onnx.TensorProto.FLOAT
+                    casts += 1
+                elif attribute.name == "dtype" and attribute.type == onnx.AttributeProto.INT and attribute.i == onnx.TensorProto.FLOAT16:
+                    raise UserError(f"node {node.name or node.op_type!r} ({node.op_type}) makes float16 values by its dtype "
+                                    "attribute; start from the float32 model")
+        kept = [v for v in graph.value_info if v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        if graph is not out.graph:  # a body's inputs and outputs carry its arithmetic's type
+            for value in [*graph.input, *graph.output]:
+                if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+                    value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    edges = _keep_float16_interface(out)
+    return PassResult(out, bool(tensors or casts or edges), {"tensors": tensors, "casts": casts, "interface_casts": edges})
+
+
+def _tensor_to_fp32(tensor: onnx.TensorProto) -> int:
+    if tensor.data_type != onnx.TensorProto.FLOAT16:
+        return 0
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+    return 1
+
+
+def _keep_float16_interface(model: onnx.ModelProto) -> int:
+    """In place: each float16 graph input read as ``<name>_float32`` through a Cast up, each float16
+    graph output written as ``<name>_float32`` and cast down under its own name. Returns the
+    number of Casts added."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    is_half = lambda v: v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # noqa: E731
+    renames = {}
+    entering = []
+    for value in graph.input:
+        if is_half(value) and value.name not in initializers:
+            renames[value.name] = f"{value.name}_float32"
+            entering.append(onnx.helper.make_node("Cast", [value.name], [renames[value.name]], name=f"{value.name}_to_float32",
+                                                  to=onnx.TensorProto.FLOAT))
+    leaving = []
+    for value in graph.output:
+        if is_half(value) and value.name not in renames:
+            renames[value.name] = f"{value.name}_float32"
+            leaving.append(onnx.helper.make_node("Cast", [renames[value.name]], [value.name], name=f"{value.name}_to_float16",
+                                                 to=onnx.TensorProto.FLOAT16))
+    for each in subgraphs(graph):
+        for node in each.node:
+            for index, name in enumerate(node.input):
+                if name in renames:
+                    node.input[index] = renames[name]
+    for node in graph.node:
+        for index, name in enumerate(node.output):
+            if name in renames:
+                node.output[index] = renames[name]
+    for index, node in enumerate(entering):
+        graph.node.insert(index, node)
+    graph.node.extend(leaving)
+    return len(entering) + len(leaving)

@@ -16,7 +16,7 @@ from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import model_bytes, save_onnx
 from onnxforge.common.summary import count_parameters
 from optimizers.prune.channels import PruneResult, PruneSettings, fidelity_dict, macs
-from optimizers.prune.checks import pruning_batches
+from optimizers.prune.checks import pruning_batches, refuse_unprunable
 from optimizers.prune.heads import HeadPruneResult, HeadSettings, prune_heads
 from optimizers.prune.sparsity import magnitude_sparsity
 from optimizers.prune.structured import prune_structured
@@ -58,6 +58,7 @@ def prune(model: onnx.ModelProto | str | Path, settings: PruneSettings = PruneSe
     if method not in METHODS:
         raise UserError(f"unknown pruning method {method!r}; choose structured or magnitude")
     source = load_onnx(model) if isinstance(model, (str, Path)) else model
+    refuse_unprunable(source, data.get("calibration"))
     if heads:
         if method != "structured":
             raise UserError("attention heads are pruned structurally; --heads does not combine with --method magnitude")

@@ -16,9 +16,27 @@ from onnxforge.common.graph import reader_slots
 from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import check_onnx, is_large
 from onnxforge.common.specs import specs_from_onnx
+from onnxforge.common.summary import refuse_quantized, summarize_model, weight_storage
 from optimizers.calibration import calibration_data
 from optimizers.graph.cleanup import fold_constants
 from optimizers.verify import run_model, verification_inputs
+
+
+def refuse_unprunable(model: onnx.ModelProto, calibration) -> None:
+    """``UserError`` for weights pruning cannot slice as stored: integers behind DequantizeLinear
+    (a QDQ model: prune the float model, then quantize), and float16 weights when calibration
+    data is given (the least-squares re-fit and bias compensation write float32 weights; without
+    calibration the float16 weights are sliced as they are). A float16 weight cast up to float32
+    is not refused: normalization folds the Cast."""
+    summary = summarize_model(model)
+    refuse_quantized(summary, "prune the float model it was made from, then quantize the pruned one")
+    float16 = summary.weights.get("float16", 0)
+    if float16 and calibration is not None:
+        folded = weight_storage(normalize(model).model).get("float16", 0)
+        if folded:
+            raise UserError(f"the model's weights are float16 ({folded:,} in Conv/MatMul/Gemm ops): pruning with "
+                            "calibration data re-fits weights in float32; prune the float32 model it was made from "
+                            "(then optimize --fp16), or prune this one without --calibration (weight norms, no re-fit)")
 
 
 def prepared_for_pruning(model: onnx.ModelProto, dims: Mapping[str, int] | None = None

@@ -21,7 +21,8 @@ from onnxforge.common.onnxio import files_of, model_bytes, save_onnx
 from onnxforge.common.summary import ModelSummary, summarize_model
 from optimizers.calibration import CalibrationData
 from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort, is_dynamo_graph, patch_convs_as_matmul
-from optimizers.quantize.candidates import batches_for_evaluation, check_excluded, plan_with_data, refuse_quantized
+from optimizers.quantize.candidates import (batches_for_evaluation, check_excluded, float32_for_quantizers,
+                                           plan_with_data, refuse_quantized)
 from optimizers.quantize.choose import choose, opset_for_per_channel_qdq, pooled, second_look
 from optimizers.quantize.decisions import decision_key, recall, remember
 from optimizers.quantize.large import large_model_header, quantize_large
@@ -259,7 +260,8 @@ def _float_model(model: onnx.ModelProto | str | Path, settings: QuantizeSettings
     refuse_quantized(before)
     normalized = normalize(loaded, dims=dims)
     check_excluded(normalized.model, settings)
-    return before, normalized.model, [normalized.describe()] if normalized.modified else []
+    float32, converted = float32_for_quantizers(normalized.model, dims)
+    return before, float32, ([normalized.describe()] if normalized.modified else []) + converted
 
 
 def _ort_inputs(prepared: onnx.ModelProto, candidates: Sequence[Candidate], *, dynamo: bool = False,

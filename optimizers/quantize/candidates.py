@@ -7,13 +7,17 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx.external_data_helper import uses_external_data
 
+from onnxforge.common.compare import Tolerance
 from onnxforge.common.errors import UserError, closest
 from onnxforge.common.specs import specs_from_onnx
-from onnxforge.common.summary import ModelSummary
+from onnxforge.common.summary import ModelSummary, weight_storage
+from onnxforge.common.summary import refuse_quantized as refuse_quantized_model
 from optimizers.calibration import CalibrationData, calibration_data
+from optimizers.graph.precision import to_fp32
 from optimizers.quantize.pattern import OpPattern, op_pattern, scoped_nodes
 from optimizers.quantize.settings import (
     COMPUTE_OPS,
@@ -23,7 +27,7 @@ from optimizers.quantize.settings import (
     Candidate,
     QuantizeSettings,
 )
-from optimizers.verify import verification_dims, verification_inputs
+from optimizers.verify import compare_models, run_model, verification_dims, verification_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -276,9 +280,48 @@ def plan_with_data(reference: onnx.ModelProto, settings: QuantizeSettings, calib
 
 
 def refuse_quantized(before: ModelSummary) -> None:
-    if before.quantized_compute_ops:
-        raise UserError(f"the model is already quantized ({before.quantized_compute_ops} of {before.compute_ops} compute ops); "
-                        "quantize the float model instead")
+    """An int8 model (integer ops, or QDQ: weights behind DequantizeLinear) is not quantized again."""
+    refuse_quantized_model(before, "quantize the float model it was made from instead")
+
+
+FLOAT16_MIN_COSINE = 0.999  # the float32 conversion against the float16 model it came from
+
+
+def refuse_float16(model: onnx.ModelProto) -> None:
+    """ONNX Runtime's int8 quantizers read float32 weights: given float16 ones (``optimize --fp16``,
+    ``convert_float_to_float16``) they quantize nothing. For the large-model path, whose weights
+    are not loaded to convert (``float32_for_quantizers`` converts the others). A float16 weight
+    cast up to float32 is not refused: normalization folds the Cast, so the op reads float32."""
+    float16 = weight_storage(model).get("float16", 0)
+    if float16:
+        raise UserError(f"the model computes in float16 ({float16:,} float16 weights in its Conv/MatMul/Gemm ops); ONNX "
+                        "Runtime's int8 quantizers read float32 weights: quantize the float32 model it was made from "
+                        "(the one before optimize --fp16)")
+
+
+def float32_for_quantizers(model: onnx.ModelProto, dims: Mapping[str, int] | None) -> tuple[onnx.ModelProto, list[str]]:
+    """``model`` as ONNX Runtime's int8 quantizers read it: a float16 model converted to float32
+    (``optimizers.graph.precision.to_fp32``, its interface kept), checked in ONNX Runtime against
+    the float16 model on generated inputs (finite, output cosine >= FLOAT16_MIN_COSINE), with the
+    reason saying so; any other model as it is. A conversion that fails its check is a
+    ``UserError`` asking for the float32 model."""
+    float16 = weight_storage(model).get("float16", 0)
+    if not float16:
+        return model, []
+    converted = to_fp32(model)
+    inputs = verification_inputs(model, verification_dims(model, dims))
+    expected = {name: value.astype(np.float32) if value.dtype == np.float16 else value
+                for name, value in run_model(model, inputs).items()}
+    comparison = compare_models(expected, converted.model, inputs, Tolerance(rtol=1e-2, atol=1e-2))
+    if comparison.nonfinite or not comparison.min_cosine >= FLOAT16_MIN_COSINE:
+        raise UserError(f"the model computes in float16 ({float16:,} float16 weights) and its float32 conversion, which "
+                        f"ONNX Runtime's int8 quantizers need, differs from it ({'; '.join(o.describe() for o in comparison.outputs)}): quantize the "
+                        "float32 model it was made from")
+    casts = converted.stats["casts"]
+    return converted.model, [f"{float16:,} float16 weights converted to float32 for ONNX Runtime's int8 quantizers "
+                             f"({f'{casts} Casts to float16 now to float32; ' if casts else ''}output cosine "
+                             f"{comparison.min_cosine:.5f} against the float16 model); fidelity is measured against "
+                             "the float32 conversion"]
 
 
 def check_excluded(model: onnx.ModelProto, settings: QuantizeSettings) -> None:

@@ -21,7 +21,8 @@ from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import INLINE_TENSOR_BYTES, external_reference, is_large, model_bytes, save_onnx, tensor_payload
 from onnxforge.common.summary import summarize_model
 from optimizers.graph.ort_fusions import is_dynamo_graph
-from optimizers.quantize.candidates import batches_for_evaluation, check_excluded, plan_with_data, refuse_quantized
+from optimizers.quantize.candidates import (batches_for_evaluation, check_excluded, plan_with_data, refuse_float16,
+                                           refuse_quantized)
 from optimizers.quantize.choose import choose
 from optimizers.quantize.ort_quantize import quantize_dynamic_file, quantizer_errors
 from optimizers.quantize.pattern import op_pattern
@@ -71,6 +72,7 @@ def quantize_large(model: onnx.ModelProto | str | Path, header: onnx.ModelProto,
         normalized = normalize(header, check=False, dims=dims)
         reasons = [normalized.describe()] if normalized.modified else []
         reference = normalized.model
+        refuse_float16(reference)
         check_excluded(reference, settings)
         calib, pattern, planned, plan_reasons = plan_with_data(reference, settings, calibration, tokenizer, dims, allow_random_calibration)
         candidate = planned[0]
