@@ -27,6 +27,7 @@ import platform
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from exporter.decoder import export_decoder
@@ -46,7 +47,7 @@ from optimizers.quantize.decoder_candidates import (
     rtn,
 )
 from optimizers.quantize.weight_only import decode_step_ms, decoder_quality, save_model, set_accuracy_level
-from runtime_bench.decoder import DecoderIO, OnnxDecoder
+from runtime_bench.decoder import DecoderIO, OnnxDecoder, greedy
 from runtime_bench.machine import machine_info
 
 logger = logging.getLogger("benchmarks.decoder_compression")
@@ -122,14 +123,34 @@ def greedy_table(fp32: Path, work: Path, calibration, evaluation, threads: int |
     reference = OnnxDecoder(fp32, settings=session)
     builders = candidate_builders(DecoderIO.from_model(prepared), calibration, {}, DecoderCandidateSettings(), session)
     print("\n## Greedy match over 64 new tokens (8 held-out prompts of 16 tokens), trained docstring Llama\n")
-    print("| candidate | median | per prompt | KL |")
-    print("|---|---|---|---|")
+    print("Margin: fp32's log-probability of its own token minus that of the candidate's token where the two")
+    print("first differ (nats; - where they never do): how near a tie the flipped choice was.\n")
+    print("| candidate | median | per prompt | fp32 margin at the first difference | KL |")
+    print("|---|---|---|---|---|")
     for name in ("rtn-int4-sym-b32", "gptq-int4", "gptq-int4-int8-head", "rtn-int4-int8-head", "mixed", "rtn-int8-sym-b32"):
         path = work / "greedy" / f"{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(set_accuracy_level(builders[name](copy.deepcopy(prepared)), level), path)
-        q = decoder_quality(reference, OnnxDecoder(path, settings=session), evaluation, prompts=8, new_tokens=64)
-        print(f"| {name} | {q.greedy_match:g} | {', '.join(map(str, q.greedy_matches))} | {q.kl_mean:.4f} |")
+        candidate = OnnxDecoder(path, settings=session)
+        q = decoder_quality(reference, candidate, evaluation, prompts=8, new_tokens=64)
+        margins = ", ".join("-" if m is None else f"{m:.3f}" for m in divergence_margins(reference, candidate, evaluation[:8], 16, 64))
+        print(f"| {name} | {q.greedy_match:g} | {', '.join(map(str, q.greedy_matches))} | {margins} | {q.kl_mean:.4f} |")
+
+
+def divergence_margins(reference, candidate, sequences, prompt_tokens: int, new_tokens: int) -> list[float | None]:
+    """Per prompt, where the greedy continuations first differ: fp32's log-probability of its token
+    minus that of the candidate's token (None where they never differ)."""
+    margins = []
+    for seq in sequences:
+        prompt = list(seq[:prompt_tokens])
+        a, b = greedy(reference, prompt, new_tokens), greedy(candidate, prompt, new_tokens)
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is None:
+            margins.append(None)
+            continue
+        logits = reference.prefill([prompt + a[:first]])[0].astype(np.float64)
+        margins.append(float(logits[a[first]] - logits[b[first]]))  # the log-softmax's shift cancels
+    return margins
 
 
 def _level(result) -> str:
