@@ -105,6 +105,18 @@ def test_gptq_lowers_the_output_error_rtn_leaves():
         assert error(codes, scales, held) < 0.8 * rtn_error, act_order  # on activations it was not fitted to
 
 
+def test_upper_cholesky_of_the_inverse_without_the_inverse():
+    from optimizers.quantize.gptq import upper_cholesky_of_inverse
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 64))
+    h = x.T @ x + 0.1 * np.eye(64)
+    u = upper_cholesky_of_inverse(h)
+    assert np.allclose(u, np.triu(u)) and (np.diag(u) > 0).all()
+    np.testing.assert_allclose(u.T @ u @ h, np.eye(64), atol=1e-8)
+    np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-8, atol=1e-10)
+
+
 def test_gptq_with_an_identity_gram_is_rtn():
     """With uncorrelated unit inputs there is no error to spread: GPTQ rounds as RTN does."""
     weight = np.random.default_rng(3).normal(size=(64, 16)).astype(np.float32)
