@@ -411,12 +411,17 @@ def prove_decoder(path, reference: TorchReference, *, tolerance: Tolerance = DEC
     shared = None
     if decoder.can_share_buffer:  # generate and bench keep past and present in one buffer: the same tokens there
         decoder.max_length = longest + new_tokens - 1
-        on_one_buffer = greedy(decoder, reference.prompts, new_tokens)
-        decoder.max_length = None
-        diff = next((i for i, (a, b) in enumerate(zip(on_one_buffer, batch)) if a != b), None)
-        if diff is not None:
-            raise UserError(f"{what}: with past and present in one preallocated buffer, prompt {diff} of the left-padded "
-                            f"batch gets other tokens than with a growing cache: {on_one_buffer[diff][:8]} vs {batch[diff][:8]}")
+        try:
+            on_one_buffer = greedy(decoder, reference.prompts, new_tokens)
+        finally:
+            decoder.max_length = None
+        for index, (got, expected) in enumerate(zip(on_one_buffer, batch)):
+            diff = _first_difference(got, expected)
+            if diff is not None:
+                raise UserError(
+                    f"{what}: with past and present in one preallocated buffer, prompt {index} of the left-padded batch "
+                    f"gets other tokens than with a growing cache from new token {diff}: {got[max(0, diff - 2):diff + 3]} "
+                    f"vs {expected[max(0, diff - 2):diff + 3]}")
         shared = True
     decoder.reset()
     return DecoderProof(prompt_lengths=tuple(len(p) for p in reference.prompts), new_tokens=new_tokens, tokens_equal=True,

@@ -4,9 +4,11 @@
 else transformers' AutoTokenizer), the stop tokens (``eos_token_id`` of generation_config.json,
 else config.json) and the context length (config.json's ``max_position_embeddings``) from the
 model's folder, then runs ``runtime_bench.decoder.OnnxDecoder``: one prefill, then one token a
-step with the cache kept in ONNX Runtime. The cache holds prompt + generated tokens and is
-bounded by prompt + ``max_new_tokens`` (the decoder refuses to grow past it), never by the
-model's whole context.
+step with the cache kept in ONNX Runtime, sized for the prompt + ``max_new_tokens`` - 1 positions
+it is fed (the last token is chosen, never fed), never for the model's whole context: one buffer
+allocated at prefill that GroupQueryAttention writes in place where the graph allows
+(``runtime_bench.decoder.shares_cache_buffer``; ``kv_bytes`` is then that buffer even when an
+eos token ends early), else a cache that grows by one position a step.
 
 Sampling: ``temperature == 0`` is greedy (argmax). Otherwise the logits are divided by the
 temperature, cut to the ``top_k`` largest (0 keeps all), then to the smallest set whose
@@ -69,7 +71,7 @@ class GenerationResult:
     stop_reason: str           # "eos" or "max_new_tokens"
     seconds_prefill: float
     seconds_decode: float
-    kv_bytes: int              # the cache after the last step
+    kv_bytes: int              # the cache held after the last step (the whole buffer where one is preallocated)
     kv_bytes_bound: int        # what prompt + max_new_tokens tokens would take
 
     @property

@@ -88,11 +88,11 @@ def holdout_indices(total: int, share: float = HOLDOUT_SHARE, seed: int = 0) -> 
 
 def heldout_tail(sequences: Sequence, fraction: float) -> tuple[list, list]:
     """``(fitted, held out)`` token sequences for the decoder transforms: the last ``round(n *
-    fraction)`` (at least one) held out, in order (the calibration text's own order, not a seeded
+    fraction)`` (at least one, never all) held out, in order (the calibration text's own order, not a seeded
     draw: a decoder's calibration is a handful of passages); nothing held out when ``fraction`` is 0
     or there are fewer than 2 sequences."""
     sequences = list(sequences)
-    held = max(1, round(len(sequences) * fraction)) if fraction and len(sequences) >= 2 else 0
+    held = min(len(sequences) - 1, max(1, round(len(sequences) * fraction))) if fraction and len(sequences) >= 2 else 0
     return sequences[: len(sequences) - held], sequences[len(sequences) - held:]
 
 

@@ -11,7 +11,8 @@ The first step feeds an empty past (length 0). Each later step binds the previou
 never passes through numpy; its size is what the sequence holds so far (prompt plus the tokens
 generated), never a preallocated maximum context.
 
-With ``max_length`` set (prompt plus new tokens, as ``onnxforge generate`` sets it) and a graph
+With ``max_length`` set (the positions a generation feeds, as ``onnxforge generate`` sets it; the
+buffer is allocated, zeroed, at each prefill, so it is a size, not only a limit) and a graph
 that allows it (``shares_cache_buffer``: the past read only by GroupQueryAttention, its length
 from ``attention_mask``), past and present are one buffer of ``max_length`` positions per cache
 tensor, bound once as both input and output: GroupQueryAttention writes each step's keys and
@@ -143,7 +144,17 @@ def _signature(value) -> tuple[str, str, list]:
     return value.name, kind, dims
 
 
-_SEQUENCE_AXIS = 2  # of a cache tensor [batch, kv_heads, length, head_dim]
+SEQUENCE_AXIS = 2  # of a cache tensor [batch, kv_heads, length, head_dim]
+
+
+def is_past_input(name: str) -> bool:
+    """Whether ``name`` is a cache input, ``past_key_values.N.key|value``."""
+    return _PAST.match(name) is not None
+
+
+def shape_span(start: int, end: int | None, rank: int = 4) -> range:
+    """The axes ``Shape(x, start, end)`` reads of a rank-``rank`` ``x`` (negatives count from the end, as slicing does)."""
+    return range(rank)[slice(start, end)]
 
 
 def shares_cache_buffer(model: onnx.ModelProto) -> bool:
@@ -151,7 +162,7 @@ def shares_cache_buffer(model: onnx.ModelProto) -> bool:
     read by GroupQueryAttention as its past (inputs 3 and 4), or by ``Shape`` of axes other than the
     sequence one, so nothing reads the past length from the buffer's shape
     (``optimizers.graph.decoder_fusions.read_past_length_from_mask`` makes the exporter's graph so)."""
-    pasts = {v.name for v in model.graph.input if _PAST.match(v.name)}
+    pasts = {v.name for v in model.graph.input if is_past_input(v.name)}
     if not pasts:
         return False
     for node in model.graph.node:
@@ -160,7 +171,7 @@ def shares_cache_buffer(model: onnx.ModelProto) -> bool:
                 continue
             if node.op_type == "Shape":
                 attrs = {a.name: a.i for a in node.attribute}
-                if _SEQUENCE_AXIS not in range(4)[slice(attrs.get("start", 0), attrs.get("end"))]:
+                if SEQUENCE_AXIS not in shape_span(attrs.get("start", 0), attrs.get("end")):
                     continue
             return False
     return True
@@ -190,8 +201,8 @@ class OnnxDecoder:
                                     providers=self.provider.session_providers(), what="the decoder")
         self.io = DecoderIO.from_model(self.session)
         self.max_length = max_length
-        graph = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
-        self.can_share_buffer = shares_cache_buffer(graph)
+        self._source = path
+        self._can_share: bool | None = None  # read from the graph the first time a buffer could be shared
         logits = next(v for v in self.session.get_outputs() if v.name == "logits")
         self._logits_dtype = _NUMPY_TYPES.get(logits.type, np.float32)
         on_cuda = self.provider.name in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -203,7 +214,7 @@ class OnnxDecoder:
     def reset(self) -> None:
         """Forget the cache: the next call must be ``prefill``."""
         self._cache: dict[str, object] = {}
-        self._shared: tuple | None = None  # (binding, step logits array, its OrtValue) while one buffer is shared
+        self._shared: tuple | None = None  # (binding, step logits array, its OrtValue, buffer length) while shared
         self._mask: np.ndarray | None = None
         self._next_position: np.ndarray | None = None
         self.steps = 0
@@ -211,6 +222,15 @@ class OnnxDecoder:
     @property
     def past_length(self) -> int:
         return 0 if self._mask is None else int(self._mask.shape[1])
+
+    @property
+    def can_share_buffer(self) -> bool:
+        """Whether the graph allows one past/present buffer (``shares_cache_buffer``; read once)."""
+        if self._can_share is None:
+            source = self._source
+            graph = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source), load_external_data=False)
+            self._can_share = shares_cache_buffer(graph)
+        return self._can_share
 
     @property
     def shares_buffer(self) -> bool:
@@ -258,8 +278,9 @@ class OnnxDecoder:
         ids = np.asarray(next_ids, dtype=np.int64).reshape(-1, 1)
         if ids.shape[0] != self._mask.shape[0]:
             raise UserError(f"decode() got {ids.shape[0]} tokens for a batch of {self._mask.shape[0]}")
-        if self.max_length is not None and self.past_length + 1 > self.max_length:
-            raise UserError(f"the sequence would exceed max_length {self.max_length}")
+        limit = self._shared[3] if self._shared is not None else self.max_length  # a shared buffer's own length
+        if limit is not None and self.past_length + 1 > limit:
+            raise UserError(f"the sequence would exceed max_length {limit}")
         mask = np.concatenate([self._mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
         positions = self._next_position.reshape(-1, 1)
         if self._shared is not None:
@@ -307,7 +328,7 @@ class OnnxDecoder:
             self._cache[present] = buffer
         step_logits = np.empty((batch, 1, self.io.vocab_size), dtype=self._logits_dtype) if self.io.vocab_size else None
         step_value = ort.OrtValue.ortvalue_from_numpy(step_logits) if step_logits is not None else None
-        self._shared = (binding, step_logits, step_value)
+        self._shared = (binding, step_logits, step_value, self.max_length)
         self._bind_step_inputs(binding, input_ids, mask, positions)
         self._run_binding(binding, mask)
         logits = binding.get_outputs()[0].numpy()
@@ -316,7 +337,7 @@ class OnnxDecoder:
         return logits[:, -1, :].astype(np.float32, copy=False)
 
     def _step_shared(self, ids, mask, positions) -> np.ndarray:
-        binding, step_logits, step_value = self._shared
+        binding, step_logits, _, _ = self._shared
         self._bind_step_inputs(binding, ids, mask, positions)
         self._run_binding(binding, mask)
         if step_logits is None:
@@ -396,4 +417,5 @@ def greedy(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, eos_ids: Seque
     return generated[0] if single else generated
 
 
-__all__ = ["DecoderIO", "OnnxDecoder", "greedy", "left_padded", "positions_from_mask", "shares_cache_buffer"]
+__all__ = ["SEQUENCE_AXIS", "DecoderIO", "OnnxDecoder", "greedy", "is_past_input", "left_padded", "positions_from_mask",
+           "shape_span", "shares_cache_buffer"]

@@ -317,6 +317,7 @@ def test_a_first_candidate_that_fails_to_build_is_reported_not_fatal(tmp_path, m
     failed, built = result.candidates
     assert failed.quality is None and "quantizer exploded" in failed.error
     assert built.chosen and result.chosen == "rtn-int4-sym-b32" and set(result.level_timings_ms) == set(ACCURACY_LEVELS)
+    assert result.level_candidate == "rtn-int4-sym-b32"
     levels = {next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "accuracy_level"), 0)
               for n in onnx.load(str(result.path)).graph.node if n.op_type == "MatMulNBits"}
     assert levels == {result.accuracy_level}

@@ -117,6 +117,28 @@ def test_upper_cholesky_of_the_inverse_without_the_inverse():
     np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-8, atol=1e-10)
 
 
+def test_gptq_rows_run_on_the_factor_of_the_inverse(monkeypatch):
+    """gptq_rows takes its H^-1 factor from upper_cholesky_of_inverse (the codes are those of the
+    inverse-then-Cholesky form, which a wrong factor would change)."""
+    from optimizers.quantize import gptq
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 64)) * np.linspace(0.2, 3.0, 64)
+    weight = rng.standard_normal((64, 48)).astype(np.float32)
+    codes, scales = gptq.gptq_rows(weight, x.T @ x)
+    calls = []
+
+    def explicit(h):
+        calls.append(h.shape)
+        return np.linalg.cholesky(np.linalg.inv(h)).T
+
+    monkeypatch.setattr(gptq, "upper_cholesky_of_inverse", explicit)
+    again, again_scales = gptq.gptq_rows(weight, x.T @ x)
+    assert calls == [(64, 64)]
+    np.testing.assert_array_equal(scales, again_scales)
+    assert (codes != again).mean() < 0.01  # a rounding tie may fall the other way, nothing more
+
+
 def test_gptq_with_an_identity_gram_is_rtn():
     """With uncorrelated unit inputs there is no error to spread: GPTQ rounds as RTN does."""
     weight = np.random.default_rng(3).normal(size=(64, 16)).astype(np.float32)

@@ -24,7 +24,7 @@ from optimizers.quantize.kv_cache import (
     kv_cache_absmax,
     kv_cache_scales,
     quantize_kv_cache,
-    rotary_positions,
+    rotary_cache_positions,
 )
 from optimizers.quantize.decoder_candidates import DecoderCandidateSettings
 from optimizers.quantize.weight_only import decoder_quality, sequence_feeds
@@ -253,7 +253,7 @@ def test_auto_keeps_the_int8_cache_where_it_decodes_no_slower(tmp_path, monkeypa
     cache's positions); kept when as faithful and no slower, left out when slower."""
     out = tmp_path / "fast" / "model.onnx"
     result, asked = _candidates(out, monkeypatch, {"float": 2.0, "int8": 1.0}, context=100_000)
-    positions = rotary_positions(onnx.load(str(trained_decoder()), load_external_data=False))
+    positions = rotary_cache_positions(onnx.load(str(trained_decoder()), load_external_data=False))
     assert asked[-1] == positions - 8 - 1  # the longest context the graph holds, timing steps included
     kv = result.kv_cache
     assert kv.kept and kv.context == asked[-1] and kv.kv_bytes_per_token[0] == 4 * kv.kv_bytes_per_token[1]
@@ -277,6 +277,8 @@ def test_kv_cache_int8_forces_it_and_float_or_untimed_auto_leave_it(tmp_path):
     assert left.kv_cache is None and not any(r.startswith("KV cache") for r in left.reasons)
     with pytest.raises(UserError, match="--kv-cache must be one of auto, float, int8"):
         DecoderCandidateSettings(kv_cache="fp8")
+    with pytest.raises(UserError, match="--kv-cache float contradicts the candidate.*rtn-int4-kv8"):
+        DecoderCandidateSettings(candidates=("rtn-int4-sym-b32", "rtn-int4-kv8"), kv_cache="float")
     forced.to_dict()  # JSON-able as the others
 
 

@@ -64,7 +64,7 @@ def _decoder_candidates_command(args) -> int:
         return 0
     print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
     if result.level_timings_ms:
-        print(f"accuracy level {result.accuracy_level} (median decode step of {result.candidates[0].name} here: "
+        print(f"accuracy level {result.accuracy_level} (median decode step of {result.level_candidate} here: "
               + ", ".join(f"level {lv} {ms:.2f} ms" for lv, ms in result.level_timings_ms.items()) + ")")
     print(f"weight-only candidates against fp32 (perplexity {result.perplexity_float:.3f}, {result.bytes_float / 1e6:.2f} MB), "
           f"accuracy level {result.accuracy_level}, decode step timed here:")

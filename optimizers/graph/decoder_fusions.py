@@ -49,17 +49,16 @@ The rules mutate the ``ir.Model`` they are given (``fuse_group_query_attention``
 from __future__ import annotations
 
 import logging
-import re
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from runtime_bench.decoder import SEQUENCE_AXIS, is_past_input, shape_span
+
 logger = logging.getLogger(__name__)
 
 _MASK_INPUT = "attention_mask"
-_PAST_INPUT = re.compile(r"^past_key_values\.\d+\.(key|value)$")
-_SEQUENCE_AXIS = 2  # of a past input [batch, kv_heads, past, head_dim]
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -286,11 +285,6 @@ class GqaOutputReshapesRule(pattern.RewriteRuleClassBase):
         return op.Identity(x)
 
 
-def _shape_span(start: int, end: int | None, rank: int = 4) -> range:
-    """The axes ``Shape(x, start, end)`` reads of a rank-``rank`` ``x`` (negatives count from the end, as slicing does)."""
-    return range(rank)[slice(start, end)]
-
-
 def read_past_length_from_mask(model: ir.Model) -> int:
     """Every ``Shape(past_key_values.N.*, start=2, end=3)`` (the past length) of ``model`` (mutated)
     replaced by ``Shape(attention_mask)[1] - Shape(input_ids)[1]`` (module doc); returns how many."""
@@ -301,9 +295,9 @@ def read_past_length_from_mask(model: ir.Model) -> int:
     replaced = 0
     for node in list(model.graph):
         source = node.inputs[0] if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.inputs else None
-        if source is None or source.name not in inputs or not _PAST_INPUT.match(source.name):
+        if source is None or source.name not in inputs or not is_past_input(source.name):
             continue
-        if list(_shape_span(node.attributes.get_int("start", 0), node.attributes.get_int("end", None))) != [_SEQUENCE_AXIS]:
+        if list(shape_span(node.attributes.get_int("start", 0), node.attributes.get_int("end", None))) != [SEQUENCE_AXIS]:
             continue
         total = ir.node("Shape", [mask], {"start": 1, "end": 2})
         new = ir.node("Shape", [ids], {"start": 1, "end": 2})

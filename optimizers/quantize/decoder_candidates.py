@@ -87,7 +87,7 @@ from optimizers.quantize.kv_cache import (
     kv_cache_absmax,
     kv_cache_scales,
     require_group_query_attention,
-    rotary_positions,
+    rotary_cache_positions,
 )
 from optimizers.quantize.weight_only import (
     ACCURACY_LEVEL_CHOICES,
@@ -166,6 +166,9 @@ class DecoderCandidateSettings(DecodeTiming):
             raise UserError(f"size budget must be >= 1 (x the int4 model's weight bytes), got {self.size_budget}")
         if self.kv_cache not in KV_CACHE_CHOICES:
             raise UserError(f"--kv-cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {self.kv_cache!r}")
+        if self.kv_cache == "float" and set(self.candidates) & set(KV8_NAMES):
+            raise UserError(f"--kv-cache float contradicts the candidate(s) {', '.join(sorted(set(self.candidates) & set(KV8_NAMES)))}, "
+                            "which keep an int8 KV cache; drop one of the two")
         if self.context < 1:
             raise UserError(f"--context must be >= 1 token, got {self.context}")
 
@@ -191,7 +194,7 @@ class CandidateReport:
 class KvCacheChoice:
     """The int8 KV cache tried on the chosen weights (``kv_cache`` auto or int8)."""
 
-    context: int  # tokens of context both caches were timed at
+    context: int  # tokens of context both caches are timed at (when timed: ``decode_ms``)
     quality: DecoderQuality
     perplexity_ratio: float  # against fp32, as the candidates'
     decode_ms: dict[str, float]  # median decode step at ``context``: "float", "int8" (empty when not timed)
@@ -213,6 +216,7 @@ class DecoderCandidatesResult:
     accuracy_level: int = 0
     level_timings_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # measured levels (empty when given)
     kv_cache: KvCacheChoice | None = None  # None: not tried (see the reasons)
+    level_candidate: str | None = None  # the candidate the accuracy level was measured on (None: given)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -515,7 +519,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     if set(settings.candidates) & set(KV8_NAMES) or settings.kv_cache == "int8":
         require_group_query_attention(prepared)  # refused now, not after the other candidates are built
     no_int8_cache = _int8_cache_unavailable(prepared, settings)
-    positions = rotary_positions(prepared)
+    positions = rotary_cache_positions(prepared)
     bytes_float = weight_bytes(prepared)
     scores_box: dict = {}
     builders = candidate_builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
@@ -582,6 +586,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
         path=out_path, chosen=chosen, candidates=list(reports.values()), sensitivity=scores_box.get("scores", {}),
         reasons=reasons, perplexity_float=first.quality.perplexity_reference, bytes_float=bytes_float,
         seconds=time.perf_counter() - started, accuracy_level=level, level_timings_ms=level_timings, kv_cache=kv_choice,
+        level_candidate=measured[0] if measured else None,
     )
 
 
@@ -635,9 +640,10 @@ def _int8_cache(reference, float_cache: OnnxDecoder, chosen: CandidateReport, ch
     else:
         fast = timings["float"] >= KV8_MIN_SPEED * timings["int8"]
         kept = faithful and fast
-        verdict = ("int8: as faithful and no slower" if kept else
-                   "float: the int8 cache " + ("changes the next-token distribution more than allowed" if not faithful
-                                               else f"decodes slower at {context} tokens of context"))
+        why_not = (f"takes perplexity past the budget ({settings.max_perplexity_ratio}x fp32)" if not within else
+                   "changes the next-token distribution more than allowed" if not faithful else
+                   f"decodes slower at {context} tokens of context")
+        verdict = "int8: as faithful and no slower" if kept else f"float: the int8 cache {why_not}"
     return KvCacheChoice(context, quality, ratio, timings, sizes, kept, f"KV cache {verdict} ({measured})"), path
 
 

@@ -108,7 +108,7 @@ def gptq_rows(weight: np.ndarray, gram: np.ndarray, block_size: int = BLOCK_SIZE
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     h = h[np.ix_(order, order)]
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
+    hinv = upper_cholesky_of_inverse(h)  # U^T U = H^-1
     del h
     scales = np.empty(((k + block_size - 1) // block_size, n), np.float32)
     codes = np.empty((k, n), np.int8)

@@ -127,7 +127,7 @@ def require_group_query_attention(model: onnx.ModelProto) -> list[onnx.NodeProto
     return nodes
 
 
-def rotary_positions(model: onnx.ModelProto) -> int | None:
+def rotary_cache_positions(model: onnx.ModelProto) -> int | None:
     """The positions GroupQueryAttention's rotary cache holds (``cos_cache``, input 7, ``[positions,
     rotary_dim / 2]``): the longest context the graph can decode; None when no node carries one."""
     initializers = {t.name: t for t in model.graph.initializer}
@@ -257,5 +257,5 @@ __all__ = [
     "kv_cache_absmax",
     "kv_cache_scales",
     "quantize_kv_cache",
-    "rotary_positions",
+    "rotary_cache_positions",
 ]
