@@ -42,7 +42,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxforge.common.graph import producers as tensor_producers
 from onnxforge.common.graph import readers as tensor_readers
 from onnxforge.common.progress import tracked
 from onnxforge.common.sessions import SessionSettings, open_session
@@ -101,6 +100,7 @@ class _Block:
 
     down: str  # the down projection's node name (the report's name)
     weights: tuple[str, str, str]  # gate, up, down initializer names
+    positions: tuple[int, ...]  # of its nodes in the graph, the down projection last
     nodes: tuple[onnx.NodeProto, ...]
     x: str
     y: str
@@ -140,29 +140,30 @@ def blocks_of(model: onnx.ModelProto, mlps) -> tuple[list[_Block], str | None]:
     """The MLPs (``decoder_mlp.find_mlps``) with their node sets, in graph order; a reason when the
     decoder cannot be run in chunks (an MLP's inner tensor read outside it)."""
     graph = model.graph
-    producer, readers = tensor_producers(graph), tensor_readers(graph)
-    by_name = {n.name: n for n in graph.node}
+    nodes = list(graph.node)
+    made_by = {o: i for i, n in enumerate(nodes) for o in n.output}  # tensor -> its producer's position
+    position = {n.name: i for i, n in enumerate(nodes) if n.name}
+    readers = tensor_readers(graph)
     blocks = []
     for mlp in mlps:
-        ends = {mlp.gate, mlp.up}
-        nodes, frontier = {mlp.down: by_name[mlp.down]}, [producer[mlp.hidden]]
+        ends = {position[mlp.gate], position[mlp.up]}
+        down = position[mlp.down]
+        inside, frontier = {down}, [made_by[mlp.hidden]]
         while frontier:
-            node = frontier.pop()
-            if node.name in nodes:
+            index = frontier.pop()
+            if index in inside:
                 continue
-            nodes[node.name] = node
-            if node.name not in ends:
-                frontier.extend(producer[i] for i in node.input if i in producer)
-        inner = {o for n in nodes.values() for o in n.output} - {by_name[mlp.down].output[0]}
-        if any(r.name not in nodes for o in inner for r in readers.get(o, [])):
+            inside.add(index)
+            if index not in ends:
+                frontier.extend(made_by[i] for i in nodes[index].input if i in made_by)
+        inner = {o for i in inside for o in nodes[i].output} - {nodes[down].output[0]}
+        if any(made_by.get(r.output[0]) not in inside for o in inner for r in readers.get(o, [])):
             return [], f"an inner tensor of MLP {mlp.down} is read outside it"
-        act_node = next((n for n in nodes.values() if n.op_type == mlp.activation), None)
-        blocks.append(_Block(mlp.down, (mlp.gate_weight, mlp.up_weight, mlp.down_weight),
-                             tuple(n for n in graph.node if n.name in nodes), by_name[mlp.gate].input[0],
-                             by_name[mlp.down].output[0], _residual(readers, by_name[mlp.down].output[0]),
-                             _activation_name(act_node, mlp.activation)))
-    order = {n.name: i for i, n in enumerate(graph.node)}
-    blocks.sort(key=lambda b: order[b.down])
+        act_node = next((nodes[i] for i in inside if nodes[i].op_type == mlp.activation), None)
+        blocks.append(_Block(mlp.down, (mlp.gate_weight, mlp.up_weight, mlp.down_weight), tuple(sorted(inside)),
+                             tuple(nodes[i] for i in sorted(inside)), nodes[position[mlp.gate]].input[0], nodes[down].output[0],
+                             _residual(readers, nodes[down].output[0]), _activation_name(act_node, mlp.activation)))
+    blocks.sort(key=lambda b: b.positions[-1])
     return blocks, None
 
 
@@ -189,14 +190,14 @@ class _Chunks:
 
     def __init__(self, model: onnx.ModelProto, blocks: Sequence[_Block], session: SessionSettings):
         self.model, self.blocks, self.session = model, blocks, session
-        in_mlp = {n.name: i for i, b in enumerate(blocks) for n in b.nodes}
-        downs = {b.down: i for i, b in enumerate(blocks)}
+        in_mlp = {i for b in blocks for i in b.positions}
+        downs = {b.positions[-1]: i for i, b in enumerate(blocks)}
         self.chunks: list[list[onnx.NodeProto]] = [[] for _ in blocks]
         passed = 0
-        for node in model.graph.node:
-            if node.name in downs:
-                passed = downs[node.name] + 1
-            elif node.name not in in_mlp and passed < len(blocks):
+        for position, node in enumerate(model.graph.node):
+            if position in downs:
+                passed = downs[position] + 1
+            elif position not in in_mlp and passed < len(blocks):
                 self.chunks[passed].append(node)
         self.last_use: dict[str, int] = {}  # tensor -> the last block step that reads it
         for i, (chunk, block) in enumerate(zip(self.chunks, blocks)):
@@ -218,7 +219,7 @@ class _Chunks:
             state.update(zip(outputs, session.run(outputs, {i: state[i] for i in inputs})))
 
     def forget(self, index: int, states: Sequence[dict[str, np.ndarray]]) -> None:
-        """Drop the tensors no chunk or MLP after step ``index`` reads (graph inputs stay)."""
+        """Drop the tensors no chunk or MLP after step ``index`` reads."""
         for state in states:
             for name in [k for k in state if self.last_use.get(k, len(self.blocks)) <= index]:
                 del state[name]
@@ -328,8 +329,7 @@ def _refine_blocks(model, blocks: Sequence[_Block], reference_weight, fit, held,
     weights = {t.name: t for t in model.graph.initializer}
     reports, refined = [], {}
     for index, block in enumerate(tracked(list(blocks), "prune: MLP refinement", label=lambda b: b.down)):
-        for states in streams.values():
-            chunks.run(index, states)
+        chunks.run(index, [*streams["reference"], *streams["current"]])
         current = dict(zip(("gate", "up", "down"), (numpy_helper.to_array(weights[n]).astype(np.float32) for n in block.weights)))
         unpruned = dict(zip(("gate", "up", "down"), (reference_weight(n).astype(np.float32) for n in block.weights)))
         report, new = _refine_block(block, streams, current, unpruned, len(fit), settings, session, model)
