@@ -23,9 +23,9 @@ decoder's residual stream, in graph order on its refined predecessors' outputs
 where the held-out next-token KL against the unpruned decoder falls. ``refine_steps`` (``--refine``,
 the encoders' flag): by default ``REFINE_STEPS`` Adam steps of ``refine_batch_rows`` positions, cut
 on wide MLPs so that one MLP's steps cost at most ``REFINE_BUDGET`` multiply-adds (Qwen2.5-0.5B's
-widths: 51 steps); 0: off. Measured on the trained docstring Llama at ratio 0.5: next-token KL on
-unseen text 0.0141 (re-fit) -> 0.0064 (refined), for about two more forward passes of the decoder
-over ``refine_rows`` positions plus the steps.
+widths: 50 steps); 0: off; none without the re-fit. Measured on the trained docstring Llama, next-token
+KL on unseen text, re-fit -> refined: 0.0022 -> 0.0011 at ratio 0.25, 0.0141 -> 0.0063 at 0.5; the
+cost is about two more forward passes of the decoder over ``refine_rows`` positions plus the steps.
 
 The pruned decoder is then run against the unpruned one on evaluation sequences (perplexity, next-token
 KL, greedy tokens generated) and timed (decode step), and is written only when its perplexity
@@ -84,7 +84,7 @@ class DecoderPruneSettings(DecoderRefitSettings):
                           help="fraction of every MLP's width (gate/up outputs, down inputs) to remove")
     round_to: int = option(8, flag="--round-to", key=True, low=1, help="kept neurons are a multiple of this")
     refine_steps: int | None = option(None, flag="--refine", key=True, low=0, metavar="STEPS",
-                                      help="after the re-fit, refine each MLP (gate, up, down) by STEPS gradient steps "
+                                      help="after the re-fit (--reconstruct), refine each MLP (gate, up, down) by STEPS gradient steps "
                                            f"towards the unpruned decoder (0: off; default: {REFINE_STEPS}, fewer on wide MLPs)")
     refine_rows: int = option(4096, internal=True, help="calibration positions refinement fits each MLP on, at most")
     refine_heldout_rows: int = option(2048, internal=True,
@@ -109,7 +109,8 @@ class DecoderPruneSettings(DecoderRefitSettings):
         steps = self.refine_steps
         if steps is None:
             per_step = 7 * self.refine_batch_rows * hidden * width  # three products forward, four backward
-            steps = int(min(REFINE_STEPS, max(REFINE_MIN_STEPS, REFINE_BUDGET // per_step)))
+            affordable = int(REFINE_BUDGET // per_step) // REFINE_CHECK_EVERY * REFINE_CHECK_EVERY  # ends on a check
+            steps = min(REFINE_STEPS, max(REFINE_MIN_STEPS, affordable))
         return RefineSettings(steps=steps, learning_rate=self.refine_learning_rate, batch_rows=self.refine_batch_rows,
                               max_rows=self.refine_rows, check_every=max(1, min(REFINE_CHECK_EVERY, steps // 2)))
 

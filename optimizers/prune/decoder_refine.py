@@ -210,8 +210,10 @@ class _Chunks:
 
     def run(self, index: int, states: Sequence[dict[str, np.ndarray]]) -> None:
         """Chunk ``index`` over every sequence's tensors, its outputs added to them."""
-        types = {k: onnx.helper.np_dtype_to_tensor_dtype(v.dtype) for k, v in states[0].items()}
         outputs = self.outputs(index)
+        if not outputs:  # MLPs one after the other: nothing between them that a later step reads
+            return
+        types = {k: onnx.helper.np_dtype_to_tensor_dtype(v.dtype) for k, v in states[0].items()}
         sub, inputs = submodel(self.model, self.chunks[index], outputs, types)
         session = open_session(sub, self.session, what=f"the decoder's nodes before MLP {self.blocks[index].down}",
                                configure=no_prepacking)
@@ -282,8 +284,6 @@ def refine_decoder_mlps(model: onnx.ModelProto, mlps, reference_weight: Callable
     if why or not held or settings.steps == 0:
         note = why or ("no held-out calibration sequences to check it on" if not held else "off (0 steps)")
         return DecoderRefinement(settings.steps, rows, [], None, False, time.perf_counter() - started, f"refinement: {note}")
-    weights = {t.name: t for t in model.graph.initializer}
-    refit = {name: numpy_helper.to_array(weights[name]) for b in blocks for name in b.weights}
     try:
         reports, refined = _refine_blocks(model, blocks, reference_weight, fit, held, settings, session)
     except _NotReproduced as exc:
@@ -295,6 +295,8 @@ def refine_decoder_mlps(model: onnx.ModelProto, mlps, reference_weight: Callable
         note = f"refinement: none of {len(reports)} MLPs improved on held-out data; the re-fitted decoder kept"
         logger.info(note)
         return DecoderRefinement(settings.steps, rows, reports, None, False, time.perf_counter() - started, note)
+    weights = {t.name: t for t in model.graph.initializer}
+    refit = {name: numpy_helper.to_array(weights[name]) for name in refined}  # to put back if the decoder's KL rises
     reference = OnnxDecoder(reference_path, settings=session)
     kl_refit = _heldout_kl(reference, model, held, session)
     _write(weights, refined)
