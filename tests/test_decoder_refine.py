@@ -19,12 +19,23 @@ from onnx import numpy_helper
 from onnxforge.cli import main
 from onnxforge.common.errors import UserError
 from onnxforge.common.sessions import SessionSettings
-from optimizers.prune.decoder_mlp import REFINE_MIN_STEPS, REFINE_STEPS, DecoderPruneSettings, find_mlps, prune_decoder_mlp
-from optimizers.prune.decoder_refine import blocks_of, gated_loss, gated_loss_and_gradients, gated_output, refine_decoder_mlps
+from optimizers.prune.decoder_mlp import (
+    REFINE_MIN_STEPS,
+    REFINE_STEPS,
+    DecoderPruneSettings,
+    find_mlps,
+    prune_decoder_mlp,
+)
+from optimizers.prune.decoder_refine import (
+    blocks_of,
+    gated_loss,
+    gated_loss_and_gradients,
+    gated_output,
+    refine_decoder_mlps,
+)
 from optimizers.prune.refine import RefineSettings
 from tests.llm_fixtures import held_out_sequences, trained_decoder
 from tests.test_decoder_compression import _calibration_passages, calibration_sequences
-
 
 # ---------------------------------------------------------------------------- gradients
 

@@ -27,8 +27,9 @@ next-token KL against the unpruned decoder falls below the re-fitted decoder's (
 perplexity: it measures faithfulness to the unpruned decoder at every position, not only at the
 text's next token).
 
-Memory: at most ``fit_rows`` fitted and ``heldout_rows`` held-out positions (whole sequences,
-the first ones of each set) are run, and only the tensors crossing chunk boundaries are held.
+Memory: at most ``settings.max_rows`` fitted and ``heldout_rows`` held-out positions (whole
+sequences, the first ones of each set; ``DecoderPruneSettings.refine_rows`` and
+``refine_heldout_rows``) are run, and only the tensors crossing chunk boundaries are held.
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ from onnx import numpy_helper
 from onnxforge.common.graph import readers as tensor_readers
 from onnxforge.common.progress import tracked
 from onnxforge.common.sessions import SessionSettings, open_session
-from optimizers.prune.refine import ACTIVATIONS, MATCH_TOLERANCE, BlockReport, RefineSettings, descend, weight_scale
+from optimizers.prune.refine import (
+    ACTIVATIONS,
+    MATCH_TOLERANCE,
+    BlockReport,
+    RefineSettings,
+    descend,
+    weight_scale,
+)
 from optimizers.quantize.activations import no_prepacking
 from optimizers.quantize.weight_only import decoder_quality, sequence_feeds
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
@@ -382,12 +390,20 @@ class _NotReproduced(Exception):
 def _numpy_mismatch(block: _Block, model, state, p, session: SessionSettings) -> float:
     """Largest difference between numpy's and ONNX Runtime's MLP output on one sequence, relative to the largest |output|."""
     x = state[block.x]
-    sub, inputs = submodel(model, block.nodes, [block.y], {block.x: onnx.helper.np_dtype_to_tensor_dtype(x.dtype)})
+    sub, _ = submodel(model, block.nodes, [block.y], {block.x: onnx.helper.np_dtype_to_tensor_dtype(x.dtype)})
     ort_y = open_session(sub, session, what=f"MLP {block.down}").run([block.y], {block.x: x})[0]
     mine = gated_output(p, block.activation, x.reshape(-1, x.shape[-1]).astype(np.float32))
     ort_y = ort_y.reshape(mine.shape)
     return float(np.abs(mine - ort_y).max(initial=0.0)) / max(float(np.abs(ort_y).max(initial=0.0)), 1.0)
 
 
-__all__ = ["DecoderRefinement", "GRAPH_ACTIVATIONS", "blocks_of", "gated_loss", "gated_loss_and_gradients", "gated_output",
-           "refine_decoder_mlps", "submodel"]
+__all__ = [
+    "GRAPH_ACTIVATIONS",
+    "DecoderRefinement",
+    "blocks_of",
+    "gated_loss",
+    "gated_loss_and_gradients",
+    "gated_output",
+    "refine_decoder_mlps",
+    "submodel",
+]
