@@ -25,7 +25,7 @@ a block keeps its new weights only where its held-out loss fell (by 0.1% at leas
 of the best check are kept); the whole refinement is kept only where the decoder's held-out
 next-token KL against the unpruned decoder falls below the re-fitted decoder's (KL, not
 perplexity: it measures faithfulness to the unpruned decoder at every position, not only at the
-text's next token).
+text's next token), over at most ``KL_CHECK_ROWS`` of the held-out positions.
 
 Memory: at most ``settings.max_rows`` fitted and ``heldout_rows`` held-out positions (whole
 sequences, the first ones of each set; ``DecoderPruneSettings.refine_rows`` and
@@ -59,6 +59,10 @@ from optimizers.quantize.weight_only import decoder_quality, sequence_feeds
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
 
 logger = logging.getLogger(__name__)
+
+# Held-out positions the decoder's KL check reads at most: it runs the unpruned decoder and two
+# candidates twice over them, one decode step a token where the graph computes the last logits only.
+KL_CHECK_ROWS = 1024
 
 # The graph's activation (``DecoderMLP.activation``, with its attributes) -> ``ACTIVATIONS``' name.
 GRAPH_ACTIVATIONS = {"silu": "silu", "Relu": "relu", "QuickGelu": "quick_gelu", "Gelu": "gelu", "FastGelu": "gelu_tanh"}
@@ -305,10 +309,10 @@ def refine_decoder_mlps(model: onnx.ModelProto, mlps, reference_weight: Callable
         return DecoderRefinement(settings.steps, rows, reports, None, False, time.perf_counter() - started, note)
     weights = {t.name: t for t in model.graph.initializer}
     refit = {name: numpy_helper.to_array(weights[name]) for name in refined}  # to put back if the decoder's KL rises
-    reference = OnnxDecoder(reference_path, settings=session)
-    kl_refit = _heldout_kl(reference, model, held, session)
+    reference, checked = OnnxDecoder(reference_path, settings=session), _selected(held, KL_CHECK_ROWS)
+    kl_refit = _heldout_kl(reference, model, checked, session)
     _write(weights, refined)
-    kl_refined = _heldout_kl(reference, model, held, session)
+    kl_refined = _heldout_kl(reference, model, checked, session)
     kept = kl_refined < kl_refit
     if not kept:
         _write(weights, refit)
