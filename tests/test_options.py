@@ -198,6 +198,8 @@ def test_decoder_prune_and_head_flags_come_from_their_settings():
     assert from_args(DecoderPruneSettings, args) == DecoderPruneSettings(ratio=0.3, round_to=4, reconstruct=False)
     args = parser.parse_args(["in.onnx", "out.onnx", "--ratio", "0.3"])
     assert from_args(DecoderPruneSettings, args) == DecoderPruneSettings(ratio=0.3)  # --reconstruct not given: on
+    args = parser.parse_args(["in.onnx", "out.onnx", "--ratio", "0.3", "--refine", "0"])  # the encoders' --refine, shared
+    assert from_args(DecoderPruneSettings, args) == DecoderPruneSettings(ratio=0.3, refine_steps=0)
     assert args.head_importance == HeadSettings().importance and args.importance == PruneSettings().importance
     action = next(a for a in parser._actions if "--head-importance" in a.option_strings)
     assert tuple(action.choices) == HEAD_IMPORTANCES and action.dest == "head_importance"
@@ -211,13 +213,13 @@ def test_decoder_prune_and_head_flags_come_from_their_settings():
 
 def test_decoder_recipe_keys_come_from_the_schema():
     assert set(recipe_types(WeightOnlySettings)) == {"bits", "block_size", "symmetric", "accuracy_level"}
-    assert set(recipe_types(DecoderPruneSettings)) == {"ratio", "round_to", "reconstruct"}
+    assert set(recipe_types(DecoderPruneSettings)) == {"ratio", "round_to", "reconstruct", "refine_steps"}
     assert set(recipe_types(DecoderHeadPruneSettings)) == {"kv_heads", "reconstruct"}
     assert set(recipe_types(DecoderCandidateSettings)) == {"accuracy_level", "kv_cache", "context"}  # the budget is [select]'s
     assert DECODER_QUANTIZE_KEYS == {"weights": (str,), "bits": (int,), "block_size": (int,), "symmetric": (bool,),
                                      "accuracy_level": (int,), "kv_cache": (str,), "context": (int,)}
-    assert DECODER_PRUNE_KEYS == {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "kv_heads": (float, int),
-                                  "max_batches": (int,)}
+    assert DECODER_PRUNE_KEYS == {"ratio": (float, int), "round_to": (int,), "reconstruct": (bool,), "refine_steps": (int,),
+                                  "kv_heads": (float, int), "max_batches": (int,)}
     base = {"model": {"hf": "folder", "task": "text-generation"}}
 
     def candidate(**steps):

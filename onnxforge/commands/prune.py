@@ -124,6 +124,12 @@ def _decoder_command(args) -> int:
         refit = "-" if mlp.heldout_error_refit is None else f"{mlp.heldout_error_refit:.4f}"
         print(f"  {mlp.down:<32} {mlp.width} -> {mlp.kept}   held-out output error: sliced {mlp.heldout_error_sliced:.4f}, "
               f"re-fit {refit} ({'re-fitted' if mlp.reconstructed else 'sliced'})")
+    if result.refinement is not None:
+        for block in result.refinement.blocks:
+            before, after = block.heldout_loss
+            print(f"  {block.block:<32} refined: held-out loss {before:.4g} -> {after:.4g} at step {block.best_step}, "
+                  f"{'kept' if block.kept else block.reason}")
+        print(result.refinement.note)
     _print_decoder_quality(result)
     return 0
 

@@ -9,7 +9,8 @@ measured sensitivity), ``checks`` (preparing the model, the ONNX Runtime run eve
 passes), ``reconstruct`` (least-squares re-fit of the consumers of pruned channels), ``refine``
 (a few gradient steps on the re-fitted blocks), ``heads`` (attention heads), ``sparsity``
 (magnitude zeros), ``decoder_mlp`` (a generative decoder's MLP width, gate/up/down together, the
-down projection re-fitted by ridge least squares), ``decoder_heads`` (its KV head groups, q/k/v and
+down projection re-fitted by ridge least squares, then each MLP refined by ``decoder_refine``:
+gradient steps towards the unpruned decoder, on ``refine``'s Adam), ``decoder_heads`` (its KV head groups, q/k/v and
 the cache together, the output projection re-fitted), both over ``decoder_refit`` (the statistics,
 the re-fit, and the check by perplexity with ``optimizers.quantize.weight_only`` before writing).
 

@@ -102,7 +102,8 @@ class PruneSettings:
                                            "by STEPS gradient steps towards the unpruned block's output (kept where held-out "
                                            f"calibration data shows it helps; 0: off; default with --calibration: "
                                            f"{REFINE_STEPS_SMALL} from {REFINE_MIN_SAMPLES} fitted samples, {REFINE_STEPS} "
-                                           f"from {REFINE_STEPS_FROM}, else off)")
+                                           f"from {REFINE_STEPS_FROM}, else off; a decoder's MLPs: gate, up and down, "
+                                           "on by default)")
 
     def __post_init__(self):
         for value in (self.ratio, *self.ratios.values()):

@@ -238,27 +238,46 @@ class RefineSettings:
             raise UserError(f"refinement learning rate must be positive, got {self.learning_rate}")
 
 
+def descend(params: Mapping[str, np.ndarray], gradients: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+            heldout_loss: Callable[[], float], rows: int, scale: float, settings: RefineSettings
+            ) -> tuple[dict[str, np.ndarray] | None, float, float, int]:
+    """Adam on ``params`` (updated in place): each step draws ``settings.batch_rows`` of ``rows``
+    fitted rows (seeded) and follows ``gradients(row indices)``; ``heldout_loss()`` (of ``params`` as
+    they stand) is measured before the first step and every ``settings.check_every`` steps.
+    ``(copy of the params at the best check or None when no check beat the start, held-out loss
+    before, at the best check, best step)``. The step size is ``settings.learning_rate * scale``."""
+    adam = _Adam(params, settings.learning_rate * max(scale, 1e-6))
+    before = heldout_loss()
+    best, best_loss, best_step = None, before, 0
+    rng = np.random.default_rng(settings.seed)
+    for step in range(1, settings.steps + 1):
+        adam.step(params, gradients(rng.integers(0, rows, size=min(settings.batch_rows, rows))))
+        if step % settings.check_every == 0 or step == settings.steps:
+            loss = heldout_loss()
+            if loss < best_loss:
+                best, best_loss, best_step = {k: v.copy() for k, v in params.items()}, loss, step
+    return best, before, best_loss, best_step
+
+
+def weight_scale(*weights: np.ndarray) -> float:
+    """The RMS of the weights together: Adam's step size is relative to it."""
+    return math.sqrt(sum(float((w.astype(np.float64) ** 2).sum()) for w in weights) / max(sum(w.size for w in weights), 1))
+
+
 def fit_block(p: BlockParameters, activation: str, fit: tuple, held: tuple, settings: RefineSettings
               ) -> tuple[BlockParameters, float, float, int]:
-    """``(best weights, held-out loss before, at the best check, best step)`` of Adam on ``fit``
-    rows ``(x, residual, target)``, checked on ``held`` every ``settings.check_every`` steps."""
+    """``(best weights, held-out loss before, at the best check, best step)`` of Adam (``descend``)
+    on ``fit`` rows ``(x, residual, target)``, checked on ``held`` every ``settings.check_every`` steps."""
     x, residual, target = fit
     work = p.copy()
     params = work.trainable()
-    scale = math.sqrt((float((p.up ** 2).sum()) + float((p.down ** 2).sum())) / (p.up.size + p.down.size))
-    adam = _Adam(params, settings.learning_rate * max(scale, 1e-6))
-    before = block_loss(p, activation, *held)
-    best, best_loss, best_step = p, before, 0
-    rng = np.random.default_rng(settings.seed)
-    for step in range(1, settings.steps + 1):
-        rows = rng.integers(0, x.shape[0], size=min(settings.batch_rows, x.shape[0]))
-        _, grads = loss_and_gradients(work, activation, x[rows], None if residual is None else residual[rows], target[rows])
-        adam.step(params, grads)
-        if step % settings.check_every == 0 or step == settings.steps:
-            loss = block_loss(work, activation, *held)
-            if loss < best_loss:
-                best, best_loss, best_step = work.copy(), loss, step
-    return best, before, best_loss, best_step
+
+    def gradients(rows):
+        return loss_and_gradients(work, activation, x[rows], None if residual is None else residual[rows], target[rows])[1]
+
+    best, before, after, step = descend(params, gradients, lambda: block_loss(work, activation, *held), x.shape[0],
+                                        weight_scale(p.up, p.down), settings)
+    return (p if best is None else dataclasses.replace(p, **best)), before, after, step
 
 
 # ---------------------------------------------------------------- blocks in the graph

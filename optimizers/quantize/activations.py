@@ -27,7 +27,7 @@ class GramStats:
     count: int
 
 
-def _no_prepacking(options) -> None:
+def no_prepacking(options) -> None:
     """A probe session runs a few sequences: ONNX Runtime's pre-packed copy of every float weight
     (2 GB more on a 0.5B decoder) would not pay back."""
     options.add_session_config_entry("session.disable_prepacking", "1")
@@ -49,7 +49,7 @@ def collect_gram_sets(model: onnx.ModelProto, names: Sequence[str], sequence_set
     added = [name for name in dict.fromkeys(names) if name not in existing]
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in added)
     try:
-        session = open_session(model, settings, what=what, configure=_no_prepacking)
+        session = open_session(model, settings, what=what, configure=no_prepacking)
     finally:
         del model.graph.output[len(model.graph.output) - len(added):]
     io = DecoderIO.from_model(session)
@@ -75,4 +75,4 @@ def weighted_error(gram: np.ndarray, difference: np.ndarray) -> float:
     return float(np.sum(difference * (gram @ difference)))
 
 
-__all__ = ["GramStats", "collect_gram", "collect_gram_sets", "weighted_error"]
+__all__ = ["GramStats", "collect_gram", "collect_gram_sets", "no_prepacking", "weighted_error"]
