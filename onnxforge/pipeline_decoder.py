@@ -56,6 +56,7 @@ from optimizers.prune.decoder_heads import prune_decoder_heads, write_pruned_con
 from optimizers.prune.decoder_mlp import prune_decoder_mlp
 from optimizers.quantize.decoder_candidates import (
     AUTO_CANDIDATES,
+    KV8_NAMES,
     DecoderCandidateSettings,
     quantize_decoder_candidates,
 )
@@ -300,8 +301,9 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
                     **{key: quantize[key] for key in ("kv_cache", "context") if key in quantize})
                 result = quantize_decoder_candidates(source, folder / "model.onnx", settings, calibration=texts.calibration(),
                                                      evaluation=texts.evaluation())
+                int8_cache = result.chosen in KV8_NAMES or bool(result.kv_cache and result.kv_cache.kept)
                 transforms.append({"step": "quantize", "settings": quantize, "weights": result.chosen,
-                                   "accuracy_level": result.accuracy_level,
+                                   "accuracy_level": result.accuracy_level, "kv_cache": "int8" if int8_cache else "float",
                                    "reasons": result.reasons if weights == "auto" else []})
             if prune is None and quantize is None:
                 for file in files_of(exported.artifact):

@@ -225,6 +225,11 @@ def test_text_generation_recipe_takes_the_kv8_candidate(tmp_path):
     result = run_pipeline(recipe_from_dict(data), tmp_path / "run")
     assert result.selected == "kv8" and not result.rows[0].failed
     assert DecoderIO.from_model(onnx.load(str(result.package / "model.onnx"), load_external_data=False)).kv_dtype == np.int8
+    import json
+
+    manifest = json.loads((result.package / "manifest.json").read_text())
+    quantize = next(t for t in manifest["source"]["transforms"] if t["step"] == "quantize")
+    assert quantize["kv_cache"] == "int8" and quantize["weights"] == "rtn-int4-kv8"
     with pytest.raises(UserError, match="weight-only candidate 'rtn-int4-kv9'"):
         recipe_from_dict({**data, "candidates": [{"name": "x", "quantize": {"weights": "rtn-int4-kv9"}}]})
 
