@@ -15,11 +15,8 @@ from onnxforge.common.errors import UserError
 from optimizers.calibration import split_holdout
 from optimizers.prune.reconstruct import (
     Moments,
-    PAIRED_MAX_TOKENS,
     ReconstructSettings,
-    fit_and_heldout,
     greedy_scores,
-    paired_samples,
     reconstruct,
     solve,
 )
@@ -654,46 +651,3 @@ def test_scarce_data_takes_a_ridge_the_old_grid_lacked(seed):
     new = reconstruct(model, analysis, removed, batches).consumers[0]
     assert new.reconstructed and new.ridge not in (1e-3, 1e-2, 1e-1, 1.0)
     assert new.error_reconstructed < 0.99 * old.error_reconstructed < 0.7 * new.error_compensated
-
-
-def _token_batch(ids: list[list[int]]) -> dict[str, np.ndarray]:
-    """One padded token batch (zeros after each row's ids), as a tokenizer writes it."""
-    width = max(len(row) for row in ids)
-    input_ids = np.array([row + [0] * (width - len(row)) for row in ids], np.int64)
-    mask = np.array([[1] * len(row) + [0] * (width - len(row)) for row in ids], np.int64)
-    return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
-
-
-def test_paired_samples_join_each_sample_with_the_next_ones_real_tokens():
-    batches = [_token_batch([[101, 5, 6, 102], [101, 7, 102]]), _token_batch([[101, 8, 9, 10, 102]])]
-    paired = paired_samples(batches, shifts=2)
-    rows = [(b["input_ids"][i][b["attention_mask"][i] != 0].tolist(), b["attention_mask"][i].sum())
-            for b in paired for i in range(b["input_ids"].shape[0])]
-    joined = [ids for ids, _ in rows]
-    # shift 1, then shift 2 (cyclic); the second sample's shared first token ([CLS] 101) is dropped, padding never joins
-    assert joined == [[101, 5, 6, 102, 7, 102], [101, 7, 102, 8, 9, 10, 102], [101, 8, 9, 10, 102, 5, 6, 102],
-                      [101, 5, 6, 102, 8, 9, 10, 102], [101, 7, 102, 5, 6, 102], [101, 8, 9, 10, 102, 7, 102]]
-    assert all(mask == len(ids) for ids, mask in rows)
-    assert all(b["token_type_ids"].shape == b["input_ids"].shape and b["input_ids"].dtype == np.int64 for b in paired)
-    long = [_token_batch([[101] + [7] * (PAIRED_MAX_TOKENS - 10) + [102]]) for _ in range(2)]
-    assert all(b["input_ids"].shape[1] == PAIRED_MAX_TOKENS for b in paired_samples(long))
-
-
-def test_paired_samples_leave_other_data_alone():
-    floats = [{"x": np.ones((2, 3), np.float32)}, {"x": np.zeros((2, 3), np.float32)}]
-    assert paired_samples(floats) == []
-    positions = [{**_token_batch([[101, 5, 102]]), "position_ids": np.array([[0, 1, 2]])} for _ in range(2)]
-    assert paired_samples(positions) == []  # positions would repeat inside a joined sample
-    assert paired_samples([_token_batch([[101, 5, 102]])]) == []  # one sample: nothing to pair it with
-
-
-def test_paired_fit_batches_hold_no_held_out_token():
-    batches = [_token_batch([[101, 1000 + i, 102]]) for i in range(10)]
-    fit, held = fit_and_heldout(batches, 0.2, 0, paired=2)
-    plain_fit, plain_held = split_holdout(batches, 0.2, 0)
-    assert [b["input_ids"].tolist() for b in held] == [b["input_ids"].tolist() for b in plain_held]
-    ids = lambda found: [b["input_ids"].tolist() for b in found]
-    assert ids(fit[:len(plain_fit)]) == ids(plain_fit) and len(fit) > len(plain_fit)
-    held_tokens = {int(b["input_ids"][0, 1]) for b in held}
-    assert not held_tokens & {int(t) for b in fit for t in b["input_ids"].ravel()}
-    assert ids(fit_and_heldout(batches, 0.2, 0, paired=0)[0]) == ids(plain_fit)

@@ -84,7 +84,6 @@ from onnxforge.common.progress import tracked
 logger = logging.getLogger(__name__)
 
 ROW_CHUNK = 8192  # feature rows multiplied at once while summing moments
-PAIRED_SHIFTS = 0  # paired samples per calibration sample added to the fit batches (``paired_samples``; 0: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +106,7 @@ class ReconstructSettings:
     refit_outputs: also re-fit the output layers downstream of the pruned ones (a MatMul, Gemm or
         group-1 Conv reading no pruned channel, whose output reaches a graph output through no
         other weighted layer, a classifier head) on their drifted inputs, towards the unpruned
-        model's outputs; kept where held-out data says so, per layer and for the whole model.
-    paired: where the calibration data is token batches, the fit batches also get the samples
-        ``paired_samples`` makes of them (each followed by the one ``1 .. paired`` places on; 0:
-        off): more token rows for the re-fit from the same lines; the held-out batches stay as given."""
+        model's outputs; kept where held-out data says so, per layer and for the whole model."""
 
     ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
     holdout: float = HOLDOUT_SHARE
@@ -119,7 +115,6 @@ class ReconstructSettings:
     correct_residual: bool = True
     layernorm_weights: bool = True
     refit_outputs: bool = True
-    paired: int = PAIRED_SHIFTS
 
     def __post_init__(self):
         if not self.ridges or min(self.ridges) <= 0:
@@ -473,56 +468,6 @@ def token_rows(batch: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray | N
     return None
 
 
-PAIRED_MAX_TOKENS = 256  # a paired sample's length at most (BERT-family position tables hold 512)
-PAIRS_PER_BATCH = 4  # paired samples a batch: the refinement samples a bounded share of each batch's rows
-
-
-def paired_samples(batches: Sequence[Mapping[str, np.ndarray]], shifts: int = 1) -> list[dict[str, np.ndarray]]:
-    """More token rows from the same calibration samples: each sample's real tokens followed by
-    those of the sample ``s`` places after it (``s = 1 .. shifts``, cyclically; the second's first
-    token dropped where both start with the same one, a shared [CLS] or <s>), at most
-    ``PAIRED_MAX_TOKENS``, ``PAIRS_PER_BATCH`` to a batch, zero-padded. The second sample's
-    tokens attend to a new context, so their activations are new rows for the least-squares
-    re-fit and the refinement, from the user's own lines. Only for token batches: every input a
-    2-D integer array of one [batch, tokens] shape, an ``attention_mask`` among them and no
-    ``position_ids`` (positions would repeat); otherwise none."""
-    rows: list[dict[str, np.ndarray]] = []
-    for batch in batches:
-        arrays = {k: np.asarray(v) for k, v in batch.items()}
-        masks = [k for k in arrays if "attention_mask" in k]
-        shapes = {a.shape for a in arrays.values()}
-        if (len(masks) != 1 or len(arrays) < 2 or len(shapes) != 1 or any(a.ndim != 2 or a.dtype.kind not in "iu" for a in arrays.values())
-                or any("position" in k for k in arrays)):
-            return []
-        for i in range(arrays[masks[0]].shape[0]):
-            real = arrays[masks[0]][i] != 0
-            rows.append({k: a[i][real] for k, a in arrays.items()})
-    if len(rows) < 2:
-        return []
-    ids = next(k for k in rows[0] if "attention_mask" not in k)
-    pairs = []
-    for shift in range(1, shifts + 1):
-        for i, first in enumerate(rows):
-            second = rows[(i + shift) % len(rows)]
-            skip = int(first[ids].size > 0 and second[ids].size > 0 and first[ids][0] == second[ids][0])
-            pairs.append({k: np.concatenate([first[k], second[k][skip:]])[:PAIRED_MAX_TOKENS] for k in first})
-    out = []
-    for start in range(0, len(pairs), PAIRS_PER_BATCH):
-        group = pairs[start:start + PAIRS_PER_BATCH]
-        width = max(len(next(iter(p.values()))) for p in group)
-        out.append({k: np.stack([np.pad(p[k], (0, width - len(p[k]))) for p in group]) for k in group[0]})
-    return out
-
-
-def fit_and_heldout(batches: Sequence[Mapping[str, np.ndarray]], share: float, seed: int, paired: int
-                    ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    """``split_holdout``'s ``(fit, held out)``, the fit batches followed by their ``paired_samples``
-    (``paired`` shifts; none at 0 or without a held-out part): pairs are made of fit samples only,
-    so nothing held out reaches the fit."""
-    fit, heldout = split_holdout(batches, share, seed)
-    return ([*fit, *paired_samples(fit, paired)] if paired and heldout else fit), heldout
-
-
 def _rows(batch, x: np.ndarray, features: np.ndarray) -> np.ndarray:
     rows = token_rows(batch, x)
     return features if rows is None else features[rows]
@@ -582,7 +527,7 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
     on a seeded share of ``batches`` and judging on the rest. Consumers that are not re-fitted
     (rejected on held-out data, too wide, ConvTranspose) get bias compensation."""
 
-    fit, heldout = fit_and_heldout(batches, settings.holdout, settings.seed, settings.paired)
+    fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
     notes: list[str] = []
     if not heldout:
         notes.append("reconstruction needs held-out calibration data (2 batches or a batch of 2 samples at least); not applied")
@@ -762,7 +707,7 @@ def probe_units(model: onnx.ModelProto, analysis, probes: Sequence[tuple[tuple[s
     on the fit share of ``batches`` (the split ``reconstruct`` uses) and measure the output loss
     on the held-out share. One re-fit and one held-out run per unit."""
 
-    fit, heldout = fit_and_heldout(batches, settings.holdout, settings.seed, settings.paired)
+    fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
     if not heldout:
         raise UserError("measuring each layer's sensitivity needs held-out calibration data (2 batches at least)")
     found = []

@@ -46,8 +46,8 @@ from onnx import numpy_helper
 from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity
 from onnxforge.common.graph import readers as readers_of
-from optimizers.calibration import HOLDOUT_SHARE
-from optimizers.prune.reconstruct import PAIRED_SHIFTS, activations, fit_and_heldout, token_rows
+from optimizers.calibration import HOLDOUT_SHARE, split_holdout
+from optimizers.prune.reconstruct import activations, token_rows
 from optimizers.quantize.outliers import feed_forwards
 from onnxforge.common.progress import tracked
 
@@ -221,9 +221,7 @@ class RefineSettings:
     check_every: steps between held-out checks; the best check's weights are kept.
     max_rows: rows of calibration data held in memory per block: a seeded sample of at most
         ``ceil(max_rows / batches)`` rows of each batch, read batch by batch.
-    holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``).
-    paired: paired samples added to the fit batches, as the re-fit adds them
-        (``optimizers.prune.reconstruct.ReconstructSettings.paired``; 0: off)."""
+    holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``)."""
 
     steps: int = 400
     learning_rate: float = 3e-3
@@ -232,7 +230,6 @@ class RefineSettings:
     max_rows: int = 65536
     holdout: float = HOLDOUT_SHARE
     seed: int = 0
-    paired: int = PAIRED_SHIFTS
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_rows < 1 or self.check_every < 1 or self.max_rows < 1:
@@ -424,7 +421,7 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
     whose tensors carry the same names) on ``batches`` (see the module doc). ``model`` is not
     modified; the result's model is ``model`` itself where nothing was kept."""
 
-    fit, held = fit_and_heldout(batches, settings.holdout, settings.seed, settings.paired)
+    fit, held = split_holdout(batches, settings.holdout, settings.seed)
     if not held or settings.steps == 0:
         why = "refinement needs held-out calibration data (2 batches at least)" if not held else "refinement is off"
         return RefineResult(model, (), None, False, (why,))
