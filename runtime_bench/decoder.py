@@ -309,7 +309,6 @@ class OnnxDecoder:
         logits = outputs["logits"].numpy()
         return logits[:, -1, :].astype(np.float32, copy=False)
 
-
     # ------------------------------------------------------------ one shared buffer
 
     def _prefill_shared(self, input_ids, mask, positions) -> np.ndarray:

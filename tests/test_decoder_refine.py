@@ -122,7 +122,8 @@ def test_refined_blocks_lowered_their_heldout_loss(half_pruned):
     assert len(refinement.blocks) == 2 and refinement.steps == REFINE_STEPS
     for block in refinement.blocks:
         before, after = block.heldout_loss
-        assert block.kept and after < 0.95 * before and block.best_step > 0
+        # measured 0.49x and 0.90x here: a bound with room for another CPU's rounding, not the trajectory
+        assert block.kept and after < 0.97 * before and block.best_step > 0
         assert block.rows[0] > 1000 and block.rows[1] > 0
 
 
