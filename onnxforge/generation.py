@@ -241,7 +241,7 @@ def generate(model: str | Path, prompt: str, settings: GenerationSettings = Gene
         seconds_prefill=prefill_s, seconds_decode=decode_s, kv_bytes=decoder.kv_bytes(),
         kv_bytes_bound=per_token * (len(prompt_ids) + settings.max_new_tokens),
     )
-    logger.info("generated %d tokens (%s) in %.2f s prefill + %.2f s decode; cache %d bytes",
+    logger.debug("generated %d tokens (%s) in %.2f s prefill + %.2f s decode; cache %d bytes",
                 len(new_ids), reason, prefill_s, decode_s, result.kv_bytes)
     return result
 

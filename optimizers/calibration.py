@@ -96,6 +96,23 @@ def heldout_tail(sequences: Sequence, fraction: float) -> tuple[list, list]:
     return sequences[: len(sequences) - held], sequences[len(sequences) - held:]
 
 
+def spread_evenly(sequences: Sequence, budget: int, size: Callable[[object], int] = len) -> list:
+    """At most ``budget`` of ``sequences`` by ``size`` (tokens by default), chosen at even strides
+    through the whole list and kept in order (the first always; one at least). A calibration file
+    is often grouped by topic or source, so its first passages are not a sample of it: a part of it
+    taken from the start would fit the first topic only."""
+    sequences = list(sequences)
+    sizes = [size(s) for s in sequences]
+    if sum(sizes) <= budget or len(sequences) <= 1:
+        return sequences
+    count = max(1, min(len(sequences), int(len(sequences) * budget / sum(sizes))))
+    while True:
+        chosen = sorted(set(np.linspace(0, len(sequences) - 1, count).round().astype(int).tolist()))
+        if count == 1 or sum(sizes[i] for i in chosen) <= budget:
+            return [sequences[i] for i in chosen]
+        count -= 1
+
+
 def split_holdout(batches: Sequence[Mapping[str, np.ndarray]], share: float = HOLDOUT_SHARE, seed: int = 0
                   ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """``(fit, held out)`` of a list of batches by :func:`holdout_indices`. A single batch whose

@@ -189,3 +189,35 @@ def test_cli_refines_decoders_and_reports_it_in_json(tmp_path, capsys):
                  "--calibration", str(text)])
     printed = capsys.readouterr().out
     assert code == 0 and "refinement: off" in printed
+
+
+def test_refinement_fits_rows_from_the_whole_calibration_file(tmp_path, capsys):
+    """A calibration file in the order the text came (the standard library's docstrings module by
+    module): refinement must fit positions spread through it, not its first modules only, which
+    made every block's held-out loss rise from the first step and refinement give up."""
+    from onnxforge.decoder_models import stdlib_docstrings
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(d.replace("\n", " ") for d in stdlib_docstrings(200_000)[:300]), encoding="utf-8")
+    code = main(["prune", str(trained_decoder()), str(tmp_path / "pruned.onnx"), "--ratio", "0.25", "--refine", "200",
+                 "--calibration", str(text), "--json"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    refinement = json.loads(printed)["refinement"]
+    assert refinement["kept"], refinement["note"]
+    assert all(b["kept"] for b in refinement["blocks"]), refinement["blocks"]
+    before, after = refinement["heldout_kl"]
+    assert after < 0.9 * before
+
+
+def test_spread_evenly_takes_sequences_from_the_whole_list():
+    from optimizers.calibration import spread_evenly
+
+    sequences = [[i] * (1 + i % 3) for i in range(100)]  # lengths 1, 2, 3, ...
+    chosen = spread_evenly(sequences, 60)
+    assert sum(map(len, chosen)) <= 60 and len(chosen) >= 25
+    firsts = [s[0] for s in chosen]
+    assert firsts == sorted(firsts) and firsts[0] == 0 and firsts[-1] >= 90  # in order, from start to end
+    assert spread_evenly(sequences, 10_000) == sequences
+    assert spread_evenly(sequences, 0) == [sequences[0]]  # one at least
+    assert [s[0] for s in spread_evenly(sequences, 5, size=lambda _: 1)] == [0, 25, 50, 74, 99]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.decoder_text import text_sequences
+from optimizers.calibration import spread_evenly
 from optimizers.quantize.decoder_candidates import DecoderCandidateSettings, quantize_decoder_candidates
 from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 from onnxforge.common import jsonio
@@ -56,8 +57,9 @@ def _weight_only_command(args) -> int:
 
 def _decoder_candidates_command(args) -> int:
     settings = from_args(DecoderCandidateSettings, args)
-    calibration = (text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
-                   [:args.max_calibration_batches] if args.calibration else None)
+    calibration = (spread_evenly(text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128,
+                                                windows=True), args.max_calibration_batches, size=lambda _: 1)
+                   if args.calibration else None)
     result = quantize_decoder_candidates(args.input, args.output, settings, calibration=calibration, evaluation=_held_out_text(args))
     if args.json:
         print(jsonio.document(result.to_dict()))
@@ -67,14 +69,15 @@ def _decoder_candidates_command(args) -> int:
         print(f"accuracy level {result.accuracy_level} (median decode step of {result.level_candidate} here: "
               + ", ".join(f"level {lv} {ms:.2f} ms" for lv, ms in result.level_timings_ms.items()) + ")")
     print(f"weight-only candidates against fp32 (perplexity {result.perplexity_float:.3f}, {result.bytes_float / 1e6:.2f} MB), "
-          f"accuracy level {result.accuracy_level}, decode step timed here:")
+          f"accuracy level {result.accuracy_level}, decode step timed here (greedy: new tokens equal to fp32's, median of the prompts):")
     for c in result.candidates:
         if c.quality is None:
             print(f"  {c.name:<22} not built: {c.error}")
             continue
         ms = f"{c.decode_ms:8.3f} ms" if c.decode_ms is not None else "       -   "
+        greedy = f"{c.quality.greedy_match:g}/{c.quality.greedy_tokens}"
         print(f"  {c.name:<22} perplexity {c.quality.perplexity_candidate:9.3f} ({c.perplexity_ratio:.4f}x)  KL {c.quality.kl_mean:.4f}  "
-              f"{ms}  {c.weight_bytes / 1e6:7.2f} MB  {'<- chosen' if c.chosen else ''}")
+              f"greedy {greedy:>5}  {ms}  {c.weight_bytes / 1e6:7.2f} MB  {'<- chosen' if c.chosen else ''}")
     for reason in result.reasons:
         print(f"  why: {reason}")
     return 0

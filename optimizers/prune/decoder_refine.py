@@ -28,8 +28,9 @@ perplexity: it measures faithfulness to the unpruned decoder at every position, 
 text's next token), over at most ``KL_CHECK_ROWS`` of the held-out positions.
 
 Memory: at most ``settings.max_rows`` fitted and ``heldout_rows`` held-out positions (whole
-sequences, the first ones of each set; ``DecoderPruneSettings.refine_rows`` and
-``refine_heldout_rows``) are run, and only the tensors crossing chunk boundaries are held.
+sequences spread evenly through each set, ``optimizers.calibration.spread_evenly``: a file's first
+passages are often one topic, and refinement fitted on them alone raised the held-out loss from its
+first step; ``DecoderPruneSettings.refine_rows`` and ``refine_heldout_rows``) are run, and only the tensors crossing chunk boundaries are held.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from onnx import numpy_helper
 from onnxforge.common.graph import readers as tensor_readers
 from onnxforge.common.progress import tracked
 from onnxforge.common.sessions import SessionSettings, open_session
+from optimizers.calibration import spread_evenly
 from optimizers.prune.refine import (
     ACTIVATIONS,
     MATCH_TOLERANCE,
@@ -271,17 +273,6 @@ class DecoderRefinement:
     note: str
 
 
-def _selected(sequences, rows: int) -> list:
-    """The first sequences holding at most ``rows`` positions (at least one sequence)."""
-    chosen, total = [], 0
-    for seq in sequences:
-        if chosen and total + len(seq) > rows:
-            break
-        chosen.append(seq)
-        total += len(seq)
-    return chosen
-
-
 def refine_decoder_mlps(model: onnx.ModelProto, mlps, reference_weight: Callable[[str], np.ndarray], reference_path,
                         fit_sequences, heldout_sequences, settings: RefineSettings, heldout_rows: int,
                         session: SessionSettings) -> DecoderRefinement:
@@ -290,8 +281,8 @@ def refine_decoder_mlps(model: onnx.ModelProto, mlps, reference_weight: Callable
     reads (see the module doc). ``settings.max_rows``: positions fitted at most."""
     started = time.perf_counter()
     blocks, why = blocks_of(model, mlps)
-    fit = _selected(fit_sequences, settings.max_rows)
-    held = _selected(heldout_sequences, heldout_rows)
+    fit = spread_evenly(fit_sequences, settings.max_rows)
+    held = spread_evenly(heldout_sequences, heldout_rows)
     rows = (sum(map(len, fit)), sum(map(len, held)))
     if why or not held or settings.steps == 0:
         note = why or ("no held-out calibration sequences to check it on" if not held else "off (0 steps)")
@@ -309,7 +300,7 @@ def refine_decoder_mlps(model: onnx.ModelProto, mlps, reference_weight: Callable
         return DecoderRefinement(settings.steps, rows, reports, None, False, time.perf_counter() - started, note)
     weights = {t.name: t for t in model.graph.initializer}
     refit = {name: numpy_helper.to_array(weights[name]) for name in refined}  # to put back if the decoder's KL rises
-    reference, checked = OnnxDecoder(reference_path, settings=session), _selected(held, KL_CHECK_ROWS)
+    reference, checked = OnnxDecoder(reference_path, settings=session), spread_evenly(held, KL_CHECK_ROWS)
     kl_refit = _heldout_kl(reference, model, checked, session)
     _write(weights, refined)
     kl_refined = _heldout_kl(reference, model, checked, session)
