@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.sessions import one_line
 from runtime_bench.decoder import OnnxDecoder
 
 logger = logging.getLogger(__name__)
@@ -137,8 +138,8 @@ class Tokenizer:
                 self._auto = AutoTokenizer.from_pretrained(str(folder))
             except Exception as exc:
                 raise UserError(
-                    f"no tokenizer in '{folder}' (tokenizer.json, or files transformers' AutoTokenizer reads): {exc}; "
-                    "export with 'onnxforge export --hf-model DIR --task text-generation', which copies them beside the model"
+                    f"no tokenizer in '{folder}' (tokenizer.json, or files transformers' AutoTokenizer reads: {one_line(exc, 160)}); "
+                    "copy the model's tokenizer files there, or export with 'onnxforge export --hf-model DIR --task text-generation', which copies them beside the model"
                 ) from None
 
     def encode(self, text: str) -> list[int]:

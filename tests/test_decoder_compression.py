@@ -10,6 +10,7 @@ calibration saw.
 from __future__ import annotations
 
 import ast
+import json
 import copy
 import dataclasses
 import functools
@@ -182,6 +183,10 @@ def test_cli_prune_routes_decoders_to_the_mlp_pruner(tmp_path, capsys):
     assert code == 0, printed
     assert "decoder MLP width" in printed and "384 -> 288" in printed and "perplexity" in printed
     assert out.exists()
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))  # copied, with the kept width
+    assert config["intermediate_size"] == 288 and (tmp_path / "tokenizer.json").is_file()
+    source = json.loads((trained_decoder().parent / "config.json").read_text(encoding="utf-8"))
+    assert source["intermediate_size"] == 384  # the unpruned model's own config stays as it was
     assert main(["prune", str(trained_decoder()), str(tmp_path / "x.onnx"), "--ratio", "0.25"]) == 2
     assert "needs --calibration" in capsys.readouterr().err
 
@@ -336,6 +341,9 @@ def test_cli_quantize_auto_on_a_decoder_compares_candidates(tmp_path, capsys):
     assert code == 0, printed
     assert "rtn-int4-int8-head" in printed and "<- chosen" in printed and "why: chose" in printed
     assert out.exists()
+    # written into another folder than the export's: the tokenizer and configs follow, so it generates there
+    assert {"config.json", "tokenizer.json", "generation_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert main(["generate", str(out), "--prompt", "Return the", "--max-new-tokens", "4"]) == 0
 
 
 def test_no_candidate_within_budget_writes_nothing():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from exporter.sources import copy_model_files
 from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.decoder_text import text_sequences
 from onnxforge.common.errors import UserError
@@ -9,7 +12,8 @@ from onnxforge.common import jsonio
 from onnxforge.common.options import add_flags, from_args
 from optimizers.prune.channels import PruneSettings
 from optimizers.prune.decoder_heads import DecoderHeadPruneSettings, prune_decoder_heads, write_pruned_config
-from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
+from optimizers.calibration import spread_evenly
+from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp, write_pruned_mlp_config
 from optimizers.prune.heads import HeadSettings
 
 # --method and --heads are written here, not declared on a settings class: they are arguments of
@@ -111,10 +115,14 @@ def _decoder_command(args) -> int:
                         "its activations choose the neurons and re-fit the down projections")
     settings = from_args(DecoderPruneSettings, args)  # --reconstruct not given: on
     calibration = text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
-    calibration = calibration[:max(args.max_batches, 2)]
+    calibration = spread_evenly(calibration, max(args.max_batches, 2), size=lambda _: 1)
     evaluation = (text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation", length=128, windows=True)
                   if args.evaluation else None)
     result = prune_decoder_mlp(args.input, args.output, calibration, settings, evaluation=evaluation)
+    source, target = Path(args.input).resolve().parent, Path(args.output).resolve().parent
+    if source != target:  # beside the unpruned model its config stays as it is
+        copy_model_files(source, target)
+        write_pruned_mlp_config(target, result)
     if args.json:
         print(jsonio.document(result.to_dict()))
         return 0
@@ -148,10 +156,6 @@ def _print_decoder_quality(result) -> None:
 def _decoder_heads_command(args) -> int:
     """A generative decoder's KV head groups removed, the output projection re-fitted; config.json
     and the tokenizer files copied beside the output with the new head counts."""
-    from pathlib import Path
-
-    from exporter.sources import copy_model_files
-
     if args.heads or args.method != "structured" or args.ratio is not None:
         raise UserError("--kv-heads prunes a decoder's KV head groups alone; prune the MLP width (--ratio) in a second run")
     settings = from_args(DecoderHeadPruneSettings, args, ratio=args.kv_heads)  # --reconstruct not given: on
@@ -163,7 +167,7 @@ def _decoder_heads_command(args) -> int:
         raise UserError(f"write the pruned decoder into another folder than '{source}': the config.json beside it "
                         "states the pruned head counts, and the unpruned model's must stay")
     calibration = text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
-    calibration = calibration[:max(args.max_batches, 2)]
+    calibration = spread_evenly(calibration, max(args.max_batches, 2), size=lambda _: 1)
     evaluation = (text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation", length=128, windows=True)
                   if args.evaluation else None)
     result = prune_decoder_heads(args.input, args.output, calibration, settings, evaluation=evaluation)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
+from exporter.sources import copy_model_files
 from onnxforge.commands._args import add_data_flags, add_io_flags
 from onnxforge.decoder_text import text_sequences
 from optimizers.calibration import spread_evenly
@@ -37,6 +39,7 @@ def register(sub) -> None:
 def _weight_only_command(args) -> int:
     settings = from_args(WeightOnlySettings, args, bits=8 if args.mode == "int8-weight" else 4)
     result = quantize_weight_only(args.input, args.output, settings, sequences=_held_out_text(args))
+    copy_model_files(Path(args.input).parent, Path(args.output).parent)
     if args.json:
         print(jsonio.document(result.to_dict()))
         return 0
@@ -61,6 +64,7 @@ def _decoder_candidates_command(args) -> int:
                                                 windows=True), args.max_calibration_batches, size=lambda _: 1)
                    if args.calibration else None)
     result = quantize_decoder_candidates(args.input, args.output, settings, calibration=calibration, evaluation=_held_out_text(args))
+    copy_model_files(Path(args.input).parent, Path(args.output).parent)  # generate, bench and packages read them there
     if args.json:
         print(jsonio.document(result.to_dict()))
         return 0

@@ -35,6 +35,7 @@ stays within ``max_perplexity_ratio`` of the unpruned model's.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -46,6 +47,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.common.errors import UserError
+from onnxforge.common.fileio import write_text_atomic
 from onnxforge.common.graph import producers as tensor_producers
 from onnxforge.common.graph import readers as tensor_readers
 from onnxforge.common.options import option
@@ -317,5 +319,19 @@ def _activation_outputs(model: onnx.ModelProto, mlps: Sequence[DecoderMLP]) -> s
     return changed
 
 
+def write_pruned_mlp_config(folder, result: DecoderPruneResult) -> Path | None:
+    """The config.json in ``folder`` given the pruned ``intermediate_size`` where every MLP kept the
+    same width (a per-layer width has no key in a Hugging Face config: left as it was); None when
+    the folder has no config.json or nothing was written."""
+    path = Path(folder) / "config.json"
+    widths = {mlp.kept for mlp in result.mlps}
+    if not path.is_file() or len(widths) != 1:
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["intermediate_size"] = widths.pop()
+    write_text_atomic(path, json.dumps(config, indent=2) + "\n")
+    return path
+
+
 __all__ = ["DecoderMLP", "DecoderPruneResult", "DecoderPruneSettings", "PrunedMLP", "find_mlps", "kept_width",
-           "prune_decoder_mlp"]
+           "prune_decoder_mlp", "write_pruned_mlp_config"]
