@@ -346,6 +346,21 @@ def test_cli_quantize_auto_on_a_decoder_compares_candidates(tmp_path, capsys):
     assert main(["generate", str(out), "--prompt", "Return the", "--max-new-tokens", "4"]) == 0
 
 
+def test_cli_quantize_packages_the_decoder_it_wrote(tmp_path, capsys):
+    out, package = tmp_path / "q" / "int4.onnx", tmp_path / "pkg"
+    code = main(["quantize", str(trained_decoder()), str(out), "--mode", "int4", "--package", str(package)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"package: {package}" in printed and (package / "genai_config.json").is_file()
+    manifest = json.loads((package / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["source"] == {"quantized_from": str(trained_decoder())}
+    assert main(["verify-package", str(package)]) == 0
+    # an encoder has no decoder package: refused before any work
+    assert main(["quantize", str(tmp_path / "missing.onnx"), str(tmp_path / "x.onnx"), "--package", str(tmp_path / "p2")]) == 2
+    assert "--package packages a generative decoder" in capsys.readouterr().err
+    assert not (tmp_path / "p2").exists()
+
+
 def test_no_candidate_within_budget_writes_nothing():
     """As auto int8 does for encoders: when every candidate misses the perplexity budget, the
     closest is named and nothing is chosen (exit status 4 from the CLI)."""

@@ -16,3 +16,20 @@ def add_data_flags(parser: argparse.ArgumentParser, calibration: str, dims: str)
     parser.add_argument("--evaluation", metavar="DATA", help="data to measure fidelity on (default: the calibration data)")
     parser.add_argument("--tokenizer", metavar="DIR", help="Hugging Face folder whose tokenizer reads text data files")
     parser.add_argument("--dim", action="append", metavar="NAME=SIZE", help=dims)
+
+
+PACKAGE_HELP = ("also write a deployment package of the decoder written (tokenizer, configs, genai_config.json for "
+                "ONNX Runtime GenAI, a recorded greedy generation that verify-package replays)")
+
+
+def write_decoder_package_if_asked(args, model_path, source: dict) -> None:
+    """``--package DIR``: the decoder at ``model_path`` packaged there, the line that says so printed
+    (on stderr under --json, whose stdout is the document)."""
+    if not args.package:
+        return
+    import sys
+
+    from onnxforge.package import write_decoder_package
+
+    written = write_decoder_package(args.package, model_path, source=source)
+    print(f"package: {written}", file=sys.stderr if args.json else sys.stdout)

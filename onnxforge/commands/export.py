@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnxforge.commands._args import add_io_flags
+from onnxforge.commands._args import PACKAGE_HELP, add_io_flags, write_decoder_package_if_asked
 from onnxforge.common.errors import UserError
 from exporter.settings import ExportSettings
 from onnxforge.common import jsonio
@@ -31,9 +31,7 @@ def register(sub) -> None:
     decoder = exp.add_argument_group("text-generation (--task text-generation)")
     decoder.add_argument("--logits", choices=("all", "last"), default="all",
                          help="'last': the output layer computes the last position only (what generation reads)")
-    decoder.add_argument("--package", metavar="DIR",
-                         help="also write a deployment package (tokenizer, configs, genai_config.json for ONNX Runtime "
-                              "GenAI, a recorded greedy generation that verify-package replays)")
+    decoder.add_argument("--package", metavar="DIR", help=PACKAGE_HELP)
     add_io_flags(exp)
     exp.set_defaults(func=_export_command)
 
@@ -147,9 +145,5 @@ def _export_decoder_command(args) -> int:
               f"left-padded batch equal over {proof.padded_batch_tokens} tokens; logits max abs error "
               f"{proof.prefill_max_abs_error:.2g} at prefill, {proof.step_max_abs_error:.2g} after {proof.later_step} steps; "
               f"cached vs recomputed {proof.cache_vs_recompute_max_abs_error:.2g}")
-    if args.package:
-        from onnxforge.package import write_decoder_package
-
-        written = write_decoder_package(args.package, result.path, source={"hf_model": str(args.hf_model)})
-        print(f"package: {written}")
+    write_decoder_package_if_asked(args, result.path, {"hf_model": str(args.hf_model)})
     return 0

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.sources import copy_model_files
-from onnxforge.commands._args import add_data_flags, add_io_flags
+from onnxforge.commands._args import PACKAGE_HELP, add_data_flags, add_io_flags, write_decoder_package_if_asked
 from onnxforge.decoder_text import text_sequences
 from optimizers.calibration import spread_evenly
 from optimizers.quantize.decoder_candidates import DecoderCandidateSettings, quantize_decoder_candidates
 from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 from onnxforge.common import jsonio
+from onnxforge.common.errors import UserError
 from onnxforge.common.options import add_flags, from_args, help_of
 from optimizers.quantize.settings import MODES, QuantizeSettings
 
@@ -29,6 +30,7 @@ def register(sub) -> None:
     decoders = quant.add_argument_group("generative decoders (past_key_values.* inputs): weight-only quantization")
     add_flags(decoders, WeightOnlySettings)  # --accuracy-level, also read by DecoderCandidateSettings
     add_flags(decoders, DecoderCandidateSettings, skip=("accuracy_level",))
+    decoders.add_argument("--package", metavar="DIR", help=PACKAGE_HELP)
     add_data_flags(quant, calibration=".npz, folder of .npz, text file (with --tokenizer), pkg.module:function, or 'random'",
                    dims="symbolic dim size for generated inputs")
     quant.add_argument("--allow-random-calibration", action="store_true", help="accept --calibration random (not representative)")
@@ -99,10 +101,14 @@ def _quantize_command(args) -> int:
     from onnxforge.common.specs import parse_dim_sizes
     from optimizers.quantize.weight_only import is_decoder_file
 
-    if args.mode == "auto" and is_decoder_file(args.input):
-        return _decoder_candidates_command(args)
-    if args.mode == "int8-weight" or (args.mode == "int4" and is_decoder_file(args.input)):
-        return _weight_only_command(args)
+    decoder = is_decoder_file(args.input)
+    if args.package and not decoder:
+        raise UserError("--package packages a generative decoder (past_key_values.* inputs); package other models with "
+                        "'onnxforge run RECIPE' ([package] enabled = true)")
+    if (args.mode == "auto" and decoder) or args.mode == "int8-weight" or (args.mode == "int4" and decoder):
+        code = _decoder_candidates_command(args) if args.mode == "auto" else _weight_only_command(args)
+        write_decoder_package_if_asked(args, args.output, {"quantized_from": str(args.input)})
+        return code
     from optimizers.quantize import quantize_file
 
     settings = from_args(QuantizeSettings, args)
