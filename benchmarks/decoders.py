@@ -6,6 +6,10 @@ Rows (each where it can run here; otherwise a row that says why):
 - onnxforge int4: ``optimizers.quantize.weight_only.quantize_weight_only`` of that graph;
   both run by ``runtime_bench.decoder.OnnxDecoder`` (ONNX Runtime, one cache buffer bound as past
   and present where the graph allows, as ``onnxforge generate`` runs);
+- onnxforge int4 + int8 KV cache: that graph with ``optimizers.quantize.kv_cache.quantize_kv_cache``
+  (scales from 16 standard-library docstrings), the form ``onnxforge quantize``'s auto writes where
+  the int8 cache is as faithful and no slower at 1024 tokens of context (kept on this configuration,
+  docs/results/decoder_compression.md); its weights are RTN's, whose format and speed GPTQ's share;
 - onnxforge int4, GenAI loop: the same int4 graph under ``onnxruntime_genai``'s Generator with the
   genai_config.json its package carries: the graph against the builder's under one loop;
 - ORT GenAI int4: ``python -m onnxruntime_genai.models.builder -p int4 -e cpu`` on the same
@@ -93,9 +97,12 @@ def _kv_bytes_per_token(name: str, itemsize: int) -> int:
 # ---------------------------------------------------------------------------- onnxforge rows
 
 
-def onnxforge_models(hf: Path, work: Path, threads: int | None) -> tuple[Path, Path]:
-    """fp32 export and int4 weight-only model, each built once into ``work``."""
+def onnxforge_models(hf: Path, work: Path, threads: int | None) -> tuple[Path, Path, Path]:
+    """fp32 export, int4 weight-only model and int4 with the int8 KV cache, each built once into ``work``."""
     from exporter.decoder import export_decoder
+    from onnxforge.decoder_models import stdlib_docstrings
+    from onnxforge.generation import Tokenizer
+    from optimizers.quantize.kv_cache import KvCacheSettings, quantize_kv_cache
     from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 
     fp32 = work / "onnxforge-fp32" / "model.onnx"
@@ -109,7 +116,13 @@ def onnxforge_models(hf: Path, work: Path, threads: int | None) -> tuple[Path, P
         result = quantize_weight_only(fp32, int4, WeightOnlySettings(threads=threads))
         logger.info("int4: accuracy level %d (step ms per level %s), KL %.4f", result.accuracy_level,
                     result.level_timings_ms, result.quality.kl_mean)
-    return fp32, int4
+    kv8 = work / "onnxforge-int4-kv8" / "model.onnx"
+    if not kv8.exists():
+        tokenizer = Tokenizer(hf)
+        calibration = [tokenizer.encode(text)[:256] for text in stdlib_docstrings(200_000)[:16]]
+        result = quantize_kv_cache(int4, kv8, calibration, KvCacheSettings(threads=threads))
+        logger.info("int4 + int8 KV cache: KL %.4f against int4", result.quality.kl_mean)
+    return fp32, int4, kv8
 
 
 def onnx_row(name: str, path: Path, config: GenerationConfig, kv_per_token: int, mean_context: float) -> Row:
@@ -328,7 +341,7 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-cpp", type=Path, default=ROOT / ".cache" / "peers" / "llama-build" / "bin",
                         help="folder with llama-bench and llama-quantize")
     parser.add_argument("--llama-cpp-source", type=Path, help="llama.cpp source (default: the sdist unpacked in --work)")
-    parser.add_argument("--skip", default="", help="comma-separated rows to leave out: fp32, int4, genai, llama")
+    parser.add_argument("--skip", default="", help="comma-separated rows to leave out: fp32, int4, kv8, genai, llama")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--profile", action="store_true",
                         help="also print, per ONNX row, the milliseconds per decode step in each op type (ORT profiler)")
@@ -349,11 +362,13 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     if not {"fp32", "int4"} <= skip:
         try:
-            fp32, int4 = onnxforge_models(hf, work, args.threads)
+            fp32, int4, kv8 = onnxforge_models(hf, work, args.threads)
             if "fp32" not in skip:
                 rows.append(onnx_row("onnxforge fp32", fp32, config, kv_fp32, mean_context))
             if "int4" not in skip:
                 rows.append(onnx_row("onnxforge int4", int4, config, kv_fp32, mean_context))
+            if "int4" not in skip and "kv8" not in skip:
+                rows.append(onnx_row("onnxforge int4 + int8 KV", kv8, config, _kv_bytes_per_token(args.model, 1), mean_context))
             if "int4" not in skip and "genai" not in skip:
                 rows.append(onnxforge_genai_row(hf, work, int4, config, kv_fp32, mean_context))
         except Exception as exc:  # noqa: BLE001 - a row that cannot run says why
@@ -391,12 +406,15 @@ def main(argv=None) -> int:
     print(f"memory bandwidth (measured here, median of {len(samples)}): {bandwidth:.1f} GB/s")
     print()
     summaries = [r.summary(1, bandwidth) for r in rows]
-    print(f"{'row':<26} {'TTFT ms':>9} {'decode tok/s':>12} {'step p90 ms':>11} {'bound tok/s':>11} {'% bound':>7} {'MB/token':>8}")
+    builder = next((s for s in summaries if s["row"] == "ORT GenAI builder int4" and "why_not" not in s), None)
+    print(f"{'row':<26} {'TTFT ms':>9} {'decode tok/s':>12} {'x builder':>9} {'step p90 ms':>11} {'bound tok/s':>11} {'% bound':>7} "
+          f"{'MB/token':>8}")
     for s in summaries:
         if "why_not" in s:
             print(f"{s['row']:<26} not measured: {s['why_not']}")
             continue
-        print(f"{s['row']:<26} {s['ttft_ms']:9.1f} {s['decode_tok_s']:12.1f} {s['step_ms_p90']:11.2f} {s['bound_tok_s']:11.1f} "
+        ratio = f"{s['decode_tok_s'] / builder['decode_tok_s']:8.3f}x" if builder else f"{'-':>9}"
+        print(f"{s['row']:<26} {s['ttft_ms']:9.1f} {s['decode_tok_s']:12.1f} {ratio} {s['step_ms_p90']:11.2f} {s['bound_tok_s']:11.1f} "
               f"{s['bound_pct']:6.0f}% {s['mb_per_token']:8.1f}")
     if args.profile:
         onnx_rows = {"onnxforge fp32": work / "onnxforge-fp32" / "model.onnx", "onnxforge int4": work / "onnxforge-int4" / "model.onnx",
