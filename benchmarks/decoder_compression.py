@@ -3,7 +3,9 @@
 Quality (the trained docstring Llama, ``onnxforge.decoder_models.docstring_llama``): every
 weight-only candidate's perplexity / KL against fp32 on held-out docstrings of the ``onnx``
 package, the MLP pruned by ``--ratio`` and the KV head groups pruned by ``--kv-heads``, each with
-its least-squares re-fit.
+its least-squares re-fit. ``--train-steps`` / ``--layers`` / ``--hidden`` run it on a longer-trained
+or larger variant of that model (built once into its own cache folder; the tests' model is the
+default), ``--quality-candidates`` names the weight-only candidates of its table.
 
 Speed (a published configuration with random weights, SmolLM2-135M by default,
 ``onnxforge.decoder_configs``): decode step of plain int4 RTN against the other candidates
@@ -14,7 +16,8 @@ at 64, 512 and 1024 tokens of context. Decode steps are medians over interleaved
 (``optimizers.quantize.weight_only.decode_step_ms``).
 
     python benchmarks/decoder_compression.py [--model smollm2-135m] [--ratio 0.25] [--kv-heads 0.5] [--threads 2]
-        [--skip-quality] [--skip-speed] [--skip-pruning]
+        [--skip-quality] [--skip-speed] [--skip-pruning] [--train-steps 300] [--layers 2] [--hidden 128]
+        [--quality-candidates rtn-int4-sym-b32,gptq-int4,...]
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import onnx
 from exporter.decoder import export_decoder
 from onnxforge.common.sessions import SessionSettings
 from onnxforge.decoder_configs import random_decoder
-from onnxforge.decoder_models import docstring_llama
+from onnxforge.decoder_models import DEFAULT_HIDDEN, DEFAULT_LAYERS, DEFAULT_STEPS, docstring_llama, docstring_llama_name
 from optimizers.prune.decoder_heads import DecoderHeadPruneSettings, prune_decoder_heads
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
 from optimizers.quantize.kv_cache import KvCacheSettings, quantize_kv_cache
@@ -77,17 +80,21 @@ def token_sequences(folder: Path, texts: list[str], count: int, length: int = 12
     return [s for s in ids if len(s) >= 32][:count]
 
 
-def quality(work: Path, ratio: float, kv_heads: float, threads: int | None, level: int) -> None:
-    folder = docstring_llama()
+def quality(work: Path, ratio: float, kv_heads: float, threads: int | None, level: int, *, variant: dict,
+            candidates: tuple[str, ...] = NAMES, pruning: bool = True) -> None:
+    """The quality tables on the docstring Llama ``variant`` (``steps``, ``layers``, ``hidden``)."""
+    folder = docstring_llama(**variant)
+    title = f"trained docstring Llama {docstring_llama_name(**variant)}"
     fp32 = work / "llama" / "model.onnx"
     export_decoder(folder, fp32, validate=False)
     calibration = token_sequences(folder, docstrings(False), 48)
     evaluation = token_sequences(folder, docstrings(True), 16)
     result = quantize_decoder_candidates(fp32, work / "llama-q" / "model.onnx",
-                                         DecoderCandidateSettings(candidates=NAMES, threads=threads, accuracy_level=level),
+                                         DecoderCandidateSettings(candidates=candidates, threads=threads, accuracy_level=level),
                                          calibration=calibration, evaluation=evaluation)
-    print(f"\n## Weight-only candidates, trained docstring Llama (fp32 perplexity {result.perplexity_float:.3f}), "
+    print(f"\n## Weight-only candidates, {title} (fp32 perplexity {result.perplexity_float:.3f}), "
           f"accuracy level {_level(result)}\n")
+    print(f"({(folder / 'TRAINING.txt').read_text(encoding='utf-8').strip()})\n")
     print("| candidate | perplexity x fp32 | KL | greedy match /16 | decode step ms | MB | chosen |")
     print("|---|---|---|---|---|---|---|")
     for c in result.candidates:
@@ -98,7 +105,10 @@ def quality(work: Path, ratio: float, kv_heads: float, threads: int | None, leve
               f"{c.decode_ms:.3f} | {c.weight_bytes / 1e6:.2f} | {'yes' if c.chosen else ''} |")
     for reason in result.reasons:
         print(f"- {reason}")
-    greedy_table(fp32, work, calibration, evaluation, threads, result.accuracy_level)
+    greedy_table(fp32, work, calibration, evaluation, threads, result.accuracy_level, title,
+                 [c for c in GREEDY_CANDIDATES if c in candidates])
+    if not pruning:
+        return
     pruned = prune_decoder_mlp(fp32, work / "llama-pruned" / "model.onnx", calibration,
                                DecoderPruneSettings(ratio=ratio, threads=threads), evaluation=evaluation)
     q = pruned.quality
@@ -116,18 +126,22 @@ def quality(work: Path, ratio: float, kv_heads: float, threads: int | None, leve
           f"decode step {heads.decode_ms['unpruned']:.3f} -> {heads.decode_ms['pruned']:.3f} ms")
 
 
-def greedy_table(fp32: Path, work: Path, calibration, evaluation, threads: int | None, level: int) -> None:
+GREEDY_CANDIDATES = ("rtn-int4-sym-b32", "gptq-int4", "gptq-int4-int8-head", "rtn-int4-int8-head", "mixed", "rtn-int8-sym-b32")
+
+
+def greedy_table(fp32: Path, work: Path, calibration, evaluation, threads: int | None, level: int, title: str,
+                 names) -> None:
     """Greedy match at length: 8 held-out prompts of 16 tokens, 64 new tokens each, per candidate."""
     prepared = prepare(onnx.load(str(fp32)))
     session = SessionSettings(intra_op_threads=threads, log_severity=3)
     reference = OnnxDecoder(fp32, settings=session)
     builders = candidate_builders(DecoderIO.from_model(prepared), calibration, {}, DecoderCandidateSettings(), session)
-    print("\n## Greedy match over 64 new tokens (8 held-out prompts of 16 tokens), trained docstring Llama\n")
+    print(f"\n## Greedy match over 64 new tokens (8 held-out prompts of 16 tokens), {title}\n")
     print("Margin: fp32's log-probability of its own token minus that of the candidate's token where the two")
     print("first differ (nats; - where they never do): how near a tie the flipped choice was.\n")
     print("| candidate | median | per prompt | fp32 margin at the first difference | KL |")
     print("|---|---|---|---|---|")
-    for name in ("rtn-int4-sym-b32", "gptq-int4", "gptq-int4-int8-head", "rtn-int4-int8-head", "mixed", "rtn-int8-sym-b32"):
+    for name in names:
         path = work / "greedy" / f"{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(set_accuracy_level(builders[name](copy.deepcopy(prepared)), level), path)
@@ -235,7 +249,14 @@ def main(argv=None) -> int:
     parser.add_argument("--speed-candidates", default=",".join(c for c in AUTO_CANDIDATES if c != "mixed"))
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--skip-pruning", action="store_true", help="speed: the candidate table only (no pruning, no KV cache)")
+    parser.add_argument("--skip-pruning", action="store_true",
+                        help="the candidate tables only (no pruning; speed: no KV cache either)")
+    parser.add_argument("--train-steps", type=int, default=DEFAULT_STEPS,
+                        help="quality: the docstring Llama trained this many steps (a variant other than the default is "
+                             "trained once into its own cache folder: a minute or two per 300 steps on 2 quiet cores)")
+    parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="quality: the docstring Llama's layers")
+    parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="quality: the docstring Llama's hidden width")
+    parser.add_argument("--quality-candidates", default=",".join(NAMES), help="quality: the weight-only candidates compared")
     parser.add_argument("--accuracy-level", type=int, default=DecoderCandidateSettings.accuracy_level, choices=(0, 1, 2, 3, 4),
                         help="MatMulNBits accuracy_level of every candidate (4: int8 activations, the VNNI/AMX kernels; "
                              "default: measured, as quantize does)")
@@ -246,7 +267,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxforge-dcomp-") as tmp:
         work = Path(tmp)
         if not args.skip_quality:
-            quality(work, args.ratio, args.kv_heads, args.threads, args.accuracy_level)
+            quality(work, args.ratio, args.kv_heads, args.threads, args.accuracy_level,
+                    variant=dict(steps=args.train_steps, layers=args.layers, hidden=args.hidden),
+                    candidates=tuple(args.quality_candidates.split(",")), pruning=not args.skip_pruning)
         if not args.skip_speed:
             speed(work, args.model, args.ratio, args.kv_heads, tuple(args.speed_candidates.split(",")), args.threads,
                   args.rounds, args.accuracy_level, pruning=not args.skip_pruning)

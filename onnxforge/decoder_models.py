@@ -6,7 +6,9 @@ with a byte-level BPE tokenizer trained on the same text, and saves it as a Hugg
 (``save_pretrained`` + tokenizer.json, tokenizer_config.json, generation_config.json). Training
 is seeded and takes a minute or two on two cores; the folder is built once per cache folder.
 A trained model has peaked next-token distributions, so greedy parity between PyTorch and ONNX
-is a real check rather than a coin toss between near-equal logits.
+is a real check rather than a coin toss between near-equal logits. ``docstring_llama(cache_dir,
+steps=..., layers=..., hidden=...)`` builds a longer-trained or larger variant in its own folder
+(``docstring_llama_name``); the default (300 steps, 2 layers, hidden 128) is the test suite's.
 
 ``random_decoder(kind, folder)`` saves a tiny random-weight configuration of another family
 (Qwen2, Phi-3, Gemma, Mistral...), with a large ``initializer_range`` for peaked logits.
@@ -79,8 +81,26 @@ def _token_stream(tokenizer, texts: list[str], eos_id: int):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def build_docstring_llama(folder: Path, *, steps: int = 300, seed: int = 0) -> Path:
-    """Train and save the model into ``folder`` (see the module docstring)."""
+DEFAULT_STEPS, DEFAULT_LAYERS, DEFAULT_HIDDEN, DEFAULT_LR = 300, 2, 128, 3e-3
+
+
+def docstring_llama_name(steps: int = DEFAULT_STEPS, layers: int = DEFAULT_LAYERS, hidden: int = DEFAULT_HIDDEN) -> str:
+    """The cache folder name of a docstring Llama: ``DOCSTRING_LLAMA_VERSION`` for the default
+    model, with ``-s<steps>``, ``-l<layers>``, ``-h<hidden>`` appended for what a variant changes."""
+    suffix = "".join(f"-{tag}{value}" for tag, value, default in (("s", steps, DEFAULT_STEPS), ("l", layers, DEFAULT_LAYERS),
+                                                                   ("h", hidden, DEFAULT_HIDDEN)) if value != default)
+    return DOCSTRING_LLAMA_VERSION + suffix
+
+
+def build_docstring_llama(folder: Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, layers: int = DEFAULT_LAYERS,
+                          hidden: int = DEFAULT_HIDDEN, lr: float = DEFAULT_LR) -> Path:
+    """Train and save the model into ``folder`` (see the module docstring): ``layers`` Llama layers
+    of width ``hidden`` (4 query / 2 key-value heads, MLP 3 x ``hidden``), ``steps`` AdamW steps of
+    32 windows of 64 tokens, a one-cycle schedule peaking at ``lr`` after 10 % of the steps."""
+    if steps < 20 or layers < 1 or hidden < 16 or hidden % 8:
+        raise UserError(f"docstring llama: steps {steps}, layers {layers}, hidden {hidden}: need steps >= 20 (the "
+                        "one-cycle warm-up is 10 % of them), layers >= 1 and a hidden width >= 16 that is a multiple "
+                        "of 8 (4 heads of an even size)")
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -92,15 +112,15 @@ def build_docstring_llama(folder: Path, *, steps: int = 300, seed: int = 0) -> P
     pad_id, eos_id = tokenizer.token_to_id(PAD_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
     stream = _token_stream(tokenizer, texts, eos_id)
     config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=False,
         architectures=["LlamaForCausalLM"],
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     window, batch = 64, 32
     threads = torch.get_num_threads()
@@ -127,22 +147,26 @@ def build_docstring_llama(folder: Path, *, steps: int = 300, seed: int = 0) -> P
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
         fast.save_pretrained(str(staging))
         (staging / "TRAINING.txt").write_text(
-            f"{DOCSTRING_LLAMA_VERSION}: {len(texts)} standard-library docstrings, {len(stream)} tokens, "
-            f"{steps} AdamW steps of {batch}x{window} tokens, seed {seed}, final loss {float(loss.detach()):.3f}\n",
+            f"{docstring_llama_name(steps, layers, hidden)}: {len(texts)} standard-library docstrings, {len(stream)} tokens, "
+            f"{layers} layers of hidden {hidden}, {steps} AdamW steps of {batch}x{window} tokens (one-cycle, peak lr {lr:g}), "
+            f"seed {seed}, final loss {float(loss.detach()):.3f}\n",
             encoding="utf-8",
         )
     return folder
 
 
-def docstring_llama(cache_dir: str | Path | None = None) -> Path:
+def docstring_llama(cache_dir: str | Path | None = None, *, steps: int = DEFAULT_STEPS, layers: int = DEFAULT_LAYERS,
+                    hidden: int = DEFAULT_HIDDEN) -> Path:
     """The trained docstring Llama's folder under ``cache_dir`` (default ``$ONNXFORGE_CACHE`` or
-    ``~/.cache/onnxforge``), built on first use."""
+    ``~/.cache/onnxforge``), built on first use; other ``steps`` / ``layers`` / ``hidden`` than the
+    defaults build a variant in its own folder (``docstring_llama_name``), trained with the same
+    peak learning rate, its one-cycle schedule stretched over ``steps``."""
     if cache_dir is None:
         cache_dir = os.environ.get("ONNXFORGE_CACHE") or Path.home() / ".cache" / "onnxforge"
-    folder = Path(cache_dir) / DOCSTRING_LLAMA_VERSION
+    folder = Path(cache_dir) / docstring_llama_name(steps, layers, hidden)
     if not (folder / "config.json").is_file():
-        logger.info("training the docstring llama into %s (a minute or two)", folder)
-        build_docstring_llama(folder)
+        logger.info("training the docstring llama into %s (%d steps: a minute or two per 300)", folder, steps)
+        build_docstring_llama(folder, steps=steps, layers=layers, hidden=hidden)
     return folder
 
 
@@ -201,4 +225,5 @@ def random_decoder(kind: str, folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-__all__ = ["RANDOM_KINDS", "build_docstring_llama", "docstring_llama", "random_config", "random_decoder", "stdlib_docstrings"]
+__all__ = ["RANDOM_KINDS", "build_docstring_llama", "docstring_llama", "docstring_llama_name", "random_config", "random_decoder",
+           "stdlib_docstrings"]
