@@ -41,8 +41,12 @@ Layers downstream of the pruned ones that read no pruned channel see a drifted i
 output layers among them (a MatMul, Gemm or group-1 Conv with no weighted layer after it: a
 classifier head) are re-fitted last, on the pruned model's input, towards the unpruned model's
 output (``refit_outputs``): the same solve with every input channel kept and the weights as
-they are for the prior. (Re-fitting every drifted layer, a transformer's Q/K/V/O and up
-projections, lowered each one's held-out error by 1-10 % on MiniLM but not the model's.)
+they are for the prior. The inner ones (a transformer's attention output and up projections)
+can join the consumers' waves in graph order (``refit_drifted``, off by default): each is
+fitted the same way, towards the unpruned layer's output plus the residual's drift where it has
+one, kept per layer where its held-out error falls and for the model only where held-out cosine
+rises. On MiniLM at 30 % with 256 lines each such layer lost under 1 % of its error and the
+sentence embeddings nothing, and refinement then gained less (docs/results/prune_default.md).
 
 What is kept is decided on data the fit never saw: the calibration batches are split by a seeded
 permutation into fit and held-out batches. Per consumer, the re-fit is kept only where its
@@ -106,7 +110,11 @@ class ReconstructSettings:
     refit_outputs: also re-fit the output layers downstream of the pruned ones (a MatMul, Gemm or
         group-1 Conv reading no pruned channel, whose output reaches a graph output through no
         other weighted layer, a classifier head) on their drifted inputs, towards the unpruned
-        model's outputs; kept where held-out data says so, per layer and for the whole model."""
+        model's outputs; kept where held-out data says so, per layer and for the whole model.
+    refit_drifted: after the re-fit, re-fit again with the inner layers downstream of the pruned
+        ones that read no pruned channel and are no output layer (``_output_layers(last=False)``)
+        in the waves, each on its drifted input; kept per layer and for the whole model only where
+        held-out data gains (``ReconstructResult.fidelity["drifted"]``)."""
 
     ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
     holdout: float = HOLDOUT_SHARE

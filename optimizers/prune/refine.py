@@ -7,7 +7,7 @@ projection with its kept neurons fixed. Here the whole block is fitted, up proje
 towards what the unpruned model computes at the block's end:
 
     y = LN(act(x̂ W_up + b_up) W_down + b_down + r̂)        (the LayerNorm and residual where present)
-    minimize  mean_t ||y_t − y*_t||²   over W_up, b_up, W_down, b_down
+    minimize  mean_t ||y_t − y*_t||²   over W_up, b_up, W_down, b_down   (and the LayerNorm's γ, β: ``RefineSettings.norms``)
 
 with ``x̂`` and ``r̂`` the block's input and residual in the model as refined so far (blocks are
 refined in graph order, each on its predecessors' refined outputs, so each also repairs the
@@ -240,7 +240,10 @@ class RefineSettings:
     check_every: steps between held-out checks; the best check's weights are kept.
     max_rows: rows of calibration data held in memory per block: a seeded sample of at most
         ``ceil(max_rows / batches)`` rows of each batch, read batch by batch.
-    holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``)."""
+    holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``).
+    norms: the block's LayerNorm scale and bias are trained with it (where no other node reads
+        them), Adam's steps relative to the scale's own RMS. Off by default: on MiniLM at 30 % it
+        lowered the held-out block losses by 0.1-0.3 % and left the sentence embeddings as they were."""
 
     steps: int = 400
     learning_rate: float = 3e-3
