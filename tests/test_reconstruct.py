@@ -706,3 +706,26 @@ def test_drifted_inner_layer_refit_is_kept_only_where_held_out_data_gains(seed, 
         test = _batches("x", (16, 6), 1, seed=seed + 2)[0]
         np.testing.assert_array_equal(_run(on.model, test), _run(off.model, test))
     onnx.checker.check_model(on.model, full_check=True)
+
+
+def test_a_bias_is_added_into_a_fused_bias_activation():
+    """A MatMul read by ``com.microsoft.BiasGelu(z, b)`` (ONNX Runtime's fusion of a bias Add and a
+    Gelu) takes a bias change into ``b``: no Add is inserted in front of the fused op (which would
+    keep refinement from recognising the block)."""
+    from optimizers.prune.channels import add_bias
+
+    rng = np.random.default_rng(50)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["z"], name="up"),
+         helper.make_node("BiasGelu", ["z", "b"], ["y"], name="act", domain="com.microsoft")],
+        "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6])],
+        [numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    shifted = onnx.ModelProto()
+    shifted.CopyFrom(model)
+    delta = rng.standard_normal(6).astype(np.float32)
+    add_bias(shifted, shifted.graph.node[0], delta, 6, {t.name: t for t in shifted.graph.initializer})
+    assert [n.op_type for n in shifted.graph.node] == ["MatMul", "BiasGelu"]
+    np.testing.assert_allclose(_initializer(shifted, "b"), _initializer(model, "b") + delta, rtol=1e-6)

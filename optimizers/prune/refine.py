@@ -47,6 +47,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity
 from onnxforge.common.graph import readers as readers_of
 from optimizers.calibration import HOLDOUT_SHARE, split_holdout
+from optimizers.prune.channels import BIAS_ACTIVATIONS
 from optimizers.prune.reconstruct import activations, token_rows
 from optimizers.quantize.outliers import feed_forwards
 from onnxforge.common.progress import tracked
@@ -326,8 +327,6 @@ class _Block:
     bias_in_activation: bool = False  # ``up_bias`` is an input of a fused activation (BiasGelu), not of an Add
 
 
-# Fused activations (com.microsoft) that add the up projection's bias themselves: ``op(z, b) = act(z + b)``.
-BIAS_ACTIVATIONS = ("BiasGelu", "FastGelu")
 
 
 def _activation_bias(initializers, chain: list, width: int) -> str | None:
