@@ -46,7 +46,8 @@ can join the consumers' waves in graph order (``refit_drifted``, off by default)
 fitted the same way, towards the unpruned layer's output plus the residual's drift where it has
 one, kept per layer where its held-out error falls and for the model only where held-out cosine
 rises. On MiniLM at 30 % with 256 lines each such layer lost under 1 % of its error and the
-sentence embeddings nothing, and refinement then gained less (docs/results/prune_default.md).
+sentence embeddings nothing; with refinement after it the model ended where it ends without them
+(docs/results/prune_default.md).
 
 What is kept is decided on data the fit never saw: the calibration batches are split by a seeded
 permutation into fit and held-out batches. Per consumer, the re-fit is kept only where its
