@@ -28,13 +28,16 @@ HIDDEN, WIDTH, KEPT = 16, 48, 24
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("layernorm", [True, False])
+@pytest.mark.parametrize("layernorm", [True, False, "trained"])
 def test_gradients_match_finite_differences(activation, layernorm):
+    """``trained``: the LayerNorm's scale and bias are trainable too."""
     rng = np.random.default_rng(1)
     p = BlockParameters(rng.normal(0, 0.3, (6, 10)), rng.normal(0, 0.3, 10), rng.normal(0, 0.3, (10, 5)),
-                        rng.normal(0, 0.3, 5), (rng.normal(1, 0.2, 5), rng.normal(0, 0.2, 5), 1e-5) if layernorm else None)
+                        rng.normal(0, 0.3, 5), (rng.normal(1, 0.2, 5), rng.normal(0, 0.2, 5), 1e-5) if layernorm else None,
+                        train_norm=layernorm == "trained")
     x, residual, target = rng.normal(0, 1, (7, 6)), rng.normal(0, 1, (7, 5)), rng.normal(0, 1, (7, 5))
     _, grads = loss_and_gradients(p, activation, x, residual, target)
+    assert ("norm_scale" in grads) == ("norm_bias" in grads) == (layernorm == "trained")
     for name, value in p.trainable().items():
         numeric = np.zeros_like(value)
         for index in np.ndindex(value.shape):

@@ -413,6 +413,10 @@ def compensate_biases(model: onnx.ModelProto, original: onnx.ModelProto, analysi
     return changed
 
 
+# Fused activations (com.microsoft) that add the up projection's bias themselves: ``op(z, b) = act(z + b)``.
+BIAS_ACTIVATIONS = ("BiasGelu", "FastGelu")
+
+
 def add_bias(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray, size: int, inits: Mapping[str, onnx.TensorProto]) -> None:
     """In place: ``delta`` (``size`` output channels) added to ``node``'s bias. Conv / Gemm: the
     bias input (created when absent); MatMul: the per-channel constant of the Add that follows
@@ -429,9 +433,11 @@ def add_bias(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray, si
             node.input.append("")
         node.input.append(name)
         return
-    # MatMul: a following Add with a per-channel constant takes it; else insert an Add
+    # MatMul: a following Add (or an activation that adds its bias itself: BiasGelu, FastGelu) with a
+    # per-channel constant takes it; else insert an Add
     consumers = [n for n in model.graph.node if node.output[0] in n.input]
-    if len(consumers) == 1 and consumers[0].op_type == "Add":
+    if len(consumers) == 1 and (consumers[0].op_type == "Add" or (consumers[0].domain == "com.microsoft"
+                                                                    and consumers[0].op_type in BIAS_ACTIVATIONS)):
         other = [i for i in consumers[0].input if i != node.output[0]]
         if other and other[0] in inits and list(inits[other[0]].dims) == [size]:
             tensor = inits[other[0]]

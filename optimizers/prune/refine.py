@@ -7,7 +7,7 @@ projection with its kept neurons fixed. Here the whole block is fitted, up proje
 towards what the unpruned model computes at the block's end:
 
     y = LN(act(x̂ W_up + b_up) W_down + b_down + r̂)        (the LayerNorm and residual where present)
-    minimize  mean_t ||y_t − y*_t||²   over W_up, b_up, W_down, b_down
+    minimize  mean_t ||y_t − y*_t||²   over W_up, b_up, W_down, b_down   (and the LayerNorm's γ, β: ``RefineSettings.norms``)
 
 with ``x̂`` and ``r̂`` the block's input and residual in the model as refined so far (blocks are
 refined in graph order, each on its predecessors' refined outputs, so each also repairs the
@@ -47,6 +47,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity
 from onnxforge.common.graph import readers as readers_of
 from optimizers.calibration import HOLDOUT_SHARE, split_holdout
+from optimizers.prune.channels import BIAS_ACTIVATIONS
 from optimizers.prune.reconstruct import activations, token_rows
 from optimizers.quantize.outliers import feed_forwards
 from onnxforge.common.progress import tracked
@@ -133,12 +134,25 @@ class BlockParameters:
     down_bias: np.ndarray | None  # [out]
     norm: tuple[np.ndarray, np.ndarray, float] | None = None  # (scale, bias, epsilon)
 
+    train_norm: bool = False  # the LayerNorm's scale and bias are trained too
+
     def trainable(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in (("up", self.up), ("up_bias", self.up_bias), ("down", self.down),
-                                  ("down_bias", self.down_bias)) if v is not None}
+        found = {k: v for k, v in (("up", self.up), ("up_bias", self.up_bias), ("down", self.down),
+                                   ("down_bias", self.down_bias)) if v is not None}
+        if self.train_norm and self.norm is not None:
+            found.update(norm_scale=self.norm[0], norm_bias=self.norm[1])
+        return found
+
+    def with_values(self, values: Mapping[str, np.ndarray]) -> BlockParameters:
+        """A copy with the named trainable arrays replaced (``norm_scale`` / ``norm_bias`` into ``norm``)."""
+        fields = {k: v for k, v in values.items() if not k.startswith("norm_")}
+        if "norm_scale" in values or "norm_bias" in values:
+            scale, bias, epsilon = self.norm
+            fields["norm"] = (values.get("norm_scale", scale), values.get("norm_bias", bias), epsilon)
+        return dataclasses.replace(self, **fields)
 
     def copy(self) -> BlockParameters:
-        return dataclasses.replace(self, **{k: v.copy() for k, v in self.trainable().items()})
+        return self.with_values({k: v.copy() for k, v in self.trainable().items()})
 
 
 def block_output(p: BlockParameters, activation: str, x: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
@@ -185,6 +199,9 @@ def loss_and_gradients(p: BlockParameters, activation: str, x, residual, target)
     grads["up"] = x.T @ dz
     if p.up_bias is not None:
         grads["up_bias"] = dz.sum(axis=0)
+    if p.train_norm and p.norm is not None:
+        grads["norm_scale"] = (dy * normalized).sum(axis=0)
+        grads["norm_bias"] = dy.sum(axis=0)
     return loss, grads
 
 
@@ -199,8 +216,10 @@ def block_loss(p: BlockParameters, activation: str, x, residual, target, chunk: 
 
 
 class _Adam:
-    def __init__(self, params: Mapping[str, np.ndarray], learning_rate: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params: Mapping[str, np.ndarray], learning_rate: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 relative: Mapping[str, float] | None = None):
         self.learning_rate, self.betas, self.eps, self.step_count = learning_rate, betas, eps, 0
+        self.relative = dict(relative or {})
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
 
@@ -211,7 +230,8 @@ class _Adam:
         for name, g in grads.items():
             self.m[name] = b1 * self.m[name] + (1 - b1) * g
             self.v[name] = b2 * self.v[name] + (1 - b2) * g * g
-            params[name] -= self.learning_rate * correction * self.m[name] / (np.sqrt(self.v[name]) + self.eps)
+            rate = self.learning_rate * self.relative.get(name, 1.0)
+            params[name] -= rate * correction * self.m[name] / (np.sqrt(self.v[name]) + self.eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +241,10 @@ class RefineSettings:
     check_every: steps between held-out checks; the best check's weights are kept.
     max_rows: rows of calibration data held in memory per block: a seeded sample of at most
         ``ceil(max_rows / batches)`` rows of each batch, read batch by batch.
-    holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``)."""
+    holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``).
+    norms: the block's LayerNorm scale and bias are trained with it (where no other node reads
+        them), Adam's steps relative to the scale's own RMS. Off by default: on MiniLM at 30 % it
+        lowered the held-out block losses by 0.1-0.3 % and left the sentence embeddings as they were."""
 
     steps: int = 400
     learning_rate: float = 3e-3
@@ -230,6 +253,7 @@ class RefineSettings:
     max_rows: int = 65536
     holdout: float = HOLDOUT_SHARE
     seed: int = 0
+    norms: bool = False
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_rows < 1 or self.check_every < 1 or self.max_rows < 1:
@@ -239,14 +263,15 @@ class RefineSettings:
 
 
 def descend(params: Mapping[str, np.ndarray], gradients: Callable[[np.ndarray], Mapping[str, np.ndarray]],
-            heldout_loss: Callable[[], float], rows: int, scale: float, settings: RefineSettings
-            ) -> tuple[dict[str, np.ndarray] | None, float, float, int]:
+            heldout_loss: Callable[[], float], rows: int, scale: float, settings: RefineSettings,
+            relative: Mapping[str, float] | None = None) -> tuple[dict[str, np.ndarray] | None, float, float, int]:
     """Adam on ``params`` (updated in place): each step draws ``settings.batch_rows`` of ``rows``
     fitted rows (seeded) and follows ``gradients(row indices)``; ``heldout_loss()`` (of ``params`` as
     they stand) is measured before the first step and every ``settings.check_every`` steps.
     ``(copy of the params at the best check or None when no check beat the start, held-out loss
-    before, at the best check, best step)``. The step size is ``settings.learning_rate * scale``."""
-    adam = _Adam(params, settings.learning_rate * max(scale, 1e-6))
+    before, at the best check, best step)``. The step size is ``settings.learning_rate * scale``
+    (times ``relative[name]`` where given)."""
+    adam = _Adam(params, settings.learning_rate * max(scale, 1e-6), relative=relative)
     before = heldout_loss()
     best, best_loss, best_step = None, before, 0
     rng = np.random.default_rng(settings.seed)
@@ -275,9 +300,13 @@ def fit_block(p: BlockParameters, activation: str, fit: tuple, held: tuple, sett
     def gradients(rows):
         return loss_and_gradients(work, activation, x[rows], None if residual is None else residual[rows], target[rows])[1]
 
+    scale = weight_scale(p.up, p.down)
+    relative = None
+    if p.train_norm and p.norm is not None:  # steps relative to the norm's own scale (about 1), not the weights'
+        relative = dict.fromkeys(("norm_scale", "norm_bias"), weight_scale(p.norm[0]) / max(scale, 1e-6))
     best, before, after, step = descend(params, gradients, lambda: block_loss(work, activation, *held), x.shape[0],
-                                        weight_scale(p.up, p.down), settings)
-    return (p if best is None else dataclasses.replace(p, **best)), before, after, step
+                                        scale, settings, relative)
+    return (p if best is None else p.with_values(best)), before, after, step
 
 
 # ---------------------------------------------------------------- blocks in the graph
@@ -298,8 +327,6 @@ class _Block:
     bias_in_activation: bool = False  # ``up_bias`` is an input of a fused activation (BiasGelu), not of an Add
 
 
-# Fused activations (com.microsoft) that add the up projection's bias themselves: ``op(z, b) = act(z + b)``.
-BIAS_ACTIVATIONS = ("BiasGelu", "FastGelu")
 
 
 def _activation_bias(initializers, chain: list, width: int) -> str | None:
@@ -366,15 +393,22 @@ def _blocks(model: onnx.ModelProto) -> tuple[list[_Block], list[tuple[str, str]]
     return found, skipped
 
 
-def _parameters(model: onnx.ModelProto, block: _Block) -> BlockParameters:
+def _parameters(model: onnx.ModelProto, block: _Block, train_norm: bool = False) -> BlockParameters:
+    """The block's weights; ``train_norm``: its LayerNorm's scale and bias are trainable too, where
+    no other node reads them."""
     initializers = {i.name: i for i in model.graph.initializer}
     read = lambda name: numpy_helper.to_array(initializers[name]).astype(np.float32) if name else None
     norm = (read(block.norm[0]), read(block.norm[1]), block.norm[2]) if block.norm else None
-    return BlockParameters(read(block.up_weight), read(block.up_bias), read(block.down_weight), read(block.down_bias), norm)
+    readers = readers_of(model.graph)
+    own_norm = block.norm is not None and all(len(readers.get(name, [])) == 1 for name in block.norm[:2])
+    return BlockParameters(read(block.up_weight), read(block.up_bias), read(block.down_weight), read(block.down_bias), norm,
+                           train_norm and own_norm)
 
 
 def _write(model: onnx.ModelProto, block: _Block, p: BlockParameters) -> None:
     values = {block.up_weight: p.up, block.down_weight: p.down, block.up_bias: p.up_bias, block.down_bias: p.down_bias}
+    if p.train_norm:
+        values.update({block.norm[0]: p.norm[0], block.norm[1]: p.norm[1]})
     for init in model.graph.initializer:
         if init.name in values and values[init.name] is not None:
             init.CopyFrom(numpy_helper.from_array(values[init.name].astype(np.float32), init.name))
@@ -492,7 +526,7 @@ def _refine_block(reference, current: onnx.ModelProto, block: _Block, fit, held,
     if now.shape != held_rows[2].shape:  # the channels the block writes were pruned too
         return BlockReport(block.name, activation, (0, 0), None, 0, False,
                            f"its output has {now.shape[1]} channels against {held_rows[2].shape[1]} in the reference")
-    p = _parameters(current, block)
+    p = _parameters(current, block, settings.norms)
     mine = block_output(p, activation, held_rows[0], held_rows[1])
     scale = max(float(np.abs(now).max(initial=0.0)), 1.0)
     mismatch = float(np.abs(mine - now).max(initial=0.0)) / scale

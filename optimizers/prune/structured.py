@@ -191,8 +191,10 @@ def _sensitivity_or_uniform(model, analysis: Analysis, settings: PruneSettings, 
 
 def _chosen_fidelity(refit) -> float:
     """Held-out cosine of the model ``reconstruct`` returned (re-fitted, or compensated; with its
-    output layers re-fitted where that was kept)."""
+    drifted inner layers and output layers re-fitted where that was kept)."""
     value = refit.fidelity["reconstruction"] if refit.applied else refit.fidelity["compensation"]
+    if refit.fidelity.get("drifted") is not None:
+        value = refit.fidelity["drifted"]
     if refit.fidelity.get("outputs") is not None:
         value = refit.fidelity["outputs"]
     return -1.0 if value is None else float(value)
