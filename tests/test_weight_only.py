@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -137,6 +139,35 @@ def test_tied_output_layer_is_quantized(tmp_path):
     int8 = quantize_weight_only(source, tmp_path / "int8.onnx", WeightOnlySettings(bits=8, accuracy_level=0))
     assert int8.output_layer_quantized and _constant_matmuls(int8.path) == 0
     assert int8.quality.kl_mean < 0.05 < int4.quality.kl_mean  # measured 0.005 and 1.1
+
+
+def test_bias_folded_into_matmulnbits_computes_what_the_addition_did(tmp_path):
+    """Qwen2's q/k/v bias after the packed product: a nonzero one becomes MatMulNBits' bias input, a
+    zero one (what random initialisation gives) goes; the logits stay those of the graph with the Add."""
+    from optimizers.quantize.weight_only import fold_bias_into_matmulnbits
+
+    source = onnx.load(str(random_decoder_onnx("qwen2")))
+    prompt = np.array([[3, 17, 250, 9, 44]])
+    for nonzero in (True, False):
+        model = quantize_weights(copy.deepcopy(source), WeightOnlySettings())
+        biases = [t for t in model.graph.initializer if t.name.endswith("_packed_qkv_bias")]
+        assert len(biases) == 2  # one a layer
+        rng = np.random.default_rng(0)
+        for t in biases:
+            values = rng.normal(0, 0.5, size=tuple(t.dims)).astype(np.float32) if nonzero else np.zeros(tuple(t.dims), np.float32)
+            t.CopyFrom(numpy_helper.from_array(values, t.name))
+        onnx.save_model(model, str(tmp_path / "added.onnx"))
+        adds = _count(model, "Add")
+        assert fold_bias_into_matmulnbits(model) == 2 and _count(model, "Add") == adds - 2
+        with_bias = [n for n in model.graph.node if n.op_type == "MatMulNBits" and len(n.input) == 6]
+        assert len(with_bias) == (2 if nonzero else 0)
+        onnx.save_model(model, str(tmp_path / "folded.onnx"))
+        np.testing.assert_allclose(OnnxDecoder(tmp_path / "folded.onnx").prefill(prompt),
+                                   OnnxDecoder(tmp_path / "added.onnx").prefill(prompt), rtol=0, atol=1e-4)
+
+
+def _count(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in model.graph.node)
 
 
 def test_shared_embedding_computes_what_its_own_copy_did(tmp_path):

@@ -99,7 +99,9 @@ from optimizers.quantize.weight_only import (
     decode_step_ms,
     decoder_quality,
     default_sequences,
+    feed_packed_qkv,
     float_decoder_header,
+    fold_bias_into_matmulnbits,
     is_embedding,
     output_layer_weight,
     pack_sibling_matmuls,
@@ -229,13 +231,15 @@ class DecoderCandidatesResult:
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with every node named, the tied output layer given its own weight, and sibling
-    products packed (q/k/v, gate/up): the float graph every candidate quantizes."""
+    products packed (q/k/v, gate/up; GroupQueryAttention reads the packed q/k/v, as the weight-only
+    path's graph does): the float graph every candidate quantizes."""
     prepared = copy.deepcopy(model)
     for i, node in enumerate(prepared.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
     untie_output_layer(prepared)
     pack_sibling_matmuls(prepared)
+    feed_packed_qkv(prepared)  # GroupQueryAttention reads the packed q/k/v product: no Split a layer
     return prepared
 
 
@@ -497,7 +501,17 @@ def candidate_builders(io: DecoderIO, calibration, scores_box: dict, settings: D
         return int8_kv_cache(rtn(m, 4, 32, True), scales)
 
     builders["rtn-int4-kv8"] = rtn_kv8
-    return builders
+    return {name: _finished(build) for name, build in builders.items()}
+
+
+def _finished(build: Callable[[onnx.ModelProto], onnx.ModelProto]) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+    """``build`` followed by what every candidate's graph gets after quantization (a bias addition
+    folded into its product)."""
+    def finished(model: onnx.ModelProto) -> onnx.ModelProto:
+        built = build(model)
+        fold_bias_into_matmulnbits(built)
+        return built
+    return finished
 
 
 def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidateSettings = DecoderCandidateSettings(), *,

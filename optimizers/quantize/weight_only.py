@@ -354,6 +354,43 @@ def feed_packed_qkv(model: onnx.ModelProto) -> int:
     return changed
 
 
+def fold_bias_into_matmulnbits(model: onnx.ModelProto) -> int:
+    """``Add(MatMulNBits(x), b)``, ``b`` a constant float vector of the product's N, -> ``MatMulNBits``
+    with ``b`` as its optional bias input, or no addition at all where ``b`` is all zeros (as ORT
+    GenAI's builder leaves out a zero q/k/v bias): one node fewer a layer (measured 2 % of a decode
+    step on Qwen2.5-0.5B's widths, where a node costs what a small product does). Exact. Mutates
+    ``model``; returns how many additions went."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    readers = {name: len(nodes) for name, nodes in tensor_readers(graph).items()}
+    outputs = {v.name for v in graph.output}
+    folded = 0
+    for add in [n for n in graph.node if n.op_type == "Add" and len(n.input) == 2]:
+        constant = [i for i in add.input if i in initializers]
+        if len(constant) != 1:
+            continue
+        source = add.input[1] if add.input[0] == constant[0] else add.input[0]
+        matmul = producers.get(source)
+        if (matmul is None or matmul.op_type != "MatMulNBits" or readers.get(source, 0) != 1 or source in outputs
+                or (len(matmul.input) > 5 and matmul.input[5])):
+            continue
+        bias = initializers[constant[0]]
+        n = next((a.i for a in matmul.attribute if a.name == "N"), None)
+        if list(bias.dims) != [n] or bias.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if np.any(onnx.numpy_helper.to_array(bias)):
+            inputs = [*matmul.input, "", "", ""][:5]
+            del matmul.input[:]
+            matmul.input.extend([*inputs, bias.name])
+        matmul.output[0] = add.output[0]
+        graph.node.remove(add)
+        folded += 1
+    if folded:
+        _drop_unread_initializers(graph)
+    return folded
+
+
 def is_embedding(weight: onnx.TensorProto | None, settings: WeightOnlySettings) -> bool:
     return (weight is not None and weight.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
             and len(weight.dims) == 2 and weight.dims[1] % settings.block_size == 0)
@@ -652,6 +689,7 @@ def quantize_weight_only(model_path, out_path, settings: WeightOnlySettings = We
     float_model = onnx.load(str(model_path))
     bytes_before = weight_bytes(float_model)
     quantized = quantize_weights(float_model, settings)
+    fold_bias_into_matmulnbits(quantized)
     del float_model
     shared = settings.bits == 4 and share_tied_embedding(quantized)
     matmuls = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
@@ -705,6 +743,7 @@ __all__ = [
     "decoder_quality",
     "default_sequences",
     "feed_packed_qkv",
+    "fold_bias_into_matmulnbits",
     "is_decoder",
     "is_decoder_file",
     "is_embedding",
