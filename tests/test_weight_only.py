@@ -69,8 +69,8 @@ def test_int4_replaces_every_constant_matmul_and_the_embedding(int4_trained):
     float_matmuls = _constant_matmuls(source)
     ops = _ops(result.path)
     assert float_matmuls == 15  # 2 layers x (q, k, v, o, gate, up, down) + the output layer
-    # q/k/v packed into one product, gate/up into another (pack_sibling_matmuls): 2 x 4 + 1
-    assert ops.get("MatMulNBits") == 9 == result.quantized_matmuls
+    # q/k/v packed into one product read by GroupQueryAttention, gate and up apart: 2 x 5 + 1
+    assert ops.get("MatMulNBits") == 11 == result.quantized_matmuls and "Split" not in ops
     assert _constant_matmuls(result.path) == 0
     assert ops.get("GatherBlockQuantized") == 1
     assert result.output_layer_quantized
@@ -104,7 +104,7 @@ def test_int8_is_closer_to_fp32_than_int4(int4_trained, tmp_path):
     source, int4 = int4_trained
     int8 = quantize_weight_only(source, tmp_path / "int8.onnx", WeightOnlySettings(bits=8, accuracy_level=0),
                                 sequences=held_out_sequences())
-    assert _ops(int8.path).get("MatMulNBits") == int8.quantized_matmuls == int4.quantized_matmuls == 9
+    assert _ops(int8.path).get("MatMulNBits") == int8.quantized_matmuls == int4.quantized_matmuls == 11
     assert int8.quantized_gathers == 0  # ONNX Runtime has no 8-bit GatherBlockQuantized form here
     assert int8.quality.kl_mean < int4.quality.kl_mean / 10
     assert abs(int8.quality.perplexity_candidate / int8.quality.perplexity_reference - 1) < 0.01
@@ -134,7 +134,7 @@ def test_tied_output_layer_is_quantized(tmp_path):
     int4 = quantize_weight_only(source, tmp_path / "int4.onnx", WeightOnlySettings(accuracy_level=0, max_kl=10.0))
     ops = _ops(int4.path)
     assert int4.output_layer_quantized and ops.get("GatherBlockQuantized") == 1
-    assert _constant_matmuls(int4.path) == 0 and ops["MatMulNBits"] == float_products - 2 * 3  # q/k/v and gate/up packed
+    assert _constant_matmuls(int4.path) == 0 and ops["MatMulNBits"] == float_products - 2 * 2  # q/k/v packed
     assert int4.embedding_shares_output_layer
     int8 = quantize_weight_only(source, tmp_path / "int8.onnx", WeightOnlySettings(bits=8, accuracy_level=0))
     assert int8.output_layer_quantized and _constant_matmuls(int8.path) == 0
@@ -266,3 +266,21 @@ def test_sibling_matmuls_are_packed_into_one_product(tmp_path):
     prompt = np.array([[5, 77, 300, 12, 9, 1000]])
     np.testing.assert_allclose(OnnxDecoder(packed).prefill(prompt), OnnxDecoder(source).prefill(prompt), rtol=0, atol=1e-4)
     assert pack_sibling_matmuls(model) == 0  # nothing left to pack
+
+
+def test_products_attention_does_not_read_packed_are_unpacked(tmp_path):
+    """After GroupQueryAttention takes the packed q/k/v, the gate/up pack goes back to two products
+    (faster than one and a Split, as measured); the fp32 graph computes the same logits."""
+    from optimizers.quantize.weight_only import feed_packed_qkv, unpack_unfed_siblings
+
+    source = trained_decoder()
+    model = onnx.load(str(source))
+    pack_sibling_matmuls(model)
+    assert feed_packed_qkv(model) == 2
+    assert unpack_unfed_siblings(model) == 2  # gate, up: one product more a layer
+    path = tmp_path / "unpacked.onnx"
+    onnx.save_model(model, str(path))
+    assert _constant_matmuls(path) == _constant_matmuls(source) - 4 and "Split" not in _ops(path)
+    prompt = np.array([[5, 77, 300, 12, 9, 1000]])
+    np.testing.assert_allclose(OnnxDecoder(path).prefill(prompt), OnnxDecoder(source).prefill(prompt), rtol=0, atol=1e-4)
+    assert unpack_unfed_siblings(model) == 0

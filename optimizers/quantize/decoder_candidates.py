@@ -108,6 +108,7 @@ from optimizers.quantize.weight_only import (
     save_model,
     sequence_feeds,
     set_accuracy_level,
+    unpack_unfed_siblings,
     untie_output_layer,
 )
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
@@ -231,8 +232,8 @@ class DecoderCandidatesResult:
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with every node named, the tied output layer given its own weight, and sibling
-    products packed (q/k/v, gate/up; GroupQueryAttention reads the packed q/k/v, as the weight-only
-    path's graph does): the float graph every candidate quantizes."""
+    q/k/v products packed where GroupQueryAttention reads them packed (as the weight-only path's graph
+    does): the float graph every candidate quantizes."""
     prepared = copy.deepcopy(model)
     for i, node in enumerate(prepared.graph.node):
         if not node.name:
@@ -240,6 +241,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     untie_output_layer(prepared)
     pack_sibling_matmuls(prepared)
     feed_packed_qkv(prepared)  # GroupQueryAttention reads the packed q/k/v product: no Split a layer
+    unpack_unfed_siblings(prepared)  # gate and up apart again: faster than one product and a Split
     return prepared
 
 
