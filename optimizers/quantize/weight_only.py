@@ -295,6 +295,13 @@ def _drop_unread_initializers(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(kept)
 
 
+def _rewrite_maps(graph: onnx.GraphProto) -> tuple[dict, dict, dict[str, int], set[str]]:
+    """What the rewrites below look up: initializers and producers by name, how many nodes read
+    each tensor, and the graph's output names."""
+    return ({t.name: t for t in graph.initializer}, {out: node for node in graph.node for out in node.output},
+            {name: len(nodes) for name, nodes in tensor_readers(graph).items()}, {v.name for v in graph.output})
+
+
 def feed_packed_qkv(model: onnx.ModelProto) -> int:
     """``GroupQueryAttention(Split(y)[0] (+ bq), Split(y)[1] (+ bk), Split(y)[2] (+ bv), ...)`` ->
     ``GroupQueryAttention(y (+ [bq|bk|bv]), -, -, ...)``.
@@ -307,10 +314,7 @@ def feed_packed_qkv(model: onnx.ModelProto) -> int:
     there. Mutates ``model``; returns how many GroupQueryAttention nodes now read packed input.
     """
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    readers = {name: len(nodes) for name, nodes in tensor_readers(graph).items()}
-    outputs = {v.name for v in graph.output}
+    initializers, producers, readers, outputs = _rewrite_maps(graph)
     changed = 0
     for gqa in [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]:
         if len(gqa.input) < 3 or not gqa.input[1] or not gqa.input[2]:
@@ -362,10 +366,7 @@ def unpack_unfed_siblings(model: onnx.ModelProto) -> int:
     GenAI's builder keeps them apart too; SmolLM2-135M's: no difference). Exact. Mutates ``model``;
     returns how many products were added."""
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    readers = {name: len(nodes) for name, nodes in tensor_readers(graph).items()}
-    outputs = {v.name for v in graph.output}
+    initializers, producers, readers, outputs = _rewrite_maps(graph)
     added = 0
     for split in [n for n in graph.node if n.op_type == "Split" and len(n.input) == 2 and n.input[1] in initializers]:
         matmul = producers.get(split.input[0])
@@ -402,10 +403,7 @@ def fold_bias_into_matmulnbits(model: onnx.ModelProto) -> int:
     step on Qwen2.5-0.5B's widths, where a node costs what a small product does). Exact. Mutates
     ``model``; returns how many additions went."""
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    readers = {name: len(nodes) for name, nodes in tensor_readers(graph).items()}
-    outputs = {v.name for v in graph.output}
+    initializers, producers, readers, outputs = _rewrite_maps(graph)
     folded = 0
     for add in [n for n in graph.node if n.op_type == "Add" and len(n.input) == 2]:
         constant = [i for i in add.input if i in initializers]
