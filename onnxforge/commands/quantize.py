@@ -41,7 +41,6 @@ def register(sub) -> None:
 def _weight_only_command(args) -> int:
     settings = from_args(WeightOnlySettings, args, bits=8 if args.mode == "int8-weight" else 4)
     result = quantize_weight_only(args.input, args.output, settings, sequences=_held_out_text(args))
-    copy_model_files(Path(args.input).parent, Path(args.output).parent)
     if args.json:
         print(jsonio.document(result.to_dict()))
         return 0
@@ -66,7 +65,6 @@ def _decoder_candidates_command(args) -> int:
                                                 windows=True), args.max_calibration_batches, size=lambda _: 1)
                    if args.calibration else None)
     result = quantize_decoder_candidates(args.input, args.output, settings, calibration=calibration, evaluation=_held_out_text(args))
-    copy_model_files(Path(args.input).parent, Path(args.output).parent)  # generate, bench and packages read them there
     if args.json:
         print(jsonio.document(result.to_dict()))
         return 0
@@ -107,6 +105,7 @@ def _quantize_command(args) -> int:
                         "'onnxforge run RECIPE' ([package] enabled = true)")
     if (args.mode == "auto" and decoder) or args.mode == "int8-weight" or (args.mode == "int4" and decoder):
         code = _decoder_candidates_command(args) if args.mode == "auto" else _weight_only_command(args)
+        copy_model_files(Path(args.input).parent, Path(args.output).parent)  # generate, bench and packages read them there
         write_decoder_package_if_asked(args, args.output, {"quantized_from": str(args.input)})
         return code
     from optimizers.quantize import quantize_file
