@@ -441,10 +441,19 @@ def _compare(candidate: np.ndarray, reference: np.ndarray, tolerance: Tolerance,
 # ---------------------------------------------------------------- fusion
 
 
-def fuse_for_ort(source: Path, target: Path, max_positions: int | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class AttentionFusion:
+    """Each layer's attention as GroupQueryAttention (``optimizers.graph.decoder_fusions``): rotary
+    caches of ``max_positions`` rows; ``padding_bias``: the graph's mask subgraph replaced by the
+    padding alone (only for a model with no sliding-window layer)."""
+
+    max_positions: int
+    padding_bias: bool = False
+
+
+def fuse_for_ort(source: Path, target: Path, attention: AttentionFusion | None = None) -> dict:
     """onnxscript's ONNX Runtime fusions for decoders (``optimize_for_ort``) on the graph at
-    ``source``, then, with ``max_positions``, each layer's attention as GroupQueryAttention with
-    rotary caches of that many positions (``optimizers.graph.decoder_fusions``); written to
+    ``source``, then, with ``attention``, each layer's attention as GroupQueryAttention; written to
     ``target``; returns the fusion counts. The caller proves the result."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
@@ -452,17 +461,29 @@ def fuse_for_ort(source: Path, target: Path, max_positions: int | None = None) -
     model = ir.load(str(source))
     _, counts = optimize_for_ort(model)
     counts = dict(counts)
-    if max_positions:
-        counts["group_query_attention"] = fuse_group_query_attention(model, max_positions)
+    if attention is not None:
+        counts["group_query_attention"] = fuse_group_query_attention(model, attention.max_positions,
+                                                                     padding_bias=attention.padding_bias)
     ir.save(model, str(target), external_data=target.name + ".data")
     return {name: int(count) for name, count in counts.items() if count}
 
 
-def rotary_positions(config) -> int | None:
-    """Rows of the GroupQueryAttention rotary caches: the model's ``max_position_embeddings``
-    (None: no GroupQueryAttention rewrite)."""
+def attention_fusion(config) -> AttentionFusion | None:
+    """The GroupQueryAttention rewrite for ``config``: rotary caches of its ``max_position_embeddings``
+    rows (None: no rewrite), the padding bias unless a layer may attend through a sliding window."""
     value = getattr(config, "max_position_embeddings", None)
-    return int(value) if value else None
+    return AttentionFusion(int(value), padding_bias=not has_sliding_window(config)) if value else None
+
+
+def has_sliding_window(config) -> bool:
+    """Whether any layer may attend through a window (transformers 5's ``layer_types``; else a
+    ``sliding_window`` or ``attention_chunk_size`` that ``use_sliding_window`` does not turn off)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return any(kind != "full_attention" for kind in layer_types)
+    if getattr(config, "use_sliding_window", True) is False:
+        return False
+    return any(getattr(config, key, None) is not None for key in ("sliding_window", "attention_chunk_size"))
 
 
 # ---------------------------------------------------------------- the public function
@@ -515,7 +536,7 @@ def export_decoder(
         chosen_path, fused, counts, note = plain, False, {}, None
         if fuse:
             chosen_path, fused, counts, note, fused_proof = _try_fusion(plain, workdir, reference, tolerance, validate,
-                                                                            rotary_positions(config))
+                                                                            attention_fusion(config))
             proof = fused_proof or proof
         files = _publish_graph(chosen_path, output_path)
     if copy_companions:
@@ -548,12 +569,12 @@ def _greedy_reference(model, config, folder: Path, prompts, new_tokens: int) -> 
     return torch_reference(model, config, chosen, new_tokens)
 
 
-def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate, max_positions: int | None = None):
-    """(graph to keep, fused?, fusion counts, note, the fused graph's proof). With ``max_positions``
+def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate, attention: AttentionFusion | None = None):
+    """(graph to keep, fused?, fusion counts, note, the fused graph's proof). With ``attention``
     the GroupQueryAttention form is tried first; if it fails the proof, the fusions without it
     (the note then says why GroupQueryAttention was dropped)."""
-    kept = _fuse_and_prove(plain, workdir / "fused", reference, tolerance, validate, max_positions)
-    if max_positions and not kept[1] and kept[2].get("group_query_attention"):
+    kept = _fuse_and_prove(plain, workdir / "fused", reference, tolerance, validate, attention)
+    if attention is not None and not kept[1] and kept[2].get("group_query_attention"):
         logger.warning("the GroupQueryAttention graph fails the proof; trying the fusions without it")
         retry = _fuse_and_prove(plain, workdir / "fused-mha", reference, tolerance, validate, None)
         if retry[1]:
@@ -561,11 +582,11 @@ def _try_fusion(plain: Path, workdir: Path, reference, tolerance, validate, max_
     return kept
 
 
-def _fuse_and_prove(plain: Path, folder: Path, reference, tolerance, validate, max_positions: int | None):
+def _fuse_and_prove(plain: Path, folder: Path, reference, tolerance, validate, attention: AttentionFusion | None):
     fused_path = folder / plain.name
     fused_path.parent.mkdir()
     try:
-        counts = fuse_for_ort(plain, fused_path, max_positions)
+        counts = fuse_for_ort(plain, fused_path, attention)
     except Exception as exc:  # a rewrite rule that breaks is onnxscript's bug; the plain graph stands
         logger.warning("ONNX Runtime fusions failed (%s); keeping the unfused graph", exc)
         return plain, False, {}, f"fusion raised {type(exc).__name__}: {exc}", None
@@ -595,6 +616,6 @@ def _publish_graph(staged: Path, output_path: Path) -> list[Path]:
 
 
 __all__ = [
-    "DECODER_TOLERANCE", "DecoderExportResult", "DecoderProof", "TESTED_TRANSFORMERS", "TorchReference",
+    "AttentionFusion", "DECODER_TOLERANCE", "DecoderExportResult", "DecoderProof", "TESTED_TRANSFORMERS", "TorchReference",
     "check_transformers_version", "export_decoder", "load_causal_lm", "prove_decoder", "torch_reference",
 ]

@@ -201,7 +201,7 @@ def test_a_fused_graph_that_fails_the_proof_is_dropped(tmp_path, monkeypatch):
     """Fusion that breaks the numbers: the plain graph is kept, and the result says why."""
     import exporter.decoder as decoder_module
 
-    def broken_fusion(source, target, max_positions=None):
+    def broken_fusion(source, target, attention=None):
         proto = onnx.load(str(source))
         largest = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
         largest.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(largest) * 3, largest.name))

@@ -21,11 +21,9 @@ from onnxforge.common.errors import UserError
 PROMPTS = [[5, 17, 3, 99, 42], [7, 8, 9, 10, 11, 12, 13, 14, 200, 300, 301]]  # a left-padded batch of two lengths
 
 
-@pytest.fixture(scope="module")
-def mha_graph(tmp_path_factory):
-    """The MultiHeadAttention-form graph (onnxscript's fusions, no GroupQueryAttention) of a 2-layer Qwen2."""
-    work = tmp_path_factory.mktemp("gqa")
-    model, _ = load_causal_lm(random_decoder("qwen2", work / "hf"))
+def _traced_mha_graph(kind: str, work):
+    """The MultiHeadAttention-form graph (onnxscript's fusions, no GroupQueryAttention) of a 2-layer random ``kind``."""
+    model, _ = load_causal_lm(random_decoder(kind, work / "hf"))
     layers, kv_heads, head_dim = cache_geometry(model)
     plain = work / "plain" / "model.onnx"
     plain.parent.mkdir()
@@ -34,6 +32,18 @@ def mha_graph(tmp_path_factory):
     fused.parent.mkdir()
     fuse_for_ort(plain, fused, None)
     return fused
+
+
+@pytest.fixture(scope="module")
+def mha_graph(tmp_path_factory):
+    """Qwen2 with q/k/v bias and a sliding-window layer (window 16)."""
+    return _traced_mha_graph("qwen2", tmp_path_factory.mktemp("gqa"))
+
+
+@pytest.fixture(scope="module")
+def llama_mha_graph(tmp_path_factory):
+    """Llama: no sliding window, so its mask is causality and padding only."""
+    return _traced_mha_graph("llama", tmp_path_factory.mktemp("gqa-llama"))
 
 
 def _op_counts(model: ir.Model) -> collections.Counter:
@@ -147,14 +157,14 @@ def test_packed_qkv_feeds_group_query_attention(mha_graph, tmp_path):
     assert _same_generation(OnnxDecoder(unpacked), OnnxDecoder(packed)) == 12
 
 
-def _same_generation(reference: OnnxDecoder, candidate: OnnxDecoder) -> int:
+def _same_generation(reference: OnnxDecoder, candidate: OnnxDecoder, steps: int = 6) -> int:
     """Greedy steps of one prompt and of a left-padded batch: the logits agree; returns the steps compared."""
     compared = 0
     for prompts in (PROMPTS[:1], PROMPTS):
         ids, mask = left_padded(prompts)
         expected, got = reference.prefill(ids, mask), candidate.prefill(ids, mask)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-        for step in range(6):
+        for step in range(steps):
             tokens = [int(t) for t in np.argmax(expected, axis=-1)]
             expected, got = reference.decode(tokens), candidate.decode(tokens)
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"step {step}")
@@ -188,3 +198,56 @@ def test_one_shared_cache_buffer_gives_the_same_tokens(mha_graph, tmp_path):
         shared.decode([7])
     with pytest.raises(UserError, match="exceed max_length 32"):
         shared.decode([7])
+
+
+def _mask_ops(path) -> collections.Counter:
+    proto = onnx.load(str(path), load_external_data=False)
+    return collections.Counter(n.op_type for n in proto.graph.node if n.op_type in ("Range", "GatherND", "LessOrEqual", "Where"))
+
+
+def test_padding_bias_replaces_the_mask_subgraph(llama_mha_graph, tmp_path):
+    """Without a sliding window GroupQueryAttention's bias is the padding alone (one Where, no
+    ranges, causal comparison or GatherND run each step), and the logits equal the MultiHeadAttention
+    graph's: left-padded batch, growing cache and one shared buffer."""
+    kept = ir.load(str(llama_mha_graph))
+    assert fuse_group_query_attention(kept, 256) == 2
+    kept_path = _save(kept, tmp_path / "kept" / "model.onnx")
+    padded = ir.load(str(llama_mha_graph))
+    assert fuse_group_query_attention(padded, 256, padding_bias=True) == 2
+    path = _save(padded, tmp_path / "padding" / "model.onnx")
+    assert _mask_ops(kept_path)["Range"] >= 2 and _mask_ops(kept_path)["GatherND"] >= 1
+    assert _mask_ops(path) == collections.Counter({"Where": 1})
+    assert _same_generation(OnnxDecoder(llama_mha_graph), OnnxDecoder(path), steps=12) == 24
+    assert _same_generation(OnnxDecoder(kept_path, max_length=40), OnnxDecoder(path, max_length=40), steps=12) == 24
+
+
+def test_a_sliding_window_needs_the_graphs_mask(mha_graph, tmp_path):
+    """Why the padding bias is only for models without a window: on Qwen2's sliding layer (window 16)
+    it attends past the window, and the logits leave the MultiHeadAttention graph's once the sequence
+    is longer than 16; the graph's own mask as bias keeps them equal."""
+    padded = ir.load(str(mha_graph))
+    fuse_group_query_attention(padded, 256, padding_bias=True)
+    path = _save(padded, tmp_path / "padding" / "model.onnx")
+    with pytest.raises(AssertionError):
+        _same_generation(OnnxDecoder(mha_graph), OnnxDecoder(path), steps=12)
+    kept = ir.load(str(mha_graph))
+    fuse_group_query_attention(kept, 256)
+    assert _same_generation(OnnxDecoder(mha_graph), OnnxDecoder(_save(kept, tmp_path / "kept" / "model.onnx")), steps=12) == 24
+
+
+@pytest.mark.parametrize("kind, sliding", [("llama", False), ("phi3", False), ("gemma", False), ("qwen2", True),
+                                           ("mistral", True), ("gemma2", True), ("gemma3", True)])
+def test_sliding_windows_are_read_from_the_config(kind, sliding):
+    from exporter.decoder import attention_fusion
+    from onnxforge.decoder_models import random_config
+
+    config = random_config(kind)
+    assert attention_fusion(config).padding_bias is not sliding
+
+
+def test_real_configurations_without_a_window_get_the_padding_bias():
+    """Qwen2.5's configuration names a sliding_window with use_sliding_window off: no window."""
+    from exporter.decoder import has_sliding_window
+    from onnxforge.decoder_configs import DECODER_CONFIGS, hf_config
+
+    assert not any(has_sliding_window(hf_config(name)) for name in DECODER_CONFIGS)

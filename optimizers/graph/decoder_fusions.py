@@ -27,6 +27,13 @@ batch, cache against recomputation). The cos/sin caches are ``cos(p * inv_freq)`
 ``p < max_positions`` with ``inv_freq`` read from the graph; rotary forms that scale cos/sin
 (LongRoPE, YaRN attention factors) or pick frequencies by length do not match the pattern.
 
+With ``padding_bias`` (a model with no sliding-window layer, which the caller knows from its
+config) the graph's mask subgraph (about 40 nodes run every step: ranges, a causal comparison, a
+GatherND of the padding) is replaced by the padding alone, ``Where(attention_mask, 0, lowest)``
+broadcast to ``[B, 1, S, T]``: GroupQueryAttention masks causally itself, so the bias only has to
+hide the pad keys, and it hides them with the same additive value the exporter's mask used. A
+sliding window lives only in the graph's mask, so a model with one keeps it.
+
 ``GqaOutputReshapesRule`` then drops what the MultiHeadAttention form left after the layer: its
 output ``[B, S, H*D]`` went through ``Reshape(.., [0, 0, H, -1])`` and back through
 ``Reshape(.., Concat(Shape(batch input)[0], Shape(input_ids)[1], [-1]))``. GroupQueryAttention's
@@ -59,6 +66,7 @@ from runtime_bench.decoder import SEQUENCE_AXIS, is_past_input, shape_span
 logger = logging.getLogger(__name__)
 
 _MASK_INPUT = "attention_mask"
+_NUMPY_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)  # what np.finfo knows
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -153,12 +161,27 @@ def _inv_freq(cos: ir.Value, sin: ir.Value) -> np.ndarray | None:
     return freq_array.astype(np.float64)
 
 
+def _padding_rows(op, mask_input: ir.Value, dtype: np.dtype) -> ir.Value:
+    """``[B, 1, 1, T]``: 0 where ``attention_mask`` is set, the dtype's lowest value where it is 0."""
+    zero = op.Constant(value=ir.tensor(np.array(0, dtype=dtype)))
+    lowest = op.Constant(value=ir.tensor(np.array(np.finfo(dtype).min, dtype=dtype)))
+    rows = op.Where(op.Cast(mask_input, to=ir.DataType.BOOL), zero, lowest)
+    return op.Unsqueeze(rows, op.Constant(value=ir.tensor(np.array([1, 2], dtype=np.int64))))
+
+
+def _over_query(op, bias: ir.Value, query: ir.Value) -> ir.Value:
+    """``bias`` ([B, 1, 1 or S, T]) broadcast to the query's length S, as the exporter's Expand did."""
+    one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
+    return op.Expand(bias, op.Concat(one, one, op.Shape(query, start=1, end=2), one, axis=0))
+
+
 class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
     """One decoder layer's rotary + cache Concat + repeat_kv + MultiHeadAttention -> GroupQueryAttention."""
 
-    def __init__(self, max_positions: int):
+    def __init__(self, max_positions: int, padding_bias: bool = False):
         super().__init__("DecoderGroupQueryAttention", remove_nodes=False)
         self.max_positions = int(max_positions)
+        self.padding_bias = bool(padding_bias)
         self._caches: dict[bytes, tuple[ir.Value, ir.Value]] = {}
 
     def pattern(self, op, q_proj, k_proj, v_proj, q_shape, kv_shape, v_shape, past_key, past_value, cos, sin, mask):
@@ -219,10 +242,11 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         attributes = {"num_heads": self._heads, "kv_num_heads": self._kv_heads, "do_rotary": 1, "rotary_interleaved": 0}
         if self._scale is not None:
             attributes["scale"] = self._scale
-        bias = mask
-        if not _spans_query(mask, q_proj):  # broadcast to the query length, as the exporter's Expand did
-            one64 = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
-            bias = op.Expand(mask, op.Concat(one64, one64, op.Shape(q_proj, start=1, end=2), one64, axis=0))
+        dtype = mask.dtype
+        if self.padding_bias and dtype in _NUMPY_FLOATS:
+            bias = _over_query(op, _padding_rows(op, mask_input, dtype.numpy()), q_proj)
+        else:
+            bias = mask if _spans_query(mask, q_proj) else _over_query(op, mask, q_proj)
         return op.GroupQueryAttention(
             q_proj, k_proj, v_proj, past_key, past_value, seqlens_k, total_scalar, cos_cache, sin_cache, None, bias,
             _domain="com.microsoft", _outputs=3, **attributes,
@@ -308,20 +332,23 @@ def read_past_length_from_mask(model: ir.Model) -> int:
     return replaced
 
 
-def fuse_group_query_attention(model: ir.Model, max_positions: int) -> int:
+def fuse_group_query_attention(model: ir.Model, max_positions: int, *, padding_bias: bool = False) -> int:
     """Rewrite every matching decoder layer of ``model`` (mutated) as GroupQueryAttention with
-    rotary caches of ``max_positions`` rows; returns how many layers were rewritten."""
+    rotary caches of ``max_positions`` rows; ``padding_bias`` only for a model without sliding-window
+    layers (module doc); returns how many layers were rewritten."""
     from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
 
-    count = pattern.RewriteRuleSet([GroupQueryAttentionRule.rule(max_positions)]).apply_to_model(model)
+    rule = GroupQueryAttentionRule.rule(max_positions, padding_bias)
+    count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
     if count:
         reshapes = pattern.RewriteRuleSet([GqaOutputReshapesRule.rule()]).apply_to_model(model)
         logger.info("GroupQueryAttention: %d output Reshape pairs dropped", reshapes)
         lengths = read_past_length_from_mask(model)
         CommonSubexpressionEliminationPass()(model)
         RemoveUnusedNodesPass()(model)
-        logger.info("GroupQueryAttention: %d decoder layers fused (rotary caches of %d positions); past length read "
-                    "from attention_mask in %d place(s)", count, max_positions, lengths)
+        logger.info("GroupQueryAttention: %d decoder layers fused (rotary caches of %d positions, %s); past length "
+                    "read from attention_mask in %d place(s)", count, max_positions,
+                    "padding bias" if padding_bias else "the graph's mask as bias", lengths)
     return int(count)
 
 
