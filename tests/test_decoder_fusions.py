@@ -217,6 +217,9 @@ def test_padding_bias_replaces_the_mask_subgraph(llama_mha_graph, tmp_path):
     path = _save(padded, tmp_path / "padding" / "model.onnx")
     assert _mask_ops(kept_path)["Range"] >= 2 and _mask_ops(kept_path)["GatherND"] >= 1
     assert _mask_ops(path) == collections.Counter({"Where": 1})
+    assert _op_counts(padded)["Expand"] == 2  # one bias for every layer (and seqlens_k's)
+    proto = onnx.load(str(path))
+    assert pack_sibling_matmuls(proto) == 2 * (2 + 1) and feed_packed_qkv(proto) == 2  # q/k/v still packable
     assert _same_generation(OnnxDecoder(llama_mha_graph), OnnxDecoder(path), steps=12) == 24
     assert _same_generation(OnnxDecoder(kept_path, max_length=40), OnnxDecoder(path, max_length=40), steps=12) == 24
 

@@ -169,10 +169,11 @@ def _padding_rows(op, mask_input: ir.Value, dtype: np.dtype) -> ir.Value:
     return op.Unsqueeze(rows, op.Constant(value=ir.tensor(np.array([1, 2], dtype=np.int64))))
 
 
-def _over_query(op, bias: ir.Value, query: ir.Value) -> ir.Value:
-    """``bias`` ([B, 1, 1 or S, T]) broadcast to the query's length S, as the exporter's Expand did."""
+def _over_query(op, bias: ir.Value, length_source: ir.Value) -> ir.Value:
+    """``bias`` ([B, 1, 1 or S, T]) broadcast to the query length S (axis 1 of ``length_source``:
+    ``input_ids`` or the query projection), as the exporter's Expand did."""
     one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
-    return op.Expand(bias, op.Concat(one, one, op.Shape(query, start=1, end=2), one, axis=0))
+    return op.Expand(bias, op.Concat(one, one, op.Shape(length_source, start=1, end=2), one, axis=0))
 
 
 class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
@@ -226,6 +227,9 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         if not isinstance(graph, ir.Graph) or not any(v.name == _MASK_INPUT for v in graph.inputs):
             return result.fail(f"the graph has no '{_MASK_INPUT}' input")
         self._graph, self._heads, self._kv_heads, self._inv_freq = graph, heads, kv_heads, inv_freq
+        # the query length for the bias: input_ids' (one Shape for every layer) rather than q_proj's, whose
+        # only reader must stay the attention for q/k/v to be packed later
+        self._query_length_source = next((v for v in graph.inputs if v.name == "input_ids"), q_proj)
         scale = mha.attributes.get_float("scale", None)
         self._scale = scale
         return result
@@ -243,10 +247,11 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         if self._scale is not None:
             attributes["scale"] = self._scale
         dtype = mask.dtype
+        length = self._query_length_source
         if self.padding_bias and dtype in _NUMPY_FLOATS:
-            bias = _over_query(op, _padding_rows(op, mask_input, dtype.numpy()), q_proj)
+            bias = _over_query(op, _padding_rows(op, mask_input, dtype.numpy()), length)
         else:
-            bias = mask if _spans_query(mask, q_proj) else _over_query(op, mask, q_proj)
+            bias = mask if _spans_query(mask, q_proj) else _over_query(op, mask, length)
         return op.GroupQueryAttention(
             q_proj, k_proj, v_proj, past_key, past_value, seqlens_k, total_scalar, cos_cache, sin_cache, None, bias,
             _domain="com.microsoft", _outputs=3, **attributes,
