@@ -15,6 +15,8 @@ A candidate is a recipe that turns the float decoder into a weight-only quantize
   (a decode step gathers one row of it: bytes, not speed);
 - ``gptq-int4-int8-head``: the same with the output layer in int8 (faithful where the vocabulary
   is small beside the model, slower where it is not);
+- ``gptq-int4-b64``: GPTQ in blocks of 64 (half the scale bytes: 4.5 bits a weight with float32
+  scales against 5, the bytes of llama.cpp's Q4_0 with its float16 scales);
 - ``gptq-int4-ort``: ONNX Runtime's GPTQ (Intel Neural Compressor's code: zero points, no
   act-order), kept for comparison;
 - ``kquant-int4``: ONNX Runtime's k-quant (RTN with searched clipping);
@@ -118,7 +120,7 @@ logger = logging.getLogger(__name__)
 
 RTN_NAMES = tuple(f"rtn-int{bits}-{kind}-b{block}" for bits in (4, 8) for kind in ("sym", "asym") for block in (32, 64, 128))
 KV8_NAMES = ("rtn-int4-kv8",)  # int8 KV cache too
-NAMES = (*RTN_NAMES, "rtn-int4-int8-head", "gptq-int4", "gptq-int4-int8-head", "mixed", "hqq-int4-b32", "hqq-int4-b64",
+NAMES = (*RTN_NAMES, "rtn-int4-int8-head", "gptq-int4", "gptq-int4-int8-head", "gptq-int4-b64", "mixed", "hqq-int4-b32", "hqq-int4-b64",
          "gptq-int4-ort", "kquant-int4", "awq-int4", *KV8_NAMES)
 # GPTQ at RTN's speed with a third to a quarter of its KL; mixed (a session per product to score,
 # and behind GPTQ in KL) and HQQ (float zero points: 0.06x RTN's speed on CPU) are by name only
@@ -464,12 +466,13 @@ def candidate_builders(io: DecoderIO, calibration, scores_box: dict, settings: D
     def head_int8(m):
         return mixed(m, head_products(m), True)
 
-    def by_gptq(m, head_bits: int):
-        if "gptq" not in scores_box:  # one pass over the calibration text serves both GPTQ candidates
+    def by_gptq(m, head_bits: int, block_size: int = 32):
+        key = f"gptq-b{block_size}"
+        if key not in scores_box:  # one pass over the calibration text serves the GPTQ candidates of a block size
             fit, held = heldout_tail(calibration, GPTQ_HELDOUT)
-            scores_box["gptq"] = gptq_codes(m, weight_products(m), fit, session_settings, heldout=held)
+            scores_box[key] = gptq_codes(m, weight_products(m), fit, session_settings, heldout=held, block_size=block_size)
         head = set(head_products(m)) if head_bits == 8 else set()
-        m = apply_codes(m, {name: codes for name, codes in scores_box["gptq"].codes.items() if name not in head})
+        m = apply_codes(m, {name: codes for name, codes in scores_box[key].codes.items() if name not in head}, block_size)
         if head:
             m = rtn(m, 8, 32, True, only=sorted(head), embedding=False)
         return int8_embedding(m, embedding_gathers(m))
@@ -484,6 +487,7 @@ def candidate_builders(io: DecoderIO, calibration, scores_box: dict, settings: D
     builders["rtn-int4-int8-head"] = head_int8
     builders["gptq-int4"] = lambda m: by_gptq(m, 4)
     builders["gptq-int4-int8-head"] = lambda m: by_gptq(m, 8)
+    builders["gptq-int4-b64"] = lambda m: by_gptq(m, 4, 64)
     builders["mixed"] = by_sensitivity
     builders["hqq-int4-b32"] = lambda m: hqq(m, 32)
     builders["hqq-int4-b64"] = lambda m: hqq(m, 64)
