@@ -18,9 +18,6 @@ from optimizers.prune.refine import (
     ACTIVATIONS,
     BlockParameters,
     RefineSettings,
-    _whole_samples,
-    block_loss,
-    block_output,
     loss_and_gradients,
     recognise_activation,
     refine,
@@ -32,46 +29,26 @@ HIDDEN, WIDTH, KEPT = 16, 48, 24
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("layernorm", [True, False, "trained"])
-@pytest.mark.parametrize("pooled", [0.0, 2.0])
-def test_gradients_match_finite_differences(activation, layernorm, pooled):
-    """``trained``: the LayerNorm's scale and bias are trainable too; ``pooled``: the samples'
-    mean errors weigh in (rows 0-2, 3-4 and 5-6 are three samples)."""
+def test_gradients_match_finite_differences(activation, layernorm):
+    """``trained``: the LayerNorm's scale and bias are trainable too."""
     rng = np.random.default_rng(1)
     p = BlockParameters(rng.normal(0, 0.3, (6, 10)), rng.normal(0, 0.3, 10), rng.normal(0, 0.3, (10, 5)),
                         rng.normal(0, 0.3, 5), (rng.normal(1, 0.2, 5), rng.normal(0, 0.2, 5), 1e-5) if layernorm else None,
                         train_norm=layernorm == "trained")
     x, residual, target = rng.normal(0, 1, (7, 6)), rng.normal(0, 1, (7, 5)), rng.normal(0, 1, (7, 5))
-    samples = np.array([0, 0, 0, 1, 1, 2, 2])
-    loss, grads = loss_and_gradients(p, activation, x, residual, target, samples, pooled)
-    error = block_output(p, activation, x, residual) - target
-    means = np.stack([error[samples == s].mean(axis=0) for s in range(3)])
-    expected = ((error ** 2).sum() + pooled * (np.bincount(samples)[:, None] * means ** 2).sum()) / 7
-    assert loss == pytest.approx(expected, rel=1e-9)
-    assert block_loss(p, activation, x, residual, target, samples, pooled=pooled, chunk=2) == pytest.approx(expected, rel=1e-9)
+    _, grads = loss_and_gradients(p, activation, x, residual, target)
     assert ("norm_scale" in grads) == ("norm_bias" in grads) == (layernorm == "trained")
     for name, value in p.trainable().items():
         numeric = np.zeros_like(value)
         for index in np.ndindex(value.shape):
             keep = value[index]
             value[index] = keep + 1e-6
-            plus = loss_and_gradients(p, activation, x, residual, target, samples, pooled)[0]
+            plus = loss_and_gradients(p, activation, x, residual, target)[0]
             value[index] = keep - 1e-6
-            minus = loss_and_gradients(p, activation, x, residual, target, samples, pooled)[0]
+            minus = loss_and_gradients(p, activation, x, residual, target)[0]
             value[index] = keep
             numeric[index] = (plus - minus) / 2e-6
         np.testing.assert_allclose(grads[name], numeric, rtol=1e-4, atol=1e-6, err_msg=f"{activation} {name}")
-
-
-def test_pooled_minibatches_hold_whole_samples():
-    samples = np.repeat(np.arange(40), np.random.default_rng(0).integers(1, 20, 40))
-    drawn = np.random.default_rng(1).integers(0, samples.size, 64)
-    rows, numbered = _whole_samples(drawn, samples, 100)
-    taken = np.unique(samples[rows])
-    assert rows.size >= 100 and taken.size < 40
-    for s in taken:  # every row of each sample taken, and no other
-        assert set(rows[samples[rows] == s]) == set(np.flatnonzero(samples == s))
-    assert set(numbered) == set(range(taken.size))
-    assert all(np.unique(numbered[samples[rows] == s]).size == 1 for s in taken)
 
 
 def test_activation_recognised_from_data():

@@ -179,29 +179,14 @@ def _forward(p: BlockParameters, activation: str, x, residual):
     return normalized * scale + bias, (z, a, normalized, inv_std)
 
 
-def _sample_means(error: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(per-sample mean error, rows per sample)``; ``samples`` numbers each row's sample 0..n-1."""
-    counts = np.bincount(samples).astype(error.dtype)
-    sums = np.zeros((counts.size, error.shape[1]), dtype=error.dtype)
-    np.add.at(sums, samples, error)
-    return sums / np.maximum(counts, 1)[:, None], counts
-
-
-def loss_and_gradients(p: BlockParameters, activation: str, x, residual, target, samples: np.ndarray | None = None,
-                       pooled: float = 0.0) -> tuple[float, dict[str, np.ndarray]]:
-    """``mean_t ||y_t − target_t||²`` (plus ``pooled · Σ_s n_s ||ē_s||² / rows`` where ``samples``
-    numbers each row's sample, ``ē_s`` the mean error of sample ``s``'s ``n_s`` rows) and its gradient
-    for each trainable weight (backpropagation through the LayerNorm, the down projection, the
-    activation and the up projection)."""
+def loss_and_gradients(p: BlockParameters, activation: str, x, residual, target) -> tuple[float, dict[str, np.ndarray]]:
+    """``mean_t ||y_t − target_t||²`` and its gradient for each trainable weight (backpropagation
+    through the LayerNorm, the down projection, the activation and the up projection)."""
     y, (z, a, normalized, inv_std) = _forward(p, activation, x, residual)
     error = y - target
     rows = x.shape[0]
     loss = float((error * error).sum() / rows)
     dy = (2.0 / rows) * error
-    if pooled and samples is not None:
-        means, counts = _sample_means(error, samples)
-        loss += pooled * float((counts[:, None] * means * means).sum() / rows)
-        dy = dy + (2.0 * pooled / rows) * means[samples]
     if p.norm is None:
         dh = dy
     else:
@@ -220,20 +205,13 @@ def loss_and_gradients(p: BlockParameters, activation: str, x, residual, target,
     return loss, grads
 
 
-def block_loss(p: BlockParameters, activation: str, x, residual, target, samples: np.ndarray | None = None,
-               pooled: float = 0.0, chunk: int = 8192) -> float:
-    """``loss_and_gradients``' loss over all rows, in chunks (a sample's rows are contiguous, so
-    the pooled term's means are taken over the whole output)."""
-    total, errors = 0.0, []
+def block_loss(p: BlockParameters, activation: str, x, residual, target, chunk: int = 8192) -> float:
+    """``mean_t ||y_t − target_t||²`` over all rows, in chunks."""
+    total = 0.0
     for start in range(0, x.shape[0], chunk):
         end = slice(start, start + chunk)
-        error = block_output(p, activation, x[end], None if residual is None else residual[end]) - target[end]
-        total += float((error * error).sum())
-        if pooled and samples is not None:
-            errors.append(error)
-    if errors:
-        means, counts = _sample_means(np.concatenate(errors), samples)
-        total += pooled * float((counts[:, None] * means * means).sum())
+        y = block_output(p, activation, x[end], None if residual is None else residual[end])
+        total += float(((y - target[end]) ** 2).sum())
     return total / max(x.shape[0], 1)
 
 
@@ -266,10 +244,7 @@ class RefineSettings:
     holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``).
     norms: the block's LayerNorm scale and bias are trained with it (where no other node reads
         them), Adam's steps relative to the scale's own RMS. Off by default: on MiniLM at 30 % it
-        lowered the held-out block losses by 0.1-0.3 % and left the sentence embeddings as they were.
-    pooled: weight of each sample's mean error in the loss (``loss_and_gradients``), for models
-        whose outputs are pooled over tokens (sentence embeddings); minibatches are then whole
-        samples. 0: the per-token loss alone."""
+        lowered the held-out block losses by 0.1-0.3 % and left the sentence embeddings as they were."""
 
     steps: int = 400
     learning_rate: float = 3e-3
@@ -279,13 +254,10 @@ class RefineSettings:
     holdout: float = HOLDOUT_SHARE
     seed: int = 0
     norms: bool = False
-    pooled: float = 0.0
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_rows < 1 or self.check_every < 1 or self.max_rows < 1:
             raise UserError(f"refinement steps must be >= 0 and batch_rows, check_every, max_rows >= 1, got {self}")
-        if self.pooled < 0:
-            raise UserError(f"the pooled loss weight must be >= 0, got {self.pooled}")
         if not self.learning_rate > 0:
             raise UserError(f"refinement learning rate must be positive, got {self.learning_rate}")
 
@@ -321,44 +293,20 @@ def fit_block(p: BlockParameters, activation: str, fit: tuple, held: tuple, sett
               ) -> tuple[BlockParameters, float, float, int]:
     """``(best weights, held-out loss before, at the best check, best step)`` of Adam (``descend``)
     on ``fit`` rows ``(x, residual, target)``, checked on ``held`` every ``settings.check_every`` steps."""
-    x, residual, target, samples = (*fit, None)[:4]
-    pooled = settings.pooled if samples is not None else 0.0
-    held = (*held, None)[:4]
+    x, residual, target = fit
     work = p.copy()
     params = work.trainable()
 
     def gradients(rows):
-        if pooled:  # whole samples, so that their mean errors are the samples' own
-            rows, numbered = _whole_samples(rows, samples, settings.batch_rows)
-        else:
-            numbered = None
-        return loss_and_gradients(work, activation, x[rows], None if residual is None else residual[rows], target[rows],
-                                  numbered, pooled)[1]
+        return loss_and_gradients(work, activation, x[rows], None if residual is None else residual[rows], target[rows])[1]
 
     scale = weight_scale(p.up, p.down)
     relative = None
     if p.train_norm and p.norm is not None:  # steps relative to the norm's own scale (about 1), not the weights'
         relative = dict.fromkeys(("norm_scale", "norm_bias"), weight_scale(p.norm[0]) / max(scale, 1e-6))
-    best, before, after, step = descend(params, gradients, lambda: block_loss(work, activation, *held, pooled=pooled),
-                                        x.shape[0], scale, settings, relative)
+    best, before, after, step = descend(params, gradients, lambda: block_loss(work, activation, *held), x.shape[0],
+                                        scale, settings, relative)
     return (p if best is None else p.with_values(best)), before, after, step
-
-
-def _whole_samples(rows: np.ndarray, samples: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of the samples that ``rows`` (drawn rows) fall in, taken in the order drawn until
-    ``budget`` rows are reached, and those rows' samples numbered 0..n-1. ``samples`` is
-    non-decreasing (each sample's rows contiguous)."""
-    starts = np.searchsorted(samples, samples[rows], side="left")
-    ends = np.searchsorted(samples, samples[rows], side="right")
-    _, first = np.unique(samples[rows], return_index=True)
-    chosen, total = [], 0
-    for i in np.sort(first):
-        chosen.append(np.arange(starts[i], ends[i]))
-        total += ends[i] - starts[i]
-        if total >= budget:
-            break
-    taken = np.concatenate(chosen)
-    return taken, np.unique(samples[taken], return_inverse=True)[1]
 
 
 # ---------------------------------------------------------------- blocks in the graph
@@ -476,8 +424,7 @@ def _collect(reference, current, block: _Block, batches, limit: int, seed: int):
     names = [block.block_input, block.end, *([block.residual] if block.residual else [])]
     per_batch = max(1, -(-limit // max(len(batches), 1)))
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {"x": [], "residual": [], "target": [], "samples": [], "now": []}
-    offset = 0
+    parts: dict[str, list[np.ndarray]] = {"x": [], "residual": [], "target": [], "now": []}
     flat = lambda a: a.reshape(-1, a.shape[-1])
     for batch, found, wanted in zip(batches, activations(current, names, batches), activations(reference, [block.end], batches)):
         end = found[block.end]
@@ -490,14 +437,10 @@ def _collect(reference, current, block: _Block, batches, limit: int, seed: int):
         parts["x"].append(flat(found[block.block_input])[rows])
         parts["now"].append(flat(end)[rows])
         parts["target"].append(flat(wanted[block.end])[rows])
-        per_sample = int(np.prod(end.shape[1:-1], dtype=np.int64)) if end.ndim > 2 else 1  # rows of one sample
-        parts["samples"].append(offset + rows // per_sample)
-        offset += int(np.prod(end.shape[:-1], dtype=np.int64)) // per_sample
         if block.residual:
             parts["residual"].append(flat(found[block.residual])[rows])
-    joined = {k: np.concatenate(v).astype(np.float32) if v else None for k, v in parts.items() if k != "samples"}
-    samples = np.unique(np.concatenate(parts["samples"]), return_inverse=True)[1]  # numbered 0..n-1, in order
-    return joined["x"], joined["residual"], joined["target"], samples, joined["now"]
+    joined = {k: np.concatenate(v).astype(np.float32) if v else None for k, v in parts.items()}
+    return joined["x"], joined["residual"], joined["target"], joined["now"]
 
 
 @dataclasses.dataclass(frozen=True)
