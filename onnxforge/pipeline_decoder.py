@@ -52,7 +52,7 @@ from onnxforge.decoder_text import text_sequences
 from onnxforge.fingerprints import file_sha256, reference_hash, tool_versions
 from onnxforge.package import DEFAULT_PACKAGE_PROMPT, write_decoder_package
 from onnxforge.recipe import Recipe, check_decoder_candidates, decoder_prune_settings, weight_only_name
-from optimizers.calibration import spread_evenly
+from optimizers.calibration import evenly_spaced
 from optimizers.prune.decoder_heads import prune_decoder_heads, write_pruned_config
 from optimizers.prune.decoder_mlp import prune_decoder_mlp
 from optimizers.quantize.decoder_candidates import (
@@ -234,7 +234,7 @@ class _Texts:
             if needed_by:
                 raise UserError(f"{needed_by} needs [data] calibration = 'TEXT_FILE' (passages separated by blank lines)")
             return None
-        return spread_evenly(self._sequences("calibration", self.calibration_file), windows, size=lambda _: 1)
+        return evenly_spaced(self._sequences("calibration", self.calibration_file), windows)
 
 
 # ---------------------------------------------------------------------------- candidates

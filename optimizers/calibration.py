@@ -96,18 +96,28 @@ def heldout_tail(sequences: Sequence, fraction: float) -> tuple[list, list]:
     return sequences[: len(sequences) - held], sequences[len(sequences) - held:]
 
 
+def evenly_spaced(items: Sequence, count: int) -> list:
+    """``count`` of ``items`` (all of them when there are no more; one at least), chosen at even
+    strides through the whole list and kept in order, the first always (the last too, from two on).
+    A calibration file is often grouped by topic or source, so its first passages are not a sample
+    of it: a part of it taken from the start would fit the first topic only."""
+    items = list(items)
+    count = max(1, count)
+    if len(items) <= count:
+        return items
+    return [items[i] for i in sorted(set(np.linspace(0, len(items) - 1, count).round().astype(int).tolist()))]
+
+
 def spread_evenly(sequences: Sequence, budget: int, size: Callable[[object], int] = len) -> list:
-    """At most ``budget`` of ``sequences`` by ``size`` (tokens by default), chosen at even strides
-    through the whole list and kept in order (the first always; one at least). A calibration file
-    is often grouped by topic or source, so its first passages are not a sample of it: a part of it
-    taken from the start would fit the first topic only."""
+    """At most ``budget`` of ``sequences`` by ``size`` (tokens by default), as many as fit,
+    :func:`evenly_spaced` through the whole list (one at least)."""
     sequences = list(sequences)
     sizes = [size(s) for s in sequences]
     if sum(sizes) <= budget or len(sequences) <= 1:
         return sequences
     count = max(1, min(len(sequences), int(len(sequences) * budget / sum(sizes))))
     while True:
-        chosen = sorted(set(np.linspace(0, len(sequences) - 1, count).round().astype(int).tolist()))
+        chosen = evenly_spaced(range(len(sequences)), count)
         if count == 1 or sum(sizes[i] for i in chosen) <= budget:
             return [sequences[i] for i in chosen]
         count -= 1

@@ -220,4 +220,19 @@ def test_spread_evenly_takes_sequences_from_the_whole_list():
     assert firsts == sorted(firsts) and firsts[0] == 0 and firsts[-1] >= 90  # in order, from start to end
     assert spread_evenly(sequences, 10_000) == sequences
     assert spread_evenly(sequences, 0) == [sequences[0]]  # one at least
-    assert [s[0] for s in spread_evenly(sequences, 5, size=lambda _: 1)] == [0, 25, 50, 74, 99]
+
+
+def test_evenly_spaced_picks_a_count_through_the_whole_list():
+    """The count form picks what a budget of one per item picked (``spread_evenly(..., size=lambda
+    _: 1)``, its callers' form before it), from start to end, not the first ``count``."""
+    from optimizers.calibration import evenly_spaced, spread_evenly
+
+    assert [s[0] for s in evenly_spaced([[i] for i in range(100)], 5)] == [0, 25, 50, 74, 99]
+    for n in (0, 1, 2, 3, 7, 10, 33, 100, 257):
+        items = [[i, i] for i in range(n)]
+        for count in (-1, 0, 1, 2, 3, 5, 8, 10, 64, 300):
+            chosen = evenly_spaced(items, count)
+            assert chosen == spread_evenly(items, count, size=lambda _: 1), (n, count)
+            assert len(chosen) == min(n, max(1, count)), (n, count)
+            if len(chosen) >= 2:
+                assert chosen[0] == items[0] and chosen[-1] == items[-1], (n, count)  # spread to the end

@@ -232,6 +232,35 @@ def test_output_error_is_the_error_on_the_activations():
     assert output_error(weight, codes, scales, x.T @ x, columns=16) == pytest.approx(direct, rel=1e-6)
 
 
+def test_products_reading_one_input_share_its_factorization(monkeypatch):
+    """q/k/v and gate/up read one input: its Gram matrix is factored once for all of them, and each
+    product's codes are bit-equal to those of its own factorization (gptq_rows on the Gram matrix)."""
+    from optimizers.quantize import gptq
+
+    prepared = prepare(onnx.load(str(trained_decoder())))
+    products = decoder_candidates.weight_products(prepared)
+    nodes = {n.name: n for n in prepared.graph.node}
+    inputs = list(dict.fromkeys(nodes[p].input[0] for p in products))
+    assert len(inputs) < len(products)  # some products share an input, or this checks nothing
+    factored, grams = [], {}
+    real_factor, real_collect = gptq.upper_cholesky_of_inverse, gptq.collect_gram_sets
+
+    def collecting(model, names, sets, *args, **kwargs):  # the Gram matrices gptq_codes reads
+        stats = real_collect(model, names, sets, *args, **kwargs)
+        grams.update((name, st.gram) for name, st in zip(names, stats[0]))
+        return stats
+
+    monkeypatch.setattr(gptq, "upper_cholesky_of_inverse", lambda h: factored.append(h.shape) or real_factor(h))
+    monkeypatch.setattr(gptq, "collect_gram_sets", collecting)
+    result = gptq_codes(prepared, products, calibration_sequences()[:2], SessionSettings())
+    assert len(factored) == len(inputs) and set(grams) == set(inputs)
+    weights = {t.name: numpy_helper.to_array(t) for t in prepared.graph.initializer}
+    for name in products:
+        alone = gptq_rows(weights[nodes[name].input[1]], grams[nodes[name].input[0]])
+        for shared, own in zip(result.codes[name], alone):
+            np.testing.assert_array_equal(shared, own, err_msg=name)
+
+
 def test_each_product_keeps_the_codes_with_the_lower_held_out_error():
     """Fitted on two sequences only: where GPTQ's codes do worse than RTN's on held-out text, RTN's
     are kept, and every kept choice is the better of the two there."""

@@ -18,9 +18,11 @@ from optimizers.quantize.weight_only import (
     WeightOnlySettings,
     decoder_quality,
     is_decoder,
+    mean_kl,
     pack_sibling_matmuls,
     quantize_weight_only,
     quantize_weights,
+    reference_log_probs,
     set_accuracy_level,
     share_tied_embedding,
     untie_output_layer,
@@ -252,6 +254,23 @@ def test_a_last_position_graph_is_judged_like_the_full_one(tmp_path):
     q_last = decoder_quality(full, last, sequences, prompts=1, new_tokens=4)
     assert q_last.perplexity_candidate == pytest.approx(q_full.perplexity_reference, rel=1e-4)
     assert q_last.kl_mean < 1e-6 and q_last.greedy_match == 4
+
+
+def test_kl_from_reference_log_probs_computed_once_is_decoder_qualitys(int4_trained):
+    """mean_kl on the reference's log-probabilities, computed once, is decoder_quality's kl_mean to
+    the bit, for the full-logits graph and the teacher-forced last-logits one (a one-token
+    sequence, which neither counts, sits between the others)."""
+    source, result = int4_trained
+    reference = OnnxDecoder(source)
+    sequences = [held_out_sequences()[0][:40], [5], held_out_sequences()[1][:40]]
+    log_probs = reference_log_probs(reference, sequences)
+    assert [len(lp) for lp in log_probs] == [39, 39]
+    for candidate in (OnnxDecoder(result.path), OnnxDecoder(trained_decoder_last_logits())):
+        kl = mean_kl(log_probs, candidate, sequences)
+        assert kl == decoder_quality(reference, candidate, sequences, prompts=1, new_tokens=1).kl_mean
+    assert mean_kl(log_probs, OnnxDecoder(result.path), sequences) > 1e-4  # int4 moves it: the check compares numbers
+    with pytest.raises(UserError, match="two or more tokens"):
+        mean_kl([], reference, [[5]])
 
 
 def test_sibling_matmuls_are_packed_into_one_product(tmp_path):

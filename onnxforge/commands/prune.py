@@ -12,7 +12,7 @@ from onnxforge.common import jsonio
 from onnxforge.common.options import add_flags, from_args
 from optimizers.prune.channels import PruneSettings
 from optimizers.prune.decoder_heads import DecoderHeadPruneSettings, prune_decoder_heads, write_pruned_config
-from optimizers.calibration import spread_evenly
+from optimizers.calibration import evenly_spaced
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp, write_pruned_mlp_config
 from optimizers.prune.heads import HeadSettings
 
@@ -115,7 +115,7 @@ def _decoder_command(args) -> int:
                         "its activations choose the neurons and re-fit the down projections")
     settings = from_args(DecoderPruneSettings, args)  # --reconstruct not given: on
     calibration = text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
-    calibration = spread_evenly(calibration, max(args.max_batches, 2), size=lambda _: 1)
+    calibration = evenly_spaced(calibration, max(args.max_batches, 2))
     evaluation = (text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation", length=128, windows=True)
                   if args.evaluation else None)
     result = prune_decoder_mlp(args.input, args.output, calibration, settings, evaluation=evaluation)
@@ -167,7 +167,7 @@ def _decoder_heads_command(args) -> int:
         raise UserError(f"write the pruned decoder into another folder than '{source}': the config.json beside it "
                         "states the pruned head counts, and the unpruned model's must stay")
     calibration = text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
-    calibration = spread_evenly(calibration, max(args.max_batches, 2), size=lambda _: 1)
+    calibration = evenly_spaced(calibration, max(args.max_batches, 2))
     evaluation = (text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation", length=128, windows=True)
                   if args.evaluation else None)
     result = prune_decoder_heads(args.input, args.output, calibration, settings, evaluation=evaluation)

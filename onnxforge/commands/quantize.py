@@ -7,7 +7,7 @@ from pathlib import Path
 from exporter.sources import copy_model_files
 from onnxforge.commands._args import PACKAGE_HELP, add_data_flags, add_io_flags, write_decoder_package_if_asked
 from onnxforge.decoder_text import text_sequences
-from optimizers.calibration import spread_evenly
+from optimizers.calibration import evenly_spaced
 from optimizers.quantize.decoder_candidates import DecoderCandidateSettings, quantize_decoder_candidates
 from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 from onnxforge.common import jsonio
@@ -61,8 +61,8 @@ def _weight_only_command(args) -> int:
 
 def _decoder_candidates_command(args) -> int:
     settings = from_args(DecoderCandidateSettings, args)
-    calibration = (spread_evenly(text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128,
-                                                windows=True), args.max_calibration_batches, size=lambda _: 1)
+    calibration = (evenly_spaced(text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128,
+                                                windows=True), args.max_calibration_batches)
                    if args.calibration else None)
     result = quantize_decoder_candidates(args.input, args.output, settings, calibration=calibration, evaluation=_held_out_text(args))
     if args.json:

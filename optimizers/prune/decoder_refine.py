@@ -57,13 +57,14 @@ from optimizers.prune.refine import (
     weight_scale,
 )
 from optimizers.quantize.activations import no_prepacking
-from optimizers.quantize.weight_only import decoder_quality, sequence_feeds
+from optimizers.quantize.weight_only import mean_kl, reference_log_probs, sequence_feeds
 from runtime_bench.decoder import DecoderIO, OnnxDecoder
 
 logger = logging.getLogger(__name__)
 
-# Held-out positions the decoder's KL check reads at most: it runs the unpruned decoder and two
-# candidates twice over them, one decode step a token where the graph computes the last logits only.
+# Held-out positions the decoder's KL check reads at most: it runs the unpruned decoder once and two
+# candidates over them, one decode step a token where the graph computes the last logits only, and
+# holds the unpruned decoder's log-probabilities over them (8 bytes x vocabulary a position).
 KL_CHECK_ROWS = 1024
 
 # The graph's activation (``DecoderMLP.activation``, with its attributes) -> ``ACTIVATIONS``' name.
@@ -300,7 +301,8 @@ def refine_decoder_mlps(model: onnx.ModelProto, mlps, reference_weight: Callable
         return DecoderRefinement(settings.steps, rows, reports, None, False, time.perf_counter() - started, note)
     weights = {t.name: t for t in model.graph.initializer}
     refit = {name: numpy_helper.to_array(weights[name]) for name in refined}  # to put back if the decoder's KL rises
-    reference, checked = OnnxDecoder(reference_path, settings=session), spread_evenly(held, KL_CHECK_ROWS)
+    checked = spread_evenly(held, KL_CHECK_ROWS)
+    reference = reference_log_probs(OnnxDecoder(reference_path, settings=session), checked)  # once for both
     kl_refit = _heldout_kl(reference, model, checked, session)
     _write(weights, refined)
     kl_refined = _heldout_kl(reference, model, checked, session)
@@ -318,10 +320,10 @@ def _write(weights: Mapping[str, onnx.TensorProto], arrays: Mapping[str, np.ndar
         weights[name].CopyFrom(numpy_helper.from_array(array, name))
 
 
-def _heldout_kl(reference: OnnxDecoder, model: onnx.ModelProto, sequences, session: SessionSettings) -> float:
-    """Mean next-token KL of ``model`` against ``reference`` over ``sequences`` (one greedy token:
-    ``decoder_quality``'s generation is not what is judged here)."""
-    return decoder_quality(reference, OnnxDecoder(model, settings=session), sequences, prompts=1, new_tokens=1).kl_mean
+def _heldout_kl(reference_lp: Sequence[np.ndarray], model: onnx.ModelProto, sequences, session: SessionSettings) -> float:
+    """Mean next-token KL of ``model`` over ``sequences`` against the unpruned decoder's
+    log-probabilities on them (``reference_log_probs``)."""
+    return mean_kl(reference_lp, OnnxDecoder(model, settings=session), sequences)
 
 
 def _refine_blocks(model, blocks: Sequence[_Block], reference_weight, fit, held, settings: RefineSettings,

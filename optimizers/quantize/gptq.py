@@ -16,6 +16,9 @@ kept small. What is written here:
 - dampening ``damp x mean(diag H)`` on the diagonal, 0.1 (ten times the paper's): with a few
   thousand calibration tokens 0.01 moved the error into directions the calibration never showed
   and lost to RTN on held-out text for 86 of SmolLM2's 121 products, 0.1 for 30;
+- one factorization per input: the products that read one input (q/k/v, gate/up) share its Gram
+  matrix and its ``hessian_factor`` (the order, the dampening, a Cholesky and a triangular inverse
+  of ``K x K``), computed once for all of them;
 - a guard: calibration sequences held out (``heldout``) judge each product's GPTQ codes against
   RTN's by the output error on them, and the better codes are kept;
 - the Gram matrices are collected in float32, in as few passes over the calibration text as
@@ -34,6 +37,7 @@ carries half of a small model's KL.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -94,22 +98,48 @@ def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
-def gptq_rows(weight: np.ndarray, gram: np.ndarray, block_size: int = BLOCK_SIZE, damp: float = DAMP,
-              act_order: bool = True, lazy: int = 32, columns: int = COLUMNS) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ int4 codes ``[K, N]`` and scales ``[blocks, N]`` of ``weight [K, N]`` given the input's
-    Gram matrix ``gram [K, K]`` (see the module doc). Output columns are independent in GPTQ: they
-    are quantized ``columns`` at a time (an output layer of 150k columns stays within a few
-    hundred MB); ``lazy`` rows are updated together (the trailing rows once per ``lazy`` rows,
-    through BLAS)."""
-    k, n = weight.shape
+@dataclasses.dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ reads of one input's Gram matrix, the same for every product that reads the input
+    (q/k/v, gate/up): ``dead``, the input rows with no energy (their weights are zeroed); ``order``,
+    the rows' visiting order; ``hinv``, ``U`` upper triangular with ``U^T U = H^-1`` for ``H`` the
+    damped Gram matrix in visiting order."""
+
+    dead: np.ndarray
+    order: np.ndarray
+    hinv: np.ndarray
+
+
+def hessian_factor(gram: np.ndarray, damp: float = DAMP, act_order: bool = True) -> HessianFactor:
+    """The :class:`HessianFactor` of ``gram [K, K]``: ``H = gram`` with ``1`` on a dead row's
+    diagonal, rows by decreasing ``diag(H)`` with ``act_order`` (stable), ``damp x mean(diag H)``
+    added to the diagonal, then :func:`upper_cholesky_of_inverse`."""
+    k = gram.shape[0]
     h = np.array(gram, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     h = h[np.ix_(order, order)]
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    hinv = upper_cholesky_of_inverse(h)  # U^T U = H^-1
-    del h
+    return HessianFactor(dead, order, upper_cholesky_of_inverse(h))
+
+
+def gptq_rows(weight: np.ndarray, gram: np.ndarray, block_size: int = BLOCK_SIZE, damp: float = DAMP,
+              act_order: bool = True, lazy: int = 32, columns: int = COLUMNS) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ int4 codes ``[K, N]`` and scales ``[blocks, N]`` of ``weight [K, N]`` given the input's
+    Gram matrix ``gram [K, K]`` (see the module doc): :func:`factored_gptq_rows` on its
+    :func:`hessian_factor`."""
+    return factored_gptq_rows(weight, hessian_factor(gram, damp, act_order), block_size, lazy, columns)
+
+
+def factored_gptq_rows(weight: np.ndarray, factor: HessianFactor, block_size: int = BLOCK_SIZE, lazy: int = 32,
+                       columns: int = COLUMNS) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ int4 codes ``[K, N]`` and scales ``[blocks, N]`` of ``weight [K, N]`` given its input's
+    :class:`HessianFactor`. Output columns are independent in GPTQ: they are quantized ``columns``
+    at a time (an output layer of 150k columns stays within a few hundred MB); ``lazy`` rows are
+    updated together (the trailing rows once per ``lazy`` rows, through BLAS)."""
+    k, n = weight.shape
+    dead, order = factor.dead, factor.order
     scales = np.empty(((k + block_size - 1) // block_size, n), np.float32)
     codes = np.empty((k, n), np.int8)
     for first in range(0, n, columns):
@@ -117,7 +147,7 @@ def gptq_rows(weight: np.ndarray, gram: np.ndarray, block_size: int = BLOCK_SIZE
         w[dead] = 0.0
         chunk_scales = block_scales(w, block_size)  # static groups: from the float weights
         scales[:, first:first + columns] = chunk_scales
-        codes[order, first:first + columns] = _gptq_columns(w[order], hinv, chunk_scales[order // block_size], lazy)
+        codes[order, first:first + columns] = _gptq_columns(w[order], factor.hinv, chunk_scales[order // block_size], lazy)
     return codes, scales
 
 
@@ -218,16 +248,25 @@ def gptq_codes(model: onnx.ModelProto, products: Sequence[str], sequences, setti
         stats = collect_gram_sets(model, group, sets, settings, "the decoder with its product inputs as outputs", dtype=np.float32)
         fit = dict(zip(group, stats[0]))
         held = dict(zip(group, stats[1])) if heldout else {}
-        for name in tracked([p for p in products if nodes[p].input[0] in fit], "GPTQ int4 per product"):
+        todo = [p for p in products if nodes[p].input[0] in fit]
+        readers_left = collections.Counter(nodes[p].input[0] for p in todo)
+        shared = {}  # input -> its factor and held-out Gram matrix (float64), kept while a reader is left
+        for name in tracked(todo, "GPTQ int4 per product"):
             node = nodes[name]
+            x = node.input[0]
+            if x not in shared:
+                shared[x] = (hessian_factor(fit[x].gram, damp, act_order), held[x].gram.astype(np.float64) if held else None)
+            factor, gram = shared[x]
             weight = numpy_helper.to_array(weights[node.input[1]])
-            result.codes[name] = gptq_rows(weight, fit[node.input[0]].gram, block_size, damp, act_order)
+            result.codes[name] = factored_gptq_rows(weight, factor, block_size)
             if held:
                 plain = rtn_rows(weight, block_size)
-                gram = held[node.input[0]].gram.astype(np.float64)
                 if output_error(weight, *plain, gram, block_size) < output_error(weight, *result.codes[name], gram, block_size):
                     result.codes[name] = plain
                     result.rtn_kept.append(name)
+            readers_left[x] -= 1
+            if not readers_left[x]:
+                del shared[x], factor, gram
         del stats, fit, held
     logger.info("GPTQ: %d products over %d calibration sequences, %d kept round-to-nearest on %d held-out ones",
                 len(result.codes), len(sequences), len(result.rtn_kept), len(heldout))
@@ -288,5 +327,6 @@ def int8_embedding(model: onnx.ModelProto, gathers: Sequence[str], block_size: i
     return model
 
 
-__all__ = ["BLOCK_SIZE", "DAMP", "GptqCodes", "apply_codes", "block_scales", "gptq_codes", "gptq_rows", "gram_passes", "int8_embedding", "matmul_nbits", "output_error", "rtn_rows",
+__all__ = ["BLOCK_SIZE", "DAMP", "GptqCodes", "HessianFactor", "apply_codes", "block_scales", "factored_gptq_rows", "gptq_codes",
+           "gptq_rows", "gram_passes", "hessian_factor", "int8_embedding", "matmul_nbits", "output_error", "rtn_rows",
            "upper_cholesky_of_inverse"]

@@ -602,6 +602,36 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def _next_token_log_probs(decoder, ids: Sequence[int]) -> np.ndarray:
+    """``log p(ids[i + 1] | ids[:i + 1])`` over the vocabulary, ``[len(ids) - 1, vocab]`` (float64)."""
+    return _log_softmax(_full_logits(decoder, ids))[:-1]
+
+
+def _kl_sum(lp_ref: np.ndarray, lp_cand: np.ndarray) -> float:
+    """``sum p_ref * (log p_ref - log p_cand)`` over the positions and the vocabulary."""
+    return float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum())
+
+
+def reference_log_probs(reference, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """The next-token log-probabilities ``[len - 1, vocab]`` (float64) of ``reference`` (an
+    :class:`runtime_bench.decoder.OnnxDecoder`) on each of ``sequences`` of two tokens or more:
+    computed once, :func:`mean_kl` judges several candidates by them. Memory: 8 bytes x vocabulary
+    per position."""
+    return [_next_token_log_probs(reference, seq) for seq in sequences if len(seq) >= 2]
+
+
+def mean_kl(reference_lp: Sequence[np.ndarray], candidate, sequences: Sequence[Sequence[int]]) -> float:
+    """:func:`decoder_quality`'s ``kl_mean`` (the same number) of ``candidate`` on ``sequences``, against
+    the reference's :func:`reference_log_probs` of the same ``sequences``."""
+    kl, positions = 0.0, 0
+    for lp_ref, seq in zip(reference_lp, [s for s in sequences if len(s) >= 2], strict=True):
+        kl += _kl_sum(lp_ref, _next_token_log_probs(candidate, seq))
+        positions += len(lp_ref)
+    if positions == 0:
+        raise UserError("decoder quality needs at least one token sequence of two or more tokens")
+    return kl / positions
+
+
 def decoder_quality(reference, candidate, sequences: Sequence[Sequence[int]], *, prompt_tokens: int = 16,
                     prompts: int = 4, new_tokens: int = 64) -> DecoderQuality:
     """Perplexity, next-token KL and greedy match of ``candidate`` against ``reference``.
@@ -619,13 +649,13 @@ def decoder_quality(reference, candidate, sequences: Sequence[Sequence[int]], *,
     for seq in sequences:
         if len(seq) < 2:
             continue
-        lp_ref = _log_softmax(_full_logits(reference, seq))[:-1]
-        lp_cand = _log_softmax(_full_logits(candidate, seq))[:-1]
+        lp_ref = _next_token_log_probs(reference, seq)
+        lp_cand = _next_token_log_probs(candidate, seq)
         targets = np.asarray(seq[1:])
         rows = np.arange(len(targets))
         nll_ref -= lp_ref[rows, targets].sum()
         nll_cand -= lp_cand[rows, targets].sum()
-        kl += float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum())
+        kl += _kl_sum(lp_ref, lp_cand)
         positions += len(targets)
     if positions == 0:
         raise UserError("decoder quality needs at least one token sequence of two or more tokens")
@@ -787,11 +817,13 @@ __all__ = [
     "is_decoder",
     "is_decoder_file",
     "is_embedding",
+    "mean_kl",
     "output_layer_weight",
     "pack_sibling_matmuls",
     "unpack_unfed_siblings",
     "quantize_weight_only",
     "quantize_weights",
+    "reference_log_probs",
     "sequence_feeds",
     "set_accuracy_level",
     "share_tied_embedding",
