@@ -106,10 +106,11 @@ def build_docstring_llama(folder: Path, *, steps: int = DEFAULT_STEPS, seed: int
     ``weight_decay`` is AdamW's decoupled decay (``W -= lr * weight_decay * W`` each step, on every
     parameter as PyTorch's default does): it bounds the weights' norms, and with them the absolute
     error of a fixed-relative-error int4 grid."""
-    if steps < 20 or layers < 1 or hidden < 16 or hidden % 8 or not 0.0 <= weight_decay < 1.0:
+    if steps < 20 or layers < 1 or hidden < 16 or hidden % 8 or not 0.0 <= weight_decay * lr < 1.0:
         raise UserError(f"docstring llama: steps {steps}, layers {layers}, hidden {hidden}, weight decay {weight_decay:g}: "
                         "need steps >= 20 (the one-cycle warm-up is 10 % of them), layers >= 1, a hidden width >= 16 "
-                        "that is a multiple of 8 (4 heads of an even size) and a weight decay in [0, 1)")
+                        f"that is a multiple of 8 (4 heads of an even size) and 0 <= weight decay < 1 / lr ({1 / lr:g}: "
+                        "AdamW multiplies the weights by 1 - lr * weight decay each step)")
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
