@@ -91,9 +91,10 @@ def docstring_llama_name(steps: int = DEFAULT_STEPS, layers: int = DEFAULT_LAYER
     """The cache folder name of a docstring Llama: ``DOCSTRING_LLAMA_VERSION`` for the default
     model, with ``-s<steps>``, ``-l<layers>``, ``-h<hidden>``, ``-wd<weight_decay>`` appended for
     what a variant changes."""
-    suffix = "".join(f"-{tag}{value:g}" for tag, value, default in (
-        ("s", steps, DEFAULT_STEPS), ("l", layers, DEFAULT_LAYERS), ("h", hidden, DEFAULT_HIDDEN),
-        ("wd", weight_decay, DEFAULT_WEIGHT_DECAY)) if value != default)
+    suffix = "".join(f"-{tag}{value}" for tag, value, default in (
+        ("s", steps, DEFAULT_STEPS), ("l", layers, DEFAULT_LAYERS), ("h", hidden, DEFAULT_HIDDEN)) if value != default)
+    if weight_decay != DEFAULT_WEIGHT_DECAY:
+        suffix += f"-wd{weight_decay:.6g}"
     return DOCSTRING_LLAMA_VERSION + suffix
 
 
