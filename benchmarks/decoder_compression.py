@@ -3,9 +3,10 @@
 Quality (the trained docstring Llama, ``onnxforge.decoder_models.docstring_llama``): every
 weight-only candidate's perplexity / KL against fp32 on held-out docstrings of the ``onnx``
 package, the MLP pruned by ``--ratio`` and the KV head groups pruned by ``--kv-heads``, each with
-its least-squares re-fit. ``--train-steps`` / ``--layers`` / ``--hidden`` run it on a longer-trained
-or larger variant of that model (built once into its own cache folder; the tests' model is the
-default), ``--quality-candidates`` names the weight-only candidates of its table.
+its least-squares re-fit. ``--train-steps`` / ``--layers`` / ``--hidden`` / ``--weight-decay`` run it
+on a longer-trained, larger or differently regularised variant of that model (built once into its
+own cache folder; the tests' model is the default), ``--quality-candidates`` names the weight-only
+candidates of its table.
 
 Speed (a published configuration with random weights, SmolLM2-135M by default,
 ``onnxforge.decoder_configs``): decode step of plain int4 RTN against the other candidates
@@ -17,7 +18,7 @@ at 64, 512 and 1024 tokens of context. Decode steps are medians over interleaved
 
     python benchmarks/decoder_compression.py [--model smollm2-135m] [--ratio 0.25] [--kv-heads 0.5] [--threads 2]
         [--skip-quality] [--skip-speed] [--skip-pruning] [--train-steps 300] [--layers 2] [--hidden 128]
-        [--quality-candidates rtn-int4-sym-b32,gptq-int4,...]
+        [--weight-decay 0.01] [--quality-candidates rtn-int4-sym-b32,gptq-int4,...]
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import onnx
 from exporter.decoder import export_decoder
 from onnxforge.common.sessions import SessionSettings
 from onnxforge.decoder_configs import random_decoder
-from onnxforge.decoder_models import DEFAULT_HIDDEN, DEFAULT_LAYERS, DEFAULT_STEPS, docstring_llama, docstring_llama_name
+from onnxforge.decoder_models import (DEFAULT_HIDDEN, DEFAULT_LAYERS, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY, docstring_llama,
+                                       docstring_llama_name)
 from optimizers.prune.decoder_heads import DecoderHeadPruneSettings, prune_decoder_heads
 from optimizers.prune.decoder_mlp import DecoderPruneSettings, prune_decoder_mlp
 from optimizers.quantize.kv_cache import KvCacheSettings, quantize_kv_cache
@@ -82,7 +84,7 @@ def token_sequences(folder: Path, texts: list[str], count: int, length: int = 12
 
 def quality(work: Path, ratio: float, kv_heads: float, threads: int | None, level: int, *, variant: dict,
             candidates: tuple[str, ...] = NAMES, pruning: bool = True) -> None:
-    """The quality tables on the docstring Llama ``variant`` (``steps``, ``layers``, ``hidden``)."""
+    """The quality tables on the docstring Llama ``variant`` (``steps``, ``layers``, ``hidden``, ``weight_decay``)."""
     folder = docstring_llama(**variant)
     title = f"trained docstring Llama {docstring_llama_name(**variant)}"
     fp32 = work / "llama" / "model.onnx"
@@ -256,6 +258,8 @@ def main(argv=None) -> int:
                              "trained once into its own cache folder: a minute or two per 300 steps on 2 quiet cores)")
     parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="quality: the docstring Llama's layers")
     parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="quality: the docstring Llama's hidden width")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                        help="quality: the docstring Llama's AdamW weight decay (published LLM recipes use 0.1)")
     parser.add_argument("--quality-candidates", default=",".join(NAMES), help="quality: the weight-only candidates compared")
     parser.add_argument("--accuracy-level", type=int, default=DecoderCandidateSettings.accuracy_level, choices=(0, 1, 2, 3, 4),
                         help="MatMulNBits accuracy_level of every candidate (4: int8 activations, the VNNI/AMX kernels; "
@@ -268,7 +272,8 @@ def main(argv=None) -> int:
         work = Path(tmp)
         if not args.skip_quality:
             quality(work, args.ratio, args.kv_heads, args.threads, args.accuracy_level,
-                    variant=dict(steps=args.train_steps, layers=args.layers, hidden=args.hidden),
+                    variant=dict(steps=args.train_steps, layers=args.layers, hidden=args.hidden,
+                                 weight_decay=args.weight_decay),
                     candidates=tuple(args.quality_candidates.split(",")), pruning=not args.skip_pruning)
         if not args.skip_speed:
             speed(work, args.model, args.ratio, args.kv_heads, tuple(args.speed_candidates.split(",")), args.threads,

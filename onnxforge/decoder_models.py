@@ -7,8 +7,9 @@ with a byte-level BPE tokenizer trained on the same text, and saves it as a Hugg
 is seeded and takes a minute or two on two cores; the folder is built once per cache folder.
 A trained model has peaked next-token distributions, so greedy parity between PyTorch and ONNX
 is a real check rather than a coin toss between near-equal logits. ``docstring_llama(cache_dir,
-steps=..., layers=..., hidden=...)`` builds a longer-trained or larger variant in its own folder
-(``docstring_llama_name``); the default (300 steps, 2 layers, hidden 128) is the test suite's.
+steps=..., layers=..., hidden=..., weight_decay=...)`` builds a longer-trained, larger or
+differently regularised variant in its own folder (``docstring_llama_name``); the default (300
+steps, 2 layers, hidden 128, AdamW weight decay 0.01) is the test suite's.
 
 ``random_decoder(kind, folder)`` saves a tiny random-weight configuration of another family
 (Qwen2, Phi-3, Gemma, Mistral...), with a large ``initializer_range`` for peaked logits.
@@ -82,25 +83,35 @@ def _token_stream(tokenizer, texts: list[str], eos_id: int):
 
 
 DEFAULT_STEPS, DEFAULT_LAYERS, DEFAULT_HIDDEN, DEFAULT_LR = 300, 2, 128, 3e-3
+DEFAULT_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default; published LLM recipes (Llama, Qwen, SmolLM) use 0.1
 
 
-def docstring_llama_name(steps: int = DEFAULT_STEPS, layers: int = DEFAULT_LAYERS, hidden: int = DEFAULT_HIDDEN) -> str:
+def docstring_llama_name(steps: int = DEFAULT_STEPS, layers: int = DEFAULT_LAYERS, hidden: int = DEFAULT_HIDDEN,
+                         weight_decay: float = DEFAULT_WEIGHT_DECAY) -> str:
     """The cache folder name of a docstring Llama: ``DOCSTRING_LLAMA_VERSION`` for the default
-    model, with ``-s<steps>``, ``-l<layers>``, ``-h<hidden>`` appended for what a variant changes."""
-    suffix = "".join(f"-{tag}{value}" for tag, value, default in (("s", steps, DEFAULT_STEPS), ("l", layers, DEFAULT_LAYERS),
-                                                                   ("h", hidden, DEFAULT_HIDDEN)) if value != default)
+    model, with ``-s<steps>``, ``-l<layers>``, ``-h<hidden>``, ``-wd<weight_decay>`` appended for
+    what a variant changes."""
+    suffix = "".join(f"-{tag}{value}" for tag, value, default in (
+        ("s", steps, DEFAULT_STEPS), ("l", layers, DEFAULT_LAYERS), ("h", hidden, DEFAULT_HIDDEN)) if value != default)
+    if weight_decay != DEFAULT_WEIGHT_DECAY:
+        suffix += f"-wd{weight_decay:.6g}"
     return DOCSTRING_LLAMA_VERSION + suffix
 
 
 def build_docstring_llama(folder: Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, layers: int = DEFAULT_LAYERS,
-                          hidden: int = DEFAULT_HIDDEN, lr: float = DEFAULT_LR) -> Path:
+                          hidden: int = DEFAULT_HIDDEN, lr: float = DEFAULT_LR,
+                          weight_decay: float = DEFAULT_WEIGHT_DECAY) -> Path:
     """Train and save the model into ``folder`` (see the module docstring): ``layers`` Llama layers
     of width ``hidden`` (4 query / 2 key-value heads, MLP 3 x ``hidden``), ``steps`` AdamW steps of
-    32 windows of 64 tokens, a one-cycle schedule peaking at ``lr`` after 10 % of the steps."""
-    if steps < 20 or layers < 1 or hidden < 16 or hidden % 8:
-        raise UserError(f"docstring llama: steps {steps}, layers {layers}, hidden {hidden}: need steps >= 20 (the "
-                        "one-cycle warm-up is 10 % of them), layers >= 1 and a hidden width >= 16 that is a multiple "
-                        "of 8 (4 heads of an even size)")
+    32 windows of 64 tokens, a one-cycle schedule peaking at ``lr`` after 10 % of the steps.
+    ``weight_decay`` is AdamW's decoupled decay (``W -= lr * weight_decay * W`` each step, on every
+    parameter as PyTorch's default does): it bounds the weights' norms, and with them the absolute
+    error of a fixed-relative-error int4 grid."""
+    if steps < 20 or layers < 1 or hidden < 16 or hidden % 8 or not 0.0 <= weight_decay * lr < 1.0:
+        raise UserError(f"docstring llama: steps {steps}, layers {layers}, hidden {hidden}, weight decay {weight_decay:g}: "
+                        "need steps >= 20 (the one-cycle warm-up is 10 % of them), layers >= 1, a hidden width >= 16 "
+                        f"that is a multiple of 8 (4 heads of an even size) and 0 <= weight decay < 1 / lr ({1 / lr:g}: "
+                        "AdamW multiplies the weights by 1 - lr * weight decay each step)")
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -119,7 +130,7 @@ def build_docstring_llama(folder: Path, *, steps: int = DEFAULT_STEPS, seed: int
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     window, batch = 64, 32
@@ -147,8 +158,9 @@ def build_docstring_llama(folder: Path, *, steps: int = DEFAULT_STEPS, seed: int
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
         fast.save_pretrained(str(staging))
         (staging / "TRAINING.txt").write_text(
-            f"{docstring_llama_name(steps, layers, hidden)}: {len(texts)} standard-library docstrings, {len(stream)} tokens, "
-            f"{layers} layers of hidden {hidden}, {steps} AdamW steps of {batch}x{window} tokens (one-cycle, peak lr {lr:g}), "
+            f"{docstring_llama_name(steps, layers, hidden, weight_decay)}: {len(texts)} standard-library docstrings, "
+            f"{len(stream)} tokens, {layers} layers of hidden {hidden}, {steps} AdamW steps of {batch}x{window} tokens "
+            f"(one-cycle, peak lr {lr:g}, weight decay {weight_decay:g}), "
             f"seed {seed}, final loss {float(loss.detach()):.3f}\n",
             encoding="utf-8",
         )
@@ -156,17 +168,17 @@ def build_docstring_llama(folder: Path, *, steps: int = DEFAULT_STEPS, seed: int
 
 
 def docstring_llama(cache_dir: str | Path | None = None, *, steps: int = DEFAULT_STEPS, layers: int = DEFAULT_LAYERS,
-                    hidden: int = DEFAULT_HIDDEN) -> Path:
+                    hidden: int = DEFAULT_HIDDEN, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> Path:
     """The trained docstring Llama's folder under ``cache_dir`` (default ``$ONNXFORGE_CACHE`` or
-    ``~/.cache/onnxforge``), built on first use; other ``steps`` / ``layers`` / ``hidden`` than the
-    defaults build a variant in its own folder (``docstring_llama_name``), trained with the same
-    peak learning rate, its one-cycle schedule stretched over ``steps``."""
+    ``~/.cache/onnxforge``), built on first use; other ``steps`` / ``layers`` / ``hidden`` /
+    ``weight_decay`` than the defaults build a variant in its own folder (``docstring_llama_name``),
+    trained with the same peak learning rate, its one-cycle schedule stretched over ``steps``."""
     if cache_dir is None:
         cache_dir = os.environ.get("ONNXFORGE_CACHE") or Path.home() / ".cache" / "onnxforge"
-    folder = Path(cache_dir) / docstring_llama_name(steps, layers, hidden)
+    folder = Path(cache_dir) / docstring_llama_name(steps, layers, hidden, weight_decay)
     if not (folder / "config.json").is_file():
         logger.info("training the docstring llama into %s (%d steps: a minute or two per 300)", folder, steps)
-        build_docstring_llama(folder, steps=steps, layers=layers, hidden=hidden)
+        build_docstring_llama(folder, steps=steps, layers=layers, hidden=hidden, weight_decay=weight_decay)
     return folder
 
 
