@@ -39,7 +39,8 @@ def test_trained_llama_export_through_cli(docstring_llama_export, docstring_llam
     # weights outside the graph file
     assert (folder / "model.onnx.data").stat().st_size > 10 * (folder / "model.onnx").stat().st_size
     io = DecoderIO.from_model(folder / "model.onnx")
-    assert (io.num_layers, io.num_kv_heads, io.head_dim, io.vocab_size, io.has_position_ids) == (2, 2, 32, 2048, True)
+    # rotary runs inside GroupQueryAttention, by cache index: the graph needs no position_ids (as GenAI's builder's)
+    assert (io.num_layers, io.num_kv_heads, io.head_dim, io.vocab_size, io.has_position_ids) == (2, 2, 32, 2048, False)
 
 
 def test_runner_prefill_of_empty_past_and_kv_growth(docstring_llama_export):

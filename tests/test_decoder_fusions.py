@@ -13,7 +13,7 @@ import pytest
 
 from exporter.decoder import cache_geometry, fuse_for_ort, load_causal_lm, trace_to_onnx
 from onnxforge.decoder_models import random_decoder
-from optimizers.graph.decoder_fusions import fuse_group_query_attention
+from optimizers.graph.decoder_fusions import drop_unread_position_ids, fuse_group_query_attention
 from optimizers.quantize.weight_only import feed_packed_qkv, pack_sibling_matmuls
 from runtime_bench.decoder import OnnxDecoder, left_padded, shares_cache_buffer
 from onnxforge.common.errors import UserError
@@ -71,6 +71,10 @@ def test_each_layer_becomes_one_group_query_attention(mha_graph):
     caches = [v for name, v in model.graph.initializers.items() if name.startswith("gqa_")]
     assert len(caches) == 2 and all(tuple(v.shape) == (256, 8) for v in caches)  # one shared cos/sin pair
     assert [v.name for v in model.graph.outputs][1:3] == ["present.0.key", "present.0.value"]
+    # rotary inside GQA: nothing reads position_ids any more, so it is no input (the equality tests run the graph)
+    assert "position_ids" in [v.name for v in ir.load(str(mha_graph)).graph.inputs]
+    assert [v.name for v in model.graph.inputs][:2] == ["input_ids", "attention_mask"]
+    assert "position_ids" not in [v.name for v in model.graph.inputs]
 
 
 def _reshapes_after_attention(model: ir.Model) -> int:
@@ -119,6 +123,16 @@ def test_scaled_cos_sin_are_left_alone(mha_graph):
     assert fuse_group_query_attention(model, 256) == 0
     counts = _op_counts(model)
     assert counts["MultiHeadAttention"] == 2 and counts["GroupQueryAttention"] == 0
+    assert "position_ids" in [v.name for v in model.graph.inputs]  # still read by the graph's rotary
+
+
+def test_position_ids_stay_while_a_node_reads_them(mha_graph):
+    model = ir.load(str(mha_graph))
+    assert fuse_group_query_attention(model, 256) == 2
+    assert not drop_unread_position_ids(model)  # already out
+    kept = ir.load(str(mha_graph))
+    assert not drop_unread_position_ids(kept)  # the unfused graph's rotary reads it
+    assert "position_ids" in [v.name for v in kept.graph.inputs]
 
 
 def test_group_query_attention_equals_multi_head_attention(mha_graph, tmp_path):

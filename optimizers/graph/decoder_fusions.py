@@ -50,6 +50,11 @@ right when it does not; GroupQueryAttention already takes ``T`` from the mask. A
 inputs are then read by nothing but GroupQueryAttention (and shape reads of other axes) can share
 the buffer (``runtime_bench.decoder.shares_cache_buffer``).
 
+Once every layer rotates inside GroupQueryAttention nothing reads ``position_ids`` (the cos/sin
+subgraph was its only reader), so ``drop_unread_position_ids`` takes it out of the graph's inputs,
+as the issue's Hugging Face names ask ("``position_ids`` where the graph needs it") and as GenAI's
+builder writes its graphs; a graph where any layer was left unfused still reads it and keeps it.
+
 The rules mutate the ``ir.Model`` they are given (``fuse_group_query_attention``).
 """
 
@@ -66,6 +71,7 @@ from runtime_bench.decoder import SEQUENCE_AXIS, is_past_input, shape_span
 logger = logging.getLogger(__name__)
 
 _MASK_INPUT = "attention_mask"
+_POSITION_INPUT = "position_ids"
 _NUMPY_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)  # what np.finfo knows
 
 
@@ -156,7 +162,7 @@ def _inv_freq(cos: ir.Value, sin: ir.Value) -> np.ndarray | None:
     node = positions.producer()
     if node is not None and node.op_type == "Cast":
         node = node.inputs[0].producer()
-    if node is None or node.op_type != "Unsqueeze" or node.inputs[0].name != "position_ids":
+    if node is None or node.op_type != "Unsqueeze" or node.inputs[0].name != _POSITION_INPUT:
         return None
     return freq_array.astype(np.float64)
 
@@ -351,10 +357,23 @@ def fuse_group_query_attention(model: ir.Model, max_positions: int, *, padding_b
         lengths = read_past_length_from_mask(model)
         CommonSubexpressionEliminationPass()(model)
         RemoveUnusedNodesPass()(model)
+        dropped = drop_unread_position_ids(model)
         logger.info("GroupQueryAttention: %d decoder layers fused (rotary caches of %d positions, %s); past length "
-                    "read from attention_mask in %d place(s)", count, max_positions,
-                    "padding bias" if padding_bias else "the graph's mask as bias", lengths)
+                    "read from attention_mask in %d place(s)%s", count, max_positions,
+                    "padding bias" if padding_bias else "the graph's mask as bias", lengths,
+                    "; position_ids no longer an input" if dropped else "")
     return int(count)
 
 
-__all__ = ["GqaOutputReshapesRule", "GroupQueryAttentionRule", "fuse_group_query_attention", "read_past_length_from_mask"]
+def drop_unread_position_ids(model: ir.Model) -> bool:
+    """Take ``position_ids`` out of ``model``'s inputs (mutated) when no node reads it any more
+    (every layer rotates inside GroupQueryAttention, by cache index); returns whether it was."""
+    value = next((v for v in model.graph.inputs if v.name == _POSITION_INPUT), None)
+    if value is None or value.uses() or value in model.graph.outputs:
+        return False
+    model.graph.inputs.remove(value)
+    return True
+
+
+__all__ = ["GqaOutputReshapesRule", "GroupQueryAttentionRule", "drop_unread_position_ids", "fuse_group_query_attention",
+           "read_past_length_from_mask"]
