@@ -84,7 +84,7 @@ def token_sequences(folder: Path, texts: list[str], count: int, length: int = 12
 
 def quality(work: Path, ratio: float, kv_heads: float, threads: int | None, level: int, *, variant: dict,
             candidates: tuple[str, ...] = NAMES, pruning: bool = True) -> None:
-    """The quality tables on the docstring Llama ``variant`` (``steps``, ``layers``, ``hidden``, ``weight_decay``)."""
+    """The quality tables on the docstring Llama ``variant`` (``steps``, ``layers``, ``hidden``, ``weight_decay``, ``seed``)."""
     folder = docstring_llama(**variant)
     title = f"trained docstring Llama {docstring_llama_name(**variant)}"
     fp32 = work / "llama" / "model.onnx"
@@ -260,6 +260,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="quality: the docstring Llama's hidden width")
     parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
                         help="quality: the docstring Llama's AdamW weight decay (published LLM recipes use 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="quality: the docstring Llama's training seed (data order, "
+                                                              "tokenizer, initial weights)")
     parser.add_argument("--quality-candidates", default=",".join(NAMES), help="quality: the weight-only candidates compared")
     parser.add_argument("--accuracy-level", type=int, default=DecoderCandidateSettings.accuracy_level, choices=(0, 1, 2, 3, 4),
                         help="MatMulNBits accuracy_level of every candidate (4: int8 activations, the VNNI/AMX kernels; "
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
         if not args.skip_quality:
             quality(work, args.ratio, args.kv_heads, args.threads, args.accuracy_level,
                     variant=dict(steps=args.train_steps, layers=args.layers, hidden=args.hidden,
-                                 weight_decay=args.weight_decay),
+                                 weight_decay=args.weight_decay, seed=args.seed),
                     candidates=tuple(args.quality_candidates.split(",")), pruning=not args.skip_pruning)
         if not args.skip_speed:
             speed(work, args.model, args.ratio, args.kv_heads, tuple(args.speed_candidates.split(",")), args.threads,

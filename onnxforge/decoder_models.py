@@ -87,14 +87,16 @@ DEFAULT_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default; published LLM recipes (L
 
 
 def docstring_llama_name(steps: int = DEFAULT_STEPS, layers: int = DEFAULT_LAYERS, hidden: int = DEFAULT_HIDDEN,
-                         weight_decay: float = DEFAULT_WEIGHT_DECAY) -> str:
+                         weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int = 0) -> str:
     """The cache folder name of a docstring Llama: ``DOCSTRING_LLAMA_VERSION`` for the default
-    model, with ``-s<steps>``, ``-l<layers>``, ``-h<hidden>``, ``-wd<weight_decay>`` appended for
-    what a variant changes."""
+    model, with ``-s<steps>``, ``-l<layers>``, ``-h<hidden>``, ``-wd<weight_decay>``, ``-seed<seed>``
+    appended for what a variant changes."""
     suffix = "".join(f"-{tag}{value}" for tag, value, default in (
         ("s", steps, DEFAULT_STEPS), ("l", layers, DEFAULT_LAYERS), ("h", hidden, DEFAULT_HIDDEN)) if value != default)
     if weight_decay != DEFAULT_WEIGHT_DECAY:
         suffix += f"-wd{weight_decay:.6g}"
+    if seed:
+        suffix += f"-seed{seed}"
     return DOCSTRING_LLAMA_VERSION + suffix
 
 
@@ -168,17 +170,18 @@ def build_docstring_llama(folder: Path, *, steps: int = DEFAULT_STEPS, seed: int
 
 
 def docstring_llama(cache_dir: str | Path | None = None, *, steps: int = DEFAULT_STEPS, layers: int = DEFAULT_LAYERS,
-                    hidden: int = DEFAULT_HIDDEN, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> Path:
+                    hidden: int = DEFAULT_HIDDEN, weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int = 0) -> Path:
     """The trained docstring Llama's folder under ``cache_dir`` (default ``$ONNXFORGE_CACHE`` or
     ``~/.cache/onnxforge``), built on first use; other ``steps`` / ``layers`` / ``hidden`` /
-    ``weight_decay`` than the defaults build a variant in its own folder (``docstring_llama_name``),
-    trained with the same peak learning rate, its one-cycle schedule stretched over ``steps``."""
+    ``weight_decay`` / ``seed`` than the defaults build a variant in its own folder
+    (``docstring_llama_name``), trained with the same peak learning rate, its one-cycle schedule
+    stretched over ``steps`` (the seed orders the docstrings, so it changes the tokenizer too)."""
     if cache_dir is None:
         cache_dir = os.environ.get("ONNXFORGE_CACHE") or Path.home() / ".cache" / "onnxforge"
-    folder = Path(cache_dir) / docstring_llama_name(steps, layers, hidden, weight_decay)
+    folder = Path(cache_dir) / docstring_llama_name(steps, layers, hidden, weight_decay, seed)
     if not (folder / "config.json").is_file():
         logger.info("training the docstring llama into %s (%d steps: a minute or two per 300)", folder, steps)
-        build_docstring_llama(folder, steps=steps, layers=layers, hidden=hidden, weight_decay=weight_decay)
+        build_docstring_llama(folder, steps=steps, seed=seed, layers=layers, hidden=hidden, weight_decay=weight_decay)
     return folder
 
 

@@ -18,6 +18,8 @@ def test_the_default_model_keeps_its_folder_and_a_variant_gets_its_own():
     assert len({docstring_llama_name(steps=s) for s in (300, 1000, 2000)}) == 3
     assert docstring_llama_name(weight_decay=0.01) == "docstring-llama-v2"  # the default: the tests' cached model
     assert docstring_llama_name(steps=1000, weight_decay=0.1) == "docstring-llama-v2-s1000-wd0.1"
+    assert docstring_llama_name(steps=800, layers=4, hidden=256, weight_decay=1.0, seed=1) == "docstring-llama-v2-s800-l4-h256-wd1-seed1"
+    assert docstring_llama_name(seed=0) == "docstring-llama-v2"
     assert docstring_llama_name(steps=800, layers=4, hidden=256, weight_decay=0.1) == "docstring-llama-v2-s800-l4-h256-wd0.1"
     assert docstring_llama_name(weight_decay=0.0) == "docstring-llama-v2-wd0"
     assert len({docstring_llama_name(weight_decay=w) for w in (0.0, 0.01, 0.05, 0.1)}) == 4
