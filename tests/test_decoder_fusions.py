@@ -5,6 +5,7 @@ onnxscript (MultiHeadAttention form); then packed q/k/v into it (optimizers.quan
 from __future__ import annotations
 
 import collections
+import logging
 
 import numpy as np
 import onnx
@@ -219,15 +220,20 @@ def _mask_ops(path) -> collections.Counter:
     return collections.Counter(n.op_type for n in proto.graph.node if n.op_type in ("Range", "GatherND", "LessOrEqual", "Where"))
 
 
-def test_padding_bias_replaces_the_mask_subgraph(llama_mha_graph, tmp_path):
+def test_padding_bias_replaces_the_mask_subgraph(llama_mha_graph, tmp_path, caplog):
     """Without a sliding window GroupQueryAttention's bias is the padding alone (one Where, no
     ranges, causal comparison or GatherND run each step), and the logits equal the MultiHeadAttention
-    graph's: left-padded batch, growing cache and one shared buffer."""
+    graph's: left-padded batch, growing cache and one shared buffer. The log counts the layers."""
     kept = ir.load(str(llama_mha_graph))
-    assert fuse_group_query_attention(kept, 256) == 2
+    with caplog.at_level(logging.INFO, logger="optimizers.graph.decoder_fusions"):
+        assert fuse_group_query_attention(kept, 256) == 2
+    assert "the graph's mask as bias in 2 of them" in caplog.text and "padding bias" not in caplog.text
     kept_path = _save(kept, tmp_path / "kept" / "model.onnx")
     padded = ir.load(str(llama_mha_graph))
-    assert fuse_group_query_attention(padded, 256, padding_bias=True) == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="optimizers.graph.decoder_fusions"):
+        assert fuse_group_query_attention(padded, 256, padding_bias=True) == 2
+    assert "padding bias in 2 of them" in caplog.text and "mask as bias" not in caplog.text
     path = _save(padded, tmp_path / "padding" / "model.onnx")
     assert _mask_ops(kept_path)["Range"] >= 2 and _mask_ops(kept_path)["GatherND"] >= 1
     assert _mask_ops(path) == collections.Counter({"Where": 1})

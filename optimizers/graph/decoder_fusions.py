@@ -60,6 +60,7 @@ The rules mutate the ``ir.Model`` they are given (``fuse_group_query_attention``
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import numpy as np
@@ -185,10 +186,11 @@ def _over_query(op, bias: ir.Value, length_source: ir.Value) -> ir.Value:
 class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
     """One decoder layer's rotary + cache Concat + repeat_kv + MultiHeadAttention -> GroupQueryAttention."""
 
-    def __init__(self, max_positions: int, padding_bias: bool = False):
+    def __init__(self, max_positions: int, padding_bias: bool = False, biases: collections.Counter | None = None):
         super().__init__("DecoderGroupQueryAttention", remove_nodes=False)
         self.max_positions = int(max_positions)
         self.padding_bias = bool(padding_bias)
+        self.biases = biases if biases is not None else collections.Counter()  # layers per bias kind written
         self._caches: dict[bytes, tuple[ir.Value, ir.Value]] = {}
 
     def pattern(self, op, q_proj, k_proj, v_proj, q_shape, kv_shape, v_shape, past_key, past_value, cos, sin, mask):
@@ -256,8 +258,10 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         length = self._query_length_source
         if self.padding_bias and dtype in _NUMPY_FLOATS:
             bias = _over_query(op, _padding_rows(op, mask_input, dtype.numpy()), length)
+            self.biases["padding bias"] += 1
         else:
             bias = mask if _spans_query(mask, q_proj) else _over_query(op, mask, length)
+            self.biases["the graph's mask as bias"] += 1
         return op.GroupQueryAttention(
             q_proj, k_proj, v_proj, past_key, past_value, seqlens_k, total_scalar, cos_cache, sin_cache, None, bias,
             _domain="com.microsoft", _outputs=3, **attributes,
@@ -349,7 +353,8 @@ def fuse_group_query_attention(model: ir.Model, max_positions: int, *, padding_b
     layers (module doc); returns how many layers were rewritten."""
     from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
 
-    rule = GroupQueryAttentionRule.rule(max_positions, padding_bias)
+    biases: collections.Counter = collections.Counter()
+    rule = GroupQueryAttentionRule.rule(max_positions, padding_bias, biases)
     count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
     if count:
         reshapes = pattern.RewriteRuleSet([GqaOutputReshapesRule.rule()]).apply_to_model(model)
@@ -360,7 +365,7 @@ def fuse_group_query_attention(model: ir.Model, max_positions: int, *, padding_b
         dropped = drop_unread_position_ids(model)
         logger.info("GroupQueryAttention: %d decoder layers fused (rotary caches of %d positions, %s); past length "
                     "read from attention_mask in %d place(s)%s", count, max_positions,
-                    "padding bias" if padding_bias else "the graph's mask as bias", lengths,
+                    ", ".join(f"{kind} in {n} of them" for kind, n in sorted(biases.items())), lengths,
                     "; position_ids no longer an input" if dropped else "")
     return int(count)
 
