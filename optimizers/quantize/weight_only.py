@@ -612,19 +612,24 @@ def _kl_sum(lp_ref: np.ndarray, lp_cand: np.ndarray) -> float:
     return float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum())
 
 
+def _scored(sequences: Sequence[Sequence[int]]) -> list[Sequence[int]]:
+    """The sequences with a next token to score: two tokens or more."""
+    return [seq for seq in sequences if len(seq) >= 2]
+
+
 def reference_log_probs(reference, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """The next-token log-probabilities ``[len - 1, vocab]`` (float64) of ``reference`` (an
     :class:`runtime_bench.decoder.OnnxDecoder`) on each of ``sequences`` of two tokens or more:
     computed once, :func:`mean_kl` judges several candidates by them. Memory: 8 bytes x vocabulary
     per position."""
-    return [_next_token_log_probs(reference, seq) for seq in sequences if len(seq) >= 2]
+    return [_next_token_log_probs(reference, seq) for seq in _scored(sequences)]
 
 
 def mean_kl(reference_lp: Sequence[np.ndarray], candidate, sequences: Sequence[Sequence[int]]) -> float:
     """:func:`decoder_quality`'s ``kl_mean`` (the same number) of ``candidate`` on ``sequences``, against
     the reference's :func:`reference_log_probs` of the same ``sequences``."""
     kl, positions = 0.0, 0
-    for lp_ref, seq in zip(reference_lp, [s for s in sequences if len(s) >= 2], strict=True):
+    for lp_ref, seq in zip(reference_lp, _scored(sequences), strict=True):
         kl += _kl_sum(lp_ref, _next_token_log_probs(candidate, seq))
         positions += len(lp_ref)
     if positions == 0:
@@ -646,9 +651,7 @@ def decoder_quality(reference, candidate, sequences: Sequence[Sequence[int]], *,
 
     nll_ref = nll_cand = kl = 0.0
     positions = 0
-    for seq in sequences:
-        if len(seq) < 2:
-            continue
+    for seq in _scored(sequences):
         lp_ref = _next_token_log_probs(reference, seq)
         lp_cand = _next_token_log_probs(candidate, seq)
         targets = np.asarray(seq[1:])
@@ -660,7 +663,7 @@ def decoder_quality(reference, candidate, sequences: Sequence[Sequence[int]], *,
     if positions == 0:
         raise UserError("decoder quality needs at least one token sequence of two or more tokens")
     matches = []
-    for seq in [s for s in sequences if len(s) >= 2][:prompts]:
+    for seq in _scored(sequences)[:prompts]:
         prompt = list(seq[:max(1, min(prompt_tokens, len(seq) - 1))])
         a = greedy(reference, prompt, new_tokens)
         b = greedy(candidate, prompt, new_tokens)
