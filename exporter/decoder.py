@@ -45,7 +45,7 @@ from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
 from optimizers.graph.decoder_fusions import fuse_group_query_attention
-from runtime_bench.decoder import OnnxDecoder, greedy
+from runtime_bench.decoder import LOGITS_TO_KEEP, OnnxDecoder, greedy
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +180,10 @@ class CacheWrapper(torch.nn.Module):
     (key, value) per layer, rebuilt as transformers' ``DynamicCache``; returns logits and the
     flat present tensors."""
 
-    def __init__(self, model, num_layers: int, last_logits: bool = False):
+    def __init__(self, model, num_layers: int):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
-        self.last_logits = last_logits
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         from transformers import DynamicCache
@@ -196,7 +195,7 @@ class CacheWrapper(torch.nn.Module):
             position_ids=position_ids,
             **{cache_kwarg(): cache},
             use_cache=True,
-            logits_to_keep=1 if self.last_logits else 0,
+            logits_to_keep=0,  # every position; ``select_logits`` makes the last one the graph's default
         )
         present = getattr(out, cache_kwarg())
         flat = [out.logits]
@@ -234,9 +233,10 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 
 def trace_to_onnx(model, num_layers: int, kv_heads: int, head_dim: int, path: Path, *, opset: int, last_logits: bool):
-    """The dynamo export of the cache wrapper, saved at ``path`` with weights in ``path.data``."""
+    """The dynamo export of the cache wrapper, saved at ``path`` with weights in ``path.data``; with
+    ``last_logits`` the output layer computes the last ``logits_to_keep`` positions (``select_logits``)."""
 
-    wrapper = CacheWrapper(model, num_layers, last_logits).eval()
+    wrapper = CacheWrapper(model, num_layers).eval()
     batch, seq, past = 2, 3, 4  # sizes > 1 so torch.export keeps them symbolic; past 0 runs too
     ids = torch.randint(0, 100, (batch, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones((batch, past + seq), dtype=torch.long)
@@ -253,9 +253,49 @@ def trace_to_onnx(model, num_layers: int, kv_heads: int, head_dim: int, path: Pa
         )
     program.model.producer_name = "onnxforge"
     _name_output_dims(program.model)
+    if last_logits and not select_logits(program.model):
+        raise UserError("the graph's output layer is not a MatMul reached from 'logits' through elementwise ops, so it cannot "
+                        "compute the last position only; export with --logits all")
     program.save(str(path), external_data=True)
     del program
     gc.collect()
+
+
+_HEAD_PASSTHROUGH = ("Cast", "Tanh", "Mul", "Div", "Identity")  # what may follow the output layer (Gemma 2's softcap)
+
+
+def select_logits(model) -> bool:
+    """Make the output layer of the traced ``model`` (an ``ir.Model``, mutated) compute the last
+    ``logits_to_keep`` positions: its input sliced ``[:, -logits_to_keep:, :]`` before the MatMul,
+    ``logits_to_keep`` an int64 ``[1]`` graph input whose initializer (1) is its default, as
+    transformers' ``logits_to_keep`` argument. Generation (ORT GenAI too, which feeds no such input)
+    gets the last position and prefill skips a [seq, vocab] product; evaluation feeds 0, every
+    position (``optimizers.quantize.weight_only.sequence_feeds``). Returns False, graph untouched,
+    where the output layer is not a MatMul reached from ``logits`` through elementwise ops."""
+    import onnx_ir as ir
+
+    logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
+    node = logits.producer() if logits is not None else None
+    while node is not None and node.op_type in _HEAD_PASSTHROUGH and node.domain in ("", "ai.onnx"):
+        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        return False
+    keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
+                    const_value=ir.tensor(np.array([1], dtype=np.int64), name=LOGITS_TO_KEEP))
+    model.graph.register_initializer(keep)
+    model.graph.inputs.append(keep)
+    end = ir.node("Constant", [], {"value": ir.tensor(np.array([np.iinfo(np.int64).max], dtype=np.int64))})
+    axis = ir.node("Constant", [], {"value": ir.tensor(np.array([1], dtype=np.int64))})
+    start = ir.node("Neg", [keep])
+    kept = ir.node("Slice", [node.inputs[0], start.outputs[0], end.outputs[0], axis.outputs[0]])
+    model.graph.insert_before(node, [end, axis, start, kept])
+    node.replace_input_with(0, kept.outputs[0])
+    if logits.shape is not None and len(logits.shape) == 3:
+        # declared as the default computes it: a runtime that reads the shape (ORT GenAI takes a static 1 for a
+        # graph that "outputs last-token logits only") allocates [batch, 1, vocab]; fed 0, ONNX Runtime returns
+        # every position (and says at its warning level that the shape differs from the declared one)
+        logits.shape = ir.Shape([logits.shape[0], 1, logits.shape[2]])
+    return True
 
 
 def _name_output_dims(model) -> None:
@@ -459,8 +499,15 @@ def fuse_for_ort(source: Path, target: Path, attention: AttentionFusion | None =
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(str(source))
+    selectable = any(v.name == LOGITS_TO_KEEP for v in model.graph.inputs)
     _, counts = optimize_for_ort(model)
     counts = dict(counts)
+    if selectable:  # optimize_for_ort ends by taking every initializer out of the inputs: put the default back
+        keep = model.graph.initializers.get(LOGITS_TO_KEEP)
+        if keep is None:
+            raise UserError(f"internal: the ONNX Runtime fusions folded the '{LOGITS_TO_KEEP}' input away")  # pragma: no cover
+        if keep not in model.graph.inputs:
+            model.graph.inputs.append(keep)
     if attention is not None:
         counts["group_query_attention"] = fuse_group_query_attention(model, attention.max_positions,
                                                                      padding_bias=attention.padding_bias)
@@ -496,7 +543,7 @@ def export_decoder(
     opset: int | None = None,
     validate: bool = True,
     fuse: bool = True,
-    logits: str = "all",
+    logits: str = "last",
     new_tokens: int = PROOF_NEW_TOKENS,
     prompts: Sequence[Sequence[int]] | None = None,
     tolerance: Tolerance = DECODER_TOLERANCE,
@@ -504,8 +551,10 @@ def export_decoder(
 ) -> DecoderExportResult:
     """Export the causal LM in ``folder`` to ``output_path`` (weights in ``output_path.data``).
 
-    ``logits="last"`` makes the graph compute the output layer for the last position only (what
-    generation needs; prefill skips a [seq, vocab] product). With ``validate`` (the default) the
+    ``logits="last"`` (the default) makes the output layer compute the last position unless the
+    graph's ``logits_to_keep`` input says otherwise (``select_logits``: generation reads the last
+    position and prefill skips a [seq, vocab] product; evaluation feeds 0 for every position);
+    ``"all"`` computes every position always. With ``validate`` (the default) the
     graph must pass ``prove_decoder`` on two prompts and ``new_tokens`` greedy tokens, else a
     ``UserError`` and nothing is written. With ``fuse`` onnxscript's ONNX Runtime fusions run and
     the fused graph is proven again; if it fails, the unfused graph is kept and

@@ -65,6 +65,7 @@ class DecoderIO:
     has_position_ids: bool
     has_attention_mask: bool
     vocab_size: int
+    selects_logits: bool = False  # a LOGITS_TO_KEEP input (default: the last position; 0: every position)
 
     def past_name(self, layer: int, kind: str) -> str:
         return f"past_key_values.{layer}.{kind}"
@@ -83,15 +84,18 @@ class DecoderIO:
         if isinstance(source, (str, Path)):
             source = onnx.load(str(source), load_external_data=False)
         if isinstance(source, onnx.ModelProto):
-            inputs = [_signature(v) for v in source.graph.input]
+            initializers = {t.name for t in source.graph.initializer}
+            inputs = [_signature(v) for v in source.graph.input if v.name not in initializers]
+            overridable = [v.name for v in source.graph.input if v.name in initializers]
             outputs = [_signature(v) for v in source.graph.output]
         else:
             inputs = [(v.name, v.type, list(v.shape)) for v in source.get_inputs()]
+            overridable = [v.name for v in source.get_overridable_initializers()]
             outputs = [(v.name, v.type, list(v.shape)) for v in source.get_outputs()]
-        return cls._from_signature(inputs, outputs)
+        return cls._from_signature(inputs, outputs, overridable)
 
     @classmethod
-    def _from_signature(cls, inputs, outputs) -> DecoderIO:
+    def _from_signature(cls, inputs, outputs, overridable=()) -> DecoderIO:
         in_names = [n for n, _, _ in inputs]
         out_names = [n for n, _, _ in outputs]
         if "input_ids" not in in_names or "logits" not in out_names:
@@ -131,6 +135,7 @@ class DecoderIO:
             has_position_ids="position_ids" in in_names,
             has_attention_mask="attention_mask" in in_names,
             vocab_size=int(vocab),
+            selects_logits=LOGITS_TO_KEEP in in_names or LOGITS_TO_KEEP in overridable,
         )
 
 
@@ -145,6 +150,7 @@ def _signature(value) -> tuple[str, str, list]:
 
 
 SEQUENCE_AXIS = 2  # of a cache tensor [batch, kv_heads, length, head_dim]
+LOGITS_TO_KEEP = "logits_to_keep"  # how many last positions the output layer computes (0: every one), where a graph has it
 
 
 def is_past_input(name: str) -> bool:
@@ -416,5 +422,5 @@ def greedy(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, eos_ids: Seque
     return generated[0] if single else generated
 
 
-__all__ = ["SEQUENCE_AXIS", "DecoderIO", "OnnxDecoder", "greedy", "is_past_input", "left_padded", "positions_from_mask",
+__all__ = ["LOGITS_TO_KEEP", "SEQUENCE_AXIS", "DecoderIO", "OnnxDecoder", "greedy", "is_past_input", "left_padded", "positions_from_mask",
            "shape_span", "shares_cache_buffer"]

@@ -42,11 +42,18 @@ def trained_decoder() -> Path:
 
 @functools.cache
 def trained_decoder_last_logits() -> Path:
-    """The same model exported with logits for the last position only (``logits="last"``)."""
+    """The same model with logits for the last position only and no way to ask for more, as other
+    exporters write it: ``logits="last"`` with its ``logits_to_keep`` input taken out (a constant 1)."""
+    import onnx
+
     from exporter.decoder import export_decoder
+    from runtime_bench.decoder import LOGITS_TO_KEEP
 
     path = _WORK / "trained-last" / "model.onnx"
     export_decoder(docstring_llama_folder(), path, validate=False, logits="last")
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.input.remove(next(v for v in model.graph.input if v.name == LOGITS_TO_KEEP))
+    onnx.save(model, str(path))  # the weights stay in model.onnx.data, unchanged
     return path
 
 

@@ -13,7 +13,8 @@ from exporter.decoder import check_transformers_version, export_decoder, prove_d
 from onnxforge.cli import main
 from onnxforge.common.errors import UserError
 from onnxforge.decoder_models import random_decoder
-from runtime_bench.decoder import DecoderIO, OnnxDecoder, greedy
+from optimizers.quantize.weight_only import sequence_feeds
+from runtime_bench.decoder import LOGITS_TO_KEEP, DecoderIO, OnnxDecoder, greedy
 
 
 def run_cli(capsys, *argv):
@@ -145,6 +146,33 @@ def test_logits_last_graph_is_proven(docstring_llama_folder, docstring_llama_exp
     assert session_logits.shape == (1, 1, 2048)
     full_graph = OnnxDecoder(docstring_llama_export[0] / "model.onnx", threads=1)
     assert greedy(decoder, [5, 6, 7], 24) == greedy(full_graph, [5, 6, 7], 24)
+
+
+def test_the_default_graph_computes_the_last_position_unless_asked(docstring_llama_export, docstring_llama_folder, tmp_path):
+    """export's default: logits declared [batch, 1, vocab] (what ORT GenAI reads as last-token logits) and
+    computed so; ``logits_to_keep`` (an input with default 1) = 0 gives every position, equal to an
+    ``--logits all`` export's; 3 gives the last three."""
+    folder, stdout = docstring_llama_export
+    assert "logits last" in stdout
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    logits = next(v for v in model.graph.output if v.name == "logits")
+    assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim] == ["batch", 1, 2048]
+    assert LOGITS_TO_KEEP in [v.name for v in model.graph.input]
+    default = OnnxDecoder(folder / "model.onnx", threads=1)
+    assert default.io.selects_logits and LOGITS_TO_KEEP not in [v.name for v in default.session.get_inputs()]
+    everything = export_decoder(docstring_llama_folder, tmp_path / "all" / "model.onnx", logits="all", fuse=False,
+                                validate=False, copy_companions=False)
+    full = OnnxDecoder(everything.path, threads=1)
+    assert not full.io.selects_logits
+    ids = [5, 6, 7, 8, 9, 10]
+    expected = full.session.run(["logits"], sequence_feeds(full.io, ids))[0]
+    feeds = sequence_feeds(default.io, ids)
+    assert feeds[LOGITS_TO_KEEP].tolist() == [0] and expected.shape == (1, 6, 2048)
+    np.testing.assert_allclose(default.session.run(["logits"], feeds)[0], expected, rtol=1e-4, atol=1e-4)
+    last_three = default.session.run(["logits"], {**feeds, LOGITS_TO_KEEP: np.array([3])})[0]
+    np.testing.assert_allclose(last_three, expected[:, -3:], rtol=1e-4, atol=1e-4)
+    del feeds[LOGITS_TO_KEEP]
+    np.testing.assert_allclose(default.session.run(["logits"], feeds)[0], expected[:, -1:], rtol=1e-4, atol=1e-4)
 
 
 def test_transformers_version_outside_the_range_warns_once(caplog):

@@ -29,8 +29,10 @@ def register(sub) -> None:
                           "timed here on the example inputs (give real sizes with --dim, e.g. --dim batch=8 --dim seq=128)")
     exp.add_argument("--static", action="store_true", help="export with fixed shapes (no dynamic axes)")
     decoder = exp.add_argument_group("text-generation (--task text-generation)")
-    decoder.add_argument("--logits", choices=("all", "last"), default="all",
-                         help="'last': the output layer computes the last position only (what generation reads)")
+    decoder.add_argument("--logits", choices=("all", "last"), default="last",
+                         help="'last' (default): the output layer computes the last position (what generation reads) unless "
+                              "the graph's logits_to_keep input is fed 0, for every position (as evaluation does); "
+                              "'all': every position always")
     decoder.add_argument("--package", metavar="DIR", help=PACKAGE_HELP)
     add_io_flags(exp)
     exp.set_defaults(func=_export_command)

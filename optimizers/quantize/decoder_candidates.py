@@ -113,7 +113,7 @@ from optimizers.quantize.weight_only import (
     unpack_unfed_siblings,
     untie_output_layer,
 )
-from runtime_bench.decoder import DecoderIO, OnnxDecoder
+from runtime_bench.decoder import LOGITS_TO_KEEP, DecoderIO, OnnxDecoder
 from runtime_bench.generation import weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -273,6 +273,7 @@ def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] =
     # (``position_ids`` once GroupQueryAttention rotates by cache position): such inputs are taken
     # out for the quantizer and put back at their places after.
     model, unused = _without_unused_inputs(model)
+    model, selector = _every_position_fixed(model)
     try:
         with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
             warnings.simplefilter("ignore")  # HQQ's torch.from_numpy of a read-only array: not the user's concern
@@ -285,7 +286,36 @@ def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] =
     result = result.model if hasattr(result, "model") else result
     for index, value in unused:
         result.graph.input.insert(index, value)
+    if selector is not None:
+        _restore_selector(result, *selector)
     return result
+
+
+def _every_position_fixed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[int, onnx.ValueInfoProto] | None]:
+    """``model`` (a copy where changed) with ``logits_to_keep`` (``exporter.decoder.select_logits``) a
+    constant 0 instead of an input: ONNX Runtime's quantizers feed only the inputs they count (Intel
+    Neural Compressor's GPTQ asserts as much) and should calibrate the output layer on every position.
+    Returns the input's place and declaration for ``_restore_selector``."""
+    index = next((i for i, v in enumerate(model.graph.input) if v.name == LOGITS_TO_KEEP), None)
+    if index is None:
+        return model, None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    declared = onnx.ValueInfoProto()
+    declared.CopyFrom(copy.graph.input[index])
+    del copy.graph.input[index]
+    _set_selector_default(copy, 0)
+    return copy, (index, declared)
+
+
+def _restore_selector(model: onnx.ModelProto, index: int, declared: onnx.ValueInfoProto) -> None:
+    model.graph.input.insert(index, declared)
+    _set_selector_default(model, 1)
+
+
+def _set_selector_default(model: onnx.ModelProto, value: int) -> None:
+    tensor = next(t for t in model.graph.initializer if t.name == LOGITS_TO_KEEP)
+    tensor.CopyFrom(onnx.numpy_helper.from_array(np.array([value], dtype=np.int64), LOGITS_TO_KEEP))
 
 
 def _without_unused_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[int, onnx.ValueInfoProto]]]:
@@ -340,7 +370,8 @@ class _Reader:
     """ONNX Runtime calibration reader: one whole sequence per feed, empty cache."""
 
     def __init__(self, io: DecoderIO, sequences):
-        self.feeds = [sequence_feeds(io, s) for s in sequences]
+        # the quantizer's copy computes every position without being asked (``_every_position_fixed``)
+        self.feeds = [{k: v for k, v in sequence_feeds(io, s).items() if k != LOGITS_TO_KEEP} for s in sequences]
         self.position = 0
 
     def get_next(self):

@@ -39,7 +39,7 @@ from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
 from onnxforge.common.options import help_of, option
 from onnxforge.common.sessions import SessionSettings
-from runtime_bench.decoder import OnnxDecoder, greedy
+from runtime_bench.decoder import LOGITS_TO_KEEP, OnnxDecoder, greedy
 from runtime_bench.generation import weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -569,13 +569,16 @@ def save_model(model: onnx.ModelProto, path: Path, data_name: str | None = None)
 
 def sequence_feeds(io, ids: Sequence[int]) -> dict[str, np.ndarray]:
     """Feeds that run the whole sequence ``ids`` (one row) from an empty cache through a decoder
-    whose inputs ``io`` (:class:`runtime_bench.decoder.DecoderIO`) describes."""
+    whose inputs ``io`` (:class:`runtime_bench.decoder.DecoderIO`) describes, asking for every
+    position's logits where the graph lets its caller choose (``export``'s default graph)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
     feeds = {"input_ids": ids}
     if io.has_attention_mask:
         feeds["attention_mask"] = np.ones_like(ids)
     if io.has_position_ids:
         feeds["position_ids"] = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
+    if io.selects_logits:
+        feeds[LOGITS_TO_KEEP] = np.zeros(1, dtype=np.int64)  # every position's logits, not the default last one
     empty = np.zeros((1, io.num_kv_heads, 0, io.head_dim), dtype=io.kv_dtype)
     for past, _ in io.cache_pairs:
         feeds[past] = empty
@@ -584,8 +587,8 @@ def sequence_feeds(io, ids: Sequence[int]) -> dict[str, np.ndarray]:
 
 def _full_logits(decoder, ids: Sequence[int]) -> np.ndarray:
     """Logits at every position of ``ids``, ``[seq, vocab]``: one run from an empty cache, or, for a
-    graph that computes the last position only (``export --logits last``), the prompt's first
-    token then one decode step per token (teacher forcing)."""
+    graph that computes the last position only and lets nobody choose (no ``logits_to_keep`` input),
+    the prompt's first token then one decode step per token (teacher forcing)."""
     feeds = sequence_feeds(decoder.io, ids)
     ids = feeds["input_ids"]
     logits = decoder.session.run(["logits"], feeds)[0]
