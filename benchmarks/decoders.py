@@ -2,7 +2,7 @@
 
 Rows (each where it can run here; otherwise a row that says why):
 
-- onnxforge fp32: ``exporter.decoder.export_decoder`` (logits of the last position only);
+- onnxforge fp32: ``exporter.decoder.export_decoder`` as ``onnxforge export`` runs it (logits of the last position by default);
 - onnxforge int4: ``optimizers.quantize.weight_only.quantize_weight_only`` of that graph;
   both run by ``runtime_bench.decoder.OnnxDecoder`` (ONNX Runtime, one cache buffer bound as past
   and present where the graph allows, as ``onnxforge generate`` runs);
@@ -109,7 +109,7 @@ def onnxforge_models(hf: Path, work: Path, threads: int | None) -> tuple[Path, P
     int4 = work / "onnxforge-int4" / "model.onnx"
     if not fp32.exists():
         logger.info("exporting %s", hf)
-        result = export_decoder(hf, fp32, logits="last")
+        result = export_decoder(hf, fp32)
         logger.info("export: %s", {k: v for k, v in result.to_dict().items() if k in ("fused", "fusion_counts", "fusion_note")})
     if not int4.exists():
         logger.info("quantizing %s weight-only int4", fp32)
