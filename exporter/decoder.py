@@ -277,7 +277,9 @@ def select_logits(model) -> bool:
     logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
     node = logits.producer() if logits is not None else None
     while node is not None and node.op_type in _HEAD_PASSTHROUGH and node.domain in ("", "ai.onnx"):
-        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        computed = [v.producer() for v in node.inputs if v is not None and v.producer() is not None
+                    and v.producer().op_type != "Constant"]  # softcap's x / cap, tanh(.) * cap: not the constant
+        node = computed[0] if len(computed) == 1 else None
     if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
         return False
     keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),

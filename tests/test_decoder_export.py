@@ -175,6 +175,32 @@ def test_the_default_graph_computes_the_last_position_unless_asked(docstring_lla
     np.testing.assert_allclose(default.session.run(["logits"], feeds)[0], expected[:, -1:], rtol=1e-4, atol=1e-4)
 
 
+def test_logits_selection_needs_a_matmul_output_layer():
+    """``select_logits`` walks back from ``logits`` through softcap-like elementwise ops to a MatMul; a graph
+    whose logits come from anything else is left untouched (the export then asks for --logits all)."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from exporter.decoder import select_logits
+
+    def graph(head: str):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 4])
+        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 8])
+        w = onnx.numpy_helper.from_array(np.ones((4, 8), np.float32), "w")
+        cap = onnx.numpy_helper.from_array(np.array(30.0, np.float32), "cap")
+        nodes = [helper.make_node(head, ["x", "w"], ["h"]), helper.make_node("Div", ["h", "cap"], ["d"]),
+                 helper.make_node("Tanh", ["d"], ["t"]), helper.make_node("Mul", ["cap", "t"], ["logits"])]
+        return ir.from_proto(helper.make_model(helper.make_graph(nodes, "g", [x], [out], [w, cap]),
+                                               opset_imports=[helper.make_opsetid("", 18)]))
+
+    softcapped = graph("MatMul")
+    assert select_logits(softcapped)
+    assert [v.name for v in softcapped.graph.inputs] == ["x", LOGITS_TO_KEEP]
+    assert next(n for n in softcapped.graph if n.op_type == "MatMul").inputs[0].producer().op_type == "Slice"
+    other = graph("Add")
+    assert not select_logits(other) and [v.name for v in other.graph.inputs] == ["x"]
+
+
 def test_transformers_version_outside_the_range_warns_once(caplog):
     with caplog.at_level(logging.WARNING, logger="exporter.decoder"):
         assert check_transformers_version("4.30.0") is False
