@@ -12,6 +12,7 @@ import pytest
 from exporter.decoder import check_transformers_version, export_decoder, prove_decoder
 from onnxforge.cli import main
 from onnxforge.common.errors import UserError
+from onnxforge.common.summary import format_summary, summarize
 from onnxforge.decoder_models import random_decoder
 from optimizers.quantize.weight_only import sequence_feeds
 from runtime_bench.decoder import LOGITS_TO_KEEP, DecoderIO, OnnxDecoder, greedy
@@ -160,6 +161,10 @@ def test_the_default_graph_computes_the_last_position_unless_asked(docstring_lla
     assert LOGITS_TO_KEEP in [v.name for v in model.graph.input]
     default = OnnxDecoder(folder / "model.onnx", threads=1)
     assert default.io.selects_logits and LOGITS_TO_KEEP not in [v.name for v in default.session.get_inputs()]
+    summary = summarize(folder / "model.onnx")  # what `onnxforge inspect` shows
+    assert [t.describe() for t in summary.optional_inputs] == [f"{LOGITS_TO_KEEP}: int64[1] = 1"]
+    assert LOGITS_TO_KEEP not in [t.name for t in summary.inputs]
+    assert f"optional   {LOGITS_TO_KEEP}: int64[1] = 1 (the default unless fed)" in format_summary(summary)
     everything = export_decoder(docstring_llama_folder, tmp_path / "all" / "model.onnx", logits="all", fuse=False,
                                 validate=False, copy_companions=False)
     full = OnnxDecoder(everything.path, threads=1)

@@ -30,9 +30,11 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int | str, ...]
+    default: str | None = None  # an optional input's value when it is not fed (its initializer's)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+        typed = f"{self.name}: {self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+        return typed if self.default is None else f"{typed} = {self.default}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ModelSummary:
     quantized_compute_ops: int
     body_op_counts: dict[str, int] = dataclasses.field(default_factory=dict)  # ops inside If/Loop/Scan bodies
     weights: dict[str, int] = dataclasses.field(default_factory=dict)  # compute ops' weights by storage (weight_storage)
+    optional_inputs: tuple[TensorInfo, ...] = ()  # inputs with an initializer as default (fed only to change it)
 
     @property
     def quantized_fraction(self) -> float:
@@ -249,11 +252,22 @@ def _quantized_counts(model: onnx.ModelProto) -> tuple[int, int]:
     return compute, quantized
 
 
+def _default_of(tensor: onnx.TensorProto) -> str:
+    """A small initializer's values as text (what an optional input is when not fed), else its size."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or int(np.prod(tensor.dims, dtype=np.int64)) > 8:
+        return f"<{int(np.prod(tensor.dims, dtype=np.int64))} values>"
+    values = onnx.numpy_helper.to_array(tensor).ravel().tolist()
+    return str(values[0]) if len(values) == 1 else str(values)
+
+
 def summarize_model(model: onnx.ModelProto, path: str = "", file_bytes: int = 0, external_bytes: int = 0) -> ModelSummary:
     compute, quantized = _quantized_counts(model)
+    initializers = {t.name: t for t in model.graph.initializer}
     return ModelSummary(
         path=path,
-        inputs=tuple(_tensor_info(v) for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}),
+        inputs=tuple(_tensor_info(v) for v in model.graph.input if v.name not in initializers),
+        optional_inputs=tuple(dataclasses.replace(_tensor_info(v), default=_default_of(initializers[v.name]))
+                              for v in model.graph.input if v.name in initializers),
         outputs=tuple(_tensor_info(v) for v in model.graph.output),
         ir_version=int(model.ir_version),
         opsets={(entry.domain or "ai.onnx"): int(entry.version) for entry in model.opset_import},
@@ -285,6 +299,8 @@ def format_summary(summary: ModelSummary, top_ops: int = 12) -> str:
         f"producer   {summary.producer or '-'}   IR {summary.ir_version}   opsets "
         + ", ".join(f"{domain} {version}" for domain, version in summary.opsets.items()),
         "inputs     " + "; ".join(t.describe() for t in summary.inputs),
+        *(["optional   " + "; ".join(t.describe() for t in summary.optional_inputs) + " (the default unless fed)"]
+          if summary.optional_inputs else []),
         "outputs    " + "; ".join(t.describe() for t in summary.outputs),
         f"nodes      {summary.node_count}   parameters {summary.parameters:,}",
         f"size       {summary.file_bytes / 1e6:.2f} MB"
