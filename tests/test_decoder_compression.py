@@ -376,3 +376,27 @@ def test_no_candidate_within_budget_writes_nothing():
     assert choose([report("a", 1.01, 0.01), report("b", 1.5, 0.2)], settings)[0] == "a"
     with pytest.raises(BudgetNotMet, match="closest: b at 1.3000x.*nothing was written"):
         choose([report("a", 1.5, 0.3), report("b", 1.3, 0.2)], settings)
+
+
+def test_onnx_runtime_quantizers_get_every_position_and_the_graph_keeps_its_choice():
+    """ONNX Runtime's quantizers see ``logits_to_keep`` as a constant 0 (every position, no input they
+    did not count); the quantized graph gets the input back at its place with its default 1."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
+    from optimizers.quantize.decoder_candidates import _inputs_taken_out, _quiet_quantizer
+    from runtime_bench.decoder import LOGITS_TO_KEEP
+
+    source = onnx.load(str(trained_decoder()))
+    # and an input no node reads (position_ids in a graph exported before it was dropped), second
+    source.graph.input.insert(1, onnx.helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, ["batch", "seq"]))
+    names = [v.name for v in source.graph.input]
+    assert LOGITS_TO_KEEP in names
+    prepared, taken = _inputs_taken_out(source)
+    assert [value.name for _, value in taken] == ["position_ids", LOGITS_TO_KEEP]
+    default = {t.name: numpy_helper.to_array(t) for t in prepared.graph.initializer}[LOGITS_TO_KEEP]
+    assert LOGITS_TO_KEEP not in [v.name for v in prepared.graph.input] and default.tolist() == [0]
+    assert LOGITS_TO_KEEP in [v.name for v in source.graph.input]  # the caller's model is untouched
+    result = _quiet_quantizer(source, DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True))
+    assert [v.name for v in result.graph.input] == names
+    assert {t.name: numpy_helper.to_array(t) for t in result.graph.initializer}[LOGITS_TO_KEEP].tolist() == [1]
+    assert any(n.op_type == "MatMulNBits" for n in result.graph.node)

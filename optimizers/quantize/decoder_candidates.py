@@ -269,11 +269,7 @@ def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] =
     ort_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = ort_logger.level
     ort_logger.setLevel(max(level, logging.ERROR))
-    # ONNX Runtime's GPTQ and k-quant sort the graph and fail on an input no node reads
-    # (``position_ids`` once GroupQueryAttention rotates by cache position): such inputs are taken
-    # out for the quantizer and put back at their places after.
-    model, unused = _without_unused_inputs(model)
-    model, selector = _every_position_fixed(model)
+    model, taken = _inputs_taken_out(model)
     try:
         with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
             warnings.simplefilter("ignore")  # HQQ's torch.from_numpy of a read-only array: not the user's concern
@@ -284,52 +280,37 @@ def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] =
         ort_logger.setLevel(level)
     result = quantizer.model
     result = result.model if hasattr(result, "model") else result
-    for index, value in unused:
+    for index, value in taken:
         result.graph.input.insert(index, value)
-    if selector is not None:
-        _restore_selector(result, *selector)
+        if value.name == LOGITS_TO_KEEP:
+            _set_selector_default(result, 1)
     return result
 
 
-def _every_position_fixed(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[int, onnx.ValueInfoProto] | None]:
-    """``model`` (a copy where changed) with ``logits_to_keep`` (``exporter.decoder.select_logits``) a
-    constant 0 instead of an input: ONNX Runtime's quantizers feed only the inputs they count (Intel
-    Neural Compressor's GPTQ asserts as much) and should calibrate the output layer on every position.
-    Returns the input's place and declaration for ``_restore_selector``."""
-    index = next((i for i, v in enumerate(model.graph.input) if v.name == LOGITS_TO_KEEP), None)
-    if index is None:
-        return model, None
+def _inputs_taken_out(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[int, onnx.ValueInfoProto]]]:
+    """``model`` (one copy, where anything changes) ready for ONNX Runtime's quantizers, and the graph
+    inputs taken out with their places (put back in that order, they land where they were): inputs no
+    node reads (``position_ids`` in a graph exported before it was dropped: GPTQ and k-quant sort the
+    graph and fail on them), and ``logits_to_keep`` (``exporter.decoder.select_logits``), left as a
+    constant 0: the quantizers feed only the inputs they count (Intel Neural Compressor's GPTQ asserts
+    as much) and should calibrate the output layer on every position."""
+    read = {name for node in model.graph.node for name in node.input}
+    taken = [(index, value) for index, value in enumerate(model.graph.input)
+             if value.name not in read or value.name == LOGITS_TO_KEEP]
+    if not taken:
+        return model, []
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    declared = onnx.ValueInfoProto()
-    declared.CopyFrom(copy.graph.input[index])
-    del copy.graph.input[index]
-    _set_selector_default(copy, 0)
-    return copy, (index, declared)
-
-
-def _restore_selector(model: onnx.ModelProto, index: int, declared: onnx.ValueInfoProto) -> None:
-    model.graph.input.insert(index, declared)
-    _set_selector_default(model, 1)
+    for _, value in taken:
+        copy.graph.input.remove(value)
+    if any(value.name == LOGITS_TO_KEEP for _, value in taken):
+        _set_selector_default(copy, 0)
+    return copy, taken
 
 
 def _set_selector_default(model: onnx.ModelProto, value: int) -> None:
     tensor = next(t for t in model.graph.initializer if t.name == LOGITS_TO_KEEP)
     tensor.CopyFrom(onnx.numpy_helper.from_array(np.array([value], dtype=np.int64), LOGITS_TO_KEEP))
-
-
-def _without_unused_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[int, onnx.ValueInfoProto]]]:
-    """``model`` (a copy when anything is taken out) without the graph inputs no node reads, and
-    those inputs with their places."""
-    read = {name for node in model.graph.node for name in node.input}
-    unused = [(index, value) for index, value in enumerate(model.graph.input) if value.name not in read]
-    if not unused:
-        return model, []
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for _, value in unused:
-        copy.graph.input.remove(value)
-    return copy, unused
 
 
 def rtn(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, *, only: Sequence[str] | None = None,
@@ -370,7 +351,7 @@ class _Reader:
     """ONNX Runtime calibration reader: one whole sequence per feed, empty cache."""
 
     def __init__(self, io: DecoderIO, sequences):
-        # the quantizer's copy computes every position without being asked (``_every_position_fixed``)
+        # the quantizer's copy computes every position without being asked (``_inputs_taken_out``)
         self.feeds = [{k: v for k, v in sequence_feeds(io, s).items() if k != LOGITS_TO_KEEP} for s in sequences]
         self.position = 0
 
