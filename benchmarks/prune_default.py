@@ -120,7 +120,7 @@ def main(argv=None) -> None:
         result = fidelity_of_files(source, pruned, batches)
         print(f"\nheld out ({len(held_out)} sentences never read by prune): "
               + ", ".join(f"'{name}' mean cosine {cosine:.4f}" for name, cosine in result.mean_cosine.items())
-              + f"; sentence embeddings (mean-pooled last_hidden_state): mean cosine {_pooled_cosine(source, pruned, batches):.4f}")
+              + f"; sentence embeddings (mean-pooled last_hidden_state): mean cosine {_pooled_cosine(source, pruned, batches):.5f}")
 
         feeds = _batches(tokenizer, held_out[:8], names, size=8, seq=128)[0]
         config = BenchConfig(batch_sizes=(8,), session=SessionSettings(intra_op_threads=2), min_seconds=args.min_seconds,

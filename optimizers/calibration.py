@@ -30,6 +30,8 @@ HOLDOUT_SHARE = 0.2
 # Calibration batches read at most, by prune and quantize alike (one rule, one name:
 # ``max_calibration_batches`` / ``--max-calibration-batches``); a text file gives one line a batch.
 MAX_CALIBRATION_BATCHES = 1024
+# Share of a fitted text row's inner tokens that ``perturbed_copies`` replaces (MiniLM, prune_default.md).
+PERTURBED_SHARE = 0.4
 
 
 @dataclasses.dataclass
@@ -139,6 +141,46 @@ def split_holdout(batches: Sequence[Mapping[str, np.ndarray]], share: float = HO
                     [{k: np.asarray(v)[held] for k, v in batches[0].items()}])
     held = holdout_indices(len(batches), share, seed)
     return [b for i, b in enumerate(batches) if i not in held], [b for i, b in enumerate(batches) if i in held]
+
+
+def _inner_positions(batch: Mapping[str, np.ndarray], row: int) -> np.ndarray:
+    """Positions of row ``row``'s real tokens (``attention_mask`` > 0, all without a mask) but the
+    first and the last: the [CLS]/[SEP] or BOS/EOS a tokenizer adds stay where they are."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    real = np.flatnonzero(mask[row] > 0) if mask is not None and np.shape(mask) == np.shape(ids) else np.arange(ids.shape[1])
+    return real[1:-1]
+
+
+def perturbed_copies(batches: Sequence[Mapping[str, np.ndarray]], copies: int, share: float = PERTURBED_SHARE,
+                     seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``copies`` copies of each text batch (an integer ``input_ids`` of rank 2), each with
+    ``share`` of every row's inner tokens (:func:`_inner_positions`) replaced by tokens drawn from
+    the batches' own inner tokens; every other input as it was. Batches without ``input_ids``
+    get none (images, audio), so for them this returns ``[]``.
+
+    A fit towards a reference model (a pruned layer's re-fit, block refinement) has an exact
+    target for any input, the reference's output on it: these copies are more rows to fit, on
+    inputs near the data's distribution, so that a fit of a few hundred sentences generalises
+    instead of interpolating them. Only fitted data is perturbed, never what judges the fit."""
+    texts = [b for b in batches if np.ndim(b.get("input_ids")) == 2 and np.issubdtype(np.asarray(b["input_ids"]).dtype, np.integer)]
+    if copies < 1 or not texts:
+        return []
+    pool = np.concatenate([np.asarray(b["input_ids"])[row, _inner_positions(b, row)]
+                           for b in texts for row in range(b["input_ids"].shape[0])])
+    if pool.size == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(copies):
+        for batch in texts:
+            ids = np.array(batch["input_ids"], copy=True)
+            for row in range(ids.shape[0]):
+                inner = _inner_positions(batch, row)
+                chosen = inner[rng.random(inner.size) < share]
+                ids[row, chosen] = rng.choice(pool, size=chosen.size)
+            out.append({**batch, "input_ids": ids})
+    return out
 
 
 def _split_rows(arrays: Mapping[str, np.ndarray], batch_size: int, specs: Sequence[InputSpec] = ()) -> Iterator[dict[str, np.ndarray]]:
@@ -291,5 +333,5 @@ def ort_reader(data: CalibrationData):
     return Reader()
 
 
-__all__ = ["HOLDOUT_SHARE", "CalibrationData", "calibration_data", "heldout_tail", "holdout_indices", "ort_reader",
-           "split_holdout"]
+__all__ = ["HOLDOUT_SHARE", "PERTURBED_SHARE", "CalibrationData", "calibration_data", "heldout_tail", "holdout_indices",
+           "ort_reader", "perturbed_copies", "split_holdout"]

@@ -117,7 +117,7 @@ def test_generated_flags_build_the_settings_the_hand_written_ones_did():
 
 def test_recipe_keys_come_from_the_schema():
     assert set(recipe_types(PruneSettings)) == {"ratio", "importance", "scope", "bias_compensation", "round_to",
-                                               "protect_first", "max_batches", "refine_steps"}
+                                               "protect_first", "max_batches", "refine_steps", "perturbed_copies"}
     assert set(recipe_types(QuantizeSettings)) == {"mode", "format", "per_channel", "reduce_range", "weight_type",
                                                   "activation_type", "calibration_method", "accuracy_target",
                                                   "max_float_nodes", "op_types"}

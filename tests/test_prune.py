@@ -654,15 +654,21 @@ def test_reshape_that_keeps_channels_last_is_followed(tmp_path, exporter):
 
 
 def test_the_defaults_count_fitted_samples_not_batches():
-    """13 batches of 16 sentences hold 208 samples: refinement is chosen as for 208 lines one a batch."""
-    from optimizers.prune.channels import REFINE_STEPS_SMALL
+    """13 batches of 16 sentences hold 208 samples: refinement is chosen as for 208 lines one a
+    batch (with the perturbed copies text gets: 400 steps), 100 steps for 208 images."""
+    from optimizers.prune.channels import PERTURBED_COPIES, REFINE_STEPS, REFINE_STEPS_SMALL
     from optimizers.prune.structured import _resolved_with_data
 
     batch = lambda rows: {"input_ids": np.zeros((rows, 12), np.int64)}
     notes = []
     grouped = _resolved_with_data(PruneSettings(ratio=0.3), [batch(16)] * 13, notes)
-    assert grouped.refine_steps == REFINE_STEPS_SMALL
-    assert "13 batches (208 samples) fitted" in notes[0] and "refinement 100 steps" in notes[0]
+    assert grouped.refine_steps == REFINE_STEPS and grouped.perturbed_copies == PERTURBED_COPIES
+    assert "13 batches (208 samples) fitted" in notes[0] and f"refinement {REFINE_STEPS} steps" in notes[0]
+    assert f"{PERTURBED_COPIES} perturbed copies of each fitted sample" in notes[0]
+    notes = []
+    images = _resolved_with_data(PruneSettings(ratio=0.3), [{"x": np.zeros((16, 3, 8, 8), np.float32)}] * 13, notes)
+    assert images.refine_steps == REFINE_STEPS_SMALL and images.perturbed_copies == 0
+    assert "refinement 100 steps" in notes[0] and "perturbed" not in notes[0]
     notes = []
     assert _resolved_with_data(PruneSettings(ratio=0.3), [batch(16)] * 12, notes).refine_steps == 0
     assert "refinement off (it runs from 200 fitted samples)" in notes[0]
@@ -687,3 +693,23 @@ def test_default_settings_resolve_to_the_best_recipe_for_the_data():
     assert PruneSettings(ratio=0.3, reconstruct=False).resolved(10 * REFINE_MIN_SAMPLES).refine_steps == 0
     kept = PruneSettings(ratio=0.3, importance="l2", scope="layer", refine_steps=7).resolved(10 * REFINE_MIN_SAMPLES)
     assert (kept.importance, kept.scope, kept.refine_steps) == ("l2", "layer", 7)
+
+
+def test_perturbed_copies_are_the_default_below_a_thousand_fitted_samples():
+    """MiniLM's 205 fitted sentences get perturbed copies (prune_default.md), and the copies count
+    when refinement's steps are chosen; plenty of data, no data, data that is not text, or no
+    re-fit get none; a number the user gave stays."""
+    from optimizers.prune.channels import PERTURB_BELOW, PERTURBED_COPIES, REFINE_STEPS, REFINE_STEPS_SMALL
+
+    default = PruneSettings(ratio=0.3)
+    assert default.perturbed_copies is None and PERTURBED_COPIES > 0 and PERTURB_BELOW > 205
+    text = default.resolved(205, text=True)
+    assert (text.perturbed_copies, text.refine_steps) == (PERTURBED_COPIES, REFINE_STEPS)
+    images = default.resolved(205)
+    assert (images.perturbed_copies, images.refine_steps) == (0, REFINE_STEPS_SMALL)
+    assert default.resolved(PERTURB_BELOW - 1, text=True).perturbed_copies == PERTURBED_COPIES
+    assert default.resolved(PERTURB_BELOW, text=True).perturbed_copies == 0
+    assert default.resolved(None, text=True).perturbed_copies == 0
+    assert PruneSettings(ratio=0.3, reconstruct=False).resolved(205, text=True).perturbed_copies == 0
+    assert PruneSettings(ratio=0.3, perturbed_copies=2).resolved(5 * PERTURB_BELOW).perturbed_copies == 2
+    assert PruneSettings(ratio=0.3, perturbed_copies=0).resolved(205, text=True).refine_steps == REFINE_STEPS_SMALL

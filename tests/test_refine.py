@@ -339,3 +339,86 @@ def test_global_scope_with_refinement():
                                         refine_steps=200), calibration=lambda: calibration, evaluation=lambda: evaluation)
     assert result.refinement["kept"] and result.refinement["heldout_cosine"][1] > result.refinement["heldout_cosine"][0]
     assert result.fidelity["min_mean_cosine"] == pytest.approx(fidelity(model, result.model, evaluation).min_mean_cosine, abs=1e-6)
+
+
+VOCAB = 50
+
+
+def _text_ffn(keep: np.ndarray | None = None) -> onnx.ModelProto:
+    """``_transformer_ffn`` read through a token embedding: input_ids -> Gather -> x, as a text model."""
+    model = _transformer_ffn(keep=keep)
+    graph = model.graph
+    table = np.random.default_rng(5).normal(0, 1, (VOCAB, HIDDEN)).astype(np.float32)
+    graph.initializer.append(numpy_helper.from_array(table, "table"))
+    graph.node.insert(0, helper.make_node("Gather", ["table", "input_ids"], ["x"], name="embed"))
+    del graph.input[:]
+    graph.input.extend([helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+                        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])])
+    return model
+
+
+def _text_batches(count: int, seed: int, batch: int = 4, seq: int = 12) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        mask = np.ones((batch, seq), np.int64)
+        mask[1, seq - 4:] = 0  # a padded row
+        ids = rng.integers(3, VOCAB, (batch, seq))
+        ids[:, 0] = 1
+        ids[np.arange(batch), mask.sum(1) - 1] = 2  # [CLS] ... [SEP], then padding (0)
+        ids[mask == 0] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def test_perturbed_copies_replace_inner_tokens_from_the_data_only():
+    from optimizers.calibration import perturbed_copies
+
+    batches = _text_batches(3, seed=1)
+    copies = perturbed_copies(batches, 2, share=0.5, seed=0)
+    assert len(copies) == 2 * len(batches)
+    pool = set(np.concatenate([b["input_ids"][b["attention_mask"] > 0] for b in batches]).tolist()) - {1, 2}
+    changed = 0
+    for copy, batch in zip(copies, batches * 2):
+        ids, mask = copy["input_ids"], batch["attention_mask"]
+        assert ids.shape == batch["input_ids"].shape and copy["attention_mask"] is mask
+        ends = [(r, 0) for r in range(4)] + [(r, int(mask[r].sum()) - 1) for r in range(4)]
+        assert all(ids[r, c] == batch["input_ids"][r, c] for r, c in ends)  # [CLS] and [SEP] stay
+        np.testing.assert_array_equal(ids[mask == 0], 0)  # padding stays
+        differs = ids != batch["input_ids"]
+        assert set(ids[differs].tolist()) <= pool
+        changed += differs.sum()
+    inner = sum(int(b["attention_mask"].sum()) - 2 * 4 for b in batches) * 2
+    assert 0.3 * inner < changed < 0.55 * inner  # about half replaced (a drawn token may equal the one it replaces)
+    again = perturbed_copies(batches, 2, share=0.5, seed=0)
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(copies, again))
+    assert perturbed_copies(batches, 0) == [] and perturbed_copies(_batches(2, seed=1), 3) == []  # float inputs: none
+
+
+def test_perturbed_copies_are_fitted_and_never_held_out():
+    """Refinement and the re-fit fit the copies beside the batches read (rows x 3 with 2 copies);
+    the held-out batches, what judges both, stay the real ones. prune chooses copies for text
+    calibration by default, none for other inputs or when told 0."""
+    from optimizers.prune.reconstruct import ReconstructSettings
+
+    reference, pruned = _text_ffn(), _text_ffn(keep=KEEP)
+    calibration = _text_batches(10, seed=1)
+    plain = refine(reference, pruned, calibration, dataclasses.replace(SETTINGS, steps=25))
+    copied = refine(reference, pruned, calibration, dataclasses.replace(SETTINGS, steps=25, perturbed_copies=2))
+    (fit, held), (fit3, held3) = plain.blocks[0].rows, copied.blocks[0].rows
+    assert fit3 == 3 * fit and held3 == held > 0
+
+    settings = PruneSettings(ratio=0.5, protect_first=False)
+    copies = settings.resolved(len(calibration), text=True).perturbed_copies
+    assert copies > 0
+    text = prune(_text_ffn(), settings, calibration=lambda: calibration)
+    assert text.reconstruction["perturbed_batches"] == copies * text.reconstruction["fit_batches"] > 0
+    assert any(f"{copies} perturbed copies of each fitted sample" in note for note in text.notes)
+    off = prune(_text_ffn(), dataclasses.replace(settings, perturbed_copies=0), calibration=lambda: calibration)
+    assert off.reconstruction["perturbed_batches"] == 0
+    floats = prune(_transformer_ffn(), settings, calibration=lambda: _batches(10, seed=1))
+    assert floats.reconstruction["perturbed_batches"] == 0 and not any("perturbed" in note for note in floats.notes)
+    with pytest.raises(UserError, match="perturbed_copies"):
+        PruneSettings(perturbed_copies=-1)
+    with pytest.raises(UserError, match="perturbed_copies"):
+        ReconstructSettings(perturbed_copies=-1)

@@ -80,7 +80,7 @@ from onnx import numpy_helper
 from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity as model_fidelity
 from onnxforge.common.graph import attr, readers as readers_of
-from optimizers.calibration import HOLDOUT_SHARE, split_holdout
+from optimizers.calibration import HOLDOUT_SHARE, perturbed_copies, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.channels import add_bias, apply, channel_stats, channel_units, compensate_biases
 from optimizers.verify import ort_session
@@ -115,7 +115,11 @@ class ReconstructSettings:
     refit_drifted: after the re-fit, re-fit again with the inner layers downstream of the pruned
         ones that read no pruned channel and are no output layer (``_output_layers(last=False)``)
         in the waves, each on its drifted input; kept per layer and for the whole model only where
-        held-out data gains (``ReconstructResult.fidelity["drifted"]``)."""
+        held-out data gains (``ReconstructResult.fidelity["drifted"]``).
+    perturbed_copies: the fit also reads this many copies of each fitted text batch with a share
+        of its tokens replaced (``optimizers.calibration.perturbed_copies``), the unpruned model's
+        output on them the target; the held-out batches stay as read. 0: off (``PruneSettings``
+        chooses it for the data)."""
 
     ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
     holdout: float = HOLDOUT_SHARE
@@ -125,10 +129,13 @@ class ReconstructSettings:
     layernorm_weights: bool = True
     refit_outputs: bool = True
     refit_drifted: bool = False
+    perturbed_copies: int = 0
 
     def __post_init__(self):
         if not self.ridges or min(self.ridges) <= 0:
             raise UserError(f"reconstruction ridges must be positive, got {self.ridges}")
+        if self.perturbed_copies < 0:
+            raise UserError(f"reconstruction perturbed_copies must be 0 (off) or more, got {self.perturbed_copies}")
         if not 0.0 < self.holdout < 1.0:
             raise UserError(f"reconstruction holdout share must be in (0, 1), got {self.holdout}")
 
@@ -406,7 +413,8 @@ class ReconstructResult:
     """``model``: the pruned model with the kept re-fits (bias compensation elsewhere).
     ``fidelity``: held-out lowest mean cosine to the unpruned model for ``none``,
     ``compensation`` and ``reconstruction`` (None where there was no held-out data).
-    ``applied``: whether any re-fit was kept."""
+    ``applied``: whether any re-fit was kept. ``perturbed_batches``: perturbed copies fitted
+    beside the ``fit_batches`` read (``ReconstructSettings.perturbed_copies``)."""
 
     model: onnx.ModelProto
     consumers: tuple[ConsumerReport, ...]
@@ -415,10 +423,12 @@ class ReconstructResult:
     fit_batches: int
     heldout_batches: int
     notes: tuple[str, ...]
+    perturbed_batches: int = 0
 
     def to_dict(self) -> dict:
         return {"consumers": [c.to_dict() for c in self.consumers], "fidelity": dict(self.fidelity), "applied": self.applied,
-                "fit_batches": self.fit_batches, "heldout_batches": self.heldout_batches, "notes": list(self.notes)}
+                "fit_batches": self.fit_batches, "perturbed_batches": self.perturbed_batches,
+                "heldout_batches": self.heldout_batches, "notes": list(self.notes)}
 
 
 def _kind(consumer: _Consumer) -> str:
@@ -538,6 +548,8 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
     (rejected on held-out data, too wide, ConvTranspose) get bias compensation."""
 
     fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
+    fitted = len(fit)
+    fit += perturbed_copies(fit, settings.perturbed_copies, seed=settings.seed) if heldout else []
     notes: list[str] = []
     if not heldout:
         notes.append("reconstruction needs held-out calibration data (2 batches or a batch of 2 samples at least); not applied")
@@ -551,7 +563,7 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
         reports.extend(outputs)
 
     chosen = deduplicate_initializers(chosen).model
-    return ReconstructResult(chosen, tuple(reports), fidelity, applied, len(fit), len(heldout), tuple(notes))
+    return ReconstructResult(chosen, tuple(reports), fidelity, applied, fitted, len(heldout), tuple(notes), len(fit) - fitted)
 
 
 WEIGHTED = ("MatMul", "Gemm", "Conv")

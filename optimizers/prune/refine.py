@@ -46,7 +46,7 @@ from onnx import numpy_helper
 from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity
 from onnxforge.common.graph import readers as readers_of
-from optimizers.calibration import HOLDOUT_SHARE, split_holdout
+from optimizers.calibration import HOLDOUT_SHARE, perturbed_copies, split_holdout
 from optimizers.prune.channels import BIAS_ACTIVATIONS
 from optimizers.prune.reconstruct import activations, token_rows
 from optimizers.quantize.outliers import feed_forwards
@@ -244,7 +244,10 @@ class RefineSettings:
     holdout / seed: the hold-out split (``optimizers.calibration.split_holdout``).
     norms: the block's LayerNorm scale and bias are trained with it (where no other node reads
         them), Adam's steps relative to the scale's own RMS. Off by default: on MiniLM at 30 % it
-        lowered the held-out block losses by 0.1-0.3 % and left the sentence embeddings as they were."""
+        lowered the held-out block losses by 0.1-0.3 % and left the sentence embeddings as they were.
+    perturbed_copies: the fit also reads this many copies of each fitted text batch with a share of
+        its tokens replaced (``optimizers.calibration.perturbed_copies``; as in the re-fit), the
+        unpruned model's block end on them the target; the held-out batches stay as read. 0: off."""
 
     steps: int = 400
     learning_rate: float = 3e-3
@@ -254,9 +257,10 @@ class RefineSettings:
     holdout: float = HOLDOUT_SHARE
     seed: int = 0
     norms: bool = False
+    perturbed_copies: int = 0
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_rows < 1 or self.check_every < 1 or self.max_rows < 1:
+        if self.steps < 0 or self.batch_rows < 1 or self.check_every < 1 or self.max_rows < 1 or self.perturbed_copies < 0:
             raise UserError(f"refinement steps must be >= 0 and batch_rows, check_every, max_rows >= 1, got {self}")
         if not self.learning_rate > 0:
             raise UserError(f"refinement learning rate must be positive, got {self.learning_rate}")
@@ -475,6 +479,7 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
     modified; the result's model is ``model`` itself where nothing was kept."""
 
     fit, held = split_holdout(batches, settings.holdout, settings.seed)
+    fit += perturbed_copies(fit, settings.perturbed_copies, seed=settings.seed) if held else []
     if not held or settings.steps == 0:
         why = "refinement needs held-out calibration data (2 batches at least)" if not held else "refinement is off"
         return RefineResult(model, (), None, False, (why,))

@@ -36,10 +36,11 @@ from onnxforge.common.fidelity import fidelity_of_files
 from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import is_large, model_bytes, save_onnx
 from onnxforge.common.summary import body_op_counts, count_parameters
-from optimizers.calibration import calibration_data, split_holdout
+from optimizers.calibration import calibration_data, perturbed_copies, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.allocate import allocate_by_sensitivity, global_share
 from optimizers.prune.channels import (
+    PERTURB_BELOW,
     REFINE_MIN_SAMPLES,
     PruneResult,
     PruneSettings,
@@ -55,7 +56,7 @@ from optimizers.prune.channels import (
     resolve_conflicts,
 )
 from optimizers.prune.checks import RunCheck, prepared_for_pruning, pruning_batches, run_check
-from optimizers.prune.reconstruct import greedy_scores, reconstruct
+from optimizers.prune.reconstruct import ReconstructSettings, greedy_scores, reconstruct
 from optimizers.prune.refine import RefineSettings, refine
 from optimizers.prune.trace import Analysis, analyze
 from optimizers.verify import verification_inputs
@@ -125,25 +126,30 @@ def _compensated(reference, model, analysis: Analysis, removed: frozenset[int], 
     return deduplicate_initializers(pruned).model, compensated, measured, without
 
 
-def _reconstructed(reference, model, analysis: Analysis, removed: frozenset[int], calib_batches, eval_batches, notes: list[str],
-                   refit=None):
+def _reconstruct_settings(settings: PruneSettings) -> ReconstructSettings:
+    return ReconstructSettings(perturbed_copies=settings.perturbed_copies or 0)
+
+
+def _reconstructed(reference, model, analysis: Analysis, removed: frozenset[int], settings: PruneSettings, calib_batches,
+                   eval_batches, notes: list[str], refit=None):
     """``(pruned, consumers changed, fidelity, fidelity of the plain cut, report)`` with
     least-squares reconstruction (``optimizers.prune.reconstruct``, or its result ``refit`` when it
     was already run): it splits ``calib_batches`` into fit and held-out batches itself and keeps
     re-fits only where the held-out data says so."""
 
-    refit = refit or reconstruct(model, analysis, removed, calib_batches)
+    refit = refit or reconstruct(model, analysis, removed, calib_batches, _reconstruct_settings(settings))
     notes.extend(refit.notes)
     measured = fidelity_dict(reference, refit.model, eval_batches)
     without = fidelity_dict(reference, apply(model, analysis, removed), eval_batches)
     return refit.model, len(refit.consumers), measured, without, refit.to_dict()
 
 
-def _refined(reference, model, pruned, measured, calib_batches, eval_batches, steps: int, notes: list[str]):
+def _refined(reference, model, pruned, measured, settings: PruneSettings, calib_batches, eval_batches, notes: list[str]):
     """``(pruned, fidelity, report)`` after ``optimizers.prune.refine`` (``model``, the unpruned form
     the pruned one was cut from, is its reference); as they were where it was not kept."""
 
-    result = refine(model, pruned, calib_batches, RefineSettings(steps=steps))
+    result = refine(model, pruned, calib_batches,
+                    RefineSettings(steps=settings.refine_steps, perturbed_copies=settings.perturbed_copies or 0))
     notes.extend(result.notes)
     if result.kept:
         pruned, measured = result.model, fidelity_dict(reference, result.model, eval_batches)
@@ -176,7 +182,7 @@ def _sensitivity_or_uniform(model, analysis: Analysis, settings: PruneSettings, 
         chosen = settings if drops is not None else dataclasses.replace(settings, scope="layer")
         decided, runs = _verified(model, analysis, decide_drops(analysis, chosen, score, drops), check)
         removed = frozenset().union(*(roots for _, roots in decided))
-        refit = reconstruct(model, analysis, removed, calib_batches)
+        refit = reconstruct(model, analysis, removed, calib_batches, _reconstruct_settings(settings))
         options[label] = (decided, runs, refit, _chosen_fidelity(refit))
     best = max(options, key=lambda label: (options[label][3], label == "uniform"))
     per_unit = ", ".join(f"{'+'.join(p)} {allocation.drops[p]} (uniform {allocation.uniform[p]}, output loss "
@@ -284,12 +290,14 @@ def _resolved_with_data(settings: PruneSettings, calib_batches: list, notes: lis
     """``auto`` settings made concrete for the calibration batches read, said in the notes with
     how much data was used (batches and samples fitted, and the limit)."""
     samples = sum(int(next(iter(b.values())).shape[0]) if next(iter(b.values())).ndim else 1 for b in calib_batches)
-    resolved = settings.resolved(samples)
+    resolved = settings.resolved(samples, text=bool(perturbed_copies(calib_batches[:1], 1)))
     chosen = [f"{name} {getattr(resolved, name)}" for name in ("importance", "scope")
               if getattr(settings, name) == "auto"]
     if settings.refine_steps is None:
         chosen.append(f"refinement {resolved.refine_steps} steps" if resolved.refine_steps else
                       f"refinement off (it runs from {REFINE_MIN_SAMPLES} fitted samples)")
+    if settings.perturbed_copies is None and resolved.perturbed_copies:
+        chosen.append(f"{resolved.perturbed_copies} perturbed copies of each fitted sample (below {PERTURB_BELOW} samples)")
     notes.append(f"calibration: {len(calib_batches)} batches ({samples} samples) fitted, at most {settings.max_batches} read"
                  + (f"; chosen for this data: {', '.join(chosen)}" if chosen else ""))
     return resolved
@@ -344,10 +352,10 @@ def _pruned_and_refitted(reference, model, analysis: Analysis, removed: frozense
         return pruned, 0, None, None, None, None
     if refit_on:
         pruned, compensated, measured, without, reconstruction = _reconstructed(
-            reference, model, analysis, removed, calib_batches, eval_batches, notes, refit)
+            reference, model, analysis, removed, settings, calib_batches, eval_batches, notes, refit)
         if settings.refine_steps:
-            pruned, measured, refinement = _refined(reference, model, pruned, measured, calib_batches, eval_batches,
-                                                    settings.refine_steps, notes)
+            pruned, measured, refinement = _refined(reference, model, pruned, measured, settings, calib_batches, eval_batches,
+                                                    notes)
     else:
         pruned, compensated, measured, without = _compensated(
             reference, model, analysis, removed, means if settings.bias_compensation else None, eval_batches, notes)
