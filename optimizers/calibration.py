@@ -152,6 +152,12 @@ def _inner_positions(batch: Mapping[str, np.ndarray], row: int) -> np.ndarray:
     return real[1:-1]
 
 
+def is_text(batch: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``batch`` holds token ids: an integer ``input_ids`` of rank 2."""
+    ids = batch.get("input_ids")
+    return np.ndim(ids) == 2 and np.issubdtype(np.asarray(ids).dtype, np.integer)
+
+
 def perturbed_copies(batches: Sequence[Mapping[str, np.ndarray]], copies: int, share: float = PERTURBED_SHARE,
                      seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``copies`` copies of each text batch (an integer ``input_ids`` of rank 2), each with
@@ -163,7 +169,7 @@ def perturbed_copies(batches: Sequence[Mapping[str, np.ndarray]], copies: int, s
     target for any input, the reference's output on it: these copies are more rows to fit, on
     inputs near the data's distribution, so that a fit of a few hundred sentences generalises
     instead of interpolating them. Only fitted data is perturbed, never what judges the fit."""
-    texts = [b for b in batches if np.ndim(b.get("input_ids")) == 2 and np.issubdtype(np.asarray(b["input_ids"]).dtype, np.integer)]
+    texts = [b for b in batches if is_text(b)]
     if copies < 1 or not texts:
         return []
     pool = np.concatenate([np.asarray(b["input_ids"])[row, _inner_positions(b, row)]
@@ -334,4 +340,4 @@ def ort_reader(data: CalibrationData):
 
 
 __all__ = ["HOLDOUT_SHARE", "PERTURBED_SHARE", "CalibrationData", "calibration_data", "heldout_tail", "holdout_indices",
-           "ort_reader", "perturbed_copies", "split_holdout"]
+           "is_text", "ort_reader", "perturbed_copies", "split_holdout"]
