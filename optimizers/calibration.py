@@ -162,8 +162,10 @@ def perturbed_copies(batches: Sequence[Mapping[str, np.ndarray]], copies: int, s
                      seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``copies`` copies of each text batch (an integer ``input_ids`` of rank 2), each with
     ``share`` of every row's inner tokens (:func:`_inner_positions`) replaced by tokens drawn from
-    the batches' own inner tokens; every other input as it was. Batches without ``input_ids``
-    get none (images, audio), so for them this returns ``[]``.
+    the batches' own inner tokens; every other input as it was. A batch's copies come as one
+    batch, stacked on the batch axis (``copies`` times its rows; one run of a model and one sum
+    for all of them), where every input of rank 1 or more is batch-major; else one batch a copy.
+    Batches without ``input_ids`` get none (images, audio), so for them this returns ``[]``.
 
     A fit towards a reference model (a pruned layer's re-fit, block refinement) has an exact
     target for any input, the reference's output on it: these copies are more rows to fit, on
@@ -178,15 +180,28 @@ def perturbed_copies(batches: Sequence[Mapping[str, np.ndarray]], copies: int, s
         return []
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(copies):
-        for batch in texts:
+    for batch in texts:
+        made = []
+        for _ in range(copies):
             ids = np.array(batch["input_ids"], copy=True)
             for row in range(ids.shape[0]):
                 inner = _inner_positions(batch, row)
                 chosen = inner[rng.random(inner.size) < share]
                 ids[row, chosen] = rng.choice(pool, size=chosen.size)
-            out.append({**batch, "input_ids": ids})
+            made.append(ids)
+        rows = batch["input_ids"].shape[0]
+        if all(np.ndim(v) == 0 or np.shape(v)[0] == rows for v in batch.values()):
+            out.append({name: np.concatenate(made) if name == "input_ids" else
+                        (np.concatenate([np.asarray(v)] * copies) if np.ndim(v) else v) for name, v in batch.items()})
+        else:
+            out.extend({**batch, "input_ids": ids} for ids in made)
     return out
+
+
+def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
+    """The samples in a batch: its first input's leading dimension (1 for a scalar)."""
+    first = np.asarray(next(iter(batch.values())))
+    return int(first.shape[0]) if first.ndim else 1
 
 
 def _split_rows(arrays: Mapping[str, np.ndarray], batch_size: int, specs: Sequence[InputSpec] = ()) -> Iterator[dict[str, np.ndarray]]:
@@ -340,4 +355,4 @@ def ort_reader(data: CalibrationData):
 
 
 __all__ = ["HOLDOUT_SHARE", "PERTURBED_SHARE", "CalibrationData", "calibration_data", "heldout_tail", "holdout_indices",
-           "is_text", "ort_reader", "perturbed_copies", "split_holdout"]
+           "batch_samples", "is_text", "ort_reader", "perturbed_copies", "split_holdout"]

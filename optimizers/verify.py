@@ -10,7 +10,7 @@ import onnx
 
 from onnxforge.common.compare import Comparison, Tolerance, compare_outputs, missing_output
 from onnxforge.common.ortrun import run_onnx, runnable_dim_sizes
-from onnxforge.common.sessions import open_session
+from onnxforge.common.sessions import WORKER, open_session
 from onnxforge.common.specs import DTYPES, choose_dim_sizes, make_inputs, specs_from_onnx
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,9 @@ def compare_models(reference_outputs: Mapping[str, np.ndarray], candidate: onnx.
 
 
 def ort_session(model: onnx.ModelProto):
-    """An ONNX Runtime CPU session with default optimizations (what a deployment runs)."""
-    return open_session(model)
+    """An ONNX Runtime CPU session with default optimizations (what a deployment runs), whose
+    idle workers sleep (``WORKER``): checks and fits run numpy between its calls."""
+    return open_session(model, WORKER)
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

@@ -5,6 +5,7 @@ where held-out data says it hurts, and the greedy choice finds redundant channel
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -105,17 +106,26 @@ def test_plain_pruning_is_not_exact_on_the_same_model():
     assert result.fidelity["reconstruction"] > 0.99999
 
 
-def test_streaming_moments_equal_one_shot():
+def test_streaming_moments_equal_one_shot(monkeypatch):
+    reconstruct_module = importlib.import_module("optimizers.prune.reconstruct")
+
     rng = np.random.default_rng(2)
     features, targets = rng.standard_normal((300, 7)), rng.standard_normal((300, 3))
     whole, streamed = Moments(7, 3), Moments(7, 3)
+    monkeypatch.setattr(reconstruct_module, "PENDING_BYTES", 64 * 4 * 11)  # sums every 64 rows held
+    small = Moments(7, 3)
     whole.add(features, targets)
     for start in (0, 50, 51, 200):
         stop = {0: 50, 50: 51, 51: 200, 200: 300}[start]
         streamed.add(features[start:stop], targets[start:stop])
-    np.testing.assert_allclose(streamed.zz, whole.zz, rtol=1e-5)
-    np.testing.assert_allclose(streamed.tz, whole.tz, rtol=1e-5)
-    assert streamed.count == whole.count == 300
+        small.add(features[start:stop], targets[start:stop])
+        if start == 51:  # read between adds: what was held is summed first
+            np.testing.assert_allclose(small.zz, streamed.zz, rtol=1e-5)
+    for moments in (streamed, small):
+        np.testing.assert_allclose(moments.zz, whole.zz, rtol=1e-5)
+        np.testing.assert_allclose(moments.tz, whole.tz, rtol=1e-5)
+        np.testing.assert_allclose(moments.tt, float((targets ** 2).sum()), rtol=1e-5)
+    assert streamed.count == whole.count == small.count == 300
     prior = rng.standard_normal((3, 7))
     np.testing.assert_allclose(solve(streamed, prior, 0.1), solve(whole, prior, 0.1), rtol=1e-5, atol=1e-7)
     # the normal equations against an explicit stacked least-squares problem:

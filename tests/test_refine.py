@@ -376,23 +376,29 @@ def test_perturbed_copies_replace_inner_tokens_from_the_data_only():
 
     batches = _text_batches(3, seed=1)
     copies = perturbed_copies(batches, 2, share=0.5, seed=0)
-    assert len(copies) == 2 * len(batches)
+    assert len(copies) == len(batches)  # a batch's copies come stacked in one batch
     pool = set(np.concatenate([b["input_ids"][b["attention_mask"] > 0] for b in batches]).tolist()) - {1, 2}
     changed = 0
-    for copy, batch in zip(copies, batches * 2):
-        ids, mask = copy["input_ids"], batch["attention_mask"]
-        assert ids.shape == batch["input_ids"].shape and copy["attention_mask"] is mask
-        ends = [(r, 0) for r in range(4)] + [(r, int(mask[r].sum()) - 1) for r in range(4)]
-        assert all(ids[r, c] == batch["input_ids"][r, c] for r, c in ends)  # [CLS] and [SEP] stay
-        np.testing.assert_array_equal(ids[mask == 0], 0)  # padding stays
-        differs = ids != batch["input_ids"]
-        assert set(ids[differs].tolist()) <= pool
-        changed += differs.sum()
+    for stacked, batch in zip(copies, batches):
+        rows = batch["input_ids"].shape[0]
+        np.testing.assert_array_equal(stacked["attention_mask"], np.concatenate([batch["attention_mask"]] * 2))
+        for ids in (stacked["input_ids"][:rows], stacked["input_ids"][rows:]):
+            mask = batch["attention_mask"]
+            assert ids.shape == batch["input_ids"].shape
+            ends = [(r, 0) for r in range(4)] + [(r, int(mask[r].sum()) - 1) for r in range(4)]
+            assert all(ids[r, c] == batch["input_ids"][r, c] for r, c in ends)  # [CLS] and [SEP] stay
+            np.testing.assert_array_equal(ids[mask == 0], 0)  # padding stays
+            differs = ids != batch["input_ids"]
+            assert set(ids[differs].tolist()) <= pool
+            changed += differs.sum()
+        assert not np.array_equal(stacked["input_ids"][:rows], stacked["input_ids"][rows:])  # two different copies
     inner = sum(int(b["attention_mask"].sum()) - 2 * 4 for b in batches) * 2
     assert 0.3 * inner < changed < 0.55 * inner  # about half replaced (a drawn token may equal the one it replaces)
     again = perturbed_copies(batches, 2, share=0.5, seed=0)
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(copies, again))
     assert perturbed_copies(batches, 0) == [] and perturbed_copies(_batches(2, seed=1), 3) == []  # float inputs: none
+    odd = [{**b, "scale": np.ones(3, np.float32)} for b in batches]  # an input that is not batch-major: one batch a copy
+    assert len(perturbed_copies(odd, 2, share=0.5, seed=0)) == 2 * len(batches)
 
 
 def test_perturbed_copies_are_fitted_and_never_held_out():
@@ -412,12 +418,13 @@ def test_perturbed_copies_are_fitted_and_never_held_out():
     copies = settings.resolved(len(calibration), text=True).perturbed_copies
     assert copies > 0
     text = prune(_text_ffn(), settings, calibration=lambda: calibration)
-    assert text.reconstruction["perturbed_batches"] == copies * text.reconstruction["fit_batches"] > 0
+    fitted_samples = 4 * text.reconstruction["fit_batches"]  # _text_batches: 4 rows a batch
+    assert text.reconstruction["perturbed_samples"] == copies * fitted_samples > 0
     assert any(f"{copies} perturbed copies of each fitted sample" in note for note in text.notes)
     off = prune(_text_ffn(), dataclasses.replace(settings, perturbed_copies=0), calibration=lambda: calibration)
-    assert off.reconstruction["perturbed_batches"] == 0
+    assert off.reconstruction["perturbed_samples"] == 0
     floats = prune(_transformer_ffn(), settings, calibration=lambda: _batches(10, seed=1))
-    assert floats.reconstruction["perturbed_batches"] == 0 and not any("perturbed" in note for note in floats.notes)
+    assert floats.reconstruction["perturbed_samples"] == 0 and not any("perturbed" in note for note in floats.notes)
     with pytest.raises(UserError, match="perturbed_copies"):
         PruneSettings(perturbed_copies=-1)
     with pytest.raises(UserError, match="perturbed_copies"):

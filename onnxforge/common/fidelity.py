@@ -17,7 +17,7 @@ import onnx
 
 from onnxforge.common.compare import compare_batches
 from onnxforge.common.errors import UserError
-from onnxforge.common.sessions import open_session
+from onnxforge.common.sessions import WORKER, open_session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ def fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: 
     (their slices score 0). Both models are loaded and run in ONNX Runtime (a CPU session with
     default optimizations, what a deployment runs); an output of another shape is a
     ``UserError``."""
-    reference, candidate = open_session(float_model), open_session(quantized)
+    reference, candidate = open_session(float_model, WORKER), open_session(quantized, WORKER)
     names = [o.name for o in reference.get_outputs()]
     return compare_runs(names, batches, [reference.run(names, dict(b)) for b in batches],
                         [candidate.run(names, dict(b)) for b in batches])
@@ -55,12 +55,12 @@ def fidelity_of_files(float_path: Path, quantized_path: Path, batches: Sequence[
     """``fidelity`` of two models on disk, one ONNX Runtime session at a time: the float model
     runs on every batch and only its outputs are kept before the quantized model is opened,
     so a model past 2 GB is never in memory beside its quantized form."""
-    session = open_session(float_path)
+    session = open_session(float_path, WORKER)
     names = [o.name for o in session.get_outputs()]
     float_runs = [session.run(names, dict(b)) for b in batches]
     del session
     gc.collect()
-    session = open_session(quantized_path)
+    session = open_session(quantized_path, WORKER)
     quantized_runs = [session.run(names, dict(b)) for b in batches]
     del session
     return compare_runs(names, batches, float_runs, quantized_runs)

@@ -15,7 +15,7 @@ from onnxforge.common.specs import choose_dim_sizes, make_inputs, specs_from_onn
 
 _FLOAT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
 # As a deployment runs it (ONNX Runtime's optimizations on), but quiet: failures are raised.
-DEPLOYED_CHECK = SessionSettings(log_severity=4)
+DEPLOYED_CHECK = SessionSettings(log_severity=4, spinning=False)
 
 
 def describe_feeds(inputs: Mapping[str, np.ndarray]) -> str:

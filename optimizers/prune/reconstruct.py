@@ -80,7 +80,7 @@ from onnx import numpy_helper
 from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity as model_fidelity
 from onnxforge.common.graph import attr, readers as readers_of
-from optimizers.calibration import HOLDOUT_SHARE, perturbed_copies, split_holdout
+from optimizers.calibration import HOLDOUT_SHARE, batch_samples, perturbed_copies, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.channels import add_bias, apply, channel_stats, channel_units, compensate_biases
 from optimizers.verify import ort_session
@@ -89,6 +89,7 @@ from onnxforge.common.progress import tracked
 logger = logging.getLogger(__name__)
 
 ROW_CHUNK = 8192  # feature rows multiplied at once while summing moments
+PENDING_BYTES = 32 << 20  # rows a Moments holds before it sums them (at most ROW_CHUNK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,28 +147,60 @@ class ReconstructSettings:
 class Moments:
     """Running sums for ``min sum_t w_t ||t_t − A z_t||²`` with features ``z = [f; 1]``: ``Z W Zᵀ``,
     ``T W Zᵀ``, ``sum_t w_t ||t_t||²`` and the count. ``add`` takes rows (samples) of features and
-    targets, and optionally each row's weight ``w_t`` (1 when not given)."""
+    targets, and optionally each row's weight ``w_t`` (1 when not given). Rows are held until
+    ``ROW_CHUNK`` of them or ``PENDING_BYTES`` are pending (or a sum is read): one sentence's
+    rows at a time made each product a pass over the whole ``Z W Zᵀ`` for a few dozen rows."""
 
     def __init__(self, features: int, outputs: int):
-        self.zz = np.zeros((features + 1, features + 1))
-        self.tz = np.zeros((outputs, features + 1))
-        self.tt = 0.0
+        self._zz = np.zeros((features + 1, features + 1))
+        self._tz = np.zeros((outputs, features + 1))
+        self._tt = 0.0
         self.count = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+        self._flush_at = min(ROW_CHUNK, max(1, PENDING_BYTES // (4 * (features + outputs + 1))))
 
     def add(self, features: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> None:
-        # products in float32 per chunk of rows, sums in float64: twice as fast, and the
-        # ridge is far above float32's rounding of a chunk's sum
-        for start in range(0, features.shape[0], ROW_CHUNK):
-            f = features[start:start + ROW_CHUNK].astype(np.float32)
-            t = targets[start:start + ROW_CHUNK].astype(np.float32)
-            z = np.concatenate([f, np.ones((f.shape[0], 1), np.float32)], axis=1)
-            if weights is not None:  # sqrt(w) on both sides: sums of w z zᵀ, w t zᵀ, w ||t||²
-                root = np.sqrt(weights[start:start + ROW_CHUNK]).astype(np.float32)[:, None]
-                z, t = z * root, t * root
-            self.zz += z.T @ z
-            self.tz += t.T @ z
-            self.tt += float(np.einsum("ij,ij->", t, t, dtype=np.float64))
-            self.count += f.shape[0]
+        z = np.concatenate([features.astype(np.float32), np.ones((features.shape[0], 1), np.float32)], axis=1)
+        t = targets.astype(np.float32)
+        if weights is not None:  # sqrt(w) on both sides: sums of w z zᵀ, w t zᵀ, w ||t||²
+            root = np.sqrt(weights).astype(np.float32)[:, None]
+            z, t = z * root, t * root
+        self._pending.append((z, t))
+        self._pending_rows += z.shape[0]
+        self.count += features.shape[0]
+        if self._pending_rows >= self._flush_at:
+            self._flush()
+
+    def _flush(self) -> None:
+        # rows held in float32, products and sums in float64: an exact re-fit's residual is a
+        # difference of sums that float32 products of a thousand rows already blur
+        if not self._pending:
+            return
+        z_all = np.concatenate([p[0] for p in self._pending])
+        t_all = np.concatenate([p[1] for p in self._pending])
+        self._pending, self._pending_rows = [], 0
+        for start in range(0, z_all.shape[0], self._flush_at):
+            z = z_all[start:start + self._flush_at].astype(np.float64)
+            t = t_all[start:start + self._flush_at].astype(np.float64)
+            self._zz += z.T @ z
+            self._tz += t.T @ z
+            self._tt += float(np.einsum("ij,ij->", t, t))
+
+    @property
+    def zz(self) -> np.ndarray:
+        self._flush()
+        return self._zz
+
+    @property
+    def tz(self) -> np.ndarray:
+        self._flush()
+        return self._tz
+
+    @property
+    def tt(self) -> float:
+        self._flush()
+        return self._tt
 
     def residual(self, solution: np.ndarray) -> float:
         """``sum ||t − A z||²`` for ``A = solution`` ([outputs, features + 1])."""
@@ -413,8 +446,8 @@ class ReconstructResult:
     """``model``: the pruned model with the kept re-fits (bias compensation elsewhere).
     ``fidelity``: held-out lowest mean cosine to the unpruned model for ``none``,
     ``compensation`` and ``reconstruction`` (None where there was no held-out data).
-    ``applied``: whether any re-fit was kept. ``perturbed_batches``: perturbed copies fitted
-    beside the ``fit_batches`` read (``ReconstructSettings.perturbed_copies``)."""
+    ``applied``: whether any re-fit was kept. ``perturbed_samples``: perturbed copies of samples
+    fitted beside the ``fit_batches`` read (``ReconstructSettings.perturbed_copies``)."""
 
     model: onnx.ModelProto
     consumers: tuple[ConsumerReport, ...]
@@ -423,11 +456,11 @@ class ReconstructResult:
     fit_batches: int
     heldout_batches: int
     notes: tuple[str, ...]
-    perturbed_batches: int = 0
+    perturbed_samples: int = 0
 
     def to_dict(self) -> dict:
         return {"consumers": [c.to_dict() for c in self.consumers], "fidelity": dict(self.fidelity), "applied": self.applied,
-                "fit_batches": self.fit_batches, "perturbed_batches": self.perturbed_batches,
+                "fit_batches": self.fit_batches, "perturbed_samples": self.perturbed_samples,
                 "heldout_batches": self.heldout_batches, "notes": list(self.notes)}
 
 
@@ -549,7 +582,8 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
 
     fit, heldout = split_holdout(batches, settings.holdout, settings.seed)
     fitted = len(fit)
-    fit += perturbed_copies(fit, settings.perturbed_copies, seed=settings.seed) if heldout else []
+    copies = perturbed_copies(fit, settings.perturbed_copies, seed=settings.seed) if heldout else []
+    fit += copies
     notes: list[str] = []
     if not heldout:
         notes.append("reconstruction needs held-out calibration data (2 batches or a batch of 2 samples at least); not applied")
@@ -563,7 +597,8 @@ def reconstruct(model: onnx.ModelProto, analysis, removed: frozenset[int], batch
         reports.extend(outputs)
 
     chosen = deduplicate_initializers(chosen).model
-    return ReconstructResult(chosen, tuple(reports), fidelity, applied, fitted, len(heldout), tuple(notes), len(fit) - fitted)
+    return ReconstructResult(chosen, tuple(reports), fidelity, applied, fitted, len(heldout), tuple(notes),
+                             sum(batch_samples(b) for b in copies))
 
 
 WEIGHTED = ("MatMul", "Gemm", "Conv")

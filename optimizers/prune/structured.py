@@ -36,7 +36,7 @@ from onnxforge.common.fidelity import fidelity_of_files
 from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import is_large, model_bytes, save_onnx
 from onnxforge.common.summary import body_op_counts, count_parameters
-from optimizers.calibration import calibration_data, is_text, split_holdout
+from optimizers.calibration import batch_samples, calibration_data, is_text, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.allocate import allocate_by_sensitivity, global_share
 from optimizers.prune.channels import (
@@ -289,7 +289,7 @@ def prune_structured(
 def _resolved_with_data(settings: PruneSettings, calib_batches: list, notes: list[str]) -> PruneSettings:
     """``auto`` settings made concrete for the calibration batches read, said in the notes with
     how much data was used (batches and samples fitted, and the limit)."""
-    samples = sum(int(next(iter(b.values())).shape[0]) if next(iter(b.values())).ndim else 1 for b in calib_batches)
+    samples = sum(batch_samples(b) for b in calib_batches)
     resolved = settings.resolved(samples, text=any(is_text(b) for b in calib_batches[:1]))
     chosen = [f"{name} {getattr(resolved, name)}" for name in ("importance", "scope")
               if getattr(settings, name) == "auto"]
