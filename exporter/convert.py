@@ -371,8 +371,8 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _ort_session(path: Path):
-    # failures are raised and reported by us, not logged twice
-    return open_session(path, SessionSettings(log_severity=4), what="the exported model")
+    # failures are raised and reported by us, not logged twice; idle workers sleep while torch runs
+    return open_session(path, SessionSettings(log_severity=4, spinning=False), what="the exported model")
 
 
 def _check_shape(session, wrapper, names, output_names, tensors, tolerance) -> tuple[ShapeCheck, list[np.ndarray]]:
