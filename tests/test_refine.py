@@ -371,6 +371,18 @@ def _text_batches(count: int, seed: int, batch: int = 4, seq: int = 12) -> list[
     return out
 
 
+def test_erf_matches_scipy_in_the_inputs_dtype_and_shape():
+    from scipy.special import erf
+
+    from optimizers.prune.refine import ERF_CHUNK, _erf
+
+    x = np.linspace(-6.0, 6.0, 7 * (ERF_CHUNK // 2 + 1)).reshape(-1, 7)  # several chunks and a partial one
+    assert _erf(x).shape == x.shape and np.abs(_erf(x) - erf(x)).max() < 2e-7
+    single = x.astype(np.float32)
+    assert _erf(single).dtype == np.float32 and np.abs(_erf(single) - erf(x)).max() < 1e-6
+    assert _erf(np.zeros((2, 3), np.float32)).max() < 1e-6 and _erf(-x)[0, 0] == -_erf(x)[0, 0]
+
+
 def test_perturbed_copies_replace_inner_tokens_from_the_data_only():
     from optimizers.calibration import perturbed_copies
 
