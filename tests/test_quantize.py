@@ -777,3 +777,41 @@ def test_auto_mode_escalates_when_no_candidate_is_faithful(tmp_path, capsys):
                  "--min-cosine", "0.999999", "--no-speed-check"])
     assert code == EXIT_BUDGET and not (tmp_path / "q.onnx").exists()
     assert "nothing was written" in capsys.readouterr().err
+
+
+def test_pre_processing_that_works_without_symbolic_shapes_is_not_a_warning(tmp_path, monkeypatch, caplog):
+    """Symbolic shape inference fails on many exported graphs (the demo's MiniLM); the retry
+    without it quantizes as well, so the user sees no warning. Only when every attempt fails."""
+    import logging
+
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    from optimizers.quantize.prepare import preprocess_model
+
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    real = shape_inference.quant_pre_process
+
+    def symbolic_fails(source, target, **options):
+        if not options.get("skip_symbolic_shape"):
+            raise RuntimeError("Incomplete symbolic shape inference")
+        return real(source, target, **options)
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", symbolic_fails)
+    with caplog.at_level(logging.INFO, logger="optimizers.quantize.prepare"):
+        _, label = preprocess_model(model, tmp_path)
+    assert label == "optimization only"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("Incomplete symbolic shape inference" in r.getMessage() for r in caplog.records)
+
+    def always_fails(source, target, **options):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", always_fails)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="optimizers.quantize.prepare"):
+        same, label = preprocess_model(model, tmp_path)
+    assert label == "skipped (failed)" and same is model
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]

@@ -25,7 +25,8 @@ def quant_type(name: str):
 def preprocess_model(model: onnx.ModelProto, workdir: Path, *, symbolic: bool = True) -> tuple[onnx.ModelProto, str]:
     """ONNX Runtime's quantization pre-processing (symbolic shape inference, optimization such
     as BatchNormalization folded into Conv, ONNX shape inference); when symbolic shape inference
-    fails it is retried without it, then skipped, with a warning.
+    fails it is retried without it (said at info level when that works: the model is quantized
+    as well, and a user has nothing to do), then skipped with a warning.
 
     ``symbolic=False`` skips symbolic shape inference from the start: convolutional nets need
     only the weights' shapes, and on a large CNN it was most of the time quantize took.
@@ -41,6 +42,7 @@ def preprocess_model(model: onnx.ModelProto, workdir: Path, *, symbolic: bool = 
     save_onnx(model, source)
     attempts = ((("symbolic shape inference + optimization", {}),) if symbolic else ()) + (
         ("optimization only", {"skip_symbolic_shape": True}),)
+    failures = []
     for label, options in attempts:
         target = workdir / "pre.onnx"
         try:
@@ -48,9 +50,13 @@ def preprocess_model(model: onnx.ModelProto, workdir: Path, *, symbolic: bool = 
             # working directory when it cannot finish: it works in ours
             with contextlib.chdir(workdir):
                 quant_pre_process(str(source), str(target), auto_merge=True, **options)
-            return onnx.load(str(target)), label
         except Exception as exc:  # the tool raises whatever its steps raise
-            logger.warning("quantization pre-processing (%s) failed: %s", label, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            failures.append(f"{label} failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+            continue
+        if failures:
+            logger.info("quantization pre-processing: %s; %s worked", "; ".join(failures), label)
+        return onnx.load(str(target)), label
+    logger.warning("quantization pre-processing skipped: %s", "; ".join(failures))
     return model, "skipped (failed)"
 
 
