@@ -441,3 +441,20 @@ def test_perturbed_copies_are_fitted_and_never_held_out():
         PruneSettings(perturbed_copies=-1)
     with pytest.raises(UserError, match="perturbed_copies"):
         ReconstructSettings(perturbed_copies=-1)
+
+
+def test_descent_stops_patience_steps_after_the_best_check_and_keeps_it():
+    from optimizers.prune.refine import descend
+
+    def run(patience: int):
+        calls = []
+        losses = iter([1.0, 0.9, 0.8] + [0.85] * 100)  # before, step 25, step 50 (the best), then none better
+        best, before, after, step = descend({"w": np.ones(3)}, lambda rows: calls.append(rows) or {"w": np.full(3, 0.1)},
+                                            lambda: next(losses), rows=10, scale=1.0,
+                                            settings=RefineSettings(steps=400, check_every=25, patience=patience))
+        return len(calls), before, after, step
+
+    assert run(100) == (150, 1.0, 0.8, 50)  # the checks at 75 ... 150 found nothing better: stopped there
+    assert run(0) == (400, 1.0, 0.8, 50)  # 0: every step
+    with pytest.raises(UserError, match="patience"):
+        RefineSettings(patience=-1)

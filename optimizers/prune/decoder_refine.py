@@ -54,6 +54,7 @@ from optimizers.prune.refine import (
     BlockReport,
     RefineSettings,
     descend,
+    steps_note,
     weight_scale,
 )
 from optimizers.quantize.activations import no_prepacking
@@ -309,7 +310,7 @@ def refine_decoder_mlps(model: onnx.ModelProto, mlps, reference_weight: Callable
     kept = kl_refined < kl_refit
     if not kept:
         _write(weights, refit)
-    note = (f"refinement: {len(changed)} of {len(reports)} MLPs refined ({settings.steps} steps each, {rows[0]} positions "
+    note = (f"refinement: {len(changed)} of {len(reports)} MLPs refined ({steps_note(settings)}; {rows[0]} positions "
             f"fitted); held-out KL vs unpruned {kl_refit:.4f} -> {kl_refined:.4f}" + ("" if kept else "; not kept (higher)"))
     logger.info(note)
     return DecoderRefinement(settings.steps, rows, reports, (kl_refit, kl_refined), kept, time.perf_counter() - started, note)

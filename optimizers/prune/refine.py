@@ -266,7 +266,10 @@ class RefineSettings:
         lowered the held-out block losses by 0.1-0.3 % and left the sentence embeddings as they were.
     perturbed_copies: the fit also reads this many copies of each fitted text batch with a share of
         its tokens replaced (``optimizers.calibration.perturbed_copies``; as in the re-fit), the
-        unpruned model's block end on them the target; the held-out batches stay as read. 0: off."""
+        unpruned model's block end on them the target; the held-out batches stay as read. 0: off.
+    patience: a block stops after this many steps without a better held-out check (0: runs all
+        ``steps``); the best check's weights are kept either way. On the demo's MiniLM (ratio 0.1)
+        the best checks came at steps 50-275 of 400, and the blocks ran 400 steps each."""
 
     steps: int = 400
     learning_rate: float = 3e-3
@@ -277,10 +280,12 @@ class RefineSettings:
     seed: int = 0
     norms: bool = False
     perturbed_copies: int = 0
+    patience: int = 100
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_rows < 1 or self.check_every < 1 or self.max_rows < 1 or self.perturbed_copies < 0:
-            raise UserError(f"refinement steps must be >= 0 and batch_rows, check_every, max_rows >= 1, got {self}")
+        if (self.steps < 0 or self.batch_rows < 1 or self.check_every < 1 or self.max_rows < 1 or self.perturbed_copies < 0
+                or self.patience < 0):
+            raise UserError(f"refinement steps and patience must be >= 0 and batch_rows, check_every, max_rows >= 1, got {self}")
         if not self.learning_rate > 0:
             raise UserError(f"refinement learning rate must be positive, got {self.learning_rate}")
 
@@ -290,7 +295,8 @@ def descend(params: Mapping[str, np.ndarray], gradients: Callable[[np.ndarray], 
             relative: Mapping[str, float] | None = None) -> tuple[dict[str, np.ndarray] | None, float, float, int]:
     """Adam on ``params`` (updated in place): each step draws ``settings.batch_rows`` of ``rows``
     fitted rows (seeded) and follows ``gradients(row indices)``; ``heldout_loss()`` (of ``params`` as
-    they stand) is measured before the first step and every ``settings.check_every`` steps.
+    they stand) is measured before the first step and every ``settings.check_every`` steps, and the
+    descent stops ``settings.patience`` steps after the best check (when set).
     ``(copy of the params at the best check or None when no check beat the start, held-out loss
     before, at the best check, best step)``. The step size is ``settings.learning_rate * scale``
     (times ``relative[name]`` where given)."""
@@ -304,6 +310,8 @@ def descend(params: Mapping[str, np.ndarray], gradients: Callable[[np.ndarray], 
             loss = heldout_loss()
             if loss < best_loss:
                 best, best_loss, best_step = {k: v.copy() for k, v in params.items()}, loss, step
+            elif settings.patience and step - best_step >= settings.patience:
+                break
     return best, before, best_loss, best_step
 
 
@@ -523,10 +531,16 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
     after = fidelity(reference, current, held).min_mean_cosine
     kept = after > before
     note = (f"refinement: {len(changed)} of {len(reports)} feed-forward blocks refined by gradient descent "
-            f"({settings.steps} steps each); held-out cosine {before:.4f} -> {after:.4f}"
+            f"({steps_note(settings)}); held-out cosine {before:.4f} -> {after:.4f}"
             + ("" if kept else "; not kept (lower)"))
     logger.info(note)
     return RefineResult(current if kept else model, tuple(reports), (before, after), kept, (note,))
+
+
+def steps_note(settings: RefineSettings) -> str:
+    """How many steps a block ran, for the notes."""
+    return f"{settings.steps} steps each" + (f" at most, stopping {settings.patience} steps after the best held-out check"
+                                             if settings.patience else "")
 
 
 def _refine_block(reference, current: onnx.ModelProto, block: _Block, fit, held, settings: RefineSettings) -> BlockReport:
