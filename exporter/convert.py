@@ -25,7 +25,8 @@ from onnxforge.common.errors import UserError, VerificationFailed
 from onnxforge.common.fileio import staging_dir
 from onnxforge.common.graph import DEFAULT_OPSET
 from onnxforge.common.onnxio import save_onnx
-from onnxforge.common.sessions import SessionSettings, open_session
+from onnxforge.common.ortrun import DEPLOYED_CHECK
+from onnxforge.common.sessions import open_session
 from optimizers.graph.ort_fusions import OrtFusionSettings, fuse_for_ort
 from runtime_bench.timing import Measure
 from onnxforge.common.progress import tracked
@@ -372,7 +373,7 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _ort_session(path: Path):
     # failures are raised and reported by us, not logged twice; idle workers sleep while torch runs
-    return open_session(path, SessionSettings(log_severity=4, spinning=False), what="the exported model")
+    return open_session(path, DEPLOYED_CHECK, what="the exported model")
 
 
 def _check_shape(session, wrapper, names, output_names, tensors, tolerance) -> tuple[ShapeCheck, list[np.ndarray]]:

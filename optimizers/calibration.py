@@ -198,12 +198,6 @@ def perturbed_copies(batches: Sequence[Mapping[str, np.ndarray]], copies: int, s
     return out
 
 
-def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
-    """The samples in a batch: its first input's leading dimension (1 for a scalar)."""
-    first = np.asarray(next(iter(batch.values())))
-    return int(first.shape[0]) if first.ndim else 1
-
-
 def _split_rows(arrays: Mapping[str, np.ndarray], batch_size: int, specs: Sequence[InputSpec] = ()) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``batch_size`` rows, each input cut along its batch axis (``batch_axis``: axis 1
     of a recurrent state ``[layers, batch, hidden]``, else axis 0); scalars go whole into each."""
@@ -355,4 +349,4 @@ def ort_reader(data: CalibrationData):
 
 
 __all__ = ["HOLDOUT_SHARE", "PERTURBED_SHARE", "CalibrationData", "calibration_data", "heldout_tail", "holdout_indices",
-           "batch_samples", "is_text", "ort_reader", "perturbed_copies", "split_holdout"]
+           "is_text", "ort_reader", "perturbed_copies", "split_holdout"]

@@ -18,6 +18,7 @@ import onnx
 from onnxforge.common.compare import compare_batches
 from onnxforge.common.errors import UserError
 from onnxforge.common.sessions import WORKER, open_session
+from onnxforge.common.specs import batch_samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ def compare_runs(names: Sequence[str], batches: Sequence[Mapping[str, np.ndarray
                 raise UserError(f"the quantized model gives output '{name}' the shape {list(out[name].shape)}, "
                                 f"the float model {list(ref[name].shape)}")
         pairs.append(({n: ref[n] for n in names}, {n: out[n] for n in names}))
-        samples += next(iter(batch.values())).shape[0] if next(iter(batch.values())).ndim else 1
+        samples += batch_samples(batch)
     if not pairs or not pairs[0][0]:
         raise UserError("nothing to compare: no evaluation batches or no model outputs")
     comparison = compare_batches(pairs)

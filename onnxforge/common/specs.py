@@ -392,6 +392,12 @@ def _image_axes(spec: InputSpec) -> tuple[int, tuple[int, int]] | None:
     return 1, (2, 3)
 
 
+def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
+    """The samples in a batch of feeds: its first input's leading dimension (1 for a scalar)."""
+    first = np.asarray(next(iter(batch.values())))
+    return int(first.shape[0]) if first.ndim else 1
+
+
 def batch_axis(spec: InputSpec) -> int | None:
     """The axis of ``spec`` that holds the batch: a leading open dim, else an open dim named like a
     batch (``[2, batch, 128]``), else the unnamed middle dim of a recurrent state

@@ -80,7 +80,8 @@ from onnx import numpy_helper
 from onnxforge.common.errors import UserError
 from onnxforge.common.fidelity import fidelity as model_fidelity
 from onnxforge.common.graph import attr, readers as readers_of
-from optimizers.calibration import HOLDOUT_SHARE, batch_samples, perturbed_copies, split_holdout
+from onnxforge.common.specs import batch_samples
+from optimizers.calibration import HOLDOUT_SHARE, perturbed_copies, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.channels import add_bias, apply, channel_stats, channel_units, compensate_biases
 from optimizers.verify import ort_session

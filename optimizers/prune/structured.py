@@ -36,7 +36,8 @@ from onnxforge.common.fidelity import fidelity_of_files
 from onnxforge.common.normalize import normalize
 from onnxforge.common.onnxio import is_large, model_bytes, save_onnx
 from onnxforge.common.summary import body_op_counts, count_parameters
-from optimizers.calibration import batch_samples, calibration_data, is_text, split_holdout
+from onnxforge.common.specs import batch_samples
+from optimizers.calibration import calibration_data, is_text, split_holdout
 from optimizers.graph.cleanup import deduplicate_initializers
 from optimizers.prune.allocate import allocate_by_sensitivity, global_share
 from optimizers.prune.channels import (
