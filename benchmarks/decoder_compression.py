@@ -28,6 +28,7 @@ import ast
 import copy
 import logging
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import numpy as np
 import onnx
 
 from exporter.decoder import export_decoder
+from onnxforge import hugepages
 from onnxforge.common.sessions import SessionSettings
 from onnxforge.decoder_configs import random_decoder
 from onnxforge.decoder_models import (DEFAULT_HIDDEN, DEFAULT_LAYERS, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY, docstring_llama,
@@ -243,6 +245,8 @@ def kv_cache(work: Path, int4: Path, calibration, threads: int | None, rounds: i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="run without the huge pages the onnxforge command gives its process (to compare)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--kv-heads", type=float, default=0.5, help="fraction of each layer's KV head groups pruned")
@@ -284,4 +288,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if "--no-huge-pages" not in sys.argv:
+        hugepages.relaunch()  # as the onnxforge command runs
     raise SystemExit(main())

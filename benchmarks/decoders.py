@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxforge import hugepages
 from onnxforge.decoder_configs import DECODER_CONFIGS, decoder_config, random_decoder
 from onnxforge.package import genai_config
 from runtime_bench.generation import (
@@ -333,6 +334,8 @@ def profile_decode_ops(path: Path, name: str, past: int, steps: int, threads: in
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="run without the huge pages the onnxforge command gives its process (to compare)")
     parser.add_argument("--model", default="qwen2.5-0.5b", choices=sorted(DECODER_CONFIGS))
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -445,4 +448,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if "--no-huge-pages" not in sys.argv:
+        hugepages.relaunch()  # as the onnxforge command runs
     sys.exit(main())

@@ -9,6 +9,8 @@ import platform
 import shutil
 import subprocess
 
+from onnxforge import hugepages
+
 # CPU flags that decide which int8 / fp32 kernels ONNX Runtime can use.
 INTERESTING_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "f16c", "asimd", "sve", "i8mm")
 
@@ -25,12 +27,14 @@ class MachineInfo:
     python: str
     versions: dict[str, str]
     providers: tuple[str, ...]
+    huge_pages: str = ""  # onnxforge.hugepages.state(): whether large allocations got 2 MB pages
 
     def describe(self) -> str:
         gpu = "; GPU " + ", ".join(self.gpus) if self.gpus else "; no GPU"
         flags = ",".join(self.cpu_flags) or "none detected"
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
-        return f"{self.cpu} ({self.usable_cores} usable of {self.logical_cores} cores; {flags}){gpu}; {versions}"
+        pages = f"; {self.huge_pages}" if self.huge_pages else ""
+        return f"{self.cpu} ({self.usable_cores} usable of {self.logical_cores} cores; {flags}){gpu}; {versions}{pages}"
 
 
 def _cpu_model_and_flags() -> tuple[str, tuple[str, ...]]:
@@ -98,4 +102,5 @@ def machine_info() -> MachineInfo:
         python=platform.python_version(),
         versions=versions,
         providers=tuple(onnxruntime.get_available_providers()),
+        huge_pages=hugepages.state(),
     )

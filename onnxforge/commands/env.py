@@ -1,4 +1,4 @@
-"""``onnxforge env``: what a bug report needs: versions, execution providers, the CPU and its flags."""
+"""``onnxforge env``: what a bug report needs: versions, execution providers, the CPU and its flags, huge pages."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def environment() -> dict:
         "memory_gb": info.memory_gb,
         "gpus": list(info.gpus),
         "providers": list(info.providers),
+        "huge_pages": info.huge_pages,
     }
 
 
@@ -49,4 +50,5 @@ def _env_command(args) -> int:
     print(f"{'cpu flags':<20} {' '.join(found['cpu_flags']) or '-'}")
     print(f"{'gpus':<20} {', '.join(found['gpus']) or 'none'}")
     print(f"{'providers':<20} {', '.join(found['providers'])}")
+    print(f"{'memory pages':<20} {found['huge_pages']}")
     return 0

@@ -1,0 +1,72 @@
+"""Huge pages for the onnxforge command's process (onnxforge.hugepages): the tunable, the re-execution, the opt-out."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from onnxforge import hugepages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAN = hugepages.kernel_mode() == "madvise" and (hugepages.glibc_version() or (0, 0)) >= (2, 35)
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
+    return {**env, **extra}
+
+
+def test_the_tunable_joins_the_ones_already_set_and_replaces_an_old_value():
+    env = hugepages.with_tunable({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0", "HOME": "/h"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1" and env["HOME"] == "/h"
+    assert hugepages.tunable_set(env)
+    assert not hugepages.tunable_set({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert not hugepages.tunable_set({})
+    assert hugepages.with_tunable({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_the_state_names_why_pages_are_small(monkeypatch):
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(hugepages, "kernel_mode", lambda: "madvise")
+    assert hugepages.state({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == "huge pages on"
+    assert hugepages.state({hugepages.OPT_OUT: "0"}) == "huge pages off (ONNXFORGE_HUGE_PAGES=0)"
+    assert hugepages.wanted({}) and not hugepages.wanted({hugepages.OPT_OUT: "0"})
+    assert not hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})  # set once: no second re-execution
+    monkeypatch.setattr(hugepages, "kernel_mode", lambda: "never")
+    assert hugepages.state({}) == "huge pages off (kernel: never)" and not hugepages.wanted({})
+    monkeypatch.setattr(hugepages, "kernel_mode", lambda: "always")
+    assert hugepages.state({}) == "huge pages on (kernel: always)" and not hugepages.wanted({})
+    monkeypatch.setattr(hugepages, "kernel_mode", lambda: "madvise")
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: (2, 31))
+    assert hugepages.state({}) == "huge pages off (needs glibc >= 2.35)" and not hugepages.wanted({})
+
+
+@pytest.mark.skipif(not CAN, reason="needs Linux with transparent huge pages on madvise and glibc >= 2.35")
+def test_relaunch_gives_the_process_huge_pages_for_its_large_allocations():
+    code = ("from onnxforge import hugepages; hugepages.relaunch()\n"
+            "import ctypes, os\n"
+            "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.malloc.argtypes = [ctypes.c_size_t]\n"
+            "block = libc.malloc(64 << 20); ctypes.memset(block, 1, 64 << 20)  # as ONNX Runtime allocates (numpy advises its own)\n"
+            "huge = [int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0]\n"
+            "print(os.environ.get('GLIBC_TUNABLES', '-'), huge, ctypes.string_at(block + (32 << 20), 1)[0])")
+
+    def child(**extra):
+        out = subprocess.run([sys.executable, "-c", code], env=_clean_env(**extra), cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+        tunables, huge_kb, total = out.stdout.split()
+        assert int(total) == 1  # the block was written
+        return tunables, int(huge_kb)
+
+    tunables, huge_kb = child()
+    assert tunables == "glibc.malloc.hugetlb=1" and huge_kb >= 32 * 1024  # most of the 64 MB array
+    assert child(**{hugepages.OPT_OUT: "0"}) == ("-", 0)  # kernel on madvise: nobody asked
+
+
+@pytest.mark.skipif(not CAN, reason="needs Linux with transparent huge pages on madvise and glibc >= 2.35")
+def test_the_command_runs_with_huge_pages_and_env_says_so():
+    for extra, expected in (({}, "huge pages on"), ({hugepages.OPT_OUT: "0"}, "huge pages off (ONNXFORGE_HUGE_PAGES=0)")):
+        out = subprocess.run([sys.executable, "-m", "onnxforge", "env", "--json"], env=_clean_env(**extra), cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        assert json.loads(out.stdout)["huge_pages"] == expected
