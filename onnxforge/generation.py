@@ -203,7 +203,7 @@ def generate_ids(decoder, prompt_ids: list[int], settings: GenerationSettings, s
             break
         if len(new_ids) == settings.max_new_tokens:
             break
-        logits = decoder.decode([token])
+        logits = decoder.decode([token], copy=False)  # read before the next step
     return new_ids, reason, prefill_seconds, time.perf_counter() - started
 
 

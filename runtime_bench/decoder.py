@@ -220,7 +220,7 @@ class OnnxDecoder:
     def reset(self) -> None:
         """Forget the cache: the next call must be ``prefill``."""
         self._cache: dict[str, object] = {}
-        self._shared: tuple | None = None  # (binding, step logits array, its OrtValue, buffer length) while shared
+        self._shared: tuple | None = None  # (binding, step logits, its OrtValue, buffer length, mask buffer) while shared
         self._mask: np.ndarray | None = None
         self._next_position: np.ndarray | None = None
         self.steps = 0
@@ -277,8 +277,10 @@ class OnnxDecoder:
         self._next_position = positions[:, -1] + 1
         return logits
 
-    def decode(self, next_ids) -> np.ndarray:
-        """Feed one token per row (``[batch]`` or ``[batch, 1]``); returns its logits ``[batch, vocab]``."""
+    def decode(self, next_ids, *, copy: bool = True) -> np.ndarray:
+        """Feed one token per row (``[batch]`` or ``[batch, 1]``); returns its logits ``[batch, vocab]``.
+        ``copy=False`` may return a view of the buffer the next step writes (where past and present
+        share one), for a loop that reads the logits before it calls ``decode`` again."""
         if self._mask is None:
             raise UserError("decode() before prefill(): run the prompt first")
         ids = np.asarray(next_ids, dtype=np.int64).reshape(-1, 1)
@@ -287,11 +289,12 @@ class OnnxDecoder:
         limit = self._shared[3] if self._shared is not None else self.max_length  # a shared buffer's own length
         if limit is not None and self.past_length + 1 > limit:
             raise UserError(f"the sequence would exceed max_length {limit}")
-        mask = np.concatenate([self._mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
         positions = self._next_position.reshape(-1, 1)
         if self._shared is not None:
-            logits = self._step_shared(np.ascontiguousarray(ids), mask, positions)
+            mask = self._shared[4][:, : self.past_length + 1]  # the sequence's mask buffer: ones past the prompt
+            logits = self._step_shared(np.ascontiguousarray(ids), mask, positions, copy)
         else:
+            mask = np.concatenate([self._mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
             logits = self._run(np.ascontiguousarray(ids), mask, positions, dict(zip(self._past_names(), self._cache.values())))
         self._mask = mask
         self._next_position = self._next_position + 1
@@ -333,7 +336,9 @@ class OnnxDecoder:
             self._cache[present] = buffer
         step_logits = np.empty((batch, 1, self.io.vocab_size), dtype=self._logits_dtype) if self.io.vocab_size else None
         step_value = ort.OrtValue.ortvalue_from_numpy(step_logits) if step_logits is not None else None
-        self._shared = (binding, step_logits, step_value, self.max_length)
+        mask_buffer = np.ones((batch, self.max_length), dtype=np.int64)  # a step binds a view of it, not a new array
+        mask_buffer[:, : mask.shape[1]] = mask
+        self._shared = (binding, step_logits, step_value, self.max_length, mask_buffer)
         self._bind_step_inputs(binding, input_ids, mask, positions)
         self._run_binding(binding, mask)
         logits = binding.get_outputs()[0].numpy()
@@ -341,13 +346,14 @@ class OnnxDecoder:
             binding.bind_ortvalue_output("logits", step_value)  # each step writes its logits here, no copy
         return logits[:, -1, :].astype(np.float32, copy=False)
 
-    def _step_shared(self, ids, mask, positions) -> np.ndarray:
-        binding, step_logits, _, _ = self._shared
+    def _step_shared(self, ids, mask, positions, copy: bool = True) -> np.ndarray:
+        binding, step_logits = self._shared[:2]
         self._bind_step_inputs(binding, ids, mask, positions)
         self._run_binding(binding, mask)
         if step_logits is None:
             step_logits = binding.get_outputs()[0].numpy()
-        return step_logits[:, -1, :].astype(np.float32)  # a copy: the next step overwrites the buffer
+        # a copy unless asked otherwise: the next step overwrites the buffer
+        return step_logits[:, -1, :].astype(np.float32, copy=copy)
 
     def _bind_step_inputs(self, binding, input_ids, mask, positions) -> None:
         binding.bind_cpu_input("input_ids", input_ids)

@@ -209,6 +209,9 @@ def test_one_shared_cache_buffer_gives_the_same_tokens(mha_graph, tmp_path):
     with pytest.raises(UserError, match="longer than max_length 4"):
         OnnxDecoder(path, max_length=4).prefill(np.array([PROMPTS[0]]))
     shared.prefill(np.array([PROMPTS[0]]))
+    view, kept = shared.decode([7], copy=False), shared.decode([7])  # a loop that reads before the next step: no copy
+    assert np.shares_memory(view, shared.decode([7], copy=False)) and not np.shares_memory(kept, view)
+    shared.prefill(np.array([PROMPTS[0]]))
     for _ in range(32 - len(PROMPTS[0])):
         shared.decode([7])
     with pytest.raises(UserError, match="exceed max_length 32"):

@@ -53,7 +53,7 @@ def test_generation_stops_at_eos(docstring_llama_export):
             self.step = 0
             return self._logits()
 
-        def decode(self, ids):
+        def decode(self, ids, copy=True):
             self.step += 1
             return self._logits()
 
