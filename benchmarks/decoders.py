@@ -163,6 +163,29 @@ def genai_row(hf: Path, work: Path, config: GenerationConfig, kv_per_token: int,
     return _genai_loop(row, out, config, kv_per_token, mean_context)
 
 
+def genai_small_pages_row(work: Path, config: GenerationConfig, kv_per_token: int, mean_context: float) -> Row:
+    """The builder's int4 model under GenAI's loop in a process of its own started without the
+    huge-page tunable, as a GenAI user's program runs where the kernel gives huge pages on request
+    only (``madvise``); each block is a fresh child (``--genai-child``)."""
+    row = Row("GenAI builder, small pages")
+    folder = work / "genai-int4"
+    header = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    row.bytes_per_token = int(weight_bytes_read_per_token(header) + kv_per_token * mean_context)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
+
+    def block(prompt):
+        done = subprocess.run([sys.executable, __file__, "--no-huge-pages", "--genai-child", str(folder), "--threads",
+                               str(config.threads), "--new-tokens", str(config.new_tokens), "--prompt-ids",
+                               json.dumps(prompt.tolist())], env=env, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["the child failed"])[-1])
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        return result["ttft_ms"], result["steps_ms"]
+
+    row.block = block
+    return row
+
+
 def onnxforge_genai_row(hf: Path, work: Path, int4: Path, config: GenerationConfig, kv_per_token: int,
                         mean_context: float) -> Row:
     """onnxforge's int4 graph under GenAI's own Generator loop: the genai_config.json its package
@@ -347,9 +370,18 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-cpp-source", type=Path, help="llama.cpp source (default: the sdist unpacked in --work)")
     parser.add_argument("--skip", default="", help="comma-separated rows to leave out: fp32, int4, kv8, genai, llama")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--genai-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true",
                         help="also print, per ONNX row, the milliseconds per decode step in each op type (ORT profiler)")
     args = parser.parse_args(argv)
+    if args.genai_child:  # one block of the small-pages row, in this fresh process
+        prompt = np.array(json.loads(args.prompt_ids), dtype=np.int64)
+        config = GenerationConfig(prompt_lengths=(prompt.shape[1],), new_tokens=args.new_tokens, threads=args.threads,
+                                  measure_memory=False)
+        ttft, steps = _genai_loop(Row("child"), args.genai_child, config, 0, 0.0).block(prompt)
+        print(json.dumps({"ttft_ms": ttft, "steps_ms": steps}))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("onnxruntime", "transformers", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -380,6 +412,8 @@ def main(argv=None) -> int:
     if "genai" not in skip:
         # GenAI's builder keeps the KV cache in fp32 on CPU too
         rows.append(genai_row(hf, work, config, kv_fp32, mean_context))
+        if hugepages.tunable_set() and not rows[-1].why_not:
+            rows.append(genai_small_pages_row(work, config, kv_fp32, mean_context))
     if "llama" not in skip:
         rows.append(llama_cpp_row(hf, work, args.llama_cpp, source, config, args.model, mean_context))
 
