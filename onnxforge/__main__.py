@@ -2,11 +2,12 @@
 
 import sys
 
+from onnxforge import hugepages
+
 
 def run() -> None:
-    """The command line, in a process whose large allocations get huge pages (``onnxforge.hugepages``)."""
-    from onnxforge import hugepages
-
+    """The command line, in a process whose large allocations get huge pages (``onnxforge.hugepages``):
+    the process re-executes itself first, so the CLI is imported after that, not at module level."""
     hugepages.relaunch()
     from onnxforge.cli import main
 
