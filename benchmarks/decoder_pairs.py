@@ -1,0 +1,137 @@
+"""onnxforge's int4 decoder against ONNX Runtime GenAI's builder, in pairs of fresh processes.
+
+``benchmarks/decoders.py`` runs its rows as blocks of one process; on a shared 2-core machine a
+run's ratios move by several percent from one run to the next. Here each block is a fresh child
+process (``--child``), as a user runs one program: onnxforge's int4 graph under
+``runtime_bench.decoder.OnnxDecoder`` (as ``onnxforge generate`` runs it), or the builder's int4
+model under GenAI's own Generator loop. The two children of a pair run back to back in
+alternating order, so the machine's drift cancels within the pair, and the speed ratio's
+interval resamples pairs (``runtime_bench.stats.paired_speedup``).
+
+Each child: a warm-up generation, then ``--generations`` greedy generations of ``--new-tokens``
+from a ``--prompt-length`` prompt; it reports its median decode step and its median TTFT
+(prefill + first token). Both children run with the huge pages the onnxforge command gives its
+process; ``--builder-small-pages`` starts the builder's child without them (a GenAI user's own
+program on a kernel that gives huge pages on request only).
+
+Models: those ``benchmarks/decoders.py`` builds in ``.cache/peers/<model>`` (built here the same way
+when missing).
+
+    python benchmarks/decoder_pairs.py [--model qwen2.5-0.5b] [--pairs 10] [--threads 2] [--builder-small-pages]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from onnxforge import hugepages
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def child(kind: str, path: Path, threads: int, prompt_length: int, new_tokens: int, generations: int) -> dict:
+    """Median decode step and TTFT (ms) of ``generations`` greedy generations in this process."""
+    from decoders import GenerationConfig, Row, _genai_loop
+
+    prompt = np.random.default_rng(0).integers(0, 4096, size=(1, prompt_length), dtype=np.int64)
+    if kind == "genai":
+        config = GenerationConfig(prompt_lengths=(prompt_length,), new_tokens=new_tokens, threads=threads, measure_memory=False)
+        row = _genai_loop(Row("builder"), path, config, 0, 0.0)  # one loaded model: each call is one generation
+        runs = [row.block(prompt) for _ in range(generations)]
+    else:
+        from onnxforge.common.sessions import SessionSettings
+        from runtime_bench.decoder import OnnxDecoder
+        from runtime_bench.generation import generate_timed
+
+        decoder = OnnxDecoder(path, settings=SessionSettings(intra_op_threads=threads, log_severity=3))
+        generate_timed(decoder, prompt[:, :8], 8)
+        runs = [generate_timed(decoder, prompt, new_tokens) for _ in range(generations)]
+    return {"step_ms": float(np.median([s for _, steps in runs for s in steps])),
+            "ttft_ms": float(np.median([ttft for ttft, _ in runs])), "pages": hugepages.state()}
+
+
+def models(model: str, threads: int) -> tuple[Path, Path]:
+    """onnxforge's int4 file and the builder's folder, as ``decoders.py`` builds them."""
+    from decoders import genai_row, onnxforge_models
+
+    from onnxforge.decoder_configs import random_decoder
+    from runtime_bench.generation import GenerationConfig
+
+    hf = random_decoder(model)
+    work = ROOT / ".cache" / "peers" / model
+    int4 = onnxforge_models(hf, work, threads)[1]
+    built = genai_row(hf, work, GenerationConfig(prompt_lengths=(1,), threads=threads, measure_memory=False), 0, 0.0)
+    if built.why_not:
+        raise SystemExit(f"the builder's model: {built.why_not}")
+    return int4, work / "genai-int4"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-0.5b")
+    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--generations", type=int, default=2)
+    parser.add_argument("--builder-small-pages", action="store_true",
+                        help="start the builder's child without the huge-page tunable")
+    parser.add_argument("--child", choices=("onnxforge", "genai"), help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.path, args.threads, args.prompt_length, args.new_tokens, args.generations)))
+        return 0
+    from runtime_bench.machine import machine_info
+    from runtime_bench.stats import paired_speedup
+
+    int4, builder = models(args.model, args.threads)
+    plain = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
+    shipped = hugepages.with_tunable(plain) if hugepages.wanted(plain) else plain
+    envs = {"onnxforge": shipped, "genai": {**plain, hugepages.OPT_OUT: "0"} if args.builder_small_pages else shipped}
+    paths = {"onnxforge": int4, "genai": builder}
+    common = ["--threads", str(args.threads), "--prompt-length", str(args.prompt_length), "--new-tokens", str(args.new_tokens),
+              "--generations", str(args.generations)]
+    results: dict[str, list[dict]] = {"onnxforge": [], "genai": []}
+    started = time.perf_counter()
+    for pair in range(args.pairs):
+        for kind in (("onnxforge", "genai") if pair % 2 == 0 else ("genai", "onnxforge")):
+            done = subprocess.run([sys.executable, __file__, "--child", kind, "--path", str(paths[kind]), *common],
+                                  env=envs[kind], capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"the {kind} child failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+                return 1
+            results[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    ours = [r["step_ms"] for r in results["onnxforge"]]
+    theirs = [r["step_ms"] for r in results["genai"]]
+    speed = paired_speedup(theirs, ours)
+    print(f"decoder pairs: {args.model} configuration with random weights, prompt {args.prompt_length}, "
+          f"{args.generations} x {args.new_tokens} new tokens a child, {args.threads} threads, "
+          f"{args.pairs} pairs of fresh processes ({time.perf_counter() - started:.0f} s)")
+    print(f"machine: {machine_info().describe()}")
+    print(f"children: onnxforge int4 ({int4}) under OnnxDecoder, {results['onnxforge'][0]['pages']}; "
+          f"ORT GenAI builder int4 ({builder}) under GenAI's loop, {results['genai'][0]['pages']}")
+    print()
+    print(f"{'pair':>4} {'onnxforge step ms':>18} {'builder step ms':>16} {'speed ratio':>12} {'TTFT ms onnxforge / builder':>28}")
+    for index, (a, b) in enumerate(zip(results["onnxforge"], results["genai"]), 1):
+        print(f"{index:>4} {a['step_ms']:>18.3f} {b['step_ms']:>16.3f} {b['step_ms'] / a['step_ms']:>12.3f} "
+              f"{a['ttft_ms']:>16.1f} / {b['ttft_ms']:.1f}")
+    faster = sum(a < b for a, b in zip(ours, theirs))
+    ttft = (np.median([r["ttft_ms"] for r in results["onnxforge"]]), np.median([r["ttft_ms"] for r in results["genai"]]))
+    print(f"median {np.median(ours):>16.3f} {np.median(theirs):>16.3f}")
+    print(f"onnxforge int4 decodes at {speed.ratio:.3f}x the builder's tokens/s [{speed.low:.3f}, {speed.high:.3f}], "
+          f"faster in {faster} of {len(ours)} pairs; TTFT {ttft[0]:.0f} ms against {ttft[1]:.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
