@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,25 +91,24 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args.path, args.threads, args.prompt_length, args.new_tokens, args.generations)))
         return 0
     from runtime_bench.machine import machine_info
+    from runtime_bench.processes import alternating_children
     from runtime_bench.stats import paired_speedup
 
     int4, builder = models(args.model, args.threads)
-    plain = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
+    plain = hugepages.without_tunable(os.environ)
     shipped = hugepages.with_tunable(plain) if hugepages.wanted(plain) else plain
     envs = {"onnxforge": shipped, "genai": {**plain, hugepages.OPT_OUT: "0"} if args.builder_small_pages else shipped}
     paths = {"onnxforge": int4, "genai": builder}
     common = ["--threads", str(args.threads), "--prompt-length", str(args.prompt_length), "--new-tokens", str(args.new_tokens),
               "--generations", str(args.generations)]
-    results: dict[str, list[dict]] = {"onnxforge": [], "genai": []}
     started = time.perf_counter()
-    for pair in range(args.pairs):
-        for kind in (("onnxforge", "genai") if pair % 2 == 0 else ("genai", "onnxforge")):
-            done = subprocess.run([sys.executable, __file__, "--child", kind, "--path", str(paths[kind]), *common],
-                                  env=envs[kind], capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                print(f"the {kind} child failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-                return 1
-            results[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    children = {kind: ([sys.executable, __file__, "--child", kind, "--path", str(paths[kind]), *common], envs[kind])
+                for kind in ("onnxforge", "genai")}
+    try:
+        results = alternating_children(children, args.pairs)
+    except RuntimeError as exc:
+        print(exc)
+        return 1
     ours = [r["step_ms"] for r in results["onnxforge"]]
     theirs = [r["step_ms"] for r in results["genai"]]
     speed = paired_speedup(theirs, ours)

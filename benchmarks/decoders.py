@@ -171,7 +171,7 @@ def genai_small_pages_row(work: Path, config: GenerationConfig, kv_per_token: in
     folder = work / "genai-int4"
     header = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     row.bytes_per_token = int(weight_bytes_read_per_token(header) + kv_per_token * mean_context)
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
+    env = hugepages.without_tunable(os.environ)
 
     def block(prompt):
         done = subprocess.run([sys.executable, __file__, "--no-huge-pages", "--genai-child", str(folder), "--threads",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,23 +73,21 @@ def main(argv=None) -> int:
         print(f"nothing to compare here: {hugepages.state()}")
         return 0
     from runtime_bench.machine import machine_info
+    from runtime_bench.processes import alternating_children
     from runtime_bench.stats import paired_speedup
 
     model = args.model or default_model(args.threads)
-    plain = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
+    plain = hugepages.without_tunable(os.environ)
     states = {"off": {**plain, hugepages.OPT_OUT: "0"}, "on": hugepages.with_tunable(plain)}
     command = [sys.executable, __file__, "--child", "--model", str(model), "--threads", str(args.threads),
                "--prompt-length", str(args.prompt_length), "--new-tokens", str(args.new_tokens),
                "--generations", str(args.generations)]
-    results: dict[str, list[dict]] = {"off": [], "on": []}
     started = time.perf_counter()
-    for pair in range(args.pairs):
-        for state in (("off", "on") if pair % 2 == 0 else ("on", "off")):
-            done = subprocess.run(command, env=states[state], capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                print(f"the {state} child failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-                return 1
-            results[state].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    try:
+        results = alternating_children({state: (command, states[state]) for state in ("off", "on")}, args.pairs)
+    except RuntimeError as exc:
+        print(exc)
+        return 1
     off = [r["step_ms"] for r in results["off"]]
     on = [r["step_ms"] for r in results["on"]]
     speedup = paired_speedup(off, on)

@@ -59,6 +59,13 @@ def with_tunable(environ) -> dict:
     return env
 
 
+def without_tunable(environ) -> dict:
+    """``environ`` as a process that never asked for huge pages has it: no tunable, no opt-out."""
+    env = {k: v for k, v in environ.items() if k != OPT_OUT}
+    kept = [e for e in env.pop("GLIBC_TUNABLES", "").split(":") if e and e.partition("=")[0] != TUNABLE]
+    return {**env, "GLIBC_TUNABLES": ":".join(kept)} if kept else env
+
+
 def state(environ=os.environ) -> str:
     """One phrase for a benchmark's machine line: whether this process's large allocations get huge pages."""
     mode = kernel_mode()

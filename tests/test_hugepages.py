@@ -14,8 +14,7 @@ CAN = hugepages.kernel_mode() == "madvise" and (hugepages.glibc_version() or (0,
 
 
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
-    return {**env, **extra}
+    return {**hugepages.without_tunable(os.environ), **extra}
 
 
 def test_the_tunable_joins_the_ones_already_set_and_replaces_an_old_value():
@@ -25,6 +24,26 @@ def test_the_tunable_joins_the_ones_already_set_and_replaces_an_old_value():
     assert not hugepages.tunable_set({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert not hugepages.tunable_set({})
     assert hugepages.with_tunable({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_without_the_tunable_keeps_the_other_tunables():
+    env = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", hugepages.OPT_OUT: "0", "HOME": "/h"}
+    assert hugepages.without_tunable(env) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/h"}
+    assert hugepages.without_tunable({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == {}
+
+
+def test_children_alternate_and_a_failing_child_is_named():
+    from runtime_bench.processes import alternating_children
+
+    stamp = "import json, time; print(json.dumps({{'name': '{0}', 't': time.perf_counter_ns()}}))"
+    children = {name: ([sys.executable, "-c", stamp.format(name)], os.environ) for name in ("a", "b")}
+    results = alternating_children(children, 3)
+    assert [r["name"] for r in results["a"]] == ["a"] * 3 and len(results["b"]) == 3
+    order = sorted((r["t"], r["name"]) for rows in results.values() for r in rows)
+    assert [name for _, name in order] == ["a", "b", "b", "a", "a", "b"]  # first, then last, then first
+    children["b"] = ([sys.executable, "-c", "import sys; sys.exit('no model here')"], os.environ)
+    with pytest.raises(RuntimeError, match="the b child failed: no model here"):
+        alternating_children(children, 1)
 
 
 def test_the_state_names_why_pages_are_small(monkeypatch):
