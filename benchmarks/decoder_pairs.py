@@ -12,12 +12,13 @@ Each child: a warm-up generation, then ``--generations`` greedy generations of `
 from a ``--prompt-length`` prompt; it reports its median decode step and its median TTFT
 (prefill + first token). Both children run with the huge pages the onnxforge command gives its
 process; ``--builder-small-pages`` starts the builder's child without them (a GenAI user's own
-program on a kernel that gives huge pages on request only).
+program on a kernel that gives huge pages on request only). ``--same-graph`` gives GenAI's child
+onnxforge's int4 graph (with its package's genai_config.json): the two loops on one graph.
 
 Models: those ``benchmarks/decoders.py`` builds in ``.cache/peers/<model>`` (built here the same way
 when missing).
 
-    python benchmarks/decoder_pairs.py [--model qwen2.5-0.5b] [--pairs 10] [--threads 2] [--builder-small-pages]
+    python benchmarks/decoder_pairs.py [--model qwen2.5-0.5b] [--pairs 10] [--threads 2] [--builder-small-pages] [--same-graph]
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ def child(kind: str, path: Path, threads: int, prompt_length: int, new_tokens: i
             "ttft_ms": float(np.median([ttft for ttft, _ in runs])), "pages": hugepages.state()}
 
 
-def models(model: str, threads: int) -> tuple[Path, Path]:
-    """onnxforge's int4 file and the builder's folder, as ``decoders.py`` builds them."""
-    from decoders import genai_row, onnxforge_models
+def models(model: str, threads: int, same_graph: bool = False) -> tuple[Path, Path]:
+    """onnxforge's int4 file and the folder GenAI's child runs: the builder's, or (``same_graph``)
+    onnxforge's int4 graph with the genai_config.json its package carries, as ``decoders.py`` builds them."""
+    from decoders import genai_row, onnxforge_genai_row, onnxforge_models
 
     from onnxforge.decoder_configs import random_decoder
     from runtime_bench.generation import GenerationConfig
@@ -68,10 +70,11 @@ def models(model: str, threads: int) -> tuple[Path, Path]:
     hf = random_decoder(model)
     work = ROOT / ".cache" / "peers" / model
     int4 = onnxforge_models(hf, work, threads)[1]
-    built = genai_row(hf, work, GenerationConfig(prompt_lengths=(1,), threads=threads, measure_memory=False), 0, 0.0)
+    config = GenerationConfig(prompt_lengths=(1,), threads=threads, measure_memory=False)
+    built = onnxforge_genai_row(hf, work, int4, config, 0, 0.0) if same_graph else genai_row(hf, work, config, 0, 0.0)
     if built.why_not:
-        raise SystemExit(f"the builder's model: {built.why_not}")
-    return int4, work / "genai-int4"
+        raise SystemExit(f"GenAI's model: {built.why_not}")
+    return int4, work / ("onnxforge-int4-genai" if same_graph else "genai-int4")
 
 
 def main(argv=None) -> int:
@@ -84,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--generations", type=int, default=2)
     parser.add_argument("--builder-small-pages", action="store_true",
                         help="start the builder's child without the huge-page tunable")
+    parser.add_argument("--same-graph", action="store_true",
+                        help="GenAI's child runs onnxforge's int4 graph instead of the builder's: the two loops on one graph")
     parser.add_argument("--child", choices=("onnxforge", "genai"), help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
     from runtime_bench.processes import alternating_children
     from runtime_bench.stats import paired_speedup
 
-    int4, builder = models(args.model, args.threads)
+    int4, builder = models(args.model, args.threads, args.same_graph)
     plain = hugepages.without_tunable(os.environ)
     shipped = hugepages.with_tunable(plain) if hugepages.wanted(plain) else plain
     envs = {"onnxforge": shipped, "genai": {**plain, hugepages.OPT_OUT: "0"} if args.builder_small_pages else shipped}
@@ -117,16 +122,19 @@ def main(argv=None) -> int:
           f"{args.pairs} pairs of fresh processes ({time.perf_counter() - started:.0f} s)")
     print(f"machine: {machine_info().describe()}")
     print(f"children: onnxforge int4 ({int4}) under OnnxDecoder, {results['onnxforge'][0]['pages']}; "
-          f"ORT GenAI builder int4 ({builder}) under GenAI's loop, {results['genai'][0]['pages']}")
+          f"{'onnxforge int4' if args.same_graph else 'ORT GenAI builder int4'} ({builder}) under GenAI's loop, "
+          f"{results['genai'][0]['pages']}")
     print()
-    print(f"{'pair':>4} {'onnxforge step ms':>18} {'builder step ms':>16} {'speed ratio':>12} {'TTFT ms onnxforge / builder':>28}")
+    other = "GenAI loop" if args.same_graph else "builder"
+    print(f"{'pair':>4} {'onnxforge step ms':>18} {other + ' step ms':>16} {'speed ratio':>12} {'TTFT ms onnxforge / ' + other:>31}")
     for index, (a, b) in enumerate(zip(results["onnxforge"], results["genai"]), 1):
         print(f"{index:>4} {a['step_ms']:>18.3f} {b['step_ms']:>16.3f} {b['step_ms'] / a['step_ms']:>12.3f} "
               f"{a['ttft_ms']:>16.1f} / {b['ttft_ms']:.1f}")
     faster = sum(a < b for a, b in zip(ours, theirs))
     ttft = (np.median([r["ttft_ms"] for r in results["onnxforge"]]), np.median([r["ttft_ms"] for r in results["genai"]]))
     print(f"median {np.median(ours):>16.3f} {np.median(theirs):>16.3f}")
-    print(f"onnxforge int4 decodes at {speed.ratio:.3f}x the builder's tokens/s [{speed.low:.3f}, {speed.high:.3f}], "
+    print(f"onnxforge int4 under OnnxDecoder decodes at {speed.ratio:.3f}x the tokens/s of "
+          f"{'the same graph under GenAI' if args.same_graph else 'the builder'} [{speed.low:.3f}, {speed.high:.3f}], "
           f"faster in {faster} of {len(ours)} pairs; TTFT {ttft[0]:.0f} ms against {ttft[1]:.0f} ms")
     return 0
 
