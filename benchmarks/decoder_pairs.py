@@ -96,8 +96,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args.path, args.threads, args.prompt_length, args.new_tokens, args.generations)))
         return 0
     from runtime_bench.machine import machine_info
-    from runtime_bench.processes import alternating_children
-    from runtime_bench.stats import paired_speedup
+    from runtime_bench.processes import compare_children
 
     int4, builder = models(args.model, args.threads, args.same_graph)
     plain = hugepages.without_tunable(os.environ)
@@ -108,15 +107,14 @@ def main(argv=None) -> int:
               "--generations", str(args.generations)]
     started = time.perf_counter()
     children = {kind: ([sys.executable, __file__, "--child", kind, "--path", str(paths[kind]), *common], envs[kind])
-                for kind in ("onnxforge", "genai")}
+                for kind in ("genai", "onnxforge")}  # onnxforge's speed against GenAI's child
     try:
-        results = alternating_children(children, args.pairs)
+        results, speed, faster = compare_children(children, args.pairs)
     except RuntimeError as exc:
         print(exc)
         return 1
     ours = [r["step_ms"] for r in results["onnxforge"]]
     theirs = [r["step_ms"] for r in results["genai"]]
-    speed = paired_speedup(theirs, ours)
     print(f"decoder pairs: {args.model} configuration with random weights, prompt {args.prompt_length}, "
           f"{args.generations} x {args.new_tokens} new tokens a child, {args.threads} threads, "
           f"{args.pairs} pairs of fresh processes ({time.perf_counter() - started:.0f} s)")
@@ -130,7 +128,6 @@ def main(argv=None) -> int:
     for index, (a, b) in enumerate(zip(results["onnxforge"], results["genai"]), 1):
         print(f"{index:>4} {a['step_ms']:>18.3f} {b['step_ms']:>16.3f} {b['step_ms'] / a['step_ms']:>12.3f} "
               f"{a['ttft_ms']:>16.1f} / {b['ttft_ms']:.1f}")
-    faster = sum(a < b for a, b in zip(ours, theirs))
     ttft = (np.median([r["ttft_ms"] for r in results["onnxforge"]]), np.median([r["ttft_ms"] for r in results["genai"]]))
     print(f"median {np.median(ours):>16.3f} {np.median(theirs):>16.3f}")
     print(f"onnxforge int4 under OnnxDecoder decodes at {speed.ratio:.3f}x the tokens/s of "

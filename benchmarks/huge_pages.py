@@ -73,8 +73,7 @@ def main(argv=None) -> int:
         print(f"nothing to compare here: {hugepages.state()}")
         return 0
     from runtime_bench.machine import machine_info
-    from runtime_bench.processes import alternating_children
-    from runtime_bench.stats import paired_speedup
+    from runtime_bench.processes import compare_children
 
     model = args.model or default_model(args.threads)
     plain = hugepages.without_tunable(os.environ)
@@ -84,13 +83,12 @@ def main(argv=None) -> int:
                "--generations", str(args.generations)]
     started = time.perf_counter()
     try:
-        results = alternating_children({state: (command, states[state]) for state in ("off", "on")}, args.pairs)
+        results, speedup, faster = compare_children({state: (command, states[state]) for state in ("off", "on")}, args.pairs)
     except RuntimeError as exc:
         print(exc)
         return 1
     off = [r["step_ms"] for r in results["off"]]
     on = [r["step_ms"] for r in results["on"]]
-    speedup = paired_speedup(off, on)
     print(f"huge pages: {model}, prompt {args.prompt_length}, {args.generations} x {args.new_tokens} new tokens a child, "
           f"{args.threads} threads, {args.pairs} pairs of fresh processes ({time.perf_counter() - started:.0f} s)")
     print(f"machine: {machine_info().describe()}")
@@ -99,7 +97,6 @@ def main(argv=None) -> int:
     print(f"{'pair':>4} {'off step ms':>12} {'on step ms':>11} {'off/on':>7} {'on: MB in huge pages':>21}")
     for index, (a, b) in enumerate(zip(results["off"], results["on"]), 1):
         print(f"{index:>4} {a['step_ms']:>12.3f} {b['step_ms']:>11.3f} {a['step_ms'] / b['step_ms']:>7.3f} {b['huge_mb']:>21.0f}")
-    faster = sum(b < a for a, b in zip(off, on))
     print(f"median {np.median(off):>9.3f} {np.median(on):>11.3f}   decode {speedup.ratio:.3f}x with huge pages "
           f"[{speedup.low:.3f}, {speedup.high:.3f}], faster in {faster} of {len(on)} pairs")
     return 0

@@ -19,14 +19,15 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "ONNXFORGE_HUGE_PAGES"
-_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+_THP_SETTINGS = "/sys/kernel/mm/transparent_hugepage"
 
 
-def kernel_mode() -> str | None:
-    """The kernel's transparent huge page mode (``always``, ``madvise``, ``never``), None off Linux."""
+def kernel_mode(setting: str = "enabled") -> str | None:
+    """The kernel's transparent huge page mode (``enabled``: ``always``, ``madvise``, ``never``; or
+    another setting of that folder, such as ``defrag``), None off Linux."""
     try:
-        with open(_THP_SETTING, encoding="ascii") as setting:
-            text = setting.read()
+        with open(f"{_THP_SETTINGS}/{setting}", encoding="ascii") as file:
+            text = file.read()
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
@@ -75,7 +76,7 @@ def state(environ=os.environ) -> str:
         return "huge pages on (kernel: always)"
     if mode == "never":
         return "huge pages off (kernel: never)"
-    if glibc_version() is None or glibc_version() < (2, 35):
+    if (glibc_version() or (0, 0)) < (2, 35):
         return "huge pages off (needs glibc >= 2.35)"
     if tunable_set(environ):
         return "huge pages on"

@@ -32,6 +32,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -189,6 +190,18 @@ def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 1, positions).astype(np.int64)
 
 
+class _SharedBuffer(NamedTuple):
+    """A sequence's one past/present buffer: the binding kept for its steps, the array each step's
+    logits are written to (None where the vocabulary is not fixed) and its OrtValue (kept alive),
+    the buffer's length and the sequence's mask (ones past the prompt; a step binds a view of it)."""
+
+    binding: object
+    step_logits: np.ndarray | None
+    step_value: object
+    length: int
+    mask: np.ndarray
+
+
 class OnnxDecoder:
     """A decoder graph in one ONNX Runtime session, with its cache held between steps.
 
@@ -220,7 +233,7 @@ class OnnxDecoder:
     def reset(self) -> None:
         """Forget the cache: the next call must be ``prefill``."""
         self._cache: dict[str, object] = {}
-        self._shared: tuple | None = None  # (binding, step logits, its OrtValue, buffer length, mask buffer) while shared
+        self._shared: _SharedBuffer | None = None  # while the sequence shares one buffer
         self._mask: np.ndarray | None = None
         self._next_position: np.ndarray | None = None
         self.steps = 0
@@ -286,12 +299,12 @@ class OnnxDecoder:
         ids = np.asarray(next_ids, dtype=np.int64).reshape(-1, 1)
         if ids.shape[0] != self._mask.shape[0]:
             raise UserError(f"decode() got {ids.shape[0]} tokens for a batch of {self._mask.shape[0]}")
-        limit = self._shared[3] if self._shared is not None else self.max_length  # a shared buffer's own length
+        limit = self._shared.length if self._shared is not None else self.max_length
         if limit is not None and self.past_length + 1 > limit:
             raise UserError(f"the sequence would exceed max_length {limit}")
         positions = self._next_position.reshape(-1, 1)
         if self._shared is not None:
-            mask = self._shared[4][:, : self.past_length + 1]  # the sequence's mask buffer: ones past the prompt
+            mask = self._shared.mask[:, : self.past_length + 1]
             logits = self._step_shared(np.ascontiguousarray(ids), mask, positions, copy)
         else:
             mask = np.concatenate([self._mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
@@ -338,7 +351,7 @@ class OnnxDecoder:
         step_value = ort.OrtValue.ortvalue_from_numpy(step_logits) if step_logits is not None else None
         mask_buffer = np.ones((batch, self.max_length), dtype=np.int64)  # a step binds a view of it, not a new array
         mask_buffer[:, : mask.shape[1]] = mask
-        self._shared = (binding, step_logits, step_value, self.max_length, mask_buffer)
+        self._shared = _SharedBuffer(binding, step_logits, step_value, self.max_length, mask_buffer)
         self._bind_step_inputs(binding, input_ids, mask, positions)
         self._run_binding(binding, mask)
         logits = binding.get_outputs()[0].numpy()
@@ -347,7 +360,7 @@ class OnnxDecoder:
         return logits[:, -1, :].astype(np.float32, copy=False)
 
     def _step_shared(self, ids, mask, positions, copy: bool = True) -> np.ndarray:
-        binding, step_logits = self._shared[:2]
+        binding, step_logits = self._shared.binding, self._shared.step_logits
         self._bind_step_inputs(binding, ids, mask, positions)
         self._run_binding(binding, mask)
         if step_logits is None:

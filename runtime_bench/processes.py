@@ -8,6 +8,8 @@ import json
 import subprocess
 from collections.abc import Mapping, Sequence
 
+from runtime_bench.stats import Speedup, paired_speedup
+
 
 def alternating_children(children: Mapping[str, tuple[Sequence[str], Mapping[str, str]]], pairs: int) -> dict[str, list[dict]]:
     """Run each of the two ``children`` (name -> (argv, environment)) once per pair, the first named
@@ -27,3 +29,13 @@ def alternating_children(children: Mapping[str, tuple[Sequence[str], Mapping[str
                 raise RuntimeError(f"the {name} child failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
             results[name].append(json.loads(lines[-1]))
     return results
+
+
+def compare_children(children: Mapping[str, tuple[Sequence[str], Mapping[str, str]]], pairs: int,
+                     key: str = "step_ms") -> tuple[dict[str, list[dict]], Speedup, int]:
+    """``alternating_children``, then the second child's speed against the first's over ``key`` (a
+    time each child reports): the paired speedup (above 1: the second is faster) and the number of
+    pairs in which the second was faster."""
+    results = alternating_children(children, pairs)
+    first, second = ([r[key] for r in rows] for rows in results.values())
+    return results, paired_speedup(first, second), sum(b < a for a, b in zip(first, second))
