@@ -44,6 +44,7 @@ from exporter.sources import copy_model_files
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
+from optimizers.graph.cleanup import drop_unread_optional_outputs
 from optimizers.graph.decoder_fusions import fuse_group_query_attention
 from runtime_bench.decoder import LOGITS_TO_KEEP, OnnxDecoder, greedy
 
@@ -513,6 +514,7 @@ def fuse_for_ort(source: Path, target: Path, attention: AttentionFusion | None =
     if attention is not None:
         counts["group_query_attention"] = fuse_group_query_attention(model, attention.max_positions,
                                                                      padding_bias=attention.padding_bias)
+    counts["unread_optional_outputs"] = drop_unread_optional_outputs(model)
     ir.save(model, str(target), external_data=target.name + ".data")
     return {name: int(count) for name, count in counts.items() if count}
 

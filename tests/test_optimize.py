@@ -122,6 +122,35 @@ def test_remove_dead_code_positive_negative_equivalent():
     assert not remove_dead_code(alive).modified
 
 
+def test_remove_dead_code_unnames_unread_optional_outputs_of_ort_ops():
+    """onnxscript's fusions name every output of SkipSimplifiedLayerNormalization; ONNX Runtime then
+    fills the statistics at every run. Unread optional ones lose their names (a read one, or a
+    graph output, keeps it), and what the graph computes does not change."""
+    gamma = _w("gamma", np.linspace(0.5, 1.5, 4))
+
+    def model(mean_is_output: bool):
+        skip = helper.make_node("SkipSimplifiedLayerNormalization", ["x", "s", "gamma"], ["y", "mean", "inv", "sum"],
+                                domain="com.microsoft", epsilon=1e-6)
+        norm = helper.make_node("SimplifiedLayerNormalization", ["sum", "gamma"], ["z", "inv2"], epsilon=1e-6, axis=-1)
+        outputs = [_x("y"), _x("z")] + ([helper.make_tensor_value_info("mean", TensorProto.FLOAT, None)] if mean_is_output else [])
+        graph = helper.make_graph([skip, norm], "g", [_x(), _x("s")], outputs, [gamma])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+    source = model(False)
+    result = remove_dead_code(source)
+    nodes = {n.op_type: list(n.output) for n in result.model.graph.node}
+    assert result.modified
+    assert nodes == {"SkipSimplifiedLayerNormalization": ["y", "", "", "sum"], "SimplifiedLayerNormalization": ["z"]}
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 4), dtype=np.float32),
+             "s": np.random.default_rng(1).standard_normal((3, 4), dtype=np.float32)}
+    before, after = run_model(source, feeds), run_model(result.model, feeds)
+    assert sorted(before) == sorted(after) == ["y", "z"]
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+    kept = remove_dead_code(model(True)).model
+    assert list(kept.graph.node[0].output) == ["y", "mean", "", "sum"]
+
+
 def test_prune_graph_drops_outputs_and_unused_inputs():
     model = _model(
         [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("MatMul", ["x2", "w"], ["aux"])],

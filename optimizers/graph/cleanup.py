@@ -20,11 +20,13 @@ from optimizers.result import PassResult
 logger = logging.getLogger(__name__)
 
 
-def _counts(model: onnx.ModelProto) -> tuple[int, int, int]:
+def _counts(model: onnx.ModelProto) -> tuple[int, int, int, int]:
+    """Nodes, initializers, real inputs and named node outputs: a pass that changes none of them
+    changed nothing worth another round."""
     graph = model.graph
     initializer_names = {init.name for init in graph.initializer}
     real_inputs = sum(1 for value in graph.input if value.name not in initializer_names)
-    return len(graph.node), len(graph.initializer), real_inputs
+    return len(graph.node), len(graph.initializer), real_inputs, sum(1 for n in graph.node for o in n.output if o)
 
 
 def _with_ir(model: onnx.ModelProto, transform: Callable[[ir.Model], object]) -> PassResult:
@@ -34,7 +36,7 @@ def _with_ir(model: onnx.ModelProto, transform: Callable[[ir.Model], object]) ->
     out = ir.serde.serialize_model(ir_model)
     after = _counts(out)
     stats = {"nodes": [before[0], after[0]], "initializers": [before[1], after[1]], "inputs": [before[2], after[2]]}
-    # Changed means fewer (or more) nodes, initializers or inputs; a round trip through the IR
+    # Changed means fewer (or more) nodes, initializers, inputs or named outputs; a round trip through the IR
     # alone may reorder fields, which is not a change worth another round.
     return PassResult(out, before != after, stats)
 
@@ -50,8 +52,44 @@ def _fold_constants_ir(ir_model: ir.Model) -> None:
     ir_passes.RemoveUnusedNodesPass()(ir_model)
 
 
+# ONNX Runtime's own ops with optional outputs (onnx.defs has no schema for them, so onnx-ir's
+# RemoveUnusedNodesPass, which drops the unread optional outputs of standard ops, leaves them):
+# (domain, op) -> the indices of the optional outputs, from ONNX Runtime's contrib op schemas.
+# SimplifiedLayerNormalization is ONNX Runtime's, registered in the ONNX domain.
+CONTRIB_OPTIONAL_OUTPUTS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("com.microsoft", "SkipLayerNormalization"): (1, 2, 3),  # mean, inv_std_var, input_skip_bias_sum
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2, 3),
+    ("", "SimplifiedLayerNormalization"): (1,),  # inv_std_var
+    ("com.microsoft", "SimplifiedLayerNormalization"): (1,),
+}
+
+
+def drop_unread_optional_outputs(ir_model: ir.Model) -> int:
+    """Name no tensor for an optional output of an ONNX Runtime op that nothing reads (mutates
+    ``ir_model``; returns how many outputs went). onnxscript's fusions write every output of
+    ``SkipSimplifiedLayerNormalization``, and ONNX Runtime allocates and fills each named one at
+    every run: two small tensors a layer a decode step for statistics no one reads (ORT GenAI's
+    builder leaves them unnamed). Exact: the outputs that are read do not change."""
+    dropped = 0
+    for node in ir_model.graph.all_nodes():
+        optional = CONTRIB_OPTIONAL_OUTPUTS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type), ())
+        for index in optional:
+            if index < len(node.outputs):
+                value = node.outputs[index]
+                if value.name and not value.uses() and not value.is_graph_output():
+                    value.name = ""
+                    dropped += 1
+        if optional:
+            kept = len(node.outputs)
+            while kept > 1 and not node.outputs[kept - 1].name:
+                kept -= 1
+            node.resize_outputs(kept)
+    return dropped
+
+
 def _remove_dead_code_ir(ir_model: ir.Model) -> None:
     ir_passes.RemoveUnusedNodesPass()(ir_model)
+    drop_unread_optional_outputs(ir_model)
 
 
 class _ScopedIdentityElimination(ir_passes.IdentityEliminationPass):
@@ -86,7 +124,8 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
 
 
 def remove_dead_code(model: onnx.ModelProto) -> PassResult:
-    """Remove nodes whose outputs reach no graph output and initializers nobody reads."""
+    """Remove nodes whose outputs reach no graph output, initializers nobody reads, and the names
+    of optional outputs nobody reads (``drop_unread_optional_outputs``)."""
     return _with_ir(model, _remove_dead_code_ir)
 
 
@@ -157,9 +196,11 @@ _IR_PASSES: tuple[tuple[str, Callable[[ir.Model], None]], ...] = (
 )
 
 
-def _ir_counts(ir_model: ir.Model) -> tuple[int, int, int]:
+def _ir_counts(ir_model: ir.Model) -> tuple[int, int, int, int]:
+    """``_counts`` of an onnx-ir model."""
     graph = ir_model.graph
-    return len(graph), len(graph.initializers), sum(1 for value in graph.inputs if value.name not in graph.initializers)
+    return (len(graph), len(graph.initializers), sum(1 for value in graph.inputs if value.name not in graph.initializers),
+            sum(1 for node in graph for value in node.outputs if value.name))
 
 
 def cleanup(model: onnx.ModelProto, *, max_rounds: int = 3) -> PassResult:
@@ -169,7 +210,7 @@ def cleanup(model: onnx.ModelProto, *, max_rounds: int = 3) -> PassResult:
     The passes share one onnx-ir model, deserialized once (its tensors are views of
     ``model``'s) and serialized once when something changed: a model is held in memory
     twice at most, which is what lets models past 2 GB through. A pass changed something
-    when the nodes, initializers or inputs it leaves differ in number."""
+    when the nodes, initializers, inputs or named outputs it leaves differ in number."""
     first = drop_trailing_empty_inputs(model)  # the IR passes never add empty inputs: once is enough
     applied: dict[str, int] = {"drop_trailing_empty_inputs": 1} if first.modified else {}
     ir_model = ir.serde.deserialize_model(first.model)

@@ -54,6 +54,7 @@ from onnxforge.common.compare import Comparison, Tolerance
 from onnxforge.common.errors import UserError
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.onnxio import save_onnx
+from optimizers.graph.cleanup import drop_unread_optional_outputs
 from optimizers.graph.gemm import gemm_as_matmul
 from optimizers.result import PassResult
 from optimizers.verify import compare_models, run_model, verification_inputs
@@ -484,6 +485,7 @@ def _fuse_and_check(model: onnx.ModelProto, settings: OrtFusionSettings) -> Pass
         fusions["key_transpose_as_trans_b"] = _key_transpose_rules().apply_to_model(working)
     if settings.patch_conv_as_matmul:
         fusions["patch_conv_as_matmul"] = _patch_conv_rules().apply_to_model(working)
+    fusions["unread_optional_outputs"] = drop_unread_optional_outputs(working)
     fusions = {name: int(count) for name, count in fusions.items() if count}
     residual_sums = 0
     if settings.target == "cpu":
