@@ -210,36 +210,44 @@ def onnxforge_genai_row(hf: Path, work: Path, int4: Path, config: GenerationConf
     return _genai_loop(row, out, config, kv_per_token, mean_context)
 
 
-def _genai_loop(row: Row, folder: Path, config: GenerationConfig, kv_per_token: int, mean_context: float) -> Row:
-    """``row`` timed under ONNX Runtime GenAI's Generator (C++ loop) on the model in ``folder``."""
+def genai_generator(folder: Path, threads: int | None):
+    """The model in ``folder`` loaded once under ONNX Runtime GenAI (``threads`` intra-op threads);
+    returns ``generate(ids, new_tokens) -> (ttft_ms, step_ms list)``: one greedy generation under
+    GenAI's Generator (C++ loop), TTFT as prefill + the first token."""
     import onnxruntime_genai as og
 
+    og_config = og.Config(str(folder))
+    og_config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads or 0}}}}))
+    model = og.Model(og_config)
+
+    def generate(ids, new_tokens):
+        params = og.GeneratorParams(model)
+        # min_length = max_length: a random model's eos must not end the measurement early
+        params.set_search_options(do_sample=False, max_length=ids.shape[1] + new_tokens,
+                                  min_length=ids.shape[1] + new_tokens, batch_size=ids.shape[0])
+        generator = og.Generator(model, params)
+        t0 = time.perf_counter_ns()
+        generator.append_tokens(ids)
+        generator.generate_next_token()
+        ttft = (time.perf_counter_ns() - t0) / 1e6
+        steps = []
+        for _ in range(new_tokens - 1):
+            t0 = time.perf_counter_ns()
+            generator.generate_next_token()
+            steps.append((time.perf_counter_ns() - t0) / 1e6)
+        return ttft, steps
+
+    return generate
+
+
+def _genai_loop(row: Row, folder: Path, config: GenerationConfig, kv_per_token: int, mean_context: float) -> Row:
+    """``row`` timed under ONNX Runtime GenAI's Generator (C++ loop) on the model in ``folder``,
+    loaded anew for each block as onnxforge's rows open theirs."""
     header = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     row.bytes_per_token = int(weight_bytes_read_per_token(header) + kv_per_token * mean_context)
-    overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": config.threads or 0}}}}
 
     def block(prompt):
-        og_config = og.Config(str(folder))
-        og_config.overlay(json.dumps(overlay))
-        model = og.Model(og_config)
-
-        def generate(ids, new_tokens):
-            params = og.GeneratorParams(model)
-            # min_length = max_length: a random model's eos must not end the measurement early
-            params.set_search_options(do_sample=False, max_length=ids.shape[1] + new_tokens,
-                                      min_length=ids.shape[1] + new_tokens, batch_size=ids.shape[0])
-            generator = og.Generator(model, params)
-            t0 = time.perf_counter_ns()
-            generator.append_tokens(ids)
-            generator.generate_next_token()
-            ttft = (time.perf_counter_ns() - t0) / 1e6
-            steps = []
-            for _ in range(new_tokens - 1):
-                t0 = time.perf_counter_ns()
-                generator.generate_next_token()
-                steps.append((time.perf_counter_ns() - t0) / 1e6)
-            return ttft, steps
-
+        generate = genai_generator(folder, config.threads)
         generate(prompt[:, :8], max(2, config.warmup_tokens))
         return generate(prompt, config.new_tokens)
 

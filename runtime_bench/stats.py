@@ -67,33 +67,52 @@ def format_ms(value: float | None, digits: int = 3) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Speedup:
-    """``ratio = median(baseline) / median(candidate)`` over per-round values (block medians):
-    above 1 the candidate is faster. ``low``/``high`` bound a 95 % paired-bootstrap interval
-    over rounds."""
+    """``ratio = median(baseline) / median(candidate)`` over per-round values (block medians), or
+    the median of the rounds' own ratios (``paired_speedup(per_round=True)``): above 1 the
+    candidate is faster. ``low``/``high`` bound a 95 % paired-bootstrap interval over rounds."""
 
     ratio: float
     low: float
     high: float
 
 
-def paired_speedup(baseline_ms: Sequence[float], candidate_ms: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> Speedup:
+def paired_speedup(baseline_ms: Sequence[float], candidate_ms: Sequence[float], *, per_round: bool = False,
+                   groups: Sequence | None = None, resamples: int = 2000, seed: int = 0) -> Speedup:
     """Speedup with a bootstrap interval that resamples *rounds*: value i of the baseline and
     value i of the candidate were measured in the same round (one block each, back to back), so
-    drift of the machine cancels in each pair. Memory is bounded: resamples are drawn in chunks
-    of at most ``_BOOTSTRAP_CHUNK_ELEMENTS`` indices."""
+    drift of the machine cancels in each pair. ``per_round``: the median of the rounds' ratios
+    rather than the ratio of the two medians, for a machine whose speed jumps between levels
+    (a shared VM: 8.5 or 10.4 ms a step for tens of seconds), where the median of each side's
+    pooled blocks lands on either level by a hair and their ratio swings with it. ``groups``
+    (a label a round): rounds that share something besides the machine's moment, such as the two
+    processes that ran them, are resampled together (a cluster bootstrap), so the interval
+    covers what differs between groups too. Memory is bounded: resamples of rounds are drawn in
+    chunks of at most ``_BOOTSTRAP_CHUNK_ELEMENTS`` indices."""
     base = np.asarray(baseline_ms, dtype=np.float64)
     cand = np.asarray(candidate_ms, dtype=np.float64)
     rounds = min(base.size, cand.size)
     if rounds == 0:
         raise ValueError("no latency samples")
     base, cand = base[:rounds], cand[:rounds]
-    ratio = float(np.median(base) / np.median(cand))
+    ratios = base / cand
+
+    def statistic(index: np.ndarray, axis: int | None = None):
+        if per_round:
+            return np.median(ratios[index], axis=axis)
+        return np.median(base[index], axis=axis) / np.median(cand[index], axis=axis)
+
+    ratio = float(statistic(np.arange(rounds)))
     rng = np.random.default_rng(seed)
-    per_chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // rounds)
     boot = np.empty(resamples, dtype=np.float64)
-    for start in range(0, resamples, per_chunk):
-        count = min(per_chunk, resamples - start)
-        index = rng.integers(0, rounds, size=(count, rounds))
-        boot[start:start + count] = np.median(base[index], axis=1) / np.median(cand[index], axis=1)
+    if groups is not None:
+        labels = np.asarray(groups)[:rounds]
+        members = [np.flatnonzero(labels == label) for label in np.unique(labels)]
+        for draw in range(resamples):
+            boot[draw] = statistic(np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]))
+    else:
+        per_chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // rounds)
+        for start in range(0, resamples, per_chunk):
+            count = min(per_chunk, resamples - start)
+            boot[start:start + count] = statistic(rng.integers(0, rounds, size=(count, rounds)), axis=1)
     low, high = np.percentile(boot, [2.5, 97.5])
     return Speedup(ratio, float(low), float(high))

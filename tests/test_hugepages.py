@@ -55,6 +55,25 @@ def test_children_alternate_and_a_failing_child_is_named():
         alternating_children(children, 1)
 
 
+def test_lockstep_children_load_once_and_take_turns():
+    from runtime_bench.processes import compare_children, lockstep_children
+
+    serve = ("import json, os, time; from runtime_bench.processes import serve_blocks; "
+             "serve_blocks(lambda: {{'name': '{0}', 'pid': os.getpid(), 't': time.perf_counter_ns(), 'step_ms': {1}}})")
+    children = {name: ([sys.executable, "-c", serve.format(name, ms)], os.environ) for name, ms in (("a", 4.0), ("b", 2.0))}
+    results = lockstep_children(children, pairs=2, rounds=3, settle_s=0)
+    assert [r["pair"] for r in results["a"]] == [0, 0, 0, 1, 1, 1] and len(results["b"]) == 6
+    for name, rows in results.items():  # one process a pair: loaded once, its blocks run in it
+        assert len({r["pid"] for r in rows[:3]}) == 1 and rows[0]["pid"] != rows[3]["pid"]
+    order = sorted((r["t"], r["name"]) for rows in results.values() for r in rows)
+    assert "".join(name for _, name in order) == "abbaab" + "baabba"  # alternating within and across pairs
+    _, speedup, faster = compare_children(children, 1, rounds=2)
+    assert speedup.ratio == 2.0 and faster == 2
+    children["b"] = ([sys.executable, "-c", "import sys; print('ready', flush=True); sys.exit('out of memory')"], os.environ)
+    with pytest.raises(RuntimeError, match="the b child failed: out of memory"):
+        lockstep_children(children, pairs=1, rounds=1)
+
+
 def test_the_state_names_why_pages_are_small(monkeypatch):
     monkeypatch.setattr(hugepages, "glibc_version", lambda: (2, 36))
     monkeypatch.setattr(hugepages, "kernel_mode", lambda: "madvise")
