@@ -27,7 +27,6 @@ when missing).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
