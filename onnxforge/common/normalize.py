@@ -341,7 +341,7 @@ def _in_order(graph: onnx.GraphProto) -> bool:
     """Whether every node of the main graph reads only values known before it: graph inputs,
     initializers, outputs of earlier nodes (a name no node makes, e.g. an outer-scope value, is
     not a question of order)."""
-    made = {out for node in graph.node for out in node.output}
+    made = {out for node in graph.node for out in node.output if out}
     known = {v.name for v in graph.input} | {t.name for t in graph.initializer}
     for node in graph.node:
         if any(name and name in made and name not in known for name in node.input):

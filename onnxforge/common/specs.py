@@ -349,7 +349,7 @@ def spatial_multiples(model) -> tuple[int, int]:
         elif node.op_type in ("SpaceToDepth", "DepthToSpace") and "blocksize" in attributes:
             block = attributes["blocksize"].i
             current = scaled(current, (block, block), divide=node.op_type == "DepthToSpace")
-        for name in node.output:
+        for name in filter(None, node.output):
             stride[name] = current
         largest = [max(largest[0], current[0]), max(largest[1], current[1])]
     multiples = []

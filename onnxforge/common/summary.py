@@ -140,7 +140,7 @@ class _Weights:
     scale and zero point)."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.producers = {out: node for node in _all_nodes(model.graph) for out in node.output}
+        self.producers = {out: node for node in _all_nodes(model.graph) for out in node.output if out}
         self.initializers = {t.name: t for graph in subgraphs(model.graph) for t in graph.initializer}
 
     def source(self, name: str) -> tuple[onnx.TensorProto, onnx.NodeProto | None] | None:

@@ -63,7 +63,7 @@ def _drop_round_trips(model: onnx.ModelProto) -> int:
     def cast_to(node):
         return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
 
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = {out: node for node in model.graph.node for out in node.output if out}
     renames, dropped = {}, []
     for node in model.graph.node:
         source = producers.get(node.input[0]) if node.input else None

@@ -157,7 +157,7 @@ def blocks_of(model: onnx.ModelProto, mlps) -> tuple[list[_Block], str | None]:
     decoder cannot be run in chunks (an MLP's inner tensor read outside it)."""
     graph = model.graph
     nodes = list(graph.node)
-    made_by = {o: i for i, n in enumerate(nodes) for o in n.output}  # tensor -> its producer's position
+    made_by = {o: i for i, n in enumerate(nodes) for o in n.output if o}  # tensor -> its producer's position
     position = {n.name: i for i, n in enumerate(nodes) if n.name}
     readers = tensor_readers(graph)
     blocks = []
@@ -172,7 +172,7 @@ def blocks_of(model: onnx.ModelProto, mlps) -> tuple[list[_Block], str | None]:
             inside.add(index)
             if index not in ends:
                 frontier.extend(made_by[i] for i in nodes[index].input if i in made_by)
-        inner = {o for i in inside for o in nodes[i].output} - {nodes[down].output[0]}
+        inner = {o for i in inside for o in nodes[i].output if o} - {nodes[down].output[0]}
         if any(made_by.get(r.output[0]) not in inside for o in inner for r in readers.get(o, [])):
             return [], f"an inner tensor of MLP {mlp.down} is read outside it"
         act_node = next((nodes[i] for i in inside if nodes[i].op_type == mlp.activation), None)
@@ -188,7 +188,7 @@ def submodel(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], outputs: S
     """``nodes`` of ``model`` as a model of their own (the initializers they read copied in), and
     its inputs: the tensors they read that they do not produce. ``input_types``: element type of
     each input; the outputs' types are left to ONNX Runtime."""
-    produced = {o for n in nodes for o in n.output}
+    produced = {o for n in nodes for o in n.output if o}
     initializers = {t.name: t for t in model.graph.initializer}
     read = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in produced))
     inputs = [i for i in read if i not in initializers]
@@ -217,11 +217,11 @@ class _Chunks:
                 self.chunks[passed].append(node)
         self.last_use: dict[str, int] = {}  # tensor -> the last block step that reads it
         for i, (chunk, block) in enumerate(zip(self.chunks, blocks)):
-            for name in [x for n in chunk for x in n.input] + [block.x, *([block.residual] if block.residual else [])]:
+            for name in [x for n in chunk for x in n.input if x] + [block.x, *([block.residual] if block.residual else [])]:
                 self.last_use[name] = i
 
     def outputs(self, index: int) -> list[str]:
-        produced = [o for n in self.chunks[index] for o in n.output]
+        produced = [o for n in self.chunks[index] for o in n.output if o]  # an omitted output has no name
         return [o for o in produced if self.last_use.get(o, -1) >= index]
 
     def run(self, index: int, states: Sequence[dict[str, np.ndarray]]) -> None:

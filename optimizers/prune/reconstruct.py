@@ -393,7 +393,7 @@ def _waves(model, consumers: list[_Consumer]) -> list[list[_Consumer]]:
             i = index[node.name]
             wave_of[i] = 1 + max((wave_of[j] for j in upstream[consumers[i].tensor]), default=-1)
             feeding = feeding | {i}
-        for name in node.output:
+        for name in filter(None, node.output):  # an omitted optional output has no name
             upstream[name] = feeding
     waves: dict[int, list[_Consumer]] = collections.defaultdict(list)
     for i, consumer in enumerate(consumers):
@@ -624,11 +624,11 @@ def _output_layers(model, analysis, removed: frozenset[int], settings: Reconstru
     weighted = lambda n: n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in inits
     final: dict[str, bool] = {}  # tensor -> no weighted layer reads it, directly or further on
     for node in reversed(list(model.graph.node)):
-        for name in node.output:
+        for name in filter(None, node.output):
             final[name] = all(not weighted(r) and all(final.get(o, True) for o in r.output) for r in readers.get(name, []))
     found, skipped = [], {}
     for node in model.graph.node:
-        if not weighted(node) or node.name in consuming or node.input[0] not in downstream or all(final[o] for o in node.output) != last:
+        if not weighted(node) or node.name in consuming or node.input[0] not in downstream or all(final[o] for o in node.output if o) != last:
             continue
         why = _output_layer_refused(node, inits, readers)
         if why:

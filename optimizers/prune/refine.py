@@ -511,7 +511,7 @@ def refine(reference: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence
         why = "refinement needs held-out calibration data (2 batches at least)" if not held else "refinement is off"
         return RefineResult(model, (), None, False, (why,))
     blocks, skipped = _blocks(model)
-    reference_names = {o for n in reference.graph.node for o in n.output} | {i.name for i in reference.graph.input}
+    reference_names = {o for n in reference.graph.node for o in n.output if o} | {i.name for i in reference.graph.input}
     current = onnx.ModelProto()
     current.CopyFrom(model)
     reports = [BlockReport(name, None, (0, 0), None, 0, False, why) for name, why in skipped]

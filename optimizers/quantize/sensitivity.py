@@ -19,11 +19,11 @@ def node_sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, c
     """Error each quantized node adds, most first: ``1 - cos`` of its output (quantized vs
     float model, same inputs) minus the largest ``1 - cos`` among its float inputs, so a node
     downstream of a bad one is not blamed for the error it received."""
-    float_names = {o for node in float_model.graph.node for o in node.output}
+    float_names = {o for node in float_model.graph.node for o in node.output if o}
     # The data path only: each node's first input and first output (other inputs are weights,
     # biases or integer masks, e.g. the mask index of EmbedLayerNormalization).
     probes = sorted({name for node in candidates for name in (node.output[0], node.input[0]) if name in float_names})
-    quantized_values = {o for node in quantized.graph.node for o in node.output} | {i.name for i in quantized.graph.input}
+    quantized_values = {o for node in quantized.graph.node for o in node.output if o} | {i.name for i in quantized.graph.input}
     probes = [p for p in probes if p in quantized_values]
     reference = ort_session(with_outputs(float_model, probes))
     candidate = ort_session(with_outputs(quantized, probes))

@@ -274,7 +274,7 @@ _PASS_THROUGH = ("Reshape", "Identity", "Cast", "Add", "Squeeze", "Unsqueeze")
 
 def output_layer_weight(model: onnx.ModelProto) -> str | None:
     """The weight input of the matrix product that makes ``logits`` (through reshapes, casts and a bias)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = {out: node for node in model.graph.node for out in node.output if out}
     node = producers.get("logits")
     for _ in range(8):
         if node is None:
@@ -298,7 +298,7 @@ def _drop_unread_initializers(graph: onnx.GraphProto) -> None:
 def _rewrite_maps(graph: onnx.GraphProto) -> tuple[dict, dict, dict[str, int], set[str]]:
     """What the rewrites below look up: initializers and producers by name, how many nodes read
     each tensor, and the graph's output names."""
-    return ({t.name: t for t in graph.initializer}, {out: node for node in graph.node for out in node.output},
+    return ({t.name: t for t in graph.initializer}, {out: node for node in graph.node for out in node.output if out},
             {name: len(nodes) for name, nodes in tensor_readers(graph).items()}, {v.name for v in graph.output})
 
 
