@@ -24,6 +24,8 @@ block is one fresh model, one warm-up generation and one timed generation. TTFT 
 first token; decode tok/s is batch / median step. llama-bench times prompt processing and
 generation apart: its TTFT is ``prompt / pp tok/s`` (from an empty cache) and its step
 ``1 / tg tok/s`` (generation with the prompt already in the cache, ``-d prompt``).
+x builder: the median over rounds of the builder's block step over the row's in the same round
+(``per_round_ratio``); ``benchmarks/decoder_pairs.py`` pairs the two closer, in lockstep processes.
 % of bound: decode tok/s over bandwidth / (weights read per token + KV at the mean context),
 the bandwidth measured here (``runtime_bench.generation.measure_bandwidth``), or, where a row read
 its bytes faster than that probe (it is a lower bound), that row's read rate.
@@ -77,6 +79,7 @@ class Row:
     bytes_per_token: int = 0
     ttft_ms: list[float] = dataclasses.field(default_factory=list)
     steps_ms: list[float] = dataclasses.field(default_factory=list)
+    round_steps_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # round -> that block's median step
     block: object = None  # callable(prompt) -> (ttft_ms, [step ms]) when the row can run
 
     def summary(self, batch: int, bandwidth_gbs: float) -> dict:
@@ -89,6 +92,15 @@ class Row:
                 "step_ms_p90": float(np.percentile(self.steps_ms, 90)), "bound_tok_s": bound,
                 "bound_pct": 100 * decode / bound if bound else None, "mb_per_token": self.bytes_per_token / 1e6,
                 "blocks": len(self.ttft_ms)}
+
+
+def per_round_ratio(builder: Row, row: Row) -> float | None:
+    """``row``'s decode speed against the builder's: the median over the rounds of the builder's block
+    step over the row's block step in the same round (where this machine moves between speed levels
+    for tens of seconds, the ratio of the pooled medians lands on either level; the two blocks of one
+    round more often run at the same level). None when they share no round."""
+    ratios = [builder.round_steps_ms[r] / step for r, step in row.round_steps_ms.items() if r in builder.round_steps_ms]
+    return float(np.median(ratios)) if ratios else None
 
 
 def _kv_bytes_per_token(name: str, itemsize: int) -> int:
@@ -443,6 +455,7 @@ def main(argv=None) -> int:
                 continue
             row.ttft_ms.append(ttft)
             row.steps_ms.extend(steps)
+            row.round_steps_ms[round_] = float(np.median(steps))
             logger.info("round %d: %s TTFT %.1f ms, step %.2f ms", round_ + 1, row.name, ttft, float(np.median(steps)))
 
     info = machine_info()
@@ -460,7 +473,9 @@ def main(argv=None) -> int:
              else ""))
     bandwidth = max(bandwidth, read[fastest] if fastest else 0.0)
     print()
-    summaries = [r.summary(1, bandwidth) for r in rows]
+    builder_row = next((r for r in rows if r.name == "ORT GenAI builder int4" and r.steps_ms and not r.why_not), None)
+    summaries = [{**r.summary(1, bandwidth), **({"x_builder": per_round_ratio(builder_row, r)} if builder_row else {})}
+                 for r in rows]
     builder = next((s for s in summaries if s["row"] == "ORT GenAI builder int4" and "why_not" not in s), None)
     print(f"{'row':<26} {'TTFT ms':>9} {'decode tok/s':>12} {'x builder':>9} {'step p90 ms':>11} {'bound tok/s':>11} {'% bound':>7} "
           f"{'MB/token':>8}")
@@ -468,7 +483,7 @@ def main(argv=None) -> int:
         if "why_not" in s:
             print(f"{s['row']:<26} not measured: {s['why_not']}")
             continue
-        ratio = f"{s['decode_tok_s'] / builder['decode_tok_s']:8.3f}x" if builder else f"{'-':>9}"
+        ratio = f"{s['x_builder']:8.3f}x" if builder and s.get("x_builder") else f"{'-':>9}"
         print(f"{s['row']:<26} {s['ttft_ms']:9.1f} {s['decode_tok_s']:12.1f} {ratio} {s['step_ms_p90']:11.2f} {s['bound_tok_s']:11.1f} "
               f"{s['bound_pct']:6.0f}% {s['mb_per_token']:8.1f}")
     if args.profile:
