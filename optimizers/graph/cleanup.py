@@ -60,7 +60,6 @@ CONTRIB_OPTIONAL_OUTPUTS: dict[tuple[str, str], tuple[int, ...]] = {
     ("com.microsoft", "SkipLayerNormalization"): (1, 2, 3),  # mean, inv_std_var, input_skip_bias_sum
     ("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2, 3),
     ("", "SimplifiedLayerNormalization"): (1,),  # inv_std_var
-    ("com.microsoft", "SimplifiedLayerNormalization"): (1,),
 }
 
 
