@@ -43,14 +43,13 @@ READY = "ready"
 GO = "go"
 
 
-def serve_blocks(block: Callable[[], dict], stdin=None, stdout=None) -> None:
+def serve_blocks(block: Callable[[], dict]) -> None:
     """The child's side of ``lockstep_children``: say ``ready`` (after loading), then for each ``go``
     read run ``block()`` and print its JSON object, until the parent closes the input."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    print(READY, file=stdout, flush=True)
-    for line in stdin:
+    print(READY, flush=True)
+    for line in sys.stdin:
         if line.strip() == GO:
-            print(json.dumps(block()), file=stdout, flush=True)
+            print(json.dumps(block()), flush=True)
 
 
 def lockstep_children(children: Mapping[str, tuple[Sequence[str], Mapping[str, str]]], pairs: int, rounds: int,

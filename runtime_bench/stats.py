@@ -86,8 +86,8 @@ def paired_speedup(baseline_ms: Sequence[float], candidate_ms: Sequence[float], 
     pooled blocks lands on either level by a hair and their ratio swings with it. ``groups``
     (a label a round): rounds that share something besides the machine's moment, such as the two
     processes that ran them, are resampled together (a cluster bootstrap), so the interval
-    covers what differs between groups too. Memory is bounded: resamples of rounds are drawn in
-    chunks of at most ``_BOOTSTRAP_CHUNK_ELEMENTS`` indices."""
+    covers what differs between groups too (with one group, rounds are resampled). Memory is
+    bounded: resamples of rounds are drawn in chunks of at most ``_BOOTSTRAP_CHUNK_ELEMENTS`` indices."""
     base = np.asarray(baseline_ms, dtype=np.float64)
     cand = np.asarray(candidate_ms, dtype=np.float64)
     rounds = min(base.size, cand.size)
@@ -104,8 +104,8 @@ def paired_speedup(baseline_ms: Sequence[float], candidate_ms: Sequence[float], 
     ratio = float(statistic(np.arange(rounds)))
     rng = np.random.default_rng(seed)
     boot = np.empty(resamples, dtype=np.float64)
-    if groups is not None:
-        labels = np.asarray(groups)[:rounds]
+    labels = np.asarray(groups)[:rounds] if groups is not None else None
+    if labels is not None and np.unique(labels).size > 1:  # one group alone says nothing between groups
         members = [np.flatnonzero(labels == label) for label in np.unique(labels)]
         for draw in range(resamples):
             boot[draw] = statistic(np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]))

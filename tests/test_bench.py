@@ -134,6 +134,8 @@ def test_paired_speedup_by_groups_covers_what_differs_between_groups():
     by_pair = paired_speedup(base, cand, per_round=True, groups=np.repeat(np.arange(8), 8))
     assert by_pair.ratio == by_round.ratio
     assert by_pair.low < 1.0 < by_pair.high and by_pair.high - by_pair.low > 2 * (by_round.high - by_round.low)
+    one_pair = paired_speedup(base[:8], cand[:8], per_round=True, groups=[0] * 8)
+    assert one_pair == paired_speedup(base[:8], cand[:8], per_round=True) and one_pair.low < one_pair.high
 
 
 # ---------------------------------------------------------------- the loop
