@@ -17,11 +17,13 @@ TTFT (prefill + first token). Both children run with the huge pages the onnxforg
 its process; ``--builder-small-pages`` starts the builder's child without them (a GenAI user's
 own program on a kernel that gives huge pages on request only). ``--same-graph`` gives GenAI's
 child onnxforge's int4 graph (with its package's genai_config.json): the two loops on one graph.
+``--genai-loop`` runs onnxforge's int4 graph under GenAI's loop as well (as ONNX Runtime GenAI runs
+onnxforge's package): the two graphs in one runtime.
 
 Models: those ``benchmarks/decoders.py`` builds in ``.cache/peers/<model>`` (built here the same way
 when missing).
 
-    python benchmarks/decoder_pairs.py [--model qwen2.5-0.5b] [--pairs 6] [--rounds 8] [--threads 2] [--builder-small-pages] [--same-graph]
+    python benchmarks/decoder_pairs.py [--model qwen2.5-0.5b] [--pairs 6] [--rounds 8] [--threads 2] [--builder-small-pages] [--same-graph | --genai-loop]
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def child(kind: str, path: Path, threads: int, prompt_length: int, new_tokens: i
     serve_blocks(block)
 
 
-def models(model: str, threads: int, same_graph: bool = False) -> tuple[Path, Path]:
-    """onnxforge's int4 file and the folder GenAI's child runs: the builder's, or (``same_graph``)
-    onnxforge's int4 graph with the genai_config.json its package carries, as ``decoders.py`` builds them."""
+def models(model: str, threads: int, same_graph: bool = False, genai_loop: bool = False) -> tuple[Path, Path]:
+    """What onnxforge's child runs (its int4 file, or with ``genai_loop`` the folder of that graph with
+    the genai_config.json its package carries) and the folder GenAI's child runs: the builder's, or
+    (``same_graph``) onnxforge's int4 folder, as ``decoders.py`` builds them."""
     from decoders import genai_row, onnxforge_genai_row, onnxforge_models
 
     from onnxforge.decoder_configs import random_decoder
@@ -82,10 +85,13 @@ def models(model: str, threads: int, same_graph: bool = False) -> tuple[Path, Pa
     work = ROOT / ".cache" / "peers" / model
     int4 = onnxforge_models(hf, work, threads)[1]
     config = GenerationConfig(prompt_lengths=(1,), threads=threads, measure_memory=False)
-    built = onnxforge_genai_row(hf, work, int4, config, 0, 0.0) if same_graph else genai_row(hf, work, config, 0, 0.0)
-    if built.why_not:
-        raise SystemExit(f"GenAI's model: {built.why_not}")
-    return int4, work / ("onnxforge-int4-genai" if same_graph else "genai-int4")
+    rows = [onnxforge_genai_row(hf, work, int4, config, 0, 0.0)] if same_graph or genai_loop else []
+    rows += [] if same_graph else [genai_row(hf, work, config, 0, 0.0)]
+    for built in rows:
+        if built.why_not:
+            raise SystemExit(f"GenAI's model: {built.why_not}")
+    ours = work / "onnxforge-int4-genai"
+    return ours if genai_loop else int4, ours if same_graph else work / "genai-int4"
 
 
 def main(argv=None) -> int:
@@ -99,8 +105,11 @@ def main(argv=None) -> int:
     parser.add_argument("--generations", type=int, default=1, help="generations a block")
     parser.add_argument("--builder-small-pages", action="store_true",
                         help="start the builder's child without the huge-page tunable")
-    parser.add_argument("--same-graph", action="store_true",
-                        help="GenAI's child runs onnxforge's int4 graph instead of the builder's: the two loops on one graph")
+    loops = parser.add_mutually_exclusive_group()
+    loops.add_argument("--same-graph", action="store_true",
+                       help="GenAI's child runs onnxforge's int4 graph instead of the builder's: the two loops on one graph")
+    loops.add_argument("--genai-loop", action="store_true",
+                       help="onnxforge's int4 graph runs under GenAI's loop too (its package's genai_config.json): the two graphs in one runtime")
     parser.add_argument("--child", choices=("onnxforge", "genai"), help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
     from runtime_bench.machine import machine_info
     from runtime_bench.processes import compare_children
 
-    int4, builder = models(args.model, args.threads, args.same_graph)
+    int4, builder = models(args.model, args.threads, args.same_graph, args.genai_loop)
     plain = hugepages.without_tunable(os.environ)
     shipped = hugepages.with_tunable(plain) if hugepages.wanted(plain) else plain
     envs = {"onnxforge": shipped, "genai": {**plain, hugepages.OPT_OUT: "0"} if args.builder_small_pages else shipped}
@@ -118,8 +127,9 @@ def main(argv=None) -> int:
     common = ["--threads", str(args.threads), "--prompt-length", str(args.prompt_length), "--new-tokens", str(args.new_tokens),
               "--generations", str(args.generations)]
     started = time.perf_counter()
-    children = {kind: ([sys.executable, __file__, "--child", kind, "--path", str(paths[kind]), *common], envs[kind])
-                for kind in ("genai", "onnxforge")}  # onnxforge's speed against GenAI's child
+    kinds = {"genai": "genai", "onnxforge": "genai" if args.genai_loop else "onnxforge"}
+    children = {name: ([sys.executable, __file__, "--child", kinds[name], "--path", str(paths[name]), *common], envs[name])
+                for name in ("genai", "onnxforge")}  # onnxforge's speed against GenAI's child
     try:
         results, speed, faster = compare_children(children, args.pairs, rounds=args.rounds)
     except RuntimeError as exc:
@@ -131,7 +141,7 @@ def main(argv=None) -> int:
           f"{args.generations} x {args.new_tokens} new tokens a block, {args.threads} threads, "
           f"{args.pairs} pairs of processes x {args.rounds} paired blocks ({time.perf_counter() - started:.0f} s)")
     print(f"machine: {machine_info().describe()}")
-    print(f"children: onnxforge int4 ({int4}) under OnnxDecoder, {results['onnxforge'][0]['pages']}; "
+    print(f"children: onnxforge int4 ({int4}) under {'GenAI' if args.genai_loop else 'OnnxDecoder'}, {results['onnxforge'][0]['pages']}; "
           f"{'onnxforge int4' if args.same_graph else 'ORT GenAI builder int4'} ({builder}) under GenAI's loop, "
           f"{results['genai'][0]['pages']}")
     print()
@@ -146,7 +156,7 @@ def main(argv=None) -> int:
               f"{ratio:>12.3f} {np.median([r['ttft_ms'] for r in a]):>16.1f} / {np.median([r['ttft_ms'] for r in b]):.1f}")
     ttft = (np.median([r["ttft_ms"] for r in results["onnxforge"]]), np.median([r["ttft_ms"] for r in results["genai"]]))
     print(f"median {np.median(ours):>16.3f} {np.median(theirs):>16.3f}")
-    print(f"onnxforge int4 under OnnxDecoder decodes at {speed.ratio:.3f}x the tokens/s of "
+    print(f"onnxforge int4 under {'GenAI' if args.genai_loop else 'OnnxDecoder'} decodes at {speed.ratio:.3f}x the tokens/s of "
           f"{'the same graph under GenAI' if args.same_graph else 'the builder'} [{speed.low:.3f}, {speed.high:.3f}], "
           f"faster in {faster} of {len(ours)} paired blocks; TTFT {ttft[0]:.0f} ms against {ttft[1]:.0f} ms")
     return 0
