@@ -11,6 +11,7 @@ import time
 
 from onnxforge import __version__, commands
 from onnxforge.common.errors import (
+    EXIT_BROKEN_PIPE,
     EXIT_BUDGET,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onnxforge", description="PyTorch model to a fast, verified ONNX deployment.",
         epilog=f"exit codes: {EXIT_OK} done; {EXIT_INTERNAL} internal error (a bug, with a traceback); {EXIT_USAGE} bad flag "
                f"or bad input; {EXIT_VERIFICATION} a check failed (export against PyTorch, a changed package); "
-               f"{EXIT_BUDGET} no candidate met the budget; {EXIT_INTERRUPTED} interrupted")
+               f"{EXIT_BUDGET} no candidate met the budget; {EXIT_INTERRUPTED} interrupted; "
+               f"{EXIT_BROKEN_PIPE} the reader of the output left (| head)")
     parser.add_argument("--version", action="version", version=f"onnxforge {__version__}")
     _add_verbosity(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -122,13 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(-1 if args.quiet else (1 if args.verbose else 0))
     try:
         with logs_above_bars(OUR_LOGGERS), displayed(None if args.quiet else _terminal_bar):
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left (``| head``) is found here, not at the interpreter's exit
+        return code
     except UserError as exc:
         print(f"onnxforge {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of stdout went away: stop quietly, as shell tools do; what Python would
+        # still flush at exit goes nowhere instead of raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

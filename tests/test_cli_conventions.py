@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxforge.cli import build_parser, main
-from onnxforge.common.errors import EXIT_BUDGET, EXIT_USAGE, EXIT_VERIFICATION
+from onnxforge.common.errors import EXIT_BROKEN_PIPE, EXIT_BUDGET, EXIT_USAGE, EXIT_VERIFICATION
 
 
 def _model(path):
@@ -49,10 +49,29 @@ def test_exit_codes_tell_usage_verification_and_budget_apart(tmp_path, capsys):
 
     folder = write_package(tmp_path / "pkg", _model(tmp_path / "m.onnx"), reference_inputs={"x": np.ones((1, 4), np.float32)},
                            transforms=[], measurements={}, source={}, recommended={}, name="m")
+    assert main(["verify-package", str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["schema_version"] >= 1 and report["files_checked"] >= 3 and report["max_error"] == 0.0
     (folder / "README.md").write_text("changed")
     assert main(["verify-package", str(folder)]) == EXIT_VERIFICATION
     assert "was changed" in capsys.readouterr().err
     assert EXIT_BUDGET not in (0, EXIT_USAGE, EXIT_VERIFICATION, 1)
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path):
+    """``onnxforge inspect m.onnx | head -1``: the pipe closes while onnxforge writes; the command
+    stops with 141, as shell tools do, and no BrokenPipeError traceback reaches the terminal."""
+    import subprocess
+    import sys
+
+    model = _model(tmp_path / "m.onnx")
+    child = subprocess.Popen([sys.executable, "-c", "from onnxforge.cli import main; import sys; sys.exit(main())",
+                              "inspect", str(model), "--top-ops", "5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before the first line
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == EXIT_BROKEN_PIPE, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
 
 
 def test_env_report_names_versions_providers_and_cpu_flags(capsys):

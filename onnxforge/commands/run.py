@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 from onnxforge.commands._args import add_io_flags
 from onnxforge.common import jsonio
@@ -24,6 +25,7 @@ def register(sub) -> None:
 
     verify = sub.add_parser("verify-package", help="check a deployment package's checksums and run a smoke inference")
     verify.add_argument("package", help="the package folder")
+    add_io_flags(verify)
     verify.set_defaults(func=_verify_package_command)
 
     demo = sub.add_parser("demo", help="run the built-in demo (the pipeline on the digits CNN, all-MiniLM-L6-v2 and a small decoder)")
@@ -78,6 +80,9 @@ def _verify_package_command(args) -> int:
     from onnxforge.package import verify_package
 
     check = verify_package(args.package)
+    if args.json:
+        print(jsonio.document({"package": str(args.package), **dataclasses.asdict(check)}))
+        return 0
     print(f"{args.package}: {check.files_checked} files match their checksums; smoke inference within "
           f"{check.max_error:.2g} of the reference outputs"
           + (f"; greedy generation replayed {check.generated_tokens} recorded tokens" if check.generated_tokens else ""))

@@ -10,6 +10,7 @@ EXIT_USAGE = 2  # a bad flag or bad input (argparse uses 2 for its usage errors 
 EXIT_VERIFICATION = 3  # a check failed: an export that does not match PyTorch, a changed package
 EXIT_BUDGET = 4  # nothing met the asked fidelity or accuracy budget, so nothing was written
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # the reader of stdout left (``| head``): 128 + SIGPIPE, as a shell shows for its own tools
 
 
 class UserError(Exception):
