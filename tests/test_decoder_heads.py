@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from exporter.sources import copy_model_files
 from onnxforge.cli import main
 from onnxforge.common.errors import UserError, VerificationFailed
+from onnxforge.common.onnxio import files_of
 from onnxforge.package import genai_config, write_decoder_package
 from onnxforge.recipe import check_decoder_candidates, decoder_prune_settings
 from optimizers.prune.decoder_heads import (
@@ -281,7 +282,8 @@ def test_cli_prunes_kv_heads_and_the_output_generates(tmp_path, capsys):
 def test_onnxruntime_genai_runs_the_pruned_package(tmp_path, pruned_half):
     folder = tmp_path / "pruned"
     folder.mkdir()
-    shutil.copy2(pruned_half.path, folder / "model.onnx")
+    for f in files_of(pruned_half.path):  # the graph and its weights' file, which keeps its name
+        shutil.copy2(f, folder / ("model.onnx" if f == pruned_half.path else f.name))
     copy_model_files(docstring_llama_folder(), folder)
     write_pruned_config(docstring_llama_folder(), folder, pruned_half)
     package = write_decoder_package(tmp_path / "pkg", folder / "model.onnx", new_tokens=8)

@@ -92,6 +92,20 @@ def test_int4_weights_shrink_4_to_8x(int4_trained):
     assert result.bytes_after == weight_bytes(onnx.load(str(result.path)))
 
 
+def test_int4_weights_live_beside_the_graph_as_the_export_writes_them(int4_trained):
+    """The graph file holds no weights (reading it for its ops or cache layout skips them); they
+    are in ``<name>.data``, which ``files_of`` lists for packages and copies."""
+    from onnxforge.common.onnxio import files_of
+
+    _, result = int4_trained
+    data = result.path.parent / (result.path.name + ".data")
+    assert files_of(result.path) == [result.path, data]
+    graph = onnx.load(str(result.path), load_external_data=False)
+    inline = [t.name for t in graph.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() > 1024]
+    assert not inline, inline
+    assert data.stat().st_size > result.bytes_after // 2
+
+
 def test_int4_quality_on_held_out_docstrings(int4_trained):
     _, q = int4_trained
     q = q.quality

@@ -173,7 +173,7 @@ def verify_and_publish(model: onnx.ModelProto, model_path: Path, out_path: Path,
     ``VerificationFailed`` naming ``what`` was pruned and the ``hint``, with nothing written."""
     with staging_dir(out_path) as work:
         staged = work / out_path.name
-        data = save_model(model, staged, f"{out_path.name}.data")
+        data = save_model(model, staged)
         reference = OnnxDecoder(model_path, settings=check.session)
         candidate = OnnxDecoder(staged, settings=check.session)
         quality = decoder_quality(reference, candidate, evaluation)

@@ -559,7 +559,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     with staging_dir(out_path) as work:
         # each candidate starts from its own load of the prepared float model on disk: one float
         # copy in memory at a time, not the prepared model and a copy of it (4 GB on a 0.5B decoder)
-        save_model(prepared, work / "prepared.onnx", "prepared.onnx.data")
+        save_model(prepared, work / "prepared.onnx")
         del prepared
 
         def fresh() -> onnx.ModelProto:
@@ -576,7 +576,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
                 else:
                     built = set_accuracy_level(builders[name](fresh()), level)
                     paths[name] = work / f"{name}.onnx"
-                    save_model(built, paths[name], f"{name}.onnx.data")
+                    save_model(built, paths[name])
                 decoders[name] = OnnxDecoder(paths[name], settings=session_settings)
                 quality = decoder_quality(reference, decoders[name], evaluation, prompts=2, new_tokens=16)
             except UserError:
@@ -611,7 +611,7 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
             reasons.append(no_int8_cache)
         del decoders
         staged = work / out_path.name
-        data = save_model(onnx.load(str(final)), staged, f"{out_path.name}.data")
+        data = save_model(onnx.load(str(final)), staged)
         publish(staged, out_path, companions=(data,) if data else ())
     first = next(r for r in reports.values() if r.quality)
     return DecoderCandidatesResult(
@@ -648,8 +648,7 @@ def _int8_cache(reference, float_cache: OnnxDecoder, chosen: CandidateReport, ch
     if "kv_absmax" not in scores_box:  # the float model's own cache (rtn-int4-kv8 may have measured it)
         scores_box["kv_absmax"] = kv_cache_absmax(fresh(), calibration, "per-channel", session_settings)
     path = work / "int8-cache.onnx"
-    save_model(int8_kv_cache(onnx.load(str(chosen_path)), kv_cache_scales(scores_box["kv_absmax"], KvCacheSettings().margin)),
-               path, "int8-cache.onnx.data")
+    save_model(int8_kv_cache(onnx.load(str(chosen_path)), kv_cache_scales(scores_box["kv_absmax"], KvCacheSettings().margin)), path)
     decoder = OnnxDecoder(path, settings=session_settings)
     quality = decoder_quality(reference, decoder, evaluation, prompts=2, new_tokens=16)
     ratio = quality.perplexity_candidate / quality.perplexity_reference
@@ -699,7 +698,7 @@ def _accuracy_level(reference, builders, fresh: Callable[[], onnx.ModelProto], s
             decoders = {}
             for level in ACCURACY_LEVELS:
                 path = work / f"level{level}.onnx"
-                save_model(set_accuracy_level(built, level), path, f"level{level}.onnx.data")
+                save_model(set_accuracy_level(built, level), path)
                 decoders[level] = OnnxDecoder(path, settings=session_settings)
             del built
             level, timings, _ = choose_accuracy_level(reference, decoders, sequences, past=settings.timing_past,

@@ -228,7 +228,7 @@ def quantize_kv_cache(model_path, out_path, calibration: Sequence[Sequence[int]]
     evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else default_sequences(reference)
     with staging_dir(out_path) as work:
         staged = work / out_path.name
-        data = save_model(quantized, staged, f"{out_path.name}.data")
+        data = save_model(quantized, staged)
         candidate = OnnxDecoder(staged, settings=session_settings)
         quality = decoder_quality(reference, candidate, evaluation)
         if not np.isfinite(quality.kl_mean) or quality.kl_mean > settings.max_kl:
