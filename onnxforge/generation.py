@@ -19,7 +19,6 @@ softmax with a ``numpy`` generator seeded by ``seed``: the same seed gives the s
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
 from onnxforge.common.sessions import one_line
-from runtime_bench.decoder import OnnxDecoder
+from runtime_bench.decoder import DecoderIO, OnnxDecoder, context_length
 
 logger = logging.getLogger(__name__)
 
@@ -97,28 +97,13 @@ def model_file(model: str | Path) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"'{path}' is not valid JSON: {exc}") from None
-
-
 def stop_token_ids(folder: Path) -> tuple[int, ...]:
     """``eos_token_id`` (one id or a list) of generation_config.json, else of config.json."""
     for name in ("generation_config.json", "config.json"):
-        value = _read_json(folder / name).get("eos_token_id")
+        value = jsonio.read_json(folder / name).get("eos_token_id")
         if value is not None:
             return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
     return ()
-
-
-def context_length(folder: Path) -> int | None:
-    config = _read_json(folder / "config.json")
-    value = config.get("max_position_embeddings") or config.get("n_positions")
-    return int(value) if value else None
 
 
 class Tokenizer:

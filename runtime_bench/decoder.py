@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
+from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
 from onnxforge.common.sessions import SessionSettings, open_session
 from runtime_bench.providers import resolve_provider
@@ -152,6 +153,15 @@ def _signature(value) -> tuple[str, str, list]:
 
 SEQUENCE_AXIS = 2  # of a cache tensor [batch, kv_heads, length, head_dim]
 LOGITS_TO_KEEP = "logits_to_keep"  # how many last positions the output layer computes (0: every one), where a graph has it
+
+
+def context_length(folder: Path) -> int | None:
+    """The context the decoder in ``folder`` was built for: ``max_position_embeddings`` (or
+    ``n_positions``) of the config.json beside it, as export copies it; None without one. A step
+    past it fails inside the graph (rotary tables of that many positions), so callers check first."""
+    config = jsonio.read_json(Path(folder) / "config.json")
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    return int(value) if value else None
 
 
 def is_past_input(name: str) -> bool:
@@ -441,5 +451,5 @@ def greedy(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, eos_ids: Seque
     return generated[0] if single else generated
 
 
-__all__ = ["LOGITS_TO_KEEP", "SEQUENCE_AXIS", "DecoderIO", "OnnxDecoder", "greedy", "is_past_input", "left_padded", "positions_from_mask",
-           "shape_span", "shares_cache_buffer"]
+__all__ = ["LOGITS_TO_KEEP", "SEQUENCE_AXIS", "DecoderIO", "OnnxDecoder", "context_length", "greedy", "is_past_input", "left_padded",
+           "positions_from_mask", "shape_span", "shares_cache_buffer"]

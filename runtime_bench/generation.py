@@ -1,8 +1,10 @@
 """Generation speed of decoders: time to first token, prefill and decode tokens per second.
 
-For each prompt length, rounds of blocks as in :mod:`runtime_bench.harness`: in each round every
-model runs one block, in the orders of ``block_orders`` (every model first, and after each
-other, equally often); before a block the other sessions' threads are left to park. A block
+Prompt lengths whose prompt + ``new_tokens`` exceed a model's context (``context_length``: the
+config.json beside it, as ``onnxforge generate`` reads it) are left out, with a warning, before
+anything is measured. For each prompt length, rounds of blocks as in :mod:`runtime_bench.harness`:
+in each round every model runs one block, in the orders of ``block_orders`` (every model first,
+and after each other, equally often); before a block the other sessions' threads are left to park. A block
 opens a fresh session (so at most one is alive and the peak memory is the model's own), runs an
 untimed warm-up generation, then one timed generation of ``new_tokens`` tokens (peak memory is
 measured apart, in a fresh process per model and prompt length):
@@ -38,7 +40,7 @@ import onnx
 from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
 from onnxforge.common.sessions import SessionSettings
-from runtime_bench.decoder import DecoderIO, OnnxDecoder
+from runtime_bench.decoder import DecoderIO, OnnxDecoder, context_length
 from runtime_bench.harness import block_orders, wait_for_idle_threads
 from runtime_bench.machine import MachineInfo, machine_info
 
@@ -219,8 +221,9 @@ def generate_timed(decoder, prompt: np.ndarray, new_tokens: int) -> tuple[float,
 def timed_generation(path: Path, config: GenerationConfig, prompt: np.ndarray) -> GenerationBlock:
     """A fresh session, an untimed warm-up generation, then one timed generation of ``prompt``."""
 
+    # ONNX Runtime logs nothing: a failing step is raised as a UserError that says it in one line
     decoder = OnnxDecoder(path, provider=config.provider,
-                          settings=SessionSettings(intra_op_threads=config.threads, log_severity=3))
+                          settings=SessionSettings(intra_op_threads=config.threads, log_severity=4))
     try:
         warm = prompt[:, : min(prompt.shape[1], 8)]
         generate_timed(decoder, warm, max(2, config.warmup_tokens))
@@ -264,6 +267,28 @@ def peak_memory_mb(path: Path, config: GenerationConfig, prompt: np.ndarray) -> 
     return peak, (peak - before if peak is not None and before is not None else None)
 
 
+def lengths_in_context(paths: Sequence[Path], config: GenerationConfig) -> tuple[int, ...]:
+    """The prompt lengths whose generation fits the context of every model (``context_length``, as
+    ``onnxforge generate`` checks it: prompt + new tokens at most the context), found before
+    anything is measured; the others are left out with a warning, and none fitting is a user error."""
+    contexts = {p: c for p in paths if (c := context_length(p.parent)) is not None}
+    if not contexts:
+        return config.prompt_lengths
+    path, context = min(contexts.items(), key=lambda item: item[1])
+    fit = tuple(n for n in config.prompt_lengths if n + config.new_tokens <= context)
+    too_long = [n for n in config.prompt_lengths if n not in fit]
+    if not too_long:
+        return fit
+    room = context - config.new_tokens
+    fix = f"give --prompt-lengths up to {room} or fewer --new-tokens" if room >= 1 else f"give --new-tokens below {context}"
+    why = (f"{', '.join(map(str, too_long))} + {config.new_tokens} new tokens exceed the model's context of {context} tokens "
+           f"({path.parent / 'config.json'}); {fix}")
+    if not fit:
+        raise UserError(f"no prompt length fits: {why}")
+    logger.warning("prompt length%s %s left out: %s", "s" if len(too_long) > 1 else "", ", ".join(map(str, too_long)), why)
+    return fit
+
+
 def benchmark_generation(models: Sequence[str | Path], config: GenerationConfig = GenerationConfig(), *,
                          names: Sequence[str] | None = None, progress=None) -> GenerationReport:
     """Measure each decoder at each prompt length (see the module docstring)."""
@@ -277,6 +302,7 @@ def benchmark_generation(models: Sequence[str | Path], config: GenerationConfig 
         raise UserError(f"need one distinct name per model, got {names} for {len(paths)} models")
     headers = {n: onnx.load(str(p), load_external_data=False) for n, p in zip(names, paths)}
     ios = {n: DecoderIO.from_model(h) for n, h in headers.items()}
+    config = dataclasses.replace(config, prompt_lengths=lengths_in_context(paths, config))
     weights_read = {n: weight_bytes_read_per_token(h) for n, h in headers.items()}
     bandwidth, samples = measure_bandwidth(config.bandwidth_mb, config.bandwidth_repeats, config.threads)
     logger.info("memory bandwidth %.1f GB/s (median of %d)", bandwidth, len(samples))
@@ -355,6 +381,7 @@ __all__ = [
     "benchmark_generation",
     "generate_timed",
     "generation_table",
+    "lengths_in_context",
     "measure_bandwidth",
     "peak_memory_mb",
     "timed_generation",

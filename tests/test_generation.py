@@ -15,6 +15,7 @@ from runtime_bench.generation import (
     GenerationConfig,
     benchmark_generation,
     measure_bandwidth,
+    timed_generation,
     weight_bytes,
     weight_bytes_read_per_token,
 )
@@ -89,10 +90,28 @@ def test_bad_settings_are_user_errors(tmp_path):
 
 
 def test_cli_bench_generate(capsys):
-    code = main(["bench", "--generate", str(trained_decoder()), "--name", "tiny", "--prompt-lengths", "8",
+    code = main(["bench", "--generate", str(trained_decoder()), "--name", "tiny", "--prompt-lengths", "8,510",
                  "--new-tokens", "4", "--rounds", "1", "--threads", "1"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
     assert "memory bandwidth (measured here" in out and "% bound" in out and "machine:" in out
-    row = next(line for line in out.splitlines() if line.startswith("tiny"))
-    assert row.split()[1] == "8"
+    rows = [line for line in out.splitlines() if line.startswith("tiny")]
+    assert [row.split()[1] for row in rows] == ["8"]
+    # the context (512, config.json beside the model) is checked before measuring; 510 is left out, in one line
+    left_out = [line for line in err.splitlines() if "left out" in line]
+    assert len(left_out) == 1 and "prompt length 510 left out: 510 + 4 new tokens exceed the model's context of 512 tokens" in left_out[0]
+    assert "give --prompt-lengths up to 508 or fewer --new-tokens" in left_out[0]
+
+
+def test_cli_bench_generate_with_no_prompt_length_in_the_context(capfd):
+    code = main(["bench", "--generate", str(trained_decoder()), "--prompt-lengths", "510,600", "--new-tokens", "4"])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "no prompt length fits: 510, 600 + 4 new tokens exceed the model's context of 512 tokens" in err
+
+
+def test_a_failing_step_is_one_error_without_onnxruntime_log_lines(capfd):
+    prompt = np.ones((1, 600), dtype=np.int64)  # past the rotary tables of the 512-token context
+    with pytest.raises(UserError, match="the decoder failed at sequence length 600"):
+        timed_generation(trained_decoder(), FAST, prompt)
+    assert "onnxruntime" not in capfd.readouterr().err

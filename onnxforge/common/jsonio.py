@@ -13,8 +13,10 @@ import enum
 import json
 import math
 from collections.abc import Mapping
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
+
+from onnxforge.common.errors import UserError
 
 SCHEMA_VERSION = 1
 
@@ -53,3 +55,13 @@ def dumps(value: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str
 def document(payload: Mapping[str, Any], *, indent: int | None = 2) -> str:
     """A versioned document: ``{"schema_version": N, ...payload}`` as strict JSON."""
     return dumps({"schema_version": SCHEMA_VERSION, **payload}, indent=indent)
+
+
+def read_json(path: Path) -> dict:
+    """The JSON document in ``path`` (a model's config.json, say); ``{}`` when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"'{path}' is not valid JSON: {exc}") from None
