@@ -28,7 +28,7 @@ x builder: the median over rounds of the builder's block step over the row's in 
 (``per_round_ratio``); ``benchmarks/decoder_pairs.py`` pairs the two closer, in lockstep processes.
 % of bound: decode tok/s over bandwidth / (weights read per token + KV at the mean context),
 the bandwidth measured here (``runtime_bench.generation.measure_bandwidth``), or, where a row read
-its bytes faster than that probe (it is a lower bound), that row's read rate.
+its bytes faster than that probe (it is a lower bound), that row's read rate (``bound_bandwidth``).
 
 Build artefacts go to ``.cache/peers/`` (git-ignored). llama.cpp is never fetched by this script:
 make its source with ``pip download --no-binary :all: --no-deps llama-cpp-python`` and build
@@ -60,7 +60,9 @@ from onnxforge.decoder_configs import DECODER_CONFIGS, decoder_config, random_de
 from onnxforge.package import genai_config
 from runtime_bench.generation import (
     GenerationConfig,
+    bound_bandwidth,
     measure_bandwidth,
+    read_rate_gbs,
     timed_generation,
     weight_bytes_read_per_token,
 )
@@ -462,16 +464,12 @@ def main(argv=None) -> int:
     print(f"decoders: {args.model} configuration with random weights, prompt {args.prompt_length}, {args.new_tokens} new tokens, "
           f"{args.threads} threads, {args.rounds} blocks per row")
     print(f"machine: {info.describe()}")
-    # The probe is a lower bound (numpy's reduction can be slower than the memory, as on an AMD EPYC
-    # where an fp32 row read its weights at 54 GB/s against a 35 GB/s probe): a row that read more
-    # per second than the probe proves the memory can, so the bound uses the larger of the two.
-    read = {r.name: r.bytes_per_token / (float(np.median(r.steps_ms)) / 1e3) / 1e9
+    read = {r.name: read_rate_gbs(r.bytes_per_token, float(np.median(r.steps_ms)))
             for r in rows if r.steps_ms and r.bytes_per_token and not r.why_not}
-    fastest = max(read, key=read.get, default=None)
+    bound_gbs, fastest = bound_bandwidth(bandwidth, read)  # the probe is a lower bound
     print(f"memory bandwidth (measured here, median of {len(samples)}): {bandwidth:.1f} GB/s"
-          + (f"; the '{fastest}' row read {read[fastest]:.1f} GB/s, which the bounds use" if fastest and read[fastest] > bandwidth
-             else ""))
-    bandwidth = max(bandwidth, read[fastest] if fastest else 0.0)
+          + (f"; the '{fastest}' row read {bound_gbs:.1f} GB/s, which the bounds use" if fastest else ""))
+    bandwidth = bound_gbs
     print()
     builder_row = next((r for r in rows if r.name == "ORT GenAI builder int4" and r.steps_ms and not r.why_not), None)
     summaries = [{**r.summary(1, bandwidth), **({"x_builder": per_round_ratio(builder_row, r)} if builder_row else {})}

@@ -14,7 +14,9 @@ from runtime_bench.decoder import DecoderIO
 from runtime_bench.generation import (
     GenerationConfig,
     benchmark_generation,
+    bound_bandwidth,
     measure_bandwidth,
+    read_rate_gbs,
     timed_generation,
     weight_bytes,
     weight_bytes_read_per_token,
@@ -42,10 +44,13 @@ def test_report_has_every_field_and_consistent_figures():
         assert m.prefill_tokens_per_s == pytest.approx(m.prompt_length / (m.ttft_ms / 1e3))
         assert m.decode_step_ms_p90 >= m.decode_step_ms > 0
         assert m.bound_fraction == pytest.approx(m.decode_tokens_per_s / m.bound_tokens_per_s)
+        assert m.bound_tokens_per_s == pytest.approx(report.bound_bandwidth_gbs * 1e9 / m.bytes_per_token)
+        assert m.bound_fraction <= 1 + 1e-9  # a decode above its bound means a wrong bound
         # the cache at the end: layers x (key, value) x kv heads x head_dim x fp32 x (prompt + new tokens - 1)
         per_token = 2 * io.num_layers * io.num_kv_heads * io.head_dim * 4
         assert m.kv_bytes_end == per_token * (m.prompt_length + config.new_tokens - 1)
         assert m.bytes_per_token > m.weight_bytes_read
+    assert report.bound_bandwidth_gbs >= report.bandwidth_gbs
     long = report.find("tiny", 64)
     assert long.ttft_ms >= long.decode_step_ms  # a 64-token prefill is at least one decode step
 
@@ -56,6 +61,13 @@ def test_weights_read_per_token_leave_out_the_embedding_table():
                      if any(n.op_type == "Gather" and n.input[0] == t.name for n in model.graph.node))
     table = len(embedding.raw_data) or int(np.prod(embedding.dims)) * 4
     assert weight_bytes_read_per_token(model) == weight_bytes(model) - table
+
+
+def test_bounds_use_the_faster_of_the_probe_and_a_decode_read_rate():
+    assert read_rate_gbs(50_000_000, 1.0) == pytest.approx(50.0)  # 50 MB a step, a step a millisecond
+    assert bound_bandwidth(40.0, {"fp32": 55.0, "int4": 30.0}) == (55.0, "fp32")
+    assert bound_bandwidth(40.0, {"int4": 30.0}) == (40.0, None)
+    assert bound_bandwidth(40.0, {}) == (40.0, None)
 
 
 def test_bandwidth_is_positive_and_scales_with_nothing_silly():
@@ -95,6 +107,7 @@ def test_cli_bench_generate(capsys):
     out, err = capsys.readouterr()
     assert code == 0
     assert "memory bandwidth (measured here" in out and "% bound" in out and "machine:" in out
+    assert "which the bounds use" in out
     rows = [line for line in out.splitlines() if line.startswith("tiny")]
     assert [row.split()[1] for row in rows] == ["8"]
     # the context (512, config.json beside the model) is checked before measuring; 510 is left out, in one line
