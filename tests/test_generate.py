@@ -9,6 +9,7 @@ import pytest
 
 import onnxforge
 from onnxforge.cli import main
+from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
 from onnxforge.generation import GenerationSettings, Tokenizer, choose_token, generate, generate_ids, stop_token_ids
 from runtime_bench.decoder import OnnxDecoder, greedy
@@ -132,6 +133,7 @@ def test_cli_generate(docstring_llama_export, capsys):
                            "--temperature", "0.8", "--top-k", "10", "--seed", "1", "--json")
     data = json.loads(out)
     assert code == 0 and len(data["new_ids"]) <= 5 and data["kv_bytes"] <= data["kv_bytes_bound"]
+    assert data["schema_version"] == jsonio.SCHEMA_VERSION  # as every command's --json
 
 
 def test_cli_generate_errors(docstring_llama_export, tmp_path, capsys):

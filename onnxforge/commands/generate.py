@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from onnxforge.commands._args import add_io_flags
+from onnxforge.common import jsonio
 
 
 def register(sub) -> None:
@@ -33,7 +33,7 @@ def _generate_command(args) -> int:
     )
     result = generate(args.model, args.prompt, settings)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(jsonio.document(result.to_dict()))
         return 0
     sys.stdout.write(args.prompt + result.text + "\n")
     print(f"[{len(result.new_ids)} tokens, stopped by {result.stop_reason}; prefill {result.seconds_prefill * 1000:.0f} ms, "
