@@ -202,6 +202,7 @@ def generate(model: str | Path, prompt: str, settings: GenerationSettings = Gene
     folder = path.parent
     if not isinstance(prompt, str) or not prompt:
         raise UserError("the prompt is empty; give some text to continue")
+    DecoderIO.from_model(path)  # a graph that is no decoder is said so, before its folder is searched for a tokenizer
     tokenizer = Tokenizer(folder)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxforge
@@ -144,3 +145,12 @@ def test_cli_generate_errors(docstring_llama_export, tmp_path, capsys):
     assert code == 2 and "not an ONNX file or a folder holding model.onnx" in err
     code, _, err = run_cli(capsys, "generate", folder, "--prompt", "x", "--max-new-tokens", "100000")
     assert code == 2 and "exceeds the model's context of 512 tokens" in err
+    # an ONNX file that is no decoder, in a folder without a tokenizer: the graph is what is wrong
+    relu = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "relu",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])]))
+    onnx.save(relu, str(tmp_path / "relu.onnx"))
+    code, _, err = run_cli(capsys, "generate", tmp_path / "relu.onnx", "--prompt", "Hi")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "not a decoder graph with a cache: it needs input 'input_ids' and output 'logits'" in err and "tokenizer" not in err
