@@ -76,9 +76,10 @@ class GenerationResult:
     kv_bytes_bound: int        # what prompt + max_new_tokens tokens would take
 
     @property
-    def tokens_per_second(self) -> float:
-        steps = max(len(self.new_ids) - 1, 0)
-        return steps / self.seconds_decode if self.seconds_decode > 0 else 0.0
+    def tokens_per_second(self) -> float | None:
+        """Decode steps per second; None when no step ran (one new token: the prefill chose it)."""
+        steps = len(self.new_ids) - 1
+        return steps / self.seconds_decode if steps > 0 and self.seconds_decode > 0 else None
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "tokens_per_second": self.tokens_per_second}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnxforge
 from onnxforge.cli import main
 from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
-from onnxforge.generation import GenerationSettings, Tokenizer, choose_token, generate, generate_ids, stop_token_ids
+from onnxforge.generation import GenerationResult, GenerationSettings, Tokenizer, choose_token, generate, generate_ids, stop_token_ids
 from runtime_bench.decoder import OnnxDecoder, greedy
 
 PROMPT = "Return a new list of the"
@@ -101,6 +102,13 @@ def test_sampling_is_reproducible_and_top_k_one_is_greedy(docstring_llama_export
     assert top1.new_ids == greedy_ids
 
 
+def test_tokens_per_second_is_none_without_a_decode_step():
+    result = GenerationResult(text="x", prompt_ids=(1, 2), new_ids=(7,), stop_reason="max_new_tokens", seconds_prefill=0.01,
+                              seconds_decode=1e-5, kv_bytes=0, kv_bytes_bound=0)
+    assert result.tokens_per_second is None and result.to_dict()["tokens_per_second"] is None
+    assert dataclasses.replace(result, new_ids=(7, 8, 9), seconds_decode=0.5).tokens_per_second == pytest.approx(4.0)
+
+
 def test_choose_token_rules():
     rng = np.random.default_rng(0)
     logits = np.array([0.0, 3.0, 2.9, -5.0])
@@ -129,7 +137,12 @@ def test_cli_generate(docstring_llama_export, capsys):
     assert code == 0 and out.startswith(PROMPT)
     expected = generate(folder, PROMPT, GenerationSettings(max_new_tokens=12, stop_at_eos=False)).text
     assert out == PROMPT + expected + "\n"
-    assert "12 tokens" in err
+    assert err == ""  # -q: the text, not the stats line
+    code, out, err = run_cli(capsys, "generate", folder, "--prompt", PROMPT, "--max-new-tokens", "12", "--ignore-eos")
+    assert code == 0 and out == PROMPT + expected + "\n" and "[12 tokens, stopped by max_new_tokens" in err
+    # one new token is chosen by the prefill: no decode step was timed, and the line says so instead of "0.0 tokens/s"
+    code, _, err = run_cli(capsys, "generate", folder, "--prompt", PROMPT, "--max-new-tokens", "1")
+    assert code == 0 and "[1 token, " in err and "no decode step timed" in err and "tokens/s" not in err
     code, out, _ = run_cli(capsys, "generate", folder / "model.onnx", "--prompt", PROMPT, "--max-new-tokens", "5",
                            "--temperature", "0.8", "--top-k", "10", "--seed", "1", "--json")
     data = json.loads(out)

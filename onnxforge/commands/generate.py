@@ -36,6 +36,10 @@ def _generate_command(args) -> int:
         print(jsonio.document(result.to_dict()))
         return 0
     sys.stdout.write(args.prompt + result.text + "\n")
-    print(f"[{len(result.new_ids)} tokens, stopped by {result.stop_reason}; prefill {result.seconds_prefill * 1000:.0f} ms, "
-          f"{result.tokens_per_second:.1f} tokens/s; cache {result.kv_bytes / 1024:.0f} KiB]", file=sys.stderr)
+    if args.quiet:
+        return 0
+    count = len(result.new_ids)
+    speed = f"{result.tokens_per_second:.1f} tokens/s" if result.tokens_per_second is not None else "no decode step timed"
+    print(f"[{count} token{'' if count == 1 else 's'}, stopped by {result.stop_reason}; "
+          f"prefill {result.seconds_prefill * 1000:.0f} ms, {speed}; cache {result.kv_bytes / 1024:.0f} KiB]", file=sys.stderr)
     return 0
