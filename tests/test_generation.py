@@ -101,9 +101,9 @@ def test_bad_settings_are_user_errors(tmp_path):
         benchmark_generation([tmp_path / "missing.onnx"], FAST)
 
 
-def test_cli_bench_generate(capsys):
+def test_cli_bench_generate(capsys, tmp_path):
     code = main(["bench", "--generate", str(trained_decoder()), "--name", "tiny", "--prompt-lengths", "8,510",
-                 "--new-tokens", "4", "--rounds", "1", "--threads", "1"])
+                 "--new-tokens", "4", "--rounds", "1", "--threads", "1", "--out", str(tmp_path / "report")])
     out, err = capsys.readouterr()
     assert code == 0
     assert "memory bandwidth (measured here" in out and "% bound" in out and "machine:" in out
@@ -114,6 +114,18 @@ def test_cli_bench_generate(capsys):
     left_out = [line for line in err.splitlines() if "left out" in line]
     assert len(left_out) == 1 and "prompt length 510 left out: 510 + 4 new tokens exceed the model's context of 512 tokens" in left_out[0]
     assert "give --prompt-lengths up to 508 or fewer --new-tokens" in left_out[0]
+    # --out writes what --help says it writes under --generate
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["generation.json", "generation.txt"]
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "(--generate: generation.json and generation.txt)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_cli_bench_generate_refuses_flags_of_single_runs(capsys):
+    code = main(["bench", "--generate", str(trained_decoder()), "--dim", "seq=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--dim do not apply to --generate: it measures ONNX decoders with generated prompts (--prompt-lengths, --new-tokens)" in err
 
 
 def test_cli_bench_generate_with_no_prompt_length_in_the_context(capfd):

@@ -19,7 +19,8 @@ def register(sub) -> None:
     bench.add_argument("models", nargs="+", help="ONNX files (the first is the baseline unless --baseline)")
     bench.add_argument("--name", action="append", help="display name of each model, in order")
     bench.add_argument("--torch", metavar="SRC", help="a PyTorch eager baseline: pkg.module:factory, file.py:factory or file.pt")
-    bench.add_argument("--out", metavar="DIR", help="write report.json, report.csv, report.md and plots here")
+    bench.add_argument("--out", metavar="DIR", help="write report.html, report.json, report.csv, report.md and plots here "
+                                                    "(--generate: generation.json and generation.txt)")
     bench.add_argument("--generate", action="store_true",
                        help="the models are decoders with a cache: measure generation (TTFT, prefill and decode tokens/s, "
                             "peak memory, KV bytes, %% of this machine's memory-bandwidth bound) instead of single runs")
@@ -37,26 +38,27 @@ def register(sub) -> None:
 
 
 def _generate_command(args) -> int:
+    from pathlib import Path
+
+    from onnxforge.common.fileio import ensure_writable_dir, write_text_atomic
     from runtime_bench.generation import (
         GenerationConfig,
         benchmark_generation,
         generation_table,
     )
 
-    if args.torch or args.inputs:
-        raise UserError("--generate measures ONNX decoders with generated prompts; --torch and --inputs do not apply")
     measure = _bench_config(args)
+    ignored = [flag for flag, used in (("--torch", args.torch), ("--inputs", args.inputs), ("--dim", measure.dims)) if used]
+    if ignored:
+        raise UserError(f"{', '.join(ignored)} do not apply to --generate: it measures ONNX decoders with generated prompts "
+                        "(--prompt-lengths, --new-tokens)")
     config = GenerationConfig(prompt_lengths=_int_list(args.prompt_lengths, "--prompt-lengths"), new_tokens=args.new_tokens,
                               batch=measure.batch_sizes[0], threads=measure.session.intra_op_threads, rounds=args.rounds,
                               provider=measure.providers[0])
+    folder = ensure_writable_dir(Path(args.out), "report") if args.out else None  # fail before measuring, not after
     report = benchmark_generation(args.models, config, names=args.name or None,
                                   progress=None if args.quiet else lambda text: logger.info("%s", text))
-    if args.out:
-        from pathlib import Path
-
-        from onnxforge.common.fileio import ensure_writable_dir, write_text_atomic
-
-        folder = ensure_writable_dir(Path(args.out), "report")
+    if folder is not None:
         write_text_atomic(folder / "generation.json", report.to_json())
         write_text_atomic(folder / "generation.txt", generation_table(report) + "\n")
     print(report.to_json() if args.json else generation_table(report))
