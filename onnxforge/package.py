@@ -288,6 +288,23 @@ DECODER_COMPANIONS = (
 DEFAULT_PACKAGE_PROMPT = "Return the number of items in the"
 
 
+def check_decoder_package_sources(model_path: str | Path, needed_by: str = "a decoder package") -> None:
+    """config.json and a tokenizer beside ``model_path``: what ``write_decoder_package`` reads there
+    (genai_config.json comes from the one, the recorded generation needs the other). A command that
+    packages the decoder it makes checks its source's folder with this before any work, so that a
+    missing file is refused up front, not after the model is written."""
+    model_path = Path(model_path)
+    here = model_path.parent
+    missing = [] if (here / "config.json").is_file() else ["config.json"]
+    try:
+        Tokenizer(here)
+    except UserError:
+        missing.append("a tokenizer (tokenizer.json, or the files transformers' AutoTokenizer reads)")
+    if missing:
+        raise UserError(f"{needed_by} needs {' and '.join(missing)} beside '{model_path}'; copy the model's files there, or "
+                        "export with 'onnxforge export --hf-model DIR --task text-generation', which writes them beside it")
+
+
 def write_decoder_package(
     folder: str | Path,
     model_path: str | Path,
@@ -305,9 +322,7 @@ def write_decoder_package(
 
     model_path = Path(model_path)
     here = model_path.parent
-    if not (here / "config.json").is_file():
-        raise UserError(f"no config.json beside '{model_path}'; export with 'onnxforge export --hf-model DIR "
-                        "--task text-generation', which writes it with the tokenizer files")
+    check_decoder_package_sources(model_path)
     config = json.loads((here / "config.json").read_text(encoding="utf-8"))
     generation_file = here / "generation_config.json"
     generation = json.loads(generation_file.read_text(encoding="utf-8")) if generation_file.is_file() else {}

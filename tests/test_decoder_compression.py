@@ -361,6 +361,20 @@ def test_cli_quantize_packages_the_decoder_it_wrote(tmp_path, capsys):
     assert not (tmp_path / "p2").exists()
 
 
+def test_cli_quantize_refuses_a_package_without_tokenizer_before_any_work(tmp_path, capsys):
+    import shutil
+
+    source = tmp_path / "notok"
+    source.mkdir()
+    for name in ("model.onnx", "model.onnx.data", "config.json"):
+        shutil.copy2(trained_decoder().parent / name, source / name)
+    out, package = tmp_path / "q" / "int4.onnx", tmp_path / "pkg"
+    assert main(["quantize", str(source / "model.onnx"), str(out), "--package", str(package)]) == 2
+    captured = capsys.readouterr()
+    assert "--package needs a tokenizer" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == "" and not out.exists() and not out.parent.exists() and not package.exists()
+
+
 def test_no_candidate_within_budget_writes_nothing():
     """As auto int8 does for encoders: when every candidate misses the perplexity budget, the
     closest is named and nothing is chosen (exit status 4 from the CLI)."""

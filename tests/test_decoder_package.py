@@ -73,7 +73,7 @@ def test_package_needs_config_beside_the_model(tmp_path, docstring_llama_export)
     folder, _ = docstring_llama_export
     for name in ("model.onnx", "model.onnx.data"):
         shutil.copy2(folder / name, tmp_path / name)
-    with pytest.raises(UserError, match="no config.json beside"):
+    with pytest.raises(UserError, match="needs config.json and a tokenizer"):
         write_decoder_package(tmp_path / "pkg", tmp_path / "model.onnx")
 
 

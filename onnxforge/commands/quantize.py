@@ -103,6 +103,10 @@ def _quantize_command(args) -> int:
     if args.package and not decoder:
         raise UserError("--package packages a generative decoder (past_key_values.* inputs); package other models with "
                         "'onnxforge run RECIPE' ([package] enabled = true)")
+    if args.package:  # the package reads the tokenizer and config.json copied from beside the input: refused before any work
+        from onnxforge.package import check_decoder_package_sources
+
+        check_decoder_package_sources(args.input, "--package")
     if (args.mode == "auto" and decoder) or args.mode == "int8-weight" or (args.mode == "int4" and decoder):
         code = _decoder_candidates_command(args) if args.mode == "auto" else _weight_only_command(args)
         copy_model_files(Path(args.input).parent, Path(args.output).parent)  # generate, bench and packages read them there
