@@ -361,6 +361,15 @@ def test_cli_quantize_packages_the_decoder_it_wrote(tmp_path, capsys):
     assert not (tmp_path / "p2").exists()
 
 
+def test_cli_quantize_json_stays_json_with_onnxruntime_quantizers(tmp_path, capsys):
+    """ONNX Runtime's GPTQ and k-quant print progress bars (Python prints): kept off stdout, the document."""
+    code = main(["quantize", str(trained_decoder()), str(tmp_path / "q.onnx"), "--weight-candidates", "kquant-int4,gptq-int4-ort",
+                 "--json"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Progress" not in out
+    assert json.loads(out)["chosen"] in ("kquant-int4", "gptq-int4-ort")
+
+
 def test_cli_quantize_refuses_a_package_without_tokenizer_before_any_work(tmp_path, capsys):
     import shutil
 

@@ -62,8 +62,10 @@ cache's + ``KV8_KL_FLOOR``, perplexity within the budget) and no slower (``KV8_M
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 import logging
 import math
 import time
@@ -261,8 +263,9 @@ def embedding_gathers(model: onnx.ModelProto, block_size: int = 32) -> list[str]
 
 def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] = (), include: Sequence[str] | None = None,
                      block_size: int = 32):
-    """Run ONNX Runtime's ``MatMulNBitsQuantizer`` with its per-node log kept out of normal output.
-    ``block_size`` is the group size the RTN/k-quant/GPTQ algorithms read (32: an even number of
+    """Run ONNX Runtime's ``MatMulNBitsQuantizer`` with its per-node log kept out of normal output
+    and its progress bars (Python prints of GPTQ and k-quant) off stdout, which is the command's
+    report or its JSON document. ``block_size`` is the group size the RTN/k-quant/GPTQ algorithms read (32: an even number of
     blocks along K, which ONNX Runtime's packing of their zero points needs)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -271,7 +274,7 @@ def _quiet_quantizer(model: onnx.ModelProto, config, *, exclude: Sequence[str] =
     ort_logger.setLevel(max(level, logging.ERROR))
     model, taken = _inputs_taken_out(model)
     try:
-        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # HQQ's torch.from_numpy of a read-only array: not the user's concern
             quantizer = MatMulNBitsQuantizer(model, block_size=block_size, algo_config=config, nodes_to_exclude=list(exclude),
                                              nodes_to_include=list(include) if include else None)
