@@ -14,6 +14,7 @@ import json
 import copy
 import dataclasses
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,18 @@ def test_every_candidate_is_built_verified_and_reported(tmp_path, names):
     int8 = {c.name: c for c in result.candidates}.get("rtn-int8-sym-b32")
     if int8:
         assert int8.quality.kl_mean < min(c.quality.kl_mean for c in result.candidates if "int4" in c.name)
+
+
+def test_the_float_size_is_the_users_file_with_a_tied_embedding_counted_once(tmp_path):
+    from runtime_bench.generation import weight_bytes
+    from tests.llm_fixtures import random_decoder_onnx
+
+    tied = random_decoder_onnx("qwen2")  # tie_word_embeddings: one table, read by the embedding and the output layer
+    settings = DecoderCandidateSettings(candidates=("rtn-int4-sym-b32",), timing_rounds=0, max_perplexity_ratio=math.inf)
+    result = quantize_decoder_candidates(tied, tmp_path / "model.onnx", settings, calibration=[[1, 2, 3, 4]] * 2,
+                                         evaluation=[[5, 6, 7, 8, 9]] * 2)
+    in_file = weight_bytes(onnx.load(str(tied)))
+    assert result.bytes_float == in_file < weight_bytes(prepare(onnx.load(str(tied))))  # prepare() unties: a second table
 
 
 def test_a_first_candidate_that_fails_to_build_is_reported_not_fatal(tmp_path, monkeypatch):

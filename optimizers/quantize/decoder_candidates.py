@@ -550,12 +550,14 @@ def quantize_decoder_candidates(model_path, out_path, settings: DecoderCandidate
     evaluation = [list(map(int, s)) for s in evaluation if len(s) >= 2] if evaluation else default_sequences(reference)
     calibration = ([list(map(int, s)) for s in calibration if len(s) >= 2] if calibration
                    else default_sequences(reference, CALIBRATION_SEQUENCES, seed=1))
-    prepared = prepare(onnx.load(str(model_path)))
+    float_model = onnx.load(str(model_path))
+    bytes_float = weight_bytes(float_model)  # as the user's file holds it: a tied embedding once, before prepare() unties it
+    prepared = prepare(float_model)
+    del float_model
     if set(settings.candidates) & set(KV8_NAMES) or settings.kv_cache == "int8":
         require_group_query_attention(prepared)  # refused now, not after the other candidates are built
     no_int8_cache = _int8_cache_unavailable(prepared, settings)
     positions = rotary_cache_positions(prepared)
-    bytes_float = weight_bytes(prepared)
     scores_box: dict = {}
     builders = candidate_builders(DecoderIO.from_model(prepared), calibration, scores_box, settings, session_settings)
     reports: dict[str, CandidateReport] = {}
