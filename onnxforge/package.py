@@ -150,11 +150,9 @@ def _model_card(manifest: dict, summary) -> str:
         "",
         "## How it was made",
         f"Source: {manifest['source']}.",
-        *(f"- {t['step']}: {jsonio.dumps(t.get('settings', {}), indent=None)}" for t in manifest["transforms"]),
+        *(f"- {t['step']}: {jsonio.dumps(t.get('settings', {}), indent=None)}{_outcome(t)}" for t in manifest["transforms"]),
         "",
-        "## Measured",
-        f"{jsonio.dumps(measured)}",
-        "",
+        *(["## Measured", jsonio.dumps(measured), ""] if measured else []),
         "Check this package: `onnxforge verify-package .` (checksums, then a smoke inference against reference.npz).",
     ]
     if "report.html" in manifest.get("companions", ()):
@@ -164,6 +162,12 @@ def _model_card(manifest: dict, summary) -> str:
         lines += ["", f"Serve it with Triton: `tritonserver --model-repository {manifest['triton']['repository']}` "
                   f"(model `{manifest['triton']['model']}`, ONNX Runtime backend)."]
     return "\n".join(lines) + "\n"
+
+
+def _outcome(transform: dict) -> str:
+    """What a step chose, its one-word results (a decoder's quantize: weights, accuracy level, KV cache)."""
+    chosen = [f"{k} {v}" for k, v in transform.items() if k not in ("step", "settings") and isinstance(v, (str, int, float))]
+    return f"; {', '.join(chosen)}" if chosen else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,11 +318,15 @@ def write_decoder_package(
     new_tokens: int = 16,
     source: dict[str, Any] | None = None,
     make_zip: bool = False,
+    transforms: Sequence[dict[str, Any]] | None = None,
+    measurements: dict[str, Any] | None = None,
 ) -> Path:
     """A deployment package of a decoder exported with its cache: the graph, config.json,
     generation_config.json, the tokenizer files (all read from beside ``model_path``), a
     genai_config.json for ONNX Runtime GenAI, and a greedy generation of ``prompt`` recorded
-    for ``verify_package`` to replay (plus the usual checksums and a prefill smoke test)."""
+    for ``verify_package`` to replay (plus the usual checksums and a prefill smoke test).
+    ``transforms`` and ``measurements`` (what was done to the model and measured of it, as the
+    command or recipe that made it reports them) go into the manifest and the model card."""
 
     model_path = Path(model_path)
     here = model_path.parent
@@ -344,7 +352,8 @@ def write_decoder_package(
                               encoding="utf-8")
         companions = [here / f for f in DECODER_COMPANIONS if (here / f).is_file()] + [genai_path]
         return write_package(
-            folder, model_path, reference_inputs=reference_inputs, transforms=[], measurements={},
+            folder, model_path, reference_inputs=reference_inputs, transforms=list(transforms or []),
+            measurements=dict(measurements or {}),
             source=source or {"model": str(model_path), "model_type": config.get("model_type")},
             recommended={"generation": "onnxforge generate . --prompt TEXT, or onnxruntime_genai with genai_config.json"},
             name=name or f"{config.get('model_type', 'decoder')} decoder", make_zip=make_zip, companions=companions,

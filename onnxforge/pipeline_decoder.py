@@ -422,11 +422,14 @@ def _package(recipe: Recipe, out: Path, chosen, row: DecoderRow, exported, bench
                     "greedy_match": row.greedy_match, "decode_tokens_per_s": None if math.isnan(row.decode_tokens_per_s) else
                     row.decode_tokens_per_s, "ttft_ms": None if math.isnan(row.ttft_ms) else row.ttft_ms,
                     "benchmark": bench.report if bench else None}
+    measurements = json.loads(jsonio.dumps(measurements))
+    transforms = [{"step": "export", "settings": recipe.section("model")}, *chosen.report.get("transforms", [])]
     source = {"recipe": recipe.name, "model": recipe.section("model"), "candidate": row.name,
               "transforms": chosen.report.get("transforms", []), "export_proof": exported.report.get("proof"),
-              "sha256_of_export": file_sha256(exported.artifact), "measurements": json.loads(jsonio.dumps(measurements))}
+              "sha256_of_export": file_sha256(exported.artifact), "measurements": measurements}
     return write_decoder_package(out / name, chosen.artifact, name=recipe.name, prompt=settings.get("prompt", DEFAULT_PACKAGE_PROMPT),
-                                 source=source, make_zip=bool(settings.get("zip", False)))
+                                 source=source, make_zip=bool(settings.get("zip", False)), transforms=transforms,
+                                 measurements=measurements)
 
 
 __all__ = ["DecoderPipelineResult", "DecoderRow", "planned_steps", "run_decoder_pipeline"]

@@ -367,11 +367,36 @@ def test_cli_quantize_packages_the_decoder_it_wrote(tmp_path, capsys):
     assert f"package: {package}" in printed and (package / "genai_config.json").is_file()
     manifest = json.loads((package / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["source"] == {"quantized_from": str(trained_decoder())}
+    (step,) = manifest["transforms"]  # what was done and measured, as the report printed it
+    assert step["step"] == "quantize" and step["settings"]["mode"] == "int4" and step["weights"] == "int4-b32"
+    assert set(manifest["measured"]) >= {"perplexity", "perplexity_ratio_vs_fp32", "kl_mean", "greedy_match", "weight_bytes"}
+    assert f"next-token KL {manifest['measured']['kl_mean']:.4f}" in printed
+    card = (package / "README.md").read_text(encoding="utf-8")
+    assert "weights int4-b32" in card and "## Measured" in card and "{}" not in card
     assert main(["verify-package", str(package)]) == 0
     # an encoder has no decoder package: refused before any work
     assert main(["quantize", str(tmp_path / "missing.onnx"), str(tmp_path / "x.onnx"), "--package", str(tmp_path / "p2")]) == 2
     assert "--package packages a generative decoder" in capsys.readouterr().err
     assert not (tmp_path / "p2").exists()
+
+
+def test_cli_quantize_auto_packages_the_chosen_candidate_and_its_measurements(tmp_path, capsys):
+    out, package = tmp_path / "q" / "int4.onnx", tmp_path / "pkg"
+    code = main(["quantize", str(trained_decoder()), str(out), "--weight-candidates", "rtn-int4-sym-b32,gptq-int4",
+                 "--package", str(package), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    manifest = json.loads((package / "manifest.json").read_text(encoding="utf-8"))
+    (step,) = manifest["transforms"]
+    assert step["weights"] == result["chosen"] and step["accuracy_level"] == result["accuracy_level"]
+    assert step["kv_cache"] == ("int8" if result["kv_cache"] and result["kv_cache"]["kept"] else "float")
+    assert step["settings"]["candidates"] == ["rtn-int4-sym-b32", "gptq-int4"] and step["reasons"] == result["reasons"]
+    chosen = next(c for c in result["candidates"] if c["chosen"])
+    measured = manifest["measured"]
+    assert measured["decode_step_ms"] == chosen["decode_ms"] and measured["weight_bytes"] == chosen["weight_bytes"]
+    written = result["kv_cache"] if result["kv_cache"] and result["kv_cache"]["kept"] else chosen
+    assert measured["kl_mean"] == written["quality"]["kl_mean"] and measured["weight_bytes_fp32"] == result["bytes_float"]
+    assert f"weights {result['chosen']}" in (package / "README.md").read_text(encoding="utf-8")
 
 
 def test_cli_quantize_json_stays_json_with_onnxruntime_quantizers(tmp_path, capsys):

@@ -36,6 +36,10 @@ def test_package_carries_tokenizer_configs_and_genai_config(decoder_package):
     assert genai["search"]["past_present_share_buffer"] is True and genai["search"]["max_length"] == 512
     manifest = json.loads((decoder_package / "manifest.json").read_text())
     assert len(manifest["generation_check"]["new_ids"]) == 12
+    # nothing was done to the export, nothing measured: no empty section in the model card
+    assert manifest["transforms"] == [] and manifest["measured"] == {}
+    card = (decoder_package / "README.md").read_text()
+    assert "## Measured" not in card and "{}" not in card
 
 
 def test_verify_package_replays_the_generation(decoder_package, capsys):

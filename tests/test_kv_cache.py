@@ -230,6 +230,9 @@ def test_text_generation_recipe_takes_the_kv8_candidate(tmp_path):
     manifest = json.loads((result.package / "manifest.json").read_text())
     quantize = next(t for t in manifest["source"]["transforms"] if t["step"] == "quantize")
     assert quantize["kv_cache"] == "int8" and quantize["weights"] == "rtn-int4-kv8"
+    assert [t["step"] for t in manifest["transforms"]] == ["export", "quantize"]  # the manifest's own record, as encoders'
+    assert manifest["transforms"][1] == quantize and manifest["measured"] == manifest["source"]["measurements"]
+    assert manifest["measured"]["kl_mean"] == result.rows[0].kl_mean
     with pytest.raises(UserError, match="weight-only candidate 'rtn-int4-kv9'"):
         recipe_from_dict({**data, "candidates": [{"name": "x", "quantize": {"weights": "rtn-int4-kv9"}}]})
 

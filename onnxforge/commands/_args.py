@@ -22,14 +22,16 @@ PACKAGE_HELP = ("also write a deployment package of the decoder written (tokeniz
                 "ONNX Runtime GenAI, a recorded greedy generation that verify-package replays)")
 
 
-def write_decoder_package_if_asked(args, model_path, source: dict) -> None:
-    """``--package DIR``: the decoder at ``model_path`` packaged there, the line that says so printed
-    (on stderr under --json, whose stdout is the document)."""
+def write_decoder_package_if_asked(args, model_path, source: dict, transforms: list[dict] | None = None,
+                                   measurements: dict | None = None) -> None:
+    """``--package DIR``: the decoder at ``model_path`` packaged there with what was done to it and
+    measured (the manifest's ``transforms`` and ``measured``), the line that says so printed (on
+    stderr under --json, whose stdout is the document)."""
     if not args.package:
         return
     import sys
 
     from onnxforge.package import write_decoder_package
 
-    written = write_decoder_package(args.package, model_path, source=source)
+    written = write_decoder_package(args.package, model_path, source=source, transforms=transforms, measurements=measurements)
     print(f"package: {written}", file=sys.stderr if args.json else sys.stdout)

@@ -8,7 +8,7 @@ from exporter.sources import copy_model_files
 from onnxforge.commands._args import PACKAGE_HELP, add_data_flags, add_io_flags, write_decoder_package_if_asked
 from onnxforge.decoder_text import text_sequences
 from optimizers.calibration import evenly_spaced
-from optimizers.quantize.decoder_candidates import DecoderCandidateSettings, quantize_decoder_candidates
+from optimizers.quantize.decoder_candidates import KV8_NAMES, DecoderCandidateSettings, quantize_decoder_candidates
 from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
@@ -38,12 +38,13 @@ def register(sub) -> None:
     quant.set_defaults(func=_quantize_command)
 
 
-def _weight_only_command(args) -> int:
+def _weight_only_command(args) -> PackageRecord:
     settings = from_args(WeightOnlySettings, args, bits=8 if args.mode == "int8-weight" else 4)
     result = quantize_weight_only(args.input, args.output, settings, sequences=_held_out_text(args))
+    record = _weight_only_record(args.mode, settings, result)
     if args.json:
         print(jsonio.document(result.to_dict()))
-        return 0
+        return record
     q = result.quality
     print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
     print(f"weight-only int{result.bits}, blocks of {result.block_size}, accuracy level {result.accuracy_level}: "
@@ -56,18 +57,19 @@ def _weight_only_command(args) -> int:
           f"({result.bytes_before / max(result.bytes_after, 1):.1f}x smaller)")
     print(f"quality over {q.positions} positions: perplexity {q.perplexity_reference:.3f} -> {q.perplexity_candidate:.3f}, "
           f"next-token KL {q.kl_mean:.4f}, greedy match {q.greedy_match:g}/{q.greedy_tokens} tokens (median of {len(q.greedy_matches)} prompts)")
-    return 0
+    return record
 
 
-def _decoder_candidates_command(args) -> int:
+def _decoder_candidates_command(args) -> PackageRecord:
     settings = from_args(DecoderCandidateSettings, args)
     calibration = (evenly_spaced(text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128,
                                                 windows=True), args.max_calibration_batches)
                    if args.calibration else None)
     result = quantize_decoder_candidates(args.input, args.output, settings, calibration=calibration, evaluation=_held_out_text(args))
+    record = _candidates_record(settings, result)
     if args.json:
         print(jsonio.document(result.to_dict()))
-        return 0
+        return record
     print(f"{args.input} -> {args.output}  ({result.seconds:.1f} s)")
     if result.level_timings_ms:
         print(f"accuracy level {result.accuracy_level} (median decode step of {result.level_candidate} here: "
@@ -84,7 +86,50 @@ def _decoder_candidates_command(args) -> int:
               f"greedy {greedy:>5}  {ms}  {c.weight_bytes / 1e6:7.2f} MB  {'<- chosen' if c.chosen else ''}")
     for reason in result.reasons:
         print(f"  why: {reason}")
-    return 0
+    return record
+
+
+# What a --package manifest records of the run: its transforms (one step) and what was measured.
+PackageRecord = tuple[list[dict], dict]
+
+
+def _quality_record(quality, perplexity_ratio: float) -> dict:
+    return {"perplexity": quality.perplexity_candidate, "perplexity_fp32": quality.perplexity_reference,
+            "perplexity_ratio_vs_fp32": perplexity_ratio, "kl_mean": quality.kl_mean, "greedy_match": quality.greedy_match,
+            "greedy_tokens": quality.greedy_tokens, "positions": quality.positions}
+
+
+def _weight_only_record(mode: str, settings: WeightOnlySettings, result) -> PackageRecord:
+    q = result.quality
+    step = {"step": "quantize", "settings": {"mode": mode, "bits": settings.bits, "block_size": settings.block_size,
+                                             "symmetric": settings.symmetric, "accuracy_level": settings.accuracy_level},
+            "weights": f"int{result.bits}-b{result.block_size}", "accuracy_level": result.accuracy_level, "kv_cache": "float",
+            "output_layer_quantized": result.output_layer_quantized}
+    measured = {**_quality_record(q, q.perplexity_candidate / q.perplexity_reference),
+                "weight_bytes": result.bytes_after, "weight_bytes_fp32": result.bytes_before}
+    if result.level_timings_ms:
+        measured["decode_step_ms_by_accuracy_level"] = result.level_timings_ms
+    return [step], measured
+
+
+def _candidates_record(settings: DecoderCandidateSettings, result) -> PackageRecord:
+    """The chosen candidate, its accuracy level and KV cache; its quality against fp32 and decode step
+    (the int8 cache's quality where that cache was kept: it is the model written)."""
+    chosen = next(c for c in result.candidates if c.chosen)
+    kv = result.kv_cache
+    step = {"step": "quantize", "settings": {"mode": "auto", "candidates": list(settings.candidates),
+                                             "max_perplexity_ratio": settings.max_perplexity_ratio,
+                                             "speed_tolerance": settings.speed_tolerance, "accuracy_level": settings.accuracy_level,
+                                             "kv_cache": settings.kv_cache, "context": settings.context},
+            "weights": result.chosen, "accuracy_level": result.accuracy_level,
+            "kv_cache": "int8" if result.chosen in KV8_NAMES or (kv is not None and kv.kept) else "float", "reasons": result.reasons}
+    kept = kv is not None and kv.kept
+    measured = {**(_quality_record(kv.quality, kv.perplexity_ratio) if kept else _quality_record(chosen.quality, chosen.perplexity_ratio)),
+                "decode_step_ms": chosen.decode_ms, "weight_bytes": chosen.weight_bytes, "weight_bytes_fp32": result.bytes_float}
+    if kv is not None and kv.decode_ms:
+        measured["decode_step_ms_at_context"] = {"context": kv.context, "float_cache": kv.decode_ms["float"],
+                                                 "int8_cache": kv.decode_ms["int8"]}
+    return [step], measured
 
 
 def _held_out_text(args) -> list[list[int]] | None:
@@ -108,10 +153,10 @@ def _quantize_command(args) -> int:
 
         check_decoder_package_sources(args.input, "--package")
     if (args.mode == "auto" and decoder) or args.mode == "int8-weight" or (args.mode == "int4" and decoder):
-        code = _decoder_candidates_command(args) if args.mode == "auto" else _weight_only_command(args)
+        transforms, measured = _decoder_candidates_command(args) if args.mode == "auto" else _weight_only_command(args)
         copy_model_files(Path(args.input).parent, Path(args.output).parent)  # generate, bench and packages read them there
-        write_decoder_package_if_asked(args, args.output, {"quantized_from": str(args.input)})
-        return code
+        write_decoder_package_if_asked(args, args.output, {"quantized_from": str(args.input)}, transforms, measured)
+        return 0
     from optimizers.quantize import quantize_file
 
     settings = from_args(QuantizeSettings, args)
