@@ -41,6 +41,7 @@ import torch
 
 from exporter.convert import first_line, quiet_torch_export
 from exporter.sources import copy_model_files
+from onnxforge import __version__
 from onnxforge.common.compare import Tolerance, compare_outputs
 from onnxforge.common.errors import UserError
 from onnxforge.common.fileio import publish, staging_dir
@@ -252,7 +253,7 @@ def trace_to_onnx(model, num_layers: int, kv_heads: int, head_dim: int, path: Pa
             wrapper, (ids, mask, positions, kv), None, dynamo=True, input_names=inputs, output_names=outputs,
             dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False,
         )
-    program.model.producer_name = "onnxforge"
+    program.model.producer_name, program.model.producer_version = "onnxforge", __version__  # not torch's version
     _name_output_dims(program.model)
     if last_logits and not select_logits(program.model):
         raise UserError("the graph's output layer is not a MatMul reached from 'logits' through elementwise ops, so it cannot "

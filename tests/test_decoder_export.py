@@ -82,6 +82,16 @@ def test_proof_holds_on_other_families(kind, tmp_path):
         assert proof.padded_batch_tokens == 64
 
 
+def test_the_graph_names_onnxforge_and_its_version_as_producer(tmp_path):
+    import onnxforge
+
+    path = tmp_path / "onnx" / "model.onnx"
+    export_decoder(random_decoder("llama", tmp_path / "llama"), path, validate=False)
+    model = onnx.load(str(path), load_external_data=False)
+    assert (model.producer_name, model.producer_version) == ("onnxforge", onnxforge.__version__)  # not torch's version
+    assert summarize(path).producer == f"onnxforge {onnxforge.__version__}"
+
+
 def test_sliding_window_is_not_full_attention(tmp_path):
     """The proof would see a graph that ignores the window: the same weights with the window
     removed generate other tokens past it (so the Gemma 2 / Mistral proofs above test the window)."""
