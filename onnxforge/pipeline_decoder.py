@@ -54,7 +54,7 @@ from onnxforge.package import DEFAULT_PACKAGE_PROMPT, write_decoder_package
 from onnxforge.recipe import Recipe, check_decoder_candidates, decoder_prune_settings, weight_only_name
 from optimizers.calibration import evenly_spaced
 from optimizers.prune.decoder_heads import prune_decoder_heads, write_pruned_config
-from optimizers.prune.decoder_mlp import prune_decoder_mlp
+from optimizers.prune.decoder_mlp import prune_decoder_mlp, write_pruned_mlp_config
 from optimizers.quantize.decoder_candidates import (
     AUTO_CANDIDATES,
     KV8_NAMES,
@@ -275,7 +275,7 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
     def produce(folder: Path):
         transforms = []
         with tempfile.TemporaryDirectory(prefix="onnxforge-decoder-") as work:
-            source, heads = exported.artifact, None
+            source, heads, mlps = exported.artifact, None, None
             if prune is not None:
                 # the candidates are benchmarked by the pipeline: the pruners' own decode timing is not needed
                 head_settings, mlp_settings = (None if settings is None else dataclasses.replace(settings, timing_rounds=0)
@@ -290,9 +290,9 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
                     source = target
                 if mlp_settings is not None:
                     target = folder / "model.onnx" if quantize is None else Path(work) / "pruned.onnx"
-                    result = prune_decoder_mlp(source, target, calibration, mlp_settings, evaluation=texts.evaluation())
-                    transforms.append({"step": "prune", "settings": prune, "parameters": list(result.parameters),
-                                       "reconstructed": sum(m.reconstructed for m in result.mlps), "mlps": len(result.mlps)})
+                    mlps = prune_decoder_mlp(source, target, calibration, mlp_settings, evaluation=texts.evaluation())
+                    transforms.append({"step": "prune", "settings": prune, "parameters": list(mlps.parameters),
+                                       "reconstructed": sum(m.reconstructed for m in mlps.mlps), "mlps": len(mlps.mlps)})
                     source = target
             if quantize is not None:
                 settings = DecoderCandidateSettings(
@@ -312,6 +312,8 @@ def _candidate_step(recipe: Recipe, steps, candidate: dict, exported, texts: _Te
         copy_model_files(exported.artifact.parent, folder)
         if heads is not None:  # config.json (and genai_config.json from it) states the pruned head counts
             write_pruned_config(exported.artifact.parent, folder, heads)
+        if mlps is not None:  # ... and the pruned intermediate_size
+            write_pruned_mlp_config(folder, mlps)
         return "model.onnx", {"transforms": transforms, **_quality(exported.artifact, folder / "model.onnx", texts)}
 
     return steps.run(f"candidate-{candidate['name']}", inputs, produce)

@@ -190,6 +190,33 @@ def test_cli_prune_routes_decoders_to_the_mlp_pruner(tmp_path, capsys):
     assert source["intermediate_size"] == 384  # the unpruned model's own config stays as it was
     assert main(["prune", str(trained_decoder()), str(tmp_path / "x.onnx"), "--ratio", "0.25"]) == 2
     assert "needs --calibration" in capsys.readouterr().err
+    # beside the unpruned model, whose config.json must stay, as --kv-heads refuses it: before any work
+    same_folder = trained_decoder().parent / "pruned.onnx"
+    assert main(["prune", str(trained_decoder()), str(same_folder), "--ratio", "0.25", "--calibration", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "into another folder" in err and "intermediate_size" in err and len(err.strip().splitlines()) == 1
+    assert not same_folder.exists()
+
+
+def test_text_generation_recipe_ships_the_pruned_width_in_config_json(tmp_path):
+    from onnxforge.demo import EXAMPLES
+    from onnxforge.pipeline import run_pipeline
+    from onnxforge.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({
+        "name": "mlp-width",
+        "model": {"hf": str(docstring_llama_folder()), "task": "text-generation"},
+        "data": {"calibration": str(EXAMPLES / "docstrings_calibration.txt"), "evaluation": str(EXAMPLES / "docstrings_eval.txt")},
+        "candidates": [{"name": "pruned", "prune": {"ratio": 0.25, "refine_steps": 0}}],
+        "select": {"max_perplexity_ratio": 2.0},
+        "benchmark": {"prompt_length": 16, "new_tokens": 8, "rounds": 1, "threads": 2},
+    })
+    result = run_pipeline(recipe, tmp_path / "run")
+    assert result.selected == "pruned"
+    config = json.loads((result.package / "config.json").read_text(encoding="utf-8"))
+    model = onnx.load(str(result.package / "model.onnx"))
+    weights = {t.name: t for t in model.graph.initializer}
+    assert {weights[mlp.down_weight].dims[0] for mlp in find_mlps(model)} == {288} == {config["intermediate_size"]}
 
 
 # ---------------------------------------------------------------------------- weight-only candidates

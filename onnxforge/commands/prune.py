@@ -114,15 +114,14 @@ def _decoder_command(args) -> int:
         raise UserError("pruning a decoder needs --calibration TEXT (a text file, passages separated by blank lines): "
                         "its activations choose the neurons and re-fit the down projections")
     settings = from_args(DecoderPruneSettings, args)  # --reconstruct not given: on
+    source, target = _folders_apart(args, "the pruned intermediate_size")
     calibration = text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
     calibration = evenly_spaced(calibration, max(args.max_batches, 2))
     evaluation = (text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation", length=128, windows=True)
                   if args.evaluation else None)
     result = prune_decoder_mlp(args.input, args.output, calibration, settings, evaluation=evaluation)
-    source, target = Path(args.input).resolve().parent, Path(args.output).resolve().parent
-    if source != target:  # beside the unpruned model its config stays as it is
-        copy_model_files(source, target)
-        write_pruned_mlp_config(target, result)
+    copy_model_files(source, target)
+    write_pruned_mlp_config(target, result)
     if args.json:
         print(jsonio.document(result.to_dict()))
         return 0
@@ -140,6 +139,17 @@ def _decoder_command(args) -> int:
         print(result.refinement.note)
     _print_decoder_quality(result)
     return 0
+
+
+def _folders_apart(args, states: str) -> tuple[Path, Path]:
+    """The input's and the output's folders, refused before any work when they are one folder with a
+    config.json: the config.json copied beside a pruned decoder states ``states`` (generate, quantize
+    --package and GenAI read it), and the unpruned model's own must stay as it is."""
+    source, target = Path(args.input).resolve().parent, Path(args.output).resolve().parent
+    if source == target and (source / "config.json").is_file():
+        raise UserError(f"write the pruned decoder into another folder than '{source}': the config.json beside it "
+                        f"states {states}, and the unpruned model's must stay")
+    return source, target
 
 
 def _print_decoder_quality(result) -> None:
@@ -162,10 +172,7 @@ def _decoder_heads_command(args) -> int:
     if not args.calibration:
         raise UserError("pruning a decoder's KV heads needs --calibration TEXT (a text file, passages separated by blank "
                         "lines): its attention outputs choose the groups and re-fit the output projections")
-    source, target = Path(args.input).resolve().parent, Path(args.output).resolve().parent
-    if source == target and (source / "config.json").is_file():
-        raise UserError(f"write the pruned decoder into another folder than '{source}': the config.json beside it "
-                        "states the pruned head counts, and the unpruned model's must stay")
+    source, target = _folders_apart(args, "the pruned head counts")
     calibration = text_sequences(args.calibration, args.tokenizer, args.input, flag="--calibration", length=128, windows=True)
     calibration = evenly_spaced(calibration, max(args.max_batches, 2))
     evaluation = (text_sequences(args.evaluation, args.tokenizer, args.input, flag="--evaluation", length=128, windows=True)
