@@ -369,6 +369,13 @@ def test_a_first_candidate_that_fails_to_build_is_reported_not_fatal(tmp_path, m
     assert any(r.startswith("hqq-int4-b32: not built (RuntimeError: quantizer exploded") for r in result.reasons)
 
 
+def test_quantize_help_names_the_candidates_auto_builds():
+    from onnxforge.commands.quantize import MODE_HELP
+
+    assert f"candidates under auto ({', '.join(AUTO_CANDIDATES)};" in MODE_HELP
+    assert "HQQ" not in MODE_HELP and "mixed" not in MODE_HELP  # by name only (--weight-candidates)
+
+
 def test_unknown_candidate_is_one_clear_error():
     with pytest.raises(UserError, match="unknown weight-only candidate.*available: rtn-int4-sym-b32"):
         DecoderCandidateSettings(candidates=("rtn-int3",))

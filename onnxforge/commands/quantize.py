@@ -8,7 +8,7 @@ from exporter.sources import copy_model_files
 from onnxforge.commands._args import PACKAGE_HELP, add_data_flags, add_io_flags, write_decoder_package_if_asked
 from onnxforge.decoder_text import text_sequences
 from optimizers.calibration import evenly_spaced
-from optimizers.quantize.decoder_candidates import KV8_NAMES, DecoderCandidateSettings, quantize_decoder_candidates
+from optimizers.quantize.decoder_candidates import AUTO_CANDIDATES, KV8_NAMES, DecoderCandidateSettings, quantize_decoder_candidates
 from optimizers.quantize.weight_only import WeightOnlySettings, quantize_weight_only
 from onnxforge.common import jsonio
 from onnxforge.common.errors import UserError
@@ -16,8 +16,8 @@ from onnxforge.common.options import add_flags, from_args, help_of
 from optimizers.quantize.settings import MODES, QuantizeSettings
 
 MODE_HELP = (help_of(QuantizeSettings, "mode")
-             + ". A generative decoder (past_key_values.* inputs) gets weight-only candidates under auto (RTN int4, "
-             "int4 with an int8 output layer, mixed int8/int4 by measured sensitivity, HQQ; among those within "
+             + ". A generative decoder (past_key_values.* inputs) gets weight-only candidates under auto "
+             f"({', '.join(AUTO_CANDIDATES)}; others by --weight-candidates; among those within "
              "--max-perplexity-ratio of fp32 and at least --speed-tolerance x the fastest's speed, the lowest KL wins), plain int4 "
              "blocks under int4 and int8 blocks under int8-weight")
 
