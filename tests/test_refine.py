@@ -155,6 +155,13 @@ def test_nothing_to_gain_leaves_the_model_unchanged():
     assert [b.reason for b in result.blocks] == ["it matches the reference already"]
 
 
+def test_a_block_whose_loss_barely_falls_is_not_kept_and_the_reason_states_the_threshold():
+    reference, pruned = _transformer_ffn(), _transformer_ffn(keep=KEEP)
+    settings = dataclasses.replace(SETTINGS, steps=25, learning_rate=1e-9)  # steps too small to move the loss 0.1 %
+    result = refine(reference, pruned, _batches(10, seed=1), settings)
+    assert not result.kept and [b.reason for b in result.blocks] == ["held-out loss fell by under 0.1%"]
+
+
 def test_blocks_that_cannot_be_refined_say_why():
     reference = _transformer_ffn(activation="Tanh")  # an activation the numpy forms do not cover
     result = refine(reference, _transformer_ffn(keep=KEEP, activation="Tanh"), _batches(10, seed=1), SETTINGS)

@@ -51,6 +51,8 @@ from optimizers.calibration import spread_evenly
 from optimizers.prune.refine import (
     ACTIVATIONS,
     MATCH_TOLERANCE,
+    MIN_LOSS_DROP,
+    NOT_KEPT,
     BlockReport,
     RefineSettings,
     descend,
@@ -370,11 +372,11 @@ def _refine_block(block: _Block, streams, current, unpruned, fitted: int, settin
     best, before, after, step = descend(
         work, lambda rows: gated_loss_and_gradients(work, block.activation, fx[rows], ft[rows])[1],
         lambda: gated_loss(work, block.activation, hx, ht), split, weight_scale(*current.values()), settings)
-    kept = best is not None and after < before * (1 - 1e-3)
+    kept = best is not None and after < before * (1 - MIN_LOSS_DROP)
     logger.info("refine MLP %s: held-out loss %.4g -> %.4g at step %d%s", block.down, before, after, step,
                 "" if kept else " (not kept)")
     report = BlockReport(block.down, block.activation, (split, x.shape[0] - split), (before, after), step, kept,
-                         None if kept else "held-out loss did not fall")
+                         None if kept else NOT_KEPT)
     return report, (best if kept else current)
 
 

@@ -55,6 +55,8 @@ from onnxforge.common.progress import tracked
 logger = logging.getLogger(__name__)
 
 MATCH_TOLERANCE = 1e-5  # activation and block output, relative to the largest |value|
+MIN_LOSS_DROP = 1e-3  # a refined block is kept when its held-out loss falls by at least this fraction
+NOT_KEPT = f"held-out loss fell by under {MIN_LOSS_DROP:.1%}"  # the reason a refined block is not kept
 
 
 # ---------------------------------------------------------------- activations and their derivatives
@@ -576,10 +578,10 @@ def _refine_block(reference, current: onnx.ModelProto, block: _Block, fit, held,
     if float(((mine - held_rows[2]) ** 2).sum()) / max(rows[1], 1) <= 1e-8 * energy:  # the loss before, from ``mine``
         return BlockReport(block.name, activation, rows, None, 0, False, "it matches the reference already")
     best, before, after, step = fit_block(p, activation, tuple(fit_rows), tuple(held_rows), settings)
-    kept = after < before * (1 - 1e-3)
+    kept = after < before * (1 - MIN_LOSS_DROP)
     if kept:
         _write(current, block, best)
     logger.info("refine %s (%s): held-out loss %.4g -> %.4g at step %d%s", block.name, activation, before, after, step,
                 "" if kept else " (not kept)")
     return BlockReport(block.name, activation, rows, (before, after), step, kept,
-                       None if kept else "held-out loss did not fall")
+                       None if kept else NOT_KEPT)
