@@ -46,6 +46,15 @@ def test_decoder_flags_are_refused_with_an_encoder_and_the_other_way(docstring_l
     assert "--student and --data needed" in capsys.readouterr().err
 
 
+def test_too_few_texts_is_one_line_that_says_how_texts_are_separated(docstring_llama_folder, tmp_path, capsys):
+    text = tmp_path / "one.txt"
+    text.write_text("def f():\n    return 1\ndef g():\n    return 2\n", encoding="utf-8")  # no blank line: one text
+    assert main(["-q", "distill", "--teacher", str(docstring_llama_folder), "--text", str(text), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 10 texts, got 1" in err and "separated by blank lines" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.slow
 def test_distilled_half_depth_student_beats_labels_alone_and_exports_with_its_cache(docstring_llama_folder, tmp_path, capsys):
     student = tmp_path / "student"

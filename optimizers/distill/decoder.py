@@ -83,12 +83,22 @@ def kept_layers(teacher_layers: int, student_layers: int) -> list[int]:
     return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
 
 
+MIN_TEXTS = 10  # documents: a held-out share of them judges the student
+
+
+def _documents(texts: Sequence[str]) -> list[str]:
+    """The non-empty texts, at least ``MIN_TEXTS`` of them (checked before the teacher is loaded)."""
+    documents = [t for t in texts if t.strip()]
+    if len(documents) < MIN_TEXTS:
+        raise UserError(f"distilling a decoder needs at least {MIN_TEXTS} texts, got {len(documents)}; a --text file holds "
+                        "one text per passage, passages separated by blank lines")
+    return documents
+
+
 def _streams(tokenizer, texts: Sequence[str], settings: DecoderDistillSettings):
     import torch
 
-    documents = [t for t in texts if t.strip()]
-    if len(documents) < 10:
-        raise UserError(f"distilling a decoder needs at least 10 texts, got {len(documents)}")
+    documents = _documents(texts)
     random.Random(settings.seed).shuffle(documents)
     cut = max(1, int(len(documents) * settings.heldout_share))
     eos = tokenizer.eos_token_id
@@ -165,6 +175,7 @@ def distill_decoder(teacher_folder: str | Path, out_folder: str | Path, texts: S
 
     started = time.perf_counter()
     teacher_folder, out_folder = Path(teacher_folder), Path(out_folder)
+    _documents(texts)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_folder))
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_folder), dtype=torch.float32).eval()
     total = int(teacher.config.num_hidden_layers)
