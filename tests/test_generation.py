@@ -122,10 +122,15 @@ def test_cli_bench_generate(capsys, tmp_path):
 
 
 def test_cli_bench_generate_refuses_flags_of_single_runs(capsys):
-    code = main(["bench", "--generate", str(trained_decoder()), "--dim", "seq=8"])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--dim do not apply to --generate: it measures ONNX decoders with generated prompts (--prompt-lengths, --new-tokens)" in err
+    """A flag --generate would not use is refused, never silently dropped (--batch 1,4 once ran batch 1 alone)."""
+    cases = [(["--dim", "seq=8"], "--dim does not apply"), (["--batch", "1,4"], "--batch does not apply"),
+             (["--min-runs", "5", "--baseline", "x", "--no-fidelity"], "--min-runs, --baseline, --no-fidelity do not apply"),
+             (["--opt-level", "basic"], "--opt-level does not apply")]
+    for extra, message in cases:
+        code = main(["bench", "--generate", str(trained_decoder()), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
+        assert f"{message} to --generate: it measures ONNX decoders with generated prompts" in err, (extra, err)
 
 
 def test_cli_bench_generate_with_no_prompt_length_in_the_context(capfd):

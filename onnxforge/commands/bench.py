@@ -29,12 +29,20 @@ def register(sub) -> None:
     bench.add_argument("--rounds", type=int, default=3, help="--generate: timed generations per model and prompt length (default 3)")
     bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_measure_flags(bench)
-    bench.set_defaults(func=_bench_command)
+    # the flags of single runs, each with its default: --generate refuses any given (it would not use it)
+    single_run = {a.dest: (a.option_strings[-1], a.default) for a in bench._actions
+                  if a.option_strings and a.dest not in _GENERATE_READS}
+    bench.set_defaults(func=_bench_command, single_run_flags=single_run)
 
     tune_parser = sub.add_parser("tune", help="find the fastest ONNX Runtime session options for a model")
     tune_parser.add_argument("model", help="the ONNX file")
     _add_measure_flags(tune_parser, skip=("baseline", "fidelity"))
     tune_parser.set_defaults(func=_tune_command)
+
+
+# what --generate reads of bench's flags (besides the models and its own); --batch and --provider: one value
+_GENERATE_READS = frozenset({"help", "name", "out", "generate", "prompt_lengths", "new_tokens", "rounds", "providers", "batch_sizes",
+                             "intra_op_threads", "json", "verbose", "quiet"})
 
 
 def _generate_command(args) -> int:
@@ -48,10 +56,12 @@ def _generate_command(args) -> int:
     )
 
     measure = _bench_config(args)
-    ignored = [flag for flag, used in (("--torch", args.torch), ("--inputs", args.inputs), ("--dim", measure.dims)) if used]
+    ignored = [flag for dest, (flag, default) in args.single_run_flags.items() if getattr(args, dest) != default]
+    ignored += [flag for flag, values in (("--batch", measure.batch_sizes), ("--provider", measure.providers)) if len(values) > 1]
     if ignored:
-        raise UserError(f"{', '.join(ignored)} do not apply to --generate: it measures ONNX decoders with generated prompts "
-                        "(--prompt-lengths, --new-tokens)")
+        raise UserError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to --generate: it measures "
+                        "ONNX decoders with generated prompts (--prompt-lengths, --new-tokens, --rounds; one --batch, "
+                        "one --provider, --threads)")
     config = GenerationConfig(prompt_lengths=_int_list(args.prompt_lengths, "--prompt-lengths"), new_tokens=args.new_tokens,
                               batch=measure.batch_sizes[0], threads=measure.session.intra_op_threads, rounds=args.rounds,
                               provider=measure.providers[0])
