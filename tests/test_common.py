@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from onnxforge.common.compare import Tolerance, compare_arrays, compare_batches, compare_outputs, slice_cosines
 from onnxforge.common.errors import UserError
-from onnxforge.common.fileio import atomic_path, write_text_atomic
+from onnxforge.common.fileio import atomic_path, staging_dir, write_text_atomic
 from onnxforge.common.loading import load_onnx
 from onnxforge.common.onnxio import save_onnx
 from onnxforge.common.specs import (
@@ -511,3 +511,23 @@ def test_integer_outputs_are_scored_by_exact_agreement():
     same = fidelity(_relu_model("ids", dtype="int"), _relu_model("ids", dtype="int"), batches)
     assert same.mean_cosine == {"ids": 1.0}
     assert Fidelity({}, {}, 0).min_mean_cosine == 0.0  # nothing compared never scores a perfect 1
+
+
+def test_a_failed_staging_leaves_no_empty_output_folder(tmp_path):
+    """A refused run (quantize's budget, say) writes nothing, not even the folders of its output path;
+    a folder that existed, or holds something, stays."""
+    target = tmp_path / "out" / "deeper" / "model.onnx"
+    with pytest.raises(RuntimeError):
+        with staging_dir(target) as work:
+            (work / "partial.onnx").write_bytes(b"x")
+            raise RuntimeError("refused")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other.txt").write_text("mine")
+    with pytest.raises(RuntimeError):
+        with staging_dir(tmp_path / "kept" / "model.onnx"):
+            raise RuntimeError("refused")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["other.txt"]
+    with staging_dir(target) as work:
+        (work / "model.onnx").write_bytes(b"x")
+    assert target.parent.is_dir()  # success keeps the folders made

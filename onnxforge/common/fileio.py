@@ -34,13 +34,23 @@ def ensure_writable_dir(directory: Path, what: str = "output") -> Path:
 def staging_dir(final_path: Path) -> Iterator[Path]:
     """A private temporary folder beside ``final_path`` (same file system, so renames are atomic).
 
-    The folder and whatever is left in it are removed on exit, success or failure.
+    The folder and whatever is left in it are removed on exit, success or failure; on failure the
+    folders made to hold ``final_path`` go too, where they are still empty (a refused run leaves
+    nothing behind, not even an empty output folder).
     """
     final_path = Path(final_path)
-    parent = ensure_writable_dir(final_path.parent if str(final_path.parent) else Path("."))
+    parent = final_path.parent if str(final_path.parent) else Path(".")
+    made = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first
+    parent = ensure_writable_dir(parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
