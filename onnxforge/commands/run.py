@@ -83,8 +83,9 @@ def _verify_package_command(args) -> int:
     if args.json:
         print(jsonio.document({"package": str(args.package), **dataclasses.asdict(check)}))
         return 0
-    print(f"{args.package}: {check.files_checked} files match their checksums; smoke inference within "
-          f"{check.max_error:.2g} of the reference outputs"
+    agreement = "equal to" if check.max_error == 0 else f"within {check.max_error:.2g} of"
+    print(f"{args.package}: {check.files_checked} files match their checksums; smoke inference {agreement} "
+          "the reference outputs"
           + (f"; greedy generation replayed {check.generated_tokens} recorded tokens" if check.generated_tokens else ""))
     return 0
 
