@@ -128,7 +128,7 @@ def test_proof_fails_on_a_tampered_graph_and_nothing_is_written(tmp_path, monkey
     with pytest.raises(UserError, match=r"the exported graph: (greedy generation differs from PyTorch at new token \d+|logits)"):
         export_decoder(folder, output, fuse=False)
     assert not output.exists() and not (tmp_path / "out" / "model.onnx.data").exists()
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # not even the folder made for it
 
 
 def test_prove_decoder_names_the_failing_step(docstring_llama_export, docstring_llama_folder, tmp_path):
