@@ -145,11 +145,12 @@ def _model_card(manifest: dict, summary) -> str:
         *(f"- input `{t.name}`: {t.dtype} {list(t.shape)}" for t in summary.inputs),
         *(f"- output `{t.name}`: {t.dtype} {list(t.shape)}" for t in summary.outputs),
         "",
-        f"Opsets {manifest['opsets']}; needs ONNX Runtime >= {manifest['min_onnxruntime_version']}. "
-        f"Recommended: {manifest['recommended']}.",
+        f"Opsets {', '.join(f'{domain} {version}' for domain, version in manifest['opsets'].items())}; "
+        f"needs ONNX Runtime >= {manifest['min_onnxruntime_version']}. "
+        f"Recommended: {jsonio.dumps(manifest['recommended'], indent=None)}.",
         "",
         "## How it was made",
-        f"Source: {manifest['source']}.",
+        f"Source: {jsonio.dumps(manifest['source'], indent=None)}.",
         *(f"- {t['step']}: {jsonio.dumps(t.get('settings', {}), indent=None)}{_outcome(t)}" for t in manifest["transforms"]),
         "",
         *(["## Measured", jsonio.dumps(measured), ""] if measured else []),

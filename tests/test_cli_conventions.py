@@ -49,6 +49,8 @@ def test_exit_codes_tell_usage_verification_and_budget_apart(tmp_path, capsys):
 
     folder = write_package(tmp_path / "pkg", _model(tmp_path / "m.onnx"), reference_inputs={"x": np.ones((1, 4), np.float32)},
                            transforms=[], measurements={}, source={}, recommended={}, name="m")
+    card = (folder / "README.md").read_text()
+    assert "Opsets ai.onnx 18;" in card and "{'" not in card  # JSON and plain words, not Python's dict repr
     assert main(["verify-package", str(folder), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["schema_version"] >= 1 and report["files_checked"] >= 3 and report["max_error"] == 0.0
