@@ -85,8 +85,11 @@ def models(model: str, threads: int, same_graph: bool = False, genai_loop: bool 
     work = ROOT / ".cache" / "peers" / model
     int4 = onnxforge_models(hf, work, threads)[1]
     config = GenerationConfig(prompt_lengths=(1,), threads=threads, measure_memory=False)
-    rows = [onnxforge_genai_row(hf, work, int4, config, 0, 0.0)] if same_graph or genai_loop else []
-    rows += [] if same_graph else [genai_row(hf, work, config, 0, 0.0)]
+    rows = []
+    if same_graph or genai_loop:  # onnxforge's int4 folder with its genai_config.json
+        rows.append(onnxforge_genai_row(hf, work, int4, config, 0, 0.0))
+    if not same_graph:  # the builder's
+        rows.append(genai_row(hf, work, config, 0, 0.0))
     for built in rows:
         if built.why_not:
             raise SystemExit(f"GenAI's model: {built.why_not}")
